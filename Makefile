@@ -1,0 +1,51 @@
+# featurepush: `make run` serves, `make test` checks everything, `make bench` measures.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard proto/featurepush/v1/*.proto)
+GEN_DIR := client/featurepush/v1
+GENERATED := $(patsubst proto/featurepush/v1/%.proto,$(GEN_DIR)/%_pb2.py,$(PROTOS))
+
+LISTEN ?= localhost:50051
+DATA_DIR ?= ./data
+
+.PHONY: install generate check-generated lint typecheck test run bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[server,dev]'
+	touch $@
+
+# The stubs are committed so that a plain `pip install` needs no protoc; this rule refreshes them.
+generate: $(GENERATED)
+
+$(GENERATED) &: $(PROTOS) | $(STAMP)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=client --pyi_out=client --grpc_python_out=client $(PROTOS)
+	touch $(GENERATED)
+
+check-generated: $(STAMP)
+	$(PY) tools/check_generated.py
+
+lint: $(STAMP)
+	$(VENV)/bin/buf lint
+	$(VENV)/bin/ruff check client server tests bench tools examples
+	$(VENV)/bin/ruff format --check client server tests bench tools examples
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: $(STAMP) check-generated lint typecheck
+	$(PY) -m pytest -q
+
+run: $(STAMP)
+	$(VENV)/bin/featurepush serve --listen $(LISTEN) --data-dir $(DATA_DIR) --definitions examples/ad_impressions.py
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
