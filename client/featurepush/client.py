@@ -1,0 +1,317 @@
+"""The featurepush Client: apply definitions, push records and read features over one gRPC channel."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from featurepush.definitions import StreamSource
+from featurepush.errors import from_rpc_error
+from featurepush.types import Field
+from featurepush.v1 import (
+    ingest_service_pb2,
+    ingest_service_pb2_grpc,
+    online_service_pb2,
+    online_service_pb2_grpc,
+    registry_service_pb2,
+    registry_service_pb2_grpc,
+)
+from featurepush.values import decode_record, fill_struct, key_to_struct
+
+__all__ = [
+    "ApplyResult",
+    "Client",
+    "FeatureResult",
+    "FeatureStatus",
+    "PushResult",
+    "SourceCounts",
+]
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """The outcome of applying one source: whether it was created or changed, and the stored definition."""
+
+    name: str
+    created: bool
+    changed: bool
+    source: StreamSource
+
+
+@dataclass(frozen=True)
+class SourceCounts:
+    """One source's records in a push: accepted by validation, written online, superseded by newer events."""
+
+    accepted: int
+    written: int
+    superseded: int
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """The outcome of a push: counts per source, and whether it was a dry run or a replay of a request_id."""
+
+    counts: dict[str, SourceCounts]
+    dry_run: bool
+    replayed: bool
+
+
+class FeatureStatus(enum.StrEnum):
+    """Whether an entity has a fresh value."""
+
+    PRESENT = "PRESENT"
+    MISSING = "MISSING"
+    EXPIRED = "EXPIRED"
+
+
+_STATUS_FROM_WIRE: dict[int, FeatureStatus] = {
+    online_service_pb2.FEATURE_STATUS_PRESENT: FeatureStatus.PRESENT,
+    online_service_pb2.FEATURE_STATUS_MISSING: FeatureStatus.MISSING,
+    online_service_pb2.FEATURE_STATUS_EXPIRED: FeatureStatus.EXPIRED,
+}
+
+
+@dataclass(frozen=True)
+class FeatureResult:
+    """One entity's latest record: features is set only when PRESENT, event_time when PRESENT or EXPIRED."""
+
+    status: FeatureStatus
+    event_time: dt.datetime | None
+    features: dict[str, Any] | None
+
+
+class Client:
+    """A featurepush client over one gRPC channel; thread-safe, as the channel is.
+
+    Every call takes the client's timeout (seconds, None for no deadline) and raises the typed exceptions of
+    featurepush.errors instead of grpc.RpcError. Schemas used to decode get_features are fetched once per
+    source and cached; apply() and delete_source() through this client drop the affected entry.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = 10.0,
+        channel_options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        options = list(channel_options)
+        if credentials is None:
+            channel = grpc.insecure_channel(target, options=options)
+        else:
+            channel = grpc.secure_channel(target, credentials, options=options)
+        self._init(channel, timeout=timeout, owns_channel=True)
+
+    @classmethod
+    def from_channel(cls, channel: grpc.Channel, *, timeout: float | None = 10.0) -> Client:
+        """Returns a client over an existing channel; the caller keeps ownership and closes the channel."""
+        client = cls.__new__(cls)
+        client._init(channel, timeout=timeout, owns_channel=False)
+        return client
+
+    def _init(self, channel: grpc.Channel, *, timeout: float | None, owns_channel: bool) -> None:
+        self._channel = channel
+        self._owns_channel = owns_channel
+        self._timeout = timeout
+        self._registry = registry_service_pb2_grpc.RegistryServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._ingest = ingest_service_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._online = online_service_pb2_grpc.OnlineServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._schemas: dict[str, StreamSource] = {}
+        self._schemas_lock = threading.Lock()
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The underlying channel, for calling services the client does not wrap."""
+        return self._channel
+
+    def close(self) -> None:
+        """Closes the channel if this client opened it."""
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # Registry.
+
+    def apply(self, *sources: StreamSource, validate_only: bool = False) -> list[ApplyResult]:
+        """Creates or updates each source in order; stops at the first rejected one, raising its error."""
+        results: list[ApplyResult] = []
+        for source in sources:
+            request = registry_service_pb2.ApplySourceRequest(
+                source=source.to_proto(), validate_only=validate_only
+            )
+            try:
+                response = self._registry.ApplySource(request, timeout=self._timeout)
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+            if response.changed and not validate_only:
+                self._forget(source.name)
+            results.append(
+                ApplyResult(
+                    name=response.source.name or source.name,
+                    created=response.created,
+                    changed=response.changed,
+                    source=(
+                        StreamSource.from_proto(response.source) if response.HasField("source") else source
+                    ),
+                )
+            )
+        return results
+
+    def get_source(self, name: str) -> StreamSource:
+        """Returns the stored definition of one source; raises NotFoundError if there is none."""
+        try:
+            response = self._registry.GetSource(
+                registry_service_pb2.GetSourceRequest(name=name), timeout=self._timeout
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return StreamSource.from_proto(response.source)
+
+    def list_sources(self, page_size: int = 100) -> Iterator[StreamSource]:
+        """Yields every source in name order, fetching pages of page_size lazily."""
+        token = ""
+        while True:
+            request = registry_service_pb2.ListSourcesRequest(page_size=page_size, page_token=token)
+            try:
+                response = self._registry.ListSources(request, timeout=self._timeout)
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+            for message in response.sources:
+                yield StreamSource.from_proto(message)
+            token = response.next_page_token
+            if not token:
+                return
+
+    def delete_source(self, name: str) -> int:
+        """Deletes a source and its online rows; returns how many rows were deleted."""
+        try:
+            response = self._registry.DeleteSource(
+                registry_service_pb2.DeleteSourceRequest(name=name), timeout=self._timeout
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        finally:
+            self._forget(name)
+        return int(response.rows_deleted)
+
+    # Ingest.
+
+    def push(
+        self,
+        source: str,
+        records: Iterable[Mapping[str, Any]],
+        *,
+        dry_run: bool = False,
+        request_id: str | None = None,
+    ) -> PushResult:
+        """Pushes records to one source atomically: all are written or none (see push_many)."""
+        return self.push_many({source: records}, dry_run=dry_run, request_id=request_id)
+
+    def push_many(
+        self,
+        records: Mapping[str, Iterable[Mapping[str, Any]]],
+        *,
+        dry_run: bool = False,
+        request_id: str | None = None,
+    ) -> PushResult:
+        """Pushes records for several sources in one atomic request.
+
+        Records are encoded with featurepush.values.record_to_struct rules. A request_id makes retries safe:
+        the server replays its first response for a repeated id. Raises InvalidArgumentError listing every
+        bad record by path if any is rejected, in which case nothing is written.
+        """
+        request = ingest_service_pb2.PushRequest(dry_run=dry_run, request_id=request_id or "")
+        for source, source_records in records.items():
+            # Encoding straight into the request's repeated field builds each Struct once, with no copies.
+            rows = request.records[source].rows
+            for index, record in enumerate(source_records):
+                fill_struct(rows.add(), record, f'records["{source}"][{index}]')
+        try:
+            response = self._ingest.Push(request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return PushResult(
+            counts={
+                name: SourceCounts(int(c.accepted), int(c.written), int(c.superseded))
+                for name, c in response.counts.items()
+            },
+            dry_run=response.dry_run,
+            replayed=response.replayed,
+        )
+
+    # Online reads.
+
+    def get_features(self, source: str, keys: Sequence[Mapping[str, Any] | Any]) -> list[FeatureResult]:
+        """Returns the latest record of each key's entity, in key order.
+
+        A key is a mapping of entity key fields, a tuple matched to the source's entity_keys in order, or a
+        single value when the source has one entity key. Features are decoded by the source's schema.
+        """
+        definition = self._definition(source)
+        request = online_service_pb2.GetFeaturesRequest(
+            source=source, keys=[key_to_struct(key, definition.entity_keys) for key in keys]
+        )
+        try:
+            response = self._online.GetFeatures(request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            error = from_rpc_error(err)
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                self._forget(source)
+            raise error from None
+        try:
+            return self._decode_vectors(response, definition.schema)
+        except ValueError:
+            # The source may have changed under another client since it was cached; decode with a fresh one.
+            _LOGGER.info("re-fetching the schema of %s after a decode failure", source)
+            self._forget(source)
+            return self._decode_vectors(response, self._definition(source).schema)
+
+    def _decode_vectors(
+        self, response: online_service_pb2.GetFeaturesResponse, schema: Sequence[Field]
+    ) -> list[FeatureResult]:
+        results: list[FeatureResult] = []
+        for vector in response.results:
+            status = _STATUS_FROM_WIRE.get(vector.status)
+            if status is None:
+                raise ValueError(f"server returned feature status {vector.status}")
+            event_time = None
+            if vector.HasField("event_time"):
+                event_time = vector.event_time.ToDatetime(tzinfo=dt.UTC)
+            features = decode_record(vector.features, schema) if vector.HasField("features") else None
+            results.append(FeatureResult(status, event_time, features))
+        return results
+
+    def _definition(self, name: str) -> StreamSource:
+        with self._schemas_lock:
+            cached = self._schemas.get(name)
+        if cached is not None:
+            return cached
+        definition = self.get_source(name)
+        with self._schemas_lock:
+            self._schemas[name] = definition
+        return definition
+
+    def _forget(self, name: str) -> None:
+        with self._schemas_lock:
+            self._schemas.pop(name, None)

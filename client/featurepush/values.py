@@ -1,0 +1,296 @@
+"""The codec between Python values and the wire JSON records (google.protobuf.Struct)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from featurepush import types as t
+
+__all__ = [
+    "decode_record",
+    "decode_value",
+    "fill_struct",
+    "format_timestamp",
+    "key_to_struct",
+    "parse_timestamp",
+    "record_to_struct",
+]
+
+# Integers up to 2**53 survive a JSON double exactly; larger ones go as decimal strings, as proto3 JSON does.
+_MAX_EXACT_INT = 2**53
+_NONFINITE_TO_JSON = {math.inf: "Infinity", -math.inf: "-Infinity"}
+_NONFINITE_FROM_JSON = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def format_timestamp(value: dt.datetime) -> str:
+    """Returns an aware datetime as canonical RFC 3339 in UTC: "Z" and 0, 3 or 6 fractional digits."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"datetime {value.isoformat()} is naive; give it a timezone")
+    utc = value.astimezone(dt.UTC)
+    base = utc.strftime("%Y-%m-%dT%H:%M:%S")
+    micros = utc.microsecond
+    if micros == 0:
+        return base + "Z"
+    if micros % 1000 == 0:
+        return f"{base}.{micros // 1000:03d}Z"
+    return f"{base}.{micros:06d}Z"
+
+
+def parse_timestamp(text: str) -> dt.datetime:
+    """Returns the aware UTC datetime of an RFC 3339 string with an offset; raises ValueError otherwise."""
+    # fromisoformat also takes dates and naive times, which RFC 3339 does not; insist on time and offset.
+    if len(text) < 20 or text[10] not in "Tt ":
+        raise ValueError(f"{text!r} is not an RFC 3339 timestamp")
+    if text[-1] in "zZ":
+        text = text[:-1] + "+00:00"
+    head, dot, rest = text.partition(".")
+    if dot:
+        # Python keeps microseconds; RFC 3339 allows any number of fractional digits.
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        if digits > 6:
+            rest = rest[:6] + rest[digits:]
+        text = f"{head}.{rest}"
+    parsed = dt.datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        raise ValueError(f"{text!r} has no UTC offset")
+    return parsed.astimezone(dt.UTC)
+
+
+def _join(path: str, key: str) -> str:
+    if key.isidentifier():
+        return f"{path}.{key}" if path else key
+    return f'{path}["{key}"]'
+
+
+# Each setter writes one Python value into a struct_pb2.Value in place, so a record is encoded in a single
+# pass with no intermediate JSON-like dict.
+def _set_str(target: struct_pb2.Value, value: Any, path: str) -> None:
+    target.string_value = value
+
+
+def _set_bool(target: struct_pb2.Value, value: Any, path: str) -> None:
+    target.bool_value = value
+
+
+def _set_none(target: struct_pb2.Value, value: Any, path: str) -> None:
+    target.null_value = struct_pb2.NULL_VALUE
+
+
+def _set_int(target: struct_pb2.Value, value: Any, path: str) -> None:
+    if -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT:
+        target.number_value = value
+    else:
+        target.string_value = str(int(value))
+
+
+def _set_float(target: struct_pb2.Value, value: Any, path: str) -> None:
+    if math.isfinite(value):
+        target.number_value = value
+    elif math.isnan(value):
+        target.string_value = "NaN"
+    else:
+        target.string_value = _NONFINITE_TO_JSON[value]
+
+
+def _set_bytes(target: struct_pb2.Value, value: Any, path: str) -> None:
+    target.string_value = base64.b64encode(value).decode("ascii")
+
+
+def _set_datetime(target: struct_pb2.Value, value: Any, path: str) -> None:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{path or 'record'}: datetime {value.isoformat()} is naive; give it a timezone")
+    target.string_value = format_timestamp(value)
+
+
+def _set_mapping(target: struct_pb2.Value, value: Any, path: str) -> None:
+    struct = target.struct_value
+    struct.SetInParent()
+    fill_struct(struct, value, path)
+
+
+def _set_sequence(target: struct_pb2.Value, value: Any, path: str) -> None:
+    values = target.list_value.values
+    target.list_value.SetInParent()
+    for index, item in enumerate(value):
+        _set_value(values.add(), item, f"{path}[{index}]")
+
+
+_Setter = Callable[[struct_pb2.Value, Any, str], None]
+_SETTERS: dict[type, _Setter] = {
+    str: _set_str,
+    bool: _set_bool,
+    type(None): _set_none,
+    int: _set_int,
+    float: _set_float,
+    bytes: _set_bytes,
+    bytearray: _set_bytes,
+    dt.datetime: _set_datetime,
+    dict: _set_mapping,
+    list: _set_sequence,
+    tuple: _set_sequence,
+}
+
+
+def _setter_for_subclass(value: Any, path: str) -> _Setter:
+    # Exact types hit _SETTERS directly; this handles subclasses and numeric types such as numpy's.
+    if isinstance(value, str):
+        return _set_str
+    if isinstance(value, bool):
+        return _set_bool
+    if isinstance(value, dt.datetime):
+        return _set_datetime
+    if isinstance(value, dt.date):
+        raise TypeError(f"{path or 'record'}: a date is not a timestamp; pass an aware datetime")
+    if isinstance(value, numbers.Integral):
+        return lambda target, v, p: _set_int(target, int(v), p)
+    if isinstance(value, numbers.Real):
+        return lambda target, v, p: _set_float(target, float(v), p)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return lambda target, v, p: _set_bytes(target, bytes(v), p)
+    if isinstance(value, Mapping):
+        return _set_mapping
+    if isinstance(value, list | tuple):
+        return _set_sequence
+    raise TypeError(f"{path or 'record'}: cannot encode {type(value).__name__} {value!r}")
+
+
+def _set_value(target: struct_pb2.Value, value: Any, path: str) -> None:
+    setter = _SETTERS.get(type(value))
+    if setter is None:
+        setter = _setter_for_subclass(value, path)
+    setter(target, value, path)
+
+
+def fill_struct(struct: struct_pb2.Struct, record: Mapping[str, Any], path: str = "") -> None:
+    """Encodes record into struct in place (e.g. a message from rows.add()); see record_to_struct."""
+    fields = struct.fields
+    for key, value in record.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{path or 'record'}: keys must be str, got {type(key).__name__} {key!r}")
+        _set_value(fields[key], value, _join(path, key))
+
+
+def record_to_struct(record: Mapping[str, Any]) -> struct_pb2.Struct:
+    """Encodes a record schema-free for pushing.
+
+    str, bool and None map to themselves; an int is a JSON number up to 2**53 in magnitude, else a decimal
+    string; a non-finite float is "NaN", "Infinity" or "-Infinity"; an aware datetime is RFC 3339 in UTC
+    (a naive one raises ValueError, a date raises TypeError); bytes are standard base64; lists and tuples
+    are lists; mappings are objects. Anything else raises TypeError naming the field path.
+    """
+    struct = struct_pb2.Struct()
+    fill_struct(struct, record)
+    return struct
+
+
+def key_to_struct(key: Any, entity_keys: Sequence[str]) -> struct_pb2.Struct:
+    """Encodes an entity key: a mapping goes as is; a tuple or scalar is matched to entity_keys in order."""
+    if isinstance(key, Mapping):
+        return record_to_struct(key)
+    parts = key if isinstance(key, tuple) else (key,)
+    if len(parts) != len(entity_keys):
+        raise ValueError(
+            f"key {key!r} has {len(parts)} part(s) but the source's entity keys are {list(entity_keys)}"
+        )
+    return record_to_struct(dict(zip(entity_keys, parts, strict=True)))
+
+
+def _fail(path: str, expected: str, value: struct_pb2.Value) -> ValueError:
+    kind = value.WhichOneof("kind") or "nothing"
+    return ValueError(f"{path}: expected {expected}, got {kind}")
+
+
+def _decode_int(value: struct_pb2.Value, path: str) -> int:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return int(value.string_value)
+    if kind == "number_value" and value.number_value.is_integer():
+        return int(value.number_value)
+    raise _fail(path, "an integer", value)
+
+
+def _decode_float(value: struct_pb2.Value, path: str) -> float:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return value.number_value
+    if kind == "string_value" and value.string_value in _NONFINITE_FROM_JSON:
+        return _NONFINITE_FROM_JSON[value.string_value]
+    raise _fail(path, 'a number or "NaN", "Infinity", "-Infinity"', value)
+
+
+def _decode_bytes(text: str, path: str) -> bytes:
+    padded = text + "=" * (-len(text) % 4)
+    try:
+        if "-" in text or "_" in text:
+            return base64.urlsafe_b64decode(padded)
+        return base64.b64decode(padded, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"{path}: invalid base64: {exc}") from None
+
+
+def decode_value(value: struct_pb2.Value, dtype: t.DataType, path: str = "value") -> Any:
+    """Decodes one canonical JSON value of type dtype into Python; null becomes None."""
+    kind = value.WhichOneof("kind")
+    if kind == "null_value" or kind is None:
+        return None
+    if isinstance(dtype, t.ScalarType):
+        if dtype == t.String:
+            if kind != "string_value":
+                raise _fail(path, "a string", value)
+            return value.string_value
+        if dtype == t.Int64 or dtype == t.Int32:
+            return _decode_int(value, path)
+        if dtype == t.Float64 or dtype == t.Float32:
+            return _decode_float(value, path)
+        if dtype == t.Bool:
+            if kind != "bool_value":
+                raise _fail(path, "a boolean", value)
+            return value.bool_value
+        if kind != "string_value":
+            raise _fail(path, f"a {dtype!r} string", value)
+        if dtype == t.Timestamp:
+            try:
+                return parse_timestamp(value.string_value)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+        return _decode_bytes(value.string_value, path)
+    if isinstance(dtype, t.Array):
+        if kind != "list_value":
+            raise _fail(path, "a list", value)
+        element = dtype.element_type
+        return [decode_value(item, element, f"{path}[{i}]") for i, item in enumerate(value.list_value.values)]
+    if kind != "struct_value":
+        raise _fail(path, "an object", value)
+    if isinstance(dtype, t.Map):
+        items = value.struct_value.fields.items()
+        return {k: decode_value(v, dtype.value_type, f'{path}["{k}"]') for k, v in items}
+    if isinstance(dtype, t.Struct):
+        return _decode_fields(value.struct_value, dtype.fields, path)
+    raise TypeError(f"{path}: unknown type {dtype!r}")
+
+
+def _decode_fields(struct: struct_pb2.Struct, fields: Sequence[t.Field], path: str) -> dict[str, Any]:
+    raw = struct.fields
+    out: dict[str, Any] = {}
+    for f in fields:
+        # An absent nullable field reads as null, as the server writes every field anyway.
+        out[f.name] = decode_value(raw[f.name], f.dtype, _join(path, f.name)) if f.name in raw else None
+    return out
+
+
+def decode_record(struct: struct_pb2.Struct, schema: Sequence[t.Field]) -> dict[str, Any]:
+    """Decodes a canonical JSON record into Python values by schema, one key per schema field in order.
+
+    Int32/Int64 become int, Float32/Float64 float (with nan and infinities), Timestamp an aware UTC
+    datetime, Bytes bytes, Array a list, Map a dict, Struct a dict of its fields; null becomes None.
+    Raises ValueError naming the path of a value that does not match its type.
+    """
+    return _decode_fields(struct, schema, "")
