@@ -5,9 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
 from featurepush.types import (
     Array,
     Bool,
@@ -25,8 +22,10 @@ from featurepush.types import (
     dtype_from_proto,
 )
 from featurepush.v1 import schema_pb2
+from hypothesis import given
+from hypothesis import strategies as st
 
-SCALARS = [String, Int32, Int64, Float32, Float64, Bool, Timestamp, Bytes]
+SCALARS: list[DataType] = [String, Int32, Int64, Float32, Float64, Bool, Timestamp, Bytes]
 
 NESTED = [
     Array(Int64),
@@ -60,7 +59,7 @@ def test_dtype_round_trips_through_proto(dtype: DataType) -> None:
     ],
     ids=repr,
 )
-def test_scalars_map_to_their_wire_enum(dtype: DataType, wire: int) -> None:
+def test_scalars_map_to_their_wire_enum(dtype: DataType, wire: schema_pb2.ScalarType) -> None:
     assert dtype.to_proto() == schema_pb2.DataType(scalar=wire)
 
 
@@ -104,11 +103,11 @@ def test_types_compare_and_hash_by_value() -> None:
     [
         (lambda: Map(Int64, String), TypeError, "Map keys must be String"),
         (lambda: Map(Array(String), String), TypeError, "Map keys must be String"),
-        (lambda: Array(int), TypeError, "Array element_type must be a featurepush type"),
-        (lambda: Map(String, "Int64"), TypeError, "Map value_type must be a featurepush type"),
-        (lambda: Field("a", str), TypeError, "Field 'a' dtype must be a featurepush type"),
-        (lambda: Field(1, Int64), TypeError, "Field name must be a str"),
-        (lambda: Struct([Int64]), TypeError, "Struct fields must be Field objects"),
+        (lambda: Array(int), TypeError, "Array element_type must be a featurepush type"),  # type: ignore[arg-type]
+        (lambda: Map(String, "Int64"), TypeError, "Map value_type must be a featurepush type"),  # type: ignore[arg-type]
+        (lambda: Field("a", str), TypeError, "Field 'a' dtype must be a featurepush type"),  # type: ignore[arg-type]
+        (lambda: Field(1, Int64), TypeError, "Field name must be a str"),  # type: ignore[arg-type]
+        (lambda: Struct([Int64]), TypeError, "Struct fields must be Field objects"),  # type: ignore[list-item]
     ],
 )
 def test_bad_types_raise(build: Callable[[], object], error: type[Exception], match: str) -> None:

@@ -211,7 +211,10 @@ def _fail(path: str, expected: str, value: struct_pb2.Value) -> ValueError:
 def _decode_int(value: struct_pb2.Value, path: str) -> int:
     kind = value.WhichOneof("kind")
     if kind == "string_value":
-        return int(value.string_value)
+        try:
+            return int(value.string_value)
+        except ValueError:
+            raise ValueError(f"{path}: {value.string_value!r} is not a decimal integer") from None
     if kind == "number_value" and value.number_value.is_integer():
         return int(value.number_value)
     raise _fail(path, "an integer", value)
