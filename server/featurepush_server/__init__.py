@@ -1,0 +1,3 @@
+"""The featurepush server: gRPC servicers over a core of validation, online store and registry."""
+
+__version__ = "0.1.0"

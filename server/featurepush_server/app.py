@@ -1,0 +1,130 @@
+"""Builds the gRPC server from a configuration and runs it."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from featurepush.v1 import (
+    backfill_service_pb2,
+    ingest_service_pb2,
+    ingest_service_pb2_grpc,
+    online_service_pb2,
+    online_service_pb2_grpc,
+    registry_service_pb2,
+    registry_service_pb2_grpc,
+)
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import ServerConfig
+from .core.ingest import Ingestor
+from .core.online import OnlineReader
+from .core.registry import Registry
+from .core.store import OnlineStore
+from .servicers.ingest import IngestServicer
+from .servicers.online import OnlineServicer
+from .servicers.registry import RegistryServicer
+
+_LOGGER = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
+    ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+    online_service_pb2.DESCRIPTOR.services_by_name["OnlineService"].full_name,
+    backfill_service_pb2.DESCRIPTOR.services_by_name["BackfillService"].full_name,
+)
+
+
+@dataclass
+class Server:
+    """A built server: the gRPC server, its bound port and the core it serves; `stop()` closes it all."""
+
+    grpc_server: grpc.Server
+    port: int
+    store: OnlineStore
+    registry: Registry
+    ingestor: Ingestor
+    reader: OnlineReader
+    config: ServerConfig
+    health: health.HealthServicer
+    _closers: list[Any] = field(default_factory=list)
+
+    def start(self) -> None:
+        """Start serving."""
+        self.grpc_server.start()
+        for name in (*SERVICE_NAMES, ""):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = 5.0) -> None:
+        """Stop taking calls, let running ones finish for `grace` seconds, and close the store."""
+        for name in (*SERVICE_NAMES, ""):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc_server.stop(grace).wait()
+        for close in reversed(self._closers):
+            close()
+        self.store.close()
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        self.grpc_server.wait_for_termination()
+
+
+def create_server(config: ServerConfig) -> Server:
+    """Open the store, apply the configured definitions and register every service; not started."""
+    store = OnlineStore(config.data_dir / "online", fsync=config.fsync == "always",
+                        idempotency_window_s=config.idempotency_window_s)
+    try:
+        registry = Registry(store)
+        ingestor = Ingestor(registry, store, max_records=config.max_records_per_request)
+        reader = OnlineReader(registry, store, max_keys=config.max_keys_per_request)
+        for path in config.definitions:
+            from featurepush.definitions import load_definitions
+
+            for source in load_definitions(path):
+                outcome = registry.apply(source.to_proto())
+                _LOGGER.info("source %s from %s: %s", source.name, path,
+                             "created" if outcome.created else "updated" if outcome.changed else "unchanged")
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options)
+        registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), grpc_server)
+        ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingestor), grpc_server)
+        online_service_pb2_grpc.add_OnlineServiceServicer_to_server(OnlineServicer(reader), grpc_server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            grpc_server)
+        port = grpc_server.add_insecure_port(config.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {config.listen}")
+    except BaseException:
+        store.close()
+        raise
+    return Server(grpc_server, port, store, registry, ingestor, reader, config, health_servicer)
+
+
+def serve(config: ServerConfig) -> None:
+    """Run a server until SIGINT or SIGTERM, then stop it gracefully."""
+    server = create_server(config)
+    server.start()
+    _LOGGER.info("featurepush listening on %s (port %d), data in %s", config.listen, server.port,
+                 config.data_dir)
+    done = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        done.set()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    done.wait()
+    _LOGGER.info("stopping")
+    server.stop(5.0)

@@ -1,0 +1,113 @@
+"""Server configuration: one frozen dataclass, read from a TOML file, the environment and flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "FEATUREPUSH_"
+FSYNC_POLICIES = ("always", "never")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says which setting and why."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `featurepush serve` can be told; validated on construction."""
+
+    # host:port to listen on; port 0 picks a free port.
+    listen: str = "localhost:50051"
+    # Folder of the RocksDB database (sources and online rows) and the offline log.
+    data_dir: Path = Path("./data")
+    # Largest request or response message, in bytes.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Most records (rows or Arrow rows, all sources together) in one push.
+    max_records_per_request: int = 10_000
+    # Most entity keys in one GetFeatures.
+    max_keys_per_request: int = 10_000
+    # "always": an acknowledged push is fsynced to disk; "never": it survives a crash of the server
+    # process but not a power loss, and pushes are faster.
+    fsync: str = "always"
+    # Definitions files (Python, with StreamSource objects) applied at start.
+    definitions: tuple[Path, ...] = ()
+    # Threads serving RPCs.
+    workers: int = 16
+    # How long a push's request_id is remembered, in seconds.
+    idempotency_window_s: float = 600.0
+    # How many batches of one PushStream are read ahead of the one being written.
+    stream_read_ahead: int = 4
+    # Settings a later part of the server reads; unknown keys are refused, so typos surface.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fsync not in FSYNC_POLICIES:
+            raise ConfigError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {self.fsync!r}")
+        for name in ("max_message_bytes", "max_records_per_request", "max_keys_per_request", "workers",
+                     "stream_read_ahead"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.idempotency_window_s <= 0:
+            raise ConfigError("idempotency_window_s must be positive")
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"listen must be host:port, such as localhost:50051, not {self.listen!r}")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig) if f.name != "extra"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _FIELDS[name].type
+    try:
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "Path":
+            return Path(value)
+        if kind == "tuple[Path, ...]":
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(Path(v) for v in items if str(v))
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a {kind}, not {value!r}") from None
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Defaults, then the TOML file's [server] table, then FEATUREPUSH_* variables, then flags."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        table = doc.get("server", doc)
+        for key, value in table.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"unknown setting {key!r} in {path}; known: {', '.join(_FIELDS)}")
+            values[key] = _coerce(key, value)
+        if "data_dir" in values and not values["data_dir"].is_absolute():
+            values["data_dir"] = path.parent / values["data_dir"]
+    for key, value in (env if env is not None else os.environ).items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX):].lower()
+            if name in _FIELDS:
+                values[name] = _coerce(name, value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value)
+    return ServerConfig(**values)

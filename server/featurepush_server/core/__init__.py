@@ -1,0 +1,1 @@
+"""The server's core: plain Python that never imports grpc."""

@@ -1,0 +1,270 @@
+"""Column-at-a-time encoding of conformed Arrow tables into online-store keys and values.
+
+A stored value is an 8-byte event-time header (big-endian, sign-flipped, so bytes order like times)
+followed by the record serialized as a google.protobuf.Struct in canonical JSON form: Int64 as decimal
+strings, Timestamps as RFC 3339 in UTC, Bytes as base64, non-finite floats as "NaN"/"Infinity". The
+wire bytes are built with numpy and Arrow kernels, so no Python code runs per scalar value; only Bytes
+and nested types fall back to per-row Python.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from google.protobuf import struct_pb2
+
+from .schema import DType, FieldSpec, Kind
+
+_NULL = b"\x08\x00"  # Value{null_value: NULL_VALUE}
+_SPECIAL = {
+    "NaN": struct_pb2.Value(string_value="NaN").SerializeToString(),
+    "Infinity": struct_pb2.Value(string_value="Infinity").SerializeToString(),
+    "-Infinity": struct_pb2.Value(string_value="-Infinity").SerializeToString(),
+}
+_SIGN = np.uint64(1 << 63)
+
+
+def varint(n: int) -> bytes:
+    """The protobuf varint of a non-negative integer."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _binary_from_matrix(mat: np.ndarray) -> pa.Array:
+    """A binary array whose row i is the bytes of row i of a (n, width) uint8 matrix."""
+    n, width = mat.shape
+    offsets = np.arange(0, (n + 1) * width, width, dtype=np.int32)[: n + 1]
+    data = np.ascontiguousarray(mat, dtype=np.uint8)
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def varints(lengths: np.ndarray) -> pa.Array:
+    """A binary array of the protobuf varints of each non-negative integer."""
+    n = np.asarray(lengths, dtype=np.uint64)
+    width = 5  # lengths stay below 2**35; a single Arrow binary array holds at most 2**31 bytes.
+    nbytes = np.ones(len(n), dtype=np.int64)
+    for i in range(1, width):
+        nbytes += n >= np.uint64(1 << (7 * i))
+    cols = np.arange(width)
+    shifts = (cols * 7).astype(np.uint64)
+    mat = ((n[:, None] >> shifts[None, :]) & np.uint64(0x7F)).astype(np.uint8)
+    mat |= ((cols[None, :] < (nbytes[:, None] - 1)).astype(np.uint8) << 7)
+    data = mat[cols[None, :] < nbytes[:, None]]
+    offsets = np.zeros(len(n) + 1, dtype=np.int32)
+    np.cumsum(nbytes, out=offsets[1:])
+    return pa.Array.from_buffers(pa.binary(), len(n), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _join(*parts: pa.Array | bytes) -> pa.Array:
+    args = [pa.scalar(p, pa.binary()) if isinstance(p, bytes) else p for p in parts]
+    return pc.binary_join_element_wise(*args, b"")
+
+
+def _length_delimited(tag: bytes, body: pa.Array) -> pa.Array:
+    return _join(tag, varints(pc.binary_length(body).to_numpy(zero_copy_only=False)), body)
+
+
+def _numbers(values: np.ndarray) -> pa.Array:
+    mat = np.empty((len(values), 9), dtype=np.uint8)
+    mat[:, 0] = 0x11  # Value.number_value, a fixed64
+    mat[:, 1:] = np.ascontiguousarray(values, dtype="<f8").view(np.uint8).reshape(-1, 8)
+    return _binary_from_matrix(mat)
+
+
+def _strings(text: pa.Array) -> pa.Array:
+    return _length_delimited(b"\x1a", pc.cast(text, pa.binary()))  # Value.string_value
+
+
+def _floats(arr: pa.Array) -> pa.Array:
+    values = pc.fill_null(pc.cast(arr, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+    out = _numbers(values)
+    if not np.isfinite(values).all():
+        nan = pa.array(np.isnan(values))
+        pos = pa.array(np.isposinf(values))
+        neg = pa.array(np.isneginf(values))
+        out = pc.if_else(nan, pa.scalar(_SPECIAL["NaN"], pa.binary()), out)
+        out = pc.if_else(pos, pa.scalar(_SPECIAL["Infinity"], pa.binary()), out)
+        out = pc.if_else(neg, pa.scalar(_SPECIAL["-Infinity"], pa.binary()), out)
+    return out
+
+
+def timestamp_strings(micros: np.ndarray) -> pa.Array:
+    """RFC 3339 strings in UTC with 0, 3 or 6 fractional digits, as proto3's JSON writes them."""
+    micros = np.asarray(micros, dtype=np.int64)
+    secs = np.floor_divide(micros, 1_000_000)
+    frac = micros - secs * 1_000_000
+    base = pc.strftime(pa.array(secs, pa.timestamp("s", tz="UTC")), format="%Y-%m-%dT%H:%M:%S")
+    millis = pc.utf8_lpad(pc.cast(pa.array(frac // 1000), pa.string()), width=3, padding="0")
+    full = pc.utf8_lpad(pc.cast(pa.array(frac), pa.string()), width=6, padding="0")
+    dot = pa.scalar(".", pa.string())
+    frac_text = pc.if_else(
+        pa.array(frac == 0),
+        pa.scalar("", pa.string()),
+        pc.if_else(pa.array(frac % 1000 == 0), pc.binary_join_element_wise(dot, millis, ""),
+                   pc.binary_join_element_wise(dot, full, "")),
+    )
+    return pc.binary_join_element_wise(base, frac_text, pa.scalar("Z", pa.string()), "")
+
+
+def timestamp_string(micros: int) -> str:
+    """The canonical RFC 3339 form of one timestamp."""
+    secs, frac = divmod(micros, 1_000_000)
+    text = datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    if secs < -62135596800 + 1 or len(text) < 19:
+        text = text.zfill(19)
+    if frac == 0:
+        return text + "Z"
+    if frac % 1000 == 0:
+        return f"{text}.{frac // 1000:03d}Z"
+    return f"{text}.{frac:06d}Z"
+
+
+def canonical(value: Any, dtype: DType) -> Any:
+    """The canonical JSON value (as Python) of one Arrow-decoded value."""
+    if value is None:
+        return None
+    kind = dtype.kind
+    if kind is Kind.INT64:
+        return str(value)
+    if kind in (Kind.INT32, Kind.STRING, Kind.BOOL):
+        return value
+    if kind in (Kind.FLOAT32, Kind.FLOAT64):
+        if math.isfinite(value):
+            return float(value)
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if kind is Kind.TIMESTAMP:
+        delta = value - datetime(1970, 1, 1, tzinfo=UTC)
+        return timestamp_string((delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds)
+    if kind is Kind.BYTES:
+        return base64.b64encode(value).decode("ascii")
+    if kind is Kind.ARRAY:
+        assert dtype.element is not None
+        return [canonical(v, dtype.element) for v in value]
+    if kind is Kind.MAP:
+        assert dtype.element is not None
+        return {k: canonical(v, dtype.element) for k, v in value}
+    return {f.name: canonical(value.get(f.name), f.dtype) for f in dtype.fields}
+
+
+def _set_value(msg: struct_pb2.Value, value: Any) -> None:
+    if value is None:
+        msg.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(value, bool):
+        msg.bool_value = value
+    elif isinstance(value, str):
+        msg.string_value = value
+    elif isinstance(value, int | float):
+        msg.number_value = value
+    elif isinstance(value, list):
+        lst = msg.list_value
+        lst.SetInParent()
+        for item in value:
+            _set_value(lst.values.add(), item)
+    else:
+        st = msg.struct_value
+        st.SetInParent()
+        for k, item in value.items():
+            _set_value(st.fields[k], item)
+
+
+def _python_values(arr: pa.Array, dtype: DType) -> pa.Array:
+    out = []
+    for item in arr.to_pylist():
+        if item is None:
+            out.append(_NULL)
+            continue
+        msg = struct_pb2.Value()
+        _set_value(msg, canonical(item, dtype))
+        out.append(msg.SerializeToString(deterministic=True))
+    return pa.array(out, pa.binary())
+
+
+def value_messages(arr: pa.Array, dtype: DType) -> pa.Array:
+    """The serialized google.protobuf.Value of every element, null where the element is null."""
+    kind = dtype.kind
+    if kind is Kind.STRING:
+        body = _strings(arr)
+    elif kind is Kind.INT64:
+        body = _strings(pc.cast(arr, pa.string()))
+    elif kind is Kind.INT32:
+        body = _numbers(pc.fill_null(pc.cast(arr, pa.float64()), 0.0).to_numpy(zero_copy_only=False))
+    elif kind in (Kind.FLOAT32, Kind.FLOAT64):
+        body = _floats(arr)
+    elif kind is Kind.BOOL:
+        body = pc.if_else(pc.fill_null(arr, False), pa.scalar(b"\x20\x01", pa.binary()),
+                          pa.scalar(b"\x20\x00", pa.binary()))
+    elif kind is Kind.TIMESTAMP:
+        micros = pc.fill_null(pc.cast(arr, pa.int64()), 0).to_numpy(zero_copy_only=False)
+        body = _strings(timestamp_strings(micros))
+    else:
+        return _python_values(arr, dtype)
+    if arr.null_count:
+        body = pc.if_else(pc.is_valid(arr), body, pa.scalar(_NULL, pa.binary()))
+    return body
+
+
+def encode_payloads(table: pa.Table, fields: Sequence[FieldSpec]) -> pa.Array:
+    """Each row of a conformed table as a serialized google.protobuf.Struct, fields in name order."""
+    parts: list[pa.Array] = []
+    for f in sorted(fields, key=lambda f: f.name.encode()):
+        arr = table.column(f.name).combine_chunks()
+        key = f.name.encode()
+        # A Struct field is a map entry: key (field 1) and Value (field 2) inside fields (field 1).
+        entry = _join(b"\x0a" + varint(len(key)) + key + b"\x12",
+                      varints(pc.binary_length(vals := value_messages(arr, f.dtype)).to_numpy()), vals)
+        parts.append(_length_delimited(b"\x0a", entry))
+    if not parts:
+        return pa.array([b""] * table.num_rows, pa.binary())
+    return _join(*parts) if len(parts) > 1 else parts[0]
+
+
+def time_headers(micros: np.ndarray) -> pa.Array:
+    """8-byte headers whose byte order is the order of the event times."""
+    flipped = np.asarray(micros, dtype=np.int64).view(np.uint64) ^ _SIGN
+    return _binary_from_matrix(flipped.astype(">u8").view(np.uint8).reshape(-1, 8))
+
+
+def header_micros(value: bytes) -> int:
+    """The event time in a stored value's header."""
+    return int.from_bytes(value[:8], "big") - (1 << 63)
+
+
+def key_text(arr: pa.Array) -> pa.Array:
+    """Entity key values as text: strings as they are, integers in decimal."""
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        return pc.cast(arr, pa.binary())
+    return pc.cast(pc.cast(arr, pa.string()), pa.binary())
+
+
+def encode_keys(columns: Sequence[pa.Array], prefix: bytes) -> pa.Array:
+    """Store keys: the prefix, then each key part (length-prefixed when there are several)."""
+    texts = [key_text(c) for c in columns]
+    if len(texts) == 1:
+        return _join(prefix, texts[0])
+    parts: list[pa.Array | bytes] = [prefix]
+    for t in texts:
+        parts.append(varints(pc.binary_length(t).to_numpy(zero_copy_only=False)))
+        parts.append(t)
+    return _join(*parts)
+
+
+def encode_rows(table: pa.Table, fields: Sequence[FieldSpec], entity_keys: Sequence[str],
+                timestamp_field: str, prefix: bytes) -> tuple[list[bytes], list[bytes]]:
+    """Keys and stored values (header then payload) of every row of a conformed table."""
+    if table.num_rows == 0:
+        return [], []
+    keys = encode_keys([table.column(k).combine_chunks() for k in entity_keys], prefix)
+    micros = pc.cast(table.column(timestamp_field), pa.int64()).to_numpy()
+    values = _join(time_headers(micros), encode_payloads(table, fields))
+    return keys.to_pylist(), values.to_pylist()

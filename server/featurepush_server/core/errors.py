@@ -1,0 +1,68 @@
+"""The core's exception tree; the gRPC edge maps each class to one status code."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One offending value: where it is (a path such as `records["clicks"][3].clicked`) and what was wrong."""
+
+    path: str
+    description: str
+
+
+class CoreError(Exception):
+    """Base of every error the core raises on purpose; `reason` is an UPPER_SNAKE_CASE machine code."""
+
+    reason = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = dict(metadata or {})
+
+
+class InvalidInput(CoreError):
+    """The request is malformed; `violations` names every offending field."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(
+        self,
+        message: str,
+        violations: Sequence[Violation] = (),
+        *,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ):
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.violations = list(violations)
+
+
+class NotFound(CoreError):
+    """A named object does not exist."""
+
+    reason = "NOT_FOUND"
+
+
+class FailedPrecondition(CoreError):
+    """The request is well formed but the system's state refuses it."""
+
+    reason = "FAILED_PRECONDITION"
+
+
+class LimitExceeded(CoreError):
+    """The request is larger than a configured limit."""
+
+    reason = "LIMIT_EXCEEDED"
+
+
+class Cancelled(CoreError):
+    """The caller went away, so the work stopped."""
+
+    reason = "CANCELLED"

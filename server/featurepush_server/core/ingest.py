@@ -1,0 +1,143 @@
+"""The push path: validate every record of every source, then write them all atomically or none."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+from google.protobuf import struct_pb2
+
+from .columns import conform
+from .encoding import encode_rows
+from .errors import InvalidInput, LimitExceeded, NotFound, Violation
+from .registry import Registry, Source
+from .rows import rows_to_table
+from .store import BatchCounts, OnlineStore, RowBatch, row_prefix
+
+MAX_REQUEST_ID = 128
+
+
+@dataclass(frozen=True)
+class SourcePayload:
+    """One source's records in a push: JSON-like rows, or one Arrow IPC stream."""
+
+    rows: Sequence[struct_pb2.Struct] = ()
+    arrow_ipc: bytes = b""
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    """The counts per source of a push."""
+
+    counts: dict[str, BatchCounts]
+    dry_run: bool
+    replayed: bool
+
+
+def source_path(name: str) -> str:
+    """The path prefix of one source's records in violations."""
+    return 'records["' + name.replace("\\", "\\\\").replace('"', '\\"') + '"]'
+
+
+def read_arrow(data: bytes, path: str) -> pa.Table:
+    """Read an Arrow IPC stream; raise InvalidInput if it is not one."""
+    try:
+        with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
+            return reader.read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InvalidInput("arrow_ipc is not a readable Arrow IPC stream",
+                           [Violation(path + ".arrow_ipc", f"not an Arrow IPC stream: {e}")],
+                           reason="INVALID_ARROW") from None
+
+
+# Called after a durable write with the source and its conformed table; log_offline hooks in here.
+WriteListener = Callable[[Source, pa.Table], None]
+
+
+class Ingestor:
+    """Validates pushes against their sources' schemas and writes them to the online store."""
+
+    def __init__(self, registry: Registry, store: OnlineStore, *, max_records: int = 10_000,
+                 max_violations: int = 100):
+        self._registry = registry
+        self._store = store
+        self.max_records = max_records
+        self._max_violations = max_violations
+        self._listeners: list[WriteListener] = []
+
+    def add_listener(self, listener: WriteListener) -> None:
+        """Call `listener` for each source's table after every durable, non-replayed push."""
+        self._listeners.append(listener)
+
+    def push(self, records: Mapping[str, SourcePayload], *, dry_run: bool = False,
+             request_id: str = "") -> PushOutcome:
+        """Validate all records, then write them all or raise without writing anything."""
+        if not records or all(not p.rows and not p.arrow_ipc for p in records.values()):
+            raise InvalidInput("the push carries no records",
+                               [Violation("records", "add at least one record for a source")],
+                               reason="EMPTY_PUSH")
+        if len(request_id) > MAX_REQUEST_ID:
+            raise InvalidInput("request_id is too long",
+                               [Violation("request_id", f"at most {MAX_REQUEST_ID} characters")])
+        missing = sorted(name for name in records if self._source_or_none(name) is None)
+        if missing:
+            raise NotFound(f"unknown push source{'s' if len(missing) > 1 else ''}: {', '.join(missing)}; "
+                           "apply them first (featurepush apply)",
+                           reason="SOURCE_NOT_FOUND", metadata={"sources": ",".join(missing)})
+        violations: list[Violation] = []
+        tables: dict[str, pa.Table] = {}
+        for name, payload in records.items():
+            path = source_path(name)
+            if payload.rows and payload.arrow_ipc:
+                violations.append(Violation(path, "set rows or arrow_ipc, not both"))
+                continue
+            if payload.arrow_ipc:
+                tables[name] = read_arrow(payload.arrow_ipc, path)
+            total = sum(t.num_rows for t in tables.values()) + sum(len(p.rows) for p in records.values())
+            if total > self.max_records:
+                raise LimitExceeded(
+                    f"the push carries more than {self.max_records} records; split it into requests "
+                    f"of at most {self.max_records} records",
+                    reason="TOO_MANY_RECORDS", metadata={"limit": str(self.max_records)})
+        sources = {name: self._registry.get(name) for name in records}
+        total_bad = 0
+        for name, payload in records.items():
+            spec = sources[name].spec
+            path = source_path(name)
+            left = max(self._max_violations - len(violations), 1)
+            if name in tables:
+                table, bad = conform(tables[name], spec.fields, path, max_violations=left)
+                total_bad += len(bad)
+            elif payload.rows:
+                table, bad, count = rows_to_table(payload.rows, spec.fields, spec.arrow_schema, path, left)
+                total_bad += count
+            else:
+                continue
+            if table is None:
+                violations.extend(bad)
+            else:
+                tables[name] = table
+        if violations:
+            shown = violations[: self._max_violations]
+            more = f" ({total_bad} in all, the first {len(shown)} listed)" if total_bad > len(shown) else ""
+            raise InvalidInput(f"{len(shown)} invalid field value{'s' if len(shown) != 1 else ''}{more}; "
+                               "nothing was written", shown, reason="INVALID_RECORDS")
+        batches = []
+        for name, table in tables.items():
+            spec = sources[name].spec
+            keys, values = encode_rows(table, spec.fields, spec.entity_keys, spec.timestamp_field,
+                                       row_prefix(sources[name].id))
+            batches.append(RowBatch(name, keys, values))
+        result = self._store.write_latest(batches, request_id=request_id, dry_run=dry_run)
+        if not dry_run and not result.replayed:
+            for name, table in tables.items():
+                for listener in self._listeners:
+                    listener(sources[name], table)
+        return PushOutcome(result.counts, dry_run, result.replayed)
+
+    def _source_or_none(self, name: str) -> Source | None:
+        try:
+            return self._registry.get(name)
+        except NotFound:
+            return None

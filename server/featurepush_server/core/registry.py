@@ -1,0 +1,155 @@
+"""The registry of push sources: apply, get, list and delete, with schema-compatibility checks."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from featurepush.v1 import source_pb2
+
+from .errors import FailedPrecondition, InvalidInput, NotFound, Violation
+from .schema import SourceSpec, compile_source
+from .store import OnlineStore
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class Source:
+    """A registered source: its store id and compiled spec."""
+
+    id: int
+    spec: SourceSpec
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    """The stored definition and whether the apply created or changed it."""
+
+    source: source_pb2.PushSource
+    changed: bool
+    created: bool
+
+
+def _definition_only(src: source_pb2.PushSource) -> source_pb2.PushSource:
+    copy = source_pb2.PushSource()
+    copy.CopyFrom(src)
+    copy.ClearField("create_time")
+    copy.ClearField("update_time")
+    return copy
+
+
+def incompatibilities(old: SourceSpec, new: SourceSpec) -> list[str]:
+    """The changes from `old` to `new` that would make rows stored under `old` unreadable."""
+    problems: list[str] = []
+    if old.entity_keys != new.entity_keys:
+        problems.append(f"entity keys change from {list(old.entity_keys)} to {list(new.entity_keys)}")
+    if old.timestamp_field != new.timestamp_field:
+        problems.append(f"the timestamp field changes from {old.timestamp_field!r} to {new.timestamp_field!r}")
+    new_fields = {f.name: f for f in new.fields}
+    old_names = {f.name for f in old.fields}
+    for f in old.fields:
+        nf = new_fields.get(f.name)
+        if nf is None:
+            problems.append(f"field {f.name!r} is removed")
+        elif nf.dtype != f.dtype:
+            problems.append(f"field {f.name!r} changes type from {f.dtype} to {nf.dtype}")
+        elif f.nullable and not nf.nullable:
+            problems.append(f"field {f.name!r} becomes non-nullable")
+    for f in new.fields:
+        if f.name not in old_names and not f.nullable:
+            problems.append(f"new field {f.name!r} is not nullable, and stored rows lack it")
+    return problems
+
+
+class Registry:
+    """Source definitions kept in the online store's database, cached in memory; thread-safe."""
+
+    def __init__(self, store: OnlineStore, check_batch_source: Callable[[SourceSpec], None] | None = None):
+        self._store = store
+        self._cache: dict[str, Source] = {}
+        self._lock = threading.Lock()
+        self._check_batch_source = check_batch_source
+
+    def get(self, name: str) -> Source:
+        """The source called `name`; raise NotFound."""
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        found = self._store.get_source(name)
+        if found is None:
+            raise NotFound(f"push source {name!r} does not exist; apply it first (featurepush apply)",
+                           reason="SOURCE_NOT_FOUND", metadata={"source": name})
+        source_id, raw = found
+        source = Source(source_id, compile_source(source_pb2.PushSource.FromString(raw)))
+        self._cache[name] = source
+        return source
+
+    def apply(self, definition: source_pb2.PushSource, *, validate_only: bool = False) -> ApplyOutcome:
+        """Create or update a source; an unchanged definition is a no-op."""
+        wanted = _definition_only(definition)
+        spec = compile_source(wanted)
+        if self._check_batch_source is not None and wanted.HasField("batch_config"):
+            self._check_batch_source(spec)
+        with self._lock:
+            found = self._store.get_source(wanted.name)
+            if found is not None:
+                source_id, raw = found
+                stored = source_pb2.PushSource.FromString(raw)
+                if _definition_only(stored) == wanted:
+                    return ApplyOutcome(stored, changed=False, created=False)
+                old = compile_source(stored)
+                problems = incompatibilities(old, spec)
+                if problems and self._store.has_rows(source_id):
+                    raise FailedPrecondition(
+                        f"push source {wanted.name!r} holds online rows that the new definition could not read: "
+                        + "; ".join(problems)
+                        + ". Apply the change under a new source name, or delete the source (and its rows) "
+                        "first with DeleteSource / `featurepush delete`.",
+                        reason="INCOMPATIBLE_SCHEMA_CHANGE",
+                        metadata={"source": wanted.name},
+                    )
+            result = source_pb2.PushSource()
+            result.CopyFrom(wanted)
+            now = time.time_ns()
+            if found is not None:
+                result.create_time.CopyFrom(stored.create_time)
+            else:
+                result.create_time.FromNanoseconds(now // 1000 * 1000)
+            result.update_time.FromNanoseconds(now // 1000 * 1000)
+            if validate_only:
+                return ApplyOutcome(result, changed=True, created=found is None)
+            self._store.put_source(wanted.name, result.SerializeToString(), None if found is None else found[0])
+            self._cache.pop(wanted.name, None)
+        return ApplyOutcome(result, changed=True, created=found is None)
+
+    def list(self, page_size: int = 0, page_token: str = "") -> tuple[list[source_pb2.PushSource], str]:
+        """One page of sources in name order and the token of the next page ("" at the end)."""
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidInput("page_size is out of range",
+                               [Violation("page_size", f"must be 0 to {MAX_PAGE_SIZE}, got {page_size}")])
+        size = page_size or DEFAULT_PAGE_SIZE
+        after = ""
+        if page_token:
+            try:
+                after = base64.urlsafe_b64decode(page_token.encode()).decode()
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                raise InvalidInput("page_token is not valid",
+                                   [Violation("page_token", "pass a next_page_token returned by ListSources")]) from None
+        rows = list(self._store.list_sources(after, size + 1))
+        sources = [source_pb2.PushSource.FromString(raw) for _, _, raw in rows[:size]]
+        token = base64.urlsafe_b64encode(rows[size - 1][0].encode()).decode() if len(rows) > size else ""
+        return sources, token
+
+    def delete(self, name: str) -> int:
+        """Delete a source and its rows; return the number of rows deleted."""
+        with self._lock:
+            source = self.get(name)
+            rows = self._store.delete_source(name, source.id)
+            self._cache.pop(name, None)
+        return rows

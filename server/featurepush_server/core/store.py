@@ -1,0 +1,228 @@
+"""The embedded online store: RocksDB (through rocksdict, raw bytes) holding sources and latest rows.
+
+Key space, by first byte:
+  s<name>                         a source: 4-byte source id, then the serialized PushSource
+  r<source id><entity key>        a row: 8-byte event-time header, then the record's payload
+  q<request id>                   an idempotency record: 8-byte time in ms, then the JSON counts
+  m<name>                         store metadata such as the next source id
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import rocksdict
+
+_LOGGER = logging.getLogger(__name__)
+
+SOURCE = b"s"
+ROW = b"r"
+REQUEST = b"q"
+META = b"m"
+_NEXT_ID = META + b"next_source_id"
+
+
+def row_prefix(source_id: int) -> bytes:
+    """The key prefix of every row of one source."""
+    return ROW + source_id.to_bytes(4, "big")
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with `prefix`."""
+    return prefix[:-1] + bytes([prefix[-1] + 1]) if prefix[-1] < 0xFF else _prefix_end(prefix[:-1]) + b"\x00"
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """One source's encoded rows for a write: keys and values (event-time header, then payload)."""
+
+    source: str
+    keys: Sequence[bytes]
+    values: Sequence[bytes]
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """What a write did with one source's rows."""
+
+    accepted: int
+    written: int
+    superseded: int
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """Counts per source; `replayed` when the request id was seen and nothing was written."""
+
+    counts: dict[str, BatchCounts]
+    replayed: bool = False
+
+
+class OnlineStore:
+    """Sources and the latest row per entity in one RocksDB database.
+
+    Thread-safe: writes hold one lock for their read-compare-write, so concurrent pushes to one entity
+    never lose the newer value; the WAL sync happens after the lock is released so that concurrent
+    writers share fsyncs. With `fsync=True` (the default) a write returns only once it is on disk; with
+    False it survives a crash of the process but not of the machine.
+    """
+
+    def __init__(self, path: str | Path, *, fsync: bool = True, idempotency_window_s: float = 600.0):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        options = rocksdict.Options(raw_mode=True)
+        options.create_if_missing(True)
+        options.set_max_background_jobs(2)
+        self._db = rocksdict.Rdict(str(path), options)
+        self._fsync = fsync
+        self._window_ms = int(idempotency_window_s * 1000)
+        self._lock = threading.Lock()
+        self._writes_since_purge = 0
+        self.path = Path(path)
+
+    def close(self) -> None:
+        """Flush and close the database."""
+        with self._lock:
+            self._db.flush_wal(True)
+            self._db.close()
+
+    def _sync(self) -> None:
+        if self._fsync:
+            self._db.flush_wal(True)
+
+    # --- sources -------------------------------------------------------------------------------
+
+    def get_source(self, name: str) -> tuple[int, bytes] | None:
+        """The id and serialized definition of a source, or None."""
+        raw = self._db.get(SOURCE + name.encode())
+        if raw is None:
+            return None
+        return int.from_bytes(raw[:4], "big"), raw[4:]
+
+    def list_sources(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, int, bytes]]:
+        """Sources in name order, starting after `after`."""
+        start = SOURCE + after.encode() + (b"\x00" if after else b"")
+        n = 0
+        for key, raw in self._db.items(from_key=start):
+            if not key.startswith(SOURCE) or (limit is not None and n >= limit):
+                return
+            n += 1
+            yield key[1:].decode(), int.from_bytes(raw[:4], "big"), raw[4:]
+
+    def put_source(self, name: str, definition: bytes, source_id: int | None = None) -> int:
+        """Store a definition, allocating a new id when none is given; return the id."""
+        with self._lock:
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            if source_id is None:
+                raw = self._db.get(_NEXT_ID)
+                source_id = int.from_bytes(raw, "big") if raw else 1
+                wb.put(_NEXT_ID, (source_id + 1).to_bytes(4, "big"))
+            wb.put(SOURCE + name.encode(), source_id.to_bytes(4, "big") + definition)
+            self._db.write(wb)
+        self._sync()
+        return source_id
+
+    def delete_source(self, name: str, source_id: int) -> int:
+        """Delete a source and its rows; return how many rows there were."""
+        prefix = row_prefix(source_id)
+        with self._lock:
+            rows = sum(1 for _ in self._keys_with_prefix(prefix))
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            wb.delete(SOURCE + name.encode())
+            wb.delete_range(prefix, _prefix_end(prefix))
+            self._db.write(wb)
+        self._sync()
+        return rows
+
+    def _keys_with_prefix(self, prefix: bytes) -> Iterator[bytes]:
+        for key in self._db.keys(from_key=prefix):
+            if not key.startswith(prefix):
+                return
+            yield key
+
+    def has_rows(self, source_id: int) -> bool:
+        """Whether a source holds any online row."""
+        return next(self._keys_with_prefix(row_prefix(source_id)), None) is not None
+
+    # --- rows ----------------------------------------------------------------------------------
+
+    def read(self, keys: list[bytes]) -> list[bytes | None]:
+        """Stored values of the keys, None where absent."""
+        if not keys:
+            return []
+        values: list[bytes | None] = self._db.get(keys)
+        return values
+
+    def write_latest(
+        self, batches: Sequence[RowBatch], *, request_id: str = "", dry_run: bool = False
+    ) -> WriteResult:
+        """Write each row unless a newer event of its entity is stored or later in the batch; atomically."""
+        with self._lock:
+            seen = self._seen_request(request_id) if request_id else None
+            if seen is None:
+                wb = rocksdict.WriteBatch(raw_mode=True)
+                counts = {batch.source: self._stage_latest(batch, wb) for batch in batches}
+                if request_id and not dry_run:
+                    record = {s: [c.accepted, c.written, c.superseded] for s, c in counts.items()}
+                    now_ms = int(time.time() * 1000).to_bytes(8, "big")
+                    wb.put(REQUEST + request_id.encode(), now_ms + json.dumps(record).encode())
+                    self._writes_since_purge += 1
+                if not dry_run and not wb.is_empty():
+                    self._db.write(wb)
+                if self._writes_since_purge >= 1000:
+                    self._purge_requests()
+        if seen is not None:
+            # The first request may still be syncing; the replay must not be acknowledged before it.
+            self._sync()
+            return WriteResult(seen, replayed=True)
+        if not dry_run:
+            self._sync()
+        return WriteResult(counts)
+
+    def _stage_latest(self, batch: RowBatch, wb: rocksdict.WriteBatch) -> BatchCounts:
+        keys, values = batch.keys, batch.values
+        accepted = len(keys)
+        if len(set(keys)) != len(keys):
+            # Several events for one entity in a batch: keep the newest, the later one on a tie.
+            best: dict[bytes, int] = {}
+            for i, key in enumerate(keys):
+                j = best.get(key)
+                if j is None or values[i][:8] >= values[j][:8]:
+                    best[key] = i
+            order = sorted(best.values())
+            keys = [keys[i] for i in order]
+            values = [values[i] for i in order]
+        stored = self._db.get(list(keys))
+        written = 0
+        for key, value, old in zip(keys, values, stored, strict=True):
+            # Headers order like event times; an equal time replaces, so a correction can land.
+            if old is None or value[:8] >= old[:8]:
+                wb.put(key, value)
+                written += 1
+        return BatchCounts(accepted, written, accepted - written)
+
+    def _seen_request(self, request_id: str) -> dict[str, BatchCounts] | None:
+        raw = self._db.get(REQUEST + request_id.encode())
+        if raw is None:
+            return None
+        if int(time.time() * 1000) - int.from_bytes(raw[:8], "big") > self._window_ms:
+            return None
+        return {s: BatchCounts(*c) for s, c in json.loads(raw[8:]).items()}
+
+    def _purge_requests(self) -> None:
+        """Drop idempotency records older than the window; called under the lock."""
+        cutoff = int(time.time() * 1000) - self._window_ms
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        for key, raw in self._db.items(from_key=REQUEST):
+            if not key.startswith(REQUEST):
+                break
+            if int.from_bytes(raw[:8], "big") < cutoff:
+                wb.delete(key)
+        if not wb.is_empty():
+            self._db.write(wb)
+        self._writes_since_purge = 0

@@ -1,0 +1,1 @@
+"""gRPC servicers: thin translations between protobuf messages and the core."""
