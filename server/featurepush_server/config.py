@@ -6,7 +6,7 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,6 @@ class ServerConfig:
     idempotency_window_s: float = 600.0
     # How many batches of one PushStream are read ahead of the one being written.
     stream_read_ahead: int = 4
-    # Settings a later part of the server reads; unknown keys are refused, so typos surface.
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
@@ -60,7 +58,7 @@ class ServerConfig:
             raise ConfigError(f"listen must be host:port, such as localhost:50051, not {self.listen!r}")
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig) if f.name != "extra"}
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
 
 
 def _coerce(name: str, value: Any) -> Any:

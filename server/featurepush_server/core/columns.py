@@ -181,4 +181,3 @@ def conform(
     schema = pa.schema([f.to_arrow() for f in fields])
     return pa.Table.from_arrays(arrays, schema=schema), []
 
-assert ARROW_TIMESTAMP == pa.timestamp("us", tz="UTC")
