@@ -1,0 +1,232 @@
+"""The `featurepush` command line: serve, and the client commands apply, push, get, sources, delete."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from featurepush import Client, FeaturepushError, InvalidArgumentError
+from featurepush.definitions import DefinitionError, load_definitions
+
+DEFAULT_TARGET = "localhost:50051"
+
+
+class CommandError(Exception):
+    """A user mistake the command reports in one line."""
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a JSON Lines file ('-' for standard input), with their line numbers."""
+    fh = sys.stdin if str(path) == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    try:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CommandError(f"{path}:{number}: not valid JSON: {e.msg}") from None
+            if not isinstance(record, dict):
+                raise CommandError(f"{path}:{number}: each line must be a JSON object")
+            yield number, record
+    finally:
+        if fh is not sys.stdin:
+            fh.close()
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .app import serve
+        from .config import ConfigError, load_config
+    except ImportError as e:
+        raise CommandError(f"the server needs its extra dependencies: pip install 'featurepush[server]' ({e})")
+    overrides = {
+        "listen": args.listen,
+        "data_dir": args.data_dir,
+        "fsync": args.fsync,
+        "max_records_per_request": args.max_records_per_request,
+        "max_message_bytes": args.max_message_bytes,
+        "workers": args.workers,
+        "definitions": tuple(args.definitions) if args.definitions else None,
+    }
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(config)
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    try:
+        sources = load_definitions(args.definitions)
+    except DefinitionError as e:
+        raise CommandError(str(e)) from None
+    if not sources:
+        raise CommandError(f"{args.definitions} defines no StreamSource")
+    with Client(args.target) as client:
+        for result in client.apply(*sources, validate_only=args.validate_only):
+            state = "created" if result.created else "changed" if result.changed else "unchanged"
+            print(f"{result.name}: {state}{' (validated only)' if args.validate_only else ''}")
+    return 0
+
+
+_RECORD_PATH = re.compile(r'^records\["(?:[^"\\]|\\.)*"\]\[(\d+)\](.*)$')
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    total = {"accepted": 0, "written": 0, "superseded": 0}
+    with Client(args.target) as client:
+        batch: list[dict[str, Any]] = []
+        lines: list[int] = []
+
+        def send() -> None:
+            try:
+                result = client.push(args.source, batch, dry_run=args.dry_run)
+            except InvalidArgumentError as e:
+                # Point at lines of the file, not positions in a batch, so the user can open it there.
+                where = []
+                for v in e.violations:
+                    m = _RECORD_PATH.match(v.field)
+                    place = f"{args.file}:{lines[int(m.group(1))]}: {m.group(2).lstrip('.')}" if m else v.field
+                    where.append(f"  {place}: {v.description}")
+                raise CommandError(e.message + "".join("\n" + w for w in where)) from None
+            counts = result.counts[args.source]
+            for name in total:
+                total[name] += getattr(counts, name)
+
+        for number, record in _records(args.file):
+            batch.append(record)
+            lines.append(number)
+            if len(batch) >= args.batch_size:
+                send()
+                batch, lines = [], []
+        if batch:
+            send()
+    print(json.dumps({"source": args.source, "dry_run": args.dry_run, **total}))
+    return 0
+
+
+def _parse_keys(pairs: Sequence[str]) -> list[dict[str, str]]:
+    """KEY=VALUE pairs into entity keys; a key name seen again starts the next entity."""
+    keys: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise CommandError(f"{pair!r} is not KEY=VALUE")
+        if name in current:
+            keys.append(current)
+            current = {}
+        current[name] = value
+    if current:
+        keys.append(current)
+    return keys
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        import base64
+
+        return base64.b64encode(value).decode()
+    raise TypeError(type(value).__name__)
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    keys = _parse_keys(args.keys)
+    with Client(args.target) as client:
+        # Key values arrive as text; typed per the schema so Int64 keys work from the shell.
+        results = client.get_features(args.source, keys)
+    for key, result in zip(keys, results, strict=True):
+        print(json.dumps({"key": key, "status": str(result.status), "event_time": result.event_time,
+                          "features": result.features}, default=_json_default))
+    return 0
+
+
+def _cmd_sources(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        for source in client.list_sources():
+            fields = ", ".join(f"{f.name}: {f.dtype!r}" for f in source.schema)
+            print(f"{source.name}  keys={','.join(source.entity_keys)}  [{fields}]")
+    return 0
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        rows = client.delete_source(args.source)
+    print(f"{args.source}: deleted with {rows} online rows")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="featurepush", description="featurepush feature-ingest service")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--config", type=Path, help="TOML file with a [server] table")
+    serve.add_argument("--listen", help="host:port (default localhost:50051)")
+    serve.add_argument("--data-dir", type=Path, help="data folder (default ./data)")
+    serve.add_argument("--definitions", type=Path, action="append", help="definitions file to apply at start")
+    serve.add_argument("--fsync", choices=["always", "never"], help="durability of acknowledged pushes")
+    serve.add_argument("--max-records-per-request", type=int)
+    serve.add_argument("--max-message-bytes", type=int)
+    serve.add_argument("--workers", type=int)
+    serve.set_defaults(func=_cmd_serve)
+
+    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+        return p
+
+    apply = client_command("apply", "apply the StreamSources of a definitions file")
+    apply.add_argument("definitions", type=Path)
+    apply.add_argument("--validate-only", action="store_true")
+    apply.set_defaults(func=_cmd_apply)
+
+    push = client_command("push", "push the records of a JSON Lines file ('-' reads standard input)")
+    push.add_argument("source")
+    push.add_argument("file", type=Path)
+    push.add_argument("--batch-size", type=int, default=1000)
+    push.add_argument("--dry-run", action="store_true")
+    push.set_defaults(func=_cmd_push)
+
+    get = client_command("get", "read the latest features of entities")
+    get.add_argument("source")
+    get.add_argument("keys", nargs="+", metavar="KEY=VALUE")
+    get.set_defaults(func=_cmd_get)
+
+    sources = client_command("sources", "list the push sources")
+    sources.set_defaults(func=_cmd_sources)
+
+    delete = client_command("delete", "delete a push source and its online rows")
+    delete.add_argument("source")
+    delete.set_defaults(func=_cmd_delete)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; errors print as one line (plus violations), never a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except (CommandError, FeaturepushError, OSError) as e:
+        text = str(e) if not isinstance(e, OSError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+        print(f"featurepush: error: {text}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
