@@ -97,7 +97,8 @@ def create_server(config: ServerConfig) -> Server:
         ]
         grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options)
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), grpc_server)
-        ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingestor), grpc_server)
+        ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
+            IngestServicer(ingestor, read_ahead=config.stream_read_ahead), grpc_server)
         online_service_pb2_grpc.add_OnlineServiceServicer_to_server(OnlineServicer(reader), grpc_server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+
 import grpc
 from featurepush.v1 import ingest_service_pb2 as pb
 from featurepush.v1 import ingest_service_pb2_grpc as pb_grpc
 
+from ..core.errors import CoreError
 from ..core.ingest import Ingestor, PushOutcome, SourcePayload
-from ..status import unary
+from ..status import internal_status, status_of, unary
+
+_LOGGER = logging.getLogger(__name__)
+
+# How often a blocked read-ahead thread looks again at whether the stream is still alive, in seconds.
+_POLL_S = 0.25
 
 
 def payloads(request: pb.PushRequest) -> dict[str, SourcePayload]:
@@ -19,18 +30,102 @@ def push_response(outcome: PushOutcome) -> pb.PushResponse:
     """The PushResponse of a push outcome."""
     response = pb.PushResponse(dry_run=outcome.dry_run, replayed=outcome.replayed)
     for name, c in outcome.counts.items():
-        response.counts[name].CopyFrom(pb.SourceCounts(accepted=c.accepted, written=c.written,
-                                                       superseded=c.superseded))
+        response.counts[name].CopyFrom(
+            pb.SourceCounts(accepted=c.accepted, written=c.written, superseded=c.superseded)
+        )
     return response
 
 
-class IngestServicer(pb_grpc.IngestServiceServicer):
-    """Takes pushes, validates them and writes them to the online store."""
+class _End:
+    """Marks the end of the client's half of a stream; `error` is set when reading it failed."""
 
-    def __init__(self, ingestor: Ingestor):
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+def _read_ahead(
+    requests: Iterator[pb.PushStreamRequest],
+    inbox: queue.Queue[pb.PushStreamRequest | _End],
+    context: grpc.ServicerContext,
+) -> None:
+    """Move requests into the bounded inbox; a full inbox stops reading, which back-pressures the client."""
+    end = _End()
+    try:
+        for request in requests:
+            while True:
+                try:
+                    inbox.put(request, timeout=_POLL_S)
+                    break
+                except queue.Full:
+                    if not context.is_active():
+                        return
+    except grpc.RpcError:
+        pass  # the call was cancelled or broken; the writer sees the inactive context
+    except Exception as e:  # noqa: BLE001 - handed to the writer thread, which logs it
+        end = _End(e)
+    while context.is_active():
+        try:
+            inbox.put(end, timeout=_POLL_S)
+            return
+        except queue.Full:
+            continue
+
+
+class IngestServicer(pb_grpc.IngestServiceServicer):
+    """Takes pushes, validates them and writes them to the online store.
+
+    A PushStream reads at most `read_ahead` batches beyond the one being written, so one stream holds
+    bounded memory however fast its client sends.
+    """
+
+    def __init__(self, ingestor: Ingestor, *, read_ahead: int = 4):
         self._ingestor = ingestor
+        self._read_ahead = read_ahead
 
     @unary
     def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
-        outcome = self._ingestor.push(payloads(request), dry_run=request.dry_run, request_id=request.request_id)
+        outcome = self._ingestor.push(
+            payloads(request), dry_run=request.dry_run, request_id=request.request_id
+        )
         return push_response(outcome)
+
+    def PushStream(
+        self, request_iterator: Iterator[pb.PushStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.PushStreamResponse]:
+        inbox: queue.Queue[pb.PushStreamRequest | _End] = queue.Queue(maxsize=self._read_ahead)
+        reader = threading.Thread(
+            target=_read_ahead,
+            args=(request_iterator, inbox, context),
+            name="push-stream-read-ahead",
+            daemon=True,
+        )
+        reader.start()
+        while True:
+            try:
+                item = inbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            if isinstance(item, _End):
+                if item.error is not None:
+                    _LOGGER.error("reading a push stream failed", exc_info=item.error)
+                return
+            yield self._acknowledge(item)
+
+    def _acknowledge(self, item: pb.PushStreamRequest) -> pb.PushStreamResponse:
+        """Push one batch and say how it went; a failed batch gets its status, and the stream goes on."""
+        request = item.request
+        try:
+            outcome = self._ingestor.push(
+                payloads(request), dry_run=request.dry_run, request_id=request.request_id
+            )
+        except CoreError as e:
+            status = status_of(e)
+        except Exception:
+            _LOGGER.exception("push stream batch %d failed", item.sequence_id)
+            status = internal_status()
+        else:
+            return pb.PushStreamResponse(sequence_id=item.sequence_id, response=push_response(outcome))
+        error = pb.BatchError(code=status.code, message=status.message, details=status.details)
+        return pb.PushStreamResponse(sequence_id=item.sequence_id, error=error)
