@@ -8,15 +8,17 @@ from pathlib import Path
 import grpc
 import pytest
 from featurepush.v1 import (
+    ingest_service_pb2,
     ingest_service_pb2_grpc,
+    online_service_pb2,
     online_service_pb2_grpc,
+    registry_service_pb2,
     registry_service_pb2_grpc,
     source_pb2,
 )
-from google.protobuf import json_format
-
 from featurepush_server.app import Server, create_server
 from featurepush_server.config import ServerConfig
+from google.protobuf import json_format
 
 AD_IMPRESSIONS = {
     "name": "ad_impressions",
@@ -41,6 +43,10 @@ def source_from_json(doc: dict[str, object]) -> source_pb2.PushSource:
 
 class Running:
     """A started server with raw stubs on one channel."""
+
+    def apply(self, doc: dict[str, object]) -> registry_service_pb2.ApplySourceResponse:
+        """Apply a source given in proto3 JSON form."""
+        return self.registry.ApplySource(registry_service_pb2.ApplySourceRequest(source=source_from_json(doc)))
 
     def __init__(self, server: Server):
         self.server = server
@@ -68,11 +74,52 @@ def running(tmp_path: Path) -> Iterator[Running]:
     """A server with the seed's ad_impressions source applied."""
     r = start(tmp_path / "data")
     try:
-        from featurepush.v1 import registry_service_pb2
-
-        r.registry.ApplySource(registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS)))
+        r.registry.ApplySource(
+            registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS))
+        )
         yield r
     finally:
         r.close()
 
 
+def scalar(name: str) -> dict[str, object]:
+    """The JSON form of a scalar DataType, such as scalar("INT64")."""
+    return {"scalar": f"SCALAR_TYPE_{name}"}
+
+
+def rows_request(records: dict[str, list[dict[str, object]]], **fields: object) -> ingest_service_pb2.PushRequest:
+    """A PushRequest with rows per source, built from JSON."""
+    doc = {"records": {name: {"rows": rows} for name, rows in records.items()}, **fields}
+    return json_format.ParseDict(doc, ingest_service_pb2.PushRequest())
+
+
+def keys_request(source: str, *keys: dict[str, object]) -> online_service_pb2.GetFeaturesRequest:
+    """A GetFeaturesRequest for the given entity keys."""
+    return json_format.ParseDict({"source": source, "keys": list(keys)}, online_service_pb2.GetFeaturesRequest())
+
+
+def features(running: Running, source: str, *keys: dict[str, object]) -> list[dict[str, object]]:
+    """GetFeatures results as proto3 JSON dicts."""
+    response = running.online.GetFeatures(keys_request(source, *keys))
+    return [json_format.MessageToDict(r) for r in response.results]
+
+
+def rich_error(err: grpc.RpcError) -> tuple[grpc.StatusCode, list[tuple[str, str]], str]:
+    """The code, (field, description) violations and ErrorInfo reason of a failed call."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    violations: list[tuple[str, str]] = []
+    reason = ""
+    assert status is not None, f"no rich status on {err}"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations += [(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+    return err.code(), violations, reason

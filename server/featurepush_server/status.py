@@ -16,6 +16,10 @@ from .core.errors import Cancelled, CoreError, FailedPrecondition, InvalidInput,
 
 _LOGGER = logging.getLogger(__name__)
 DOMAIN = "featurepush.dev"
+# Status details travel in trailing metadata, which clients cap at 8 KiB by default (base64 grows it by a
+# third), so the violations listed are bounded by size; the message says how many were left out.
+MAX_DETAILS_BYTES = 4000
+MAX_DESCRIPTION = 300
 
 _CODES: dict[type[CoreError], int] = {
     InvalidInput: code_pb2.INVALID_ARGUMENT,
@@ -36,13 +40,20 @@ def status_of(err: CoreError) -> status_pb2.Status:
     """The google.rpc.Status of a core error: its code, message, ErrorInfo and, if any, BadRequest."""
     code = next((c for cls, c in _CODES.items() if isinstance(err, cls)), code_pb2.INTERNAL)
     details = []
+    message = err.message
     if isinstance(err, InvalidInput) and err.violations:
         bad = error_details_pb2.BadRequest()
+        size = 0
         for v in err.violations:
-            bad.field_violations.add(field=v.path, description=v.description)
+            text = v.description if len(v.description) <= MAX_DESCRIPTION else v.description[:MAX_DESCRIPTION] + "..."
+            size += len(v.path.encode()) + len(text.encode()) + 8
+            if size > MAX_DETAILS_BYTES and bad.field_violations:
+                message += f" ({len(err.violations) - len(bad.field_violations)} more violations not listed)"
+                break
+            bad.field_violations.add(field=v.path, description=text)
         details.append(_pack(bad))
     details.append(_pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)))
-    return status_pb2.Status(code=code, message=err.message, details=details)
+    return status_pb2.Status(code=code, message=message, details=details)
 
 
 def internal_status() -> status_pb2.Status:

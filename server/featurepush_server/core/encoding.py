@@ -194,9 +194,9 @@ def value_messages(arr: pa.Array, dtype: DType) -> pa.Array:
     """The serialized google.protobuf.Value of every element, null where the element is null."""
     kind = dtype.kind
     if kind is Kind.STRING:
-        body = _strings(arr)
+        body = _strings(pc.fill_null(arr, ""))
     elif kind is Kind.INT64:
-        body = _strings(pc.cast(arr, pa.string()))
+        body = _strings(pc.cast(pc.fill_null(arr, 0), pa.string()))
     elif kind is Kind.INT32:
         body = _numbers(pc.fill_null(pc.cast(arr, pa.float64()), 0.0).to_numpy(zero_copy_only=False))
     elif kind in (Kind.FLOAT32, Kind.FLOAT64):

@@ -62,16 +62,19 @@ def _int(lo: int, hi: int, name: str) -> Callable[[struct_pb2.Value], int]:
             x = v.number_value
             if not x.is_integer():
                 raise BadValue(f"expected an {name}, got {_describe(v)}, which is not a whole number")
+            if not lo <= x <= hi:
+                raise BadValue(f"{x:g} is out of range for {name} ({lo} to {hi})")
             n = int(x)
         elif kind == "string_value":
             s = v.string_value
             if not _INT_RE.match(s):
                 raise BadValue(f"expected an {name} as a number or a decimal string, got {_describe(v)}")
-            n = int(s)
+            # Anything longer than 20 characters is out of range; checking first keeps int() cheap.
+            n = int(s) if len(s) <= 20 else hi + 1
+            if not lo <= n <= hi:
+                raise BadValue(f"{s[:30]}{'...' if len(s) > 30 else ''} is out of range for {name} ({lo} to {hi})")
         else:
             raise BadValue(f"expected an {name}, got {_describe(v)}")
-        if not lo <= n <= hi:
-            raise BadValue(f"{n} is out of range for {name} ({lo} to {hi})")
         return n
 
     return convert
