@@ -1,0 +1,125 @@
+"""The registry on a real server: idempotent apply, compatibility checks, pagination and deletion."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import grpc
+import pytest
+from featurepush.v1 import registry_service_pb2 as pb
+
+from conftest import AD_IMPRESSIONS, Running, features, rich_error, rows_request, scalar
+
+
+def variant(**changes: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(AD_IMPRESSIONS)
+    doc.update(changes)
+    return doc
+
+
+def with_fields(*extra: dict[str, Any], drop: str = "") -> dict[str, Any]:
+    fields = [f for f in copy.deepcopy(AD_IMPRESSIONS["schema"]["fields"]) if f["name"] != drop]  # type: ignore[index]
+    return variant(schema={"fields": fields + list(extra)})
+
+
+def push_one(running: Running) -> None:
+    running.ingest.Push(rows_request({"ad_impressions": [
+        {"user_id": "u1", "timestamp": "2026-11-25T10:00:00Z", "clicked": 1}]}))
+
+
+def test_applying_the_same_definition_twice_is_a_no_op(running: Running) -> None:
+    first = running.registry.GetSource(pb.GetSourceRequest(name="ad_impressions")).source
+    again = running.apply(AD_IMPRESSIONS)
+    assert not again.changed and not again.created
+    assert again.source == first
+    changed = running.apply(variant(description="new words"))
+    assert changed.changed and not changed.created
+    assert changed.source.create_time == first.create_time
+    assert changed.source.update_time.ToNanoseconds() >= first.update_time.ToNanoseconds()
+
+
+@pytest.mark.parametrize(
+    ("doc", "words"),
+    [
+        (with_fields({"name": "clicked", "type": scalar("STRING")}, drop="clicked"),
+         "field 'clicked' changes type from Int64 to String"),
+        (with_fields(drop="clicked"), "field 'clicked' is removed"),
+        (with_fields({"name": "country", "type": scalar("STRING")}), "new field 'country' is not nullable"),
+        (variant(entityKeys=["user_id", "clicked"]), "entity keys change"),
+    ],
+)
+def test_incompatible_changes_are_refused_once_rows_exist(running: Running, doc: dict[str, Any],
+                                                           words: str) -> None:
+    push_one(running)
+    with pytest.raises(grpc.RpcError) as info:
+        running.apply(doc)
+    code, _, reason = rich_error(info.value)
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "INCOMPATIBLE_SCHEMA_CHANGE")
+    assert words in info.value.details()
+    assert "new source name" in info.value.details()
+    [result] = features(running, "ad_impressions", {"user_id": "u1"})
+    assert result["features"]["clicked"] == "1"
+
+
+def test_compatible_changes_apply_and_old_rows_stay_readable(running: Running) -> None:
+    push_one(running)
+    running.apply(with_fields({"name": "country", "type": scalar("STRING"), "nullable": True}))
+    [result] = features(running, "ad_impressions", {"user_id": "u1"})
+    assert result["features"]["clicked"] == "1"
+
+
+def test_any_change_applies_while_the_source_holds_no_rows(running: Running) -> None:
+    response = running.apply(with_fields({"name": "clicked", "type": scalar("FLOAT64")}, drop="clicked"))
+    assert response.changed
+
+
+@pytest.mark.parametrize(
+    ("doc", "path"),
+    [
+        (variant(name="bad name"), "source.name"),
+        (variant(entityKeys=["nope"]), "source.entity_keys[0]"),
+        (variant(entityKeys=["timestamp"]), "source.entity_keys[0]"),
+        (variant(timestampField="user_id"), "source.timestamp_field"),
+        (variant(timestampField=""), "source.timestamp_field"),
+        (variant(schema={"fields": []}), "source.schema.fields"),
+        (variant(schema={"fields": [{"name": "user_id", "type": {}}]}), "source.schema.fields[0].type"),
+        (variant(schema={"fields": [{"name": "user_id", "type": {"scalar": "SCALAR_TYPE_UNSPECIFIED"}}]}),
+         "source.schema.fields[0].type.scalar"),
+        (variant(batchConfig={"uri": ""}), "source.batch_config.uri"),
+    ],
+)
+def test_invalid_definitions_name_the_offending_field(running: Running, doc: dict[str, Any], path: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        running.apply(doc)
+    code, violations, reason = rich_error(info.value)
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SOURCE")
+    assert path in [v[0] for v in violations]
+
+
+def test_list_sources_pages_in_name_order(running: Running) -> None:
+    for i in range(7):
+        running.apply(variant(name=f"src_{i}"))
+    names: list[str] = []
+    token = ""
+    while True:
+        page = running.registry.ListSources(pb.ListSourcesRequest(page_size=3, page_token=token))
+        assert len(page.sources) <= 3
+        names += [s.name for s in page.sources]
+        token = page.next_page_token
+        if not token:
+            break
+    assert names == sorted(["ad_impressions", *(f"src_{i}" for i in range(7))])
+    with pytest.raises(grpc.RpcError) as info:
+        running.registry.ListSources(pb.ListSourcesRequest(page_size=5000))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_delete_source_removes_its_rows(running: Running) -> None:
+    push_one(running)
+    assert running.registry.DeleteSource(pb.DeleteSourceRequest(name="ad_impressions")).rows_deleted == 1
+    with pytest.raises(grpc.RpcError) as info:
+        running.registry.GetSource(pb.GetSourceRequest(name="ad_impressions"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    running.apply(AD_IMPRESSIONS)
+    assert features(running, "ad_impressions", {"user_id": "u1"})[0]["status"] == "FEATURE_STATUS_MISSING"
