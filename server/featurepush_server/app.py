@@ -10,8 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from featurepush.v1 import (
     backfill_service_pb2,
+    backfill_service_pb2_grpc,
     ingest_service_pb2,
     ingest_service_pb2_grpc,
     online_service_pb2,
@@ -19,14 +23,16 @@ from featurepush.v1 import (
     registry_service_pb2,
     registry_service_pb2_grpc,
 )
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from .config import ServerConfig
+from .core.backfill import Backfiller
+from .core.batch import BatchSources
 from .core.ingest import Ingestor
+from .core.offline_log import OfflineLog
 from .core.online import OnlineReader
 from .core.registry import Registry
 from .core.store import OnlineStore
+from .servicers.backfill import BackfillServicer
 from .servicers.ingest import IngestServicer
 from .servicers.online import OnlineServicer
 from .servicers.registry import RegistryServicer
@@ -54,6 +60,8 @@ class Server:
     config: ServerConfig
     health: health.HealthServicer
     _closers: list[Any] = field(default_factory=list)
+    offline_log: OfflineLog | None = None
+    batch_sources: BatchSources | None = None
 
     def start(self) -> None:
         """Start serving."""
@@ -77,10 +85,17 @@ class Server:
 
 def create_server(config: ServerConfig) -> Server:
     """Open the store, apply the configured definitions and register every service; not started."""
-    store = OnlineStore(config.data_dir / "online", fsync=config.fsync == "always",
-                        idempotency_window_s=config.idempotency_window_s)
+    store = OnlineStore(
+        config.data_dir / "online",
+        fsync=config.fsync == "always",
+        idempotency_window_s=config.idempotency_window_s,
+    )
     try:
-        registry = Registry(store)
+        offline_log = OfflineLog(
+            store, config.data_dir / "offline", interval_s=config.offline_flush_interval_s
+        )
+        batch_sources = BatchSources(offline_log.root)
+        registry = Registry(store, check_batch_source=batch_sources.check)
         ingestor = Ingestor(registry, store, max_records=config.max_records_per_request)
         reader = OnlineReader(registry, store, max_keys=config.max_keys_per_request)
         for path in config.definitions:
@@ -88,37 +103,63 @@ def create_server(config: ServerConfig) -> Server:
 
             for source in load_definitions(path):
                 outcome = registry.apply(source.to_proto())
-                _LOGGER.info("source %s from %s: %s", source.name, path,
-                             "created" if outcome.created else "updated" if outcome.changed else "unchanged")
+                _LOGGER.info(
+                    "source %s from %s: %s",
+                    source.name,
+                    path,
+                    "created" if outcome.created else "updated" if outcome.changed else "unchanged",
+                )
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
         grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options)
-        registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(registry), grpc_server)
+        registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
+            RegistryServicer(registry), grpc_server
+        )
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
-            IngestServicer(ingestor, read_ahead=config.stream_read_ahead), grpc_server)
+            IngestServicer(ingestor, read_ahead=config.stream_read_ahead), grpc_server
+        )
         online_service_pb2_grpc.add_OnlineServiceServicer_to_server(OnlineServicer(reader), grpc_server)
+        backfill_service_pb2_grpc.add_BackfillServiceServicer_to_server(
+            BackfillServicer(registry, batch_sources, Backfiller(registry, store, batch_sources)), grpc_server
+        )
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            grpc_server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
+        )
         port = grpc_server.add_insecure_port(config.listen)
         if port == 0:
             raise OSError(f"cannot listen on {config.listen}")
     except BaseException:
         store.close()
         raise
-    return Server(grpc_server, port, store, registry, ingestor, reader, config, health_servicer)
+    # Started last so that a failed build leaves no thread; stop() flushes what is still queued.
+    offline_log.start()
+    return Server(
+        grpc_server,
+        port,
+        store,
+        registry,
+        ingestor,
+        reader,
+        config,
+        health_servicer,
+        [offline_log.close],
+        offline_log,
+        batch_sources,
+    )
 
 
 def serve(config: ServerConfig) -> None:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully."""
     server = create_server(config)
     server.start()
-    _LOGGER.info("featurepush listening on %s (port %d), data in %s", config.listen, server.port,
-                 config.data_dir)
+    _LOGGER.info(
+        "featurepush listening on %s (port %d), data in %s", config.listen, server.port, config.data_dir
+    )
     done = threading.Event()
 
     def _stop(signum: int, frame: object) -> None:

@@ -43,16 +43,25 @@ class ServerConfig:
     idempotency_window_s: float = 600.0
     # How many batches of one PushStream are read ahead of the one being written.
     stream_read_ahead: int = 4
+    # Seconds between flushes of acknowledged log_offline records from RocksDB to the Parquet offline log.
+    offline_flush_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
             raise ConfigError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {self.fsync!r}")
-        for name in ("max_message_bytes", "max_records_per_request", "max_keys_per_request", "workers",
-                     "stream_read_ahead"):
+        for name in (
+            "max_message_bytes",
+            "max_records_per_request",
+            "max_keys_per_request",
+            "workers",
+            "stream_read_ahead",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.idempotency_window_s <= 0:
             raise ConfigError("idempotency_window_s must be positive")
+        if self.offline_flush_interval_s <= 0:
+            raise ConfigError("offline_flush_interval_s must be positive")
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"listen must be host:port, such as localhost:50051, not {self.listen!r}")
@@ -102,7 +111,7 @@ def load_config(
             values["data_dir"] = path.parent / values["data_dir"]
     for key, value in (env if env is not None else os.environ).items():
         if key.startswith(ENV_PREFIX):
-            name = key[len(ENV_PREFIX):].lower()
+            name = key[len(ENV_PREFIX) :].lower()
             if name in _FIELDS:
                 values[name] = _coerce(name, value)
     for key, value in (overrides or {}).items():

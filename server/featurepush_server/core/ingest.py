@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -11,6 +11,7 @@ from google.protobuf import struct_pb2
 from .columns import conform
 from .encoding import encode_rows
 from .errors import InvalidInput, LimitExceeded, NotFound, Violation
+from .offline_log import TIMESTAMP_FIELD_KEY
 from .registry import Registry, Source
 from .rows import rows_to_table
 from .store import BatchCounts, OnlineStore, RowBatch, row_prefix
@@ -51,8 +52,12 @@ def read_arrow(data: bytes, path: str) -> pa.Table:
                            reason="INVALID_ARROW") from None
 
 
-# Called after a durable write with the source and its conformed table; log_offline hooks in here.
-WriteListener = Callable[[Source, pa.Table], None]
+def arrow_ipc(table: pa.Table) -> bytes:
+    """A table as one Arrow IPC stream."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue())
 
 
 class Ingestor:
@@ -64,11 +69,6 @@ class Ingestor:
         self._store = store
         self.max_records = max_records
         self._max_violations = max_violations
-        self._listeners: list[WriteListener] = []
-
-    def add_listener(self, listener: WriteListener) -> None:
-        """Call `listener` for each source's table after every durable, non-replayed push."""
-        self._listeners.append(listener)
 
     def push(self, records: Mapping[str, SourcePayload], *, dry_run: bool = False,
              request_id: str = "") -> PushOutcome:
@@ -128,12 +128,13 @@ class Ingestor:
             spec = sources[name].spec
             keys, values = encode_rows(table, spec.fields, spec.entity_keys, spec.timestamp_field,
                                        row_prefix(sources[name].id))
-            batches.append(RowBatch(name, keys, values))
+            # Logged records ride in the same atomic write as the rows: acknowledged means queued for the log.
+            offline = b""
+            if spec.log_offline and not dry_run:
+                tagged = table.replace_schema_metadata({TIMESTAMP_FIELD_KEY: spec.timestamp_field})
+                offline = arrow_ipc(tagged)
+            batches.append(RowBatch(name, keys, values, offline))
         result = self._store.write_latest(batches, request_id=request_id, dry_run=dry_run)
-        if not dry_run and not result.replayed:
-            for name, table in tables.items():
-                for listener in self._listeners:
-                    listener(sources[name], table)
         return PushOutcome(result.counts, dry_run, result.replayed)
 
     def _source_or_none(self, name: str) -> Source | None:

@@ -4,6 +4,8 @@ Key space, by first byte:
   s<name>                         a source: 4-byte source id, then the serialized PushSource
   r<source id><entity key>        a row: 8-byte event-time header, then the record's payload
   q<request id>                   an idempotency record: 8-byte time in ms, then the JSON counts
+  o<sequence>                     an offline-log queue entry: 8-byte big-endian sequence number; the
+                                  value is a 2-byte name length, the source name, then an Arrow IPC stream
   m<name>                         store metadata such as the next source id
 """
 
@@ -25,7 +27,9 @@ SOURCE = b"s"
 ROW = b"r"
 REQUEST = b"q"
 META = b"m"
+OFFLINE = b"o"
 _NEXT_ID = META + b"next_source_id"
+_NEXT_OFFLINE_SEQ = META + b"next_offline_seq"
 
 
 def row_prefix(source_id: int) -> bytes:
@@ -38,13 +42,32 @@ def _prefix_end(prefix: bytes) -> bytes:
     return prefix[:-1] + bytes([prefix[-1] + 1]) if prefix[-1] < 0xFF else _prefix_end(prefix[:-1]) + b"\x00"
 
 
+def offline_key(seq: int) -> bytes:
+    """The key of the offline-log queue entry with sequence number `seq`."""
+    return OFFLINE + seq.to_bytes(8, "big")
+
+
 @dataclass(frozen=True)
 class RowBatch:
-    """One source's encoded rows for a write: keys and values (event-time header, then payload)."""
+    """One source's encoded rows for a write: keys and values (event-time header, then payload).
+
+    `offline` is the batch's records as an Arrow IPC stream when they also go to the offline log; it is
+    queued in the same atomic write as the rows, so an acknowledged record is never missing from the log.
+    """
 
     source: str
     keys: Sequence[bytes]
     values: Sequence[bytes]
+    offline: bytes = b""
+
+
+@dataclass(frozen=True)
+class QueuedRecords:
+    """One offline-log queue entry: its sequence number, source name and records as an Arrow IPC stream."""
+
+    seq: int
+    source: str
+    arrow_ipc: bytes
 
 
 @dataclass(frozen=True)
@@ -83,6 +106,8 @@ class OnlineStore:
         self._window_ms = int(idempotency_window_s * 1000)
         self._lock = threading.Lock()
         self._writes_since_purge = 0
+        raw_seq = self._db.get(_NEXT_OFFLINE_SEQ)
+        self._next_offline_seq = int.from_bytes(raw_seq, "big") if raw_seq else 1
         self.path = Path(path)
 
     def close(self) -> None:
@@ -167,6 +192,8 @@ class OnlineStore:
             if seen is None:
                 wb = rocksdict.WriteBatch(raw_mode=True)
                 counts = {batch.source: self._stage_latest(batch, wb) for batch in batches}
+                if not dry_run:
+                    self._stage_offline(batches, wb)
                 if request_id and not dry_run:
                     record = {s: [c.accepted, c.written, c.superseded] for s, c in counts.items()}
                     now_ms = int(time.time() * 1000).to_bytes(8, "big")
@@ -205,6 +232,48 @@ class OnlineStore:
                 wb.put(key, value)
                 written += 1
         return BatchCounts(accepted, written, accepted - written)
+
+    def _stage_offline(self, batches: Sequence[RowBatch], wb: rocksdict.WriteBatch) -> None:
+        """Queue the batches' offline records; called under the lock, so sequence numbers only grow."""
+        staged = False
+        for batch in batches:
+            if batch.offline:
+                name = batch.source.encode()
+                entry = len(name).to_bytes(2, "big") + name + batch.offline
+                wb.put(offline_key(self._next_offline_seq), entry)
+                self._next_offline_seq += 1
+                staged = True
+        if staged:
+            # Persisted with the entries so that a sequence number, which names log files, is never reused.
+            wb.put(_NEXT_OFFLINE_SEQ, self._next_offline_seq.to_bytes(8, "big"))
+
+    # --- offline-log queue ---------------------------------------------------------------------
+
+    def queued_offline(self, max_bytes: int, last_seq: int | None = None) -> list[QueuedRecords]:
+        """Queue entries from the oldest, up to about `max_bytes` (at least one) or through `last_seq`."""
+        out: list[QueuedRecords] = []
+        total = 0
+        for key, raw in self._db.items(from_key=OFFLINE):
+            # Raw mode yields bytes; the checks narrow rocksdict's wider annotation.
+            if not isinstance(key, bytes) or not isinstance(raw, bytes) or not key.startswith(OFFLINE):
+                break
+            seq = int.from_bytes(key[1:], "big")
+            if last_seq is not None and seq > last_seq:
+                break
+            if last_seq is None and out and total + len(raw) > max_bytes:
+                break
+            n = int.from_bytes(raw[:2], "big")
+            out.append(QueuedRecords(seq, raw[2 : 2 + n].decode(), raw[2 + n :]))
+            total += len(raw)
+        return out
+
+    def delete_offline(self, first_seq: int, last_seq: int) -> None:
+        """Drop the queue entries from `first_seq` through `last_seq`, durably."""
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        wb.delete_range(offline_key(first_seq), offline_key(last_seq + 1))
+        with self._lock:
+            self._db.write(wb)
+        self._sync()
 
     def _seen_request(self, request_id: str) -> dict[str, BatchCounts] | None:
         raw = self._db.get(REQUEST + request_id.encode())

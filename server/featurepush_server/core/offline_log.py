@@ -1,0 +1,152 @@
+"""The offline log: acknowledged records moved from the store's queue into Parquet files, exactly once.
+
+Layout: `<root>/<source>/date=<YYYY-MM-DD>/<first seq>-<last seq>.parquet`, partitioned by the records'
+event-time date (UTC). A flush round takes the oldest queue entries, writes one file per source and date,
+each to a hidden temporary name, fsynced and then renamed, and only then deletes the entries. Every file
+of a round is named by the round's sequence range, so after a crash between the renames and the delete
+the next round finds the range from the file names, redoes it writing only the files that are missing,
+and deletes the entries: nothing is lost and nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .store import OnlineStore, QueuedRecords
+
+_LOGGER = logging.getLogger(__name__)
+
+ROUND_BYTES = 64 * 1024 * 1024
+# Schema metadata naming the event-time column of a queued table, which decides its date partition.
+TIMESTAMP_FIELD_KEY = b"featurepush.timestamp_field"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_name(first: int, last: int) -> str:
+    return f"{first:020d}-{last:020d}.parquet"
+
+
+class OfflineLog:
+    """Moves queued records into Parquet under `root`; a background thread flushes every `interval_s`.
+
+    `flush()` may also be called directly; rounds are serialized by a lock, so it is thread-safe.
+    """
+
+    def __init__(
+        self, store: OnlineStore, root: Path, *, interval_s: float = 1.0, round_bytes: int = ROUND_BYTES
+    ):
+        self.root = root
+        self._store = store
+        self._interval_s = interval_s
+        self._round_bytes = round_bytes
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        root.mkdir(parents=True, exist_ok=True)
+
+    def source_dir(self, source: str) -> Path:
+        """The folder holding one source's log files."""
+        return self.root / source
+
+    def start(self) -> None:
+        """Start the background flusher."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="featurepush-offline-log", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the background flusher and flush what is queued."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.flush()
+            except Exception:
+                # The records stay queued in RocksDB, so the next round retries them.
+                _LOGGER.exception("offline log flush failed; will retry")
+
+    def flush(self) -> int:
+        """Flush every queued record to Parquet; return how many records were written."""
+        written = 0
+        with self._lock:
+            while True:
+                n = self._flush_round()
+                if n is None:
+                    return written
+                written += n
+
+    def _flush_round(self) -> int | None:
+        head = self._store.queued_offline(1)
+        if not head:
+            return None
+        first = head[0].seq
+        # A crashed round left files named by its range; finishing that range keeps the files unique.
+        crashed = sorted(self.root.glob(f"*/date=*/{first:020d}-*.parquet"))
+        last_seq = int(crashed[0].stem.split("-")[1]) if crashed else None
+        entries = self._store.queued_offline(self._round_bytes, last_seq)
+        last = entries[-1].seq if last_seq is None else last_seq
+        rows = 0
+        for (source, date), table in self._group(entries).items():
+            folder = self.source_dir(source) / f"date={date}"
+            target = folder / _file_name(first, last)
+            rows += table.num_rows
+            if target.exists():
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            temp = folder / f".{target.name}.tmp"
+            with open(temp, "wb") as fh:
+                pq.write_table(table, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(temp, target)
+            _fsync_dir(folder)
+            _fsync_dir(folder.parent)
+        self._store.delete_offline(first, last)
+        _LOGGER.debug("offline log: flushed queue entries %d..%d (%d records)", first, last, rows)
+        return rows
+
+    @staticmethod
+    def _group(entries: list[QueuedRecords]) -> dict[tuple[str, str], pa.Table]:
+        """The entries' records grouped by source and event-time date, in sequence order."""
+        parts: dict[str, list[pa.Table]] = defaultdict(list)
+        for entry in entries:
+            with pa.ipc.open_stream(pa.py_buffer(entry.arrow_ipc)) as reader:
+                parts[entry.source].append(reader.read_all())
+        out: dict[tuple[str, str], pa.Table] = {}
+        for source, tables in parts.items():
+            table = pa.concat_tables(tables)
+            ts_field = _timestamp_column(table)
+            dates = pc.strftime(table.column(ts_field), format="%Y-%m-%d").to_numpy(zero_copy_only=False)
+            for date in np.unique(dates):
+                out[(source, str(date))] = table.filter(pa.array(dates == date))
+        return out
+
+
+def _timestamp_column(table: pa.Table) -> str:
+    """The name of the record's event-time column, kept in the schema metadata of logged tables."""
+    meta = table.schema.metadata or {}
+    name = meta.get(TIMESTAMP_FIELD_KEY)
+    if name is None:
+        raise ValueError("a logged table lacks its timestamp field metadata")
+    return bytes(name).decode()
