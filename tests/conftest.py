@@ -7,6 +7,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import json_format
+
 from featurepush.v1 import (
     ingest_service_pb2,
     ingest_service_pb2_grpc,
@@ -18,7 +20,6 @@ from featurepush.v1 import (
 )
 from featurepush_server.app import Server, create_server
 from featurepush_server.config import ServerConfig
-from google.protobuf import json_format
 
 AD_IMPRESSIONS = {
     "name": "ad_impressions",
@@ -46,7 +47,9 @@ class Running:
 
     def apply(self, doc: dict[str, object]) -> registry_service_pb2.ApplySourceResponse:
         """Apply a source given in proto3 JSON form."""
-        return self.registry.ApplySource(registry_service_pb2.ApplySourceRequest(source=source_from_json(doc)))
+        return self.registry.ApplySource(
+            registry_service_pb2.ApplySourceRequest(source=source_from_json(doc))
+        )
 
     def __init__(self, server: Server):
         self.server = server
@@ -87,7 +90,9 @@ def scalar(name: str) -> dict[str, object]:
     return {"scalar": f"SCALAR_TYPE_{name}"}
 
 
-def rows_request(records: dict[str, list[dict[str, object]]], **fields: object) -> ingest_service_pb2.PushRequest:
+def rows_request(
+    records: dict[str, list[dict[str, object]]], **fields: object
+) -> ingest_service_pb2.PushRequest:
     """A PushRequest with rows per source, built from JSON."""
     doc = {"records": {name: {"rows": rows} for name, rows in records.items()}, **fields}
     return json_format.ParseDict(doc, ingest_service_pb2.PushRequest())
@@ -95,7 +100,9 @@ def rows_request(records: dict[str, list[dict[str, object]]], **fields: object) 
 
 def keys_request(source: str, *keys: dict[str, object]) -> online_service_pb2.GetFeaturesRequest:
     """A GetFeaturesRequest for the given entity keys."""
-    return json_format.ParseDict({"source": source, "keys": list(keys)}, online_service_pb2.GetFeaturesRequest())
+    return json_format.ParseDict(
+        {"source": source, "keys": list(keys)}, online_service_pb2.GetFeaturesRequest()
+    )
 
 
 def features(running: Running, source: str, *keys: dict[str, object]) -> list[dict[str, object]]:

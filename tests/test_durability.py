@@ -14,9 +14,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from featurepush.v1 import ingest_service_pb2_grpc, online_service_pb2_grpc
-
 from conftest import AD_IMPRESSIONS, features, keys_request, rows_request, start
+
+from featurepush.v1 import ingest_service_pb2_grpc, online_service_pb2_grpc
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ad_impressions.py"
 
@@ -24,8 +24,11 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ad_impressions.
 def test_sources_and_rows_survive_a_restart(tmp_path: Path) -> None:
     running = start(tmp_path)
     running.apply(AD_IMPRESSIONS)
-    running.ingest.Push(rows_request({"ad_impressions": [
-        {"user_id": "u1", "timestamp": "2026-11-25T10:00:00Z", "clicked": 7}]}))
+    running.ingest.Push(
+        rows_request(
+            {"ad_impressions": [{"user_id": "u1", "timestamp": "2026-11-25T10:00:00Z", "clicked": 7}]}
+        )
+    )
     running.close()
     again = start(tmp_path)
     try:
@@ -39,8 +42,20 @@ class ServerProcess:
     """`featurepush serve` in a child process, on a port it picks itself."""
 
     def __init__(self, data_dir: Path, fsync: str):
-        cmd = [sys.executable, "-m", "featurepush_server.cli", "serve", "--listen", "localhost:0",
-               "--data-dir", str(data_dir), "--definitions", str(EXAMPLE), "--fsync", fsync]
+        cmd = [
+            sys.executable,
+            "-m",
+            "featurepush_server.cli",
+            "serve",
+            "--listen",
+            "localhost:0",
+            "--data-dir",
+            str(data_dir),
+            "--definitions",
+            str(EXAMPLE),
+            "--fsync",
+            fsync,
+        ]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         assert self.proc.stderr is not None
         deadline = time.monotonic() + 60
@@ -96,14 +111,17 @@ def processes() -> Iterator[list[ServerProcess]]:
 
 
 @pytest.mark.parametrize("fsync", ["always", "never"])
-def test_kill_9_right_after_acknowledged_pushes_loses_nothing(tmp_path: Path, processes: list[ServerProcess],
-                                                              fsync: str) -> None:
+def test_kill_9_right_after_acknowledged_pushes_loses_nothing(
+    tmp_path: Path, processes: list[ServerProcess], fsync: str
+) -> None:
     server = ServerProcess(tmp_path, fsync)
     processes.append(server)
     acknowledged = []
     for batch in range(20):
-        rows = [{"user_id": f"u{batch}-{i}", "timestamp": "2026-11-25T10:00:00Z", "clicked": batch * 1000 + i}
-                for i in range(50)]
+        rows = [
+            {"user_id": f"u{batch}-{i}", "timestamp": "2026-11-25T10:00:00Z", "clicked": batch * 1000 + i}
+            for i in range(50)
+        ]
         server.ingest.Push(rows_request({"ad_impressions": rows}))
         acknowledged += rows
     server.kill9()
@@ -111,7 +129,11 @@ def test_kill_9_right_after_acknowledged_pushes_loses_nothing(tmp_path: Path, pr
     revived = ServerProcess(tmp_path, fsync)
     processes.append(revived)
     response = revived.online.GetFeatures(
-        keys_request("ad_impressions", *({"user_id": r["user_id"]} for r in acknowledged)))
-    got = [int(v.features.fields["clicked"].string_value) if v.features.fields else None for v in response.results]
+        keys_request("ad_impressions", *({"user_id": r["user_id"]} for r in acknowledged))
+    )
+    got = [
+        int(v.features.fields["clicked"].string_value) if v.features.fields else None
+        for v in response.results
+    ]
     assert got == [r["clicked"] for r in acknowledged]
     revived.stop()

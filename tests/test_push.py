@@ -8,21 +8,23 @@ from pathlib import Path
 
 import grpc
 import pytest
-from featurepush.v1 import ingest_service_pb2
-
 from conftest import AD_IMPRESSIONS, Running, features, rich_error, rows_request, scalar, start
+
+from featurepush.v1 import ingest_service_pb2
 
 T0 = "2026-11-25T10:00:00Z"
 T1 = "2026-11-25T11:00:00Z"
 
 CLICKS = {
     "name": "clicks",
-    "schema": {"fields": [
-        {"name": "user_id", "type": scalar("INT64")},
-        {"name": "page", "type": scalar("STRING")},
-        {"name": "ts", "type": scalar("TIMESTAMP")},
-        {"name": "n", "type": scalar("INT32")},
-    ]},
+    "schema": {
+        "fields": [
+            {"name": "user_id", "type": scalar("INT64")},
+            {"name": "page", "type": scalar("STRING")},
+            {"name": "ts", "type": scalar("TIMESTAMP")},
+            {"name": "n", "type": scalar("INT32")},
+        ]
+    },
     "entityKeys": ["user_id", "page"],
     "timestampField": "ts",
 }
@@ -38,7 +40,9 @@ def clicked(running: Running, user: str) -> object:
 
 
 def test_push_then_get_returns_the_record_and_counts(running: Running) -> None:
-    response = running.ingest.Push(rows_request({"ad_impressions": [impression("u1"), impression("u2", clicked=0)]}))
+    response = running.ingest.Push(
+        rows_request({"ad_impressions": [impression("u1"), impression("u2", clicked=0)]})
+    )
     counts = response.counts["ad_impressions"]
     assert (counts.accepted, counts.written, counts.superseded) == (2, 2, 0)
     results = features(running, "ad_impressions", {"user_id": "u1"}, {"user_id": "nobody"}, {"user_id": "u2"})
@@ -53,10 +57,17 @@ def test_push_then_get_returns_the_record_and_counts(running: Running) -> None:
 
 def test_several_sources_in_one_request(running: Running) -> None:
     running.apply(CLICKS)
-    response = running.ingest.Push(rows_request({
-        "ad_impressions": [impression("u1")],
-        "clicks": [{"user_id": 7, "page": "home", "ts": T0, "n": 3}, {"user_id": "7", "page": "cart", "ts": T0, "n": 4}],
-    }))
+    response = running.ingest.Push(
+        rows_request(
+            {
+                "ad_impressions": [impression("u1")],
+                "clicks": [
+                    {"user_id": 7, "page": "home", "ts": T0, "n": 3},
+                    {"user_id": "7", "page": "cart", "ts": T0, "n": 4},
+                ],
+            }
+        )
+    )
     assert response.counts["ad_impressions"].written == 1
     assert response.counts["clicks"].written == 2
     got = features(running, "clicks", {"user_id": "7", "page": "cart"}, {"user_id": 7, "page": "home"})
@@ -66,10 +77,14 @@ def test_several_sources_in_one_request(running: Running) -> None:
 def test_a_bad_record_in_one_source_writes_nothing_in_any(running: Running) -> None:
     running.apply(CLICKS)
     with pytest.raises(grpc.RpcError) as info:
-        running.ingest.Push(rows_request({
-            "ad_impressions": [impression("u1")],
-            "clicks": [{"user_id": 1, "page": "p", "ts": T0, "n": 2**31}],
-        }))
+        running.ingest.Push(
+            rows_request(
+                {
+                    "ad_impressions": [impression("u1")],
+                    "clicks": [{"user_id": 1, "page": "p", "ts": T0, "n": 2**31}],
+                }
+            )
+        )
     code, violations, _ = rich_error(info.value)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert violations[0][0] == 'records["clicks"][0].n'
@@ -83,8 +98,12 @@ def test_one_bad_record_among_ten_thousand_writes_nothing(running: Running) -> N
         running.ingest.Push(rows_request({"ad_impressions": rows}))
     code, violations, reason = rich_error(info.value)
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RECORDS")
-    assert violations == [('records["ad_impressions"][7777].clicked',
-                           "expected an Int64, got the number 3.9, which is not a whole number")]
+    assert violations == [
+        (
+            'records["ad_impressions"][7777].clicked',
+            "expected an Int64, got the number 3.9, which is not a whole number",
+        )
+    ]
     results = features(running, "ad_impressions", *({"user_id": f"u{i}"} for i in range(0, 10_000, 97)))
     assert {r["status"] for r in results} == {"FEATURE_STATUS_MISSING"}
 
@@ -122,9 +141,18 @@ def test_an_older_event_never_overwrites_a_newer_one(running: Running) -> None:
 
 
 def test_within_a_batch_the_newest_event_per_entity_wins(running: Running) -> None:
-    response = running.ingest.Push(rows_request({"ad_impressions": [
-        impression("u1", T1, 1), impression("u1", T0, 2), impression("u2", T0, 3), impression("u2", T0, 4),
-    ]}))
+    response = running.ingest.Push(
+        rows_request(
+            {
+                "ad_impressions": [
+                    impression("u1", T1, 1),
+                    impression("u1", T0, 2),
+                    impression("u2", T0, 3),
+                    impression("u2", T0, 4),
+                ]
+            }
+        )
+    )
     counts = response.counts["ad_impressions"]
     assert (counts.accepted, counts.written, counts.superseded) == (4, 2, 2)
     assert (clicked(running, "u1"), clicked(running, "u2")) == ("1", "4")
@@ -153,7 +181,9 @@ def test_ttl_turns_rows_expired(tmp_path: Path) -> None:
         now = datetime.now(UTC)
         fresh = (now - timedelta(minutes=5)).isoformat().replace("+00:00", "Z")
         stale = (now - timedelta(hours=2)).isoformat().replace("+00:00", "Z")
-        running.ingest.Push(rows_request({"ad_impressions": [impression("fresh", fresh), impression("stale", stale)]}))
+        running.ingest.Push(
+            rows_request({"ad_impressions": [impression("fresh", fresh), impression("stale", stale)]})
+        )
         results = features(running, "ad_impressions", {"user_id": "fresh"}, {"user_id": "stale"})
         assert results[0]["status"] == "FEATURE_STATUS_PRESENT"
         assert results[1]["status"] == "FEATURE_STATUS_EXPIRED"
@@ -178,16 +208,29 @@ def test_request_id_makes_a_retry_a_replay(running: Running) -> None:
         ({}, grpc.StatusCode.INVALID_ARGUMENT, "EMPTY_PUSH", "no records"),
         ({"records": {"ad_impressions": {}}}, grpc.StatusCode.INVALID_ARGUMENT, "EMPTY_PUSH", "no records"),
         ({"records": {"nope": {"rows": [{"a": 1}]}}}, grpc.StatusCode.NOT_FOUND, "SOURCE_NOT_FOUND", "nope"),
-        ({"records": {"ad_impressions": {"rows": [{}], "arrowIpc": "AAAA"}}}, grpc.StatusCode.INVALID_ARGUMENT,
-         "INVALID_RECORDS", "nothing was written"),
-        ({"records": {"ad_impressions": {"arrowIpc": "AAAA"}}}, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARROW",
-         "Arrow IPC"),
-        ({"records": {"ad_impressions": {"rows": [{}]}}, "requestId": "x" * 129}, grpc.StatusCode.INVALID_ARGUMENT,
-         "INVALID_ARGUMENT", "request_id"),
+        (
+            {"records": {"ad_impressions": {"rows": [{}], "arrowIpc": "AAAA"}}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_RECORDS",
+            "nothing was written",
+        ),
+        (
+            {"records": {"ad_impressions": {"arrowIpc": "AAAA"}}},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARROW",
+            "Arrow IPC",
+        ),
+        (
+            {"records": {"ad_impressions": {"rows": [{}]}}, "requestId": "x" * 129},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+            "request_id",
+        ),
     ],
 )
-def test_error_statuses(running: Running, request_json: dict[str, object], code: grpc.StatusCode, reason: str,
-                        words: str) -> None:
+def test_error_statuses(
+    running: Running, request_json: dict[str, object], code: grpc.StatusCode, reason: str, words: str
+) -> None:
     from google.protobuf import json_format
 
     with pytest.raises(grpc.RpcError) as info:

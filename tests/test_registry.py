@@ -7,9 +7,9 @@ from typing import Any
 
 import grpc
 import pytest
-from featurepush.v1 import registry_service_pb2 as pb
-
 from conftest import AD_IMPRESSIONS, Running, features, rich_error, rows_request, scalar
+
+from featurepush.v1 import registry_service_pb2 as pb
 
 
 def variant(**changes: Any) -> dict[str, Any]:
@@ -24,8 +24,11 @@ def with_fields(*extra: dict[str, Any], drop: str = "") -> dict[str, Any]:
 
 
 def push_one(running: Running) -> None:
-    running.ingest.Push(rows_request({"ad_impressions": [
-        {"user_id": "u1", "timestamp": "2026-11-25T10:00:00Z", "clicked": 1}]}))
+    running.ingest.Push(
+        rows_request(
+            {"ad_impressions": [{"user_id": "u1", "timestamp": "2026-11-25T10:00:00Z", "clicked": 1}]}
+        )
+    )
 
 
 def test_applying_the_same_definition_twice_is_a_no_op(running: Running) -> None:
@@ -42,15 +45,18 @@ def test_applying_the_same_definition_twice_is_a_no_op(running: Running) -> None
 @pytest.mark.parametrize(
     ("doc", "words"),
     [
-        (with_fields({"name": "clicked", "type": scalar("STRING")}, drop="clicked"),
-         "field 'clicked' changes type from Int64 to String"),
+        (
+            with_fields({"name": "clicked", "type": scalar("STRING")}, drop="clicked"),
+            "field 'clicked' changes type from Int64 to String",
+        ),
         (with_fields(drop="clicked"), "field 'clicked' is removed"),
         (with_fields({"name": "country", "type": scalar("STRING")}), "new field 'country' is not nullable"),
         (variant(entityKeys=["user_id", "clicked"]), "entity keys change"),
     ],
 )
-def test_incompatible_changes_are_refused_once_rows_exist(running: Running, doc: dict[str, Any],
-                                                           words: str) -> None:
+def test_incompatible_changes_are_refused_once_rows_exist(
+    running: Running, doc: dict[str, Any], words: str
+) -> None:
     push_one(running)
     with pytest.raises(grpc.RpcError) as info:
         running.apply(doc)
@@ -84,12 +90,16 @@ def test_any_change_applies_while_the_source_holds_no_rows(running: Running) -> 
         (variant(timestampField=""), "source.timestamp_field"),
         (variant(schema={"fields": []}), "source.schema.fields"),
         (variant(schema={"fields": [{"name": "user_id", "type": {}}]}), "source.schema.fields[0].type"),
-        (variant(schema={"fields": [{"name": "user_id", "type": {"scalar": "SCALAR_TYPE_UNSPECIFIED"}}]}),
-         "source.schema.fields[0].type.scalar"),
+        (
+            variant(schema={"fields": [{"name": "user_id", "type": {"scalar": "SCALAR_TYPE_UNSPECIFIED"}}]}),
+            "source.schema.fields[0].type.scalar",
+        ),
         (variant(batchConfig={"uri": ""}), "source.batch_config.uri"),
     ],
 )
-def test_invalid_definitions_name_the_offending_field(running: Running, doc: dict[str, Any], path: str) -> None:
+def test_invalid_definitions_name_the_offending_field(
+    running: Running, doc: dict[str, Any], path: str
+) -> None:
     with pytest.raises(grpc.RpcError) as info:
         running.apply(doc)
     code, violations, reason = rich_error(info.value)

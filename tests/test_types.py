@@ -8,7 +8,6 @@ from typing import Any
 
 import grpc
 import pytest
-
 from conftest import Running, features, rich_error, rows_request, scalar, start
 
 S = scalar
@@ -61,8 +60,11 @@ VALID = [
     (_array(S("FLOAT64"), nullable=True), [1.5, None], [1.5, None]),
     (_map(S("INT32")), {"a": 1, "b": "2"}, {"a": 1, "b": 2}),
     (_map(_array(S("BOOL"))), {"x": [True, False]}, {"x": [True, False]}),
-    (_struct(a=S("STRING"), b=_array(S("TIMESTAMP"))), {"a": "x", "b": ["2026-01-01T00:00:00+01:00"]},
-     {"a": "x", "b": ["2025-12-31T23:00:00Z"]}),
+    (
+        _struct(a=S("STRING"), b=_array(S("TIMESTAMP"))),
+        {"a": "x", "b": ["2026-01-01T00:00:00+01:00"]},
+        {"a": "x", "b": ["2025-12-31T23:00:00Z"]},
+    ),
 ]
 
 # (type, pushed JSON value, path suffix of the violation, words the description must contain)
@@ -112,21 +114,30 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
 
 
 def _apply(server: Running, name: str, dtype: dict[str, object], nullable: bool = False) -> None:
-    server.apply({
-        "name": name,
-        "schema": {"fields": [
-            {"name": "id", "type": S("STRING")},
-            {"name": "ts", "type": S("TIMESTAMP")},
-            {"name": "v", "type": dtype, "nullable": nullable},
-        ]},
-        "entityKeys": ["id"],
-        "timestampField": "ts",
-    })
+    server.apply(
+        {
+            "name": name,
+            "schema": {
+                "fields": [
+                    {"name": "id", "type": S("STRING")},
+                    {"name": "ts", "type": S("TIMESTAMP")},
+                    {"name": "v", "type": dtype, "nullable": nullable},
+                ]
+            },
+            "entityKeys": ["id"],
+            "timestampField": "ts",
+        }
+    )
 
 
 @pytest.mark.parametrize(("dtype", "pushed", "expected"), VALID)
-def test_valid_values_round_trip(server: Running, request: pytest.FixtureRequest, dtype: dict[str, object],
-                                 pushed: object, expected: object) -> None:
+def test_valid_values_round_trip(
+    server: Running,
+    request: pytest.FixtureRequest,
+    dtype: dict[str, object],
+    pushed: object,
+    expected: object,
+) -> None:
     name = f"valid_{request.node.callspec.id.replace('-', '_')}"[:100]
     name = "".join(c if c.isalnum() else "_" for c in name)
     _apply(server, name, dtype)
@@ -137,16 +148,27 @@ def test_valid_values_round_trip(server: Running, request: pytest.FixtureRequest
 
 
 @pytest.mark.parametrize(("dtype", "pushed", "suffix", "words"), INVALID)
-def test_invalid_values_are_rejected_by_path(server: Running, request: pytest.FixtureRequest,
-                                             dtype: dict[str, Any], pushed: object, suffix: str,
-                                             words: str) -> None:
+def test_invalid_values_are_rejected_by_path(
+    server: Running,
+    request: pytest.FixtureRequest,
+    dtype: dict[str, Any],
+    pushed: object,
+    suffix: str,
+    words: str,
+) -> None:
     name = "".join(c if c.isalnum() else "_" for c in f"bad_{request.node.callspec.id}")[:100]
     _apply(server, name, dtype)
     with pytest.raises(grpc.RpcError) as info:
-        server.ingest.Push(rows_request({name: [
-            {"id": "ok", "ts": "2026-11-25T10:00:00Z", "v": sample(dtype)},
-            {"id": "k", "ts": "2026-11-25T10:00:00Z", "v": pushed},
-        ]}))
+        server.ingest.Push(
+            rows_request(
+                {
+                    name: [
+                        {"id": "ok", "ts": "2026-11-25T10:00:00Z", "v": sample(dtype)},
+                        {"id": "k", "ts": "2026-11-25T10:00:00Z", "v": pushed},
+                    ]
+                }
+            )
+        )
     code, violations, reason = rich_error(info.value)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert reason == "INVALID_RECORDS"
@@ -157,8 +179,14 @@ def test_invalid_values_are_rejected_by_path(server: Running, request: pytest.Fi
 
 
 _SCALAR_SAMPLES = {
-    "STRING": "s", "INT32": 1, "INT64": "1", "FLOAT32": 1.5, "FLOAT64": 2.5, "BOOL": True,
-    "TIMESTAMP": "2026-11-25T10:00:00Z", "BYTES": "AA==",
+    "STRING": "s",
+    "INT32": 1,
+    "INT64": "1",
+    "FLOAT32": 1.5,
+    "FLOAT64": 2.5,
+    "BOOL": True,
+    "TIMESTAMP": "2026-11-25T10:00:00Z",
+    "BYTES": "AA==",
 }
 
 
@@ -175,10 +203,16 @@ def sample(dtype: dict[str, Any]) -> object:
 
 def test_nullable_field_takes_null_and_absence(server: Running) -> None:
     _apply(server, "nullable", S("INT64"), nullable=True)
-    server.ingest.Push(rows_request({"nullable": [
-        {"id": "a", "ts": "2026-11-25T10:00:00Z", "v": None},
-        {"id": "b", "ts": "2026-11-25T10:00:00Z"},
-    ]}))
+    server.ingest.Push(
+        rows_request(
+            {
+                "nullable": [
+                    {"id": "a", "ts": "2026-11-25T10:00:00Z", "v": None},
+                    {"id": "b", "ts": "2026-11-25T10:00:00Z"},
+                ]
+            }
+        )
+    )
     results = features(server, "nullable", {"id": "a"}, {"id": "b"})
     assert [r["features"]["v"] for r in results] == [None, None]
 
@@ -188,7 +222,11 @@ def test_missing_required_and_unknown_fields_are_all_named(server: Running) -> N
     with pytest.raises(grpc.RpcError) as info:
         server.ingest.Push(rows_request({"strict": [{"id": "a", "extra": 1, "other": "x"}]}))
     _, violations, _ = rich_error(info.value)
-    assert sorted(path for path, _ in violations) == sorted([
-        'records["strict"][0].ts', 'records["strict"][0].v',
-        'records["strict"][0].extra', 'records["strict"][0].other',
-    ])
+    assert sorted(path for path, _ in violations) == sorted(
+        [
+            'records["strict"][0].ts',
+            'records["strict"][0].v',
+            'records["strict"][0].extra',
+            'records["strict"][0].other',
+        ]
+    )

@@ -17,8 +17,17 @@ def main() -> int:
     protos = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "proto" / "featurepush" / "v1").glob("*.proto"))
     with tempfile.TemporaryDirectory() as out:
         subprocess.run(
-            [sys.executable, "-m", "grpc_tools.protoc", "-I", "proto", f"--python_out={out}",
-             f"--pyi_out={out}", f"--grpc_python_out={out}", *protos],
+            [
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                "-I",
+                "proto",
+                f"--python_out={out}",
+                f"--pyi_out={out}",
+                f"--grpc_python_out={out}",
+                *protos,
+            ],
             cwd=ROOT,
             check=True,
         )

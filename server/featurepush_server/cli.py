@@ -45,7 +45,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from .app import serve
         from .config import ConfigError, load_config
     except ImportError as e:
-        raise CommandError(f"the server needs its extra dependencies: pip install 'featurepush[server]' ({e})")
+        raise CommandError(
+            f"the server needs its extra dependencies: pip install 'featurepush[server]' ({e})"
+        ) from None
     overrides = {
         "listen": args.listen,
         "data_dir": args.data_dir,
@@ -95,7 +97,9 @@ def _cmd_push(args: argparse.Namespace) -> int:
                 where = []
                 for v in e.violations:
                     m = _RECORD_PATH.match(v.field)
-                    place = f"{args.file}:{lines[int(m.group(1))]}: {m.group(2).lstrip('.')}" if m else v.field
+                    place = (
+                        f"{args.file}:{lines[int(m.group(1))]}: {m.group(2).lstrip('.')}" if m else v.field
+                    )
                     where.append(f"  {place}: {v.description}")
                 raise CommandError(e.message + "".join("\n" + w for w in where)) from None
             counts = result.counts[args.source]
@@ -147,8 +151,17 @@ def _cmd_get(args: argparse.Namespace) -> int:
         # Key values arrive as text; typed per the schema so Int64 keys work from the shell.
         results = client.get_features(args.source, keys)
     for key, result in zip(keys, results, strict=True):
-        print(json.dumps({"key": key, "status": str(result.status), "event_time": result.event_time,
-                          "features": result.features}, default=_json_default))
+        print(
+            json.dumps(
+                {
+                    "key": key,
+                    "status": str(result.status),
+                    "event_time": result.event_time,
+                    "features": result.features,
+                },
+                default=_json_default,
+            )
+        )
     return 0
 
 

@@ -45,14 +45,20 @@ def status_of(err: CoreError) -> status_pb2.Status:
         bad = error_details_pb2.BadRequest()
         size = 0
         for v in err.violations:
-            text = v.description if len(v.description) <= MAX_DESCRIPTION else v.description[:MAX_DESCRIPTION] + "..."
+            text = (
+                v.description
+                if len(v.description) <= MAX_DESCRIPTION
+                else v.description[:MAX_DESCRIPTION] + "..."
+            )
             size += len(v.path.encode()) + len(text.encode()) + 8
             if size > MAX_DETAILS_BYTES and bad.field_violations:
                 message += f" ({len(err.violations) - len(bad.field_violations)} more violations not listed)"
                 break
             bad.field_violations.add(field=v.path, description=text)
         details.append(_pack(bad))
-    details.append(_pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)))
+    details.append(
+        _pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
+    )
     return status_pb2.Status(code=code, message=message, details=details)
 
 

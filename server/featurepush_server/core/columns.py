@@ -16,6 +16,7 @@ from .schema import DType, FieldSpec, Kind
 MIN_MICROS = -62135596800_000_000
 MAX_MICROS = 253402300799_999_999
 
+
 def _family_error(src: pa.DataType, dtype: DType) -> str | None:
     """Why Arrow type `src` can never hold `dtype` values faithfully, or None when a checked cast may."""
     k = dtype.kind
@@ -65,6 +66,7 @@ def _family_error(src: pa.DataType, dtype: DType) -> str | None:
         return None
     return None if ok else f"is {src}, which cannot hold {dtype} values without loss"
 
+
 def _bad_rows(col: pa.ChunkedArray | pa.Array, target: pa.DataType, limit: int) -> list[tuple[int, str]]:
     """Find the rows whose values fail a safe cast, by casting small slices and then single values."""
     out: list[tuple[int, str]] = []
@@ -86,8 +88,16 @@ def _bad_rows(col: pa.ChunkedArray | pa.Array, target: pa.DataType, limit: int) 
                     return out
     return out
 
-def _null_rows(arr: pa.Array, dtype: DType, nullable: bool, rows: np.ndarray, path: str,
-               out: list[tuple[int, str, str]], limit: int) -> None:
+
+def _null_rows(
+    arr: pa.Array,
+    dtype: DType,
+    nullable: bool,
+    rows: np.ndarray,
+    path: str,
+    out: list[tuple[int, str, str]],
+    limit: int,
+) -> None:
     """Record rows where a non-nullable value, element or struct field is null."""
     if not nullable and arr.null_count:
         for idx in np.flatnonzero(pc.is_null(arr).to_numpy(zero_copy_only=False))[:limit]:
@@ -109,6 +119,7 @@ def _null_rows(arr: pa.Array, dtype: DType, nullable: bool, rows: np.ndarray, pa
         keep = pc.drop_null(arr) if arr.null_count else arr
         for f in dtype.fields:
             _null_rows(keep.field(f.name), f.dtype, f.nullable, valid, f"{path}.{f.name}", out, limit)
+
 
 def conform(
     data: pa.Table,
@@ -150,16 +161,24 @@ def conform(
             ok = pc.match_substring_regex(col, _RFC3339.pattern)
             bad = np.flatnonzero(~pc.fill_null(ok, True).to_numpy(zero_copy_only=False))
             for idx in bad[:max_violations]:
-                violations.append(Violation(f"{path_prefix}[{idx}].{f.name}",
-                                            f"{col[int(idx)].as_py()!r} is not an RFC 3339 timestamp"))
+                violations.append(
+                    Violation(
+                        f"{path_prefix}[{idx}].{f.name}",
+                        f"{col[int(idx)].as_py()!r} is not an RFC 3339 timestamp",
+                    )
+                )
             if len(bad):
                 continue
         if f.dtype.kind is Kind.FLOAT32 and pa.types.is_floating(col.type):
             over = pc.and_(pc.is_finite(col), pc.greater(pc.abs(col), FLOAT32_MAX))
             bad = np.flatnonzero(pc.fill_null(over, False).to_numpy(zero_copy_only=False))
             for idx in bad[:max_violations]:
-                violations.append(Violation(f"{path_prefix}[{idx}].{f.name}",
-                                            f"{col[int(idx)].as_py()!r} is out of range for Float32"))
+                violations.append(
+                    Violation(
+                        f"{path_prefix}[{idx}].{f.name}",
+                        f"{col[int(idx)].as_py()!r} is out of range for Float32",
+                    )
+                )
             if len(bad):
                 continue
         if col.type != target:
@@ -186,4 +205,3 @@ def conform(
         return None, violations[:max_violations]
     schema = pa.schema([f.to_arrow() for f in fields])
     return pa.Table.from_arrays(arrays, schema=schema), []
-

@@ -59,7 +59,7 @@ def varints(lengths: np.ndarray) -> pa.Array:
     cols = np.arange(width)
     shifts = (cols * 7).astype(np.uint64)
     mat = ((n[:, None] >> shifts[None, :]) & np.uint64(0x7F)).astype(np.uint8)
-    mat |= ((cols[None, :] < (nbytes[:, None] - 1)).astype(np.uint8) << 7)
+    mat |= (cols[None, :] < (nbytes[:, None] - 1)).astype(np.uint8) << 7
     data = mat[cols[None, :] < nbytes[:, None]]
     offsets = np.zeros(len(n) + 1, dtype=np.int32)
     np.cumsum(nbytes, out=offsets[1:])
@@ -111,8 +111,11 @@ def timestamp_strings(micros: np.ndarray) -> pa.Array:
     frac_text = pc.if_else(
         pa.array(frac == 0),
         pa.scalar("", pa.string()),
-        pc.if_else(pa.array(frac % 1000 == 0), pc.binary_join_element_wise(dot, millis, ""),
-                   pc.binary_join_element_wise(dot, full, "")),
+        pc.if_else(
+            pa.array(frac % 1000 == 0),
+            pc.binary_join_element_wise(dot, millis, ""),
+            pc.binary_join_element_wise(dot, full, ""),
+        ),
     )
     return pc.binary_join_element_wise(base, frac_text, pa.scalar("Z", pa.string()), "")
 
@@ -202,8 +205,9 @@ def value_messages(arr: pa.Array, dtype: DType) -> pa.Array:
     elif kind in (Kind.FLOAT32, Kind.FLOAT64):
         body = _floats(arr)
     elif kind is Kind.BOOL:
-        body = pc.if_else(pc.fill_null(arr, False), pa.scalar(b"\x20\x01", pa.binary()),
-                          pa.scalar(b"\x20\x00", pa.binary()))
+        body = pc.if_else(
+            pc.fill_null(arr, False), pa.scalar(b"\x20\x01", pa.binary()), pa.scalar(b"\x20\x00", pa.binary())
+        )
     elif kind is Kind.TIMESTAMP:
         micros = pc.fill_null(pc.cast(arr, pa.int64()), 0).to_numpy(zero_copy_only=False)
         body = _strings(timestamp_strings(micros))
@@ -221,8 +225,11 @@ def encode_payloads(table: pa.Table, fields: Sequence[FieldSpec]) -> pa.Array:
         arr = table.column(f.name).combine_chunks()
         key = f.name.encode()
         # A Struct field is a map entry: key (field 1) and Value (field 2) inside fields (field 1).
-        entry = _join(b"\x0a" + varint(len(key)) + key + b"\x12",
-                      varints(pc.binary_length(vals := value_messages(arr, f.dtype)).to_numpy()), vals)
+        entry = _join(
+            b"\x0a" + varint(len(key)) + key + b"\x12",
+            varints(pc.binary_length(vals := value_messages(arr, f.dtype)).to_numpy()),
+            vals,
+        )
         parts.append(_length_delimited(b"\x0a", entry))
     if not parts:
         return pa.array([b""] * table.num_rows, pa.binary())
@@ -259,8 +266,13 @@ def encode_keys(columns: Sequence[pa.Array], prefix: bytes) -> pa.Array:
     return _join(*parts)
 
 
-def encode_rows(table: pa.Table, fields: Sequence[FieldSpec], entity_keys: Sequence[str],
-                timestamp_field: str, prefix: bytes) -> tuple[list[bytes], list[bytes]]:
+def encode_rows(
+    table: pa.Table,
+    fields: Sequence[FieldSpec],
+    entity_keys: Sequence[str],
+    timestamp_field: str,
+    prefix: bytes,
+) -> tuple[list[bytes], list[bytes]]:
     """Keys and stored values (header then payload) of every row of a conformed table."""
     if table.num_rows == 0:
         return [], []

@@ -6,8 +6,9 @@ import time
 from collections.abc import Sequence
 
 import pyarrow as pa
-from featurepush.v1 import online_service_pb2
 from google.protobuf import struct_pb2, timestamp_pb2
+
+from featurepush.v1 import online_service_pb2
 
 from .encoding import encode_keys, header_micros, varint
 from .errors import InvalidInput, LimitExceeded, Violation
@@ -37,11 +38,15 @@ class OnlineReader:
     def get_features(self, source_name: str, keys: Sequence[struct_pb2.Struct]) -> bytes:
         """The serialized GetFeaturesResponse for `keys`, vectors in request order."""
         if not keys:
-            raise InvalidInput("no keys were given", [Violation("keys", "name at least one entity key")],
-                               reason="NO_KEYS")
+            raise InvalidInput(
+                "no keys were given", [Violation("keys", "name at least one entity key")], reason="NO_KEYS"
+            )
         if len(keys) > self.max_keys:
-            raise LimitExceeded(f"at most {self.max_keys} keys per request; split the request",
-                                reason="TOO_MANY_KEYS", metadata={"limit": str(self.max_keys)})
+            raise LimitExceeded(
+                f"at most {self.max_keys} keys per request; split the request",
+                reason="TOO_MANY_KEYS",
+                metadata={"limit": str(self.max_keys)},
+            )
         source = self._registry.get(source_name)
         spec = source.spec
         violations: list[Violation] = []
@@ -53,7 +58,9 @@ class OnlineReader:
             for i, key in enumerate(keys):
                 fields = key.fields
                 if key_name not in fields:
-                    violations.append(Violation(f"keys[{i}].{key_name}", f"entity key {key_name} is required"))
+                    violations.append(
+                        Violation(f"keys[{i}].{key_name}", f"entity key {key_name} is required")
+                    )
                     col.append(None)
                     continue
                 try:
@@ -64,14 +71,21 @@ class OnlineReader:
             columns.append(col)
         for i, key in enumerate(keys):
             for extra in sorted(set(key.fields) - names):
-                violations.append(Violation(f"keys[{i}].{extra}",
-                                            f"{extra!r} is not an entity key of {source_name}; "
-                                            f"the keys are {', '.join(spec.entity_keys)}"))
+                violations.append(
+                    Violation(
+                        f"keys[{i}].{extra}",
+                        f"{extra!r} is not an entity key of {source_name}; "
+                        f"the keys are {', '.join(spec.entity_keys)}",
+                    )
+                )
         if violations:
-            raise InvalidInput(f"{len(violations)} invalid entity key value(s)", violations[:100],
-                               reason="INVALID_KEYS")
-        arrays = [pa.array(col, spec.field(k).dtype.to_arrow())
-                  for k, col in zip(spec.entity_keys, columns, strict=True)]
+            raise InvalidInput(
+                f"{len(violations)} invalid entity key value(s)", violations[:100], reason="INVALID_KEYS"
+            )
+        arrays = [
+            pa.array(col, spec.field(k).dtype.to_arrow())
+            for k, col in zip(spec.entity_keys, columns, strict=True)
+        ]
         store_keys = encode_keys(arrays, row_prefix(source.id)).to_pylist()
         stored = self._store.read(store_keys)
         cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None

@@ -50,7 +50,9 @@ def incompatibilities(old: SourceSpec, new: SourceSpec) -> list[str]:
     if old.entity_keys != new.entity_keys:
         problems.append(f"entity keys change from {list(old.entity_keys)} to {list(new.entity_keys)}")
     if old.timestamp_field != new.timestamp_field:
-        problems.append(f"the timestamp field changes from {old.timestamp_field!r} to {new.timestamp_field!r}")
+        problems.append(
+            f"the timestamp field changes from {old.timestamp_field!r} to {new.timestamp_field!r}"
+        )
     new_fields = {f.name: f for f in new.fields}
     old_names = {f.name for f in old.fields}
     for f in old.fields:
@@ -83,8 +85,11 @@ class Registry:
             return cached
         found = self._store.get_source(name)
         if found is None:
-            raise NotFound(f"push source {name!r} does not exist; apply it first (featurepush apply)",
-                           reason="SOURCE_NOT_FOUND", metadata={"source": name})
+            raise NotFound(
+                f"push source {name!r} does not exist; apply it first (featurepush apply)",
+                reason="SOURCE_NOT_FOUND",
+                metadata={"source": name},
+            )
         source_id, raw = found
         source = Source(source_id, compile_source(source_pb2.PushSource.FromString(raw)))
         self._cache[name] = source
@@ -107,7 +112,8 @@ class Registry:
                 problems = incompatibilities(old, spec)
                 if problems and self._store.has_rows(source_id):
                     raise FailedPrecondition(
-                        f"push source {wanted.name!r} holds online rows that the new definition could not read: "
+                        f"push source {wanted.name!r} holds online rows that the new definition "
+                        "could not read: "
                         + "; ".join(problems)
                         + ". Apply the change under a new source name, or delete the source (and its rows) "
                         "first with DeleteSource / `featurepush delete`.",
@@ -124,23 +130,29 @@ class Registry:
             result.update_time.FromNanoseconds(now // 1000 * 1000)
             if validate_only:
                 return ApplyOutcome(result, changed=True, created=found is None)
-            self._store.put_source(wanted.name, result.SerializeToString(), None if found is None else found[0])
+            self._store.put_source(
+                wanted.name, result.SerializeToString(), None if found is None else found[0]
+            )
             self._cache.pop(wanted.name, None)
         return ApplyOutcome(result, changed=True, created=found is None)
 
     def list(self, page_size: int = 0, page_token: str = "") -> tuple[list[source_pb2.PushSource], str]:
         """One page of sources in name order and the token of the next page ("" at the end)."""
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise InvalidInput("page_size is out of range",
-                               [Violation("page_size", f"must be 0 to {MAX_PAGE_SIZE}, got {page_size}")])
+            raise InvalidInput(
+                "page_size is out of range",
+                [Violation("page_size", f"must be 0 to {MAX_PAGE_SIZE}, got {page_size}")],
+            )
         size = page_size or DEFAULT_PAGE_SIZE
         after = ""
         if page_token:
             try:
                 after = base64.urlsafe_b64decode(page_token.encode()).decode()
             except (binascii.Error, UnicodeDecodeError, ValueError):
-                raise InvalidInput("page_token is not valid",
-                                   [Violation("page_token", "pass a next_page_token returned by ListSources")]) from None
+                raise InvalidInput(
+                    "page_token is not valid",
+                    [Violation("page_token", "pass a next_page_token returned by ListSources")],
+                ) from None
         rows = list(self._store.list_sources(after, size + 1))
         sources = [source_pb2.PushSource.FromString(raw) for _, _, raw in rows[:size]]
         token = base64.urlsafe_b64encode(rows[size - 1][0].encode()).decode() if len(rows) > size else ""

@@ -72,7 +72,9 @@ def _int(lo: int, hi: int, name: str) -> Callable[[struct_pb2.Value], int]:
             # Anything longer than 20 characters is out of range; checking first keeps int() cheap.
             n = int(s) if len(s) <= 20 else hi + 1
             if not lo <= n <= hi:
-                raise BadValue(f"{s[:30]}{'...' if len(s) > 30 else ''} is out of range for {name} ({lo} to {hi})")
+                raise BadValue(
+                    f"{s[:30]}{'...' if len(s) > 30 else ''} is out of range for {name} ({lo} to {hi})"
+                )
         else:
             raise BadValue(f"expected an {name}, got {_describe(v)}")
         return n
@@ -93,8 +95,9 @@ def _float(single: bool) -> Callable[[struct_pb2.Value], float]:
             if special is not None:
                 return special
             if not _FLOAT_RE.match(s):
-                raise BadValue(f"expected a {name}: a number, \"NaN\", \"Infinity\" or \"-Infinity\", "
-                               f"got {_describe(v)}")
+                raise BadValue(
+                    f'expected a {name}: a number, "NaN", "Infinity" or "-Infinity", got {_describe(v)}'
+                )
             x = float(s)
             if math.isinf(x):
                 raise BadValue(f"{s} is out of range for {name}")
@@ -123,8 +126,10 @@ def parse_timestamp_micros(s: str) -> int:
     """Microseconds since the epoch of an RFC 3339 string; raise BadValue if it is not one."""
     m = _RFC3339.match(s)
     if m is None:
-        raise BadValue(f"expected a Timestamp as an RFC 3339 string such as \"2026-11-25T10:00:00Z\" "
-                       f"(date, time and offset), got {s[:40]!r}")
+        raise BadValue(
+            f'expected a Timestamp as an RFC 3339 string such as "2026-11-25T10:00:00Z" '
+            f"(date, time and offset), got {s[:40]!r}"
+        )
     year, month, day, hour, minute, second = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
     frac = m.group(7) or ""
     if len(frac) > 6 and frac[6:].strip("0"):
@@ -195,6 +200,15 @@ class _Ctx:
             self.violations.append(Violation(path(), description))
 
 
+def _at(base: Callable[[], str], suffix: str) -> Callable[[], str]:
+    """A path built only when a violation needs it."""
+    return lambda: base() + suffix
+
+
+def _row_at(prefix: str, row: int, name: str) -> Callable[[], str]:
+    return lambda: f"{prefix}[{row}].{name}"
+
+
 def _fmt_key(key: str) -> str:
     return '["' + key.replace("\\", "\\\\").replace('"', '\\"') + '"]'
 
@@ -208,14 +222,14 @@ def _nested(v: struct_pb2.Value, dtype: DType, path: Callable[[], str], ctx: _Ct
             return None
         element = dtype.element
         assert element is not None
-        out = []
+        out: list[Any] = []
         for i, item in enumerate(v.list_value.values):
             if item.WhichOneof("kind") == "null_value":
                 if not dtype.element_nullable:
-                    ctx.add(lambda i=i: f"{path()}[{i}]", "array elements must not be null")  # type: ignore[misc]
+                    ctx.add(_at(path, f"[{i}]"), "array elements must not be null")
                 out.append(None)
             else:
-                out.append(_nested(item, element, lambda i=i: f"{path()}[{i}]", ctx))  # type: ignore[misc]
+                out.append(_nested(item, element, _at(path, f"[{i}]"), ctx))
         return out
     if kind is Kind.MAP:
         if v.WhichOneof("kind") != "struct_value":
@@ -223,14 +237,14 @@ def _nested(v: struct_pb2.Value, dtype: DType, path: Callable[[], str], ctx: _Ct
             return None
         element = dtype.element
         assert element is not None
-        pairs = []
+        pairs: list[tuple[str, Any]] = []
         for key, item in sorted(v.struct_value.fields.items()):
             if item.WhichOneof("kind") == "null_value":
                 if not dtype.element_nullable:
-                    ctx.add(lambda k=key: path() + _fmt_key(k), "map values must not be null")  # type: ignore[misc]
+                    ctx.add(_at(path, _fmt_key(key)), "map values must not be null")
                 pairs.append((key, None))
             else:
-                pairs.append((key, _nested(item, element, lambda k=key: path() + _fmt_key(k), ctx)))  # type: ignore[misc]
+                pairs.append((key, _nested(item, element, _at(path, _fmt_key(key)), ctx)))
         return pairs
     if kind is Kind.STRUCT:
         if v.WhichOneof("kind") != "struct_value":
@@ -244,7 +258,9 @@ def _nested(v: struct_pb2.Value, dtype: DType, path: Callable[[], str], ctx: _Ct
         return None
 
 
-def _struct(s: struct_pb2.Struct, fields: Sequence[FieldSpec], path: Callable[[], str], ctx: _Ctx) -> dict[str, Any]:
+def _struct(
+    s: struct_pb2.Struct, fields: Sequence[FieldSpec], path: Callable[[], str], ctx: _Ctx
+) -> dict[str, Any]:
     values = s.fields
     out: dict[str, Any] = {}
     found = 0
@@ -254,20 +270,22 @@ def _struct(s: struct_pb2.Struct, fields: Sequence[FieldSpec], path: Callable[[]
             v = values[f.name]
             if v.WhichOneof("kind") == "null_value":
                 if not f.nullable:
-                    ctx.add(lambda f=f: f"{path()}.{f.name}", f"{f.name} must not be null")  # type: ignore[misc]
+                    ctx.add(_at(path, "." + f.name), f"{f.name} must not be null")
                 out[f.name] = None
             else:
-                out[f.name] = _nested(v, f.dtype, lambda f=f: f"{path()}.{f.name}", ctx)  # type: ignore[misc]
+                out[f.name] = _nested(v, f.dtype, _at(path, "." + f.name), ctx)
         else:
             if not f.nullable:
-                ctx.add(lambda f=f: f"{path()}.{f.name}", f"{f.name} is required ({f.dtype}, not nullable)")  # type: ignore[misc]
+                ctx.add(_at(path, "." + f.name), f"{f.name} is required ({f.dtype}, not nullable)")
             out[f.name] = None
     if found != len(values):
         known = {f.name for f in fields}
         for key in sorted(values):
             if key not in known:
-                ctx.add(lambda k=key: f"{path()}.{k}", f"unknown field {key!r}; the schema has "  # type: ignore[misc]
-                        f"{', '.join(sorted(known))}")
+                ctx.add(
+                    _at(path, "." + key),
+                    f"unknown field {key!r}; the schema has {', '.join(sorted(known))}",
+                )
     return out
 
 
@@ -291,23 +309,25 @@ def rows_to_table(
         for i, values in enumerate(row_fields):
             if name not in values:
                 if not f.nullable:
-                    ctx.add(lambda i=i, n=name: f"{path_prefix}[{i}].{n}",  # type: ignore[misc]
-                            f"{name} is required ({f.dtype}, not nullable)")
+                    ctx.add(
+                        _row_at(path_prefix, i, name),
+                        f"{name} is required ({f.dtype}, not nullable)",
+                    )
                 append(None)
                 continue
             v = values[name]
             if v.WhichOneof("kind") == "null_value":
                 if not f.nullable:
-                    ctx.add(lambda i=i, n=name: f"{path_prefix}[{i}].{n}", f"{name} must not be null")  # type: ignore[misc]
+                    ctx.add(_row_at(path_prefix, i, name), f"{name} must not be null")
                 append(None)
             elif scalar is not None:
                 try:
                     append(scalar(v))
                 except BadValue as e:
-                    ctx.add(lambda i=i, n=name: f"{path_prefix}[{i}].{n}", str(e))  # type: ignore[misc]
+                    ctx.add(_row_at(path_prefix, i, name), str(e))
                     append(None)
             else:
-                append(_nested(v, f.dtype, lambda i=i, n=name: f"{path_prefix}[{i}].{n}", ctx))  # type: ignore[misc]
+                append(_nested(v, f.dtype, _row_at(path_prefix, i, name), ctx))
         columns.append(col)
     known = {f.name for f in fields}
     n_known = len(known)
@@ -315,8 +335,10 @@ def rows_to_table(
         if len(values) > n_known or not known.issuperset(values):
             for key in sorted(values):
                 if key not in known:
-                    ctx.add(lambda i=i, k=key: f"{path_prefix}[{i}].{k}",  # type: ignore[misc]
-                            f"unknown field {key!r}; the schema has {', '.join(sorted(known))}")
+                    ctx.add(
+                        _row_at(path_prefix, i, key),
+                        f"unknown field {key!r}; the schema has {', '.join(sorted(known))}",
+                    )
     if ctx.count:
         return None, ctx.violations, ctx.count
     arrays = [pa.array(col, type=schema.field(j).type) for j, col in enumerate(columns)]

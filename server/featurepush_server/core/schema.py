@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+
 from featurepush.v1 import schema_pb2, source_pb2
 
 from .errors import InvalidInput, Violation
@@ -73,7 +75,7 @@ class DType:
             return f"Map(String, {self.element})"
         if self.kind is Kind.STRUCT:
             return "Struct(" + ", ".join(f"{f.name}: {f.dtype}" for f in self.fields) + ")"
-        return self.kind.value
+        return str(self.kind.value)
 
     def to_arrow(self) -> pa.DataType:
         """The Arrow type that holds values of this type."""
@@ -82,7 +84,9 @@ class DType:
             return pa.list_(pa.field("item", self.element.to_arrow(), nullable=self.element_nullable))
         if self.kind is Kind.MAP:
             assert self.element is not None
-            return pa.map_(pa.string(), pa.field("value", self.element.to_arrow(), nullable=self.element_nullable))
+            return pa.map_(
+                pa.string(), pa.field("value", self.element.to_arrow(), nullable=self.element_nullable)
+            )
         if self.kind is Kind.STRUCT:
             return pa.struct([f.to_arrow() for f in self.fields])
         return _SCALAR_ARROW[self.kind]
@@ -153,16 +157,21 @@ def _compile_type(dt: schema_pb2.DataType, path: str, depth: int, out: list[Viol
 
 
 def _compile_fields(
-    fields: list[schema_pb2.Field] | object, path: str, depth: int, out: list[Violation]
+    fields: Iterable[schema_pb2.Field], path: str, depth: int, out: list[Violation]
 ) -> tuple[FieldSpec, ...] | None:
     specs: list[FieldSpec] = []
     seen: set[str] = set()
     ok = True
-    for i, f in enumerate(fields):  # type: ignore[arg-type]
+    for i, f in enumerate(fields):
         fpath = f"{path}[{i}]"
         if not NAME_RE.match(f.name):
-            out.append(Violation(fpath + ".name", f"{f.name!r} is not a valid name: use 1 to 128 letters, "
-                                 "digits and underscores, not starting with a digit"))
+            out.append(
+                Violation(
+                    fpath + ".name",
+                    f"{f.name!r} is not a valid name: use 1 to 128 letters, "
+                    "digits and underscores, not starting with a digit",
+                )
+            )
             ok = False
         elif f.name in seen:
             out.append(Violation(fpath + ".name", f"duplicate field name {f.name!r}"))
@@ -183,8 +192,13 @@ def compile_source(src: source_pb2.PushSource, path: str = "source") -> SourceSp
     """Check a source definition and compile it; raise InvalidInput naming every problem."""
     out: list[Violation] = []
     if not NAME_RE.match(src.name):
-        out.append(Violation(path + ".name", f"{src.name!r} is not a valid source name: use 1 to 128 "
-                             "letters, digits and underscores, not starting with a digit"))
+        out.append(
+            Violation(
+                path + ".name",
+                f"{src.name!r} is not a valid source name: use 1 to 128 "
+                "letters, digits and underscores, not starting with a digit",
+            )
+        )
     if not src.schema.fields:
         out.append(Violation(path + ".schema.fields", "a schema needs at least one field"))
     elif len(src.schema.fields) > MAX_FIELDS:
@@ -201,9 +215,13 @@ def compile_source(src: source_pb2.PushSource, path: str = "source") -> SourceSp
             if fields:
                 out.append(Violation(f"{path}.entity_keys[{i}]", f"{key!r} is not a schema field"))
         elif spec.dtype.kind not in _KEY_KINDS or spec.nullable:
-            out.append(Violation(f"{path}.entity_keys[{i}]",
-                                 f"entity key {key!r} must be a non-null String, Int32 or Int64 field, "
-                                 f"not {'a nullable ' if spec.nullable else ''}{spec.dtype}"))
+            out.append(
+                Violation(
+                    f"{path}.entity_keys[{i}]",
+                    f"entity key {key!r} must be a non-null String, Int32 or Int64 field, "
+                    f"not {'a nullable ' if spec.nullable else ''}{spec.dtype}",
+                )
+            )
     ts = by_name.get(src.timestamp_field)
     if not src.timestamp_field:
         out.append(Violation(path + ".timestamp_field", "name the event-time field"))
@@ -211,8 +229,12 @@ def compile_source(src: source_pb2.PushSource, path: str = "source") -> SourceSp
         if fields:
             out.append(Violation(path + ".timestamp_field", f"{src.timestamp_field!r} is not a schema field"))
     elif ts.dtype.kind is not Kind.TIMESTAMP or ts.nullable:
-        out.append(Violation(path + ".timestamp_field",
-                             f"{src.timestamp_field!r} must be a non-null Timestamp field, not {ts.dtype}"))
+        out.append(
+            Violation(
+                path + ".timestamp_field",
+                f"{src.timestamp_field!r} must be a non-null Timestamp field, not {ts.dtype}",
+            )
+        )
     ttl = src.online_ttl
     if ttl.seconds < 0 or ttl.nanos < 0:
         out.append(Violation(path + ".online_ttl", "must not be negative"))
@@ -226,8 +248,12 @@ def compile_source(src: source_pb2.PushSource, path: str = "source") -> SourceSp
         if bc.file_format == source_pb2.FILE_FORMAT_UNSPECIFIED:
             out.append(Violation(path + ".batch_config.file_format", "choose PARQUET, CSV or ARROW_IPC"))
         if bc.post_processor and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", bc.post_processor):
-            out.append(Violation(path + ".batch_config.post_processor",
-                                 f"{bc.post_processor!r} must look like 'package.module:function'"))
+            out.append(
+                Violation(
+                    path + ".batch_config.post_processor",
+                    f"{bc.post_processor!r} must look like 'package.module:function'",
+                )
+            )
     if out:
         raise InvalidInput(f"push source {src.name!r} is not valid", out, reason="INVALID_SOURCE")
     return SourceSpec(

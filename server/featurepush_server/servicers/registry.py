@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+
 from featurepush.v1 import registry_service_pb2 as pb
 from featurepush.v1 import registry_service_pb2_grpc as pb_grpc
 
@@ -17,7 +18,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         self._registry = registry
 
     @unary
-    def ApplySource(self, request: pb.ApplySourceRequest, context: grpc.ServicerContext) -> pb.ApplySourceResponse:
+    def ApplySource(
+        self, request: pb.ApplySourceRequest, context: grpc.ServicerContext
+    ) -> pb.ApplySourceResponse:
         outcome = self._registry.apply(request.source, validate_only=request.validate_only)
         return pb.ApplySourceResponse(source=outcome.source, changed=outcome.changed, created=outcome.created)
 
@@ -26,7 +29,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return pb.GetSourceResponse(source=self._registry.get(request.name).spec.proto)
 
     @unary
-    def ListSources(self, request: pb.ListSourcesRequest, context: grpc.ServicerContext) -> pb.ListSourcesResponse:
+    def ListSources(
+        self, request: pb.ListSourcesRequest, context: grpc.ServicerContext
+    ) -> pb.ListSourcesResponse:
         sources, token = self._registry.list(request.page_size, request.page_token)
         return pb.ListSourcesResponse(sources=sources, next_page_token=token)
 
