@@ -8,13 +8,14 @@ import re
 import pyarrow as pa
 import pytest
 from conftest import Running, source_from_json
-from featurepush.v1 import ingest_service_pb2 as pb
-from featurepush.v1 import online_service_pb2, registry_service_pb2
-from featurepush_server.core.store import row_prefix
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, error_details_pb2
 from grpc import RpcError, StatusCode
 from grpc_status import rpc_status
+
+from featurepush.v1 import ingest_service_pb2 as pb
+from featurepush.v1 import online_service_pb2, registry_service_pb2
+from featurepush_server.core.store import row_prefix
 
 UTC = dt.UTC
 

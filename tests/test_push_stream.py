@@ -8,11 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import Running
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, error_details_pb2
+
 from featurepush.v1 import ingest_service_pb2 as pb
 from featurepush.v1 import online_service_pb2
 from featurepush_server.servicers.ingest import IngestServicer
-from google.protobuf import struct_pb2
-from google.rpc import code_pb2, error_details_pb2
 
 
 def batch(seq: int, users: list[str], clicked: object = 1, request_id: str = "") -> pb.PushStreamRequest:

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -24,7 +24,10 @@ from featurepush.v1 import (
     registry_service_pb2,
     registry_service_pb2_grpc,
 )
-from featurepush.values import decode_record, fill_struct, key_to_struct
+from featurepush.values import decode_record, key_to_struct
+
+if TYPE_CHECKING:
+    from featurepush.pusher import Pusher
 
 __all__ = [
     "ApplyResult",
@@ -124,9 +127,9 @@ class Client:
         self._channel = channel
         self._owns_channel = owns_channel
         self._timeout = timeout
-        self._registry = registry_service_pb2_grpc.RegistryServiceStub(channel)  # type: ignore[no-untyped-call]
-        self._ingest = ingest_service_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
-        self._online = online_service_pb2_grpc.OnlineServiceStub(channel)  # type: ignore[no-untyped-call]
+        self._registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
+        self._ingest = ingest_service_pb2_grpc.IngestServiceStub(channel)
+        self._online = online_service_pb2_grpc.OnlineServiceStub(channel)
         self._schemas: dict[str, StreamSource] = {}
         self._schemas_lock = threading.Lock()
 
@@ -220,17 +223,17 @@ class Client:
     def push(
         self,
         source: str,
-        records: Iterable[Mapping[str, Any]],
+        records: Iterable[Mapping[str, Any]] | Any,
         *,
         dry_run: bool = False,
         request_id: str | None = None,
     ) -> PushResult:
-        """Pushes records to one source atomically: all are written or none (see push_many)."""
+        """Pushes dicts, a pyarrow Table or RecordBatch, or a pandas DataFrame to one source, atomically."""
         return self.push_many({source: records}, dry_run=dry_run, request_id=request_id)
 
     def push_many(
         self,
-        records: Mapping[str, Iterable[Mapping[str, Any]]],
+        records: Mapping[str, Iterable[Mapping[str, Any]] | Any],
         *,
         dry_run: bool = False,
         request_id: str | None = None,
@@ -241,12 +244,13 @@ class Client:
         the server replays its first response for a repeated id. Raises InvalidArgumentError listing every
         bad record by path if any is rejected, in which case nothing is written.
         """
+        # Imported here because payload builds on this module's result types.
+        from featurepush.payload import fill_source_records
+
         request = ingest_service_pb2.PushRequest(dry_run=dry_run, request_id=request_id or "")
         for source, source_records in records.items():
-            # Encoding straight into the request's repeated field builds each Struct once, with no copies.
-            rows = request.records[source].rows
-            for index, record in enumerate(source_records):
-                fill_struct(rows.add(), record, f'records["{source}"][{index}]')
+            # Columns travel as Arrow IPC and records as Structs; payload picks by the data's type.
+            fill_source_records(request.records[source], source, source_records)
         try:
             response = self._ingest.Push(request, timeout=self._timeout)
         except grpc.RpcError as err:
@@ -259,6 +263,19 @@ class Client:
             dry_run=response.dry_run,
             replayed=response.replayed,
         )
+
+    def pusher(
+        self,
+        source: str,
+        *,
+        max_rows: int = 1000,
+        linger_ms: float = 50.0,
+        **options: Any,
+    ) -> Pusher:
+        """Returns a batching pusher over PushStream for one source; see featurepush.pusher.Pusher."""
+        from featurepush.pusher import Pusher
+
+        return Pusher(self._ingest, source, max_rows=max_rows, linger_ms=linger_ms, **options)
 
     # Online reads.
 

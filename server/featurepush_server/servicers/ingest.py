@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 
 import grpc
+
 from featurepush.v1 import ingest_service_pb2 as pb
 from featurepush.v1 import ingest_service_pb2_grpc as pb_grpc
 

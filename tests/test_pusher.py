@@ -1,0 +1,160 @@
+"""Client.push with every data form, and the batching pusher: size and time batching, errors, restarts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+from conftest import AD_IMPRESSIONS, Running, source_from_json, start
+
+from featurepush import Client, FeatureStatus, InvalidArgumentError
+from featurepush.payload import BatchFailure, PushBatchError
+from featurepush.v1 import registry_service_pb2
+from featurepush_server.app import create_server
+from featurepush_server.config import ServerConfig
+from featurepush_server.core.store import REQUEST
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+# Reconnect quickly after a restart; gRPC's default backoff starts at a second and grows to minutes.
+FAST_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 200),
+]
+
+
+def record(i: int, clicked: object = None) -> dict[str, object]:
+    return {
+        "user_id": f"u{i}",
+        "timestamp": T0 + dt.timedelta(seconds=i),
+        "clicked": i if clicked is None else clicked,
+    }
+
+
+@pytest.fixture
+def client(running: Running) -> Client:
+    with Client(running.target) as c:
+        yield c  # type: ignore[misc]
+
+
+def features(client: Client, n: int) -> list[object]:
+    return [
+        (r.status, r.features) for r in client.get_features("ad_impressions", [f"u{i}" for i in range(n)])
+    ]
+
+
+FORMS = {
+    "dicts": lambda rows: rows,
+    "table": lambda rows: pa.Table.from_pylist(rows),
+    "record_batch": lambda rows: pa.RecordBatch.from_pylist(rows),
+    "dataframe": lambda rows: pd.DataFrame(rows),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_push_takes_every_data_form_and_they_land_alike(client: Client, form: str) -> None:
+    rows = [record(i) for i in range(5)]
+    result = client.push("ad_impressions", FORMS[form](rows))
+    assert result.counts["ad_impressions"].written == 5
+    assert features(client, 5) == [
+        (FeatureStatus.PRESENT, {"user_id": f"u{i}", "timestamp": T0 + dt.timedelta(seconds=i), "clicked": i})
+        for i in range(5)
+    ]
+
+
+def test_push_of_a_lossy_dataframe_is_rejected_by_row(client: Client) -> None:
+    frame = pd.DataFrame([record(0), record(1, clicked=2.5)])
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.push("ad_impressions", frame)
+    assert [v.field for v in caught.value.violations] == ['records["ad_impressions"][1].clicked']
+
+
+def test_pusher_batches_by_size_and_flushes_on_close(client: Client) -> None:
+    with client.pusher("ad_impressions", max_rows=100, linger_ms=60_000) as p:
+        p.add_many(record(i) for i in range(250))
+    stats = p.stats
+    assert (stats.batches, stats.records, stats.written, stats.failed_batches) == (3, 250, 250, 0)
+    assert all(status == FeatureStatus.PRESENT for status, _ in features(client, 250))
+
+
+def test_pusher_sends_a_lingering_batch_without_flush(client: Client) -> None:
+    sent = threading.Event()
+    with client.pusher("ad_impressions", max_rows=1000, linger_ms=5) as p:
+        p.add(record(1))
+        while p.stats.batches == 0:
+            sent.wait(0.01)
+        assert p.stats.records == 1
+
+
+def test_rejected_batch_goes_to_on_error_with_its_records(client: Client) -> None:
+    failures: list[BatchFailure] = []
+    with client.pusher("ad_impressions", max_rows=3, linger_ms=60_000, on_error=failures.append) as p:
+        p.add_many([record(0), record(1), record(2)])
+        p.add_many([record(3), record(4, clicked=3.9), record(5)])
+        p.add_many([record(6)])
+    assert len(failures) == 1
+    failure = failures[0]
+    assert [r["user_id"] for r in failure.records] == ["u3", "u4", "u5"]
+    assert isinstance(failure.error, InvalidArgumentError)
+    assert [v.field for v in failure.error.violations] == ['records["ad_impressions"][1].clicked']
+    assert failure.sequence_id == 1 and failure.request_id.endswith("-1")
+    assert p.stats.written == 4 and p.stats.failed_records == 3
+
+
+def test_rejected_batch_is_raised_by_close_without_a_callback(client: Client) -> None:
+    p = client.pusher("ad_impressions", max_rows=2, linger_ms=60_000)
+    p.add_many([record(0), record(1, clicked="many"), record(2)])
+    with pytest.raises(PushBatchError) as caught:
+        p.close()
+    assert [f.sequence_id for f in caught.value.failures] == [0]
+    assert features(client, 3)[2][0] == FeatureStatus.PRESENT
+
+
+def test_unencodable_record_is_refused_by_add(client: Client) -> None:
+    with client.pusher("ad_impressions") as p, pytest.raises((TypeError, ValueError)):
+        p.add({"user_id": object()})
+
+
+def test_pusher_resends_through_a_server_restart_without_doubling(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first = start(data_dir)
+    first.registry.ApplySource(
+        registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS))
+    )
+    port = first.server.port
+    with Client(first.target, channel_options=FAST_RECONNECT) as client:
+        p = client.pusher(
+            "ad_impressions", max_rows=50, linger_ms=1, backoff_initial_s=0.02, backoff_max_s=0.2
+        )
+        p.add_many(record(i) for i in range(200))
+        p.flush()
+        first.close()
+        # These batches meet a dead server and must wait for the restarted one.
+        p.add_many(record(i) for i in range(200, 400))
+        second = create_server(ServerConfig(listen=f"localhost:{port}", data_dir=data_dir))
+        second.start()
+        try:
+            p.close()
+            stats = p.stats
+            assert (stats.records, stats.accepted, stats.written, stats.failed_batches) == (400, 400, 400, 0)
+            assert stats.reconnects >= 1
+            assert all(status == FeatureStatus.PRESENT for status, _ in features(client, 400))
+            # One idempotency record per batch: no batch was written under two ids.
+            db = second.store._db
+            assert sum(1 for k in db.keys(from_key=REQUEST) if k.startswith(REQUEST)) == 8
+        finally:
+            second.stop(None)
+
+
+def test_a_resent_batch_is_replayed_not_written_again(client: Client, running: Running) -> None:
+    with client.pusher("ad_impressions", max_rows=2, linger_ms=60_000) as p:
+        p.add_many([record(0), record(1)])
+        p.flush()
+        sent = p._book  # the first batch's request id, as a resend would carry it
+    request_id = f"{sent.stream_id}-0"
+    again = client.push("ad_impressions", [record(0), record(1)], request_id=request_id)
+    assert again.replayed and again.counts["ad_impressions"].written == 2
