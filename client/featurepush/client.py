@@ -6,7 +6,7 @@ import datetime as dt
 import enum
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -27,6 +27,9 @@ from featurepush.v1 import (
 from featurepush.values import decode_record, key_to_struct
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from featurepush.batch import BackfillProgress
     from featurepush.pusher import Pusher
 
 __all__ = [
@@ -303,6 +306,33 @@ class Client:
             _LOGGER.info("re-fetching the schema of %s after a decode failure", source)
             self._forget(source)
             return self._decode_vectors(response, self._definition(source).schema)
+
+    def read_batch_source(
+        self,
+        source: str,
+        *,
+        start: dt.datetime | None = None,
+        end: dt.datetime | None = None,
+        columns: Sequence[str] = (),
+    ) -> pa.RecordBatchReader:
+        """The source's batch history in [start, end) as Arrow batches, read lazily; see featurepush.batch."""
+        from featurepush.batch import read_batch_source
+
+        return read_batch_source(self._channel, source, start=start, end=end, columns=columns)
+
+    def backfill(
+        self,
+        source: str,
+        *,
+        start: dt.datetime | None = None,
+        end: dt.datetime | None = None,
+        dry_run: bool = False,
+        on_progress: Callable[[BackfillProgress], None] | None = None,
+    ) -> BackfillProgress:
+        """Load the source's batch history in [start, end) into the online store; return the totals."""
+        from featurepush.batch import backfill
+
+        return backfill(self._channel, source, start=start, end=end, dry_run=dry_run, on_progress=on_progress)
 
     def _decode_vectors(
         self, response: online_service_pb2.GetFeaturesResponse, schema: Sequence[Field]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from featurepush import Client, FeaturepushError, InvalidArgumentError
+from featurepush.batch import BackfillProgress
 from featurepush.definitions import DefinitionError, load_definitions
 
 DEFAULT_TARGET = "localhost:50051"
@@ -180,6 +182,68 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _when(text: str) -> dt.datetime:
+    """An ISO 8601 time; one without an offset is taken as UTC."""
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time such as 2024-05-01T00:00:00Z"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    columns = [c for c in (args.columns or "").split(",") if c]
+    rows = 0
+    with Client(args.target) as client:
+        reader = client.read_batch_source(args.source, start=args.start, end=args.end, columns=columns)
+        temp = args.out.with_name(f".{args.out.name}.part")
+        with tqdm(unit=" rows", unit_scale=True, desc=f"export {args.source}") as bar:
+            try:
+                with pq.ParquetWriter(temp, reader.schema) as writer:
+                    for batch in reader:
+                        writer.write_batch(batch)
+                        rows += batch.num_rows
+                        bar.update(batch.num_rows)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+        # Renamed only when complete, so an interrupted export never leaves a truncated file behind.
+        temp.replace(args.out)
+    print(f"{args.source}: exported {rows} rows to {args.out}")
+    return 0
+
+
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    bar = tqdm(unit=" rows", unit_scale=True, desc=f"backfill {args.source}")
+    with Client(args.target) as client, bar:
+
+        def show(progress: BackfillProgress) -> None:
+            bar.update(progress.rows_read - bar.n)
+            bar.set_postfix(written=progress.rows_written, rejected=progress.rows_rejected)
+
+        result = client.backfill(
+            args.source, start=args.start, end=args.end, dry_run=args.dry_run, on_progress=show
+        )
+    print(
+        f"{args.source}: read {result.rows_read} rows, wrote {result.rows_written}, "
+        f"{result.rows_superseded} superseded, {result.rows_rejected} rejected"
+        + (" (dry run, nothing written)" if args.dry_run else "")
+    )
+    for r in result.rejections:
+        print(f"  row {r.row}: {r.field}: {r.description}", file=sys.stderr)
+    if result.rows_rejected > len(result.rejections):
+        more = result.rows_rejected - len(result.rejections)
+        print(f"  ... and {more} more rejected rows", file=sys.stderr)
+    return 1 if result.rows_rejected else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="featurepush", description="featurepush feature-ingest service")
@@ -224,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     delete = client_command("delete", "delete a push source and its online rows")
     delete.add_argument("source")
     delete.set_defaults(func=_cmd_delete)
+
+    export = client_command("export", "write a source's batch history to a Parquet file")
+    export.add_argument("source")
+    export.add_argument("--start", type=_when, help="earliest event time (ISO 8601; UTC without an offset)")
+    export.add_argument("--end", type=_when, help="event time to stop before (ISO 8601)")
+    export.add_argument("--columns", help="comma-separated schema columns (default: all)")
+    export.add_argument("--out", type=Path, required=True, help="Parquet file to write")
+    export.set_defaults(func=_cmd_export)
+
+    backfill = client_command("backfill", "load a source's batch history into the online store")
+    backfill.add_argument("source")
+    backfill.add_argument("--start", type=_when, help="earliest event time (ISO 8601; UTC without an offset)")
+    backfill.add_argument("--end", type=_when, help="event time to stop before (ISO 8601)")
+    backfill.add_argument("--dry-run", action="store_true", help="validate only; write nothing")
+    backfill.set_defaults(func=_cmd_backfill)
     return parser
 
 
