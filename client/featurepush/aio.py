@@ -1,0 +1,317 @@
+"""The asyncio client (grpc.aio): push, get_features and a batching pusher, as the thread client offers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.rpc import status_pb2
+
+from featurepush.client import FeatureResult, PushResult
+from featurepush.definitions import StreamSource
+from featurepush.errors import FeaturepushError, from_rpc_error, from_status_proto
+from featurepush.payload import (
+    BatchFailure,
+    PushBatchError,
+    PushData,
+    feature_results,
+    fill_source_records,
+    push_result,
+)
+from featurepush.pusher import RETRYABLE_CODES, Backoff, BatchBook, ErrorCallback, PusherStats, encode_record
+from featurepush.v1 import (
+    ingest_service_pb2,
+    ingest_service_pb2_grpc,
+    online_service_pb2,
+    online_service_pb2_grpc,
+    registry_service_pb2,
+    registry_service_pb2_grpc,
+)
+from featurepush.values import key_to_struct
+
+__all__ = ["AsyncClient", "AsyncPusher"]
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class AsyncClient:
+    """A featurepush client on a grpc.aio channel; use it from one event loop, as the channel requires."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float | None = 10.0,
+        channel_options: Sequence[Any] = (),
+    ) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=list(channel_options))
+        self._timeout = timeout
+        self._ingest = ingest_service_pb2_grpc.IngestServiceStub(self._channel)
+        self._online = online_service_pb2_grpc.OnlineServiceStub(self._channel)
+        self._registry = registry_service_pb2_grpc.RegistryServiceStub(self._channel)
+        self._schemas: dict[str, StreamSource] = {}
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close(None)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def push(
+        self, source: str, data: PushData, *, dry_run: bool = False, request_id: str | None = None
+    ) -> PushResult:
+        """Push dicts, a pyarrow Table or RecordBatch, or a pandas DataFrame to one source, atomically."""
+        request = ingest_service_pb2.PushRequest(dry_run=dry_run, request_id=request_id or "")
+        fill_source_records(request.records[source], source, data)
+        try:
+            response = await self._ingest.Push(request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        return push_result(response)
+
+    async def get_features(self, source: str, keys: Sequence[Mapping[str, Any] | Any]) -> list[FeatureResult]:
+        """The latest record of each key's entity, in key order; keys as Client.get_features takes them."""
+        definition = await self._definition(source)
+        request = online_service_pb2.GetFeaturesRequest(
+            source=source, keys=[key_to_struct(key, definition.entity_keys) for key in keys]
+        )
+        try:
+            response = await self._online.GetFeatures(request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            self._schemas.pop(source, None)
+            raise _error(err) from None
+        try:
+            return feature_results(response, list(definition.schema))
+        except ValueError:
+            # The source may have changed since it was cached; decode with a fresh definition.
+            self._schemas.pop(source, None)
+            return feature_results(response, list((await self._definition(source)).schema))
+
+    async def _definition(self, name: str) -> StreamSource:
+        cached = self._schemas.get(name)
+        if cached is None:
+            try:
+                response = await self._registry.GetSource(
+                    registry_service_pb2.GetSourceRequest(name=name), timeout=self._timeout
+                )
+            except grpc.RpcError as err:
+                raise _error(err) from None
+            cached = self._schemas[name] = StreamSource.from_proto(response.source)
+        return cached
+
+    def pusher(
+        self, source: str, *, max_rows: int = 1000, linger_ms: float = 50.0, **options: Any
+    ) -> AsyncPusher:
+        """A batching pusher over PushStream for one source; use it with `async with`."""
+        return AsyncPusher(self._ingest, source, max_rows=max_rows, linger_ms=linger_ms, **options)
+
+
+class AsyncPusher:
+    """The asyncio twin of featurepush.pusher.Pusher: same batching, retries, idempotency and error reporting.
+
+    Its tasks start on `async with` or `start()`; `add` waits while `max_pending` batches are unsettled.
+    """
+
+    def __init__(
+        self,
+        stub: ingest_service_pb2_grpc.IngestServiceStub,
+        source: str,
+        *,
+        max_rows: int = 1000,
+        linger_ms: float = 50.0,
+        max_pending: int = 8,
+        on_error: ErrorCallback | None = None,
+        retry_timeout_s: float = 60.0,
+        backoff_initial_s: float = 0.05,
+        backoff_max_s: float = 2.0,
+    ) -> None:
+        if max_rows < 1 or max_pending < 1 or linger_ms < 0:
+            raise ValueError("max_rows and max_pending must be at least 1 and linger_ms not negative")
+        self._stub = stub
+        self._book = BatchBook(source, max_rows)
+        self._linger_s = linger_ms / 1000
+        self._max_pending = max_pending
+        self._on_error = on_error
+        self._retry_timeout_s = retry_timeout_s
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
+        self._changed = asyncio.Condition()
+        self._outbox: asyncio.Queue[ingest_service_pb2.PushStreamRequest | None] | None = None
+        self._closed = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def stats(self) -> PusherStats:
+        """A copy of the totals so far."""
+        return PusherStats(**vars(self._book.stats))
+
+    def start(self) -> None:
+        """Start the sending and linger tasks on the running loop."""
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._linger_loop())]
+
+    async def __aenter__(self) -> AsyncPusher:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def add(self, record: Mapping[str, Any]) -> None:
+        """Queue one record; raises ValueError or TypeError at once if it cannot be encoded."""
+        struct = encode_record(record)
+        self.start()
+        async with self._changed:
+            if self._closed:
+                raise RuntimeError("the pusher is closed")
+            await self._changed.wait_for(lambda: len(self._book.pending) < self._max_pending or self._dead())
+            if self._book.append(record, struct):
+                self._seal()
+            self._changed.notify_all()
+
+    async def add_many(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Queue records in order."""
+        for record in records:
+            await self.add(record)
+
+    async def flush(self) -> None:
+        """Send what is buffered and wait until every batch is settled; raise PushBatchError for failures."""
+        async with self._changed:
+            self._seal()
+            self._changed.notify_all()
+            await self._changed.wait_for(lambda: not self._book.pending or self._dead())
+        self._raise_failures()
+
+    async def close(self) -> None:
+        """Flush, end the stream and the tasks; raise PushBatchError for failures."""
+        async with self._changed:
+            if not self._closed:
+                self._seal()
+                self._closed = True
+                self._half_close()
+                self._changed.notify_all()
+        await asyncio.gather(*self._tasks)
+        self._raise_failures()
+
+    def _dead(self) -> bool:
+        return bool(self._tasks) and self._tasks[0].done()
+
+    def _raise_failures(self) -> None:
+        failures, self._book.failures = self._book.failures, []
+        if failures:
+            raise PushBatchError(failures)
+
+    def _seal(self) -> None:
+        batch = self._book.seal()
+        if batch is not None and self._outbox is not None:
+            batch.sent_at = time.monotonic()
+            self._outbox.put_nowait(batch.message)
+
+    def _half_close(self) -> None:
+        if self._closed and not self._book.pending and self._outbox is not None:
+            self._outbox.put_nowait(None)
+            self._outbox = None
+
+    def _report(self, failures: list[BatchFailure]) -> None:
+        if self._on_error is None:
+            self._book.failures.extend(failures)
+            return
+        for failure in failures:
+            try:
+                self._on_error(failure)
+            except Exception:
+                _LOGGER.exception("the pusher's on_error callback failed")
+
+    async def _send_loop(self) -> None:
+        failing_since: float | None = None
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: bool(self._book.pending) or self._closed)
+                if not self._book.pending:
+                    return
+                outbox: asyncio.Queue[ingest_service_pb2.PushStreamRequest | None] = asyncio.Queue()
+                now = time.monotonic()
+                for batch in self._book.in_order():
+                    batch.sent_at = now
+                    outbox.put_nowait(batch.message)
+                self._outbox = outbox
+            error: FeaturepushError | None = None
+            try:
+                async for ack in self._stub.PushStream(_drain(outbox)):
+                    async with self._changed:
+                        failure = self._book.acknowledge(ack)
+                        self._backoff.reset()
+                        failing_since = None
+                        if failure is not None:
+                            self._report([failure])
+                        self._half_close()
+                        self._changed.notify_all()
+            except grpc.RpcError as err:
+                error = _error(err)
+            async with self._changed:
+                if self._outbox is outbox:
+                    self._outbox = None
+                outbox.put_nowait(None)
+                if not self._book.pending:
+                    continue
+            if error is None or error.code in RETRYABLE_CODES:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since <= self._retry_timeout_s:
+                    self._book.stats.reconnects += 1
+                    await asyncio.sleep(self._backoff.next_delay())
+                    continue
+            final = error or FeaturepushError(grpc.StatusCode.UNAVAILABLE, "the push stream kept ending")
+            async with self._changed:
+                self._report(self._book.fail_pending(final))
+                self._changed.notify_all()
+            failing_since = None
+
+    async def _linger_loop(self) -> None:
+        async with self._changed:
+            while not (self._closed and self._dead()):
+                due = self._book.linger_due(self._linger_s)
+                now = time.monotonic()
+                if due is not None and now >= due:
+                    self._seal()
+                    self._changed.notify_all()
+                    continue
+                timeout = min(due - now, 0.5) if due is not None else 0.5
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout)
+                except TimeoutError:
+                    pass
+
+
+async def _drain(
+    outbox: asyncio.Queue[ingest_service_pb2.PushStreamRequest | None],
+) -> AsyncIterator[ingest_service_pb2.PushStreamRequest]:
+    """The requests of one stream attempt, until the None that ends it."""
+    while (message := await outbox.get()) is not None:
+        yield message
+
+
+def _error(err: grpc.RpcError) -> FeaturepushError:
+    """The typed exception of a failed aio call, with the rich status details from its trailers."""
+    if not isinstance(err, grpc.aio.AioRpcError):
+        return from_rpc_error(err)
+    details = []
+    # grpc's stubs type the trailers too loosely to unpack them.
+    trailers: Any = err.trailing_metadata() or ()
+    for key, value in trailers:
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            details = list(status_pb2.Status.FromString(value).details)
+    return from_status_proto(err.code().value[0], err.details() or "", details)

@@ -1,0 +1,90 @@
+"""The asyncio client on a real server: push, get_features and the batching pusher."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pyarrow as pa
+from conftest import Running
+
+from featurepush import FeatureStatus, InvalidArgumentError
+from featurepush.aio import AsyncClient
+from featurepush.payload import BatchFailure, PushBatchError
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def record(i: int, clicked: object = None) -> dict[str, object]:
+    return {"user_id": f"u{i}", "timestamp": T0, "clicked": i if clicked is None else clicked}
+
+
+def test_push_and_get_features(running: Running) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(running.target) as client:
+            rows = await client.push("ad_impressions", [record(0), record(1)])
+            columns = await client.push("ad_impressions", pa.Table.from_pylist([record(2)]))
+            assert (
+                rows.counts["ad_impressions"].written == 2 and columns.counts["ad_impressions"].written == 1
+            )
+            results = await client.get_features("ad_impressions", ["u0", "u2", "nobody"])
+            assert [r.status for r in results] == [FeatureStatus.PRESENT] * 2 + [FeatureStatus.MISSING]
+            assert results[1].features == record(2)
+            try:
+                await client.push("ad_impressions", [record(3, clicked=1.5)])
+            except InvalidArgumentError as e:
+                assert [v.field for v in e.violations] == ['records["ad_impressions"][0].clicked']
+            else:
+                raise AssertionError("a lossy push was accepted")
+
+    asyncio.run(scenario())
+
+
+def test_pusher_batches_reports_failures_and_flushes_on_close(running: Running) -> None:
+    failures: list[BatchFailure] = []
+
+    async def scenario() -> None:
+        async with AsyncClient(running.target) as client:
+            async with client.pusher(
+                "ad_impressions", max_rows=10, linger_ms=60_000, on_error=failures.append
+            ) as p:
+                await p.add_many(record(i) for i in range(25))
+                await p.add_many([record(25, clicked="x")] + [record(i) for i in range(26, 30)])
+                await p.add_many(record(i) for i in range(30, 35))
+            assert (p.stats.batches, p.stats.written, p.stats.failed_records) == (3, 25, 10)
+            results = await client.get_features("ad_impressions", [f"u{i}" for i in range(35)])
+            present = [r.status == FeatureStatus.PRESENT for r in results]
+            assert present == [True] * 20 + [False] * 10 + [True] * 5
+
+    asyncio.run(scenario())
+    assert len(failures) == 1 and [r["user_id"] for r in failures[0].records] == [
+        f"u{i}" for i in range(20, 30)
+    ]
+
+
+def test_pusher_raises_failures_on_close_without_a_callback(running: Running) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(running.target) as client:
+            p = client.pusher("ad_impressions", max_rows=1, linger_ms=1)
+            await p.add(record(0, clicked=True))
+            await p.add(record(1))
+            try:
+                await p.close()
+            except PushBatchError as e:
+                assert [f.sequence_id for f in e.failures] == [0]
+            else:
+                raise AssertionError("close did not raise the failed batch")
+            assert p.stats.written == 1
+
+    asyncio.run(scenario())
+
+
+def test_pusher_sends_lingering_records(running: Running) -> None:
+    async def scenario() -> None:
+        async with AsyncClient(running.target) as client:
+            async with client.pusher("ad_impressions", max_rows=100, linger_ms=5) as p:
+                await p.add(record(7))
+                while p.stats.batches == 0:
+                    await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
