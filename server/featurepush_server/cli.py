@@ -313,7 +313,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
         return code
     except (CommandError, FeaturepushError, OSError) as e:
-        text = str(e) if not isinstance(e, OSError) else f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+        if isinstance(e, OSError):
+            text = f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+        elif isinstance(e, InvalidArgumentError):
+            text = "".join(
+                [f"{e.code.name}: {e.message}", *(f"\n  {v.field}: {v.description}" for v in e.violations)]
+            )
+        else:
+            text = str(e)
         print(f"featurepush: error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -86,7 +86,8 @@ def _coerce(name: str, value: Any) -> Any:
             return tuple(Path(v) for v in items if str(v))
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a {kind}, not {value!r}") from None
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ConfigError(f"{name} must be {article} {kind}, not {value!r}") from None
 
 
 def load_config(
