@@ -1,0 +1,346 @@
+"""Every scenario against a real `featurepush serve` process and its ceilings; writes bench/results.json."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pyarrow as pa
+import rocksdict
+
+from featurepush import Bool, Client, Field, Float64, Int32, Int64, StreamSource, String, Timestamp
+from featurepush.payload import arrow_ipc
+from featurepush.v1 import ingest_service_pb2 as ingest_pb
+from featurepush.v1 import online_service_pb2 as online_pb
+from featurepush.values import fill_struct
+
+SOURCE = "ad_impressions"
+# The seed's ad_impressions schema, widened to 8 fields.
+AD_IMPRESSIONS = StreamSource(
+    name=SOURCE,
+    schema=[
+        Field("user_id", String),
+        Field("timestamp", Timestamp),
+        Field("clicked", Int64),
+        Field("ad_id", String),
+        Field("campaign_id", Int64),
+        Field("position", Int32),
+        Field("bid", Float64),
+        Field("viewed", Bool),
+    ],
+    entity_keys=["user_id"],
+    timestamp_field="timestamp",
+)
+SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
+LATENCY_CALLS = int(os.environ.get("BENCH_LATENCY_CALLS", "1000"))
+CLIENTS = 2
+RESULTS = Path(__file__).with_name("results.json")
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+PUSH = "/featurepush.v1.IngestService/Push"
+PUSH_STREAM = "/featurepush.v1.IngestService/PushStream"
+GET = "/featurepush.v1.OnlineService/GetFeatures"
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+def rows(worker: int, n: int) -> list[dict[str, Any]]:
+    """n distinct ad impressions for one worker."""
+    return [
+        {
+            "user_id": f"w{worker}-u{i}",
+            "timestamp": T0 + dt.timedelta(microseconds=i),
+            "clicked": i % 7,
+            "ad_id": f"ad-{i % 1000}",
+            "campaign_id": 10_000_000_000 + i % 50,
+            "position": i % 10,
+            "bid": 0.25 + i % 100 / 1000,
+            "viewed": i % 2 == 0,
+        }
+        for i in range(n)
+    ]
+
+
+def push_bytes(worker: int, n: int, columnar: bool = False) -> bytes:
+    """A serialized PushRequest of n rows, as Structs or as Arrow IPC."""
+    request = ingest_pb.PushRequest()
+    if columnar:
+        request.records[SOURCE].arrow_ipc = arrow_ipc(pa.Table.from_pylist(rows(worker, n)))
+    else:
+        target = request.records[SOURCE].rows
+        for row in rows(worker, n):
+            fill_struct(target.add(), row)
+    return request.SerializeToString()
+
+
+def get_bytes(worker: int, n: int) -> bytes:
+    """A serialized GetFeaturesRequest for n of one worker's entities."""
+    request = online_pb.GetFeaturesRequest(source=SOURCE)
+    for i in range(n):
+        request.keys.add().update({"user_id": f"w{worker}-u{i}"})
+    return request.SerializeToString()
+
+
+def _throughput(target: str, scenario: str, worker: int, seconds: float) -> tuple[int, float]:
+    """Items moved and seconds taken by one client process looping over one scenario."""
+    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    unary = channel.unary_unary(PUSH)
+    per_call, method = 1000, unary
+    if scenario == "rows":
+        payload = push_bytes(worker, per_call)
+    elif scenario == "arrow":
+        per_call = 10_000
+        payload = push_bytes(worker, per_call, columnar=True)
+    elif scenario == "get":
+        per_call, method, payload = 100, channel.unary_unary(GET), get_bytes(worker, 100)
+    elif scenario == "stream":
+        message = ingest_pb.PushStreamRequest(
+            request=ingest_pb.PushRequest.FromString(push_bytes(worker, 1000))
+        )
+        stream = channel.stream_stream(PUSH_STREAM)
+        deadline = time.perf_counter() + seconds
+
+        def batches() -> Iterator[bytes]:
+            while time.perf_counter() < deadline:
+                yield message.SerializeToString()
+
+        start = time.perf_counter()
+        acks = sum(1 for _ in stream(batches()))
+        return acks * per_call, time.perf_counter() - start
+    method(payload)  # warm the connection
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        method(payload)
+        calls += 1
+    elapsed = time.perf_counter() - start
+    channel.close()
+    return calls * per_call, elapsed
+
+
+def throughput(pool: ProcessPoolExecutor, target: str, scenario: str) -> float:
+    """Items per second of CLIENTS processes running one scenario at once."""
+    jobs = [pool.submit(_throughput, target, scenario, w, SECONDS) for w in range(CLIENTS)]
+    done = [j.result() for j in jobs]
+    return sum(n for n, _ in done) / max(t for _, t in done)
+
+
+def latencies(target: str, method_name: str, payload: bytes) -> tuple[float, float]:
+    """p50 and p99 in milliseconds of serial single calls."""
+    with grpc.insecure_channel(target) as channel:
+        method = channel.unary_unary(method_name)
+        method(payload)
+        times = []
+        for _ in range(LATENCY_CALLS):
+            start = time.perf_counter()
+            method(payload)
+            times.append((time.perf_counter() - start) * 1000)
+    cuts = statistics.quantiles(times, n=100)
+    return cuts[49], cuts[98]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(target: str) -> None:
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+
+
+def start_featurepush(data_dir: Path, fsync: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A `featurepush serve` process on a free port."""
+    port = free_port()
+    exe = shutil.which("featurepush", path=str(Path(sys.executable).parent)) or "featurepush"
+    command = [exe, "serve", "--listen", f"localhost:{port}", "--data-dir", str(data_dir), "--fsync", fsync]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"localhost:{port}"
+    wait_ready(target)
+    with Client(target) as client:
+        client.apply(AD_IMPRESSIONS)
+    return process, target
+
+
+def start_empty(get_response: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """The empty-handler server on a free port."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "bench.empty_server",
+        "--port",
+        str(port),
+        "--get-response",
+        str(get_response),
+    ]
+    process = subprocess.Popen(command, cwd=Path(__file__).parent.parent)
+    target = f"localhost:{port}"
+    wait_ready(target)
+    return process, target
+
+
+def rocksdb_rows_per_s(folder: Path, per_batch: int, sync: bool) -> float:
+    """Rows per second of raw rocksdict WriteBatches of the same rows, with the server's sync policy."""
+    options = rocksdict.Options(raw_mode=True)
+    options.create_if_missing(True)
+    db = rocksdict.Rdict(str(folder), options)
+    pairs = [
+        (
+            b"r\x00\x00\x00\x01" + r["user_id"].encode(),
+            int(r["timestamp"].timestamp() * 1e6).to_bytes(8, "big") + json.dumps(r, default=str).encode(),
+        )
+        for r in rows(0, per_batch)
+    ]
+    written, start = 0, time.perf_counter()
+    while time.perf_counter() - start < SECONDS:
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        for key, value in pairs:
+            wb.put(key, value)
+        db.write(wb)
+        if sync:
+            db.flush_wal(True)
+        written += per_batch
+    elapsed = time.perf_counter() - start
+    db.close()
+    return written / elapsed
+
+
+def rocksdb_get_keys_per_s(folder: Path) -> float:
+    options = rocksdict.Options(raw_mode=True)
+    db = rocksdict.Rdict(str(folder), options)
+    keys = [b"r\x00\x00\x00\x01" + r["user_id"].encode() for r in rows(0, 100)]
+    got, start = 0, time.perf_counter()
+    while time.perf_counter() - start < SECONDS:
+        db.get(keys)
+        got += len(keys)
+    elapsed = time.perf_counter() - start
+    db.close()
+    return got / elapsed
+
+
+@dataclass
+class Result:
+    name: str
+    value: float
+    unit: str
+    ceiling: float
+    ratio: float
+
+
+def result(name: str, value: float, unit: str, ceiling: float) -> Result:
+    """A row; ratio is the share of the ceiling reached (ceiling over value for latencies)."""
+    ratio = ceiling / value if unit == "ms" else value / ceiling
+    return Result(name, round(value, 3), unit, round(ceiling, 3), round(ratio, 3))
+
+
+def measure(pool: ProcessPoolExecutor, target: str, suffix: str, ceilings: dict[str, float]) -> list[Result]:
+    """Every featurepush scenario against one server."""
+    out = [
+        result("push_rows" + suffix, throughput(pool, target, "rows"), "rows/s", ceilings["push_rows"]),
+        result("push_stream" + suffix, throughput(pool, target, "stream"), "rows/s", ceilings["push_stream"]),
+        result("push_arrow" + suffix, throughput(pool, target, "arrow"), "rows/s", ceilings["push_arrow"]),
+    ]
+    p50, p99 = latencies(target, PUSH, push_bytes(9, 1))
+    out += [
+        result("push_one_p50_ms" + suffix, p50, "ms", ceilings["push_one_p50_ms"]),
+        result("push_one_p99_ms" + suffix, p99, "ms", ceilings["push_one_p99_ms"]),
+    ]
+    return out
+
+
+def main() -> None:
+    """Start the servers, run everything, print the table and write bench/results.json."""
+    started = time.perf_counter()
+    processes: list[subprocess.Popen[bytes]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="featurepush-bench-") as tmp,
+        ProcessPoolExecutor(CLIENTS, mp_context=get_context("spawn")) as pool,
+    ):
+        folder = Path(tmp)
+        try:
+            server, target = start_featurepush(folder / "always", "always")
+            processes.append(server)
+            # Fill the store once so the reads find rows, and keep a real reply for the empty server to send.
+            for w in range(CLIENTS):
+                grpc.insecure_channel(target).unary_unary(PUSH)(push_bytes(w, 1000))
+            with grpc.insecure_channel(target) as channel:
+                (folder / "get.bin").write_bytes(channel.unary_unary(GET)(get_bytes(0, 100)))
+            empty, empty_target = start_empty(folder / "get.bin")
+            processes.append(empty)
+
+            grpc_ceiling = {s: throughput(pool, empty_target, s) for s in ("rows", "stream", "arrow", "get")}
+            empty_p50, empty_p99 = latencies(empty_target, PUSH, push_bytes(9, 1))
+            _, empty_get_p99 = latencies(empty_target, GET, get_bytes(0, 1))
+            db_sync = rocksdb_rows_per_s(folder / "raw-sync", 1000, sync=True)
+            db_sync_10k = rocksdb_rows_per_s(folder / "raw-sync-10k", 10_000, sync=True)
+            db_nosync = rocksdb_rows_per_s(folder / "raw-nosync", 1000, sync=False)
+            db_nosync_10k = rocksdb_rows_per_s(folder / "raw-nosync-10k", 10_000, sync=False)
+            db_get = rocksdb_get_keys_per_s(folder / "raw-nosync")
+
+            def ceilings(sync: bool) -> dict[str, float]:
+                # A push can go no faster than the slower of moving its bytes and writing its rows.
+                per_1k, per_10k = (db_sync, db_sync_10k) if sync else (db_nosync, db_nosync_10k)
+                return {
+                    "push_rows": min(grpc_ceiling["rows"], per_1k),
+                    "push_stream": min(grpc_ceiling["stream"], per_1k),
+                    "push_arrow": min(grpc_ceiling["arrow"], per_10k),
+                    "push_one_p50_ms": empty_p50,
+                    "push_one_p99_ms": empty_p99,
+                }
+
+            results = measure(pool, target, "", ceilings(True))
+            results.append(
+                result(
+                    "get_features",
+                    throughput(pool, target, "get"),
+                    "keys/s",
+                    min(grpc_ceiling["get"], db_get),
+                )
+            )
+            _, get_p99 = latencies(target, GET, get_bytes(0, 1))
+            results.append(result("get_one_p99_ms", get_p99, "ms", empty_get_p99))
+
+            fast, fast_target = start_featurepush(folder / "never", "never")
+            processes.append(fast)
+            results += measure(pool, fast_target, "[fsync=never]", ceilings(False))
+            ceiling_rows = [
+                Result("ceiling_empty_grpc_push_1k", round(grpc_ceiling["rows"]), "rows/s", 0, 0),
+                Result("ceiling_empty_grpc_stream_1k", round(grpc_ceiling["stream"]), "rows/s", 0, 0),
+                Result("ceiling_empty_grpc_arrow_10k", round(grpc_ceiling["arrow"]), "rows/s", 0, 0),
+                Result("ceiling_empty_grpc_get_100", round(grpc_ceiling["get"]), "keys/s", 0, 0),
+                Result("ceiling_rocksdb_write_1k_sync", round(db_sync), "rows/s", 0, 0),
+                Result("ceiling_rocksdb_write_1k_nosync", round(db_nosync), "rows/s", 0, 0),
+                Result("ceiling_rocksdb_write_10k_sync", round(db_sync_10k), "rows/s", 0, 0),
+                Result("ceiling_rocksdb_get_100", round(db_get), "keys/s", 0, 0),
+            ]
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(30)
+    RESULTS.write_text(json.dumps([vars(r) for r in results], indent=2) + "\n")
+    print(f"{'name':<28} {'value':>14} {'unit':<7} {'ceiling':>14} {'ratio':>6}")
+    for r in results:
+        print(f"{r.name:<28} {r.value:>14,.3f} {r.unit:<7} {r.ceiling:>14,.3f} {r.ratio:>6.3f}")
+    print()
+    for r in ceiling_rows:
+        print(f"{r.name:<34} {r.value:>14,.0f} {r.unit}")
+    print(
+        f"\nfsync=always unless marked; {CLIENTS} client processes for throughput, 1 for latency; "
+        f"{SECONDS:g} s per scenario; took {time.perf_counter() - started:.0f} s; wrote {RESULTS}"
+    )
+
