@@ -61,7 +61,7 @@ def read_batch_source(
 ) -> pa.RecordBatchReader:
     """Stream rows of `source`'s batch history with event times in [start, end) as a RecordBatchReader.
 
-    Batches arrive lazily; closing the reader before the end cancels the call.
+    Batches arrive lazily; dropping the reader before the end cancels the call.
     """
     request = pb.ReadBatchSourceRequest(
         source=source,
