@@ -1,0 +1,217 @@
+"""Benchmarks of batch sources: ReadBatchSource throughput and memory, and Backfill rows per second."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import rocksdict
+from google.protobuf import json_format
+
+from featurepush.batch import backfill, read_batch_source
+from featurepush.v1 import backfill_service_pb2 as pb
+from featurepush.v1 import backfill_service_pb2_grpc as pb_grpc
+from featurepush.v1 import registry_service_pb2, registry_service_pb2_grpc, source_pb2
+from featurepush_server.app import create_server
+from featurepush_server.config import ServerConfig
+from featurepush_server.core.encoding import encode_rows
+from featurepush_server.core.schema import compile_source
+from featurepush_server.core.store import row_prefix
+
+DAY0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+
+
+def _source(uri: str) -> source_pb2.PushSource:
+    doc = {
+        "name": "bench",
+        "schema": {
+            "fields": [
+                {"name": "user_id", "type": {"scalar": "SCALAR_TYPE_STRING"}},
+                {"name": "timestamp", "type": {"scalar": "SCALAR_TYPE_TIMESTAMP"}},
+                {"name": "clicked", "type": {"scalar": "SCALAR_TYPE_INT64"}},
+                {"name": "score", "type": {"scalar": "SCALAR_TYPE_FLOAT64"}},
+            ]
+        },
+        "entityKeys": ["user_id"],
+        "timestampField": "timestamp",
+        "batchConfig": {"uri": uri, "fileFormat": "FILE_FORMAT_PARQUET"},
+    }
+    return json_format.ParseDict(doc, source_pb2.PushSource())
+
+
+def _write_history(path: Path, rows: int, entities: int) -> None:
+    """A Parquet file of `rows` events, written in row groups so that writing it stays small in memory."""
+    schema = pa.schema(
+        [
+            ("user_id", pa.string()),
+            ("timestamp", pa.timestamp("us", "UTC")),
+            ("clicked", pa.int64()),
+            ("score", pa.float64()),
+        ]
+    )
+    rng = np.random.default_rng(7)
+    base = int(DAY0.timestamp() * 1_000_000)
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, rows, 1_000_000):
+            n = min(1_000_000, rows - start)
+            ids = np.arange(start, start + n)
+            table = pa.table(
+                {
+                    "user_id": pa.array([f"user{i}" for i in ids % entities]),
+                    "timestamp": pa.array(base + ids * 1000, pa.timestamp("us", "UTC")),
+                    "clicked": pa.array(rng.integers(0, 100, n)),
+                    "score": pa.array(rng.random(n)),
+                },
+                schema=schema,
+            )
+            writer.write_table(table, row_group_size=131_072)
+
+
+class _Server:
+    """A featurepush server over a temp folder with the bench source applied."""
+
+    def __init__(self, folder: Path, history: Path):
+        self.server = create_server(
+            ServerConfig(listen="localhost:0", data_dir=folder / "data", fsync="never")
+        )
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"localhost:{self.server.port}")
+        registry_service_pb2_grpc.RegistryServiceStub(self.channel).ApplySource(
+            registry_service_pb2.ApplySourceRequest(source=_source(str(history)))
+        )
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(None)
+
+
+def _result(name: str, value: float, unit: str, ceiling: float | None) -> dict[str, Any]:
+    ratio = value / ceiling if ceiling else None
+    return {
+        "name": name,
+        "value": round(value, 3),
+        "unit": unit,
+        "ceiling": ceiling and round(ceiling, 3),
+        "ratio": ratio and round(ratio, 3),
+    }
+
+
+class _Echo(pb_grpc.BackfillServiceServicer):
+    """Streams prepared messages and does nothing else: the ceiling of a gRPC stream of the same bytes."""
+
+    def __init__(self, messages: list[pb.ReadBatchSourceResponse]):
+        self._messages = messages
+
+    def ReadBatchSource(
+        self, request: pb.ReadBatchSourceRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ReadBatchSourceResponse]:
+        yield from self._messages
+
+
+def read_batch_source_mb_s(rows: int = 2_000_000) -> dict[str, Any]:
+    """MB/s of Arrow data streamed by ReadBatchSource from Parquet to one client."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        _write_history(folder / "h.parquet", rows, 100_000)
+        running = _Server(folder, folder / "h.parquet")
+        try:
+            read_batch_source(running.channel, "bench").read_all()  # warm the page cache
+            began = time.perf_counter()
+            total = sum(b.nbytes for b in read_batch_source(running.channel, "bench"))
+            ours = total / (time.perf_counter() - began) / 1e6
+            stub = pb_grpc.BackfillServiceStub(running.channel)
+            messages = list(stub.ReadBatchSource(pb.ReadBatchSourceRequest(source="bench")))
+        finally:
+            running.close()
+        echo = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4),
+            options=[("grpc.max_send_message_length", 64 * 1024 * 1024)],
+        )
+        pb_grpc.add_BackfillServiceServicer_to_server(_Echo(messages), echo)
+        port = echo.add_insecure_port("localhost:0")
+        echo.start()
+        try:
+            with grpc.insecure_channel(f"localhost:{port}") as channel:
+                stub = pb_grpc.BackfillServiceStub(channel)
+                began = time.perf_counter()
+                for message in stub.ReadBatchSource(pb.ReadBatchSourceRequest()):
+                    # The client's decode is part of both sides, so only the server's work differs.
+                    if message.HasField("arrow_record_batch"):
+                        pa.py_buffer(message.arrow_record_batch)
+                ceiling = total / (time.perf_counter() - began) / 1e6
+        finally:
+            echo.stop(None)
+    return _result("read_batch_source_mb_s", ours, "MB/s", ceiling)
+
+
+def backfill_rows(rows: int = 5_000_000) -> dict[str, Any]:
+    """Rows per second that Backfill loads into RocksDB, against a raw rocksdict WriteBatch of them."""
+    entities = rows // 2
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        _write_history(folder / "h.parquet", rows, entities)
+        running = _Server(folder, folder / "h.parquet")
+        try:
+            began = time.perf_counter()
+            result = backfill(running.channel, "bench")
+            ours = result.rows_read / (time.perf_counter() - began)
+        finally:
+            running.close()
+        spec = compile_source(_source(str(folder / "h.parquet")))
+        table = pq.read_table(folder / "h.parquet")
+        keys, values = encode_rows(table, spec.fields, spec.entity_keys, spec.timestamp_field, row_prefix(1))
+        options = rocksdict.Options(raw_mode=True)
+        options.create_if_missing(True)
+        db = rocksdict.Rdict(str(folder / "raw"), options)
+        try:
+            began = time.perf_counter()
+            for start in range(0, rows, 65_536):
+                wb = rocksdict.WriteBatch(raw_mode=True)
+                for key, value in zip(
+                    keys[start : start + 65_536], values[start : start + 65_536], strict=True
+                ):
+                    wb.put(key, value)
+                db.write(wb)
+            ceiling = rows / (time.perf_counter() - began)
+        finally:
+            db.close()
+    return _result("backfill_rows", ours, "rows/s", ceiling)
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc")
+
+
+def read_batch_source_rss_mb(rows: int = 10_000_000) -> dict[str, Any]:
+    """Server resident-memory growth in MB while ReadBatchSource streams `rows` rows (limit 300)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        _write_history(folder / "h.parquet", rows, 1_000_000)
+        running = _Server(folder, folder / "h.parquet")
+        try:
+            pid = os.getpid()
+            before = _rss_mb(pid)
+            peak = before
+            streamed = 0
+            # The server runs in this process, so its RSS is this process's; the client keeps no batch.
+            for batch in read_batch_source(running.channel, "bench"):
+                streamed += batch.num_rows
+                peak = max(peak, _rss_mb(pid))
+            assert streamed == rows
+        finally:
+            running.close()
+    return _result("read_batch_source_rss_mb", peak - before, "MB", 300.0)
