@@ -343,4 +343,3 @@ def main() -> None:
         f"\nfsync=always unless marked; {CLIENTS} client processes for throughput, 1 for latency; "
         f"{SECONDS:g} s per scenario; took {time.perf_counter() - started:.0f} s; wrote {RESULTS}"
     )
-
