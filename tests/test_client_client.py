@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 
-import featurepush
 import grpc
 import pytest
+from google.protobuf import json_format, struct_pb2
+
+import featurepush
 from featurepush import Client, FeatureStatus, Field, Int64, SourceCounts, StreamSource, String, Timestamp
 from featurepush.v1 import (
     ingest_service_pb2,
@@ -19,7 +21,6 @@ from featurepush.v1 import (
     registry_service_pb2,
     registry_service_pb2_grpc,
 )
-from google.protobuf import json_format, struct_pb2
 
 SOURCE = StreamSource(
     name="clicks",

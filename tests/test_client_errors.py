@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent import futures
 
-import featurepush
 import grpc
 import pytest
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+import featurepush
 from featurepush.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
@@ -23,9 +27,6 @@ from featurepush.errors import (
     from_status_proto,
 )
 from featurepush.v1 import registry_service_pb2, registry_service_pb2_grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 
 def _packed(message: error_details_pb2.BadRequest | error_details_pb2.ErrorInfo) -> any_pb2.Any:

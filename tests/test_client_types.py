@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from featurepush.types import (
     Array,
     Bool,
@@ -22,8 +25,6 @@ from featurepush.types import (
     dtype_from_proto,
 )
 from featurepush.v1 import schema_pb2
-from hypothesis import given
-from hypothesis import strategies as st
 
 SCALARS: list[DataType] = [String, Int32, Int64, Float32, Float64, Bool, Timestamp, Bytes]
 

@@ -9,6 +9,10 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from google.protobuf import json_format, struct_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from featurepush.types import (
     Array,
     Bool,
@@ -32,9 +36,6 @@ from featurepush.values import (
     parse_timestamp,
     record_to_struct,
 )
-from google.protobuf import json_format, struct_pb2
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 UTC = dt.UTC
 

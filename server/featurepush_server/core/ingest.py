@@ -47,9 +47,11 @@ def read_arrow(data: bytes, path: str) -> pa.Table:
         with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
             return reader.read_all()
     except (pa.ArrowInvalid, OSError) as e:
-        raise InvalidInput("arrow_ipc is not a readable Arrow IPC stream",
-                           [Violation(path + ".arrow_ipc", f"not an Arrow IPC stream: {e}")],
-                           reason="INVALID_ARROW") from None
+        raise InvalidInput(
+            "arrow_ipc is not a readable Arrow IPC stream",
+            [Violation(path + ".arrow_ipc", f"not an Arrow IPC stream: {e}")],
+            reason="INVALID_ARROW",
+        ) from None
 
 
 def arrow_ipc(table: pa.Table) -> bytes:
@@ -63,28 +65,36 @@ def arrow_ipc(table: pa.Table) -> bytes:
 class Ingestor:
     """Validates pushes against their sources' schemas and writes them to the online store."""
 
-    def __init__(self, registry: Registry, store: OnlineStore, *, max_records: int = 10_000,
-                 max_violations: int = 100):
+    def __init__(
+        self, registry: Registry, store: OnlineStore, *, max_records: int = 10_000, max_violations: int = 100
+    ):
         self._registry = registry
         self._store = store
         self.max_records = max_records
         self._max_violations = max_violations
 
-    def push(self, records: Mapping[str, SourcePayload], *, dry_run: bool = False,
-             request_id: str = "") -> PushOutcome:
+    def push(
+        self, records: Mapping[str, SourcePayload], *, dry_run: bool = False, request_id: str = ""
+    ) -> PushOutcome:
         """Validate all records, then write them all or raise without writing anything."""
         if not records or all(not p.rows and not p.arrow_ipc for p in records.values()):
-            raise InvalidInput("the push carries no records",
-                               [Violation("records", "add at least one record for a source")],
-                               reason="EMPTY_PUSH")
+            raise InvalidInput(
+                "the push carries no records",
+                [Violation("records", "add at least one record for a source")],
+                reason="EMPTY_PUSH",
+            )
         if len(request_id) > MAX_REQUEST_ID:
-            raise InvalidInput("request_id is too long",
-                               [Violation("request_id", f"at most {MAX_REQUEST_ID} characters")])
+            raise InvalidInput(
+                "request_id is too long", [Violation("request_id", f"at most {MAX_REQUEST_ID} characters")]
+            )
         missing = sorted(name for name in records if self._source_or_none(name) is None)
         if missing:
-            raise NotFound(f"unknown push source{'s' if len(missing) > 1 else ''}: {', '.join(missing)}; "
-                           "apply them first (featurepush apply)",
-                           reason="SOURCE_NOT_FOUND", metadata={"sources": ",".join(missing)})
+            raise NotFound(
+                f"unknown push source{'s' if len(missing) > 1 else ''}: {', '.join(missing)}; "
+                "apply them first (featurepush apply)",
+                reason="SOURCE_NOT_FOUND",
+                metadata={"sources": ",".join(missing)},
+            )
         violations: list[Violation] = []
         tables: dict[str, pa.Table] = {}
         for name, payload in records.items():
@@ -99,7 +109,9 @@ class Ingestor:
                 raise LimitExceeded(
                     f"the push carries more than {self.max_records} records; split it into requests "
                     f"of at most {self.max_records} records",
-                    reason="TOO_MANY_RECORDS", metadata={"limit": str(self.max_records)})
+                    reason="TOO_MANY_RECORDS",
+                    metadata={"limit": str(self.max_records)},
+                )
         sources = {name: self._registry.get(name) for name in records}
         total_bad = 0
         for name, payload in records.items():
@@ -121,13 +133,18 @@ class Ingestor:
         if violations:
             shown = violations[: self._max_violations]
             more = f" ({total_bad} in all, the first {len(shown)} listed)" if total_bad > len(shown) else ""
-            raise InvalidInput(f"{len(shown)} invalid field value{'s' if len(shown) != 1 else ''}{more}; "
-                               "nothing was written", shown, reason="INVALID_RECORDS")
+            raise InvalidInput(
+                f"{len(shown)} invalid field value{'s' if len(shown) != 1 else ''}{more}; "
+                "nothing was written",
+                shown,
+                reason="INVALID_RECORDS",
+            )
         batches = []
         for name, table in tables.items():
             spec = sources[name].spec
-            keys, values = encode_rows(table, spec.fields, spec.entity_keys, spec.timestamp_field,
-                                       row_prefix(sources[name].id))
+            keys, values = encode_rows(
+                table, spec.fields, spec.entity_keys, spec.timestamp_field, row_prefix(sources[name].id)
+            )
             # Logged records ride in the same atomic write as the rows: acknowledged means queued for the log.
             offline = b""
             if spec.log_offline and not dry_run:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import rocksdict
 
@@ -101,7 +102,8 @@ class OnlineStore:
         options = rocksdict.Options(raw_mode=True)
         options.create_if_missing(True)
         options.set_max_background_jobs(2)
-        self._db = rocksdict.Rdict(str(path), options)
+        # Raw mode reads and writes bytes only; the stubs describe the pickling mode, so keep this untyped.
+        self._db: Any = rocksdict.Rdict(str(path), options)
         self._fsync = fsync
         self._window_ms = int(idempotency_window_s * 1000)
         self._lock = threading.Lock()
