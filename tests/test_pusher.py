@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -135,6 +136,10 @@ def test_pusher_resends_through_a_server_restart_without_doubling(tmp_path: Path
         first.close()
         # These batches meet a dead server and must wait for the restarted one.
         p.add_many(record(i) for i in range(200, 400))
+        # Start the new server only once the pusher has met the dead one, however fast it sends.
+        deadline = time.monotonic() + 30
+        while p.stats.reconnects == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         second = create_server(ServerConfig(listen=f"localhost:{port}", data_dir=data_dir))
         second.start()
         try:

@@ -9,12 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import Violation
-from .rows import _RFC3339, FLOAT32_MAX
+from .rows import _RFC3339, FLOAT32_MAX, MAX_MICROS, MIN_MICROS
 from .schema import DType, FieldSpec, Kind
-
-# Microseconds of 0001-01-01 and of the end of 9999-12-31: the years RFC 3339 can write.
-MIN_MICROS = -62135596800_000_000
-MAX_MICROS = 253402300799_999_999
 
 
 def _family_error(src: pa.DataType, dtype: DType) -> str | None:

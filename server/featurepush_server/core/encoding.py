@@ -49,13 +49,23 @@ def _binary_from_matrix(mat: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
+def varint_sizes(values: np.ndarray) -> np.ndarray:
+    """How many bytes the protobuf varint of each non-negative integer takes."""
+    n = np.asarray(values, dtype=np.uint64)
+    sizes = np.ones(len(n), dtype=np.int64)
+    for i in range(1, 5):
+        sizes += n >= np.uint64(1 << (7 * i))
+    return sizes
+
+
 def varints(lengths: np.ndarray) -> pa.Array:
     """A binary array of the protobuf varints of each non-negative integer."""
     n = np.asarray(lengths, dtype=np.uint64)
+    if len(n) == 0 or n.max() < 0x80:
+        # The common case, short strings and small messages: one byte each.
+        return _binary_from_matrix(n.astype(np.uint8).reshape(-1, 1))
     width = 5  # lengths stay below 2**35; a single Arrow binary array holds at most 2**31 bytes.
-    nbytes = np.ones(len(n), dtype=np.int64)
-    for i in range(1, width):
-        nbytes += n >= np.uint64(1 << (7 * i))
+    nbytes = varint_sizes(n)
     cols = np.arange(width)
     shifts = (cols * 7).astype(np.uint64)
     mat = ((n[:, None] >> shifts[None, :]) & np.uint64(0x7F)).astype(np.uint8)
@@ -99,25 +109,52 @@ def _floats(arr: pa.Array) -> pa.Array:
     return out
 
 
+def _civil(days: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Year, month and day of days since 1970-01-01 in the proleptic Gregorian calendar."""
+    z = days + 719468
+    era = np.floor_divide(z, 146097)
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = np.where(mp < 10, mp + 3, mp - 9)
+    year = yoe + era * 400 + (month <= 2)
+    return year, month, day
+
+
 def timestamp_strings(micros: np.ndarray) -> pa.Array:
     """RFC 3339 strings in UTC with 0, 3 or 6 fractional digits, as proto3's JSON writes them."""
     micros = np.asarray(micros, dtype=np.int64)
     secs = np.floor_divide(micros, 1_000_000)
     frac = micros - secs * 1_000_000
-    base = pc.strftime(pa.array(secs, pa.timestamp("s", tz="UTC")), format="%Y-%m-%dT%H:%M:%S")
-    millis = pc.utf8_lpad(pc.cast(pa.array(frac // 1000), pa.string()), width=3, padding="0")
-    full = pc.utf8_lpad(pc.cast(pa.array(frac), pa.string()), width=6, padding="0")
-    dot = pa.scalar(".", pa.string())
-    frac_text = pc.if_else(
-        pa.array(frac == 0),
-        pa.scalar("", pa.string()),
-        pc.if_else(
-            pa.array(frac % 1000 == 0),
-            pc.binary_join_element_wise(dot, millis, ""),
-            pc.binary_join_element_wise(dot, full, ""),
-        ),
-    )
-    return pc.binary_join_element_wise(base, frac_text, pa.scalar("Z", pa.string()), "")
+    days = np.floor_divide(secs, 86400)
+    in_day = secs - days * 86400
+    year, month, day = _civil(days)
+    mat = np.zeros((len(micros), 27), dtype=np.uint8)
+
+    def digits(col: int, width: int, value: np.ndarray) -> None:
+        for k in range(width):
+            mat[:, col + width - 1 - k] = 48 + (value // 10**k) % 10
+
+    digits(0, 4, year)
+    digits(5, 2, month)
+    digits(8, 2, day)
+    digits(11, 2, in_day // 3600)
+    digits(14, 2, in_day // 60 % 60)
+    digits(17, 2, in_day % 60)
+    digits(20, 6, frac)
+    mat[:, [4, 7]] = ord("-")
+    mat[:, 10] = ord("T")
+    mat[:, [13, 16]] = ord(":")
+    mat[:, 19] = ord(".")
+    # Whole seconds end at 20 characters, whole milliseconds at 24, anything finer at 27.
+    lengths = np.where(frac == 0, 20, np.where(frac % 1000 == 0, 24, 27))
+    mat[np.arange(len(micros)), lengths - 1] = ord("Z")
+    data = mat[np.arange(27)[None, :] < lengths[:, None]]
+    offsets = np.zeros(len(micros) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.Array.from_buffers(pa.binary(), len(micros), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
 def timestamp_string(micros: int) -> str:
@@ -210,7 +247,7 @@ def value_messages(arr: pa.Array, dtype: DType) -> pa.Array:
         )
     elif kind is Kind.TIMESTAMP:
         micros = pc.fill_null(pc.cast(arr, pa.int64()), 0).to_numpy(zero_copy_only=False)
-        body = _strings(timestamp_strings(micros))
+        body = _length_delimited(b"\x1a", timestamp_strings(micros))
     else:
         return _python_values(arr, dtype)
     if arr.null_count:
@@ -218,19 +255,31 @@ def value_messages(arr: pa.Array, dtype: DType) -> pa.Array:
     return body
 
 
-def encode_payloads(table: pa.Table, fields: Sequence[FieldSpec]) -> pa.Array:
-    """Each row of a conformed table as a serialized google.protobuf.Struct, fields in name order."""
+def _entry_key(name: str) -> bytes:
+    """The start of a Struct map entry for `name`: the key (field 1), then the Value's tag (field 2)."""
+    raw = name.encode()
+    return b"\x0a" + varint(len(raw)) + raw + b"\x12"
+
+
+def field_entries(table: pa.Table, fields: Sequence[FieldSpec]) -> list[pa.Array]:
+    """Per field, in name order, each row's bytes of that field in a serialized google.protobuf.Struct.
+
+    Joined in order they are the Struct: a field is a map entry (key as field 1, Value as field 2)
+    inside `fields` (field 1), so its length prefixes are computed from the Value's length.
+    """
     parts: list[pa.Array] = []
     for f in sorted(fields, key=lambda f: f.name.encode()):
-        arr = table.column(f.name).combine_chunks()
-        key = f.name.encode()
-        # A Struct field is a map entry: key (field 1) and Value (field 2) inside fields (field 1).
-        entry = _join(
-            b"\x0a" + varint(len(key)) + key + b"\x12",
-            varints(pc.binary_length(vals := value_messages(arr, f.dtype)).to_numpy()),
-            vals,
-        )
-        parts.append(_length_delimited(b"\x0a", entry))
+        values = value_messages(table.column(f.name).combine_chunks(), f.dtype)
+        value_len = pc.binary_length(values).to_numpy(zero_copy_only=False)
+        key = _entry_key(f.name)
+        entry_len = len(key) + varint_sizes(value_len) + value_len
+        parts.append(_join(b"\x0a", varints(entry_len), key, varints(value_len), values))
+    return parts
+
+
+def encode_payloads(table: pa.Table, fields: Sequence[FieldSpec]) -> pa.Array:
+    """Each row of a conformed table as a serialized google.protobuf.Struct, fields in name order."""
+    parts = field_entries(table, fields)
     if not parts:
         return pa.array([b""] * table.num_rows, pa.binary())
     return _join(*parts) if len(parts) > 1 else parts[0]
@@ -266,17 +315,56 @@ def encode_keys(columns: Sequence[pa.Array], prefix: bytes) -> pa.Array:
     return _join(*parts)
 
 
-def encode_rows(
+# Below this many rows, plain Python beats the fixed cost of the column kernels.
+SMALL_BATCH = 16
+
+
+def _encode_small(
     table: pa.Table,
     fields: Sequence[FieldSpec],
     entity_keys: Sequence[str],
     timestamp_field: str,
     prefix: bytes,
 ) -> tuple[list[bytes], list[bytes]]:
+    """The same keys and values as the column path, built row by row for a handful of rows."""
+    rows = table.to_pylist()
+    micros = pc.cast(table.column(timestamp_field), pa.int64()).to_pylist()
+    ordered = [(f, _entry_key(f.name)) for f in sorted(fields, key=lambda f: f.name.encode())]
+    keys: list[bytes] = []
+    values: list[bytes] = []
+    for row, t in zip(rows, micros, strict=True):
+        parts = [str(row[k]).encode() for k in entity_keys]
+        if len(parts) == 1:
+            keys.append(prefix + parts[0])
+        else:
+            keys.append(prefix + b"".join(varint(len(p)) + p for p in parts))
+        # Entries are written by hand in name order: protobuf's own deterministic map order differs.
+        out = [(t + (1 << 63)).to_bytes(8, "big")]
+        for f, key in ordered:
+            message = struct_pb2.Value()
+            _set_value(message, canonical(row[f.name], f.dtype))
+            value = message.SerializeToString(deterministic=True)
+            entry = key + varint(len(value)) + value
+            out.append(b"\x0a" + varint(len(entry)) + entry)
+        values.append(b"".join(out))
+    return keys, values
+
+
+def encode_rows(
+    table: pa.Table,
+    fields: Sequence[FieldSpec],
+    entity_keys: Sequence[str],
+    timestamp_field: str,
+    prefix: bytes,
+    *,
+    small_batch: int = SMALL_BATCH,
+) -> tuple[list[bytes], list[bytes]]:
     """Keys and stored values (header then payload) of every row of a conformed table."""
     if table.num_rows == 0:
         return [], []
+    if table.num_rows <= small_batch:
+        return _encode_small(table, fields, entity_keys, timestamp_field, prefix)
     keys = encode_keys([table.column(k).combine_chunks() for k in entity_keys], prefix)
     micros = pc.cast(table.column(timestamp_field), pa.int64()).to_numpy()
-    values = _join(time_headers(micros), encode_payloads(table, fields))
+    values = _join(time_headers(micros), *field_entries(table, fields))
     return keys.to_pylist(), values.to_pylist()

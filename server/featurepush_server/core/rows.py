@@ -16,7 +16,9 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from google.protobuf import struct_pb2
 
 from .errors import Violation
@@ -33,6 +35,9 @@ _INT_RE = re.compile(r"^-?(?:0|[1-9][0-9]*)$")
 _FLOAT_RE = re.compile(r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?$")
 _SPECIAL_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _EPOCH_ORDINAL = datetime(1970, 1, 1).toordinal()
+# Microseconds of 0001-01-01 and of the end of 9999-12-31 in UTC: the years RFC 3339 can write.
+MIN_MICROS = -62135596800_000_000
+MAX_MICROS = 253402300799_999_999
 
 
 class BadValue(Exception):
@@ -148,7 +153,10 @@ def parse_timestamp_micros(s: str) -> int:
             raise BadValue(f"{s!r} has an impossible UTC offset")
         offset = (oh * 60 + om) * 60 * (1 if m.group(9) == "+" else -1)
     secs = (day_ordinal - _EPOCH_ORDINAL) * 86400 + hour * 3600 + minute * 60 + second - offset
-    return secs * 1_000_000 + micros
+    result = secs * 1_000_000 + micros
+    if not MIN_MICROS <= result <= MAX_MICROS:
+        raise BadValue(f"{s!r} falls outside years 0001 to 9999 in UTC")
+    return result
 
 
 def _timestamp(v: struct_pb2.Value) -> int:
@@ -289,6 +297,122 @@ def _struct(
     return out
 
 
+_FAST_TIMESTAMP = (
+    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?"
+    r"(Z|[+-]([01]\d|2[0-3]):[0-5]\d)$"
+)
+_FAST_INT = r"^-?(0|[1-9]\d{0,18})$"
+_EXPECTED_KIND = {
+    Kind.STRING: "string_value",
+    Kind.BOOL: "bool_value",
+    Kind.FLOAT64: "number_value",
+    Kind.FLOAT32: "number_value",
+    Kind.TIMESTAMP: "string_value",
+}
+_FAST_KINDS = frozenset(
+    (Kind.STRING, Kind.BOOL, Kind.FLOAT32, Kind.FLOAT64, Kind.TIMESTAMP, Kind.INT32, Kind.INT64)
+)
+_INT_BOUNDS = {Kind.INT32: (float(INT32_MIN), float(INT32_MAX)), Kind.INT64: (-(2.0**63), 2.0**63)}
+
+
+def _fast_column(
+    values: list[struct_pb2.Value], kinds: Sequence[str | None], f: FieldSpec
+) -> pa.Array | None:
+    """Convert a column whose values all have the common JSON form, in bulk; None means "go value by value".
+
+    It only ever accepts what the value-by-value rules accept, and returns None for anything unusual
+    (mixed forms, nulls where not allowed, a bad value), so errors are always described by those rules.
+    `kinds` holds each value's JSON form, None where the field is absent.
+    """
+    kind = f.dtype.kind
+    forms = set(kinds)
+    nulls = None in forms or "null_value" in forms
+    if nulls:
+        if not f.nullable:
+            return None
+        forms.discard(None)
+        forms.discard("null_value")
+    if len(forms) > 1:
+        return None
+    if not forms:
+        return pa.nulls(len(values), f.dtype.to_arrow())
+    form = forms.pop()
+    present: list[struct_pb2.Value | None] = list(values)
+    if nulls:
+        present = [v if k == form else None for v, k in zip(values, kinds, strict=True)]
+    if kind in _INT_BOUNDS:
+        if form == "number_value":
+            x = np.array([v.number_value if v is not None else 0.0 for v in present], dtype=np.float64)
+            lo, hi = _INT_BOUNDS[kind]
+            in_range = np.all(x <= hi) if kind is Kind.INT32 else np.all(x < hi)
+            # Whole numbers in range only; NaN and infinities fail every comparison.
+            if not (np.all(np.floor(x) == x) and np.all(x >= lo) and in_range):
+                return None
+            mask = np.array([v is None for v in present]) if nulls else None
+            return pa.array(x.astype(np.int64), f.dtype.to_arrow(), mask=mask)
+        if form != "string_value":
+            return None
+        text = pa.array([v.string_value if v is not None else None for v in present], pa.string())
+        if pc.all(pc.match_substring_regex(text, _FAST_INT)).as_py() is False:
+            return None
+        try:
+            return pc.cast(text, f.dtype.to_arrow(), safe=True)
+        except pa.ArrowInvalid:
+            return None
+    if form != _EXPECTED_KIND.get(kind):
+        return None
+    if kind is Kind.STRING:
+        return pa.array([v.string_value if v is not None else None for v in present], pa.string())
+    if kind is Kind.BOOL:
+        return pa.array([v.bool_value if v is not None else None for v in present], pa.bool_())
+    if kind is Kind.FLOAT64:
+        return pa.array([v.number_value if v is not None else None for v in present], pa.float64())
+    if kind is Kind.FLOAT32:
+        arr = pa.array([v.number_value if v is not None else None for v in present], pa.float64())
+        if pc.any(pc.greater(pc.abs(arr), FLOAT32_MAX)).as_py():
+            return None
+        return pc.cast(arr, pa.float32(), safe=False)
+    if kind is Kind.TIMESTAMP:
+        text = pa.array([v.string_value if v is not None else None for v in present], pa.string())
+        if pc.all(pc.match_substring_regex(text, _FAST_TIMESTAMP)).as_py() is False:
+            return None
+        try:
+            stamps = pc.cast(text, f.dtype.to_arrow(), safe=True)
+        except pa.ArrowInvalid:
+            return None
+        lo, hi = pc.min_max(pc.cast(stamps, pa.int64())).values()
+        if lo.is_valid and (lo.as_py() < MIN_MICROS or hi.as_py() > MAX_MICROS):
+            return None
+        return stamps
+    return None
+
+
+def _slow_column(
+    f: FieldSpec, values: list[struct_pb2.Value], kinds: Sequence[str | None], path_prefix: str, ctx: _Ctx
+) -> list[Any]:
+    """Convert a column value by value, recording a violation for each bad value."""
+    name = f.name
+    col: list[Any] = []
+    append = col.append
+    scalar = _SCALARS.get(f.dtype.kind)
+    for i, (v, form) in enumerate(zip(values, kinds, strict=True)):
+        if form is None or form == "null_value":
+            if not f.nullable:
+                problem = "is required" if form is None else "must not be null"
+                detail = f" ({f.dtype}, not nullable)" if form is None else ""
+                ctx.add(_row_at(path_prefix, i, name), f"{name} {problem}{detail}")
+            append(None)
+        elif scalar is not None:
+            try:
+                append(scalar(v))
+            except BadValue as e:
+                ctx.add(_row_at(path_prefix, i, name), str(e))
+                append(None)
+        else:
+            append(_nested(v, f.dtype, _row_at(path_prefix, i, name), ctx))
+    return col
+
+
 def rows_to_table(
     rows: Sequence[struct_pb2.Struct],
     fields: Sequence[FieldSpec],
@@ -298,48 +422,33 @@ def rows_to_table(
 ) -> tuple[pa.Table | None, list[Violation], int]:
     """Convert rows column by column; return the table, or None with the violations and their total count."""
     ctx = _Ctx(max_violations)
-    columns: list[list[Any]] = []
+    arrays: list[pa.Array] = []
     row_fields = [r.fields for r in rows]
-    for f in fields:
+    # Sizes are taken first: reading an absent key of a message map inserts an empty Value there.
+    sizes = np.fromiter((len(m) for m in row_fields), dtype=np.int64, count=len(row_fields))
+    missing = np.zeros(len(rows), dtype=np.int64)
+    for j, f in enumerate(fields):
         name = f.name
-        col: list[Any] = []
-        append = col.append
-        kind = f.dtype.kind
-        scalar = _SCALARS.get(kind)
-        for i, values in enumerate(row_fields):
-            if name not in values:
-                if not f.nullable:
-                    ctx.add(
-                        _row_at(path_prefix, i, name),
-                        f"{name} is required ({f.dtype}, not nullable)",
-                    )
-                append(None)
-                continue
-            v = values[name]
-            if v.WhichOneof("kind") == "null_value":
-                if not f.nullable:
-                    ctx.add(_row_at(path_prefix, i, name), f"{name} must not be null")
-                append(None)
-            elif scalar is not None:
-                try:
-                    append(scalar(v))
-                except BadValue as e:
-                    ctx.add(_row_at(path_prefix, i, name), str(e))
-                    append(None)
-            else:
-                append(_nested(v, f.dtype, _row_at(path_prefix, i, name), ctx))
-        columns.append(col)
+        values = [m[name] for m in row_fields]
+        # An empty Value (absent, or sent with no kind) has no form: it counts as absent.
+        kinds = [v.WhichOneof("kind") for v in values]
+        if None in kinds:
+            missing += np.fromiter((k is None for k in kinds), dtype=bool, count=len(kinds))
+        fast = _fast_column(values, kinds, f) if f.dtype.kind in _FAST_KINDS else None
+        if fast is None:
+            col = _slow_column(f, values, kinds, path_prefix, ctx)
+            if not ctx.count:
+                fast = pa.array(col, type=schema.field(j).type)
+        arrays.append(fast)
     known = {f.name for f in fields}
-    n_known = len(known)
-    for i, values in enumerate(row_fields):
-        if len(values) > n_known or not known.issuperset(values):
-            for key in sorted(values):
-                if key not in known:
-                    ctx.add(
-                        _row_at(path_prefix, i, key),
-                        f"unknown field {key!r}; the schema has {', '.join(sorted(known))}",
-                    )
+    # A row holds an unknown field exactly when it has more keys than the schema fields it carries.
+    for i in np.flatnonzero(sizes > len(known) - missing):
+        for key in sorted(row_fields[i]):
+            if key not in known:
+                ctx.add(
+                    _row_at(path_prefix, int(i), key),
+                    f"unknown field {key!r}; the schema has {', '.join(sorted(known))}",
+                )
     if ctx.count:
         return None, ctx.violations, ctx.count
-    arrays = [pa.array(col, type=schema.field(j).type) for j, col in enumerate(columns)]
     return pa.Table.from_arrays(arrays, schema=schema), [], 0

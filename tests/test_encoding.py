@@ -1,0 +1,60 @@
+"""The column encoder and the row-by-row encoder of small batches write the very same bytes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+from google.protobuf import struct_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_properties import KEY, TS, batches, schemas, to_struct
+
+from featurepush import StreamSource
+from featurepush_server.core.encoding import encode_rows, timestamp_string, timestamp_strings, varints
+from featurepush_server.core.rows import MAX_MICROS, MIN_MICROS, rows_to_table
+from featurepush_server.core.schema import compile_source
+
+
+@settings(max_examples=120, deadline=None)
+@given(data=st.data())
+def test_both_encoders_agree_byte_for_byte(data: st.DataObject) -> None:
+    schema = data.draw(schemas())
+    spec = compile_source(
+        StreamSource(name="enc", schema=schema, entity_keys=[KEY], timestamp_field=TS).to_proto()
+    )
+    records = [record for record, _ in data.draw(batches(schema))]
+    # Repeat the batch with long keys so lengths need several varint bytes.
+    rows = [to_struct({**r, KEY: f"{r[KEY]}-{i}-" + "k" * (i * 37)}) for i in range(9) for r in records]
+    table, violations, _ = rows_to_table(rows, spec.fields, spec.arrow_schema, "records")
+    assert table is not None, violations
+    columns = encode_rows(
+        table, spec.fields, spec.entity_keys, spec.timestamp_field, b"r\0\0\0\1", small_batch=0
+    )
+    by_row = encode_rows(
+        table, spec.fields, spec.entity_keys, spec.timestamp_field, b"r\0\0\0\1", small_batch=10**9
+    )
+    assert columns == by_row
+    for value in columns[1]:
+        parsed = struct_pb2.Struct.FromString(value[8:])
+        assert set(parsed.fields) == {f.name for f in spec.fields}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(MIN_MICROS, MAX_MICROS), min_size=1, max_size=50))
+def test_timestamp_strings_match_the_single_formatter(micros: list[int]) -> None:
+    edges = [MIN_MICROS, MAX_MICROS, 0, -1, 1, 1000, -1000, 951782400_000_000]
+    values = micros + edges
+    got = [b.decode() for b in timestamp_strings(np.array(values, dtype=np.int64)).to_pylist()]
+    assert got == [timestamp_string(m) for m in values]
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for text, m in zip(got, values, strict=True):
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        assert parsed == epoch + timedelta(microseconds=m)
+
+
+@given(st.lists(st.integers(0, 2**34), max_size=40))
+def test_varints_match_protobuf(numbers: list[int]) -> None:
+    from featurepush_server.core.encoding import varint
+
+    assert varints(np.array(numbers, dtype=np.uint64)).to_pylist() == [varint(n) for n in numbers]
