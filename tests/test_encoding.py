@@ -58,3 +58,29 @@ def test_varints_match_protobuf(numbers: list[int]) -> None:
     from featurepush_server.core.encoding import varint
 
     assert varints(np.array(numbers, dtype=np.uint64)).to_pylist() == [varint(n) for n in numbers]
+
+
+@given(st.integers(MIN_MICROS, MAX_MICROS))
+def test_event_times_are_encoded_as_protobuf_does(micros: int) -> None:
+    from google.protobuf import timestamp_pb2
+
+    from featurepush_server.core.online import _event_time
+
+    stamp = timestamp_pb2.Timestamp(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
+    body = stamp.SerializeToString()
+    assert _event_time(micros) == b"\x12" + bytes([len(body)]) + body
+
+
+@given(st.integers(0, 2**64 - 1))
+def test_varint_matches_protobuf(n: int) -> None:
+    from featurepush_server.core.encoding import varint
+
+    assert b"\x08" + varint(n) == timestamp_pb2_seconds(n)
+
+
+def timestamp_pb2_seconds(n: int) -> bytes:
+    """A message whose only field is a varint of n (Timestamp.seconds as its 64-bit pattern)."""
+    from google.protobuf import timestamp_pb2
+
+    signed = n - (1 << 64) if n >= 1 << 63 else n
+    return timestamp_pb2.Timestamp(seconds=signed).SerializeToString() if n else b"\x08\x00"

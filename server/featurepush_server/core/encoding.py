@@ -31,14 +31,28 @@ _SPECIAL = {
 _SIGN = np.uint64(1 << 63)
 
 
-def varint(n: int) -> bytes:
-    """The protobuf varint of a non-negative integer."""
+def _varint(n: int) -> bytes:
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+# Lengths of fields and records are nearly always below 2**14: look those up instead of computing them.
+_SMALL_VARINTS = [_varint(n) for n in range(1 << 14)]
+
+
+# The low 14 bits of a larger number: two bytes, both with the continuation bit set.
+_LOW_14 = [bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80)) for n in range(1 << 14)]
+
+
+def varint(n: int) -> bytes:
+    """The protobuf varint of a non-negative integer."""
+    if n < 16384:
+        return _SMALL_VARINTS[n]
+    return _LOW_14[n & 0x3FFF] + varint(n >> 14)
 
 
 def _binary_from_matrix(mat: np.ndarray) -> pa.Array:
@@ -315,6 +329,18 @@ def encode_keys(columns: Sequence[pa.Array], prefix: bytes) -> pa.Array:
     return _join(*parts)
 
 
+def key_part(value: str | int) -> bytes:
+    """One entity key value as the store writes it: strings as they are, integers in decimal."""
+    return value.encode() if isinstance(value, str) else str(value).encode()
+
+
+def python_key(parts: Sequence[bytes], prefix: bytes) -> bytes:
+    """The store key of one entity, as encode_keys writes it for a column."""
+    if len(parts) == 1:
+        return prefix + parts[0]
+    return prefix + b"".join(varint(len(p)) + p for p in parts)
+
+
 # Below this many rows, plain Python beats the fixed cost of the column kernels.
 SMALL_BATCH = 16
 
@@ -333,11 +359,7 @@ def _encode_small(
     keys: list[bytes] = []
     values: list[bytes] = []
     for row, t in zip(rows, micros, strict=True):
-        parts = [str(row[k]).encode() for k in entity_keys]
-        if len(parts) == 1:
-            keys.append(prefix + parts[0])
-        else:
-            keys.append(prefix + b"".join(varint(len(p)) + p for p in parts))
+        keys.append(python_key([key_part(row[k]) for k in entity_keys], prefix))
         # Entries are written by hand in name order: protobuf's own deterministic map order differs.
         out = [(t + (1 << 63)).to_bytes(8, "big")]
         for f, key in ordered:

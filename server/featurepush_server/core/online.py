@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import pyarrow as pa
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 
 from featurepush.v1 import online_service_pb2
 
-from .encoding import encode_keys, header_micros, varint
+from .encoding import header_micros, key_part, python_key, varint
 from .errors import InvalidInput, LimitExceeded, Violation
 from .registry import Registry
 from .rows import BadValue, scalar_converter
@@ -22,8 +21,12 @@ _EXPIRED = b"\x08" + bytes([online_service_pb2.FEATURE_STATUS_EXPIRED])
 
 
 def _event_time(micros: int) -> bytes:
-    ts = timestamp_pb2.Timestamp(seconds=micros // 1_000_000, nanos=(micros % 1_000_000) * 1000)
-    body = ts.SerializeToString()
+    """FeatureVector.event_time (field 2): a Timestamp of seconds (field 1) and nanos (field 2)."""
+    seconds, rest = divmod(micros, 1_000_000)
+    # Negative seconds are written as 64-bit two's complement, as protobuf does for int64.
+    body = (b"\x08" + varint(seconds % (1 << 64)) if seconds else b"") + (
+        b"\x10" + varint(rest * 1000) if rest else b""
+    )
     return b"\x12" + varint(len(body)) + body
 
 
@@ -49,44 +52,37 @@ class OnlineReader:
             )
         source = self._registry.get(source_name)
         spec = source.spec
+        prefix = row_prefix(source.id)
+        names = spec.entity_keys
+        converters = [scalar_converter(spec.field(k).dtype.kind) for k in names]
         violations: list[Violation] = []
-        columns: list[list[object]] = []
-        names = set(spec.entity_keys)
-        for key_name in spec.entity_keys:
-            convert = scalar_converter(spec.field(key_name).dtype.kind)
-            col: list[object] = []
-            for i, key in enumerate(keys):
-                fields = key.fields
-                if key_name not in fields:
-                    violations.append(
-                        Violation(f"keys[{i}].{key_name}", f"entity key {key_name} is required")
-                    )
-                    col.append(None)
+        store_keys: list[bytes] = []
+        for i, key in enumerate(keys):
+            fields = key.fields
+            parts: list[bytes] = []
+            for name, convert in zip(names, converters, strict=True):
+                if name not in fields:
+                    violations.append(Violation(f"keys[{i}].{name}", f"entity key {name} is required"))
                     continue
                 try:
-                    col.append(convert(fields[key_name]))
+                    parts.append(key_part(convert(fields[name])))
                 except BadValue as e:
-                    violations.append(Violation(f"keys[{i}].{key_name}", str(e)))
-                    col.append(None)
-            columns.append(col)
-        for i, key in enumerate(keys):
-            for extra in sorted(set(key.fields) - names):
-                violations.append(
-                    Violation(
-                        f"keys[{i}].{extra}",
-                        f"{extra!r} is not an entity key of {source_name}; "
-                        f"the keys are {', '.join(spec.entity_keys)}",
+                    violations.append(Violation(f"keys[{i}].{name}", str(e)))
+            if len(fields) > len(parts):
+                for extra in sorted(set(fields) - set(names)):
+                    violations.append(
+                        Violation(
+                            f"keys[{i}].{extra}",
+                            f"{extra!r} is not an entity key of {source_name}; "
+                            f"the keys are {', '.join(names)}",
+                        )
                     )
-                )
+            if not violations:
+                store_keys.append(python_key(parts, prefix))
         if violations:
             raise InvalidInput(
                 f"{len(violations)} invalid entity key value(s)", violations[:100], reason="INVALID_KEYS"
             )
-        arrays = [
-            pa.array(col, spec.field(k).dtype.to_arrow())
-            for k, col in zip(spec.entity_keys, columns, strict=True)
-        ]
-        store_keys = encode_keys(arrays, row_prefix(source.id)).to_pylist()
         stored = self._store.read(store_keys)
         cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None
         out = []

@@ -97,7 +97,14 @@ class OnlineStore:
     False it survives a crash of the process but not of the machine.
     """
 
-    def __init__(self, path: str | Path, *, fsync: bool = True, idempotency_window_s: float = 600.0):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        fsync: bool = True,
+        idempotency_window_s: float = 600.0,
+        latest_cache_entries: int = 1_000_000,
+    ):
         Path(path).mkdir(parents=True, exist_ok=True)
         options = rocksdict.Options(raw_mode=True)
         options.create_if_missing(True)
@@ -108,6 +115,12 @@ class OnlineStore:
         self._window_ms = int(idempotency_window_s * 1000)
         self._lock = threading.Lock()
         self._writes_since_purge = 0
+        # Entity key -> event-time header of its stored row ("" when absent), for keys this process has
+        # read or written; every row write goes through write_latest under the lock, so it stays exact.
+        # At most `latest_cache_entries` (about 150 bytes each); past that it starts over.
+        self._latest: dict[bytes, bytes] = {}
+        self._latest_max = latest_cache_entries
+        self._staged: dict[bytes, bytes] = {}
         raw_seq = self._db.get(_NEXT_OFFLINE_SEQ)
         self._next_offline_seq = int.from_bytes(raw_seq, "big") if raw_seq else 1
         self.path = Path(path)
@@ -163,6 +176,7 @@ class OnlineStore:
             wb.delete(SOURCE + name.encode())
             wb.delete_range(prefix, _prefix_end(prefix))
             self._db.write(wb)
+            self._latest.clear()
         self._sync()
         return rows
 
@@ -201,8 +215,12 @@ class OnlineStore:
                     now_ms = int(time.time() * 1000).to_bytes(8, "big")
                     wb.put(REQUEST + request_id.encode(), now_ms + json.dumps(record).encode())
                     self._writes_since_purge += 1
-                if not dry_run and not wb.is_empty():
-                    self._db.write(wb)
+                try:
+                    if not dry_run and not wb.is_empty():
+                        self._db.write(wb)
+                        self._latest.update(self._staged)
+                finally:
+                    self._staged.clear()
                 if self._writes_since_purge >= 1000:
                     self._purge_requests()
         if seen is not None:
@@ -226,12 +244,22 @@ class OnlineStore:
             order = sorted(best.values())
             keys = [keys[i] for i in order]
             values = [values[i] for i in order]
-        stored = self._db.get(list(keys))
+        # Event-time headers of stored rows come from memory when this process has seen the key.
+        cache = self._latest
+        if len(cache) > self._latest_max:
+            cache.clear()
+        misses = [key for key in keys if key not in cache]
+        if misses:
+            for key, old in zip(misses, self._db.get(misses), strict=True):
+                cache[key] = b"" if old is None else old[:8]
         written = 0
-        for key, value, old in zip(keys, values, stored, strict=True):
+        staged = self._staged
+        for key, value in zip(keys, values, strict=True):
+            header = value[:8]
             # Headers order like event times; an equal time replaces, so a correction can land.
-            if old is None or value[:8] >= old[:8]:
+            if header >= cache[key]:
                 wb.put(key, value)
+                staged[key] = header
                 written += 1
         return BatchCounts(accepted, written, accepted - written)
 
