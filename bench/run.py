@@ -23,6 +23,7 @@ import grpc
 import pyarrow as pa
 import rocksdict
 
+from bench import batch
 from featurepush import Bool, Client, Field, Float64, Int32, Int64, StreamSource, String, Timestamp
 from featurepush.payload import arrow_ipc
 from featurepush.v1 import ingest_service_pb2 as ingest_pb
@@ -332,6 +333,9 @@ def main() -> None:
                 process.terminate()
             for process in processes:
                 process.wait(30)
+    # Batch-source scenarios start their own server over their own generated Parquet history.
+    for scenario in (batch.read_batch_source_mb_s, batch.backfill_rows, batch.read_batch_source_rss_mb):
+        results.append(Result(**scenario()))
     RESULTS.write_text(json.dumps([vars(r) for r in results], indent=2) + "\n")
     print(f"{'name':<28} {'value':>14} {'unit':<7} {'ceiling':>14} {'ratio':>6}")
     for r in results:
