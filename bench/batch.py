@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import tempfile
 import time
-from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +15,12 @@ import pyarrow.parquet as pq
 import rocksdict
 from google.protobuf import json_format
 
+from bench.common import start_empty, start_serve
+from bench.empty_server import write_frames
 from featurepush.batch import backfill, read_batch_source
 from featurepush.v1 import backfill_service_pb2 as pb
 from featurepush.v1 import backfill_service_pb2_grpc as pb_grpc
 from featurepush.v1 import registry_service_pb2, registry_service_pb2_grpc, source_pb2
-from featurepush_server.app import create_server
-from featurepush_server.config import ServerConfig
 from featurepush_server.core.encoding import encode_rows
 from featurepush_server.core.schema import compile_source
 from featurepush_server.core.store import row_prefix
@@ -78,21 +75,19 @@ def _write_history(path: Path, rows: int, entities: int) -> None:
 
 
 class _Server:
-    """A featurepush server over a temp folder with the bench source applied."""
+    """A `featurepush serve` process over a temp folder with the bench source applied."""
 
     def __init__(self, folder: Path, history: Path):
-        self.server = create_server(
-            ServerConfig(listen="localhost:0", data_dir=folder / "data", fsync="never")
-        )
-        self.server.start()
-        self.channel = grpc.insecure_channel(f"localhost:{self.server.port}")
+        self.process, target = start_serve(folder / "data", "never")
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
         registry_service_pb2_grpc.RegistryServiceStub(self.channel).ApplySource(
             registry_service_pb2.ApplySourceRequest(source=_source(str(history)))
         )
 
     def close(self) -> None:
         self.channel.close()
-        self.server.stop(None)
+        self.process.terminate()
+        self.process.wait(30)
 
 
 def _result(name: str, value: float, unit: str, ceiling: float | None) -> dict[str, Any]:
@@ -106,51 +101,42 @@ def _result(name: str, value: float, unit: str, ceiling: float | None) -> dict[s
     }
 
 
-class _Echo(pb_grpc.BackfillServiceServicer):
-    """Streams prepared messages and does nothing else: the ceiling of a gRPC stream of the same bytes."""
-
-    def __init__(self, messages: list[pb.ReadBatchSourceResponse]):
-        self._messages = messages
-
-    def ReadBatchSource(
-        self, request: pb.ReadBatchSourceRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.ReadBatchSourceResponse]:
-        yield from self._messages
+def _megabytes_per_s(channel: grpc.Channel) -> tuple[float, int]:
+    """MB/s and bytes of Arrow data one client reads from ReadBatchSource, decoding it as users do."""
+    began = time.perf_counter()
+    total = sum(b.nbytes for b in read_batch_source(channel, "bench"))
+    return total / (time.perf_counter() - began) / 1e6, total
 
 
 def read_batch_source_mb_s(rows: int = 2_000_000) -> dict[str, Any]:
-    """MB/s of Arrow data streamed by ReadBatchSource from Parquet to one client."""
+    """MB/s of Arrow data streamed by ReadBatchSource from Parquet to one client.
+
+    The ceiling is an empty-handler server sending the very same reply messages to the same client code.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _write_history(folder / "h.parquet", rows, 100_000)
         running = _Server(folder, folder / "h.parquet")
         try:
-            read_batch_source(running.channel, "bench").read_all()  # warm the page cache
-            began = time.perf_counter()
-            total = sum(b.nbytes for b in read_batch_source(running.channel, "bench"))
-            ours = total / (time.perf_counter() - began) / 1e6
+            _megabytes_per_s(running.channel)  # warm the page cache
+            ours, _ = _megabytes_per_s(running.channel)
             stub = pb_grpc.BackfillServiceStub(running.channel)
-            messages = list(stub.ReadBatchSource(pb.ReadBatchSourceRequest(source="bench")))
+            frames = [
+                m.SerializeToString() for m in stub.ReadBatchSource(pb.ReadBatchSourceRequest(source="bench"))
+            ]
         finally:
             running.close()
-        echo = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=4),
-            options=[("grpc.max_send_message_length", 64 * 1024 * 1024)],
-        )
-        pb_grpc.add_BackfillServiceServicer_to_server(_Echo(messages), echo)
-        port = echo.add_insecure_port("localhost:0")
-        echo.start()
+        write_frames(folder / "frames.bin", frames)
+        echo, target = start_empty("--stream-frames", str(folder / "frames.bin"))
         try:
-            with grpc.insecure_channel(f"localhost:{port}") as channel:
-                stub = pb_grpc.BackfillServiceStub(channel)
-                began = time.perf_counter()
-                for message in stub.ReadBatchSource(pb.ReadBatchSourceRequest()):
-                    # The client's decode is part of both sides, so only the server's work differs.
-                    if message.HasField("arrow_record_batch"):
-                        pa.py_buffer(message.arrow_record_batch)
-                ceiling = total / (time.perf_counter() - began) / 1e6
+            with grpc.insecure_channel(
+                target, options=[("grpc.max_receive_message_length", 64 << 20)]
+            ) as channel:
+                _megabytes_per_s(channel)
+                ceiling, _ = _megabytes_per_s(channel)
         finally:
-            echo.stop(None)
+            echo.terminate()
+            echo.wait(30)
     return _result("read_batch_source_mb_s", ours, "MB/s", ceiling)
 
 
@@ -197,17 +183,16 @@ def _rss_mb(pid: int) -> float:
 
 
 def read_batch_source_rss_mb(rows: int = 10_000_000) -> dict[str, Any]:
-    """Server resident-memory growth in MB while ReadBatchSource streams `rows` rows (limit 300)."""
+    """Growth in MB of the server process's resident memory while ReadBatchSource streams `rows` rows."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _write_history(folder / "h.parquet", rows, 1_000_000)
         running = _Server(folder, folder / "h.parquet")
         try:
-            pid = os.getpid()
+            pid = running.process.pid
             before = _rss_mb(pid)
             peak = before
             streamed = 0
-            # The server runs in this process, so its RSS is this process's; the client keeps no batch.
             for batch in read_batch_source(running.channel, "bench"):
                 streamed += batch.num_rows
                 peak = max(peak, _rss_mb(pid))

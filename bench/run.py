@@ -5,11 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,6 +21,7 @@ import pyarrow as pa
 import rocksdict
 
 from bench import batch
+from bench.common import start_empty, start_serve
 from featurepush import Bool, Client, Field, Float64, Int32, Int64, StreamSource, String, Timestamp
 from featurepush.payload import arrow_ipc
 from featurepush.v1 import ingest_service_pb2 as ingest_pb
@@ -152,45 +150,11 @@ def latencies(target: str, method_name: str, payload: bytes) -> tuple[float, flo
     return cuts[49], cuts[98]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(target: str) -> None:
-    with grpc.insecure_channel(target) as channel:
-        grpc.channel_ready_future(channel).result(timeout=30)
-
-
 def start_featurepush(data_dir: Path, fsync: str) -> tuple[subprocess.Popen[bytes], str]:
-    """A `featurepush serve` process on a free port."""
-    port = free_port()
-    exe = shutil.which("featurepush", path=str(Path(sys.executable).parent)) or "featurepush"
-    command = [exe, "serve", "--listen", f"localhost:{port}", "--data-dir", str(data_dir), "--fsync", fsync]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = f"localhost:{port}"
-    wait_ready(target)
+    """A `featurepush serve` process on a free port with the bench source applied."""
+    process, target = start_serve(data_dir, fsync)
     with Client(target) as client:
         client.apply(AD_IMPRESSIONS)
-    return process, target
-
-
-def start_empty(get_response: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """The empty-handler server on a free port."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "bench.empty_server",
-        "--port",
-        str(port),
-        "--get-response",
-        str(get_response),
-    ]
-    process = subprocess.Popen(command, cwd=Path(__file__).parent.parent)
-    target = f"localhost:{port}"
-    wait_ready(target)
     return process, target
 
 
@@ -280,7 +244,7 @@ def main() -> None:
                 grpc.insecure_channel(target).unary_unary(PUSH)(push_bytes(w, 1000))
             with grpc.insecure_channel(target) as channel:
                 (folder / "get.bin").write_bytes(channel.unary_unary(GET)(get_bytes(0, 100)))
-            empty, empty_target = start_empty(folder / "get.bin")
+            empty, empty_target = start_empty("--get-response", str(folder / "get.bin"))
             processes.append(empty)
 
             grpc_ceiling = {s: throughput(pool, empty_target, s) for s in ("rows", "stream", "arrow", "get")}

@@ -15,7 +15,6 @@ from grpc_reflection.v1alpha import reflection
 
 from featurepush.v1 import (
     backfill_service_pb2,
-    backfill_service_pb2_grpc,
     ingest_service_pb2,
     ingest_service_pb2_grpc,
     online_service_pb2,
@@ -122,9 +121,8 @@ def create_server(config: ServerConfig) -> Server:
             IngestServicer(ingestor, read_ahead=config.stream_read_ahead), grpc_server
         )
         online_service_pb2_grpc.add_OnlineServiceServicer_to_server(OnlineServicer(reader), grpc_server)
-        backfill_service_pb2_grpc.add_BackfillServiceServicer_to_server(
-            BackfillServicer(registry, batch_sources, Backfiller(registry, store, batch_sources)), grpc_server
-        )
+        backfill = BackfillServicer(registry, batch_sources, Backfiller(registry, store, batch_sources))
+        grpc_server.add_generic_rpc_handlers((backfill.handler(),))
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
         reflection.enable_server_reflection(

@@ -1,0 +1,45 @@
+"""Starting the servers a benchmark measures: featurepush itself and the empty-handler ceiling."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(target: str) -> None:
+    """Block until a server answers at `target`."""
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+
+
+def start_serve(data_dir: Path, fsync: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A `featurepush serve` process on a free port, with no sources applied."""
+    port = free_port()
+    exe = shutil.which("featurepush", path=str(Path(sys.executable).parent)) or "featurepush"
+    command = [exe, "serve", "--listen", f"localhost:{port}", "--data-dir", str(data_dir), "--fsync", fsync]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"localhost:{port}"
+    wait_ready(target)
+    return process, target
+
+
+def start_empty(*args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The empty-handler server (bench/empty_server.py) on a free port."""
+    port = free_port()
+    command = [sys.executable, "-m", "bench.empty_server", "--port", str(port), *args]
+    process = subprocess.Popen(command, cwd=Path(__file__).parent.parent)
+    target = f"localhost:{port}"
+    wait_ready(target)
+    return process, target
