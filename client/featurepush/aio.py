@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -290,10 +291,8 @@ class AsyncPusher:
                     self._changed.notify_all()
                     continue
                 timeout = min(due - now, 0.5) if due is not None else 0.5
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout)
-                except TimeoutError:
-                    pass
 
 
 async def _drain(

@@ -18,7 +18,6 @@ from featurepush.v1 import (
     ingest_service_pb2,
     ingest_service_pb2_grpc,
     online_service_pb2,
-    online_service_pb2_grpc,
     registry_service_pb2,
     registry_service_pb2_grpc,
 )
@@ -120,7 +119,7 @@ def create_server(config: ServerConfig) -> Server:
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
             IngestServicer(ingestor, read_ahead=config.stream_read_ahead), grpc_server
         )
-        online_service_pb2_grpc.add_OnlineServiceServicer_to_server(OnlineServicer(reader), grpc_server)
+        grpc_server.add_generic_rpc_handlers((OnlineServicer(reader).handler(),))
         backfill = BackfillServicer(registry, batch_sources, Backfiller(registry, store, batch_sources))
         grpc_server.add_generic_rpc_handlers((backfill.handler(),))
         health_servicer = health.HealthServicer()

@@ -8,6 +8,7 @@ dataset scanner with little read-ahead, so memory stays bounded whatever the sou
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -71,11 +72,10 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
     """The filesystem and path of a URI: pyarrow's own when it has one, else fsspec's."""
     if "://" not in uri or uri.startswith("file://"):
         return None, uri.removeprefix("file://")
-    try:
+    with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError, ImportError):
         fs, path = pafs.FileSystem.from_uri(uri)
         return fs, path
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ImportError):
-        pass
+    # pyarrow has no filesystem for this scheme: fsspec may.
     protocol, _, path = uri.partition("://")
     try:
         fsspec = importlib.import_module("fsspec")

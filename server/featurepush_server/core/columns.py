@@ -63,6 +63,15 @@ def _family_error(src: pa.DataType, dtype: DType) -> str | None:
     return None if ok else f"is {src}, which cannot hold {dtype} values without loss"
 
 
+def _casts(part: pa.Array, target: pa.DataType) -> bool:
+    """Whether a safe cast of `part` to `target` succeeds."""
+    try:
+        pc.cast(part, target, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+    return True
+
+
 def _bad_rows(col: pa.ChunkedArray | pa.Array, target: pa.DataType, limit: int) -> list[tuple[int, str]]:
     """Find the rows whose values fail a safe cast, by casting small slices and then single values."""
     out: list[tuple[int, str]] = []
@@ -70,11 +79,8 @@ def _bad_rows(col: pa.ChunkedArray | pa.Array, target: pa.DataType, limit: int) 
     step = 1024
     for start in range(0, len(arr), step):
         part = arr.slice(start, step)
-        try:
-            pc.cast(part, target, safe=True)
+        if _casts(part, target):
             continue
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            pass
         for j in range(len(part)):
             try:
                 pc.cast(part.slice(j, 1), target, safe=True)

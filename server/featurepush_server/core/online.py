@@ -13,6 +13,7 @@ from .encoding import header_micros, key_part, python_key, varint
 from .errors import InvalidInput, LimitExceeded, Violation
 from .registry import Registry
 from .rows import BadValue, scalar_converter
+from .schema import Kind, SourceSpec
 from .store import OnlineStore, row_prefix
 
 _MISSING = b"\x08" + bytes([online_service_pb2.FEATURE_STATUS_MISSING])
@@ -53,6 +54,44 @@ class OnlineReader:
         source = self._registry.get(source_name)
         spec = source.spec
         prefix = row_prefix(source.id)
+        store_keys = self._string_keys(keys, spec, prefix)
+        if store_keys is None:
+            store_keys = self._checked_keys(keys, spec, prefix)
+        stored = self._store.read(store_keys)
+        cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None
+        out = []
+        for value in stored:
+            if value is None:
+                vector = _MISSING
+            else:
+                micros = header_micros(value)
+                if cutoff is not None and micros < cutoff:
+                    vector = _EXPIRED + _event_time(micros)
+                else:
+                    payload = value[8:]
+                    vector = _PRESENT + _event_time(micros) + b"\x1a" + varint(len(payload)) + payload
+            out.append(b"\x0a" + varint(len(vector)) + vector)
+        return b"".join(out)
+
+    @staticmethod
+    def _string_keys(
+        keys: Sequence[struct_pb2.Struct], spec: SourceSpec, prefix: bytes
+    ) -> list[bytes] | None:
+        """Store keys of the common case, one String entity key given as a string; None otherwise."""
+        if len(spec.entity_keys) != 1 or spec.field(spec.entity_keys[0]).dtype.kind is not Kind.STRING:
+            return None
+        name = spec.entity_keys[0]
+        if any(len(k.fields) != 1 or name not in k.fields for k in keys):
+            return None
+        values = [k.fields[name] for k in keys]
+        if any(v.WhichOneof("kind") != "string_value" for v in values):
+            return None
+        return [prefix + v.string_value.encode() for v in values]
+
+    @staticmethod
+    def _checked_keys(keys: Sequence[struct_pb2.Struct], spec: SourceSpec, prefix: bytes) -> list[bytes]:
+        """Store keys of any entity keys, or InvalidInput naming every bad one."""
+        source_name = spec.name
         names = spec.entity_keys
         converters = [scalar_converter(spec.field(k).dtype.kind) for k in names]
         violations: list[Violation] = []
@@ -83,18 +122,4 @@ class OnlineReader:
             raise InvalidInput(
                 f"{len(violations)} invalid entity key value(s)", violations[:100], reason="INVALID_KEYS"
             )
-        stored = self._store.read(store_keys)
-        cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None
-        out = []
-        for value in stored:
-            if value is None:
-                vector = _MISSING
-            else:
-                micros = header_micros(value)
-                if cutoff is not None and micros < cutoff:
-                    vector = _EXPIRED + _event_time(micros)
-                else:
-                    payload = value[8:]
-                    vector = _PRESENT + _event_time(micros) + b"\x1a" + varint(len(payload)) + payload
-            out.append(b"\x0a" + varint(len(vector)) + vector)
-        return b"".join(out)
+        return store_keys

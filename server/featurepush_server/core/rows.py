@@ -309,6 +309,8 @@ _EXPECTED_KIND = {
     Kind.FLOAT32: "number_value",
     Kind.TIMESTAMP: "string_value",
 }
+# Below this many rows the fixed cost of Arrow kernels outweighs converting value by value.
+BULK_MIN_ROWS = 16
 _FAST_KINDS = frozenset(
     (Kind.STRING, Kind.BOOL, Kind.FLOAT32, Kind.FLOAT64, Kind.TIMESTAMP, Kind.INT32, Kind.INT64)
 )
@@ -434,7 +436,8 @@ def rows_to_table(
         kinds = [v.WhichOneof("kind") for v in values]
         if None in kinds:
             missing += np.fromiter((k is None for k in kinds), dtype=bool, count=len(kinds))
-        fast = _fast_column(values, kinds, f) if f.dtype.kind in _FAST_KINDS else None
+        bulk = f.dtype.kind in _FAST_KINDS and len(values) > BULK_MIN_ROWS
+        fast = _fast_column(values, kinds, f) if bulk else None
         if fast is None:
             col = _slow_column(f, values, kinds, path_prefix, ctx)
             if not ctx.count:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -117,9 +118,9 @@ class SourceSpec:
     log_offline: bool
     proto: source_pb2.PushSource = field(compare=False, repr=False)
 
-    @property
+    @functools.cached_property
     def arrow_schema(self) -> pa.Schema:
-        """The Arrow schema of the source's records."""
+        """The Arrow schema of the source's records (built once: pushes ask for it on every call)."""
         return pa.schema([f.to_arrow() for f in self.fields])
 
     def field(self, name: str) -> FieldSpec:

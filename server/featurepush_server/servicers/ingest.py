@@ -61,7 +61,7 @@ def _read_ahead(
                     if not context.is_active():
                         return
     except grpc.RpcError:
-        pass  # the call was cancelled or broken; the writer sees the inactive context
+        return  # the call was cancelled or broken; the writer sees the inactive context and stops
     except Exception as e:  # noqa: BLE001 - handed to the writer thread, which logs it
         end = _End(e)
     while context.is_active():

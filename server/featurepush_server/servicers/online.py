@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from featurepush.v1 import online_service_pb2 as pb
@@ -10,6 +12,8 @@ from featurepush.v1 import online_service_pb2_grpc as pb_grpc
 from ..core.online import OnlineReader
 from ..status import unary
 
+SERVICE = pb.DESCRIPTOR.services_by_name["OnlineService"].full_name
+
 
 class OnlineServicer(pb_grpc.OnlineServiceServicer):
     """Serves the latest record per entity."""
@@ -17,9 +21,23 @@ class OnlineServicer(pb_grpc.OnlineServiceServicer):
     def __init__(self, reader: OnlineReader):
         self._reader = reader
 
-    @unary
     def GetFeatures(
         self, request: pb.GetFeaturesRequest, context: grpc.ServicerContext
     ) -> pb.GetFeaturesResponse:
-        # The core assembles the reply from stored bytes; one C-level parse turns it into the message.
-        return pb.GetFeaturesResponse.FromString(self._reader.get_features(request.source, request.keys))
+        return pb.GetFeaturesResponse.FromString(self.get_features_bytes(request, context))
+
+    @unary
+    def get_features_bytes(self, request: pb.GetFeaturesRequest, context: grpc.ServicerContext) -> bytes:
+        """GetFeatures' reply already serialized: the core assembles it from stored bytes."""
+        return self._reader.get_features(request.source, request.keys)
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        """The service's handlers; GetFeatures sends the core's bytes as they are, never re-encoded."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "GetFeatures": grpc.unary_unary_rpc_method_handler(
+                    self.get_features_bytes, request_deserializer=pb.GetFeaturesRequest.FromString
+                )
+            },
+        )
