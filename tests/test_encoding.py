@@ -5,13 +5,19 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
-from google.protobuf import struct_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_properties import KEY, TS, batches, schemas, to_struct
 
 from featurepush import StreamSource
-from featurepush_server.core.encoding import encode_rows, timestamp_string, timestamp_strings, varints
+from featurepush.v1 import online_service_pb2
+from featurepush_server.core.encoding import (
+    encode_rows,
+    header_micros,
+    timestamp_string,
+    timestamp_strings,
+    varints,
+)
 from featurepush_server.core.rows import MAX_MICROS, MIN_MICROS, rows_to_table
 from featurepush_server.core.schema import compile_source
 
@@ -36,8 +42,9 @@ def test_both_encoders_agree_byte_for_byte(data: st.DataObject) -> None:
     )
     assert columns == by_row
     for value in columns[1]:
-        parsed = struct_pb2.Struct.FromString(value[8:])
-        assert set(parsed.fields) == {f.name for f in spec.fields}
+        vector = online_service_pb2.FeatureVector.FromString(value[8:])
+        assert set(vector.features.fields) == {f.name for f in spec.fields}
+        assert vector.event_time.ToMicroseconds() == header_micros(value)
 
 
 @settings(max_examples=200, deadline=None)
@@ -53,7 +60,7 @@ def test_timestamp_strings_match_the_single_formatter(micros: list[int]) -> None
         assert parsed == epoch + timedelta(microseconds=m)
 
 
-@given(st.lists(st.integers(0, 2**34), max_size=40))
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=40))
 def test_varints_match_protobuf(numbers: list[int]) -> None:
     from featurepush_server.core.encoding import varint
 
@@ -64,11 +71,12 @@ def test_varints_match_protobuf(numbers: list[int]) -> None:
 def test_event_times_are_encoded_as_protobuf_does(micros: int) -> None:
     from google.protobuf import timestamp_pb2
 
-    from featurepush_server.core.online import _event_time
+    from featurepush_server.core.encoding import event_time_field, event_time_fields
 
     stamp = timestamp_pb2.Timestamp(seconds=micros // 1_000_000, nanos=micros % 1_000_000 * 1000)
     body = stamp.SerializeToString()
-    assert _event_time(micros) == b"\x12" + bytes([len(body)]) + body
+    assert event_time_field(micros) == b"\x12" + bytes([len(body)]) + body
+    assert event_time_fields(np.array([micros], dtype=np.int64)).to_pylist() == [event_time_field(micros)]
 
 
 @given(st.integers(0, 2**64 - 1))

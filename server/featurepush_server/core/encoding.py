@@ -1,8 +1,10 @@
 """Column-at-a-time encoding of conformed Arrow tables into online-store keys and values.
 
-A stored value is an 8-byte event-time header (big-endian, sign-flipped, so bytes order like times)
-followed by the record serialized as a google.protobuf.Struct in canonical JSON form: Int64 as decimal
-strings, Timestamps as RFC 3339 in UTC, Bytes as base64, non-finite floats as "NaN"/"Infinity". The
+A stored value is an 8-byte event-time header (big-endian, sign-flipped, so bytes order like times),
+then the tail of the FeatureVector a read returns: its `event_time` field and its `features` field, the
+record serialized as a google.protobuf.Struct in canonical JSON form (Int64 as decimal strings,
+Timestamps as RFC 3339 in UTC, Bytes as base64, non-finite floats as "NaN"/"Infinity"). A read then
+only prepends the status. The
 wire bytes are built with numpy and Arrow kernels, so no Python code runs per scalar value; only Bytes
 and nested types fall back to per-row Python.
 """
@@ -67,7 +69,7 @@ def varint_sizes(values: np.ndarray) -> np.ndarray:
     """How many bytes the protobuf varint of each non-negative integer takes."""
     n = np.asarray(values, dtype=np.uint64)
     sizes = np.ones(len(n), dtype=np.int64)
-    for i in range(1, 5):
+    for i in range(1, 10):
         sizes += n >= np.uint64(1 << (7 * i))
     return sizes
 
@@ -78,8 +80,8 @@ def varints(lengths: np.ndarray) -> pa.Array:
     if len(n) == 0 or n.max() < 0x80:
         # The common case, short strings and small messages: one byte each.
         return _binary_from_matrix(n.astype(np.uint8).reshape(-1, 1))
-    width = 5  # lengths stay below 2**35; a single Arrow binary array holds at most 2**31 bytes.
     nbytes = varint_sizes(n)
+    width = int(nbytes.max())
     cols = np.arange(width)
     shifts = (cols * 7).astype(np.uint64)
     mat = ((n[:, None] >> shifts[None, :]) & np.uint64(0x7F)).astype(np.uint8)
@@ -310,6 +312,32 @@ def header_micros(value: bytes) -> int:
     return int.from_bytes(value[:8], "big") - (1 << 63)
 
 
+def event_time_field(micros: int) -> bytes:
+    """FeatureVector.event_time (field 2): a Timestamp of seconds (field 1) and nanos (field 2)."""
+    seconds, rest = divmod(micros, 1_000_000)
+    # Negative seconds are written as 64-bit two's complement, as protobuf does for int64.
+    body = (b"\x08" + varint(seconds % (1 << 64)) if seconds else b"") + (
+        b"\x10" + varint(rest * 1000) if rest else b""
+    )
+    return b"\x12" + varint(len(body)) + body
+
+
+def event_time_fields(micros: np.ndarray) -> pa.Array:
+    """event_time_field of every element, column at a time."""
+    seconds = np.floor_divide(micros, 1_000_000)
+    nanos = (micros - seconds * 1_000_000) * 1000
+    # A zero field is left out, as protobuf leaves out defaults.
+    secs = pc.if_else(pa.array(seconds != 0), _join(b"\x08", varints(seconds.view(np.uint64))), b"")
+    nans = pc.if_else(pa.array(nanos != 0), _join(b"\x10", varints(nanos)), b"")
+    body_len = pc.binary_length(secs).to_numpy() + pc.binary_length(nans).to_numpy()
+    return _join(b"\x12", varints(body_len), secs, nans)
+
+
+def event_time_length(value: bytes) -> int:
+    """The length of the event_time field that follows a stored value's header (it is under 128 bytes)."""
+    return 2 + value[9]
+
+
 def key_text(arr: pa.Array) -> pa.Array:
     """Entity key values as text: strings as they are, integers in decimal."""
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
@@ -361,14 +389,16 @@ def _encode_small(
     for row, t in zip(rows, micros, strict=True):
         keys.append(python_key([key_part(row[k]) for k in entity_keys], prefix))
         # Entries are written by hand in name order: protobuf's own deterministic map order differs.
-        out = [(t + (1 << 63)).to_bytes(8, "big")]
+        out = []
         for f, key in ordered:
             message = struct_pb2.Value()
             _set_value(message, canonical(row[f.name], f.dtype))
             value = message.SerializeToString(deterministic=True)
             entry = key + varint(len(value)) + value
             out.append(b"\x0a" + varint(len(entry)) + entry)
-        values.append(b"".join(out))
+        payload = b"".join(out)
+        header = (t + (1 << 63)).to_bytes(8, "big")
+        values.append(header + event_time_field(t) + b"\x1a" + varint(len(payload)) + payload)
     return keys, values
 
 
@@ -381,12 +411,15 @@ def encode_rows(
     *,
     small_batch: int = SMALL_BATCH,
 ) -> tuple[list[bytes], list[bytes]]:
-    """Keys and stored values (header then payload) of every row of a conformed table."""
+    """Keys and stored values (header, event time, features) of every row of a conformed table."""
     if table.num_rows == 0:
         return [], []
     if table.num_rows <= small_batch:
         return _encode_small(table, fields, entity_keys, timestamp_field, prefix)
     keys = encode_keys([table.column(k).combine_chunks() for k in entity_keys], prefix)
     micros = pc.cast(table.column(timestamp_field), pa.int64()).to_numpy()
-    values = _join(time_headers(micros), *field_entries(table, fields))
+    parts = field_entries(table, fields)
+    payload_len = sum(pc.binary_length(p).to_numpy().astype(np.int64) for p in parts)
+    features = [b"\x1a", varints(payload_len), *parts]  # FeatureVector.features (field 3)
+    values = _join(time_headers(micros), event_time_fields(micros), *features)
     return keys.to_pylist(), values.to_pylist()

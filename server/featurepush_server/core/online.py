@@ -9,7 +9,7 @@ from google.protobuf import struct_pb2
 
 from featurepush.v1 import online_service_pb2
 
-from .encoding import header_micros, key_part, python_key, varint
+from .encoding import event_time_length, header_micros, key_part, python_key, varint
 from .errors import InvalidInput, LimitExceeded, Violation
 from .registry import Registry
 from .rows import BadValue, scalar_converter
@@ -19,16 +19,6 @@ from .store import OnlineStore, row_prefix
 _MISSING = b"\x08" + bytes([online_service_pb2.FEATURE_STATUS_MISSING])
 _PRESENT = b"\x08" + bytes([online_service_pb2.FEATURE_STATUS_PRESENT])
 _EXPIRED = b"\x08" + bytes([online_service_pb2.FEATURE_STATUS_EXPIRED])
-
-
-def _event_time(micros: int) -> bytes:
-    """FeatureVector.event_time (field 2): a Timestamp of seconds (field 1) and nanos (field 2)."""
-    seconds, rest = divmod(micros, 1_000_000)
-    # Negative seconds are written as 64-bit two's complement, as protobuf does for int64.
-    body = (b"\x08" + varint(seconds % (1 << 64)) if seconds else b"") + (
-        b"\x10" + varint(rest * 1000) if rest else b""
-    )
-    return b"\x12" + varint(len(body)) + body
 
 
 class OnlineReader:
@@ -61,15 +51,13 @@ class OnlineReader:
         cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None
         out = []
         for value in stored:
+            # A stored value holds the vector's event_time and features fields after its header.
             if value is None:
                 vector = _MISSING
+            elif cutoff is not None and header_micros(value) < cutoff:
+                vector = _EXPIRED + value[8 : 8 + event_time_length(value)]
             else:
-                micros = header_micros(value)
-                if cutoff is not None and micros < cutoff:
-                    vector = _EXPIRED + _event_time(micros)
-                else:
-                    payload = value[8:]
-                    vector = _PRESENT + _event_time(micros) + b"\x1a" + varint(len(payload)) + payload
+                vector = _PRESENT + value[8:]
             out.append(b"\x0a" + varint(len(vector)) + vector)
         return b"".join(out)
 
