@@ -35,8 +35,14 @@ DEFAULT_BYTES = 4 * 1024 * 1024
 # Rows a scanner batch holds before post-processing and casting; the output is re-sliced to the request.
 SCAN_ROWS = 65_536
 
-_FORMATS = {
-    source_pb2.FILE_FORMAT_PARQUET: "parquet",
+
+def _parquet() -> ds.ParquetFileFormat:
+    """Parquet read column chunk by column chunk: pre-buffering would hold a whole file's chunks in memory."""
+    return ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False))
+
+
+_FORMATS: dict[int, str | Callable[[], ds.FileFormat]] = {
+    source_pb2.FILE_FORMAT_PARQUET: _parquet,
     source_pb2.FILE_FORMAT_CSV: "csv",
     source_pb2.FILE_FORMAT_ARROW_IPC: "ipc",
 }
@@ -160,8 +166,9 @@ class BatchSources:
                 )
             folder = self._offline_root / name
             folder.mkdir(parents=True, exist_ok=True)
-            return ds.dataset(str(folder), format="parquet", schema=spec.arrow_schema)
-        fmt = _FORMATS.get(bc.file_format)
+            return ds.dataset(str(folder), format=_parquet(), schema=spec.arrow_schema)
+        found = _FORMATS.get(bc.file_format)
+        fmt = found() if callable(found) else found
         if fmt is None:
             raise FailedPrecondition(
                 f"source {spec.name!r} has no batch file format",
