@@ -234,34 +234,33 @@ class OnlineStore:
     def _stage_latest(self, batch: RowBatch, wb: rocksdict.WriteBatch) -> BatchCounts:
         keys, values = batch.keys, batch.values
         accepted = len(keys)
+        heads = [v[:8] for v in values]
         if len(set(keys)) != len(keys):
             # Several events for one entity in a batch: keep the newest, the later one on a tie.
             best: dict[bytes, int] = {}
             for i, key in enumerate(keys):
                 j = best.get(key)
-                if j is None or values[i][:8] >= values[j][:8]:
+                if j is None or heads[i] >= heads[j]:
                     best[key] = i
             order = sorted(best.values())
             keys = [keys[i] for i in order]
             values = [values[i] for i in order]
+            heads = [heads[i] for i in order]
         # Event-time headers of stored rows come from memory when this process has seen the key.
         cache = self._latest
         if len(cache) > self._latest_max:
             cache.clear()
         misses = [key for key in keys if key not in cache]
         if misses:
-            for key, old in zip(misses, self._db.get(misses), strict=True):
-                cache[key] = b"" if old is None else old[:8]
-        written = 0
-        staged = self._staged
-        for key, value in zip(keys, values, strict=True):
-            header = value[:8]
-            # Headers order like event times; an equal time replaces, so a correction can land.
-            if header >= cache[key]:
-                wb.put(key, value)
-                staged[key] = header
-                written += 1
-        return BatchCounts(accepted, written, accepted - written)
+            found = [b"" if old is None else old[:8] for old in self._db.get(misses)]
+            cache.update(zip(misses, found, strict=True))
+        # Headers order like event times; an equal time replaces, so a correction can land.
+        newer = [i for i, (head, key) in enumerate(zip(heads, keys, strict=True)) if head >= cache[key]]
+        put = wb.put
+        for i in newer:
+            put(keys[i], values[i])
+        self._staged.update((keys[i], heads[i]) for i in newer)
+        return BatchCounts(accepted, len(newer), accepted - len(newer))
 
     def _stage_offline(self, batches: Sequence[RowBatch], wb: rocksdict.WriteBatch) -> None:
         """Queue the batches' offline records; called under the lock, so sequence numbers only grow."""
