@@ -67,6 +67,33 @@ def test_describe_ingest_service(running: Running) -> None:
     ), out
 
 
+@pytest.mark.parametrize(
+    ("symbol", "shown"),
+    [
+        (
+            "featurepush.v1.OnlineService.GetFeatures",
+            "rpc GetFeatures ( .featurepush.v1.GetFeaturesRequest )",
+        ),
+        (
+            "featurepush.v1.IngestService.PushStream",
+            "rpc PushStream ( stream .featurepush.v1.PushStreamRequest )",
+        ),
+        ("grpc.health.v1.Health.Check", "rpc Check ( .grpc.health.v1.HealthCheckRequest )"),
+        ("featurepush.v1.FeatureVector", "featurepush.v1.FeatureVector is a message"),
+    ],
+)
+def test_describe_methods_and_messages(running: Running, symbol: str, shown: str) -> None:
+    """`describe` resolves a single RPC method as well as messages."""
+    assert shown in ok(grpcurl(running, "describe", symbol))
+
+
+def test_describe_an_unknown_method_fails_cleanly(running: Running) -> None:
+    """A method that does not exist is reported as not found."""
+    result = grpcurl(running, "describe", "featurepush.v1.OnlineService.Nope")
+    assert result.returncode != 0
+    assert "not found" in result.stderr.lower()
+
+
 def test_json_push_then_get_features_returns_the_records_exactly(running: Running) -> None:
     """A JSON Push of the seed's records and a JSON GetFeatures give them back in canonical form."""
     pushed = json.loads(

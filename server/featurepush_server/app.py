@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -43,6 +44,34 @@ SERVICE_NAMES = (
     online_service_pb2.DESCRIPTOR.services_by_name["OnlineService"].full_name,
     backfill_service_pb2.DESCRIPTOR.services_by_name["BackfillService"].full_name,
 )
+
+
+class MethodAwarePool:
+    """A view of a descriptor pool whose symbol lookup also finds RPC methods.
+
+    Reflection clients such as `grpcurl describe pkg.Service.Method` ask for the file of a method, and
+    the C-backed pool only knows messages, enums and services by name.
+    """
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool):
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802 - the pool's own method name
+        """The file defining `symbol`, a method's included."""
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service, _, method = symbol.rpartition(".")
+            try:
+                found = self._pool.FindServiceByName(service)
+            except KeyError:
+                raise KeyError(symbol) from None
+            if method not in found.methods_by_name:
+                raise
+            return found.file
 
 
 @dataclass
@@ -125,7 +154,10 @@ def create_server(config: ServerConfig) -> Server:
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            grpc_server,
+            # Duck-typed: reflection only calls the pool's Find* methods.
+            pool=MethodAwarePool(descriptor_pool.Default()),  # type: ignore[arg-type]
         )
         port = grpc_server.add_insecure_port(config.listen)
         if port == 0:
