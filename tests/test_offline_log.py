@@ -59,6 +59,30 @@ def test_push_log_read_round_trip(tmp_path: Path) -> None:
         running.close()
 
 
+def test_a_compatible_schema_change_between_flushes_still_logs_everything(tmp_path: Path) -> None:
+    running = start(tmp_path / "data", offline_flush_interval_s=3600.0)
+    try:
+        running.apply(LOGGED_WITH_BATCH)
+        with Client.from_channel(running.channel) as client:
+            client.push("ad_impressions", records(0, 2))
+            widened = dict(LOGGED_WITH_BATCH)
+            widened["schema"] = {
+                "fields": [
+                    *AD_IMPRESSIONS["schema"]["fields"],  # type: ignore[index]
+                    {"name": "country", "type": {"scalar": "SCALAR_TYPE_STRING"}, "nullable": True},
+                ]
+            }
+            running.apply(widened)
+            client.push("ad_impressions", [dict(r, country="FR") for r in records(2, 2)])
+        assert running.server.offline_log is not None
+        # Both shapes sit in the queue together, so one round must unify them.
+        assert running.server.offline_log.flush() == 4
+        got = read_batch_source(running.channel, "ad_impressions").read_all().sort_by("clicked")
+        assert got["country"].to_pylist() == [None, None, "FR", "FR"]
+    finally:
+        running.close()
+
+
 def test_a_source_without_log_offline_logs_nothing(running: Running) -> None:
     with Client.from_channel(running.channel) as client:
         client.push("ad_impressions", records(0, 3))

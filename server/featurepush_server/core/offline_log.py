@@ -135,7 +135,8 @@ class OfflineLog:
                 parts[entry.source].append(reader.read_all())
         out: dict[tuple[str, str], pa.Table] = {}
         for source, tables in parts.items():
-            table = pa.concat_tables(tables)
+            # A compatible schema change (a new nullable field) between pushes leaves those earlier rows null.
+            table = pa.concat_tables(tables, promote_options="default")
             ts_field = _timestamp_column(table)
             dates = pc.strftime(table.column(ts_field), format="%Y-%m-%d").to_numpy(zero_copy_only=False)
             for date in np.unique(dates):
