@@ -63,7 +63,7 @@ def failing(table: pa.Table) -> pa.Table:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Running]:
-    r = start(tmp_path / "data")
+    r = start(tmp_path / "data", post_processor_modules=(__name__,))
     try:
         yield r
     finally:
@@ -214,3 +214,33 @@ def wait_until(condition: Callable[[], bool]) -> None:
     while not condition():
         assert time.monotonic() < deadline, "the condition was never reached"
         time.sleep(0.01)
+
+
+def test_a_post_processor_outside_the_allowed_modules_is_refused(server: Running, tmp_path: Path) -> None:
+    uri = write(history(), "FILE_FORMAT_PARQUET", tmp_path)
+    with pytest.raises(grpc.RpcError) as raised:
+        server.apply(source_doc(uri, "FILE_FORMAT_PARQUET", postProcessor="os:getcwd"))
+    err = from_rpc_error(raised.value)
+    assert isinstance(err, FailedPreconditionError)
+    assert err.reason == "POST_PROCESSOR_NOT_ALLOWED"
+    assert "post_processor_modules" in err.message
+
+
+def test_a_definitions_file_may_post_process_with_its_own_functions(tmp_path: Path) -> None:
+    uri = write(history(), "FILE_FORMAT_PARQUET", tmp_path)
+    definitions = tmp_path / "clicks_definitions_with_post.py"
+    definitions.write_text(
+        "import pyarrow.compute as pc\n"
+        "from featurepush import Field, FileConfig, Int64, StreamSource, String, Timestamp\n"
+        "def tenfold(table):\n"
+        "    return table.set_column(2, 'clicked', pc.multiply(table['clicked'], 10))\n"
+        "source = StreamSource(name='tenfold', entity_keys=['user_id'], timestamp_field='timestamp',\n"
+        "    schema=[Field('user_id', String), Field('timestamp', Timestamp), Field('clicked', Int64)],\n"
+        f"    batch_config=FileConfig(uri={uri!r}, file_format='parquet', post_processor=tenfold))\n"
+    )
+    running = start(tmp_path / "data", definitions=(definitions,))
+    try:
+        got = read_batch_source(running.channel, "tenfold").read_all()
+        assert got["clicked"].to_pylist() == [c * 10 for c in history()["clicked"].to_pylist()]
+    finally:
+        running.close()

@@ -7,6 +7,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -121,7 +122,10 @@ def create_server(config: ServerConfig) -> Server:
         offline_log = OfflineLog(
             store, config.data_dir / "offline", interval_s=config.offline_flush_interval_s
         )
-        batch_sources = BatchSources(offline_log.root)
+        batch_sources = BatchSources(offline_log.root, config.post_processor_modules)
+        for path in config.definitions:
+            # A definitions file is loaded as a module named after it; its functions may post-process.
+            batch_sources.allow_post_processors(Path(path).stem)
         registry = Registry(store, check_batch_source=batch_sources.check)
         ingestor = Ingestor(registry, store, max_records=config.max_records_per_request)
         reader = OnlineReader(registry, store, max_keys=config.max_keys_per_request)

@@ -58,6 +58,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "max_message_bytes": args.max_message_bytes,
         "workers": args.workers,
         "definitions": tuple(args.definitions) if args.definitions else None,
+        "post_processor_modules": tuple(args.post_processor_modules) if args.post_processor_modules else None,
     }
     try:
         config = load_config(args.config, overrides=overrides)
@@ -258,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-records-per-request", type=int)
     serve.add_argument("--max-message-bytes", type=int)
     serve.add_argument("--workers", type=int)
+    serve.add_argument(
+        "--post-processor-module",
+        action="append",
+        dest="post_processor_modules",
+        help="a module whose functions sources may use as post_processor (repeatable)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:

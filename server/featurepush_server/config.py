@@ -45,6 +45,10 @@ class ServerConfig:
     stream_read_ahead: int = 4
     # Seconds between flushes of acknowledged log_offline records from RocksDB to the Parquet offline log.
     offline_flush_interval_s: float = 1.0
+    # Modules (or packages) whose functions a source may name as its post_processor, besides the
+    # definitions files applied at start. Applying a source makes the server import and run that code,
+    # so nothing else is imported.
+    post_processor_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
@@ -81,6 +85,9 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         if kind == "Path":
             return Path(value)
+        if kind == "tuple[str, ...]":
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(str(v).strip() for v in items if str(v).strip())
         if kind == "tuple[Path, ...]":
             items = value.split(",") if isinstance(value, str) else value
             return tuple(Path(v) for v in items if str(v))

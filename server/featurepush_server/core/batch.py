@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import threading
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,17 @@ PostProcessor = Callable[[pa.Table], pa.Table]
 StopCheck = Callable[[], bool]
 
 
-def load_post_processor(reference: str, source: str) -> PostProcessor:
-    """Import a "package.module:function" reference; raise FailedPrecondition naming the source."""
+def load_post_processor(reference: str, source: str, allowed: Collection[str]) -> PostProcessor:
+    """Import a "package.module:function" reference from an allowed module; raise FailedPrecondition."""
     module_name, _, attr = reference.partition(":")
+    if not any(module_name == m or module_name.startswith(m + ".") for m in allowed):
+        raise FailedPrecondition(
+            f"post_processor {reference!r} of source {source!r} is in module {module_name!r}, which the "
+            "server may not import; add it to the server's post_processor_modules setting "
+            "(--post-processor-module) or define the function in a definitions file the server loads",
+            reason="POST_PROCESSOR_NOT_ALLOWED",
+            metadata={"source": source, "post_processor": reference},
+        )
     try:
         target: Any = importlib.import_module(module_name)
         for part in attr.split("."):
@@ -145,10 +153,15 @@ class BatchSources:
     `open_readers` counts scanners not yet released, so cancellation can be observed.
     """
 
-    def __init__(self, offline_root: Path):
+    def __init__(self, offline_root: Path, post_processor_modules: Collection[str] = ()):
         self._offline_root = offline_root
+        self._allowed = set(post_processor_modules)
         self._lock = threading.Lock()
         self.open_readers = 0
+
+    def allow_post_processors(self, module: str) -> None:
+        """Let sources name functions of `module` (and its submodules) as post_processor."""
+        self._allowed.add(module)
 
     # --- opening -------------------------------------------------------------------------------
 
@@ -191,7 +204,7 @@ class BatchSources:
         """Refuse a batch config that lacks a schema column or has one of a type that cannot be cast."""
         bc = spec.proto.batch_config
         dataset = self.dataset(spec)
-        post = load_post_processor(bc.post_processor, spec.name) if bc.post_processor else None
+        post = load_post_processor(bc.post_processor, spec.name, self._allowed) if bc.post_processor else None
         if post is None:
             sample = dataset.schema.empty_table()
         else:
@@ -243,7 +256,7 @@ class BatchSources:
         """
         bc = spec.proto.batch_config
         dataset = self.dataset(spec)
-        post = load_post_processor(bc.post_processor, spec.name) if bc.post_processor else None
+        post = load_post_processor(bc.post_processor, spec.name, self._allowed) if bc.post_processor else None
         file_time = bc.timestamp_field or spec.timestamp_field
         names = set(dataset.schema.names)
         filt = None
