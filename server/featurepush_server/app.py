@@ -117,6 +117,7 @@ def create_server(config: ServerConfig) -> Server:
         config.data_dir / "online",
         fsync=config.fsync == "always",
         idempotency_window_s=config.idempotency_window_s,
+        latest_cache_entries=config.latest_index_entries,
     )
     try:
         offline_log = OfflineLog(

@@ -49,6 +49,9 @@ class ServerConfig:
     # definitions files applied at start. Applying a source makes the server import and run that code,
     # so nothing else is imported.
     post_processor_modules: tuple[str, ...] = ()
+    # Entity keys whose latest event time is kept in memory (about 150 bytes each), so most writes skip
+    # reading the stored row first.
+    latest_index_entries: int = 1_000_000
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
@@ -59,6 +62,7 @@ class ServerConfig:
             "max_keys_per_request",
             "workers",
             "stream_read_ahead",
+            "latest_index_entries",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
