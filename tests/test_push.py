@@ -264,3 +264,19 @@ def test_get_features_rejects_bad_keys(running: Running) -> None:
     with pytest.raises(grpc.RpcError) as info:
         running.online.GetFeatures(keys_request("missing_source", {"user_id": "u"}))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_latest_wins_holds_when_the_in_memory_index_overflows(tmp_path: Path) -> None:
+    running = start(tmp_path, latest_index_entries=3)
+    try:
+        running.apply(AD_IMPRESSIONS)
+        users = [f"u{i}" for i in range(10)]
+        running.ingest.Push(rows_request({"ad_impressions": [impression(u, T1, 1) for u in users]}))
+        # The index keeps at most 3 keys, so most of these reads must go to the store.
+        response = running.ingest.Push(
+            rows_request({"ad_impressions": [impression(u, T0, 2) for u in users]})
+        )
+        assert response.counts["ad_impressions"].superseded == 10
+        assert {clicked(running, u) for u in users} == {"1"}
+    finally:
+        running.close()
