@@ -24,7 +24,7 @@ from featurepush.v1 import (
     registry_service_pb2,
     registry_service_pb2_grpc,
 )
-from featurepush.values import decode_record, key_to_struct
+from featurepush.values import key_to_struct
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -78,13 +78,6 @@ class FeatureStatus(enum.StrEnum):
     PRESENT = "PRESENT"
     MISSING = "MISSING"
     EXPIRED = "EXPIRED"
-
-
-_STATUS_FROM_WIRE: dict[int, FeatureStatus] = {
-    online_service_pb2.FEATURE_STATUS_PRESENT: FeatureStatus.PRESENT,
-    online_service_pb2.FEATURE_STATUS_MISSING: FeatureStatus.MISSING,
-    online_service_pb2.FEATURE_STATUS_EXPIRED: FeatureStatus.EXPIRED,
-}
 
 
 @dataclass(frozen=True)
@@ -248,7 +241,7 @@ class Client:
         bad record by path if any is rejected, in which case nothing is written.
         """
         # Imported here because payload builds on this module's result types.
-        from featurepush.payload import fill_source_records
+        from featurepush.payload import fill_source_records, push_result
 
         request = ingest_service_pb2.PushRequest(dry_run=dry_run, request_id=request_id or "")
         for source, source_records in records.items():
@@ -258,14 +251,7 @@ class Client:
             response = self._ingest.Push(request, timeout=self._timeout)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
-        return PushResult(
-            counts={
-                name: SourceCounts(int(c.accepted), int(c.written), int(c.superseded))
-                for name, c in response.counts.items()
-            },
-            dry_run=response.dry_run,
-            replayed=response.replayed,
-        )
+        return push_result(response)
 
     def pusher(
         self,
@@ -334,20 +320,13 @@ class Client:
 
         return backfill(self._channel, source, start=start, end=end, dry_run=dry_run, on_progress=on_progress)
 
+    @staticmethod
     def _decode_vectors(
-        self, response: online_service_pb2.GetFeaturesResponse, schema: Sequence[Field]
+        response: online_service_pb2.GetFeaturesResponse, schema: Sequence[Field]
     ) -> list[FeatureResult]:
-        results: list[FeatureResult] = []
-        for vector in response.results:
-            status = _STATUS_FROM_WIRE.get(vector.status)
-            if status is None:
-                raise ValueError(f"server returned feature status {vector.status}")
-            event_time = None
-            if vector.HasField("event_time"):
-                event_time = vector.event_time.ToDatetime(tzinfo=dt.UTC)
-            features = decode_record(vector.features, schema) if vector.HasField("features") else None
-            results.append(FeatureResult(status, event_time, features))
-        return results
+        from featurepush.payload import feature_results
+
+        return feature_results(response, tuple(schema))
 
     def _definition(self, name: str) -> StreamSource:
         with self._schemas_lock:
