@@ -138,8 +138,9 @@ def conform(
         violations.append(Violation(path_prefix, "the data has duplicate column names"))
         return None, violations
     if not allow_extra_columns:
+        known = {f.name for f in fields}
         for name in data.column_names:
-            if name not in {f.name for f in fields}:
+            if name not in known:
                 violations.append(Violation(f"{path_prefix}.{name}", f"unknown column {name!r}"))
     arrays: list[pa.ChunkedArray] = []
     for f in fields:

@@ -101,17 +101,16 @@ class Ingestor:
             path = source_path(name)
             if payload.rows and payload.arrow_ipc:
                 violations.append(Violation(path, "set rows or arrow_ipc, not both"))
-                continue
-            if payload.arrow_ipc:
+            elif payload.arrow_ipc:
                 tables[name] = read_arrow(payload.arrow_ipc, path)
-            total = sum(t.num_rows for t in tables.values()) + sum(len(p.rows) for p in records.values())
-            if total > self.max_records:
-                raise LimitExceeded(
-                    f"the push carries more than {self.max_records} records; split it into requests "
-                    f"of at most {self.max_records} records",
-                    reason="TOO_MANY_RECORDS",
-                    metadata={"limit": str(self.max_records)},
-                )
+        total = sum(t.num_rows for t in tables.values()) + sum(len(p.rows) for p in records.values())
+        if total > self.max_records:
+            raise LimitExceeded(
+                f"the push carries {total} records, more than {self.max_records}; split it into requests "
+                f"of at most {self.max_records} records",
+                reason="TOO_MANY_RECORDS",
+                metadata={"limit": str(self.max_records)},
+            )
         sources = {name: self._registry.get(name) for name in records}
         total_bad = 0
         for name, payload in records.items():
