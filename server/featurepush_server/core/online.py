@@ -69,12 +69,14 @@ class OnlineReader:
         if len(spec.entity_keys) != 1 or spec.field(spec.entity_keys[0]).dtype.kind is not Kind.STRING:
             return None
         name = spec.entity_keys[0]
-        if any(len(k.fields) != 1 or name not in k.fields for k in keys):
+        maps = [k.fields for k in keys]
+        if any(len(m) != 1 for m in maps):
             return None
-        values = [k.fields[name] for k in keys]
-        if any(v.WhichOneof("kind") != "string_value" for v in values):
+        values = [m.get(name) for m in maps]
+        texts = [v.string_value for v in values if v is not None and v.WhichOneof("kind") == "string_value"]
+        if len(texts) != len(values):
             return None
-        return [prefix + v.string_value.encode() for v in values]
+        return [prefix + text.encode() for text in texts]
 
     @staticmethod
     def _checked_keys(keys: Sequence[struct_pb2.Struct], spec: SourceSpec, prefix: bytes) -> list[bytes]:
