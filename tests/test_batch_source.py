@@ -244,3 +244,25 @@ def test_a_definitions_file_may_post_process_with_its_own_functions(tmp_path: Pa
         assert got["clicked"].to_pylist() == [c * 10 for c in history()["clicked"].to_pylist()]
     finally:
         running.close()
+
+
+def test_a_uri_pyarrow_cannot_open_is_read_through_fsspec(server: Running) -> None:
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    with memory.open("/featurepush-test/history.parquet", "wb") as fh:
+        pq.write_table(history(), fh)
+    try:
+        server.apply(source_doc("memory://featurepush-test/history.parquet", "FILE_FORMAT_PARQUET"))
+        got = read_batch_source(server.channel, "ad_impressions").read_all()
+        assert got["clicked"].to_pylist() == history()["clicked"].to_pylist()
+    finally:
+        memory.rm("/featurepush-test", recursive=True)
+
+
+def test_a_uri_no_filesystem_can_open_is_refused_naming_the_extras(server: Running) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        server.apply(source_doc("nosuchfs://bucket/history.parquet", "FILE_FORMAT_PARQUET"))
+    err = from_rpc_error(raised.value)
+    assert isinstance(err, FailedPreconditionError)
+    assert "featurepush[s3]" in err.message
