@@ -119,8 +119,13 @@ def load_config(
             if key not in _FIELDS:
                 raise ConfigError(f"unknown setting {key!r} in {path}; known: {', '.join(_FIELDS)}")
             values[key] = _coerce(key, value)
+        # Paths in a config file are relative to the file, wherever the server starts.
         if "data_dir" in values and not values["data_dir"].is_absolute():
             values["data_dir"] = path.parent / values["data_dir"]
+        if "definitions" in values:
+            values["definitions"] = tuple(
+                p if p.is_absolute() else path.parent / p for p in values["definitions"]
+            )
     for key, value in (env if env is not None else os.environ).items():
         if key.startswith(ENV_PREFIX):
             name = key[len(ENV_PREFIX) :].lower()
