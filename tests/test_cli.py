@@ -228,3 +228,41 @@ def test_unreachable_target_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
         code, out, err = run(capsys, "sources", "--target", f"localhost:{port}")
     assert (code, out) == (1, "")
     assert_one_error_line(err, "UNAVAILABLE", str(port))
+
+
+@pytest.mark.parametrize(
+    ("definitions_text", "fragments"),
+    [
+        ("x = (\n", ["SyntaxError"]),
+        (
+            "from featurepush import Field, StreamSource, String\n"
+            "s = StreamSource(name='bad name', schema=[Field('a', String)], entity_keys=['a'], "
+            "timestamp_field='a')\n",
+            ["push source 'bad name' is not valid", "source.name:", "source.timestamp_field:"],
+        ),
+    ],
+)
+def test_serve_refuses_bad_definitions_in_one_clear_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, definitions_text: str, fragments: list[str]
+) -> None:
+    path = definitions_file(tmp_path, definitions_text)
+    code, _, err = run(
+        capsys,
+        "serve",
+        "--listen",
+        "localhost:0",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--definitions",
+        str(path),
+    )
+    assert code == 1
+    assert_one_error_line(err, *fragments)
+
+
+def test_serve_on_a_busy_address_says_so(
+    running: Running, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = run(capsys, "serve", "--listen", running.target, "--data-dir", str(tmp_path / "d"))
+    assert code == 1
+    assert_one_error_line(err, f"cannot listen on {running.target}")

@@ -164,9 +164,12 @@ def create_server(config: ServerConfig) -> Server:
             # Duck-typed: reflection only calls the pool's Find* methods.
             pool=MethodAwarePool(descriptor_pool.Default()),  # type: ignore[arg-type]
         )
-        port = grpc_server.add_insecure_port(config.listen)
+        try:
+            port = grpc_server.add_insecure_port(config.listen)
+        except RuntimeError:
+            port = 0  # grpc raises where older releases returned 0
         if port == 0:
-            raise OSError(f"cannot listen on {config.listen}")
+            raise OSError(f"cannot listen on {config.listen}: the address is in use or not available here")
     except BaseException:
         store.close()
         raise

@@ -64,8 +64,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as e:
         raise CommandError(str(e)) from None
+    from .core.errors import CoreError, InvalidInput
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(config)
+    try:
+        serve(config)
+    except DefinitionError as e:
+        raise CommandError(str(e)) from None
+    except CoreError as e:
+        # A definitions file applied at start was refused, as ApplySource would refuse it.
+        details = (
+            [f"\n  {v.path}: {v.description}" for v in e.violations] if isinstance(e, InvalidInput) else []
+        )
+        raise CommandError("".join([e.message, *details])) from None
     return 0
 
 
