@@ -109,6 +109,14 @@ class OnlineStore:
         options = rocksdict.Options(raw_mode=True)
         options.create_if_missing(True)
         options.set_max_background_jobs(2)
+        # Bloom filters let a write's read of an entity never seen before skip the data blocks; a
+        # block cache keeps hot rows' blocks in memory for reads.
+        table = rocksdict.BlockBasedOptions()
+        table.set_bloom_filter(10, False)
+        table.set_block_cache(rocksdict.Cache(256 * 1024 * 1024))
+        table.set_cache_index_and_filter_blocks(True)
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+        options.set_block_based_table_factory(table)
         # Raw mode reads and writes bytes only; the stubs describe the pickling mode, so keep this untyped.
         self._db: Any = rocksdict.Rdict(str(path), options)
         self._fsync = fsync
