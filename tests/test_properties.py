@@ -28,6 +28,7 @@ from featurepush.v1 import (
     online_service_pb2,
     registry_service_pb2,
 )
+from featurepush_server.core.rows import BULK_MIN_ROWS
 
 KEY = "entity_key"
 TS = "event_ts"
@@ -308,6 +309,30 @@ def test_valid_records_round_trip_exactly(server: Running, client: Client, data:
     assert [d.features[KEY] for d in decoded if d.features] == [c[KEY] for _, c in batch]
 
 
+@SETTINGS
+@given(data=st.data())
+def test_valid_records_round_trip_exactly_in_large_batches(
+    server: Running, client: Client, data: st.DataObject
+) -> None:
+    """The same, in batches large enough for the column-at-a-time conversion and encoding."""
+    schema = data.draw(schemas(), "schema")
+    batch = data.draw(batches(schema), "batch")
+    copies = [
+        (dict(r, **{KEY: f"{r[KEY]}-{i}"}), dict(c, **{KEY: f"{c[KEY]}-{i}"}))
+        for i in range(BULK_MIN_ROWS + 1)
+        for r, c in batch
+    ]
+    source = apply_source(client, schema)
+    response = push(server, source, [r for r, _ in copies])
+    assert response.counts[source].written == len(copies)
+    vectors = read(server, source, [c[KEY] for _, c in copies])
+    for vector, (_, want) in zip(vectors, copies, strict=True):
+        assert vector.status == online_service_pb2.FEATURE_STATUS_PRESENT
+        got = json_format.MessageToDict(vector.features)
+        assert same(got, want), (got, want)
+        assert _rfc3339_utc(vector.event_time.ToDatetime(tzinfo=dt.UTC)) == want[TS]
+
+
 # Invalid records: one value made wrong, at a random depth.
 
 
@@ -420,6 +445,30 @@ def test_one_invalid_value_is_rejected_by_path_and_nothing_is_written(
     path = f'records["{source}"][{target}]{suffix}'
     assert [field for field, _ in bad_request(err)] == [path]
     for vector in read(server, source, [c[KEY] for _, c in batch]):
+        assert vector.status == online_service_pb2.FEATURE_STATUS_MISSING
+
+
+@SETTINGS
+@given(data=st.data())
+def test_one_invalid_value_in_a_large_batch_is_rejected_by_path(
+    server: Running, client: Client, data: st.DataObject
+) -> None:
+    """The same, in batches large enough for the column-at-a-time conversion of common JSON forms."""
+    schema = data.draw(schemas(), "schema")
+    batch = data.draw(batches(schema), "batch")
+    source = apply_source(client, schema)
+    # Copies with their own entity keys take the batch past the bulk threshold.
+    rows = [dict(r, **{KEY: f"{r[KEY]}-{i}"}) for i in range(BULK_MIN_ROWS + 1) for r, _ in batch]
+    target = data.draw(st.integers(0, len(rows) - 1), "bad record")
+    unknown = data.draw(st.booleans(), "unknown field")
+    bad, suffix = data.draw(struct_corruptions(schema, rows[target], unknown, keep=KEY), "corruption")
+    rows[target] = bad
+    with pytest.raises(grpc.RpcError) as caught:
+        push(server, source, rows)
+    err = caught.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert [field for field, _ in bad_request(err)] == [f'records["{source}"][{target}]{suffix}']
+    for vector in read(server, source, [r[KEY] for r in rows]):
         assert vector.status == online_service_pb2.FEATURE_STATUS_MISSING
 
 
