@@ -311,6 +311,7 @@ _EXPECTED_KIND = {
 }
 # Below this many rows the fixed cost of Arrow kernels outweighs converting value by value.
 BULK_MIN_ROWS = 16
+_NUMERIC_KINDS = frozenset((Kind.INT32, Kind.INT64, Kind.FLOAT32, Kind.FLOAT64))
 _FAST_KINDS = frozenset(
     (Kind.STRING, Kind.BOOL, Kind.FLOAT32, Kind.FLOAT64, Kind.TIMESTAMP, Kind.INT32, Kind.INT64)
 )
@@ -342,40 +343,62 @@ def _fast_column(
     present: list[struct_pb2.Value | None] = list(values)
     if nulls:
         present = [v if k == form else None for v, k in zip(values, kinds, strict=True)]
-    if kind in _INT_BOUNDS:
-        if form == "number_value":
-            x = np.array([v.number_value if v is not None else 0.0 for v in present], dtype=np.float64)
-            lo, hi = _INT_BOUNDS[kind]
-            in_range = np.all(x <= hi) if kind is Kind.INT32 else np.all(x < hi)
-            # Whole numbers in range only; NaN and infinities fail every comparison.
-            if not (np.all(np.floor(x) == x) and np.all(x >= lo) and in_range):
-                return None
-            mask = np.array([v is None for v in present]) if nulls else None
-            return pa.array(x.astype(np.int64), f.dtype.to_arrow(), mask=mask)
-        if form != "string_value":
-            return None
+    if form == "number_value" and kind in _NUMERIC_KINDS:
+        x = np.array([v.number_value if v is not None else 0.0 for v in present], dtype=np.float64)
+        mask = np.array([v is None for v in present]) if nulls else None
+        return _from_numbers(x, mask, f)
+    if form == "string_value" and kind in (Kind.STRING, Kind.TIMESTAMP, Kind.INT32, Kind.INT64):
         text = pa.array([v.string_value if v is not None else None for v in present], pa.string())
-        if pc.all(pc.match_substring_regex(text, _FAST_INT)).as_py() is False:
-            return None
-        try:
-            return pc.cast(text, f.dtype.to_arrow(), safe=True)
-        except pa.ArrowInvalid:
-            return None
-    if form != _EXPECTED_KIND.get(kind):
-        return None
-    if kind is Kind.STRING:
-        return pa.array([v.string_value if v is not None else None for v in present], pa.string())
-    if kind is Kind.BOOL:
+        return text if kind is Kind.STRING else _from_strings(text, f)
+    if form == "bool_value" and kind is Kind.BOOL:
         return pa.array([v.bool_value if v is not None else None for v in present], pa.bool_())
-    if kind is Kind.FLOAT64:
-        return pa.array([v.number_value if v is not None else None for v in present], pa.float64())
-    if kind is Kind.FLOAT32:
-        arr = pa.array([v.number_value if v is not None else None for v in present], pa.float64())
-        if pc.any(pc.greater(pc.abs(arr), FLOAT32_MAX)).as_py():
+    return None
+
+
+def _uniform_column(values: list[struct_pb2.Value], f: FieldSpec) -> pa.Array | None:
+    """Convert a column whose values all have the usual JSON form, checking forms only where needed.
+
+    Reading a field of the wrong form gives its default ("", 0.0, false), so only values that read as
+    the default are asked for their form. None means "not that simple": the caller looks at every form.
+    """
+    kind = f.dtype.kind
+    if kind in (Kind.STRING, Kind.TIMESTAMP):
+        texts = [v.string_value for v in values]
+        suspects = [i for i, text in enumerate(texts) if not text]
+        if any(values[i].WhichOneof("kind") != "string_value" for i in suspects):
             return None
-        return pc.cast(arr, pa.float32(), safe=False)
-    if kind is Kind.TIMESTAMP:
-        text = pa.array([v.string_value if v is not None else None for v in present], pa.string())
+        return _from_strings(pa.array(texts, pa.string()), f) if kind is Kind.TIMESTAMP else pa.array(texts)
+    if kind is Kind.BOOL:
+        flags = [v.bool_value for v in values]
+        if any(values[i].WhichOneof("kind") != "bool_value" for i, b in enumerate(flags) if not b):
+            return None
+        return pa.array(flags, pa.bool_())
+    numbers = [v.number_value for v in values]
+    if any(values[i].WhichOneof("kind") != "number_value" for i, x in enumerate(numbers) if x == 0.0):
+        return None
+    return _from_numbers(np.array(numbers, dtype=np.float64), None, f)
+
+
+def _from_numbers(x: np.ndarray, mask: np.ndarray | None, f: FieldSpec) -> pa.Array | None:
+    """A numeric column from JSON numbers (zeros where masked), or None if one does not fit the type."""
+    kind = f.dtype.kind
+    if kind in _INT_BOUNDS:
+        lo, hi = _INT_BOUNDS[kind]
+        in_range = np.all(x <= hi) if kind is Kind.INT32 else np.all(x < hi)
+        # Whole numbers in range only; NaN and infinities fail every comparison.
+        if not (np.all(np.floor(x) == x) and np.all(x >= lo) and in_range):
+            return None
+        return pa.array(x.astype(np.int64), f.dtype.to_arrow(), mask=mask)
+    if kind is Kind.FLOAT32:
+        if np.any(np.abs(x[np.isfinite(x)]) > FLOAT32_MAX):
+            return None
+        return pa.array(x.astype(np.float32), pa.float32(), mask=mask)
+    return pa.array(x, pa.float64(), mask=mask)
+
+
+def _from_strings(text: pa.Array, f: FieldSpec) -> pa.Array | None:
+    """A Timestamp or integer column from JSON strings, or None if one does not fit the type."""
+    if f.dtype.kind is Kind.TIMESTAMP:
         if pc.all(pc.match_substring_regex(text, _FAST_TIMESTAMP)).as_py() is False:
             return None
         try:
@@ -386,7 +409,12 @@ def _fast_column(
         if lo.is_valid and (lo.as_py() < MIN_MICROS or hi.as_py() > MAX_MICROS):
             return None
         return stamps
-    return None
+    if pc.all(pc.match_substring_regex(text, _FAST_INT)).as_py() is False:
+        return None
+    try:
+        return pc.cast(text, f.dtype.to_arrow(), safe=True)
+    except pa.ArrowInvalid:
+        return None
 
 
 def _slow_column(
@@ -432,11 +460,15 @@ def rows_to_table(
     for j, f in enumerate(fields):
         name = f.name
         values = [m[name] for m in row_fields]
+        bulk = f.dtype.kind in _FAST_KINDS and len(values) > BULK_MIN_ROWS
+        fast = _uniform_column(values, f) if bulk else None
+        if fast is not None:
+            arrays.append(fast)
+            continue
         # An empty Value (absent, or sent with no kind) has no form: it counts as absent.
         kinds = [v.WhichOneof("kind") for v in values]
         if None in kinds:
             missing += np.fromiter((k is None for k in kinds), dtype=bool, count=len(kinds))
-        bulk = f.dtype.kind in _FAST_KINDS and len(values) > BULK_MIN_ROWS
         fast = _fast_column(values, kinds, f) if bulk else None
         if fast is None:
             col = _slow_column(f, values, kinds, path_prefix, ctx)
