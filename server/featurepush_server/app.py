@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -194,6 +195,9 @@ def serve(config: ServerConfig) -> None:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully."""
     server = create_server(config)
     server.start()
+    # A push allocates a wrapper per JSON value, so full collections come every few pushes: objects alive
+    # after start-up (modules, descriptors, the registry) are frozen out of them.
+    gc.freeze()
     _LOGGER.info(
         "featurepush listening on %s (port %d), data in %s", config.listen, server.port, config.data_dir
     )
