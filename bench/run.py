@@ -27,6 +27,9 @@ from featurepush.payload import arrow_ipc
 from featurepush.v1 import ingest_service_pb2 as ingest_pb
 from featurepush.v1 import online_service_pb2 as online_pb
 from featurepush.values import fill_struct
+from featurepush_server.core.encoding import encode_rows
+from featurepush_server.core.schema import compile_source
+from featurepush_server.core.store import row_prefix
 
 SOURCE = "ad_impressions"
 # The seed's ad_impressions schema, widened to 8 fields.
@@ -163,13 +166,11 @@ def rocksdb_rows_per_s(folder: Path, per_batch: int, sync: bool) -> float:
     options = rocksdict.Options(raw_mode=True)
     options.create_if_missing(True)
     db = rocksdict.Rdict(str(folder), options)
-    pairs = [
-        (
-            b"r\x00\x00\x00\x01" + r["user_id"].encode(),
-            int(r["timestamp"].timestamp() * 1e6).to_bytes(8, "big") + json.dumps(r, default=str).encode(),
-        )
-        for r in rows(0, per_batch)
-    ]
+    # The very keys and values featurepush stores for these rows.
+    spec = compile_source(AD_IMPRESSIONS.to_proto())
+    table = pa.Table.from_pylist(rows(0, per_batch), schema=spec.arrow_schema)
+    keys, values = encode_rows(table, spec.fields, spec.entity_keys, spec.timestamp_field, row_prefix(1))
+    pairs = list(zip(keys, values, strict=True))
     written, start = 0, time.perf_counter()
     while time.perf_counter() - start < SECONDS:
         wb = rocksdict.WriteBatch(raw_mode=True)
