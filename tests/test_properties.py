@@ -289,12 +289,32 @@ def bad_request(err: grpc.RpcError) -> list[tuple[str, str]]:
 # Round trips.
 
 
+# Small batches are converted value by value; large ones column at a time: both must agree.
+BATCH_COPIES = pytest.mark.parametrize("copies", [1, BULK_MIN_ROWS + 1], ids=["small", "large"])
+
+
+def replicate(
+    batch: list[tuple[dict[str, Any], dict[str, Any]]], copies: int
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The batch repeated `copies` times, each copy with entity keys of its own."""
+    if copies == 1:
+        return batch
+    return [
+        (dict(r, **{KEY: f"{r[KEY]}-{i}"}), dict(c, **{KEY: f"{c[KEY]}-{i}"}))
+        for i in range(copies)
+        for r, c in batch
+    ]
+
+
+@BATCH_COPIES
 @SETTINGS
 @given(data=st.data())
-def test_valid_records_round_trip_exactly(server: Running, client: Client, data: st.DataObject) -> None:
+def test_valid_records_round_trip_exactly(
+    server: Running, client: Client, data: st.DataObject, copies: int
+) -> None:
     """Random valid records come back from GetFeatures as canonical JSON, and the client decodes them."""
     schema = data.draw(schemas(), "schema")
-    batch = data.draw(batches(schema), "batch")
+    batch = replicate(data.draw(batches(schema), "batch"), copies)
     source = apply_source(client, schema)
     response = push(server, source, [r for r, _ in batch])
     assert response.counts[source].accepted == len(batch)
@@ -307,30 +327,6 @@ def test_valid_records_round_trip_exactly(server: Running, client: Client, data:
         assert _rfc3339_utc(vector.event_time.ToDatetime(tzinfo=dt.UTC)) == want[TS]
     decoded = client.get_features(source, [c[KEY] for _, c in batch])
     assert [d.features[KEY] for d in decoded if d.features] == [c[KEY] for _, c in batch]
-
-
-@SETTINGS
-@given(data=st.data())
-def test_valid_records_round_trip_exactly_in_large_batches(
-    server: Running, client: Client, data: st.DataObject
-) -> None:
-    """The same, in batches large enough for the column-at-a-time conversion and encoding."""
-    schema = data.draw(schemas(), "schema")
-    batch = data.draw(batches(schema), "batch")
-    copies = [
-        (dict(r, **{KEY: f"{r[KEY]}-{i}"}), dict(c, **{KEY: f"{c[KEY]}-{i}"}))
-        for i in range(BULK_MIN_ROWS + 1)
-        for r, c in batch
-    ]
-    source = apply_source(client, schema)
-    response = push(server, source, [r for r, _ in copies])
-    assert response.counts[source].written == len(copies)
-    vectors = read(server, source, [c[KEY] for _, c in copies])
-    for vector, (_, want) in zip(vectors, copies, strict=True):
-        assert vector.status == online_service_pb2.FEATURE_STATUS_PRESENT
-        got = json_format.MessageToDict(vector.features)
-        assert same(got, want), (got, want)
-        assert _rfc3339_utc(vector.event_time.ToDatetime(tzinfo=dt.UTC)) == want[TS]
 
 
 # Invalid records: one value made wrong, at a random depth.
@@ -423,14 +419,15 @@ def _first_wrong(dtype: t.DataType) -> list[Any]:
     return [True, 1] if isinstance(dtype, t.Array | t.Map | t.Struct) else [True]
 
 
+@BATCH_COPIES
 @SETTINGS
 @given(data=st.data())
 def test_one_invalid_value_is_rejected_by_path_and_nothing_is_written(
-    server: Running, client: Client, data: st.DataObject
+    server: Running, client: Client, data: st.DataObject, copies: int
 ) -> None:
     """One bad value among valid records fails the push INVALID_ARGUMENT naming its path; no record lands."""
     schema = data.draw(schemas(), "schema")
-    batch = data.draw(batches(schema), "batch")
+    batch = replicate(data.draw(batches(schema), "batch"), copies)
     source = apply_source(client, schema)
     rows = [r for r, _ in batch]
     target = data.draw(st.integers(0, len(rows) - 1), "bad record")
@@ -445,30 +442,6 @@ def test_one_invalid_value_is_rejected_by_path_and_nothing_is_written(
     path = f'records["{source}"][{target}]{suffix}'
     assert [field for field, _ in bad_request(err)] == [path]
     for vector in read(server, source, [c[KEY] for _, c in batch]):
-        assert vector.status == online_service_pb2.FEATURE_STATUS_MISSING
-
-
-@SETTINGS
-@given(data=st.data())
-def test_one_invalid_value_in_a_large_batch_is_rejected_by_path(
-    server: Running, client: Client, data: st.DataObject
-) -> None:
-    """The same, in batches large enough for the column-at-a-time conversion of common JSON forms."""
-    schema = data.draw(schemas(), "schema")
-    batch = data.draw(batches(schema), "batch")
-    source = apply_source(client, schema)
-    # Copies with their own entity keys take the batch past the bulk threshold.
-    rows = [dict(r, **{KEY: f"{r[KEY]}-{i}"}) for i in range(BULK_MIN_ROWS + 1) for r, _ in batch]
-    target = data.draw(st.integers(0, len(rows) - 1), "bad record")
-    unknown = data.draw(st.booleans(), "unknown field")
-    bad, suffix = data.draw(struct_corruptions(schema, rows[target], unknown, keep=KEY), "corruption")
-    rows[target] = bad
-    with pytest.raises(grpc.RpcError) as caught:
-        push(server, source, rows)
-    err = caught.value
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
-    assert [field for field, _ in bad_request(err)] == [f'records["{source}"][{target}]{suffix}']
-    for vector in read(server, source, [r[KEY] for r in rows]):
         assert vector.status == online_service_pb2.FEATURE_STATUS_MISSING
 
 
