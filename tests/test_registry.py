@@ -133,3 +133,26 @@ def test_delete_source_removes_its_rows(running: Running) -> None:
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     running.apply(AD_IMPRESSIONS)
     assert features(running, "ad_impressions", {"user_id": "u1"})[0]["status"] == "FEATURE_STATUS_MISSING"
+
+
+def test_a_push_validated_against_a_changed_definition_is_aborted_whole(running: Running) -> None:
+    from featurepush_server.core.errors import Aborted
+    from featurepush_server.core.store import RowBatch, row_prefix
+    from featurepush_server.status import status_of
+
+    registry, store = running.server.registry, running.server.store
+    stale = registry.get("ad_impressions")
+    # No rows yet, so an incompatible change applies; a push validated before it must not land after it.
+    running.apply(with_fields({"name": "clicked", "type": scalar("STRING")}, drop="clicked"))
+    fresh = registry.get("ad_impressions")
+    assert fresh.generation == stale.generation + 1
+    key = row_prefix(stale.id) + b"u1"
+    with pytest.raises(Aborted, match="changed or deleted while these records were validated") as info:
+        store.write_latest([RowBatch("ad_impressions", [key], [b"\0" * 8], b"", stale.id, stale.generation)])
+    assert status_of(info.value).code == grpc.StatusCode.ABORTED.value[0]
+    assert store.read([key]) == [None]
+    store.write_latest([RowBatch("ad_impressions", [key], [b"\0" * 8], b"", fresh.id, fresh.generation)])
+    assert store.read([key]) == [b"\0" * 8]
+    running.registry.DeleteSource(pb.DeleteSourceRequest(name="ad_impressions"))
+    with pytest.raises(Aborted):
+        store.write_latest([RowBatch("ad_impressions", [key], [b"\0" * 8], b"", fresh.id, fresh.generation)])

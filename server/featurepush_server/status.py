@@ -12,7 +12,15 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from .core.errors import Cancelled, CoreError, FailedPrecondition, InvalidInput, LimitExceeded, NotFound
+from .core.errors import (
+    Aborted,
+    Cancelled,
+    CoreError,
+    FailedPrecondition,
+    InvalidInput,
+    LimitExceeded,
+    NotFound,
+)
 
 _LOGGER = logging.getLogger(__name__)
 DOMAIN = "featurepush.dev"
@@ -27,6 +35,7 @@ _CODES: dict[type[CoreError], int] = {
     FailedPrecondition: code_pb2.FAILED_PRECONDITION,
     LimitExceeded: code_pb2.RESOURCE_EXHAUSTED,
     Cancelled: code_pb2.CANCELLED,
+    Aborted: code_pb2.ABORTED,
 }
 
 

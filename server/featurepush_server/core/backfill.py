@@ -108,7 +108,8 @@ class Backfiller:
                     keys, values = encode_rows(
                         table, spec.fields, spec.entity_keys, spec.timestamp_field, prefix
                     )
-                    result = self._store.write_latest([RowBatch(name, keys, values)], dry_run=dry_run)
+                    batch = RowBatch(name, keys, values, source_id=source.id, generation=source.generation)
+                    result = self._store.write_latest([batch], dry_run=dry_run)
                     counts = result.counts[name]
                     progress.rows_written += counts.written
                     progress.rows_superseded += counts.superseded

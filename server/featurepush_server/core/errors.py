@@ -62,6 +62,12 @@ class LimitExceeded(CoreError):
     reason = "LIMIT_EXCEEDED"
 
 
+class Aborted(CoreError):
+    """A concurrent change made the request's work stale; nothing was written and it may be sent again."""
+
+    reason = "ABORTED"
+
+
 class Cancelled(CoreError):
     """The caller went away, so the work stopped."""
 

@@ -149,7 +149,8 @@ class Ingestor:
             if spec.log_offline and not dry_run:
                 tagged = table.replace_schema_metadata({TIMESTAMP_FIELD_KEY: spec.timestamp_field})
                 offline = arrow_ipc(tagged)
-            batches.append(RowBatch(name, keys, values, offline))
+            source = sources[name]
+            batches.append(RowBatch(name, keys, values, offline, source.id, source.generation))
         result = self._store.write_latest(batches, request_id=request_id, dry_run=dry_run)
         return PushOutcome(result.counts, dry_run, result.replayed)
 

@@ -21,10 +21,11 @@ DEFAULT_PAGE_SIZE = 100
 
 @dataclass(frozen=True)
 class Source:
-    """A registered source: its store id and compiled spec."""
+    """A registered source: its store id, compiled spec, and the store's generation of that definition."""
 
     id: int
     spec: SourceSpec
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,14 @@ class Registry:
         cached = self._cache.get(name)
         if cached is not None:
             return cached
+        # Loaded under the lock apply() holds, so a cached definition always matches its generation.
+        with self._lock:
+            return self._load(name)
+
+    def _load(self, name: str) -> Source:
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached
         found = self._store.get_source(name)
         if found is None:
             raise NotFound(
@@ -91,7 +100,8 @@ class Registry:
                 metadata={"source": name},
             )
         source_id, raw = found
-        source = Source(source_id, compile_source(source_pb2.PushSource.FromString(raw)))
+        spec = compile_source(source_pb2.PushSource.FromString(raw))
+        source = Source(source_id, spec, self._store.generation(source_id))
         self._cache[name] = source
         return source
 
@@ -101,7 +111,8 @@ class Registry:
         spec = compile_source(wanted)
         if self._check_batch_source is not None and wanted.HasField("batch_config"):
             self._check_batch_source(spec)
-        with self._lock:
+        # The store's write lock makes the row check and the change one step: no push lands between them.
+        with self._lock, self._store.exclusive():
             found = self._store.get_source(wanted.name)
             if found is not None:
                 source_id, raw = found
@@ -130,10 +141,11 @@ class Registry:
             result.update_time.FromNanoseconds(now // 1000 * 1000)
             if validate_only:
                 return ApplyOutcome(result, changed=True, created=found is None)
+            # Dropped first: a push holding the old definition then fails its generation check.
+            self._cache.pop(wanted.name, None)
             self._store.put_source(
                 wanted.name, result.SerializeToString(), None if found is None else found[0]
             )
-            self._cache.pop(wanted.name, None)
         return ApplyOutcome(result, changed=True, created=found is None)
 
     def list(self, page_size: int = 0, page_token: str = "") -> tuple[list[source_pb2.PushSource], str]:
@@ -160,8 +172,8 @@ class Registry:
 
     def delete(self, name: str) -> int:
         """Delete a source and its rows; return the number of rows deleted."""
-        with self._lock:
-            source = self.get(name)
-            rows = self._store.delete_source(name, source.id)
+        with self._lock, self._store.exclusive():
+            source = self._load(name)
             self._cache.pop(name, None)
+            rows = self._store.delete_source(name, source.id)
         return rows

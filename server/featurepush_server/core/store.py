@@ -16,11 +16,14 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import rocksdict
+
+from .errors import Aborted
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -60,6 +63,10 @@ class RowBatch:
     keys: Sequence[bytes]
     values: Sequence[bytes]
     offline: bytes = b""
+    # The source's id and the definition generation the rows were validated against; a write whose
+    # source changed or went away since is refused whole. No id: not checked.
+    source_id: int | None = None
+    generation: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ class OnlineStore:
         self._db: Any = rocksdict.Rdict(str(path), options)
         self._fsync = fsync
         self._window_ms = int(idempotency_window_s * 1000)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._writes_since_purge = 0
         # Entity key -> event-time header of its stored row ("" when absent), for keys this process has
         # read or written; every row write goes through write_latest under the lock, so it stays exact.
@@ -129,6 +136,8 @@ class OnlineStore:
         self._latest: dict[bytes, bytes] = {}
         self._latest_max = latest_cache_entries
         self._staged: dict[bytes, bytes] = {}
+        # Source id -> how many times its definition was written by this process (-1: deleted).
+        self._generations: dict[int, int] = {}
         raw_seq = self._db.get(_NEXT_OFFLINE_SEQ)
         self._next_offline_seq = int.from_bytes(raw_seq, "big") if raw_seq else 1
         self.path = Path(path)
@@ -172,8 +181,17 @@ class OnlineStore:
                 wb.put(_NEXT_ID, (source_id + 1).to_bytes(4, "big"))
             wb.put(SOURCE + name.encode(), source_id.to_bytes(4, "big") + definition)
             self._db.write(wb)
+            self._generations[source_id] = self._generations.get(source_id, 0) + 1
         self._sync()
         return source_id
+
+    def exclusive(self) -> AbstractContextManager[bool]:
+        """Hold off every row write, so a check of stored rows and a definition change are one step."""
+        return self._lock
+
+    def generation(self, source_id: int) -> int:
+        """How many times this process has written the source's definition; -1 once it is deleted."""
+        return self._generations.get(source_id, 0)
 
     def delete_source(self, name: str, source_id: int) -> int:
         """Delete a source and its rows; return how many rows there were."""
@@ -185,6 +203,7 @@ class OnlineStore:
             wb.delete_range(prefix, _prefix_end(prefix))
             self._db.write(wb)
             self._latest.clear()
+            self._generations[source_id] = -1
         self._sync()
         return rows
 
@@ -212,6 +231,15 @@ class OnlineStore:
     ) -> WriteResult:
         """Write each row unless a newer event of its entity is stored or later in the batch; atomically."""
         with self._lock:
+            for batch in batches:
+                # Checked under the lock that orders definition writes and row writes.
+                if batch.source_id is not None and self.generation(batch.source_id) != batch.generation:
+                    raise Aborted(
+                        f"push source {batch.source!r} was changed or deleted while these records were "
+                        "validated; nothing was written, send them again",
+                        reason="SOURCE_CHANGED",
+                        metadata={"source": batch.source},
+                    )
             seen = self._seen_request(request_id) if request_id else None
             if seen is None:
                 wb = rocksdict.WriteBatch(raw_mode=True)
