@@ -293,14 +293,6 @@ def field_entries(table: pa.Table, fields: Sequence[FieldSpec]) -> list[pa.Array
     return parts
 
 
-def encode_payloads(table: pa.Table, fields: Sequence[FieldSpec]) -> pa.Array:
-    """Each row of a conformed table as a serialized google.protobuf.Struct, fields in name order."""
-    parts = field_entries(table, fields)
-    if not parts:
-        return pa.array([b""] * table.num_rows, pa.binary())
-    return _join(*parts) if len(parts) > 1 else parts[0]
-
-
 def time_headers(micros: np.ndarray) -> pa.Array:
     """8-byte headers whose byte order is the order of the event times."""
     flipped = np.asarray(micros, dtype=np.int64).view(np.uint64) ^ _SIGN
