@@ -11,6 +11,7 @@ import pytest
 from conftest import AD_IMPRESSIONS, Running, features, rich_error, rows_request, scalar, start
 
 from featurepush.v1 import ingest_service_pb2
+from featurepush_server.core.store import row_prefix
 
 T0 = "2026-11-25T10:00:00Z"
 T1 = "2026-11-25T11:00:00Z"
@@ -280,3 +281,42 @@ def test_latest_wins_holds_when_the_in_memory_index_overflows(tmp_path: Path) ->
         assert {clicked(running, u) for u in users} == {"1"}
     finally:
         running.close()
+
+
+def test_the_expiry_sweep_deletes_expired_rows_and_keeps_fresh_ones(tmp_path: Path) -> None:
+    from featurepush_server.core.expiry import ExpirySweeper
+
+    running = start(tmp_path, expired_sweep_interval_s=0)
+    try:
+        running.apply({**AD_IMPRESSIONS, "onlineTtl": "3600s"})
+        now = datetime.now(UTC)
+        fresh = (now - timedelta(minutes=5)).isoformat().replace("+00:00", "Z")
+        stale = (now - timedelta(hours=2)).isoformat().replace("+00:00", "Z")
+        rows = [impression("fresh", fresh), *(impression(f"stale{i}", stale) for i in range(25))]
+        running.ingest.Push(rows_request({"ad_impressions": rows}))
+        assert (
+            features(running, "ad_impressions", {"user_id": "stale0"})[0]["status"]
+            == "FEATURE_STATUS_EXPIRED"
+        )
+        assert ExpirySweeper(running.server.store, 0).sweep() == 25
+        results = features(running, "ad_impressions", {"user_id": "fresh"}, {"user_id": "stale0"})
+        assert [r["status"] for r in results] == ["FEATURE_STATUS_PRESENT", "FEATURE_STATUS_MISSING"]
+        # A deleted entity takes a new event again, however old the deleted one was.
+        running.ingest.Push(rows_request({"ad_impressions": [impression("stale0", fresh, 5)]}))
+        assert clicked(running, "stale0") == "5"
+    finally:
+        running.close()
+
+
+def test_the_sweep_keeps_a_row_a_newer_event_replaced_after_the_scan(running: Running) -> None:
+    store = running.server.store
+    running.ingest.Push(rows_request({"ad_impressions": [impression("u1", T0, 1)]}))
+    source = running.server.registry.get("ad_impressions")
+    key = row_prefix(source.id) + b"u1"
+    # The scan picked u1 as older than T1; then an event at T1 lands before the delete.
+    running.ingest.Push(rows_request({"ad_impressions": [impression("u1", T1, 2)]}))
+    cutoff = (int(datetime(2026, 11, 25, 10, 30, tzinfo=UTC).timestamp() * 1e6) + (1 << 63)).to_bytes(
+        8, "big"
+    )
+    assert store._delete_if_older([key], cutoff) == 0
+    assert clicked(running, "u1") == "2"

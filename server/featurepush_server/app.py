@@ -28,6 +28,7 @@ from featurepush.v1 import (
 from .config import ServerConfig
 from .core.backfill import Backfiller
 from .core.batch import BatchSources
+from .core.expiry import ExpirySweeper
 from .core.ingest import Ingestor
 from .core.offline_log import OfflineLog
 from .core.online import OnlineReader
@@ -176,6 +177,8 @@ def create_server(config: ServerConfig) -> Server:
         raise
     # Started last so that a failed build leaves no thread; stop() flushes what is still queued.
     offline_log.start()
+    sweeper = ExpirySweeper(store, config.expired_sweep_interval_s)
+    sweeper.start()
     return Server(
         grpc_server,
         port,
@@ -185,7 +188,7 @@ def create_server(config: ServerConfig) -> Server:
         reader,
         config,
         health_servicer,
-        [offline_log.close],
+        [offline_log.close, sweeper.close],
         offline_log,
         batch_sources,
     )

@@ -52,6 +52,8 @@ class ServerConfig:
     # Entity keys whose latest event time is kept in memory (about 150 bytes each), so most writes skip
     # reading the stored row first.
     latest_index_entries: int = 1_000_000
+    # Seconds between sweeps that delete rows older than their source's online_ttl; 0 never sweeps.
+    expired_sweep_interval_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
@@ -66,6 +68,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.expired_sweep_interval_s < 0:
+            raise ConfigError("expired_sweep_interval_s must not be negative (0 turns sweeping off)")
         if self.idempotency_window_s <= 0:
             raise ConfigError("idempotency_window_s must be positive")
         if self.offline_flush_interval_s <= 0:

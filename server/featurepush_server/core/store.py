@@ -217,6 +217,39 @@ class OnlineStore:
         """Whether a source holds any online row."""
         return next(self._keys_with_prefix(row_prefix(source_id)), None) is not None
 
+    def delete_expired(self, source_id: int, cutoff_micros: int, chunk: int = 10_000) -> int:
+        """Delete the source's rows whose event time is before `cutoff_micros`; return how many."""
+        prefix = row_prefix(source_id)
+        cutoff = (cutoff_micros + (1 << 63)).to_bytes(8, "big")
+        deleted = 0
+        candidates: list[bytes] = []
+        for key, value in self._db.items(from_key=prefix):
+            if not key.startswith(prefix):
+                break
+            if value[:8] < cutoff:
+                candidates.append(key)
+                if len(candidates) >= chunk:
+                    deleted += self._delete_if_older(candidates, cutoff)
+                    candidates = []
+        if candidates:
+            deleted += self._delete_if_older(candidates, cutoff)
+        return deleted
+
+    def _delete_if_older(self, keys: list[bytes], cutoff: bytes) -> int:
+        """Delete those of `keys` whose stored row is still older than `cutoff`, under the write lock."""
+        with self._lock:
+            # Read again under the lock: a newer event may have landed since the scan saw the row.
+            stale = [
+                k for k, v in zip(keys, self._db.get(keys), strict=True) if v is not None and v[:8] < cutoff
+            ]
+            if stale:
+                wb = rocksdict.WriteBatch(raw_mode=True)
+                for key in stale:
+                    wb.delete(key)
+                    self._latest[key] = b""
+                self._db.write(wb)
+        return len(stale)
+
     # --- rows ----------------------------------------------------------------------------------
 
     def read(self, keys: list[bytes]) -> list[bytes | None]:
