@@ -69,7 +69,10 @@ def varint_sizes(values: np.ndarray) -> np.ndarray:
     """How many bytes the protobuf varint of each non-negative integer takes."""
     n = np.asarray(values, dtype=np.uint64)
     sizes = np.ones(len(n), dtype=np.int64)
+    top = int(n.max()) if len(n) else 0
     for i in range(1, 10):
+        if top < 1 << (7 * i):
+            break
         sizes += n >= np.uint64(1 << (7 * i))
     return sizes
 
@@ -90,6 +93,11 @@ def varints(lengths: np.ndarray) -> pa.Array:
     offsets = np.zeros(len(n) + 1, dtype=np.int32)
     np.cumsum(nbytes, out=offsets[1:])
     return pa.Array.from_buffers(pa.binary(), len(n), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _filled(arr: pa.Array, value: object) -> pa.Array:
+    """`arr` with nulls replaced by `value`; the array itself when it has none."""
+    return pc.fill_null(arr, value) if arr.null_count else arr
 
 
 def _join(*parts: pa.Array | bytes) -> pa.Array:
@@ -113,7 +121,7 @@ def _strings(text: pa.Array) -> pa.Array:
 
 
 def _floats(arr: pa.Array) -> pa.Array:
-    values = pc.fill_null(pc.cast(arr, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+    values = _filled(pc.cast(arr, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
     out = _numbers(values)
     if not np.isfinite(values).all():
         nan = pa.array(np.isnan(values))
@@ -250,19 +258,19 @@ def value_messages(arr: pa.Array, dtype: DType) -> pa.Array:
     """The serialized google.protobuf.Value of every element, null where the element is null."""
     kind = dtype.kind
     if kind is Kind.STRING:
-        body = _strings(pc.fill_null(arr, ""))
+        body = _strings(_filled(arr, ""))
     elif kind is Kind.INT64:
-        body = _strings(pc.cast(pc.fill_null(arr, 0), pa.string()))
+        body = _strings(pc.cast(_filled(arr, 0), pa.string()))
     elif kind is Kind.INT32:
-        body = _numbers(pc.fill_null(pc.cast(arr, pa.float64()), 0.0).to_numpy(zero_copy_only=False))
+        body = _numbers(_filled(pc.cast(arr, pa.float64()), 0.0).to_numpy(zero_copy_only=False))
     elif kind in (Kind.FLOAT32, Kind.FLOAT64):
         body = _floats(arr)
     elif kind is Kind.BOOL:
         body = pc.if_else(
-            pc.fill_null(arr, False), pa.scalar(b"\x20\x01", pa.binary()), pa.scalar(b"\x20\x00", pa.binary())
+            _filled(arr, False), pa.scalar(b"\x20\x01", pa.binary()), pa.scalar(b"\x20\x00", pa.binary())
         )
     elif kind is Kind.TIMESTAMP:
-        micros = pc.fill_null(pc.cast(arr, pa.int64()), 0).to_numpy(zero_copy_only=False)
+        micros = _filled(pc.cast(arr, pa.int64()), 0).to_numpy(zero_copy_only=False)
         body = _length_delimited(b"\x1a", timestamp_strings(micros))
     else:
         return _python_values(arr, dtype)
