@@ -153,6 +153,16 @@ def test_a_push_validated_against_a_changed_definition_is_aborted_whole(running:
     assert store.read([key]) == [None]
     store.write_latest([RowBatch("ad_impressions", [key], [b"\0" * 8], b"", fresh.id, fresh.generation)])
     assert store.read([key]) == [b"\0" * 8]
+    # A compatible change keeps the generation: pushes validated just before it still land.
+    running.apply(
+        with_fields(
+            {"name": "clicked", "type": scalar("STRING")},
+            {"name": "country", "type": scalar("STRING"), "nullable": True},
+            drop="clicked",
+        )
+    )
+    assert registry.get("ad_impressions").generation == fresh.generation
+    store.write_latest([RowBatch("ad_impressions", [key], [b"\1" * 8], b"", fresh.id, fresh.generation)])
     running.registry.DeleteSource(pb.DeleteSourceRequest(name="ad_impressions"))
     with pytest.raises(Aborted):
-        store.write_latest([RowBatch("ad_impressions", [key], [b"\0" * 8], b"", fresh.id, fresh.generation)])
+        store.write_latest([RowBatch("ad_impressions", [key], [b"\2" * 8], b"", fresh.id, fresh.generation)])

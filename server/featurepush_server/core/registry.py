@@ -114,6 +114,7 @@ class Registry:
         # The store's write lock makes the row check and the change one step: no push lands between them.
         with self._lock, self._store.exclusive():
             found = self._store.get_source(wanted.name)
+            problems: list[str] = []
             if found is not None:
                 source_id, raw = found
                 stored = source_pb2.PushSource.FromString(raw)
@@ -141,10 +142,14 @@ class Registry:
             result.update_time.FromNanoseconds(now // 1000 * 1000)
             if validate_only:
                 return ApplyOutcome(result, changed=True, created=found is None)
-            # Dropped first: a push holding the old definition then fails its generation check.
+            # Dropped first, so no push picks up the old definition again. Pushes validated against it
+            # still land after a compatible change; after an incompatible one they fail their check.
             self._cache.pop(wanted.name, None)
             self._store.put_source(
-                wanted.name, result.SerializeToString(), None if found is None else found[0]
+                wanted.name,
+                result.SerializeToString(),
+                None if found is None else found[0],
+                invalidate=bool(problems),
             )
         return ApplyOutcome(result, changed=True, created=found is None)
 

@@ -171,8 +171,13 @@ class OnlineStore:
             n += 1
             yield key[1:].decode(), int.from_bytes(raw[:4], "big"), raw[4:]
 
-    def put_source(self, name: str, definition: bytes, source_id: int | None = None) -> int:
-        """Store a definition, allocating a new id when none is given; return the id."""
+    def put_source(
+        self, name: str, definition: bytes, source_id: int | None = None, *, invalidate: bool = True
+    ) -> int:
+        """Store a definition, allocating a new id when none is given; return the id.
+
+        `invalidate` starts a new generation, so rows validated against the old definition are refused.
+        """
         with self._lock:
             wb = rocksdict.WriteBatch(raw_mode=True)
             if source_id is None:
@@ -181,7 +186,8 @@ class OnlineStore:
                 wb.put(_NEXT_ID, (source_id + 1).to_bytes(4, "big"))
             wb.put(SOURCE + name.encode(), source_id.to_bytes(4, "big") + definition)
             self._db.write(wb)
-            self._generations[source_id] = self._generations.get(source_id, 0) + 1
+            if invalidate:
+                self._generations[source_id] = self._generations.get(source_id, 0) + 1
         self._sync()
         return source_id
 
