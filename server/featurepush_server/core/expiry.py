@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from featurepush.v1 import source_pb2
 
+from .periodic import Periodic
 from .store import OnlineStore
 
 _LOGGER = logging.getLogger(__name__)
@@ -22,37 +22,23 @@ class ExpirySweeper:
 
     def __init__(self, store: OnlineStore, interval_s: float):
         self._store = store
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # Expired rows stay readable as EXPIRED, so a failed sweep only waits for the next one.
+        self._sweeper = Periodic("featurepush-expiry", interval_s, self.sweep)
 
     def start(self) -> None:
         """Start sweeping in a background thread; an interval of zero never sweeps."""
-        if self._interval_s > 0 and self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="featurepush-expiry", daemon=True)
-            self._thread.start()
+        self._sweeper.start()
 
     def close(self) -> None:
-        """Stop the background thread; a sweep in progress finishes its current chunk first."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                self.sweep()
-            except Exception:
-                # Expired rows stay readable as EXPIRED, so a failed sweep only waits for the next one.
-                _LOGGER.exception("sweeping expired rows failed; will retry")
+        """Stop the background thread; a sweep in progress stops after the source it is on."""
+        self._sweeper.stop()
 
     def sweep(self) -> int:
         """Delete every source's expired rows now; return how many were deleted."""
         deleted = 0
         now = time.time_ns() // 1000
         for name, source_id, raw in self._store.list_sources():
-            if self._stop.is_set():
+            if self._sweeper.stopping:
                 break
             ttl = source_pb2.PushSource.FromString(raw).online_ttl
             ttl_micros = ttl.seconds * 1_000_000 + ttl.nanos // 1000

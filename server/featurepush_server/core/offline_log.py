@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .periodic import Periodic
 from .store import OnlineStore, QueuedRecords
 
 _LOGGER = logging.getLogger(__name__)
@@ -53,11 +54,10 @@ class OfflineLog:
     ):
         self.root = root
         self._store = store
-        self._interval_s = interval_s
         self._round_bytes = round_bytes
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # Records stay queued in RocksDB until flushed, so a failed round is simply retried.
+        self._flusher = Periodic("featurepush-offline-log", interval_s, self.flush)
         root.mkdir(parents=True, exist_ok=True)
 
     def source_dir(self, source: str) -> Path:
@@ -66,25 +66,12 @@ class OfflineLog:
 
     def start(self) -> None:
         """Start the background flusher."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="featurepush-offline-log", daemon=True)
-            self._thread.start()
+        self._flusher.start()
 
     def close(self) -> None:
         """Stop the background flusher and flush what is queued."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._flusher.stop()
         self.flush()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                self.flush()
-            except Exception:
-                # The records stay queued in RocksDB, so the next round retries them.
-                _LOGGER.exception("offline log flush failed; will retry")
 
     def flush(self) -> int:
         """Flush every queued record to Parquet; return how many records were written."""
