@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -70,16 +71,30 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
+    # How long push and get_features keep retrying calls the server refused for overload, in seconds.
+    overload_retry_s: float = 30.0
+
+    async def _call_retrying_overload(self, method: Any, request: Any) -> Any:
+        """Call a unary method; a refusal carrying RetryInfo is retried after its delay, within a budget."""
+        give_up = time.monotonic() + self.overload_retry_s
+        while True:
+            try:
+                return await method(request, timeout=self._timeout)
+            except grpc.RpcError as err:
+                error = _error(err)
+            delay = error.retry_delay_s
+            if delay is None or time.monotonic() + delay > give_up:
+                raise error from None
+            # Jitter spreads the clients an overloaded server refused at the same moment.
+            await asyncio.sleep(delay * random.uniform(1.0, 1.5))
+
     async def push(
         self, source: str, data: PushData, *, dry_run: bool = False, request_id: str | None = None
     ) -> PushResult:
         """Push dicts, a pyarrow Table or RecordBatch, or a pandas DataFrame to one source, atomically."""
         request = ingest_service_pb2.PushRequest(dry_run=dry_run, request_id=request_id or "")
         fill_source_records(request.records[source], source, data)
-        try:
-            response = await self._ingest.Push(request, timeout=self._timeout)
-        except grpc.RpcError as err:
-            raise _error(err) from None
+        response = await self._call_retrying_overload(self._ingest.Push, request)
         return push_result(response)
 
     async def get_features(self, source: str, keys: Sequence[Mapping[str, Any] | Any]) -> list[FeatureResult]:
@@ -89,10 +104,10 @@ class AsyncClient:
             source=source, keys=[key_to_struct(key, definition.entity_keys) for key in keys]
         )
         try:
-            response = await self._online.GetFeatures(request, timeout=self._timeout)
-        except grpc.RpcError as err:
+            response = await self._call_retrying_overload(self._online.GetFeatures, request)
+        except FeaturepushError:
             self._schemas.pop(source, None)
-            raise _error(err) from None
+            raise
         try:
             return feature_results(response, list(definition.schema))
         except ValueError:
@@ -268,12 +283,14 @@ class AsyncPusher:
                 outbox.put_nowait(None)
                 if not self._book.pending:
                     continue
-            if error is None or error.code in RETRYABLE_CODES:
+            if error is None or error.code in RETRYABLE_CODES or error.retry_delay_s is not None:
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if now - failing_since <= self._retry_timeout_s:
                     self._book.stats.reconnects += 1
-                    await asyncio.sleep(self._backoff.next_delay())
+                    # An overloaded server says when to come back; sooner would only be refused again.
+                    retry_after = error.retry_delay_s if error is not None else None
+                    await asyncio.sleep(max(self._backoff.next_delay(), retry_after or 0.0))
                     continue
             final = error or FeaturepushError(grpc.StatusCode.UNAVAILABLE, "the push stream kept ending")
             async with self._changed:

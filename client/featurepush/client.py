@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from featurepush.definitions import StreamSource
-from featurepush.errors import from_rpc_error
+from featurepush.errors import FeaturepushError, from_rpc_error
 from featurepush.types import Field
 from featurepush.v1 import (
     ingest_service_pb2,
@@ -128,6 +130,26 @@ class Client:
         self._online = online_service_pb2_grpc.OnlineServiceStub(channel)
         self._schemas: dict[str, StreamSource] = {}
         self._schemas_lock = threading.Lock()
+
+    # How long push and get_features keep retrying calls the server refused for overload, in seconds.
+    overload_retry_s: float = 30.0
+
+    def _call_retrying_overload(self, method: Callable[..., Any], request: Any) -> Any:
+        """Call a unary method; a refusal carrying RetryInfo is retried after its delay, within a budget.
+
+        An overloaded server refuses a call before doing any of its work, so resending it is always safe.
+        """
+        give_up = time.monotonic() + self.overload_retry_s
+        while True:
+            try:
+                return method(request, timeout=self._timeout)
+            except grpc.RpcError as err:
+                error = from_rpc_error(err)
+            delay = error.retry_delay_s
+            if delay is None or time.monotonic() + delay > give_up:
+                raise error from None
+            # Jitter spreads the clients an overloaded server refused at the same moment.
+            time.sleep(delay * random.uniform(1.0, 1.5))
 
     @property
     def channel(self) -> grpc.Channel:
@@ -247,10 +269,7 @@ class Client:
         for source, source_records in records.items():
             # Columns travel as Arrow IPC and records as Structs; payload picks by the data's type.
             fill_source_records(request.records[source], source, source_records)
-        try:
-            response = self._ingest.Push(request, timeout=self._timeout)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+        response = self._call_retrying_overload(self._ingest.Push, request)
         return push_result(response)
 
     def pusher(
@@ -279,12 +298,11 @@ class Client:
             source=source, keys=[key_to_struct(key, definition.entity_keys) for key in keys]
         )
         try:
-            response = self._online.GetFeatures(request, timeout=self._timeout)
-        except grpc.RpcError as err:
-            error = from_rpc_error(err)
+            response = self._call_retrying_overload(self._online.GetFeatures, request)
+        except FeaturepushError as error:
             if error.code == grpc.StatusCode.NOT_FOUND:
                 self._forget(source)
-            raise error from None
+            raise
         try:
             return self._decode_vectors(response, definition.schema)
         except ValueError:

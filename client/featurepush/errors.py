@@ -44,6 +44,9 @@ class FeaturepushError(Exception):
     message: str
     reason: str | None
     metadata: dict[str, str]
+    # The server's google.rpc.RetryInfo delay in seconds: set when it refused the call for overload and
+    # trying again after that long is expected to succeed.
+    retry_delay_s: float | None
 
     def __init__(
         self,
@@ -52,12 +55,14 @@ class FeaturepushError(Exception):
         *,
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        retry_delay_s: float | None = None,
     ) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
         self.reason = reason
         self.metadata = dict(metadata or {})
+        self.retry_delay_s = retry_delay_s
 
     def __str__(self) -> str:
         suffix = f" [{self.reason}]" if self.reason else ""
@@ -80,8 +85,9 @@ class InvalidArgumentError(FeaturepushError):
         reason: str | None = None,
         metadata: Mapping[str, str] | None = None,
         violations: Sequence[Violation] = (),
+        retry_delay_s: float | None = None,
     ) -> None:
-        super().__init__(code, message, reason=reason, metadata=metadata)
+        super().__init__(code, message, reason=reason, metadata=metadata, retry_delay_s=retry_delay_s)
         self.violations = list(violations)
 
     def __str__(self) -> str:
@@ -139,6 +145,7 @@ def _build(code: grpc.StatusCode, message: str, details: Sequence[any_pb2.Any]) 
     reason: str | None = None
     metadata: dict[str, str] = {}
     violations: list[Violation] = []
+    retry_delay_s: float | None = None
     for detail in details:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad_request = error_details_pb2.BadRequest()
@@ -149,10 +156,21 @@ def _build(code: grpc.StatusCode, message: str, details: Sequence[any_pb2.Any]) 
             detail.Unpack(info)
             reason = info.reason or None
             metadata.update(info.metadata)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_delay_s = max(0.0, retry.retry_delay.ToMicroseconds() / 1e6)
     cls = _CLASS_BY_CODE.get(code, FeaturepushError)
     if cls is InvalidArgumentError:
-        return InvalidArgumentError(code, message, reason=reason, metadata=metadata, violations=violations)
-    return cls(code, message, reason=reason, metadata=metadata)
+        return InvalidArgumentError(
+            code,
+            message,
+            reason=reason,
+            metadata=metadata,
+            violations=violations,
+            retry_delay_s=retry_delay_s,
+        )
+    return cls(code, message, reason=reason, metadata=metadata, retry_delay_s=retry_delay_s)
 
 
 def from_status_proto(code: int, message: str, details: Sequence[any_pb2.Any]) -> FeaturepushError:

@@ -26,6 +26,8 @@ __all__ = ["Pusher", "PusherStats", "RETRYABLE_CODES"]
 _LOGGER = logging.getLogger(__name__)
 
 # Codes after which a batch may simply be sent again: its request_id makes a repeat harmless.
+# Codes after which a batch is resent; RESOURCE_EXHAUSTED is resent too when it carries a RetryInfo delay
+# (an overload refusal, not a request over a size limit).
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 ErrorCallback = Callable[[BatchFailure], None]
@@ -331,11 +333,19 @@ class Pusher:
                 timed_out, self._timed_out, self._call = self._timed_out, False, None
                 if not self._book.pending:
                     continue
-            if error is None or code in RETRYABLE_CODES or (timed_out and code == grpc.StatusCode.CANCELLED):
+            overloaded = error is not None and error.retry_delay_s is not None
+            if (
+                error is None
+                or code in RETRYABLE_CODES
+                or overloaded
+                or (timed_out and code == grpc.StatusCode.CANCELLED)
+            ):
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if now - failing_since <= self._retry_timeout_s:
-                    delay = self._backoff.next_delay()
+                    # An overloaded server says when to come back; sooner would only be refused again.
+                    retry_after = error.retry_delay_s if error is not None else None
+                    delay = max(self._backoff.next_delay(), retry_after or 0.0)
                     _LOGGER.info(
                         "push stream to %s broke (%s); resending in %.2fs", self._book.source, code, delay
                     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -25,6 +26,7 @@ from featurepush.v1 import (
     registry_service_pb2_grpc,
 )
 
+from .admission import Admission, configured_limits, machine_memory_bytes
 from .config import ServerConfig
 from .core.backfill import Backfiller
 from .core.batch import BatchSources
@@ -34,6 +36,7 @@ from .core.offline_log import OfflineLog
 from .core.online import OnlineReader
 from .core.registry import Registry
 from .core.store import OnlineStore
+from .edge import EdgeInterceptor
 from .servicers.backfill import BackfillServicer
 from .servicers.ingest import IngestServicer
 from .servicers.online import OnlineServicer
@@ -92,6 +95,7 @@ class Server:
     _closers: list[Any] = field(default_factory=list)
     offline_log: OfflineLog | None = None
     batch_sources: BatchSources | None = None
+    admission: Admission | None = None
 
     def start(self) -> None:
         """Start serving."""
@@ -148,12 +152,31 @@ def create_server(config: ServerConfig) -> Server:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options)
+        gates = Admission(
+            configured_limits(
+                os.cpu_count() or 1,
+                machine_memory_bytes(),
+                config.max_message_bytes,
+                pushes=config.max_concurrent_pushes,
+                waiting_pushes=config.max_waiting_pushes,
+                push_bytes=config.max_push_bytes,
+                reads=config.max_concurrent_reads,
+                streams=config.max_push_streams,
+                backfills=config.max_concurrent_backfills,
+            )
+        )
+        # Every admitted or waiting call may hold a thread; `workers` more serve health, reflection and
+        # refusals, so those never queue behind a flood.
+        executor = futures.ThreadPoolExecutor(max_workers=config.workers + gates.threads_needed())
+        grpc_server = grpc.server(executor, options=options, interceptors=[EdgeInterceptor(gates)])
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryServicer(registry), grpc_server
         )
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
-            IngestServicer(ingestor, read_ahead=config.stream_read_ahead), grpc_server
+            IngestServicer(
+                ingestor, read_ahead=config.stream_read_ahead, idle_timeout_s=config.stream_idle_timeout_s
+            ),
+            grpc_server,
         )
         grpc_server.add_generic_rpc_handlers((OnlineServicer(reader).handler(),))
         backfill = BackfillServicer(registry, batch_sources, Backfiller(registry, store, batch_sources))
@@ -191,6 +214,7 @@ def create_server(config: ServerConfig) -> Server:
         [offline_log.close, sweeper.close],
         offline_log,
         batch_sources,
+        gates,
     )
 
 

@@ -37,7 +37,8 @@ class ServerConfig:
     fsync: str = "always"
     # Definitions files (Python, with StreamSource objects) applied at start.
     definitions: tuple[Path, ...] = ()
-    # Threads serving RPCs.
+    # Threads for calls no admission class bounds (health, reflection) and for refusing calls; the pool
+    # also gets one thread for each call the admission classes below let run or wait.
     workers: int = 16
     # How long a push's request_id is remembered, in seconds.
     idempotency_window_s: float = 600.0
@@ -55,6 +56,20 @@ class ServerConfig:
     # Seconds between sweeps that delete rows older than their source's online_ttl; 0 never sweeps.
     expired_sweep_interval_s: float = 3600.0
 
+    # Admission: past these bounds a call is refused at once with RESOURCE_EXHAUSTED and a RetryInfo delay,
+    # so that a flood of one kind of call leaves reads, health and the registry their latency. 0 derives
+    # the bound from the machine: pushes as many as its cores (twice that waiting, each at most
+    # 1 s), a sixteenth of its memory for push request bytes, 4 reads per core, 4 push streams per core.
+    max_concurrent_pushes: int = 0
+    max_waiting_pushes: int = 0
+    max_push_bytes: int = 0
+    max_concurrent_reads: int = 0
+    max_push_streams: int = 0
+    max_concurrent_backfills: int = 0
+    # A PushStream that sends nothing for this many seconds is closed with UNAVAILABLE, freeing its slot;
+    # the client's pusher opens a new one when it has records again.
+    stream_idle_timeout_s: float = 60.0
+
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
             raise ConfigError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {self.fsync!r}")
@@ -68,6 +83,18 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in (
+            "max_concurrent_pushes",
+            "max_waiting_pushes",
+            "max_push_bytes",
+            "max_concurrent_reads",
+            "max_push_streams",
+            "max_concurrent_backfills",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative (0 derives it from the machine)")
+        if self.stream_idle_timeout_s <= 0:
+            raise ConfigError("stream_idle_timeout_s must be positive")
         if self.expired_sweep_interval_s < 0:
             raise ConfigError("expired_sweep_interval_s must not be negative (0 turns sweeping off)")
         if self.idempotency_window_s <= 0:

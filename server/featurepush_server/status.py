@@ -24,10 +24,16 @@ from .core.errors import (
 
 _LOGGER = logging.getLogger(__name__)
 DOMAIN = "featurepush.dev"
-# Status details travel in trailing metadata, which clients cap at 8 KiB by default (base64 grows it by a
-# third), so the violations listed are bounded by size; the message says how many were left out.
-MAX_DETAILS_BYTES = 4000
+# The message and the details travel in trailing metadata, which a default grpcio client caps at 8 KiB
+# (the message is percent-encoded, up to three bytes a character; the details base64-encoded, four bytes
+# for three), so both are bounded however long or many the names a caller sent: violations by size (the
+# message says how many were left out), every name and metadata value by length.
+MAX_DETAILS_BYTES = 3000
 MAX_DESCRIPTION = 300
+MAX_PATH = 300
+MAX_MESSAGE = 600
+MAX_METADATA_VALUE = 200
+MAX_METADATA_ENTRIES = 16
 
 _CODES: dict[type[CoreError], int] = {
     InvalidInput: code_pb2.INVALID_ARGUMENT,
@@ -39,7 +45,13 @@ _CODES: dict[type[CoreError], int] = {
 }
 
 
-def _pack(message: Any) -> any_pb2.Any:
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, marked with an ellipsis where cut."""
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+
+
+def pack(message: Any) -> any_pb2.Any:
+    """A message packed into google.protobuf.Any, as status details are."""
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
@@ -49,25 +61,23 @@ def status_of(err: CoreError) -> status_pb2.Status:
     """The google.rpc.Status of a core error: its code, message, ErrorInfo and, if any, BadRequest."""
     code = next((c for cls, c in _CODES.items() if isinstance(err, cls)), code_pb2.INTERNAL)
     details = []
-    message = err.message
+    message = clip(err.message, MAX_MESSAGE)
+    metadata = {
+        clip(k, 64): clip(v, MAX_METADATA_VALUE) for k, v in list(err.metadata.items())[:MAX_METADATA_ENTRIES]
+    }
+    info = error_details_pb2.ErrorInfo(reason=clip(err.reason, 63), domain=DOMAIN, metadata=metadata)
+    size = info.ByteSize()
     if isinstance(err, InvalidInput) and err.violations:
         bad = error_details_pb2.BadRequest()
-        size = 0
         for v in err.violations:
-            text = (
-                v.description
-                if len(v.description) <= MAX_DESCRIPTION
-                else v.description[:MAX_DESCRIPTION] + "..."
-            )
-            size += len(v.path.encode()) + len(text.encode()) + 8
+            path, text = clip(v.path, MAX_PATH), clip(v.description, MAX_DESCRIPTION)
+            size += len(path.encode()) + len(text.encode()) + 8
             if size > MAX_DETAILS_BYTES and bad.field_violations:
                 message += f" ({len(err.violations) - len(bad.field_violations)} more violations not listed)"
                 break
-            bad.field_violations.add(field=v.path, description=text)
-        details.append(_pack(bad))
-    details.append(
-        _pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
-    )
+            bad.field_violations.add(field=path, description=text)
+        details.append(pack(bad))
+    details.append(pack(info))
     return status_pb2.Status(code=code, message=message, details=details)
 
 
@@ -76,7 +86,7 @@ def internal_status() -> status_pb2.Status:
     return status_pb2.Status(
         code=code_pb2.INTERNAL,
         message="internal error in featurepush; the server log has the details",
-        details=[_pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN))],
+        details=[pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN))],
     )
 
 

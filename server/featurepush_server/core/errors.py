@@ -72,3 +72,14 @@ class Cancelled(CoreError):
     """The caller went away, so the work stopped."""
 
     reason = "CANCELLED"
+
+
+def shown(name: str, width: int = 64) -> str:
+    """A caller-supplied name as messages quote it: cut to `width` characters, so replies stay small."""
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def name_list(names: Sequence[str], limit: int = 5) -> str:
+    """At most `limit` names, each cut by `shown`, and how many more there were."""
+    out = ", ".join(shown(n) for n in names[:limit])
+    return out if len(names) <= limit else f"{out} and {len(names) - limit} more"

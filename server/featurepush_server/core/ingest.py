@@ -10,7 +10,7 @@ from google.protobuf import struct_pb2
 
 from .columns import conform
 from .encoding import encode_rows
-from .errors import InvalidInput, LimitExceeded, NotFound, Violation
+from .errors import InvalidInput, LimitExceeded, NotFound, Violation, name_list
 from .offline_log import TIMESTAMP_FIELD_KEY
 from .registry import Registry, Source
 from .rows import rows_to_table
@@ -90,10 +90,10 @@ class Ingestor:
         missing = sorted(name for name in records if self._source_or_none(name) is None)
         if missing:
             raise NotFound(
-                f"unknown push source{'s' if len(missing) > 1 else ''}: {', '.join(missing)}; "
+                f"unknown push source{'s' if len(missing) > 1 else ''}: {name_list(missing)}; "
                 "apply them first (featurepush apply)",
                 reason="SOURCE_NOT_FOUND",
-                metadata={"sources": ",".join(missing)},
+                metadata={"sources": name_list(missing, 3)},
             )
         violations: list[Violation] = []
         tables: dict[str, pa.Table] = {}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from featurepush.v1 import source_pb2
 
-from .errors import FailedPrecondition, InvalidInput, NotFound, Violation
+from .errors import FailedPrecondition, InvalidInput, NotFound, Violation, shown
 from .schema import SourceSpec, compile_source
 from .store import OnlineStore
 
@@ -95,9 +95,9 @@ class Registry:
         found = self._store.get_source(name)
         if found is None:
             raise NotFound(
-                f"push source {name!r} does not exist; apply it first (featurepush apply)",
+                f"push source {shown(name)!r} does not exist; apply it first (featurepush apply)",
                 reason="SOURCE_NOT_FOUND",
-                metadata={"source": name},
+                metadata={"source": shown(name)},
             )
         source_id, raw = found
         spec = compile_source(source_pb2.PushSource.FromString(raw))

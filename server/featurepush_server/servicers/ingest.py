@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -79,9 +80,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     bounded memory however fast its client sends.
     """
 
-    def __init__(self, ingestor: Ingestor, *, read_ahead: int = 4):
+    def __init__(self, ingestor: Ingestor, *, read_ahead: int = 4, idle_timeout_s: float = 60.0):
         self._ingestor = ingestor
         self._read_ahead = read_ahead
+        self._idle_timeout_s = idle_timeout_s
 
     @unary
     def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
@@ -101,13 +103,22 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             daemon=True,
         )
         reader.start()
+        last = time.monotonic()
         while True:
             try:
                 item = inbox.get(timeout=_POLL_S)
             except queue.Empty:
                 if not context.is_active():
                     return
+                if time.monotonic() - last > self._idle_timeout_s:
+                    # An idle stream holds a thread and a slot of the bounded stream pool: give them back.
+                    context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"the push stream sent nothing for {self._idle_timeout_s:g}s and was closed; "
+                        "open a new one to push again",
+                    )
                 continue
+            last = time.monotonic()
             if isinstance(item, _End):
                 if item.error is not None:
                     _LOGGER.error("reading a push stream failed", exc_info=item.error)

@@ -1,0 +1,238 @@
+"""The interceptor every featurepush call passes: admission by method class, and requests decoded here.
+
+grpcio answers INTERNAL ("Exception deserializing request!") when a request's bytes do not decode, which
+blames the server for the caller's mistake. Every handler is therefore given the raw bytes, which this
+module decodes itself: a request protobuf cannot read is INVALID_ARGUMENT. The raw size is also what
+admission counts, before any decoding is spent on a call that will be refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from featurepush.v1 import (
+    backfill_service_pb2,
+    ingest_service_pb2,
+    online_service_pb2,
+    registry_service_pb2,
+)
+
+from . import admission
+from .admission import Admission, Gate, Overloaded
+from .status import DOMAIN, abort, pack
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def _methods() -> dict[str, str]:
+    """The full method path ("/pkg.Service/Method") of every featurepush RPC and its admission class."""
+    by_service = {
+        registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"]: admission.REGISTRY,
+        ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"]: admission.PUSH,
+        online_service_pb2.DESCRIPTOR.services_by_name["OnlineService"]: admission.READ,
+        backfill_service_pb2.DESCRIPTOR.services_by_name["BackfillService"]: admission.BACKFILL,
+    }
+    out = {}
+    for service, klass in by_service.items():
+        for method in service.methods:
+            # A stream of pushes holds its thread for its life, so it is bounded by count, not by bytes.
+            out[f"/{service.full_name}/{method.name}"] = (
+                admission.STREAM if method.client_streaming else klass
+            )
+    return out
+
+
+METHOD_CLASSES = _methods()
+
+
+def overloaded_status(err: Overloaded) -> status_pb2.Status:
+    """RESOURCE_EXHAUSTED with a RetryInfo delay, which featurepush's clients honour."""
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(int(err.retry_after_s * 1000))
+    return status_pb2.Status(
+        code=code_pb2.RESOURCE_EXHAUSTED,
+        message=str(err),
+        details=[
+            pack(error_details_pb2.RetryInfo(retry_delay=delay)),
+            pack(
+                error_details_pb2.ErrorInfo(
+                    reason="OVERLOADED", domain=DOMAIN, metadata={"class": err.klass, "limit": err.why}
+                )
+            ),
+        ],
+    )
+
+
+def undecodable_status(method: str) -> status_pb2.Status:
+    """INVALID_ARGUMENT for request bytes that are not the method's request message."""
+    name = method.rsplit("/", 1)[-1]
+    bad = error_details_pb2.BadRequest()
+    bad.field_violations.add(
+        field="",
+        description=f"not a valid {name} request message (malformed protobuf, invalid UTF-8 in a "
+        "string, or nesting too deep)",
+    )
+    return status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT,
+        message=f"the request could not be decoded as the {name} request message",
+        details=[pack(bad), pack(error_details_pb2.ErrorInfo(reason="UNDECODABLE_REQUEST", domain=DOMAIN))],
+    )
+
+
+class _Slot:
+    """A gate's slot held by one call; released once, whichever of its ends comes first."""
+
+    def __init__(self, gate: Gate | None, nbytes: int):
+        self._gate = gate
+        self._nbytes = nbytes
+        self._lock = threading.Lock()
+        self._held = gate is not None
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, False
+        if held and self._gate is not None:
+            self._gate.leave(self._nbytes)
+
+
+def _admit(gate: Gate | None, nbytes: int, context: grpc.ServicerContext) -> _Slot:
+    """Take a slot of `gate` for the call, or end the call with RESOURCE_EXHAUSTED and RetryInfo."""
+    if gate is not None:
+        try:
+            gate.enter(nbytes, context.time_remaining())
+        except Overloaded as e:
+            abort(context, overloaded_status(e))
+    slot = _Slot(gate, nbytes)
+    # The call may end without the handler's own exit running (a cancelled stream); this frees it then.
+    context.add_callback(slot.release)
+    return slot
+
+
+def _decode(
+    parse: Callable[[bytes], Any] | None, raw: Any, method: str, context: grpc.ServicerContext
+) -> Any:
+    if parse is None:
+        return raw
+    try:
+        return parse(raw)
+    except Exception:  # noqa: BLE001 - any failure to decode the caller's bytes is the caller's error
+        abort(context, undecodable_status(method))
+
+
+class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """Gates featurepush calls by class and decodes their requests; other services pass through."""
+
+    def __init__(self, gates: Admission):
+        self._admission = gates
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        found = continuation(details)
+        method = details.method
+        if found is None or method not in METHOD_CLASSES:
+            return found
+        # The stubs type the handler's behaviours as optional; the ones its kind names are set.
+        handler: Any = found
+        gate = self._admission.gate(METHOD_CLASSES[method])
+        parse = handler.request_deserializer
+        serialize = handler.response_serializer
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                _stream_stream(handler.stream_stream, gate, parse, method), response_serializer=serialize
+            )
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(
+                _stream_unary(handler.stream_unary, gate, parse, method), response_serializer=serialize
+            )
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                _unary_stream(handler.unary_stream, gate, parse, method), response_serializer=serialize
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            _unary_unary(handler.unary_unary, gate, parse, method), response_serializer=serialize
+        )
+
+
+Behavior = Callable[..., Any]
+
+
+def _unary_unary(behavior: Behavior, gate: Gate | None, parse: Any, method: str) -> Behavior:
+    def handle(raw: bytes, context: grpc.ServicerContext) -> Any:
+        slot = _admit(gate, len(raw), context)
+        try:
+            return behavior(_decode(parse, raw, method, context), context)
+        finally:
+            slot.release()
+
+    return handle
+
+
+def _unary_stream(behavior: Behavior, gate: Gate | None, parse: Any, method: str) -> Behavior:
+    def handle(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
+        slot = _admit(gate, len(raw), context)
+        try:
+            yield from behavior(_decode(parse, raw, method, context), context)
+        finally:
+            slot.release()
+
+    return handle
+
+
+class _Requests:
+    """A stream of raw request messages decoded one by one; a message that does not decode ends it."""
+
+    def __init__(self, raw: Iterator[bytes], parse: Any):
+        self._raw = raw
+        self._parse = parse
+        self.undecodable = False
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self._raw:
+            if self._parse is None:
+                yield item
+                continue
+            try:
+                message = self._parse(item)
+            except Exception:  # noqa: BLE001 - the caller's bytes; reported when the stream ends
+                self.undecodable = True
+                return
+            yield message
+
+
+def _stream_stream(behavior: Behavior, gate: Gate | None, parse: Any, method: str) -> Behavior:
+    def handle(raw: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+        slot = _admit(gate, 0, context)
+        requests = _Requests(raw, parse)
+        try:
+            yield from behavior(iter(requests), context)
+        finally:
+            slot.release()
+        if requests.undecodable:
+            abort(context, undecodable_status(method))
+
+    return handle
+
+
+def _stream_unary(behavior: Behavior, gate: Gate | None, parse: Any, method: str) -> Behavior:
+    def handle(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+        slot = _admit(gate, 0, context)
+        requests = _Requests(raw, parse)
+        try:
+            response = behavior(iter(requests), context)
+        finally:
+            slot.release()
+        if requests.undecodable:
+            abort(context, undecodable_status(method))
+        return response
+
+    return handle
