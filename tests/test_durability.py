@@ -137,3 +137,22 @@ def test_kill_9_right_after_acknowledged_pushes_loses_nothing(
     ]
     assert got == [r["clicked"] for r in acknowledged]
     revived.stop()
+
+
+def test_the_data_directory_and_its_files_are_the_server_users_alone(
+    tmp_path: Path, processes: list[ServerProcess]
+) -> None:
+    data = tmp_path / "data"
+    server = ServerProcess(data, "always")
+    processes.append(server)
+    server.ingest.Push(
+        rows_request(
+            {"ad_impressions": [{"user_id": "u", "timestamp": "2026-11-25T10:00:00Z", "clicked": 1}]}
+        )
+    )
+    server.stop()
+    assert data.stat().st_mode & 0o777 == 0o700
+    found = list(data.rglob("*"))
+    assert any(p.is_file() for p in found)
+    loose = [str(p) for p in found if p.stat().st_mode & 0o077]
+    assert loose == []

@@ -359,3 +359,18 @@ def test_admission_counts_the_threads_its_classes_may_hold() -> None:
     admission = Admission({"a": Limit(2, 3, 0, 0.0), "b": Limit(4, 0, 0, 0.0)})
     assert admission.threads_needed() == 9
     assert admission.gate(None) is None and admission.gate("c") is None
+
+
+def test_a_push_whose_deadline_passed_during_validation_writes_nothing(server: Running) -> None:
+    request = ingest_service_pb2.PushRequest()
+    request.records["ad_impressions"].rows.extend(_rows(10_000, user="late"))
+    with pytest.raises(grpc.RpcError) as caught:
+        server.ingest.Push(request, timeout=0.02)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Give the server time to finish whatever it still did for the call.
+    time.sleep(2.0)
+    read = online_service_pb2.GetFeaturesRequest(source="ad_impressions")
+    for i in (0, 4999, 9999):
+        read.keys.add().update({"user_id": f"late{i}"})
+    response = server.online.GetFeatures(read, timeout=5)
+    assert [r.status for r in response.results] == [online_service_pb2.FEATURE_STATUS_MISSING] * 3

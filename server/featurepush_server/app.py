@@ -119,11 +119,15 @@ class Server:
 
 def create_server(config: ServerConfig) -> Server:
     """Open the store, apply the configured definitions and register every service; not started."""
+    # Rows are callers' data and keys may be secrets: the data directory is the server user's alone.
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(config.data_dir, 0o700)
     store = OnlineStore(
         config.data_dir / "online",
         fsync=config.fsync == "always",
         idempotency_window_s=config.idempotency_window_s,
         latest_cache_entries=config.latest_index_entries,
+        latest_cache_bytes=config.latest_index_bytes,
     )
     try:
         offline_log = OfflineLog(
@@ -220,6 +224,8 @@ def create_server(config: ServerConfig) -> Server:
 
 def serve(config: ServerConfig) -> None:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully."""
+    # Every file the server creates (RocksDB's, the offline log's) is readable by its user alone.
+    os.umask(0o077)
     server = create_server(config)
     server.start()
     # A push allocates a wrapper per JSON value, so full collections come every few pushes: objects alive

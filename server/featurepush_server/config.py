@@ -53,6 +53,8 @@ class ServerConfig:
     # Entity keys whose latest event time is kept in memory (about 150 bytes each), so most writes skip
     # reading the stored row first.
     latest_index_entries: int = 1_000_000
+    # And at most about this many bytes, keys included: callers choose how long entity keys are.
+    latest_index_bytes: int = 256 * 1024 * 1024
     # Seconds between sweeps that delete rows older than their source's online_ttl; 0 never sweeps.
     expired_sweep_interval_s: float = 3600.0
 
@@ -80,6 +82,7 @@ class ServerConfig:
             "workers",
             "stream_read_ahead",
             "latest_index_entries",
+            "latest_index_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")

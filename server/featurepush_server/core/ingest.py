@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -10,7 +10,7 @@ from google.protobuf import struct_pb2
 
 from .columns import conform
 from .encoding import encode_rows
-from .errors import InvalidInput, LimitExceeded, NotFound, Violation, name_list
+from .errors import Cancelled, InvalidInput, LimitExceeded, NotFound, Violation, name_list
 from .offline_log import TIMESTAMP_FIELD_KEY
 from .registry import Registry, Source
 from .rows import rows_to_table
@@ -74,9 +74,18 @@ class Ingestor:
         self._max_violations = max_violations
 
     def push(
-        self, records: Mapping[str, SourcePayload], *, dry_run: bool = False, request_id: str = ""
+        self,
+        records: Mapping[str, SourcePayload],
+        *,
+        dry_run: bool = False,
+        request_id: str = "",
+        stop: Callable[[], bool] | None = None,
     ) -> PushOutcome:
-        """Validate all records, then write them all or raise without writing anything."""
+        """Validate all records, then write them all or raise without writing anything.
+
+        `stop` is asked once validation is done: a caller that went away (cancelled, or past its deadline)
+        gets Cancelled and nothing is written, since it could not learn of the write anyway.
+        """
         if not records or all(not p.rows and not p.arrow_ipc for p in records.values()):
             raise InvalidInput(
                 "the push carries no records",
@@ -151,6 +160,8 @@ class Ingestor:
                 offline = arrow_ipc(tagged)
             source = sources[name]
             batches.append(RowBatch(name, keys, values, offline, source.id, source.generation))
+        if stop is not None and stop():
+            raise Cancelled("the push's caller went away before it was written; nothing was written")
         result = self._store.write_latest(batches, request_id=request_id, dry_run=dry_run)
         return PushOutcome(result.counts, dry_run, result.replayed)
 

@@ -95,6 +95,10 @@ class WriteResult:
     replayed: bool = False
 
 
+# What one latest-event index entry costs beyond its key's bytes: the dict slot, the key and header objects.
+_INDEX_ENTRY_OVERHEAD = 120
+
+
 class OnlineStore:
     """Sources and the latest row per entity in one RocksDB database.
 
@@ -111,6 +115,7 @@ class OnlineStore:
         fsync: bool = True,
         idempotency_window_s: float = 600.0,
         latest_cache_entries: int = 1_000_000,
+        latest_cache_bytes: int = 256 * 1024 * 1024,
     ):
         Path(path).mkdir(parents=True, exist_ok=True)
         options = rocksdict.Options(raw_mode=True)
@@ -135,6 +140,9 @@ class OnlineStore:
         # At most `latest_cache_entries` (about 150 bytes each); past that it starts over.
         self._latest: dict[bytes, bytes] = {}
         self._latest_max = latest_cache_entries
+        # Keys are as long as callers make them, so the index is bounded by an estimate of its bytes too.
+        self._latest_max_bytes = latest_cache_bytes
+        self._latest_bytes = 0
         self._staged: dict[bytes, bytes] = {}
         # Source id -> how many times its definition was written by this process (-1: deleted).
         self._generations: dict[int, int] = {}
@@ -323,12 +331,14 @@ class OnlineStore:
             heads = [heads[i] for i in order]
         # Event-time headers of stored rows come from memory when this process has seen the key.
         cache = self._latest
-        if len(cache) > self._latest_max:
+        if len(cache) > self._latest_max or self._latest_bytes > self._latest_max_bytes:
             cache.clear()
+            self._latest_bytes = 0
         misses = [key for key in keys if key not in cache]
         if misses:
             found = [b"" if old is None else old[:8] for old in self._db.get(misses)]
             cache.update(zip(misses, found, strict=True))
+            self._latest_bytes += sum(map(len, misses)) + len(misses) * _INDEX_ENTRY_OVERHEAD
         # Headers order like event times; an equal time replaces, so a correction can land.
         newer = [i for i, (head, key) in enumerate(zip(heads, keys, strict=True)) if head >= cache[key]]
         put = wb.put

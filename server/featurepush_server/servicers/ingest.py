@@ -88,7 +88,10 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     @unary
     def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
         outcome = self._ingestor.push(
-            payloads(request), dry_run=request.dry_run, request_id=request.request_id
+            payloads(request),
+            dry_run=request.dry_run,
+            request_id=request.request_id,
+            stop=lambda: not context.is_active(),
         )
         return push_response(outcome)
 
@@ -123,14 +126,19 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 if item.error is not None:
                     _LOGGER.error("reading a push stream failed", exc_info=item.error)
                 return
-            yield self._acknowledge(item)
+            yield self._acknowledge(item, context)
 
-    def _acknowledge(self, item: pb.PushStreamRequest) -> pb.PushStreamResponse:
+    def _acknowledge(
+        self, item: pb.PushStreamRequest, context: grpc.ServicerContext
+    ) -> pb.PushStreamResponse:
         """Push one batch and say how it went; a failed batch gets its status, and the stream goes on."""
         request = item.request
         try:
             outcome = self._ingestor.push(
-                payloads(request), dry_run=request.dry_run, request_id=request.request_id
+                payloads(request),
+                dry_run=request.dry_run,
+                request_id=request.request_id,
+                stop=lambda: not context.is_active(),
             )
         except CoreError as e:
             status = status_of(e)
