@@ -10,7 +10,7 @@ GENERATED := $(patsubst proto/featurepush/v1/%.proto,$(GEN_DIR)/%_pb2.py,$(PROTO
 LISTEN ?= localhost:50051
 DATA_DIR ?= ./data
 
-.PHONY: install generate check-generated lint typecheck test run bench clean
+.PHONY: install generate check-generated lint typecheck test run bench fuzz clean
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ run: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Arbitrary bytes and messages to every RPC of a real server; FUZZ_SECONDS=600 for a longer run.
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(PY) tools/fuzz.py --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
