@@ -25,6 +25,7 @@ from featurepush.v1 import (
     registry_service_pb2_grpc,
 )
 
+from .auth import auth_interceptor, log_exposure
 from .config import ServerConfig
 from .core.backfill import Backfiller
 from .core.batch import BatchSources
@@ -38,6 +39,7 @@ from .servicers.backfill import BackfillServicer
 from .servicers.ingest import IngestServicer
 from .servicers.online import OnlineServicer
 from .servicers.registry import RegistryServicer
+from .tls import server_credentials
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -148,7 +150,16 @@ def create_server(config: ServerConfig) -> Server:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options)
+        # Files are read before any thread starts, so a bad certificate or keys file fails in one line.
+        credentials = server_credentials(config)
+        interceptors: list[grpc.ServerInterceptor[Any, Any]] = [
+            i for i in (auth_interceptor(config),) if i is not None
+        ]
+        grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers),
+            options=options,
+            interceptors=interceptors,
+        )
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryServicer(registry), grpc_server
         )
@@ -160,14 +171,18 @@ def create_server(config: ServerConfig) -> Server:
         grpc_server.add_generic_rpc_handlers((backfill.handler(),))
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            grpc_server,
-            # Duck-typed: reflection only calls the pool's Find* methods.
-            pool=MethodAwarePool(descriptor_pool.Default()),  # type: ignore[arg-type]
-        )
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                grpc_server,
+                # Duck-typed: reflection only calls the pool's Find* methods.
+                pool=MethodAwarePool(descriptor_pool.Default()),  # type: ignore[arg-type]
+            )
         try:
-            port = grpc_server.add_insecure_port(config.listen)
+            if credentials is None:
+                port = grpc_server.add_insecure_port(config.listen)
+            else:
+                port = grpc_server.add_secure_port(config.listen, credentials)
         except RuntimeError:
             port = 0  # grpc raises where older releases returned 0
         if port == 0:
@@ -175,6 +190,7 @@ def create_server(config: ServerConfig) -> Server:
     except BaseException:
         store.close()
         raise
+    log_exposure(config)
     # Started last so that a failed build leaves no thread; stop() flushes what is still queued.
     offline_log.start()
     sweeper = ExpirySweeper(store, config.expired_sweep_interval_s)
