@@ -14,7 +14,7 @@ import grpc
 import grpc.aio
 from google.rpc import status_pb2
 
-from featurepush.auth import AsyncApiKeyInterceptor, PemPath, channel_credentials
+from featurepush.auth import PemPath, async_api_key_interceptors, channel_credentials
 from featurepush.client import FeatureResult, PushResult
 from featurepush.definitions import StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error, from_status_proto
@@ -63,8 +63,7 @@ class AsyncClient:
             if credentials is not None:
                 raise ValueError("pass either credentials or the tls/ca_cert/client_cert options, not both")
             credentials = channel_credentials(ca_cert, client_cert, client_key)
-        # grpc's stubs type aio interceptors as a placeholder that only Any satisfies.
-        interceptors: Any = [AsyncApiKeyInterceptor(api_key)] if api_key is not None else None
+        interceptors = async_api_key_interceptors(api_key) if api_key is not None else None
         options = list(channel_options)
         self._channel = (
             grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

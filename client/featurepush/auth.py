@@ -11,9 +11,9 @@ import grpc
 import grpc.aio
 
 __all__ = [
-    "AsyncApiKeyInterceptor",
     "ApiKeyInterceptor",
     "PemPath",
+    "async_api_key_interceptors",
     "channel_credentials",
 ]
 
@@ -113,16 +113,11 @@ class ApiKeyInterceptor(
         return continuation(self._details(details), request_iterator)
 
 
-class AsyncApiKeyInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
-    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
-    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
-    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[type-arg]
-):
-    """The grpc.aio twin of ApiKeyInterceptor, for grpc.aio channels' `interceptors`."""
+class _AsyncKeyHeader:
+    """Adds the authorization header to grpc.aio call details."""
 
-    def __init__(self, api_key: str) -> None:
-        self._header = _header(api_key)
+    def __init__(self, header: tuple[str, str]) -> None:
+        self._header = header
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(<hidden>)"
@@ -134,14 +129,33 @@ class AsyncApiKeyInterceptor(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+class _AsyncUnaryUnary(_AsyncKeyHeader, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _AsyncUnaryStream(_AsyncKeyHeader, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _AsyncStreamUnary(_AsyncKeyHeader, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(details), request_iterator)
 
+
+class _AsyncStreamStream(_AsyncKeyHeader, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(details), request_iterator)
+
+
+def async_api_key_interceptors(api_key: str) -> list[Any]:
+    """The grpc.aio interceptors sending api_key with every call, for a grpc.aio channel's `interceptors`.
+
+    One per call shape, because grpc.aio files each interceptor under the first shape it implements.
+    """
+    header = _header(api_key)
+    return [
+        cls(header) for cls in (_AsyncUnaryUnary, _AsyncUnaryStream, _AsyncStreamUnary, _AsyncStreamStream)
+    ]
