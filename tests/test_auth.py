@@ -22,7 +22,7 @@ from featurepush.aio import AsyncClient
 from featurepush.v1 import registry_service_pb2
 from featurepush_server.app import SERVICE_NAMES
 from featurepush_server.auth import GUARDED_FILES, METHOD_SCOPES, required_scope
-from featurepush_server.config import ConfigError, ServerConfig
+from featurepush_server.config import ConfigError, ServerConfig, load_config
 from featurepush_server.core.keys import SCOPES, add_key, read_keys, revoke_key, split_key
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -324,3 +324,20 @@ def test_a_bad_keys_file_stops_the_start(tmp_path: Path, contents: str | None, m
         path.write_text(contents)
     with pytest.raises(ConfigError, match=match):
         start(tmp_path / "data", keys_file=path)
+
+
+def test_security_settings_from_a_file_and_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "featurepush.toml"
+    path.write_text(
+        '[server]\nlisten = "0.0.0.0:1"\nkeys_file = "keys.json"\n'
+        'tls_cert = "s.pem"\ntls_key = "/abs/s.key"\n'
+    )
+    config = load_config(path, env={"FEATUREPUSH_REFLECTION": "false"})
+    assert (config.keys_file, config.tls_cert, config.tls_key) == (
+        tmp_path / "keys.json",
+        tmp_path / "s.pem",
+        Path("/abs/s.key"),
+    )
+    assert config.reflection is False and config.allow_unauthenticated is False
+    with pytest.raises(ConfigError, match="allow_unauthenticated must be a bool, not 'maybe'"):
+        load_config(env={"FEATUREPUSH_ALLOW_UNAUTHENTICATED": "maybe"})
