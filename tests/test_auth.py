@@ -7,7 +7,7 @@ import datetime as dt
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -203,10 +203,10 @@ def test_reflection_is_open_by_default_and_off_when_configured(secured: Secured,
         closed.close()
 
 
-def eventually(check: object, seconds: float = 10.0) -> None:
+def eventually(check: Callable[[], bool], seconds: float = 10.0) -> None:
     """Poll `check` until it is true; the keys file is re-read about once a second."""
     deadline = time.monotonic() + seconds
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, "the server did not notice the keys file change"
         time.sleep(0.1)
 

@@ -83,7 +83,7 @@ def test_keys_file_from_the_config_or_environment(
 ) -> None:
     config = tmp_path / "featurepush.toml"
     config.write_text('[server]\nkeys_file = "keys.json"\n')
-    create(capsys, tmp_path / "x" / ".." / "keys.json", "--scope", "admin")
+    create(capsys, tmp_path / "keys.json", "--scope", "admin")
     assert len(run(capsys, "keys", "list", "--config", str(config))[1].splitlines()) == 1
     monkeypatch.setenv("FEATUREPUSH_KEYS_FILE", str(tmp_path / "keys.json"))
     assert len(run(capsys, "keys", "list")[1].splitlines()) == 1
