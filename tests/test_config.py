@@ -31,6 +31,7 @@ def test_defaults() -> None:
 FILE = """
 [server]
 listen = "0.0.0.0:6000"
+allow_unauthenticated = true
 fsync = "never"
 max_records_per_request = 500
 workers = 4

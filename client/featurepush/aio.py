@@ -15,6 +15,7 @@ import grpc
 import grpc.aio
 from google.rpc import status_pb2
 
+from featurepush.auth import PemPath, async_api_key_interceptors, channel_credentials
 from featurepush.client import FeatureResult, PushResult
 from featurepush.definitions import StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error, from_status_proto
@@ -51,8 +52,25 @@ class AsyncClient:
         *,
         timeout: float | None = 10.0,
         channel_options: Sequence[Any] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_cert: PemPath | None = None,
+        client_cert: PemPath | None = None,
+        client_key: PemPath | None = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=list(channel_options))
+        """Connect to target; credentials and api_key as Client takes them."""
+        if tls or ca_cert or client_cert or client_key:
+            if credentials is not None:
+                raise ValueError("pass either credentials or the tls/ca_cert/client_cert options, not both")
+            credentials = channel_credentials(ca_cert, client_cert, client_key)
+        interceptors = async_api_key_interceptors(api_key) if api_key is not None else None
+        options = list(channel_options)
+        self._channel = (
+            grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+            if credentials is None
+            else grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+        )
         self._timeout = timeout
         self._ingest = ingest_service_pb2_grpc.IngestServiceStub(self._channel)
         self._online = online_service_pb2_grpc.OnlineServiceStub(self._channel)

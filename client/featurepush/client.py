@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from featurepush.auth import ApiKeyInterceptor, PemPath, channel_credentials
 from featurepush.definitions import StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error
 from featurepush.types import Field
@@ -106,12 +107,26 @@ class Client:
         timeout: float | None = 10.0,
         channel_options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        ca_cert: PemPath | None = None,
+        client_cert: PemPath | None = None,
+        client_key: PemPath | None = None,
     ) -> None:
+        """Connect to target; TLS when tls, ca_cert or a client certificate is given (see
+        featurepush.auth.channel_credentials), and api_key is sent with every call."""
         options = list(channel_options)
+        if tls or ca_cert or client_cert or client_key:
+            if credentials is not None:
+                raise ValueError("pass either credentials or the tls/ca_cert/client_cert options, not both")
+            credentials = channel_credentials(ca_cert, client_cert, client_key)
+        interceptor = ApiKeyInterceptor(api_key) if api_key is not None else None
         if credentials is None:
             channel = grpc.insecure_channel(target, options=options)
         else:
             channel = grpc.secure_channel(target, credentials, options=options)
+        if interceptor is not None:
+            channel = grpc.intercept_channel(channel, interceptor)
         self._init(channel, timeout=timeout, owns_channel=True)
 
     @classmethod

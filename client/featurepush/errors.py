@@ -20,6 +20,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
+    "UnauthenticatedError",
     "UnavailableError",
     "Violation",
     "from_rpc_error",
@@ -124,6 +125,10 @@ class PermissionDeniedError(FeaturepushError):
     """PERMISSION_DENIED: the caller may not do this."""
 
 
+class UnauthenticatedError(FeaturepushError):
+    """UNAUTHENTICATED: the call carried no API key, or one that is malformed, unknown, wrong or revoked."""
+
+
 class InternalError(FeaturepushError):
     """INTERNAL: the server failed unexpectedly."""
 
@@ -137,6 +142,7 @@ _CLASS_BY_CODE: dict[grpc.StatusCode, type[FeaturepushError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.INTERNAL: InternalError,
 }
 

@@ -27,6 +27,7 @@ from featurepush.v1 import (
 )
 
 from .admission import Admission, configured_limits, machine_memory_bytes
+from .auth import auth_interceptor, log_exposure
 from .config import ServerConfig
 from .core.backfill import Backfiller
 from .core.batch import BatchSources
@@ -41,6 +42,7 @@ from .servicers.backfill import BackfillServicer
 from .servicers.ingest import IngestServicer
 from .servicers.online import OnlineServicer
 from .servicers.registry import RegistryServicer
+from .tls import server_credentials
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -169,10 +171,16 @@ def create_server(config: ServerConfig) -> Server:
                 backfills=config.max_concurrent_backfills,
             )
         )
+        # Files are read before any thread starts, so a bad certificate or keys file fails in one line.
+        credentials = server_credentials(config)
+        # Authentication runs first, so a caller without a key never takes an admission slot.
+        interceptors: list[grpc.ServerInterceptor[Any, Any]] = [
+            i for i in (auth_interceptor(config), EdgeInterceptor(gates)) if i is not None
+        ]
         # Every admitted or waiting call may hold a thread; `workers` more serve health, reflection and
         # refusals, so those never queue behind a flood.
         executor = futures.ThreadPoolExecutor(max_workers=config.workers + gates.threads_needed())
-        grpc_server = grpc.server(executor, options=options, interceptors=[EdgeInterceptor(gates)])
+        grpc_server = grpc.server(executor, options=options, interceptors=interceptors)
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryServicer(registry), grpc_server
         )
@@ -187,14 +195,18 @@ def create_server(config: ServerConfig) -> Server:
         grpc_server.add_generic_rpc_handlers((backfill.handler(),))
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            grpc_server,
-            # Duck-typed: reflection only calls the pool's Find* methods.
-            pool=MethodAwarePool(descriptor_pool.Default()),  # type: ignore[arg-type]
-        )
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                grpc_server,
+                # Duck-typed: reflection only calls the pool's Find* methods.
+                pool=MethodAwarePool(descriptor_pool.Default()),  # type: ignore[arg-type]
+            )
         try:
-            port = grpc_server.add_insecure_port(config.listen)
+            if credentials is None:
+                port = grpc_server.add_insecure_port(config.listen)
+            else:
+                port = grpc_server.add_secure_port(config.listen, credentials)
         except RuntimeError:
             port = 0  # grpc raises where older releases returned 0
         if port == 0:
@@ -202,6 +214,7 @@ def create_server(config: ServerConfig) -> Server:
     except BaseException:
         store.close()
         raise
+    log_exposure(config)
     # Started last so that a failed build leaves no thread; stop() flushes what is still queued.
     offline_log.start()
     sweeper = ExpirySweeper(store, config.expired_sweep_interval_s)

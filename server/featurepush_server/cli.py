@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -59,6 +60,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "workers": args.workers,
         "definitions": tuple(args.definitions) if args.definitions else None,
         "post_processor_modules": tuple(args.post_processor_modules) if args.post_processor_modules else None,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "keys_file": args.keys_file,
+        "allow_unauthenticated": args.allow_unauthenticated,
+        "reflection": False if args.no_reflection else None,
     }
     try:
         config = load_config(args.config, overrides=overrides)
@@ -69,7 +76,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         serve(config)
-    except DefinitionError as e:
+    except (DefinitionError, ConfigError) as e:
         raise CommandError(str(e)) from None
     except CoreError as e:
         # A definitions file applied at start was refused, as ApplySource would refuse it.
@@ -80,6 +87,87 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> Client:
+    """A client for a client command's --target, TLS files and API key."""
+    try:
+        return Client(
+            args.target,
+            api_key=args.api_key or None,
+            tls=args.tls,
+            ca_cert=args.ca_cert,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+        )
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+
+
+def _keys_file(args: argparse.Namespace) -> Path:
+    """The keys file of a `keys` command: --keys-file, else keys_file of --config or FEATUREPUSH_KEYS_FILE."""
+    if args.keys_file is not None:
+        return Path(args.keys_file)
+    try:
+        from .config import ConfigError, load_config
+    except ImportError as e:
+        raise CommandError(f"the keys commands need the server extras ({e})") from None
+    try:
+        path = load_config(args.config).keys_file
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+    if path is None:
+        raise CommandError(
+            "no keys file: pass --keys-file, or --config with keys_file, or set FEATUREPUSH_KEYS_FILE"
+        )
+    return path
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    from .core.keys import KeysFileError, add_key, parse_scopes
+
+    try:
+        scopes = parse_scopes(args.scopes)
+        record, key = add_key(_keys_file(args), scopes, args.name or "")
+    except (ValueError, KeysFileError) as e:
+        raise CommandError(str(e)) from None
+    print(key)
+    print(
+        f"created key {record.id} with scopes {', '.join(sorted(record.scopes))}; "
+        "it is shown only this once, so store it now",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> int:
+    from .core.keys import SCOPES, KeysFileError, read_keys
+
+    path = _keys_file(args)
+    try:
+        keys = read_keys(path)
+    except KeysFileError as e:
+        raise CommandError(str(e)) from None
+    for key in sorted(keys.values(), key=lambda k: k.created):
+        scopes = ",".join(s for s in SCOPES if s in key.scopes)
+        state = f"revoked {key.revoked.isoformat()}" if key.revoked else "active"
+        print(f"{key.id}  {key.name or '-'}  {scopes}  created {key.created.isoformat()}  {state}")
+    if not keys:
+        print(f"no keys in {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from .core.keys import KeysFileError, revoke_key
+
+    try:
+        key = revoke_key(_keys_file(args), args.id)
+    except KeysFileError as e:
+        raise CommandError(str(e)) from None
+    except KeyError:
+        raise CommandError(f"no key {args.id!r}; `featurepush keys list` shows the ids") from None
+    print(f"key {key.id} revoked; a running server refuses it within a few seconds")
+    return 0
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
     try:
         sources = load_definitions(args.definitions)
@@ -87,7 +175,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         raise CommandError(str(e)) from None
     if not sources:
         raise CommandError(f"{args.definitions} defines no StreamSource")
-    with Client(args.target) as client:
+    with _client(args) as client:
         for result in client.apply(*sources, validate_only=args.validate_only):
             state = "created" if result.created else "changed" if result.changed else "unchanged"
             print(f"{result.name}: {state}{' (validated only)' if args.validate_only else ''}")
@@ -99,7 +187,7 @@ _RECORD_PATH = re.compile(r'^records\["(?:[^"\\]|\\.)*"\]\[(\d+)\](.*)$')
 
 def _cmd_push(args: argparse.Namespace) -> int:
     total = {"accepted": 0, "written": 0, "superseded": 0}
-    with Client(args.target) as client:
+    with _client(args) as client:
         batch: list[dict[str, Any]] = []
         lines: list[int] = []
 
@@ -161,7 +249,7 @@ def _json_default(value: Any) -> Any:
 
 def _cmd_get(args: argparse.Namespace) -> int:
     keys = _parse_keys(args.keys)
-    with Client(args.target) as client:
+    with _client(args) as client:
         # Key values arrive as text; typed per the schema so Int64 keys work from the shell.
         results = client.get_features(args.source, keys)
     for key, result in zip(keys, results, strict=True):
@@ -180,7 +268,7 @@ def _cmd_get(args: argparse.Namespace) -> int:
 
 
 def _cmd_sources(args: argparse.Namespace) -> int:
-    with Client(args.target) as client:
+    with _client(args) as client:
         for source in client.list_sources():
             fields = ", ".join(f"{f.name}: {f.dtype!r}" for f in source.schema)
             print(f"{source.name}  keys={','.join(source.entity_keys)}  [{fields}]")
@@ -188,7 +276,7 @@ def _cmd_sources(args: argparse.Namespace) -> int:
 
 
 def _cmd_delete(args: argparse.Namespace) -> int:
-    with Client(args.target) as client:
+    with _client(args) as client:
         rows = client.delete_source(args.source)
     print(f"{args.source}: deleted with {rows} online rows")
     return 0
@@ -211,7 +299,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     columns = [c for c in (args.columns or "").split(",") if c]
     rows = 0
-    with Client(args.target) as client:
+    with _client(args) as client:
         reader = client.read_batch_source(args.source, start=args.start, end=args.end, columns=columns)
         temp = args.out.with_name(f".{args.out.name}.part")
         with tqdm(unit=" rows", unit_scale=True, desc=f"export {args.source}") as bar:
@@ -234,7 +322,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     bar = tqdm(unit=" rows", unit_scale=True, desc=f"backfill {args.source}")
-    with Client(args.target) as client, bar:
+    with _client(args) as client, bar:
 
         def show(progress: BackfillProgress) -> None:
             bar.update(progress.rows_read - bar.n)
@@ -276,11 +364,61 @@ def build_parser() -> argparse.ArgumentParser:
         dest="post_processor_modules",
         help="a module whose functions sources may use as post_processor (repeatable)",
     )
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain; with --tls-key turns TLS on")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca", type=Path, help="PEM CA that client certificates must chain to (mTLS)"
+    )
+    serve.add_argument(
+        "--keys-file", type=Path, help="API keys file; every featurepush call then needs a key"
+    )
+    serve.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        default=None,
+        help="serve without keys on an address other than loopback",
+    )
+    serve.add_argument("--no-reflection", action="store_true", help="do not serve gRPC reflection")
     serve.set_defaults(func=_cmd_serve)
+
+    keys = sub.add_parser("keys", help="create, list and revoke API keys in the keys file")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+
+    def keys_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = keys_sub.add_parser(name, help=help_text)
+        p.add_argument("--keys-file", type=Path, help="keys file (default: keys_file of --config)")
+        p.add_argument("--config", type=Path, help="TOML file with a [server] table naming keys_file")
+        return p
+
+    create = keys_command("create", "create a key and print it, once")
+    create.add_argument(
+        "--scope",
+        action="append",
+        dest="scopes",
+        required=True,
+        help="read, ingest, backfill or admin (repeatable or comma-separated; admin allows every call)",
+    )
+    create.add_argument("--name", help="what the key is for, shown by `keys list`")
+    create.set_defaults(func=_cmd_keys_create)
+    keys_command("list", "list keys: ids, names, scopes, times; never secrets").set_defaults(
+        func=_cmd_keys_list
+    )
+    revoke = keys_command("revoke", "revoke a key by its id")
+    revoke.add_argument("id")
+    revoke.set_defaults(func=_cmd_keys_revoke)
 
     def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+        # Read from the environment too, so that keys need not appear in shell history or `ps`.
+        env = os.environ.get
+        p.add_argument("--api-key", default=env("FEATUREPUSH_API_KEY"), help="API key ($FEATUREPUSH_API_KEY)")
+        p.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs")
+        p.add_argument("--ca-cert", default=env("FEATUREPUSH_CA_CERT"), help="PEM CA to verify the server")
+        p.add_argument(
+            "--client-cert", default=env("FEATUREPUSH_CLIENT_CERT"), help="PEM certificate for mTLS"
+        )
+        p.add_argument("--client-key", default=env("FEATUREPUSH_CLIENT_KEY"), help="PEM key of --client-cert")
         return p
 
     apply = client_command("apply", "apply the StreamSources of a definitions file")

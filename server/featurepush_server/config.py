@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -72,6 +73,19 @@ class ServerConfig:
     # the client's pusher opens a new one when it has records again.
     stream_idle_timeout_s: float = 60.0
 
+    # Security (README "Security"). TLS: the server's PEM certificate chain and private key, both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # PEM CA bundle; when set, every client must present a certificate it signed (mutual TLS).
+    tls_client_ca: Path | None = None
+    # JSON keys file written by `featurepush keys`; when set, every featurepush call needs an API key
+    # with the right scope. Changes to the file apply within a second, without a restart.
+    keys_file: Path | None = None
+    # Without keys_file, only a loopback listen address is accepted unless this is true.
+    allow_unauthenticated: bool = False
+    # gRPC reflection (service and message descriptions), open to callers without a key.
+    reflection: bool = True
+
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
             raise ConfigError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {self.fsync!r}")
@@ -107,6 +121,31 @@ class ServerConfig:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"listen must be host:port, such as localhost:50051, not {self.listen!r}")
+        self._check_security(host)
+
+    def _check_security(self, host: str) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key must be set together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.keys_file is None and not self.allow_unauthenticated and not is_loopback(host):
+            raise ConfigError(
+                f"listen {self.listen} is reachable from other machines but no keys_file is set, so anyone "
+                "could apply, delete and backfill sources: set keys_file (see `featurepush keys create`), "
+                "listen on localhost, or set allow_unauthenticated = true"
+            )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host only accepts connections from this machine."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        # Any other name may resolve to an outside interface.
+        return False
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
@@ -123,6 +162,14 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         if kind == "Path":
             return Path(value)
+        if kind == "Path | None":
+            return Path(value) if str(value) else None
+        if kind == "bool":
+            if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.strip().lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
         if kind == "tuple[str, ...]":
             items = value.split(",") if isinstance(value, str) else value
             return tuple(str(v).strip() for v in items if str(v).strip())
@@ -160,6 +207,9 @@ def load_config(
             values["definitions"] = tuple(
                 p if p.is_absolute() else path.parent / p for p in values["definitions"]
             )
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "keys_file"):
+            if values.get(name) is not None and not values[name].is_absolute():
+                values[name] = path.parent / values[name]
     for key, value in (env if env is not None else os.environ).items():
         if key.startswith(ENV_PREFIX):
             name = key[len(ENV_PREFIX) :].lower()
