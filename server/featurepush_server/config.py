@@ -54,6 +54,13 @@ class ServerConfig:
     latest_index_entries: int = 1_000_000
     # Seconds between sweeps that delete rows older than their source's online_ttl; 0 never sweeps.
     expired_sweep_interval_s: float = 3600.0
+    # Limits on one push's Arrow IPC streams, checked from message headers before anything is decoded:
+    # bytes once decompressed (dictionaries expanded included), record and dictionary batches, fields at
+    # every level of a schema, and levels of field nesting.
+    max_arrow_decoded_bytes: int = 256 * 1024 * 1024
+    max_arrow_batches: int = 1024
+    max_arrow_columns: int = 10_000
+    max_arrow_nesting: int = 64
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
@@ -77,6 +84,9 @@ class ServerConfig:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"listen must be host:port, such as localhost:50051, not {self.listen!r}")
+        for name in ("max_arrow_decoded_bytes", "max_arrow_batches", "max_arrow_columns", "max_arrow_nesting"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
