@@ -87,6 +87,8 @@ class ServerConfig:
         for name in ("max_arrow_decoded_bytes", "max_arrow_batches", "max_arrow_columns", "max_arrow_nesting"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.max_arrow_nesting > 256:
+            raise ConfigError(f"max_arrow_nesting must be at most 256, not {self.max_arrow_nesting}")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
