@@ -170,15 +170,16 @@ class OfflineLog:
         """Copy an entry as-is to the quarantine folder, durably, and log it without its records."""
         folder = self.root / QUARANTINE_DIR
         target = folder / f"{entry.seq:020d}.arrows"
-        if not target.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            temp = folder / f".{target.name}.tmp"
-            with open(temp, "wb") as fh:
-                fh.write(entry.arrow_ipc)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(temp, target)
-            _fsync_dir(folder)
+        if target.exists():
+            return  # already quarantined by an earlier try of this round
+        folder.mkdir(parents=True, exist_ok=True)
+        temp = folder / f".{target.name}.tmp"
+        with open(temp, "wb") as fh:
+            fh.write(entry.arrow_ipc)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, target)
+        _fsync_dir(folder)
         self.quarantined += 1
         _LOGGER.error(
             "offline log: queue entry %d of source %s is quarantined in %s and skipped: %s",
