@@ -296,6 +296,18 @@ def expanded_bytes(arr: pa.Array) -> int:
     return int(arr.nbytes)
 
 
+def _check_names(schema: pa.Schema) -> None:
+    """Refuse field names that are not UTF-8: Arrow reads them as bytes, Python code as text."""
+    pending = [schema.field(i) for i in range(len(schema))]
+    while pending:
+        field = pending.pop()
+        try:
+            field.name  # noqa: B018 - decoding is the check
+        except UnicodeDecodeError:
+            raise MalformedStream("a field name is not UTF-8") from None
+        pending.extend(field.type.field(i) for i in range(field.type.num_fields))
+
+
 def _brief(err: BaseException) -> str:
     """The first line of an Arrow error, short: enough to debug a writer, never a dump of the input."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -304,7 +316,17 @@ def _brief(err: BaseException) -> str:
 
 # Everything Arrow's reader and validator raise on bad input; ArrowException covers its own classes
 # (ArrowInvalid, ArrowIndexError, ArrowCapacityError, ArrowSerializationError, ...).
-READ_ERRORS = (pa.ArrowException, OSError, ValueError, IndexError, KeyError, TypeError, MemoryError, struct.error)
+READ_ERRORS = (
+    pa.ArrowException,
+    OSError,
+    ValueError,
+    IndexError,
+    KeyError,
+    TypeError,
+    MemoryError,
+    OverflowError,
+    struct.error,
+)
 
 
 def read_stream(data: bytes, limits: IpcLimits) -> pa.Table:
@@ -324,6 +346,7 @@ def read_stream(data: bytes, limits: IpcLimits) -> pa.Table:
     except READ_ERRORS as e:
         raise MalformedStream(f"the schema cannot be read ({_brief(e)})") from None
     with reader:
+        _check_names(reader.schema)
         while True:
             try:
                 batch = reader.read_next_batch()
@@ -337,11 +360,15 @@ def read_stream(data: bytes, limits: IpcLimits) -> pa.Table:
                 raise MalformedStream(f"batch {len(batches)} is inconsistent ({_brief(e)})") from None
             batches.append(batch)
         schema = reader.schema
-    expanded = sum(expanded_bytes(column) for batch in batches for column in batch.columns)
+    try:
+        expanded = sum(expanded_bytes(column) for batch in batches for column in batch.columns)
+        table = pa.Table.from_batches(batches, schema)
+    except READ_ERRORS as e:
+        raise MalformedStream(f"the batches do not form a table ({_brief(e)})") from None
     if expanded > limits.max_decoded_bytes:
         raise StreamTooLarge(
             f"the stream's dictionaries expand to more than {limits.max_decoded_bytes} bytes",
             "bytes",
             limits.max_decoded_bytes,
         )
-    return pa.Table.from_batches(batches, schema)
+    return table

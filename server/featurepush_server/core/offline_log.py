@@ -112,11 +112,15 @@ class OfflineLog:
             table = self._load(entry)
             if table is not None:
                 loaded.append((entry.source, table))
+        created: list[Path] = []
         try:
-            rows = self._write(self._group(loaded), first, last)
+            rows = self._write(self._group(loaded), first, last, created)
         except OSError:
             raise  # the disk, not the data: the round is retried
         except READ_ERRORS as e:
+            # The files already written carry this round's range and would be taken for a crashed round's.
+            for path in created:
+                path.unlink(missing_ok=True)
             if len(entries) > 1:
                 raise _Regroup from None
             self._quarantine(entries[0], f"its records cannot be written ({type(e).__name__})")
@@ -126,8 +130,10 @@ class OfflineLog:
         _LOGGER.debug("offline log: flushed queue entries %d..%d (%d records)", first, last, rows)
         return rows
 
-    def _write(self, groups: dict[tuple[str, str], pa.Table], first: int, last: int) -> int:
-        """Write one file per source and date, named by the round's range; return the rows."""
+    def _write(
+        self, groups: dict[tuple[str, str], pa.Table], first: int, last: int, created: list[Path]
+    ) -> int:
+        """Write one file per source and date, named by the round's range, listed in `created`; return the rows."""
         rows = 0
         for (source, date), table in groups.items():
             folder = self.source_dir(source) / f"date={date}"
@@ -137,11 +143,13 @@ class OfflineLog:
                 continue
             folder.mkdir(parents=True, exist_ok=True)
             temp = folder / f".{target.name}.tmp"
+            created.append(temp)
             with open(temp, "wb") as fh:
                 pq.write_table(table, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(temp, target)
+            created.append(target)
             _fsync_dir(folder)
             _fsync_dir(folder.parent)
         return rows
