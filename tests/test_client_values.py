@@ -31,9 +31,9 @@ from featurepush.types import (
 )
 from featurepush.values import (
     decode_record,
+    decode_value,
     format_timestamp,
     key_to_struct,
-    decode_value,
     parse_timestamp,
     record_to_struct,
 )

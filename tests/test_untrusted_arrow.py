@@ -1,4 +1,4 @@
-"""Arrow IPC pushes from an attacker: mutated, forged and oversized streams are refused, never crash anything."""
+"""Arrow IPC pushes from an attacker: mutated, forged and oversized streams are refused, never a crash."""
 
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ def nested_table(n: int = 8, *, dictionary: bool = False) -> pa.Table:
             "user_id": users.dictionary_encode() if dictionary else users,
             "ts": pa.array([T0 + dt.timedelta(hours=i) for i in range(n)], pa.timestamp("us", tz="UTC")),
             "clicks": pa.array([i if i % 4 else None for i in range(n)], pa.int64()),
-            "tags": pa.array([["a", "bb"][: i % 3] if i % 5 else None for i in range(n)], pa.list_(pa.string())),
+            "tags": pa.array(
+                [["a", "bb"][: i % 3] if i % 5 else None for i in range(n)], pa.list_(pa.string())
+            ),
             "scores": pa.array(
                 [[("x", float(i)), ("y", None)] if i % 2 else [] for i in range(n)],
                 pa.map_(pa.string(), pa.float64()),
@@ -274,7 +276,9 @@ def test_forged_offsets_are_refused_before_anything_reads_them(server: Running, 
 def zstd_bomb() -> bytes:
     """About 16 KB of zstd IPC that decompresses to 320 MB of zeros."""
     zeros = pa.py_buffer(bytes(64 * MIB))
-    blobs = pa.Array.from_buffers(pa.binary(), 1, [None, pa.py_buffer(struct.pack("<ii", 0, 64 * MIB)), zeros])
+    blobs = pa.Array.from_buffers(
+        pa.binary(), 1, [None, pa.py_buffer(struct.pack("<ii", 0, 64 * MIB)), zeros]
+    )
     table = pa.table({"blob": pa.chunked_array([blobs] * 5)})
     data = stream(table, compression="zstd")
     del table, blobs, zeros
@@ -331,7 +335,12 @@ def deep(levels: int) -> bytes:
 
 LIMITS = [
     ("batches", stream(nested_table(10), chunk=1), IpcLimits(max_batches=9), "more than 9 batches"),
-    ("batches_with_dictionaries", stream(nested_table(6, dictionary=True), chunk=2), IpcLimits(max_batches=3), "more than 3 batches"),
+    (
+        "batches_with_dictionaries",
+        stream(nested_table(6, dictionary=True), chunk=2),
+        IpcLimits(max_batches=3),
+        "more than 3 batches",
+    ),
     ("columns", wide(11), IpcLimits(max_columns=10), "more than 10 fields"),
     ("nested_columns", deep(11), IpcLimits(max_columns=10), "more than 10 fields"),
     ("nesting", deep(6), IpcLimits(max_nesting=5), "deeper than 5 levels"),
@@ -379,7 +388,13 @@ def test_dictionary_deltas_are_refused() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\xff\xff\xff\xff\x00\x00\x00\x00", b"garbage" * 10, BASES[0][:40], b"\xff\xff\xff\xff\x10\x00\x00\x00" + bytes(16)],
+    [
+        b"",
+        b"\xff\xff\xff\xff\x00\x00\x00\x00",
+        b"garbage" * 10,
+        BASES[0][:40],
+        b"\xff\xff\xff\xff\x10\x00\x00\x00" + bytes(16),
+    ],
     ids=["empty", "end_marker_only", "garbage", "truncated_schema", "zeroed_flatbuffer"],
 )
 def test_streams_without_a_readable_schema_are_invalid(data: bytes) -> None:
@@ -501,7 +516,9 @@ def test_mutated_pushes_never_crash_a_server_process(tmp_path: Path) -> None:
                 data = mutate(BASES[i % len(BASES)], random_ops(rng))
                 code = push(ingest, data)
                 assert code in REFUSED, f"mutation {i} answered {code}"
-                assert child.proc.poll() is None, f"mutation {i} killed the server:\n" + "".join(child.log[-40:])
+                assert child.proc.poll() is None, f"mutation {i} killed the server:\n" + "".join(
+                    child.log[-40:]
+                )
                 accepted += code == grpc.StatusCode.OK
             for data in FORGED.values():
                 assert push(ingest, data()) == grpc.StatusCode.INVALID_ARGUMENT

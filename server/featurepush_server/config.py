@@ -84,7 +84,12 @@ class ServerConfig:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"listen must be host:port, such as localhost:50051, not {self.listen!r}")
-        for name in ("max_arrow_decoded_bytes", "max_arrow_batches", "max_arrow_columns", "max_arrow_nesting"):
+        for name in (
+            "max_arrow_decoded_bytes",
+            "max_arrow_batches",
+            "max_arrow_columns",
+            "max_arrow_nesting",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.max_arrow_nesting > 256:

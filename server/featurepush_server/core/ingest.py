@@ -48,7 +48,7 @@ def source_path(name: str) -> str:
 
 
 def read_arrow(data: bytes, path: str, limits: IpcLimits | None = None) -> pa.Table:
-    """Read an untrusted Arrow IPC stream, every batch fully validated; raise InvalidInput or LimitExceeded."""
+    """Read an untrusted Arrow IPC stream, each batch fully validated; raise InvalidInput or LimitExceeded."""
     limits = limits or IpcLimits()
     try:
         return read_stream(data, limits)
@@ -194,7 +194,6 @@ class Ingestor:
             return self._registry.get(name)
         except NotFound:
             return None
-
 
 
 @contextmanager

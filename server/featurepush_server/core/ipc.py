@@ -165,7 +165,9 @@ def _check_fields(parent: _Table, slot: int, depth: int, limits: IpcLimits, coun
             )
         if depth > limits.max_nesting:
             raise StreamTooLarge(
-                f"the schema nests fields deeper than {limits.max_nesting} levels", "nesting", limits.max_nesting
+                f"the schema nests fields deeper than {limits.max_nesting} levels",
+                "nesting",
+                limits.max_nesting,
             )
         _check_fields(field, _FIELD_CHILDREN, depth + 1, limits, counted)
 
@@ -253,7 +255,9 @@ def check_limits(data: bytes, limits: IpcLimits) -> None:
                 raise MalformedStream("a batch has a negative length")
             rows += length
             if rows > limits.max_rows:
-                raise StreamTooLarge(f"the stream has more than {limits.max_rows} rows", "rows", limits.max_rows)
+                raise StreamTooLarge(
+                    f"the stream has more than {limits.max_rows} rows", "rows", limits.max_rows
+                )
             decoded += _decoded_bytes(content, body, limits)
         else:
             raise MalformedStream("the stream holds a message other than a schema, dictionary or batch")

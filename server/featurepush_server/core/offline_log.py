@@ -133,7 +133,7 @@ class OfflineLog:
     def _write(
         self, groups: dict[tuple[str, str], pa.Table], first: int, last: int, created: list[Path]
     ) -> int:
-        """Write one file per source and date, named by the round's range, listed in `created`; return the rows."""
+        """One file per source and date, named by the round's range, listed in `created`; return the rows."""
         rows = 0
         for (source, date), table in groups.items():
             folder = self.source_dir(source) / f"date={date}"
