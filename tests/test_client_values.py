@@ -31,6 +31,7 @@ from featurepush.types import (
 )
 from featurepush.values import (
     decode_record,
+    decode_value,
     format_timestamp,
     key_to_struct,
     parse_timestamp,
@@ -365,3 +366,13 @@ def test_records_round_trip_through_the_codec(data: st.DataObject) -> None:
     decoded = decode_record(struct, fields)
     expected = _canonical(record, Struct(fields))
     assert _nan_to_marker(decoded) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=40))
+def test_the_server_accepts_the_bytes_the_client_writes(raw: bytes) -> None:
+    from featurepush_server.core.rows import strict_base64
+
+    text = record_to_struct({"v": raw})["v"]
+    assert strict_base64(text) == raw
+    assert decode_value(record_to_struct({"v": raw}).fields["v"], Bytes) == raw

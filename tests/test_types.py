@@ -92,6 +92,13 @@ INVALID = [
     (S("TIMESTAMP"), 1764064800, "", "RFC 3339"),
     (S("BYTES"), "not base64!", "", "base64"),
     (S("BYTES"), 12, "", "base64"),
+    (S("BYTES"), "AA-C/w==", "", "outside the base64 alphabet"),  # two alphabets mixed
+    (S("BYTES"), "AAEC_w.=", "", "outside the base64 alphabet"),  # a stray character, URL-safe
+    (S("BYTES"), "AAEC\n/w==", "", "outside the base64 alphabet"),
+    (S("BYTES"), "Zg=", "", "wrong length or padding"),
+    (S("BYTES"), "Zg===", "", "outside the base64 alphabet"),
+    (S("BYTES"), "Zm9vY", "", "wrong length or padding"),
+    (S("BYTES"), "Zh==", "", "nonzero bits"),
     (_array(S("INT64")), [1, 2.5], "[1]", "not a whole number"),
     (_array(S("INT64")), [None], "[0]", "must not be null"),
     (_array(S("INT64")), "1,2", "", "as a list"),

@@ -7,6 +7,7 @@ import binascii
 import datetime as dt
 import math
 import numbers
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -229,14 +230,25 @@ def _decode_float(value: struct_pb2.Value, path: str) -> float:
     raise _fail(path, 'a number or "NaN", "Infinity", "-Infinity"', value)
 
 
+# The server's rule: one alphabet, standard or URL-safe; padding to a multiple of four or none.
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}|[A-Za-z0-9\-_]*={0,2}")
+
+
 def _decode_bytes(text: str, path: str) -> bytes:
-    padded = text + "=" * (-len(text) % 4)
+    body = text.rstrip("=")
+    pad = len(text) - len(body)
+    if not _BASE64.fullmatch(text) or len(body) % 4 == 1 or (pad and (len(body) + pad) % 4):
+        raise ValueError(f"{path}: invalid base64: {text[:40]!r}")
+    urlsafe = "-" in body or "_" in body
+    padded = body + "=" * (-len(body) % 4)
     try:
-        if "-" in text or "_" in text:
-            return base64.urlsafe_b64decode(padded)
-        return base64.b64decode(padded, validate=True)
+        raw = base64.urlsafe_b64decode(padded) if urlsafe else base64.b64decode(padded, validate=True)
     except binascii.Error as exc:
         raise ValueError(f"{path}: invalid base64: {exc}") from None
+    again = base64.urlsafe_b64encode(raw) if urlsafe else base64.b64encode(raw)
+    if again.decode().rstrip("=") != body:
+        raise ValueError(f"{path}: invalid base64: nonzero bits after the last byte")
+    return raw
 
 
 def decode_value(value: struct_pb2.Value, dtype: t.DataType, path: str = "value") -> Any:

@@ -33,6 +33,7 @@ from .core.backfill import Backfiller
 from .core.batch import BatchSources
 from .core.expiry import ExpirySweeper
 from .core.ingest import Ingestor
+from .core.ipc import IpcLimits
 from .core.offline_log import OfflineLog
 from .core.online import OnlineReader
 from .core.registry import Registry
@@ -140,7 +141,15 @@ def create_server(config: ServerConfig) -> Server:
             # A definitions file is loaded as a module named after it; its functions may post-process.
             batch_sources.allow_post_processors(Path(path).stem)
         registry = Registry(store, check_batch_source=batch_sources.check)
-        ingestor = Ingestor(registry, store, max_records=config.max_records_per_request)
+        arrow_limits = IpcLimits(
+            max_decoded_bytes=config.max_arrow_decoded_bytes,
+            max_batches=config.max_arrow_batches,
+            max_columns=config.max_arrow_columns,
+            max_nesting=config.max_arrow_nesting,
+        )
+        ingestor = Ingestor(
+            registry, store, max_records=config.max_records_per_request, arrow_limits=arrow_limits
+        )
         reader = OnlineReader(registry, store, max_keys=config.max_keys_per_request)
         for path in config.definitions:
             from featurepush.definitions import load_definitions

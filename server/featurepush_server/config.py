@@ -58,6 +58,13 @@ class ServerConfig:
     latest_index_bytes: int = 256 * 1024 * 1024
     # Seconds between sweeps that delete rows older than their source's online_ttl; 0 never sweeps.
     expired_sweep_interval_s: float = 3600.0
+    # Limits on one push's Arrow IPC streams, checked from message headers before anything is decoded:
+    # bytes once decompressed (dictionaries expanded included), record and dictionary batches, fields at
+    # every level of a schema, and levels of field nesting.
+    max_arrow_decoded_bytes: int = 256 * 1024 * 1024
+    max_arrow_batches: int = 1024
+    max_arrow_columns: int = 10_000
+    max_arrow_nesting: int = 64
 
     # Admission: past these bounds a call is refused at once with RESOURCE_EXHAUSTED and a RetryInfo delay,
     # so that a flood of one kind of call leaves reads, health and the registry their latency. 0 derives
@@ -97,6 +104,10 @@ class ServerConfig:
             "stream_read_ahead",
             "latest_index_entries",
             "latest_index_bytes",
+            "max_arrow_decoded_bytes",
+            "max_arrow_batches",
+            "max_arrow_columns",
+            "max_arrow_nesting",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -121,6 +132,8 @@ class ServerConfig:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"listen must be host:port, such as localhost:50051, not {self.listen!r}")
+        if self.max_arrow_nesting > 256:
+            raise ConfigError(f"max_arrow_nesting must be at most 256, not {self.max_arrow_nesting}")
         self._check_security(host)
 
     def _check_security(self, host: str) -> None:
@@ -146,6 +159,7 @@ def is_loopback(host: str) -> bool:
     except ValueError:
         # Any other name may resolve to an outside interface.
         return False
+
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}

@@ -72,6 +72,14 @@ def _casts(part: pa.Array, target: pa.DataType) -> bool:
     return True
 
 
+def _shown(value: pa.Scalar) -> str:
+    """A value for a message; Arrow's own text where Python cannot hold it (a timestamp past year 9999)."""
+    try:
+        return repr(value.as_py())
+    except (OverflowError, ValueError):
+        return f"a {value.type} value out of Python's range"
+
+
 def _bad_rows(col: pa.ChunkedArray | pa.Array, target: pa.DataType, limit: int) -> list[tuple[int, str]]:
     """Find the rows whose values fail a safe cast, by casting small slices and then single values."""
     out: list[tuple[int, str]] = []
@@ -85,7 +93,7 @@ def _bad_rows(col: pa.ChunkedArray | pa.Array, target: pa.DataType, limit: int) 
             try:
                 pc.cast(part.slice(j, 1), target, safe=True)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                out.append((start + j, f"{part[j].as_py()!r} cannot be held by {target} without loss: {e}"))
+                out.append((start + j, f"{_shown(part[j])} cannot be held by {target} without loss: {e}"))
                 if len(out) >= limit:
                     return out
     return out

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -11,10 +14,13 @@ from google.protobuf import struct_pb2
 from .columns import conform
 from .encoding import encode_rows
 from .errors import Cancelled, InvalidInput, LimitExceeded, NotFound, Violation, name_list
+from .ipc import READ_ERRORS, IpcLimits, MalformedStream, StreamTooLarge, read_stream
 from .offline_log import TIMESTAMP_FIELD_KEY
 from .registry import Registry, Source
 from .rows import rows_to_table
 from .store import BatchCounts, OnlineStore, RowBatch, row_prefix
+
+_LOGGER = logging.getLogger(__name__)
 
 MAX_REQUEST_ID = 128
 
@@ -41,16 +47,29 @@ def source_path(name: str) -> str:
     return 'records["' + name.replace("\\", "\\\\").replace('"', '\\"') + '"]'
 
 
-def read_arrow(data: bytes, path: str) -> pa.Table:
-    """Read an Arrow IPC stream; raise InvalidInput if it is not one."""
+def read_arrow(data: bytes, path: str, limits: IpcLimits | None = None) -> pa.Table:
+    """Read an untrusted Arrow IPC stream, each batch fully validated; raise InvalidInput or LimitExceeded."""
+    limits = limits or IpcLimits()
     try:
-        with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
-            return reader.read_all()
-    except (pa.ArrowInvalid, OSError) as e:
+        return read_stream(data, limits)
+    except MalformedStream as e:
         raise InvalidInput(
-            "arrow_ipc is not a readable Arrow IPC stream",
-            [Violation(path + ".arrow_ipc", f"not an Arrow IPC stream: {e}")],
+            "arrow_ipc is not a valid Arrow IPC stream",
+            [Violation(path + ".arrow_ipc", f"not a valid Arrow IPC stream: {e}")],
             reason="INVALID_ARROW",
+        ) from None
+    except StreamTooLarge as e:
+        if e.what == "rows":
+            raise LimitExceeded(
+                f"{path}.arrow_ipc carries more than {e.limit} records; split it into requests of at most "
+                f"{e.limit} records",
+                reason="TOO_MANY_RECORDS",
+                metadata={"limit": str(e.limit)},
+            ) from None
+        raise LimitExceeded(
+            f"{path}.arrow_ipc is too large: {e}; split it into smaller pushes",
+            reason="ARROW_TOO_LARGE",
+            metadata={"limit": str(e.limit), "what": e.what},
         ) from None
 
 
@@ -66,12 +85,19 @@ class Ingestor:
     """Validates pushes against their sources' schemas and writes them to the online store."""
 
     def __init__(
-        self, registry: Registry, store: OnlineStore, *, max_records: int = 10_000, max_violations: int = 100
+        self,
+        registry: Registry,
+        store: OnlineStore,
+        *,
+        max_records: int = 10_000,
+        max_violations: int = 100,
+        arrow_limits: IpcLimits | None = None,
     ):
         self._registry = registry
         self._store = store
         self.max_records = max_records
         self._max_violations = max_violations
+        self._arrow_limits = dataclasses.replace(arrow_limits or IpcLimits(), max_rows=max_records)
 
     def push(
         self,
@@ -106,12 +132,19 @@ class Ingestor:
             )
         violations: list[Violation] = []
         tables: dict[str, pa.Table] = {}
+        # The limits hold for the push as a whole: each stream gets what the ones before it left.
+        limits = self._arrow_limits
         for name, payload in records.items():
             path = source_path(name)
             if payload.rows and payload.arrow_ipc:
                 violations.append(Violation(path, "set rows or arrow_ipc, not both"))
             elif payload.arrow_ipc:
-                tables[name] = read_arrow(payload.arrow_ipc, path)
+                table = tables[name] = read_arrow(payload.arrow_ipc, path, limits)
+                limits = dataclasses.replace(
+                    limits,
+                    max_rows=max(limits.max_rows - table.num_rows, 0),
+                    max_decoded_bytes=max(limits.max_decoded_bytes - table.nbytes, 0),
+                )
         total = sum(t.num_rows for t in tables.values()) + sum(len(p.rows) for p in records.values())
         if total > self.max_records:
             raise LimitExceeded(
@@ -127,7 +160,8 @@ class Ingestor:
             path = source_path(name)
             left = max(self._max_violations - len(violations), 1)
             if name in tables:
-                table, bad = conform(tables[name], spec.fields, path, max_violations=left)
+                with _validated_data("conforming", path):
+                    table, bad = conform(tables[name], spec.fields, path, max_violations=left)
                 total_bad += len(bad)
             elif payload.rows:
                 table, bad, count = rows_to_table(payload.rows, spec.fields, spec.arrow_schema, path, left)
@@ -150,9 +184,10 @@ class Ingestor:
         batches = []
         for name, table in tables.items():
             spec = sources[name].spec
-            keys, values = encode_rows(
-                table, spec.fields, spec.entity_keys, spec.timestamp_field, row_prefix(sources[name].id)
-            )
+            with _validated_data("encoding", source_path(name)):
+                keys, values = encode_rows(
+                    table, spec.fields, spec.entity_keys, spec.timestamp_field, row_prefix(sources[name].id)
+                )
             # Logged records ride in the same atomic write as the rows: acknowledged means queued for the log.
             offline = b""
             if spec.log_offline and not dry_run:
@@ -170,3 +205,18 @@ class Ingestor:
             return self._registry.get(name)
         except NotFound:
             return None
+
+
+@contextmanager
+def _validated_data(step: str, path: str) -> Iterator[None]:
+    """Turn an Arrow error in a step on validated data into the caller's InvalidInput, never INTERNAL."""
+    try:
+        yield
+    except READ_ERRORS as e:
+        # Validated data should not get here: keep the trace for the operator, answer the caller cleanly.
+        _LOGGER.warning("%s %s failed on validated data: %s", step, path, type(e).__name__, exc_info=True)
+        raise InvalidInput(
+            f"{path} cannot be stored: {step} its records failed",
+            [Violation(path, f"{step} the records failed ({type(e).__name__}); check the column types")],
+            reason="INVALID_RECORDS",
+        ) from None

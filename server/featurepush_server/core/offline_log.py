@@ -6,6 +6,11 @@ each to a hidden temporary name, fsynced and then renamed, and only then deletes
 of a round is named by the round's sequence range, so after a crash between the renames and the delete
 the next round finds the range from the file names, redoes it writing only the files that are missing,
 and deletes the entries: nothing is lost and nothing is written twice.
+
+A queue entry that cannot be read or written (it should never happen: entries are validated records)
+is copied as-is to `<root>/.quarantine/<seq>.arrows`, logged and skipped, so that one bad entry never
+stops the log, nor the server at start-up. Source names cannot start with a dot, so the folder is no
+source's.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .ipc import READ_ERRORS, IpcLimits, read_stream
 from .periodic import Periodic
 from .store import OnlineStore, QueuedRecords
 
@@ -29,6 +35,7 @@ _LOGGER = logging.getLogger(__name__)
 ROUND_BYTES = 64 * 1024 * 1024
 # Schema metadata naming the event-time column of a queued table, which decides its date partition.
 TIMESTAMP_FIELD_KEY = b"featurepush.timestamp_field"
+QUARANTINE_DIR = ".quarantine"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -56,6 +63,8 @@ class OfflineLog:
         self._store = store
         self._round_bytes = round_bytes
         self._lock = threading.Lock()
+        # Queue entries moved to the quarantine folder by this process.
+        self.quarantined = 0
         # Records stay queued in RocksDB until flushed, so a failed round is simply retried.
         self._flusher = Periodic("featurepush-offline-log", interval_s, self.flush)
         root.mkdir(parents=True, exist_ok=True)
@@ -78,12 +87,17 @@ class OfflineLog:
         written = 0
         with self._lock:
             while True:
-                n = self._flush_round()
+                try:
+                    n = self._flush_round(self._round_bytes)
+                except _Regroup:
+                    # Entries that read fine alone may still not combine (say a column's type changed
+                    # between pushes): one entry per round, and one that still fails is quarantined.
+                    n = self._flush_round(0)
                 if n is None:
                     return written
                 written += n
 
-    def _flush_round(self) -> int | None:
+    def _flush_round(self, max_bytes: int) -> int | None:
         head = self._store.queued_offline(1)
         if not head:
             return None
@@ -91,10 +105,37 @@ class OfflineLog:
         # A crashed round left files named by its range; finishing that range keeps the files unique.
         crashed = sorted(self.root.glob(f"*/date=*/{first:020d}-*.parquet"))
         last_seq = int(crashed[0].stem.split("-")[1]) if crashed else None
-        entries = self._store.queued_offline(self._round_bytes, last_seq)
+        entries = self._store.queued_offline(max_bytes, last_seq)
         last = entries[-1].seq if last_seq is None else last_seq
+        loaded: list[tuple[str, pa.Table]] = []
+        for entry in entries:
+            table = self._load(entry)
+            if table is not None:
+                loaded.append((entry.source, table))
+        created: list[Path] = []
+        try:
+            rows = self._write(self._group(loaded), first, last, created)
+        except OSError:
+            raise  # the disk, not the data: the round is retried
+        except READ_ERRORS as e:
+            # The files already written carry this round's range and would be taken for a crashed round's.
+            for path in created:
+                path.unlink(missing_ok=True)
+            if len(entries) > 1:
+                raise _Regroup from None
+            self._quarantine(entries[0], f"its records cannot be written ({type(e).__name__})")
+            rows = 0
+        # Quarantined entries go with the round's range, so a crash before this leaves the range whole.
+        self._store.delete_offline(first, last)
+        _LOGGER.debug("offline log: flushed queue entries %d..%d (%d records)", first, last, rows)
+        return rows
+
+    def _write(
+        self, groups: dict[tuple[str, str], pa.Table], first: int, last: int, created: list[Path]
+    ) -> int:
+        """One file per source and date, named by the round's range, listed in `created`; return the rows."""
         rows = 0
-        for (source, date), table in self._group(entries).items():
+        for (source, date), table in groups.items():
             folder = self.source_dir(source) / f"date={date}"
             target = folder / _file_name(first, last)
             rows += table.num_rows
@@ -102,24 +143,66 @@ class OfflineLog:
                 continue
             folder.mkdir(parents=True, exist_ok=True)
             temp = folder / f".{target.name}.tmp"
+            created.append(temp)
             with open(temp, "wb") as fh:
                 pq.write_table(table, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(temp, target)
+            created.append(target)
             _fsync_dir(folder)
             _fsync_dir(folder.parent)
-        self._store.delete_offline(first, last)
-        _LOGGER.debug("offline log: flushed queue entries %d..%d (%d records)", first, last, rows)
         return rows
 
+    def _load(self, entry: QueuedRecords) -> pa.Table | None:
+        """An entry's records, fully validated, or None once the entry is quarantined."""
+        # Entries hold uncompressed records, so their decoded size is about their own.
+        limits = IpcLimits(
+            max_rows=2**62,
+            max_decoded_bytes=2 * len(entry.arrow_ipc) + 2**20,
+            max_batches=2**20,
+            max_columns=2**20,
+            max_nesting=256,
+        )
+        try:
+            table = read_stream(entry.arrow_ipc, limits)
+            ts_field = _timestamp_column(table)
+            if not pa.types.is_timestamp(table.schema.field(ts_field).type):
+                raise ValueError("the timestamp field is not a timestamp column")
+        except (*READ_ERRORS, KeyError) as e:
+            self._quarantine(entry, f"its records cannot be read ({type(e).__name__}: {e})")
+            return None
+        return table
+
+    def _quarantine(self, entry: QueuedRecords, why: str) -> None:
+        """Copy an entry as-is to the quarantine folder, durably, and log it without its records."""
+        folder = self.root / QUARANTINE_DIR
+        target = folder / f"{entry.seq:020d}.arrows"
+        if target.exists():
+            return  # already quarantined by an earlier try of this round
+        folder.mkdir(parents=True, exist_ok=True)
+        temp = folder / f".{target.name}.tmp"
+        with open(temp, "wb") as fh:
+            fh.write(entry.arrow_ipc)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, target)
+        _fsync_dir(folder)
+        self.quarantined += 1
+        _LOGGER.error(
+            "offline log: queue entry %d of source %s is quarantined in %s and skipped: %s",
+            entry.seq,
+            entry.source,
+            target,
+            why,
+        )
+
     @staticmethod
-    def _group(entries: list[QueuedRecords]) -> dict[tuple[str, str], pa.Table]:
+    def _group(loaded: list[tuple[str, pa.Table]]) -> dict[tuple[str, str], pa.Table]:
         """The entries' records grouped by source and event-time date, in sequence order."""
         parts: dict[str, list[pa.Table]] = defaultdict(list)
-        for entry in entries:
-            with pa.ipc.open_stream(pa.py_buffer(entry.arrow_ipc)) as reader:
-                parts[entry.source].append(reader.read_all())
+        for source, table in loaded:
+            parts[source].append(table)
         out: dict[tuple[str, str], pa.Table] = {}
         for source, tables in parts.items():
             # A compatible schema change (a new nullable field) between pushes leaves those earlier rows null.
@@ -129,6 +212,10 @@ class OfflineLog:
             for date in np.unique(dates):
                 out[(source, str(date))] = table.filter(pa.array(dates == date))
         return out
+
+
+class _Regroup(Exception):
+    """A round's entries, each readable, cannot be written together; they are retried one by one."""
 
 
 def _timestamp_column(table: pa.Table) -> str:

@@ -165,16 +165,35 @@ def _timestamp(v: struct_pb2.Value) -> int:
     return parse_timestamp_micros(v.string_value)
 
 
+# One alphabet per value, standard or URL-safe, then padding to a multiple of four or none (proto3 JSON
+# accepts both); the decoded bytes must encode back to the same text, so unused low bits are zero.
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}|[A-Za-z0-9\-_]*={0,2}")
+
+
+def strict_base64(s: str) -> bytes:
+    """Decode standard or URL-safe base64, padded or not; raise ValueError for anything else."""
+    if not _BASE64.fullmatch(s):
+        raise ValueError("a character outside the base64 alphabet")
+    body = s.rstrip("=")
+    pad = len(s) - len(body)
+    if len(body) % 4 == 1 or (pad and (len(body) + pad) % 4):
+        raise ValueError("wrong length or padding")
+    urlsafe = "-" in body or "_" in body
+    text = body + "=" * (-len(body) % 4)
+    raw = base64.urlsafe_b64decode(text) if urlsafe else base64.b64decode(text, validate=True)
+    again = (base64.urlsafe_b64encode(raw) if urlsafe else base64.b64encode(raw)).decode().rstrip("=")
+    if again != body:
+        raise ValueError("nonzero bits after the last byte")
+    return raw
+
+
 def _bytes(v: struct_pb2.Value) -> bytes:
     if v.WhichOneof("kind") != "string_value":
         raise BadValue(f"expected Bytes as a base64 string, got {_describe(v)}")
-    s = v.string_value
     try:
-        if "-" in s or "_" in s:
-            return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
-        return base64.b64decode(s + "=" * (-len(s) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise BadValue(f"expected Bytes as a base64 string, got {_describe(v)}") from None
+        return strict_base64(v.string_value)
+    except (binascii.Error, ValueError) as e:
+        raise BadValue(f"expected Bytes as standard or URL-safe base64 ({e}), got {_describe(v)}") from None
 
 
 _SCALARS: dict[Kind, Callable[[struct_pb2.Value], Any]] = {
