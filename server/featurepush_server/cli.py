@@ -60,6 +60,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "definitions": tuple(args.definitions) if args.definitions else None,
         "post_processor_modules": tuple(args.post_processor_modules) if args.post_processor_modules else None,
     }
+    # Where batch sources may read, and how far ahead streams decode.
+    overrides["batch_roots"] = tuple(args.batch_roots) if args.batch_roots else None
+    overrides["batch_schemes"] = tuple(args.batch_schemes) if args.batch_schemes else None
+    overrides["stream_read_ahead_bytes"] = args.stream_read_ahead_bytes
     try:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as e:
@@ -275,6 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         dest="post_processor_modules",
         help="a module whose functions sources may use as post_processor (repeatable)",
+    )
+    serve.add_argument(
+        "--batch-root",
+        type=Path,
+        action="append",
+        dest="batch_roots",
+        help="a folder whose files batch sources may read (repeatable; default: none)",
+    )
+    serve.add_argument(
+        "--batch-scheme",
+        action="append",
+        dest="batch_schemes",
+        help="a remote URI scheme batch sources may read, such as s3 (repeatable; default: none)",
+    )
+    serve.add_argument(
+        "--stream-read-ahead-bytes", type=int, help="decoded bytes one batch read holds ahead of gRPC"
     )
     serve.set_defaults(func=_cmd_serve)
 
