@@ -378,3 +378,22 @@ def test_post_processor_references_reach_only_functions_of_their_module(
 
 def _private(table: pa.Table) -> pa.Table:
     return table
+
+
+def test_settings_come_from_the_file_the_environment_and_flags(tmp_path: Path) -> None:
+    from featurepush_server.cli import build_parser
+    from featurepush_server.config import ConfigError, ServerConfig, load_config
+
+    assert (ServerConfig().batch_roots, ServerConfig().batch_schemes) == ((), ())
+    path = tmp_path / "featurepush.toml"
+    path.write_text('[server]\nbatch_roots = ["history"]\nbatch_schemes = ["s3"]\n')
+    config = load_config(path, env={"FEATUREPUSH_STREAM_READ_AHEAD_BYTES": "1000000"})
+    assert config.batch_roots == (tmp_path / "history",) and config.batch_schemes == ("s3",)
+    assert config.stream_read_ahead_bytes == 1_000_000
+    args = build_parser().parse_args(
+        ["serve", "--batch-root", "/a", "--batch-root", "/b", "--batch-scheme", "gs"]
+    )
+    assert (args.batch_roots, args.batch_schemes) == ([Path("/a"), Path("/b")], ["gs"])
+    for bad in ({"batch_schemes": ("file",)}, {"batch_schemes": ("s3://x",)}, {"batch_max_files": 0}):
+        with pytest.raises(ConfigError):
+            ServerConfig(**bad)  # type: ignore[arg-type]
