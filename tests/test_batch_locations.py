@@ -27,7 +27,7 @@ from test_batch_source import history, source_doc
 from featurepush.v1 import backfill_service_pb2 as pb
 from featurepush.v1 import backfill_service_pb2_grpc
 from featurepush_server.core.errors import Cancelled
-from featurepush_server.core.locations import NOT_ALLOWED, BatchLocations
+from featurepush_server.core.locations import NOT_ALLOWED, BatchLocations, ListLimits
 
 REFUSAL = NOT_ALLOWED.format(source="ad_impressions")
 TOKEN = secrets.token_hex(16)
@@ -397,3 +397,12 @@ def test_settings_come_from_the_file_the_environment_and_flags(tmp_path: Path) -
     for bad in ({"batch_schemes": ("file",)}, {"batch_schemes": ("s3://x",)}, {"batch_max_files": 0}):
         with pytest.raises(ConfigError):
             ServerConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_the_servers_own_offline_log_is_not_capped_by_the_file_bound(place: Place) -> None:
+    log = place.data / "offline" / "s" / "date=2024-05-01"
+    log.mkdir(parents=True)
+    for i in range(5):
+        (log / f"{i}.parquet").write_bytes(b"")
+    locations = BatchLocations([place.root], [], place.data, ListLimits(max_entries=2, max_depth=1))
+    assert len(locations.list_own(place.data / "offline" / "s", "s", lambda: False).files) == 5

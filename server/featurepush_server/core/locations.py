@@ -14,6 +14,7 @@ import importlib
 import os
 import re
 import stat
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -156,16 +157,21 @@ class BatchLocations:
 
     # --- listing -------------------------------------------------------------------------------
 
-    def _bounds(self, source: str, stop: StopCheck) -> Callable[[int, int], None]:
-        """A check called per entry with the entries seen and the depth; raises past a bound."""
+    def _bounds(self, source: str, stop: StopCheck, own: bool = False) -> Callable[[int, int], None]:
+        """A check called per entry with the entries seen and the depth; raises past a bound.
+
+        The server's own offline log gains a file per flush, so only time and the call bound its listing.
+        """
+        max_entries = sys.maxsize if own else self.limits.max_entries
+        max_depth = sys.maxsize if own else self.limits.max_depth
         deadline = time.monotonic() + self.limits.timeout_s
 
         def check(seen: int, depth: int) -> None:
             if stop():
                 raise Cancelled("the call ended while its batch location was being listed")
-            if seen > self.limits.max_entries:
+            if seen > max_entries:
                 raise _too_big(source, f"holds more than {self.limits.max_entries:,} files and folders")
-            if depth > self.limits.max_depth:
+            if depth > max_depth:
                 raise _too_big(source, f"is nested deeper than {self.limits.max_depth} folders")
             if time.monotonic() > deadline:
                 raise _too_big(source, f"took longer than {self.limits.timeout_s:g} s to list")
@@ -182,7 +188,7 @@ class BatchLocations:
             return [real]
         if not stat.S_ISDIR(mode):
             return []
-        check = self._bounds(source, stop)
+        check = self._bounds(source, stop, own)
         files: list[str] = []
         seen = 0
         folders = [(real, 0)]
