@@ -78,7 +78,7 @@ class _Server:
     """A `featurepush serve` process over a temp folder with the bench source applied."""
 
     def __init__(self, folder: Path, history: Path):
-        self.process, target = start_serve(folder / "data", "never")
+        self.process, target = start_serve(folder / "data", "never", batch_root=folder)
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
         registry_service_pb2_grpc.RegistryServiceStub(self.channel).ApplySource(
             registry_service_pb2.ApplySourceRequest(source=_source(str(history)))

@@ -24,11 +24,15 @@ def wait_ready(target: str) -> None:
         grpc.channel_ready_future(channel).result(timeout=30)
 
 
-def start_serve(data_dir: Path, fsync: str) -> tuple[subprocess.Popen[bytes], str]:
-    """A `featurepush serve` process on a free port, with no sources applied."""
+def start_serve(
+    data_dir: Path, fsync: str, batch_root: Path | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A `featurepush serve` process on a free port, with no sources applied; batch files under batch_root."""
     port = free_port()
     exe = shutil.which("featurepush", path=str(Path(sys.executable).parent)) or "featurepush"
     command = [exe, "serve", "--listen", f"localhost:{port}", "--data-dir", str(data_dir), "--fsync", fsync]
+    if batch_root is not None:
+        command += ["--batch-root", str(batch_root)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = f"localhost:{port}"
     wait_ready(target)

@@ -17,7 +17,7 @@ from featurepush.batch import BackfillProgress, backfill
 def apply_parquet(tmp_path: Path, table: pa.Table) -> Running:
     """A server whose ad_impressions source reads `table` from Parquet."""
     pq.write_table(table, tmp_path / "h.parquet")
-    running = start(tmp_path / "data")
+    running = start(tmp_path / "data", batch_roots=(tmp_path,))
     running.apply(source_doc(str(tmp_path / "h.parquet"), "FILE_FORMAT_PARQUET"))
     return running
 

@@ -63,7 +63,12 @@ def failing(table: pa.Table) -> pa.Table:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Running]:
-    r = start(tmp_path / "data", post_processor_modules=(__name__,))
+    r = start(
+        tmp_path / "data",
+        post_processor_modules=(__name__,),
+        batch_roots=(tmp_path,),
+        batch_schemes=("memory", "nosuchfs"),
+    )
     try:
         yield r
     finally:
@@ -238,7 +243,7 @@ def test_a_definitions_file_may_post_process_with_its_own_functions(tmp_path: Pa
         "    schema=[Field('user_id', String), Field('timestamp', Timestamp), Field('clicked', Int64)],\n"
         f"    batch_config=FileConfig(uri={uri!r}, file_format='parquet', post_processor=tenfold))\n"
     )
-    running = start(tmp_path / "data", definitions=(definitions,))
+    running = start(tmp_path / "data", definitions=(definitions,), batch_roots=(tmp_path,))
     try:
         got = read_batch_source(running.channel, "tenfold").read_all()
         assert got["clicked"].to_pylist() == [c * 10 for c in history()["clicked"].to_pylist()]

@@ -34,6 +34,7 @@ from .core.batch import BatchSources
 from .core.expiry import ExpirySweeper
 from .core.ingest import Ingestor
 from .core.ipc import IpcLimits
+from .core.locations import BatchLocations, ListLimits
 from .core.offline_log import OfflineLog
 from .core.online import OnlineReader
 from .core.registry import Registry
@@ -136,7 +137,15 @@ def create_server(config: ServerConfig) -> Server:
         offline_log = OfflineLog(
             store, config.data_dir / "offline", interval_s=config.offline_flush_interval_s
         )
-        batch_sources = BatchSources(offline_log.root, config.post_processor_modules)
+        locations = BatchLocations(
+            config.batch_roots,
+            config.batch_schemes,
+            config.data_dir,
+            ListLimits(config.batch_max_files, config.batch_max_depth, config.batch_list_timeout_s),
+        )
+        batch_sources = BatchSources(
+            offline_log.root, config.post_processor_modules, locations, config.stream_read_ahead_bytes
+        )
         for path in config.definitions:
             # A definitions file is loaded as a module named after it; its functions may post-process.
             batch_sources.allow_post_processors(Path(path).stem)
@@ -200,7 +209,12 @@ def create_server(config: ServerConfig) -> Server:
             grpc_server,
         )
         grpc_server.add_generic_rpc_handlers((OnlineServicer(reader).handler(),))
-        backfill = BackfillServicer(registry, batch_sources, Backfiller(registry, store, batch_sources))
+        backfill = BackfillServicer(
+            registry,
+            batch_sources,
+            Backfiller(registry, store, batch_sources),
+            read_ahead_bytes=config.stream_read_ahead_bytes,
+        )
         grpc_server.add_generic_rpc_handlers((backfill.handler(),))
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

@@ -67,6 +67,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "allow_unauthenticated": args.allow_unauthenticated,
         "reflection": False if args.no_reflection else None,
     }
+    # Where batch sources may read, and how far ahead streams decode.
+    overrides["batch_roots"] = tuple(args.batch_roots) if args.batch_roots else None
+    overrides["batch_schemes"] = tuple(args.batch_schemes) if args.batch_schemes else None
+    overrides["stream_read_ahead_bytes"] = args.stream_read_ahead_bytes
     try:
         config = load_config(args.config, overrides=overrides)
     except ConfigError as e:
@@ -379,6 +383,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve without keys on an address other than loopback",
     )
     serve.add_argument("--no-reflection", action="store_true", help="do not serve gRPC reflection")
+    serve.add_argument(
+        "--batch-root",
+        type=Path,
+        action="append",
+        dest="batch_roots",
+        help="a folder whose files batch sources may read (repeatable; default: none)",
+    )
+    serve.add_argument(
+        "--batch-scheme",
+        action="append",
+        dest="batch_schemes",
+        help="a remote URI scheme batch sources may read, such as s3 (repeatable; default: none)",
+    )
+    serve.add_argument(
+        "--stream-read-ahead-bytes", type=int, help="decoded bytes one batch read holds ahead of gRPC"
+    )
     serve.set_defaults(func=_cmd_serve)
 
     keys = sub.add_parser("keys", help="create, list and revoke API keys in the keys file")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -93,6 +94,22 @@ class ServerConfig:
     # gRPC reflection (service and message descriptions), open to callers without a key.
     reflection: bool = True
 
+    # --- Batch source locations and streaming memory ---
+    # Local folders whose files batch sources may read (symbolic links are resolved first, so nothing
+    # outside them is reachable); none by default, which leaves only offline://<source>. The data_dir is
+    # never readable by path, even inside a root.
+    batch_roots: tuple[Path, ...] = ()
+    # Remote URI schemes batch sources may read, such as "s3" or "gs", with the server's own
+    # credentials and endpoints; none by default.
+    batch_schemes: tuple[str, ...] = ()
+    # Bounds on listing one batch location: files and folders, folder depth, and seconds.
+    batch_max_files: int = 10_000
+    batch_max_depth: int = 8
+    batch_list_timeout_s: float = 10.0
+    # Bytes of decoded data one ReadBatchSource or Backfill call holds ahead of what it has handed to
+    # gRPC, so a slow or stalled reader keeps the server's memory flat.
+    stream_read_ahead_bytes: int = 32 * 1024 * 1024
+
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
             raise ConfigError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {self.fsync!r}")
@@ -129,6 +146,17 @@ class ServerConfig:
             raise ConfigError("idempotency_window_s must be positive")
         if self.offline_flush_interval_s <= 0:
             raise ConfigError("offline_flush_interval_s must be positive")
+        for name in ("batch_max_files", "batch_max_depth", "stream_read_ahead_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.batch_list_timeout_s <= 0:
+            raise ConfigError("batch_list_timeout_s must be positive")
+        for scheme in self.batch_schemes:
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or scheme in ("file", "offline"):
+                raise ConfigError(
+                    f"batch_schemes holds {scheme!r}; name remote URI schemes such as s3 or gs "
+                    "(local files are allowed through batch_roots)"
+                )
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"listen must be host:port, such as localhost:50051, not {self.listen!r}")
@@ -159,7 +187,6 @@ def is_loopback(host: str) -> bool:
     except ValueError:
         # Any other name may resolve to an outside interface.
         return False
-
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
@@ -224,6 +251,10 @@ def load_config(
         for name in ("tls_cert", "tls_key", "tls_client_ca", "keys_file"):
             if values.get(name) is not None and not values[name].is_absolute():
                 values[name] = path.parent / values[name]
+        if "batch_roots" in values:
+            values["batch_roots"] = tuple(
+                p if p.is_absolute() else path.parent / p for p in values["batch_roots"]
+            )
     for key, value in (env if env is not None else os.environ).items():
         if key.startswith(ENV_PREFIX):
             name = key[len(ENV_PREFIX) :].lower()

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from .batch import BatchSources, StopCheck, time_mask
+from .batch import BatchSources, time_mask
 from .columns import conform
 from .encoding import encode_rows
 from .errors import Cancelled, FailedPrecondition, Violation
+from .locations import StopCheck
 from .registry import Registry
 from .schema import SourceSpec
 from .store import OnlineStore, RowBatch, row_prefix

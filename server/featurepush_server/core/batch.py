@@ -1,39 +1,48 @@
-"""Batch sources: a source's history read lazily through pyarrow.dataset, post-processed and cast.
+"""Batch sources: a source's history read lazily, file by file, post-processed and cast.
 
-A batch config names Parquet, CSV or Arrow IPC files (one file or a folder, optionally hive-partitioned) on
-any filesystem pyarrow reaches, or through fsspec (s3fs, gcsfs) when pyarrow cannot. The URI
-`offline://<source>` names the source's own offline log. Reading streams record batches through a
-dataset scanner with little read-ahead, so memory stays bounded whatever the source size.
+A batch config names Parquet, CSV or Arrow IPC files (one file or a folder, optionally hive-partitioned)
+under the local roots or remote schemes the operator allows (`locations.py`). The URI
+`offline://<source>` names the source's own offline log. pyarrow.dataset gives the schema, partitions
+and pruning; each file is then read by its format's streaming reader in batches of a bounded byte size,
+so memory stays bounded whatever the source size and however slowly the caller reads.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
+import inspect
+import logging
+import re
 import threading
 from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from featurepush.v1 import source_pb2
 
 from .columns import conform
 from .errors import Cancelled, FailedPrecondition, InvalidInput, Violation
+from .locations import BatchLocations, StopCheck
 from .schema import FieldSpec, SourceSpec
+
+_LOGGER = logging.getLogger(__name__)
 
 OFFLINE_SCHEME = "offline://"
 DEFAULT_ROWS = 65_536
 MAX_ROWS = 1_000_000
 DEFAULT_BYTES = 4 * 1024 * 1024
-# Rows a scanner batch holds before post-processing and casting; the output is re-sliced to the request.
+# Most rows one file batch holds before post-processing and casting; the output is re-sliced to the request.
 SCAN_ROWS = 65_536
+# Rows of the first batch of a Parquet file, before its real width per row is known.
+FIRST_ROWS = 1024
+DEFAULT_READ_AHEAD_BYTES = 32 * 1024 * 1024
 
 
 def _parquet() -> ds.ParquetFileFormat:
@@ -41,19 +50,62 @@ def _parquet() -> ds.ParquetFileFormat:
     return ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False))
 
 
-_FORMATS: dict[int, str | Callable[[], ds.FileFormat]] = {
-    source_pb2.FILE_FORMAT_PARQUET: _parquet,
-    source_pb2.FILE_FORMAT_CSV: "csv",
-    source_pb2.FILE_FORMAT_ARROW_IPC: "ipc",
+_FORMATS: dict[int, tuple[str, Callable[[], ds.FileFormat]]] = {
+    source_pb2.FILE_FORMAT_PARQUET: ("Parquet", _parquet),
+    source_pb2.FILE_FORMAT_CSV: ("CSV", ds.CsvFileFormat),
+    source_pb2.FILE_FORMAT_ARROW_IPC: ("Arrow IPC", ds.IpcFileFormat),
 }
 
+# What the Arrow, Parquet, CSV and IPC readers raise on a file they cannot read. Their messages may quote
+# the file, so replies say only what kind of failure it was; the server log keeps the original.
+READ_ERRORS: tuple[type[BaseException], ...] = (
+    pa.ArrowException,
+    OSError,
+    ValueError,
+    TypeError,
+    LookupError,
+    MemoryError,
+    NotImplementedError,
+)
+
+
+def _failure_kind(e: BaseException, format_name: str) -> str:
+    if isinstance(e, MemoryError | pa.ArrowCapacityError):
+        return "holds more data than the server can decode at once"
+    if isinstance(e, NotImplementedError):
+        return f"uses a {format_name} feature or type this server cannot read"
+    if isinstance(e, TypeError):
+        return "holds a column whose type differs between files or cannot be converted"
+    if isinstance(e, OSError):
+        return "could not be read from storage"
+    if isinstance(e, LookupError):
+        return f"is not well-formed {format_name}"
+    return f"is not valid {format_name} or does not match the source's other files"
+
+
 PostProcessor = Callable[[pa.Table], pa.Table]
-StopCheck = Callable[[], bool]
+_PUBLIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 def load_post_processor(reference: str, source: str, allowed: Collection[str]) -> PostProcessor:
-    """Import a "package.module:function" reference from an allowed module; raise FailedPrecondition."""
-    module_name, _, attr = reference.partition(":")
+    """Import a "package.module:function" reference from an allowed module; raise FailedPrecondition.
+
+    The part after the colon is one public name, and it must be a function defined in that very
+    module, so no attribute path reaches anything the module merely imports or holds.
+    """
+    module_name, sep, attr = reference.partition(":")
+    parts = module_name.split(".")
+    if (
+        not sep
+        or not _PUBLIC_NAME.fullmatch(attr)
+        or not all(p.isidentifier() and not p.startswith("__") for p in parts)
+    ):
+        raise FailedPrecondition(
+            f'post_processor {reference!r} of source {source!r} is not a "package.module:function" '
+            "reference naming one public function",
+            reason="POST_PROCESSOR_NOT_FOUND",
+            metadata={"source": source, "post_processor": reference},
+        )
     if not any(module_name == m or module_name.startswith(m + ".") for m in allowed):
         raise FailedPrecondition(
             f"post_processor {reference!r} of source {source!r} is in module {module_name!r}, which the "
@@ -63,9 +115,7 @@ def load_post_processor(reference: str, source: str, allowed: Collection[str]) -
             metadata={"source": source, "post_processor": reference},
         )
     try:
-        target: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            target = getattr(target, part)
+        module = importlib.import_module(module_name)
     except Exception as e:
         raise FailedPrecondition(
             f"post_processor {reference!r} of source {source!r} cannot be imported by the server: "
@@ -73,35 +123,15 @@ def load_post_processor(reference: str, source: str, allowed: Collection[str]) -
             reason="POST_PROCESSOR_NOT_FOUND",
             metadata={"source": source, "post_processor": reference},
         ) from None
-    if not callable(target):
+    target = module.__dict__.get(attr)
+    if not (inspect.isfunction(target) and target.__module__ == module_name):
         raise FailedPrecondition(
-            f"post_processor {reference!r} of source {source!r} is not callable",
+            f"post_processor {reference!r} of source {source!r} is not a function defined in module "
+            f"{module_name!r}",
             reason="POST_PROCESSOR_NOT_FOUND",
-            metadata={"source": source},
+            metadata={"source": source, "post_processor": reference},
         )
-    return target  # type: ignore[no-any-return]
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem | None, str]:
-    """The filesystem and path of a URI: pyarrow's own when it has one, else fsspec's."""
-    if "://" not in uri or uri.startswith("file://"):
-        return None, uri.removeprefix("file://")
-    with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError, ImportError):
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path
-    # pyarrow has no filesystem for this scheme: fsspec may.
-    protocol, _, path = uri.partition("://")
-    try:
-        fsspec = importlib.import_module("fsspec")
-        handler = pafs.FSSpecHandler(fsspec.filesystem(protocol))
-    except (ImportError, ValueError) as e:
-        raise FailedPrecondition(
-            f"cannot read {uri!r}: no filesystem for {protocol}:// ({e}); install featurepush[s3] or "
-            "featurepush[gcs]",
-            reason="BATCH_SOURCE_UNREADABLE",
-            metadata={"uri": uri},
-        ) from None
-    return pafs.PyFileSystem(handler), path
+    return target
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -136,7 +166,7 @@ def time_mask(column: pa.ChunkedArray | pa.Array, start: int | None, end: int | 
 
 @dataclass(frozen=True)
 class Scanned:
-    """One scanner batch after post-processing: its table, the row number of its first row, its bytes."""
+    """One file batch after post-processing: its table, the row number of its first row, its bytes."""
 
     table: pa.Table
     first_row: int
@@ -147,15 +177,37 @@ class BatchReadError(FailedPrecondition):
     """Reading or post-processing a batch source failed; the message names the source and batch."""
 
 
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A source's dataset with the name of its format, for messages."""
+
+    dataset: ds.Dataset
+    format_name: str
+    format_code: int
+
+
 class BatchSources:
     """Opens, checks and reads sources' batch histories; thread-safe, holds no open reader between calls.
 
-    `open_readers` counts scanners not yet released, so cancellation can be observed.
+    `open_readers` counts readers not yet released, so cancellation can be observed. One file batch
+    holds about a quarter of `read_ahead_bytes` of decoded data.
     """
 
-    def __init__(self, offline_root: Path, post_processor_modules: Collection[str] = ()):
+    def __init__(
+        self,
+        offline_root: Path,
+        post_processor_modules: Collection[str] = (),
+        locations: BatchLocations | None = None,
+        read_ahead_bytes: int = DEFAULT_READ_AHEAD_BYTES,
+    ):
         self._offline_root = offline_root
         self._allowed = set(post_processor_modules)
+        self._locations = locations or BatchLocations((), (), offline_root.parent)
+        self._batch_bytes = max(read_ahead_bytes // 4, 64 * 1024)
         self._lock = threading.Lock()
         self.open_readers = 0
 
@@ -165,8 +217,8 @@ class BatchSources:
 
     # --- opening -------------------------------------------------------------------------------
 
-    def dataset(self, spec: SourceSpec) -> ds.Dataset:
-        """The dataset of a source's batch config; raise FailedPrecondition if it cannot be opened."""
+    def _open(self, spec: SourceSpec, stop: StopCheck) -> _Opened:
+        """A source's dataset, its location checked and listed; raise FailedPrecondition."""
         bc = spec.proto.batch_config
         if bc.uri.startswith(OFFLINE_SCHEME):
             name = bc.uri[len(OFFLINE_SCHEME) :]
@@ -177,45 +229,60 @@ class BatchSources:
                     reason="BATCH_SOURCE_UNREADABLE",
                     metadata={"source": spec.name},
                 )
-            folder = self._offline_root / name
-            folder.mkdir(parents=True, exist_ok=True)
-            return ds.dataset(str(folder), format=_parquet(), schema=spec.arrow_schema)
+            own = self._locations.list_own(self._offline_root / name, spec.name, stop)
+            dataset = ds.FileSystemDataset.from_paths(
+                own.files, schema=spec.arrow_schema, format=_parquet(), filesystem=own.filesystem
+            )
+            return _Opened(dataset, "Parquet", source_pb2.FILE_FORMAT_PARQUET)
         found = _FORMATS.get(bc.file_format)
-        fmt = found() if callable(found) else found
-        if fmt is None:
+        if found is None:
             raise FailedPrecondition(
                 f"source {spec.name!r} has no batch file format",
                 reason="BATCH_SOURCE_UNREADABLE",
                 metadata={"source": spec.name},
             )
-        fs, path = _filesystem(bc.uri)
-        try:
-            return ds.dataset(
-                path, filesystem=fs, format=fmt, partitioning="hive" if bc.hive_partitioning else None
-            )
-        except (OSError, pa.ArrowInvalid, ValueError) as e:
+        format_name, make_format = found
+        listing = self._locations.listing(bc.uri, spec.name, stop)
+        if not listing.files:
             raise FailedPrecondition(
-                f"cannot open the batch source of {spec.name!r} at {bc.uri!r}: {e}",
+                f"the batch location of source {spec.name!r} holds no files",
                 reason="BATCH_SOURCE_UNREADABLE",
-                metadata={"source": spec.name, "uri": bc.uri},
+                metadata={"source": spec.name},
+            )
+        try:
+            dataset = ds.dataset(
+                listing.files,
+                filesystem=listing.filesystem,
+                format=make_format(),
+                partitioning="hive" if bc.hive_partitioning else None,
+                partition_base_dir=listing.base,
+            )
+        except READ_ERRORS as e:
+            _LOGGER.warning("opening the batch source of %s failed", spec.name, exc_info=True)
+            raise FailedPrecondition(
+                f"the batch source of {spec.name!r} cannot be opened: a file {_failure_kind(e, format_name)}",
+                reason="BATCH_SOURCE_UNREADABLE",
+                metadata={"source": spec.name},
             ) from None
+        return _Opened(dataset, format_name, bc.file_format)
 
-    def check(self, spec: SourceSpec) -> None:
+    def dataset(self, spec: SourceSpec, stop: StopCheck = _never) -> ds.Dataset:
+        """The dataset of a source's batch config; raise FailedPrecondition if it may not be opened."""
+        return self._open(spec, stop).dataset
+
+    def check(self, spec: SourceSpec, stop: StopCheck = _never) -> None:
         """Refuse a batch config that lacks a schema column or has one of a type that cannot be cast."""
         bc = spec.proto.batch_config
-        dataset = self.dataset(spec)
+        opened = self._open(spec, stop)
         post = load_post_processor(bc.post_processor, spec.name, self._allowed) if bc.post_processor else None
         if post is None:
-            sample = dataset.schema.empty_table()
+            sample = opened.dataset.schema.empty_table()
         else:
+            tables = self._tables(spec, opened, None, None, stop)
             try:
-                head = dataset.head(64)
-            except (OSError, pa.ArrowInvalid) as e:
-                raise FailedPrecondition(
-                    f"cannot read the batch source of {spec.name!r}: {e}",
-                    reason="BATCH_SOURCE_UNREADABLE",
-                    metadata={"source": spec.name},
-                ) from None
+                head = next(tables, opened.dataset.schema.empty_table()).slice(0, 64)
+            finally:
+                tables.close()
             sample = self._post_process(spec, post, head, 0, 0).slice(0, 0)
         sample = self._rename_time(spec, sample)
         names = set(sample.column_names)
@@ -249,41 +316,32 @@ class BatchSources:
         columns: Sequence[str] | None,
         stop: StopCheck,
     ) -> Generator[Scanned, None, None]:
-        """Post-processed scanner batches holding at least the rows in [start, end) microseconds.
+        """Post-processed file batches holding at least the rows in [start, end) microseconds.
 
         Rows outside the range are dropped here when the event time is already a timestamp; otherwise
         the caller drops them after the cast. `columns` limits the files' columns read (None: all).
         """
         bc = spec.proto.batch_config
-        dataset = self.dataset(spec)
+        opened = self._open(spec, stop)
+        schema = opened.dataset.schema
         post = load_post_processor(bc.post_processor, spec.name, self._allowed) if bc.post_processor else None
         file_time = bc.timestamp_field or spec.timestamp_field
-        names = set(dataset.schema.names)
         filt = None
-        if post is None and file_time in names and _is_time(dataset.schema.field(file_time).type):
-            filt = self._pushdown(file_time, dataset.schema.field(file_time).type, start, end)
+        if post is None and file_time in schema.names and _is_time(schema.field(file_time).type):
+            filt = self._pushdown(file_time, schema.field(file_time).type, start, end)
         read_columns = None
         if post is None and columns is not None:
             wanted = {file_time if c == spec.timestamp_field else c for c in columns} | {file_time}
-            read_columns = [n for n in dataset.schema.names if n in wanted]
-        scanner = dataset.scanner(
-            columns=read_columns,
-            filter=filt,
-            batch_size=SCAN_ROWS,
-            batch_readahead=1,
-            fragment_readahead=1,
-            use_threads=True,
-        )
-        reader = scanner.to_reader()
+            read_columns = [n for n in schema.names if n in wanted]
         with self._lock:
             self.open_readers += 1
+        tables = self._tables(spec, opened, read_columns, filt, stop)
         try:
             row = 0
-            for index, batch in enumerate(_batches(reader, spec.name)):
+            for index, table in enumerate(tables):
                 if stop():
                     raise Cancelled("the read was cancelled")
-                table = pa.Table.from_batches([batch])
-                nbytes = batch.nbytes
+                nbytes = table.nbytes
                 if post is not None:
                     table = self._post_process(spec, post, table, index, row)
                 table = self._rename_time(spec, table)
@@ -294,9 +352,129 @@ class BatchSources:
                 yield Scanned(table, row, nbytes)
                 row += table.num_rows
         finally:
-            reader.close()
+            tables.close()
             with self._lock:
                 self.open_readers -= 1
+
+    def _tables(
+        self,
+        spec: SourceSpec,
+        opened: _Opened,
+        columns: list[str] | None,
+        filt: ds.Expression | None,
+        stop: StopCheck,
+    ) -> Generator[pa.Table, None, None]:
+        """The dataset's rows as tables of the dataset schema, file by file; reader failures named safely."""
+        files = self._file_tables(opened, columns, filt, stop)
+        index = 0
+        row = 0
+        try:
+            while True:
+                try:
+                    table = next(files)
+                except StopIteration:
+                    return
+                except READ_ERRORS as e:
+                    _LOGGER.warning("reading the batch source of %s failed", spec.name, exc_info=True)
+                    raise BatchReadError(
+                        f"reading batch {index} (from row {row}) of the batch source of {spec.name!r} "
+                        f"failed: a file {_failure_kind(e, opened.format_name)}",
+                        reason="BATCH_SOURCE_UNREADABLE",
+                        metadata={"source": spec.name, "batch": str(index)},
+                    ) from None
+                yield table
+                index += 1
+                row += table.num_rows
+        finally:
+            files.close()
+
+    def _file_tables(
+        self, opened: _Opened, columns: list[str] | None, filt: ds.Expression | None, stop: StopCheck
+    ) -> Generator[pa.Table, None, None]:
+        """Each file's batches, given the dataset schema's columns and partition values, then filtered."""
+        schema = opened.dataset.schema
+        wanted = columns if columns is not None else schema.names
+        for fragment in opened.dataset.get_fragments(filter=filt):
+            if stop():
+                raise Cancelled("the read was cancelled")
+            keys = ds.get_partition_keys(fragment.partition_expression)
+            in_file = [n for n in wanted if n not in keys]
+            for batch in self._fragment_batches(opened.format_code, fragment, schema, in_file, filt):
+                columns_out = []
+                for name in wanted:
+                    dtype = schema.field(name).type
+                    if name in keys:
+                        columns_out.append(pa.array([keys[name]] * batch.num_rows, dtype))
+                    elif name in batch.schema.names:
+                        column = batch.column(name)
+                        columns_out.append(column if column.type == dtype else column.cast(dtype))
+                    else:
+                        columns_out.append(pa.nulls(batch.num_rows, dtype))
+                table = pa.Table.from_arrays(columns_out, schema=pa.schema([schema.field(n) for n in wanted]))
+                yield table if filt is None else table.filter(filt)
+
+    def _fragment_batches(
+        self,
+        format_code: int,
+        fragment: ds.Fragment,
+        schema: pa.Schema,
+        columns: list[str],
+        filt: ds.Expression | None,
+    ) -> Iterator[pa.RecordBatch]:
+        """One file's batches of about `_batch_bytes`, read by its format's streaming reader."""
+        fs = fragment.filesystem
+        if format_code == source_pb2.FILE_FORMAT_CSV:
+            with fs.open_input_stream(fragment.path) as stream:
+                reader = pacsv.open_csv(
+                    stream,
+                    convert_options=pacsv.ConvertOptions(
+                        column_types={n: schema.field(n).type for n in columns},
+                        include_columns=columns,
+                        include_missing_columns=True,
+                    ),
+                )
+                yield from reader
+            return
+        if format_code == source_pb2.FILE_FORMAT_ARROW_IPC:
+            with fs.open_input_file(fragment.path) as handle:
+                ipc = pa.ipc.open_file(handle)
+                for i in range(ipc.num_record_batches):
+                    batch = ipc.get_batch(i)
+                    present = [n for n in columns if n in batch.schema.names]
+                    batch = batch.select(present)
+                    step = self._rows_for(batch.nbytes, batch.num_rows)
+                    for offset in range(0, batch.num_rows, step):
+                        yield batch.slice(offset, step)
+            return
+        with fs.open_input_file(fragment.path) as handle:
+            # Buffered column reads: without them a whole column chunk is read into memory at once.
+            parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=1024 * 1024)
+            row_groups = list(range(parquet.metadata.num_row_groups))
+            if filt is not None:
+                row_groups = [rg.id for rg in fragment.subset(filter=filt, schema=schema).row_groups]
+            present = [n for n in columns if n in parquet.schema_arrow.names]
+            rows = 0
+            for group in row_groups:
+                if rows == 0:
+                    # A row's decoded width shows only once decoded (dictionaries hide it): a few rows
+                    # are decoded first and dropped, to size the batches of the whole file.
+                    probe = parquet.iter_batches(
+                        batch_size=FIRST_ROWS, row_groups=[group], columns=present, use_threads=False
+                    )
+                    first = next(probe, None)
+                    probe.close()
+                    rows = SCAN_ROWS if first is None else self._rows_for(first.nbytes, first.num_rows)
+                for batch in parquet.iter_batches(
+                    batch_size=rows, row_groups=[group], columns=present, use_threads=True
+                ):
+                    # Later row groups follow the width the rows really have.
+                    rows = self._rows_for(batch.nbytes, batch.num_rows)
+                    yield batch
+
+    def _rows_for(self, nbytes: int, num_rows: int) -> int:
+        """Rows per batch so that a batch of rows this wide holds about `_batch_bytes`."""
+        per_row = max(nbytes / max(num_rows, 1), 1.0)
+        return max(1, min(SCAN_ROWS, int(self._batch_bytes // per_row)))
 
     @staticmethod
     def _pushdown(
@@ -391,24 +569,6 @@ class BatchSources:
         return BatchRead(
             self, spec, start, end, fields, max_rows or DEFAULT_ROWS, max_bytes or DEFAULT_BYTES, stop
         )
-
-
-def _batches(reader: pa.RecordBatchReader, source: str) -> Iterator[pa.RecordBatch]:
-    """The reader's batches, with read failures raised as BatchReadError naming the source."""
-    index = 0
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            return
-        except (OSError, pa.ArrowInvalid) as e:
-            raise BatchReadError(
-                f"reading batch {index} of the batch source of {source!r} failed: {e}",
-                reason="BATCH_SOURCE_UNREADABLE",
-                metadata={"source": source, "batch": str(index)},
-            ) from None
-        index += 1
-        yield batch
 
 
 class BatchRead:

@@ -73,7 +73,11 @@ def incompatibilities(old: SourceSpec, new: SourceSpec) -> list[str]:
 class Registry:
     """Source definitions kept in the online store's database, cached in memory; thread-safe."""
 
-    def __init__(self, store: OnlineStore, check_batch_source: Callable[[SourceSpec], None] | None = None):
+    def __init__(
+        self,
+        store: OnlineStore,
+        check_batch_source: Callable[[SourceSpec, Callable[[], bool]], None] | None = None,
+    ):
         self._store = store
         self._cache: dict[str, Source] = {}
         self._lock = threading.Lock()
@@ -105,12 +109,18 @@ class Registry:
         self._cache[name] = source
         return source
 
-    def apply(self, definition: source_pb2.PushSource, *, validate_only: bool = False) -> ApplyOutcome:
-        """Create or update a source; an unchanged definition is a no-op."""
+    def apply(
+        self,
+        definition: source_pb2.PushSource,
+        *,
+        validate_only: bool = False,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> ApplyOutcome:
+        """Create or update a source; an unchanged definition is a no-op. `stop` ends a batch-source check."""
         wanted = _definition_only(definition)
         spec = compile_source(wanted)
         if self._check_batch_source is not None and wanted.HasField("batch_config"):
-            self._check_batch_source(spec)
+            self._check_batch_source(spec, stop)
         # The store's write lock makes the row check and the change one step: no push lands between them.
         with self._lock, self._store.exclusive():
             found = self._store.get_source(wanted.name)

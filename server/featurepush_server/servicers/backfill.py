@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ from ..core.encoding import varint
 from ..core.prefetch import prefetch
 from ..core.registry import Registry
 from ..status import streaming
+from .calls import stop_check
 
 
 def _micros(message: pb.ReadBatchSourceRequest | pb.BackfillRequest, name: str) -> int | None:
@@ -49,20 +49,21 @@ def _frames(read: BatchRead) -> Iterator[bytes]:
         batches.close()
 
 
-def _stop_flag(context: grpc.ServicerContext) -> threading.Event:
-    """An event set as soon as the call ends, so the core stops reading between batches."""
-    stopped = threading.Event()
-    context.add_callback(stopped.set)
-    return stopped
-
-
 class BackfillServicer(pb_grpc.BackfillServiceServicer):
     """Streams batch sources as Arrow IPC and loads them into the online store."""
 
-    def __init__(self, registry: Registry, sources: BatchSources, backfiller: Backfiller):
+    def __init__(
+        self,
+        registry: Registry,
+        sources: BatchSources,
+        backfiller: Backfiller,
+        read_ahead_bytes: int = 32 * 1024 * 1024,
+    ):
         self._registry = registry
         self._sources = sources
         self._backfiller = backfiller
+        # Serialized replies waiting for gRPC; the core's file batch holds about as much again.
+        self._frame_bytes = read_ahead_bytes // 2
 
     def ReadBatchSource(
         self, request: pb.ReadBatchSourceRequest, context: grpc.ServicerContext
@@ -75,7 +76,7 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
         self, request: pb.ReadBatchSourceRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         """ReadBatchSource's replies already serialized, so each Arrow batch is copied once, not thrice."""
-        stopped = _stop_flag(context)
+        stop = stop_check(context)
         read = self._sources.open_read(
             self._registry.get(request.source).spec,
             start=_micros(request, "start_time"),
@@ -83,11 +84,11 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
             columns=list(request.columns),
             max_rows=request.max_rows_per_batch,
             max_bytes=request.max_bytes_per_batch,
-            stop=stopped.is_set,
+            stop=stop,
         )
         yield _frame(_SCHEMA_TAG, read.schema.serialize())
         # Reading and encoding the next batch overlaps sending this one: parquet decoding frees the GIL.
-        frames = prefetch(lambda: _frames(read))
+        frames = prefetch(lambda: _frames(read), max_bytes=self._frame_bytes, size=len)
         try:
             yield from frames
         finally:
@@ -114,13 +115,13 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
     def Backfill(
         self, request: pb.BackfillRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.BackfillResponse]:
-        stopped = _stop_flag(context)
+        stop = stop_check(context)
         runs = self._backfiller.run(
             request.source,
             start=_micros(request, "start_time"),
             end=_micros(request, "end_time"),
             dry_run=request.dry_run,
-            stop=stopped.is_set,
+            stop=stop,
         )
         try:
             for p in runs:

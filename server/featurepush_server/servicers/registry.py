@@ -9,6 +9,7 @@ from featurepush.v1 import registry_service_pb2_grpc as pb_grpc
 
 from ..core.registry import Registry
 from ..status import unary
+from .calls import stop_check
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
@@ -21,7 +22,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     def ApplySource(
         self, request: pb.ApplySourceRequest, context: grpc.ServicerContext
     ) -> pb.ApplySourceResponse:
-        outcome = self._registry.apply(request.source, validate_only=request.validate_only)
+        outcome = self._registry.apply(
+            request.source, validate_only=request.validate_only, stop=stop_check(context)
+        )
         return pb.ApplySourceResponse(source=outcome.source, changed=outcome.changed, created=outcome.created)
 
     @unary
