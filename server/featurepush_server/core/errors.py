@@ -72,3 +72,21 @@ class Cancelled(CoreError):
     """The caller went away, so the work stopped."""
 
     reason = "CANCELLED"
+
+
+class Unavailable(CoreError):
+    """The server cannot do this now, though the request is fine; sending it again later may succeed."""
+
+    reason = "UNAVAILABLE"
+
+
+class ShuttingDown(Unavailable):
+    """The server is stopping; the call should be sent again, to this server once restarted or another."""
+
+    reason = "SHUTTING_DOWN"
+
+
+class StorageFull(CoreError):
+    """The disk holding the data is full; writes are refused until space is freed, reads go on."""
+
+    reason = "DISK_FULL"
