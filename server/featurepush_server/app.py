@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ from .core.expiry import ExpirySweeper
 from .core.ingest import Ingestor
 from .core.offline_log import OfflineLog
 from .core.online import OnlineReader
+from .core.periodic import Periodic
 from .core.registry import Registry
 from .core.store import OnlineStore
 from .servicers.backfill import BackfillServicer
@@ -47,6 +50,8 @@ SERVICE_NAMES = (
     online_service_pb2.DESCRIPTOR.services_by_name["OnlineService"].full_name,
     backfill_service_pb2.DESCRIPTOR.services_by_name["BackfillService"].full_name,
 )
+# The services that write; health reports them NOT_SERVING while the disk refuses writes.
+WRITING_SERVICES = (SERVICE_NAMES[1], SERVICE_NAMES[3])
 
 
 class MethodAwarePool:
@@ -79,7 +84,10 @@ class MethodAwarePool:
 
 @dataclass
 class Server:
-    """A built server: the gRPC server, its bound port and the core it serves; `stop()` closes it all."""
+    """A built server: the gRPC server, its bound port and the core it serves; `stop()` closes it all.
+
+    `stopping` is set as a stop begins; streams and backfills watch it to end at a batch boundary.
+    """
 
     grpc_server: grpc.Server
     port: int
@@ -92,21 +100,43 @@ class Server:
     _closers: list[Any] = field(default_factory=list)
     offline_log: OfflineLog | None = None
     batch_sources: BatchSources | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
         """Start serving."""
         self.grpc_server.start()
         for name in (*SERVICE_NAMES, ""):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.storage_changed(self.store.writable)
+
+    def storage_changed(self, writable: bool) -> None:
+        """Report the writing services NOT_SERVING while the disk refuses writes, SERVING once it does."""
+        if self.stopping.is_set():
+            return
+        serving = (
+            health_pb2.HealthCheckResponse.SERVING if writable else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in WRITING_SERVICES:
+            self.health.set(name, serving)
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Stop taking calls, let running ones finish for `grace` seconds, and close the store."""
+        """Stop taking calls, end streams at their next batch, let unary calls finish, flush, close the store.
+
+        Running calls get `grace` seconds (None: none at all); the store then waits for what still uses it
+        for the rest of that time at least a second, so a call never touches a closed database.
+        """
+        deadline = time.monotonic() + (grace or 0.0)
+        self.stopping.set()
         for name in (*SERVICE_NAMES, ""):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc_server.stop(grace).wait()
         for close in reversed(self._closers):
-            close()
-        self.store.close()
+            try:
+                close()
+            except Exception:
+                # What a closer leaves undone is still in the store (the offline queue), so it is only logged.
+                _LOGGER.exception("stopping a background worker failed")
+        self.store.close(max(deadline - time.monotonic(), 1.0))
 
     def wait(self) -> None:
         """Block until the server stops."""
@@ -149,14 +179,17 @@ def create_server(config: ServerConfig) -> Server:
             ("grpc.so_reuseport", 0),
         ]
         grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=options)
+        stopping = threading.Event()
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryServicer(registry), grpc_server
         )
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
-            IngestServicer(ingestor, read_ahead=config.stream_read_ahead), grpc_server
+            IngestServicer(ingestor, read_ahead=config.stream_read_ahead, stopping=stopping), grpc_server
         )
         grpc_server.add_generic_rpc_handlers((OnlineServicer(reader).handler(),))
-        backfill = BackfillServicer(registry, batch_sources, Backfiller(registry, store, batch_sources))
+        backfill = BackfillServicer(
+            registry, batch_sources, Backfiller(registry, store, batch_sources), stopping=stopping
+        )
         grpc_server.add_generic_rpc_handlers((backfill.handler(),))
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
@@ -179,7 +212,10 @@ def create_server(config: ServerConfig) -> Server:
     offline_log.start()
     sweeper = ExpirySweeper(store, config.expired_sweep_interval_s)
     sweeper.start()
-    return Server(
+    # After a disk error, writes resume by themselves once the disk takes them again.
+    recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
+    recovery.start()
+    server = Server(
         grpc_server,
         port,
         store,
@@ -188,14 +224,17 @@ def create_server(config: ServerConfig) -> Server:
         reader,
         config,
         health_servicer,
-        [offline_log.close, sweeper.close],
+        [offline_log.close, sweeper.close, recovery.stop],
         offline_log,
         batch_sources,
+        stopping,
     )
+    store.watch_writable(server.storage_changed)
+    return server
 
 
 def serve(config: ServerConfig) -> None:
-    """Run a server until SIGINT or SIGTERM, then stop it gracefully."""
+    """Run a server until SIGINT or SIGTERM, then stop it gracefully; a second signal exits at once."""
     server = create_server(config)
     server.start()
     # A push allocates a wrapper per JSON value, so full collections come every few pushes: objects alive
@@ -207,10 +246,21 @@ def serve(config: ServerConfig) -> None:
     done = threading.Event()
 
     def _stop(signum: int, frame: object) -> None:
-        done.set()
+        if not done.is_set():
+            done.set()
+            return
+        # RocksDB's write-ahead log holds every acknowledged write, so leaving now loses nothing.
+        _LOGGER.warning("second signal: exiting now")
+        server.store.sync_now()
+        os._exit(128 + signum)
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     done.wait()
-    _LOGGER.info("stopping")
-    server.stop(5.0)
+    _LOGGER.info("stopping within %.1fs (a second signal exits at once)", config.shutdown_grace_s)
+    # Stopped from another thread so that this one stays free to take a second signal.
+    stopper = threading.Thread(target=server.stop, args=(config.shutdown_grace_s,), name="featurepush-stop")
+    stopper.start()
+    while stopper.is_alive():
+        stopper.join(0.1)
+    _LOGGER.info("stopped")

@@ -55,6 +55,13 @@ class ServerConfig:
     # Seconds between sweeps that delete rows older than their source's online_ttl; 0 never sweeps.
     expired_sweep_interval_s: float = 3600.0
 
+    # Stopping and disk errors.
+    # Seconds a stop (SIGTERM) gives running calls and streams to end before the server exits anyway;
+    # streams and backfills end at their next batch and tell the client to retry.
+    shutdown_grace_s: float = 10.0
+    # Seconds between checks whether the disk takes writes again after a full disk or an I/O error.
+    storage_retry_interval_s: float = 1.0
+
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
             raise ConfigError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {self.fsync!r}")
@@ -74,6 +81,10 @@ class ServerConfig:
             raise ConfigError("idempotency_window_s must be positive")
         if self.offline_flush_interval_s <= 0:
             raise ConfigError("offline_flush_interval_s must be positive")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError("shutdown_grace_s must not be negative")
+        if self.storage_retry_interval_s <= 0:
+            raise ConfigError("storage_retry_interval_s must be positive")
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"listen must be host:port, such as localhost:50051, not {self.listen!r}")
