@@ -243,24 +243,26 @@ def serve(config: ServerConfig) -> None:
     _LOGGER.info(
         "featurepush listening on %s (port %d), data in %s", config.listen, server.port, config.data_dir
     )
-    done = threading.Event()
+    signals: list[int] = []
 
-    def _stop(signum: int, frame: object) -> None:
-        if not done.is_set():
-            done.set()
-            return
-        # RocksDB's write-ahead log holds every acknowledged write, so leaving now loses nothing.
-        _LOGGER.warning("second signal: exiting now")
-        server.store.sync_now()
-        os._exit(128 + signum)
+    def _on_signal(signum: int, frame: object) -> None:
+        # Only recorded: a handler runs between any two bytecodes of the main thread, so taking a lock
+        # here (an Event's, the logging module's) could wait forever on the main thread itself.
+        signals.append(signum)
 
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
-    done.wait()
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    while not signals:
+        time.sleep(0.1)
     _LOGGER.info("stopping within %.1fs (a second signal exits at once)", config.shutdown_grace_s)
-    # Stopped from another thread so that this one stays free to take a second signal.
+    # Stopped from another thread so that this one stays free to notice a second signal.
     stopper = threading.Thread(target=server.stop, args=(config.shutdown_grace_s,), name="featurepush-stop")
     stopper.start()
     while stopper.is_alive():
         stopper.join(0.1)
+        if len(signals) > 1:
+            # RocksDB's write-ahead log holds every acknowledged write, so leaving now loses nothing.
+            _LOGGER.warning("second signal: exiting now")
+            server.store.sync_now()
+            os._exit(128 + signals[-1])
     _LOGGER.info("stopped")
