@@ -45,7 +45,7 @@ _REQUEST_INDEX_BUILT = META + b"request_expiry_index"
 SPACE_PROBE = ".space-probe.tmp"
 _PROBE_BYTES = 256 * 1024
 # Idempotency records a purge deletes per hold of the write lock, and at most per purge.
-_PURGE_CHUNK = 256
+_PURGE_CHUNK = 128
 _PURGE_MAX = 8192
 
 
@@ -581,10 +581,13 @@ class OnlineStore:
         end = REQUEST_EXPIRY + max(cutoff, 0).to_bytes(8, "big")
         purged = walked = 0
         self._writes_since_purge = 0
+        start = REQUEST_EXPIRY
         with self._gate.use():
             while walked < _PURGE_MAX and not self._gate.wanted:
                 chunk: list[bytes] = []
-                for key in self._db.keys(from_key=REQUEST_EXPIRY):
+                # From after the last chunk: the entries before it are deleted, and skipping their
+                # tombstones again would make each chunk slower than the last.
+                for key in self._db.keys(from_key=start):
                     if key >= end or len(chunk) >= _PURGE_CHUNK:
                         break
                     chunk.append(key)
@@ -592,6 +595,7 @@ class OnlineStore:
                     break
                 walked += len(chunk)
                 purged += self._purge_chunk(chunk)
+                start = chunk[-1] + b"\x00"
         return purged
 
     def _purge_chunk(self, index_keys: list[bytes]) -> int:
