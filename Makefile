@@ -10,7 +10,7 @@ GENERATED := $(patsubst proto/featurepush/v1/%.proto,$(GEN_DIR)/%_pb2.py,$(PROTO
 LISTEN ?= localhost:50051
 DATA_DIR ?= ./data
 
-.PHONY: install generate check-generated lint typecheck test run bench fuzz clean
+.PHONY: install generate check-generated lint typecheck test run bench fuzz soak clean
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ bench: $(STAMP)
 FUZZ_SECONDS ?= 60
 fuzz: $(STAMP)
 	$(PY) tools/fuzz.py --seconds $(FUZZ_SECONDS)
+
+# Pushes through kill -9 restarts of a server, then checks every acknowledged record; `make test` runs 15 s of it.
+SOAK_SECONDS ?= 60
+soak: $(STAMP)
+	$(PY) tools/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from .core.ipc import IpcLimits
 from .core.locations import BatchLocations, ListLimits
 from .core.offline_log import OfflineLog
 from .core.online import OnlineReader
+from .core.periodic import Periodic
 from .core.registry import Registry
 from .core.store import OnlineStore
 from .edge import EdgeInterceptor
@@ -54,6 +56,8 @@ SERVICE_NAMES = (
     online_service_pb2.DESCRIPTOR.services_by_name["OnlineService"].full_name,
     backfill_service_pb2.DESCRIPTOR.services_by_name["BackfillService"].full_name,
 )
+# The services that write; health reports them NOT_SERVING while the disk refuses writes.
+WRITING_SERVICES = (SERVICE_NAMES[1], SERVICE_NAMES[3])
 
 
 class MethodAwarePool:
@@ -86,7 +90,10 @@ class MethodAwarePool:
 
 @dataclass
 class Server:
-    """A built server: the gRPC server, its bound port and the core it serves; `stop()` closes it all."""
+    """A built server: the gRPC server, its bound port and the core it serves; `stop()` closes it all.
+
+    `stopping` is set as a stop begins; streams and backfills watch it to end at a batch boundary.
+    """
 
     grpc_server: grpc.Server
     port: int
@@ -100,21 +107,43 @@ class Server:
     offline_log: OfflineLog | None = None
     batch_sources: BatchSources | None = None
     admission: Admission | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
         """Start serving."""
         self.grpc_server.start()
         for name in (*SERVICE_NAMES, ""):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.storage_changed(self.store.writable)
+
+    def storage_changed(self, writable: bool) -> None:
+        """Report the writing services NOT_SERVING while the disk refuses writes, SERVING once it does."""
+        if self.stopping.is_set():
+            return
+        serving = (
+            health_pb2.HealthCheckResponse.SERVING if writable else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in WRITING_SERVICES:
+            self.health.set(name, serving)
 
     def stop(self, grace: float | None = 5.0) -> None:
-        """Stop taking calls, let running ones finish for `grace` seconds, and close the store."""
+        """Stop taking calls, end streams at their next batch, let unary calls finish, flush, close the store.
+
+        Running calls get `grace` seconds (None: none at all); the store then waits for what still uses it
+        for the rest of that time at least a second, so a call never touches a closed database.
+        """
+        deadline = time.monotonic() + (grace or 0.0)
+        self.stopping.set()
         for name in (*SERVICE_NAMES, ""):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc_server.stop(grace).wait()
         for close in reversed(self._closers):
-            close()
-        self.store.close()
+            try:
+                close()
+            except Exception:
+                # What a closer leaves undone is still in the store (the offline queue), so it is only logged.
+                _LOGGER.exception("stopping a background worker failed")
+        self.store.close(max(deadline - time.monotonic(), 1.0))
 
     def wait(self) -> None:
         """Block until the server stops."""
@@ -199,12 +228,16 @@ def create_server(config: ServerConfig) -> Server:
         # refusals, so those never queue behind a flood.
         executor = futures.ThreadPoolExecutor(max_workers=config.workers + gates.threads_needed())
         grpc_server = grpc.server(executor, options=options, interceptors=interceptors)
+        stopping = threading.Event()
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryServicer(registry), grpc_server
         )
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
             IngestServicer(
-                ingestor, read_ahead=config.stream_read_ahead, idle_timeout_s=config.stream_idle_timeout_s
+                ingestor,
+                read_ahead=config.stream_read_ahead,
+                idle_timeout_s=config.stream_idle_timeout_s,
+                stopping=stopping,
             ),
             grpc_server,
         )
@@ -214,6 +247,7 @@ def create_server(config: ServerConfig) -> Server:
             batch_sources,
             Backfiller(registry, store, batch_sources),
             read_ahead_bytes=config.stream_read_ahead_bytes,
+            stopping=stopping,
         )
         grpc_server.add_generic_rpc_handlers((backfill.handler(),))
         health_servicer = health.HealthServicer()
@@ -242,7 +276,10 @@ def create_server(config: ServerConfig) -> Server:
     offline_log.start()
     sweeper = ExpirySweeper(store, config.expired_sweep_interval_s)
     sweeper.start()
-    return Server(
+    # After a disk error, writes resume by themselves once the disk takes them again.
+    recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
+    recovery.start()
+    server = Server(
         grpc_server,
         port,
         store,
@@ -251,15 +288,18 @@ def create_server(config: ServerConfig) -> Server:
         reader,
         config,
         health_servicer,
-        [offline_log.close, sweeper.close],
+        [offline_log.close, sweeper.close, recovery.stop],
         offline_log,
         batch_sources,
         gates,
+        stopping,
     )
+    store.watch_writable(server.storage_changed)
+    return server
 
 
 def serve(config: ServerConfig) -> None:
-    """Run a server until SIGINT or SIGTERM, then stop it gracefully."""
+    """Run a server until SIGINT or SIGTERM, then stop it gracefully; a second signal exits at once."""
     # Every file the server creates (RocksDB's, the offline log's) is readable by its user alone.
     os.umask(0o077)
     server = create_server(config)
@@ -270,13 +310,26 @@ def serve(config: ServerConfig) -> None:
     _LOGGER.info(
         "featurepush listening on %s (port %d), data in %s", config.listen, server.port, config.data_dir
     )
-    done = threading.Event()
+    signals: list[int] = []
 
-    def _stop(signum: int, frame: object) -> None:
-        done.set()
+    def _on_signal(signum: int, frame: object) -> None:
+        # Only recorded: a handler runs between any two bytecodes of the main thread, so taking a lock
+        # here (an Event's, the logging module's) could wait forever on the main thread itself.
+        signals.append(signum)
 
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
-    done.wait()
-    _LOGGER.info("stopping")
-    server.stop(5.0)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    while not signals:
+        time.sleep(0.1)
+    _LOGGER.info("stopping within %.1fs (a second signal exits at once)", config.shutdown_grace_s)
+    # Stopped from another thread so that this one stays free to notice a second signal.
+    stopper = threading.Thread(target=server.stop, args=(config.shutdown_grace_s,), name="featurepush-stop")
+    stopper.start()
+    while stopper.is_alive():
+        stopper.join(0.1)
+        if len(signals) > 1:
+            # RocksDB's write-ahead log holds every acknowledged write, so leaving now loses nothing.
+            _LOGGER.warning("second signal: exiting now")
+            server.store.sync_now()
+            os._exit(128 + signals[-1])
+    _LOGGER.info("stopped")

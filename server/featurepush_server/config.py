@@ -110,6 +110,13 @@ class ServerConfig:
     # gRPC, so a slow or stalled reader keeps the server's memory flat.
     stream_read_ahead_bytes: int = 32 * 1024 * 1024
 
+    # Stopping and disk errors.
+    # Seconds a stop (SIGTERM) gives running calls and streams to end before the server exits anyway;
+    # streams and backfills end at their next batch and tell the client to retry.
+    shutdown_grace_s: float = 10.0
+    # Seconds between checks whether the disk takes writes again after a full disk or an I/O error.
+    storage_retry_interval_s: float = 1.0
+
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
             raise ConfigError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {self.fsync!r}")
@@ -157,6 +164,10 @@ class ServerConfig:
                     f"batch_schemes holds {scheme!r}; name remote URI schemes such as s3 or gs "
                     "(local files are allowed through batch_roots)"
                 )
+        if self.shutdown_grace_s < 0:
+            raise ConfigError("shutdown_grace_s must not be negative")
+        if self.storage_retry_interval_s <= 0:
+            raise ConfigError("storage_retry_interval_s must be positive")
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"listen must be host:port, such as localhost:50051, not {self.listen!r}")

@@ -20,6 +20,8 @@ from .core.errors import (
     InvalidInput,
     LimitExceeded,
     NotFound,
+    StorageFull,
+    Unavailable,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ _CODES: dict[type[CoreError], int] = {
     LimitExceeded: code_pb2.RESOURCE_EXHAUSTED,
     Cancelled: code_pb2.CANCELLED,
     Aborted: code_pb2.ABORTED,
+    Unavailable: code_pb2.UNAVAILABLE,
+    StorageFull: code_pb2.RESOURCE_EXHAUSTED,
 }
 
 

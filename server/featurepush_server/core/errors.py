@@ -74,6 +74,24 @@ class Cancelled(CoreError):
     reason = "CANCELLED"
 
 
+class Unavailable(CoreError):
+    """The server cannot do this now, though the request is fine; sending it again later may succeed."""
+
+    reason = "UNAVAILABLE"
+
+
+class ShuttingDown(Unavailable):
+    """The server is stopping; the call should be sent again, to this server once restarted or another."""
+
+    reason = "SHUTTING_DOWN"
+
+
+class StorageFull(CoreError):
+    """The disk holding the data is full; writes are refused until space is freed, reads go on."""
+
+    reason = "DISK_FULL"
+
+
 def shown(name: str, width: int = 64) -> str:
     """A caller-supplied name as messages quote it: cut to `width` characters, so replies stay small."""
     return name if len(name) <= width else name[: width - 3] + "..."

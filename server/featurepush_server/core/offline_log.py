@@ -68,6 +68,13 @@ class OfflineLog:
         # Records stay queued in RocksDB until flushed, so a failed round is simply retried.
         self._flusher = Periodic("featurepush-offline-log", interval_s, self.flush)
         root.mkdir(parents=True, exist_ok=True)
+        self._remove_temporary_files()
+
+    def _remove_temporary_files(self) -> None:
+        """Delete the temporary files of rounds a crash interrupted; their records are still queued."""
+        for temp in self.root.glob("*/date=*/.*.tmp"):
+            _LOGGER.info("removing the unfinished offline-log file %s", temp)
+            temp.unlink(missing_ok=True)
 
     def source_dir(self, source: str) -> Path:
         """The folder holding one source's log files."""
@@ -144,10 +151,15 @@ class OfflineLog:
             folder.mkdir(parents=True, exist_ok=True)
             temp = folder / f".{target.name}.tmp"
             created.append(temp)
-            with open(temp, "wb") as fh:
-                pq.write_table(table, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                with open(temp, "wb") as fh:
+                    pq.write_table(table, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except BaseException:
+                # A full disk fails here; the records stay queued and the next round writes them again.
+                temp.unlink(missing_ok=True)
+                raise
             os.replace(temp, target)
             created.append(target)
             _fsync_dir(folder)

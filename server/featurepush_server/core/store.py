@@ -4,6 +4,8 @@ Key space, by first byte:
   s<name>                         a source: 4-byte source id, then the serialized PushSource
   r<source id><entity key>        a row: 8-byte event-time header, then the record's payload
   q<request id>                   an idempotency record: 8-byte time in ms, then the JSON counts
+  t<time><request id>             the same record's entry in the expiry index: 8-byte time in ms (the
+                                  record's), empty value; purges walk it oldest first
   o<sequence>                     an offline-log queue entry: 8-byte big-endian sequence number; the
                                   value is a 2-byte name length, the source name, then an Arrow IPC stream
   m<name>                         store metadata such as the next source id
@@ -11,29 +13,40 @@ Key space, by first byte:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import rocksdict
 
-from .errors import Aborted
+from .errors import Aborted, CoreError, StorageFull, Unavailable
+from .gate import UsageGate
 
 _LOGGER = logging.getLogger(__name__)
 
 SOURCE = b"s"
 ROW = b"r"
 REQUEST = b"q"
+REQUEST_EXPIRY = b"t"
 META = b"m"
 OFFLINE = b"o"
 _NEXT_ID = META + b"next_source_id"
 _NEXT_OFFLINE_SEQ = META + b"next_offline_seq"
+_REQUEST_INDEX_BUILT = META + b"request_expiry_index"
+# A file written next to the database to learn whether the disk has room again; removed at start too.
+SPACE_PROBE = ".space-probe.tmp"
+_PROBE_BYTES = 256 * 1024
+# Idempotency records a purge deletes per hold of the write lock, and at most per purge.
+_PURGE_CHUNK = 128
+_PURGE_MAX = 8192
 
 
 def row_prefix(source_id: int) -> bytes:
@@ -99,6 +112,41 @@ class WriteResult:
 _INDEX_ENTRY_OVERHEAD = 120
 
 
+def storage_error(error: Exception) -> CoreError | None:
+    """The core error of a failed disk write: a full disk, another I/O error, or None for anything else."""
+    text = str(error)
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in text:
+        return StorageFull(
+            "the server's disk is full, so writes are refused until space is freed; reads still work. "
+            "Send the records again later",
+            metadata={"error": text[:200]},
+        )
+    if isinstance(error, OSError) or text.startswith("IO error"):
+        return Unavailable(
+            "the server cannot write to its disk (I/O error); it retries by itself, send the records again "
+            "later",
+            reason="STORAGE_ERROR",
+            metadata={"error": text[:200]},
+        )
+    return None
+
+
+def _open_db(path: Path) -> Any:
+    options = rocksdict.Options(raw_mode=True)
+    options.create_if_missing(True)
+    options.set_max_background_jobs(2)
+    # Bloom filters let a write's read of an entity never seen before skip the data blocks; a
+    # block cache keeps hot rows' blocks in memory for reads.
+    table = rocksdict.BlockBasedOptions()
+    table.set_bloom_filter(10, False)
+    table.set_block_cache(rocksdict.Cache(256 * 1024 * 1024))
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    options.set_block_based_table_factory(table)
+    # Raw mode reads and writes bytes only; the stubs describe the pickling mode, so keep this untyped.
+    return rocksdict.Rdict(str(path), options)
+
+
 class OnlineStore:
     """Sources and the latest row per entity in one RocksDB database.
 
@@ -106,6 +154,10 @@ class OnlineStore:
     never lose the newer value; the WAL sync happens after the lock is released so that concurrent
     writers share fsyncs. With `fsync=True` (the default) a write returns only once it is on disk; with
     False it survives a crash of the process but not of the machine.
+
+    Every call holds a usage gate, so `close()` waits for calls in progress and later ones raise
+    ShuttingDown. A failed disk write (full disk, I/O error) makes writes fail fast with StorageFull or
+    Unavailable while reads go on; `recover()` reopens the database once the disk takes writes again.
     """
 
     def __init__(
@@ -117,24 +169,20 @@ class OnlineStore:
         latest_cache_entries: int = 1_000_000,
         latest_cache_bytes: int = 256 * 1024 * 1024,
     ):
-        Path(path).mkdir(parents=True, exist_ok=True)
-        options = rocksdict.Options(raw_mode=True)
-        options.create_if_missing(True)
-        options.set_max_background_jobs(2)
-        # Bloom filters let a write's read of an entity never seen before skip the data blocks; a
-        # block cache keeps hot rows' blocks in memory for reads.
-        table = rocksdict.BlockBasedOptions()
-        table.set_bloom_filter(10, False)
-        table.set_block_cache(rocksdict.Cache(256 * 1024 * 1024))
-        table.set_cache_index_and_filter_blocks(True)
-        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
-        options.set_block_based_table_factory(table)
-        # Raw mode reads and writes bytes only; the stubs describe the pickling mode, so keep this untyped.
-        self._db: Any = rocksdict.Rdict(str(path), options)
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        # A crash while probing for space leaves the probe behind.
+        (self.path / SPACE_PROBE).unlink(missing_ok=True)
+        self._db: Any = _open_db(self.path)
+        self._gate = UsageGate()
         self._fsync = fsync
         self._window_ms = int(idempotency_window_s * 1000)
         self._lock = threading.RLock()
         self._writes_since_purge = 0
+        self._purging = threading.Lock()
+        # Set by a failed disk write and cleared by recover(); while set, writes fail with it at once.
+        self._write_error: CoreError | None = None
+        self._watchers: list[Callable[[bool], None]] = []
         # Entity key -> event-time header of its stored row ("" when absent), for keys this process has
         # read or written; every row write goes through write_latest under the lock, so it stays exact.
         # At most `latest_cache_entries` (about 150 bytes each); past that it starts over.
@@ -148,23 +196,128 @@ class OnlineStore:
         self._generations: dict[int, int] = {}
         raw_seq = self._db.get(_NEXT_OFFLINE_SEQ)
         self._next_offline_seq = int.from_bytes(raw_seq, "big") if raw_seq else 1
-        self.path = Path(path)
+        if self._db.get(_REQUEST_INDEX_BUILT) is None:
+            self._index_request_records()
 
-    def close(self) -> None:
-        """Flush and close the database."""
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Turn new calls away, wait up to `timeout_s` for running ones, then sync and close the database.
+
+        Returns False when calls were still running: the database is then only synced, not closed, since
+        closing it under them could crash the process; the write-ahead log makes exiting safe anyway.
+        """
+        if self._gate.closed:
+            return True
+        drained = self._gate.close(timeout_s)
         with self._lock:
+            try:
+                self._db.flush_wal(True)
+            except Exception as e:  # noqa: BLE001 - a failed disk keeps what its WAL holds; say so and go on
+                _LOGGER.warning("syncing the write-ahead log at close failed: %s", e)
+            if not drained:
+                _LOGGER.warning("store calls still running after %.1fs; leaving the database open", timeout_s)
+                return False
+            try:
+                self._db.close()
+            except Exception as e:  # noqa: BLE001 - closing after a disk error reports that error again
+                _LOGGER.warning("closing the database reported: %s", e)
+        return True
+
+    def sync_now(self) -> None:
+        """Sync the write-ahead log if the database is open and idle enough; for a last step before exit."""
+        if self._gate.closed or not self._lock.acquire(timeout=0.5):
+            return
+        try:
             self._db.flush_wal(True)
-            self._db.close()
+        except Exception as e:  # noqa: BLE001 - best effort on the way out
+            _LOGGER.warning("syncing the write-ahead log failed: %s", e)
+        finally:
+            self._lock.release()
+
+    # --- disk errors ---------------------------------------------------------------------------
+
+    @property
+    def writable(self) -> bool:
+        """Whether writes are accepted: False after a disk error until recover() succeeds."""
+        return self._write_error is None
+
+    def watch_writable(self, callback: Callable[[bool], None]) -> None:
+        """Call `callback(writable)` whenever writes stop or start being accepted."""
+        self._watchers.append(callback)
+
+    def _failed(self, error: Exception) -> Exception:
+        """The exception for a failed database write; a disk error also stops writes until recovery."""
+        mapped = storage_error(error)
+        if mapped is None:
+            return error
+        if self._write_error is None:
+            _LOGGER.error("disk write failed, refusing writes until it works again: %s", error)
+            self._write_error = mapped
+            for watch in self._watchers:
+                watch(False)
+        return mapped
+
+    def _write(self, wb: rocksdict.WriteBatch) -> None:
+        """Apply a write batch; called under the lock."""
+        if self._write_error is not None:
+            raise self._write_error
+        try:
+            self._db.write(wb)
+        except Exception as e:
+            raise self._failed(e) from None
 
     def _sync(self) -> None:
         if self._fsync:
-            self._db.flush_wal(True)
+            try:
+                self._db.flush_wal(True)
+            except Exception as e:
+                raise self._failed(e) from None
+
+    def recover(self, timeout_s: float = 5.0) -> bool:
+        """After a disk error, reopen the database once the disk takes writes again; return whether writable.
+
+        RocksDB keeps refusing writes after a failed WAL write even once space is back; reopening it
+        replays the WAL and clears that state. The reopen waits for running calls, so it is tried only
+        when a probe file could be written and synced.
+        """
+        if self._write_error is None or self._gate.closed:
+            return self._write_error is None
+        probe = self.path / SPACE_PROBE
+        try:
+            with open(probe, "wb") as fh:
+                fh.write(b"\0" * _PROBE_BYTES)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            return False
+        finally:
+            probe.unlink(missing_ok=True)
+        with self._gate.exclusive(timeout_s) as alone, self._lock:
+            if not alone:
+                return False
+            try:
+                self._db.close()
+            except Exception as e:  # noqa: BLE001 - closing reports the write error it is recovering from
+                _LOGGER.info("closing the database after a disk error reported: %s", e)
+            try:
+                self._db = _open_db(self.path)
+            except Exception as e:  # noqa: BLE001 - retried by the next call; reads fail meanwhile
+                _LOGGER.warning("reopening the database failed: %s", e)
+                return False
+            # Writes that failed may have left entries in the cache of stored event times.
+            self._latest.clear()
+            self._latest_bytes = 0
+            self._write_error = None
+        _LOGGER.info("the disk takes writes again; writes resumed")
+        for watch in self._watchers:
+            watch(True)
+        return True
 
     # --- sources -------------------------------------------------------------------------------
 
     def get_source(self, name: str) -> tuple[int, bytes] | None:
         """The id and serialized definition of a source, or None."""
-        raw = self._db.get(SOURCE + name.encode())
+        with self._gate.use():
+            raw = self._db.get(SOURCE + name.encode())
         if raw is None:
             return None
         return int.from_bytes(raw[:4], "big"), raw[4:]
@@ -172,12 +325,14 @@ class OnlineStore:
     def list_sources(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, int, bytes]]:
         """Sources in name order, starting after `after`."""
         start = SOURCE + after.encode() + (b"\x00" if after else b"")
-        n = 0
-        for key, raw in self._db.items(from_key=start):
-            if not key.startswith(SOURCE) or (limit is not None and n >= limit):
-                return
-            n += 1
-            yield key[1:].decode(), int.from_bytes(raw[:4], "big"), raw[4:]
+        found: list[tuple[str, int, bytes]] = []
+        # Read whole under the gate: a caller may work between items, and a close must not wait on it.
+        with self._gate.use():
+            for key, raw in self._db.items(from_key=start):
+                if not key.startswith(SOURCE) or (limit is not None and len(found) >= limit):
+                    break
+                found.append((key[1:].decode(), int.from_bytes(raw[:4], "big"), raw[4:]))
+        return iter(found)
 
     def put_source(
         self, name: str, definition: bytes, source_id: int | None = None, *, invalidate: bool = True
@@ -186,22 +341,26 @@ class OnlineStore:
 
         `invalidate` starts a new generation, so rows validated against the old definition are refused.
         """
-        with self._lock:
-            wb = rocksdict.WriteBatch(raw_mode=True)
-            if source_id is None:
-                raw = self._db.get(_NEXT_ID)
-                source_id = int.from_bytes(raw, "big") if raw else 1
-                wb.put(_NEXT_ID, (source_id + 1).to_bytes(4, "big"))
-            wb.put(SOURCE + name.encode(), source_id.to_bytes(4, "big") + definition)
-            self._db.write(wb)
-            if invalidate:
-                self._generations[source_id] = self._generations.get(source_id, 0) + 1
-        self._sync()
+        with self._gate.use():
+            with self._lock:
+                wb = rocksdict.WriteBatch(raw_mode=True)
+                if source_id is None:
+                    raw = self._db.get(_NEXT_ID)
+                    source_id = int.from_bytes(raw, "big") if raw else 1
+                    wb.put(_NEXT_ID, (source_id + 1).to_bytes(4, "big"))
+                wb.put(SOURCE + name.encode(), source_id.to_bytes(4, "big") + definition)
+                self._write(wb)
+                if invalidate:
+                    self._generations[source_id] = self._generations.get(source_id, 0) + 1
+            self._sync()
         return source_id
 
-    def exclusive(self) -> AbstractContextManager[bool]:
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
         """Hold off every row write, so a check of stored rows and a definition change are one step."""
-        return self._lock
+        # The gate before the lock, in the order every call takes them.
+        with self._gate.use(), self._lock:
+            yield
 
     def generation(self, source_id: int) -> int:
         """How many times this process has written the source's definition; -1 once it is deleted."""
@@ -210,15 +369,17 @@ class OnlineStore:
     def delete_source(self, name: str, source_id: int) -> int:
         """Delete a source and its rows; return how many rows there were."""
         prefix = row_prefix(source_id)
-        with self._lock:
-            rows = sum(1 for _ in self._keys_with_prefix(prefix))
-            wb = rocksdict.WriteBatch(raw_mode=True)
-            wb.delete(SOURCE + name.encode())
-            wb.delete_range(prefix, _prefix_end(prefix))
-            self._db.write(wb)
-            self._latest.clear()
-            self._generations[source_id] = -1
-        self._sync()
+        with self._gate.use():
+            with self._lock:
+                rows = sum(1 for _ in self._keys_with_prefix(prefix))
+                wb = rocksdict.WriteBatch(raw_mode=True)
+                wb.delete(SOURCE + name.encode())
+                wb.delete_range(prefix, _prefix_end(prefix))
+                self._write(wb)
+                self._latest.clear()
+                self._latest_bytes = 0
+                self._generations[source_id] = -1
+            self._sync()
         return rows
 
     def _keys_with_prefix(self, prefix: bytes) -> Iterator[bytes]:
@@ -229,24 +390,29 @@ class OnlineStore:
 
     def has_rows(self, source_id: int) -> bool:
         """Whether a source holds any online row."""
-        return next(self._keys_with_prefix(row_prefix(source_id)), None) is not None
+        with self._gate.use():
+            return next(self._keys_with_prefix(row_prefix(source_id)), None) is not None
 
     def delete_expired(self, source_id: int, cutoff_micros: int, chunk: int = 10_000) -> int:
-        """Delete the source's rows whose event time is before `cutoff_micros`; return how many."""
+        """Delete the source's rows whose event time is before `cutoff_micros`; return how many.
+
+        Ends early, leaving the rest to the next sweep, when a close or reopen of the database waits.
+        """
         prefix = row_prefix(source_id)
         cutoff = (cutoff_micros + (1 << 63)).to_bytes(8, "big")
         deleted = 0
         candidates: list[bytes] = []
-        for key, value in self._db.items(from_key=prefix):
-            if not key.startswith(prefix):
-                break
-            if value[:8] < cutoff:
-                candidates.append(key)
-                if len(candidates) >= chunk:
-                    deleted += self._delete_if_older(candidates, cutoff)
-                    candidates = []
-        if candidates:
-            deleted += self._delete_if_older(candidates, cutoff)
+        with self._gate.use():
+            for key, value in self._db.items(from_key=prefix):
+                if not key.startswith(prefix) or self._gate.wanted:
+                    break
+                if value[:8] < cutoff:
+                    candidates.append(key)
+                    if len(candidates) >= chunk:
+                        deleted += self._delete_if_older(candidates, cutoff)
+                        candidates = []
+            if candidates:
+                deleted += self._delete_if_older(candidates, cutoff)
         return deleted
 
     def _delete_if_older(self, keys: list[bytes], cutoff: bytes) -> int:
@@ -261,7 +427,7 @@ class OnlineStore:
                 for key in stale:
                     wb.delete(key)
                     self._latest[key] = b""
-                self._db.write(wb)
+                self._write(wb)
         return len(stale)
 
     # --- rows ----------------------------------------------------------------------------------
@@ -270,13 +436,28 @@ class OnlineStore:
         """Stored values of the keys, None where absent."""
         if not keys:
             return []
-        values: list[bytes | None] = self._db.get(keys)
+        with self._gate.use():
+            values: list[bytes | None] = self._db.get(keys)
         return values
 
     def write_latest(
         self, batches: Sequence[RowBatch], *, request_id: str = "", dry_run: bool = False
     ) -> WriteResult:
         """Write each row unless a newer event of its entity is stored or later in the batch; atomically."""
+        with self._gate.use():
+            result = self._write_latest(batches, request_id, dry_run)
+        if self._writes_since_purge >= 1000 and self._purging.acquire(blocking=False):
+            # Outside the write lock, and by one writer at a time; the others go on writing meanwhile.
+            try:
+                self.purge_requests()
+            except CoreError as e:
+                # The write itself succeeded; expired records wait for the next purge.
+                _LOGGER.debug("purging idempotency records stopped: %s", e)
+            finally:
+                self._purging.release()
+        return result
+
+    def _write_latest(self, batches: Sequence[RowBatch], request_id: str, dry_run: bool) -> WriteResult:
         with self._lock:
             for batch in batches:
                 # Checked under the lock that orders definition writes and row writes.
@@ -287,6 +468,8 @@ class OnlineStore:
                         reason="SOURCE_CHANGED",
                         metadata={"source": batch.source},
                     )
+            if not dry_run and self._write_error is not None:
+                raise self._write_error
             seen = self._seen_request(request_id) if request_id else None
             if seen is None:
                 wb = rocksdict.WriteBatch(raw_mode=True)
@@ -297,15 +480,14 @@ class OnlineStore:
                     record = {s: [c.accepted, c.written, c.superseded] for s, c in counts.items()}
                     now_ms = int(time.time() * 1000).to_bytes(8, "big")
                     wb.put(REQUEST + request_id.encode(), now_ms + json.dumps(record).encode())
+                    wb.put(REQUEST_EXPIRY + now_ms + request_id.encode(), b"")
                     self._writes_since_purge += 1
                 try:
                     if not dry_run and not wb.is_empty():
-                        self._db.write(wb)
+                        self._write(wb)
                         self._latest.update(self._staged)
                 finally:
                     self._staged.clear()
-                if self._writes_since_purge >= 1000:
-                    self._purge_requests()
         if seen is not None:
             # The first request may still be syncing; the replay must not be acknowledged before it.
             self._sync()
@@ -367,27 +549,31 @@ class OnlineStore:
         """Queue entries from the oldest, up to about `max_bytes` (at least one) or through `last_seq`."""
         out: list[QueuedRecords] = []
         total = 0
-        for key, raw in self._db.items(from_key=OFFLINE):
-            # Raw mode yields bytes; the checks narrow rocksdict's wider annotation.
-            if not isinstance(key, bytes) or not isinstance(raw, bytes) or not key.startswith(OFFLINE):
-                break
-            seq = int.from_bytes(key[1:], "big")
-            if last_seq is not None and seq > last_seq:
-                break
-            if last_seq is None and out and total + len(raw) > max_bytes:
-                break
-            n = int.from_bytes(raw[:2], "big")
-            out.append(QueuedRecords(seq, raw[2 : 2 + n].decode(), raw[2 + n :]))
-            total += len(raw)
+        with self._gate.use():
+            for key, raw in self._db.items(from_key=OFFLINE):
+                # Raw mode yields bytes; the checks narrow rocksdict's wider annotation.
+                if not isinstance(key, bytes) or not isinstance(raw, bytes) or not key.startswith(OFFLINE):
+                    break
+                seq = int.from_bytes(key[1:], "big")
+                if last_seq is not None and seq > last_seq:
+                    break
+                if last_seq is None and out and total + len(raw) > max_bytes:
+                    break
+                n = int.from_bytes(raw[:2], "big")
+                out.append(QueuedRecords(seq, raw[2 : 2 + n].decode(), raw[2 + n :]))
+                total += len(raw)
         return out
 
     def delete_offline(self, first_seq: int, last_seq: int) -> None:
         """Drop the queue entries from `first_seq` through `last_seq`, durably."""
         wb = rocksdict.WriteBatch(raw_mode=True)
         wb.delete_range(offline_key(first_seq), offline_key(last_seq + 1))
-        with self._lock:
-            self._db.write(wb)
-        self._sync()
+        with self._gate.use():
+            with self._lock:
+                self._write(wb)
+            self._sync()
+
+    # --- idempotency records -------------------------------------------------------------------
 
     def _seen_request(self, request_id: str) -> dict[str, BatchCounts] | None:
         raw = self._db.get(REQUEST + request_id.encode())
@@ -397,15 +583,54 @@ class OnlineStore:
             return None
         return {s: BatchCounts(*c) for s, c in json.loads(raw[8:]).items()}
 
-    def _purge_requests(self) -> None:
-        """Drop idempotency records older than the window; called under the lock."""
+    def purge_requests(self) -> int:
+        """Drop idempotency records older than the window, oldest first; return how many.
+
+        The expiry index is read outside the write lock, and each small chunk is deleted under it, so
+        writers wait for one chunk at most, never for a scan of every request id.
+        """
         cutoff = int(time.time() * 1000) - self._window_ms
+        end = REQUEST_EXPIRY + max(cutoff, 0).to_bytes(8, "big")
+        purged = walked = 0
+        self._writes_since_purge = 0
+        start = REQUEST_EXPIRY
+        with self._gate.use():
+            while walked < _PURGE_MAX and not self._gate.wanted:
+                chunk: list[bytes] = []
+                # From after the last chunk: the entries before it are deleted, and skipping their
+                # tombstones again would make each chunk slower than the last.
+                for key in self._db.keys(from_key=start):
+                    if key >= end or len(chunk) >= _PURGE_CHUNK:
+                        break
+                    chunk.append(key)
+                if not chunk:
+                    break
+                walked += len(chunk)
+                purged += self._purge_chunk(chunk)
+                start = chunk[-1] + b"\x00"
+        return purged
+
+    def _purge_chunk(self, index_keys: list[bytes]) -> int:
+        """Delete expired index entries and the records they name, unless a record was written anew since."""
+        ids = [REQUEST + key[9:] for key in index_keys]
+        with self._lock:
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            deleted = 0
+            for index_key, id_key, raw in zip(index_keys, ids, self._db.get(ids), strict=True):
+                wb.delete(index_key)
+                # A request id sent again after its window holds a newer time and its own index entry.
+                if raw is not None and raw[:8] == index_key[1:9]:
+                    wb.delete(id_key)
+                    deleted += 1
+            self._write(wb)
+        return deleted
+
+    def _index_request_records(self) -> None:
+        """Index the idempotency records of a database written before the expiry index existed; once."""
         wb = rocksdict.WriteBatch(raw_mode=True)
         for key, raw in self._db.items(from_key=REQUEST):
             if not key.startswith(REQUEST):
                 break
-            if int.from_bytes(raw[:8], "big") < cutoff:
-                wb.delete(key)
-        if not wb.is_empty():
-            self._db.write(wb)
-        self._writes_since_purge = 0
+            wb.put(REQUEST_EXPIRY + raw[:8] + key[1:], b"")
+        wb.put(_REQUEST_INDEX_BUILT, b"1")
+        self._db.write(wb)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -12,9 +13,10 @@ from google.protobuf import timestamp_pb2
 from featurepush.v1 import backfill_service_pb2 as pb
 from featurepush.v1 import backfill_service_pb2_grpc as pb_grpc
 
-from ..core.backfill import Backfiller
+from ..core.backfill import Backfiller, BackfillProgress
 from ..core.batch import BatchRead, BatchSources
 from ..core.encoding import varint
+from ..core.errors import Cancelled, ShuttingDown
 from ..core.prefetch import prefetch
 from ..core.registry import Registry
 from ..status import streaming
@@ -49,8 +51,27 @@ def _frames(read: BatchRead) -> Iterator[bytes]:
         batches.close()
 
 
+def _progress(p: BackfillProgress) -> pb.BackfillResponse:
+    return pb.BackfillResponse(
+        rows_read=p.rows_read,
+        rows_written=p.rows_written,
+        rows_superseded=p.rows_superseded,
+        rows_rejected=p.rows_rejected,
+        bytes_read=p.bytes_read,
+        elapsed_seconds=p.elapsed_seconds,
+        rejections=[
+            pb.RowRejection(row=r.row, field=r.field, description=r.description) for r in p.rejections
+        ],
+        done=p.done,
+    )
+
+
 class BackfillServicer(pb_grpc.BackfillServiceServicer):
-    """Streams batch sources as Arrow IPC and loads them into the online store."""
+    """Streams batch sources as Arrow IPC and loads them into the online store.
+
+    Once `stopping` is set, reads and backfills end at their next batch with UNAVAILABLE; a backfill's
+    message and ErrorInfo give the rows it had written, which are durable.
+    """
 
     def __init__(
         self,
@@ -58,12 +79,21 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
         sources: BatchSources,
         backfiller: Backfiller,
         read_ahead_bytes: int = 32 * 1024 * 1024,
+        *,
+        stopping: threading.Event | None = None,
     ):
         self._registry = registry
         self._sources = sources
         self._backfiller = backfiller
         # Serialized replies waiting for gRPC; the core's file batch holds about as much again.
         self._frame_bytes = read_ahead_bytes // 2
+        self._stopping = stopping or threading.Event()
+
+    def _stop_check(self, context: grpc.ServicerContext) -> Callable[[], bool]:
+        """Whether the call ended or the server is stopping; checked by the core between batches."""
+        ended = stop_check(context)
+        stopping = self._stopping
+        return lambda: stopping.is_set() or ended()
 
     def ReadBatchSource(
         self, request: pb.ReadBatchSourceRequest, context: grpc.ServicerContext
@@ -76,7 +106,7 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
         self, request: pb.ReadBatchSourceRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
         """ReadBatchSource's replies already serialized, so each Arrow batch is copied once, not thrice."""
-        stop = stop_check(context)
+        stop = self._stop_check(context)
         read = self._sources.open_read(
             self._registry.get(request.source).spec,
             start=_micros(request, "start_time"),
@@ -91,6 +121,12 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
         frames = prefetch(lambda: _frames(read), max_bytes=self._frame_bytes, size=len)
         try:
             yield from frames
+        except Cancelled:
+            if self._stopping.is_set():
+                raise ShuttingDown(
+                    "the server is shutting down; read the rest again once it is back"
+                ) from None
+            raise
         finally:
             frames.close()
 
@@ -115,28 +151,26 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
     def Backfill(
         self, request: pb.BackfillRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.BackfillResponse]:
-        stop = stop_check(context)
         runs = self._backfiller.run(
             request.source,
             start=_micros(request, "start_time"),
             end=_micros(request, "end_time"),
             dry_run=request.dry_run,
-            stop=stop,
+            stop=self._stop_check(context),
         )
+        progress = BackfillProgress()
         try:
-            for p in runs:
-                yield pb.BackfillResponse(
-                    rows_read=p.rows_read,
-                    rows_written=p.rows_written,
-                    rows_superseded=p.rows_superseded,
-                    rows_rejected=p.rows_rejected,
-                    bytes_read=p.bytes_read,
-                    elapsed_seconds=p.elapsed_seconds,
-                    rejections=[
-                        pb.RowRejection(row=r.row, field=r.field, description=r.description)
-                        for r in p.rejections
-                    ],
-                    done=p.done,
-                )
+            for progress in runs:
+                yield _progress(progress)
+        except (Cancelled, ShuttingDown):
+            if not self._stopping.is_set():
+                raise
+            # The core's progress object counts every write that succeeded, the last chunk's included.
+            raise ShuttingDown(
+                f"the server is shutting down; the backfill stopped after reading {progress.rows_read} rows "
+                f"and writing {progress.rows_written}, which are stored. Run it again once the server is "
+                "back: rows already loaded are skipped",
+                metadata={"rows_read": str(progress.rows_read), "rows_written": str(progress.rows_written)},
+            ) from None
         finally:
             runs.close()

@@ -13,9 +13,9 @@ import grpc
 from featurepush.v1 import ingest_service_pb2 as pb
 from featurepush.v1 import ingest_service_pb2_grpc as pb_grpc
 
-from ..core.errors import CoreError
+from ..core.errors import CoreError, ShuttingDown
 from ..core.ingest import Ingestor, PushOutcome, SourcePayload
-from ..status import internal_status, status_of, unary
+from ..status import abort, internal_status, status_of, unary
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -73,17 +73,33 @@ def _read_ahead(
             continue
 
 
+def _stream_stopped() -> ShuttingDown:
+    return ShuttingDown(
+        "the server is shutting down; batches of this stream not yet acknowledged were not written, "
+        "send them again (with their request ids) once it is back"
+    )
+
+
 class IngestServicer(pb_grpc.IngestServiceServicer):
     """Takes pushes, validates them and writes them to the online store.
 
     A PushStream reads at most `read_ahead` batches beyond the one being written, so one stream holds
-    bounded memory however fast its client sends.
+    bounded memory however fast its client sends. Once `stopping` is set, a stream ends before its next
+    batch with UNAVAILABLE, so a server that stops never leaves a batch half handled.
     """
 
-    def __init__(self, ingestor: Ingestor, *, read_ahead: int = 4, idle_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        *,
+        read_ahead: int = 4,
+        idle_timeout_s: float = 60.0,
+        stopping: threading.Event | None = None,
+    ):
         self._ingestor = ingestor
         self._read_ahead = read_ahead
         self._idle_timeout_s = idle_timeout_s
+        self._stopping = stopping or threading.Event()
 
     @unary
     def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
@@ -113,6 +129,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             except queue.Empty:
                 if not context.is_active():
                     return
+                if self._stopping.is_set():
+                    abort(context, status_of(_stream_stopped()))
                 if time.monotonic() - last > self._idle_timeout_s:
                     # An idle stream holds a thread and a slot of the bounded stream pool: give them back.
                     context.abort(
@@ -122,6 +140,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                     )
                 continue
             last = time.monotonic()
+            if self._stopping.is_set():
+                abort(context, status_of(_stream_stopped()))
             if isinstance(item, _End):
                 if item.error is not None:
                     _LOGGER.error("reading a push stream failed", exc_info=item.error)

@@ -1,0 +1,24 @@
+"""A short run of the soak: kill -9 at random moments loses and duplicates nothing acknowledged."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SOAK = Path(__file__).resolve().parent.parent / "tools" / "soak.py"
+
+
+def test_a_short_soak_finds_no_problem(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(SOAK), "--seconds", "15", "--work-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    counts = re.search(r"(\d+) kills, (\d+) pushes acknowledged, (\d+) records checked", done.stdout)
+    assert counts is not None, done.stdout
+    kills, pushes, checked = (int(g) for g in counts.groups())
+    assert kills >= 1 and pushes >= 1 and checked >= pushes, done.stdout
