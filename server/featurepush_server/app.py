@@ -42,6 +42,7 @@ from .core.periodic import Periodic
 from .core.registry import Registry
 from .core.store import OnlineStore
 from .edge import EdgeInterceptor
+from .metrics import Metrics
 from .servicers.backfill import BackfillServicer
 from .servicers.ingest import IngestServicer
 from .servicers.online import OnlineServicer
@@ -108,6 +109,10 @@ class Server:
     batch_sources: BatchSources | None = None
     admission: Admission | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
+    metrics: Metrics | None = None
+    # The /metrics HTTP server and its port, when metrics_listen is set.
+    metrics_http: Any = None
+    metrics_port: int = 0
 
     def start(self) -> None:
         """Start serving."""
@@ -144,6 +149,9 @@ class Server:
                 # What a closer leaves undone is still in the store (the offline queue), so it is only logged.
                 _LOGGER.exception("stopping a background worker failed")
         self.store.close(max(deadline - time.monotonic(), 1.0))
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
 
     def wait(self) -> None:
         """Block until the server stops."""
@@ -220,9 +228,10 @@ def create_server(config: ServerConfig) -> Server:
         )
         # Files are read before any thread starts, so a bad certificate or keys file fails in one line.
         credentials = server_credentials(config)
+        metrics = Metrics()
         # Authentication runs first, so a caller without a key never takes an admission slot.
         interceptors: list[grpc.ServerInterceptor[Any, Any]] = [
-            i for i in (auth_interceptor(config), EdgeInterceptor(gates)) if i is not None
+            i for i in (auth_interceptor(config), EdgeInterceptor(gates, metrics)) if i is not None
         ]
         # Every admitted or waiting call may hold a thread; `workers` more serve health, reflection and
         # refusals, so those never queue behind a flood.
@@ -238,6 +247,7 @@ def create_server(config: ServerConfig) -> Server:
                 read_ahead=config.stream_read_ahead,
                 idle_timeout_s=config.stream_idle_timeout_s,
                 stopping=stopping,
+                metrics=metrics,
             ),
             grpc_server,
         )
@@ -248,6 +258,7 @@ def create_server(config: ServerConfig) -> Server:
             Backfiller(registry, store, batch_sources),
             read_ahead_bytes=config.stream_read_ahead_bytes,
             stopping=stopping,
+            metrics=metrics,
         )
         grpc_server.add_generic_rpc_handlers((backfill.handler(),))
         health_servicer = health.HealthServicer()
@@ -279,6 +290,7 @@ def create_server(config: ServerConfig) -> Server:
     # After a disk error, writes resume by themselves once the disk takes them again.
     recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
     recovery.start()
+    metrics.watch(gates, store, offline_log, sweeper)
     server = Server(
         grpc_server,
         port,
@@ -293,8 +305,15 @@ def create_server(config: ServerConfig) -> Server:
         batch_sources,
         gates,
         stopping,
+        metrics,
     )
     store.watch_writable(server.storage_changed)
+    if config.metrics_listen:
+        try:
+            server.metrics_http, server.metrics_port = metrics.serve(config.metrics_listen)
+        except OSError as e:
+            server.stop(None)
+            raise OSError(f"cannot serve metrics on {config.metrics_listen}: {e.strerror or e}") from None
     return server
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import logging
 import os
 import re
 import sys
@@ -66,6 +65,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "keys_file": args.keys_file,
         "allow_unauthenticated": args.allow_unauthenticated,
         "reflection": False if args.no_reflection else None,
+        "metrics_listen": args.metrics_listen,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
     }
     # Where batch sources may read, and how far ahead streams decode.
     overrides["batch_roots"] = tuple(args.batch_roots) if args.batch_roots else None
@@ -76,8 +78,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         raise CommandError(str(e)) from None
     from .core.errors import CoreError, InvalidInput
+    from .logs import configure
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(config.log_level, config.log_format)
     try:
         serve(config)
     except (DefinitionError, ConfigError) as e:
@@ -383,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve without keys on an address other than loopback",
     )
     serve.add_argument("--no-reflection", action="store_true", help="do not serve gRPC reflection")
+    serve.add_argument("--metrics-listen", help="host:port of a Prometheus /metrics endpoint (default: none)")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    serve.add_argument("--log-format", choices=["text", "json"], help="text lines (default) or JSON lines")
     serve.add_argument(
         "--batch-root",
         type=Path,

@@ -14,6 +14,8 @@ from typing import Any
 
 ENV_PREFIX = "FEATUREPUSH_"
 FSYNC_POLICIES = ("always", "never")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(ValueError):
@@ -94,6 +96,12 @@ class ServerConfig:
     # gRPC reflection (service and message descriptions), open to callers without a key.
     reflection: bool = True
 
+    # Operability. host:port of the Prometheus /metrics endpoint; empty (the default) serves none.
+    metrics_listen: str = ""
+    # Log level (DEBUG, INFO, WARNING, ERROR) and format: "text" lines or "json", one object a line.
+    log_level: str = "INFO"
+    log_format: str = "text"
+
     # --- Batch source locations and streaming memory ---
     # Local folders whose files batch sources may read (symbolic links are resolved first, so nothing
     # outside them is reachable); none by default, which leaves only offline://<source>. The data_dir is
@@ -173,6 +181,16 @@ class ServerConfig:
             raise ConfigError(f"listen must be host:port, such as localhost:50051, not {self.listen!r}")
         if self.max_arrow_nesting > 256:
             raise ConfigError(f"max_arrow_nesting must be at most 256, not {self.max_arrow_nesting}")
+        if self.metrics_listen:
+            m_host, m_sep, m_port = self.metrics_listen.rpartition(":")
+            if not m_sep or not m_port.isdigit():
+                raise ConfigError(
+                    f"metrics_listen must be host:port, such as localhost:9464, not {self.metrics_listen!r}"
+                )
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         self._check_security(host)
 
     def _check_security(self, host: str) -> None:

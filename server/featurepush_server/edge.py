@@ -1,4 +1,4 @@
-"""The interceptor every featurepush call passes: admission by method class, and requests decoded here.
+"""The interceptor every featurepush call passes: admission by class, requests decoded here, calls recorded.
 
 grpcio answers INTERNAL ("Exception deserializing request!") when a request's bytes do not decode, which
 blames the server for the caller's mistake. Every handler is therefore given the raw bytes, which this
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,6 +27,8 @@ from featurepush.v1 import (
 
 from . import admission
 from .admission import Admission, Gate, Overloaded
+from .core.errors import name_list, shown
+from .metrics import Metrics
 from .status import DOMAIN, abort, pack
 
 _LOGGER = logging.getLogger(__name__)
@@ -129,8 +132,9 @@ def _decode(
 class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Gates featurepush calls by class and decodes their requests; other services pass through."""
 
-    def __init__(self, gates: Admission):
+    def __init__(self, gates: Admission, metrics: Metrics | None = None):
         self._admission = gates
+        self._metrics = metrics
 
     def intercept_service(
         self,
@@ -148,42 +152,146 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         serialize = handler.response_serializer
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                _stream_stream(handler.stream_stream, gate, parse, method), response_serializer=serialize
+                _stream_stream(handler.stream_stream, gate, parse, method, self._metrics),
+                response_serializer=serialize,
             )
         if handler.request_streaming:
             return grpc.stream_unary_rpc_method_handler(
-                _stream_unary(handler.stream_unary, gate, parse, method), response_serializer=serialize
+                _stream_unary(handler.stream_unary, gate, parse, method, self._metrics),
+                response_serializer=serialize,
             )
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
-                _unary_stream(handler.unary_stream, gate, parse, method), response_serializer=serialize
+                _unary_stream(handler.unary_stream, gate, parse, method, self._metrics),
+                response_serializer=serialize,
             )
         return grpc.unary_unary_rpc_method_handler(
-            _unary_unary(handler.unary_unary, gate, parse, method), response_serializer=serialize
+            _unary_unary(handler.unary_unary, gate, parse, method, self._metrics),
+            response_serializer=serialize,
         )
 
 
 Behavior = Callable[..., Any]
 
 
-def _unary_unary(behavior: Behavior, gate: Gate | None, parse: Any, method: str) -> Behavior:
+def _labels(message: Any) -> tuple[str, str]:
+    """The source names and request id a request carries, for the log line of a failed call."""
+    if message is None or not hasattr(message, "DESCRIPTOR"):
+        return "", ""
+    fields = message.DESCRIPTOR.fields_by_name
+    if "request" in fields:
+        message, fields = message.request, message.request.DESCRIPTOR.fields_by_name
+    source = ""
+    if "records" in fields:
+        source = name_list(sorted(message.records), 3)
+    elif "source" in fields:
+        value = message.source
+        source = shown(value if isinstance(value, str) else value.name)
+    elif "name" in fields:
+        source = shown(message.name)
+    return source, shown(getattr(message, "request_id", ""), 128)
+
+
+class _Call:
+    """What the edge records of one call: its latency, status code and request bytes; and a failure's line."""
+
+    def __init__(self, method: str, nbytes: int, metrics: Metrics | None):
+        self.method = method
+        self.started = time.perf_counter()
+        self.metrics = metrics
+        self.request: Any = None
+        if metrics is not None:
+            metrics.bytes_in.labels(method).inc(nbytes)
+
+    def add_bytes(self, nbytes: int) -> None:
+        if self.metrics is not None:
+            self.metrics.bytes_in.labels(self.method).inc(nbytes)
+
+    def finish(self, servicer_context: grpc.ServicerContext, error: BaseException | None) -> None:
+        """Count the call by its final code; a failure gets one log line without any record value."""
+        # grpcio's contexts have code() (the code abort set); the stubs predate it.
+        context: Any = servicer_context
+        if error is None:
+            code = context.code() or grpc.StatusCode.OK
+        elif isinstance(error, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+        else:
+            # abort() sets the code before raising; anything else reaches the caller as UNKNOWN.
+            code = context.code() or grpc.StatusCode.UNKNOWN
+        if not isinstance(code, grpc.StatusCode):
+            code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+        if self.metrics is not None:
+            self.metrics.calls.labels(self.method, code.name).inc()
+            self.metrics.latency.labels(self.method).observe(time.perf_counter() - self.started)
+        if code != grpc.StatusCode.OK:
+            source, request_id = _labels(self.request)
+            level = logging.WARNING if code in _SERVER_SIDE else logging.INFO
+            _LOGGER.log(
+                level,
+                "call failed: method=%s code=%s source=%r request_id=%r",
+                self.method,
+                code.name,
+                source,
+                request_id,
+            )
+
+
+# Codes that mean the server could not do its part, as opposed to a request it refused.
+_SERVER_SIDE = frozenset(
+    {
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def _short(method: str) -> str:
+    """`/featurepush.v1.IngestService/Push` as `IngestService/Push`, the label of metrics and logs."""
+    return method.rsplit(".", 1)[-1]
+
+
+def _unary_unary(
+    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None
+) -> Behavior:
     def handle(raw: bytes, context: grpc.ServicerContext) -> Any:
-        slot = _admit(gate, len(raw), context)
+        call = _Call(_short(method), len(raw), metrics)
+        error: BaseException | None = None
         try:
-            return behavior(_decode(parse, raw, method, context), context)
+            slot = _admit(gate, len(raw), context)
+            try:
+                call.request = _decode(parse, raw, method, context)
+                return behavior(call.request, context)
+            finally:
+                slot.release()
+        except BaseException as e:
+            error = e
+            raise
         finally:
-            slot.release()
+            call.finish(context, error)
 
     return handle
 
 
-def _unary_stream(behavior: Behavior, gate: Gate | None, parse: Any, method: str) -> Behavior:
+def _unary_stream(
+    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None
+) -> Behavior:
     def handle(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
-        slot = _admit(gate, len(raw), context)
+        call = _Call(_short(method), len(raw), metrics)
+        error: BaseException | None = None
         try:
-            yield from behavior(_decode(parse, raw, method, context), context)
+            slot = _admit(gate, len(raw), context)
+            try:
+                call.request = _decode(parse, raw, method, context)
+                yield from behavior(call.request, context)
+            finally:
+                slot.release()
+        except BaseException as e:
+            error = e
+            raise
         finally:
-            slot.release()
+            call.finish(context, error)
 
     return handle
 
@@ -191,13 +299,15 @@ def _unary_stream(behavior: Behavior, gate: Gate | None, parse: Any, method: str
 class _Requests:
     """A stream of raw request messages decoded one by one; a message that does not decode ends it."""
 
-    def __init__(self, raw: Iterator[bytes], parse: Any):
+    def __init__(self, raw: Iterator[bytes], parse: Any, call: _Call):
         self._raw = raw
         self._parse = parse
+        self._call = call
         self.undecodable = False
 
     def __iter__(self) -> Iterator[Any]:
         for item in self._raw:
+            self._call.add_bytes(len(item))
             if self._parse is None:
                 yield item
                 continue
@@ -206,33 +316,54 @@ class _Requests:
             except Exception:  # noqa: BLE001 - the caller's bytes; reported when the stream ends
                 self.undecodable = True
                 return
+            self._call.request = message
             yield message
 
 
-def _stream_stream(behavior: Behavior, gate: Gate | None, parse: Any, method: str) -> Behavior:
+def _stream_stream(
+    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None
+) -> Behavior:
     def handle(raw: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
-        slot = _admit(gate, 0, context)
-        requests = _Requests(raw, parse)
+        call = _Call(_short(method), 0, metrics)
+        error: BaseException | None = None
         try:
-            yield from behavior(iter(requests), context)
+            slot = _admit(gate, 0, context)
+            requests = _Requests(raw, parse, call)
+            try:
+                yield from behavior(iter(requests), context)
+            finally:
+                slot.release()
+            if requests.undecodable:
+                abort(context, undecodable_status(method))
+        except BaseException as e:
+            error = e
+            raise
         finally:
-            slot.release()
-        if requests.undecodable:
-            abort(context, undecodable_status(method))
+            call.finish(context, error)
 
     return handle
 
 
-def _stream_unary(behavior: Behavior, gate: Gate | None, parse: Any, method: str) -> Behavior:
+def _stream_unary(
+    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None
+) -> Behavior:
     def handle(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-        slot = _admit(gate, 0, context)
-        requests = _Requests(raw, parse)
+        call = _Call(_short(method), 0, metrics)
+        error: BaseException | None = None
         try:
-            response = behavior(iter(requests), context)
+            slot = _admit(gate, 0, context)
+            requests = _Requests(raw, parse, call)
+            try:
+                response = behavior(iter(requests), context)
+            finally:
+                slot.release()
+            if requests.undecodable:
+                abort(context, undecodable_status(method))
+            return response
+        except BaseException as e:
+            error = e
+            raise
         finally:
-            slot.release()
-        if requests.undecodable:
-            abort(context, undecodable_status(method))
-        return response
+            call.finish(context, error)
 
     return handle

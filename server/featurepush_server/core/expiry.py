@@ -22,6 +22,8 @@ class ExpirySweeper:
 
     def __init__(self, store: OnlineStore, interval_s: float):
         self._store = store
+        # Rows deleted by this process's sweeps, for the operator.
+        self.deleted = 0
         # Expired rows stay readable as EXPIRED, so a failed sweep only waits for the next one.
         self._sweeper = Periodic("featurepush-expiry", interval_s, self.sweep)
 
@@ -46,5 +48,6 @@ class ExpirySweeper:
                 n = self._store.delete_expired(source_id, now - ttl_micros)
                 if n:
                     _LOGGER.info("deleted %d expired rows of %s", n, name)
+                    self.deleted += n
                 deleted += n
         return deleted

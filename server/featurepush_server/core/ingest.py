@@ -200,6 +200,10 @@ class Ingestor:
         result = self._store.write_latest(batches, request_id=request_id, dry_run=dry_run)
         return PushOutcome(result.counts, dry_run, result.replayed)
 
+    def knows(self, name: str) -> bool:
+        """Whether `name` is an applied source: only those may label metrics, callers choose the rest."""
+        return self._source_or_none(name) is not None
+
     def _source_or_none(self, name: str) -> Source | None:
         try:
             return self._registry.get(name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -65,8 +66,12 @@ class OfflineLog:
         self._lock = threading.Lock()
         # Queue entries moved to the quarantine folder by this process.
         self.quarantined = 0
+        # Background flushes that failed (they are retried), and when the queue was last seen empty:
+        # the oldest queued record is at most that old, which is what the operator watches as lag.
+        self.flush_errors = 0
+        self._empty_at = time.monotonic()
         # Records stay queued in RocksDB until flushed, so a failed round is simply retried.
-        self._flusher = Periodic("featurepush-offline-log", interval_s, self.flush)
+        self._flusher = Periodic("featurepush-offline-log", interval_s, self._flush_in_background)
         root.mkdir(parents=True, exist_ok=True)
         self._remove_temporary_files()
 
@@ -89,6 +94,19 @@ class OfflineLog:
         self._flusher.stop()
         self.flush()
 
+    def _flush_in_background(self) -> int:
+        try:
+            return self.flush()
+        except Exception:
+            self.flush_errors += 1
+            raise
+
+    def lag_seconds(self) -> float:
+        """At least the age of the oldest record not yet flushed: the time since the queue was last empty."""
+        if not self._store.queued_offline(1):
+            return 0.0
+        return time.monotonic() - self._empty_at
+
     def flush(self) -> int:
         """Flush every queued record to Parquet; return how many records were written."""
         written = 0
@@ -101,6 +119,7 @@ class OfflineLog:
                     # between pushes): one entry per round, and one that still fails is quarantined.
                     n = self._flush_round(0)
                 if n is None:
+                    self._empty_at = time.monotonic()
                     return written
                 written += n
 

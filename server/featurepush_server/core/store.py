@@ -199,6 +199,14 @@ class OnlineStore:
         if self._db.get(_REQUEST_INDEX_BUILT) is None:
             self._index_request_records()
 
+    def statistic(self, name: str) -> int | None:
+        """A RocksDB integer property (such as rocksdb.total-sst-files-size), or None when unknown."""
+        if self._gate.closed:
+            return None
+        with self._gate.use():
+            value = self._db.property_int_value(name)
+        return None if value is None else int(value)
+
     def close(self, timeout_s: float = 10.0) -> bool:
         """Turn new calls away, wait up to `timeout_s` for running ones, then sync and close the database.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from ..core.encoding import varint
 from ..core.errors import Cancelled, ShuttingDown
 from ..core.prefetch import prefetch
 from ..core.registry import Registry
+from ..metrics import Metrics
 from ..status import streaming
 from .calls import stop_check
 
@@ -81,7 +83,9 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
         read_ahead_bytes: int = 32 * 1024 * 1024,
         *,
         stopping: threading.Event | None = None,
+        metrics: Metrics | None = None,
     ):
+        self._metrics = metrics
         self._registry = registry
         self._sources = sources
         self._backfiller = backfiller
@@ -159,8 +163,10 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
             stop=self._stop_check(context),
         )
         progress = BackfillProgress()
+        counted = BackfillProgress()
         try:
             for progress in runs:
+                counted = self._count(request, progress, counted)
                 yield _progress(progress)
         except (Cancelled, ShuttingDown):
             if not self._stopping.is_set():
@@ -173,4 +179,18 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
                 metadata={"rows_read": str(progress.rows_read), "rows_written": str(progress.rows_written)},
             ) from None
         finally:
+            self._count(request, progress, counted)
             runs.close()
+
+    def _count(
+        self, request: pb.BackfillRequest, progress: BackfillProgress, counted: BackfillProgress
+    ) -> BackfillProgress:
+        """Add what `progress` holds beyond `counted` to the backfill metrics; return what is now counted."""
+        metrics = self._metrics
+        if metrics is None or request.dry_run or progress is counted:
+            return counted
+        for outcome in ("read", "written", "superseded", "rejected"):
+            delta = getattr(progress, f"rows_{outcome}") - getattr(counted, f"rows_{outcome}")
+            if delta > 0:
+                metrics.backfill_rows.labels(request.source, outcome).inc(delta)
+        return dataclasses.replace(progress, rejections=[])

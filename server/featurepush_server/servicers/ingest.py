@@ -15,6 +15,7 @@ from featurepush.v1 import ingest_service_pb2_grpc as pb_grpc
 
 from ..core.errors import CoreError, ShuttingDown
 from ..core.ingest import Ingestor, PushOutcome, SourcePayload
+from ..metrics import Metrics
 from ..status import abort, internal_status, status_of, unary
 
 _LOGGER = logging.getLogger(__name__)
@@ -95,21 +96,45 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         read_ahead: int = 4,
         idle_timeout_s: float = 60.0,
         stopping: threading.Event | None = None,
+        metrics: Metrics | None = None,
     ):
         self._ingestor = ingestor
+        self._metrics = metrics
         self._read_ahead = read_ahead
         self._idle_timeout_s = idle_timeout_s
         self._stopping = stopping or threading.Event()
 
     @unary
     def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
-        outcome = self._ingestor.push(
-            payloads(request),
-            dry_run=request.dry_run,
-            request_id=request.request_id,
-            stop=lambda: not context.is_active(),
-        )
+        try:
+            outcome = self._ingestor.push(
+                payloads(request),
+                dry_run=request.dry_run,
+                request_id=request.request_id,
+                stop=lambda: not context.is_active(),
+            )
+        except CoreError:
+            self._count(request, None)
+            raise
+        self._count(request, outcome)
         return push_response(outcome)
+
+    def _count(self, request: pb.PushRequest, outcome: PushOutcome | None) -> None:
+        """Records by source and outcome; a refused push counts its rows (an Arrow stream's uncounted)."""
+        metrics = self._metrics
+        if metrics is None or request.dry_run or (outcome is not None and outcome.replayed):
+            return
+        if outcome is not None:
+            for name, c in outcome.counts.items():
+                metrics.records.labels(name, "accepted").inc(c.accepted)
+                metrics.records.labels(name, "written").inc(c.written)
+                metrics.records.labels(name, "superseded").inc(c.superseded)
+            return
+        for name, records in request.records.items():
+            # Only applied sources label metrics: any other name is the caller's and unbounded.
+            if self._ingestor.knows(name):
+                metrics.pushes_rejected.labels(name).inc()
+                metrics.records.labels(name, "rejected").inc(len(records.rows))
 
     def PushStream(
         self, request_iterator: Iterator[pb.PushStreamRequest], context: grpc.ServicerContext
@@ -161,11 +186,13 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 stop=lambda: not context.is_active(),
             )
         except CoreError as e:
+            self._count(request, None)
             status = status_of(e)
         except Exception:
             _LOGGER.exception("push stream batch %d failed", item.sequence_id)
             status = internal_status()
         else:
+            self._count(request, outcome)
             return pb.PushStreamResponse(sequence_id=item.sequence_id, response=push_response(outcome))
         error = pb.BatchError(code=status.code, message=status.message, details=status.details)
         return pb.PushStreamResponse(sequence_id=item.sequence_id, error=error)

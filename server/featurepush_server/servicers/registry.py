@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
 from featurepush.v1 import registry_service_pb2 as pb
 from featurepush.v1 import registry_service_pb2_grpc as pb_grpc
 
+from ..core.errors import shown
 from ..core.registry import Registry
 from ..status import unary
 from .calls import stop_check
+
+_LOGGER = logging.getLogger(__name__)
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
@@ -25,6 +30,9 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         outcome = self._registry.apply(
             request.source, validate_only=request.validate_only, stop=stop_check(context)
         )
+        if not request.validate_only:
+            state = "created" if outcome.created else "changed" if outcome.changed else "unchanged"
+            _LOGGER.info("source %r applied: %s", shown(request.source.name), state)
         return pb.ApplySourceResponse(source=outcome.source, changed=outcome.changed, created=outcome.created)
 
     @unary
@@ -42,4 +50,6 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
     def DeleteSource(
         self, request: pb.DeleteSourceRequest, context: grpc.ServicerContext
     ) -> pb.DeleteSourceResponse:
-        return pb.DeleteSourceResponse(rows_deleted=self._registry.delete(request.name))
+        rows = self._registry.delete(request.name)
+        _LOGGER.info("source %r deleted with %d online rows", shown(request.name), rows)
+        return pb.DeleteSourceResponse(rows_deleted=rows)

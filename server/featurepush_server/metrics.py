@@ -1,0 +1,183 @@
+"""Prometheus metrics: calls, latencies, records, admission, the offline log, backfills and RocksDB.
+
+Each server has its own registry, so several servers in one process (tests) never share counters, and
+the exporter serves only featurepush's metrics on its own port. Gauges that describe state (the store's
+size, the offline log's lag, admission's refusals) are read when scraped, never kept up to date on the
+write path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .admission import Admission
+from .core.errors import CoreError
+from .core.expiry import ExpirySweeper
+from .core.offline_log import OfflineLog
+from .core.store import OnlineStore
+
+_LOGGER = logging.getLogger(__name__)
+
+# RocksDB properties worth an alert: what the data takes on disk, what compaction still owes, and
+# whether the store stopped writing after an I/O error.
+_ROCKSDB_GAUGES = {
+    "rocksdb.total-sst-files-size": ("featurepush_store_sst_bytes", "Bytes of the store's SST files."),
+    "rocksdb.cur-size-all-mem-tables": (
+        "featurepush_store_memtable_bytes",
+        "Bytes of the store's memtables.",
+    ),
+    "rocksdb.estimate-pending-compaction-bytes": (
+        "featurepush_store_pending_compaction_bytes",
+        "Bytes RocksDB estimates compaction still has to rewrite.",
+    ),
+    "rocksdb.estimate-num-keys": ("featurepush_store_keys_estimate", "RocksDB's estimate of its keys."),
+    "rocksdb.background-errors": (
+        "featurepush_store_background_errors",
+        "Background errors RocksDB met (writes stop after one until it resumes).",
+    ),
+}
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _or_zero(read: Callable[[], float]) -> float:
+    """A state read that a stopping server may refuse; a scrape then shows 0 rather than failing."""
+    try:
+        return read()
+    except CoreError:
+        return 0.0
+
+
+class _StateCollector(Collector):
+    """Gauges and counters read at scrape time from the server's parts."""
+
+    def __init__(
+        self,
+        admission: Admission | None,
+        store: OnlineStore | None,
+        offline_log: OfflineLog | None,
+        sweeper: ExpirySweeper | None,
+    ):
+        self._admission = admission
+        self._store = store
+        self._offline_log = offline_log
+        self._sweeper = sweeper
+
+    def collect(self) -> Iterator[Any]:
+        if self._admission is not None:
+            refused = CounterMetricFamily(
+                "featurepush_admission_refused",
+                "Calls refused with RESOURCE_EXHAUSTED by admission control, by class of method.",
+                labels=["class"],
+            )
+            running = GaugeMetricFamily(
+                "featurepush_admission_running", "Calls running, by class of method.", labels=["class"]
+            )
+            waiting = GaugeMetricFamily(
+                "featurepush_admission_waiting",
+                "Calls waiting for a slot, by class of method.",
+                labels=["class"],
+            )
+            for klass, gate in self._admission.gates.items():
+                refused.add_metric([klass], gate.refused)
+                running.add_metric([klass], gate.running)
+                waiting.add_metric([klass], gate.waiting)
+            yield from (refused, running, waiting)
+        if self._store is not None:
+            for prop, (name, text) in _ROCKSDB_GAUGES.items():
+                value = self._store.statistic(prop)
+                if value is not None:
+                    yield GaugeMetricFamily(name, text, value=value)
+        log = self._offline_log
+        if log is not None:
+            yield GaugeMetricFamily(
+                "featurepush_offline_log_lag_seconds",
+                "At least the age of the oldest record not yet flushed to the offline log (0 when none).",
+                value=_or_zero(log.lag_seconds),
+            )
+            yield CounterMetricFamily(
+                "featurepush_offline_log_flush_errors",
+                "Background flushes of the offline log that failed (they are retried).",
+                value=log.flush_errors,
+            )
+            yield CounterMetricFamily(
+                "featurepush_offline_log_quarantined",
+                "Offline-log queue entries that could not be flushed and were moved aside.",
+                value=log.quarantined,
+            )
+        if self._sweeper is not None:
+            yield CounterMetricFamily(
+                "featurepush_expired_rows_deleted",
+                "Rows deleted by the expiry sweep.",
+                value=self._sweeper.deleted,
+            )
+
+
+class Metrics:
+    """The server's metrics; thread-safe, as prometheus_client's metrics are."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.calls = Counter(
+            "featurepush_calls", "Finished calls by method and status code.", ["method", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "featurepush_call_seconds",
+            "Time from a call's start in the server to its end, by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bytes_in = Counter(
+            "featurepush_request_bytes", "Request bytes received, by method.", ["method"], registry=r
+        )
+        self.records = Counter(
+            "featurepush_records",
+            "Records pushed, by source and outcome: accepted (valid), written (newest of their entity), "
+            "superseded (a newer event was stored), rejected (in a refused push).",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.backfill_rows = Counter(
+            "featurepush_backfill_rows",
+            "Rows of backfills, by source and outcome (read, written, superseded, rejected).",
+            ["source", "outcome"],
+            registry=r,
+        )
+        self.pushes_rejected = Counter(
+            "featurepush_pushes_rejected",
+            "Pushes refused, by source they carried records for (an Arrow stream's rows are not counted).",
+            ["source"],
+            registry=r,
+        )
+        self._state: _StateCollector | None = None
+
+    def watch(
+        self,
+        admission: Admission | None = None,
+        store: OnlineStore | None = None,
+        offline_log: OfflineLog | None = None,
+        sweeper: ExpirySweeper | None = None,
+    ) -> None:
+        """Report these parts' state at each scrape."""
+        if self._state is not None:
+            self.registry.unregister(self._state)
+        self._state = _StateCollector(admission, store, offline_log, sweeper)
+        self.registry.register(self._state)
+
+    def serve(self, address: str) -> tuple[Any, int]:
+        """Serve /metrics on host:port in a daemon thread; the HTTP server and its bound port."""
+        host, _, port = address.rpartition(":")
+        server, _thread = start_http_server(
+            int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry
+        )
+        bound = int(server.server_address[1])
+        _LOGGER.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", bound)
+        return server, bound
