@@ -7,6 +7,7 @@ Key space, by first byte:
   o<sequence>                     an offline-log queue entry: 8-byte big-endian sequence number; the
                                   value is a 2-byte name length, the source name, then an Arrow IPC stream
   m<name>                         store metadata such as the next source id
+  mlate_fields<source id>         the names, one per line, of fields added to a source holding rows
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ META = b"m"
 OFFLINE = b"o"
 _NEXT_ID = META + b"next_source_id"
 _NEXT_OFFLINE_SEQ = META + b"next_offline_seq"
+_LATE_FIELDS = META + b"late_fields"
 
 
 def row_prefix(source_id: int) -> bytes:
@@ -180,11 +182,18 @@ class OnlineStore:
             yield key[1:].decode(), int.from_bytes(raw[:4], "big"), raw[4:]
 
     def put_source(
-        self, name: str, definition: bytes, source_id: int | None = None, *, invalidate: bool = True
+        self,
+        name: str,
+        definition: bytes,
+        source_id: int | None = None,
+        *,
+        invalidate: bool = True,
+        late_fields: Sequence[str] = (),
     ) -> int:
         """Store a definition, allocating a new id when none is given; return the id.
 
         `invalidate` starts a new generation, so rows validated against the old definition are refused.
+        `late_fields` replaces the source's fields that rows stored before them may lack.
         """
         with self._lock:
             wb = rocksdict.WriteBatch(raw_mode=True)
@@ -193,11 +202,21 @@ class OnlineStore:
                 source_id = int.from_bytes(raw, "big") if raw else 1
                 wb.put(_NEXT_ID, (source_id + 1).to_bytes(4, "big"))
             wb.put(SOURCE + name.encode(), source_id.to_bytes(4, "big") + definition)
+            late_key = _LATE_FIELDS + source_id.to_bytes(4, "big")
+            if late_fields:
+                wb.put(late_key, "\n".join(late_fields).encode())
+            else:
+                wb.delete(late_key)
             self._db.write(wb)
             if invalidate:
                 self._generations[source_id] = self._generations.get(source_id, 0) + 1
         self._sync()
         return source_id
+
+    def late_fields(self, source_id: int) -> tuple[str, ...]:
+        """The fields added to a source while it held rows, which rows stored before may lack."""
+        raw = self._db.get(_LATE_FIELDS + source_id.to_bytes(4, "big"))
+        return tuple(raw.decode().split("\n")) if raw else ()
 
     def exclusive(self) -> AbstractContextManager[bool]:
         """Hold off every row write, so a check of stored rows and a definition change are one step."""
@@ -214,6 +233,7 @@ class OnlineStore:
             rows = sum(1 for _ in self._keys_with_prefix(prefix))
             wb = rocksdict.WriteBatch(raw_mode=True)
             wb.delete(SOURCE + name.encode())
+            wb.delete(_LATE_FIELDS + source_id.to_bytes(4, "big"))
             wb.delete_range(prefix, _prefix_end(prefix))
             self._db.write(wb)
             self._latest.clear()
