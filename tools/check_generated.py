@@ -1,4 +1,4 @@
-"""Fails when the committed stubs, descriptor set or .proto copies under client/featurepush differ from proto/."""
+"""Fails when the stubs, descriptor set or .proto copies under client/featurepush differ from proto/."""
 
 from __future__ import annotations
 
