@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PROTOS := $(wildcard proto/featurepush/v1/*.proto)
+PROTOS := $(sort $(wildcard proto/featurepush/v1/*.proto))
 GEN_DIR := client/featurepush/v1
-GENERATED := $(patsubst proto/featurepush/v1/%.proto,$(GEN_DIR)/%_pb2.py,$(PROTOS))
+# The descriptors with their comments, which reflection serves, and the .proto files the wheel carries.
+DESCRIPTOR_SET := $(GEN_DIR)/featurepush.binpb
+PROTO_COPY_DIR := client/featurepush/proto/featurepush/v1
+GENERATED := $(patsubst proto/featurepush/v1/%.proto,$(GEN_DIR)/%_pb2.py,$(PROTOS)) $(DESCRIPTOR_SET)
 
 LISTEN ?= localhost:50051
 DATA_DIR ?= ./data
@@ -24,7 +27,9 @@ $(STAMP): pyproject.toml
 generate: $(GENERATED)
 
 $(GENERATED) &: $(PROTOS) | $(STAMP)
-	$(PY) -m grpc_tools.protoc -I proto --python_out=client --pyi_out=client --grpc_python_out=client $(PROTOS)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=client --pyi_out=client --grpc_python_out=client \
+		--include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR_SET) $(PROTOS)
+	rm -rf $(PROTO_COPY_DIR) && mkdir -p $(PROTO_COPY_DIR) && cp $(PROTOS) $(PROTO_COPY_DIR)/
 	touch $(GENERATED)
 
 check-generated: $(STAMP)

@@ -266,3 +266,12 @@ def test_serve_on_a_busy_address_says_so(
     code, _, err = run(capsys, "serve", "--listen", running.target, "--data-dir", str(tmp_path / "d"))
     assert code == 1
     assert_one_error_line(err, f"cannot listen on {running.target}")
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import featurepush
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"featurepush {featurepush.__version__}"

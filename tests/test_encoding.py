@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_properties import KEY, TS, batches, schemas, to_struct
@@ -14,12 +16,14 @@ from featurepush.v1 import online_service_pb2
 from featurepush_server.core.encoding import (
     encode_rows,
     header_micros,
+    null_entry,
     timestamp_string,
     timestamp_strings,
     varints,
+    with_late_nulls,
 )
 from featurepush_server.core.rows import MAX_MICROS, MIN_MICROS, rows_to_table
-from featurepush_server.core.schema import compile_source
+from featurepush_server.core.schema import FieldSpec, compile_source
 
 
 @settings(max_examples=120, deadline=None)
@@ -45,6 +49,34 @@ def test_both_encoders_agree_byte_for_byte(data: st.DataObject) -> None:
         vector = online_service_pb2.FeatureVector.FromString(value[8:])
         assert set(vector.features.fields) == {f.name for f in spec.fields}
         assert vector.event_time.ToMicroseconds() == header_micros(value)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_a_row_stored_before_fields_were_added_reads_like_one_stored_with_them_null(
+    data: st.DataObject,
+) -> None:
+    schema = data.draw(schemas())
+    spec = compile_source(
+        StreamSource(name="enc", schema=schema, entity_keys=[KEY], timestamp_field=TS).to_proto()
+    )
+    added = data.draw(st.sets(st.sampled_from([f.name for f in spec.fields if f.name not in (KEY, TS)])))
+    now = tuple(replace(f, nullable=True) if f.name in added else f for f in spec.fields)
+    before = tuple(f for f in now if f.name not in added)
+    records = [{k: v for k, v in r.items() if k not in added} for r, _ in data.draw(batches(schema))]
+    small = data.draw(st.sampled_from([0, 10**9]))
+
+    def stored(fields: tuple[FieldSpec, ...]) -> list[bytes]:
+        arrow_schema = pa.schema([f.to_arrow() for f in fields])
+        table, violations, _ = rows_to_table([to_struct(r) for r in records], fields, arrow_schema, "records")
+        assert table is not None, violations
+        return encode_rows(table, fields, (KEY,), TS, b"r\0\0\0\1", small_batch=small)[1]
+
+    late = {name.encode(): null_entry(name) for name in added}
+    old, new = stored(before), stored(now)
+    assert [with_late_nulls(v, late) for v in old] == [v[8:] for v in new]
+    # A row stored with every field is returned as it is.
+    assert [with_late_nulls(v, late) for v in new] == [v[8:] for v in new]
 
 
 @settings(max_examples=200, deadline=None)

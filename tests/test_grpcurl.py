@@ -87,6 +87,25 @@ def test_describe_methods_and_messages(running: Running, symbol: str, shown: str
     assert shown in ok(grpcurl(running, "describe", symbol))
 
 
+@pytest.mark.parametrize(
+    ("symbol", "comment"),
+    [
+        (
+            "featurepush.v1.PushSource",
+            "  // The source name, unique in the registry: 1 to 128 letters, digits and underscores.\n"
+            "  string name = 1;",
+        ),
+        (
+            "featurepush.v1.OnlineService.GetFeatures",
+            "// Returns the latest record of each requested entity of one source.\nrpc GetFeatures",
+        ),
+    ],
+)
+def test_describe_shows_the_comments_of_the_proto_files(running: Running, symbol: str, comment: str) -> None:
+    """Reflection serves the descriptors with their source info, so fields and RPCs come documented."""
+    assert comment in ok(grpcurl(running, "describe", symbol))
+
+
 def test_describe_an_unknown_method_fails_cleanly(running: Running) -> None:
     """A method that does not exist is reported as not found."""
     result = grpcurl(running, "describe", "featurepush.v1.OnlineService.Nope")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from conftest import AD_IMPRESSIONS, Running, features, rich_error, rows_request, scalar
+from conftest import AD_IMPRESSIONS, Running, features, rich_error, rows_request, scalar, start
 
 from featurepush.v1 import registry_service_pb2 as pb
 
@@ -73,6 +74,58 @@ def test_compatible_changes_apply_and_old_rows_stay_readable(running: Running) -
     running.apply(with_fields({"name": "country", "type": scalar("STRING"), "nullable": True}))
     [result] = features(running, "ad_impressions", {"user_id": "u1"})
     assert result["features"]["clicked"] == "1"
+
+
+def test_fields_added_later_read_as_null_in_rows_stored_before_them(tmp_path: Path) -> None:
+    """Old rows list an added nullable field as null, like new rows pushed without it, across a restart."""
+    country = {"name": "country", "type": scalar("STRING"), "nullable": True}
+    score = {"name": "a_score", "type": scalar("FLOAT64"), "nullable": True}
+    running = start(tmp_path / "data")
+    try:
+        running.apply(AD_IMPRESSIONS)
+        push_one(running)
+        running.apply(with_fields(country))
+        running.ingest.Push(
+            rows_request(
+                {
+                    "ad_impressions": [
+                        {"user_id": "u2", "timestamp": "2026-11-25T10:00:01Z", "clicked": 2},
+                        {"user_id": "u3", "timestamp": "2026-11-25T10:00:02Z", "clicked": 3, "country": "FR"},
+                    ]
+                }
+            )
+        )
+        running.apply(with_fields(country, score))
+    finally:
+        running.close()
+    running = start(tmp_path / "data")
+    try:
+        got = features(running, "ad_impressions", {"user_id": "u1"}, {"user_id": "u2"}, {"user_id": "u3"})
+    finally:
+        running.close()
+    assert [r["features"] for r in got] == [
+        {
+            "user_id": "u1",
+            "timestamp": "2026-11-25T10:00:00Z",
+            "clicked": "1",
+            "country": None,
+            "a_score": None,
+        },
+        {
+            "user_id": "u2",
+            "timestamp": "2026-11-25T10:00:01Z",
+            "clicked": "2",
+            "country": None,
+            "a_score": None,
+        },
+        {
+            "user_id": "u3",
+            "timestamp": "2026-11-25T10:00:02Z",
+            "clicked": "3",
+            "country": "FR",
+            "a_score": None,
+        },
+    ]
 
 
 def test_any_change_applies_while_the_source_holds_no_rows(running: Running) -> None:

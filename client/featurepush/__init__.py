@@ -1,5 +1,8 @@
 """featurepush: the client, the definitions DSL and typed errors for the featurepush ingest service."""
 
+# The package version: pyproject.toml reads it from here, and `featurepush --version` prints it.
+__version__ = "0.1.0"
+
 from featurepush.client import ApplyResult, Client, FeatureResult, FeatureStatus, PushResult, SourceCounts
 from featurepush.definitions import (
     DefinitionError,
@@ -45,6 +48,7 @@ from featurepush.types import (
 from featurepush.values import decode_record, key_to_struct, record_to_struct
 
 __all__ = [
+    "__version__",
     "AlreadyExistsError",
     "ApplyResult",
     "Array",

@@ -1,3 +1,1 @@
 """The featurepush server: gRPC servicers over a core of validation, online store and registry."""
-
-__version__ = "0.1.0"

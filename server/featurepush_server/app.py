@@ -43,6 +43,7 @@ from .core.registry import Registry
 from .core.store import OnlineStore
 from .edge import EdgeInterceptor
 from .metrics import Metrics
+from .reflection import DocumentedPool, documented_files
 from .servicers.backfill import BackfillServicer
 from .servicers.ingest import IngestServicer
 from .servicers.online import OnlineServicer
@@ -268,7 +269,9 @@ def create_server(config: ServerConfig) -> Server:
                 (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME),
                 grpc_server,
                 # Duck-typed: reflection only calls the pool's Find* methods.
-                pool=MethodAwarePool(descriptor_pool.Default()),  # type: ignore[arg-type]
+                pool=DocumentedPool(  # type: ignore[arg-type]
+                    MethodAwarePool(descriptor_pool.Default()), documented_files()
+                ),
             )
         try:
             if credentials is None:

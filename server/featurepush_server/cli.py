@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from featurepush import Client, FeaturepushError, InvalidArgumentError
+from featurepush import Client, FeaturepushError, InvalidArgumentError, __version__
 from featurepush.batch import BackfillProgress
 from featurepush.definitions import DefinitionError, load_definitions
 
@@ -42,14 +42,22 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             fh.close()
 
 
+def _missing_extra(command: str, error: ImportError) -> CommandError:
+    """The error of a command whose module could not be imported, naming the module that is missing."""
+    if error.name is None:
+        return CommandError(f"{command} cannot start: {error}")
+    return CommandError(
+        f"{command} needs the Python module {error.name!r}, which is not installed; "
+        "pip install 'featurepush[server]' installs what the server needs"
+    )
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .app import serve
         from .config import ConfigError, load_config
     except ImportError as e:
-        raise CommandError(
-            f"the server needs its extra dependencies: pip install 'featurepush[server]' ({e})"
-        ) from None
+        raise _missing_extra("serve", e) from None
     overrides = {
         "listen": args.listen,
         "data_dir": args.data_dir,
@@ -116,7 +124,7 @@ def _keys_file(args: argparse.Namespace) -> Path:
     try:
         from .config import ConfigError, load_config
     except ImportError as e:
-        raise CommandError(f"the keys commands need the server extras ({e})") from None
+        raise _missing_extra("the keys commands", e) from None
     try:
         path = load_config(args.config).keys_file
     except ConfigError as e:
@@ -354,6 +362,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="featurepush", description="featurepush feature-ingest service")
+    parser.add_argument("--version", action="version", version=f"featurepush {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server")

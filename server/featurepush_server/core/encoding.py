@@ -285,6 +285,57 @@ def _entry_key(name: str) -> bytes:
     return b"\x0a" + varint(len(raw)) + raw + b"\x12"
 
 
+def null_entry(name: str) -> bytes:
+    """The bytes of a field holding null in a serialized google.protobuf.Struct."""
+    entry = _entry_key(name) + varint(len(_NULL)) + _NULL
+    return b"\x0a" + varint(len(entry)) + entry
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at `pos` and the position after it."""
+    n = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        n |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return n, pos
+        shift += 7
+
+
+def struct_entries(value: bytes, start: int) -> list[tuple[bytes, bytes]]:
+    """(name, bytes) of each field of the features Struct that follows a stored value's event_time.
+
+    `start` is where the features field begins; the entries' bytes joined are the Struct again.
+    """
+    length, pos = _read_varint(value, start + 1)
+    end = pos + length
+    entries: list[tuple[bytes, bytes]] = []
+    while pos < end:
+        entry_length, body = _read_varint(value, pos + 1)
+        name_length, name = _read_varint(value, body + 1)
+        entries.append((value[name : name + name_length], value[pos : body + entry_length]))
+        pos = body + entry_length
+    return entries
+
+
+def with_late_nulls(value: bytes, late: dict[bytes, bytes]) -> bytes:
+    """A stored value's event_time and features, with a null entry for each late field the row lacks.
+
+    `late` maps the names of fields added after the source held rows to their null Struct entries.
+    """
+    start = 8 + event_time_length(value)
+    entries = struct_entries(value, start)
+    missing = late.keys() - {name for name, _ in entries}
+    if not missing:
+        return value[8:]
+    # Entries stay in name order, as the encoder writes them for rows stored with every field.
+    entries += [(name, late[name]) for name in missing]
+    entries.sort()
+    payload = b"".join(entry for _, entry in entries)
+    return value[8:start] + b"\x1a" + varint(len(payload)) + payload
+
+
 def field_entries(table: pa.Table, fields: Sequence[FieldSpec]) -> list[pa.Array]:
     """Per field, in name order, each row's bytes of that field in a serialized google.protobuf.Struct.
 

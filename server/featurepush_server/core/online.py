@@ -9,7 +9,15 @@ from google.protobuf import struct_pb2
 
 from featurepush.v1 import online_service_pb2
 
-from .encoding import event_time_length, header_micros, key_part, python_key, varint
+from .encoding import (
+    event_time_length,
+    header_micros,
+    key_part,
+    null_entry,
+    python_key,
+    varint,
+    with_late_nulls,
+)
 from .errors import InvalidInput, LimitExceeded, Violation
 from .registry import Registry
 from .rows import BadValue, scalar_converter
@@ -49,6 +57,7 @@ class OnlineReader:
             store_keys = self._checked_keys(keys, spec, prefix)
         stored = self._store.read(store_keys)
         cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None
+        late = {name.encode(): null_entry(name) for name in source.late_fields}
         out = []
         for value in stored:
             # A stored value holds the vector's event_time and features fields after its header.
@@ -56,6 +65,8 @@ class OnlineReader:
                 vector = _MISSING
             elif cutoff is not None and header_micros(value) < cutoff:
                 vector = _EXPIRED + value[8 : 8 + event_time_length(value)]
+            elif late:
+                vector = _PRESENT + with_late_nulls(value, late)
             else:
                 vector = _PRESENT + value[8:]
             out.append(b"\x0a" + varint(len(vector)) + vector)

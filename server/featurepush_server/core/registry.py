@@ -26,6 +26,8 @@ class Source:
     id: int
     spec: SourceSpec
     generation: int = 0
+    # Nullable fields added while the source held rows: rows stored before them lack their entries.
+    late_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,9 @@ class Registry:
             )
         source_id, raw = found
         spec = compile_source(source_pb2.PushSource.FromString(raw))
-        source = Source(source_id, spec, self._store.generation(source_id))
+        names = {f.name for f in spec.fields}
+        late = tuple(f for f in self._store.late_fields(source_id) if f in names)
+        source = Source(source_id, spec, self._store.generation(source_id), late)
         self._cache[name] = source
         return source
 
@@ -125,6 +129,7 @@ class Registry:
         with self._lock, self._store.exclusive():
             found = self._store.get_source(wanted.name)
             problems: list[str] = []
+            late: list[str] = []
             if found is not None:
                 source_id, raw = found
                 stored = source_pb2.PushSource.FromString(raw)
@@ -132,6 +137,11 @@ class Registry:
                     return ApplyOutcome(stored, changed=False, created=False)
                 old = compile_source(stored)
                 problems = incompatibilities(old, spec)
+                # Rows stored so far lack the fields added now, as do pushes already validated against
+                # the old definition, and as rows may lack those added before; reads list them as null.
+                names = {f.name for f in spec.fields}
+                added = names - {f.name for f in old.fields}
+                late = sorted(added | (names & set(self._store.late_fields(source_id))))
                 if problems and self._store.has_rows(source_id):
                     raise FailedPrecondition(
                         f"push source {wanted.name!r} holds online rows that the new definition "
@@ -160,6 +170,7 @@ class Registry:
                 result.SerializeToString(),
                 None if found is None else found[0],
                 invalidate=bool(problems),
+                late_fields=late,
             )
         return ApplyOutcome(result, changed=True, created=found is None)
 

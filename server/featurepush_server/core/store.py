@@ -9,6 +9,7 @@ Key space, by first byte:
   o<sequence>                     an offline-log queue entry: 8-byte big-endian sequence number; the
                                   value is a 2-byte name length, the source name, then an Arrow IPC stream
   m<name>                         store metadata such as the next source id
+  mlate_fields<source id>         the names, one per line, of fields added to a source holding rows
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ _PROBE_BYTES = 256 * 1024
 # Idempotency records a purge deletes per hold of the write lock, and at most per purge.
 _PURGE_CHUNK = 128
 _PURGE_MAX = 8192
+_LATE_FIELDS = META + b"late_fields"
 
 
 def row_prefix(source_id: int) -> bytes:
@@ -343,11 +345,18 @@ class OnlineStore:
         return iter(found)
 
     def put_source(
-        self, name: str, definition: bytes, source_id: int | None = None, *, invalidate: bool = True
+        self,
+        name: str,
+        definition: bytes,
+        source_id: int | None = None,
+        *,
+        invalidate: bool = True,
+        late_fields: Sequence[str] = (),
     ) -> int:
         """Store a definition, allocating a new id when none is given; return the id.
 
         `invalidate` starts a new generation, so rows validated against the old definition are refused.
+        `late_fields` replaces the source's fields that rows stored before them may lack.
         """
         with self._gate.use():
             with self._lock:
@@ -357,11 +366,22 @@ class OnlineStore:
                     source_id = int.from_bytes(raw, "big") if raw else 1
                     wb.put(_NEXT_ID, (source_id + 1).to_bytes(4, "big"))
                 wb.put(SOURCE + name.encode(), source_id.to_bytes(4, "big") + definition)
+                late_key = _LATE_FIELDS + source_id.to_bytes(4, "big")
+                if late_fields:
+                    wb.put(late_key, "\n".join(late_fields).encode())
+                else:
+                    wb.delete(late_key)
                 self._write(wb)
                 if invalidate:
                     self._generations[source_id] = self._generations.get(source_id, 0) + 1
             self._sync()
         return source_id
+
+    def late_fields(self, source_id: int) -> tuple[str, ...]:
+        """The fields added to a source while it held rows, which rows stored before may lack."""
+        with self._gate.use():
+            raw = self._db.get(_LATE_FIELDS + source_id.to_bytes(4, "big"))
+        return tuple(raw.decode().split("\n")) if raw else ()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -382,6 +402,7 @@ class OnlineStore:
                 rows = sum(1 for _ in self._keys_with_prefix(prefix))
                 wb = rocksdict.WriteBatch(raw_mode=True)
                 wb.delete(SOURCE + name.encode())
+                wb.delete(_LATE_FIELDS + source_id.to_bytes(4, "big"))
                 wb.delete_range(prefix, _prefix_end(prefix))
                 self._write(wb)
                 self._latest.clear()
