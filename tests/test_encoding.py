@@ -13,11 +13,11 @@ from featurepush import StreamSource
 from featurepush.v1 import online_service_pb2
 from featurepush_server.core.encoding import (
     encode_rows,
-    header_micros,
     timestamp_string,
     timestamp_strings,
     varints,
 )
+from featurepush_server.core.framing import header_micros
 from featurepush_server.core.rows import MAX_MICROS, MIN_MICROS, rows_to_table
 from featurepush_server.core.schema import compile_source
 
