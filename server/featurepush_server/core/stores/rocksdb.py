@@ -13,8 +13,8 @@ Key space, by first byte:
 
 The format version (`m` + "format_version", 4 bytes big-endian) is written when the database is
 created. A database holding another version is refused at open with StoreFormatError. A database with
-data but no version was written before the version existed, in the layout above, which is format 1: it
-is accepted and the version is written then.
+data but no version was written before the version existed, in the layout above, which is format 1
+(UNVERSIONED_FORMAT): it is read as that, so this build accepts it and writes the version then.
 """
 
 from __future__ import annotations
@@ -48,9 +48,11 @@ OFFLINE = b"o"
 _NEXT_ID = META + b"next_source_id"
 _NEXT_OFFLINE_SEQ = META + b"next_offline_seq"
 _REQUEST_INDEX_BUILT = META + b"request_expiry_index"
-_FORMAT_VERSION = META + b"format_version"
+FORMAT_KEY = META + b"format_version"
 # The layout described above; bump it with any change a build reading the old one would misread.
 FORMAT_VERSION = 1
+# The format of a database with data but no version key, written before the key existed.
+UNVERSIONED_FORMAT = 1
 # A file written next to the database to learn whether the disk has room again; removed at start too.
 SPACE_PROBE = ".space-probe.tmp"
 _PROBE_BYTES = 256 * 1024
@@ -115,13 +117,16 @@ def _open_db(path: Path) -> Any:
 
 def _check_format(db: Any, path: Path) -> None:
     """Refuse a database written in another store format; stamp a new or unversioned one with this one's."""
-    raw = db.get(_FORMAT_VERSION)
-    if raw is None:
-        # Empty, or written before the version key existed, in what is format 1.
-        db.put(_FORMAT_VERSION, FORMAT_VERSION.to_bytes(4, "big"))
-        return
-    found = int.from_bytes(raw, "big")
-    if found != FORMAT_VERSION:
+    raw = db.get(FORMAT_KEY)
+    if raw is not None:
+        found = int.from_bytes(raw, "big")
+    elif next(iter(db.keys()), None) is None:
+        found = FORMAT_VERSION
+    else:
+        found = UNVERSIONED_FORMAT
+    if found == FORMAT_VERSION and raw is None:
+        db.put(FORMAT_KEY, FORMAT_VERSION.to_bytes(4, "big"))
+    elif found != FORMAT_VERSION:
         action = (
             "upgrade featurepush"
             if found > FORMAT_VERSION
