@@ -23,7 +23,7 @@ from featurepush.v1 import backfill_service_pb2_grpc as pb_grpc
 from featurepush.v1 import registry_service_pb2, registry_service_pb2_grpc, source_pb2
 from featurepush_server.core.encoding import encode_rows
 from featurepush_server.core.schema import compile_source
-from featurepush_server.core.store import row_prefix
+from featurepush_server.core.stores.rocksdb import row_prefix
 
 DAY0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 

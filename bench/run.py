@@ -29,7 +29,7 @@ from featurepush.v1 import online_service_pb2 as online_pb
 from featurepush.values import fill_struct
 from featurepush_server.core.encoding import encode_rows
 from featurepush_server.core.schema import compile_source
-from featurepush_server.core.store import row_prefix
+from featurepush_server.core.stores.rocksdb import row_prefix
 
 SOURCE = "ad_impressions"
 # The seed's ad_impressions schema, widened to 8 fields.

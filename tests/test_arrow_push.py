@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 
 from featurepush.v1 import ingest_service_pb2 as pb
 from featurepush.v1 import online_service_pb2, registry_service_pb2
-from featurepush_server.core.store import row_prefix
+from featurepush_server.core.stores.rocksdb import row_prefix
 
 UTC = dt.UTC
 

@@ -15,13 +15,13 @@ from featurepush import StreamSource
 from featurepush.v1 import online_service_pb2
 from featurepush_server.core.encoding import (
     encode_rows,
-    header_micros,
     null_entry,
     timestamp_string,
     timestamp_strings,
     varints,
     with_late_nulls,
 )
+from featurepush_server.core.framing import header_micros, payload
 from featurepush_server.core.rows import MAX_MICROS, MIN_MICROS, rows_to_table
 from featurepush_server.core.schema import FieldSpec, compile_source
 
@@ -74,9 +74,9 @@ def test_a_row_stored_before_fields_were_added_reads_like_one_stored_with_them_n
 
     late = {name.encode(): null_entry(name) for name in added}
     old, new = stored(before), stored(now)
-    assert [with_late_nulls(v, late) for v in old] == [v[8:] for v in new]
+    assert [with_late_nulls(payload(v), late) for v in old] == [payload(v) for v in new]
     # A row stored with every field is returned as it is.
-    assert [with_late_nulls(v, late) for v in new] == [v[8:] for v in new]
+    assert [with_late_nulls(payload(v), late) for v in new] == [payload(v) for v in new]
 
 
 @settings(max_examples=200, deadline=None)

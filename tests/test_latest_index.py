@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featurepush_server.core.store import OnlineStore, RowBatch, row_prefix
+from featurepush_server.core.stores.base import RowBatch
+from featurepush_server.core.stores.rocksdb import RocksDBStore, row_prefix
 
 
 def _head(t: int) -> bytes:
@@ -12,7 +13,7 @@ def _head(t: int) -> bytes:
 
 
 def test_long_keys_keep_the_index_under_its_byte_bound_and_writes_stay_latest(tmp_path: Path) -> None:
-    store = OnlineStore(tmp_path / "db", fsync=False, latest_cache_bytes=200_000)
+    store = RocksDBStore(tmp_path / "db", fsync=False, latest_cache_bytes=200_000)
     try:
         prefix = row_prefix(1)
         keys = [prefix + (b"%05d" % i) * 2000 for i in range(200)]  # 10 KB keys

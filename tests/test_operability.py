@@ -1,4 +1,4 @@
-"""What an operator sees: Prometheus metrics after traffic, one log line per failed call and registry change."""
+"""What an operator sees: Prometheus metrics after traffic, a log line per failed call and registry change."""
 
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ def test_a_failed_call_logs_method_code_source_and_request_id_but_no_value(
         server.ingest.Push(request)
     lines = [r.getMessage() for r in caplog.records if "call failed" in r.getMessage()]
     assert lines == [
-        "call failed: method=IngestService/Push code=INVALID_ARGUMENT source='ad_impressions' request_id='req-42'"
+        "call failed: method=IngestService/Push code=INVALID_ARGUMENT "
+        "source='ad_impressions' request_id='req-42'"
     ]
     assert not any("secret" in r.getMessage() for r in caplog.records)
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import AD_IMPRESSIONS, Running, features, rich_error, rows_request, scalar, start
 
 from featurepush.v1 import ingest_service_pb2
-from featurepush_server.core.store import row_prefix
+from featurepush_server.core.stores.rocksdb import row_prefix
 
 T0 = "2026-11-25T10:00:00Z"
 T1 = "2026-11-25T11:00:00Z"

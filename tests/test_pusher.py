@@ -17,7 +17,7 @@ from featurepush.payload import BatchFailure, PushBatchError
 from featurepush.v1 import registry_service_pb2
 from featurepush_server.app import create_server
 from featurepush_server.config import ServerConfig
-from featurepush_server.core.store import REQUEST
+from featurepush_server.core.stores.rocksdb import REQUEST
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 # Reconnect quickly after a restart; gRPC's default backoff starts at a second and grows to minutes.

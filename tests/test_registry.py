@@ -190,7 +190,8 @@ def test_delete_source_removes_its_rows(running: Running) -> None:
 
 def test_a_push_validated_against_a_changed_definition_is_aborted_whole(running: Running) -> None:
     from featurepush_server.core.errors import Aborted
-    from featurepush_server.core.store import RowBatch, row_prefix
+    from featurepush_server.core.stores.base import RowBatch
+    from featurepush_server.core.stores.rocksdb import row_prefix
     from featurepush_server.status import status_of
 
     registry, store = running.server.registry, running.server.store

@@ -10,12 +10,12 @@ import pytest
 from conftest import AD_IMPRESSIONS, start
 
 from featurepush_server.core.errors import ShuttingDown, StorageFull, Unavailable
-from featurepush_server.core.store import (
+from featurepush_server.core.stores.base import RowBatch
+from featurepush_server.core.stores.rocksdb import (
     REQUEST,
     REQUEST_EXPIRY,
     SPACE_PROBE,
-    OnlineStore,
-    RowBatch,
+    RocksDBStore,
     storage_error,
 )
 
@@ -24,12 +24,12 @@ def _batch(key: bytes, value: bytes = b"\x80" + bytes(7) + b"v") -> RowBatch:
     return RowBatch("s", [key], [value])
 
 
-def _count(store: OnlineStore, prefix: bytes) -> int:
+def _count(store: RocksDBStore, prefix: bytes) -> int:
     return sum(1 for k in store._db.keys(from_key=prefix) if k.startswith(prefix))
 
 
 def test_close_waits_for_a_running_call_and_later_calls_are_turned_away(tmp_path: Path) -> None:
-    store = OnlineStore(tmp_path)
+    store = RocksDBStore(tmp_path)
     inside, release, finished = threading.Event(), threading.Event(), []
 
     def hold() -> None:
@@ -52,7 +52,7 @@ def test_close_waits_for_a_running_call_and_later_calls_are_turned_away(tmp_path
 
 
 def test_expired_request_ids_are_purged_through_the_index(tmp_path: Path) -> None:
-    store = OnlineStore(tmp_path, idempotency_window_s=0.05)
+    store = RocksDBStore(tmp_path, idempotency_window_s=0.05)
     try:
         for i in range(600):
             store.write_latest([_batch(b"k%d" % i)], request_id=f"old-{i}")
@@ -73,7 +73,7 @@ def test_expired_request_ids_are_purged_through_the_index(tmp_path: Path) -> Non
 
 
 def test_records_of_a_database_without_the_index_are_indexed_once(tmp_path: Path) -> None:
-    store = OnlineStore(tmp_path, idempotency_window_s=0.05)
+    store = RocksDBStore(tmp_path, idempotency_window_s=0.05)
     store.write_latest([_batch(b"k")], request_id="r")
     # As a database written before the index existed holds them: records only.
     for key in list(store._db.keys(from_key=REQUEST_EXPIRY)):
@@ -81,7 +81,7 @@ def test_records_of_a_database_without_the_index_are_indexed_once(tmp_path: Path
             store._db.delete(key)
     store._db.delete(b"mrequest_expiry_index")
     store.close()
-    again = OnlineStore(tmp_path, idempotency_window_s=0.05)
+    again = RocksDBStore(tmp_path, idempotency_window_s=0.05)
     try:
         assert _count(again, REQUEST_EXPIRY) == 1
         time.sleep(0.06)

@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from featurepush.v1 import ingest_service_pb2 as pb
 from featurepush.v1 import ingest_service_pb2_grpc, registry_service_pb2, registry_service_pb2_grpc
 from featurepush_server.core.errors import InvalidInput, LimitExceeded
-from featurepush_server.core.ingest import SourcePayload, arrow_ipc, read_arrow, source_path
-from featurepush_server.core.ipc import IpcLimits
+from featurepush_server.core.ingest import SourcePayload, read_arrow, source_path
+from featurepush_server.core.ipc import IpcLimits, arrow_ipc
 from featurepush_server.core.offline_log import QUARANTINE_DIR, TIMESTAMP_FIELD_KEY
-from featurepush_server.core.store import RowBatch
+from featurepush_server.core.stores.base import RowBatch
 
 
 def _scalar(name: str) -> dict[str, object]:

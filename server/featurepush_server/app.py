@@ -36,11 +36,13 @@ from .core.expiry import ExpirySweeper
 from .core.ingest import Ingestor
 from .core.ipc import IpcLimits
 from .core.locations import BatchLocations, ListLimits
-from .core.offline_log import OfflineLog
+from .core.materialize import LatestRowWriter, Materializer
+from .core.offline_log import OfflineLog, OfflineLogWriter
 from .core.online import OnlineReader
 from .core.periodic import Periodic
 from .core.registry import Registry
-from .core.store import OnlineStore
+from .core.stores.base import Store
+from .core.stores.rocksdb import RocksDBStore
 from .edge import EdgeInterceptor
 from .metrics import Metrics
 from .reflection import DocumentedPool, documented_files
@@ -99,7 +101,7 @@ class Server:
 
     grpc_server: grpc.Server
     port: int
-    store: OnlineStore
+    store: Store
     registry: Registry
     ingestor: Ingestor
     reader: OnlineReader
@@ -164,7 +166,7 @@ def create_server(config: ServerConfig) -> Server:
     # Rows are callers' data and keys may be secrets: the data directory is the server user's alone.
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(config.data_dir, 0o700)
-    store = OnlineStore(
+    store = RocksDBStore(
         config.data_dir / "online",
         fsync=config.fsync == "always",
         idempotency_window_s=config.idempotency_window_s,
@@ -194,8 +196,10 @@ def create_server(config: ServerConfig) -> Server:
             max_columns=config.max_arrow_columns,
             max_nesting=config.max_arrow_nesting,
         )
+        # Pushes and backfills write through this one step; each writer adds its part to every write.
+        materializer = Materializer(store, [LatestRowWriter(store), OfflineLogWriter()])
         ingestor = Ingestor(
-            registry, store, max_records=config.max_records_per_request, arrow_limits=arrow_limits
+            registry, materializer, max_records=config.max_records_per_request, arrow_limits=arrow_limits
         )
         reader = OnlineReader(registry, store, max_keys=config.max_keys_per_request)
         for path in config.definitions:
@@ -256,7 +260,7 @@ def create_server(config: ServerConfig) -> Server:
         backfill = BackfillServicer(
             registry,
             batch_sources,
-            Backfiller(registry, store, batch_sources),
+            Backfiller(registry, materializer, batch_sources),
             read_ahead_bytes=config.stream_read_ahead_bytes,
             stopping=stopping,
             metrics=metrics,

@@ -20,7 +20,7 @@ from .admission import Admission
 from .core.errors import CoreError
 from .core.expiry import ExpirySweeper
 from .core.offline_log import OfflineLog
-from .core.store import OnlineStore
+from .core.stores.base import Store
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class _StateCollector(Collector):
     def __init__(
         self,
         admission: Admission | None,
-        store: OnlineStore | None,
+        store: Store | None,
         offline_log: OfflineLog | None,
         sweeper: ExpirySweeper | None,
     ):
@@ -162,7 +162,7 @@ class Metrics:
     def watch(
         self,
         admission: Admission | None = None,
-        store: OnlineStore | None = None,
+        store: Store | None = None,
         offline_log: OfflineLog | None = None,
         sweeper: ExpirySweeper | None = None,
     ) -> None:

@@ -1,9 +1,9 @@
 """Backfill: load a time range of a source's batch history into the online store, row by validated row.
 
-Rows take the push path's rules: the same strict cast (`conform`), the same encoding and the same
-latest-by-event-time write, so a backfill never overwrites a newer pushed value and running it twice
-leaves the same store. A chunk with bad rows is split until the bad rows are isolated; the good ones are
-written and the bad ones counted and reported.
+Rows take the push path's rules: the same strict cast (`conform`) and the same materializer, hence the
+same encoding and latest-by-event-time write, so a backfill never overwrites a newer pushed value and
+running it twice leaves the same store. A chunk with bad rows is split until the bad rows are isolated;
+the good ones are written and the bad ones counted and reported.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import pyarrow as pa
 
 from .batch import BatchSources, time_mask
 from .columns import conform
-from .encoding import encode_rows
 from .errors import Cancelled, FailedPrecondition, Violation
 from .locations import StopCheck
+from .materialize import Materializer, Origin, SourceRecords
 from .registry import Registry
 from .schema import SourceSpec
-from .store import OnlineStore, RowBatch, row_prefix
 
 MAX_REJECTIONS = 10
 # The one whole-column violation of `conform` that depends on the values, so halving can isolate it.
@@ -63,9 +62,9 @@ def _row_of(path: str) -> tuple[int, str] | None:
 class Backfiller:
     """Runs backfills; thread-safe, since each write is one atomic latest-by-event-time store write."""
 
-    def __init__(self, registry: Registry, store: OnlineStore, sources: BatchSources):
+    def __init__(self, registry: Registry, materializer: Materializer, sources: BatchSources):
         self._registry = registry
-        self._store = store
+        self._materializer = materializer
         self._sources = sources
 
     def run(
@@ -88,7 +87,6 @@ class Backfiller:
             )
         began = time.monotonic()
         progress = BackfillProgress()
-        prefix = row_prefix(source.id)
         scans = self._sources.scan(spec, start, end, None, stop)
         try:
             for scanned in scans:
@@ -106,12 +104,10 @@ class Backfiller:
                         continue
                     if stop():
                         raise Cancelled("the backfill was cancelled")
-                    keys, values = encode_rows(
-                        table, spec.fields, spec.entity_keys, spec.timestamp_field, prefix
+                    result = self._materializer.write(
+                        [SourceRecords(source, table)], origin=Origin.BACKFILL, dry_run=dry_run
                     )
-                    batch = RowBatch(name, keys, values, source_id=source.id, generation=source.generation)
-                    result = self._store.write_latest([batch], dry_run=dry_run)
-                    counts = result.counts[name]
+                    counts = result.counts[spec.name]
                     progress.rows_written += counts.written
                     progress.rows_superseded += counts.superseded
                 progress.elapsed_seconds = time.monotonic() - began

@@ -1,7 +1,7 @@
 """Column-at-a-time encoding of conformed Arrow tables into online-store keys and values.
 
-A stored value is an 8-byte event-time header (big-endian, sign-flipped, so bytes order like times),
-then the tail of the FeatureVector a read returns: its `event_time` field and its `features` field, the
+A stored value is an event-time header (`framing.py`), then the payload: the tail of the FeatureVector a
+read returns: its `event_time` field and its `features` field, the
 record serialized as a google.protobuf.Struct in canonical JSON form (Int64 as decimal strings,
 Timestamps as RFC 3339 in UTC, Bytes as base64, non-finite floats as "NaN"/"Infinity"). A read then
 only prepends the status. The
@@ -22,39 +22,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from google.protobuf import struct_pb2
 
+from .framing import time_header, time_headers
 from .schema import DType, FieldSpec, Kind
+from .wire import (
+    FEATURE_VECTOR_EVENT_TIME,
+    FEATURE_VECTOR_FEATURES,
+    STRUCT_ENTRY_KEY,
+    STRUCT_ENTRY_VALUE,
+    STRUCT_FIELD,
+    TIMESTAMP_NANOS,
+    TIMESTAMP_SECONDS,
+    VALUE_BOOL,
+    VALUE_NULL,
+    VALUE_NUMBER,
+    VALUE_STRING,
+    varint,
+)
 
-_NULL = b"\x08\x00"  # Value{null_value: NULL_VALUE}
+_NULL = VALUE_NULL + b"\x00"  # Value{null_value: NULL_VALUE}
 _SPECIAL = {
     "NaN": struct_pb2.Value(string_value="NaN").SerializeToString(),
     "Infinity": struct_pb2.Value(string_value="Infinity").SerializeToString(),
     "-Infinity": struct_pb2.Value(string_value="-Infinity").SerializeToString(),
 }
-_SIGN = np.uint64(1 << 63)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-# Lengths of fields and records are nearly always below 2**14: look those up instead of computing them.
-_SMALL_VARINTS = [_varint(n) for n in range(1 << 14)]
-
-
-# The low 14 bits of a larger number: two bytes, both with the continuation bit set.
-_LOW_14 = [bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80)) for n in range(1 << 14)]
-
-
-def varint(n: int) -> bytes:
-    """The protobuf varint of a non-negative integer."""
-    if n < 16384:
-        return _SMALL_VARINTS[n]
-    return _LOW_14[n & 0x3FFF] + varint(n >> 14)
 
 
 def _binary_from_matrix(mat: np.ndarray) -> pa.Array:
@@ -111,13 +101,13 @@ def _length_delimited(tag: bytes, body: pa.Array) -> pa.Array:
 
 def _numbers(values: np.ndarray) -> pa.Array:
     mat = np.empty((len(values), 9), dtype=np.uint8)
-    mat[:, 0] = 0x11  # Value.number_value, a fixed64
+    mat[:, 0] = VALUE_NUMBER[0]  # a fixed64
     mat[:, 1:] = np.ascontiguousarray(values, dtype="<f8").view(np.uint8).reshape(-1, 8)
     return _binary_from_matrix(mat)
 
 
 def _strings(text: pa.Array) -> pa.Array:
-    return _length_delimited(b"\x1a", pc.cast(text, pa.binary()))  # Value.string_value
+    return _length_delimited(VALUE_STRING, pc.cast(text, pa.binary()))
 
 
 def _floats(arr: pa.Array) -> pa.Array:
@@ -267,11 +257,13 @@ def value_messages(arr: pa.Array, dtype: DType) -> pa.Array:
         body = _floats(arr)
     elif kind is Kind.BOOL:
         body = pc.if_else(
-            _filled(arr, False), pa.scalar(b"\x20\x01", pa.binary()), pa.scalar(b"\x20\x00", pa.binary())
+            _filled(arr, False),
+            pa.scalar(VALUE_BOOL + b"\x01", pa.binary()),
+            pa.scalar(VALUE_BOOL + b"\x00", pa.binary()),
         )
     elif kind is Kind.TIMESTAMP:
         micros = _filled(pc.cast(arr, pa.int64()), 0).to_numpy(zero_copy_only=False)
-        body = _length_delimited(b"\x1a", timestamp_strings(micros))
+        body = _length_delimited(VALUE_STRING, timestamp_strings(micros))
     else:
         return _python_values(arr, dtype)
     if arr.null_count:
@@ -282,13 +274,13 @@ def value_messages(arr: pa.Array, dtype: DType) -> pa.Array:
 def _entry_key(name: str) -> bytes:
     """The start of a Struct map entry for `name`: the key (field 1), then the Value's tag (field 2)."""
     raw = name.encode()
-    return b"\x0a" + varint(len(raw)) + raw + b"\x12"
+    return STRUCT_ENTRY_KEY + varint(len(raw)) + raw + STRUCT_ENTRY_VALUE
 
 
 def null_entry(name: str) -> bytes:
     """The bytes of a field holding null in a serialized google.protobuf.Struct."""
     entry = _entry_key(name) + varint(len(_NULL)) + _NULL
-    return b"\x0a" + varint(len(entry)) + entry
+    return STRUCT_FIELD + varint(len(entry)) + entry
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -304,7 +296,7 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def struct_entries(value: bytes, start: int) -> list[tuple[bytes, bytes]]:
-    """(name, bytes) of each field of the features Struct that follows a stored value's event_time.
+    """(name, bytes) of each field of the features Struct that follows a stored payload's event_time.
 
     `start` is where the features field begins; the entries' bytes joined are the Struct again.
     """
@@ -319,21 +311,21 @@ def struct_entries(value: bytes, start: int) -> list[tuple[bytes, bytes]]:
     return entries
 
 
-def with_late_nulls(value: bytes, late: dict[bytes, bytes]) -> bytes:
-    """A stored value's event_time and features, with a null entry for each late field the row lacks.
+def with_late_nulls(body: bytes, late: dict[bytes, bytes]) -> bytes:
+    """A stored payload (event_time, features), with a null entry for each late field the row lacks.
 
     `late` maps the names of fields added after the source held rows to their null Struct entries.
     """
-    start = 8 + event_time_length(value)
-    entries = struct_entries(value, start)
+    start = event_time_length(body)
+    entries = struct_entries(body, start)
     missing = late.keys() - {name for name, _ in entries}
     if not missing:
-        return value[8:]
+        return body
     # Entries stay in name order, as the encoder writes them for rows stored with every field.
     entries += [(name, late[name]) for name in missing]
     entries.sort()
-    payload = b"".join(entry for _, entry in entries)
-    return value[8:start] + b"\x1a" + varint(len(payload)) + payload
+    joined = b"".join(entry for _, entry in entries)
+    return body[:start] + FEATURE_VECTOR_FEATURES + varint(len(joined)) + joined
 
 
 def field_entries(table: pa.Table, fields: Sequence[FieldSpec]) -> list[pa.Array]:
@@ -348,29 +340,18 @@ def field_entries(table: pa.Table, fields: Sequence[FieldSpec]) -> list[pa.Array
         value_len = pc.binary_length(values).to_numpy(zero_copy_only=False)
         key = _entry_key(f.name)
         entry_len = len(key) + varint_sizes(value_len) + value_len
-        parts.append(_join(b"\x0a", varints(entry_len), key, varints(value_len), values))
+        parts.append(_join(STRUCT_FIELD, varints(entry_len), key, varints(value_len), values))
     return parts
-
-
-def time_headers(micros: np.ndarray) -> pa.Array:
-    """8-byte headers whose byte order is the order of the event times."""
-    flipped = np.asarray(micros, dtype=np.int64).view(np.uint64) ^ _SIGN
-    return _binary_from_matrix(flipped.astype(">u8").view(np.uint8).reshape(-1, 8))
-
-
-def header_micros(value: bytes) -> int:
-    """The event time in a stored value's header."""
-    return int.from_bytes(value[:8], "big") - (1 << 63)
 
 
 def event_time_field(micros: int) -> bytes:
     """FeatureVector.event_time (field 2): a Timestamp of seconds (field 1) and nanos (field 2)."""
     seconds, rest = divmod(micros, 1_000_000)
     # Negative seconds are written as 64-bit two's complement, as protobuf does for int64.
-    body = (b"\x08" + varint(seconds % (1 << 64)) if seconds else b"") + (
-        b"\x10" + varint(rest * 1000) if rest else b""
+    body = (TIMESTAMP_SECONDS + varint(seconds % (1 << 64)) if seconds else b"") + (
+        TIMESTAMP_NANOS + varint(rest * 1000) if rest else b""
     )
-    return b"\x12" + varint(len(body)) + body
+    return FEATURE_VECTOR_EVENT_TIME + varint(len(body)) + body
 
 
 def event_time_fields(micros: np.ndarray) -> pa.Array:
@@ -378,15 +359,15 @@ def event_time_fields(micros: np.ndarray) -> pa.Array:
     seconds = np.floor_divide(micros, 1_000_000)
     nanos = (micros - seconds * 1_000_000) * 1000
     # A zero field is left out, as protobuf leaves out defaults.
-    secs = pc.if_else(pa.array(seconds != 0), _join(b"\x08", varints(seconds.view(np.uint64))), b"")
-    nans = pc.if_else(pa.array(nanos != 0), _join(b"\x10", varints(nanos)), b"")
+    secs = pc.if_else(pa.array(seconds != 0), _join(TIMESTAMP_SECONDS, varints(seconds.view(np.uint64))), b"")
+    nans = pc.if_else(pa.array(nanos != 0), _join(TIMESTAMP_NANOS, varints(nanos)), b"")
     body_len = pc.binary_length(secs).to_numpy() + pc.binary_length(nans).to_numpy()
-    return _join(b"\x12", varints(body_len), secs, nans)
+    return _join(FEATURE_VECTOR_EVENT_TIME, varints(body_len), secs, nans)
 
 
-def event_time_length(value: bytes) -> int:
-    """The length of the event_time field that follows a stored value's header (it is under 128 bytes)."""
-    return 2 + value[9]
+def event_time_length(payload: bytes) -> int:
+    """The length of the event_time field that starts a stored payload (it is under 128 bytes)."""
+    return 2 + payload[1]
 
 
 def key_text(arr: pa.Array) -> pa.Array:
@@ -446,10 +427,11 @@ def _encode_small(
             _set_value(message, canonical(row[f.name], f.dtype))
             value = message.SerializeToString(deterministic=True)
             entry = key + varint(len(value)) + value
-            out.append(b"\x0a" + varint(len(entry)) + entry)
+            out.append(STRUCT_FIELD + varint(len(entry)) + entry)
         payload = b"".join(out)
-        header = (t + (1 << 63)).to_bytes(8, "big")
-        values.append(header + event_time_field(t) + b"\x1a" + varint(len(payload)) + payload)
+        values.append(
+            time_header(t) + event_time_field(t) + FEATURE_VECTOR_FEATURES + varint(len(payload)) + payload
+        )
     return keys, values
 
 
@@ -471,6 +453,6 @@ def encode_rows(
     micros = pc.cast(table.column(timestamp_field), pa.int64()).to_numpy()
     parts = field_entries(table, fields)
     payload_len = sum(pc.binary_length(p).to_numpy().astype(np.int64) for p in parts)
-    features = [b"\x1a", varints(payload_len), *parts]  # FeatureVector.features (field 3)
+    features = [FEATURE_VECTOR_FEATURES, varints(payload_len), *parts]
     values = _join(time_headers(micros), event_time_fields(micros), *features)
     return keys.to_pylist(), values.to_pylist()

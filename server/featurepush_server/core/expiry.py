@@ -8,7 +8,7 @@ import time
 from featurepush.v1 import source_pb2
 
 from .periodic import Periodic
-from .store import OnlineStore
+from .stores.base import Store
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ class ExpirySweeper:
     replaced while the sweep ran is kept: the store re-reads each candidate under its write lock.
     """
 
-    def __init__(self, store: OnlineStore, interval_s: float):
+    def __init__(self, store: Store, interval_s: float):
         self._store = store
         # Rows deleted by this process's sweeps, for the operator.
         self.deleted = 0

@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 from google.protobuf import struct_pb2
 
 from .columns import conform
-from .encoding import encode_rows
-from .errors import Cancelled, InvalidInput, LimitExceeded, NotFound, Violation, name_list
-from .ipc import READ_ERRORS, IpcLimits, MalformedStream, StreamTooLarge, read_stream
-from .offline_log import TIMESTAMP_FIELD_KEY
+from .errors import InvalidInput, LimitExceeded, NotFound, Violation, name_list
+from .ipc import IpcLimits, MalformedStream, StreamTooLarge, read_stream
+from .materialize import Materializer, Origin, SourceRecords, validated_data
 from .registry import Registry, Source
 from .rows import rows_to_table
-from .store import BatchCounts, OnlineStore, RowBatch, row_prefix
+from .stores.base import BatchCounts
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -73,28 +71,20 @@ def read_arrow(data: bytes, path: str, limits: IpcLimits | None = None) -> pa.Ta
         ) from None
 
 
-def arrow_ipc(table: pa.Table) -> bytes:
-    """A table as one Arrow IPC stream."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue())
-
-
 class Ingestor:
-    """Validates pushes against their sources' schemas and writes them to the online store."""
+    """Validates pushes against their sources' schemas and hands them to the materializer to write."""
 
     def __init__(
         self,
         registry: Registry,
-        store: OnlineStore,
+        materializer: Materializer,
         *,
         max_records: int = 10_000,
         max_violations: int = 100,
         arrow_limits: IpcLimits | None = None,
     ):
         self._registry = registry
-        self._store = store
+        self._materializer = materializer
         self.max_records = max_records
         self._max_violations = max_violations
         self._arrow_limits = dataclasses.replace(arrow_limits or IpcLimits(), max_rows=max_records)
@@ -160,7 +150,7 @@ class Ingestor:
             path = source_path(name)
             left = max(self._max_violations - len(violations), 1)
             if name in tables:
-                with _validated_data("conforming", path):
+                with validated_data("conforming", path):
                     table, bad = conform(tables[name], spec.fields, path, max_violations=left)
                 total_bad += len(bad)
             elif payload.rows:
@@ -181,23 +171,10 @@ class Ingestor:
                 shown,
                 reason="INVALID_RECORDS",
             )
-        batches = []
-        for name, table in tables.items():
-            spec = sources[name].spec
-            with _validated_data("encoding", source_path(name)):
-                keys, values = encode_rows(
-                    table, spec.fields, spec.entity_keys, spec.timestamp_field, row_prefix(sources[name].id)
-                )
-            # Logged records ride in the same atomic write as the rows: acknowledged means queued for the log.
-            offline = b""
-            if spec.log_offline and not dry_run:
-                tagged = table.replace_schema_metadata({TIMESTAMP_FIELD_KEY: spec.timestamp_field})
-                offline = arrow_ipc(tagged)
-            source = sources[name]
-            batches.append(RowBatch(name, keys, values, offline, source.id, source.generation))
-        if stop is not None and stop():
-            raise Cancelled("the push's caller went away before it was written; nothing was written")
-        result = self._store.write_latest(batches, request_id=request_id, dry_run=dry_run)
+        parts = [SourceRecords(sources[name], table, source_path(name)) for name, table in tables.items()]
+        result = self._materializer.write(
+            parts, origin=Origin.PUSH, request_id=request_id, dry_run=dry_run, stop=stop
+        )
         return PushOutcome(result.counts, dry_run, result.replayed)
 
     def knows(self, name: str) -> bool:
@@ -209,18 +186,3 @@ class Ingestor:
             return self._registry.get(name)
         except NotFound:
             return None
-
-
-@contextmanager
-def _validated_data(step: str, path: str) -> Iterator[None]:
-    """Turn an Arrow error in a step on validated data into the caller's InvalidInput, never INTERNAL."""
-    try:
-        yield
-    except READ_ERRORS as e:
-        # Validated data should not get here: keep the trace for the operator, answer the caller cleanly.
-        _LOGGER.warning("%s %s failed on validated data: %s", step, path, type(e).__name__, exc_info=True)
-        raise InvalidInput(
-            f"{path} cannot be stored: {step} its records failed",
-            [Violation(path, f"{step} the records failed ({type(e).__name__}); check the column types")],
-            reason="INVALID_RECORDS",
-        ) from None

@@ -1,5 +1,7 @@
 """Reading Arrow IPC streams from untrusted bytes: limits checked from message metadata, then full validation.
 
+Writing one (`arrow_ipc`) is trivial and lives here too, so that one module handles the format.
+
 An IPC stream is a sequence of messages, each a flatbuffer header and a body of buffers. A first pass reads
 only the headers (the bodies stay zero-copy slices of the input) and refuses a stream whose row count,
 batch count, columns, nesting or decoded size is over a limit, before Arrow decodes or decompresses
@@ -376,3 +378,11 @@ def read_stream(data: bytes, limits: IpcLimits) -> pa.Table:
             limits.max_decoded_bytes,
         )
     return table
+
+
+def arrow_ipc(table: pa.Table) -> bytes:
+    """A table as one Arrow IPC stream."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue())

@@ -27,9 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .ipc import READ_ERRORS, IpcLimits, read_stream
+from .ipc import READ_ERRORS, IpcLimits, arrow_ipc, read_stream
+from .materialize import Origin, Staged
 from .periodic import Periodic
-from .store import OnlineStore, QueuedRecords
+from .stores.base import OfflineQueue, QueuedRecords
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -51,6 +52,21 @@ def _file_name(first: int, last: int) -> str:
     return f"{first:020d}-{last:020d}.parquet"
 
 
+class OfflineLogWriter:
+    """Stages a push's records for the offline log when its source logs offline; backfills never are.
+
+    The entry rides in the same atomic write as the rows: acknowledged means queued for the log. It is
+    the records as an Arrow IPC stream whose schema metadata names the event-time column.
+    """
+
+    def stage(self, staged: Staged) -> None:
+        """Set the staged offline-log entry."""
+        spec = staged.source.spec
+        if staged.origin is Origin.PUSH and spec.log_offline and not staged.dry_run:
+            tagged = staged.table.replace_schema_metadata({TIMESTAMP_FIELD_KEY: spec.timestamp_field})
+            staged.offline = arrow_ipc(tagged)
+
+
 class OfflineLog:
     """Moves queued records into Parquet under `root`; a background thread flushes every `interval_s`.
 
@@ -58,7 +74,7 @@ class OfflineLog:
     """
 
     def __init__(
-        self, store: OnlineStore, root: Path, *, interval_s: float = 1.0, round_bytes: int = ROUND_BYTES
+        self, store: OfflineQueue, root: Path, *, interval_s: float = 1.0, round_bytes: int = ROUND_BYTES
     ):
         self.root = root
         self._store = store

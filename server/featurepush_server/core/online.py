@@ -9,30 +9,24 @@ from google.protobuf import struct_pb2
 
 from featurepush.v1 import online_service_pb2
 
-from .encoding import (
-    event_time_length,
-    header_micros,
-    key_part,
-    null_entry,
-    python_key,
-    varint,
-    with_late_nulls,
-)
+from .encoding import event_time_length, key_part, null_entry, python_key, with_late_nulls
 from .errors import InvalidInput, LimitExceeded, Violation
+from .framing import header_micros, payload
 from .registry import Registry
 from .rows import BadValue, scalar_converter
 from .schema import Kind, SourceSpec
-from .store import OnlineStore, row_prefix
+from .stores.base import LatestRows
+from .wire import FEATURE_VECTOR_STATUS, GET_FEATURES_RESULT, varint
 
-_MISSING = b"\x08" + bytes([online_service_pb2.FEATURE_STATUS_MISSING])
-_PRESENT = b"\x08" + bytes([online_service_pb2.FEATURE_STATUS_PRESENT])
-_EXPIRED = b"\x08" + bytes([online_service_pb2.FEATURE_STATUS_EXPIRED])
+_MISSING = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_MISSING])
+_PRESENT = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_PRESENT])
+_EXPIRED = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_EXPIRED])
 
 
 class OnlineReader:
     """Reads the latest rows of one source for many entity keys."""
 
-    def __init__(self, registry: Registry, store: OnlineStore, *, max_keys: int = 10_000):
+    def __init__(self, registry: Registry, store: LatestRows, *, max_keys: int = 10_000):
         self._registry = registry
         self._store = store
         self.max_keys = max_keys
@@ -51,7 +45,7 @@ class OnlineReader:
             )
         source = self._registry.get(source_name)
         spec = source.spec
-        prefix = row_prefix(source.id)
+        prefix = self._store.row_prefix(source.id)
         store_keys = self._string_keys(keys, spec, prefix)
         if store_keys is None:
             store_keys = self._checked_keys(keys, spec, prefix)
@@ -60,16 +54,17 @@ class OnlineReader:
         late = {name.encode(): null_entry(name) for name in source.late_fields}
         out = []
         for value in stored:
-            # A stored value holds the vector's event_time and features fields after its header.
+            # A stored payload is the vector's event_time and features fields.
             if value is None:
                 vector = _MISSING
             elif cutoff is not None and header_micros(value) < cutoff:
-                vector = _EXPIRED + value[8 : 8 + event_time_length(value)]
+                body = payload(value)
+                vector = _EXPIRED + body[: event_time_length(body)]
             elif late:
-                vector = _PRESENT + with_late_nulls(value, late)
+                vector = _PRESENT + with_late_nulls(payload(value), late)
             else:
-                vector = _PRESENT + value[8:]
-            out.append(b"\x0a" + varint(len(vector)) + vector)
+                vector = _PRESENT + payload(value)
+            out.append(GET_FEATURES_RESULT + varint(len(vector)) + vector)
         return b"".join(out)
 
     @staticmethod

@@ -13,7 +13,7 @@ from featurepush.v1 import source_pb2
 
 from .errors import FailedPrecondition, InvalidInput, NotFound, Violation, shown
 from .schema import SourceSpec, compile_source
-from .store import OnlineStore
+from .stores.base import Store
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -77,7 +77,7 @@ class Registry:
 
     def __init__(
         self,
-        store: OnlineStore,
+        store: Store,
         check_batch_source: Callable[[SourceSpec, Callable[[], bool]], None] | None = None,
     ):
         self._store = store

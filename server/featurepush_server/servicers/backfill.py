@@ -16,10 +16,10 @@ from featurepush.v1 import backfill_service_pb2_grpc as pb_grpc
 
 from ..core.backfill import Backfiller, BackfillProgress
 from ..core.batch import BatchRead, BatchSources
-from ..core.encoding import varint
 from ..core.errors import Cancelled, ShuttingDown
 from ..core.prefetch import prefetch
 from ..core.registry import Registry
+from ..core.wire import READ_BATCH_RECORD_BATCH, READ_BATCH_SCHEMA, varint
 from ..metrics import Metrics
 from ..status import streaming
 from .calls import stop_check
@@ -33,9 +33,6 @@ def _micros(message: pb.ReadBatchSourceRequest | pb.BackfillRequest, name: str) 
 
 
 SERVICE = pb.DESCRIPTOR.services_by_name["BackfillService"].full_name
-# ReadBatchSourceResponse's fields: arrow_schema is field 1, arrow_record_batch field 2, both bytes.
-_SCHEMA_TAG = b"\x0a"
-_BATCH_TAG = b"\x12"
 
 
 def _frame(tag: bytes, body: pa.Buffer) -> bytes:
@@ -48,7 +45,7 @@ def _frames(read: BatchRead) -> Iterator[bytes]:
     batches = read.batches()
     try:
         for batch in batches:
-            yield _frame(_BATCH_TAG, batch.serialize())
+            yield _frame(READ_BATCH_RECORD_BATCH, batch.serialize())
     finally:
         batches.close()
 
@@ -120,7 +117,7 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
             max_bytes=request.max_bytes_per_batch,
             stop=stop,
         )
-        yield _frame(_SCHEMA_TAG, read.schema.serialize())
+        yield _frame(READ_BATCH_SCHEMA, read.schema.serialize())
         # Reading and encoding the next batch overlaps sending this one: parquet decoding frees the GIL.
         frames = prefetch(lambda: _frames(read), max_bytes=self._frame_bytes, size=len)
         try:

@@ -1,15 +1,21 @@
-"""The embedded online store: RocksDB (through rocksdict, raw bytes) holding sources and latest rows.
+"""The embedded store: RocksDB (through rocksdict, raw bytes) holding sources, latest rows, idempotency
+records and the offline-log queue. This module alone knows the key layout.
 
 Key space, by first byte:
   s<name>                         a source: 4-byte source id, then the serialized PushSource
-  r<source id><entity key>        a row: 8-byte event-time header, then the record's payload
+  r<source id><entity key>        a row: its stored value, framed as `framing.py` says
   q<request id>                   an idempotency record: 8-byte time in ms, then the JSON counts
   t<time><request id>             the same record's entry in the expiry index: 8-byte time in ms (the
                                   record's), empty value; purges walk it oldest first
   o<sequence>                     an offline-log queue entry: 8-byte big-endian sequence number; the
                                   value is a 2-byte name length, the source name, then an Arrow IPC stream
-  m<name>                         store metadata such as the next source id
+  m<name>                         store metadata such as the next source id and the format version
   mlate_fields<source id>         the names, one per line, of fields added to a source holding rows
+
+The format version (`m` + "format_version", 4 bytes big-endian) is written when the database is
+created. A database holding another version is refused at open with StoreFormatError. A database with
+data but no version was written before the version existed, in the layout above, which is format 1
+(UNVERSIONED_FORMAT): it is read as that, so this build accepts it and writes the version then.
 """
 
 from __future__ import annotations
@@ -22,14 +28,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import rocksdict
 
-from .errors import Aborted, CoreError, StorageFull, Unavailable
-from .gate import UsageGate
+from ..errors import Aborted, CoreError, StorageFull, Unavailable
+from ..framing import HEADER_BYTES, time_header
+from ..gate import UsageGate
+from .base import BatchCounts, QueuedRecords, RowBatch, StoreFormatError, WriteResult
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -42,6 +49,11 @@ OFFLINE = b"o"
 _NEXT_ID = META + b"next_source_id"
 _NEXT_OFFLINE_SEQ = META + b"next_offline_seq"
 _REQUEST_INDEX_BUILT = META + b"request_expiry_index"
+FORMAT_KEY = META + b"format_version"
+# The layout described above; bump it with any change a build reading the old one would misread.
+FORMAT_VERSION = 1
+# The format of a database with data but no version key, written before the key existed.
+UNVERSIONED_FORMAT = 1
 # A file written next to the database to learn whether the disk has room again; removed at start too.
 SPACE_PROBE = ".space-probe.tmp"
 _PROBE_BYTES = 256 * 1024
@@ -64,50 +76,6 @@ def _prefix_end(prefix: bytes) -> bytes:
 def offline_key(seq: int) -> bytes:
     """The key of the offline-log queue entry with sequence number `seq`."""
     return OFFLINE + seq.to_bytes(8, "big")
-
-
-@dataclass(frozen=True)
-class RowBatch:
-    """One source's encoded rows for a write: keys and values (event-time header, then payload).
-
-    `offline` is the batch's records as an Arrow IPC stream when they also go to the offline log; it is
-    queued in the same atomic write as the rows, so an acknowledged record is never missing from the log.
-    """
-
-    source: str
-    keys: Sequence[bytes]
-    values: Sequence[bytes]
-    offline: bytes = b""
-    # The source's id and the definition generation the rows were validated against; a write whose
-    # source changed or went away since is refused whole. No id: not checked.
-    source_id: int | None = None
-    generation: int = 0
-
-
-@dataclass(frozen=True)
-class QueuedRecords:
-    """One offline-log queue entry: its sequence number, source name and records as an Arrow IPC stream."""
-
-    seq: int
-    source: str
-    arrow_ipc: bytes
-
-
-@dataclass(frozen=True)
-class BatchCounts:
-    """What a write did with one source's rows."""
-
-    accepted: int
-    written: int
-    superseded: int
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    """Counts per source; `replayed` when the request id was seen and nothing was written."""
-
-    counts: dict[str, BatchCounts]
-    replayed: bool = False
 
 
 # What one latest-event index entry costs beyond its key's bytes: the dict slot, the key and header objects.
@@ -149,8 +117,32 @@ def _open_db(path: Path) -> Any:
     return rocksdict.Rdict(str(path), options)
 
 
-class OnlineStore:
-    """Sources and the latest row per entity in one RocksDB database.
+def _check_format(db: Any, path: Path) -> None:
+    """Refuse a database written in another store format; stamp a new or unversioned one with this one's."""
+    raw = db.get(FORMAT_KEY)
+    if raw is not None:
+        found = int.from_bytes(raw, "big")
+    elif next(iter(db.keys()), None) is None:
+        found = FORMAT_VERSION
+    else:
+        found = UNVERSIONED_FORMAT
+    if found == FORMAT_VERSION and raw is None:
+        db.put(FORMAT_KEY, FORMAT_VERSION.to_bytes(4, "big"))
+    elif found != FORMAT_VERSION:
+        action = (
+            "upgrade featurepush"
+            if found > FORMAT_VERSION
+            else "export its sources with the featurepush that wrote it"
+        )
+        raise StoreFormatError(
+            f"data directory {path} was written in store format {found}; this featurepush reads format "
+            f"{FORMAT_VERSION}: {action}, or start on a new data directory",
+            metadata={"found": str(found), "supported": str(FORMAT_VERSION)},
+        )
+
+
+class RocksDBStore:
+    """The Store protocol on one RocksDB database: sources, the latest row per entity, and the rest.
 
     Thread-safe: writes hold one lock for their read-compare-write, so concurrent pushes to one entity
     never lose the newer value; the WAL sync happens after the lock is released so that concurrent
@@ -176,6 +168,11 @@ class OnlineStore:
         # A crash while probing for space leaves the probe behind.
         (self.path / SPACE_PROBE).unlink(missing_ok=True)
         self._db: Any = _open_db(self.path)
+        try:
+            _check_format(self._db, self.path)
+        except BaseException:
+            self._db.close()
+            raise
         self._gate = UsageGate()
         self._fsync = fsync
         self._window_ms = int(idempotency_window_s * 1000)
@@ -324,6 +321,10 @@ class OnlineStore:
 
     # --- sources -------------------------------------------------------------------------------
 
+    def row_prefix(self, source_id: int) -> bytes:
+        """The key prefix of every row of one source."""
+        return row_prefix(source_id)
+
     def get_source(self, name: str) -> tuple[int, bytes] | None:
         """The id and serialized definition of a source, or None."""
         with self._gate.use():
@@ -428,14 +429,14 @@ class OnlineStore:
         Ends early, leaving the rest to the next sweep, when a close or reopen of the database waits.
         """
         prefix = row_prefix(source_id)
-        cutoff = (cutoff_micros + (1 << 63)).to_bytes(8, "big")
+        cutoff = time_header(cutoff_micros)
         deleted = 0
         candidates: list[bytes] = []
         with self._gate.use():
             for key, value in self._db.items(from_key=prefix):
                 if not key.startswith(prefix) or self._gate.wanted:
                     break
-                if value[:8] < cutoff:
+                if value[:HEADER_BYTES] < cutoff:
                     candidates.append(key)
                     if len(candidates) >= chunk:
                         deleted += self._delete_if_older(candidates, cutoff)
@@ -449,7 +450,9 @@ class OnlineStore:
         with self._lock:
             # Read again under the lock: a newer event may have landed since the scan saw the row.
             stale = [
-                k for k, v in zip(keys, self._db.get(keys), strict=True) if v is not None and v[:8] < cutoff
+                k
+                for k, v in zip(keys, self._db.get(keys), strict=True)
+                if v is not None and v[:HEADER_BYTES] < cutoff
             ]
             if stale:
                 wb = rocksdict.WriteBatch(raw_mode=True)
@@ -499,7 +502,7 @@ class OnlineStore:
                     )
             if not dry_run and self._write_error is not None:
                 raise self._write_error
-            seen = self._seen_request(request_id) if request_id else None
+            seen = self.seen_request(request_id) if request_id else None
             if seen is None:
                 wb = rocksdict.WriteBatch(raw_mode=True)
                 counts = {batch.source: self._stage_latest(batch, wb) for batch in batches}
@@ -528,7 +531,8 @@ class OnlineStore:
     def _stage_latest(self, batch: RowBatch, wb: rocksdict.WriteBatch) -> BatchCounts:
         keys, values = batch.keys, batch.values
         accepted = len(keys)
-        heads = [v[:8] for v in values]
+        width = HEADER_BYTES
+        heads = [v[:width] for v in values]
         if len(set(keys)) != len(keys):
             # Several events for one entity in a batch: keep the newest, the later one on a tie.
             best: dict[bytes, int] = {}
@@ -547,7 +551,7 @@ class OnlineStore:
             self._latest_bytes = 0
         misses = [key for key in keys if key not in cache]
         if misses:
-            found = [b"" if old is None else old[:8] for old in self._db.get(misses)]
+            found = [b"" if old is None else old[:width] for old in self._db.get(misses)]
             cache.update(zip(misses, found, strict=True))
             self._latest_bytes += sum(map(len, misses)) + len(misses) * _INDEX_ENTRY_OVERHEAD
         # Headers order like event times; an equal time replaces, so a correction can land.
@@ -604,7 +608,8 @@ class OnlineStore:
 
     # --- idempotency records -------------------------------------------------------------------
 
-    def _seen_request(self, request_id: str) -> dict[str, BatchCounts] | None:
+    def seen_request(self, request_id: str) -> dict[str, BatchCounts] | None:
+        """The counts recorded for a request id still within the window, or None."""
         raw = self._db.get(REQUEST + request_id.encode())
         if raw is None:
             return None

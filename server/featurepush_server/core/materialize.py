@@ -1,0 +1,137 @@
+"""The one step from validated records to a store write, shared by pushes and backfills.
+
+Each source's validated Arrow table is handed to every writer in turn; each adds its part of the write
+(the latest rows, the offline-log entry, and whatever else comes to hang here) to the source's `Staged`.
+The parts of every source then go to the store in one atomic write, with the request id whose counts the
+same write records.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import pyarrow as pa
+
+from .encoding import encode_rows
+from .errors import Cancelled, InvalidInput, Violation
+from .ipc import READ_ERRORS
+from .registry import Source
+from .stores.base import LatestRows, RowBatch, WriteResult
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class Origin(enum.Enum):
+    """Where records come from: a push, or a backfill of a source's own history."""
+
+    PUSH = "push"
+    BACKFILL = "backfill"
+
+
+@dataclass(frozen=True)
+class SourceRecords:
+    """One source's validated records; `path` names them in the caller's errors ("" names nothing)."""
+
+    source: Source
+    table: pa.Table
+    path: str = ""
+
+
+@dataclass
+class Staged:
+    """One source's part of a write, filled in by the writers; `keys` and `values` are its latest rows."""
+
+    source: Source
+    table: pa.Table
+    origin: Origin
+    dry_run: bool
+    keys: Sequence[bytes] = ()
+    values: Sequence[bytes] = ()
+    offline: bytes = b""
+
+
+class Writer(Protocol):
+    """Adds one kind of output to a source's part of a write; called once per source and write."""
+
+    def stage(self, staged: Staged) -> None:
+        """Fill in this writer's part of `staged`."""
+        ...
+
+
+class LatestRowWriter:
+    """Encodes the records into the store's keys and framed values of the latest row per entity."""
+
+    def __init__(self, rows: LatestRows):
+        self._rows = rows
+
+    def stage(self, staged: Staged) -> None:
+        """Set the staged keys and values."""
+        spec = staged.source.spec
+        staged.keys, staged.values = encode_rows(
+            staged.table,
+            spec.fields,
+            spec.entity_keys,
+            spec.timestamp_field,
+            self._rows.row_prefix(staged.source.id),
+        )
+
+
+class Materializer:
+    """Writes validated records through every writer and the store; thread-safe as the store's write is."""
+
+    def __init__(self, store: LatestRows, writers: Sequence[Writer]):
+        self._store = store
+        # In order; the server's are the latest rows, then the offline log (offline_log.OfflineLogWriter).
+        self.writers = list(writers)
+
+    def write(
+        self,
+        records: Sequence[SourceRecords],
+        *,
+        origin: Origin,
+        request_id: str = "",
+        dry_run: bool = False,
+        stop: Callable[[], bool] | None = None,
+    ) -> WriteResult:
+        """Stage every source's records, then write them all atomically or none.
+
+        `stop` is asked once everything is staged: True raises Cancelled and nothing is written.
+        """
+        batches: list[RowBatch] = []
+        for part in records:
+            staged = Staged(part.source, part.table, origin, dry_run)
+            guard: AbstractContextManager[None] = (
+                validated_data("encoding", part.path) if part.path else nullcontext()
+            )
+            with guard:
+                for writer in self.writers:
+                    writer.stage(staged)
+            source = part.source
+            batches.append(
+                RowBatch(
+                    source.spec.name, staged.keys, staged.values, staged.offline, source.id, source.generation
+                )
+            )
+        if stop is not None and stop():
+            raise Cancelled("the push's caller went away before it was written; nothing was written")
+        return self._store.write_latest(batches, request_id=request_id, dry_run=dry_run)
+
+
+@contextmanager
+def validated_data(step: str, path: str) -> Iterator[None]:
+    """Turn an Arrow error in a step on validated data into the caller's InvalidInput, never INTERNAL."""
+    try:
+        yield
+    except READ_ERRORS as e:
+        # Validated data should not get here: keep the trace for the operator, answer the caller cleanly.
+        _LOGGER.warning("%s %s failed on validated data: %s", step, path, type(e).__name__, exc_info=True)
+        raise InvalidInput(
+            f"{path} cannot be stored: {step} its records failed",
+            [Violation(path, f"{step} the records failed ({type(e).__name__}); check the column types")],
+            reason="INVALID_RECORDS",
+        ) from None

@@ -1,0 +1,191 @@
+"""What the core asks of a store: small protocols split by concern, and the values they exchange.
+
+The core (registry, ingest, backfill, online reads, the offline log, the ttl sweep) types its store by
+these protocols only. A backend implements them all in one module of this package and keeps its key
+layout to itself; the stored value a row holds is framed by `framing.py`, whatever the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..errors import FailedPrecondition
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """One source's encoded rows for a write: keys and values (event-time header, then payload).
+
+    `offline` is the batch's records as an Arrow IPC stream when they also go to the offline log; it is
+    queued in the same atomic write as the rows, so an acknowledged record is never missing from the log.
+    """
+
+    source: str
+    keys: Sequence[bytes]
+    values: Sequence[bytes]
+    offline: bytes = b""
+    # The source's id and the definition generation the rows were validated against; a write whose
+    # source changed or went away since is refused whole. No id: not checked.
+    source_id: int | None = None
+    generation: int = 0
+
+
+@dataclass(frozen=True)
+class QueuedRecords:
+    """One offline-log queue entry: its sequence number, source name and records as an Arrow IPC stream."""
+
+    seq: int
+    source: str
+    arrow_ipc: bytes
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """What a write did with one source's rows."""
+
+    accepted: int
+    written: int
+    superseded: int
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """Counts per source; `replayed` when the request id was seen and nothing was written."""
+
+    counts: dict[str, BatchCounts]
+    replayed: bool = False
+
+
+class StoreFormatError(FailedPrecondition):
+    """A data directory was written in a store format this build does not read; raised when opening it."""
+
+    reason = "STORE_FORMAT"
+
+
+class SourceCatalog(Protocol):
+    """Source definitions by name, each with a store-assigned id and a per-process generation."""
+
+    def get_source(self, name: str) -> tuple[int, bytes] | None:
+        """The id and serialized definition of a source, or None."""
+        ...
+
+    def list_sources(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, int, bytes]]:
+        """Sources in name order, starting after `after`."""
+        ...
+
+    def put_source(
+        self,
+        name: str,
+        definition: bytes,
+        source_id: int | None = None,
+        *,
+        invalidate: bool = True,
+        late_fields: Sequence[str] = (),
+    ) -> int:
+        """Store a definition under its id, or a new one; return the id. `invalidate`: a new generation.
+
+        `late_fields` replaces the source's fields that rows stored before them may lack (read as null).
+        """
+        ...
+
+    def late_fields(self, source_id: int) -> tuple[str, ...]:
+        """The fields added to a source while it held rows, which rows stored before may lack."""
+        ...
+
+    def delete_source(self, name: str, source_id: int) -> int:
+        """Delete a source and its rows; return how many rows there were."""
+        ...
+
+    def generation(self, source_id: int) -> int:
+        """How many times this process has written the source's definition; -1 once it is deleted."""
+        ...
+
+    def exclusive(self) -> AbstractContextManager[None]:
+        """Hold off every row write, so a check of stored rows and a definition change are one step."""
+        ...
+
+
+class LatestRows(Protocol):
+    """The latest row per entity, written atomically across sources with latest-by-event-time semantics."""
+
+    def row_prefix(self, source_id: int) -> bytes:
+        """The prefix of every row key of one source; a row's key is this, then its entity key bytes."""
+        ...
+
+    def write_latest(
+        self, batches: Sequence[RowBatch], *, request_id: str = "", dry_run: bool = False
+    ) -> WriteResult:
+        """Write each row unless a newer event of its entity is stored or later in the batch; atomically.
+
+        The same write queues the batches' offline records and, with a `request_id`, records the counts
+        so that the request sent again is answered from them without writing (see IdempotencyRecords).
+        """
+        ...
+
+    def read(self, keys: list[bytes]) -> list[bytes | None]:
+        """Stored values of the keys, None where absent."""
+        ...
+
+    def delete_expired(self, source_id: int, cutoff_micros: int) -> int:
+        """Delete the source's rows whose event time is before `cutoff_micros`; return how many."""
+        ...
+
+    def has_rows(self, source_id: int) -> bool:
+        """Whether a source holds any row."""
+        ...
+
+
+class IdempotencyRecords(Protocol):
+    """Request ids seen within a window, with the counts of their write; recorded by `write_latest`."""
+
+    def seen_request(self, request_id: str) -> dict[str, BatchCounts] | None:
+        """The counts recorded for a request id still within the window, or None."""
+        ...
+
+    def purge_requests(self) -> int:
+        """Drop the records older than the window; return how many."""
+        ...
+
+
+class OfflineQueue(Protocol):
+    """Offline-log entries in sequence order, queued by `write_latest` and dropped once flushed."""
+
+    def queued_offline(self, max_bytes: int, last_seq: int | None = None) -> list[QueuedRecords]:
+        """Queue entries from the oldest, up to about `max_bytes` (at least one) or through `last_seq`."""
+        ...
+
+    def delete_offline(self, first_seq: int, last_seq: int) -> None:
+        """Drop the queue entries from `first_seq` through `last_seq`, durably."""
+        ...
+
+
+class Store(SourceCatalog, LatestRows, IdempotencyRecords, OfflineQueue, Protocol):
+    """A whole backend: the four concerns, plus disk-error recovery and a draining close."""
+
+    @property
+    def writable(self) -> bool:
+        """Whether writes are accepted: False after a storage error until `recover()` succeeds."""
+        ...
+
+    def watch_writable(self, callback: Callable[[bool], None]) -> None:
+        """Call `callback(writable)` whenever writes stop or start being accepted."""
+        ...
+
+    def recover(self, timeout_s: float = 5.0) -> bool:
+        """After a storage error, try to take writes again; return whether writable."""
+        ...
+
+    def statistic(self, name: str) -> int | None:
+        """A backend statistic by name (RocksDB's integer properties), or None where it has none."""
+        ...
+
+    def sync_now(self) -> None:
+        """Make acknowledged writes durable now if that can be done at once; for a last step before exit."""
+        ...
+
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Turn new calls away, wait up to `timeout_s` for running ones, then close; False if some ran on."""
+        ...

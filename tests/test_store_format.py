@@ -1,0 +1,81 @@
+"""The store format version: written at creation, checked at every open, refused in one line when foreign."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import rocksdict
+from conftest import start
+from test_cli import assert_one_error_line, run
+
+from featurepush_server.core.stores.base import StoreFormatError
+from featurepush_server.core.stores.rocksdb import (
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    SOURCE,
+    UNVERSIONED_FORMAT,
+    RocksDBStore,
+)
+
+
+def _raw(path: Path) -> rocksdict.Rdict:
+    options = rocksdict.Options(raw_mode=True)
+    options.create_if_missing(True)
+    return rocksdict.Rdict(str(path), options)
+
+
+def _plant(path: Path, items: dict[bytes, bytes]) -> None:
+    db = _raw(path)
+    for key, value in items.items():
+        db[key] = value
+    db.close()
+
+
+def _version(path: Path) -> int | None:
+    db = _raw(path)
+    try:
+        raw = db.get(FORMAT_KEY)
+    finally:
+        db.close()
+    return None if raw is None else int.from_bytes(raw, "big")
+
+
+def test_a_new_data_directory_gets_the_current_format(tmp_path: Path) -> None:
+    RocksDBStore(tmp_path / "db").close()
+    assert _version(tmp_path / "db") == FORMAT_VERSION
+
+
+def test_a_directory_from_before_the_version_is_read_as_format_one(tmp_path: Path) -> None:
+    # Data without a version key was written in the layout of format 1, which this build reads.
+    assert UNVERSIONED_FORMAT == FORMAT_VERSION == 1
+    _plant(tmp_path / "db", {SOURCE + b"old": b"\x00\x00\x00\x07"})
+    store = RocksDBStore(tmp_path / "db")
+    try:
+        assert store.get_source("old") == (7, b"")
+    finally:
+        store.close()
+    assert _version(tmp_path / "db") == 1
+
+
+@pytest.mark.parametrize(
+    ("planted", "advice"),
+    [(FORMAT_VERSION + 1, "upgrade featurepush"), (FORMAT_VERSION - 1, "export its sources")],
+)
+def test_another_format_is_refused_at_open(tmp_path: Path, planted: int, advice: str) -> None:
+    _plant(tmp_path / "db", {FORMAT_KEY: planted.to_bytes(4, "big")})
+    with pytest.raises(StoreFormatError, match=f"written in store format {planted}; .* reads format") as e:
+        RocksDBStore(tmp_path / "db")
+    assert advice in e.value.message and "start on a new data directory" in e.value.message
+    # Refused without touching it, and closed: the next open sees the same version and can open it again.
+    assert _version(tmp_path / "db") == planted
+
+
+def test_serve_refuses_another_format_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    start(data).close()
+    _plant(data / "online", {FORMAT_KEY: (FORMAT_VERSION + 1).to_bytes(4, "big")})
+    code, _, err = run(capsys, "serve", "--listen", "localhost:0", "--data-dir", str(data))
+    assert code == 1
+    newer = f"written in store format {FORMAT_VERSION + 1}"
+    assert_one_error_line(err, newer, "start on a new data directory")

@@ -1,0 +1,87 @@
+"""Walls that must hold at run time: the core loads no grpc, and every hand-written tag matches its field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import FieldDescriptor
+
+import featurepush.v1.backfill_service_pb2
+import featurepush.v1.online_service_pb2  # noqa: F401 - registers the messages the tags belong to
+from featurepush_server.core import wire
+
+_WIRE_TYPES = {
+    FieldDescriptor.TYPE_DOUBLE: 1,
+    FieldDescriptor.TYPE_FIXED64: 1,
+    FieldDescriptor.TYPE_SFIXED64: 1,
+    FieldDescriptor.TYPE_FLOAT: 5,
+    FieldDescriptor.TYPE_FIXED32: 5,
+    FieldDescriptor.TYPE_SFIXED32: 5,
+    FieldDescriptor.TYPE_STRING: 2,
+    FieldDescriptor.TYPE_BYTES: 2,
+    FieldDescriptor.TYPE_MESSAGE: 2,
+}
+
+
+def _run(code: str) -> str:
+    """Run `code` in a fresh interpreter and return what it printed."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_core_imports_no_grpc() -> None:
+    loaded = _run(
+        """
+        import importlib, pkgutil, sys
+        import featurepush_server.core as core
+        for module in pkgutil.walk_packages(core.__path__, core.__name__ + "."):
+            importlib.import_module(module.name)
+            assert "grpc" not in sys.modules, f"{module.name} loads grpc"
+        print(sorted(m for m in sys.modules if m.startswith("featurepush_server.")))
+        """
+    )
+    # The walk did reach the core, the store backends included.
+    assert "featurepush_server.core.stores.rocksdb" in loaded
+    assert "featurepush_server.core.materialize" in loaded
+
+
+def test_the_client_package_still_resolves_its_names() -> None:
+    out = _run(
+        """
+        import sys
+        import featurepush
+        assert "grpc" not in sys.modules
+        print(featurepush.Client.__module__, featurepush.Int64, "grpc" in sys.modules)
+        from featurepush import PushConfig, InvalidArgumentError
+        print(sorted(set(featurepush.__all__) - set(dir(featurepush))))
+        """
+    )
+    assert out.splitlines()[0] == "featurepush.client Int64 True"
+    assert out.splitlines()[1] == "[]"
+
+
+def test_an_unknown_name_is_an_attribute_error() -> None:
+    import featurepush
+
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        featurepush.Nothing  # noqa: B018
+
+
+def test_every_tag_constant_is_checked() -> None:
+    constants = {name for name, value in vars(wire).items() if name.isupper() and isinstance(value, bytes)}
+    assert constants == set(wire.TAGS)
+
+
+@pytest.mark.parametrize(("constant", "field"), sorted(wire.TAGS.items()))
+def test_hand_written_tag_matches_the_descriptor(constant: str, field: tuple[str, str]) -> None:
+    message, name = field
+    descriptor = descriptor_pool.Default().FindMessageTypeByName(message).fields_by_name[name]
+    wire_type = _WIRE_TYPES.get(descriptor.type, 0)
+    assert getattr(wire, constant) == wire.varint(descriptor.number << 3 | wire_type)
