@@ -83,7 +83,9 @@ class _Ingest(ingest_service_pb2_grpc.IngestServiceServicer):
         self, request: ingest_service_pb2.PushRequest, context: grpc.ServicerContext
     ) -> ingest_service_pb2.PushResponse:
         self._seen.pushes.append(request)
-        sizes = {name: len(r.rows) or _arrow_rows(r.arrow_ipc).num_rows for name, r in request.records.items()}
+        sizes = {
+            name: len(r.rows) or _arrow_rows(r.arrow_ipc).num_rows for name, r in request.records.items()
+        }
         counts = {
             name: ingest_service_pb2.SourceCounts(accepted=n, written=n - 1, superseded=1)
             for name, n in sizes.items()

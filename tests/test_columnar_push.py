@@ -144,9 +144,11 @@ def keyed(fields: list[t.Field], odd: bool) -> st.SearchStrategy[list[dict[str, 
     """Rows over a few entities, so that some supersede others."""
     rows = st.lists(record(fields, odd), min_size=1, max_size=24)
     keys = st.lists(st.sampled_from(["a", "b", "c", "d"]), min_size=24, max_size=24)
-    return st.tuples(rows, keys).map(
-        lambda pair: [{**r, "k": k} if "k" in r and type(r["k"]) is str else r for r, k in zip(*pair)]
-    )
+
+    def rekey(pair: tuple[list[dict[str, Any]], list[str]]) -> list[dict[str, Any]]:
+        return [{**r, "k": k} if type(r.get("k")) is str else r for r, k in zip(*pair, strict=False)]
+
+    return st.tuples(rows, keys).map(rekey)
 
 
 @pytest.fixture(scope="module")

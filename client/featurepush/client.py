@@ -20,7 +20,6 @@ from featurepush.definitions import StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error
 from featurepush.types import Field
 from featurepush.v1 import (
-    ingest_service_pb2,
     ingest_service_pb2_grpc,
     online_service_pb2,
     online_service_pb2_grpc,
@@ -333,6 +332,8 @@ class Client:
         """Returns a batching pusher over PushStream for one source; see featurepush.pusher.Pusher."""
         from featurepush.pusher import Pusher
 
+        options.setdefault("schema", lambda: self._push_schema(source, None))
+        options.setdefault("forget_schema", lambda: self._forget(source))
         return Pusher(self._ingest, source, max_rows=max_rows, linger_ms=linger_ms, **options)
 
     # Online reads.
