@@ -1,4 +1,4 @@
-"""Pushers send batches as Arrow where the schema takes them, and report rejections as the row rules word them."""
+"""Pushers send batches as Arrow where the schema takes them; rejections come worded by the row rules."""
 
 from __future__ import annotations
 
