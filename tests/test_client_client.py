@@ -8,6 +8,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+import pyarrow as pa
 import pytest
 from google.protobuf import json_format, struct_pb2
 
@@ -82,11 +83,18 @@ class _Ingest(ingest_service_pb2_grpc.IngestServiceServicer):
         self, request: ingest_service_pb2.PushRequest, context: grpc.ServicerContext
     ) -> ingest_service_pb2.PushResponse:
         self._seen.pushes.append(request)
+        sizes = {
+            name: len(r.rows) or _arrow_rows(r.arrow_ipc).num_rows for name, r in request.records.items()
+        }
         counts = {
-            name: ingest_service_pb2.SourceCounts(accepted=len(r.rows), written=len(r.rows) - 1, superseded=1)
-            for name, r in request.records.items()
+            name: ingest_service_pb2.SourceCounts(accepted=n, written=n - 1, superseded=1)
+            for name, n in sizes.items()
         }
         return ingest_service_pb2.PushResponse(counts=counts, dry_run=request.dry_run)
+
+
+def _arrow_rows(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()
 
 
 class _Online(online_service_pb2_grpc.OnlineServiceServicer):
@@ -142,11 +150,17 @@ def test_push_sends_rows_and_returns_counts(client: Client, seen: _Recorder) -> 
     assert result == featurepush.PushResult({"clicks": SourceCounts(3, 2, 1)}, dry_run=True, replayed=False)
     request = seen.pushes[0]
     assert request.request_id == "r1" and request.dry_run
-    assert json_format.MessageToDict(request.records["clicks"].rows[2]) == {
+    # The schema is known and every value fits it, so the records travel as one Arrow batch.
+    assert _arrow_rows(request.records["clicks"].arrow_ipc).to_pylist()[2] == {
         "user_id": "u2",
-        "ts": "2026-11-25T10:00:00Z",
+        "ts": ts,
         "count": 2,
     }
+
+
+def test_push_sends_structs_when_a_value_does_not_fit_the_schema(client: Client, seen: _Recorder) -> None:
+    client.push("clicks", [{"user_id": "u1", "ts": dt.datetime(2026, 1, 1, tzinfo=dt.UTC), "count": 3.5}])
+    assert json_format.MessageToDict(seen.pushes[0].records["clicks"].rows[0])["count"] == 3.5
 
 
 def test_push_many_carries_several_sources(client: Client, seen: _Recorder) -> None:

@@ -1,34 +1,52 @@
-"""The asyncio client (grpc.aio): push, get_features and a batching pusher, as the thread client offers."""
+"""The asyncio client (grpc.aio): the thread Client's surface, registry to batch sources, and a pusher."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import grpc
 import grpc.aio
+import pyarrow as pa
 from google.rpc import status_pb2
 
 from featurepush.auth import PemPath, async_api_key_interceptors, channel_credentials
-from featurepush.client import FeatureResult, PushResult
+from featurepush.batch import BackfillProgress, progress_of, timestamp
+from featurepush.client import ApplyResult, FeatureResult, PushResult
 from featurepush.definitions import StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error, from_status_proto
 from featurepush.payload import (
+    RESEND_AS_ROWS,
     BatchFailure,
     PushBatchError,
     PushData,
+    PushSchema,
+    as_records,
     feature_results,
-    fill_source_records,
+    is_columnar,
+    push_request,
     push_result,
 )
-from featurepush.pusher import RETRYABLE_CODES, Backoff, BatchBook, ErrorCallback, PusherStats, encode_record
+from featurepush.pusher import (
+    RETRYABLE_CODES,
+    Backoff,
+    BatchBook,
+    ErrorCallback,
+    PusherStats,
+    SchemaLookup,
+    _Batch,
+    check_record,
+)
 from featurepush.v1 import (
+    backfill_service_pb2,
+    backfill_service_pb2_grpc,
     ingest_service_pb2,
     ingest_service_pb2_grpc,
     online_service_pb2,
@@ -75,7 +93,9 @@ class AsyncClient:
         self._ingest = ingest_service_pb2_grpc.IngestServiceStub(self._channel)
         self._online = online_service_pb2_grpc.OnlineServiceStub(self._channel)
         self._registry = registry_service_pb2_grpc.RegistryServiceStub(self._channel)
+        self._backfill = backfill_service_pb2_grpc.BackfillServiceStub(self._channel)
         self._schemas: dict[str, StreamSource] = {}
+        self._push_schemas: dict[str, PushSchema] = {}
 
     async def close(self) -> None:
         """Close the channel."""
@@ -109,11 +129,159 @@ class AsyncClient:
     async def push(
         self, source: str, data: PushData, *, dry_run: bool = False, request_id: str | None = None
     ) -> PushResult:
-        """Push dicts, a pyarrow Table or RecordBatch, or a pandas DataFrame to one source, atomically."""
-        request = ingest_service_pb2.PushRequest(dry_run=dry_run, request_id=request_id or "")
-        fill_source_records(request.records[source], source, data)
-        response = await self._call_retrying_overload(self._ingest.Push, request)
+        """Push dicts, a pyarrow Table or RecordBatch, or a pandas or polars DataFrame to one source."""
+        return await self.push_many({source: data}, dry_run=dry_run, request_id=request_id)
+
+    async def push_many(
+        self, records: Mapping[str, PushData], *, dry_run: bool = False, request_id: str | None = None
+    ) -> PushResult:
+        """Push records for several sources in one atomic request; as Client.push_many, records go as Arrow
+        when the cached schema takes them exactly, else as Structs."""
+        data = {source: as_records(source_records) for source, source_records in records.items()}
+        schemas = {source: await self._push_schema(source, d) for source, d in data.items()}
+        request, columnar = push_request(data, schemas, dry_run=dry_run, request_id=request_id)
+        try:
+            response = await self._call_retrying_overload(self._ingest.Push, request)
+        except FeaturepushError as error:
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                for source in data:
+                    self._forget(source)
+            if not columnar or error.code not in RESEND_AS_ROWS or error.retry_delay_s is not None:
+                raise
+            # The server's row path words the answer the records get; the schema may also have changed.
+            for source in columnar:
+                self._forget(source)
+            request, _ = push_request(data, {}, dry_run=dry_run, request_id=request_id)
+            response = await self._call_retrying_overload(self._ingest.Push, request)
         return push_result(response)
+
+    async def _push_schema(self, source: str, data: object) -> PushSchema | None:
+        """The cached schema to send records as Arrow, or None to send Structs (also when it is unknown)."""
+        if is_columnar(data) and type(data).__module__.split(".")[0] != "pandas":
+            return None
+        cached = self._push_schemas.get(source)
+        if cached is None:
+            try:
+                cached = PushSchema.of((await self._definition(source)).schema)
+            except FeaturepushError:
+                return None
+            self._push_schemas[source] = cached
+        return cached
+
+    def _forget(self, name: str) -> None:
+        self._schemas.pop(name, None)
+        self._push_schemas.pop(name, None)
+
+    # Registry.
+
+    async def apply(self, *sources: StreamSource, validate_only: bool = False) -> list[ApplyResult]:
+        """Create or update each source in order; stop at the first rejected one, raising its error."""
+        results: list[ApplyResult] = []
+        for source in sources:
+            request = registry_service_pb2.ApplySourceRequest(
+                source=source.to_proto(), validate_only=validate_only
+            )
+            try:
+                response = await self._registry.ApplySource(request, timeout=self._timeout)
+            except grpc.RpcError as err:
+                raise _error(err) from None
+            if response.changed and not validate_only:
+                self._forget(source.name)
+            stored = StreamSource.from_proto(response.source) if response.HasField("source") else source
+            results.append(
+                ApplyResult(response.source.name or source.name, response.created, response.changed, stored)
+            )
+        return results
+
+    async def get_source(self, name: str) -> StreamSource:
+        """The stored definition of one source; raises NotFoundError if there is none."""
+        try:
+            response = await self._registry.GetSource(
+                registry_service_pb2.GetSourceRequest(name=name), timeout=self._timeout
+            )
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        return StreamSource.from_proto(response.source)
+
+    async def list_sources(self, page_size: int = 100) -> AsyncIterator[StreamSource]:
+        """Every source in name order, fetching pages of page_size lazily."""
+        token = ""
+        while True:
+            request = registry_service_pb2.ListSourcesRequest(page_size=page_size, page_token=token)
+            try:
+                response = await self._registry.ListSources(request, timeout=self._timeout)
+            except grpc.RpcError as err:
+                raise _error(err) from None
+            for message in response.sources:
+                yield StreamSource.from_proto(message)
+            token = response.next_page_token
+            if not token:
+                return
+
+    async def delete_source(self, name: str) -> int:
+        """Delete a source and its online rows; return how many rows were deleted."""
+        try:
+            response = await self._registry.DeleteSource(
+                registry_service_pb2.DeleteSourceRequest(name=name), timeout=self._timeout
+            )
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        finally:
+            self._forget(name)
+        return int(response.rows_deleted)
+
+    # Batch sources.
+
+    async def read_batch_source(
+        self,
+        source: str,
+        *,
+        start: dt.datetime | None = None,
+        end: dt.datetime | None = None,
+        columns: Sequence[str] = (),
+    ) -> AsyncIterator[pa.RecordBatch]:
+        """The source's batch history in [start, end) as Arrow record batches, read lazily."""
+        request = backfill_service_pb2.ReadBatchSourceRequest(
+            source=source, start_time=timestamp(start), end_time=timestamp(end), columns=list(columns)
+        )
+        call = self._backfill.ReadBatchSource(request)
+        schema: pa.Schema | None = None
+        try:
+            async for message in call:
+                if schema is None:
+                    schema = pa.ipc.read_schema(pa.py_buffer(message.arrow_schema))
+                    continue
+                yield pa.ipc.read_record_batch(pa.py_buffer(message.arrow_record_batch), schema)
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        finally:
+            # Stopping early ends the server's read at once rather than at the deadline.
+            call.cancel()
+
+    async def backfill(
+        self,
+        source: str,
+        *,
+        start: dt.datetime | None = None,
+        end: dt.datetime | None = None,
+        dry_run: bool = False,
+        on_progress: Callable[[BackfillProgress], None] | None = None,
+    ) -> BackfillProgress:
+        """Load the source's batch history in [start, end) into the online store; return the totals."""
+        request = backfill_service_pb2.BackfillRequest(
+            source=source, start_time=timestamp(start), end_time=timestamp(end), dry_run=dry_run
+        )
+        last: BackfillProgress | None = None
+        try:
+            async for message in self._backfill.Backfill(request):
+                last = progress_of(message)
+                if on_progress is not None:
+                    on_progress(last)
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        if last is None or not last.done:
+            raise RuntimeError(f"the backfill of {source!r} ended without a final report")
+        return last
 
     async def get_features(self, source: str, keys: Sequence[Mapping[str, Any] | Any]) -> list[FeatureResult]:
         """The latest record of each key's entity, in key order; keys as Client.get_features takes them."""
@@ -124,13 +292,13 @@ class AsyncClient:
         try:
             response = await self._call_retrying_overload(self._online.GetFeatures, request)
         except FeaturepushError:
-            self._schemas.pop(source, None)
+            self._forget(source)
             raise
         try:
             return feature_results(response, list(definition.schema))
         except ValueError:
             # The source may have changed since it was cached; decode with a fresh definition.
-            self._schemas.pop(source, None)
+            self._forget(source)
             return feature_results(response, list((await self._definition(source)).schema))
 
     async def _definition(self, name: str) -> StreamSource:
@@ -149,6 +317,14 @@ class AsyncClient:
         self, source: str, *, max_rows: int = 1000, linger_ms: float = 50.0, **options: Any
     ) -> AsyncPusher:
         """A batching pusher over PushStream for one source; use it with `async with`."""
+        loop = asyncio.get_running_loop()
+
+        def schema() -> PushSchema | None:
+            # Asked on a worker thread as a batch is built; the lookup itself runs on the client's loop.
+            return asyncio.run_coroutine_threadsafe(self._push_schema(source, None), loop).result()
+
+        options.setdefault("schema", schema)
+        options.setdefault("forget_schema", lambda: self._forget(source))
         return AsyncPusher(self._ingest, source, max_rows=max_rows, linger_ms=linger_ms, **options)
 
 
@@ -170,18 +346,20 @@ class AsyncPusher:
         retry_timeout_s: float = 60.0,
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 2.0,
+        schema: SchemaLookup | None = None,
+        forget_schema: Callable[[], None] | None = None,
     ) -> None:
         if max_rows < 1 or max_pending < 1 or linger_ms < 0:
             raise ValueError("max_rows and max_pending must be at least 1 and linger_ms not negative")
         self._stub = stub
-        self._book = BatchBook(source, max_rows)
+        self._book = BatchBook(source, max_rows, schema, forget_schema)
         self._linger_s = linger_ms / 1000
         self._max_pending = max_pending
         self._on_error = on_error
         self._retry_timeout_s = retry_timeout_s
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
         self._changed = asyncio.Condition()
-        self._outbox: asyncio.Queue[ingest_service_pb2.PushStreamRequest | None] | None = None
+        self._outbox: asyncio.Queue[_Batch | None] | None = None
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -205,14 +383,25 @@ class AsyncPusher:
         await self.close()
 
     async def add(self, record: Mapping[str, Any]) -> None:
-        """Queue one record; raises ValueError or TypeError at once if it cannot be encoded."""
-        struct = encode_record(record)
+        """Queue one record; raises ValueError or TypeError at once if it cannot be encoded.
+
+        Only appends to a buffer: a full buffer is converted on a worker thread and sent while the next fills.
+        """
+        check_record(record)
         self.start()
+        if self._closed:
+            raise RuntimeError("the pusher is closed")
+        if len(self._book.pending) >= self._max_pending:
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: len(self._book.pending) < self._max_pending or self._dead()
+                )
+        state = self._book.append(record)
+        if state is None:
+            return
+        # A full buffer is sealed; a first record starts the linger clock, which the linger task waits on.
         async with self._changed:
-            if self._closed:
-                raise RuntimeError("the pusher is closed")
-            await self._changed.wait_for(lambda: len(self._book.pending) < self._max_pending or self._dead())
-            if self._book.append(record, struct):
+            if state:
                 self._seal()
             self._changed.notify_all()
 
@@ -252,7 +441,7 @@ class AsyncPusher:
         batch = self._book.seal()
         if batch is not None and self._outbox is not None:
             batch.sent_at = time.monotonic()
-            self._outbox.put_nowait(batch.message)
+            self._outbox.put_nowait(batch)
 
     def _half_close(self) -> None:
         if self._closed and not self._book.pending and self._outbox is not None:
@@ -276,17 +465,22 @@ class AsyncPusher:
                 await self._changed.wait_for(lambda: bool(self._book.pending) or self._closed)
                 if not self._book.pending:
                     return
-                outbox: asyncio.Queue[ingest_service_pb2.PushStreamRequest | None] = asyncio.Queue()
+                outbox: asyncio.Queue[_Batch | None] = asyncio.Queue()
                 now = time.monotonic()
+                self._book.resend.clear()
                 for batch in self._book.in_order():
                     batch.sent_at = now
-                    outbox.put_nowait(batch.message)
+                    outbox.put_nowait(batch)
                 self._outbox = outbox
             error: FeaturepushError | None = None
             try:
                 async for ack in self._stub.PushStream(_drain(outbox)):
                     async with self._changed:
                         failure = self._book.acknowledge(ack)
+                        for batch in self._book.resend:
+                            batch.sent_at = time.monotonic()
+                            outbox.put_nowait(batch)
+                        self._book.resend.clear()
                         self._backoff.reset()
                         failing_since = None
                         if failure is not None:
@@ -330,12 +524,10 @@ class AsyncPusher:
                     await asyncio.wait_for(self._changed.wait(), timeout)
 
 
-async def _drain(
-    outbox: asyncio.Queue[ingest_service_pb2.PushStreamRequest | None],
-) -> AsyncIterator[ingest_service_pb2.PushStreamRequest]:
-    """The requests of one stream attempt, until the None that ends it."""
-    while (message := await outbox.get()) is not None:
-        yield message
+async def _drain(outbox: asyncio.Queue[_Batch | None]) -> AsyncIterator[ingest_service_pb2.PushStreamRequest]:
+    """The requests of one stream attempt, until the None that ends it; each built on a worker thread."""
+    while (batch := await outbox.get()) is not None:
+        yield await asyncio.to_thread(batch.message)
 
 
 def _error(err: grpc.RpcError) -> FeaturepushError:

@@ -38,7 +38,7 @@ class BackfillProgress:
     done: bool
 
 
-def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
         return None
     if value.tzinfo is None:
@@ -65,8 +65,8 @@ def read_batch_source(
     """
     request = pb.ReadBatchSourceRequest(
         source=source,
-        start_time=_timestamp(start),
-        end_time=_timestamp(end),
+        start_time=timestamp(start),
+        end_time=timestamp(end),
         columns=list(columns),
         max_rows_per_batch=max_rows_per_batch,
         max_bytes_per_batch=max_bytes_per_batch,
@@ -91,6 +91,20 @@ def read_batch_source(
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
+def progress_of(message: pb.BackfillResponse) -> BackfillProgress:
+    """The BackfillProgress of one progress message."""
+    return BackfillProgress(
+        rows_read=message.rows_read,
+        rows_written=message.rows_written,
+        rows_superseded=message.rows_superseded,
+        rows_rejected=message.rows_rejected,
+        bytes_read=message.bytes_read,
+        elapsed_seconds=message.elapsed_seconds,
+        rejections=tuple(RowRejection(r.row, r.field, r.description) for r in message.rejections),
+        done=message.done,
+    )
+
+
 def backfill(
     channel: grpc.Channel,
     source: str,
@@ -103,21 +117,12 @@ def backfill(
 ) -> BackfillProgress:
     """Load `source`'s batch rows with event times in [start, end) into the online store; return totals."""
     request = pb.BackfillRequest(
-        source=source, start_time=_timestamp(start), end_time=_timestamp(end), dry_run=dry_run
+        source=source, start_time=timestamp(start), end_time=timestamp(end), dry_run=dry_run
     )
     last: BackfillProgress | None = None
     try:
         for message in pb_grpc.BackfillServiceStub(channel).Backfill(request, timeout=timeout):
-            last = BackfillProgress(
-                rows_read=message.rows_read,
-                rows_written=message.rows_written,
-                rows_superseded=message.rows_superseded,
-                rows_rejected=message.rows_rejected,
-                bytes_read=message.bytes_read,
-                elapsed_seconds=message.elapsed_seconds,
-                rejections=tuple(RowRejection(r.row, r.field, r.description) for r in message.rejections),
-                done=message.done,
-            )
+            last = progress_of(message)
             if on_progress is not None:
                 on_progress(last)
     except grpc.RpcError as e:

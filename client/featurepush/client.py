@@ -20,7 +20,6 @@ from featurepush.definitions import StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error
 from featurepush.types import Field
 from featurepush.v1 import (
-    ingest_service_pb2,
     ingest_service_pb2_grpc,
     online_service_pb2,
     online_service_pb2_grpc,
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from featurepush.batch import BackfillProgress
+    from featurepush.payload import PushSchema
     from featurepush.pusher import Pusher
 
 __all__ = [
@@ -144,6 +144,7 @@ class Client:
         self._ingest = ingest_service_pb2_grpc.IngestServiceStub(channel)
         self._online = online_service_pb2_grpc.OnlineServiceStub(channel)
         self._schemas: dict[str, StreamSource] = {}
+        self._push_schemas: dict[str, PushSchema] = {}
         self._schemas_lock = threading.Lock()
 
     # How long push and get_features keep retrying calls the server refused for overload, in seconds.
@@ -273,19 +274,52 @@ class Client:
     ) -> PushResult:
         """Pushes records for several sources in one atomic request.
 
-        Records are encoded with featurepush.values.record_to_struct rules. A request_id makes retries safe:
-        the server replays its first response for a repeated id. Raises InvalidArgumentError listing every
-        bad record by path if any is rejected, in which case nothing is written.
+        Records (dicts) go as one Arrow batch per source when the client knows the source's schema (fetched
+        once and cached) and every value fits it exactly, else as Structs by featurepush.values rules; the
+        server answers both alike. A request_id makes retries safe: the server replays its first response
+        for a repeated id. Raises InvalidArgumentError listing every bad record by path if any is rejected,
+        in which case nothing is written.
         """
         # Imported here because payload builds on this module's result types.
-        from featurepush.payload import fill_source_records, push_result
+        from featurepush.payload import RESEND_AS_ROWS, as_records, push_request, push_result
 
-        request = ingest_service_pb2.PushRequest(dry_run=dry_run, request_id=request_id or "")
-        for source, source_records in records.items():
-            # Columns travel as Arrow IPC and records as Structs; payload picks by the data's type.
-            fill_source_records(request.records[source], source, source_records)
-        response = self._call_retrying_overload(self._ingest.Push, request)
+        data = {source: as_records(source_records) for source, source_records in records.items()}
+        schemas = {source: self._push_schema(source, d) for source, d in data.items()}
+        request, columnar = push_request(data, schemas, dry_run=dry_run, request_id=request_id)
+        try:
+            response = self._call_retrying_overload(self._ingest.Push, request)
+        except FeaturepushError as error:
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                for source in data:
+                    self._forget(source)
+            if not columnar or error.code not in RESEND_AS_ROWS or error.retry_delay_s is not None:
+                raise
+            # The server's row path words the answer the records get; the schema may also have changed.
+            for source in columnar:
+                self._forget(source)
+            request, _ = push_request(data, {}, dry_run=dry_run, request_id=request_id)
+            response = self._call_retrying_overload(self._ingest.Push, request)
         return push_result(response)
+
+    def _push_schema(self, source: str, data: object) -> PushSchema | None:
+        """The cached schema to send records as Arrow, or None to send Structs (also when it is unknown)."""
+        from featurepush.payload import PushSchema, is_columnar
+
+        if is_columnar(data) and type(data).__module__.split(".")[0] != "pandas":
+            return None
+        with self._schemas_lock:
+            cached = self._push_schemas.get(source)
+        if cached is not None:
+            return cached
+        try:
+            schema = PushSchema.of(self._definition(source).schema)
+        except FeaturepushError:
+            # An unknown source, or a key that may push but not read definitions: the server answers the
+            # Structs as it always does.
+            return None
+        with self._schemas_lock:
+            self._push_schemas[source] = schema
+        return schema
 
     def pusher(
         self,
@@ -298,6 +332,8 @@ class Client:
         """Returns a batching pusher over PushStream for one source; see featurepush.pusher.Pusher."""
         from featurepush.pusher import Pusher
 
+        options.setdefault("schema", lambda: self._push_schema(source, None))
+        options.setdefault("forget_schema", lambda: self._forget(source))
         return Pusher(self._ingest, source, max_rows=max_rows, linger_ms=linger_ms, **options)
 
     # Online reads.
@@ -374,3 +410,4 @@ class Client:
     def _forget(self, name: str) -> None:
         with self._schemas_lock:
             self._schemas.pop(name, None)
+            self._push_schemas.pop(name, None)

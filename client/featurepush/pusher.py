@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import queue
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -17,7 +18,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from featurepush.errors import FeaturepushError, from_rpc_error, from_status_proto
-from featurepush.payload import BatchFailure, PushBatchError
+from featurepush.payload import RESEND_AS_ROWS, BatchFailure, PushBatchError, PushSchema, fill_source_records
 from featurepush.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from featurepush.values import fill_struct
 
@@ -47,13 +48,72 @@ class PusherStats:
     reconnects: int = 0
 
 
-@dataclass
 class _Batch:
-    """One sealed batch: the message to send (and resend) and the records it came from."""
+    """One sealed batch: its records, ids, and the message sent (and resent), built once on first send.
 
-    message: ingest_service_pb2.PushStreamRequest
-    records: list[Mapping[str, Any]]
-    sent_at: float | None = None
+    The message is built off the caller's thread (by gRPC's request thread, or a worker for asyncio): one
+    Arrow batch when the source's schema takes the records exactly, else Structs.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        sequence: int,
+        request_id: str,
+        records: list[Mapping[str, Any]],
+        schema: SchemaLookup | None,
+    ) -> None:
+        self.source = source
+        self.sequence = sequence
+        self.request_id = request_id
+        self.records = records
+        self.schema = schema
+        self.sent_at: float | None = None
+        # Whether the built message carries the records as Arrow; a refused Arrow batch is resent as rows.
+        self.columnar = False
+        self._message: ingest_service_pb2.PushStreamRequest | None = None
+        self._lock = threading.Lock()
+
+    def message(self) -> ingest_service_pb2.PushStreamRequest:
+        """The request to send, built on first use."""
+        with self._lock:
+            if self._message is None:
+                request = ingest_service_pb2.PushRequest(request_id=self.request_id)
+                schema = self.schema() if self.schema is not None else None
+                self.columnar = fill_source_records(
+                    request.records[self.source], self.source, self.records, schema
+                )
+                self._message = ingest_service_pb2.PushStreamRequest(
+                    sequence_id=self.sequence, request=request
+                )
+            return self._message
+
+    def as_rows(self) -> None:
+        """Send the records as Structs from now on."""
+        with self._lock:
+            self.schema, self._message, self.columnar = None, None, False
+
+
+# The schema a batch's records are sent as Arrow by, or None for Structs; asked when the batch is built.
+SchemaLookup = Callable[[], PushSchema | None]
+
+# Value types the Struct encoder always takes as they are; anything else is encoded at add() to check it.
+_PLAIN = frozenset({str, int, float, bool, type(None), bytes})
+
+
+def check_record(record: Mapping[str, Any]) -> None:
+    """Raise the encoder's ValueError or TypeError now if a record cannot be encoded; cheap for flat dicts."""
+    if type(record) is dict:
+        for key, value in record.items():
+            kind = type(value)
+            if type(key) is not str or (
+                kind not in _PLAIN
+                and not (kind is dt.datetime and value.utcoffset() is not None and 1 < value.year < 9999)
+            ):
+                break
+        else:
+            return
+    encode_record(record)
 
 
 def encode_record(record: Mapping[str, Any]) -> struct_pb2.Struct:
@@ -69,22 +129,27 @@ class BatchBook:
 
     source: str
     max_rows: int
+    schema: SchemaLookup | None = None
+    forget_schema: Callable[[], None] | None = None
     buffer: list[Mapping[str, Any]] = field(default_factory=list)
-    structs: list[struct_pb2.Struct] = field(default_factory=list)
     buffer_started: float = 0.0
     pending: dict[int, _Batch] = field(default_factory=dict)
+    resend: list[_Batch] = field(default_factory=list)
     failures: list[BatchFailure] = field(default_factory=list)
     stats: PusherStats = field(default_factory=PusherStats)
     stream_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     next_sequence: int = 0
 
-    def append(self, record: Mapping[str, Any], struct: struct_pb2.Struct) -> bool:
-        """Buffer one encoded record; return whether the buffer is full."""
-        if not self.buffer:
+    def append(self, record: Mapping[str, Any]) -> bool | None:
+        """Buffer one record; return True if the buffer is full, False if it was empty, else None."""
+        buffer = self.buffer
+        buffer.append(record)
+        if len(buffer) >= self.max_rows:
+            return True
+        if len(buffer) == 1:
             self.buffer_started = time.monotonic()
-        self.buffer.append(record)
-        self.structs.append(struct)
-        return len(self.buffer) >= self.max_rows
+            return False
+        return None
 
     def seal(self) -> _Batch | None:
         """Turn the buffer into a pending batch with its own sequence and request ids."""
@@ -92,11 +157,8 @@ class BatchBook:
             return None
         sequence = self.next_sequence
         self.next_sequence += 1
-        request = ingest_service_pb2.PushRequest(request_id=f"{self.stream_id}-{sequence}")
-        request.records[self.source].rows.extend(self.structs)
-        message = ingest_service_pb2.PushStreamRequest(sequence_id=sequence, request=request)
-        batch = _Batch(message, self.buffer)
-        self.buffer, self.structs = [], []
+        batch = _Batch(self.source, sequence, f"{self.stream_id}-{sequence}", self.buffer, self.schema)
+        self.buffer = []
         self.pending[sequence] = batch
         return batch
 
@@ -129,7 +191,16 @@ class BatchBook:
                 self.stats.superseded += counts.superseded
             return None
         err = ack.error
-        return self._failed(batch, from_status_proto(err.code, err.message, list(err.details)))
+        error = from_status_proto(err.code, err.message, list(err.details))
+        if batch.columnar and error.code in RESEND_AS_ROWS and error.retry_delay_s is None:
+            # The server's row path words the answer the records get as Structs; the schema may be stale.
+            if self.forget_schema is not None:
+                self.forget_schema()
+            batch.as_rows()
+            self.pending[batch.sequence] = batch
+            self.resend.append(batch)
+            return None
+        return self._failed(batch, error)
 
     def fail_pending(self, error: FeaturepushError) -> list[BatchFailure]:
         """Give up on every pending batch with one error."""
@@ -140,7 +211,7 @@ class BatchBook:
     def _failed(self, batch: _Batch, error: FeaturepushError) -> BatchFailure:
         self.stats.failed_batches += 1
         self.stats.failed_records += len(batch.records)
-        return BatchFailure(batch.records, error, batch.message.sequence_id, batch.message.request.request_id)
+        return BatchFailure(batch.records, error, batch.sequence, batch.request_id)
 
 
 class Backoff:
@@ -162,6 +233,13 @@ class Backoff:
 
 
 _STOP = object()
+
+
+def _messages(outbox: queue.SimpleQueue[_Batch | object]) -> Iterator[ingest_service_pb2.PushStreamRequest]:
+    """The requests of one stream attempt, until _STOP; each built as it is sent."""
+    for batch in iter(outbox.get, _STOP):
+        assert isinstance(batch, _Batch)
+        yield batch.message()
 
 
 class Pusher:
@@ -187,11 +265,13 @@ class Pusher:
         ack_timeout_s: float = 30.0,
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 2.0,
+        schema: SchemaLookup | None = None,
+        forget_schema: Callable[[], None] | None = None,
     ) -> None:
         if max_rows < 1 or max_pending < 1 or linger_ms < 0:
             raise ValueError("max_rows and max_pending must be at least 1 and linger_ms not negative")
         self._stub = stub
-        self._book = BatchBook(source, max_rows)
+        self._book = BatchBook(source, max_rows, schema, forget_schema)
         self._linger_s = linger_ms / 1000
         self._max_pending = max_pending
         self._on_error = on_error
@@ -199,7 +279,7 @@ class Pusher:
         self._ack_timeout_s = ack_timeout_s
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
         self._cond = threading.Condition()
-        self._outbox: queue.SimpleQueue[object] | None = None
+        self._outbox: queue.SimpleQueue[_Batch | object] | None = None
         self._call: Any = None
         self._timed_out = False
         self._closed = False
@@ -215,16 +295,22 @@ class Pusher:
             return PusherStats(**vars(self._book.stats))
 
     def add(self, record: Mapping[str, Any]) -> None:
-        """Queue one record; raises ValueError or TypeError at once if it cannot be encoded."""
-        struct = encode_record(record)
+        """Queue one record; raises ValueError or TypeError at once if it cannot be encoded.
+
+        Only appends to a buffer: a full buffer is converted (to one Arrow batch when the schema takes it)
+        and sent by background threads while the next one fills.
+        """
+        check_record(record)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the pusher is closed")
             while len(self._book.pending) >= self._max_pending and self._sender.is_alive():
                 self._cond.wait()
-            if self._book.append(record, struct):
+            state = self._book.append(record)
+            if state:
                 self._seal()
-            else:
+            elif state is False:
+                # The linger clock starts with the first record; later ones need not wake the ticker.
                 self._cond.notify_all()
 
     def add_many(self, records: Iterable[Mapping[str, Any]]) -> None:
@@ -272,8 +358,16 @@ class Pusher:
         if batch is not None:
             if self._outbox is not None:
                 batch.sent_at = time.monotonic()
-                self._outbox.put(batch.message)
+                self._outbox.put(batch)
             self._cond.notify_all()
+
+    def _resend(self) -> None:
+        """Queue the batches to send again as rows on the open stream, if any; lock held."""
+        for batch in self._book.resend:
+            if self._outbox is not None:
+                batch.sent_at = time.monotonic()
+                self._outbox.put(batch)
+        self._book.resend.clear()
 
     def _half_close(self) -> None:
         """End the request side once closed and settled, so the server ends the call; lock held."""
@@ -303,19 +397,22 @@ class Pusher:
                     self._cond.wait()
                 if not self._book.pending:
                     return
-                outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+                outbox: queue.SimpleQueue[_Batch | object] = queue.SimpleQueue()
                 now = time.monotonic()
+                self._book.resend.clear()
                 for batch in self._book.in_order():
                     batch.sent_at = now
-                    outbox.put(batch.message)
+                    outbox.put(batch)
                 self._outbox = outbox
                 self._timed_out = False
-                call = self._stub.PushStream(iter(outbox.get, _STOP))
+                # gRPC's request thread builds each message as it sends it, off the caller's thread.
+                call = self._stub.PushStream(_messages(outbox))
                 self._call = call
             try:
                 for ack in call:
                     with self._cond:
                         failure = self._book.acknowledge(ack)
+                        self._resend()
                         self._backoff.reset()
                         failing_since = None
                         self._half_close()

@@ -1,0 +1,100 @@
+"""Pushers send batches as Arrow where the schema takes them; rejections come worded by the row rules."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+from conftest import Running
+
+from featurepush import Client, InvalidArgumentError
+from featurepush import types as t
+from featurepush.aio import AsyncClient
+from featurepush.definitions import StreamSource
+from featurepush.payload import BatchFailure
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+FIELDS = [t.Field("user_id", t.String), t.Field("timestamp", t.Timestamp), t.Field("clicked", t.Int64)]
+
+
+def rows(n: int, bad_at: int | None = None) -> list[dict[str, object]]:
+    return [
+        {"user_id": f"u{i}", "timestamp": T0 + dt.timedelta(seconds=i), "clicked": 1.5 if i == bad_at else i}
+        for i in range(n)
+    ]
+
+
+def test_pusher_batches_land_and_a_rejected_batch_carries_the_row_rules_answer(running: Running) -> None:
+    failures: list[BatchFailure] = []
+    with Client(running.target) as client:
+        good, bad = rows(30), rows(5, bad_at=3)
+        with client.pusher("ad_impressions", max_rows=10, on_error=failures.append) as pusher:
+            for record in good:
+                pusher.add(record)
+            pusher.flush()
+            pusher.add_many(bad)
+        assert pusher.stats.records == 30 and pusher.stats.failed_records == 5
+        [failure] = failures
+        assert failure.records == bad
+        assert isinstance(failure.error, InvalidArgumentError)
+        assert [(v.field, v.description) for v in failure.error.violations] == [
+            (
+                'records["ad_impressions"][3].clicked',
+                "expected an Int64, got the number 1.5, which is not a whole number",
+            )
+        ]
+        results = client.get_features("ad_impressions", [f"u{i}" for i in range(30)])
+        assert [r.features["clicked"] for r in results if r.features] == list(range(30))
+
+
+def test_pusher_resends_an_arrow_batch_refused_for_a_stale_schema_as_rows(running: Running) -> None:
+    with Client(running.target) as client:
+        client.apply(StreamSource("changing", FIELDS, ["user_id"], "timestamp"))
+        client.get_source("changing")
+        with client.pusher("changing", max_rows=5) as pusher:
+            pusher.add_many(rows(5))
+            pusher.flush()
+            # Another client makes clicked a String: batches built by the cached schema are refused as
+            # Arrow, then resent as rows, which the new schema takes.
+            with Client(running.target) as other:
+                other.delete_source("changing")
+                fields = [*FIELDS[:2], t.Field("clicked", t.String)]
+                other.apply(StreamSource("changing", fields, ["user_id"], "timestamp"))
+            pusher.add_many({**r, "clicked": str(r["clicked"])} for r in rows(5))
+        assert pusher.stats.records == 10 and pusher.stats.failed_batches == 0
+
+
+def test_add_refuses_what_cannot_be_encoded_at_once(running: Running) -> None:
+    with Client(running.target) as client, client.pusher("ad_impressions") as pusher:
+        with pytest.raises(ValueError, match="naive"):
+            pusher.add({"user_id": "u", "timestamp": dt.datetime(2026, 1, 1), "clicked": 1})
+        with pytest.raises(TypeError, match="cannot encode"):
+            pusher.add({"user_id": "u", "timestamp": T0, "clicked": object()})
+
+
+def test_async_client_has_the_clients_surface(running: Running) -> None:
+    async def main() -> None:
+        async with AsyncClient(running.target) as client:
+            [applied] = await client.apply(StreamSource("async_src", FIELDS, ["user_id"], "timestamp"))
+            assert applied.created
+            assert (await client.get_source("async_src")).schema == tuple(FIELDS)
+            assert [s.name async for s in client.list_sources(page_size=1)] == ["ad_impressions", "async_src"]
+            assert (await client.push("async_src", rows(3))).counts["async_src"].accepted == 3
+            with pytest.raises(InvalidArgumentError) as caught:
+                await client.push("async_src", rows(3, bad_at=1))
+            assert caught.value.violations[0].field == 'records["async_src"][1].clicked'
+            failures: list[BatchFailure] = []
+            async with client.pusher("async_src", max_rows=4, on_error=failures.append) as pusher:
+                await pusher.add_many(rows(10))
+                await pusher.flush()
+                await pusher.add_many(rows(2, bad_at=0))
+            assert pusher.stats.records == 10
+            assert failures[0].error.violations[0].field == 'records["async_src"][0].clicked'  # type: ignore[attr-defined]
+            assert await client.delete_source("async_src") == 10
+            with pytest.raises(Exception, match="batch"):
+                await client.backfill("ad_impressions")
+            with pytest.raises(Exception, match="batch"):
+                [b async for b in client.read_batch_source("ad_impressions")]
+
+    asyncio.run(main())
