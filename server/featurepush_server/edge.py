@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -252,24 +253,31 @@ def _short(method: str) -> str:
     return method.rsplit(".", 1)[-1]
 
 
+@contextmanager
+def _handled(call: _Call, gate: Gate | None, nbytes: int, context: grpc.ServicerContext) -> Iterator[None]:
+    """Hold an admission slot for the body, then record the call with the code it ended with."""
+    error: BaseException | None = None
+    try:
+        slot = _admit(gate, nbytes, context)
+        try:
+            yield
+        finally:
+            slot.release()
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        call.finish(context, error)
+
+
 def _unary_unary(
     behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None
 ) -> Behavior:
     def handle(raw: bytes, context: grpc.ServicerContext) -> Any:
         call = _Call(_short(method), len(raw), metrics)
-        error: BaseException | None = None
-        try:
-            slot = _admit(gate, len(raw), context)
-            try:
-                call.request = _decode(parse, raw, method, context)
-                return behavior(call.request, context)
-            finally:
-                slot.release()
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            call.finish(context, error)
+        with _handled(call, gate, len(raw), context):
+            call.request = _decode(parse, raw, method, context)
+            return behavior(call.request, context)
 
     return handle
 
@@ -279,19 +287,9 @@ def _unary_stream(
 ) -> Behavior:
     def handle(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
         call = _Call(_short(method), len(raw), metrics)
-        error: BaseException | None = None
-        try:
-            slot = _admit(gate, len(raw), context)
-            try:
-                call.request = _decode(parse, raw, method, context)
-                yield from behavior(call.request, context)
-            finally:
-                slot.release()
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            call.finish(context, error)
+        with _handled(call, gate, len(raw), context):
+            call.request = _decode(parse, raw, method, context)
+            yield from behavior(call.request, context)
 
     return handle
 
@@ -325,21 +323,11 @@ def _stream_stream(
 ) -> Behavior:
     def handle(raw: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
         call = _Call(_short(method), 0, metrics)
-        error: BaseException | None = None
-        try:
-            slot = _admit(gate, 0, context)
+        with _handled(call, gate, 0, context):
             requests = _Requests(raw, parse, call)
-            try:
-                yield from behavior(iter(requests), context)
-            finally:
-                slot.release()
+            yield from behavior(iter(requests), context)
             if requests.undecodable:
                 abort(context, undecodable_status(method))
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            call.finish(context, error)
 
     return handle
 
@@ -349,21 +337,11 @@ def _stream_unary(
 ) -> Behavior:
     def handle(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         call = _Call(_short(method), 0, metrics)
-        error: BaseException | None = None
-        try:
-            slot = _admit(gate, 0, context)
+        with _handled(call, gate, 0, context):
             requests = _Requests(raw, parse, call)
-            try:
-                response = behavior(iter(requests), context)
-            finally:
-                slot.release()
+            response = behavior(iter(requests), context)
             if requests.undecodable:
                 abort(context, undecodable_status(method))
             return response
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            call.finish(context, error)
 
     return handle
