@@ -267,11 +267,12 @@ class _Pushed:
         """What the batches before a failure did, for the end of the error line."""
         if self.batches == 0:
             return "nothing of the file was written"
-        plural = "es" if self.batches > 1 else ""
-        done = "validated (dry run, nothing written)" if dry_run else "written and stay written"
+        which = "batch 1" if self.batches == 1 else f"batches 1-{self.batches}"
+        stay = "stays" if self.batches == 1 else "stay"
+        done = "validated (dry run, nothing written)" if dry_run else f"written, and {stay} written"
         return (
-            f"the {self.batches} batch{plural} before it (lines 1-{self.last_line}: {self.accepted} records "
-            f"accepted, {self.written} written, {self.superseded} superseded) were {done}; "
+            f"{which} (lines 1-{self.last_line}: {self.accepted} records accepted, {self.written} written, "
+            f"{self.superseded} superseded) {'was' if self.batches == 1 else 'were'} {done}; "
             f"nothing from line {self.last_line + 1} on was written"
         )
 
