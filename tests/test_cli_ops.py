@@ -311,10 +311,9 @@ def test_a_later_bad_batch_reports_what_earlier_batches_wrote(
     }
     assert_one_error_line(
         err,
-        f"featurepush: error: batch 2 (lines 3-4 of {path}) was refused, "
-        "so none of its records were written: INVALID_ARGUMENT: ",
-        "; batch 1 (lines 1-2: 2 records accepted, 1 written, 1 superseded) was written, and stays written; "
-        "nothing from line 3 on was written\n",
+        "featurepush: error: batch 1 (lines 1-2: 2 records accepted, 1 written, 1 superseded) was written, "
+        f"and stays written; batch 2 (lines 3-4 of {path}) was refused, so neither it nor any later line "
+        "was written: INVALID_ARGUMENT: 1 invalid field value",
         f"\n  {path}:4: account_id: ",
     )
     assert len(err.splitlines()) == 2
@@ -336,9 +335,9 @@ def test_a_bad_line_after_written_batches_reports_them(
     assert code == 1
     assert json.loads(out)["batches"] == 2 and json.loads(out)["written"] == 4
     assert err == (
-        f"featurepush: error: {path}:6: not valid JSON: Expecting property name enclosed in double quotes; "
-        "batches 1-2 (lines 1-4: 4 records accepted, 4 written, 0 superseded) were written, "
-        "and stay written; nothing from line 5 on was written\n"
+        "featurepush: error: batches 1-2 (lines 1-4: 4 records accepted, 4 written, 0 superseded) were "
+        f"written, and stay written; nothing from line 5 on was written: {path}:6: not valid JSON: "
+        "Expecting property name enclosed in double quotes\n"
     )
 
 
@@ -351,7 +350,10 @@ def test_a_bad_first_batch_writes_nothing_and_prints_no_counts(
     )
     assert (code, out) == (1, "")
     assert_one_error_line(
-        err, "batch 1 (lines 1-2 ", "; nothing of the file was written", f"{path}:1: account_id: "
+        err,
+        f"featurepush: error: batch 1 (lines 1-2 of {path}) was refused, "
+        "so nothing of the file was written: ",
+        f"{path}:1: account_id: ",
     )
 
 

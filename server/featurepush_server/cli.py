@@ -263,17 +263,14 @@ class _Pushed:
             "superseded": self.superseded,
         }
 
-    def before(self, dry_run: bool) -> str:
-        """What the batches before a failure did, for the end of the error line."""
-        if self.batches == 0:
-            return "nothing of the file was written"
+    def done(self, dry_run: bool) -> str:
+        """What the acknowledged batches did, to open the error line of a failure after them."""
         which = "batch 1" if self.batches == 1 else f"batches 1-{self.batches}"
         stay = "stays" if self.batches == 1 else "stay"
         done = "validated (dry run, nothing written)" if dry_run else f"written, and {stay} written"
         return (
             f"{which} (lines 1-{self.last_line}: {self.accepted} records accepted, {self.written} written, "
-            f"{self.superseded} superseded) {'was' if self.batches == 1 else 'were'} {done}; "
-            f"nothing from line {self.last_line + 1} on was written"
+            f"{self.superseded} superseded) {'was' if self.batches == 1 else 'were'} {done}"
         )
 
 
@@ -292,9 +289,13 @@ def _batch_failure(error: FeaturepushError, number: int, path: Path, lines: list
     where = f"batch {number} (lines {lines[0]}-{lines[-1]} of {path})"
     if error.code in _OUTCOME_UNKNOWN:
         # A batch is atomic, so it is all there or not at all; which one cannot be told from here.
-        return f"{where} failed and may or may not have been written as a whole: {error}"
+        return (
+            f"{where} failed and may or may not have been written as a whole, and no later line was: {error}"
+        )
     detail = f"{error.code.name}: {error.message}" if isinstance(error, InvalidArgumentError) else str(error)
-    return f"{where} was refused, so none of its records were written: {detail}"
+    if number == 1:
+        return f"{where} was refused, so nothing of the file was written: {detail}"
+    return f"{where} was refused, so neither it nor any later line was written: {detail}"
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -314,7 +315,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
             except FeaturepushError as e:
                 details = _violation_lines(e, args.file, lines) if isinstance(e, InvalidArgumentError) else []
                 failure = _batch_failure(e, pushed.batches + 1, args.file, lines)
-                first = f"{failure}; {pushed.before(args.dry_run)}"
+                first = f"{pushed.done(args.dry_run)}; {failure}" if pushed.batches else failure
                 raise _BatchFailed("\n".join([first, *details])) from None
             counts = result.counts[args.source]
             pushed.batches += 1
@@ -340,7 +341,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
             if isinstance(e, _BatchFailed):
                 raise
             text = str(e) if isinstance(e, CommandError) else f"{e.strerror or e}: {e.filename or ''}"
-            raise CommandError(f"{text}; {pushed.before(args.dry_run)}") from None
+            later = f"nothing from line {pushed.last_line + 1} on was written"
+            raise CommandError(f"{pushed.done(args.dry_run)}; {later}: {text}") from None
     _print_json(pushed.summary(args.source, args.dry_run))
     return 0
 
