@@ -88,7 +88,7 @@ class SourceStatus:
 
 @dataclass(frozen=True)
 class ServerStatus:
-    """A server's state: version, uptime, whether it takes writes, store size, offline-log backlog, sources."""
+    """A server's state: version, uptime, whether it takes writes, store size, offline backlog, sources."""
 
     version: str
     uptime_seconds: float

@@ -10,8 +10,9 @@ from .errors import Cancelled
 from .offline_log import OfflineLog
 from .stores.base import Store
 
-# Rows counted per source unless an exact count is asked for: about a tenth of a second of key reads,
-# so a status call stays quick however large the store grows.
+# Rows counted per source unless an exact count is asked for: RocksDB only estimates the keys of the
+# whole database, so rows are counted by reading keys, and this bound keeps a status call quick however
+# large a source grows.
 ROW_COUNT_LIMIT = 100_000
 # The store statistics whose sum is its size: table files on disk, and memory tables not yet flushed.
 SIZE_STATISTICS = ("rocksdb.total-sst-files-size", "rocksdb.size-all-mem-tables")
