@@ -110,6 +110,7 @@ def test_push_get_sources_delete(
     assert json.loads(out) == {
         "source": "account_clicks",
         "dry_run": False,
+        "batches": 1,
         "accepted": 2,
         "written": 2,
         "superseded": 0,

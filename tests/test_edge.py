@@ -43,8 +43,8 @@ METHODS = [
 INPUTS = {f"/{s.full_name}/{m.name}": m.input_type for s in SERVICES for m in s.methods}
 
 
-def _invalid_utf8(method: str) -> bytes:
-    """A request whose first string field, at whatever depth, holds bytes that are not UTF-8."""
+def _invalid_utf8(method: str) -> bytes | None:
+    """A request whose first string field, at whatever depth, holds bytes that are not UTF-8; None if none."""
 
     def build(message: Descriptor, depth: int) -> bytes | None:
         for f in message.fields:
@@ -57,9 +57,7 @@ def _invalid_utf8(method: str) -> bytes:
                     return tag + _varint(len(inner)) + inner
         return None
 
-    found = build(INPUTS[method], 0)
-    assert found is not None, method
-    return found
+    return build(INPUTS[method], 0)
 
 
 @pytest.fixture
@@ -113,6 +111,8 @@ def test_every_featurepush_method_has_an_admission_class() -> None:
 def test_undecodable_requests_are_invalid_argument_for_every_method(server: Running, kind: str) -> None:
     for method, client_streaming, server_streaming in METHODS:
         body = {"garbage": b"\xff\xff\xff\xff", "truncated": b"\x0a\x05ab"}.get(kind) or _invalid_utf8(method)
+        if body is None:
+            continue  # a request without a string field (GetServerStatusRequest) has no UTF-8 to get wrong
         err = _raw_call(server.channel, method, client_streaming, server_streaming, body)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err)
         status = rpc_status.from_call(err)

@@ -41,7 +41,9 @@ __all__ = [
     "FeatureResult",
     "FeatureStatus",
     "PushResult",
+    "ServerStatus",
     "SourceCounts",
+    "SourceStatus",
 ]
 
 _LOGGER = logging.getLogger(__name__)
@@ -73,6 +75,28 @@ class PushResult:
     counts: dict[str, SourceCounts]
     dry_run: bool
     replayed: bool
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    """One source's online rows: row_count is a lower bound unless row_count_exact."""
+
+    name: str
+    row_count: int
+    row_count_exact: bool
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """A server's state: version, uptime, whether it takes writes, store size, offline backlog, sources."""
+
+    version: str
+    uptime_seconds: float
+    writes_accepted: bool
+    store_bytes: int
+    offline_log_lag_seconds: float
+    offline_log_queued_entries: int
+    sources: list[SourceStatus]
 
 
 class FeatureStatus(enum.StrEnum):
@@ -251,6 +275,26 @@ class Client:
         finally:
             self._forget(name)
         return int(response.rows_deleted)
+
+    def server_status(self, *, exact: bool = False, timeout: float | None = None) -> ServerStatus:
+        """Returns the server's state; rows are counted up to 100,000 per source unless exact.
+
+        An exact count reads every row key, so it may need a longer timeout (seconds) than the client's.
+        """
+        request = registry_service_pb2.GetServerStatusRequest(exact=exact)
+        try:
+            response = self._registry.GetServerStatus(request, timeout=timeout or self._timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return ServerStatus(
+            version=response.version,
+            uptime_seconds=response.uptime_seconds,
+            writes_accepted=response.writes_accepted,
+            store_bytes=response.store_bytes,
+            offline_log_lag_seconds=response.offline_log_lag_seconds,
+            offline_log_queued_entries=response.offline_log_queued_entries,
+            sources=[SourceStatus(s.name, s.row_count, s.row_count_exact) for s in response.sources],
+        )
 
     # Ingest.
 

@@ -18,6 +18,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from featurepush import __version__
 from featurepush.v1 import (
     backfill_service_pb2,
     ingest_service_pb2,
@@ -41,7 +42,8 @@ from .core.offline_log import OfflineLog, OfflineLogWriter
 from .core.online import OnlineReader
 from .core.periodic import Periodic
 from .core.registry import Registry
-from .core.stores.base import Store
+from .core.server_status import StatusReporter
+from .core.stores.base import Store, StoreInUse
 from .core.stores.rocksdb import RocksDBStore
 from .edge import EdgeInterceptor
 from .metrics import Metrics
@@ -166,13 +168,17 @@ def create_server(config: ServerConfig) -> Server:
     # Rows are callers' data and keys may be secrets: the data directory is the server user's alone.
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(config.data_dir, 0o700)
-    store = RocksDBStore(
-        config.data_dir / "online",
-        fsync=config.fsync == "always",
-        idempotency_window_s=config.idempotency_window_s,
-        latest_cache_entries=config.latest_index_entries,
-        latest_cache_bytes=config.latest_index_bytes,
-    )
+    try:
+        store = RocksDBStore(
+            config.data_dir / "online",
+            fsync=config.fsync == "always",
+            idempotency_window_s=config.idempotency_window_s,
+            latest_cache_entries=config.latest_index_entries,
+            latest_cache_bytes=config.latest_index_bytes,
+        )
+    except StoreInUse as e:
+        # The operator chose the data directory, not the store's folder inside it, so name that.
+        raise StoreInUse(config.data_dir, e.pid) from None
     try:
         offline_log = OfflineLog(
             store, config.data_dir / "offline", interval_s=config.offline_flush_interval_s
@@ -244,7 +250,7 @@ def create_server(config: ServerConfig) -> Server:
         grpc_server = grpc.server(executor, options=options, interceptors=interceptors)
         stopping = threading.Event()
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
-            RegistryServicer(registry), grpc_server
+            RegistryServicer(registry, StatusReporter(__version__, store, offline_log)), grpc_server
         )
         ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(
             IngestServicer(

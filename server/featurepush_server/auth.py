@@ -35,6 +35,7 @@ METHOD_SCOPES: dict[str, str] = {
     _ONLINE + "GetFeatures": "read",
     _REGISTRY + "GetSource": "read",
     _REGISTRY + "ListSources": "read",
+    _REGISTRY + "GetServerStatus": "read",
     _INGEST + "Push": "ingest",
     _INGEST + "PushStream": "ingest",
     _BACKFILL + "Backfill": "backfill",

@@ -1,4 +1,4 @@
-"""The `featurepush` command line: serve, and the client commands apply, push, get, sources, delete."""
+"""The `featurepush` command line: serve, keys, and the client commands (apply, push, get, status, ...)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,36 @@ import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from featurepush import Client, FeaturepushError, InvalidArgumentError, __version__
 from featurepush.batch import BackfillProgress
 from featurepush.definitions import DefinitionError, load_definitions
 
 DEFAULT_TARGET = "localhost:50051"
+# Records per Push a server takes unless its max_records_per_request says otherwise.
+MAX_BATCH_SIZE = 10_000
+# Codes after which a push may or may not have been applied: the call may have reached the server.
+_OUTCOME_UNKNOWN = {
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DATA_LOSS,
+}
 
 
 class CommandError(Exception):
     """A user mistake the command reports in one line."""
+
+
+class _BatchFailed(CommandError):
+    """A push's batch failed; the message says what it and the batches before it did."""
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -162,9 +180,21 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
     except KeysFileError as e:
         raise CommandError(str(e)) from None
     for key in sorted(keys.values(), key=lambda k: k.created):
-        scopes = ",".join(s for s in SCOPES if s in key.scopes)
+        scopes = [s for s in SCOPES if s in key.scopes]
+        if args.json:
+            _print_json(
+                {
+                    "id": key.id,
+                    "name": key.name,
+                    "scopes": scopes,
+                    "created": key.created,
+                    "revoked": key.revoked,
+                    "active": key.revoked is None,
+                }
+            )
+            continue
         state = f"revoked {key.revoked.isoformat()}" if key.revoked else "active"
-        print(f"{key.id}  {key.name or '-'}  {scopes}  created {key.created.isoformat()}  {state}")
+        print(f"{key.id}  {key.name or '-'}  {','.join(scopes)}  created {key.created.isoformat()}  {state}")
     if not keys:
         print(f"no keys in {path}", file=sys.stderr)
     return 0
@@ -193,15 +223,88 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for result in client.apply(*sources, validate_only=args.validate_only):
             state = "created" if result.created else "changed" if result.changed else "unchanged"
-            print(f"{result.name}: {state}{' (validated only)' if args.validate_only else ''}")
+            if args.json:
+                _print_json(
+                    {
+                        "name": result.name,
+                        "state": state,
+                        "created": result.created,
+                        "changed": result.changed,
+                        "validate_only": args.validate_only,
+                    }
+                )
+            else:
+                print(f"{result.name}: {state}{' (validated only)' if args.validate_only else ''}")
     return 0
 
 
 _RECORD_PATH = re.compile(r'^records\["(?:[^"\\]|\\.)*"\]\[(\d+)\](.*)$')
 
 
+@dataclass
+class _Pushed:
+    """What a push of a file has done so far: whole batches sent and acknowledged, and their counts."""
+
+    batches: int = 0
+    # The file's last line in an acknowledged batch; nothing after it is written.
+    last_line: int = 0
+    accepted: int = 0
+    written: int = 0
+    superseded: int = 0
+
+    def summary(self, source: str, dry_run: bool) -> dict[str, Any]:
+        """The JSON document push prints: stable field names, the same on success and after a failure."""
+        return {
+            "source": source,
+            "dry_run": dry_run,
+            "batches": self.batches,
+            "accepted": self.accepted,
+            "written": self.written,
+            "superseded": self.superseded,
+        }
+
+    def done(self, dry_run: bool) -> str:
+        """What the acknowledged batches did, to open the error line of a failure after them."""
+        which = "batch 1" if self.batches == 1 else f"batches 1-{self.batches}"
+        stay = "stays" if self.batches == 1 else "stay"
+        done = "validated (dry run, nothing written)" if dry_run else f"written, and {stay} written"
+        return (
+            f"{which} (lines 1-{self.last_line}: {self.accepted} records accepted, {self.written} written, "
+            f"{self.superseded} superseded) {'was' if self.batches == 1 else 'were'} {done}"
+        )
+
+
+def _violation_lines(error: InvalidArgumentError, path: Path, lines: list[int]) -> list[str]:
+    """A refused batch's violations, pointing at lines of the file, not positions in a batch."""
+    out = []
+    for v in error.violations:
+        m = _RECORD_PATH.match(v.field)
+        place = f"{path}:{lines[int(m.group(1))]}: {m.group(2).lstrip('.')}" if m else v.field
+        out.append(f"  {place}: {v.description}")
+    return out
+
+
+def _batch_failure(error: FeaturepushError, number: int, path: Path, lines: list[int]) -> str:
+    """How batch `number` (of the file's `lines`) failed, and whether any of it may have been written."""
+    where = f"batch {number} (lines {lines[0]}-{lines[-1]} of {path})"
+    if error.code in _OUTCOME_UNKNOWN:
+        # A batch is atomic, so it is all there or not at all; which one cannot be told from here.
+        return (
+            f"{where} failed and may or may not have been written as a whole, and no later line was: {error}"
+        )
+    detail = f"{error.code.name}: {error.message}" if isinstance(error, InvalidArgumentError) else str(error)
+    if number == 1:
+        return f"{where} was refused, so nothing of the file was written: {detail}"
+    return f"{where} was refused, so neither it nor any later line was written: {detail}"
+
+
 def _cmd_push(args: argparse.Namespace) -> int:
-    total = {"accepted": 0, "written": 0, "superseded": 0}
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        raise CommandError(
+            f"--batch-size must be 1 to {MAX_BATCH_SIZE:,} (a server's default max_records_per_request), "
+            f"not {args.batch_size}"
+        )
+    pushed = _Pushed()
     with _client(args) as client:
         batch: list[dict[str, Any]] = []
         lines: list[int] = []
@@ -209,29 +312,38 @@ def _cmd_push(args: argparse.Namespace) -> int:
         def send() -> None:
             try:
                 result = client.push(args.source, batch, dry_run=args.dry_run)
-            except InvalidArgumentError as e:
-                # Point at lines of the file, not positions in a batch, so the user can open it there.
-                where = []
-                for v in e.violations:
-                    m = _RECORD_PATH.match(v.field)
-                    place = (
-                        f"{args.file}:{lines[int(m.group(1))]}: {m.group(2).lstrip('.')}" if m else v.field
-                    )
-                    where.append(f"  {place}: {v.description}")
-                raise CommandError(e.message + "".join("\n" + w for w in where)) from None
+            except FeaturepushError as e:
+                details = _violation_lines(e, args.file, lines) if isinstance(e, InvalidArgumentError) else []
+                failure = _batch_failure(e, pushed.batches + 1, args.file, lines)
+                first = f"{pushed.done(args.dry_run)}; {failure}" if pushed.batches else failure
+                raise _BatchFailed("\n".join([first, *details])) from None
             counts = result.counts[args.source]
-            for name in total:
-                total[name] += getattr(counts, name)
+            pushed.batches += 1
+            pushed.last_line = lines[-1]
+            pushed.accepted += counts.accepted
+            pushed.written += counts.written
+            pushed.superseded += counts.superseded
 
-        for number, record in _records(args.file):
-            batch.append(record)
-            lines.append(number)
-            if len(batch) >= args.batch_size:
+        try:
+            for number, record in _records(args.file):
+                batch.append(record)
+                lines.append(number)
+                if len(batch) >= args.batch_size:
+                    send()
+                    batch, lines = [], []
+            if batch:
                 send()
-                batch, lines = [], []
-        if batch:
-            send()
-    print(json.dumps({"source": args.source, "dry_run": args.dry_run, **total}))
+        except (CommandError, OSError) as e:
+            if pushed.batches == 0:
+                raise
+            # Earlier batches are on the server: say exactly what, on stdout as on success.
+            _print_json(pushed.summary(args.source, args.dry_run))
+            if isinstance(e, _BatchFailed):
+                raise
+            text = str(e) if isinstance(e, CommandError) else f"{e.strerror or e}: {e.filename or ''}"
+            later = f"nothing from line {pushed.last_line + 1} on was written"
+            raise CommandError(f"{pushed.done(args.dry_run)}; {later}: {text}") from None
+    _print_json(pushed.summary(args.source, args.dry_run))
     return 0
 
 
@@ -262,6 +374,11 @@ def _json_default(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
+def _print_json(doc: object) -> None:
+    """One JSON document on one line of stdout; times as ISO 8601, bytes as base64."""
+    print(json.dumps(doc, default=_json_default))
+
+
 def _cmd_get(args: argparse.Namespace) -> int:
     keys = _parse_keys(args.keys)
     with _client(args) as client:
@@ -285,6 +402,12 @@ def _cmd_get(args: argparse.Namespace) -> int:
 def _cmd_sources(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for source in client.list_sources():
+            if args.json:
+                from google.protobuf import json_format
+
+                # The contract's own JSON form, so the field names are the proto's and stay stable.
+                _print_json(json_format.MessageToDict(source.to_proto(), preserving_proto_field_name=True))
+                continue
             fields = ", ".join(f"{f.name}: {f.dtype!r}" for f in source.schema)
             print(f"{source.name}  keys={','.join(source.entity_keys)}  [{fields}]")
     return 0
@@ -293,7 +416,10 @@ def _cmd_sources(args: argparse.Namespace) -> int:
 def _cmd_delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         rows = client.delete_source(args.source)
-    print(f"{args.source}: deleted with {rows} online rows")
+    if args.json:
+        _print_json({"source": args.source, "deleted": True, "rows_deleted": rows})
+    else:
+        print(f"{args.source}: deleted with {rows} online rows")
     return 0
 
 
@@ -317,7 +443,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     with _client(args) as client:
         reader = client.read_batch_source(args.source, start=args.start, end=args.end, columns=columns)
         temp = args.out.with_name(f".{args.out.name}.part")
-        with tqdm(unit=" rows", unit_scale=True, desc=f"export {args.source}") as bar:
+        # With --json the output is for a program, so no progress bar is drawn on the terminal.
+        with tqdm(unit=" rows", unit_scale=True, desc=f"export {args.source}", disable=args.json) as bar:
             try:
                 with pq.ParquetWriter(temp, reader.schema) as writer:
                     for batch in reader:
@@ -329,14 +456,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
                 raise
         # Renamed only when complete, so an interrupted export never leaves a truncated file behind.
         temp.replace(args.out)
-    print(f"{args.source}: exported {rows} rows to {args.out}")
+    if args.json:
+        _print_json({"source": args.source, "rows": rows, "out": str(args.out)})
+    else:
+        print(f"{args.source}: exported {rows} rows to {args.out}")
     return 0
 
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    bar = tqdm(unit=" rows", unit_scale=True, desc=f"backfill {args.source}")
+    bar = tqdm(unit=" rows", unit_scale=True, desc=f"backfill {args.source}", disable=args.json)
     with _client(args) as client, bar:
 
         def show(progress: BackfillProgress) -> None:
@@ -346,6 +476,21 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         result = client.backfill(
             args.source, start=args.start, end=args.end, dry_run=args.dry_run, on_progress=show
         )
+    if args.json:
+        _print_json(
+            {
+                "source": args.source,
+                "dry_run": args.dry_run,
+                "rows_read": result.rows_read,
+                "rows_written": result.rows_written,
+                "rows_superseded": result.rows_superseded,
+                "rows_rejected": result.rows_rejected,
+                "rejections": [
+                    {"row": r.row, "field": r.field, "description": r.description} for r in result.rejections
+                ],
+            }
+        )
+        return 1 if result.rows_rejected else 0
     print(
         f"{args.source}: read {result.rows_read} rows, wrote {result.rows_written}, "
         f"{result.rows_superseded} superseded, {result.rows_rejected} rejected"
@@ -357,6 +502,103 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         more = result.rows_rejected - len(result.rejections)
         print(f"  ... and {more} more rejected rows", file=sys.stderr)
     return 1 if result.rows_rejected else 0
+
+
+def _health(client: Client) -> dict[str, str]:
+    """The gRPC health service's answer for the server ("") and each featurepush service, by name."""
+    try:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+    except ImportError:
+        # The health stubs come with the server extra; the status RPC still answers without them.
+        return {"": "UNKNOWN (pip install grpcio-health-checking to ask the health service)"}
+    from featurepush.v1 import (
+        backfill_service_pb2,
+        ingest_service_pb2,
+        online_service_pb2,
+        registry_service_pb2,
+    )
+
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    names = [""] + [
+        service.full_name
+        for module in (registry_service_pb2, ingest_service_pb2, online_service_pb2, backfill_service_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+    ]
+    out = {}
+    for name in names:
+        try:
+            response = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10.0)
+            out[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        except grpc.RpcError as err:
+            out[name] = f"UNKNOWN ({err.code().name})"
+    return out
+
+
+def _size(n: float) -> str:
+    """A byte count for people: 1.5 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _duration(seconds: float) -> str:
+    """A duration for people: 3d 4h, 2h 5m, 7m 3s, 12.5s."""
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400}d {s % 86400 // 3600}h"
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    if s >= 60:
+        return f"{s // 60}m {s % 60}s"
+    return f"{seconds:.1f}s"
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        # An exact count reads every row key of every source, which may take longer than a plain call.
+        state = client.server_status(exact=args.exact, timeout=300.0 if args.exact else None)
+        health = _health(client)
+    healthy = health.get("") == "SERVING" and state.writes_accepted
+    if args.json:
+        _print_json(
+            {
+                "target": args.target,
+                "healthy": healthy,
+                "health": {name or "server": status for name, status in health.items()},
+                "version": state.version,
+                "uptime_seconds": state.uptime_seconds,
+                "writes_accepted": state.writes_accepted,
+                "store_bytes": state.store_bytes,
+                "offline_log_lag_seconds": state.offline_log_lag_seconds,
+                "offline_log_queued_entries": state.offline_log_queued_entries,
+                "sources": [
+                    {"name": s.name, "row_count": s.row_count, "row_count_exact": s.row_count_exact}
+                    for s in state.sources
+                ],
+            }
+        )
+        return 0 if healthy else 1
+    not_serving = [f"{name} {status}" for name, status in health.items() if name and status != "SERVING"]
+    print(f"featurepush {state.version} at {args.target}, up {_duration(state.uptime_seconds)}")
+    overall = health.get("", "UNKNOWN")
+    print(f"health:       {overall}" + (f" ({'; '.join(not_serving)})" if not_serving else ""))
+    print(
+        "writes:       "
+        + ("accepted" if state.writes_accepted else "REFUSED: the disk is full or failing; reads still work")
+    )
+    print(f"store:        {_size(state.store_bytes)}")
+    print(
+        f"offline log:  {state.offline_log_queued_entries} entries queued, "
+        f"lag {state.offline_log_lag_seconds:.1f}s"
+    )
+    print(f"sources:      {len(state.sources)}")
+    width = max((len(s.name) for s in state.sources), default=0)
+    for s in state.sources:
+        rows = f"{s.row_count:,}" if s.row_count_exact else f"at least {s.row_count:,} (--exact counts all)"
+        print(f"  {s.name:<{width}}  {rows} rows")
+    return 0 if healthy else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,18 +677,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--name", help="what the key is for, shown by `keys list`")
     create.set_defaults(func=_cmd_keys_create)
-    keys_command("list", "list keys: ids, names, scopes, times; never secrets").set_defaults(
-        func=_cmd_keys_list
-    )
+    keys_list = keys_command("list", "list keys: ids, names, scopes, times; never secrets")
+    keys_list.add_argument("--json", action="store_true", help="one JSON object per key, one per line")
+    keys_list.set_defaults(func=_cmd_keys_list)
     revoke = keys_command("revoke", "revoke a key by its id")
     revoke.add_argument("id")
     revoke.set_defaults(func=_cmd_keys_revoke)
 
-    def client_command(name: str, help_text: str) -> argparse.ArgumentParser:
+    def client_command(name: str, help_text: str, json_help: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
-        # Read from the environment too, so that keys need not appear in shell history or `ps`.
         env = os.environ.get
+        p.add_argument(
+            "--target",
+            default=env("FEATUREPUSH_TARGET") or DEFAULT_TARGET,
+            help=f"server address (default $FEATUREPUSH_TARGET, else {DEFAULT_TARGET})",
+        )
+        # Read from the environment too, so that keys need not appear in shell history or `ps`.
         p.add_argument("--api-key", default=env("FEATUREPUSH_API_KEY"), help="API key ($FEATUREPUSH_API_KEY)")
         p.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs")
         p.add_argument("--ca-cert", default=env("FEATUREPUSH_CA_CERT"), help="PEM CA to verify the server")
@@ -454,17 +700,31 @@ def build_parser() -> argparse.ArgumentParser:
             "--client-cert", default=env("FEATUREPUSH_CLIENT_CERT"), help="PEM certificate for mTLS"
         )
         p.add_argument("--client-key", default=env("FEATUREPUSH_CLIENT_KEY"), help="PEM key of --client-cert")
+        if json_help is not None:
+            p.add_argument("--json", action="store_true", help=json_help)
         return p
 
-    apply = client_command("apply", "apply the StreamSources of a definitions file")
+    apply = client_command(
+        "apply", "apply the StreamSources of a definitions file", "one JSON object per source, one per line"
+    )
     apply.add_argument("definitions", type=Path)
     apply.add_argument("--validate-only", action="store_true")
     apply.set_defaults(func=_cmd_apply)
 
-    push = client_command("push", "push the records of a JSON Lines file ('-' reads standard input)")
+    push = client_command(
+        "push",
+        "push the records of a JSON Lines file ('-' reads standard input) in atomic batches; prints the "
+        "counts as JSON, also when a later batch fails after earlier ones were written (exit 1 then)",
+    )
     push.add_argument("source")
     push.add_argument("file", type=Path)
-    push.add_argument("--batch-size", type=int, default=1000)
+    push.add_argument(
+        "--batch-size",
+        type=int,
+        default=1000,
+        help=f"records per request, 1 to {MAX_BATCH_SIZE:,} (default 1000); a server whose "
+        "max_records_per_request is lower refuses larger batches",
+    )
     push.add_argument("--dry-run", action="store_true")
     push.set_defaults(func=_cmd_push)
 
@@ -473,14 +733,18 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("keys", nargs="+", metavar="KEY=VALUE")
     get.set_defaults(func=_cmd_get)
 
-    sources = client_command("sources", "list the push sources")
+    sources = client_command(
+        "sources", "list the push sources", "one PushSource per line in its proto3 JSON form"
+    )
     sources.set_defaults(func=_cmd_sources)
 
-    delete = client_command("delete", "delete a push source and its online rows")
+    delete = client_command("delete", "delete a push source and its online rows", "one JSON object")
     delete.add_argument("source")
     delete.set_defaults(func=_cmd_delete)
 
-    export = client_command("export", "write a source's batch history to a Parquet file")
+    export = client_command(
+        "export", "write a source's batch history to a Parquet file", "one JSON object, and no progress bar"
+    )
     export.add_argument("source")
     export.add_argument("--start", type=_when, help="earliest event time (ISO 8601; UTC without an offset)")
     export.add_argument("--end", type=_when, help="event time to stop before (ISO 8601)")
@@ -488,12 +752,29 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="Parquet file to write")
     export.set_defaults(func=_cmd_export)
 
-    backfill = client_command("backfill", "load a source's batch history into the online store")
+    backfill = client_command(
+        "backfill",
+        "load a source's batch history into the online store",
+        "one JSON object with the rejections, and no progress bar",
+    )
     backfill.add_argument("source")
     backfill.add_argument("--start", type=_when, help="earliest event time (ISO 8601; UTC without an offset)")
     backfill.add_argument("--end", type=_when, help="event time to stop before (ISO 8601)")
     backfill.add_argument("--dry-run", action="store_true", help="validate only; write nothing")
     backfill.set_defaults(func=_cmd_backfill)
+
+    status = client_command(
+        "status",
+        "show a server's health, version, uptime, store size, offline-log lag and rows per source; "
+        "exits 1 when it is not serving or refuses writes",
+        "one JSON object",
+    )
+    status.add_argument(
+        "--exact",
+        action="store_true",
+        help="count every row (reads every row key; slow for millions) instead of stopping at 100,000",
+    )
+    status.set_defaults(func=_cmd_status)
     return parser
 
 

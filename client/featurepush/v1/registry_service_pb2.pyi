@@ -64,3 +64,37 @@ class DeleteSourceResponse(_message.Message):
     ROWS_DELETED_FIELD_NUMBER: _ClassVar[int]
     rows_deleted: int
     def __init__(self, rows_deleted: _Optional[int] = ...) -> None: ...
+
+class GetServerStatusRequest(_message.Message):
+    __slots__ = ("exact",)
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    exact: bool
+    def __init__(self, exact: _Optional[bool] = ...) -> None: ...
+
+class SourceStatus(_message.Message):
+    __slots__ = ("name", "row_count", "row_count_exact")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROW_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ROW_COUNT_EXACT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    row_count: int
+    row_count_exact: bool
+    def __init__(self, name: _Optional[str] = ..., row_count: _Optional[int] = ..., row_count_exact: _Optional[bool] = ...) -> None: ...
+
+class GetServerStatusResponse(_message.Message):
+    __slots__ = ("version", "uptime_seconds", "writes_accepted", "store_bytes", "offline_log_lag_seconds", "offline_log_queued_entries", "sources")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WRITES_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_LOG_LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OFFLINE_LOG_QUEUED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    uptime_seconds: float
+    writes_accepted: bool
+    store_bytes: int
+    offline_log_lag_seconds: float
+    offline_log_queued_entries: int
+    sources: _containers.RepeatedCompositeFieldContainer[SourceStatus]
+    def __init__(self, version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., writes_accepted: _Optional[bool] = ..., store_bytes: _Optional[int] = ..., offline_log_lag_seconds: _Optional[float] = ..., offline_log_queued_entries: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceStatus, _Mapping]]] = ...) -> None: ...

@@ -55,6 +55,11 @@ class RegistryServiceStub:
                 request_serializer=featurepush_dot_v1_dot_registry__service__pb2.DeleteSourceRequest.SerializeToString,
                 response_deserializer=featurepush_dot_v1_dot_registry__service__pb2.DeleteSourceResponse.FromString,
                 _registered_method=True)
+        self.GetServerStatus = channel.unary_unary(
+                '/featurepush.v1.RegistryService/GetServerStatus',
+                request_serializer=featurepush_dot_v1_dot_registry__service__pb2.GetServerStatusRequest.SerializeToString,
+                response_deserializer=featurepush_dot_v1_dot_registry__service__pb2.GetServerStatusResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -89,6 +94,13 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerStatus(self, request, context):
+        """Reports the server's version, uptime, storage, offline-log lag and the rows each source holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.DeleteSource,
                     request_deserializer=featurepush_dot_v1_dot_registry__service__pb2.DeleteSourceRequest.FromString,
                     response_serializer=featurepush_dot_v1_dot_registry__service__pb2.DeleteSourceResponse.SerializeToString,
+            ),
+            'GetServerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerStatus,
+                    request_deserializer=featurepush_dot_v1_dot_registry__service__pb2.GetServerStatusRequest.FromString,
+                    response_serializer=featurepush_dot_v1_dot_registry__service__pb2.GetServerStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +239,33 @@ class RegistryService:
             '/featurepush.v1.RegistryService/DeleteSource',
             featurepush_dot_v1_dot_registry__service__pb2.DeleteSourceRequest.SerializeToString,
             featurepush_dot_v1_dot_registry__service__pb2.DeleteSourceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurepush.v1.RegistryService/GetServerStatus',
+            featurepush_dot_v1_dot_registry__service__pb2.GetServerStatusRequest.SerializeToString,
+            featurepush_dot_v1_dot_registry__service__pb2.GetServerStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

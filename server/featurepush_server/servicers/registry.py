@@ -11,6 +11,7 @@ from featurepush.v1 import registry_service_pb2_grpc as pb_grpc
 
 from ..core.errors import shown
 from ..core.registry import Registry
+from ..core.server_status import StatusReporter
 from ..status import unary
 from .calls import stop_check
 
@@ -18,10 +19,11 @@ _LOGGER = logging.getLogger(__name__)
 
 
 class RegistryServicer(pb_grpc.RegistryServiceServicer):
-    """Apply, get, list and delete push sources."""
+    """Apply, get, list and delete push sources, and report the server's state."""
 
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, status: StatusReporter):
         self._registry = registry
+        self._status = status
 
     @unary
     def ApplySource(
@@ -53,3 +55,20 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         rows = self._registry.delete(request.name)
         _LOGGER.info("source %r deleted with %d online rows", shown(request.name), rows)
         return pb.DeleteSourceResponse(rows_deleted=rows)
+
+    @unary
+    def GetServerStatus(
+        self, request: pb.GetServerStatusRequest, context: grpc.ServicerContext
+    ) -> pb.GetServerStatusResponse:
+        state = self._status.report(exact=request.exact, stop=stop_check(context))
+        return pb.GetServerStatusResponse(
+            version=state.version,
+            uptime_seconds=state.uptime_s,
+            writes_accepted=state.writes_accepted,
+            store_bytes=state.store_bytes,
+            offline_log_lag_seconds=state.offline_lag_s,
+            offline_log_queued_entries=state.offline_queued,
+            sources=[
+                pb.SourceStatus(name=s.name, row_count=s.rows, row_count_exact=s.exact) for s in state.sources
+            ],
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from ..errors import FailedPrecondition
@@ -63,6 +64,22 @@ class StoreFormatError(FailedPrecondition):
     """A data directory was written in a store format this build does not read; raised when opening it."""
 
     reason = "STORE_FORMAT"
+
+
+class StoreInUse(FailedPrecondition):
+    """Another process holds the store open; raised when opening it. `pid` is that process, if known."""
+
+    reason = "DATA_DIR_IN_USE"
+
+    def __init__(self, path: Path, pid: int | None):
+        holder = f"pid {pid}" if pid is not None else "pid unknown"
+        super().__init__(
+            f"data directory {path} is in use by another featurepush process ({holder}); "
+            "stop that one or serve another data directory",
+            metadata={"path": str(path), "pid": str(pid or "")},
+        )
+        self.path = path
+        self.pid = pid
 
 
 class SourceCatalog(Protocol):
@@ -137,6 +154,10 @@ class LatestRows(Protocol):
         """Whether a source holds any row."""
         ...
 
+    def count_rows(self, source_id: int, limit: int | None = None) -> int:
+        """How many rows a source holds, counting no further than `limit` (None: every row)."""
+        ...
+
 
 class IdempotencyRecords(Protocol):
     """Request ids seen within a window, with the counts of their write; recorded by `write_latest`."""
@@ -159,6 +180,10 @@ class OfflineQueue(Protocol):
 
     def delete_offline(self, first_seq: int, last_seq: int) -> None:
         """Drop the queue entries from `first_seq` through `last_seq`, durably."""
+        ...
+
+    def count_offline(self, limit: int | None = None) -> int:
+        """How many entries are queued, counting no further than `limit` (None: every entry)."""
         ...
 
 

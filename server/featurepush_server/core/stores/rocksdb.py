@@ -21,6 +21,7 @@ data but no version was written before the version existed, in the layout above,
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ import rocksdict
 from ..errors import Aborted, CoreError, StorageFull, Unavailable
 from ..framing import HEADER_BYTES, time_header
 from ..gate import UsageGate
-from .base import BatchCounts, QueuedRecords, RowBatch, StoreFormatError, WriteResult
+from .base import BatchCounts, QueuedRecords, RowBatch, StoreFormatError, StoreInUse, WriteResult
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ _PROBE_BYTES = 256 * 1024
 _PURGE_CHUNK = 128
 _PURGE_MAX = 8192
 _LATE_FIELDS = META + b"late_fields"
+# The pid of the process holding the database open, beside RocksDB's LOCK file; removed at close.
+PID_FILE = "featurepush.pid"
 
 
 def row_prefix(source_id: int) -> bytes:
@@ -76,6 +79,11 @@ def _prefix_end(prefix: bytes) -> bytes:
 def offline_key(seq: int) -> bytes:
     """The key of the offline-log queue entry with sequence number `seq`."""
     return OFFLINE + seq.to_bytes(8, "big")
+
+
+def _count(keys: Iterator[bytes], limit: int | None) -> int:
+    """How many keys there are, stopping at `limit`."""
+    return sum(1 for _ in (keys if limit is None else itertools.islice(keys, limit)))
 
 
 # What one latest-event index entry costs beyond its key's bytes: the dict slot, the key and header objects.
@@ -115,6 +123,24 @@ def _open_db(path: Path) -> Any:
     options.set_block_based_table_factory(table)
     # Raw mode reads and writes bytes only; the stubs describe the pickling mode, so keep this untyped.
     return rocksdict.Rdict(str(path), options)
+
+
+def _locked_by_another(error: Exception) -> bool:
+    """Whether opening failed because another process (or this one) holds the database's LOCK file."""
+    text = str(error)
+    return text.startswith("IO error") and "/LOCK:" in text
+
+
+def _holder(path: Path) -> int | None:
+    """The pid written by the process that has the database at `path` open, if that process still runs."""
+    try:
+        pid = int((path / PID_FILE).read_text().strip())
+        os.kill(pid, 0)
+    except PermissionError:
+        return pid  # alive, though another user's
+    except (OSError, ValueError):
+        return None
+    return pid
 
 
 def _check_format(db: Any, path: Path) -> None:
@@ -167,12 +193,19 @@ class RocksDBStore:
         self.path.mkdir(parents=True, exist_ok=True)
         # A crash while probing for space leaves the probe behind.
         (self.path / SPACE_PROBE).unlink(missing_ok=True)
-        self._db: Any = _open_db(self.path)
+        try:
+            self._db: Any = _open_db(self.path)
+        except Exception as e:
+            if not _locked_by_another(e):
+                raise
+            raise StoreInUse(self.path, _holder(self.path)) from None
         try:
             _check_format(self._db, self.path)
         except BaseException:
             self._db.close()
             raise
+        # Names this process to a second one that finds the database locked; RocksDB's lock does not.
+        (self.path / PID_FILE).write_text(f"{os.getpid()}\n")
         self._gate = UsageGate()
         self._fsync = fsync
         self._window_ms = int(idempotency_window_s * 1000)
@@ -227,6 +260,8 @@ class RocksDBStore:
                 self._db.close()
             except Exception as e:  # noqa: BLE001 - closing after a disk error reports that error again
                 _LOGGER.warning("closing the database reported: %s", e)
+        if _holder(self.path) == os.getpid():
+            (self.path / PID_FILE).unlink(missing_ok=True)
         return True
 
     def sync_now(self) -> None:
@@ -423,6 +458,14 @@ class RocksDBStore:
         with self._gate.use():
             return next(self._keys_with_prefix(row_prefix(source_id)), None) is not None
 
+    def count_rows(self, source_id: int, limit: int | None = None) -> int:
+        """How many rows a source holds, counting no further than `limit` (None: every row).
+
+        Exact by walking the keys: RocksDB's own key estimate covers the whole database, not one prefix.
+        """
+        with self._gate.use():
+            return _count(self._keys_with_prefix(row_prefix(source_id)), limit)
+
     def delete_expired(self, source_id: int, cutoff_micros: int, chunk: int = 10_000) -> int:
         """Delete the source's rows whose event time is before `cutoff_micros`; return how many.
 
@@ -605,6 +648,11 @@ class RocksDBStore:
             with self._lock:
                 self._write(wb)
             self._sync()
+
+    def count_offline(self, limit: int | None = None) -> int:
+        """How many entries are queued, counting no further than `limit` (None: every entry)."""
+        with self._gate.use():
+            return _count(self._keys_with_prefix(OFFLINE), limit)
 
     # --- idempotency records -------------------------------------------------------------------
 
