@@ -40,7 +40,11 @@ class Connection:
 
 
 def _row(user: str, clicked: int, seconds: int = 0) -> dict[str, object]:
-    return {"user_id": user, "timestamp": (T0 + dt.timedelta(seconds=seconds)).isoformat(), "clicked": clicked}
+    return {
+        "user_id": user,
+        "timestamp": (T0 + dt.timedelta(seconds=seconds)).isoformat(),
+        "clicked": clicked,
+    }
 
 
 def _clicked(conn: Connection | ServedProcess, source: str, users: list[str]) -> list[int | None]:
@@ -64,9 +68,11 @@ def served(tmp_path: Path) -> Iterator[ServedProcess]:
         server.finish()
 
 
-def test_fronts_share_sources_rows_latest_events_and_request_ids(served: ServedProcess, tmp_path: Path) -> None:
+def test_fronts_share_sources_rows_latest_events_and_request_ids(
+    served: ServedProcess, tmp_path: Path
+) -> None:
     assert served.log.count("featurepush listening on") == 1
-    assert len(_pids(served, "front")) == 3
+    assert len(_pids(served, r"front \d+")) == 3
     conns = [Connection(served.port) for _ in range(CONNECTIONS)]
     # A source applied through one connection is usable through every other at once.
     doc = dict(AD_IMPRESSIONS, name="clicks")
@@ -76,32 +82,40 @@ def test_fronts_share_sources_rows_latest_events_and_request_ids(served: ServedP
     for conn in conns:
         assert _clicked(conn, "clicks", [f"c{i}" for i in range(CONNECTIONS)]) == list(range(CONNECTIONS))
     # A compatible change through one connection: every other validates against it straight away.
-    fields = [*doc["schema"]["fields"], {"name": "cost", "type": scalar("DOUBLE"), "nullable": True}]  # type: ignore[index]
+    fields = [*doc["schema"]["fields"], {"name": "cost", "type": scalar("FLOAT64"), "nullable": True}]  # type: ignore[index]
     changed = dict(doc, schema={"fields": fields})
     conns[1].registry.ApplySource(registry_service_pb2.ApplySourceRequest(source=source_from_json(changed)))
     for i, conn in enumerate(conns):
         conn.ingest.Push(rows_request({"clicks": [dict(_row(f"d{i}", i), cost=0.5)]}))
 
     # Writers through every connection race on the same entities; the latest event time wins.
+    failed: list[grpc.RpcError] = []
+
     def race(n: int) -> None:
         for k in range(20):
             seconds = (k * CONNECTIONS + n) % 97
-            conns[n].ingest.Push(rows_request({"ad_impressions": [_row(f"e{j}", seconds, seconds) for j in range(5)]}))
+            try:
+                conns[n].ingest.Push(
+                    rows_request({"clicks": [_row(f"e{j}", seconds, seconds) for j in range(5)]})
+                )
+            except grpc.RpcError as e:
+                failed.append(e)
 
     threads = [threading.Thread(target=race, args=(n,)) for n in range(CONNECTIONS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
-    assert _clicked(conns[2], "ad_impressions", [f"e{j}" for j in range(5)]) == [96] * 5
+    assert not failed
+    assert _clicked(conns[2], "clicks", [f"e{j}" for j in range(5)]) == [96] * 5
 
     # A request id sent again through any other front is answered from the first write.
-    first = conns[0].ingest.Push(rows_request({"ad_impressions": [_row("r", 1, 500)]}, requestId="once"))
+    first = conns[0].ingest.Push(rows_request({"clicks": [_row("r", 1, 500)]}, requestId="once"))
     assert not first.replayed
     for conn in conns[1:]:
-        again = conn.ingest.Push(rows_request({"ad_impressions": [_row("r", 2, 600)]}, requestId="once"))
+        again = conn.ingest.Push(rows_request({"clicks": [_row("r", 2, 600)]}, requestId="once"))
         assert again.replayed
-    assert _clicked(conns[3], "ad_impressions", ["r"]) == [1]
+    assert _clicked(conns[3], "clicks", ["r"]) == [1]
     for conn in conns:
         conn.channel.close()
 
@@ -112,7 +126,7 @@ def test_fronts_share_sources_rows_latest_events_and_request_ids(served: ServedP
     again = ServedProcess(tmp_path / "data", "--processes", "1")
     try:
         assert _clicked(again, "clicks", [f"d{i}" for i in range(CONNECTIONS)]) == list(range(CONNECTIONS))
-        assert _clicked(again, "ad_impressions", ["e0", "r"]) == [96, 1]
+        assert _clicked(again, "clicks", ["e0", "r"]) == [96, 1]
     finally:
         again.signal()
         assert again.wait() == 0
@@ -127,7 +141,8 @@ class Pushers:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._push, args=(Connection(port), t), daemon=True) for t in range(threads)
+            threading.Thread(target=self._push, args=(Connection(port), t), daemon=True)
+            for t in range(threads)
         ]
         for t in self._threads:
             t.start()
@@ -136,7 +151,7 @@ class Pushers:
         n = 0
         while not self._stop.is_set():
             rows = [_row(f"w{worker}-{n}-{i}", n * 10 + i) for i in range(10)]
-            request = rows_request({"ad_impressions": rows}, requestId=f"w{worker}-{n}")
+            request = rows_request({"clicks": rows}, requestId=f"w{worker}-{n}")
             try:
                 conn.ingest.Push(request, timeout=30)
             except grpc.RpcError as e:
@@ -163,10 +178,12 @@ class Pushers:
 
 
 def test_killed_front_and_owner_lose_no_acknowledged_record(served: ServedProcess, tmp_path: Path) -> None:
+    doc = dict(AD_IMPRESSIONS, name="clicks")
+    served.registry.ApplySource(registry_service_pb2.ApplySourceRequest(source=source_from_json(doc)))
     pushers = Pushers(served.port)
     try:
         assert wait_until(lambda: pushers.count() > 200)
-        os.kill(_pids(served, "front")[1], signal.SIGKILL)
+        os.kill(_pids(served, r"front \d+")[1], signal.SIGKILL)
         assert wait_until(lambda: "front 1 (pid" in served.log)
         done = pushers.count()
         assert wait_until(lambda: pushers.count() > done + 200)
@@ -183,7 +200,7 @@ def test_killed_front_and_owner_lose_no_acknowledged_record(served: ServedProces
     again = ServedProcess(tmp_path / "data", "--processes", "1")
     try:
         users = sorted(acknowledged)
-        assert _clicked(again, "ad_impressions", users) == [acknowledged[u] for u in users]
+        assert _clicked(again, "clicks", users) == [acknowledged[u] for u in users]
     finally:
         again.signal()
         assert again.wait() == 0

@@ -26,6 +26,7 @@ import json
 import logging
 import mmap
 import os
+import select
 import socket
 import socketserver
 import struct
@@ -444,16 +445,11 @@ class RemoteStore:
                 sock = self._idle.pop() if self._idle else None
             if sock is None:
                 return self._connect()
-            try:
-                # Nothing is ever unread between calls: readable means the owner closed it (it restarted).
-                if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                    sock.close()
-                    continue
-            except BlockingIOError:
+            # Nothing is ever unread between calls: readable means the owner closed it (it restarted).
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(0):
                 return sock
-            except OSError:
-                sock.close()
-                continue
             sock.close()
 
     def _drop_idle(self) -> None:
