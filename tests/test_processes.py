@@ -188,7 +188,7 @@ def test_killed_front_and_owner_lose_no_acknowledged_record(served: ServedProces
         done = pushers.count()
         assert wait_until(lambda: pushers.count() > done + 200)
         os.kill(_pids(served, "the store owner")[0], signal.SIGKILL)
-        assert wait_until(lambda: len(_pids(served, "the store owner")) == 2)
+        assert wait_until(lambda: len(_pids(served, "the store owner")) == 2), served.log
         done = pushers.count()
         # Pushes go on once the owner is back; the fronts neither hang nor need a restart.
         assert wait_until(lambda: pushers.count() > done + 200, timeout_s=60)
@@ -196,7 +196,7 @@ def test_killed_front_and_owner_lose_no_acknowledged_record(served: ServedProces
         acknowledged = pushers.stop()
     assert pushers.retried > 0
     served.signal(signal.SIGTERM)
-    assert served.wait() == 0
+    assert served.wait() == 0, served.log
     again = ServedProcess(tmp_path / "data", "--processes", "1")
     try:
         users = sorted(acknowledged)
