@@ -25,12 +25,13 @@ def wait_ready(target: str) -> None:
 
 
 def start_serve(
-    data_dir: Path, fsync: str, batch_root: Path | None = None
+    data_dir: Path, fsync: str, batch_root: Path | None = None, processes: int = 1
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A `featurepush serve` process on a free port, with no sources applied; batch files under batch_root."""
     port = free_port()
     exe = shutil.which("featurepush", path=str(Path(sys.executable).parent)) or "featurepush"
     command = [exe, "serve", "--listen", f"localhost:{port}", "--data-dir", str(data_dir), "--fsync", fsync]
+    command += ["--processes", str(processes)]
     if batch_root is not None:
         command += ["--batch-root", str(batch_root)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

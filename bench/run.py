@@ -50,7 +50,11 @@ AD_IMPRESSIONS = StreamSource(
 )
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
 LATENCY_CALLS = int(os.environ.get("BENCH_LATENCY_CALLS", "1000"))
-CLIENTS = 2
+CLIENTS = int(os.environ.get("BENCH_CLIENTS", "2"))
+# BENCH_ONLY=processes runs only the process-scaling scenarios: serve --processes 1 against one process
+# per core (BENCH_PROCESSES), each with BENCH_CLIENTS client processes (default: one per core).
+ONLY = os.environ.get("BENCH_ONLY", "")
+CORES = os.cpu_count() or 1
 RESULTS = Path(__file__).with_name("results.json")
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 PUSH = "/featurepush.v1.IngestService/Push"
@@ -159,9 +163,9 @@ def _throughput(target: str, scenario: str, worker: int, seconds: float) -> tupl
     return calls * per_call, elapsed
 
 
-def throughput(pool: ProcessPoolExecutor, target: str, scenario: str) -> float:
-    """Items per second of CLIENTS processes running one scenario at once."""
-    jobs = [pool.submit(_throughput, target, scenario, w, SECONDS) for w in range(CLIENTS)]
+def throughput(pool: ProcessPoolExecutor, target: str, scenario: str, clients: int = CLIENTS) -> float:
+    """Items per second of `clients` processes running one scenario at once, a connection each."""
+    jobs = [pool.submit(_throughput, target, scenario, w, SECONDS) for w in range(clients)]
     done = [j.result() for j in jobs]
     return sum(n for n, _ in done) / max(t for _, t in done)
 
@@ -180,9 +184,9 @@ def latencies(target: str, method_name: str, payload: bytes) -> tuple[float, flo
     return cuts[49], cuts[98]
 
 
-def start_featurepush(data_dir: Path, fsync: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_featurepush(data_dir: Path, fsync: str, processes: int = 1) -> tuple[subprocess.Popen[bytes], str]:
     """A `featurepush serve` process on a free port with the bench source applied."""
-    process, target = start_serve(data_dir, fsync)
+    process, target = start_serve(data_dir, fsync, processes=processes)
     with Client(target) as client:
         client.apply(AD_IMPRESSIONS)
     return process, target
@@ -264,8 +268,48 @@ def measure(pool: ProcessPoolExecutor, target: str, suffix: str, ceilings: dict[
     return out
 
 
+def process_scaling() -> list[Result]:
+    """push_rows, push_arrow and get_features with serve --processes 1 and N; the ceiling is the 1 figure."""
+    processes = int(os.environ.get("BENCH_PROCESSES", str(CORES)))
+    clients = int(os.environ.get("BENCH_CLIENTS", str(CORES)))
+    out: list[Result] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="featurepush-bench-") as tmp,
+        ProcessPoolExecutor(clients, mp_context=get_context("spawn")) as pool,
+    ):
+        figures: dict[int, dict[str, float]] = {}
+        for n in (1, processes):
+            server, target = start_featurepush(Path(tmp) / f"p{n}", "always", processes=n)
+            try:
+                for w in range(clients):
+                    grpc.insecure_channel(target).unary_unary(PUSH)(push_bytes(w, 1000))
+                figures[n] = {
+                    "push_rows": throughput(pool, target, "rows", clients),
+                    "push_arrow": throughput(pool, target, "arrow", clients),
+                    "get_features": throughput(pool, target, "get", clients),
+                }
+            finally:
+                server.terminate()
+                server.wait(60)
+        for name, unit in (("push_rows", "rows/s"), ("push_arrow", "rows/s"), ("get_features", "keys/s")):
+            one = figures[1][name]
+            out.append(result(f"{name}[processes=1]", one, unit, one))
+            out.append(result(f"{name}[processes={processes}]", figures[processes][name], unit, one))
+    print(f"{'name':<34} {'value':>14} {'unit':<7} {'x vs 1':>7}")
+    for r in out:
+        print(f"{r.name:<34} {r.value:>14,.0f} {r.unit:<7} {r.ratio:>7.2f}")
+    print(
+        f"\nfsync=always; {CORES} cores; {clients} client processes, a connection each; {SECONDS:g} s per "
+        "scenario; 'x vs 1' is the ratio to serve --processes 1"
+    )
+    return out
+
+
 def main() -> None:
     """Start the servers, run everything, print the table and write bench/results.json."""
+    if ONLY == "processes":
+        process_scaling()
+        return
     started = time.perf_counter()
     processes: list[subprocess.Popen[bytes]] = []
     with (
@@ -337,6 +381,7 @@ def main() -> None:
     # Batch-source scenarios start their own server over their own generated Parquet history.
     for scenario in (batch.read_batch_source_mb_s, batch.backfill_rows, batch.read_batch_source_rss_mb):
         results.append(Result(**scenario()))
+    results += process_scaling()
     RESULTS.write_text(json.dumps([vars(r) for r in results], indent=2) + "\n")
     print(f"{'name':<28} {'value':>14} {'unit':<7} {'ceiling':>14} {'ratio':>6}")
     for r in results:

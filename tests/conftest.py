@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from featurepush.v1 import (
 )
 from featurepush_server.app import Server, create_server
 from featurepush_server.config import ServerConfig
+
+# `featurepush serve` started by a test runs in one process unless the test asks for more (--processes).
+os.environ.setdefault("FEATUREPUSH_PROCESSES", "1")
 
 AD_IMPRESSIONS = {
     "name": "ad_impressions",

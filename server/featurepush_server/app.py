@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from .core.periodic import Periodic
 from .core.registry import Registry
 from .core.server_status import StatusReporter
 from .core.stores.base import Store, StoreInUse
+from .core.stores.remote import RemoteStore
 from .core.stores.rocksdb import RocksDBStore
 from .edge import EdgeInterceptor
 from .metrics import Metrics
@@ -163,13 +165,13 @@ class Server:
         self.grpc_server.wait_for_termination()
 
 
-def create_server(config: ServerConfig) -> Server:
-    """Open the store, apply the configured definitions and register every service; not started."""
+def open_store(config: ServerConfig) -> Store:
+    """The store the configuration names, opened in its data directory."""
     # Rows are callers' data and keys may be secrets: the data directory is the server user's alone.
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(config.data_dir, 0o700)
     try:
-        store = RocksDBStore(
+        return RocksDBStore(
             config.data_dir / "online",
             fsync=config.fsync == "always",
             idempotency_window_s=config.idempotency_window_s,
@@ -179,9 +181,23 @@ def create_server(config: ServerConfig) -> Server:
     except StoreInUse as e:
         # The operator chose the data directory, not the store's folder inside it, so name that.
         raise StoreInUse(config.data_dir, e.pid) from None
+
+
+def create_server(config: ServerConfig, *, front: RemoteStore | None = None) -> Server:
+    """Open the store, apply the configured definitions and register every service; not started.
+
+    With `front`, the server is one of `serve --processes`: it uses that store, which another process
+    owns along with its background work (offline-log flushes, expiry sweeps, disk recovery), and shares
+    its port with the other fronts.
+    """
+    store = open_store(config) if front is None else front
     try:
-        offline_log = OfflineLog(
-            store, config.data_dir / "offline", interval_s=config.offline_flush_interval_s
+        offline_root = config.data_dir / "offline"
+        # A front leaves the log to the owner: opening it removes the files of unfinished flushes.
+        offline_log = (
+            OfflineLog(store, offline_root, interval_s=config.offline_flush_interval_s)
+            if front is None
+            else None
         )
         locations = BatchLocations(
             config.batch_roots,
@@ -190,12 +206,16 @@ def create_server(config: ServerConfig) -> Server:
             ListLimits(config.batch_max_files, config.batch_max_depth, config.batch_list_timeout_s),
         )
         batch_sources = BatchSources(
-            offline_log.root, config.post_processor_modules, locations, config.stream_read_ahead_bytes
+            offline_root, config.post_processor_modules, locations, config.stream_read_ahead_bytes
         )
         for path in config.definitions:
             # A definitions file is loaded as a module named after it; its functions may post-process.
             batch_sources.allow_post_processors(Path(path).stem)
-        registry = Registry(store, check_batch_source=batch_sources.check)
+        registry = Registry(
+            store,
+            check_batch_source=batch_sources.check,
+            catalog_version=None if front is None else front.catalog.read,
+        )
         arrow_limits = IpcLimits(
             max_decoded_bytes=config.max_arrow_decoded_bytes,
             max_batches=config.max_arrow_batches,
@@ -222,7 +242,8 @@ def create_server(config: ServerConfig) -> Server:
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            # Fronts share the port, and the kernel spreads connections over them.
+            ("grpc.so_reuseport", int(front is not None)),
         ]
         gates = Admission(
             configured_limits(
@@ -296,13 +317,17 @@ def create_server(config: ServerConfig) -> Server:
         store.close()
         raise
     log_exposure(config)
-    # Started last so that a failed build leaves no thread; stop() flushes what is still queued.
-    offline_log.start()
-    sweeper = ExpirySweeper(store, config.expired_sweep_interval_s)
-    sweeper.start()
-    # After a disk error, writes resume by themselves once the disk takes them again.
-    recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
-    recovery.start()
+    closers: list[Any] = []
+    sweeper = None
+    if offline_log is not None:
+        # Started last so that a failed build leaves no thread; stop() flushes what is still queued.
+        offline_log.start()
+        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s)
+        sweeper.start()
+        # After a disk error, writes resume by themselves once the disk takes them again.
+        recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
+        recovery.start()
+        closers = [offline_log.close, sweeper.close, recovery.stop]
     metrics.watch(gates, store, offline_log, sweeper)
     server = Server(
         grpc_server,
@@ -313,7 +338,7 @@ def create_server(config: ServerConfig) -> Server:
         reader,
         config,
         health_servicer,
-        [offline_log.close, sweeper.close, recovery.stop],
+        closers,
         offline_log,
         batch_sources,
         gates,
@@ -330,18 +355,32 @@ def create_server(config: ServerConfig) -> Server:
     return server
 
 
-def serve(config: ServerConfig) -> None:
-    """Run a server until SIGINT or SIGTERM, then stop it gracefully; a second signal exits at once."""
+def serve(
+    config: ServerConfig, *, front: RemoteStore | None = None, ready: Callable[[], None] | None = None
+) -> None:
+    """Run a server until SIGINT or SIGTERM, then stop it gracefully; a second signal exits at once.
+
+    With `processes` above 1 (and no `front`), a supervisor runs that many front processes and a store
+    owner instead (processes.py). `ready` is called once the server serves.
+    """
+    if front is None and config.processes > 1:
+        from .processes import supervise
+
+        supervise(config)
+        return
     # Every file the server creates (RocksDB's, the offline log's) is readable by its user alone.
     os.umask(0o077)
-    server = create_server(config)
+    server = create_server(config, front=front)
     server.start()
     # A push allocates a wrapper per JSON value, so full collections come every few pushes: objects alive
     # after start-up (modules, descriptors, the registry) are frozen out of them.
     gc.freeze()
-    _LOGGER.info(
-        "featurepush listening on %s (port %d), data in %s", config.listen, server.port, config.data_dir
-    )
+    if front is None:
+        _LOGGER.info(
+            "featurepush listening on %s (port %d), data in %s", config.listen, server.port, config.data_dir
+        )
+    if ready is not None:
+        ready()
     signals: list[int] = []
 
     def _on_signal(signum: int, frame: object) -> None:

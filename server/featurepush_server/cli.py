@@ -83,6 +83,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "max_records_per_request": args.max_records_per_request,
         "max_message_bytes": args.max_message_bytes,
         "workers": args.workers,
+        "processes": args.processes,
         "definitions": tuple(args.definitions) if args.definitions else None,
         "post_processor_modules": tuple(args.post_processor_modules) if args.post_processor_modules else None,
         "tls_cert": args.tls_cert,
@@ -616,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-records-per-request", type=int)
     serve.add_argument("--max-message-bytes", type=int)
     serve.add_argument("--workers", type=int)
+    serve.add_argument(
+        "--processes", type=int, help="gRPC processes sharing the port, plus a store owner (default: cores)"
+    )
     serve.add_argument(
         "--post-processor-module",
         action="append",

@@ -125,6 +125,11 @@ class ServerConfig:
     # Seconds between checks whether the disk takes writes again after a full disk or an I/O error.
     storage_retry_interval_s: float = 1.0
 
+    # --- Every core: serve --processes ---
+    # Processes that serve gRPC (decoding, validation, encoding) on the one listen port, besides one that
+    # owns the store and its background work; 1 serves everything from one process. Default: the cores.
+    processes: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
             raise ConfigError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {self.fsync!r}")
@@ -133,6 +138,7 @@ class ServerConfig:
             "max_records_per_request",
             "max_keys_per_request",
             "workers",
+            "processes",
             "stream_read_ahead",
             "latest_index_entries",
             "latest_index_bytes",

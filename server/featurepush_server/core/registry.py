@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 from featurepush.v1 import source_pb2
 
-from .errors import FailedPrecondition, InvalidInput, NotFound, Violation, shown
+from .errors import FailedPrecondition, InvalidInput, NotFound, Unavailable, Violation, shown
 from .schema import SourceSpec, compile_source
 from .stores.base import Store
 
 MAX_PAGE_SIZE = 1000
+# How long a load waits for a catalog change written by another process to finish.
+CATALOG_WAIT_S = 10.0
 DEFAULT_PAGE_SIZE = 100
 
 
@@ -73,28 +75,62 @@ def incompatibilities(old: SourceSpec, new: SourceSpec) -> list[str]:
 
 
 class Registry:
-    """Source definitions kept in the online store's database, cached in memory; thread-safe."""
+    """Source definitions kept in the online store's database, cached in memory; thread-safe.
+
+    Where other processes change the same store's definitions, `catalog_version` reads a counter that
+    is odd while such a change is written and moves with each one; the cache is dropped when it moves.
+    """
 
     def __init__(
         self,
         store: Store,
         check_batch_source: Callable[[SourceSpec, Callable[[], bool]], None] | None = None,
+        catalog_version: Callable[[], int] | None = None,
     ):
         self._store = store
         self._cache: dict[str, Source] = {}
         self._lock = threading.Lock()
         self._check_batch_source = check_batch_source
+        self._catalog_version = catalog_version
+        self._cached_version = catalog_version() if catalog_version is not None else 0
 
     def get(self, name: str) -> Source:
         """The source called `name`; raise NotFound."""
         cached = self._cache.get(name)
-        if cached is not None:
+        if cached is not None and (
+            self._catalog_version is None or self._catalog_version() == self._cached_version
+        ):
             return cached
         # Loaded under the lock apply() holds, so a cached definition always matches its generation.
         with self._lock:
             return self._load(name)
 
+    def _settled_version(self) -> int:
+        """The catalog counter once no change is being written elsewhere; the cache is dropped if it moved."""
+        if self._catalog_version is None:
+            return 0
+        deadline = time.monotonic() + CATALOG_WAIT_S
+        version = self._catalog_version()
+        while version % 2:
+            if time.monotonic() > deadline:
+                raise Unavailable("source definitions are being changed; send the request again shortly")
+            time.sleep(0.001)
+            version = self._catalog_version()
+        if version != self._cached_version:
+            self._cache.clear()
+            self._cached_version = version
+        return version
+
     def _load(self, name: str) -> Source:
+        while True:
+            version = self._settled_version()
+            source = self._read(name)
+            # A change written elsewhere while the definition and its generation were read: read again.
+            if self._catalog_version is None or self._catalog_version() == version:
+                self._cache[name] = source
+                return source
+
+    def _read(self, name: str) -> Source:
         cached = self._cache.get(name)
         if cached is not None:
             return cached
@@ -109,9 +145,7 @@ class Registry:
         spec = compile_source(source_pb2.PushSource.FromString(raw))
         names = {f.name for f in spec.fields}
         late = tuple(f for f in self._store.late_fields(source_id) if f in names)
-        source = Source(source_id, spec, self._store.generation(source_id), late)
-        self._cache[name] = source
-        return source
+        return Source(source_id, spec, self._store.generation(source_id), late)
 
     def apply(
         self,

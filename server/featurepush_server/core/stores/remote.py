@@ -1,0 +1,674 @@
+"""A store served by one owner process to the gRPC fronts of `serve --processes`, over a Unix socket.
+
+The owner opens the real store (RocksDB) and answers `StoreOwner` requests; each front uses a
+`RemoteStore`, which implements the Store protocol by sending those requests. This module alone writes
+and reads the framing:
+
+  request  u32 length, u8 op code, then the op's fields
+  reply    u32 length, u8 status (0 ok, 1 error), u8 writable (1 or 0), then the result's fields
+           (for an error: the exception's class name, message, reason and JSON metadata)
+
+Fields are big-endian: integers as i64, flags as u8, strings and byte strings as a u32 length then the
+bytes. A list of byte strings (a RowBatch's keys or values, a read's keys) is a u32 count, the u32
+lengths of all items, then their bytes one after another; in a read's reply a length of 0xFFFFFFFF is a
+missing value.
+
+Catalog changes (put_source, delete_source) are announced through an 8-byte counter in a shared file,
+written like a seqlock: odd while a change is being written, even once it is done, and increased by
+each owner at start. A front's registry drops its cached definitions when the counter moves. Source
+generations carry the owner's start count in their upper bits, so a definition validated under an
+earlier owner is refused with ABORTED rather than checked against a restarted owner's counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import select
+import socket
+import socketserver
+import struct
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from .. import errors
+from ..errors import Aborted, CoreError, Unavailable
+from ..gate import UsageGate
+from .base import BatchCounts, QueuedRecords, RowBatch, Store, StoreFormatError, WriteResult
+
+_LOGGER = logging.getLogger(__name__)
+
+_U8 = struct.Struct(">B")
+_U32 = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+_MISSING = 0xFFFFFFFF
+# Generations are (owner start count << 32) | the owner's own count of the source's definition writes.
+_GENERATION_BITS = 32
+
+(
+    GET_SOURCE,
+    LIST_SOURCES,
+    PUT_SOURCE,
+    LATE_FIELDS,
+    DELETE_SOURCE,
+    GENERATION,
+    EXCLUSIVE_BEGIN,
+    ROW_PREFIX,
+    WRITE_LATEST,
+    READ,
+    DELETE_EXPIRED,
+    HAS_ROWS,
+    SEEN_REQUEST,
+    PURGE_REQUESTS,
+    QUEUED_OFFLINE,
+    DELETE_OFFLINE,
+    RECOVER,
+    STATISTIC,
+    SYNC_NOW,
+    COUNT_ROWS,
+    COUNT_OFFLINE,
+) = range(1, 22)
+
+
+class _Out:
+    """The fields of one frame, appended in order."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def u8(self, value: int) -> _Out:
+        self.parts.append(_U8.pack(value))
+        return self
+
+    def i64(self, value: int) -> _Out:
+        self.parts.append(_I64.pack(value))
+        return self
+
+    def blob(self, value: bytes) -> _Out:
+        self.parts.append(_U32.pack(len(value)))
+        self.parts.append(value)
+        return self
+
+    def text(self, value: str) -> _Out:
+        return self.blob(value.encode())
+
+    def blobs(self, items: Sequence[bytes | None]) -> _Out:
+        n = len(items)
+        lengths = [_MISSING if item is None else len(item) for item in items]
+        self.parts.append(_U32.pack(n))
+        self.parts.append(struct.pack(f">{n}I", *lengths))
+        self.parts.extend(item for item in items if item)
+        return self
+
+    def texts(self, items: Sequence[str]) -> _Out:
+        return self.blobs([item.encode() for item in items])
+
+    def frame(self) -> bytes:
+        body = b"".join(self.parts)
+        return _U32.pack(len(body)) + body
+
+
+class _In:
+    """Reads the fields of one frame in the order they were written."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.at = 0
+
+    def u8(self) -> int:
+        value: int = self.data[self.at]
+        self.at += 1
+        return value
+
+    def i64(self) -> int:
+        (value,) = _I64.unpack_from(self.data, self.at)
+        self.at += 8
+        return int(value)
+
+    def blob(self) -> bytes:
+        (n,) = _U32.unpack_from(self.data, self.at)
+        start = self.at + 4
+        self.at = start + n
+        return self.data[start : self.at]
+
+    def text(self) -> str:
+        return self.blob().decode()
+
+    def blobs(self) -> list[bytes | None]:
+        (n,) = _U32.unpack_from(self.data, self.at)
+        lengths = struct.unpack_from(f">{n}I", self.data, self.at + 4)
+        at = self.at + 4 + 4 * n
+        data = self.data
+        out: list[bytes | None] = []
+        append = out.append
+        for length in lengths:
+            if length == _MISSING:
+                append(None)
+            else:
+                append(data[at : at + length])
+                at += length
+        self.at = at
+        return out
+
+    def present_blobs(self) -> list[bytes]:
+        return [b"" if item is None else item for item in self.blobs()]
+
+    def texts(self) -> list[str]:
+        return [item.decode() for item in self.present_blobs()]
+
+
+def _recv_frame(sock: socket.socket) -> bytes | None:
+    """The body of the next frame, or None when the peer closed the connection between frames."""
+    head = _recv_exact(sock, 4, eof_ok=True)
+    if head is None:
+        return None
+    (n,) = _U32.unpack(head)
+    body = _recv_exact(sock, n, eof_ok=False)
+    assert body is not None
+    return body
+
+
+def _recv_exact(sock: socket.socket, n: int, *, eof_ok: bool) -> bytes | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            if eof_ok and got == 0:
+                return None
+            raise ConnectionError("the store connection closed in the middle of a frame")
+        got += k
+    return bytes(buf)
+
+
+def _counts_out(out: _Out, counts: dict[str, BatchCounts]) -> None:
+    out.i64(len(counts))
+    for source, c in counts.items():
+        out.text(source).i64(c.accepted).i64(c.written).i64(c.superseded)
+
+
+def _counts_in(inp: _In) -> dict[str, BatchCounts]:
+    return {inp.text(): BatchCounts(inp.i64(), inp.i64(), inp.i64()) for _ in range(inp.i64())}
+
+
+# The core errors a reply may carry, by class name; anything else comes back as a plain CoreError.
+_ERRORS: dict[str, type[CoreError]] = {
+    cls.__name__: cls
+    for cls in (*vars(errors).values(), StoreFormatError)
+    if isinstance(cls, type) and issubclass(cls, CoreError)
+}
+
+
+class CatalogVersion:
+    """The shared counter of catalog changes (see the module docstring); a file mapped into memory."""
+
+    def __init__(self, path: Path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < 8:
+                os.ftruncate(fd, 8)
+            self._map = mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)
+
+    def read(self) -> int:
+        """The counter now; odd while a change is being written."""
+        value: int = _I64.unpack_from(self._map, 0)[0]
+        return value
+
+    def bump(self) -> int:
+        """Add one and return the new value; only the owner writes."""
+        value = self.read() + 1
+        _I64.pack_into(self._map, 0, value)
+        return value
+
+    def start_owner(self) -> int:
+        """A new owner's start: skip to the next even value, so every front drops its cache; return it."""
+        value = self.read()
+        value += 2 if value % 2 == 0 else 1
+        _I64.pack_into(self._map, 0, value)
+        return value
+
+
+class StoreOwner:
+    """Serves one Store to the fronts on a Unix socket, a thread per connection; `close()` stops it.
+
+    The store's own lock decides every write, so latest-by-event-time, atomic multi-source writes and
+    request-id replays hold across fronts as within one process; a reply is sent only once the store
+    returned, so after its WAL sync under fsync=always.
+    """
+
+    def __init__(self, store: Store, socket_path: Path, catalog: CatalogVersion):
+        self._store = store
+        self._catalog = catalog
+        self._epoch = catalog.start_owner() << _GENERATION_BITS
+        owner = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                owner._serve_connection(self.request)
+
+        socket_path.unlink(missing_ok=True)
+        self._server = socketserver.ThreadingUnixStreamServer(str(socket_path), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="featurepush-store-owner", daemon=True
+        )
+
+    def start(self) -> None:
+        """Accept connections in a background thread."""
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop accepting connections; calls in progress finish against the store, which closes later."""
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _serve_connection(self, sock: socket.socket) -> None:
+        # A front holding the store exclusively keeps it until it closes the connection.
+        with ExitStack() as held:
+            while True:
+                try:
+                    body = _recv_frame(sock)
+                except OSError:
+                    return
+                if body is None:
+                    return
+                inp = _In(body)
+                op = inp.u8()
+                out = _Out()
+                try:
+                    result = _Out()
+                    if op == EXCLUSIVE_BEGIN:
+                        held.enter_context(self._store.exclusive())
+                    else:
+                        self._dispatch(op, inp, result)
+                    out.u8(0).u8(self._store.writable)
+                    out.parts += result.parts
+                except CoreError as e:
+                    out = _Out().u8(1).u8(self._store.writable)
+                    out.text(type(e).__name__).text(e.message).text(e.reason).text(json.dumps(e.metadata))
+                except Exception as e:  # noqa: BLE001 - the front reports it; the owner serves on
+                    _LOGGER.exception("store request %d failed", op)
+                    out = _Out().u8(1).u8(self._store.writable)
+                    out.text("CoreError").text(f"the store failed: {type(e).__name__}").text("INTERNAL").text(
+                        "{}"
+                    )
+                try:
+                    sock.sendall(out.frame())
+                except OSError:
+                    return
+
+    def _generation(self, source_id: int) -> int:
+        own = self._store.generation(source_id)
+        return -1 if own < 0 else self._epoch | own
+
+    def _dispatch(self, op: int, inp: _In, out: _Out) -> None:
+        store = self._store
+        if op == WRITE_LATEST:
+            request_id = inp.text()
+            dry_run = bool(inp.u8())
+            batches = []
+            for _ in range(inp.i64()):
+                source = inp.text()
+                has_id = inp.u8()
+                source_id = inp.i64()
+                generation = inp.i64()
+                offline = inp.blob()
+                keys = inp.present_blobs()
+                values = inp.present_blobs()
+                if has_id and generation >> _GENERATION_BITS != self._epoch >> _GENERATION_BITS:
+                    raise Aborted(
+                        f"push source {source!r} was validated before the store restarted; nothing was "
+                        "written, send the records again",
+                        reason="SOURCE_CHANGED",
+                        metadata={"source": source},
+                    )
+                own = generation & ((1 << _GENERATION_BITS) - 1)
+                batches.append(RowBatch(source, keys, values, offline, source_id if has_id else None, own))
+            result = store.write_latest(batches, request_id=request_id, dry_run=dry_run)
+            out.u8(result.replayed)
+            _counts_out(out, result.counts)
+        elif op == READ:
+            out.blobs(store.read(inp.present_blobs()))
+        elif op == GET_SOURCE:
+            found = store.get_source(inp.text())
+            out.u8(found is not None)
+            if found is not None:
+                out.i64(found[0]).blob(found[1])
+        elif op == GENERATION:
+            out.i64(self._generation(inp.i64()))
+        elif op == LATE_FIELDS:
+            out.texts(store.late_fields(inp.i64()))
+        elif op == ROW_PREFIX:
+            out.blob(store.row_prefix(inp.i64()))
+        elif op == LIST_SOURCES:
+            after = inp.text()
+            limit = inp.i64()
+            found_all = list(store.list_sources(after, None if limit < 0 else limit))
+            out.i64(len(found_all))
+            for name, source_id, raw in found_all:
+                out.text(name).i64(source_id).blob(raw)
+        elif op in (PUT_SOURCE, DELETE_SOURCE):
+            # Odd while the change is written, even after: a front reading definitions meanwhile retries.
+            with store.exclusive():
+                self._catalog.bump()
+                try:
+                    if op == PUT_SOURCE:
+                        name, definition = inp.text(), inp.blob()
+                        has_id, source_id = inp.u8(), inp.i64()
+                        invalidate = bool(inp.u8())
+                        late = inp.texts()
+                        out.i64(
+                            store.put_source(
+                                name,
+                                definition,
+                                source_id if has_id else None,
+                                invalidate=invalidate,
+                                late_fields=late,
+                            )
+                        )
+                    else:
+                        out.i64(store.delete_source(inp.text(), inp.i64()))
+                finally:
+                    self._catalog.bump()
+        elif op == HAS_ROWS:
+            out.u8(store.has_rows(inp.i64()))
+        elif op == DELETE_EXPIRED:
+            out.i64(store.delete_expired(inp.i64(), inp.i64()))
+        elif op == SEEN_REQUEST:
+            seen = store.seen_request(inp.text())
+            out.u8(seen is not None)
+            if seen is not None:
+                _counts_out(out, seen)
+        elif op == PURGE_REQUESTS:
+            out.i64(store.purge_requests())
+        elif op == QUEUED_OFFLINE:
+            max_bytes, last = inp.i64(), inp.i64()
+            entries = store.queued_offline(max_bytes, None if last < 0 else last)
+            out.i64(len(entries))
+            for entry in entries:
+                out.i64(entry.seq).text(entry.source).blob(entry.arrow_ipc)
+        elif op == DELETE_OFFLINE:
+            store.delete_offline(inp.i64(), inp.i64())
+        elif op == RECOVER:
+            out.u8(store.recover(inp.i64() / 1000))
+        elif op == STATISTIC:
+            value = store.statistic(inp.text())
+            out.u8(value is not None).i64(value or 0)
+        elif op == SYNC_NOW:
+            store.sync_now()
+        elif op in (COUNT_ROWS, COUNT_OFFLINE):
+            source_id = inp.i64() if op == COUNT_ROWS else 0
+            limit = inp.i64()
+            bound = None if limit < 0 else limit
+            out.i64(store.count_rows(source_id, bound) if op == COUNT_ROWS else store.count_offline(bound))
+        else:
+            raise CoreError(f"unknown store request {op}")
+
+
+class RemoteStore:
+    """The Store protocol over a connection pool to a `StoreOwner`; thread-safe.
+
+    Each call borrows a connection for its request and reply; `exclusive()` keeps one for the calling
+    thread until it ends. When the owner cannot be reached (it died or is restarting) a call raises
+    Unavailable at once, or after `timeout_s` without a reply; a write that failed so may have landed,
+    which callers settle by sending it again with its request id.
+    """
+
+    def __init__(self, socket_path: Path, catalog: CatalogVersion, *, timeout_s: float = 60.0):
+        self._path = str(socket_path)
+        self.catalog = catalog
+        self._timeout_s = timeout_s
+        self._idle: list[socket.socket] = []
+        self._pool_lock = threading.Lock()
+        self._pinned = threading.local()
+        self._gate = UsageGate()
+        self._writable = True
+        self._watchers: list[Callable[[bool], None]] = []
+        self._prefixes: dict[int, bytes] = {}
+
+    # --- the connection ------------------------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self._timeout_s)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _borrow(self) -> socket.socket:
+        """An idle connection whose owner is still there, or a new one."""
+        while True:
+            with self._pool_lock:
+                sock = self._idle.pop() if self._idle else None
+            if sock is None:
+                return self._connect()
+            # Nothing is ever unread between calls: readable means the owner closed it (it restarted).
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(0):
+                return sock
+            sock.close()
+
+    def _drop_idle(self) -> None:
+        with self._pool_lock:
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            sock.close()
+
+    def _call(self, out: _Out) -> _In:
+        """Send one request and return its reply's result fields; raise the owner's error or Unavailable."""
+        frame = out.frame()
+        with self._gate.use():
+            pinned: socket.socket | None = getattr(self._pinned, "sock", None)
+            sock = pinned
+            try:
+                if sock is None:
+                    sock = self._borrow()
+                sock.sendall(frame)
+                body = _recv_frame(sock)
+                if body is None:
+                    raise ConnectionError("the store owner closed the connection")
+            except OSError as e:
+                if sock is not None:
+                    sock.close()
+                if pinned is not None:
+                    self._pinned.sock = None
+                # The other idle connections went to the same owner, which is gone.
+                self._drop_idle()
+                raise Unavailable(
+                    "the server's store process is not answering (it may be restarting); send the request "
+                    "again shortly",
+                    reason="STORE_UNAVAILABLE",
+                    metadata={"error": str(e)[:200]},
+                ) from None
+            if pinned is None:
+                with self._pool_lock:
+                    self._idle.append(sock)
+        inp = _In(body)
+        status = inp.u8()
+        self._set_writable(bool(inp.u8()))
+        if status:
+            kind, message, reason, metadata = inp.text(), inp.text(), inp.text(), inp.text()
+            cls = _ERRORS.get(kind, CoreError)
+            error = cls(message, reason=reason, metadata=json.loads(metadata))
+            raise error
+        return inp
+
+    def _set_writable(self, writable: bool) -> None:
+        if writable != self._writable:
+            self._writable = writable
+            for watch in self._watchers:
+                watch(writable)
+
+    # --- the Store protocol --------------------------------------------------------------------
+
+    def get_source(self, name: str) -> tuple[int, bytes] | None:
+        """The id and serialized definition of a source, or None."""
+        inp = self._call(_Out().u8(GET_SOURCE).text(name))
+        return (inp.i64(), inp.blob()) if inp.u8() else None
+
+    def list_sources(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, int, bytes]]:
+        """Sources in name order, starting after `after`."""
+        inp = self._call(_Out().u8(LIST_SOURCES).text(after).i64(-1 if limit is None else limit))
+        return iter([(inp.text(), inp.i64(), inp.blob()) for _ in range(inp.i64())])
+
+    def put_source(
+        self,
+        name: str,
+        definition: bytes,
+        source_id: int | None = None,
+        *,
+        invalidate: bool = True,
+        late_fields: Sequence[str] = (),
+    ) -> int:
+        """Store a definition under its id, or a new one; return the id."""
+        out = _Out().u8(PUT_SOURCE).text(name).blob(definition)
+        out.u8(source_id is not None).i64(source_id or 0).u8(invalidate).texts(late_fields)
+        return self._call(out).i64()
+
+    def late_fields(self, source_id: int) -> tuple[str, ...]:
+        """The fields added to a source while it held rows."""
+        return tuple(self._call(_Out().u8(LATE_FIELDS).i64(source_id)).texts())
+
+    def delete_source(self, name: str, source_id: int) -> int:
+        """Delete a source and its rows; return how many rows there were."""
+        return self._call(_Out().u8(DELETE_SOURCE).text(name).i64(source_id)).i64()
+
+    def generation(self, source_id: int) -> int:
+        """The owner's generation of the source's definition; -1 once it is deleted."""
+        return self._call(_Out().u8(GENERATION).i64(source_id)).i64()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold off every row write in every front, until the block ends; on one connection of this thread."""
+        if getattr(self._pinned, "sock", None) is not None:
+            self._pinned.depth += 1
+            try:
+                yield
+            finally:
+                self._pinned.depth -= 1
+            return
+        with self._gate.use():
+            try:
+                self._pinned.sock = self._connect()
+            except OSError as e:
+                raise Unavailable(
+                    "the server's store process is not answering; send the request again shortly",
+                    reason="STORE_UNAVAILABLE",
+                    metadata={"error": str(e)[:200]},
+                ) from None
+            self._pinned.depth = 0
+            try:
+                self._call(_Out().u8(EXCLUSIVE_BEGIN))
+                yield
+            finally:
+                sock = self._pinned.sock
+                self._pinned.sock = None
+                # Closing the connection ends the hold too, whatever state the last call left it in.
+                if sock is not None:
+                    sock.close()
+
+    def row_prefix(self, source_id: int) -> bytes:
+        """The prefix of every row key of one source, as the owner's store lays keys out."""
+        prefix = self._prefixes.get(source_id)
+        if prefix is None:
+            prefix = self._call(_Out().u8(ROW_PREFIX).i64(source_id)).blob()
+            self._prefixes[source_id] = prefix
+        return prefix
+
+    def write_latest(
+        self, batches: Sequence[RowBatch], *, request_id: str = "", dry_run: bool = False
+    ) -> WriteResult:
+        """Write each row unless a newer event of its entity is stored or later in the batch; atomically."""
+        out = _Out().u8(WRITE_LATEST).text(request_id).u8(dry_run).i64(len(batches))
+        for b in batches:
+            out.text(b.source).u8(b.source_id is not None).i64(b.source_id or 0).i64(b.generation)
+            out.blob(b.offline).blobs(b.keys).blobs(b.values)
+        inp = self._call(out)
+        replayed = bool(inp.u8())
+        return WriteResult(_counts_in(inp), replayed=replayed)
+
+    def read(self, keys: list[bytes]) -> list[bytes | None]:
+        """Stored values of the keys, None where absent."""
+        if not keys:
+            return []
+        return self._call(_Out().u8(READ).blobs(keys)).blobs()
+
+    def delete_expired(self, source_id: int, cutoff_micros: int) -> int:
+        """Delete the source's rows whose event time is before `cutoff_micros`; return how many."""
+        return self._call(_Out().u8(DELETE_EXPIRED).i64(source_id).i64(cutoff_micros)).i64()
+
+    def has_rows(self, source_id: int) -> bool:
+        """Whether a source holds any row."""
+        return bool(self._call(_Out().u8(HAS_ROWS).i64(source_id)).u8())
+
+    def count_rows(self, source_id: int, limit: int | None = None) -> int:
+        """How many rows a source holds, counting no further than `limit` (None: every row)."""
+        return self._call(_Out().u8(COUNT_ROWS).i64(source_id).i64(-1 if limit is None else limit)).i64()
+
+    def count_offline(self, limit: int | None = None) -> int:
+        """How many entries are queued for the offline log, counting no further than `limit`."""
+        return self._call(_Out().u8(COUNT_OFFLINE).i64(-1 if limit is None else limit)).i64()
+
+    def seen_request(self, request_id: str) -> dict[str, BatchCounts] | None:
+        """The counts recorded for a request id still within the window, or None."""
+        inp = self._call(_Out().u8(SEEN_REQUEST).text(request_id))
+        return _counts_in(inp) if inp.u8() else None
+
+    def purge_requests(self) -> int:
+        """Drop the records older than the window; return how many."""
+        return self._call(_Out().u8(PURGE_REQUESTS)).i64()
+
+    def queued_offline(self, max_bytes: int, last_seq: int | None = None) -> list[QueuedRecords]:
+        """Queue entries from the oldest, up to about `max_bytes` (at least one) or through `last_seq`."""
+        inp = self._call(_Out().u8(QUEUED_OFFLINE).i64(max_bytes).i64(-1 if last_seq is None else last_seq))
+        return [QueuedRecords(inp.i64(), inp.text(), inp.blob()) for _ in range(inp.i64())]
+
+    def delete_offline(self, first_seq: int, last_seq: int) -> None:
+        """Drop the queue entries from `first_seq` through `last_seq`, durably."""
+        self._call(_Out().u8(DELETE_OFFLINE).i64(first_seq).i64(last_seq))
+
+    @property
+    def writable(self) -> bool:
+        """Whether the owner accepted writes at its last reply."""
+        return self._writable
+
+    def watch_writable(self, callback: Callable[[bool], None]) -> None:
+        """Call `callback(writable)` whenever a reply shows writes stopped or started being accepted."""
+        self._watchers.append(callback)
+
+    def recover(self, timeout_s: float = 5.0) -> bool:
+        """Ask the owner to take writes again after a storage error; return whether writable."""
+        return bool(self._call(_Out().u8(RECOVER).i64(int(timeout_s * 1000))).u8())
+
+    def statistic(self, name: str) -> int | None:
+        """The owner's store statistic by name, or None (also when the owner is not answering)."""
+        try:
+            inp = self._call(_Out().u8(STATISTIC).text(name))
+        except Unavailable:
+            return None
+        present, value = inp.u8(), inp.i64()
+        return value if present else None
+
+    def sync_now(self) -> None:
+        """Ask the owner to sync its write-ahead log; best effort, for a last step before exit."""
+        try:
+            self._call(_Out().u8(SYNC_NOW))
+        except CoreError as e:
+            _LOGGER.warning("syncing the store before exit failed: %s", e.message)
+
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Turn new calls away, wait up to `timeout_s` for running ones, then drop the connections."""
+        drained = self._gate.close(timeout_s)
+        self._drop_idle()
+        return drained

@@ -1,0 +1,316 @@
+"""`featurepush serve --processes N`: a supervisor, one store owner and N gRPC fronts on one port.
+
+The supervisor (the process started) reserves the port, starts the owner and waits for its socket,
+then starts the fronts, which bind the port with SO_REUSEPORT so the kernel spreads connections over
+them. The owner opens the store and runs its background work; the fronts decode, validate and encode,
+and reach the store through `RemoteStore` (core/stores/remote.py). A process that dies is started
+again: a front's clients retry on another; while the owner is down the fronts answer UNAVAILABLE.
+SIGTERM or SIGINT stops the fronts gracefully, then the owner, which flushes and closes the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import ServerConfig
+
+_LOGGER = logging.getLogger(__name__)
+
+SOCKET = "store.sock"
+CATALOG = "catalog"
+# Seconds a process may take from its start to serving before the server gives up.
+START_TIMEOUT_S = 120.0
+
+
+class _Child:
+    """One started process of the server and the pipe on which it says it is ready."""
+
+    def __init__(self, role: str, index: int, config: ServerConfig, runtime: Path):
+        self.role = role
+        self.index = index
+        self.started = time.monotonic()
+        read_end, write_end = os.pipe()
+        command = [sys.executable, "-m", "featurepush_server.processes", role, str(index), str(runtime)]
+        command.append(str(write_end))
+        # A session of its own: Ctrl-C in a terminal reaches the supervisor only, which stops all in order.
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, pass_fds=(write_end,), start_new_session=True
+        )
+        os.close(write_end)
+        self._ready_pipe = read_end
+        assert self.process.stdin is not None
+        self.process.stdin.write(pickle.dumps(config))
+        self.process.stdin.close()
+
+    @property
+    def name(self) -> str:
+        return "the store owner" if self.role == "owner" else f"front {self.index}"
+
+    def wait_ready(self, signals: list[int]) -> bool:
+        """Whether the process came up; False once it exited first, a signal came or the time ran out."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline and not signals:
+                readable, _, _ = select.select([self._ready_pipe], [], [], 0.1)
+                if readable:
+                    return os.read(self._ready_pipe, 1) == b"r"
+            return False
+        finally:
+            os.close(self._ready_pipe)
+
+    def forget_ready(self) -> None:
+        """Not wait for this one: the supervisor goes on watching the others while it starts."""
+        os.close(self._ready_pipe)
+
+    def signal(self, signum: int) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+
+
+def _reserve_port(listen: str) -> tuple[str, socket.socket]:
+    """The listen address with a real port, and a socket holding that port for the fronts to share."""
+    host, _, port_text = listen.rpartition(":")
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]") or None, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    # Bound without SO_REUSEPORT first: that fails while anything listens there, another featurepush too.
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError:
+            raise OSError(f"cannot listen on {listen}: the address is in use or not available here") from None
+        port = probe.getsockname()[1]
+    # Bound but never listening, it gets no connections; it keeps other programs off the port.
+    holder = socket.socket(family, kind, proto)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((address[0], port, *address[2:]))
+    return f"{host}:{port}", holder
+
+
+def supervise(config: ServerConfig) -> None:
+    """Run the owner and `config.processes` fronts until SIGINT or SIGTERM; exit non-zero if they fail."""
+    os.umask(0o077)
+    listen, holder = _reserve_port(config.listen)
+    shared = dataclasses.replace(config, listen=listen)
+    runtime = Path(tempfile.mkdtemp(prefix="featurepush-"))
+    signals: list[int] = []
+
+    def _on_signal(signum: int, frame: object) -> None:
+        signals.append(signum)
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    fronts: list[_Child] = []
+    owner: _Child | None = None
+
+    def start(role: str, index: int) -> _Child:
+        # Only the first front serves /metrics: one port cannot be bound twice.
+        child_config = (
+            shared if role == "owner" or index == 0 else dataclasses.replace(shared, metrics_listen="")
+        )
+        child = _Child(role, index, child_config, runtime)
+        _LOGGER.info("%s started, pid %d", child.name, child.process.pid)
+        return child
+
+    try:
+        owner = start("owner", 0)
+        if not owner.wait_ready(signals):
+            _fail(f"the store owner did not start (exit code {owner.process.poll()})", [], owner)
+        # Started together and awaited after: each takes a while to import and build its server.
+        fronts = [start("front", i) for i in range(config.processes)]
+        for front in fronts:
+            if not front.wait_ready(signals):
+                _fail(f"{front.name} did not start (exit code {front.process.poll()})", fronts, owner)
+        port = int(listen.rpartition(":")[2])
+        _LOGGER.info(
+            "featurepush listening on %s (port %d), data in %s; %d front processes and a store owner",
+            config.listen,
+            port,
+            config.data_dir,
+            config.processes,
+        )
+        while not signals:
+            time.sleep(0.1)
+            # Started again at most once a second each, so a process that cannot start does not spin.
+            if owner.process.poll() is not None and time.monotonic() - owner.started > 1.0:
+                _LOGGER.error(
+                    "the store owner (pid %d) exited with code %s; fronts answer UNAVAILABLE until it is up",
+                    owner.process.pid,
+                    owner.process.returncode,
+                )
+                owner = start("owner", 0)
+                owner.forget_ready()
+            for i, front in enumerate(fronts):
+                if front.process.poll() is not None and time.monotonic() - front.started > 1.0:
+                    _LOGGER.warning(
+                        "front %d (pid %d) exited with code %s; starting it again",
+                        i,
+                        front.process.pid,
+                        front.process.returncode,
+                    )
+                    fronts[i] = start("front", i)
+                    fronts[i].forget_ready()
+        _LOGGER.info("stopping within %.1fs (a second signal exits at once)", config.shutdown_grace_s)
+        # Fronts first, so that every call they drain still reaches the store; then the owner flushes.
+        codes = _stop(fronts, signals)
+        codes += _stop([owner], signals)
+        # A process still starting when the signal came ends by it, with nothing to drain.
+        failed = [c for c in codes if c not in (0, -signal.SIGTERM)]
+        if failed:
+            _LOGGER.error("processes exited with codes %s while stopping", failed)
+            raise SystemExit(1)
+        _LOGGER.info("stopped")
+    finally:
+        for child in (*fronts, *([owner] if owner is not None else [])):
+            if child.process.poll() is None:
+                child.process.kill()
+                child.process.wait()
+        holder.close()
+        (runtime / SOCKET).unlink(missing_ok=True)
+        (runtime / CATALOG).unlink(missing_ok=True)
+        runtime.rmdir()
+
+
+def _stop(children: list[_Child], signals: list[int]) -> list[int]:
+    """SIGTERM to each child, then wait for all; a second signal passes on and exits at once."""
+    for child in children:
+        child.signal(signal.SIGTERM)
+    seen = len(signals)
+    while any(child.process.poll() is None for child in children):
+        if len(signals) > seen:
+            _LOGGER.warning("second signal: exiting now")
+            for child in children:
+                child.signal(signal.SIGTERM)
+            for child in children:
+                child.process.wait(30)
+            os._exit(128 + signals[-1])
+        time.sleep(0.05)
+    return [child.process.returncode for child in children]
+
+
+def _fail(reason: str, fronts: list[_Child], owner: _Child) -> None:
+    """Stop whatever runs and exit non-zero, saying why."""
+    _LOGGER.error("%s; stopping the server", reason)
+    _stop([f for f in fronts if f.process.poll() is None], [])
+    _stop([owner], [])
+    raise SystemExit(1)
+
+
+def _watch_parent() -> None:
+    """Stop this process, as SIGTERM would, once the supervisor is gone (even killed with SIGKILL)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="featurepush-parent-watch", daemon=True).start()
+
+
+def _run_owner(config: ServerConfig, runtime: Path, ready: Callable[[], None]) -> None:
+    """Open the store, serve it to the fronts and run its background work until SIGTERM."""
+    from .app import open_store
+    from .core.expiry import ExpirySweeper
+    from .core.offline_log import OfflineLog
+    from .core.periodic import Periodic
+    from .core.stores.remote import CatalogVersion, StoreOwner
+
+    os.umask(0o077)
+    store = open_store(config)
+    try:
+        offline_log = OfflineLog(
+            store, config.data_dir / "offline", interval_s=config.offline_flush_interval_s
+        )
+        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s)
+        recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
+        owner = StoreOwner(store, runtime / SOCKET, CatalogVersion(runtime / CATALOG))
+    except BaseException:
+        store.close()
+        raise
+    owner.start()
+    offline_log.start()
+    sweeper.start()
+    recovery.start()
+    ready()
+    signals: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: signals.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: signals.append(signum))
+    while not signals:
+        time.sleep(0.1)
+
+    def stop() -> None:
+        owner.close()
+        for close in (offline_log.close, sweeper.close, recovery.stop):
+            try:
+                close()
+            except Exception:
+                # What a closer leaves undone is still in the store (the offline queue), so it is only logged.
+                _LOGGER.exception("stopping a background worker failed")
+        store.close(max(config.shutdown_grace_s, 1.0))
+
+    stopper = threading.Thread(target=stop, name="featurepush-stop")
+    stopper.start()
+    while stopper.is_alive():
+        stopper.join(0.1)
+        if len(signals) > 1:
+            # The write-ahead log holds every acknowledged write, so leaving now loses nothing.
+            store.sync_now()
+            os._exit(128 + signals[-1])
+
+
+def main(argv: list[str]) -> int:
+    """A child process: `owner` or `front`, its index, the runtime folder and the ready pipe's fd."""
+    role, index, runtime_text, ready_fd = argv
+    runtime = Path(runtime_text)
+    config: ServerConfig = pickle.load(sys.stdin.buffer)
+    from .core.errors import CoreError, InvalidInput
+    from .logs import configure
+
+    configure(config.log_level, config.log_format)
+    _watch_parent()
+
+    def ready() -> None:
+        try:
+            os.write(int(ready_fd), b"r")
+        except OSError:
+            pass  # a process started again: the supervisor does not wait for it
+        os.close(int(ready_fd))
+
+    try:
+        if role == "owner":
+            _run_owner(config, runtime, ready)
+        else:
+            from .app import serve
+            from .core.stores.remote import CatalogVersion, RemoteStore
+
+            store = RemoteStore(runtime / SOCKET, CatalogVersion(runtime / CATALOG))
+            serve(config, front=store, ready=ready)
+    except CoreError as e:
+        # A definitions file applied at start was refused, as ApplySource would refuse it.
+        details = (
+            [f"\n  {v.path}: {v.description}" for v in e.violations] if isinstance(e, InvalidInput) else []
+        )
+        print(f"featurepush: error: {''.join([e.message, *details])}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"featurepush: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,206 @@
+"""`featurepush serve --processes 3`: fronts on one port over one store owner, and killed processes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import AD_IMPRESSIONS, keys_request, rows_request, scalar, source_from_json
+from servers import ServedProcess, wait_until
+
+from featurepush.v1 import (
+    ingest_service_pb2_grpc,
+    online_service_pb2_grpc,
+    registry_service_pb2,
+    registry_service_pb2_grpc,
+)
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+# More connections than fronts, so that every front serves some of them.
+CONNECTIONS = 8
+
+
+class Connection:
+    """Stubs on a channel of its own: its own TCP connection, so the kernel may give it another front."""
+
+    def __init__(self, port: int):
+        self.channel = grpc.insecure_channel(
+            f"localhost:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        self.registry = registry_service_pb2_grpc.RegistryServiceStub(self.channel)
+        self.ingest = ingest_service_pb2_grpc.IngestServiceStub(self.channel)
+        self.online = online_service_pb2_grpc.OnlineServiceStub(self.channel)
+
+
+def _row(user: str, clicked: int, seconds: int = 0) -> dict[str, object]:
+    return {
+        "user_id": user,
+        "timestamp": (T0 + dt.timedelta(seconds=seconds)).isoformat(),
+        "clicked": clicked,
+    }
+
+
+def _clicked(conn: Connection | ServedProcess, source: str, users: list[str]) -> list[int | None]:
+    response = conn.online.GetFeatures(keys_request(source, *({"user_id": u} for u in users)))
+    return [
+        int(r.features.fields["clicked"].string_value) if "clicked" in r.features.fields else None
+        for r in response.results
+    ]
+
+
+def _pids(server: ServedProcess, name: str) -> list[int]:
+    return [int(p) for p in re.findall(rf"{name} started, pid (\d+)", server.log)]
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[ServedProcess]:
+    server = ServedProcess(tmp_path / "data", "--processes", "3")
+    try:
+        yield server
+    finally:
+        server.finish()
+
+
+def test_fronts_share_sources_rows_latest_events_and_request_ids(
+    served: ServedProcess, tmp_path: Path
+) -> None:
+    assert served.log.count("featurepush listening on") == 1
+    assert len(_pids(served, r"front \d+")) == 3
+    conns = [Connection(served.port) for _ in range(CONNECTIONS)]
+    # A source applied through one connection is usable through every other at once.
+    doc = dict(AD_IMPRESSIONS, name="clicks")
+    conns[0].registry.ApplySource(registry_service_pb2.ApplySourceRequest(source=source_from_json(doc)))
+    for i, conn in enumerate(conns):
+        conn.ingest.Push(rows_request({"clicks": [_row(f"c{i}", i)]}))
+    for conn in conns:
+        assert _clicked(conn, "clicks", [f"c{i}" for i in range(CONNECTIONS)]) == list(range(CONNECTIONS))
+    # A compatible change through one connection: every other validates against it straight away.
+    fields = [*doc["schema"]["fields"], {"name": "cost", "type": scalar("FLOAT64"), "nullable": True}]  # type: ignore[index]
+    changed = dict(doc, schema={"fields": fields})
+    conns[1].registry.ApplySource(registry_service_pb2.ApplySourceRequest(source=source_from_json(changed)))
+    for i, conn in enumerate(conns):
+        conn.ingest.Push(rows_request({"clicks": [dict(_row(f"d{i}", i), cost=0.5)]}))
+
+    # Writers through every connection race on the same entities; the latest event time wins.
+    failed: list[grpc.RpcError] = []
+
+    def race(n: int) -> None:
+        for k in range(20):
+            seconds = (k * CONNECTIONS + n) % 97
+            try:
+                conns[n].ingest.Push(
+                    rows_request({"clicks": [_row(f"e{j}", seconds, seconds) for j in range(5)]})
+                )
+            except grpc.RpcError as e:
+                failed.append(e)
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(CONNECTIONS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failed
+    assert _clicked(conns[2], "clicks", [f"e{j}" for j in range(5)]) == [96] * 5
+
+    # A request id sent again through any other front is answered from the first write.
+    first = conns[0].ingest.Push(rows_request({"clicks": [_row("r", 1, 500)]}, requestId="once"))
+    assert not first.replayed
+    for conn in conns[1:]:
+        again = conn.ingest.Push(rows_request({"clicks": [_row("r", 2, 600)]}, requestId="once"))
+        assert again.replayed
+    assert _clicked(conns[3], "clicks", ["r"]) == [1]
+    for conn in conns:
+        conn.channel.close()
+
+    served.signal(signal.SIGTERM)
+    assert served.wait() == 0
+    assert "stopped" in served.log
+    # Everything acknowledged is there after a restart, in one process.
+    again = ServedProcess(tmp_path / "data", "--processes", "1")
+    try:
+        assert _clicked(again, "clicks", [f"d{i}" for i in range(CONNECTIONS)]) == list(range(CONNECTIONS))
+        assert _clicked(again, "clicks", ["e0", "r"]) == [96, 1]
+    finally:
+        again.signal()
+        assert again.wait() == 0
+
+
+class Pushers:
+    """Threads pushing distinct rows with request ids over their own connections, retrying refusals."""
+
+    def __init__(self, port: int, threads: int = 4):
+        self.acknowledged: dict[str, int] = {}
+        self.retried = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._push, args=(Connection(port), t), daemon=True)
+            for t in range(threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _push(self, conn: Connection, worker: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            rows = [_row(f"w{worker}-{n}-{i}", n * 10 + i) for i in range(10)]
+            request = rows_request({"clicks": rows}, requestId=f"w{worker}-{n}")
+            try:
+                conn.ingest.Push(request, timeout=30)
+            except grpc.RpcError as e:
+                # A killed front drops its connections; a killed owner makes fronts refuse until it is back.
+                assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED), e
+                with self._lock:
+                    self.retried += 1
+                self._stop.wait(0.05)
+                continue
+            with self._lock:
+                self.acknowledged.update((str(r["user_id"]), int(str(r["clicked"]))) for r in rows)
+            n += 1
+        conn.channel.close()
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.acknowledged)
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+        return dict(self.acknowledged)
+
+
+def test_killed_front_and_owner_lose_no_acknowledged_record(served: ServedProcess, tmp_path: Path) -> None:
+    doc = dict(AD_IMPRESSIONS, name="clicks")
+    served.registry.ApplySource(registry_service_pb2.ApplySourceRequest(source=source_from_json(doc)))
+    pushers = Pushers(served.port)
+    try:
+        assert wait_until(lambda: pushers.count() > 200)
+        os.kill(_pids(served, r"front \d+")[1], signal.SIGKILL)
+        assert wait_until(lambda: "front 1 (pid" in served.log)
+        done = pushers.count()
+        assert wait_until(lambda: pushers.count() > done + 200)
+        os.kill(_pids(served, "the store owner")[0], signal.SIGKILL)
+        assert wait_until(lambda: len(_pids(served, "the store owner")) == 2), served.log
+        done = pushers.count()
+        # Pushes go on once the owner is back; the fronts neither hang nor need a restart.
+        assert wait_until(lambda: pushers.count() > done + 200, timeout_s=60)
+    finally:
+        acknowledged = pushers.stop()
+    assert pushers.retried > 0
+    served.signal(signal.SIGTERM)
+    assert served.wait() == 0, served.log
+    again = ServedProcess(tmp_path / "data", "--processes", "1")
+    try:
+        users = sorted(acknowledged)
+        assert _clicked(again, "clicks", users) == [acknowledged[u] for u in users]
+    finally:
+        again.signal()
+        assert again.wait() == 0
