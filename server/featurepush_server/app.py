@@ -161,18 +161,35 @@ class Server:
         self.grpc_server.wait_for_termination()
 
 
+def open_store(config: ServerConfig) -> Store:
+    """The configured store: the embedded RocksDB in the data directory, or a shared Redis."""
+    if config.store == "rocksdb":
+        return RocksDBStore(
+            config.data_dir / "online",
+            fsync=config.fsync == "always",
+            idempotency_window_s=config.idempotency_window_s,
+            latest_cache_entries=config.latest_index_entries,
+            latest_cache_bytes=config.latest_index_bytes,
+        )
+    # Imported here so that the redis package is needed only by servers that use it.
+    from .core.stores.redis import RedisStore
+
+    return RedisStore.connect(
+        config.store,
+        timeout_s=config.redis_timeout_s,
+        namespace=config.redis_namespace,
+        idempotency_window_s=config.idempotency_window_s,
+        expiry_grace_s=config.redis_expiry_grace_s,
+        wait_replicas=config.redis_wait_replicas,
+    )
+
+
 def create_server(config: ServerConfig) -> Server:
     """Open the store, apply the configured definitions and register every service; not started."""
     # Rows are callers' data and keys may be secrets: the data directory is the server user's alone.
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(config.data_dir, 0o700)
-    store = RocksDBStore(
-        config.data_dir / "online",
-        fsync=config.fsync == "always",
-        idempotency_window_s=config.idempotency_window_s,
-        latest_cache_entries=config.latest_index_entries,
-        latest_cache_bytes=config.latest_index_bytes,
-    )
+    store = open_store(config)
     try:
         offline_log = OfflineLog(
             store, config.data_dir / "offline", interval_s=config.offline_flush_interval_s
@@ -189,7 +206,9 @@ def create_server(config: ServerConfig) -> Server:
         for path in config.definitions:
             # A definitions file is loaded as a module named after it; its functions may post-process.
             batch_sources.allow_post_processors(Path(path).stem)
-        registry = Registry(store, check_batch_source=batch_sources.check)
+        # A shared store's definitions change through other servers too; they are read again now and then.
+        refresh = None if config.store == "rocksdb" else config.redis_registry_refresh_s
+        registry = Registry(store, check_batch_source=batch_sources.check, refresh_s=refresh)
         arrow_limits = IpcLimits(
             max_decoded_bytes=config.max_arrow_decoded_bytes,
             max_batches=config.max_arrow_batches,

@@ -79,16 +79,22 @@ class Registry:
         self,
         store: Store,
         check_batch_source: Callable[[SourceSpec, Callable[[], bool]], None] | None = None,
+        refresh_s: float | None = None,
     ):
         self._store = store
         self._cache: dict[str, Source] = {}
+        # A store other servers change too: cached definitions are read again after `refresh_s` seconds.
+        self._refresh_s = refresh_s
+        self._loaded: dict[str, float] = {}
         self._lock = threading.Lock()
         self._check_batch_source = check_batch_source
 
     def get(self, name: str) -> Source:
         """The source called `name`; raise NotFound."""
         cached = self._cache.get(name)
-        if cached is not None:
+        if cached is not None and (
+            self._refresh_s is None or time.monotonic() - self._loaded.get(name, 0.0) < self._refresh_s
+        ):
             return cached
         # Loaded under the lock apply() holds, so a cached definition always matches its generation.
         with self._lock:
@@ -96,7 +102,9 @@ class Registry:
 
     def _load(self, name: str) -> Source:
         cached = self._cache.get(name)
-        if cached is not None:
+        if cached is not None and (
+            self._refresh_s is None or time.monotonic() - self._loaded.get(name, 0.0) < self._refresh_s
+        ):
             return cached
         found = self._store.get_source(name)
         if found is None:
@@ -111,6 +119,7 @@ class Registry:
         late = tuple(f for f in self._store.late_fields(source_id) if f in names)
         source = Source(source_id, spec, self._store.generation(source_id), late)
         self._cache[name] = source
+        self._loaded[name] = time.monotonic()
         return source
 
     def apply(
