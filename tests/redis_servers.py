@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
 import socket
@@ -13,10 +14,20 @@ import redis
 
 
 def free_port() -> int:
-    """A loopback port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on now, nor on the cluster bus port 10000 above it.
+
+    Picked below 55536, since a cluster node's bus port is its port plus 10000.
+    """
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 55000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
 
 
 def have_redis() -> bool:

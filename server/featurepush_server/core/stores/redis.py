@@ -220,7 +220,7 @@ class RedisStore:
             for part in url.removeprefix("redis-cluster://").split(","):
                 host, _, port = part.strip().rpartition(":")
                 nodes.append(ClusterNode(host, int(port)))  # type: ignore[no-untyped-call]
-            client = RedisCluster(startup_nodes=nodes, cluster_error_retry_attempts=1, **common)
+            client = RedisCluster(startup_nodes=nodes, **common)
             store = cls(client, cluster=True, timeout_s=timeout_s, **options)
         else:
             client = redis.Redis.from_url(url, **common)
