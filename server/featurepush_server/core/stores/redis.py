@@ -240,7 +240,7 @@ class RedisStore:
     def _meta(self, source_id: int, bucket: int) -> bytes:
         return self._tag(source_id, bucket) + b"m"
 
-    def _row_key(self, key: bytes) -> bytes:
+    def redis_key(self, key: bytes) -> bytes:
         """The Redis key of a core row key (the row prefix, then the entity key)."""
         entity = key[_PREFIX_BYTES:]
         return self._tag(int.from_bytes(key[1:_PREFIX_BYTES], "big"), bucket_of(entity)) + _ROW + entity
@@ -458,7 +458,7 @@ class RedisStore:
         """Stored values of the keys, None where absent: one round trip per node."""
         if not keys:
             return []
-        names = [self._row_key(k) for k in keys]
+        names = [self.redis_key(k) for k in keys]
         with self._gate.use(), self._calls():
             if self._cluster:
                 values: list[bytes | None] = self._redis.mget_nonatomic(names)
@@ -490,7 +490,7 @@ class RedisStore:
         row_args: list[bytes | int] = []
         for index, batch in enumerate(batches, start=1):
             for key, value in _newest_per_key(batch):
-                name = self._row_key(key)
+                name = self.redis_key(key)
                 meta = name[: name.index(b"}") + 1] + b"m"
                 if meta not in metas:
                     metas[meta] = len(metas) + 1
@@ -531,7 +531,7 @@ class RedisStore:
         groups: dict[tuple[int, bytes], list[tuple[bytes, bytes]]] = defaultdict(list)
         for index, batch in enumerate(batches):
             for key, value in _newest_per_key(batch):
-                name = self._row_key(key)
+                name = self.redis_key(key)
                 groups[(index, name[: name.index(b"}") + 1])].append((name, value))
 
         def run(group: tuple[int, bytes]) -> Any:
