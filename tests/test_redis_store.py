@@ -289,3 +289,34 @@ def test_two_servers_drain_the_offline_log_exactly_once(tmp_path: Path, redis_se
         if a_open:
             a.close()
         b.close()
+
+
+def test_a_write_waits_for_its_replica_and_fails_unavailable_without_it(tmp_path: Path) -> None:
+    primary = RedisServer(tmp_path / "primary")
+    replica = RedisServer(tmp_path / "replica")
+    running: Running | None = None
+    try:
+        client = redis.Redis(port=replica.port)
+        client.replicaof("127.0.0.1", primary.port)
+        assert wait_until(lambda: client.info("replication").get("master_link_status") == "up", 20)
+        client.close()
+        running = start(
+            tmp_path / "data",
+            store=primary.url,
+            redis_namespace=namespace(),
+            redis_wait_replicas=1,
+            redis_timeout_s=0.5,
+        )
+        running.apply(AD_IMPRESSIONS)
+        row = {"user_id": "u1", "timestamp": iso(BASE), "clicked": 1}
+        running.ingest.Push(rows_request({"ad_impressions": [row]}))
+        replica.kill()
+        with pytest.raises(grpc.RpcError) as info:
+            running.ingest.Push(rows_request({"ad_impressions": [row]}), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "replicas" in (info.value.details() or "")
+    finally:
+        if running is not None:
+            running.close()
+        replica.stop()
+        primary.stop()

@@ -576,13 +576,15 @@ class RedisStore:
         """Wait for `wait_replicas` replicas to have the write, or fail with Unavailable."""
         if not self._wait_replicas:
             return
+        # Half the socket timeout, so that Redis answers how many replicas have it before the socket gives up.
+        wait_ms = max(self._timeout_ms // 2, 1)
         if self._cluster:
             replies = self._redis.execute_command(
-                "WAIT", self._wait_replicas, self._timeout_ms, target_nodes=RedisCluster.PRIMARIES
+                "WAIT", self._wait_replicas, wait_ms, target_nodes=RedisCluster.PRIMARIES
             )
             acked = min(int(v) for v in replies.values()) if isinstance(replies, dict) else int(replies)
         else:
-            acked = int(self._redis.execute_command("WAIT", self._wait_replicas, self._timeout_ms))
+            acked = int(self._redis.execute_command("WAIT", self._wait_replicas, wait_ms))
         if acked < self._wait_replicas:
             raise Unavailable(
                 f"the write reached {acked} of the {self._wait_replicas} Redis replicas required in time; "
