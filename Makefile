@@ -13,7 +13,7 @@ GENERATED := $(patsubst proto/featurepush/v1/%.proto,$(GEN_DIR)/%_pb2.py,$(PROTO
 LISTEN ?= localhost:50051
 DATA_DIR ?= ./data
 
-.PHONY: install generate check-generated lint typecheck test run bench fuzz soak clean
+.PHONY: install generate check-generated lint typecheck test run bench fuzz soak clean redis-server
 
 install: $(STAMP)
 
@@ -43,8 +43,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: $(STAMP) check-generated lint typecheck
+test: $(STAMP) redis-server check-generated lint typecheck
 	$(PY) -m pytest -q
+
+# The Redis store's tests start real redis-server processes; CI runs as root with apt.
+redis-server:
+	@command -v redis-server >/dev/null && command -v redis-cli >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
 run: $(STAMP)
 	$(VENV)/bin/featurepush serve --listen $(LISTEN) --data-dir $(DATA_DIR) --definitions examples/ad_impressions.py

@@ -20,7 +20,7 @@ import grpc
 import pyarrow as pa
 import rocksdict
 
-from bench import batch
+from bench import batch, redis_store
 from bench.common import start_empty, start_serve
 from featurepush import Bool, Client, Field, Float64, Int32, Int64, StreamSource, String, Timestamp
 from featurepush.payload import arrow_ipc
@@ -373,6 +373,17 @@ def main() -> None:
                 Result("ceiling_rocksdb_write_10k_sync", round(db_sync_10k), "rows/s", 0, 0),
                 Result("ceiling_rocksdb_get_100", round(db_get), "keys/s", 0, 0),
             ]
+            skipped = redis_store.missing_reason()
+            if skipped:
+                print(f"skipping push_rows_redis, push_arrow_redis and get_features_redis: {skipped}")
+            else:
+                for name, value, unit, ceiling in redis_store.measure_redis(
+                    folder, AD_IMPRESSIONS, rows, lambda t, s: throughput(pool, t, s), grpc_ceiling, SECONDS
+                ):
+                    if ceiling:
+                        results.append(result(name, value, unit, ceiling))
+                    else:
+                        ceiling_rows.append(Result(name, round(value), unit, 0, 0))
         finally:
             for process in processes:
                 process.terminate()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import json_format
+from redis_servers import RedisCluster, RedisServer, have_redis
 
 from featurepush.v1 import (
     ingest_service_pb2,
@@ -76,10 +78,47 @@ def start(data_dir: Path, **settings: object) -> Running:
     return Running(server)
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests keep apart by namespace."""
+    if not have_redis():
+        pytest.skip("redis-server is not installed (make test installs it)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real 3-node Redis Cluster for the session."""
+    if not have_redis():
+        pytest.skip("redis-server is not installed (make test installs it)")
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
-def running(tmp_path: Path) -> Iterator[Running]:
+def store_settings(request: pytest.FixtureRequest) -> dict[str, object]:
+    """Server settings choosing the store: RocksDB, or Redis where a test parametrizes it (BOTH_STORES)."""
+    if getattr(request, "param", "rocksdb") == "rocksdb":
+        return {}
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return {"store": server.url, "redis_namespace": f"t{uuid.uuid4().hex[:12]}"}
+
+
+# Runs a test once on each store; the test takes `running` or `store_settings`.
+BOTH_STORES = pytest.mark.parametrize("store_settings", ["rocksdb", "redis"], indirect=True)
+
+
+@pytest.fixture
+def running(tmp_path: Path, store_settings: dict[str, object]) -> Iterator[Running]:
     """A server with the seed's ad_impressions source applied."""
-    r = start(tmp_path / "data")
+    r = start(tmp_path / "data", **store_settings)
     try:
         r.registry.ApplySource(
             registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS))

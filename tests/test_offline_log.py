@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
-from conftest import AD_IMPRESSIONS, Running, source_from_json, start
+from conftest import AD_IMPRESSIONS, BOTH_STORES, Running, source_from_json, start
 
 from featurepush import Client
 from featurepush.batch import read_batch_source
@@ -40,8 +40,9 @@ def logged(data_dir: Path) -> pa.Table:
     return ds.dataset(data_dir / "offline" / "ad_impressions", format="parquet").to_table()
 
 
-def test_push_log_read_round_trip(tmp_path: Path) -> None:
-    running = start(tmp_path / "data", offline_flush_interval_s=3600.0)
+@BOTH_STORES
+def test_push_log_read_round_trip(tmp_path: Path, store_settings: dict[str, object]) -> None:
+    running = start(tmp_path / "data", offline_flush_interval_s=3600.0, **store_settings)
     try:
         running.apply(LOGGED_WITH_BATCH)
         with Client.from_channel(running.channel) as client:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import AD_IMPRESSIONS, Running, features, rich_error, rows_request, scalar, start
+from conftest import AD_IMPRESSIONS, BOTH_STORES, Running, features, rich_error, rows_request, scalar, start
 
 from featurepush.v1 import ingest_service_pb2
 from featurepush_server.core.stores.rocksdb import row_prefix
@@ -40,6 +40,7 @@ def clicked(running: Running, user: str) -> object:
     return result.get("features", {}).get("clicked")
 
 
+@BOTH_STORES
 def test_push_then_get_returns_the_record_and_counts(running: Running) -> None:
     response = running.ingest.Push(
         rows_request({"ad_impressions": [impression("u1"), impression("u2", clicked=0)]})
@@ -56,6 +57,7 @@ def test_push_then_get_returns_the_record_and_counts(running: Running) -> None:
     assert results[2]["features"]["clicked"] == "0"
 
 
+@BOTH_STORES
 def test_several_sources_in_one_request(running: Running) -> None:
     running.apply(CLICKS)
     response = running.ingest.Push(
@@ -75,6 +77,7 @@ def test_several_sources_in_one_request(running: Running) -> None:
     assert [r["features"]["n"] for r in got] == [4, 3]
 
 
+@BOTH_STORES
 def test_a_bad_record_in_one_source_writes_nothing_in_any(running: Running) -> None:
     running.apply(CLICKS)
     with pytest.raises(grpc.RpcError) as info:
@@ -122,6 +125,7 @@ def test_every_violation_is_listed_up_to_the_cap(running: Running) -> None:
     assert f"{100 - listed} more violations not listed" in info.value.details()
 
 
+@BOTH_STORES
 def test_dry_run_validates_and_writes_nothing(running: Running) -> None:
     response = running.ingest.Push(rows_request({"ad_impressions": [impression("u1")]}, dryRun=True))
     assert response.dry_run and response.counts["ad_impressions"].written == 1
@@ -131,6 +135,7 @@ def test_dry_run_validates_and_writes_nothing(running: Running) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@BOTH_STORES
 def test_an_older_event_never_overwrites_a_newer_one(running: Running) -> None:
     running.ingest.Push(rows_request({"ad_impressions": [impression("u1", T1, 5)]}))
     response = running.ingest.Push(rows_request({"ad_impressions": [impression("u1", T0, 9)]}))
@@ -141,6 +146,7 @@ def test_an_older_event_never_overwrites_a_newer_one(running: Running) -> None:
     assert clicked(running, "u1") == "6"
 
 
+@BOTH_STORES
 def test_within_a_batch_the_newest_event_per_entity_wins(running: Running) -> None:
     response = running.ingest.Push(
         rows_request(
@@ -159,6 +165,7 @@ def test_within_a_batch_the_newest_event_per_entity_wins(running: Running) -> No
     assert (clicked(running, "u1"), clicked(running, "u2")) == ("1", "4")
 
 
+@BOTH_STORES
 def test_concurrent_pushes_keep_the_newest_event(running: Running) -> None:
     base = datetime(2026, 11, 25, tzinfo=UTC)
 
@@ -175,13 +182,14 @@ def test_concurrent_pushes_keep_the_newest_event(running: Running) -> None:
     assert clicked(running, "hot") == "199"
 
 
-def test_ttl_turns_rows_expired(tmp_path: Path) -> None:
-    running = start(tmp_path)
+@BOTH_STORES
+def test_ttl_turns_rows_expired(tmp_path: Path, store_settings: dict[str, object]) -> None:
+    running = start(tmp_path, **store_settings)
     try:
         running.apply({**AD_IMPRESSIONS, "onlineTtl": "3600s"})
         now = datetime.now(UTC)
         fresh = (now - timedelta(minutes=5)).isoformat().replace("+00:00", "Z")
-        stale = (now - timedelta(hours=2)).isoformat().replace("+00:00", "Z")
+        stale = (now - timedelta(minutes=90)).isoformat().replace("+00:00", "Z")
         running.ingest.Push(
             rows_request({"ad_impressions": [impression("fresh", fresh), impression("stale", stale)]})
         )
@@ -193,6 +201,7 @@ def test_ttl_turns_rows_expired(tmp_path: Path) -> None:
         running.close()
 
 
+@BOTH_STORES
 def test_request_id_makes_a_retry_a_replay(running: Running) -> None:
     request = rows_request({"ad_impressions": [impression("u1", T0, 1)]}, requestId="batch-42")
     first = running.ingest.Push(request)

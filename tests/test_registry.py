@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import AD_IMPRESSIONS, Running, features, rich_error, rows_request, scalar, start
+from conftest import AD_IMPRESSIONS, BOTH_STORES, Running, features, rich_error, rows_request, scalar, start
 
 from featurepush.v1 import registry_service_pb2 as pb
 
@@ -69,6 +69,7 @@ def test_incompatible_changes_are_refused_once_rows_exist(
     assert result["features"]["clicked"] == "1"
 
 
+@BOTH_STORES
 def test_compatible_changes_apply_and_old_rows_stay_readable(running: Running) -> None:
     push_one(running)
     running.apply(with_fields({"name": "country", "type": scalar("STRING"), "nullable": True}))
@@ -178,6 +179,7 @@ def test_list_sources_pages_in_name_order(running: Running) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@BOTH_STORES
 def test_delete_source_removes_its_rows(running: Running) -> None:
     push_one(running)
     assert running.registry.DeleteSource(pb.DeleteSourceRequest(name="ad_impressions")).rows_deleted == 1
@@ -188,6 +190,7 @@ def test_delete_source_removes_its_rows(running: Running) -> None:
     assert features(running, "ad_impressions", {"user_id": "u1"})[0]["status"] == "FEATURE_STATUS_MISSING"
 
 
+@BOTH_STORES
 def test_a_push_validated_against_a_changed_definition_is_aborted_whole(running: Running) -> None:
     from featurepush_server.core.errors import Aborted
     from featurepush_server.core.stores.base import RowBatch

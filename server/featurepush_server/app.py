@@ -166,10 +166,22 @@ class Server:
 
 
 def open_store(config: ServerConfig) -> Store:
-    """The store the configuration names, opened in its data directory."""
+    """The configured store: the embedded RocksDB in the data directory, or a shared Redis."""
     # Rows are callers' data and keys may be secrets: the data directory is the server user's alone.
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(config.data_dir, 0o700)
+    if config.store != "rocksdb":
+        # Imported here so that the redis package is needed only by servers that use it.
+        from .core.stores.redis import RedisStore
+
+        return RedisStore.connect(
+            config.store,
+            timeout_s=config.redis_timeout_s,
+            namespace=config.redis_namespace,
+            idempotency_window_s=config.idempotency_window_s,
+            expiry_grace_s=config.redis_expiry_grace_s,
+            wait_replicas=config.redis_wait_replicas,
+        )
     try:
         return RocksDBStore(
             config.data_dir / "online",
@@ -211,10 +223,13 @@ def create_server(config: ServerConfig, *, front: RemoteStore | None = None) -> 
         for path in config.definitions:
             # A definitions file is loaded as a module named after it; its functions may post-process.
             batch_sources.allow_post_processors(Path(path).stem)
+        # A shared store's definitions change through other servers too; they are read again now and then.
+        refresh = None if config.store == "rocksdb" else config.redis_registry_refresh_s
         registry = Registry(
             store,
             check_batch_source=batch_sources.check,
             catalog_version=None if front is None else front.catalog.read,
+            refresh_s=refresh,
         )
         arrow_limits = IpcLimits(
             max_decoded_bytes=config.max_arrow_decoded_bytes,

@@ -130,6 +130,23 @@ class ServerConfig:
     # owns the store and its background work; 1 serves everything from one process. Default: the cores.
     processes: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
 
+    # --- Store (README "Redis and Redis Cluster") ---
+    # Where sources, online rows, idempotency records and the offline-log queue live: "rocksdb" (the
+    # embedded database in data_dir, one server), "redis://host:port[/db]" (one Redis shared by any
+    # number of servers) or "redis-cluster://host:port,host:port" (a Redis Cluster, by some of its nodes).
+    store: str = "rocksdb"
+    # Prefix of every Redis key, so several deployments can share one Redis: letters, digits, "_.-".
+    redis_namespace: str = "featurepush"
+    # Seconds a Redis call may take before the request fails with UNAVAILABLE.
+    redis_timeout_s: float = 2.0
+    # Replicas (WAIT) that must hold a write before it is acknowledged; 0: once the primary has it.
+    redis_wait_replicas: int = 0
+    # Seconds after its source's online_ttl that Redis deletes a row; until then it reads as EXPIRED.
+    redis_expiry_grace_s: float = 3600.0
+    # Seconds a server uses a cached source definition before reading it again, so a change applied
+    # through another server reaches this one.
+    redis_registry_refresh_s: float = 1.0
+
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
             raise ConfigError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {self.fsync!r}")
@@ -198,6 +215,25 @@ class ServerConfig:
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}, not {self.log_format!r}")
         self._check_security(host)
+        self._check_store()
+
+    def _check_store(self) -> None:
+        if self.store != "rocksdb" and not re.fullmatch(
+            r"redis://\S+|redis-cluster://[^,\s]+:\d+(,[^,\s]+:\d+)*", self.store
+        ):
+            raise ConfigError(
+                "store must be rocksdb, redis://host:port or redis-cluster://host:port,host:port, "
+                f"not {self.store!r}"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.redis_namespace):
+            raise ConfigError(
+                f"redis_namespace must be letters, digits, '_', '.' and '-', not {self.redis_namespace!r}"
+            )
+        for name in ("redis_timeout_s", "redis_registry_refresh_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.redis_wait_replicas < 0 or self.redis_expiry_grace_s < 0:
+            raise ConfigError("redis_wait_replicas and redis_expiry_grace_s must not be negative")
 
     def _check_security(self, host: str) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

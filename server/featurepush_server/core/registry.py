@@ -86,9 +86,13 @@ class Registry:
         store: Store,
         check_batch_source: Callable[[SourceSpec, Callable[[], bool]], None] | None = None,
         catalog_version: Callable[[], int] | None = None,
+        refresh_s: float | None = None,
     ):
         self._store = store
         self._cache: dict[str, Source] = {}
+        # A store other servers change too: cached definitions are read again after `refresh_s` seconds.
+        self._refresh_s = refresh_s
+        self._loaded: dict[str, float] = {}
         self._lock = threading.Lock()
         self._check_batch_source = check_batch_source
         self._catalog_version = catalog_version
@@ -97,9 +101,7 @@ class Registry:
     def get(self, name: str) -> Source:
         """The source called `name`; raise NotFound."""
         cached = self._cache.get(name)
-        if cached is not None and (
-            self._catalog_version is None or self._catalog_version() == self._cached_version
-        ):
+        if cached is not None and (self._fresh(name)):
             return cached
         # Loaded under the lock apply() holds, so a cached definition always matches its generation.
         with self._lock:
@@ -128,12 +130,16 @@ class Registry:
             # A change written elsewhere while the definition and its generation were read: read again.
             if self._catalog_version is None or self._catalog_version() == version:
                 self._cache[name] = source
+                self._loaded[name] = time.monotonic()
                 return source
 
+    def _fresh(self, name: str) -> bool:
+        """Whether the cached definition of `name` may still be used: no change seen from elsewhere."""
+        if self._catalog_version is not None and self._catalog_version() != self._cached_version:
+            return False
+        return self._refresh_s is None or time.monotonic() - self._loaded.get(name, 0.0) < self._refresh_s
+
     def _read(self, name: str) -> Source:
-        cached = self._cache.get(name)
-        if cached is not None:
-            return cached
         found = self._store.get_source(name)
         if found is None:
             raise NotFound(

@@ -1,0 +1,697 @@
+"""The shared store: Redis or Redis Cluster (through redis-py) holding sources, latest rows, idempotency
+records and the offline-log queue, so that many stateless servers serve one set of sources and rows.
+This module alone knows the key layout; every decision that two servers could race on is taken inside a
+Lua script on the Redis side, never by a read in Python followed by a write.
+
+Keys, for a namespace `ns` (the `{...}` part is the Redis Cluster hash tag, which picks the slot):
+  {ns}:sources                  hash: source name -> 4-byte id, 8-byte signed generation, PushSource
+  {ns}:next_id                  the last source id handed out (INCR)
+  {ns}:gen:<id>                 the last generation of a source (INCR on an incompatible change)
+  {ns}:late:<id>                the names, one per line, of fields added to a source holding rows
+  {ns}:lock                     held (SET NX PX) by the server changing a definition
+  {ns}:offline                  the offline-log queue: a stream whose entry ids are 0-<sequence>
+  {ns}:offline_seq              the last sequence number handed out
+  {ns}:offline_lease            held (SET NX PX) by the server draining the queue to Parquet
+  {ns}:req:<request id>         an idempotency record: the JSON counts, expiring after the window
+  {ns:<id>:<bucket>}m           hash: the source's generation (g) and ttl in ms (t), one per bucket
+  {ns:<id>:<bucket>}r<entity>   a row: its stored value, framed as `framing.py` says
+
+A row's bucket is a hash of its entity key, so one source spreads over BUCKETS slots, and every key a
+row's write reads (the row, its bucket's generation and ttl) shares one slot: the write script can run
+on a cluster, and resharding moves whole buckets. On one Redis node a push (every source, the offline
+entry and the idempotency record) is one script, so all or nothing. On a cluster each bucket is one
+script, atomic on its own; the offline entry and the idempotency record are then written together last,
+as the commit marker, so a push sent again with its request id completes it without logging twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
+
+from featurepush.v1 import source_pb2
+
+from ..errors import Aborted, CoreError, Unavailable
+from ..framing import HEADER_BYTES
+from ..gate import UsageGate
+from .base import BatchCounts, QueuedRecords, RowBatch, WriteResult
+
+_LOGGER = logging.getLogger(__name__)
+
+# Buckets per source: how many cluster slots one source's rows spread over.
+BUCKETS = 16
+# The row prefix handed to the core, as RocksDB's: a byte, then the 4-byte source id.
+_ROW = b"r"
+_PREFIX_BYTES = 5
+_LEASE_MS = 30_000
+_LOCK_MS = 10_000
+_DELETE_CHUNK = 1000
+NAMESPACE_PATTERN = r"[A-Za-z0-9_.-]+"
+
+# Latest-by-event-time writes of rows, with the generation check, the offline entries and the request
+# record. Headers are compared as two unsigned 32-bit integers: Lua's string comparison follows the
+# server's locale, not byte order.
+# KEYS: metas (n_meta), rows (n_rows), then the stream and its sequence key when n_off > 0, then the
+#   request record's key when one is given.
+# ARGV: dry, n_meta, n_rows, n_off, window ms ("" for no request record), grace ms, record ("" to build
+#   it here), n_src, then n_src pairs (name, accepted), then per meta (source index, expected generation
+#   or "" for none), then per row (meta index, value), then the offline entries.
+_WRITE = """
+local dry = ARGV[1] == '1'
+local n_meta, n_rows, n_off = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local window, grace, record = ARGV[5], tonumber(ARGV[6]), ARGV[7]
+local n_src = tonumber(ARGV[8])
+local k = n_meta + n_rows + 1
+local req = nil
+if window ~= '' then
+  req = KEYS[k + (n_off > 0 and 2 or 0)]
+  local seen = redis.call('GET', req)
+  if seen then return {2, seen} end
+end
+local a = 9 + 2 * n_src
+local meta_src, ttl, written = {}, {}, {}
+for i = 1, n_meta do
+  meta_src[i] = tonumber(ARGV[a])
+  local want = ARGV[a + 1]
+  a = a + 2
+  local m = redis.call('HMGET', KEYS[i], 'g', 't')
+  if want ~= '' and m[1] ~= want then return {1, meta_src[i]} end
+  ttl[i] = tonumber(m[2] or '0')
+end
+for s = 1, n_src do written[s] = 0 end
+for r = 1, n_rows do
+  local mi, v = tonumber(ARGV[a]), ARGV[a + 1]
+  a = a + 2
+  local key = KEYS[n_meta + r]
+  local old = redis.call('GET', key)
+  local nh, nl = struct.unpack('>I4I4', v)
+  local newer = true
+  if old then
+    local oh, ol = struct.unpack('>I4I4', old)
+    newer = nh > oh or (nh == oh and nl >= ol)
+  end
+  if newer then
+    written[meta_src[mi]] = written[meta_src[mi]] + 1
+    if not dry then
+      if ttl[mi] > 0 then
+        local at = math.floor(((nh - 2147483648) * 4294967296 + nl) / 1000) + ttl[mi] + grace
+        redis.call('SET', key, v, 'PXAT', string.format('%.0f', math.max(at, 1)))
+      else
+        redis.call('SET', key, v)
+      end
+    end
+  end
+end
+if record == '' then
+  local counts = {}
+  for s = 1, n_src do
+    local accepted = tonumber(ARGV[8 + 2 * s])
+    counts[ARGV[7 + 2 * s]] = {accepted, written[s], accepted - written[s]}
+  end
+  record = cjson.encode(counts)
+end
+if not dry then
+  for j = 1, n_off do
+    local seq = redis.call('INCR', KEYS[k + 1])
+    redis.call('XADD', KEYS[k], '0-' .. seq, 'e', ARGV[a + j - 1])
+  end
+  if req then redis.call('SET', req, record, 'PX', window) end
+end
+return {0, record}
+"""
+
+# Take or keep a lease: KEYS[1] the lease, ARGV token and ms; returns 1 when this token holds it.
+_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"""
+
+# Give a lease back if this token still holds it.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Redis errors that mean the server or the cluster cannot be reached now, as opposed to a refused command.
+_UNREACHABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterError,
+)
+
+
+def bucket_of(entity: bytes) -> int:
+    """The bucket of an entity key: the same on every server and every run."""
+    return zlib.crc32(entity) % BUCKETS
+
+
+class RedisStore:
+    """The Store protocol on Redis or a Redis Cluster, shared by any number of servers; thread-safe.
+
+    Every call holds a usage gate, so `close()` waits for calls in progress. Calls fail with Unavailable
+    within `timeout_s` while Redis cannot be reached; writes are then reported unwritable until a ping
+    answers again (`recover()`). An acknowledged write is in Redis, and with `wait_replicas` on that
+    many replicas too; how long it survives there is Redis's persistence setting.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        cluster: bool,
+        namespace: str = "featurepush",
+        idempotency_window_s: float = 600.0,
+        expiry_grace_s: float = 3600.0,
+        wait_replicas: int = 0,
+        timeout_s: float = 2.0,
+    ):
+        if not re.fullmatch(NAMESPACE_PATTERN, namespace):
+            raise ValueError(f"a Redis namespace is letters, digits, '_', '.' and '-', not {namespace!r}")
+        self._redis = client
+        self._cluster = cluster
+        self._ns = namespace
+        self._window_ms = int(idempotency_window_s * 1000)
+        self._grace_ms = int(expiry_grace_s * 1000)
+        self._wait_replicas = wait_replicas
+        self._timeout_ms = int(timeout_s * 1000)
+        self._gate = UsageGate()
+        self._token = uuid.uuid4().hex
+        self._write_script = client.register_script(_WRITE)
+        self._lease_script = client.register_script(_LEASE)
+        self._release_script = client.register_script(_RELEASE)
+        # Definition changes by this process, serialized here before the cross-server lock.
+        self._local = threading.Lock()
+        # Source id -> the generation seen with its definition by the last get_source.
+        self._generations: dict[int, int] = {}
+        self._down: CoreError | None = None
+        self._watchers: list[Callable[[bool], None]] = []
+        # A cluster push writes each bucket with its own script; they run side by side.
+        self._pool = ThreadPoolExecutor(8, thread_name_prefix="featurepush-redis") if cluster else None
+
+    @classmethod
+    def connect(cls, url: str, *, timeout_s: float = 2.0, **options: Any) -> RedisStore:
+        """A store on `redis://host:port[/db]` or `redis-cluster://host:port,host:port`, checked by a ping."""
+        # No retries inside redis-py: a timed-out script may have run, and the caller's retry with its
+        # request id is the one that is safe; the call fails within the timeout instead.
+        common: dict[str, Any] = {
+            "socket_timeout": timeout_s,
+            "socket_connect_timeout": timeout_s,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        client: Any
+        if url.startswith("redis-cluster://"):
+            nodes = []
+            for part in url.removeprefix("redis-cluster://").split(","):
+                host, _, port = part.strip().rpartition(":")
+                nodes.append(ClusterNode(host, int(port)))  # type: ignore[no-untyped-call]
+            client = RedisCluster(startup_nodes=nodes, **common)
+            store = cls(client, cluster=True, timeout_s=timeout_s, **options)
+        else:
+            client = redis.Redis.from_url(url, **common)
+            store = cls(client, cluster=False, timeout_s=timeout_s, **options)
+        with store._calls():
+            store._redis.ping()
+        return store
+
+    # --- keys ----------------------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        return f"{{{self._ns}}}:{name}"
+
+    def _tag(self, source_id: int, bucket: int) -> bytes:
+        return f"{{{self._ns}:{source_id}:{bucket}}}".encode()
+
+    def _meta(self, source_id: int, bucket: int) -> bytes:
+        return self._tag(source_id, bucket) + b"m"
+
+    def redis_key(self, key: bytes) -> bytes:
+        """The Redis key of a core row key (the row prefix, then the entity key)."""
+        entity = key[_PREFIX_BYTES:]
+        return self._tag(int.from_bytes(key[1:_PREFIX_BYTES], "big"), bucket_of(entity)) + _ROW + entity
+
+    # --- failures ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _calls(self) -> Iterator[None]:
+        """Map an unreachable Redis to Unavailable, and report writes stopped until a ping answers."""
+        try:
+            yield
+        except _UNREACHABLE as e:
+            error = Unavailable(
+                "the server cannot reach its Redis store; it reconnects by itself, send the request again "
+                "later",
+                reason="STORE_UNAVAILABLE",
+                metadata={"error": str(e)[:200]},
+            )
+            if self._down is None:
+                _LOGGER.error("Redis cannot be reached: %s", e)
+                self._down = error
+                for watch in self._watchers:
+                    watch(False)
+            raise error from None
+
+    @property
+    def writable(self) -> bool:
+        """Whether writes are accepted: False once Redis could not be reached, until a ping answers."""
+        return self._down is None
+
+    def watch_writable(self, callback: Callable[[bool], None]) -> None:
+        """Call `callback(writable)` whenever writes stop or start being accepted."""
+        self._watchers.append(callback)
+
+    def recover(self, timeout_s: float = 5.0) -> bool:
+        """After Redis could not be reached, ping it; return whether writes are accepted again."""
+        if self._down is None or self._gate.closed:
+            return self._down is None
+        try:
+            with self._gate.use():
+                self._redis.ping()
+        except (*_UNREACHABLE, CoreError):
+            return False
+        self._down = None
+        _LOGGER.info("Redis answers again; writes resumed")
+        for watch in self._watchers:
+            watch(True)
+        return True
+
+    def statistic(self, name: str) -> int | None:
+        """None: Redis reports its own statistics (INFO), not RocksDB's properties."""
+        return None
+
+    def sync_now(self) -> None:
+        """Nothing to do: an acknowledged write is already in Redis."""
+
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Turn new calls away, wait up to `timeout_s` for running ones, give leases back and disconnect."""
+        if self._gate.closed:
+            return True
+        drained = self._gate.close(timeout_s)
+        try:
+            self._release_script(keys=[self._key("offline_lease")], args=[self._token])
+        except redis.exceptions.RedisError as e:
+            _LOGGER.debug("giving the offline-log lease back failed; it expires by itself: %s", e)
+        if self._pool is not None:
+            self._pool.shutdown(wait=drained)
+        if drained:
+            self._redis.close()
+        return drained
+
+    # --- sources -------------------------------------------------------------------------------
+
+    def row_prefix(self, source_id: int) -> bytes:
+        """The key prefix of every row of one source, as the core sees it."""
+        return _ROW + source_id.to_bytes(4, "big")
+
+    def get_source(self, name: str) -> tuple[int, bytes] | None:
+        """The id and serialized definition of a source, or None."""
+        with self._gate.use(), self._calls():
+            raw = self._redis.hget(self._key("sources"), name.encode())
+        if raw is None:
+            return None
+        source_id = int.from_bytes(raw[:4], "big")
+        # Read with the definition, so a definition and the generation it is checked by always match.
+        self._generations[source_id] = int.from_bytes(raw[4:12], "big", signed=True)
+        return source_id, raw[12:]
+
+    def list_sources(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, int, bytes]]:
+        """Sources in name order, starting after `after`."""
+        with self._gate.use(), self._calls():
+            found = self._redis.hgetall(self._key("sources"))
+        rows = sorted((k.decode(), int.from_bytes(v[:4], "big"), v[12:]) for k, v in found.items())
+        rows = [row for row in rows if row[0] > after]
+        return iter(rows if limit is None else rows[:limit])
+
+    def put_source(
+        self,
+        name: str,
+        definition: bytes,
+        source_id: int | None = None,
+        *,
+        invalidate: bool = True,
+        late_fields: Sequence[str] = (),
+    ) -> int:
+        """Store a definition, allocating a new id when none is given; return the id.
+
+        `invalidate` starts a new generation, so rows validated against the old definition are refused
+        by every server. Bucket generations are set before the definition, so a server that reads the
+        new definition never writes under the old generation.
+        """
+        ttl = source_pb2.PushSource.FromString(definition).online_ttl
+        ttl_ms = ttl.seconds * 1000 + ttl.nanos // 1_000_000
+        with self._gate.use(), self._calls():
+            if source_id is None:
+                source_id = int(self._redis.incr(self._key("next_id")))
+            gen_key = self._key(f"gen:{source_id}")
+            generation = int(self._redis.incr(gen_key) if invalidate else self._redis.get(gen_key) or 0)
+            self._set_metas(source_id, generation, ttl_ms)
+            pipe = self._redis.pipeline(transaction=not self._cluster)
+            late_key = self._key(f"late:{source_id}")
+            if late_fields:
+                pipe.set(late_key, "\n".join(late_fields).encode())
+            else:
+                pipe.delete(late_key)
+            raw = source_id.to_bytes(4, "big") + generation.to_bytes(8, "big", signed=True) + definition
+            pipe.hset(self._key("sources"), name.encode(), raw)
+            pipe.execute()
+        self._generations[source_id] = generation
+        return source_id
+
+    def _set_metas(self, source_id: int, generation: int, ttl_ms: int) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for bucket in range(BUCKETS):
+            pipe.hset(self._meta(source_id, bucket), mapping={"g": generation, "t": ttl_ms})
+        pipe.execute()
+
+    def late_fields(self, source_id: int) -> tuple[str, ...]:
+        """The fields added to a source while it held rows, which rows stored before may lack."""
+        with self._gate.use(), self._calls():
+            raw = self._redis.get(self._key(f"late:{source_id}"))
+        return tuple(raw.decode().split("\n")) if raw else ()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Serialize definition changes across every server sharing this Redis.
+
+        Row writes are not held off: an incompatible change bumps the generation that each write script
+        checks, so writes validated against the old definition are refused from then on.
+        """
+        lock = self._key("lock")
+        with self._gate.use(), self._local:
+            deadline = time.monotonic() + 5.0
+            while True:
+                with self._calls():
+                    if self._redis.set(lock, self._token, nx=True, px=_LOCK_MS):
+                        break
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        "another server is changing source definitions; send the request again",
+                        reason="REGISTRY_BUSY",
+                    )
+                time.sleep(0.02)
+            try:
+                yield
+            finally:
+                with self._calls():
+                    self._release_script(keys=[lock], args=[self._token])
+
+    def generation(self, source_id: int) -> int:
+        """The source's generation, as stored with the definition last read; -1 once it is deleted."""
+        found = self._generations.get(source_id)
+        if found is not None:
+            return found
+        with self._gate.use(), self._calls():
+            raw = self._redis.hget(self._meta(source_id, 0), "g")
+        return int(raw) if raw is not None else -1
+
+    def delete_source(self, name: str, source_id: int) -> int:
+        """Delete a source and its rows; return how many rows there were."""
+        with self._gate.use(), self._calls():
+            # Writes are refused first, so none lands between the scan and the end.
+            self._set_metas(source_id, -1, 0)
+            self._generations[source_id] = -1
+            self._redis.hdel(self._key("sources"), name.encode())
+            self._redis.delete(self._key(f"late:{source_id}"))
+            rows = 0
+            for chunk in self._row_chunks(source_id):
+                rows += int(self._redis.delete(*chunk))
+        return rows
+
+    def _row_chunks(self, source_id: int) -> Iterator[list[bytes]]:
+        """The source's row keys in chunks, from every node."""
+        chunk: list[bytes] = []
+        for key in self._redis.scan_iter(match=f"{{{self._ns}:{source_id}:*}}r*".encode(), count=1000):
+            chunk.append(key)
+            if len(chunk) >= _DELETE_CHUNK:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def has_rows(self, source_id: int) -> bool:
+        """Whether a source holds any online row."""
+        with self._gate.use(), self._calls():
+            return next(self._row_chunks(source_id), None) is not None
+
+    def count_rows(self, source_id: int, limit: int | None = None) -> int:
+        """How many rows a source holds, counting no further than `limit`, by a SCAN of every node."""
+        counted = 0
+        with self._gate.use(), self._calls():
+            for chunk in self._row_chunks(source_id):
+                counted += len(chunk)
+                if limit is not None and counted >= limit:
+                    return limit
+        return counted
+
+    def count_offline(self, limit: int | None = None) -> int:
+        """How many entries are queued for the offline log (the stream's length), at most `limit`."""
+        with self._gate.use(), self._calls():
+            length = int(self._redis.xlen(self._key("offline")))
+        return length if limit is None else min(length, limit)
+
+    def delete_expired(self, source_id: int, cutoff_micros: int) -> int:
+        """Nothing to sweep: Redis expires rows itself, `expiry_grace_s` after their ttl; returns 0."""
+        return 0
+
+    # --- rows ----------------------------------------------------------------------------------
+
+    def read(self, keys: list[bytes]) -> list[bytes | None]:
+        """Stored values of the keys, None where absent: one round trip per node."""
+        if not keys:
+            return []
+        names = [self.redis_key(k) for k in keys]
+        with self._gate.use(), self._calls():
+            if self._cluster:
+                values: list[bytes | None] = self._redis.mget_nonatomic(names)
+            else:
+                values = self._redis.mget(names)
+        return values
+
+    def write_latest(
+        self, batches: Sequence[RowBatch], *, request_id: str = "", dry_run: bool = False
+    ) -> WriteResult:
+        """Write each row unless a newer event of its entity is stored or later in the batch; atomically.
+
+        On one node all of it is one script. On a cluster each bucket is one script, then the offline
+        entries and the request record together; see the module's docstring.
+        """
+        with self._gate.use(), self._calls():
+            if self._cluster:
+                result = self._write_cluster(batches, request_id, dry_run)
+            else:
+                result = self._write_node(batches, request_id, dry_run)
+            if not dry_run and not result.replayed:
+                self._wait()
+        return result
+
+    def _write_node(self, batches: Sequence[RowBatch], request_id: str, dry_run: bool) -> WriteResult:
+        metas: dict[bytes, int] = {}
+        meta_args: list[bytes | str | int] = []
+        row_keys: list[bytes] = []
+        row_args: list[bytes | int] = []
+        for index, batch in enumerate(batches, start=1):
+            for key, value in _newest_per_key(batch):
+                name = self.redis_key(key)
+                meta = name[: name.index(b"}") + 1] + b"m"
+                if meta not in metas:
+                    metas[meta] = len(metas) + 1
+                    meta_args += [index, _expected(batch)]
+                row_keys.append(name)
+                row_args += [metas[meta], value]
+        offline = [] if dry_run else _offline_entries(batches)
+        keys: list[bytes | str] = [*metas, *row_keys]
+        if offline:
+            keys += [self._key("offline"), self._key("offline_seq")]
+        window = ""
+        if request_id and not dry_run:
+            keys.append(self._key(f"req:{request_id}"))
+            window = str(self._window_ms)
+        args: list[Any] = ["1" if dry_run else "0", len(metas), len(row_keys), len(offline), window]
+        args += [self._grace_ms, "", len(batches)]
+        for batch in batches:
+            args += [batch.source, len(batch.keys)]
+        reply = self._write_script(keys=keys, args=[*args, *meta_args, *row_args, *offline])
+        return self._result(reply, batches)
+
+    def _result(self, reply: list[Any], batches: Sequence[RowBatch]) -> WriteResult:
+        status = int(reply[0])
+        if status == 1:
+            _source_changed(batches[int(reply[1]) - 1])
+        counts = {s: BatchCounts(*c) for s, c in json.loads(reply[1]).items()}
+        # The script's JSON has no object for a write without sources.
+        return WriteResult(counts, replayed=status == 2)
+
+    def _write_cluster(self, batches: Sequence[RowBatch], request_id: str, dry_run: bool) -> WriteResult:
+        assert self._pool is not None
+        record_key = self._key(f"req:{request_id}")
+        if request_id and not dry_run:
+            seen = self._redis.get(record_key)
+            if seen is not None:
+                return WriteResult(_counts(seen), replayed=True)
+        # One script per source and bucket: its keys share a slot.
+        groups: dict[tuple[int, bytes], list[tuple[bytes, bytes]]] = defaultdict(list)
+        for index, batch in enumerate(batches):
+            for key, value in _newest_per_key(batch):
+                name = self.redis_key(key)
+                groups[(index, name[: name.index(b"}") + 1])].append((name, value))
+
+        def run(group: tuple[int, bytes]) -> Any:
+            index, tag = group
+            batch = batches[index]
+            rows = groups[group]
+            args: list[Any] = ["1" if dry_run else "0", 1, len(rows), 0, "", self._grace_ms, "", 1]
+            args += [batch.source, len(rows), 1, _expected(batch)]
+            for _, value in rows:
+                args += [1, value]
+            with self._calls():
+                return self._write_script(keys=[tag + b"m", *(name for name, _ in rows)], args=args)
+
+        written: dict[str, int] = defaultdict(int)
+        for group, reply in zip(groups, self._pool.map(run, list(groups)), strict=True):
+            if int(reply[0]) == 1:
+                _source_changed(batches[group[0]])
+            for source, (_, n, _) in json.loads(reply[1]).items():
+                written[source] += n
+        counts = {
+            b.source: BatchCounts(len(b.keys), written[b.source], len(b.keys) - written[b.source])
+            for b in batches
+        }
+        if dry_run:
+            return WriteResult(counts)
+        offline = _offline_entries(batches)
+        if offline or request_id:
+            # The commit marker: the offline entries and the request record in one script, last.
+            record = json.dumps({s: [c.accepted, c.written, c.superseded] for s, c in counts.items()})
+            keys: list[str] = [self._key("offline"), self._key("offline_seq")] if offline else []
+            window = ""
+            if request_id:
+                keys.append(record_key)
+                window = str(self._window_ms)
+            args = ["0", 0, 0, len(offline), window, self._grace_ms, record, 0, *offline]
+            reply = self._write_script(keys=keys, args=args)
+            if int(reply[0]) == 2:
+                return WriteResult(_counts(reply[1]), replayed=True)
+        return WriteResult(counts)
+
+    def _wait(self) -> None:
+        """Wait for `wait_replicas` replicas to have the write, or fail with Unavailable."""
+        if not self._wait_replicas:
+            return
+        # Half the socket timeout, so that Redis answers how many replicas have it before the socket gives up.
+        wait_ms = max(self._timeout_ms // 2, 1)
+        if self._cluster:
+            replies = self._redis.execute_command(
+                "WAIT", self._wait_replicas, wait_ms, target_nodes=RedisCluster.PRIMARIES
+            )
+            acked = min(int(v) for v in replies.values()) if isinstance(replies, dict) else int(replies)
+        else:
+            acked = int(self._redis.execute_command("WAIT", self._wait_replicas, wait_ms))
+        if acked < self._wait_replicas:
+            raise Unavailable(
+                f"the write reached {acked} of the {self._wait_replicas} Redis replicas required in time; "
+                "send the records again with the same request id",
+                reason="REPLICAS_BEHIND",
+                metadata={"replicas": str(acked)},
+            )
+
+    # --- offline-log queue ---------------------------------------------------------------------
+
+    def queued_offline(self, max_bytes: int, last_seq: int | None = None) -> list[QueuedRecords]:
+        """Queue entries from the oldest, up to about `max_bytes` (at least one) or through `last_seq`.
+
+        Only the server holding the drain lease sees entries; the others see an empty queue, so one
+        server at a time writes Parquet files.
+        """
+        out: list[QueuedRecords] = []
+        stream = self._key("offline")
+        with self._gate.use(), self._calls():
+            if not int(self._lease_script(keys=[self._key("offline_lease")], args=[self._token, _LEASE_MS])):
+                return out
+            start, total = "-", 0
+            end = "+" if last_seq is None else f"0-{last_seq}"
+            while True:
+                entries = self._redis.xrange(stream, start, end, count=100)
+                for entry_id, fields in entries:
+                    raw = fields[b"e"]
+                    if last_seq is None and out and total + len(raw) > max_bytes:
+                        return out
+                    n = int.from_bytes(raw[:2], "big")
+                    seq = int(entry_id.split(b"-")[1])
+                    out.append(QueuedRecords(seq, raw[2 : 2 + n].decode(), raw[2 + n :]))
+                    total += len(raw)
+                if len(entries) < 100:
+                    return out
+                start = "(" + entries[-1][0].decode()
+
+    def delete_offline(self, first_seq: int, last_seq: int) -> None:
+        """Drop the queue entries through `last_seq`; those before `first_seq` are already flushed."""
+        with self._gate.use(), self._calls():
+            self._redis.xtrim(self._key("offline"), minid=f"0-{last_seq + 1}", approximate=False)
+
+    # --- idempotency records -------------------------------------------------------------------
+
+    def seen_request(self, request_id: str) -> dict[str, BatchCounts] | None:
+        """The counts recorded for a request id still within the window, or None."""
+        with self._gate.use(), self._calls():
+            raw = self._redis.get(self._key(f"req:{request_id}"))
+        return None if raw is None else _counts(raw)
+
+    def purge_requests(self) -> int:
+        """Nothing to purge: Redis expires idempotency records at the end of the window; returns 0."""
+        return 0
+
+
+def _counts(raw: bytes | str) -> dict[str, BatchCounts]:
+    return {s: BatchCounts(*c) for s, c in json.loads(raw).items()}
+
+
+def _expected(batch: RowBatch) -> str:
+    """The generation a write of `batch` must find, or "" when it is not checked."""
+    return "" if batch.source_id is None else str(batch.generation)
+
+
+def _source_changed(batch: RowBatch) -> None:
+    raise Aborted(
+        f"push source {batch.source!r} was changed or deleted while these records were validated; "
+        "nothing was written, send them again",
+        reason="SOURCE_CHANGED",
+        metadata={"source": batch.source},
+    )
+
+
+def _newest_per_key(batch: RowBatch) -> list[tuple[bytes, bytes]]:
+    """The batch's rows, one per entity: the newest event, the later one on a tie."""
+    keys, values = batch.keys, batch.values
+    if len(set(keys)) == len(keys):
+        return list(zip(keys, values, strict=True))
+    best: dict[bytes, bytes] = {}
+    for key, value in zip(keys, values, strict=True):
+        held = best.get(key)
+        if held is None or value[:HEADER_BYTES] >= held[:HEADER_BYTES]:
+            best[key] = value
+    return list(best.items())
+
+
+def _offline_entries(batches: Sequence[RowBatch]) -> list[bytes]:
+    """The batches' offline-log entries: a 2-byte name length, the source name, the Arrow IPC stream."""
+    out = []
+    for batch in batches:
+        if batch.offline:
+            name = batch.source.encode()
+            out.append(len(name).to_bytes(2, "big") + name + batch.offline)
+    return out

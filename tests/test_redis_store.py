@@ -1,0 +1,322 @@
+"""The Redis store with many servers: a 3-node Redis Cluster, Redis going away, kill -9, the offline log."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pyarrow.dataset as ds
+import pytest
+import redis
+from conftest import AD_IMPRESSIONS, Running, features, rows_request, start
+from redis_servers import RedisCluster, RedisServer, have_redis
+from servers import ServedProcess, wait_until
+
+pytestmark = pytest.mark.skipif(
+    not have_redis(), reason="redis-server is not installed (make test installs it)"
+)
+
+BASE = datetime(2026, 11, 25, tzinfo=UTC)
+
+
+def iso(t: datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+def test_three_servers_on_a_cluster_keep_the_latest_event_of_every_entity(
+    tmp_path: Path, redis_cluster: RedisCluster
+) -> None:
+    ns = namespace()
+    servers = [start(tmp_path / f"s{i}", store=redis_cluster.url, redis_namespace=ns) for i in range(3)]
+    try:
+        servers[0].apply(AD_IMPRESSIONS)
+        threads_n, pushes, rows = 6, 25, 20
+        entities = [f"user-{i}" for i in range(60)]
+        acked: list[tuple[str, int, int]] = []
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def pusher(worker: int) -> None:
+            rng = random.Random(worker)
+            # Event times unique across workers, in a random order, so every entity sees conflicts.
+            offsets = [worker + threads_n * k for k in range(pushes * rows)]
+            rng.shuffle(offsets)
+            target = servers[worker % 3]
+            try:
+                for p in range(pushes):
+                    batch = [
+                        (rng.choice(entities), offsets[p * rows + r], worker * 100_000 + p * rows + r)
+                        for r in range(rows)
+                    ]
+                    request = rows_request(
+                        {
+                            "ad_impressions": [
+                                {"user_id": e, "timestamp": iso(BASE + timedelta(seconds=s)), "clicked": c}
+                                for e, s, c in batch
+                            ]
+                        },
+                        requestId=f"w{worker}-{p}",
+                    )
+                    target.ingest.Push(request, timeout=30)
+                    with lock:
+                        acked.extend(batch)
+                    if p % 5 == 0:
+                        # The same request through another server is a replay, whichever server saw it.
+                        assert servers[(worker + 1) % 3].ingest.Push(request, timeout=30).replayed
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=pusher, args=(w,)) for w in range(threads_n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        latest: dict[str, tuple[int, int]] = {}
+        for entity, offset, clicked in acked:
+            if entity not in latest or offset > latest[entity][0]:
+                latest[entity] = (offset, clicked)
+        for reader in servers:
+            results = features(reader, "ad_impressions", *({"user_id": e} for e in latest))
+            got = {r["features"]["user_id"]: (r["eventTime"], int(r["features"]["clicked"])) for r in results}
+            want = {e: (iso(BASE + timedelta(seconds=o)), c) for e, (o, c) in latest.items()}
+            assert got == want
+    finally:
+        for s in servers:
+            s.close()
+
+
+def test_a_definition_change_through_one_server_reaches_the_others(
+    tmp_path: Path, redis_cluster: RedisCluster
+) -> None:
+    ns = namespace()
+    settings: dict[str, object] = {"store": redis_cluster.url, "redis_namespace": ns}
+    a, b = (start(tmp_path / name, redis_registry_refresh_s=0.2, **settings) for name in "ab")
+    try:
+        a.apply(AD_IMPRESSIONS)
+        stale = b.server.registry.get("ad_impressions")
+        # An incompatible change while the source holds no rows: b's cached definition is now stale.
+        changed = dict(AD_IMPRESSIONS, schema={"fields": [*AD_IMPRESSIONS["schema"]["fields"][:2]]})  # type: ignore[index]
+        changed["schema"]["fields"].append({"name": "clicked", "type": {"scalar": "SCALAR_TYPE_STRING"}})  # type: ignore[index]
+        a.apply(changed)
+        from featurepush_server.core.errors import Aborted
+        from featurepush_server.core.stores.base import RowBatch
+
+        key = b.server.store.row_prefix(stale.id) + b"u1"
+        with pytest.raises(Aborted):
+            b.server.store.write_latest(
+                [RowBatch("ad_impressions", [key], [b"\x80" + b"\0" * 7], b"", stale.id, stale.generation)]
+            )
+        # Within the refresh interval b reads the new definition and takes string clicks.
+        assert wait_until(
+            lambda: b.server.registry.get("ad_impressions").generation == stale.generation + 1, 5
+        )
+        b.ingest.Push(
+            rows_request({"ad_impressions": [{"user_id": "u1", "timestamp": iso(BASE), "clicked": "yes"}]})
+        )
+        assert features(a, "ad_impressions", {"user_id": "u1"})[0]["features"]["clicked"] == "yes"
+        assert (
+            b.registry.DeleteSource(
+                __import__("featurepush.v1.registry_service_pb2").v1.registry_service_pb2.DeleteSourceRequest(
+                    name="ad_impressions"
+                )
+            ).rows_deleted
+            == 1
+        )
+    finally:
+        a.close()
+        b.close()
+
+
+def test_rows_expire_in_redis_at_event_time_plus_ttl_plus_grace(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    ns = namespace()
+    running = start(tmp_path, store=redis_server.url, redis_namespace=ns, redis_expiry_grace_s=60.0)
+    try:
+        running.apply({**AD_IMPRESSIONS, "onlineTtl": "3600s"})
+        event = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=5)
+        running.ingest.Push(
+            rows_request({"ad_impressions": [{"user_id": "u1", "timestamp": iso(event), "clicked": 1}]})
+        )
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            [key] = client.keys(f"{{{ns}:*}}ru1".encode())
+            expected_ms = int(event.timestamp() * 1000) + 3600_000 + 60_000
+            assert client.pexpiretime(key) == expected_ms
+        finally:
+            client.close()
+    finally:
+        running.close()
+
+
+def test_redis_down_is_unavailable_within_the_deadline_then_recovers(tmp_path: Path) -> None:
+    node = RedisServer(tmp_path / "redis", "--appendfsync", "always")
+    running: Running | None = None
+    try:
+        running = start(tmp_path / "data", store=node.url, redis_namespace=namespace(), redis_timeout_s=0.5)
+        running.apply(AD_IMPRESSIONS)
+        first = {"user_id": "u1", "timestamp": iso(BASE), "clicked": 1}
+        running.ingest.Push(rows_request({"ad_impressions": [first]}))
+        node.kill()
+        began = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            running.ingest.Push(rows_request({"ad_impressions": [first]}), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError) as info:
+            features(running, "ad_impressions", {"user_id": "u1"})
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - began < 5
+        assert not running.server.store.writable
+        node.start()
+
+        def pushes() -> bool:
+            assert running is not None
+            try:
+                running.ingest.Push(rows_request({"ad_impressions": [dict(first, user_id="u2")]}), timeout=5)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE
+                return False
+            return True
+
+        assert wait_until(pushes, 20)
+        assert wait_until(lambda: running is not None and running.server.store.writable, 10)
+        results = features(running, "ad_impressions", {"user_id": "u1"}, {"user_id": "u2"})
+        assert [r["status"] for r in results] == ["FEATURE_STATUS_PRESENT"] * 2
+    finally:
+        if running is not None:
+            running.close()
+        node.stop()
+
+
+def test_kill_9_of_a_server_mid_push_loses_no_acknowledged_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = RedisServer(tmp_path / "redis", "--appendfsync", "always")
+    ns = namespace()
+    monkeypatch.setenv("FEATUREPUSH_STORE", node.url)
+    monkeypatch.setenv("FEATUREPUSH_REDIS_NAMESPACE", ns)
+    child = ServedProcess(tmp_path / "child")
+    acked: list[str] = []
+    now = datetime.now(UTC)
+    stop = threading.Event()
+
+    def pusher() -> None:
+        n = 0
+        while not stop.is_set():
+            users = [f"k{n + i}" for i in range(10)]
+            request = rows_request(
+                {"ad_impressions": [{"user_id": u, "timestamp": iso(now), "clicked": 1} for u in users]}
+            )
+            try:
+                child.ingest.Push(request, timeout=5)
+            except grpc.RpcError:
+                return
+            acked.extend(users)
+            n += 10
+
+    thread = threading.Thread(target=pusher)
+    try:
+        thread.start()
+        assert wait_until(lambda: len(acked) >= 300, 60)
+        child.signal(signal.SIGKILL)
+        thread.join(30)
+    finally:
+        stop.set()
+        child.finish()
+    monkeypatch.delenv("FEATUREPUSH_STORE")
+    running = start(tmp_path / "after", store=node.url, redis_namespace=ns)
+    try:
+        results = features(running, "ad_impressions", *({"user_id": u} for u in acked))
+        assert [r["status"] for r in results] == ["FEATURE_STATUS_PRESENT"] * len(acked)
+    finally:
+        running.close()
+        node.stop()
+
+
+def test_two_servers_drain_the_offline_log_exactly_once(tmp_path: Path, redis_server: RedisServer) -> None:
+    settings: dict[str, object] = {
+        "store": redis_server.url,
+        "redis_namespace": namespace(),
+        "offline_flush_interval_s": 3600.0,
+    }
+    a, b = (start(tmp_path / name, **settings) for name in "ab")
+    assert a.server.offline_log is not None and b.server.offline_log is not None
+
+    def push(i: int) -> None:
+        request = rows_request(
+            {"ad_impressions": [{"user_id": f"u{i}", "timestamp": iso(BASE), "clicked": i}]},
+            requestId=f"r{i}",
+        )
+        # Each request through both servers: the second is a replay and logs nothing.
+        assert not a.ingest.Push(request).replayed
+        assert b.ingest.Push(request).replayed
+
+    a_open = True
+    try:
+        a.apply(dict(AD_IMPRESSIONS, pushConfig={"logOffline": True}))
+        for i in range(4):
+            push(i)
+        assert a.server.offline_log.flush() == 4
+        for i in range(4, 8):
+            push(i)
+        # a holds the drain lease, so b sees nothing to drain; a drains the rest as it stops.
+        assert b.server.offline_log.flush() == 0
+        a.close()
+        a_open = False
+        b.ingest.Push(
+            rows_request({"ad_impressions": [{"user_id": "u8", "timestamp": iso(BASE), "clicked": 8}]})
+        )
+        # The lease of a server that stopped was given back, so another drains from then on.
+        assert b.server.offline_log.flush() == 1
+        clicked: list[int] = []
+        for name in "ab":
+            folder = tmp_path / name / "offline" / "ad_impressions"
+            if folder.exists():
+                clicked += ds.dataset(folder, format="parquet").to_table()["clicked"].to_pylist()
+        assert sorted(clicked) == list(range(9))
+    finally:
+        if a_open:
+            a.close()
+        b.close()
+
+
+def test_a_write_waits_for_its_replica_and_fails_unavailable_without_it(tmp_path: Path) -> None:
+    primary = RedisServer(tmp_path / "primary")
+    replica = RedisServer(tmp_path / "replica")
+    running: Running | None = None
+    try:
+        client = redis.Redis(port=replica.port)
+        client.replicaof("127.0.0.1", primary.port)
+        assert wait_until(lambda: client.info("replication").get("master_link_status") == "up", 20)
+        client.close()
+        running = start(
+            tmp_path / "data",
+            store=primary.url,
+            redis_namespace=namespace(),
+            redis_wait_replicas=1,
+            redis_timeout_s=0.5,
+        )
+        running.apply(AD_IMPRESSIONS)
+        row = {"user_id": "u1", "timestamp": iso(BASE), "clicked": 1}
+        running.ingest.Push(rows_request({"ad_impressions": [row]}))
+        replica.kill()
+        with pytest.raises(grpc.RpcError) as info:
+            running.ingest.Push(rows_request({"ad_impressions": [row]}), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "replicas" in (info.value.details() or "")
+    finally:
+        if running is not None:
+            running.close()
+        replica.stop()
+        primary.stop()
