@@ -56,7 +56,7 @@ def view(name: str = "clicks", interval: dt.timedelta = MINUTE, **kwargs: Any) -
     ]
     return StreamFeatureView(
         name=name,
-        source="ad_impressions",
+        source=kwargs.pop("source", "ad_impressions"),
         entities=["user_id"],
         schema=kwargs.pop("schema", [Field("clicked", Int64)]),
         aggregations=aggs,
