@@ -20,7 +20,7 @@ import grpc
 import pyarrow as pa
 import rocksdict
 
-from bench import batch
+from bench import batch, views
 from bench.common import start_empty, start_serve
 from featurepush import Bool, Client, Field, Float64, Int32, Int64, StreamSource, String, Timestamp
 from featurepush.payload import arrow_ipc
@@ -337,6 +337,8 @@ def main() -> None:
     # Batch-source scenarios start their own server over their own generated Parquet history.
     for scenario in (batch.read_batch_source_mb_s, batch.backfill_rows, batch.read_batch_source_rss_mb):
         results.append(Result(**scenario()))
+    # Feature view scenarios start their own server too; pushes carry current event times.
+    results += [Result(**row) for row in views.scenarios(SECONDS, LATENCY_CALLS)]
     RESULTS.write_text(json.dumps([vars(r) for r in results], indent=2) + "\n")
     print(f"{'name':<28} {'value':>14} {'unit':<7} {'ceiling':>14} {'ratio':>6}")
     for r in results:
