@@ -20,7 +20,7 @@ import grpc
 import pyarrow as pa
 import rocksdict
 
-from bench import batch, redis_store
+from bench import batch, redis_store, views
 from bench.common import start_empty, start_serve
 from featurepush import Bool, Client, Field, Float64, Int32, Int64, StreamSource, String, Timestamp
 from featurepush.payload import arrow_ipc
@@ -393,6 +393,8 @@ def main() -> None:
     for scenario in (batch.read_batch_source_mb_s, batch.backfill_rows, batch.read_batch_source_rss_mb):
         results.append(Result(**scenario()))
     results += process_scaling()
+    # Feature view scenarios start their own server too; pushes carry current event times.
+    results += [Result(**row) for row in views.scenarios(SECONDS, LATENCY_CALLS)]
     RESULTS.write_text(json.dumps([vars(r) for r in results], indent=2) + "\n")
     print(f"{'name':<28} {'value':>14} {'unit':<7} {'ceiling':>14} {'ratio':>6}")
     for r in results:

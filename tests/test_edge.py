@@ -20,6 +20,7 @@ from featurepush import Client
 from featurepush.errors import ResourceExhaustedError, from_rpc_error
 from featurepush.v1 import (
     backfill_service_pb2,
+    feature_view_service_pb2,
     ingest_service_pb2,
     ingest_service_pb2_grpc,
     online_service_pb2,
@@ -35,6 +36,7 @@ SERVICES = [
         (ingest_service_pb2, "IngestService"),
         (online_service_pb2, "OnlineService"),
         (backfill_service_pb2, "BackfillService"),
+        (feature_view_service_pb2, "FeatureViewService"),
     )
 ]
 METHODS = [

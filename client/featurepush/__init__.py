@@ -15,10 +15,13 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from featurepush.client import ApplyResult, Client, FeatureResult, FeatureStatus, PushResult, SourceCounts
     from featurepush.definitions import (
+        Aggregate,
         DefinitionError,
+        FeatureService,
         FileConfig,
         FileFormat,
         PushConfig,
+        StreamFeatureView,
         StreamSource,
         load_definitions,
     )
@@ -59,6 +62,9 @@ if TYPE_CHECKING:
 
 # Each public name and the submodule that defines it.
 _SOURCES = {
+    "Aggregate": "featurepush.definitions",
+    "FeatureService": "featurepush.definitions",
+    "StreamFeatureView": "featurepush.definitions",
     "AlreadyExistsError": "featurepush.errors",
     "ApplyResult": "featurepush.client",
     "Array": "featurepush.types",
@@ -106,6 +112,9 @@ _SOURCES = {
 }
 
 __all__ = [
+    "Aggregate",
+    "FeatureService",
+    "StreamFeatureView",
     "__version__",
     "AlreadyExistsError",
     "ApplyResult",

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from featurepush.auth import ApiKeyInterceptor, PemPath, channel_credentials
-from featurepush.definitions import StreamSource
+from featurepush.definitions import FeatureService, StreamFeatureView, StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error
 from featurepush.types import Field
 from featurepush.v1 import (
+    feature_view_service_pb2,
+    feature_view_service_pb2_grpc,
     ingest_service_pb2_grpc,
     online_service_pb2,
     online_service_pb2_grpc,
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from featurepush.batch import BackfillProgress
     from featurepush.payload import PushSchema
     from featurepush.pusher import Pusher
+    from featurepush.views import ViewFeatureValue
 
 __all__ = [
     "ApplyResult",
@@ -57,6 +60,15 @@ class ApplyResult:
     created: bool
     changed: bool
     source: StreamSource
+
+
+@dataclass(frozen=True)
+class DefinitionResult:
+    """The outcome of applying one feature view or feature service: whether it was created or changed."""
+
+    name: str
+    created: bool
+    changed: bool
 
 
 @dataclass(frozen=True)
@@ -167,6 +179,7 @@ class Client:
         self._registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
         self._ingest = ingest_service_pb2_grpc.IngestServiceStub(channel)
         self._online = online_service_pb2_grpc.OnlineServiceStub(channel)
+        self._views = feature_view_service_pb2_grpc.FeatureViewServiceStub(channel)
         self._schemas: dict[str, StreamSource] = {}
         self._push_schemas: dict[str, PushSchema] = {}
         self._schemas_lock = threading.Lock()
@@ -405,6 +418,58 @@ class Client:
             _LOGGER.info("re-fetching the schema of %s after a decode failure", source)
             self._forget(source)
             return self._decode_vectors(response, self._definition(source).schema)
+
+    # Stream feature views.
+
+    def apply_views(
+        self, *definitions: StreamFeatureView | FeatureService, validate_only: bool = False
+    ) -> list[DefinitionResult]:
+        """Creates or updates each view or feature service in order; stops at the first rejected one."""
+        results: list[DefinitionResult] = []
+        for item in definitions:
+            try:
+                if isinstance(item, StreamFeatureView):
+                    response: Any = self._views.ApplyFeatureView(
+                        feature_view_service_pb2.ApplyFeatureViewRequest(
+                            view=item.to_proto(), validate_only=validate_only
+                        ),
+                        timeout=self._timeout,
+                    )
+                else:
+                    response = self._views.ApplyFeatureService(
+                        feature_view_service_pb2.ApplyFeatureServiceRequest(
+                            service=item.to_proto(), validate_only=validate_only
+                        ),
+                        timeout=self._timeout,
+                    )
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+            results.append(DefinitionResult(item.name, response.created, response.changed))
+        return results
+
+    def get_view_features(
+        self,
+        keys: Sequence[Mapping[str, Any]],
+        *,
+        view: str = "",
+        service: str = "",
+        as_of: dt.datetime | None = None,
+    ) -> list[dict[str, ViewFeatureValue]]:
+        """The features of a view or a feature service per entity key, windows ending at `as_of` or now."""
+        from featurepush.views import view_request, view_vectors
+
+        request = view_request(keys, view=view, service=service, as_of=as_of)
+        return view_vectors(self._call_retrying_overload(self._views.GetViewFeatures, request))
+
+    def delete_view(self, name: str) -> int:
+        """Deletes a view and its tiles; returns how many tiles it held."""
+        try:
+            response = self._views.DeleteFeatureView(
+                feature_view_service_pb2.DeleteFeatureViewRequest(name=name), timeout=self._timeout
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return int(response.tiles_deleted)
 
     def read_batch_source(
         self,

@@ -1,4 +1,5 @@
-"""Push source definitions (StreamSource, PushConfig, FileConfig) and the loader for definitions files."""
+"""Definitions: push sources (StreamSource, PushConfig, FileConfig), stream feature views (StreamFeatureView,
+Aggregate) and feature services (FeatureService), and the loader for definitions files."""
 
 from __future__ import annotations
 
@@ -13,15 +14,20 @@ from typing import Any, Literal
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from featurepush.types import Field
-from featurepush.v1 import schema_pb2, source_pb2
+from featurepush.v1 import feature_view_pb2, schema_pb2, source_pb2
 
 __all__ = [
+    "Aggregate",
     "DefinitionError",
+    "FeatureService",
     "FileConfig",
     "FileFormat",
     "PushConfig",
+    "StreamFeatureView",
     "StreamSource",
     "load_definitions",
+    "load_services",
+    "load_views",
 ]
 
 FileFormat = Literal["parquet", "csv", "arrow_ipc"]
@@ -56,19 +62,19 @@ class PushConfig:
         return cls(log_offline=message.log_offline)
 
 
-def _post_processor_reference(value: str | Callable[..., Any]) -> str:
+def _post_processor_reference(value: str | Callable[..., Any], what: str = "post_processor") -> str:
     if isinstance(value, str):
         module, sep, function = value.partition(":")
         if not sep or not module or not function:
-            raise ValueError(f'post_processor {value!r} must be a "package.module:function" reference')
+            raise ValueError(f'{what} {value!r} must be a "package.module:function" reference')
         return value
     if not callable(value):
-        raise TypeError(f"post_processor must be a str or a function, got {value!r}")
+        raise TypeError(f"{what} must be a str or a function, got {value!r}")
     module_name = getattr(value, "__module__", None)
     qualname = getattr(value, "__qualname__", None)
     if not module_name or not qualname or module_name == "__main__" or "<" in qualname:
         raise ValueError(
-            f"post_processor {value!r} must be importable by the server: define it at the top level of a "
+            f"{what} {value!r} must be importable by the server: define it at the top level of a "
             "module (not a lambda, a nested function or __main__), or pass 'package.module:function'"
         )
     return f"{module_name}:{qualname}"
@@ -216,6 +222,204 @@ def _time_or_none(message: source_pb2.PushSource, name: str) -> dt.datetime | No
     return stamp.ToDatetime(tzinfo=dt.UTC)
 
 
+AggregateFunction = Literal[
+    "count",
+    "sum",
+    "mean",
+    "min",
+    "max",
+    "stddev",
+    "last_n",
+    "first_n",
+    "last_distinct_n",
+    "approx_count_distinct",
+]
+_FUNCTIONS: dict[str, int] = {
+    name: getattr(feature_view_pb2, f"AGGREGATE_FUNCTION_{name.upper()}")
+    for name in AggregateFunction.__args__  # type: ignore[attr-defined]
+}
+_FUNCTION_NAMES = {number: name for name, number in _FUNCTIONS.items()}
+
+
+def _duration(value: dt.timedelta) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromTimedelta(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """One time-window aggregation of a view's column: function "last_n" and the like take `n`."""
+
+    column: str
+    function: AggregateFunction
+    time_window: dt.timedelta
+    name: str = ""
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        if self.function not in _FUNCTIONS:
+            raise ValueError(f"function must be one of {sorted(_FUNCTIONS)}, got {self.function!r}")
+        if not isinstance(self.time_window, dt.timedelta):
+            raise TypeError(f"time_window must be a timedelta, got {self.time_window!r}")
+        if not self.name:
+            window = int(self.time_window.total_seconds())
+            unit = next(
+                (f"{window // s}{u}" for s, u in ((86400, "d"), (3600, "h"), (60, "m")) if window % s == 0),
+                f"{window}s",
+            )
+            object.__setattr__(self, "name", f"{self.column}_{self.function}_{unit}")
+
+    def to_proto(self) -> feature_view_pb2.Aggregate:
+        return feature_view_pb2.Aggregate(
+            column=self.column,
+            function=_FUNCTIONS[self.function],  # type: ignore[arg-type]
+            n=self.n,
+            time_window=_duration(self.time_window),
+            name=self.name,
+        )
+
+    @classmethod
+    def from_proto(cls, message: feature_view_pb2.Aggregate) -> Aggregate:
+        return cls(
+            column=message.column,
+            function=_FUNCTION_NAMES[message.function],  # type: ignore[arg-type]
+            time_window=message.time_window.ToTimedelta(),
+            name=message.name,
+            n=message.n,
+        )
+
+
+@dataclass(frozen=True)
+class StreamFeatureView:
+    """Time-window aggregations of one push source's events per entity, as Tecton's StreamFeatureView.
+
+    `transformation`, a function over a pyarrow.Table kept as "module:qualname", runs on pushed and
+    backfilled batches alike; `schema` types the columns the aggregations read; `aggregation_interval`
+    is the tile size.
+    """
+
+    name: str
+    source: StreamSource | str
+    entities: Sequence[str]
+    schema: Sequence[Field]
+    aggregations: Sequence[Aggregate]
+    aggregation_interval: dt.timedelta = dt.timedelta(hours=1)
+    transformation: str | Callable[..., Any] | None = None
+    description: str = ""
+    owner: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.entities, str):
+            raise TypeError(f"entities must be a list of key names, got the str {self.entities!r}")
+        object.__setattr__(self, "entities", tuple(self.entities))
+        object.__setattr__(self, "schema", tuple(self.schema))
+        object.__setattr__(self, "aggregations", tuple(self.aggregations))
+        object.__setattr__(self, "tags", dict(self.tags))
+        if isinstance(self.source, StreamSource):
+            object.__setattr__(self, "source", self.source.name)
+        if self.transformation is not None:
+            object.__setattr__(
+                self, "transformation", _post_processor_reference(self.transformation, "transformation")
+            )
+        for item in self.aggregations:
+            if not isinstance(item, Aggregate):
+                raise TypeError(
+                    f"StreamFeatureView {self.name!r} aggregations must be Aggregate, got {item!r}"
+                )
+
+    def to_proto(self) -> feature_view_pb2.StreamFeatureView:
+        return feature_view_pb2.StreamFeatureView(
+            name=self.name,
+            description=self.description,
+            owner=self.owner,
+            tags=dict(self.tags),
+            source=str(self.source),
+            entity_keys=list(self.entities),
+            transformation=str(self.transformation or ""),
+            schema=schema_pb2.Schema(fields=[f.to_proto() for f in self.schema]),
+            aggregations=[a.to_proto() for a in self.aggregations],
+            aggregation_interval=_duration(self.aggregation_interval),
+        )
+
+    @classmethod
+    def from_proto(cls, message: feature_view_pb2.StreamFeatureView) -> StreamFeatureView:
+        return cls(
+            name=message.name,
+            source=message.source,
+            entities=list(message.entity_keys),
+            schema=[Field.from_proto(f) for f in message.schema.fields],
+            aggregations=[Aggregate.from_proto(a) for a in message.aggregations],
+            aggregation_interval=message.aggregation_interval.ToTimedelta(),
+            transformation=message.transformation or None,
+            description=message.description,
+            owner=message.owner,
+            tags=dict(message.tags),
+        )
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The names of the view's features, in order."""
+        return [a.name for a in self.aggregations]
+
+
+@dataclass(frozen=True)
+class FeatureService:
+    """A named list of features read together: each item a view (all its features) or (view, [names])."""
+
+    name: str
+    features: Sequence[StreamFeatureView | str | tuple[StreamFeatureView | str, Sequence[str]]]
+    description: str = ""
+    owner: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(self.features))
+        object.__setattr__(self, "tags", dict(self.tags))
+
+    @property
+    def references(self) -> list[tuple[str, list[str]]]:
+        """(view name, feature names) per item; no names means every feature of the view."""
+        refs: list[tuple[str, list[str]]] = []
+        for item in self.features:
+            view, names = item if isinstance(item, tuple) else (item, ())
+            refs.append((view.name if isinstance(view, StreamFeatureView) else str(view), list(names)))
+        return refs
+
+    def to_proto(self) -> feature_view_pb2.FeatureService:
+        return feature_view_pb2.FeatureService(
+            name=self.name,
+            description=self.description,
+            owner=self.owner,
+            tags=dict(self.tags),
+            features=[
+                feature_view_pb2.FeatureReference(view=view, features=names)
+                for view, names in self.references
+            ],
+        )
+
+    @classmethod
+    def from_proto(cls, message: feature_view_pb2.FeatureService) -> FeatureService:
+        return cls(
+            name=message.name,
+            features=[(r.view, list(r.features)) for r in message.features],
+            description=message.description,
+            owner=message.owner,
+            tags=dict(message.tags),
+        )
+
+
+def load_views(path: str | Path) -> list[StreamFeatureView]:
+    """The module-level StreamFeatureViews of a definitions file, in order (see load_definitions)."""
+    return [v for v in _load_all(path) if isinstance(v, StreamFeatureView)]
+
+
+def load_services(path: str | Path) -> list[FeatureService]:
+    """The module-level FeatureServices of a definitions file, in order (see load_definitions)."""
+    return [v for v in _load_all(path) if isinstance(v, FeatureService)]
+
+
 def load_definitions(path: str | Path) -> list[StreamSource]:
     """Runs a Python definitions file as a module and returns its module-level StreamSources in order.
 
@@ -248,10 +452,24 @@ def load_definitions(path: str | Path) -> list[StreamSource]:
         if not isinstance(exc, Exception):
             raise
         raise DefinitionError(f"{file}: {type(exc).__name__}: {exc}") from exc
+    return [v for v in _unique(vars(module).values()) if isinstance(v, StreamSource)]
+
+
+def _unique(values: Any) -> list[Any]:
     seen: set[int] = set()
-    sources: list[StreamSource] = []
-    for value in vars(module).values():
-        if isinstance(value, StreamSource) and id(value) not in seen:
+    out: list[Any] = []
+    for value in values:
+        if isinstance(value, (StreamSource, StreamFeatureView, FeatureService)) and id(value) not in seen:
             seen.add(id(value))
-            sources.append(value)
-    return sources
+            out.append(value)
+    return out
+
+
+def _load_all(path: str | Path) -> list[Any]:
+    """Every definition of a file: it is run once, and later calls read the module it left behind."""
+    file = Path(path).resolve()
+    module = sys.modules.get(file.stem)
+    if module is None or getattr(module, "__file__", None) != str(file):
+        load_definitions(file)
+        module = sys.modules[file.stem]
+    return _unique(vars(module).values())

@@ -22,6 +22,8 @@ from grpc_reflection.v1alpha import reflection
 from featurepush import __version__
 from featurepush.v1 import (
     backfill_service_pb2,
+    feature_view_service_pb2,
+    feature_view_service_pb2_grpc,
     ingest_service_pb2,
     ingest_service_pb2_grpc,
     online_service_pb2,
@@ -32,6 +34,7 @@ from featurepush.v1 import (
 from .admission import Admission, configured_limits, machine_memory_bytes
 from .auth import auth_interceptor, log_exposure
 from .config import ServerConfig
+from .core.aggregates import ViewReader
 from .core.backfill import Backfiller
 from .core.batch import BatchSources
 from .core.expiry import ExpirySweeper
@@ -47,10 +50,13 @@ from .core.server_status import StatusReporter
 from .core.stores.base import Store, StoreInUse
 from .core.stores.remote import RemoteStore
 from .core.stores.rocksdb import RocksDBStore
+from .core.tiles import TileWriter, sweep_tiles
+from .core.views import Views
 from .edge import EdgeInterceptor
 from .metrics import Metrics
 from .reflection import DocumentedPool, documented_files
 from .servicers.backfill import BackfillServicer
+from .servicers.feature_views import FeatureViewServicer
 from .servicers.ingest import IngestServicer
 from .servicers.online import OnlineServicer
 from .servicers.registry import RegistryServicer
@@ -63,6 +69,7 @@ SERVICE_NAMES = (
     ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
     online_service_pb2.DESCRIPTOR.services_by_name["OnlineService"].full_name,
     backfill_service_pb2.DESCRIPTOR.services_by_name["BackfillService"].full_name,
+    feature_view_service_pb2.DESCRIPTOR.services_by_name["FeatureViewService"].full_name,
 )
 # The services that write; health reports them NOT_SERVING while the disk refuses writes.
 WRITING_SERVICES = (SERVICE_NAMES[1], SERVICE_NAMES[3])
@@ -120,6 +127,8 @@ class Server:
     # The /metrics HTTP server and its port, when metrics_listen is set.
     metrics_http: Any = None
     metrics_port: int = 0
+    # The stream feature views and feature services.
+    views: Views | None = None
 
     def start(self) -> None:
         """Start serving."""
@@ -231,6 +240,9 @@ def create_server(config: ServerConfig, *, front: RemoteStore | None = None) -> 
             catalog_version=None if front is None else front.catalog.read,
             refresh_s=refresh,
         )
+        # Transformations are imported under the post_processor rules, from the same allowed modules.
+        views = Views(store, registry, batch_sources.allowed)
+        registry.delete_checks.append(views.check_source_delete)
         arrow_limits = IpcLimits(
             max_decoded_bytes=config.max_arrow_decoded_bytes,
             max_batches=config.max_arrow_batches,
@@ -238,7 +250,9 @@ def create_server(config: ServerConfig, *, front: RemoteStore | None = None) -> 
             max_nesting=config.max_arrow_nesting,
         )
         # Pushes and backfills write through this one step; each writer adds its part to every write.
-        materializer = Materializer(store, [LatestRowWriter(store), OfflineLogWriter()])
+        materializer = Materializer(
+            store, [LatestRowWriter(store), OfflineLogWriter(), TileWriter(views, store)]
+        )
         ingestor = Ingestor(
             registry, materializer, max_records=config.max_records_per_request, arrow_limits=arrow_limits
         )
@@ -254,6 +268,16 @@ def create_server(config: ServerConfig, *, front: RemoteStore | None = None) -> 
                     path,
                     "created" if outcome.created else "updated" if outcome.changed else "unchanged",
                 )
+            from featurepush.definitions import load_views
+
+            for view in load_views(path):
+                applied = views.apply(view.to_proto())
+                state = "changed" if applied.changed else "unchanged"
+                _LOGGER.info("feature view %s from %s: %s", view.name, path, state)
+            from featurepush.definitions import load_services
+
+            for service in load_services(path):
+                views.apply_service(service.to_proto())
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -302,12 +326,16 @@ def create_server(config: ServerConfig, *, front: RemoteStore | None = None) -> 
         backfill = BackfillServicer(
             registry,
             batch_sources,
-            Backfiller(registry, materializer, batch_sources),
+            Backfiller(registry, materializer, batch_sources, views, store),
             read_ahead_bytes=config.stream_read_ahead_bytes,
             stopping=stopping,
             metrics=metrics,
         )
         grpc_server.add_generic_rpc_handlers((backfill.handler(),))
+        feature_view_service_pb2_grpc.add_FeatureViewServiceServicer_to_server(
+            FeatureViewServicer(views, ViewReader(views, store, max_keys=config.max_keys_per_request)),
+            grpc_server,
+        )
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
         if config.reflection:
@@ -337,7 +365,7 @@ def create_server(config: ServerConfig, *, front: RemoteStore | None = None) -> 
     if offline_log is not None:
         # Started last so that a failed build leaves no thread; stop() flushes what is still queued.
         offline_log.start()
-        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s)
+        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s, lambda: sweep_tiles(views, store))
         sweeper.start()
         # After a disk error, writes resume by themselves once the disk takes them again.
         recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
@@ -360,6 +388,7 @@ def create_server(config: ServerConfig, *, front: RemoteStore | None = None) -> 
         stopping,
         metrics,
     )
+    server.views = views
     store.watch_writable(server.storage_changed)
     if config.metrics_listen:
         try:

@@ -13,6 +13,7 @@ from grpc_status import rpc_status
 
 from featurepush.v1 import (
     backfill_service_pb2,
+    feature_view_service_pb2,
     ingest_service_pb2,
     online_service_pb2,
     registry_service_pb2,
@@ -28,6 +29,7 @@ _REGISTRY = "/featurepush.v1.RegistryService/"
 _INGEST = "/featurepush.v1.IngestService/"
 _ONLINE = "/featurepush.v1.OnlineService/"
 _BACKFILL = "/featurepush.v1.BackfillService/"
+_VIEWS = "/featurepush.v1.FeatureViewService/"
 
 # The scope each featurepush method needs; a key with "admin" may call them all. A featurepush method
 # missing here needs "admin", so a new RPC is closed until someone decides who may call it.
@@ -42,6 +44,15 @@ METHOD_SCOPES: dict[str, str] = {
     _BACKFILL + "ReadBatchSource": "backfill",
     _REGISTRY + "ApplySource": "admin",
     _REGISTRY + "DeleteSource": "admin",
+    _VIEWS + "GetViewFeatures": "read",
+    _VIEWS + "GetFeatureView": "read",
+    _VIEWS + "ListFeatureViews": "read",
+    _VIEWS + "GetFeatureService": "read",
+    _VIEWS + "ListFeatureServices": "read",
+    _VIEWS + "ApplyFeatureView": "admin",
+    _VIEWS + "DeleteFeatureView": "admin",
+    _VIEWS + "ApplyFeatureService": "admin",
+    _VIEWS + "DeleteFeatureService": "admin",
 }
 
 # The files whose services the interceptor guards; health and reflection stay open.
@@ -50,6 +61,7 @@ GUARDED_FILES = (
     ingest_service_pb2.DESCRIPTOR,
     online_service_pb2.DESCRIPTOR,
     backfill_service_pb2.DESCRIPTOR,
+    feature_view_service_pb2.DESCRIPTOR,
 )
 _GUARDED_PREFIX = "/featurepush."
 

@@ -215,27 +215,66 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
+    from featurepush.definitions import FeatureService, StreamFeatureView, load_services, load_views
+
     try:
         sources = load_definitions(args.definitions)
+        views: list[StreamFeatureView | FeatureService] = [
+            *load_views(args.definitions),
+            *load_services(args.definitions),
+        ]
     except DefinitionError as e:
         raise CommandError(str(e)) from None
-    if not sources:
-        raise CommandError(f"{args.definitions} defines no StreamSource")
+    if not sources and not views:
+        raise CommandError(f"{args.definitions} defines no StreamSource, StreamFeatureView or FeatureService")
     with _client(args) as client:
-        for result in client.apply(*sources, validate_only=args.validate_only):
-            state = "created" if result.created else "changed" if result.changed else "unchanged"
+        # Sources first: views name them, and services name views.
+        results = [
+            (r.name, r.created, r.changed) for r in client.apply(*sources, validate_only=args.validate_only)
+        ]
+        results += [
+            (r.name, r.created, r.changed)
+            for r in client.apply_views(*views, validate_only=args.validate_only)
+        ]
+        for name, created, changed in results:
+            state = "created" if created else "changed" if changed else "unchanged"
             if args.json:
                 _print_json(
                     {
-                        "name": result.name,
+                        "name": name,
                         "state": state,
-                        "created": result.created,
-                        "changed": result.changed,
+                        "created": created,
+                        "changed": changed,
                         "validate_only": args.validate_only,
                     }
                 )
             else:
-                print(f"{result.name}: {state}{' (validated only)' if args.validate_only else ''}")
+                print(f"{name}: {state}{' (validated only)' if args.validate_only else ''}")
+    return 0
+
+
+def _cmd_get_view(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    as_of = dt.datetime.fromisoformat(args.as_of) if args.as_of else None
+    if as_of is not None and as_of.tzinfo is None:
+        as_of = as_of.replace(tzinfo=dt.UTC)
+    target = {"service": args.name} if args.service else {"view": args.name}
+    with _client(args) as client:
+        vectors = client.get_view_features(_parse_keys(args.keys), as_of=as_of, **target)
+    for key, vector in zip(_parse_keys(args.keys), vectors, strict=True):
+        features = {
+            name: {"value": f.value, "status": f.status, "effective_time": f.effective_time.isoformat()}
+            for name, f in vector.items()
+        }
+        print(json.dumps({"key": key, "features": features}, default=_json_default))
+    return 0
+
+
+def _cmd_delete_view(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        tiles = client.delete_view(args.view)
+    print(f"feature view {args.view} deleted with {tiles} tiles")
     return 0
 
 
@@ -709,7 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     apply = client_command(
-        "apply", "apply the StreamSources of a definitions file", "one JSON object per source, one per line"
+        "apply",
+        "apply the sources, feature views and feature services of a definitions file",
+        "one JSON object per source, view or service, one per line",
     )
     apply.add_argument("definitions", type=Path)
     apply.add_argument("--validate-only", action="store_true")
@@ -741,6 +782,19 @@ def build_parser() -> argparse.ArgumentParser:
         "sources", "list the push sources", "one PushSource per line in its proto3 JSON form"
     )
     sources.set_defaults(func=_cmd_sources)
+
+    get_view = client_command("get-view", "read the features of a feature view (or --service) for entities")
+    get_view.add_argument("name", help="the feature view, or the feature service with --service")
+    get_view.add_argument("keys", nargs="+", metavar="KEY=VALUE")
+    get_view.add_argument("--service", action="store_true", help="NAME is a feature service")
+    get_view.add_argument(
+        "--as-of", help="the time the windows end at (ISO 8601, UTC if no offset); now if absent"
+    )
+    get_view.set_defaults(func=_cmd_get_view)
+
+    delete_view = client_command("delete-view", "delete a feature view and its tiles")
+    delete_view.add_argument("view")
+    delete_view.set_defaults(func=_cmd_delete_view)
 
     delete = client_command("delete", "delete a push source and its online rows", "one JSON object")
     delete.add_argument("source")

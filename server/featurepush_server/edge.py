@@ -21,6 +21,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from featurepush.v1 import (
     backfill_service_pb2,
+    feature_view_service_pb2,
     ingest_service_pb2,
     online_service_pb2,
     registry_service_pb2,
@@ -42,6 +43,7 @@ def _methods() -> dict[str, str]:
         ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"]: admission.PUSH,
         online_service_pb2.DESCRIPTOR.services_by_name["OnlineService"]: admission.READ,
         backfill_service_pb2.DESCRIPTOR.services_by_name["BackfillService"]: admission.BACKFILL,
+        feature_view_service_pb2.DESCRIPTOR.services_by_name["FeatureViewService"]: admission.READ,
     }
     out = {}
     for service, klass in by_service.items():
@@ -50,6 +52,9 @@ def _methods() -> dict[str, str]:
             out[f"/{service.full_name}/{method.name}"] = (
                 admission.STREAM if method.client_streaming else klass
             )
+            # Feature views are read like rows, and applied and deleted like sources.
+            if klass == admission.READ and method.name.startswith(("Apply", "Delete")):
+                out[f"/{service.full_name}/{method.name}"] = admission.REGISTRY
     return out
 
 

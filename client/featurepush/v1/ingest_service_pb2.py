@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#featurepush/v1/ingest_service.proto\x12\x0e\x66\x65\x61turepush.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x19google/protobuf/any.proto\"\xbc\x01\n\x0bPushRequest\x12\x39\n\x07records\x18\x01 \x03(\x0b\x32(.featurepush.v1.PushRequest.RecordsEntry\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x1aM\n\x0cRecordsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.featurepush.v1.SourceRecords:\x02\x38\x01\"I\n\rSourceRecords\x12%\n\x04rows\x18\x01 \x03(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tarrow_ipc\x18\x02 \x01(\x0c\"\xb8\x01\n\x0cPushResponse\x12\x38\n\x06\x63ounts\x18\x01 \x03(\x0b\x32(.featurepush.v1.PushResponse.CountsEntry\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x1aK\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.featurepush.v1.SourceCounts:\x02\x38\x01\"E\n\x0cSourceCounts\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x0f\n\x07written\x18\x02 \x01(\x03\x12\x12\n\nsuperseded\x18\x03 \x01(\x03\"V\n\x11PushStreamRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x03\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.featurepush.v1.PushRequest\"\x92\x01\n\x12PushStreamResponse\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x03\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1c.featurepush.v1.PushResponseH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.featurepush.v1.BatchErrorH\x00\x42\x08\n\x06result\"R\n\nBatchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any2\xab\x01\n\rIngestService\x12\x41\n\x04Push\x12\x1b.featurepush.v1.PushRequest\x1a\x1c.featurepush.v1.PushResponse\x12W\n\nPushStream\x12!.featurepush.v1.PushStreamRequest\x1a\".featurepush.v1.PushStreamResponse(\x01\x30\x01\x42\xac\x01\n\x12\x64\x65v.featurepush.v1B\x12IngestServiceProtoP\x01ZFgithub.com/featurepush/featurepush/gen/go/featurepush/v1;featurepushv1\xa2\x02\x03\x46XX\xaa\x02\x0e\x46\x65\x61turepush.V1\xca\x02\x0e\x46\x65\x61turepush\\V1\xea\x02\x0f\x46\x65\x61turepush::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#featurepush/v1/ingest_service.proto\x12\x0e\x66\x65\x61turepush.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x19google/protobuf/any.proto\"\xbc\x01\n\x0bPushRequest\x12\x39\n\x07records\x18\x01 \x03(\x0b\x32(.featurepush.v1.PushRequest.RecordsEntry\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x1aM\n\x0cRecordsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x05value\x18\x02 \x01(\x0b\x32\x1d.featurepush.v1.SourceRecords:\x02\x38\x01\"I\n\rSourceRecords\x12%\n\x04rows\x18\x01 \x03(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tarrow_ipc\x18\x02 \x01(\x0c\"\xb8\x01\n\x0cPushResponse\x12\x38\n\x06\x63ounts\x18\x01 \x03(\x0b\x32(.featurepush.v1.PushResponse.CountsEntry\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x1aK\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.featurepush.v1.SourceCounts:\x02\x38\x01\"[\n\x0cSourceCounts\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x0f\n\x07written\x18\x02 \x01(\x03\x12\x12\n\nsuperseded\x18\x03 \x01(\x03\x12\x14\n\x0clate_skipped\x18\x04 \x01(\x03\"V\n\x11PushStreamRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x03\x12,\n\x07request\x18\x02 \x01(\x0b\x32\x1b.featurepush.v1.PushRequest\"\x92\x01\n\x12PushStreamResponse\x12\x13\n\x0bsequence_id\x18\x01 \x01(\x03\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1c.featurepush.v1.PushResponseH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.featurepush.v1.BatchErrorH\x00\x42\x08\n\x06result\"R\n\nBatchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any2\xab\x01\n\rIngestService\x12\x41\n\x04Push\x12\x1b.featurepush.v1.PushRequest\x1a\x1c.featurepush.v1.PushResponse\x12W\n\nPushStream\x12!.featurepush.v1.PushStreamRequest\x1a\".featurepush.v1.PushStreamResponse(\x01\x30\x01\x42\xac\x01\n\x12\x64\x65v.featurepush.v1B\x12IngestServiceProtoP\x01ZFgithub.com/featurepush/featurepush/gen/go/featurepush/v1;featurepushv1\xa2\x02\x03\x46XX\xaa\x02\x0e\x46\x65\x61turepush.V1\xca\x02\x0e\x46\x65\x61turepush\\V1\xea\x02\x0f\x46\x65\x61turepush::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,13 +49,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHRESPONSE_COUNTSENTRY']._serialized_start=488
   _globals['_PUSHRESPONSE_COUNTSENTRY']._serialized_end=563
   _globals['_SOURCECOUNTS']._serialized_start=565
-  _globals['_SOURCECOUNTS']._serialized_end=634
-  _globals['_PUSHSTREAMREQUEST']._serialized_start=636
-  _globals['_PUSHSTREAMREQUEST']._serialized_end=722
-  _globals['_PUSHSTREAMRESPONSE']._serialized_start=725
-  _globals['_PUSHSTREAMRESPONSE']._serialized_end=871
-  _globals['_BATCHERROR']._serialized_start=873
-  _globals['_BATCHERROR']._serialized_end=955
-  _globals['_INGESTSERVICE']._serialized_start=958
-  _globals['_INGESTSERVICE']._serialized_end=1129
+  _globals['_SOURCECOUNTS']._serialized_end=656
+  _globals['_PUSHSTREAMREQUEST']._serialized_start=658
+  _globals['_PUSHSTREAMREQUEST']._serialized_end=744
+  _globals['_PUSHSTREAMRESPONSE']._serialized_start=747
+  _globals['_PUSHSTREAMRESPONSE']._serialized_end=893
+  _globals['_BATCHERROR']._serialized_start=895
+  _globals['_BATCHERROR']._serialized_end=977
+  _globals['_INGESTSERVICE']._serialized_start=980
+  _globals['_INGESTSERVICE']._serialized_end=1151
 # @@protoc_insertion_point(module_scope)

@@ -51,14 +51,16 @@ class PushResponse(_message.Message):
     def __init__(self, counts: _Optional[_Mapping[str, SourceCounts]] = ..., dry_run: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class SourceCounts(_message.Message):
-    __slots__ = ("accepted", "written", "superseded")
+    __slots__ = ("accepted", "written", "superseded", "late_skipped")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     WRITTEN_FIELD_NUMBER: _ClassVar[int]
     SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
+    LATE_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     written: int
     superseded: int
-    def __init__(self, accepted: _Optional[int] = ..., written: _Optional[int] = ..., superseded: _Optional[int] = ...) -> None: ...
+    late_skipped: int
+    def __init__(self, accepted: _Optional[int] = ..., written: _Optional[int] = ..., superseded: _Optional[int] = ..., late_skipped: _Optional[int] = ...) -> None: ...
 
 class PushStreamRequest(_message.Message):
     __slots__ = ("sequence_id", "request")

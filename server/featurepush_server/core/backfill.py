@@ -22,6 +22,9 @@ from .locations import StopCheck
 from .materialize import Materializer, Origin, SourceRecords
 from .registry import Registry
 from .schema import SourceSpec
+from .stores.base import TileStore
+from .tiles import begin_backfill, end_backfill
+from .views import Views
 
 MAX_REJECTIONS = 10
 # The one whole-column violation of `conform` that depends on the values, so halving can isolate it.
@@ -60,12 +63,24 @@ def _row_of(path: str) -> tuple[int, str] | None:
 
 
 class Backfiller:
-    """Runs backfills; thread-safe, since each write is one atomic latest-by-event-time store write."""
+    """Runs backfills; thread-safe, since each write is one atomic latest-by-event-time store write.
 
-    def __init__(self, registry: Registry, materializer: Materializer, sources: BatchSources):
+    With `views`, a backfill also fills the source's feature views' tiles (tiles.begin_backfill says which).
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        materializer: Materializer,
+        sources: BatchSources,
+        views: Views | None = None,
+        tiles: TileStore | None = None,
+    ):
         self._registry = registry
         self._materializer = materializer
         self._sources = sources
+        self._views = views
+        self._tiles = tiles
 
     def run(
         self,
@@ -87,6 +102,13 @@ class Backfiller:
             )
         began = time.monotonic()
         progress = BackfillProgress()
+        runs: dict[int, str] = {}
+        views = self._views.of_source(name) if self._views is not None and not dry_run else []
+        tiles = self._tiles
+        if tiles is not None:
+            for view in views:
+                runs[view.id] = begin_backfill(tiles, view, start, end)
+        finished = wrote = False
         scans = self._sources.scan(spec, start, end, None, stop)
         try:
             for scanned in scans:
@@ -105,15 +127,22 @@ class Backfiller:
                     if stop():
                         raise Cancelled("the backfill was cancelled")
                     result = self._materializer.write(
-                        [SourceRecords(source, table)], origin=Origin.BACKFILL, dry_run=dry_run
+                        [SourceRecords(source, table, runs=runs)], origin=Origin.BACKFILL, dry_run=dry_run
                     )
+                    wrote = True
                     counts = result.counts[spec.name]
                     progress.rows_written += counts.written
                     progress.rows_superseded += counts.superseded
                 progress.elapsed_seconds = time.monotonic() - began
                 yield progress
+            finished = True
         finally:
             scans.close()
+            if tiles is not None:
+                # A run that wrote part of its tiles stays recorded as running: a rerun would count twice.
+                for view in views:
+                    if finished or not wrote:
+                        end_backfill(tiles, view, runs[view.id], filled=finished)
         progress.elapsed_seconds = time.monotonic() - began
         progress.done = True
         yield progress

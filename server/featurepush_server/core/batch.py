@@ -211,6 +211,11 @@ class BatchSources:
         self._lock = threading.Lock()
         self.open_readers = 0
 
+    @property
+    def allowed(self) -> set[str]:
+        """The modules functions may be imported from; the set itself, so later additions show."""
+        return self._allowed
+
     def allow_post_processors(self, module: str) -> None:
         """Let sources name functions of `module` (and its submodules) as post_processor."""
         self._allowed.add(module)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from featurepush.v1 import source_pb2
 
@@ -20,8 +21,10 @@ class ExpirySweeper:
     replaced while the sweep ran is kept: the store re-reads each candidate under its write lock.
     """
 
-    def __init__(self, store: Store, interval_s: float):
+    def __init__(self, store: Store, interval_s: float, tile_sweep: Callable[[], int] | None = None):
         self._store = store
+        # Deletes the feature views' tiles outside every window (tiles.sweep_tiles).
+        self._tile_sweep = tile_sweep
         # Rows deleted by this process's sweeps, for the operator.
         self.deleted = 0
         # Expired rows stay readable as EXPIRED, so a failed sweep only waits for the next one.
@@ -50,4 +53,8 @@ class ExpirySweeper:
                     _LOGGER.info("deleted %d expired rows of %s", n, name)
                     self.deleted += n
                 deleted += n
+        if self._tile_sweep is not None and not self._sweeper.stopping:
+            tiles = self._tile_sweep()
+            if tiles:
+                _LOGGER.info("deleted %d feature view tiles outside every window", tiles)
         return deleted

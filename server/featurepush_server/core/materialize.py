@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import pyarrow as pa
@@ -21,7 +21,7 @@ from .encoding import encode_rows
 from .errors import Cancelled, InvalidInput, Violation
 from .ipc import READ_ERRORS
 from .registry import Source
-from .stores.base import LatestRows, RowBatch, WriteResult
+from .stores.base import LatestRows, RowBatch, TileUpdate, WriteResult
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class SourceRecords:
     source: Source
     table: pa.Table
     path: str = ""
+    # A backfill's run id per feature view id (tiles.begin_backfill); pushes have none.
+    runs: Mapping[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +55,9 @@ class Staged:
     keys: Sequence[bytes] = ()
     values: Sequence[bytes] = ()
     offline: bytes = b""
+    runs: Mapping[int, str] = field(default_factory=dict)
+    # The feature views' tile updates (tiles.TileWriter), merged by the store in the same write.
+    tiles: list[TileUpdate] = field(default_factory=list)
 
 
 class Writer(Protocol):
@@ -86,7 +91,8 @@ class Materializer:
 
     def __init__(self, store: LatestRows, writers: Sequence[Writer]):
         self._store = store
-        # In order; the server's are the latest rows, then the offline log (offline_log.OfflineLogWriter).
+        # In order; the server's are the latest rows, the offline log (offline_log.OfflineLogWriter), then
+        # the feature views' tiles (tiles.TileWriter).
         self.writers = list(writers)
 
     def write(
@@ -104,7 +110,7 @@ class Materializer:
         """
         batches: list[RowBatch] = []
         for part in records:
-            staged = Staged(part.source, part.table, origin, dry_run)
+            staged = Staged(part.source, part.table, origin, dry_run, runs=part.runs)
             guard: AbstractContextManager[None] = (
                 validated_data("encoding", part.path) if part.path else nullcontext()
             )
@@ -114,7 +120,13 @@ class Materializer:
             source = part.source
             batches.append(
                 RowBatch(
-                    source.spec.name, staged.keys, staged.values, staged.offline, source.id, source.generation
+                    source.spec.name,
+                    staged.keys,
+                    staged.values,
+                    staged.offline,
+                    source.id,
+                    source.generation,
+                    staged.tiles,
                 )
             )
         if stop is not None and stop():

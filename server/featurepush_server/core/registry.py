@@ -97,6 +97,8 @@ class Registry:
         self._check_batch_source = check_batch_source
         self._catalog_version = catalog_version
         self._cached_version = catalog_version() if catalog_version is not None else 0
+        # Asked before a source is deleted; each may refuse, such as while feature views read the source.
+        self.delete_checks: list[Callable[[str], None]] = []
 
     def get(self, name: str) -> Source:
         """The source called `name`; raise NotFound."""
@@ -238,6 +240,8 @@ class Registry:
 
     def delete(self, name: str) -> int:
         """Delete a source and its rows; return the number of rows deleted."""
+        for check in self.delete_checks:
+            check(name)
         with self._lock, self._store.exclusive():
             source = self._load(name)
             self._cache.pop(name, None)

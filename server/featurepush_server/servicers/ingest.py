@@ -34,7 +34,9 @@ def push_response(outcome: PushOutcome) -> pb.PushResponse:
     response = pb.PushResponse(dry_run=outcome.dry_run, replayed=outcome.replayed)
     for name, c in outcome.counts.items():
         response.counts[name].CopyFrom(
-            pb.SourceCounts(accepted=c.accepted, written=c.written, superseded=c.superseded)
+            pb.SourceCounts(
+                accepted=c.accepted, written=c.written, superseded=c.superseded, late_skipped=c.late_skipped
+            )
         )
     return response
 

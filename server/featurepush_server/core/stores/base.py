@@ -32,6 +32,8 @@ class RowBatch:
     # source changed or went away since is refused whole. No id: not checked.
     source_id: int | None = None
     generation: int = 0
+    # The stream feature views' tile updates of these records, merged in the same atomic write.
+    tiles: Sequence[TileUpdate] = ()
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class BatchCounts:
     accepted: int
     written: int
     superseded: int
+    # The most records any one feature view of the source skipped: older than its longest window, or
+    # before its backfill watermark.
+    late_skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,42 @@ class WriteResult:
 
     counts: dict[str, BatchCounts]
     replayed: bool = False
+
+
+@dataclass(frozen=True)
+class TileMerge:
+    """What a tile update puts: tile keys and merged values, the view's new state, and records skipped."""
+
+    keys: Sequence[bytes]
+    values: Sequence[bytes]
+    state: bytes | None
+    skipped: int = 0
+
+
+class TileUpdate(Protocol):
+    """One feature view's partial aggregates of a batch, merged into the stored tiles by the store."""
+
+    @property
+    def view(self) -> str:
+        """The view name, for errors."""
+        ...
+
+    @property
+    def view_id(self) -> int:
+        """The view's store id."""
+        ...
+
+    @property
+    def generation(self) -> int:
+        """The view definition generation the update was computed against."""
+        ...
+
+    def merge(self, state: bytes | None, read: Callable[[list[bytes]], list[bytes | None]]) -> TileMerge:
+        """Merge into the stored tiles; `state` is the view's stored state, `read` reads stored tiles.
+
+        Called under the store's write lock, so the read, the merge and the write are one step.
+        """
+        ...
 
 
 class StoreFormatError(FailedPrecondition):
@@ -187,8 +228,81 @@ class OfflineQueue(Protocol):
         ...
 
 
-class Store(SourceCatalog, LatestRows, IdempotencyRecords, OfflineQueue, Protocol):
-    """A whole backend: the four concerns, plus disk-error recovery and a draining close."""
+class TileStore(Protocol):
+    """Stream feature views, feature services and the views' time tiles, written by `write_latest`.
+
+    A tile's key is `tile_key(view id, entity key, tile start)`; tiles of one entity sort by start.
+    """
+
+    def get_view(self, name: str) -> tuple[int, bytes] | None:
+        """The id and serialized definition of a view, or None."""
+        ...
+
+    def list_views(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, int, bytes]]:
+        """Views in name order, starting after `after`."""
+        ...
+
+    def put_view(self, name: str, definition: bytes, view_id: int | None = None, *, invalidate: bool) -> int:
+        """Store a view definition under its id, or a new one; return the id."""
+        ...
+
+    def delete_view(self, name: str, view_id: int) -> int:
+        """Delete a view, its state and its tiles; return how many tiles there were."""
+        ...
+
+    def view_generation(self, view_id: int) -> int:
+        """How many times this process has written the view's definition incompatibly; -1 once deleted."""
+        ...
+
+    def has_tiles(self, view_id: int) -> bool:
+        """Whether a view holds any tile."""
+        ...
+
+    def get_service(self, name: str) -> bytes | None:
+        """The serialized definition of a feature service, or None."""
+        ...
+
+    def list_services(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, bytes]]:
+        """Feature services in name order, starting after `after`."""
+        ...
+
+    def put_service(self, name: str, definition: bytes) -> None:
+        """Store a feature service definition."""
+        ...
+
+    def delete_service(self, name: str) -> None:
+        """Delete a feature service definition."""
+        ...
+
+    def tile_key(self, view_id: int, entity: bytes, start_micros: int) -> bytes:
+        """The key of one entity's tile starting at `start_micros`."""
+        ...
+
+    def read_tiles(self, keys: list[bytes]) -> list[bytes | None]:
+        """Stored tiles of the keys, None where absent."""
+        ...
+
+    def scan_tiles(
+        self, view_id: int, entity: bytes, first_micros: int, last_micros: int
+    ) -> list[tuple[int, bytes]]:
+        """One entity's tiles with starts in [first_micros, last_micros], as (start, value) by start."""
+        ...
+
+    def view_state(self, view_id: int) -> bytes | None:
+        """The view's stored state (its watermark and backfilled ranges), or None."""
+        ...
+
+    def update_view_state(self, view_id: int, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        """Replace the view's state by `change(state)` under the write lock; return the new state."""
+        ...
+
+    def delete_tiles_before(self, view_id: int, start_micros: int) -> int:
+        """Delete the view's tiles that start before `start_micros`; return how many."""
+        ...
+
+
+class Store(SourceCatalog, LatestRows, IdempotencyRecords, OfflineQueue, TileStore, Protocol):
+    """A whole backend: the five concerns, plus disk-error recovery and a draining close."""
 
     @property
     def writable(self) -> bool:

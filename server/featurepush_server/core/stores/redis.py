@@ -50,6 +50,7 @@ from ..errors import Aborted, CoreError, Unavailable
 from ..framing import HEADER_BYTES
 from ..gate import UsageGate
 from .base import BatchCounts, QueuedRecords, RowBatch, WriteResult
+from .no_views import NoViews
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def bucket_of(entity: bytes) -> int:
     return zlib.crc32(entity) % BUCKETS
 
 
-class RedisStore:
+class RedisStore(NoViews):
     """The Store protocol on Redis or a Redis Cluster, shared by any number of servers; thread-safe.
 
     Every call holds a usage gate, so `close()` waits for calls in progress. Calls fail with Unavailable
@@ -169,6 +170,8 @@ class RedisStore:
     answers again (`recover()`). An acknowledged write is in Redis, and with `wait_replicas` on that
     many replicas too; how long it survives there is Redis's persistence setting.
     """
+
+    store_name = "Redis"
 
     def __init__(
         self,

@@ -39,6 +39,7 @@ from .. import errors
 from ..errors import Aborted, CoreError, Unavailable
 from ..gate import UsageGate
 from .base import BatchCounts, QueuedRecords, RowBatch, Store, StoreFormatError, WriteResult
+from .no_views import NoViews
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -412,7 +413,7 @@ class StoreOwner:
             raise CoreError(f"unknown store request {op}")
 
 
-class RemoteStore:
+class RemoteStore(NoViews):
     """The Store protocol over a connection pool to a `StoreOwner`; thread-safe.
 
     Each call borrows a connection for its request and reply; `exclusive()` keeps one for the calling
@@ -420,6 +421,8 @@ class RemoteStore:
     Unavailable at once, or after `timeout_s` without a reply; a write that failed so may have landed,
     which callers settle by sending it again with its request id.
     """
+
+    store_name = "the store of serve --processes"
 
     def __init__(self, socket_path: Path, catalog: CatalogVersion, *, timeout_s: float = 60.0):
         self._path = str(socket_path)

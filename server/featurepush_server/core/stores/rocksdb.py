@@ -11,6 +11,12 @@ Key space, by first byte:
                                   value is a 2-byte name length, the source name, then an Arrow IPC stream
   m<name>                         store metadata such as the next source id and the format version
   mlate_fields<source id>         the names, one per line, of fields added to a source holding rows
+  v<name>                         a stream feature view: 4-byte view id, then the StreamFeatureView
+  w<name>                         a feature service: the serialized FeatureService
+  a<view id><entity><start>       a view's tile: 4-byte view id, the entity key with a varint length
+                                  before it, the tile's start in microseconds plus 2^63 as 8 bytes
+                                  big-endian; the value is the tile's partial aggregates (core/tiles.py)
+  mview_state<view id>            a view's state: its watermark and backfilled ranges (core/tiles.py)
 
 The format version (`m` + "format_version", 4 bytes big-endian) is written when the database is
 created. A database holding another version is refused at open with StoreFormatError. A database with
@@ -37,7 +43,7 @@ import rocksdict
 from ..errors import Aborted, CoreError, StorageFull, Unavailable
 from ..framing import HEADER_BYTES, time_header
 from ..gate import UsageGate
-from .base import BatchCounts, QueuedRecords, RowBatch, StoreFormatError, StoreInUse, WriteResult
+from .base import BatchCounts, QueuedRecords, RowBatch, StoreFormatError, StoreInUse, TileUpdate, WriteResult
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -64,11 +70,34 @@ _PURGE_MAX = 8192
 _LATE_FIELDS = META + b"late_fields"
 # The pid of the process holding the database open, beside RocksDB's LOCK file; removed at close.
 PID_FILE = "featurepush.pid"
+VIEW = b"v"
+SERVICE = b"w"
+TILE = b"a"
+_VIEW_STATE = META + b"view_state"
+_NEXT_VIEW_ID = META + b"next_view_id"
+# Tile starts are signed microseconds; the offset makes their big-endian bytes sort like the numbers.
+_START_OFFSET = 1 << 63
 
 
 def row_prefix(source_id: int) -> bytes:
     """The key prefix of every row of one source."""
     return ROW + source_id.to_bytes(4, "big")
+
+
+def tile_prefix(view_id: int) -> bytes:
+    """The key prefix of every tile of one view."""
+    return TILE + view_id.to_bytes(4, "big")
+
+
+def _entity_part(entity: bytes) -> bytes:
+    """An entity key with its length before it, so no entity's tiles sort among another's."""
+    n = len(entity)
+    head = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        head.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(head) + entity
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -226,6 +255,7 @@ class RocksDBStore:
         self._staged: dict[bytes, bytes] = {}
         # Source id -> how many times its definition was written by this process (-1: deleted).
         self._generations: dict[int, int] = {}
+        self._view_generations: dict[int, int] = {}
         raw_seq = self._db.get(_NEXT_OFFLINE_SEQ)
         self._next_offline_seq = int.from_bytes(raw_seq, "big") if raw_seq else 1
         if self._db.get(_REQUEST_INDEX_BUILT) is None:
@@ -545,14 +575,30 @@ class RocksDBStore:
                     )
             if not dry_run and self._write_error is not None:
                 raise self._write_error
+            for batch in batches:
+                for update in batch.tiles:
+                    if self.view_generation(update.view_id) != update.generation:
+                        raise Aborted(
+                            f"feature view {update.view!r} was changed or deleted while these records were "
+                            "validated; nothing was written, send them again",
+                            reason="VIEW_CHANGED",
+                            metadata={"view": update.view},
+                        )
             seen = self.seen_request(request_id) if request_id else None
             if seen is None:
                 wb = rocksdict.WriteBatch(raw_mode=True)
                 counts = {batch.source: self._stage_latest(batch, wb) for batch in batches}
+                for batch in batches:
+                    if batch.tiles:
+                        skipped = self._stage_tiles(batch.tiles, wb)
+                        c = counts[batch.source]
+                        counts[batch.source] = BatchCounts(c.accepted, c.written, c.superseded, skipped)
                 if not dry_run:
                     self._stage_offline(batches, wb)
                 if request_id and not dry_run:
-                    record = {s: [c.accepted, c.written, c.superseded] for s, c in counts.items()}
+                    record = {
+                        s: [c.accepted, c.written, c.superseded, c.late_skipped] for s, c in counts.items()
+                    }
                     now_ms = int(time.time() * 1000).to_bytes(8, "big")
                     wb.put(REQUEST + request_id.encode(), now_ms + json.dumps(record).encode())
                     wb.put(REQUEST_EXPIRY + now_ms + request_id.encode(), b"")
@@ -604,6 +650,166 @@ class RocksDBStore:
             put(keys[i], values[i])
         self._staged.update((keys[i], heads[i]) for i in newer)
         return BatchCounts(accepted, len(newer), accepted - len(newer))
+
+    def _stage_tiles(self, updates: Sequence[TileUpdate], wb: rocksdict.WriteBatch) -> int:
+        """Merge the updates into the stored tiles, called under the lock; the most records a view skipped."""
+        skipped = 0
+        for update in updates:
+            state_key = _VIEW_STATE + update.view_id.to_bytes(4, "big")
+            state = self._db.get(state_key)
+            merged = update.merge(state, self._db.get)
+            put = wb.put
+            for key, value in zip(merged.keys, merged.values, strict=True):
+                put(key, value)
+            if merged.state != state and merged.state is not None:
+                wb.put(state_key, merged.state)
+            skipped = max(skipped, merged.skipped)
+        return skipped
+
+    # --- feature views and tiles ---------------------------------------------------------------
+
+    def get_view(self, name: str) -> tuple[int, bytes] | None:
+        """The id and serialized definition of a view, or None."""
+        with self._gate.use():
+            raw = self._db.get(VIEW + name.encode())
+        return None if raw is None else (int.from_bytes(raw[:4], "big"), raw[4:])
+
+    def list_views(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, int, bytes]]:
+        """Views in name order, starting after `after`."""
+        return iter(
+            [(name, int.from_bytes(raw[:4], "big"), raw[4:]) for name, raw in self._list(VIEW, after, limit)]
+        )
+
+    def _list(self, prefix: bytes, after: str, limit: int | None) -> list[tuple[str, bytes]]:
+        start = prefix + after.encode() + (b"\x00" if after else b"")
+        found: list[tuple[str, bytes]] = []
+        with self._gate.use():
+            for key, raw in self._db.items(from_key=start):
+                if not key.startswith(prefix) or (limit is not None and len(found) >= limit):
+                    break
+                found.append((key[1:].decode(), raw))
+        return found
+
+    def put_view(self, name: str, definition: bytes, view_id: int | None = None, *, invalidate: bool) -> int:
+        """Store a view definition under its id, or a new one; return the id."""
+        with self._gate.use():
+            with self._lock:
+                wb = rocksdict.WriteBatch(raw_mode=True)
+                if view_id is None:
+                    raw = self._db.get(_NEXT_VIEW_ID)
+                    view_id = int.from_bytes(raw, "big") if raw else 1
+                    wb.put(_NEXT_VIEW_ID, (view_id + 1).to_bytes(4, "big"))
+                wb.put(VIEW + name.encode(), view_id.to_bytes(4, "big") + definition)
+                self._write(wb)
+                if invalidate:
+                    self._view_generations[view_id] = self._view_generations.get(view_id, 0) + 1
+            self._sync()
+        return view_id
+
+    def delete_view(self, name: str, view_id: int) -> int:
+        """Delete a view, its state and its tiles; return how many tiles there were."""
+        prefix = tile_prefix(view_id)
+        with self._gate.use():
+            with self._lock:
+                tiles = sum(1 for _ in self._keys_with_prefix(prefix))
+                wb = rocksdict.WriteBatch(raw_mode=True)
+                wb.delete(VIEW + name.encode())
+                wb.delete(_VIEW_STATE + view_id.to_bytes(4, "big"))
+                wb.delete_range(prefix, _prefix_end(prefix))
+                self._write(wb)
+                self._view_generations[view_id] = -1
+            self._sync()
+        return tiles
+
+    def view_generation(self, view_id: int) -> int:
+        """How many times this process has written the view's definition incompatibly; -1 once deleted."""
+        return self._view_generations.get(view_id, 0)
+
+    def has_tiles(self, view_id: int) -> bool:
+        """Whether a view holds any tile."""
+        with self._gate.use():
+            return next(self._keys_with_prefix(tile_prefix(view_id)), None) is not None
+
+    def get_service(self, name: str) -> bytes | None:
+        """The serialized definition of a feature service, or None."""
+        with self._gate.use():
+            raw: bytes | None = self._db.get(SERVICE + name.encode())
+        return raw
+
+    def list_services(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, bytes]]:
+        """Feature services in name order, starting after `after`."""
+        return iter(self._list(SERVICE, after, limit))
+
+    def put_service(self, name: str, definition: bytes) -> None:
+        """Store a feature service definition."""
+        with self._gate.use():
+            with self._lock:
+                self._db.put(SERVICE + name.encode(), definition)
+            self._sync()
+
+    def delete_service(self, name: str) -> None:
+        """Delete a feature service definition."""
+        with self._gate.use():
+            with self._lock:
+                self._db.delete(SERVICE + name.encode())
+            self._sync()
+
+    def tile_key(self, view_id: int, entity: bytes, start_micros: int) -> bytes:
+        """The key of one entity's tile starting at `start_micros`."""
+        return tile_prefix(view_id) + _entity_part(entity) + (start_micros + _START_OFFSET).to_bytes(8, "big")
+
+    def read_tiles(self, keys: list[bytes]) -> list[bytes | None]:
+        """Stored tiles of the keys, None where absent."""
+        return self.read(keys)
+
+    def scan_tiles(
+        self, view_id: int, entity: bytes, first_micros: int, last_micros: int
+    ) -> list[tuple[int, bytes]]:
+        """One entity's tiles with starts in [first_micros, last_micros], as (start, value) by start."""
+        start = self.tile_key(view_id, entity, first_micros)
+        end = self.tile_key(view_id, entity, last_micros)
+        found: list[tuple[int, bytes]] = []
+        with self._gate.use():
+            for key, value in self._db.items(from_key=start):
+                if key > end:
+                    break
+                found.append((int.from_bytes(key[-8:], "big") - _START_OFFSET, value))
+        return found
+
+    def view_state(self, view_id: int) -> bytes | None:
+        """The view's stored state (its watermark and backfilled ranges), or None."""
+        with self._gate.use():
+            raw: bytes | None = self._db.get(_VIEW_STATE + view_id.to_bytes(4, "big"))
+        return raw
+
+    def update_view_state(self, view_id: int, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        """Replace the view's state by `change(state)` under the write lock; return the new state."""
+        key = _VIEW_STATE + view_id.to_bytes(4, "big")
+        with self._gate.use():
+            with self._lock:
+                new = change(self._db.get(key))
+                if new is not None:
+                    wb = rocksdict.WriteBatch(raw_mode=True)
+                    wb.put(key, new)
+                    self._write(wb)
+            self._sync()
+        return new
+
+    def delete_tiles_before(self, view_id: int, start_micros: int) -> int:
+        """Delete the view's tiles that start before `start_micros`; return how many."""
+        prefix = tile_prefix(view_id)
+        cutoff = (start_micros + _START_OFFSET).to_bytes(8, "big")
+        deleted = 0
+        with self._gate.use():
+            stale = [k for k in self._keys_with_prefix(prefix) if k[-8:] < cutoff]
+            for i in range(0, len(stale), 10_000):
+                wb = rocksdict.WriteBatch(raw_mode=True)
+                for key in stale[i : i + 10_000]:
+                    wb.delete(key)
+                with self._lock:
+                    self._write(wb)
+                deleted += len(stale[i : i + 10_000])
+        return deleted
 
     def _stage_offline(self, batches: Sequence[RowBatch], wb: rocksdict.WriteBatch) -> None:
         """Queue the batches' offline records; called under the lock, so sequence numbers only grow."""

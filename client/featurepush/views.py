@@ -1,0 +1,80 @@
+"""Reading stream feature views: GetViewFeatures responses decoded into Python values by feature type."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from featurepush.v1 import feature_view_service_pb2, online_service_pb2, schema_pb2
+
+_STATUS = {
+    online_service_pb2.FEATURE_STATUS_PRESENT: "PRESENT",
+    online_service_pb2.FEATURE_STATUS_MISSING: "MISSING",
+}
+_INTEGRAL = (schema_pb2.SCALAR_TYPE_INT32, schema_pb2.SCALAR_TYPE_INT64)
+_FLOATING = (schema_pb2.SCALAR_TYPE_FLOAT32, schema_pb2.SCALAR_TYPE_FLOAT64)
+
+
+@dataclass(frozen=True)
+class ViewFeatureValue:
+    """One feature of one entity: its value (None when MISSING), status, and the end of its window."""
+
+    value: Any
+    status: str
+    effective_time: dt.datetime
+
+
+def decode_value(value: Any, dtype: schema_pb2.DataType) -> Any:
+    """A value from its canonical JSON form (as json_format gives it) and its type."""
+    if value is None:
+        return None
+    if dtype.HasField("array"):
+        return [decode_value(v, dtype.array.element_type) for v in value]
+    if dtype.scalar in _INTEGRAL:
+        return int(value)
+    if dtype.scalar in _FLOATING:
+        return float(value) if not isinstance(value, str) else float(value.replace("Infinity", "inf"))
+    return value
+
+
+def view_vectors(
+    response: feature_view_service_pb2.GetViewFeaturesResponse,
+) -> list[dict[str, ViewFeatureValue]]:
+    """One mapping of feature name to value per requested entity, in request order."""
+    from google.protobuf import json_format
+
+    features = list(response.features)
+    out: list[dict[str, ViewFeatureValue]] = []
+    for vector in response.results:
+        row: dict[str, ViewFeatureValue] = {}
+        for feature, v in zip(features, vector.values, strict=True):
+            raw = json_format.MessageToDict(v.value) if v.HasField("value") else None
+            row[feature.name] = ViewFeatureValue(
+                decode_value(raw, feature.type),
+                _STATUS.get(v.status, "UNSPECIFIED"),
+                v.effective_time.ToDatetime(tzinfo=dt.UTC),
+            )
+        out.append(row)
+    return out
+
+
+def view_request(
+    keys: Sequence[Mapping[str, Any]],
+    *,
+    view: str = "",
+    service: str = "",
+    as_of: dt.datetime | None = None,
+) -> feature_view_service_pb2.GetViewFeaturesRequest:
+    """A GetViewFeaturesRequest for a view or a feature service."""
+    if bool(view) == bool(service):
+        raise ValueError("name exactly one of view or service")
+    request = feature_view_service_pb2.GetViewFeaturesRequest(keys=[dict(k) for k in keys])
+    if view:
+        request.feature_view = view
+    else:
+        request.feature_service = service
+    if as_of is not None:
+        request.as_of.FromDatetime(as_of)
+    return request

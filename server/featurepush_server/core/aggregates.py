@@ -1,0 +1,284 @@
+"""Reading stream feature views: tiles rolled up over each feature's window, one vector per entity.
+
+A window of length w read at time T covers the tiles starting in [E - w, E), where E is the start of
+the tile holding T: it never includes an event after T, and its values change once per tile interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from featurepush.v1 import feature_view_pb2 as fv_pb2
+from featurepush.v1 import feature_view_service_pb2 as pb
+from featurepush.v1 import online_service_pb2, schema_pb2
+
+from .encoding import key_part, python_key
+from .errors import InvalidInput, LimitExceeded, Violation
+from .rows import BadValue, scalar_converter
+from .schema import Kind
+from .stores.base import TileStore
+from .tiles import Codec, bounded, floor_to, now_micros, sketch_estimate, stddev, union_sketches
+from .views import LIST_FUNCTIONS, AggSpec, View, Views
+
+F = fv_pb2
+_PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
+_MISSING = online_service_pb2.FEATURE_STATUS_MISSING
+_INT_KINDS = (Kind.INT32, Kind.INT64)
+_SCALAR = {
+    Kind.STRING: schema_pb2.SCALAR_TYPE_STRING,
+    Kind.INT32: schema_pb2.SCALAR_TYPE_INT32,
+    Kind.INT64: schema_pb2.SCALAR_TYPE_INT64,
+    Kind.FLOAT32: schema_pb2.SCALAR_TYPE_FLOAT32,
+    Kind.FLOAT64: schema_pb2.SCALAR_TYPE_FLOAT64,
+    Kind.BOOL: schema_pb2.SCALAR_TYPE_BOOL,
+}
+# Above this many tiles per read, one range scan per entity beats a multi-get of every tile key.
+_MAX_MULTI_GET = 20_000
+
+
+def feature_type(agg: AggSpec) -> schema_pb2.DataType:
+    """The type of an aggregation's values."""
+    fn = agg.function
+    if fn in (F.AGGREGATE_FUNCTION_COUNT, F.AGGREGATE_FUNCTION_APPROX_COUNT_DISTINCT):
+        return schema_pb2.DataType(scalar=schema_pb2.SCALAR_TYPE_INT64)
+    if fn in (F.AGGREGATE_FUNCTION_MEAN, F.AGGREGATE_FUNCTION_STDDEV):
+        return schema_pb2.DataType(scalar=schema_pb2.SCALAR_TYPE_FLOAT64)
+    if fn == F.AGGREGATE_FUNCTION_SUM:
+        kind = Kind.INT64 if agg.kind in _INT_KINDS else Kind.FLOAT64
+        return schema_pb2.DataType(scalar=_SCALAR[kind])
+    scalar = schema_pb2.DataType(scalar=_SCALAR[agg.kind])
+    if fn in (F.AGGREGATE_FUNCTION_MIN, F.AGGREGATE_FUNCTION_MAX):
+        return scalar
+    return schema_pb2.DataType(array=schema_pb2.ArrayType(element_type=scalar))
+
+
+def _json_value(value: Any, kind: Kind) -> struct_pb2.Value:
+    """A value in canonical JSON form: Int64 as a decimal string, non-finite floats as strings."""
+    if value is None:
+        return struct_pb2.Value(null_value=struct_pb2.NULL_VALUE)
+    if isinstance(value, list):
+        return struct_pb2.Value(list_value=struct_pb2.ListValue(values=[_json_value(v, kind) for v in value]))
+    if isinstance(value, bool):
+        return struct_pb2.Value(bool_value=value)
+    if isinstance(value, str):
+        return struct_pb2.Value(string_value=value)
+    if kind is Kind.INT64:
+        return struct_pb2.Value(string_value=str(int(value)))
+    if kind is Kind.INT32:
+        return struct_pb2.Value(number_value=int(value))
+    if math.isfinite(value):
+        return struct_pb2.Value(number_value=value)
+    return struct_pb2.Value(
+        string_value="NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    )
+
+
+def value_kind(agg: AggSpec) -> Kind:
+    """The scalar kind of an aggregation's values (of their elements, for lists)."""
+    t = feature_type(agg)
+    scalar = t.array.element_type.scalar if t.HasField("array") else t.scalar
+    return next(k for k, s in _SCALAR.items() if s == scalar)
+
+
+@dataclass(frozen=True)
+class Rolled:
+    """One feature of one entity: its value (Python), whether its window holds events, the window end."""
+
+    value: Any
+    present: bool
+    end: int
+
+
+def roll_up(
+    view: View, store: TileStore, entities: Sequence[bytes], aggs: Sequence[AggSpec], at: int
+) -> list[list[Rolled]]:
+    """The features `aggs` of each entity over the windows ending at the tile holding `at` (microseconds)."""
+    spec = view.spec
+    interval = spec.interval
+    end = floor_to(at, interval)
+    longest = max(a.window for a in aggs)
+    count = longest // interval
+    first = end - longest
+    codec = Codec(spec)
+    n = len(entities)
+    stored: list[bytes | None]
+    if count * n <= _MAX_MULTI_GET:
+        starts = range(first, end, interval)
+        stored = store.read_tiles([store.tile_key(view.id, e, s) for e in entities for s in starts])
+    else:
+        stored = [None] * (count * n)
+        for i, e in enumerate(entities):
+            for s, value in store.scan_tiles(view.id, e, first, end - interval):
+                stored[i * count + (s - first) // interval] = value
+    fixed = codec.fixed(stored).reshape(n, count, codec.width)
+    var = [codec.var(v) for v in stored] if codec.has_var else []
+    out: list[list[Rolled]] = [[] for _ in range(n)]
+    for agg in aggs:
+        k = agg.window // interval
+        totals = fixed[:, count - k :, :].sum(axis=1)
+        rows = totals[:, 0]
+        fn = agg.function
+        if fn not in _LIST_OR_SKETCH:
+            c = 1 + 5 * spec.moments.index(agg.column)
+            mins = fixed[:, count - k :, c + 3].min(axis=1)
+            maxs = fixed[:, count - k :, c + 4].max(axis=1)
+            for i in range(n):
+                value = _moment(agg, totals[i, c], totals[i, c + 1], totals[i, c + 2], mins, maxs, i)
+                out[i].append(Rolled(value, bool(rows[i] > 0), end))
+            continue
+        for i in range(n):
+            parts = [var[i * count + j] for j in range(count - k, count)]
+            value = _from_var(view, agg, [p for p in parts if p is not None])
+            out[i].append(Rolled(value, bool(rows[i] > 0), end))
+    return out
+
+
+_LIST_OR_SKETCH = {
+    F.AGGREGATE_FUNCTION_LAST_N,
+    F.AGGREGATE_FUNCTION_FIRST_N,
+    F.AGGREGATE_FUNCTION_LAST_DISTINCT_N,
+    F.AGGREGATE_FUNCTION_APPROX_COUNT_DISTINCT,
+}
+
+
+def _moment(
+    agg: AggSpec,
+    count: float,
+    total: float,
+    squares: float,
+    mins: np.ndarray,
+    maxs: np.ndarray,
+    i: int,
+) -> Any:
+    fn = agg.function
+    integral = agg.kind in _INT_KINDS
+    if fn == F.AGGREGATE_FUNCTION_COUNT:
+        return int(count)
+    if fn == F.AGGREGATE_FUNCTION_SUM:
+        return int(total) if integral else float(total)
+    if not count:
+        return None
+    if fn == F.AGGREGATE_FUNCTION_MEAN:
+        return float(total / count)
+    if fn == F.AGGREGATE_FUNCTION_STDDEV:
+        return stddev(count, total, squares)
+    found = float(mins[i] if fn == F.AGGREGATE_FUNCTION_MIN else maxs[i])
+    return int(found) if integral else found
+
+
+def _from_var(view: View, agg: AggSpec, parts: list[dict[str, Any]]) -> Any:
+    spec = view.spec
+    if agg.function == F.AGGREGATE_FUNCTION_APPROX_COUNT_DISTINCT:
+        j = spec.sketches.index(agg.column)
+        sketches = [p["h"][j] for p in parts]
+        if not sketches:
+            return 0
+        return sketch_estimate(sketches[0] if len(sketches) == 1 else union_sketches(sketches))
+    kind = LIST_FUNCTIONS[agg.function]
+    j = next(i for i, (c, k, _) in enumerate(spec.lists) if c == agg.column and k == kind)
+    items = [item for p in parts for item in p["l"][j]]
+    return [v for _, v in bounded(kind, agg.n, items)]
+
+
+class ViewReader:
+    """Serves GetViewFeatures: a view's or a feature service's features for many entities."""
+
+    def __init__(self, views: Views, store: TileStore, *, max_keys: int = 10_000):
+        self._views = views
+        self._store = store
+        self.max_keys = max_keys
+
+    def targets(self, request: pb.GetViewFeaturesRequest) -> tuple[list[tuple[View, list[int]]], bool]:
+        """The views and feature indexes a request names, and whether it named a feature service."""
+        which = request.WhichOneof("target")
+        if which == "feature_view":
+            view = self._views.get(request.feature_view)
+            return [(view, list(range(len(view.spec.aggregations))))], False
+        if which == "feature_service":
+            return self._views.resolve(self._views.get_service(request.feature_service)), True
+        raise InvalidInput(
+            "name a feature_view or a feature_service",
+            [Violation("target", "set feature_view or feature_service")],
+            reason="NO_TARGET",
+        )
+
+    def get(self, request: pb.GetViewFeaturesRequest) -> pb.GetViewFeaturesResponse:
+        """The features of every requested entity, vectors in request order."""
+        keys = request.keys
+        if not keys:
+            raise InvalidInput(
+                "no keys were given", [Violation("keys", "name at least one entity key")], reason="NO_KEYS"
+            )
+        if len(keys) > self.max_keys:
+            raise LimitExceeded(
+                f"at most {self.max_keys} keys per request; split the request",
+                reason="TOO_MANY_KEYS",
+                metadata={"limit": str(self.max_keys)},
+            )
+        targets, qualified = self.targets(request)
+        at = now_micros()
+        if request.HasField("as_of"):
+            at = request.as_of.seconds * 1_000_000 + request.as_of.nanos // 1000
+        entities = self.entity_keys(targets[0][0], keys)
+        response = pb.GetViewFeaturesResponse()
+        columns: list[list[Rolled]] = []
+        kinds: list[Kind] = []
+        for view, indexes in targets:
+            aggs = [view.spec.aggregations[i] for i in indexes]
+            for agg in aggs:
+                name = f"{view.spec.name}.{agg.name}" if qualified else agg.name
+                response.features.add(name=name, type=feature_type(agg))
+                kinds.append(value_kind(agg))
+            rolled = roll_up(view, self._store, entities, aggs, at)
+            columns.extend(zip(*rolled, strict=True))  # type: ignore[arg-type]
+        stamps: dict[int, timestamp_pb2.Timestamp] = {}
+        for i in range(len(entities)):
+            vector = response.results.add()
+            for column, kind in zip(columns, kinds, strict=True):
+                r = column[i]
+                stamp = stamps.get(r.end)
+                if stamp is None:
+                    stamp = stamps[r.end] = timestamp_pb2.Timestamp()
+                    stamp.FromMicroseconds(r.end)
+                vector.values.add(
+                    status=_PRESENT if r.present else _MISSING,
+                    value=_json_value(r.value if r.present else None, kind),
+                    effective_time=stamp,
+                )
+        return response
+
+    @staticmethod
+    def entity_keys(view: View, keys: Sequence[struct_pb2.Struct]) -> list[bytes]:
+        """The entity key bytes of each request key, or InvalidInput naming every bad one."""
+        names = view.spec.entity_keys
+        source = view.spec.source
+        violations: list[Violation] = []
+        out: list[bytes] = []
+        converters = [scalar_converter(k) for k in view.key_kinds]
+        for i, key in enumerate(keys):
+            fields = key.fields
+            parts: list[bytes] = []
+            for name, convert in zip(names, converters, strict=True):
+                if name not in fields:
+                    violations.append(Violation(f"keys[{i}].{name}", f"entity key {name} is required"))
+                    continue
+                try:
+                    parts.append(key_part(convert(fields[name])))
+                except BadValue as e:
+                    violations.append(Violation(f"keys[{i}].{name}", str(e)))
+            for extra in sorted(set(fields) - set(names)):
+                violations.append(
+                    Violation(f"keys[{i}].{extra}", f"{extra!r} is not an entity key of {source}")
+                )
+            out.append(python_key(parts, b""))
+        if violations:
+            raise InvalidInput(
+                f"{len(violations)} invalid entity key value(s)", violations[:100], reason="INVALID_KEYS"
+            )
+        return out

@@ -1,0 +1,449 @@
+"""Time tiles of stream feature views: partial aggregates per entity and tile, built, merged and encoded.
+
+A tile holds what one entity's events with event times in [start, start + interval) add up to: a fixed
+block of float64s (the record count, then count, sum, sum of squares, min and max of each moment column)
+and, for views with list or distinct-count aggregations, a JSON part (bounded lists of [time, value] and
+HyperLogLog sketches as base64). Merging two tiles gives the tile of both sets of events, whatever their
+order, so pushes may arrive out of order and a window is the merge of its tiles.
+
+Pushes and backfills never count an event twice: each view keeps a watermark, the start of the tile of
+the earliest pushed event. Pushes write tiles from the watermark on; a backfill writes only tiles wholly
+inside its time range, before the watermark, and not filled by an earlier backfill. The first backfill
+freezes the watermark (to the current tile when nothing was pushed yet); pushes of events before it are
+then skipped and counted, since the batch source holds them. The view's state (watermark, backfilled
+and running ranges) is JSON in the store, written in the same atomic write as the tiles.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .encoding import encode_keys
+from .errors import FailedPrecondition
+from .materialize import Origin, Staged
+from .stores.base import TileMerge, TileStore
+from .views import View, Views, ViewSpec
+
+# HyperLogLog precision: 2^12 registers, about 1.6% standard error.
+HLL_LG_K = 12
+_FIXED = 5
+_FAR_PAST = -(1 << 62)
+
+
+def _datasketches() -> Any:
+    # Imported when a view first needs a sketch, so servers without such views never load it.
+    import datasketches
+
+    return datasketches
+
+
+def floor_to(micros: int, interval: int) -> int:
+    """The start of the tile holding `micros`."""
+    return micros // interval * interval
+
+
+def now_micros() -> int:
+    """The current time in microseconds."""
+    return time.time_ns() // 1000
+
+
+class Codec:
+    """Encodes, decodes and merges the tiles of one view."""
+
+    def __init__(self, spec: ViewSpec):
+        self.spec = spec
+        self.width = 1 + _FIXED * len(spec.moments)
+        self.nbytes = 8 * self.width
+        self.has_var = bool(spec.lists or spec.sketches)
+        identity = np.zeros(self.width)
+        identity[4::_FIXED] = np.inf
+        identity[5::_FIXED] = -np.inf
+        self.identity = identity
+
+    def fixed(self, values: Sequence[bytes | None]) -> np.ndarray:
+        """The fixed blocks of stored tiles as rows of a float64 array; absent tiles are empty ones."""
+        out = np.tile(self.identity, (len(values), 1))
+        present = [i for i, v in enumerate(values) if v is not None]
+        if present:
+            n = self.nbytes
+            joined = b"".join(values[i][:n] for i in present)  # type: ignore[index]
+            out[present] = np.frombuffer(joined, dtype="<f8").reshape(len(present), self.width)
+        return out
+
+    def var(self, value: bytes | None) -> dict[str, Any] | None:
+        """The JSON part of a stored tile, or None."""
+        if value is None or not self.has_var:
+            return None
+        loaded: dict[str, Any] = json.loads(value[self.nbytes :])
+        return loaded
+
+    def encode(self, fixed: np.ndarray, var: dict[str, Any] | None) -> bytes:
+        """One tile's stored value."""
+        head: bytes = fixed.astype("<f8").tobytes()
+        if not self.has_var:
+            return head
+        return head + json.dumps(var, separators=(",", ":")).encode()
+
+    @staticmethod
+    def merge_fixed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Rows of `a` merged with rows of `b` (any leading shape)."""
+        out: np.ndarray = a + b
+        out[..., 4::_FIXED] = np.minimum(a[..., 4::_FIXED], b[..., 4::_FIXED])
+        out[..., 5::_FIXED] = np.maximum(a[..., 5::_FIXED], b[..., 5::_FIXED])
+        return out
+
+    def merge_var(self, a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The JSON part of both tiles' events."""
+        if a is None or b is None:
+            return a if b is None else b
+        lists = [
+            bounded(kind, n, x + y)
+            for (_, kind, n), x, y in zip(self.spec.lists, a["l"], b["l"], strict=True)
+        ]
+        sketches = [union_sketches([x, y]) for x, y in zip(a["h"], b["h"], strict=True)]
+        return {"l": lists, "h": sketches}
+
+
+def _order(item: list[Any]) -> tuple[Any, ...]:
+    # By time, then value, so that ties resolve alike whatever order the events came in.
+    return (item[0], item[1])
+
+
+def bounded(kind: str, n: int, items: list[list[Any]]) -> list[list[Any]]:
+    """The [time, value] pairs a list of `kind` keeps: the n latest, the n earliest, or latest distinct."""
+    if kind == "first":
+        return sorted(items, key=_order)[:n]
+    if kind == "distinct":
+        latest: dict[Any, int] = {}
+        for t, v in items:
+            if latest.get(v, _FAR_PAST) < t:
+                latest[v] = t
+        items = [[t, v] for v, t in latest.items()]
+    return sorted(items, key=_order, reverse=True)[:n]
+
+
+def new_sketch(values: Sequence[Any]) -> str:
+    """A HyperLogLog sketch of the values, serialized as base64."""
+    ds = _datasketches()
+    sketch = ds.hll_sketch(HLL_LG_K)
+    for v in values:
+        sketch.update(int(v) if isinstance(v, bool) else v)
+    return base64.b64encode(sketch.serialize_compact()).decode()
+
+
+def union_sketches(encoded: Sequence[str]) -> str:
+    """The sketch of the union of serialized sketches."""
+    ds = _datasketches()
+    union = ds.hll_union(HLL_LG_K)
+    for item in encoded:
+        union.update(ds.hll_sketch.deserialize(base64.b64decode(item)))
+    return base64.b64encode(union.get_result().serialize_compact()).decode()
+
+
+def sketch_estimate(encoded: str) -> int:
+    """The distinct-count estimate of a serialized sketch."""
+    ds = _datasketches()
+    return int(round(ds.hll_sketch.deserialize(base64.b64decode(encoded)).get_estimate()))
+
+
+# --- the view's state ----------------------------------------------------------------------------
+
+
+@dataclass
+class ViewState:
+    """A view's watermark (tile start) and its backfilled and running ranges of tile starts."""
+
+    watermark: int | None = None
+    done: list[list[int]] = field(default_factory=list)
+    running: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: bytes | None) -> ViewState:
+        if raw is None:
+            return cls()
+        doc = json.loads(raw)
+        return cls(doc["w"], doc["done"], doc["run"])
+
+    def dump(self) -> bytes:
+        return json.dumps({"w": self.watermark, "done": self.done, "run": self.running}).encode()
+
+    @property
+    def frozen(self) -> bool:
+        """Whether a backfill has used the watermark, so it may no longer move."""
+        return bool(self.done or self.running)
+
+    def backfilled(self, start: int) -> bool:
+        """Whether an earlier backfill filled the tile starting at `start`."""
+        return any(lo <= start < hi for lo, hi in self.done)
+
+
+def begin_backfill(store: TileStore, view: View, start: int | None, end: int | None) -> str:
+    """Record a backfill of the tiles wholly inside [start, end) before the watermark; return its id.
+
+    Refused while an overlapping backfill runs or was interrupted: its partial tiles would count twice.
+    """
+    interval = view.spec.interval
+    run = uuid.uuid4().hex
+    problem: list[str] = []
+
+    def change(raw: bytes | None) -> bytes | None:
+        state = ViewState.parse(raw)
+        if state.watermark is None:
+            state.watermark = floor_to(now_micros(), interval)
+        lo = _FAR_PAST if start is None else -(-start // interval) * interval
+        hi = state.watermark if end is None else min(floor_to(end, interval), state.watermark)
+        for other_lo, other_hi in state.running.values():
+            if lo < other_hi and other_lo < hi:
+                problem.append(f"[{other_lo}, {other_hi})")
+                return None
+        state.running[run] = [lo, hi]
+        return state.dump()
+
+    store.update_view_state(view.id, change)
+    if problem:
+        raise FailedPrecondition(
+            f"feature view {view.spec.name!r} has a backfill of tile starts {problem[0]} (microseconds) that "
+            "is running or was interrupted, and its tiles may be partly written; wait for it, or delete the "
+            "view and apply it again to rebuild its tiles",
+            reason="VIEW_BACKFILL_INCOMPLETE",
+            metadata={"view": view.spec.name},
+        )
+    return run
+
+
+def end_backfill(store: TileStore, view: View, run: str, *, filled: bool = True) -> None:
+    """Record a finished backfill's range as filled, or forget a run that wrote nothing (`filled` False)."""
+
+    def change(raw: bytes | None) -> bytes | None:
+        state = ViewState.parse(raw)
+        span = state.running.pop(run, None)
+        if span is None:
+            return None
+        if filled and span[0] < span[1]:
+            spans = sorted([*state.done, span])
+            merged: list[list[int]] = []
+            for lo, hi in spans:
+                if merged and lo <= merged[-1][1]:
+                    merged[-1][1] = max(merged[-1][1], hi)
+                else:
+                    merged.append([lo, hi])
+            state.done = merged
+        return state.dump()
+
+    store.update_view_state(view.id, change)
+
+
+# --- building a batch's tiles --------------------------------------------------------------------
+
+
+def transformed(view: View, table: pa.Table, timestamp_field: str, where: str) -> tuple[pa.Table, pa.Table]:
+    """The view's transformation of a validated batch, and its view columns cast; raise on failure."""
+    from .columns import conform
+
+    spec = view.spec
+    meta = {"view": spec.name, "batch": where, "transformation": spec.transformation}
+    out = table
+    if view.transform is not None:
+        try:
+            out = view.transform(table)
+        except Exception as e:
+            raise FailedPrecondition(
+                f"the transformation {spec.transformation!r} of feature view {spec.name!r} failed on "
+                f"{where}: {type(e).__name__}: {e}; nothing was written",
+                reason="TRANSFORMATION_FAILED",
+                metadata=meta,
+            ) from None
+        if not isinstance(out, pa.Table):
+            raise FailedPrecondition(
+                f"the transformation {spec.transformation!r} of feature view {spec.name!r} returned "
+                f"{type(out).__name__}, not a pyarrow.Table, on {where}; nothing was written",
+                reason="TRANSFORMATION_FAILED",
+                metadata=meta,
+            )
+    changed = [
+        c
+        for c in (*spec.entity_keys, timestamp_field)
+        if c not in out.column_names or out.schema.field(c).type != table.schema.field(c).type
+    ]
+    if changed:
+        raise FailedPrecondition(
+            f"the transformation of feature view {spec.name!r} dropped or changed the type of the entity key "
+            f"or event time column(s) {changed} on {where}; nothing was written",
+            reason="TRANSFORMATION_FAILED",
+            metadata=meta,
+        )
+    conformed, bad = conform(out, spec.fields, f"view {spec.name}", allow_extra_columns=True)
+    if conformed is None:
+        raise FailedPrecondition(
+            f"the output of feature view {spec.name!r} on {where} does not match its schema: "
+            + "; ".join(f"{v.path}: {v.description}" for v in bad[:5])
+            + "; nothing was written",
+            reason="TRANSFORMATION_FAILED",
+            metadata=meta,
+        )
+    return out, conformed
+
+
+@dataclass
+class ViewTiles:
+    """One view's partial aggregates of one batch: the TileUpdate the store merges under its lock."""
+
+    view: str
+    view_id: int
+    generation: int
+    spec: ViewSpec
+    codec: Codec
+    keys: list[bytes]
+    starts: np.ndarray
+    rows: np.ndarray
+    fixed: np.ndarray
+    var: list[dict[str, Any] | None]
+    # The backfill run these tiles belong to, or "" for a push.
+    run: str = ""
+
+    def merge(self, state: bytes | None, read: Callable[[list[bytes]], list[bytes | None]]) -> TileMerge:
+        """Merge into the stored tiles the tiles this write may add; skipped records are counted."""
+        spec = self.spec
+        parsed = ViewState.parse(state)
+        oldest = floor_to(now_micros(), spec.interval) - spec.longest_window
+        keep = self.starts >= oldest
+        if self.run:
+            span = parsed.running.get(self.run)
+            if span is None:
+                keep[:] = False
+            else:
+                keep &= (self.starts >= span[0]) & (self.starts < span[1])
+                keep &= ~np.array([parsed.backfilled(int(s)) for s in self.starts], dtype=bool)
+        elif parsed.frozen and parsed.watermark is not None:
+            keep &= self.starts >= parsed.watermark
+        skipped = int(self.rows[~keep].sum())
+        index = np.flatnonzero(keep)
+        new_state = state
+        if not self.run and not parsed.frozen and len(index):
+            first = int(self.starts[index].min())
+            if parsed.watermark is None or first < parsed.watermark:
+                parsed.watermark = first
+                new_state = parsed.dump()
+        if not len(index):
+            return TileMerge([], [], new_state, skipped)
+        keys = [self.keys[i] for i in index]
+        stored = read(keys)
+        codec = self.codec
+        fixed = codec.merge_fixed(codec.fixed(stored), self.fixed[index])
+        values = [
+            codec.encode(fixed[j], codec.merge_var(codec.var(stored[j]), self.var[i]))
+            for j, i in enumerate(index)
+        ]
+        return TileMerge(keys, values, new_state, skipped)
+
+
+def build_tiles(
+    view: View, store: TileStore, source_table: pa.Table, timestamp_field: str, where: str, run: str = ""
+) -> ViewTiles:
+    """The tiles one batch adds to a view, after the view's transformation."""
+    spec = view.spec
+    out, table = transformed(view, source_table, timestamp_field, where)
+    codec = Codec(spec)
+    micros = pc.cast(out.column(timestamp_field), pa.int64()).to_numpy(zero_copy_only=False)
+    entities = encode_keys([out.column(k).combine_chunks() for k in spec.entity_keys], b"").to_pylist()
+    starts_all = micros // spec.interval * spec.interval
+    groups: dict[tuple[bytes, int], int] = {}
+    idx = np.fromiter(
+        (groups.setdefault(g, len(groups)) for g in zip(entities, starts_all.tolist(), strict=True)),
+        dtype=np.int64,
+        count=len(entities),
+    )
+    m = len(groups)
+    fixed = np.tile(codec.identity, (m, 1))
+    fixed[:, 0] = np.bincount(idx, minlength=m)
+    for c, name in enumerate(spec.moments):
+        column = table.column(name)
+        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+        valid = column.is_valid().to_numpy(zero_copy_only=False)
+        v = np.where(valid, values, 0.0)
+        base = 1 + _FIXED * c
+        fixed[:, base] = np.bincount(idx, weights=valid.astype(np.float64), minlength=m)
+        fixed[:, base + 1] = np.bincount(idx, weights=v, minlength=m)
+        fixed[:, base + 2] = np.bincount(idx, weights=v * v, minlength=m)
+        np.minimum.at(fixed[:, base + 3], idx[valid], values[valid])
+        np.maximum.at(fixed[:, base + 4], idx[valid], values[valid])
+    var: list[dict[str, Any] | None] = [None] * m
+    if codec.has_var:
+        times = micros.tolist()
+        order = idx.tolist()
+        lists: list[list[list[list[Any]]]] = [[[] for _ in spec.lists] for _ in range(m)]
+        for j, (name, _, _) in enumerate(spec.lists):
+            for g, t, v in zip(order, times, table.column(name).to_pylist(), strict=True):
+                if v is not None:
+                    lists[g][j].append([t, v])
+        distinct: list[list[list[Any]]] = [[[] for _ in spec.sketches] for _ in range(m)]
+        for j, name in enumerate(spec.sketches):
+            for g, v in zip(order, table.column(name).to_pylist(), strict=True):
+                if v is not None:
+                    distinct[g][j].append(v)
+        var = [
+            {
+                "l": [
+                    bounded(kind, n, items) for (_, kind, n), items in zip(spec.lists, lists[g], strict=True)
+                ],
+                "h": [new_sketch(items) for items in distinct[g]],
+            }
+            for g in range(m)
+        ]
+    keys = [store.tile_key(view.id, e, s) for e, s in groups]
+    starts = np.fromiter((s for _, s in groups), dtype=np.int64, count=m)
+    return ViewTiles(
+        spec.name, view.id, view.generation, spec, codec, keys, starts, fixed[:, 0].copy(), fixed, var, run
+    )
+
+
+class TileWriter:
+    """Adds every feature view's tiles of a source's records to the write (a Materializer writer)."""
+
+    def __init__(self, views: Views, store: TileStore):
+        self._views = views
+        self._store = store
+
+    def stage(self, staged: Staged) -> None:
+        """Append one tile update per view of the source; a backfill only for views it began a run on."""
+        if staged.table.num_rows == 0:
+            return
+        spec = staged.source.spec
+        for view in self._views.of_source(spec.name):
+            run = staged.runs.get(view.id, "")
+            if staged.origin is Origin.BACKFILL and not run:
+                continue
+            where = f"a {staged.origin.value} batch of {staged.table.num_rows} records"
+            staged.tiles.append(
+                build_tiles(view, self._store, staged.table, spec.timestamp_field, where, run)
+            )
+
+
+def sweep_tiles(views: Views, store: TileStore, now: int | None = None) -> int:
+    """Delete every view's tiles outside every window read now (or at `now`); return how many."""
+    deleted = 0
+    now = now_micros() if now is None else now
+    for view in views.all():
+        spec = view.spec
+        deleted += store.delete_tiles_before(view.id, floor_to(now, spec.interval) - spec.longest_window)
+    return deleted
+
+
+# --- rolling tiles up into feature values --------------------------------------------------------
+
+
+def stddev(count: float, total: float, squares: float) -> float:
+    """The population standard deviation from a count, a sum and a sum of squares."""
+    mean = total / count
+    return math.sqrt(max(squares / count - mean * mean, 0.0))

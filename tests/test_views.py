@@ -1,0 +1,117 @@
+"""Stream feature views: apply, push, read over windows with as_of, backfill, expiry and failures."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from conftest import Running, rich_error
+from views_helpers import MINUTE, apply, brute, push, read, same, stub, view
+
+from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
+
+M = 60_000_000
+
+
+def now_minute() -> int:
+    return time.time_ns() // 1000 // M * M
+
+
+def test_every_function_matches_the_raw_events_at_every_as_of(running: Running) -> None:
+    apply(running, view())
+    base = now_minute() - 50 * M
+    events = [("u1", base + i * 7_000_000 + (i % 5) * M, (i * 37) % 11) for i in range(60)]
+    events += [("u2", base + 3 * M, 4)]
+    push(running, events)
+    v = view()
+    for as_of in (base, base + 4 * M + 1, base + 11 * M, base + 30 * M, now_minute() + M):
+        names, rows = read(running, ["u1", "u2", "nobody"], as_of)
+        assert names == [a.name for a in v.aggregations]
+        for user, row in zip(["u1", "u2", "nobody"], rows, strict=True):
+            values = [(t, c) for u, t, c in events if u == user]
+            for agg, (status, got) in zip(v.aggregations, row, strict=True):
+                want = brute(agg, values, as_of, M)
+                if want is None:
+                    assert status == "MISSING" and got is None, (agg.name, as_of)
+                else:
+                    assert status == "PRESENT" and same(got, want), (user, agg.name, as_of, got, want)
+
+
+def test_tile_boundaries_and_the_window_edge(running: Running) -> None:
+    apply(running, view())
+    end = now_minute()
+    # The first event lies on the window's first microsecond, the last just before its end.
+    push(running, [("u", end - 10 * M, 1), ("u", end - 1, 2), ("u", end, 100), ("u", end - 10 * M - 1, 1000)])
+    _, [row] = read(running, ["u"], end + 5)
+    by_name = {a.name: value for a, (_, value) in zip(view().aggregations, row, strict=True)}
+    assert by_name["clicked_sum_10m"] == "3"
+    assert by_name["clicked_sum_1h"] == "1003"
+
+
+def test_replays_change_nothing_and_late_events_are_counted(running: Running) -> None:
+    apply(running, view())
+    t = now_minute() - 5 * M
+    first = push(running, [("u", t, 1), ("u", t + 1, 2)], request_id="r1")
+    again = push(running, [("u", t, 1), ("u", t + 1, 2)], request_id="r1")
+    assert again.replayed and again.counts["ad_impressions"] == first.counts["ad_impressions"]
+    late = push(running, [("u", t - 2 * 60 * M, 5), ("u", t, 3)])
+    assert late.counts["ad_impressions"].late_skipped == 1
+    _, [row] = read(running, ["u"], now_minute() + 1)
+    assert dict(zip(view().feature_names, [v for _, v in row], strict=True))["clicked_sum_1h"] == "6"
+
+
+def test_a_failing_transformation_writes_nothing(running: Running, tmp_path: object) -> None:
+    server = running.server
+    assert server.batch_sources is not None
+    server.batch_sources.allow_post_processors("views_helpers")
+    apply(running, view(transformation="views_helpers:broken"))
+    with pytest.raises(grpc.RpcError) as caught:
+        push(running, [("u", now_minute() - M, 1)])
+    code, _, reason = rich_error(caught.value)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and reason == "TRANSFORMATION_FAILED"
+    assert "clicks" in caught.value.details() and "push batch" in caught.value.details()
+    assert not server.store.has_rows(server.registry.get("ad_impressions").id)
+
+
+def test_an_incompatible_change_is_refused_while_tiles_exist(running: Running) -> None:
+    apply(running, view())
+    assert not apply(running, view()).changed
+    assert apply(running, view(interval=2 * MINUTE)).changed  # no tiles yet
+    push(running, [("u", now_minute() - M, 1)])
+    with pytest.raises(grpc.RpcError) as caught:
+        apply(running, view(interval=MINUTE))
+    assert rich_error(caught.value)[2] == "INCOMPATIBLE_VIEW_CHANGE"
+    assert apply(running, view(interval=2 * MINUTE, description="compatible")).changed
+    s = stub(running)
+    assert [v.name for v in s.ListFeatureViews(fvs_pb2.ListFeatureViewsRequest()).views] == ["clicks"]
+    assert s.DeleteFeatureView(fvs_pb2.DeleteFeatureViewRequest(name="clicks")).tiles_deleted == 1
+    assert not s.ListFeatureViews(fvs_pb2.ListFeatureViewsRequest()).views
+
+
+def test_a_window_longer_than_the_ttl_keeps_its_events(running: Running) -> None:
+    from conftest import AD_IMPRESSIONS
+
+    running.apply({**AD_IMPRESSIONS, "onlineTtl": "60s"})
+    apply(running, view())
+    t = now_minute() - 30 * M
+    push(running, [("u", t, 7)])
+    assert (
+        running.server.store.delete_expired(running.server.registry.get("ad_impressions").id, now_minute())
+        == 1
+    )
+    _, [row] = read(running, ["u"])
+    assert dict(zip(view().feature_names, [v for _, v in row], strict=True))["clicked_sum_1h"] == "7"
+
+
+def test_expiry_deletes_tiles_outside_every_window(running: Running) -> None:
+    from featurepush_server.core.tiles import sweep_tiles
+
+    apply(running, view())
+    push(running, [("u", now_minute() - 30 * M, 1)])
+    server = running.server
+    assert server.views is not None
+    assert sweep_tiles(server.views, server.store) == 0
+    assert sweep_tiles(server.views, server.store, now_minute() + 31 * M) == 1
+    _, [row] = read(running, ["u"], now_minute() - 10 * M)
+    assert all(status == "MISSING" for status, _ in row)
