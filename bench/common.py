@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -29,8 +28,9 @@ def start_serve(
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A `featurepush serve` process on a free port, with no sources applied; batch files under batch_root."""
     port = free_port()
-    exe = shutil.which("featurepush", path=str(Path(sys.executable).parent)) or "featurepush"
-    command = [exe, "serve", "--listen", f"localhost:{port}", "--data-dir", str(data_dir), "--fsync", fsync]
+    # The interpreter running the bench, so a checkout on PYTHONPATH serves as well as an installed one.
+    command = [sys.executable, "-m", "featurepush_server.cli", "serve", "--listen", f"localhost:{port}"]
+    command += ["--data-dir", str(data_dir), "--fsync", fsync]
     command += ["--processes", str(processes)]
     if batch_root is not None:
         command += ["--batch-root", str(batch_root)]
