@@ -103,7 +103,10 @@ def test_full_disk_refuses_pushes_keeps_reads_and_resumes_by_itself(small_disk: 
             return True
 
         assert wait_until(pushed, timeout_s=30, every_s=0.2)
-        assert _status(running.channel, INGEST) == health_pb2.HealthCheckResponse.SERVING
+        # Health follows the reopen from the recovery thread, a moment after writes are taken again.
+        assert wait_until(
+            lambda: _status(running.channel, INGEST) == health_pb2.HealthCheckResponse.SERVING, timeout_s=5
+        )
         [later] = features(running, "ad_impressions", {"user_id": "later"})
         assert later["features"]["clicked"] == "2"
     finally:
