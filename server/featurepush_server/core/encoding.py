@@ -7,12 +7,20 @@ Timestamps as RFC 3339 in UTC, Bytes as base64, non-finite floats as "NaN"/"Infi
 only prepends the status. The
 wire bytes are built with numpy and Arrow kernels, so no Python code runs per scalar value; only Bytes
 and nested types fall back to per-row Python.
+
+Before the payload, a stored value holds the row's columns, which Arrow reads decode for many rows at
+once with numpy: a 2-byte field count, then per field in name order an 8-byte little-endian slot (the
+value as int64 for Int32, Int64, Bool and Timestamp in microseconds, as float64 for Float32 and
+Float64, else the byte length of its variable part), then one validity byte per field, then the
+variable parts in field order (String as UTF-8, Bytes as they are, Array, Map and Struct as their
+serialized google.protobuf.Value); a null's slot is zero and its variable part empty.
 """
 
 from __future__ import annotations
 
 import base64
 import math
+import struct
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from google.protobuf import struct_pb2
 
-from .framing import time_header, time_headers
+from .framing import column_lengths, frame, time_header, time_headers
+from .rows import stored_value
 from .schema import DType, FieldSpec, Kind
 from .wire import (
     FEATURE_VECTOR_EVENT_TIME,
@@ -416,22 +425,31 @@ def _encode_small(
     rows = table.to_pylist()
     micros = pc.cast(table.column(timestamp_field), pa.int64()).to_pylist()
     ordered = [(f, _entry_key(f.name)) for f in sorted(fields, key=lambda f: f.name.encode())]
+    count = _FIELD_COUNT.pack(len(ordered))
     keys: list[bytes] = []
     values: list[bytes] = []
     for row, t in zip(rows, micros, strict=True):
         keys.append(python_key([key_part(row[k]) for k in entity_keys], prefix))
         # Entries are written by hand in name order: protobuf's own deterministic map order differs.
         out = []
+        slots: list[bytes] = []
+        valid = bytearray()
+        variable: list[bytes] = []
         for f, key in ordered:
+            item = row[f.name]
             message = struct_pb2.Value()
-            _set_value(message, canonical(row[f.name], f.dtype))
+            _set_value(message, canonical(item, f.dtype))
             value = message.SerializeToString(deterministic=True)
             entry = key + varint(len(value)) + value
             out.append(STRUCT_FIELD + varint(len(entry)) + entry)
+            slot, part = (0, b"") if item is None else _cell(item, f.dtype, value)
+            slots.append(_SLOT_F64.pack(slot) if isinstance(slot, float) else _SLOT_I64.pack(slot))
+            valid.append(item is not None)
+            variable.append(part)
         payload = b"".join(out)
-        values.append(
-            time_header(t) + event_time_field(t) + FEATURE_VECTOR_FEATURES + varint(len(payload)) + payload
-        )
+        columns = count + b"".join(slots) + bytes(valid) + b"".join(variable)
+        features = event_time_field(t) + FEATURE_VECTOR_FEATURES + varint(len(payload)) + payload
+        values.append(frame(time_header(t), columns, features))
     return keys, values
 
 
@@ -454,5 +472,120 @@ def encode_rows(
     parts = field_entries(table, fields)
     payload_len = sum(pc.binary_length(p).to_numpy().astype(np.int64) for p in parts)
     features = [FEATURE_VECTOR_FEATURES, varints(payload_len), *parts]
-    values = _join(time_headers(micros), event_time_fields(micros), *features)
+    columns = encode_columns(table, fields)
+    values = _join(time_headers(micros), column_lengths(columns), columns, event_time_fields(micros), *features)
     return keys.to_pylist(), values.to_pylist()
+
+
+# The columns' field count, and the slots of integer-like and float values.
+_FIELD_COUNT = struct.Struct("<H")
+_SLOT_I64 = struct.Struct("<q")
+_SLOT_F64 = struct.Struct("<d")
+_INTEGER_SLOTS = frozenset((Kind.INT32, Kind.INT64, Kind.BOOL, Kind.TIMESTAMP))
+_FLOAT_SLOTS = frozenset((Kind.FLOAT32, Kind.FLOAT64))
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _cell(item: Any, dtype: DType, value: bytes) -> tuple[int | float, bytes]:
+    """The slot and variable part of one non-null value, as encode_columns writes them; `value` is its Value."""
+    kind = dtype.kind
+    if kind is Kind.TIMESTAMP:
+        delta = item - _EPOCH
+        return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds, b""
+    if kind in _INTEGER_SLOTS:
+        return int(item), b""
+    if kind in _FLOAT_SLOTS:
+        return float(item), b""
+    part = item.encode() if kind is Kind.STRING else item if kind is Kind.BYTES else value
+    return len(part), part
+
+
+def encode_columns(table: pa.Table, fields: Sequence[FieldSpec]) -> pa.Array:
+    """Every row's columns (see the module's docstring), column at a time."""
+    ordered = sorted(fields, key=lambda f: f.name.encode())
+    n, width = table.num_rows, len(ordered)
+    fixed = np.zeros((n, 2 + 9 * width), dtype=np.uint8)
+    fixed[:, :2] = np.frombuffer(_FIELD_COUNT.pack(width), dtype=np.uint8)
+    variable: list[pa.Array] = []
+    for j, f in enumerate(ordered):
+        arr = table.column(f.name).combine_chunks()
+        valid = pc.is_valid(arr).to_numpy(zero_copy_only=False) if arr.null_count else True
+        fixed[:, 2 + 8 * width + j] = valid
+        kind = f.dtype.kind
+        if kind in _FLOAT_SLOTS:
+            slot = _filled(pc.cast(arr, pa.float64()), 0.0).to_numpy(zero_copy_only=False).astype("<f8")
+        elif kind in _INTEGER_SLOTS:
+            slot = _filled(pc.cast(arr, pa.int64()), 0).to_numpy(zero_copy_only=False).astype("<i8")
+        else:
+            if kind is Kind.STRING or kind is Kind.BYTES:
+                part = _filled(pc.cast(arr, pa.binary()), b"")
+            else:
+                part = value_messages(arr, f.dtype)
+                if arr.null_count:
+                    part = pc.if_else(pc.is_valid(arr), part, pa.scalar(b"", pa.binary()))
+            variable.append(part)
+            slot = pc.binary_length(part).to_numpy(zero_copy_only=False).astype("<i8")
+        fixed[:, 2 + 8 * j : 10 + 8 * j] = np.ascontiguousarray(slot).view(np.uint8).reshape(n, 8)
+    return _join(_binary_from_matrix(fixed), *variable)
+
+
+def decode_columns(
+    stored: Sequence[bytes], fields: Sequence[FieldSpec]
+) -> dict[str, pa.Array] | None:
+    """The arrays of `fields` from the columns of stored rows; None when a row was stored with other fields.
+
+    Rows stored before a field was added carry fewer fields; the caller decodes those from the payload.
+    """
+    ordered = sorted(fields, key=lambda f: f.name.encode())
+    n, width = len(stored), len(ordered)
+    fixed_width = 2 + 9 * width
+    fixed = np.frombuffer(b"".join(c[:fixed_width] for c in stored), dtype=np.uint8)
+    if len(fixed) != n * fixed_width:
+        return None
+    fixed = fixed.reshape(n, fixed_width)
+    if (fixed[:, :2].copy().view("<u2") != width).any():
+        return None
+    slots = np.ascontiguousarray(fixed[:, 2 : 2 + 8 * width]).view("<i8")
+    valid = fixed[:, 2 + 8 * width :].astype(bool)
+    varying = [j for j, f in enumerate(ordered) if f.dtype.kind not in _INTEGER_SLOTS | _FLOAT_SLOTS]
+    parts = None
+    if varying:
+        lengths = slots[:, varying].ravel()
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        data = b"".join(c[fixed_width:] for c in stored)
+        # Row after row: every variable part of the first row, then of the second, and so on.
+        parts = pa.Array.from_buffers(
+            pa.large_binary(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+        )
+    out: dict[str, pa.Array] = {}
+    for j, f in enumerate(ordered):
+        column_valid = valid[:, j]
+        mask = None if column_valid.all() else ~column_valid
+        kind = f.dtype.kind
+        arrow_type = f.dtype.to_arrow()
+        if kind in _FLOAT_SLOTS:
+            values = slots[:, j].view("<f8")
+            out[f.name] = pa.array(values.astype(np.float32) if kind is Kind.FLOAT32 else values, mask=mask)
+        elif kind is Kind.BOOL:
+            out[f.name] = pa.array(slots[:, j] != 0, mask=mask)
+        elif kind is Kind.INT32:
+            out[f.name] = pa.array(slots[:, j].astype(np.int32), mask=mask)
+        elif kind in _INTEGER_SLOTS:
+            out[f.name] = pa.array(slots[:, j], arrow_type, mask=mask)
+        else:
+            assert parts is not None
+            k = varying.index(j)
+            column = parts if len(varying) == 1 else parts.take(np.arange(k, len(parts), len(varying)))
+            if kind is Kind.STRING or kind is Kind.BYTES:
+                column = pc.cast(column, arrow_type)
+                if mask is not None:
+                    column = pc.if_else(pa.array(column_valid), column, pa.scalar(None, arrow_type))
+                out[f.name] = column
+            else:
+                items = column.to_pylist()
+                out[f.name] = pa.array(
+                    [stored_value(item, f.dtype) if ok else None for item, ok in zip(items, column_valid)],
+                    arrow_type,
+                )
+    return out

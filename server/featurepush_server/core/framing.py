@@ -1,17 +1,21 @@
-"""The framing of a stored row value: an 8-byte event-time header, then the payload.
+"""The framing of a stored row value: an 8-byte event-time header, the columns, then the payload.
 
 The header is the event time in microseconds, sign-flipped and big-endian, so that comparing headers as
 bytes compares event times; stores use it to keep the latest event per entity and to find expired rows
-without decoding the payload. The payload is opaque here (`encoding.py` writes it). Every backend stores
-values framed this way, and this module is the only one that knows the header's width and byte order.
+without decoding the payload. After it, a 4-byte big-endian length and that many bytes of the row's
+columns (the form Arrow reads take), then the payload (the form Struct reads take). Both are opaque here
+(`encoding.py` writes them). Every backend stores values framed this way, and this module is the only
+one that knows the header's width and byte order and where the columns end.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 HEADER_BYTES = 8
+_COLUMNS_AT = HEADER_BYTES + 4
 _SIGN = np.uint64(1 << 63)
 
 
@@ -39,6 +43,31 @@ def header_micros(value: bytes) -> int:
     return int.from_bytes(value[:HEADER_BYTES], "big") - (1 << 63)
 
 
+def frame(header: bytes, columns: bytes, payload: bytes) -> bytes:
+    """One stored value of its three parts."""
+    return header + len(columns).to_bytes(4, "big") + columns + payload
+
+
+def column_lengths(columns: pa.Array) -> pa.Array:
+    """The 4-byte length prefix of every row's columns, column at a time, as a binary array."""
+    lengths = pc.binary_length(columns).to_numpy(zero_copy_only=False).astype(">u4")
+    n = len(lengths)
+    offsets = np.arange(0, (n + 1) * 4, 4, dtype=np.int32)
+    data = np.ascontiguousarray(lengths.view(np.uint8))
+    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def headers_micros(values: list[bytes]) -> np.ndarray:
+    """The event times in the headers of stored values, as int64 microseconds."""
+    flipped = np.frombuffer(b"".join([v[:HEADER_BYTES] for v in values]), dtype=">u8") ^ _SIGN
+    return flipped.astype(np.uint64).view(np.int64)
+
+
 def payload(value: bytes) -> bytes:
-    """A stored value without its header."""
-    return value[HEADER_BYTES:]
+    """A stored value's payload: what follows its header and columns."""
+    return value[_COLUMNS_AT + int.from_bytes(value[HEADER_BYTES:_COLUMNS_AT], "big") :]
+
+
+def columns(value: bytes) -> bytes:
+    """A stored value's columns."""
+    return value[_COLUMNS_AT : _COLUMNS_AT + int.from_bytes(value[HEADER_BYTES:_COLUMNS_AT], "big")]
