@@ -473,7 +473,8 @@ def encode_rows(
     payload_len = sum(pc.binary_length(p).to_numpy().astype(np.int64) for p in parts)
     features = [FEATURE_VECTOR_FEATURES, varints(payload_len), *parts]
     columns = encode_columns(table, fields)
-    values = _join(time_headers(micros), column_lengths(columns), columns, event_time_fields(micros), *features)
+    head = [time_headers(micros), column_lengths(columns), columns]
+    values = _join(*head, event_time_fields(micros), *features)
     return keys.to_pylist(), values.to_pylist()
 
 
@@ -487,7 +488,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _cell(item: Any, dtype: DType, value: bytes) -> tuple[int | float, bytes]:
-    """The slot and variable part of one non-null value, as encode_columns writes them; `value` is its Value."""
+    """One non-null value's slot and variable part as encode_columns writes them; `value` is its Value."""
     kind = dtype.kind
     if kind is Kind.TIMESTAMP:
         delta = item - _EPOCH
@@ -585,7 +586,7 @@ def decode_columns(
             else:
                 items = column.to_pylist()
                 out[f.name] = pa.array(
-                    [stored_value(item, f.dtype) if ok else None for item, ok in zip(items, column_valid)],
+                    [stored_value(item, f.dtype) if ok else None for item, ok in zip(items, column_valid, strict=True)],
                     arrow_type,
                 )
     return out

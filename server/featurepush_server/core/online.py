@@ -79,7 +79,7 @@ class OnlineReader:
             cutoff = time.time_ns() // 1000 - spec.ttl_micros
             status[(status == _STATUS_PRESENT) & (micros < cutoff)] = _STATUS_EXPIRED
         present = np.flatnonzero(status == _STATUS_PRESENT)
-        rows = found if len(present) == len(found) else [stored[i] for i in present]
+        rows = found if len(present) == len(found) else [found_value(stored[i]) for i in present]
         features = _feature_arrays(rows, spec) if rows else {}
         gather = None
         if len(rows) < n:
@@ -102,7 +102,7 @@ class OnlineReader:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, layout.schema) as writer:
             writer.write_batch(batch)
-        body = sink.getvalue().to_pybytes()
+        body: bytes = sink.getvalue().to_pybytes()
         return GET_FEATURES_ARROW_IPC + varint(len(body)) + body
 
     def _read(
@@ -185,6 +185,12 @@ class OnlineReader:
                 f"{len(violations)} invalid entity key value(s)", violations[:100], reason="INVALID_KEYS"
             )
         return columns, store_keys
+
+
+def found_value(value: bytes | None) -> bytes:
+    """A stored value known to be there."""
+    assert value is not None
+    return value
 
 
 @dataclass(frozen=True)
