@@ -584,9 +584,6 @@ def decode_columns(
                     column = pc.if_else(pa.array(column_valid), column, pa.scalar(None, arrow_type))
                 out[f.name] = column
             else:
-                items = column.to_pylist()
-                out[f.name] = pa.array(
-                    [stored_value(item, f.dtype) if ok else None for item, ok in zip(items, column_valid, strict=True)],
-                    arrow_type,
-                )
+                pairs = zip(column.to_pylist(), column_valid, strict=True)
+                out[f.name] = pa.array([stored_value(v, f.dtype) if ok else None for v, ok in pairs], arrow_type)
     return out
