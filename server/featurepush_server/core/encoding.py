@@ -530,9 +530,7 @@ def encode_columns(table: pa.Table, fields: Sequence[FieldSpec]) -> pa.Array:
     return _join(_binary_from_matrix(fixed), *variable)
 
 
-def decode_columns(
-    stored: Sequence[bytes], fields: Sequence[FieldSpec]
-) -> dict[str, pa.Array] | None:
+def decode_columns(stored: Sequence[bytes], fields: Sequence[FieldSpec]) -> dict[str, pa.Array] | None:
     """The arrays of `fields` from the columns of stored rows; None when a row was stored with other fields.
 
     Rows stored before a field was added carry fewer fields; the caller decodes those from the payload.
@@ -585,5 +583,6 @@ def decode_columns(
                 out[f.name] = column
             else:
                 pairs = zip(column.to_pylist(), column_valid, strict=True)
-                out[f.name] = pa.array([stored_value(v, f.dtype) if ok else None for v, ok in pairs], arrow_type)
+                nested = [stored_value(v, f.dtype) if ok else None for v, ok in pairs]
+                out[f.name] = pa.array(nested, arrow_type)
     return out
