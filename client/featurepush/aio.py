@@ -19,7 +19,7 @@ from google.rpc import status_pb2
 
 from featurepush.auth import PemPath, async_api_key_interceptors, channel_credentials
 from featurepush.batch import BackfillProgress, progress_of, timestamp
-from featurepush.client import ApplyResult, FeatureResult, PushResult
+from featurepush.client import ApplyResult, PushResult
 from featurepush.definitions import StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error, from_status_proto
 from featurepush.payload import (
@@ -29,7 +29,6 @@ from featurepush.payload import (
     PushData,
     PushSchema,
     as_records,
-    feature_results,
     is_columnar,
     push_request,
     push_result,
@@ -44,17 +43,16 @@ from featurepush.pusher import (
     _Batch,
     check_record,
 )
+from featurepush.reads import FeatureResults, get_features_request, read_reply
 from featurepush.v1 import (
     backfill_service_pb2,
     backfill_service_pb2_grpc,
     ingest_service_pb2,
     ingest_service_pb2_grpc,
-    online_service_pb2,
     online_service_pb2_grpc,
     registry_service_pb2,
     registry_service_pb2_grpc,
 )
-from featurepush.values import key_to_struct
 
 __all__ = ["AsyncClient", "AsyncPusher"]
 
@@ -283,23 +281,23 @@ class AsyncClient:
             raise RuntimeError(f"the backfill of {source!r} ended without a final report")
         return last
 
-    async def get_features(self, source: str, keys: Sequence[Mapping[str, Any] | Any]) -> list[FeatureResult]:
-        """The latest record of each key's entity, in key order; keys as Client.get_features takes them."""
+    async def get_features(
+        self, source: str, keys: Sequence[Mapping[str, Any] | Any], *, columnar: bool = True
+    ) -> FeatureResults:
+        """The latest record of each key's entity, in key order; as Client.get_features takes and returns."""
         definition = await self._definition(source)
-        request = online_service_pb2.GetFeaturesRequest(
-            source=source, keys=[key_to_struct(key, definition.entity_keys) for key in keys]
-        )
+        request = get_features_request(source, keys, definition.entity_keys, columnar=columnar)
         try:
             response = await self._call_retrying_overload(self._online.GetFeatures, request)
         except FeaturepushError:
             self._forget(source)
             raise
         try:
-            return feature_results(response, list(definition.schema))
+            return read_reply(response, definition, keys)
         except ValueError:
             # The source may have changed since it was cached; decode with a fresh definition.
             self._forget(source)
-            return feature_results(response, list((await self._definition(source)).schema))
+            return read_reply(response, await self._definition(source), keys)
 
     async def _definition(self, name: str) -> StreamSource:
         cached = self._schemas.get(name)
