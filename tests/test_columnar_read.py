@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pyarrow as pa
 import pytest
-from conftest import Running
+from conftest import Running, start
 from hypothesis import given
 from hypothesis import strategies as st
 from test_properties import (
@@ -20,11 +21,9 @@ from test_properties import (
     TS,
     apply_source,
     batches,
-    client,  # noqa: F401  (a fixture)
     push,
     replicate,
     schemas,
-    server,  # noqa: F401  (a fixture)
     unique_source_name,
 )
 
@@ -33,6 +32,22 @@ from featurepush import types as t
 from featurepush.definitions import StreamSource
 from featurepush.reads import FeatureResults
 from featurepush.v1 import online_service_pb2
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """One server for the module; every test applies a source of its own."""
+    r = start(Path(tmp_path_factory.mktemp("reads")) / "data", fsync="never")
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+@pytest.fixture(scope="module")
+def client(server: Running) -> Client:
+    """A Client over the module server's channel."""
+    return Client.from_channel(server.channel)
 
 
 def same(a: Any, b: Any) -> bool:
@@ -67,7 +82,7 @@ def both_forms(client: Client, source: str, keys: Sequence[Any]) -> tuple[Featur
 @given(data=st.data())
 def test_arrow_reads_what_structs_read(
     client: Client, server: Running, data: st.DataObject, copies: int
-) -> None:  # noqa: F811
+) -> None:
     """Random schemas and values (NaN, infinities, years 1 to 9999, nesting, nulls) read alike both ways."""
     schema = data.draw(schemas(), "schema")
     batch = replicate(data.draw(batches(schema), "batch"), copies)
@@ -79,7 +94,7 @@ def test_arrow_reads_what_structs_read(
     assert columns[-1] == FeatureResult(FeatureStatus.MISSING, None, None)
 
 
-def test_expired_and_missing_read_alike(client: Client) -> None:  # noqa: F811
+def test_expired_and_missing_read_alike(client: Client) -> None:
     name = unique_source_name()
     schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp), t.Field("score", t.Float64)]
     client.apply(
@@ -103,7 +118,7 @@ def test_expired_and_missing_read_alike(client: Client) -> None:  # noqa: F811
     assert table.column("score").to_pylist() == [1.5, None, None]
 
 
-def test_fields_added_later_read_as_null_in_old_rows(client: Client) -> None:  # noqa: F811
+def test_fields_added_later_read_as_null_in_old_rows(client: Client) -> None:
     name = unique_source_name()
     schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp), t.Field("n", t.Int64)]
     client.apply(StreamSource(name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS))
@@ -121,7 +136,7 @@ def test_fields_added_later_read_as_null_in_old_rows(client: Client) -> None:  #
     assert mixed[1].features == {"tags": ["a"], "attrs": {"k": {"x": 0.5}}, KEY: "new", TS: when, "n": 7}
 
 
-def test_entity_keys_of_several_types_are_typed_columns(client: Client) -> None:  # noqa: F811
+def test_entity_keys_of_several_types_are_typed_columns(client: Client) -> None:
     name = unique_source_name()
     schema = [
         t.Field("region", t.String),
@@ -153,7 +168,7 @@ def test_entity_keys_of_several_types_are_typed_columns(client: Client) -> None:
     }  # fmt: skip
 
 
-def test_pandas_and_polars_round_trips(client: Client) -> None:  # noqa: F811
+def test_pandas_and_polars_round_trips(client: Client) -> None:
     pandas = pytest.importorskip("pandas")
     polars = pytest.importorskip("polars")
     name = unique_source_name()
@@ -177,7 +192,7 @@ def test_pandas_and_polars_round_trips(client: Client) -> None:  # noqa: F811
     assert client.push(name, present).counts[name].accepted == 2
 
 
-def test_the_result_is_still_a_list_of_results(client: Client) -> None:  # noqa: F811
+def test_the_result_is_still_a_list_of_results(client: Client) -> None:
     name = unique_source_name()
     schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp)]
     client.apply(StreamSource(name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS))
@@ -186,7 +201,7 @@ def test_the_result_is_still_a_list_of_results(client: Client) -> None:  # noqa:
     assert list(results[0:1]) == list(results) and len(results) == 1
 
 
-def test_an_unknown_response_format_is_refused(server: Running, client: Client) -> None:  # noqa: F811
+def test_an_unknown_response_format_is_refused(server: Running, client: Client) -> None:
     name = unique_source_name()
     client.apply(
         StreamSource(
