@@ -42,6 +42,8 @@ from featurepush.pusher import (
     SchemaLookup,
     _Batch,
     check_record,
+    log_recovered,
+    log_retry,
 )
 from featurepush.reads import FeatureResults, get_features_request, read_reply
 from featurepush.v1 import (
@@ -480,6 +482,8 @@ class AsyncPusher:
                             outbox.put_nowait(batch)
                         self._book.resend.clear()
                         self._backoff.reset()
+                        if failing_since is not None:
+                            log_recovered(self._book.source, time.monotonic() - failing_since)
                         failing_since = None
                         if failure is not None:
                             self._report([failure])
@@ -500,7 +504,9 @@ class AsyncPusher:
                     self._book.stats.reconnects += 1
                     # An overloaded server says when to come back; sooner would only be refused again.
                     retry_after = error.retry_delay_s if error is not None else None
-                    await asyncio.sleep(max(self._backoff.next_delay(), retry_after or 0.0))
+                    delay = max(self._backoff.next_delay(), retry_after or 0.0)
+                    log_retry(self._book.source, error, now - failing_since, delay)
+                    await asyncio.sleep(delay)
                     continue
             final = error or FeaturepushError(grpc.StatusCode.UNAVAILABLE, "the push stream kept ending")
             async with self._changed:
