@@ -45,12 +45,13 @@ from featurepush.pusher import (
     log_recovered,
     log_retry,
 )
-from featurepush.reads import FeatureResults, get_features_request, read_reply
+from featurepush.reads import GET_FEATURES_METHOD, FeatureResults, get_features_request, read_reply
 from featurepush.v1 import (
     backfill_service_pb2,
     backfill_service_pb2_grpc,
     ingest_service_pb2,
     ingest_service_pb2_grpc,
+    online_service_pb2,
     online_service_pb2_grpc,
     registry_service_pb2,
     registry_service_pb2_grpc,
@@ -92,6 +93,12 @@ class AsyncClient:
         self._timeout = timeout
         self._ingest = ingest_service_pb2_grpc.IngestServiceStub(self._channel)
         self._online = online_service_pb2_grpc.OnlineServiceStub(self._channel)
+        # GetFeatures with requests the client serializes itself (featurepush.reads).
+        self._get_features = self._channel.unary_unary(
+            GET_FEATURES_METHOD,
+            request_serializer=None,
+            response_deserializer=online_service_pb2.GetFeaturesResponse.FromString,
+        )
         self._registry = registry_service_pb2_grpc.RegistryServiceStub(self._channel)
         self._backfill = backfill_service_pb2_grpc.BackfillServiceStub(self._channel)
         self._schemas: dict[str, StreamSource] = {}
@@ -290,7 +297,7 @@ class AsyncClient:
         definition = await self._definition(source)
         request = get_features_request(source, keys, definition.entity_keys, columnar=columnar)
         try:
-            response = await self._call_retrying_overload(self._online.GetFeatures, request)
+            response = await self._call_retrying_overload(self._get_features, request)
         except FeaturepushError:
             self._forget(source)
             raise

@@ -20,6 +20,7 @@ from featurepush.definitions import StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error
 from featurepush.v1 import (
     ingest_service_pb2_grpc,
+    online_service_pb2,
     online_service_pb2_grpc,
     registry_service_pb2,
     registry_service_pb2_grpc,
@@ -141,6 +142,12 @@ class Client:
         self._registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
         self._ingest = ingest_service_pb2_grpc.IngestServiceStub(channel)
         self._online = online_service_pb2_grpc.OnlineServiceStub(channel)
+        # GetFeatures with requests the client serializes itself (featurepush.reads).
+        self._get_features = channel.unary_unary(
+            "/featurepush.v1.OnlineService/GetFeatures",
+            request_serializer=None,
+            response_deserializer=online_service_pb2.GetFeaturesResponse.FromString,
+        )
         self._schemas: dict[str, StreamSource] = {}
         self._push_schemas: dict[str, PushSchema] = {}
         self._schemas_lock = threading.Lock()
@@ -352,7 +359,7 @@ class Client:
         definition = self._definition(source)
         request = get_features_request(source, keys, definition.entity_keys, columnar=columnar)
         try:
-            response = self._call_retrying_overload(self._online.GetFeatures, request)
+            response = self._call_retrying_overload(self._get_features, request)
         except FeaturepushError as error:
             if error.code == grpc.StatusCode.NOT_FOUND:
                 self._forget(source)

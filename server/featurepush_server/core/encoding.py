@@ -530,33 +530,29 @@ def encode_columns(table: pa.Table, fields: Sequence[FieldSpec]) -> pa.Array:
     return _join(_binary_from_matrix(fixed), *variable)
 
 
-def decode_columns(stored: Sequence[bytes], fields: Sequence[FieldSpec]) -> dict[str, pa.Array] | None:
-    """The arrays of `fields` from the columns of stored rows; None when a row was stored with other fields.
+def decode_columns(
+    blob: np.ndarray, starts: np.ndarray, lengths: np.ndarray, fields: Sequence[FieldSpec]
+) -> dict[str, pa.Array] | None:
+    """The arrays of `fields` from rows' columns, at `starts` with `lengths` in `blob` (see framing.locate).
 
-    Rows stored before a field was added carry fewer fields; the caller decodes those from the payload.
+    None when a row was stored with other fields (before some were added); the caller reads the payload.
+    Every row is decoded at once with numpy: no Python runs per row but for Array, Map and Struct values.
     """
     ordered = sorted(fields, key=lambda f: f.name.encode())
-    n, width = len(stored), len(ordered)
+    n, width = len(starts), len(ordered)
     fixed_width = 2 + 9 * width
-    fixed = np.frombuffer(b"".join(c[:fixed_width] for c in stored), dtype=np.uint8)
-    if len(fixed) != n * fixed_width:
+    if (lengths < fixed_width).any():
         return None
-    fixed = fixed.reshape(n, fixed_width)
-    if (fixed[:, :2].copy().view("<u2") != width).any():
+    fixed = blob[starts[:, None] + np.arange(fixed_width)]
+    if (fixed[:, :2].copy().view("<u2").ravel() != width).any():
         return None
     slots = np.ascontiguousarray(fixed[:, 2 : 2 + 8 * width]).view("<i8")
     valid = fixed[:, 2 + 8 * width :].astype(bool)
     varying = [j for j, f in enumerate(ordered) if f.dtype.kind not in _INTEGER_SLOTS | _FLOAT_SLOTS]
-    parts = None
     if varying:
-        lengths = slots[:, varying].ravel()
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        data = b"".join(c[fixed_width:] for c in stored)
-        # Row after row: every variable part of the first row, then of the second, and so on.
-        parts = pa.Array.from_buffers(
-            pa.large_binary(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
-        )
+        sizes = slots[:, varying]
+        # Each row's variable parts follow its fixed part, one after another in field order.
+        part_starts = (starts + fixed_width)[:, None] + np.cumsum(sizes, axis=1) - sizes
     out: dict[str, pa.Array] = {}
     for j, f in enumerate(ordered):
         column_valid = valid[:, j]
@@ -571,18 +567,23 @@ def decode_columns(stored: Sequence[bytes], fields: Sequence[FieldSpec]) -> dict
         elif kind is Kind.INT32:
             out[f.name] = pa.array(slots[:, j].astype(np.int32), mask=mask)
         elif kind in _INTEGER_SLOTS:
-            out[f.name] = pa.array(slots[:, j], arrow_type, mask=mask)
+            out[f.name] = pa.array(np.ascontiguousarray(slots[:, j]), arrow_type, mask=mask)
         else:
-            assert parts is not None
             k = varying.index(j)
-            column = parts if len(varying) == 1 else parts.take(np.arange(k, len(parts), len(varying)))
+            size = sizes[:, k]
+            offsets = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(size, out=offsets[1:])
+            # The bytes of this field's parts, gathered from every row into one buffer.
+            data = blob[np.repeat(part_starts[:, k] - offsets[:-1], size) + np.arange(offsets[-1])]
             if kind is Kind.STRING or kind is Kind.BYTES:
-                column = pc.cast(column, arrow_type)
-                if mask is not None:
-                    column = pc.if_else(pa.array(column_valid), column, pa.scalar(None, arrow_type))
-                out[f.name] = column
+                validity = None if mask is None else pa.array(column_valid).buffers()[1]
+                buffers = [validity, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
+                out[f.name] = pa.Array.from_buffers(arrow_type, n, buffers)
             else:
-                pairs = zip(column.to_pylist(), column_valid, strict=True)
-                nested = [stored_value(v, f.dtype) if ok else None for v, ok in pairs]
+                raw = data.tobytes()
+                nested = [
+                    stored_value(raw[offsets[i] : offsets[i + 1]], f.dtype) if column_valid[i] else None
+                    for i in range(n)
+                ]
                 out[f.name] = pa.array(nested, arrow_type)
     return out

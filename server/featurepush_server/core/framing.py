@@ -10,6 +10,8 @@ one that knows the header's width and byte order and where the columns end.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -57,17 +59,21 @@ def column_lengths(columns: pa.Array) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
-def headers_micros(values: list[bytes]) -> np.ndarray:
-    """The event times in the headers of stored values, as int64 microseconds."""
-    flipped = np.frombuffer(b"".join([v[:HEADER_BYTES] for v in values]), dtype=">u8") ^ _SIGN
-    return flipped.astype(np.uint64).view(np.int64)
+def locate(values: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Stored values joined as one uint8 array, with each one's event time and its columns' start and length.
+
+    Many rows are taken apart this way with a few numpy operations and no Python per row.
+    """
+    blob = np.frombuffer(b"".join(values), dtype=np.uint8)
+    sizes = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    starts = np.zeros(len(values), dtype=np.int64)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    headers = blob[starts[:, None] + np.arange(HEADER_BYTES)].view(">u8").ravel() ^ _SIGN
+    micros = headers.astype(np.uint64).view(np.int64)
+    lengths = blob[(starts + HEADER_BYTES)[:, None] + np.arange(4)].view(">u4").ravel().astype(np.int64)
+    return blob, micros, starts + _COLUMNS_AT, lengths
 
 
 def payload(value: bytes) -> bytes:
     """A stored value's payload: what follows its header and columns."""
     return value[_COLUMNS_AT + int.from_bytes(value[HEADER_BYTES:_COLUMNS_AT], "big") :]
-
-
-def columns(value: bytes) -> bytes:
-    """A stored value's columns."""
-    return value[_COLUMNS_AT : _COLUMNS_AT + int.from_bytes(value[HEADER_BYTES:_COLUMNS_AT], "big")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from featurepush.v1 import online_service_pb2
 
 from .encoding import decode_columns, event_time_length, key_part, null_entry, python_key, with_late_nulls
 from .errors import InvalidInput, LimitExceeded, Violation
-from .framing import columns, header_micros, headers_micros, payload
+from .framing import header_micros, locate, payload
 from .registry import Registry, Source
 from .rows import BadValue, rows_to_table, scalar_converter
 from .schema import ARROW_TIMESTAMP, FieldSpec, Kind, SourceSpec
@@ -66,26 +65,34 @@ class OnlineReader:
         spec = source.spec
         n = len(stored)
         found = [v for v in stored if v is not None]
-        micros = np.zeros(n, dtype=np.int64)
+        blob, found_micros, starts, lengths = locate(found)
         status = np.full(n, _STATUS_MISSING, dtype=np.int8)
         if len(found) == n:
             is_found = None
-            micros[:] = headers_micros(found)
+            micros = found_micros
+            status[:] = _STATUS_PRESENT
         else:
             is_found = np.array([v is not None for v in stored], dtype=bool)
-            micros[is_found] = headers_micros(found)
-        status[is_found if is_found is not None else slice(None)] = _STATUS_PRESENT
+            micros = np.zeros(n, dtype=np.int64)
+            micros[is_found] = found_micros
+            status[is_found] = _STATUS_PRESENT
+        keep = None
         if spec.ttl_micros:
             cutoff = time.time_ns() // 1000 - spec.ttl_micros
-            status[(status == _STATUS_PRESENT) & (micros < cutoff)] = _STATUS_EXPIRED
+            fresh = found_micros >= cutoff
+            if not fresh.all():
+                keep = fresh
+                status[(status == _STATUS_PRESENT) & (micros < cutoff)] = _STATUS_EXPIRED
         present = np.flatnonzero(status == _STATUS_PRESENT)
-        rows = found if len(present) == len(found) else [found_value(stored[i]) for i in present]
-        features = _feature_arrays(rows, spec) if rows else {}
+        if keep is not None:
+            found = [v for v, ok in zip(found, keep, strict=True) if ok]
+            starts, lengths = starts[keep], lengths[keep]
+        features = _feature_arrays(found, blob, starts, lengths, spec) if found else {}
         gather = None
-        if len(rows) < n:
+        if len(found) < n:
             # Rows without features take the null at the end of each present-row array.
-            gather = np.full(n, len(rows), dtype=np.int64)
-            gather[present] = np.arange(len(rows))
+            gather = np.full(n, len(found), dtype=np.int64)
+            gather[present] = np.arange(len(found))
         layout = read_layout(spec)
         arrays = [pa.array(k, layout.schema.field(i).type) for i, k in enumerate(key_columns)]
         arrays.append(pa.array(status, pa.int8()))
@@ -187,12 +194,6 @@ class OnlineReader:
         return columns, store_keys
 
 
-def found_value(value: bytes | None) -> bytes:
-    """A stored value known to be there."""
-    assert value is not None
-    return value
-
-
 @dataclass(frozen=True)
 class ReadLayout:
     """The columns of an Arrow read of one source: its schema, and the feature fields after the keys."""
@@ -201,9 +202,23 @@ class ReadLayout:
     features: tuple[FieldSpec, ...]
 
 
-@functools.lru_cache(maxsize=256)
+# Layouts by the identity of their spec: hashing a spec walks its whole type tree, on every read.
+_LAYOUTS: dict[int, tuple[SourceSpec, ReadLayout]] = {}
+
+
 def read_layout(spec: SourceSpec) -> ReadLayout:
     """The Arrow read's columns: entity keys, status, event_time, then the other fields in schema order."""
+    cached = _LAYOUTS.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    layout = _layout(spec)
+    if len(_LAYOUTS) >= 1024:
+        _LAYOUTS.clear()
+    _LAYOUTS[id(spec)] = (spec, layout)
+    return layout
+
+
+def _layout(spec: SourceSpec) -> ReadLayout:
     keys = [spec.field(name) for name in spec.entity_keys]
     features = tuple(f for f in spec.fields if f.name not in spec.entity_keys)
     taken = {f.name for f in spec.fields}
@@ -223,9 +238,11 @@ def read_layout(spec: SourceSpec) -> ReadLayout:
     return ReadLayout(pa.schema(fields), features)
 
 
-def _feature_arrays(rows: Sequence[bytes], spec: SourceSpec) -> dict[str, pa.Array]:
+def _feature_arrays(
+    rows: Sequence[bytes], blob: np.ndarray, starts: np.ndarray, lengths: np.ndarray, spec: SourceSpec
+) -> dict[str, pa.Array]:
     """The fields of present stored rows, column at a time; from the payload when columns lack a field."""
-    decoded = decode_columns([columns(v) for v in rows], spec.fields)
+    decoded = decode_columns(blob, starts, lengths, spec.fields)
     if decoded is not None:
         return decoded
     # Rows stored before fields were added: their Structs, with the missing fields as null.
