@@ -22,6 +22,7 @@ import base64
 import math
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -530,16 +531,50 @@ def encode_columns(table: pa.Table, fields: Sequence[FieldSpec]) -> pa.Array:
     return _join(_binary_from_matrix(fixed), *variable)
 
 
+# How decode_columns reads a field's slot.
+_READ_FLOAT64, _READ_FLOAT32, _READ_BOOL, _READ_INT32, _READ_INT64, _READ_BINARY, _READ_NESTED = range(7)
+
+
+@dataclass(frozen=True)
+class ColumnsPlan:
+    """What decoding rows' columns needs of a schema, worked out once: fields in name order, their reads."""
+
+    fields: tuple[FieldSpec, ...]
+    reads: tuple[int, ...]
+    arrow_types: tuple[pa.DataType, ...]
+    varying: tuple[int, ...]
+
+    @classmethod
+    def of(cls, fields: Sequence[FieldSpec]) -> ColumnsPlan:
+        ordered = tuple(sorted(fields, key=lambda f: f.name.encode()))
+        reads = tuple(_read_of(f.dtype.kind) for f in ordered)
+        varying = tuple(j for j, r in enumerate(reads) if r in (_READ_BINARY, _READ_NESTED))
+        return cls(ordered, reads, tuple(f.dtype.to_arrow() for f in ordered), varying)
+
+
+def _read_of(kind: Kind) -> int:
+    if kind is Kind.FLOAT64:
+        return _READ_FLOAT64
+    if kind is Kind.FLOAT32:
+        return _READ_FLOAT32
+    if kind is Kind.BOOL:
+        return _READ_BOOL
+    if kind is Kind.INT32:
+        return _READ_INT32
+    if kind in _INTEGER_SLOTS:
+        return _READ_INT64
+    return _READ_BINARY if kind in (Kind.STRING, Kind.BYTES) else _READ_NESTED
+
+
 def decode_columns(
-    blob: np.ndarray, starts: np.ndarray, lengths: np.ndarray, fields: Sequence[FieldSpec]
+    blob: np.ndarray, starts: np.ndarray, lengths: np.ndarray, plan: ColumnsPlan
 ) -> dict[str, pa.Array] | None:
-    """The arrays of `fields` from rows' columns, at `starts` with `lengths` in `blob` (see framing.locate).
+    """The plan's fields from rows' columns, at `starts` with `lengths` in `blob` (see framing.locate).
 
     None when a row was stored with other fields (before some were added); the caller reads the payload.
     Every row is decoded at once with numpy: no Python runs per row but for Array, Map and Struct values.
     """
-    ordered = sorted(fields, key=lambda f: f.name.encode())
-    n, width = len(starts), len(ordered)
+    n, width = len(starts), len(plan.fields)
     fixed_width = 2 + 9 * width
     if (lengths < fixed_width).any():
         return None
@@ -548,41 +583,39 @@ def decode_columns(
         return None
     slots = np.ascontiguousarray(fixed[:, 2 : 2 + 8 * width]).view("<i8")
     valid = fixed[:, 2 + 8 * width :].astype(bool)
-    varying = [j for j, f in enumerate(ordered) if f.dtype.kind not in _INTEGER_SLOTS | _FLOAT_SLOTS]
-    if varying:
-        sizes = slots[:, varying]
+    all_valid: np.ndarray = np.asarray(valid.all(axis=0))
+    if plan.varying:
+        sizes = slots[:, plan.varying]
         # Each row's variable parts follow its fixed part, one after another in field order.
         part_starts = (starts + fixed_width)[:, None] + np.cumsum(sizes, axis=1) - sizes
     out: dict[str, pa.Array] = {}
-    for j, f in enumerate(ordered):
-        column_valid = valid[:, j]
-        mask = None if column_valid.all() else ~column_valid
-        kind = f.dtype.kind
-        arrow_type = f.dtype.to_arrow()
-        if kind in _FLOAT_SLOTS:
-            values = slots[:, j].view("<f8")
-            out[f.name] = pa.array(values.astype(np.float32) if kind is Kind.FLOAT32 else values, mask=mask)
-        elif kind is Kind.BOOL:
+    for j, (f, read, arrow_type) in enumerate(zip(plan.fields, plan.reads, plan.arrow_types, strict=True)):
+        mask = None if all_valid[j] else ~valid[:, j]
+        if read == _READ_FLOAT64:
+            out[f.name] = pa.array(slots[:, j].view("<f8"), mask=mask)
+        elif read == _READ_FLOAT32:
+            out[f.name] = pa.array(slots[:, j].view("<f8").astype(np.float32), mask=mask)
+        elif read == _READ_BOOL:
             out[f.name] = pa.array(slots[:, j] != 0, mask=mask)
-        elif kind is Kind.INT32:
+        elif read == _READ_INT32:
             out[f.name] = pa.array(slots[:, j].astype(np.int32), mask=mask)
-        elif kind in _INTEGER_SLOTS:
+        elif read == _READ_INT64:
             out[f.name] = pa.array(np.ascontiguousarray(slots[:, j]), arrow_type, mask=mask)
         else:
-            k = varying.index(j)
+            k = plan.varying.index(j)
             size = sizes[:, k]
             offsets = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(size, out=offsets[1:])
             # The bytes of this field's parts, gathered from every row into one buffer.
             data = blob[np.repeat(part_starts[:, k] - offsets[:-1], size) + np.arange(offsets[-1])]
-            if kind is Kind.STRING or kind is Kind.BYTES:
-                validity = None if mask is None else pa.array(column_valid).buffers()[1]
+            if read == _READ_BINARY:
+                validity = None if mask is None else pa.array(valid[:, j]).buffers()[1]
                 buffers = [validity, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
                 out[f.name] = pa.Array.from_buffers(arrow_type, n, buffers)
             else:
                 raw = data.tobytes()
                 nested = [
-                    stored_value(raw[offsets[i] : offsets[i + 1]], f.dtype) if column_valid[i] else None
+                    stored_value(raw[offsets[i] : offsets[i + 1]], f.dtype) if valid[i, j] else None
                     for i in range(n)
                 ]
                 out[f.name] = pa.array(nested, arrow_type)

@@ -13,7 +13,15 @@ from google.protobuf import struct_pb2
 
 from featurepush.v1 import online_service_pb2
 
-from .encoding import decode_columns, event_time_length, key_part, null_entry, python_key, with_late_nulls
+from .encoding import (
+    ColumnsPlan,
+    decode_columns,
+    event_time_length,
+    key_part,
+    null_entry,
+    python_key,
+    with_late_nulls,
+)
 from .errors import InvalidInput, LimitExceeded, Violation
 from .framing import header_micros, locate, payload
 from .registry import Registry, Source
@@ -25,6 +33,8 @@ from .wire import FEATURE_VECTOR_STATUS, GET_FEATURES_ARROW_IPC, GET_FEATURES_RE
 _MISSING = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_MISSING])
 _PRESENT = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_PRESENT])
 _EXPIRED = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_EXPIRED])
+# The Arrow IPC end-of-stream marker: a continuation token and a zero length.
+_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _STATUS_PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
 _STATUS_MISSING = online_service_pb2.FEATURE_STATUS_MISSING
 _STATUS_EXPIRED = online_service_pb2.FEATURE_STATUS_EXPIRED
@@ -87,13 +97,13 @@ class OnlineReader:
         if keep is not None:
             found = [v for v, ok in zip(found, keep, strict=True) if ok]
             starts, lengths = starts[keep], lengths[keep]
-        features = _feature_arrays(found, blob, starts, lengths, spec) if found else {}
+        layout = read_layout(spec)
+        features = _feature_arrays(found, blob, starts, lengths, spec, layout.plan) if found else {}
         gather = None
         if len(found) < n:
             # Rows without features take the null at the end of each present-row array.
             gather = np.full(n, len(found), dtype=np.int64)
             gather[present] = np.arange(len(found))
-        layout = read_layout(spec)
         arrays = [pa.array(k, layout.schema.field(i).type) for i, k in enumerate(key_columns)]
         arrays.append(pa.array(status, pa.int8()))
         arrays.append(pa.array(micros, ARROW_TIMESTAMP, mask=None if is_found is None else ~is_found))
@@ -106,10 +116,8 @@ class OnlineReader:
             else:
                 arrays.append(pa.concat_arrays([column, pa.nulls(1, column.type)]).take(gather))
         batch = pa.RecordBatch.from_arrays(arrays, schema=layout.schema)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, layout.schema) as writer:
-            writer.write_batch(batch)
-        body: bytes = sink.getvalue().to_pybytes()
+        # An IPC stream is the schema's message, the batch's, then the end-of-stream marker.
+        body: bytes = layout.schema_message + batch.serialize().to_pybytes() + _END_OF_STREAM
         return GET_FEATURES_ARROW_IPC + varint(len(body)) + body
 
     def _read(
@@ -200,6 +208,8 @@ class ReadLayout:
 
     schema: pa.Schema
     features: tuple[FieldSpec, ...]
+    plan: ColumnsPlan
+    schema_message: bytes
 
 
 # Layouts by the identity of their spec: hashing a spec walks its whole type tree, on every read.
@@ -235,14 +245,20 @@ def _layout(spec: SourceSpec) -> ReadLayout:
     fields.append(pa.field(status, pa.int8(), nullable=False))
     fields.append(pa.field(event_time, ARROW_TIMESTAMP))
     fields += [pa.field(f.name, f.dtype.to_arrow()) for f in features]
-    return ReadLayout(pa.schema(fields), features)
+    schema = pa.schema(fields)
+    return ReadLayout(schema, features, ColumnsPlan.of(spec.fields), schema.serialize().to_pybytes())
 
 
 def _feature_arrays(
-    rows: Sequence[bytes], blob: np.ndarray, starts: np.ndarray, lengths: np.ndarray, spec: SourceSpec
+    rows: Sequence[bytes],
+    blob: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    spec: SourceSpec,
+    plan: ColumnsPlan,
 ) -> dict[str, pa.Array]:
     """The fields of present stored rows, column at a time; from the payload when columns lack a field."""
-    decoded = decode_columns(blob, starts, lengths, spec.fields)
+    decoded = decode_columns(blob, starts, lengths, plan)
     if decoded is not None:
         return decoded
     # Rows stored before fields were added: their Structs, with the missing fields as null.
