@@ -591,16 +591,20 @@ def decode_columns(
     out: dict[str, pa.Array] = {}
     for j, (f, read, arrow_type) in enumerate(zip(plan.fields, plan.reads, plan.arrow_types, strict=True)):
         mask = None if all_valid[j] else ~valid[:, j]
-        if read == _READ_FLOAT64:
-            out[f.name] = pa.array(slots[:, j].view("<f8"), mask=mask)
-        elif read == _READ_FLOAT32:
-            out[f.name] = pa.array(slots[:, j].view("<f8").astype(np.float32), mask=mask)
-        elif read == _READ_BOOL:
+        validity = None if mask is None else pa.array(valid[:, j]).buffers()[1]
+        if read == _READ_BOOL:
             out[f.name] = pa.array(slots[:, j] != 0, mask=mask)
-        elif read == _READ_INT32:
-            out[f.name] = pa.array(slots[:, j].astype(np.int32), mask=mask)
-        elif read == _READ_INT64:
-            out[f.name] = pa.array(np.ascontiguousarray(slots[:, j]), arrow_type, mask=mask)
+        elif read != _READ_BINARY and read != _READ_NESTED:
+            column = slots[:, j]
+            if read == _READ_FLOAT64:
+                column = column.view("<f8")
+            elif read == _READ_FLOAT32:
+                column = column.view("<f8").astype(np.float32)
+            elif read == _READ_INT32:
+                column = column.astype(np.int32)
+            # The slots are the values' own bytes: the array wraps them as they are.
+            data = pa.py_buffer(np.ascontiguousarray(column))
+            out[f.name] = pa.Array.from_buffers(arrow_type, n, [validity, data])
         else:
             k = plan.varying.index(j)
             size = sizes[:, k]
@@ -609,7 +613,6 @@ def decode_columns(
             # The bytes of this field's parts, gathered from every row into one buffer.
             data = blob[np.repeat(part_starts[:, k] - offsets[:-1], size) + np.arange(offsets[-1])]
             if read == _READ_BINARY:
-                validity = None if mask is None else pa.array(valid[:, j]).buffers()[1]
                 buffers = [validity, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
                 out[f.name] = pa.Array.from_buffers(arrow_type, n, buffers)
             else:
