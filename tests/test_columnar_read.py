@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import math
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ from test_properties import (
 
 from featurepush import Client, FeatureResult, FeatureStatus
 from featurepush import types as t
+from featurepush.aio import AsyncClient
 from featurepush.definitions import StreamSource
 from featurepush.reads import FeatureResults
 from featurepush.v1 import online_service_pb2
@@ -217,3 +219,22 @@ def test_an_unknown_response_format_is_refused(server: Running, client: Client) 
         server.online.GetFeatures(request)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "response_format" in (e.value.details() or "")
+
+
+def test_the_async_client_reads_the_same_columns(server: Running, client: Client) -> None:
+    name = unique_source_name()
+    xs = t.Field("xs", t.Array(t.Int32), nullable=True)
+    schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp), xs]
+    client.apply(StreamSource(name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS))
+    when = dt.datetime(1000, 1, 1, tzinfo=dt.UTC)
+    client.push(name, [{KEY: "a", TS: when, "xs": [1, -2]}, {KEY: "b", TS: when, "xs": None}])
+    keys = ["a", "b", "c"]
+
+    async def read() -> tuple[FeatureResults, FeatureResults]:
+        async with AsyncClient(server.target) as aio:
+            return await aio.get_features(name, keys), await aio.get_features(name, keys, columnar=False)
+
+    columns, structs = asyncio.run(read())
+    assert columns.to_arrow().equals(client.get_features(name, keys).to_arrow())
+    assert list(columns) == list(structs) == list(client.get_features(name, keys))
+    assert columns[0].features == {KEY: "a", TS: when, "xs": [1, -2]}
