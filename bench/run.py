@@ -103,6 +103,14 @@ def get_bytes(worker: int, n: int) -> bytes:
 def _client_throughput(target: str, scenario: str, worker: int, seconds: float) -> tuple[int, float]:
     """Rows pushed and seconds taken by one process using the featurepush Client as a user would."""
     with Client(target, channel_options=CHANNEL_OPTIONS) as client:
+        if scenario == "client_get":
+            # The raw scenario's very keys; the call returns FeatureResults, its rows built on first use.
+            keys = [f"w{worker}-u{i}" for i in range(100)]
+            client.get_features(SOURCE, keys)  # warm the connection and the schema cache
+            got, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                got += len(client.get_features(SOURCE, keys))
+            return got, time.perf_counter() - start
         if scenario == "client_pusher":
             records = rows(worker, 10_000)
             with client.pusher(SOURCE, max_rows=1000) as pusher:
@@ -179,6 +187,19 @@ def latencies(target: str, method_name: str, payload: bytes) -> tuple[float, flo
         for _ in range(LATENCY_CALLS):
             start = time.perf_counter()
             method(payload)
+            times.append((time.perf_counter() - start) * 1000)
+    cuts = statistics.quantiles(times, n=100)
+    return cuts[49], cuts[98]
+
+
+def client_get_latencies(target: str) -> tuple[float, float]:
+    """p50 and p99 in milliseconds of serial Client.get_features calls for one key."""
+    with Client(target) as client:
+        client.get_features(SOURCE, ["w0-u0"])
+        times = []
+        for _ in range(LATENCY_CALLS):
+            start = time.perf_counter()
+            client.get_features(SOURCE, ["w0-u0"])
             times.append((time.perf_counter() - start) * 1000)
     cuts = statistics.quantiles(times, n=100)
     return cuts[49], cuts[98]
@@ -359,6 +380,13 @@ def main() -> None:
             )
             _, get_p99 = latencies(target, GET, get_bytes(0, 1))
             results.append(result("get_one_p99_ms", get_p99, "ms", empty_get_p99))
+            # Reads through the client, against the raw requests of the same run as ceiling.
+            raw_get = results[-2].value
+            results.append(
+                result("client_get_features", throughput(pool, target, "client_get"), "keys/s", raw_get)
+            )
+            _, client_get_p99 = client_get_latencies(target)
+            results.append(result("client_get_one_p99_ms", client_get_p99, "ms", get_p99))
 
             fast, fast_target = start_featurepush(folder / "never", "never")
             processes.append(fast)

@@ -46,7 +46,7 @@ def test_both_encoders_agree_byte_for_byte(data: st.DataObject) -> None:
     )
     assert columns == by_row
     for value in columns[1]:
-        vector = online_service_pb2.FeatureVector.FromString(value[8:])
+        vector = online_service_pb2.FeatureVector.FromString(payload(value))
         assert set(vector.features.fields) == {f.name for f in spec.fields}
         assert vector.event_time.ToMicroseconds() == header_micros(value)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import re
 import threading
 import time
 from pathlib import Path
@@ -120,7 +122,10 @@ def test_unencodable_record_is_refused_by_add(client: Client) -> None:
         p.add({"user_id": object()})
 
 
-def test_pusher_resends_through_a_server_restart_without_doubling(tmp_path: Path) -> None:
+def test_pusher_resends_through_a_server_restart_without_doubling(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="featurepush.pusher")
     data_dir = tmp_path / "data"
     first = start(data_dir)
     first.registry.ApplySource(
@@ -150,6 +155,21 @@ def test_pusher_resends_through_a_server_restart_without_doubling(tmp_path: Path
             counts = (stats.batches, stats.records, stats.accepted, stats.written, stats.failed_batches)
             assert counts == (8, 400, 400, 400, 0)
             assert stats.reconnects >= 1
+            # Every retry says so at WARNING, with how long the batches have waited; the recovery once.
+            messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            retries = [m for m in messages if "broke" in m]
+            assert len(retries) == stats.reconnects
+            assert all(
+                re.fullmatch(
+                    r"push stream to ad_impressions broke \(\w+\); retrying for \d+\.\ds, next in \d+\.\d\ds",
+                    m,
+                )
+                for m in retries
+            ), retries
+            recovered = [m for m in messages if "recovered" in m]
+            assert len(recovered) == 1 and recovered[0].startswith(
+                "push stream to ad_impressions recovered after"
+            )
             assert all(status == FeatureStatus.PRESENT for status, _ in features(client, 400))
             # One idempotency record per batch: no batch was written under two ids.
             db = second.store._db

@@ -46,16 +46,13 @@ def test_a_new_data_directory_gets_the_current_format(tmp_path: Path) -> None:
     assert _version(tmp_path / "db") == FORMAT_VERSION
 
 
-def test_a_directory_from_before_the_version_is_read_as_format_one(tmp_path: Path) -> None:
-    # Data without a version key was written in the layout of format 1, which this build reads.
-    assert UNVERSIONED_FORMAT == FORMAT_VERSION == 1
+def test_a_directory_from_before_the_version_is_refused_as_format_one(tmp_path: Path) -> None:
+    # Data without a version key was written in format 1, whose stored values lack the row's columns.
+    assert UNVERSIONED_FORMAT == 1 < FORMAT_VERSION
     _plant(tmp_path / "db", {SOURCE + b"old": b"\x00\x00\x00\x07"})
-    store = RocksDBStore(tmp_path / "db")
-    try:
-        assert store.get_source("old") == (7, b"")
-    finally:
-        store.close()
-    assert _version(tmp_path / "db") == 1
+    with pytest.raises(StoreFormatError, match="written in store format 1; .* reads format 2"):
+        RocksDBStore(tmp_path / "db")
+    assert _version(tmp_path / "db") is None
 
 
 @pytest.mark.parametrize(

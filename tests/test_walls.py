@@ -12,6 +12,8 @@ from google.protobuf.descriptor import FieldDescriptor
 
 import featurepush.v1.backfill_service_pb2
 import featurepush.v1.online_service_pb2  # noqa: F401 - registers the messages the tags belong to
+from featurepush import reads
+from featurepush.v1 import online_service_pb2
 from featurepush_server.core import wire
 
 _WIRE_TYPES = {
@@ -85,3 +87,19 @@ def test_hand_written_tag_matches_the_descriptor(constant: str, field: tuple[str
     descriptor = descriptor_pool.Default().FindMessageTypeByName(message).fields_by_name[name]
     wire_type = _WIRE_TYPES.get(descriptor.type, 0)
     assert getattr(wire, constant) == wire.varint(descriptor.number << 3 | wire_type)
+
+
+@pytest.mark.parametrize(("constant", "field"), sorted(reads.TAGS.items()))
+def test_the_clients_hand_written_tag_matches_the_descriptor(constant: str, field: tuple[str, str]) -> None:
+    message, name = field
+    descriptor = descriptor_pool.Default().FindMessageTypeByName(message).fields_by_name[name]
+    wire_type = _WIRE_TYPES.get(descriptor.type, 0)
+    assert getattr(reads, constant) == wire.varint(descriptor.number << 3 | wire_type)
+
+
+def test_the_clients_hand_written_request_parses_as_the_keys() -> None:
+    keys = ["", "u1", "é" * 200, "k" * 300, {"user_id": "u2"}]
+    data = reads.get_features_request("s", keys, ["user_id"], columnar=True)
+    request = online_service_pb2.GetFeaturesRequest.FromString(data)
+    assert request.source == "s" and request.response_format == online_service_pb2.RESPONSE_FORMAT_ARROW
+    assert [dict(k) for k in request.keys] == [{"user_id": k} for k in keys[:4]] + [{"user_id": "u2"}]

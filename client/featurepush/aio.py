@@ -19,7 +19,7 @@ from google.rpc import status_pb2
 
 from featurepush.auth import PemPath, async_api_key_interceptors, channel_credentials
 from featurepush.batch import BackfillProgress, progress_of, timestamp
-from featurepush.client import ApplyResult, FeatureResult, PushResult
+from featurepush.client import ApplyResult, PushResult
 from featurepush.definitions import StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error, from_status_proto
 from featurepush.payload import (
@@ -29,7 +29,6 @@ from featurepush.payload import (
     PushData,
     PushSchema,
     as_records,
-    feature_results,
     is_columnar,
     push_request,
     push_result,
@@ -43,7 +42,10 @@ from featurepush.pusher import (
     SchemaLookup,
     _Batch,
     check_record,
+    log_recovered,
+    log_retry,
 )
+from featurepush.reads import GET_FEATURES_METHOD, FeatureResults, get_features_request, read_reply
 from featurepush.v1 import (
     backfill_service_pb2,
     backfill_service_pb2_grpc,
@@ -54,7 +56,6 @@ from featurepush.v1 import (
     registry_service_pb2,
     registry_service_pb2_grpc,
 )
-from featurepush.values import key_to_struct
 
 __all__ = ["AsyncClient", "AsyncPusher"]
 
@@ -92,6 +93,12 @@ class AsyncClient:
         self._timeout = timeout
         self._ingest = ingest_service_pb2_grpc.IngestServiceStub(self._channel)
         self._online = online_service_pb2_grpc.OnlineServiceStub(self._channel)
+        # GetFeatures with requests the client serializes itself (featurepush.reads).
+        self._get_features = self._channel.unary_unary(
+            GET_FEATURES_METHOD,
+            request_serializer=None,
+            response_deserializer=online_service_pb2.GetFeaturesResponse.FromString,
+        )
         self._registry = registry_service_pb2_grpc.RegistryServiceStub(self._channel)
         self._backfill = backfill_service_pb2_grpc.BackfillServiceStub(self._channel)
         self._schemas: dict[str, StreamSource] = {}
@@ -283,23 +290,23 @@ class AsyncClient:
             raise RuntimeError(f"the backfill of {source!r} ended without a final report")
         return last
 
-    async def get_features(self, source: str, keys: Sequence[Mapping[str, Any] | Any]) -> list[FeatureResult]:
-        """The latest record of each key's entity, in key order; keys as Client.get_features takes them."""
+    async def get_features(
+        self, source: str, keys: Sequence[Mapping[str, Any] | Any], *, columnar: bool = True
+    ) -> FeatureResults:
+        """The latest record of each key's entity, in key order; as Client.get_features takes and returns."""
         definition = await self._definition(source)
-        request = online_service_pb2.GetFeaturesRequest(
-            source=source, keys=[key_to_struct(key, definition.entity_keys) for key in keys]
-        )
+        request = get_features_request(source, keys, definition.entity_keys, columnar=columnar)
         try:
-            response = await self._call_retrying_overload(self._online.GetFeatures, request)
+            response = await self._call_retrying_overload(self._get_features, request)
         except FeaturepushError:
             self._forget(source)
             raise
         try:
-            return feature_results(response, list(definition.schema))
+            return read_reply(response, definition, keys)
         except ValueError:
             # The source may have changed since it was cached; decode with a fresh definition.
             self._forget(source)
-            return feature_results(response, list((await self._definition(source)).schema))
+            return read_reply(response, await self._definition(source), keys)
 
     async def _definition(self, name: str) -> StreamSource:
         cached = self._schemas.get(name)
@@ -482,6 +489,8 @@ class AsyncPusher:
                             outbox.put_nowait(batch)
                         self._book.resend.clear()
                         self._backoff.reset()
+                        if failing_since is not None:
+                            log_recovered(self._book.source, time.monotonic() - failing_since)
                         failing_since = None
                         if failure is not None:
                             self._report([failure])
@@ -502,7 +511,9 @@ class AsyncPusher:
                     self._book.stats.reconnects += 1
                     # An overloaded server says when to come back; sooner would only be refused again.
                     retry_after = error.retry_delay_s if error is not None else None
-                    await asyncio.sleep(max(self._backoff.next_delay(), retry_after or 0.0))
+                    delay = max(self._backoff.next_delay(), retry_after or 0.0)
+                    log_retry(self._book.source, error, now - failing_since, delay)
+                    await asyncio.sleep(delay)
                     continue
             final = error or FeaturepushError(grpc.StatusCode.UNAVAILABLE, "the push stream kept ending")
             async with self._changed:

@@ -18,7 +18,6 @@ import grpc
 from featurepush.auth import ApiKeyInterceptor, PemPath, channel_credentials
 from featurepush.definitions import FeatureService, StreamFeatureView, StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error
-from featurepush.types import Field
 from featurepush.v1 import (
     feature_view_service_pb2,
     feature_view_service_pb2_grpc,
@@ -28,7 +27,6 @@ from featurepush.v1 import (
     registry_service_pb2,
     registry_service_pb2_grpc,
 )
-from featurepush.values import key_to_struct
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -36,6 +34,7 @@ if TYPE_CHECKING:
     from featurepush.batch import BackfillProgress
     from featurepush.payload import PushSchema
     from featurepush.pusher import Pusher
+    from featurepush.reads import FeatureResults
     from featurepush.views import ViewFeatureValue
 
 __all__ = [
@@ -180,6 +179,12 @@ class Client:
         self._ingest = ingest_service_pb2_grpc.IngestServiceStub(channel)
         self._online = online_service_pb2_grpc.OnlineServiceStub(channel)
         self._views = feature_view_service_pb2_grpc.FeatureViewServiceStub(channel)
+        # GetFeatures with requests the client serializes itself (featurepush.reads).
+        self._get_features = channel.unary_unary(
+            "/featurepush.v1.OnlineService/GetFeatures",
+            request_serializer=None,
+            response_deserializer=online_service_pb2.GetFeaturesResponse.FromString,
+        )
         self._schemas: dict[str, StreamSource] = {}
         self._push_schemas: dict[str, PushSchema] = {}
         self._schemas_lock = threading.Lock()
@@ -395,29 +400,34 @@ class Client:
 
     # Online reads.
 
-    def get_features(self, source: str, keys: Sequence[Mapping[str, Any] | Any]) -> list[FeatureResult]:
+    def get_features(
+        self, source: str, keys: Sequence[Mapping[str, Any] | Any], *, columnar: bool = True
+    ) -> FeatureResults:
         """Returns the latest record of each key's entity, in key order.
 
         A key is a mapping of entity key fields, a tuple matched to the source's entity_keys in order, or a
-        single value when the source has one entity key. Features are decoded by the source's schema.
+        single value when the source has one entity key. The result is a sequence of FeatureResult, features
+        decoded by the source's schema, and also columns: to_arrow(), to_pandas(), to_polars() (see
+        featurepush.reads.FeatureResults). The server answers with one Arrow record batch, or with Structs
+        when `columnar` is false (or when it is a server that predates the Arrow form).
         """
+        from featurepush.reads import get_features_request, read_reply
+
         definition = self._definition(source)
-        request = online_service_pb2.GetFeaturesRequest(
-            source=source, keys=[key_to_struct(key, definition.entity_keys) for key in keys]
-        )
+        request = get_features_request(source, keys, definition.entity_keys, columnar=columnar)
         try:
-            response = self._call_retrying_overload(self._online.GetFeatures, request)
+            response = self._call_retrying_overload(self._get_features, request)
         except FeaturepushError as error:
             if error.code == grpc.StatusCode.NOT_FOUND:
                 self._forget(source)
             raise
         try:
-            return self._decode_vectors(response, definition.schema)
+            return read_reply(response, definition, keys)
         except ValueError:
             # The source may have changed under another client since it was cached; decode with a fresh one.
             _LOGGER.info("re-fetching the schema of %s after a decode failure", source)
             self._forget(source)
-            return self._decode_vectors(response, self._definition(source).schema)
+            return read_reply(response, self._definition(source), keys)
 
     # Stream feature views.
 
@@ -497,14 +507,6 @@ class Client:
         from featurepush.batch import backfill
 
         return backfill(self._channel, source, start=start, end=end, dry_run=dry_run, on_progress=on_progress)
-
-    @staticmethod
-    def _decode_vectors(
-        response: online_service_pb2.GetFeaturesResponse, schema: Sequence[Field]
-    ) -> list[FeatureResult]:
-        from featurepush.payload import feature_results
-
-        return feature_results(response, tuple(schema))
 
     def _definition(self, name: str) -> StreamSource:
         with self._schemas_lock:

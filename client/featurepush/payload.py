@@ -5,18 +5,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC
 from typing import Any, TypeAlias
 
 import grpc
 import pyarrow as pa
 
-from featurepush.client import FeatureResult, FeatureStatus, PushResult, SourceCounts
+from featurepush.client import PushResult, SourceCounts
 from featurepush.columnar import arrow_schema, records_to_batch
 from featurepush.errors import FeaturepushError
 from featurepush.types import Field
-from featurepush.v1 import ingest_service_pb2, online_service_pb2
-from featurepush.values import decode_record, fill_struct
+from featurepush.v1 import ingest_service_pb2
+from featurepush.values import fill_struct
 
 __all__ = [
     "BatchFailure",
@@ -163,21 +162,6 @@ def push_result(response: ingest_service_pb2.PushResponse) -> PushResult:
         dry_run=response.dry_run,
         replayed=response.replayed,
     )
-
-
-def feature_results(
-    response: online_service_pb2.GetFeaturesResponse, schema: list[Field] | tuple[Field, ...]
-) -> list[FeatureResult]:
-    """The decoded vectors of a GetFeaturesResponse; raises ValueError if one does not fit the schema."""
-    results: list[FeatureResult] = []
-    for vector in response.results:
-        name = online_service_pb2.FeatureStatus.Name(vector.status).removeprefix("FEATURE_STATUS_")
-        if name not in FeatureStatus.__members__:
-            raise ValueError(f"server returned feature status {vector.status}")
-        event_time = vector.event_time.ToDatetime(tzinfo=UTC) if vector.HasField("event_time") else None
-        features = decode_record(vector.features, schema) if vector.HasField("features") else None
-        results.append(FeatureResult(FeatureStatus(name), event_time, features))
-    return results
 
 
 @dataclass(frozen=True)

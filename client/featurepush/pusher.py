@@ -235,6 +235,19 @@ class Backoff:
 _STOP = object()
 
 
+def log_retry(source: str, error: FeaturepushError | None, failing_s: float, delay_s: float) -> None:
+    """Say at WARNING that a push stream broke, how long its batches have waited, and when it tries again."""
+    reason = error.code.name if error is not None else "ended"
+    _LOGGER.warning(
+        "push stream to %s broke (%s); retrying for %.1fs, next in %.2fs", source, reason, failing_s, delay_s
+    )
+
+
+def log_recovered(source: str, failing_s: float) -> None:
+    """Say once at WARNING, after retries, that a push stream is acknowledging batches again."""
+    _LOGGER.warning("push stream to %s recovered after %.1fs of retries", source, failing_s)
+
+
 def _messages(outbox: queue.SimpleQueue[_Batch | object]) -> Iterator[ingest_service_pb2.PushStreamRequest]:
     """The requests of one stream attempt, until _STOP; each built as it is sent."""
     for batch in iter(outbox.get, _STOP):
@@ -414,6 +427,8 @@ class Pusher:
                         failure = self._book.acknowledge(ack)
                         self._resend()
                         self._backoff.reset()
+                        if failing_since is not None:
+                            log_recovered(self._book.source, time.monotonic() - failing_since)
                         failing_since = None
                         self._half_close()
                         self._cond.notify_all()
@@ -443,9 +458,7 @@ class Pusher:
                     # An overloaded server says when to come back; sooner would only be refused again.
                     retry_after = error.retry_delay_s if error is not None else None
                     delay = max(self._backoff.next_delay(), retry_after or 0.0)
-                    _LOGGER.info(
-                        "push stream to %s broke (%s); resending in %.2fs", self._book.source, code, delay
-                    )
+                    log_retry(self._book.source, error, now - failing_since, delay)
                     with self._cond:
                         self._book.stats.reconnects += 1
                     time.sleep(delay)

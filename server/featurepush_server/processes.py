@@ -272,6 +272,10 @@ def _run_owner(config: ServerConfig, runtime: Path, ready: Callable[[], None]) -
             os._exit(128 + signals[-1])
 
 
+# How long a starting front waits for the store owner to answer before it gives up.
+OWNER_WAIT_S = 30.0
+
+
 def main(argv: list[str]) -> int:
     """A child process: `owner` or `front`, its index, the runtime folder and the ready pipe's fd."""
     role, index, runtime_text, ready_fd = argv
@@ -295,10 +299,26 @@ def main(argv: list[str]) -> int:
             _run_owner(config, runtime, ready)
         else:
             from .app import serve
+            from .core.errors import Unavailable
             from .core.stores.remote import CatalogVersion, RemoteStore
 
-            store = RemoteStore(runtime / SOCKET, CatalogVersion(runtime / CATALOG))
-            serve(config, front=store, ready=ready)
+            served: list[bool] = []
+
+            def serving() -> None:
+                served.append(True)
+                ready()
+
+            # A front started again while the owner restarts meets it gone; it waits for it, briefly.
+            give_up = time.monotonic() + OWNER_WAIT_S
+            while True:
+                store = RemoteStore(runtime / SOCKET, CatalogVersion(runtime / CATALOG))
+                try:
+                    serve(config, front=store, ready=serving)
+                    break
+                except Unavailable:
+                    if served or time.monotonic() > give_up:
+                        raise
+                    time.sleep(0.2)
     except CoreError as e:
         # A definitions file applied at start was refused, as ApplySource would refuse it.
         details = (

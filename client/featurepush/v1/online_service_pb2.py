@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#featurepush/v1/online_service.proto\x12\x0e\x66\x65\x61turepush.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"K\n\x12GetFeaturesRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12%\n\x04keys\x18\x02 \x03(\x0b\x32\x17.google.protobuf.Struct\"\x99\x01\n\rFeatureVector\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.featurepush.v1.FeatureStatus\x12.\n\nevent_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"E\n\x13GetFeaturesResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.featurepush.v1.FeatureVector*\x83\x01\n\rFeatureStatus\x12\x1e\n\x1a\x46\x45\x41TURE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_PRESENT\x10\x01\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_MISSING\x10\x02\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_EXPIRED\x10\x03\x32g\n\rOnlineService\x12V\n\x0bGetFeatures\x12\".featurepush.v1.GetFeaturesRequest\x1a#.featurepush.v1.GetFeaturesResponseB\xac\x01\n\x12\x64\x65v.featurepush.v1B\x12OnlineServiceProtoP\x01ZFgithub.com/featurepush/featurepush/gen/go/featurepush/v1;featurepushv1\xa2\x02\x03\x46XX\xaa\x02\x0e\x46\x65\x61turepush.V1\xca\x02\x0e\x46\x65\x61turepush\\V1\xea\x02\x0f\x46\x65\x61turepush::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#featurepush/v1/online_service.proto\x12\x0e\x66\x65\x61turepush.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x01\n\x12GetFeaturesRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12%\n\x04keys\x18\x02 \x03(\x0b\x32\x17.google.protobuf.Struct\x12\x37\n\x0fresponse_format\x18\x03 \x01(\x0e\x32\x1e.featurepush.v1.ResponseFormat\"\x99\x01\n\rFeatureVector\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.featurepush.v1.FeatureStatus\x12.\n\nevent_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"X\n\x13GetFeaturesResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.featurepush.v1.FeatureVector\x12\x11\n\tarrow_ipc\x18\x02 \x01(\x0c*h\n\x0eResponseFormat\x12\x1f\n\x1bRESPONSE_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16RESPONSE_FORMAT_STRUCT\x10\x01\x12\x19\n\x15RESPONSE_FORMAT_ARROW\x10\x02*\x83\x01\n\rFeatureStatus\x12\x1e\n\x1a\x46\x45\x41TURE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_PRESENT\x10\x01\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_MISSING\x10\x02\x12\x1a\n\x16\x46\x45\x41TURE_STATUS_EXPIRED\x10\x03\x32g\n\rOnlineService\x12V\n\x0bGetFeatures\x12\".featurepush.v1.GetFeaturesRequest\x1a#.featurepush.v1.GetFeaturesResponseB\xac\x01\n\x12\x64\x65v.featurepush.v1B\x12OnlineServiceProtoP\x01ZFgithub.com/featurepush/featurepush/gen/go/featurepush/v1;featurepushv1\xa2\x02\x03\x46XX\xaa\x02\x0e\x46\x65\x61turepush.V1\xca\x02\x0e\x46\x65\x61turepush\\V1\xea\x02\x0f\x46\x65\x61turepush::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,14 +34,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'featurepush.v1.online_servi
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\022dev.featurepush.v1B\022OnlineServiceProtoP\001ZFgithub.com/featurepush/featurepush/gen/go/featurepush/v1;featurepushv1\242\002\003FXX\252\002\016Featurepush.V1\312\002\016Featurepush\\V1\352\002\017Featurepush::V1'
-  _globals['_FEATURESTATUS']._serialized_start=423
-  _globals['_FEATURESTATUS']._serialized_end=554
-  _globals['_GETFEATURESREQUEST']._serialized_start=118
-  _globals['_GETFEATURESREQUEST']._serialized_end=193
-  _globals['_FEATUREVECTOR']._serialized_start=196
-  _globals['_FEATUREVECTOR']._serialized_end=349
-  _globals['_GETFEATURESRESPONSE']._serialized_start=351
-  _globals['_GETFEATURESRESPONSE']._serialized_end=420
-  _globals['_ONLINESERVICE']._serialized_start=556
-  _globals['_ONLINESERVICE']._serialized_end=659
+  _globals['_RESPONSEFORMAT']._serialized_start=499
+  _globals['_RESPONSEFORMAT']._serialized_end=603
+  _globals['_FEATURESTATUS']._serialized_start=606
+  _globals['_FEATURESTATUS']._serialized_end=737
+  _globals['_GETFEATURESREQUEST']._serialized_start=119
+  _globals['_GETFEATURESREQUEST']._serialized_end=251
+  _globals['_FEATUREVECTOR']._serialized_start=254
+  _globals['_FEATUREVECTOR']._serialized_end=407
+  _globals['_GETFEATURESRESPONSE']._serialized_start=409
+  _globals['_GETFEATURESRESPONSE']._serialized_end=497
+  _globals['_ONLINESERVICE']._serialized_start=739
+  _globals['_ONLINESERVICE']._serialized_end=842
 # @@protoc_insertion_point(module_scope)

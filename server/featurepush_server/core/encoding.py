@@ -7,13 +7,22 @@ Timestamps as RFC 3339 in UTC, Bytes as base64, non-finite floats as "NaN"/"Infi
 only prepends the status. The
 wire bytes are built with numpy and Arrow kernels, so no Python code runs per scalar value; only Bytes
 and nested types fall back to per-row Python.
+
+Before the payload, a stored value holds the row's columns, which Arrow reads decode for many rows at
+once with numpy: a 2-byte field count, then per field in name order an 8-byte little-endian slot (the
+value as int64 for Int32, Int64, Bool and Timestamp in microseconds, as float64 for Float32 and
+Float64, else the byte length of its variable part), then one validity byte per field, then the
+variable parts in field order (String as UTF-8, Bytes as they are, Array, Map and Struct as their
+serialized google.protobuf.Value); a null's slot is zero and its variable part empty.
 """
 
 from __future__ import annotations
 
 import base64
 import math
+import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from google.protobuf import struct_pb2
 
-from .framing import time_header, time_headers
+from .framing import column_lengths, frame, time_header, time_headers
+from .rows import stored_value
 from .schema import DType, FieldSpec, Kind
 from .wire import (
     FEATURE_VECTOR_EVENT_TIME,
@@ -416,22 +426,31 @@ def _encode_small(
     rows = table.to_pylist()
     micros = pc.cast(table.column(timestamp_field), pa.int64()).to_pylist()
     ordered = [(f, _entry_key(f.name)) for f in sorted(fields, key=lambda f: f.name.encode())]
+    count = _FIELD_COUNT.pack(len(ordered))
     keys: list[bytes] = []
     values: list[bytes] = []
     for row, t in zip(rows, micros, strict=True):
         keys.append(python_key([key_part(row[k]) for k in entity_keys], prefix))
         # Entries are written by hand in name order: protobuf's own deterministic map order differs.
         out = []
+        slots: list[bytes] = []
+        valid = bytearray()
+        variable: list[bytes] = []
         for f, key in ordered:
+            item = row[f.name]
             message = struct_pb2.Value()
-            _set_value(message, canonical(row[f.name], f.dtype))
+            _set_value(message, canonical(item, f.dtype))
             value = message.SerializeToString(deterministic=True)
             entry = key + varint(len(value)) + value
             out.append(STRUCT_FIELD + varint(len(entry)) + entry)
+            slot, part = (0, b"") if item is None else _cell(item, f.dtype, value)
+            slots.append(_SLOT_F64.pack(slot) if isinstance(slot, float) else _SLOT_I64.pack(slot))
+            valid.append(item is not None)
+            variable.append(part)
         payload = b"".join(out)
-        values.append(
-            time_header(t) + event_time_field(t) + FEATURE_VECTOR_FEATURES + varint(len(payload)) + payload
-        )
+        columns = count + b"".join(slots) + bytes(valid) + b"".join(variable)
+        features = event_time_field(t) + FEATURE_VECTOR_FEATURES + varint(len(payload)) + payload
+        values.append(frame(time_header(t), columns, features))
     return keys, values
 
 
@@ -454,5 +473,153 @@ def encode_rows(
     parts = field_entries(table, fields)
     payload_len = sum(pc.binary_length(p).to_numpy().astype(np.int64) for p in parts)
     features = [FEATURE_VECTOR_FEATURES, varints(payload_len), *parts]
-    values = _join(time_headers(micros), event_time_fields(micros), *features)
+    columns = encode_columns(table, fields)
+    head = [time_headers(micros), column_lengths(columns), columns]
+    values = _join(*head, event_time_fields(micros), *features)
     return keys.to_pylist(), values.to_pylist()
+
+
+# The columns' field count, and the slots of integer-like and float values.
+_FIELD_COUNT = struct.Struct("<H")
+_SLOT_I64 = struct.Struct("<q")
+_SLOT_F64 = struct.Struct("<d")
+_INTEGER_SLOTS = frozenset((Kind.INT32, Kind.INT64, Kind.BOOL, Kind.TIMESTAMP))
+_FLOAT_SLOTS = frozenset((Kind.FLOAT32, Kind.FLOAT64))
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _cell(item: Any, dtype: DType, value: bytes) -> tuple[int | float, bytes]:
+    """One non-null value's slot and variable part as encode_columns writes them; `value` is its Value."""
+    kind = dtype.kind
+    if kind is Kind.TIMESTAMP:
+        delta = item - _EPOCH
+        return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds, b""
+    if kind in _INTEGER_SLOTS:
+        return int(item), b""
+    if kind in _FLOAT_SLOTS:
+        return float(item), b""
+    part = item.encode() if kind is Kind.STRING else item if kind is Kind.BYTES else value
+    return len(part), part
+
+
+def encode_columns(table: pa.Table, fields: Sequence[FieldSpec]) -> pa.Array:
+    """Every row's columns (see the module's docstring), column at a time."""
+    ordered = sorted(fields, key=lambda f: f.name.encode())
+    n, width = table.num_rows, len(ordered)
+    fixed = np.zeros((n, 2 + 9 * width), dtype=np.uint8)
+    fixed[:, :2] = np.frombuffer(_FIELD_COUNT.pack(width), dtype=np.uint8)
+    variable: list[pa.Array] = []
+    for j, f in enumerate(ordered):
+        arr = table.column(f.name).combine_chunks()
+        valid = pc.is_valid(arr).to_numpy(zero_copy_only=False) if arr.null_count else True
+        fixed[:, 2 + 8 * width + j] = valid
+        kind = f.dtype.kind
+        if kind in _FLOAT_SLOTS:
+            slot = _filled(pc.cast(arr, pa.float64()), 0.0).to_numpy(zero_copy_only=False).astype("<f8")
+        elif kind in _INTEGER_SLOTS:
+            slot = _filled(pc.cast(arr, pa.int64()), 0).to_numpy(zero_copy_only=False).astype("<i8")
+        else:
+            if kind is Kind.STRING or kind is Kind.BYTES:
+                part = _filled(pc.cast(arr, pa.binary()), b"")
+            else:
+                part = value_messages(arr, f.dtype)
+                if arr.null_count:
+                    part = pc.if_else(pc.is_valid(arr), part, pa.scalar(b"", pa.binary()))
+            variable.append(part)
+            slot = pc.binary_length(part).to_numpy(zero_copy_only=False).astype("<i8")
+        fixed[:, 2 + 8 * j : 10 + 8 * j] = np.ascontiguousarray(slot).view(np.uint8).reshape(n, 8)
+    return _join(_binary_from_matrix(fixed), *variable)
+
+
+# How decode_columns reads a field's slot.
+_READ_FLOAT64, _READ_FLOAT32, _READ_BOOL, _READ_INT32, _READ_INT64, _READ_BINARY, _READ_NESTED = range(7)
+
+
+@dataclass(frozen=True)
+class ColumnsPlan:
+    """What decoding rows' columns needs of a schema, worked out once: fields in name order, their reads."""
+
+    fields: tuple[FieldSpec, ...]
+    reads: tuple[int, ...]
+    arrow_types: tuple[pa.DataType, ...]
+    varying: tuple[int, ...]
+
+    @classmethod
+    def of(cls, fields: Sequence[FieldSpec]) -> ColumnsPlan:
+        ordered = tuple(sorted(fields, key=lambda f: f.name.encode()))
+        reads = tuple(_read_of(f.dtype.kind) for f in ordered)
+        varying = tuple(j for j, r in enumerate(reads) if r in (_READ_BINARY, _READ_NESTED))
+        return cls(ordered, reads, tuple(f.dtype.to_arrow() for f in ordered), varying)
+
+
+def _read_of(kind: Kind) -> int:
+    if kind is Kind.FLOAT64:
+        return _READ_FLOAT64
+    if kind is Kind.FLOAT32:
+        return _READ_FLOAT32
+    if kind is Kind.BOOL:
+        return _READ_BOOL
+    if kind is Kind.INT32:
+        return _READ_INT32
+    if kind in _INTEGER_SLOTS:
+        return _READ_INT64
+    return _READ_BINARY if kind in (Kind.STRING, Kind.BYTES) else _READ_NESTED
+
+
+def decode_columns(
+    blob: np.ndarray, starts: np.ndarray, lengths: np.ndarray, plan: ColumnsPlan
+) -> dict[str, pa.Array] | None:
+    """The plan's fields from rows' columns, at `starts` with `lengths` in `blob` (see framing.locate).
+
+    None when a row was stored with other fields (before some were added); the caller reads the payload.
+    Every row is decoded at once with numpy: no Python runs per row but for Array, Map and Struct values.
+    """
+    n, width = len(starts), len(plan.fields)
+    fixed_width = 2 + 9 * width
+    if (lengths < fixed_width).any():
+        return None
+    fixed = blob[starts[:, None] + np.arange(fixed_width)]
+    if (fixed[:, :2].copy().view("<u2").ravel() != width).any():
+        return None
+    slots = np.ascontiguousarray(fixed[:, 2 : 2 + 8 * width]).view("<i8")
+    valid = fixed[:, 2 + 8 * width :].astype(bool)
+    all_valid: np.ndarray = np.asarray(valid.all(axis=0))
+    if plan.varying:
+        sizes = slots[:, plan.varying]
+        # Each row's variable parts follow its fixed part, one after another in field order.
+        part_starts = (starts + fixed_width)[:, None] + np.cumsum(sizes, axis=1) - sizes
+    out: dict[str, pa.Array] = {}
+    for j, (f, read, arrow_type) in enumerate(zip(plan.fields, plan.reads, plan.arrow_types, strict=True)):
+        mask = None if all_valid[j] else ~valid[:, j]
+        validity = None if mask is None else pa.array(valid[:, j]).buffers()[1]
+        if read == _READ_BOOL:
+            out[f.name] = pa.array(slots[:, j] != 0, mask=mask)
+        elif read != _READ_BINARY and read != _READ_NESTED:
+            column = slots[:, j]
+            if read == _READ_FLOAT64:
+                column = column.view("<f8")
+            elif read == _READ_FLOAT32:
+                column = column.view("<f8").astype(np.float32)
+            elif read == _READ_INT32:
+                column = column.astype(np.int32)
+            # The slots are the values' own bytes: the array wraps them as they are.
+            data = pa.py_buffer(np.ascontiguousarray(column))
+            out[f.name] = pa.Array.from_buffers(arrow_type, n, [validity, data])
+        else:
+            k = plan.varying.index(j)
+            size = sizes[:, k]
+            offsets = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(size, out=offsets[1:])
+            # The bytes of this field's parts, gathered from every row into one buffer.
+            data = blob[np.repeat(part_starts[:, k] - offsets[:-1], size) + np.arange(offsets[-1])]
+            if read == _READ_BINARY:
+                buffers = [validity, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
+                out[f.name] = pa.Array.from_buffers(arrow_type, n, buffers)
+            else:
+                raw = data.tobytes()
+                nested = [
+                    stored_value(raw[offsets[i] : offsets[i + 1]], f.dtype) if valid[i, j] else None
+                    for i in range(n)
+                ]
+                out[f.name] = pa.array(nested, arrow_type)
+    return out

@@ -4,23 +4,40 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+import pyarrow as pa
 from google.protobuf import struct_pb2
 
 from featurepush.v1 import online_service_pb2
 
-from .encoding import event_time_length, key_part, null_entry, python_key, with_late_nulls
+from .encoding import (
+    ColumnsPlan,
+    decode_columns,
+    event_time_length,
+    key_part,
+    null_entry,
+    python_key,
+    with_late_nulls,
+)
 from .errors import InvalidInput, LimitExceeded, Violation
-from .framing import header_micros, payload
-from .registry import Registry
-from .rows import BadValue, scalar_converter
-from .schema import Kind, SourceSpec
+from .framing import header_micros, locate, payload
+from .registry import Registry, Source
+from .rows import BadValue, rows_to_table, scalar_converter
+from .schema import ARROW_TIMESTAMP, FieldSpec, Kind, SourceSpec
 from .stores.base import LatestRows
-from .wire import FEATURE_VECTOR_STATUS, GET_FEATURES_RESULT, varint
+from .wire import FEATURE_VECTOR_STATUS, GET_FEATURES_ARROW_IPC, GET_FEATURES_RESULT, varint
 
 _MISSING = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_MISSING])
 _PRESENT = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_PRESENT])
 _EXPIRED = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_EXPIRED])
+# The Arrow IPC end-of-stream marker: a continuation token and a zero length.
+_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+_STATUS_PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
+_STATUS_MISSING = online_service_pb2.FEATURE_STATUS_MISSING
+_STATUS_EXPIRED = online_service_pb2.FEATURE_STATUS_EXPIRED
 
 
 class OnlineReader:
@@ -33,23 +50,8 @@ class OnlineReader:
 
     def get_features(self, source_name: str, keys: Sequence[struct_pb2.Struct]) -> bytes:
         """The serialized GetFeaturesResponse for `keys`, vectors in request order."""
-        if not keys:
-            raise InvalidInput(
-                "no keys were given", [Violation("keys", "name at least one entity key")], reason="NO_KEYS"
-            )
-        if len(keys) > self.max_keys:
-            raise LimitExceeded(
-                f"at most {self.max_keys} keys per request; split the request",
-                reason="TOO_MANY_KEYS",
-                metadata={"limit": str(self.max_keys)},
-            )
-        source = self._registry.get(source_name)
+        source, _, stored = self._read(source_name, keys)
         spec = source.spec
-        prefix = self._store.row_prefix(source.id)
-        store_keys = self._string_keys(keys, spec, prefix)
-        if store_keys is None:
-            store_keys = self._checked_keys(keys, spec, prefix)
-        stored = self._store.read(store_keys)
         cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None
         late = {name.encode(): null_entry(name) for name in source.late_fields}
         out = []
@@ -67,11 +69,85 @@ class OnlineReader:
             out.append(GET_FEATURES_RESULT + varint(len(vector)) + vector)
         return b"".join(out)
 
+    def get_features_arrow(self, source_name: str, keys: Sequence[struct_pb2.Struct]) -> bytes:
+        """The serialized GetFeaturesResponse for `keys` with the vectors as one Arrow IPC record batch."""
+        source, key_columns, stored = self._read(source_name, keys)
+        spec = source.spec
+        n = len(stored)
+        found = [v for v in stored if v is not None]
+        blob, found_micros, starts, lengths = locate(found)
+        status = np.full(n, _STATUS_MISSING, dtype=np.int8)
+        if len(found) == n:
+            is_found = None
+            micros = found_micros
+            status[:] = _STATUS_PRESENT
+        else:
+            is_found = np.array([v is not None for v in stored], dtype=bool)
+            micros = np.zeros(n, dtype=np.int64)
+            micros[is_found] = found_micros
+            status[is_found] = _STATUS_PRESENT
+        keep = None
+        if spec.ttl_micros:
+            cutoff = time.time_ns() // 1000 - spec.ttl_micros
+            fresh = found_micros >= cutoff
+            if not fresh.all():
+                keep = fresh
+                status[(status == _STATUS_PRESENT) & (micros < cutoff)] = _STATUS_EXPIRED
+        present = np.flatnonzero(status == _STATUS_PRESENT)
+        if keep is not None:
+            found = [v for v, ok in zip(found, keep, strict=True) if ok]
+            starts, lengths = starts[keep], lengths[keep]
+        layout = read_layout(spec)
+        features = _feature_arrays(found, blob, starts, lengths, spec, layout.plan) if found else {}
+        gather = None
+        if len(found) < n:
+            # Rows without features take the null at the end of each present-row array.
+            gather = np.full(n, len(found), dtype=np.int64)
+            gather[present] = np.arange(len(found))
+        arrays = [pa.array(k, layout.schema.field(i).type) for i, k in enumerate(key_columns)]
+        arrays.append(pa.array(status, pa.int8()))
+        arrays.append(pa.array(micros, ARROW_TIMESTAMP, mask=None if is_found is None else ~is_found))
+        for f in layout.features:
+            column = features.get(f.name)
+            if column is None:
+                arrays.append(pa.nulls(n, f.dtype.to_arrow()))
+            elif gather is None:
+                arrays.append(column)
+            else:
+                arrays.append(pa.concat_arrays([column, pa.nulls(1, column.type)]).take(gather))
+        batch = pa.RecordBatch.from_arrays(arrays, schema=layout.schema)
+        # An IPC stream is the schema's message, the batch's, then the end-of-stream marker.
+        body: bytes = layout.schema_message + batch.serialize().to_pybytes() + _END_OF_STREAM
+        return GET_FEATURES_ARROW_IPC + varint(len(body)) + body
+
+    def _read(
+        self, source_name: str, keys: Sequence[struct_pb2.Struct]
+    ) -> tuple[Source, list[list[Any]], list[bytes | None]]:
+        """The source, each entity key field's values in key order, and the stored values of the keys."""
+        if not keys:
+            raise InvalidInput(
+                "no keys were given", [Violation("keys", "name at least one entity key")], reason="NO_KEYS"
+            )
+        if len(keys) > self.max_keys:
+            raise LimitExceeded(
+                f"at most {self.max_keys} keys per request; split the request",
+                reason="TOO_MANY_KEYS",
+                metadata={"limit": str(self.max_keys)},
+            )
+        source = self._registry.get(source_name)
+        spec = source.spec
+        prefix = self._store.row_prefix(source.id)
+        texts = self._string_keys(keys, spec)
+        if texts is not None:
+            key_columns: list[list[Any]] = [texts]
+            store_keys = [prefix + text.encode() for text in texts]
+        else:
+            key_columns, store_keys = self._checked_keys(keys, spec, prefix)
+        return source, key_columns, list(self._store.read(store_keys))
+
     @staticmethod
-    def _string_keys(
-        keys: Sequence[struct_pb2.Struct], spec: SourceSpec, prefix: bytes
-    ) -> list[bytes] | None:
-        """Store keys of the common case, one String entity key given as a string; None otherwise."""
+    def _string_keys(keys: Sequence[struct_pb2.Struct], spec: SourceSpec) -> list[str] | None:
+        """The keys of the common case, one String entity key given as a string; None otherwise."""
         if len(spec.entity_keys) != 1 or spec.field(spec.entity_keys[0]).dtype.kind is not Kind.STRING:
             return None
         name = spec.entity_keys[0]
@@ -82,25 +158,30 @@ class OnlineReader:
         texts = [v.string_value for v in values if v is not None and v.WhichOneof("kind") == "string_value"]
         if len(texts) != len(values):
             return None
-        return [prefix + text.encode() for text in texts]
+        return texts
 
     @staticmethod
-    def _checked_keys(keys: Sequence[struct_pb2.Struct], spec: SourceSpec, prefix: bytes) -> list[bytes]:
-        """Store keys of any entity keys, or InvalidInput naming every bad one."""
+    def _checked_keys(
+        keys: Sequence[struct_pb2.Struct], spec: SourceSpec, prefix: bytes
+    ) -> tuple[list[list[Any]], list[bytes]]:
+        """Each entity key field's values and the store keys, or InvalidInput naming every bad key."""
         source_name = spec.name
         names = spec.entity_keys
         converters = [scalar_converter(spec.field(k).dtype.kind) for k in names]
         violations: list[Violation] = []
         store_keys: list[bytes] = []
+        columns: list[list[Any]] = [[] for _ in names]
         for i, key in enumerate(keys):
             fields = key.fields
             parts: list[bytes] = []
-            for name, convert in zip(names, converters, strict=True):
+            for name, convert, column in zip(names, converters, columns, strict=True):
                 if name not in fields:
                     violations.append(Violation(f"keys[{i}].{name}", f"entity key {name} is required"))
                     continue
                 try:
-                    parts.append(key_part(convert(fields[name])))
+                    value = convert(fields[name])
+                    parts.append(key_part(value))
+                    column.append(value)
                 except BadValue as e:
                     violations.append(Violation(f"keys[{i}].{name}", str(e)))
             if len(fields) > len(parts):
@@ -118,4 +199,71 @@ class OnlineReader:
             raise InvalidInput(
                 f"{len(violations)} invalid entity key value(s)", violations[:100], reason="INVALID_KEYS"
             )
-        return store_keys
+        return columns, store_keys
+
+
+@dataclass(frozen=True)
+class ReadLayout:
+    """The columns of an Arrow read of one source: its schema, and the feature fields after the keys."""
+
+    schema: pa.Schema
+    features: tuple[FieldSpec, ...]
+    plan: ColumnsPlan
+    schema_message: bytes
+
+
+# Layouts by the identity of their spec: hashing a spec walks its whole type tree, on every read.
+_LAYOUTS: dict[int, tuple[SourceSpec, ReadLayout]] = {}
+
+
+def read_layout(spec: SourceSpec) -> ReadLayout:
+    """The Arrow read's columns: entity keys, status, event_time, then the other fields in schema order."""
+    cached = _LAYOUTS.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    layout = _layout(spec)
+    if len(_LAYOUTS) >= 1024:
+        _LAYOUTS.clear()
+    _LAYOUTS[id(spec)] = (spec, layout)
+    return layout
+
+
+def _layout(spec: SourceSpec) -> ReadLayout:
+    keys = [spec.field(name) for name in spec.entity_keys]
+    features = tuple(f for f in spec.fields if f.name not in spec.entity_keys)
+    taken = {f.name for f in spec.fields}
+
+    def free(name: str) -> str:
+        # A schema field keeps its name; the status or event_time column makes way.
+        while name in taken:
+            name = "_" + name
+        taken.add(name)
+        return name
+
+    status, event_time = free("status"), free("event_time")
+    fields = [pa.field(f.name, f.dtype.to_arrow(), nullable=False) for f in keys]
+    fields.append(pa.field(status, pa.int8(), nullable=False))
+    fields.append(pa.field(event_time, ARROW_TIMESTAMP))
+    fields += [pa.field(f.name, f.dtype.to_arrow()) for f in features]
+    schema = pa.schema(fields)
+    return ReadLayout(schema, features, ColumnsPlan.of(spec.fields), schema.serialize().to_pybytes())
+
+
+def _feature_arrays(
+    rows: Sequence[bytes],
+    blob: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    spec: SourceSpec,
+    plan: ColumnsPlan,
+) -> dict[str, pa.Array]:
+    """The fields of present stored rows, column at a time; from the payload when columns lack a field."""
+    decoded = decode_columns(blob, starts, lengths, plan)
+    if decoded is not None:
+        return decoded
+    # Rows stored before fields were added: their Structs, with the missing fields as null.
+    structs = [online_service_pb2.FeatureVector.FromString(payload(v)).features for v in rows]
+    table, violations, _ = rows_to_table(structs, spec.fields, spec.arrow_schema, "stored")
+    if table is None:
+        raise RuntimeError(f"stored rows of {spec.name} do not fit its schema: {violations[:3]}")
+    return {name: table.column(name).combine_chunks() for name in table.column_names}

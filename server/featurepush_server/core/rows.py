@@ -285,6 +285,11 @@ def _nested(v: struct_pb2.Value, dtype: DType, path: Callable[[], str], ctx: _Ct
         return None
 
 
+def stored_value(value: bytes, dtype: DType) -> Any:
+    """A serialized Value the server stored (so already valid), in the form pa.array takes for `dtype`."""
+    return _nested(struct_pb2.Value.FromString(value), dtype, lambda: "", _Ctx(0))
+
+
 def _struct(
     s: struct_pb2.Struct, fields: Sequence[FieldSpec], path: Callable[[], str], ctx: _Ctx
 ) -> dict[str, Any]:

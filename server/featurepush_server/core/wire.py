@@ -9,6 +9,8 @@ from __future__ import annotations
 
 # GetFeaturesResponse.results (1, length-delimited): one FeatureVector.
 GET_FEATURES_RESULT = b"\x0a"
+# GetFeaturesResponse.arrow_ipc (2, length-delimited): the vectors as an Arrow IPC stream.
+GET_FEATURES_ARROW_IPC = b"\x12"
 # FeatureVector.status (1, varint), .event_time (2, length-delimited) and .features (3, length-delimited).
 FEATURE_VECTOR_STATUS = b"\x08"
 FEATURE_VECTOR_EVENT_TIME = b"\x12"
@@ -33,6 +35,7 @@ READ_BATCH_RECORD_BATCH = b"\x12"
 # Each tag's message (full name) and field, for the check against the descriptors.
 TAGS: dict[str, tuple[str, str]] = {
     "GET_FEATURES_RESULT": ("featurepush.v1.GetFeaturesResponse", "results"),
+    "GET_FEATURES_ARROW_IPC": ("featurepush.v1.GetFeaturesResponse", "arrow_ipc"),
     "FEATURE_VECTOR_STATUS": ("featurepush.v1.FeatureVector", "status"),
     "FEATURE_VECTOR_EVENT_TIME": ("featurepush.v1.FeatureVector", "event_time"),
     "FEATURE_VECTOR_FEATURES": ("featurepush.v1.FeatureVector", "features"),

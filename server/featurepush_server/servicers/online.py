@@ -9,10 +9,12 @@ import grpc
 from featurepush.v1 import online_service_pb2 as pb
 from featurepush.v1 import online_service_pb2_grpc as pb_grpc
 
+from ..core.errors import InvalidInput, Violation
 from ..core.online import OnlineReader
 from ..status import unary
 
 SERVICE = pb.DESCRIPTOR.services_by_name["OnlineService"].full_name
+_STRUCT_FORMATS = (pb.RESPONSE_FORMAT_UNSPECIFIED, pb.RESPONSE_FORMAT_STRUCT)
 
 
 class OnlineServicer(pb_grpc.OnlineServiceServicer):
@@ -29,6 +31,14 @@ class OnlineServicer(pb_grpc.OnlineServiceServicer):
     @unary
     def get_features_bytes(self, request: pb.GetFeaturesRequest, context: grpc.ServicerContext) -> bytes:
         """GetFeatures' reply already serialized: the core assembles it from stored bytes."""
+        if request.response_format == pb.RESPONSE_FORMAT_ARROW:
+            return self._reader.get_features_arrow(request.source, request.keys)
+        if request.response_format not in _STRUCT_FORMATS:
+            raise InvalidInput(
+                f"unknown response_format {request.response_format}",
+                [Violation("response_format", "use RESPONSE_FORMAT_STRUCT or RESPONSE_FORMAT_ARROW")],
+                reason="UNKNOWN_RESPONSE_FORMAT",
+            )
         return self._reader.get_features(request.source, request.keys)
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:

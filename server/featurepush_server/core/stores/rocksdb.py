@@ -20,8 +20,8 @@ Key space, by first byte:
 
 The format version (`m` + "format_version", 4 bytes big-endian) is written when the database is
 created. A database holding another version is refused at open with StoreFormatError. A database with
-data but no version was written before the version existed, in the layout above, which is format 1
-(UNVERSIONED_FORMAT): it is read as that, so this build accepts it and writes the version then.
+data but no version was written before the version existed, in format 1 (UNVERSIONED_FORMAT).
+Format 2 added the row's columns to every stored value (`framing.py`), so this build refuses format 1.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ _NEXT_OFFLINE_SEQ = META + b"next_offline_seq"
 _REQUEST_INDEX_BUILT = META + b"request_expiry_index"
 FORMAT_KEY = META + b"format_version"
 # The layout described above; bump it with any change a build reading the old one would misread.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # The format of a database with data but no version key, written before the key existed.
 UNVERSIONED_FORMAT = 1
 # A file written next to the database to learn whether the disk has room again; removed at start too.

@@ -1,0 +1,285 @@
+"""GetFeatures for every client: the request, and the reply as rows (FeatureResult) or as Arrow columns."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, overload
+
+import pyarrow as pa
+
+from featurepush.client import FeatureResult, FeatureStatus
+from featurepush.columnar import arrow_type
+from featurepush.definitions import StreamSource
+from featurepush.types import Field
+from featurepush.v1 import online_service_pb2
+from featurepush.values import decode_record, key_to_struct
+
+__all__ = ["FeatureResults", "get_features_request", "read_reply"]
+
+_STATUSES = {
+    online_service_pb2.FEATURE_STATUS_PRESENT: FeatureStatus.PRESENT,
+    online_service_pb2.FEATURE_STATUS_MISSING: FeatureStatus.MISSING,
+    online_service_pb2.FEATURE_STATUS_EXPIRED: FeatureStatus.EXPIRED,
+}
+_STATUS_NUMBERS = {status: number for number, status in _STATUSES.items()}
+_ARROW_TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+
+# The method, called with requests serialized here: a request's keys are written straight as bytes.
+GET_FEATURES_METHOD = "/featurepush.v1.OnlineService/GetFeatures"
+# GetFeaturesRequest.keys (2), google.protobuf.Struct.fields (1), its map entry's key (1) and value (2),
+# and google.protobuf.Value.string_value (3), all length-delimited; a test checks them against the
+# descriptors.
+REQUEST_KEYS = b"\x12"
+STRUCT_FIELD = b"\x0a"
+ENTRY_KEY = b"\x0a"
+ENTRY_VALUE = b"\x12"
+VALUE_STRING = b"\x1a"
+TAGS: dict[str, tuple[str, str]] = {
+    "REQUEST_KEYS": ("featurepush.v1.GetFeaturesRequest", "keys"),
+    "STRUCT_FIELD": ("google.protobuf.Struct", "fields"),
+    "ENTRY_KEY": ("google.protobuf.Struct.FieldsEntry", "key"),
+    "ENTRY_VALUE": ("google.protobuf.Struct.FieldsEntry", "value"),
+    "VALUE_STRING": ("google.protobuf.Value", "string_value"),
+}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _string_key_prefix(name: bytes, size: int) -> bytes:
+    """The bytes of a request's key {name: <string of `size` bytes>} that come before the string."""
+    value = VALUE_STRING + _varint(size)
+    entry = ENTRY_KEY + _varint(len(name)) + name + ENTRY_VALUE + _varint(len(value) + size) + value
+    struct = STRUCT_FIELD + _varint(len(entry) + size) + entry
+    return REQUEST_KEYS + _varint(len(struct) + size) + struct
+
+
+# Per entity key name, the prefix of every short string key by its length in bytes.
+_SHORT_KEY = 256
+_PREFIXES: dict[str, list[bytes]] = {}
+
+
+def _prefixes(name: str) -> list[bytes]:
+    found = _PREFIXES.get(name)
+    if found is None:
+        raw = name.encode()
+        found = _PREFIXES[name] = [_string_key_prefix(raw, size) for size in range(_SHORT_KEY)]
+    return found
+
+
+def get_features_request(
+    source: str, keys: Sequence[Mapping[str, Any] | Any], entity_keys: Sequence[str], *, columnar: bool
+) -> bytes:
+    """The serialized request for `keys`, Arrow when `columnar`; keys as Client.get_features takes them."""
+    arrow, struct = online_service_pb2.RESPONSE_FORMAT_ARROW, online_service_pb2.RESPONSE_FORMAT_STRUCT
+    request = online_service_pb2.GetFeaturesRequest(
+        source=source, response_format=arrow if columnar else struct
+    )
+    # Serialized messages concatenated are one message with the fields of both.
+    out = [request.SerializeToString()]
+    prefixes = _prefixes(entity_keys[0]) if len(entity_keys) == 1 else None
+    for key in keys:
+        if prefixes is not None and type(key) is str:
+            # The common case, one String key, written as bytes: building a Struct costs ten times more.
+            raw = key.encode()
+            size = len(raw)
+            prefix = (
+                prefixes[size] if size < _SHORT_KEY else _string_key_prefix(entity_keys[0].encode(), size)
+            )
+            out.append(prefix + raw)
+        else:
+            struct_bytes = key_to_struct(key, entity_keys).SerializeToString()
+            out.append(REQUEST_KEYS + _varint(len(struct_bytes)) + struct_bytes)
+    return b"".join(out)
+
+
+def read_reply(
+    response: online_service_pb2.GetFeaturesResponse,
+    definition: StreamSource,
+    keys: Sequence[Mapping[str, Any] | Any],
+) -> FeatureResults:
+    """The results of a reply in either form; raises ValueError if it does not fit the definition."""
+    if response.arrow_ipc:
+        try:
+            table = pa.ipc.open_stream(response.arrow_ipc).read_all()
+        except pa.ArrowInvalid as e:
+            raise ValueError(f"the server's Arrow reply could not be read: {e}") from None
+        expected = _expected_schema(definition)
+        if not table.schema.equals(expected):
+            raise ValueError(f"the server's Arrow reply has columns {table.schema}, not {expected}")
+        return FeatureResults(definition, table=table)
+    results: list[FeatureResult] = []
+    schema = list(definition.schema)
+    for vector in response.results:
+        status = _STATUSES.get(vector.status)
+        if status is None:
+            raise ValueError(f"server returned feature status {vector.status}")
+        event_time = vector.event_time.ToDatetime(tzinfo=dt.UTC) if vector.HasField("event_time") else None
+        features = decode_record(vector.features, schema) if vector.HasField("features") else None
+        results.append(FeatureResult(status, event_time, features))
+    return FeatureResults(definition, results=results, keys=keys)
+
+
+# Schemas by the identity of their definition, which a client keeps until the source changes.
+_SCHEMAS: dict[int, tuple[StreamSource, pa.Schema]] = {}
+
+
+def _expected_schema(definition: StreamSource) -> pa.Schema:
+    cached = _SCHEMAS.get(id(definition))
+    if cached is not None and cached[0] is definition:
+        return cached[1]
+    schema = columns_schema(definition)
+    if len(_SCHEMAS) >= 1024:
+        _SCHEMAS.clear()
+    _SCHEMAS[id(definition)] = (definition, schema)
+    return schema
+
+
+def columns_schema(definition: StreamSource) -> pa.Schema:
+    """The Arrow columns of a read: entity keys, status, event_time, then the other fields in schema order."""
+    by_name = {f.name: f for f in definition.schema}
+    taken = set(by_name)
+
+    def free(name: str) -> str:
+        # A schema field keeps its name; the status or event_time column makes way, as the server does.
+        while name in taken:
+            name = "_" + name
+        taken.add(name)
+        return name
+
+    status, event_time = free("status"), free("event_time")
+    fields = [pa.field(k, arrow_type(by_name[k].dtype), nullable=False) for k in definition.entity_keys]
+    fields.append(pa.field(status, pa.int8(), nullable=False))
+    fields.append(pa.field(event_time, _ARROW_TIMESTAMP))
+    fields += [pa.field(f.name, arrow_type(f.dtype)) for f in _features(definition)]
+    return pa.schema(fields)
+
+
+def _key_dict(key: Any, entity_keys: Sequence[str]) -> dict[str, Any]:
+    """A tuple or single-value key as a mapping of entity key fields."""
+    return dict(zip(entity_keys, key if isinstance(key, tuple) else (key,), strict=True))
+
+
+def _features(definition: StreamSource) -> list[Field]:
+    return [f for f in definition.schema if f.name not in definition.entity_keys]
+
+
+class FeatureResults(Sequence[FeatureResult]):
+    """The vectors of one get_features call in key order; immutable.
+
+    A sequence of FeatureResult, built on first use, and the same vectors as columns: to_arrow(),
+    to_pandas() and to_polars() (when pandas or polars is installed). The columns are the entity keys,
+    `status` (int8: 1 PRESENT, 2 MISSING, 3 EXPIRED), `event_time` (null when MISSING), then the source's
+    other fields, null unless PRESENT; a field named status or event_time pushes those to _status or
+    _event_time.
+    """
+
+    def __init__(
+        self,
+        definition: StreamSource,
+        *,
+        table: pa.Table | None = None,
+        results: list[FeatureResult] | None = None,
+        keys: Sequence[Mapping[str, Any] | Any] = (),
+    ) -> None:
+        self._definition = definition
+        self._table = table
+        self._results = results
+        self._keys = keys
+
+    def __len__(self) -> int:
+        if self._results is not None:
+            return len(self._results)
+        assert self._table is not None
+        return int(self._table.num_rows)
+
+    @overload
+    def __getitem__(self, index: int) -> FeatureResult: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[FeatureResult]: ...
+
+    def __getitem__(self, index: int | slice) -> FeatureResult | list[FeatureResult]:
+        return self._rows()[index]
+
+    def __iter__(self) -> Iterator[FeatureResult]:
+        return iter(self._rows())
+
+    def __eq__(self, other: object) -> bool:
+        # Equal to the list get_features used to return, and to any sequence of the same results.
+        if isinstance(other, FeatureResults | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"FeatureResults({self._rows()!r})"
+
+    def to_arrow(self) -> pa.Table:
+        """The vectors as an Arrow table, one row per key (see the class's docstring for the columns)."""
+        if self._table is None:
+            self._table = self._table_of_rows()
+        return self._table
+
+    def to_pandas(self) -> Any:
+        """The vectors as a pandas DataFrame; needs pandas."""
+        return self.to_arrow().to_pandas()
+
+    def to_polars(self) -> Any:
+        """The vectors as a polars DataFrame; needs polars."""
+        try:
+            import polars
+        except ImportError:
+            raise ImportError("to_polars() needs polars: pip install polars") from None
+        return polars.from_arrow(self.to_arrow())
+
+    def _rows(self) -> list[FeatureResult]:
+        if self._results is None:
+            self._results = self._rows_of_table()
+        return self._results
+
+    def _rows_of_table(self) -> list[FeatureResult]:
+        table = self.to_arrow()
+        columns = [c.to_pylist(maps_as_pydicts="strict") for c in table.columns]
+        n_keys = len(self._definition.entity_keys)
+        statuses, times = columns[n_keys], columns[n_keys + 1]
+        where = {name: i for i, name in enumerate(self._definition.entity_keys)}
+        where.update({f.name: n_keys + 2 + j for j, f in enumerate(_features(self._definition))})
+        names = [f.name for f in self._definition.schema]
+        ordered = [columns[where[name]] for name in names]
+        out: list[FeatureResult] = []
+        for i, (number, event_time) in enumerate(zip(statuses, times, strict=True)):
+            status = _STATUSES.get(number)
+            if status is None:
+                raise ValueError(f"server returned feature status {number}")
+            features = (
+                dict(zip(names, [column[i] for column in ordered], strict=True))
+                if status is FeatureStatus.PRESENT
+                else None
+            )
+            out.append(FeatureResult(status, event_time, features))
+        return out
+
+    def _table_of_rows(self) -> pa.Table:
+        schema = columns_schema(self._definition)
+        entity_keys = list(self._definition.entity_keys)
+        results = self._rows()
+        keys = [key if isinstance(key, Mapping) else _key_dict(key, entity_keys) for key in self._keys]
+        arrays: list[pa.Array] = [
+            pa.array([key[name] for key in keys], schema.field(i).type) for i, name in enumerate(entity_keys)
+        ]
+        arrays.append(pa.array([_STATUS_NUMBERS[r.status] for r in results], pa.int8()))
+        arrays.append(pa.array([r.event_time for r in results], _ARROW_TIMESTAMP))
+        for j, f in enumerate(_features(self._definition)):
+            values = [None if r.features is None else r.features[f.name] for r in results]
+            arrays.append(pa.array(values, schema.field(len(entity_keys) + 2 + j).type))
+        return pa.Table.from_arrays(arrays, schema=schema)

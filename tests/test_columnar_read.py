@@ -1,0 +1,240 @@
+"""GetFeatures as Arrow: the columns read exactly what the Struct form reads, for every type and status."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pyarrow as pa
+import pytest
+from conftest import Running, start
+from hypothesis import given
+from hypothesis import strategies as st
+from test_properties import (
+    BATCH_COPIES,
+    KEY,
+    SETTINGS,
+    TS,
+    apply_source,
+    batches,
+    push,
+    replicate,
+    schemas,
+    unique_source_name,
+)
+
+from featurepush import Client, FeatureResult, FeatureStatus
+from featurepush import types as t
+from featurepush.aio import AsyncClient
+from featurepush.definitions import StreamSource
+from featurepush.reads import FeatureResults
+from featurepush.v1 import online_service_pb2
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """One server for the module; every test applies a source of its own."""
+    r = start(Path(tmp_path_factory.mktemp("reads")) / "data", fsync="never")
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+@pytest.fixture(scope="module")
+def client(server: Running) -> Client:
+    """A Client over the module server's channel."""
+    return Client.from_channel(server.channel)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equality where NaN equals NaN, through results, dicts and lists."""
+    if isinstance(a, FeatureResult) and isinstance(b, FeatureResult):
+        return a.status == b.status and a.event_time == b.event_time and same(a.features, b.features)
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b) and type(a) is type(b)
+
+
+def both_forms(client: Client, source: str, keys: Sequence[Any]) -> tuple[FeatureResults, FeatureResults]:
+    """The same read as Arrow and as Structs; asserts they agree, as rows and as columns."""
+    columns = client.get_features(source, keys)
+    structs = client.get_features(source, keys, columnar=False)
+    assert len(columns) == len(structs) == len(keys)
+    for got, want in zip(columns, structs, strict=True):
+        assert same(got, want), (got, want)
+    assert columns.to_arrow().schema.equals(structs.to_arrow().schema)
+    # Map entries come in key order from the server, in the Struct's order otherwise.
+    rows = [r.to_arrow().to_pylist(maps_as_pydicts="strict") for r in (columns, structs)]
+    assert same(*rows)
+    return columns, structs
+
+
+@BATCH_COPIES
+@SETTINGS
+@given(data=st.data())
+def test_arrow_reads_what_structs_read(
+    client: Client, server: Running, data: st.DataObject, copies: int
+) -> None:
+    """Random schemas and values (NaN, infinities, years 1 to 9999, nesting, nulls) read alike both ways."""
+    schema = data.draw(schemas(), "schema")
+    batch = replicate(data.draw(batches(schema), "batch"), copies)
+    source = apply_source(client, schema)
+    assert push(server, source, [r for r, _ in batch]).counts[source].accepted == len(batch)
+    keys = [c[KEY] for _, c in batch]
+    columns, _ = both_forms(client, source, [*keys, "nobody"])
+    assert [r.status for r in columns] == [FeatureStatus.PRESENT] * len(keys) + [FeatureStatus.MISSING]
+    assert columns[-1] == FeatureResult(FeatureStatus.MISSING, None, None)
+
+
+def test_expired_and_missing_read_alike(client: Client) -> None:
+    name = unique_source_name()
+    schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp), t.Field("score", t.Float64)]
+    client.apply(
+        StreamSource(
+            name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS, online_ttl=dt.timedelta(days=1)
+        )
+    )
+    now = dt.datetime.now(dt.UTC)
+    old = dt.datetime(2001, 2, 3, 4, 5, 6, 7, tzinfo=dt.UTC)
+    client.push(name, [{KEY: "fresh", TS: now, "score": 1.5}, {KEY: "stale", TS: old, "score": 2.5}])
+    columns, _ = both_forms(client, name, ["fresh", "stale", "nobody"])
+    assert [r.status for r in columns] == [
+        FeatureStatus.PRESENT,
+        FeatureStatus.EXPIRED,
+        FeatureStatus.MISSING,
+    ]
+    assert columns[1] == FeatureResult(FeatureStatus.EXPIRED, old, None)
+    table = columns.to_arrow()
+    assert table.column("status").to_pylist() == [1, 3, 2]
+    assert table.column("event_time").to_pylist()[1:] == [old, None]
+    assert table.column("score").to_pylist() == [1.5, None, None]
+
+
+def test_fields_added_later_read_as_null_in_old_rows(client: Client) -> None:
+    name = unique_source_name()
+    schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp), t.Field("n", t.Int64)]
+    client.apply(StreamSource(name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS))
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    client.push(name, [{KEY: f"old{i}", TS: when, "n": i} for i in range(20)])
+    late = [
+        t.Field("tags", t.Array(t.String), nullable=True),
+        t.Field("attrs", t.Map(t.String, t.Struct([t.Field("x", t.Float32, nullable=True)])), nullable=True),
+    ]
+    client.apply(StreamSource(name=name, schema=[*late, *schema], entity_keys=[KEY], timestamp_field=TS))
+    client.push(name, [{KEY: "new", TS: when, "n": 7, "tags": ["a"], "attrs": {"k": {"x": 0.5}}}])
+    only_old, _ = both_forms(client, name, ["old0", "old19"])
+    assert only_old[0].features == {"tags": None, "attrs": None, KEY: "old0", TS: when, "n": 0}
+    mixed, _ = both_forms(client, name, ["old3", "new"])
+    assert mixed[1].features == {"tags": ["a"], "attrs": {"k": {"x": 0.5}}, KEY: "new", TS: when, "n": 7}
+
+
+def test_entity_keys_of_several_types_are_typed_columns(client: Client) -> None:
+    name = unique_source_name()
+    schema = [
+        t.Field("region", t.String),
+        t.Field("shard", t.Int32),
+        t.Field("user", t.Int64),
+        t.Field(TS, t.Timestamp),
+        t.Field("status", t.String, nullable=True),
+        t.Field("event_time", t.Bytes, nullable=True),
+    ]
+    client.apply(
+        StreamSource(name=name, schema=schema, entity_keys=["region", "shard", "user"], timestamp_field=TS)
+    )
+    when = dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC)
+    big = 2**63 - 1
+    client.push(
+        name, [{"region": "eu", "shard": -3, "user": big, TS: when, "status": "ok", "event_time": b"\0"}]
+    )
+    keys = [("eu", -3, big), {"region": "us", "shard": 1, "user": -(2**63)}]
+    columns, _ = both_forms(client, name, keys)
+    table = columns.to_arrow()
+    assert table.schema.names == [
+        "region", "shard", "user", "_status", "_event_time", TS, "status", "event_time",
+    ]  # fmt: skip
+    assert table.schema.field("shard").type == pa.int32() and table.schema.field("user").type == pa.int64()
+    assert table.column("user").to_pylist() == [big, -(2**63)]
+    assert table.column("_status").to_pylist() == [1, 2]
+    assert columns[0].features == {
+        "region": "eu", "shard": -3, "user": big, TS: when, "status": "ok", "event_time": b"\0",
+    }  # fmt: skip
+
+
+def test_pandas_and_polars_round_trips(client: Client) -> None:
+    pandas = pytest.importorskip("pandas")
+    polars = pytest.importorskip("polars")
+    name = unique_source_name()
+    schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp), t.Field("clicks", t.Int64, nullable=True)]
+    client.apply(StreamSource(name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS))
+    when = dt.datetime(2026, 5, 6, 7, 8, 9, 123456, tzinfo=dt.UTC)
+    client.push(name, [{KEY: "a", TS: when, "clicks": 3}, {KEY: "b", TS: when, "clicks": None}])
+    results = client.get_features(name, ["a", "b", "c"])
+    frame = results.to_pandas()
+    assert list(frame.columns) == [KEY, "status", "event_time", TS, "clicks"]
+    assert frame[KEY].tolist() == ["a", "b", "c"]
+    assert frame["event_time"].iloc[0] == pandas.Timestamp(when)
+    table = results.to_arrow()
+    assert pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False).equals(table)
+    pl = results.to_polars()
+    assert pl.columns == [KEY, "status", "event_time", TS, "clicks"]
+    assert pl["clicks"].to_list() == [3, None, None]
+    assert polars.from_arrow(table).equals(pl)
+    # The frame pushes back as it reads, once the read's own columns are dropped.
+    present = frame[frame["status"] == 1].drop(columns=["status", "event_time"]).reset_index(drop=True)
+    assert client.push(name, present).counts[name].accepted == 2
+
+
+def test_the_result_is_still_a_list_of_results(client: Client) -> None:
+    name = unique_source_name()
+    schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp)]
+    client.apply(StreamSource(name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS))
+    results = client.get_features(name, ["x"])
+    assert results == [FeatureResult(FeatureStatus.MISSING, None, None)]
+    assert list(results[0:1]) == list(results) and len(results) == 1
+
+
+def test_an_unknown_response_format_is_refused(server: Running, client: Client) -> None:
+    name = unique_source_name()
+    client.apply(
+        StreamSource(
+            name=name,
+            schema=[t.Field(KEY, t.String), t.Field(TS, t.Timestamp)],
+            entity_keys=[KEY],
+            timestamp_field=TS,
+        )
+    )
+    request = online_service_pb2.GetFeaturesRequest(source=name, response_format=9)  # type: ignore[arg-type]
+    request.keys.add().update({KEY: "x"})
+    with pytest.raises(grpc.RpcError) as e:
+        server.online.GetFeatures(request)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "response_format" in (e.value.details() or "")
+
+
+def test_the_async_client_reads_the_same_columns(server: Running, client: Client) -> None:
+    name = unique_source_name()
+    xs = t.Field("xs", t.Array(t.Int32), nullable=True)
+    schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp), xs]
+    client.apply(StreamSource(name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS))
+    when = dt.datetime(1000, 1, 1, tzinfo=dt.UTC)
+    client.push(name, [{KEY: "a", TS: when, "xs": [1, -2]}, {KEY: "b", TS: when, "xs": None}])
+    keys = ["a", "b", "c"]
+
+    async def read() -> tuple[FeatureResults, FeatureResults]:
+        async with AsyncClient(server.target) as aio:
+            return await aio.get_features(name, keys), await aio.get_features(name, keys, columnar=False)
+
+    columns, structs = asyncio.run(read())
+    assert columns.to_arrow().equals(client.get_features(name, keys).to_arrow())
+    assert list(columns) == list(structs) == list(client.get_features(name, keys))
+    assert columns[0].features == {KEY: "a", TS: when, "xs": [1, -2]}
