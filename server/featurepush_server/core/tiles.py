@@ -81,6 +81,12 @@ class Codec:
             out[present] = np.frombuffer(joined, dtype="<f8").reshape(len(present), self.width)
         return out
 
+    def fixed_rows(self, values: Sequence[bytes]) -> np.ndarray:
+        """The fixed blocks of stored tiles, all present, as rows of a float64 array."""
+        n = self.nbytes
+        joined = b"".join(values) if not self.has_var else b"".join(v[:n] for v in values)
+        return np.frombuffer(joined, dtype="<f8").reshape(len(values), self.width)
+
     def var(self, value: bytes | None) -> dict[str, Any] | None:
         """The JSON part of a stored tile, or None."""
         if value is None or not self.has_var:

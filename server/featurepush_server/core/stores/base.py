@@ -11,9 +11,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import FailedPrecondition
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -283,9 +286,12 @@ class TileStore(Protocol):
         ...
 
     def scan_tiles(
-        self, view_id: int, entity: bytes, first_micros: int, last_micros: int
-    ) -> list[tuple[int, bytes]]:
-        """One entity's tiles with starts in [first_micros, last_micros], as (start, value) by start."""
+        self, view_id: int, entities: Sequence[bytes], first_micros: int, last_micros: int
+    ) -> tuple[list[int], np.ndarray, list[bytes]]:
+        """Each entity's tiles with starts in [first_micros, last_micros], entity by entity, by start.
+
+        Returns how many tiles each entity has, their starts (int64) and their values.
+        """
         ...
 
     def view_state(self, view_id: int) -> bytes | None:
