@@ -281,6 +281,10 @@ class TileStore(Protocol):
         """The key of one entity's tile starting at `start_micros`."""
         ...
 
+    def tile_keys(self, view_id: int, entities: Sequence[bytes], starts: np.ndarray) -> list[bytes]:
+        """The keys of each entity's tile starting at the matching start (int64 microseconds)."""
+        ...
+
     def read_tiles(self, keys: list[bytes]) -> list[bytes | None]:
         """Stored tiles of the keys, None where absent."""
         ...

@@ -70,6 +70,10 @@ class NoViews:
         """Refused: there are no tiles."""
         raise self._refuse()
 
+    def tile_keys(self, view_id: int, entities: Sequence[bytes], starts: np.ndarray) -> list[bytes]:
+        """Refused: there are no tiles."""
+        raise self._refuse()
+
     def read_tiles(self, keys: list[bytes]) -> list[bytes | None]:
         """None for every key."""
         return [None] * len(keys)

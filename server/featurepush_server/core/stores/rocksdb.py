@@ -93,6 +93,8 @@ def tile_prefix(view_id: int) -> bytes:
 def _entity_part(entity: bytes) -> bytes:
     """An entity key with its length before it, so no entity's tiles sort among another's."""
     n = len(entity)
+    if n < 0x80:
+        return bytes((n,)) + entity
     head = bytearray()
     while True:
         byte, n = n & 0x7F, n >> 7
@@ -758,6 +760,13 @@ class RocksDBStore:
     def tile_key(self, view_id: int, entity: bytes, start_micros: int) -> bytes:
         """The key of one entity's tile starting at `start_micros`."""
         return tile_prefix(view_id) + _entity_part(entity) + (start_micros + _START_OFFSET).to_bytes(8, "big")
+
+    def tile_keys(self, view_id: int, entities: Sequence[bytes], starts: np.ndarray) -> list[bytes]:
+        """The keys of each entity's tile starting at the matching start (int64 microseconds)."""
+        prefix = tile_prefix(view_id)
+        shifted = starts.astype(np.int64).view(np.uint64) + np.uint64(_START_OFFSET)
+        tails = shifted.astype(">u8").tobytes()
+        return [prefix + _entity_part(e) + tails[8 * i : 8 * i + 8] for i, e in enumerate(entities)]
 
     def read_tiles(self, keys: list[bytes]) -> list[bytes | None]:
         """Stored tiles of the keys, None where absent."""
