@@ -8,7 +8,15 @@ import datetime as dt
 import pyarrow as pa
 from conftest import Running
 
-from featurepush import FeatureStatus, InvalidArgumentError
+from featurepush import (
+    Aggregate,
+    FeatureStatus,
+    Field,
+    Int64,
+    InvalidArgumentError,
+    NotFoundError,
+    StreamFeatureView,
+)
 from featurepush.aio import AsyncClient
 from featurepush.payload import BatchFailure, PushBatchError
 
@@ -86,5 +94,45 @@ def test_pusher_sends_lingering_records(running: Running) -> None:
                 await p.add(record(7))
                 while p.stats.batches == 0:
                     await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+
+
+def test_apply_read_and_delete_a_view(running: Running) -> None:
+    hour = dt.timedelta(hours=1)
+    clicks = StreamFeatureView(
+        name="clicks",
+        source="ad_impressions",
+        entities=["user_id"],
+        schema=[Field("clicked", Int64)],
+        aggregations=[Aggregate("clicked", "count", hour), Aggregate("clicked", "sum", hour)],
+        aggregation_interval=dt.timedelta(minutes=1),
+    )
+    now = dt.datetime.now(dt.UTC)
+    later = now + dt.timedelta(minutes=2)
+
+    async def scenario() -> None:
+        async with AsyncClient(running.target) as client:
+            [created] = await client.apply_views(clicks)
+            [unchanged] = await client.apply_views(clicks)
+            assert (created.created, unchanged.changed) == (True, False)
+            await client.push(
+                "ad_impressions", [{"user_id": "u", "timestamp": now, "clicked": c} for c in (2, 3)]
+            )
+            [seen, unseen] = await client.get_view_features(
+                [{"user_id": "u"}, {"user_id": "nobody"}], view="clicks", as_of=later
+            )
+            assert {name: (v.status, v.value) for name, v in seen.items()} == {
+                "clicked_count_1h": ("PRESENT", 2),
+                "clicked_sum_1h": ("PRESENT", 5),
+            }
+            assert unseen["clicked_sum_1h"].status == "MISSING" and unseen["clicked_sum_1h"].value is None
+            assert await client.delete_view("clicks") >= 1
+            try:
+                await client.get_view_features([{"user_id": "u"}], view="clicks")
+            except NotFoundError:
+                pass
+            else:
+                raise AssertionError("a deleted view was read")
 
     asyncio.run(scenario())

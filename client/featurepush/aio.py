@@ -10,7 +10,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -19,8 +19,8 @@ from google.rpc import status_pb2
 
 from featurepush.auth import PemPath, async_api_key_interceptors, channel_credentials
 from featurepush.batch import BackfillProgress, progress_of, timestamp
-from featurepush.client import ApplyResult, PushResult
-from featurepush.definitions import StreamSource
+from featurepush.client import ApplyResult, DefinitionResult, PushResult
+from featurepush.definitions import FeatureService, StreamFeatureView, StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error, from_status_proto
 from featurepush.payload import (
     RESEND_AS_ROWS,
@@ -49,6 +49,8 @@ from featurepush.reads import GET_FEATURES_METHOD, FeatureResults, get_features_
 from featurepush.v1 import (
     backfill_service_pb2,
     backfill_service_pb2_grpc,
+    feature_view_service_pb2,
+    feature_view_service_pb2_grpc,
     ingest_service_pb2,
     ingest_service_pb2_grpc,
     online_service_pb2,
@@ -56,6 +58,9 @@ from featurepush.v1 import (
     registry_service_pb2,
     registry_service_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from featurepush.views import ViewFeatureValue
 
 __all__ = ["AsyncClient", "AsyncPusher"]
 
@@ -101,6 +106,7 @@ class AsyncClient:
         )
         self._registry = registry_service_pb2_grpc.RegistryServiceStub(self._channel)
         self._backfill = backfill_service_pb2_grpc.BackfillServiceStub(self._channel)
+        self._views = feature_view_service_pb2_grpc.FeatureViewServiceStub(self._channel)
         self._schemas: dict[str, StreamSource] = {}
         self._push_schemas: dict[str, PushSchema] = {}
 
@@ -307,6 +313,58 @@ class AsyncClient:
             # The source may have changed since it was cached; decode with a fresh definition.
             self._forget(source)
             return read_reply(response, await self._definition(source), keys)
+
+    # Stream feature views.
+
+    async def apply_views(
+        self, *definitions: StreamFeatureView | FeatureService, validate_only: bool = False
+    ) -> list[DefinitionResult]:
+        """Create or update each view or feature service in order; stop at the first rejected one."""
+        results: list[DefinitionResult] = []
+        for item in definitions:
+            try:
+                if isinstance(item, StreamFeatureView):
+                    response: Any = await self._views.ApplyFeatureView(
+                        feature_view_service_pb2.ApplyFeatureViewRequest(
+                            view=item.to_proto(), validate_only=validate_only
+                        ),
+                        timeout=self._timeout,
+                    )
+                else:
+                    response = await self._views.ApplyFeatureService(
+                        feature_view_service_pb2.ApplyFeatureServiceRequest(
+                            service=item.to_proto(), validate_only=validate_only
+                        ),
+                        timeout=self._timeout,
+                    )
+            except grpc.RpcError as err:
+                raise _error(err) from None
+            results.append(DefinitionResult(item.name, response.created, response.changed))
+        return results
+
+    async def get_view_features(
+        self,
+        keys: Sequence[Mapping[str, Any]],
+        *,
+        view: str = "",
+        service: str = "",
+        as_of: dt.datetime | None = None,
+    ) -> list[dict[str, ViewFeatureValue]]:
+        """The features of a view or a feature service per entity key, windows ending at `as_of` or now."""
+        from featurepush.views import view_request, view_vectors
+
+        request = view_request(keys, view=view, service=service, as_of=as_of)
+        return view_vectors(await self._call_retrying_overload(self._views.GetViewFeatures, request))
+
+    async def delete_view(self, name: str) -> int:
+        """Delete a view and its tiles; return how many tiles it held."""
+        try:
+            response = await self._views.DeleteFeatureView(
+                feature_view_service_pb2.DeleteFeatureViewRequest(name=name), timeout=self._timeout
+            )
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        return int(response.tiles_deleted)
 
     async def _definition(self, name: str) -> StreamSource:
         cached = self._schemas.get(name)

@@ -7,7 +7,8 @@ the tile holding T: it never includes an event after T, and its values change on
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +24,19 @@ from .errors import InvalidInput, LimitExceeded, Violation
 from .rows import BadValue, scalar_converter
 from .schema import Kind
 from .stores.base import TileStore
-from .tiles import Codec, bounded, floor_to, now_micros, sketch_estimate, stddev, union_sketches
+from .tiles import Codec, bounded, floor_to, now_micros, sketch_estimate, union_sketches
 from .views import LIST_FUNCTIONS, AggSpec, View, Views
+from .wire import (
+    VALUE_NULL,
+    VALUE_NUMBER,
+    VALUE_STRING,
+    VIEW_FEATURES_RESULT,
+    VIEW_VALUE_EFFECTIVE_TIME,
+    VIEW_VALUE_STATUS,
+    VIEW_VALUE_VALUE,
+    VIEW_VECTOR_VALUE,
+    varint,
+)
 
 F = fv_pb2
 _PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
@@ -38,8 +50,6 @@ _SCALAR = {
     Kind.FLOAT64: schema_pb2.SCALAR_TYPE_FLOAT64,
     Kind.BOOL: schema_pb2.SCALAR_TYPE_BOOL,
 }
-# Above this many tiles per read, one range scan per entity beats a multi-get of every tile key.
-_MAX_MULTI_GET = 20_000
 
 
 def feature_type(agg: AggSpec) -> schema_pb2.DataType:
@@ -86,19 +96,36 @@ def value_kind(agg: AggSpec) -> Kind:
     return next(k for k, s in _SCALAR.items() if s == scalar)
 
 
+_NULL = VALUE_NULL + b"\x00"
+_DOUBLE = struct.Struct("<d").pack
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _string(text: str) -> bytes:
+    data = text.encode()
+    return VALUE_STRING + varint(len(data)) + data
+
+
+def _number(value: float) -> bytes:
+    # Non-finite floats have no JSON number: they go as strings, like _json_value writes them.
+    if math.isfinite(value):
+        return VALUE_NUMBER + _DOUBLE(value)
+    return _string(_NON_FINITE[repr(value)])
+
+
 @dataclass(frozen=True)
 class Rolled:
-    """One feature of one entity: its value (Python), whether its window holds events, the window end."""
+    """One feature of every entity: its serialized Value each, whether its window holds events, its end."""
 
-    value: Any
-    present: bool
+    values: list[bytes]
+    present: list[bool]
     end: int
 
 
 def roll_up(
     view: View, store: TileStore, entities: Sequence[bytes], aggs: Sequence[AggSpec], at: int
-) -> list[list[Rolled]]:
-    """The features `aggs` of each entity over the windows ending at the tile holding `at` (microseconds)."""
+) -> list[Rolled]:
+    """The features `aggs` of every entity over the windows ending at the tile holding `at` (microseconds)."""
     spec = view.spec
     interval = spec.interval
     end = floor_to(at, interval)
@@ -107,35 +134,96 @@ def roll_up(
     first = end - longest
     codec = Codec(spec)
     n = len(entities)
-    stored: list[bytes | None]
-    if count * n <= _MAX_MULTI_GET:
-        starts = range(first, end, interval)
-        stored = store.read_tiles([store.tile_key(view.id, e, s) for e in entities for s in starts])
-    else:
-        stored = [None] * (count * n)
-        for i, e in enumerate(entities):
-            for s, value in store.scan_tiles(view.id, e, first, end - interval):
-                stored[i * count + (s - first) // interval] = value
-    fixed = codec.fixed(stored).reshape(n, count, codec.width)
-    var = [codec.var(v) for v in stored] if codec.has_var else []
-    out: list[list[Rolled]] = [[] for _ in range(n)]
+    counts, starts, stored = store.scan_tiles(view.id, entities, first, end - interval)
+    # Each found tile's place in an (entity, tile) grid; absent tiles stay empty ones.
+    where = np.repeat(np.arange(n, dtype=np.int64), counts) * count + (starts - first) // interval
+    grid = np.tile(codec.identity, (n * count, 1))
+    if stored:
+        grid[where] = codec.fixed_rows(stored)
+    fixed = grid.reshape(n, count, codec.width)
+    var: list[dict[str, Any] | None] = []
+    if codec.has_var:
+        var = [None] * (n * count)
+        for j, value in zip(where.tolist(), stored, strict=True):
+            var[j] = codec.var(value)
+    totals_by_k: dict[int, np.ndarray] = {}
+    out: list[Rolled] = []
     for agg in aggs:
         k = agg.window // interval
-        totals = fixed[:, count - k :, :].sum(axis=1)
-        rows = totals[:, 0]
-        fn = agg.function
-        if fn not in _LIST_OR_SKETCH:
-            c = 1 + 5 * spec.moments.index(agg.column)
-            mins = fixed[:, count - k :, c + 3].min(axis=1)
-            maxs = fixed[:, count - k :, c + 4].max(axis=1)
+        totals = totals_by_k.get(k)
+        if totals is None:
+            totals = totals_by_k[k] = fixed[:, count - k :, :].sum(axis=1)
+        present = totals[:, 0] > 0
+        if agg.function not in _LIST_OR_SKETCH:
+            values = _moment(agg, fixed[:, count - k :, :], totals, spec.moments.index(agg.column), present)
+        else:
+            kind = value_kind(agg)
+            values = []
             for i in range(n):
-                value = _moment(agg, totals[i, c], totals[i, c + 1], totals[i, c + 2], mins, maxs, i)
-                out[i].append(Rolled(value, bool(rows[i] > 0), end))
-            continue
-        for i in range(n):
-            parts = [var[i * count + j] for j in range(count - k, count)]
-            value = _from_var(view, agg, [p for p in parts if p is not None])
-            out[i].append(Rolled(value, bool(rows[i] > 0), end))
+                parts = [var[i * count + j] for j in range(count - k, count)]
+                found = _from_var(view, agg, [p for p in parts if p is not None]) if present[i] else None
+                values.append(_json_value(found, kind).SerializeToString())
+        out.append(Rolled(values, present.tolist(), end))
+    return out
+
+
+def _int64(value: float) -> bytes:
+    return _string(str(int(value)))
+
+
+def _int32(value: float) -> bytes:
+    return _number(float(int(value)))
+
+
+def _moment(
+    agg: AggSpec, tiles: np.ndarray, totals: np.ndarray, column: int, present: np.ndarray
+) -> list[bytes]:
+    """One moment aggregation's serialized Values for every entity, from its window's tiles and their sums."""
+    c = 1 + 5 * column
+    count, total, squares = totals[:, c], totals[:, c + 1], totals[:, c + 2]
+    fn = agg.function
+    integral = agg.kind in _INT_KINDS
+    encode: Callable[[float], bytes] = _number
+    has = present & (count > 0)
+    if fn == F.AGGREGATE_FUNCTION_COUNT:
+        found, encode, has = count, _int64, present
+    elif fn == F.AGGREGATE_FUNCTION_SUM:
+        found, has = total, present
+        if integral:
+            encode = _int64
+    elif fn in (F.AGGREGATE_FUNCTION_MIN, F.AGGREGATE_FUNCTION_MAX):
+        if fn == F.AGGREGATE_FUNCTION_MIN:
+            found = tiles[:, :, c + 3].min(axis=1)
+        else:
+            found = tiles[:, :, c + 4].max(axis=1)
+        if integral:
+            encode = _int64 if agg.kind is Kind.INT64 else _int32
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = total / count
+            if fn == F.AGGREGATE_FUNCTION_MEAN:
+                found = mean
+            else:
+                spread = squares / count - mean * mean
+                # As max(spread, 0.0) in stddev(): NaN stays NaN.
+                found = np.sqrt(np.where(0.0 > spread, 0.0, spread))
+    return [encode(x) if h else _NULL for x, h in zip(found.tolist(), has.tolist(), strict=True)]
+
+
+def _feature_values(rolled: Rolled) -> list[bytes]:
+    """One feature's serialized ViewFeatureValue (a ViewFeatureVector.values entry) for every entity."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMicroseconds(rolled.end)
+    when = stamp.SerializeToString()
+    tail = VIEW_VALUE_EFFECTIVE_TIME + varint(len(when)) + when
+    heads = {
+        True: VIEW_VALUE_STATUS + bytes([_PRESENT]) + VIEW_VALUE_VALUE,
+        False: VIEW_VALUE_STATUS + bytes([_MISSING]) + VIEW_VALUE_VALUE,
+    }
+    out = []
+    for value, present in zip(rolled.values, rolled.present, strict=True):
+        body = heads[present] + varint(len(value)) + value + tail
+        out.append(VIEW_VECTOR_VALUE + varint(len(body)) + body)
     return out
 
 
@@ -145,31 +233,6 @@ _LIST_OR_SKETCH = {
     F.AGGREGATE_FUNCTION_LAST_DISTINCT_N,
     F.AGGREGATE_FUNCTION_APPROX_COUNT_DISTINCT,
 }
-
-
-def _moment(
-    agg: AggSpec,
-    count: float,
-    total: float,
-    squares: float,
-    mins: np.ndarray,
-    maxs: np.ndarray,
-    i: int,
-) -> Any:
-    fn = agg.function
-    integral = agg.kind in _INT_KINDS
-    if fn == F.AGGREGATE_FUNCTION_COUNT:
-        return int(count)
-    if fn == F.AGGREGATE_FUNCTION_SUM:
-        return int(total) if integral else float(total)
-    if not count:
-        return None
-    if fn == F.AGGREGATE_FUNCTION_MEAN:
-        return float(total / count)
-    if fn == F.AGGREGATE_FUNCTION_STDDEV:
-        return stddev(count, total, squares)
-    found = float(mins[i] if fn == F.AGGREGATE_FUNCTION_MIN else maxs[i])
-    return int(found) if integral else found
 
 
 def _from_var(view: View, agg: AggSpec, parts: list[dict[str, Any]]) -> Any:
@@ -227,31 +290,19 @@ class ViewReader:
             at = request.as_of.seconds * 1_000_000 + request.as_of.nanos // 1000
         entities = self.entity_keys(targets[0][0], keys)
         response = pb.GetViewFeaturesResponse()
-        columns: list[list[Rolled]] = []
-        kinds: list[Kind] = []
+        # One list per feature of each entity's serialized ViewFeatureValue, assembled by hand for speed.
+        columns: list[list[bytes]] = []
         for view, indexes in targets:
             aggs = [view.spec.aggregations[i] for i in indexes]
             for agg in aggs:
                 name = f"{view.spec.name}.{agg.name}" if qualified else agg.name
                 response.features.add(name=name, type=feature_type(agg))
-                kinds.append(value_kind(agg))
-            rolled = roll_up(view, self._store, entities, aggs, at)
-            columns.extend(zip(*rolled, strict=True))  # type: ignore[arg-type]
-        stamps: dict[int, timestamp_pb2.Timestamp] = {}
-        for i in range(len(entities)):
-            vector = response.results.add()
-            for column, kind in zip(columns, kinds, strict=True):
-                r = column[i]
-                stamp = stamps.get(r.end)
-                if stamp is None:
-                    stamp = stamps[r.end] = timestamp_pb2.Timestamp()
-                    stamp.FromMicroseconds(r.end)
-                vector.values.add(
-                    status=_PRESENT if r.present else _MISSING,
-                    value=_json_value(r.value if r.present else None, kind),
-                    effective_time=stamp,
-                )
-        return response
+            columns.extend(_feature_values(r) for r in roll_up(view, self._store, entities, aggs, at))
+        vectors = [response.SerializeToString()]
+        for row in zip(*columns, strict=True):
+            vector = b"".join(row)
+            vectors.append(VIEW_FEATURES_RESULT + varint(len(vector)) + vector)
+        return pb.GetViewFeaturesResponse.FromString(b"".join(vectors))
 
     @staticmethod
     def entity_keys(view: View, keys: Sequence[struct_pb2.Struct]) -> list[bytes]:

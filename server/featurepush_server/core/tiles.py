@@ -81,6 +81,12 @@ class Codec:
             out[present] = np.frombuffer(joined, dtype="<f8").reshape(len(present), self.width)
         return out
 
+    def fixed_rows(self, values: Sequence[bytes]) -> np.ndarray:
+        """The fixed blocks of stored tiles, all present, as rows of a float64 array."""
+        n = self.nbytes
+        joined = b"".join(values) if not self.has_var else b"".join(v[:n] for v in values)
+        return np.frombuffer(joined, dtype="<f8").reshape(len(values), self.width)
+
     def var(self, value: bytes | None) -> dict[str, Any] | None:
         """The JSON part of a stored tile, or None."""
         if value is None or not self.has_var:
@@ -341,10 +347,16 @@ class ViewTiles:
         stored = read(keys)
         codec = self.codec
         fixed = codec.merge_fixed(codec.fixed(stored), self.fixed[index])
-        values = [
-            codec.encode(fixed[j], codec.merge_var(codec.var(stored[j]), self.var[i]))
-            for j, i in enumerate(index)
-        ]
+        if not codec.has_var:
+            # Fixed-size tiles: one conversion for all, then a slice each.
+            raw = fixed.astype("<f8").tobytes()
+            n = codec.nbytes
+            values = [raw[j * n : (j + 1) * n] for j in range(len(index))]
+        else:
+            values = [
+                codec.encode(fixed[j], codec.merge_var(codec.var(stored[j]), self.var[i]))
+                for j, i in enumerate(index)
+            ]
         return TileMerge(keys, values, new_state, skipped)
 
 
@@ -356,15 +368,21 @@ def build_tiles(
     out, table = transformed(view, source_table, timestamp_field, where)
     codec = Codec(spec)
     micros = pc.cast(out.column(timestamp_field), pa.int64()).to_numpy(zero_copy_only=False)
-    entities = encode_keys([out.column(k).combine_chunks() for k in spec.entity_keys], b"").to_pylist()
-    starts_all = micros // spec.interval * spec.interval
-    groups: dict[tuple[bytes, int], int] = {}
-    idx = np.fromiter(
-        (groups.setdefault(g, len(groups)) for g in zip(entities, starts_all.tolist(), strict=True)),
-        dtype=np.int64,
-        count=len(entities),
+    entities = pc.dictionary_encode(
+        encode_keys([out.column(k).combine_chunks() for k in spec.entity_keys], b"")
     )
-    m = len(groups)
+    codes = entities.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    slots = micros // spec.interval
+    # A transformation may drop every record.
+    first_slot = int(slots.min()) if len(slots) else 0
+    span = int(slots.max()) - first_slot + 1 if len(slots) else 1
+    # One number per (entity, tile), so that numpy finds the groups without a Python loop.
+    unique, idx = np.unique(codes * span + (slots - first_slot), return_inverse=True)
+    idx = idx.reshape(-1)
+    m = len(unique)
+    names = entities.dictionary.to_pylist()
+    group_entities = [names[e] for e in (unique // span).tolist()]
+    starts = (unique % span + first_slot) * spec.interval
     fixed = np.tile(codec.identity, (m, 1))
     fixed[:, 0] = np.bincount(idx, minlength=m)
     for c, name in enumerate(spec.moments):
@@ -401,8 +419,7 @@ def build_tiles(
             }
             for g in range(m)
         ]
-    keys = [store.tile_key(view.id, e, s) for e, s in groups]
-    starts = np.fromiter((s for _, s in groups), dtype=np.int64, count=m)
+    keys = store.tile_keys(view.id, group_entities, starts)
     return ViewTiles(
         spec.name, view.id, view.generation, spec, codec, keys, starts, fixed[:, 0].copy(), fixed, var, run
     )

@@ -28,6 +28,13 @@ VALUE_NULL = b"\x08"
 VALUE_NUMBER = b"\x11"
 VALUE_STRING = b"\x1a"
 VALUE_BOOL = b"\x20"
+# GetViewFeaturesResponse.results (2), ViewFeatureVector.values (1), and ViewFeatureValue.status (1,
+# varint), .value (2) and .effective_time (3); the others length-delimited.
+VIEW_FEATURES_RESULT = b"\x12"
+VIEW_VECTOR_VALUE = b"\x0a"
+VIEW_VALUE_STATUS = b"\x08"
+VIEW_VALUE_VALUE = b"\x12"
+VIEW_VALUE_EFFECTIVE_TIME = b"\x1a"
 # ReadBatchSourceResponse.arrow_schema (1) and .arrow_record_batch (2), both bytes.
 READ_BATCH_SCHEMA = b"\x0a"
 READ_BATCH_RECORD_BATCH = b"\x12"
@@ -48,6 +55,11 @@ TAGS: dict[str, tuple[str, str]] = {
     "VALUE_NUMBER": ("google.protobuf.Value", "number_value"),
     "VALUE_STRING": ("google.protobuf.Value", "string_value"),
     "VALUE_BOOL": ("google.protobuf.Value", "bool_value"),
+    "VIEW_FEATURES_RESULT": ("featurepush.v1.GetViewFeaturesResponse", "results"),
+    "VIEW_VECTOR_VALUE": ("featurepush.v1.ViewFeatureVector", "values"),
+    "VIEW_VALUE_STATUS": ("featurepush.v1.ViewFeatureValue", "status"),
+    "VIEW_VALUE_VALUE": ("featurepush.v1.ViewFeatureValue", "value"),
+    "VIEW_VALUE_EFFECTIVE_TIME": ("featurepush.v1.ViewFeatureValue", "effective_time"),
     "READ_BATCH_SCHEMA": ("featurepush.v1.ReadBatchSourceResponse", "arrow_schema"),
     "READ_BATCH_RECORD_BATCH": ("featurepush.v1.ReadBatchSourceResponse", "arrow_record_batch"),
 }

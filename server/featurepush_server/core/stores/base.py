@@ -11,9 +11,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import FailedPrecondition
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -278,14 +281,21 @@ class TileStore(Protocol):
         """The key of one entity's tile starting at `start_micros`."""
         ...
 
+    def tile_keys(self, view_id: int, entities: Sequence[bytes], starts: np.ndarray) -> list[bytes]:
+        """The keys of each entity's tile starting at the matching start (int64 microseconds)."""
+        ...
+
     def read_tiles(self, keys: list[bytes]) -> list[bytes | None]:
         """Stored tiles of the keys, None where absent."""
         ...
 
     def scan_tiles(
-        self, view_id: int, entity: bytes, first_micros: int, last_micros: int
-    ) -> list[tuple[int, bytes]]:
-        """One entity's tiles with starts in [first_micros, last_micros], as (start, value) by start."""
+        self, view_id: int, entities: Sequence[bytes], first_micros: int, last_micros: int
+    ) -> tuple[list[int], np.ndarray, list[bytes]]:
+        """Each entity's tiles with starts in [first_micros, last_micros], entity by entity, by start.
+
+        Returns how many tiles each entity has, their starts (int64) and their values.
+        """
         ...
 
     def view_state(self, view_id: int) -> bytes | None:

@@ -6,7 +6,9 @@ usual, and applying a view is refused with one clear FAILED_PRECONDITION naming 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
 
 from ..errors import FailedPrecondition
 
@@ -68,15 +70,19 @@ class NoViews:
         """Refused: there are no tiles."""
         raise self._refuse()
 
+    def tile_keys(self, view_id: int, entities: Sequence[bytes], starts: np.ndarray) -> list[bytes]:
+        """Refused: there are no tiles."""
+        raise self._refuse()
+
     def read_tiles(self, keys: list[bytes]) -> list[bytes | None]:
         """None for every key."""
         return [None] * len(keys)
 
     def scan_tiles(
-        self, view_id: int, entity: bytes, first_micros: int, last_micros: int
-    ) -> list[tuple[int, bytes]]:
+        self, view_id: int, entities: Sequence[bytes], first_micros: int, last_micros: int
+    ) -> tuple[list[int], np.ndarray, list[bytes]]:
         """No tiles."""
-        return []
+        return [0] * len(entities), np.zeros(0, dtype=np.int64), []
 
     def view_state(self, view_id: int) -> bytes | None:
         """None: no state."""
