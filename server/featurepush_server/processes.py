@@ -178,8 +178,10 @@ def supervise(config: ServerConfig) -> None:
                     fronts[i].forget_ready()
         _LOGGER.info("stopping within %.1fs (a second signal exits at once)", config.shutdown_grace_s)
         # Fronts first, so that every call they drain still reaches the store; then the owner flushes.
-        codes = _stop(fronts, signals)
-        codes += _stop([owner] if owner is not None else [], signals)
+        # One that died before the signal (its restart waits out the second) is not failing to stop.
+        running = [c for c in (*fronts, *([owner] if owner is not None else [])) if c.process.poll() is None]
+        codes = _stop([f for f in fronts if f in running], signals)
+        codes += _stop([owner] if owner in running else [], signals)
         # A process still starting when the signal came ends by it, with nothing to drain.
         failed = [c for c in codes if c not in (0, -signal.SIGTERM)]
         if failed:
