@@ -1,21 +1,25 @@
-"""`featurepush serve --processes 3`: fronts on one port over one store owner, and killed processes."""
+"""`featurepush serve --processes N`: fronts on one port over a store owner or Redis, and killed processes."""
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import re
 import signal
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from conftest import AD_IMPRESSIONS, keys_request, rows_request, scalar, source_from_json
+from redis_servers import RedisServer
 from servers import ServedProcess, wait_until
 
 from featurepush.v1 import (
+    ingest_service_pb2,
     ingest_service_pb2_grpc,
     online_service_pb2_grpc,
     registry_service_pb2,
@@ -204,3 +208,82 @@ def test_killed_front_and_owner_lose_no_acknowledged_record(served: ServedProces
     finally:
         again.signal()
         assert again.wait() == 0
+
+
+def _pushed(conn: Connection, request: ingest_service_pb2.PushRequest) -> bool:
+    """Whether the push went through; False while this front does not yet know the source as sent."""
+    try:
+        conn.ingest.Push(request)
+    except grpc.RpcError as e:
+        assert e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT), e
+        return False
+    return True
+
+
+def test_redis_fronts_run_without_an_owner_and_share_sources_and_latest_events(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEATUREPUSH_STORE", redis_server.url)
+    monkeypatch.setenv("FEATUREPUSH_REDIS_NAMESPACE", f"p{uuid.uuid4().hex[:12]}")
+    served = ServedProcess(tmp_path / "data", "--processes", "2")
+    conns: list[Connection] = []
+    try:
+        assert served.log.count("featurepush listening on") == 1
+        fronts = _pids(served, r"front \d+")
+        assert len(fronts) == 2
+        assert not _pids(served, "the store owner")
+        # The supervisor's runtime folder (a front's third argument) holds no store socket, nor anything.
+        runtime = Path(Path(f"/proc/{fronts[0]}/cmdline").read_bytes().split(b"\0")[5].decode())
+        assert runtime.is_dir() and not any(runtime.iterdir())
+
+        conns = [Connection(served.port) for _ in range(CONNECTIONS)]
+        doc = dict(AD_IMPRESSIONS, name="clicks")
+        conns[0].registry.ApplySource(registry_service_pb2.ApplySourceRequest(source=source_from_json(doc)))
+        for i, conn in enumerate(conns):
+            conn.ingest.Push(rows_request({"clicks": [_row(f"c{i}", i)]}))
+        for conn in conns:
+            assert _clicked(conn, "clicks", [f"c{i}" for i in range(CONNECTIONS)]) == list(range(CONNECTIONS))
+        # A change through one front reaches the other's cached definition at its next registry refresh.
+        fields = [*doc["schema"]["fields"], {"name": "cost", "type": scalar("FLOAT64"), "nullable": True}]  # type: ignore[index]
+        changed = dict(doc, schema={"fields": fields})
+        conns[1].registry.ApplySource(
+            registry_service_pb2.ApplySourceRequest(source=source_from_json(changed))
+        )
+        for i, conn in enumerate(conns):
+            request = rows_request({"clicks": [dict(_row(f"d{i}", i), cost=0.5)]})
+            assert wait_until(functools.partial(_pushed, conn, request))
+
+        # Writers through every connection race on the same entities; Redis keeps the latest event time.
+        failed: list[grpc.RpcError] = []
+
+        def race(n: int) -> None:
+            for k in range(10):
+                seconds = (k * CONNECTIONS + n) % 97
+                try:
+                    conns[n].ingest.Push(
+                        rows_request({"clicks": [_row(f"e{j}", seconds, seconds) for j in range(5)]})
+                    )
+                except grpc.RpcError as e:
+                    failed.append(e)
+
+        threads = [threading.Thread(target=race, args=(n,)) for n in range(CONNECTIONS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not failed
+        assert _clicked(conns[2], "clicks", [f"e{j}" for j in range(5)]) == [79] * 5
+        for conn in conns:
+            assert _clicked(conn, "clicks", [f"d{i}" for i in range(CONNECTIONS)]) == list(range(CONNECTIONS))
+
+        first = conns[0].ingest.Push(rows_request({"clicks": [_row("r", 1, 500)]}, requestId="once"))
+        assert not first.replayed
+        for conn in conns[1:]:
+            again = conn.ingest.Push(rows_request({"clicks": [_row("r", 2, 600)]}, requestId="once"))
+            assert again.replayed
+    finally:
+        for conn in conns:
+            conn.channel.close()
+        served.signal(signal.SIGTERM)
+    assert served.wait() == 0, served.log
+    assert "stopped" in served.log

@@ -204,20 +204,26 @@ def open_store(config: ServerConfig) -> Store:
         raise StoreInUse(config.data_dir, e.pid) from None
 
 
-def create_server(config: ServerConfig, *, front: RemoteStore | None = None) -> Server:
+def create_server(
+    config: ServerConfig, *, front: RemoteStore | None = None, peer: int | None = None
+) -> Server:
     """Open the store, apply the configured definitions and register every service; not started.
 
     With `front`, the server is one of `serve --processes`: it uses that store, which another process
     owns along with its background work (offline-log flushes, expiry sweeps, disk recovery), and shares
-    its port with the other fronts.
+    its port with the other fronts. With `peer`, the server is front number `peer` of `serve --processes`
+    on a shared store (Redis): it opens its own, runs its own background work and shares its port; only
+    peer 0 drains the offline log.
     """
     store = open_store(config) if front is None else front
+    shares_port = front is not None or peer is not None
     try:
         offline_root = config.data_dir / "offline"
-        # A front leaves the log to the owner: opening it removes the files of unfinished flushes.
+        # Opening the log removes the files of unfinished flushes, which may be another process's
+        # running flush: the owner keeps the log, or with a shared store the first peer alone.
         offline_log = (
             OfflineLog(store, offline_root, interval_s=config.offline_flush_interval_s)
-            if front is None
+            if front is None and not peer
             else None
         )
         locations = BatchLocations(
@@ -282,7 +288,7 @@ def create_server(config: ServerConfig, *, front: RemoteStore | None = None) -> 
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             # Fronts share the port, and the kernel spreads connections over them.
-            ("grpc.so_reuseport", int(front is not None)),
+            ("grpc.so_reuseport", int(shares_port)),
         ]
         gates = Admission(
             configured_limits(
@@ -362,15 +368,19 @@ def create_server(config: ServerConfig, *, front: RemoteStore | None = None) -> 
     log_exposure(config)
     closers: list[Any] = []
     sweeper = None
-    if offline_log is not None:
+    if front is None:
         # Started last so that a failed build leaves no thread; stop() flushes what is still queued.
-        offline_log.start()
+        if offline_log is not None:
+            offline_log.start()
+            closers.append(offline_log.close)
+        # On Redis this sweeps nothing (Redis expires rows itself), so every peer may run it.
         sweeper = ExpirySweeper(store, config.expired_sweep_interval_s, lambda: sweep_tiles(views, store))
         sweeper.start()
-        # After a disk error, writes resume by themselves once the disk takes them again.
+        # After a disk error, writes resume by themselves once the disk takes them again; after Redis
+        # was unreachable, each process's own connections must answer again.
         recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
         recovery.start()
-        closers = [offline_log.close, sweeper.close, recovery.stop]
+        closers += [sweeper.close, recovery.stop]
     metrics.watch(gates, store, offline_log, sweeper)
     server = Server(
         grpc_server,
@@ -400,26 +410,31 @@ def create_server(config: ServerConfig, *, front: RemoteStore | None = None) -> 
 
 
 def serve(
-    config: ServerConfig, *, front: RemoteStore | None = None, ready: Callable[[], None] | None = None
+    config: ServerConfig,
+    *,
+    front: RemoteStore | None = None,
+    peer: int | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> None:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully; a second signal exits at once.
 
-    With `processes` above 1 (and no `front`), a supervisor runs that many front processes and a store
-    owner instead (processes.py). `ready` is called once the server serves.
+    With `processes` above 1 (and no `front` nor `peer`), a supervisor runs that many front processes
+    instead, plus a store owner for the embedded store (processes.py). `ready` is called once the server
+    serves.
     """
-    if front is None and config.processes > 1:
+    if front is None and peer is None and config.processes > 1:
         from .processes import supervise
 
         supervise(config)
         return
     # Every file the server creates (RocksDB's, the offline log's) is readable by its user alone.
     os.umask(0o077)
-    server = create_server(config, front=front)
+    server = create_server(config, front=front, peer=peer)
     server.start()
     # A push allocates a wrapper per JSON value, so full collections come every few pushes: objects alive
     # after start-up (modules, descriptors, the registry) are frozen out of them.
     gc.freeze()
-    if front is None:
+    if front is None and peer is None:
         _LOGGER.info(
             "featurepush listening on %s (port %d), data in %s", config.listen, server.port, config.data_dir
         )

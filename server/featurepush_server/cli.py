@@ -657,7 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-message-bytes", type=int)
     serve.add_argument("--workers", type=int)
     serve.add_argument(
-        "--processes", type=int, help="gRPC processes sharing the port, plus a store owner (default: cores)"
+        "--processes",
+        type=int,
+        help="gRPC processes sharing the port, plus a store owner with RocksDB (default: cores)",
     )
     serve.add_argument(
         "--post-processor-module",

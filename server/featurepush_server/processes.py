@@ -1,11 +1,14 @@
-"""`featurepush serve --processes N`: a supervisor, one store owner and N gRPC fronts on one port.
+"""`featurepush serve --processes N`: a supervisor and N gRPC fronts on one port, over one store.
 
-The supervisor (the process started) reserves the port, starts the owner and waits for its socket,
-then starts the fronts, which bind the port with SO_REUSEPORT so the kernel spreads connections over
-them. The owner opens the store and runs its background work; the fronts decode, validate and encode,
-and reach the store through `RemoteStore` (core/stores/remote.py). A process that dies is started
-again: a front's clients retry on another; while the owner is down the fronts answer UNAVAILABLE.
-SIGTERM or SIGINT stops the fronts gracefully, then the owner, which flushes and closes the store.
+The supervisor (the process started) reserves the port and starts the fronts, which bind it with
+SO_REUSEPORT so the kernel spreads connections over them. With the embedded store it first starts one
+store owner and waits for its socket: the owner opens the store and runs its background work; the fronts
+decode, validate and encode, and reach the store through `RemoteStore` (core/stores/remote.py). With
+Redis there is no owner: every front opens its own connection to Redis, which decides every write, and
+runs its own background work (the first front alone drains the offline log, under Redis's lease).
+A process that dies is started again: a front's clients retry on another; while the owner is down the
+fronts answer UNAVAILABLE. SIGTERM or SIGINT stops the fronts gracefully, then the owner, which flushes
+and closes the store.
 """
 
 from __future__ import annotations
@@ -101,7 +104,10 @@ def _reserve_port(listen: str) -> tuple[str, socket.socket]:
 
 
 def supervise(config: ServerConfig) -> None:
-    """Run the owner and `config.processes` fronts until SIGINT or SIGTERM; exit non-zero if they fail."""
+    """Run `config.processes` fronts (and the owner of an embedded store) until SIGINT or SIGTERM.
+
+    Exits non-zero if they fail.
+    """
     os.umask(0o077)
     listen, holder = _reserve_port(config.listen)
     shared = dataclasses.replace(config, listen=listen)
@@ -126,9 +132,11 @@ def supervise(config: ServerConfig) -> None:
         return child
 
     try:
-        owner = start("owner", 0)
-        if not owner.wait_ready(signals):
-            _fail(f"the store owner did not start (exit code {owner.process.poll()})", [], owner)
+        # Redis decides writes itself and is shared by whoever connects: nothing needs to own it.
+        if config.store == "rocksdb":
+            owner = start("owner", 0)
+            if not owner.wait_ready(signals):
+                _fail(f"the store owner did not start (exit code {owner.process.poll()})", [], owner)
         # Started together and awaited after: each takes a while to import and build its server.
         fronts = [start("front", i) for i in range(config.processes)]
         for front in fronts:
@@ -136,16 +144,21 @@ def supervise(config: ServerConfig) -> None:
                 _fail(f"{front.name} did not start (exit code {front.process.poll()})", fronts, owner)
         port = int(listen.rpartition(":")[2])
         _LOGGER.info(
-            "featurepush listening on %s (port %d), data in %s; %d front processes and a store owner",
+            "featurepush listening on %s (port %d), data in %s; %d front processes %s",
             config.listen,
             port,
             config.data_dir,
             config.processes,
+            "and a store owner" if owner is not None else "on a shared Redis",
         )
         while not signals:
             time.sleep(0.1)
             # Started again at most once a second each, so a process that cannot start does not spin.
-            if owner.process.poll() is not None and time.monotonic() - owner.started > 1.0:
+            if (
+                owner is not None
+                and owner.process.poll() is not None
+                and time.monotonic() - owner.started > 1.0
+            ):
                 _LOGGER.error(
                     "the store owner (pid %d) exited with code %s; fronts answer UNAVAILABLE until it is up",
                     owner.process.pid,
@@ -165,8 +178,10 @@ def supervise(config: ServerConfig) -> None:
                     fronts[i].forget_ready()
         _LOGGER.info("stopping within %.1fs (a second signal exits at once)", config.shutdown_grace_s)
         # Fronts first, so that every call they drain still reaches the store; then the owner flushes.
-        codes = _stop(fronts, signals)
-        codes += _stop([owner], signals)
+        # One that died before the signal (its restart waits out the second) is not failing to stop.
+        running = [c for c in (*fronts, *([owner] if owner is not None else [])) if c.process.poll() is None]
+        codes = _stop([f for f in fronts if f in running], signals)
+        codes += _stop([owner] if owner in running else [], signals)
         # A process still starting when the signal came ends by it, with nothing to drain.
         failed = [c for c in codes if c not in (0, -signal.SIGTERM)]
         if failed:
@@ -201,11 +216,11 @@ def _stop(children: list[_Child], signals: list[int]) -> list[int]:
     return [child.process.returncode for child in children]
 
 
-def _fail(reason: str, fronts: list[_Child], owner: _Child) -> None:
+def _fail(reason: str, fronts: list[_Child], owner: _Child | None) -> None:
     """Stop whatever runs and exit non-zero, saying why."""
     _LOGGER.error("%s; stopping the server", reason)
     _stop([f for f in fronts if f.process.poll() is None], [])
-    _stop([owner], [])
+    _stop([owner] if owner is not None else [], [])
     raise SystemExit(1)
 
 
@@ -297,6 +312,10 @@ def main(argv: list[str]) -> int:
     try:
         if role == "owner":
             _run_owner(config, runtime, ready)
+        elif config.store != "rocksdb":
+            from .app import serve
+
+            serve(config, peer=int(index), ready=ready)
         else:
             from .app import serve
             from .core.errors import Unavailable

@@ -203,9 +203,10 @@ class RocksDBStore:
     """The Store protocol on one RocksDB database: sources, the latest row per entity, and the rest.
 
     Thread-safe: writes hold one lock for their read-compare-write, so concurrent pushes to one entity
-    never lose the newer value; the WAL sync happens after the lock is released so that concurrent
-    writers share fsyncs. With `fsync=True` (the default) a write returns only once it is on disk; with
-    False it survives a crash of the process but not of the machine.
+    never lose the newer value; the WAL sync happens after the lock is released, as a group commit:
+    writers that finish while a sync runs wait for it, then share the next. With `fsync=True` (the
+    default) a write returns only once it is on disk; with False it survives a crash of the process but
+    not of the machine.
 
     Every call holds a usage gate, so `close()` waits for calls in progress and later ones raise
     ShuttingDown. A failed disk write (full disk, I/O error) makes writes fail fast with StorageFull or
@@ -242,6 +243,13 @@ class RocksDBStore:
         self._fsync = fsync
         self._window_ms = int(idempotency_window_s * 1000)
         self._lock = threading.RLock()
+        # Group commit: syncs run one at a time and are numbered; a writer waits for the first that began
+        # after its write, and fails with the last sync error unless a sync since succeeded.
+        self._sync_done = threading.Condition(threading.Lock())
+        self._syncs_begun = 0
+        self._syncs_finished = 0
+        self._last_good_sync = 0
+        self._sync_error: Exception | None = None
         self._writes_since_purge = 0
         self._purging = threading.Lock()
         # Set by a failed disk write and cleared by recover(); while set, writes fail with it at once.
@@ -341,11 +349,36 @@ class RocksDBStore:
             raise self._failed(e) from None
 
     def _sync(self) -> None:
-        if self._fsync:
-            try:
-                self._db.flush_wal(True)
-            except Exception as e:
-                raise self._failed(e) from None
+        """Return once every write this thread completed is on disk (with fsync), sharing syncs."""
+        if not self._fsync:
+            return
+        with self._sync_done:
+            # A sync running now may have begun before this thread's write: only the next one surely
+            # covers it. Whoever finds none running begins it, for everyone waiting meanwhile.
+            needed = self._syncs_begun + 1
+            while self._syncs_finished < needed:
+                if self._syncs_begun > self._syncs_finished:
+                    self._sync_done.wait()
+                    continue
+                self._syncs_begun += 1
+                number = self._syncs_begun
+                self._sync_done.release()
+                error: Exception | None = None
+                try:
+                    self._db.flush_wal(True)
+                except Exception as e:
+                    error = self._failed(e)
+                finally:
+                    self._sync_done.acquire()
+                    self._syncs_finished = number
+                    if error is None:
+                        self._last_good_sync = number
+                    else:
+                        self._sync_error = error
+                    self._sync_done.notify_all()
+            if self._last_good_sync < needed:
+                assert self._sync_error is not None
+                raise self._sync_error
 
     def recover(self, timeout_s: float = 5.0) -> bool:
         """After a disk error, reopen the database once the disk takes writes again; return whether writable.
