@@ -151,7 +151,11 @@ def test_sigterm_mid_traffic_exits_0_and_keeps_every_acknowledged_record(tmp_pat
             server.finish()
         assert "Traceback" not in server.log, server.log
         for call, error in load.errors.items():
-            assert error.code() == grpc.StatusCode.UNAVAILABLE, (call, error)
+            # A unary call that reaches grpc just as it stops accepting calls, before any handler takes it,
+            # is failed by grpc itself with a bare CANCELLED; nothing of it ran, so resending is safe.
+            transport = call == "push" and error.code() == grpc.StatusCode.CANCELLED
+            transport = transport and error.details() == "CANCELLED"
+            assert error.code() == grpc.StatusCode.UNAVAILABLE or transport, (call, error)
         # A stream ends with a status saying why; a call the stop overtook may also just fail to connect.
         if "stream" in load.errors and "shutting down" not in load.errors["stream"].details():
             assert "connect" in load.errors["stream"].details().lower()
