@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Running, rich_error
+from conftest import AD_IMPRESSIONS, Running, rich_error, start
+from redis_servers import RedisServer
 from views_helpers import MINUTE, apply, brute, push, read, same, stub, view
 
 from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
@@ -115,3 +117,20 @@ def test_expiry_deletes_tiles_outside_every_window(running: Running) -> None:
     assert sweep_tiles(server.views, server.store, now_minute() + 31 * M) == 1
     _, [row] = read(running, ["u"], now_minute() - 10 * M)
     assert all(status == "MISSING" for status, _ in row)
+
+
+def test_a_store_without_views_refuses_one_clearly_and_pushes_go_on(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    r = start(tmp_path / "data", store=redis_server.url, redis_namespace="noviews")
+    try:
+        r.apply(AD_IMPRESSIONS)
+        with pytest.raises(grpc.RpcError) as caught:
+            apply(r, view())
+        code, _, reason = rich_error(caught.value)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and reason == "VIEWS_NOT_SUPPORTED"
+        assert "--processes 1" in (caught.value.details() or "")
+        response = push(r, [("u1", now_minute() - M, 3)])
+        assert response.counts["ad_impressions"].written == 1
+    finally:
+        r.close()

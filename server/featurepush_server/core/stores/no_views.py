@@ -21,8 +21,8 @@ class NoViews:
 
     def _refuse(self) -> FailedPrecondition:
         return FailedPrecondition(
-            f"stream feature views are kept only by the embedded RocksDB store of a one-process server; "
-            f"{self.store_name} does not hold them yet",
+            f"stream feature views are kept only by the embedded RocksDB store of a one-process server "
+            f"(featurepush serve --processes 1); {self.store_name} does not hold them yet",
             reason="VIEWS_NOT_SUPPORTED",
         )
 
