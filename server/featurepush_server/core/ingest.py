@@ -64,8 +64,10 @@ def read_arrow(data: bytes, path: str, limits: IpcLimits | None = None) -> pa.Ta
                 reason="TOO_MANY_RECORDS",
                 metadata={"limit": str(e.limit)},
             ) from None
-        raise LimitExceeded(
+        # Beyond what the server reads from one push: the caller's stream is refused like a malformed one.
+        raise InvalidInput(
             f"{path}.arrow_ipc is too large: {e}; split it into smaller pushes",
+            [Violation(path + ".arrow_ipc", f"too large: {e}")],
             reason="ARROW_TOO_LARGE",
             metadata={"limit": str(e.limit), "what": e.what},
         ) from None
