@@ -20,7 +20,8 @@ from featurepush.v1 import feature_view_service_pb2 as pb
 from featurepush.v1 import online_service_pb2, schema_pb2
 
 from .encoding import key_part, python_key
-from .errors import InvalidInput, LimitExceeded, Violation
+from .errors import InvalidInput, Violation
+from .online import check_key_count
 from .rows import BadValue, scalar_converter
 from .schema import Kind
 from .stores.base import TileStore
@@ -274,16 +275,7 @@ class ViewReader:
     def get(self, request: pb.GetViewFeaturesRequest) -> pb.GetViewFeaturesResponse:
         """The features of every requested entity, vectors in request order."""
         keys = request.keys
-        if not keys:
-            raise InvalidInput(
-                "no keys were given", [Violation("keys", "name at least one entity key")], reason="NO_KEYS"
-            )
-        if len(keys) > self.max_keys:
-            raise LimitExceeded(
-                f"at most {self.max_keys} keys per request; split the request",
-                reason="TOO_MANY_KEYS",
-                metadata={"limit": str(self.max_keys)},
-            )
+        check_key_count(len(keys), self.max_keys)
         targets, qualified = self.targets(request)
         at = now_micros()
         if request.HasField("as_of"):

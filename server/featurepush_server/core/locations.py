@@ -10,6 +10,7 @@ number of entries, a depth, a time limit or the end of its call.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -137,12 +138,10 @@ class BatchLocations:
             or not parts.netloc
         ):
             raise not_allowed(source)
-        try:
-            # pyarrow's own filesystem when it has one; the URI holds only a bucket and a path.
+        # pyarrow's own filesystem when it has one (the URI holds only a bucket and a path), else fsspec's.
+        with contextlib.suppress(ValueError, NotImplementedError, OSError, ImportError):
             fs, path = pafs.FileSystem.from_uri(f"{scheme}://{rest}")
             return fs, path
-        except (ValueError, NotImplementedError, OSError, ImportError):
-            pass
         try:
             fsspec = importlib.import_module("fsspec")
             handler = pafs.FSSpecHandler(fsspec.filesystem(scheme))

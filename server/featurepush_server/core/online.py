@@ -40,6 +40,20 @@ _STATUS_MISSING = online_service_pb2.FEATURE_STATUS_MISSING
 _STATUS_EXPIRED = online_service_pb2.FEATURE_STATUS_EXPIRED
 
 
+def check_key_count(count: int, max_keys: int) -> None:
+    """Refuse a read of no entity keys (InvalidInput) or of more than `max_keys` (LimitExceeded)."""
+    if not count:
+        raise InvalidInput(
+            "no keys were given", [Violation("keys", "name at least one entity key")], reason="NO_KEYS"
+        )
+    if count > max_keys:
+        raise LimitExceeded(
+            f"at most {max_keys} keys per request; split the request",
+            reason="TOO_MANY_KEYS",
+            metadata={"limit": str(max_keys)},
+        )
+
+
 class OnlineReader:
     """Reads the latest rows of one source for many entity keys."""
 
@@ -124,16 +138,7 @@ class OnlineReader:
         self, source_name: str, keys: Sequence[struct_pb2.Struct]
     ) -> tuple[Source, list[list[Any]], list[bytes | None]]:
         """The source, each entity key field's values in key order, and the stored values of the keys."""
-        if not keys:
-            raise InvalidInput(
-                "no keys were given", [Violation("keys", "name at least one entity key")], reason="NO_KEYS"
-            )
-        if len(keys) > self.max_keys:
-            raise LimitExceeded(
-                f"at most {self.max_keys} keys per request; split the request",
-                reason="TOO_MANY_KEYS",
-                metadata={"limit": str(self.max_keys)},
-            )
+        check_key_count(len(keys), self.max_keys)
         source = self._registry.get(source_name)
         spec = source.spec
         prefix = self._store.row_prefix(source.id)
