@@ -77,8 +77,8 @@ def _write_history(path: Path, rows: int, entities: int) -> None:
 class _Server:
     """A `featurepush serve` process over a temp folder with the bench source applied."""
 
-    def __init__(self, folder: Path, history: Path):
-        self.process, target = start_serve(folder / "data", "never", batch_root=folder)
+    def __init__(self, folder: Path, history: Path, processes: int = 1, data: str = "data"):
+        self.process, target = start_serve(folder / data, "never", batch_root=folder, processes=processes)
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
         registry_service_pb2_grpc.RegistryServiceStub(self.channel).ApplySource(
             registry_service_pb2.ApplySourceRequest(source=_source(str(history)))
@@ -172,6 +172,38 @@ def backfill_rows(rows: int = 5_000_000) -> dict[str, Any]:
         finally:
             db.close()
     return _result("backfill_rows", ours, "rows/s", ceiling)
+
+
+def backfill_pair(processes: int, rows: int = 2_000_000) -> list[Any]:
+    """backfill_rows with serve --processes 1 and `processes`, over the same history in one run.
+
+    Each starts on an empty data folder; the ceiling of both is the --processes 1 figure.
+    """
+    from bench.run import Result
+
+    figures: dict[int, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        _write_history(folder / "h.parquet", rows, rows // 2)
+        for n in (1, processes):
+            running = _Server(folder, folder / "h.parquet", processes=n, data=f"data-{n}")
+            try:
+                began = time.perf_counter()
+                result = backfill(running.channel, "bench")
+                figures[n] = result.rows_read / (time.perf_counter() - began)
+            finally:
+                running.close()
+    one = figures[1]
+    return [
+        Result(
+            f"backfill_rows[processes={n}]",
+            round(figures[n], 3),
+            "rows/s",
+            round(one, 3),
+            round(figures[n] / one, 3),
+        )
+        for n in (1, processes)
+    ]
 
 
 def _rss_mb(pid: int) -> float:

@@ -173,9 +173,39 @@ def _throughput(target: str, scenario: str, worker: int, seconds: float) -> tupl
 
 def throughput(pool: ProcessPoolExecutor, target: str, scenario: str, clients: int = CLIENTS) -> float:
     """Items per second of `clients` processes running one scenario at once, a connection each."""
+    return counted_throughput(pool, target, scenario, clients)[0]
+
+
+def counted_throughput(
+    pool: ProcessPoolExecutor, target: str, scenario: str, clients: int = CLIENTS
+) -> tuple[float, int]:
+    """Items per second of `clients` processes running one scenario at once, and how many items in all."""
     jobs = [pool.submit(_throughput, target, scenario, w, SECONDS) for w in range(clients)]
     done = [j.result() for j in jobs]
-    return sum(n for n, _ in done) / max(t for _, t in done)
+    moved = sum(n for n, _ in done)
+    return moved / max(t for _, t in done), moved
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a process has used so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def owner_pid(supervisor: int) -> int | None:
+    """The store owner among a `serve --processes` supervisor's children, or None (one process)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat[1]) == supervisor and b"featurepush_server.processes" in argv and b"owner" in argv:
+            return int(entry.name)
+    return None
 
 
 def latencies(target: str, method_name: str, payload: bytes) -> tuple[float, float]:
@@ -299,16 +329,24 @@ def process_scaling() -> list[Result]:
         ProcessPoolExecutor(clients, mp_context=get_context("spawn")) as pool,
     ):
         figures: dict[int, dict[str, float]] = {}
+        owner_us: dict[str, float] = {}
         for n in (1, processes):
             server, target = start_featurepush(Path(tmp) / f"p{n}", "always", processes=n)
             try:
                 for w in range(clients):
                     grpc.insecure_channel(target).unary_unary(PUSH)(push_bytes(w, 1000))
-                figures[n] = {
-                    "push_rows": throughput(pool, target, "rows", clients),
-                    "push_arrow": throughput(pool, target, "arrow", clients),
-                    "get_features": throughput(pool, target, "get", clients),
-                }
+                owner = owner_pid(server.pid)
+                figures[n] = {}
+                for name, scenario in (
+                    ("push_rows", "rows"),
+                    ("push_arrow", "arrow"),
+                    ("get_features", "get"),
+                ):
+                    before = cpu_seconds(owner) if owner else 0.0
+                    figures[n][name], moved = counted_throughput(pool, target, scenario, clients)
+                    if owner:
+                        # What the one owner process spends per item bounds every front count alike.
+                        owner_us[name] = (cpu_seconds(owner) - before) * 1e6 / moved
             finally:
                 server.terminate()
                 server.wait(60)
@@ -316,12 +354,22 @@ def process_scaling() -> list[Result]:
             one = figures[1][name]
             out.append(result(f"{name}[processes=1]", one, unit, one))
             out.append(result(f"{name}[processes={processes}]", figures[processes][name], unit, one))
-    print(f"{'name':<34} {'value':>14} {'unit':<7} {'x vs 1':>7}")
+        for name, per in owner_us.items():
+            # The ceiling: the items per second one owner core could take at this cost; the ratio, the
+            # share of it the N processes used.
+            bound = 1e6 / per
+            ratio = figures[processes][name] / bound
+            out.append(
+                Result(f"owner_cpu_us_per_row[{name}]", round(per, 3), "us", round(bound), round(ratio, 3))
+            )
+        out += batch.backfill_pair(processes)
+    print(f"{'name':<38} {'value':>14} {'unit':<7} {'ceiling':>12} {'ratio':>7}")
     for r in out:
-        print(f"{r.name:<34} {r.value:>14,.0f} {r.unit:<7} {r.ratio:>7.2f}")
+        print(f"{r.name:<38} {r.value:>14,.2f} {r.unit:<7} {r.ceiling:>12,.0f} {r.ratio:>7.2f}")
     print(
         f"\nfsync=always; {CORES} cores; {clients} client processes, a connection each; {SECONDS:g} s per "
-        "scenario; 'x vs 1' is the ratio to serve --processes 1"
+        "scenario; the ceiling of a [processes=N] row is the serve --processes 1 figure; of an "
+        "owner_cpu_us_per_row row, the items per second one owner core could take (1e6 / us)"
     )
     return out
 
