@@ -476,7 +476,16 @@ def encode_rows(
     columns = encode_columns(table, fields)
     head = [time_headers(micros), column_lengths(columns), columns]
     values = _join(*head, event_time_fields(micros), *features)
-    return keys.to_pylist(), values.to_pylist()
+    return binary_list(keys), binary_list(values)
+
+
+def binary_list(arr: pa.Array) -> list[bytes]:
+    """The elements of a binary array without nulls as bytes objects, made in Arrow's C++ code.
+
+    `to_pylist` makes a Python scalar per element first, which costs about four times as much.
+    """
+    items: list[bytes] = arr.to_numpy(zero_copy_only=False).tolist()
+    return items
 
 
 # The columns' field count, and the slots of integer-like and float values.

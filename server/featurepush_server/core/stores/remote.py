@@ -9,9 +9,10 @@ and reads the framing:
            (for an error: the exception's class name, message, reason and JSON metadata)
 
 Fields are big-endian: integers as i64, flags as u8, strings and byte strings as a u32 length then the
-bytes. A list of byte strings (a RowBatch's keys or values, a read's keys) is a u32 count, the u32
-lengths of all items, then their bytes one after another; in a read's reply a length of 0xFFFFFFFF is a
-missing value.
+bytes. A list of byte strings (a read's keys) is a u32 count, the u32 lengths of all items, then their
+bytes one after another; in a read's reply a length of 0xFFFFFFFF is a missing value. A column of byte
+strings (a RowBatch's keys or values) is a u32 count n, n + 1 little-endian i32 offsets from 0, then the
+bytes: Arrow's layout of a binary array, so the owner takes it apart in Arrow's C++ code, not per item.
 
 Catalog changes (put_source, delete_source) are announced through an 8-byte counter in a shared file,
 written like a seqlock: odd while a change is being written, even once it is done, and increased by
@@ -34,6 +35,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
 
 from .. import errors
 from ..errors import Aborted, CoreError, Unavailable
@@ -108,16 +112,19 @@ class _Out:
     def texts(self, items: Sequence[str]) -> _Out:
         return self.blobs([item.encode() for item in items])
 
-    def frame(self) -> bytes:
-        body = b"".join(self.parts)
-        return _U32.pack(len(body)) + body
+    def column(self, items: Sequence[bytes]) -> _Out:
+        n = len(items)
+        offsets = np.zeros(n + 1, dtype="<i4")
+        np.cumsum(np.fromiter(map(len, items), dtype=np.int64, count=n), out=offsets[1:])
+        self.parts += (_U32.pack(n), offsets.tobytes(), b"".join(items))
+        return self
 
 
 class _In:
-    """Reads the fields of one frame in the order they were written."""
+    """Reads the fields of one frame in the order they were written; each field read is a copy."""
 
-    def __init__(self, data: bytes):
-        self.data = data
+    def __init__(self, data: bytes | memoryview):
+        self.data = memoryview(data)
         self.at = 0
 
     def u8(self) -> int:
@@ -134,7 +141,7 @@ class _In:
         (n,) = _U32.unpack_from(self.data, self.at)
         start = self.at + 4
         self.at = start + n
-        return self.data[start : self.at]
+        return self.data[start : self.at].tobytes()
 
     def text(self) -> str:
         return self.blob().decode()
@@ -150,7 +157,7 @@ class _In:
             if length == _MISSING:
                 append(None)
             else:
-                append(data[at : at + length])
+                append(data[at : at + length].tobytes())
                 at += length
         self.at = at
         return out
@@ -160,6 +167,50 @@ class _In:
 
     def texts(self) -> list[str]:
         return [item.decode() for item in self.present_blobs()]
+
+    def column(self) -> list[bytes]:
+        (n,) = _U32.unpack_from(self.data, self.at)
+        start = self.at + 4 + 4 * (n + 1)
+        offsets = np.frombuffer(self.data, dtype="<i4", count=n + 1, offset=self.at + 4)
+        end = start + int(offsets[-1])
+        if offsets[0] != 0 or end > len(self.data):
+            raise ValueError("a column's offsets run past its frame")
+        data = pa.py_buffer(memoryview(self.data)[start:end])
+        array = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), data])
+        array.validate(full=True)
+        self.at = end
+        items: list[bytes] = array.to_numpy(zero_copy_only=False).tolist()
+        return items
+
+
+class _Frames:
+    """Receives frames into one buffer, reused while it is large enough.
+
+    A fresh buffer of a few megabytes costs the kernel a page fault per page touched, which for a write of
+    thousands of rows cost more than parsing it. A frame's body is valid until the next receive; `_In`
+    copies out whatever it reads, so nothing holds on to it.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray(64 * 1024)
+
+    def receive(self, sock: socket.socket) -> memoryview | None:
+        """The body of the next frame, or None when the peer closed the connection between frames."""
+        head = _recv_exact(sock, 4, eof_ok=True)
+        if head is None:
+            return None
+        (n,) = _U32.unpack(head)
+        if len(self._buffer) < n:
+            # A new buffer rather than a resized one: views of the old one may still exist.
+            self._buffer = bytearray(max(n, 2 * len(self._buffer)))
+        view = memoryview(self._buffer)[:n]
+        got = 0
+        while got < n:
+            k = sock.recv_into(view[got:])
+            if k == 0:
+                raise ConnectionError("the store connection closed in the middle of a frame")
+            got += k
+        return view
 
 
 def _recv_frame(sock: socket.socket) -> bytes | None:
@@ -185,6 +236,28 @@ def _recv_exact(sock: socket.socket, n: int, *, eof_ok: bool) -> bytes | None:
             raise ConnectionError("the store connection closed in the middle of a frame")
         got += k
     return bytes(buf)
+
+
+# At most this many buffers go to one sendmsg call (the system's limit is 1024); more are joined first.
+_GATHER_MAX = 64
+
+
+def _send_frame(sock: socket.socket, out: _Out) -> None:
+    """Send one frame; its parts go out as they are, without joining megabytes of rows into one copy."""
+    parts = [p for p in out.parts if p]
+    header = _U32.pack(sum(map(len, parts)))
+    if len(parts) > _GATHER_MAX:
+        sock.sendall(header + b"".join(parts))
+        return
+    views = [memoryview(header), *(memoryview(p) for p in parts)]
+    while views:
+        sent = sock.sendmsg(views)
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 def _counts_out(out: _Out, counts: dict[str, BatchCounts]) -> None:
@@ -272,10 +345,11 @@ class StoreOwner:
 
     def _serve_connection(self, sock: socket.socket) -> None:
         # A front holding the store exclusively keeps it until it closes the connection.
+        frames = _Frames()
         with ExitStack() as held:
             while True:
                 try:
-                    body = _recv_frame(sock)
+                    body = frames.receive(sock)
                 except OSError:
                     return
                 if body is None:
@@ -301,7 +375,7 @@ class StoreOwner:
                         "{}"
                     )
                 try:
-                    sock.sendall(out.frame())
+                    _send_frame(sock, out)
                 except OSError:
                     return
 
@@ -321,8 +395,8 @@ class StoreOwner:
                 source_id = inp.i64()
                 generation = inp.i64()
                 offline = inp.blob()
-                keys = inp.present_blobs()
-                values = inp.present_blobs()
+                keys = inp.column()
+                values = inp.column()
                 if has_id and generation >> _GENERATION_BITS != self._epoch >> _GENERATION_BITS:
                     raise Aborted(
                         f"push source {source!r} was validated before the store restarted; nothing was "
@@ -470,14 +544,13 @@ class RemoteStore(NoViews):
 
     def _call(self, out: _Out) -> _In:
         """Send one request and return its reply's result fields; raise the owner's error or Unavailable."""
-        frame = out.frame()
         with self._gate.use():
             pinned: socket.socket | None = getattr(self._pinned, "sock", None)
             sock = pinned
             try:
                 if sock is None:
                     sock = self._borrow()
-                sock.sendall(frame)
+                _send_frame(sock, out)
                 body = _recv_frame(sock)
                 if body is None:
                     raise ConnectionError("the store owner closed the connection")
@@ -596,7 +669,7 @@ class RemoteStore(NoViews):
         out = _Out().u8(WRITE_LATEST).text(request_id).u8(dry_run).i64(len(batches))
         for b in batches:
             out.text(b.source).u8(b.source_id is not None).i64(b.source_id or 0).i64(b.generation)
-            out.blob(b.offline).blobs(b.keys).blobs(b.values)
+            out.blob(b.offline).column(b.keys).column(b.values)
         inp = self._call(out)
         replayed = bool(inp.u8())
         return WriteResult(_counts_in(inp), replayed=replayed)

@@ -1,0 +1,104 @@
+"""The owner protocol of `serve --processes`: RemoteStore to StoreOwner over a real RocksDB, in-process."""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from featurepush_server.core.framing import time_header
+from featurepush_server.core.stores.base import BatchCounts, RowBatch
+from featurepush_server.core.stores.remote import (
+    CatalogVersion,
+    RemoteStore,
+    StoreOwner,
+    _Frames,
+    _In,
+    _Out,
+    _send_frame,
+)
+from featurepush_server.core.stores.rocksdb import RocksDBStore
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> Iterator[tuple[RemoteStore, RocksDBStore]]:
+    store = RocksDBStore(tmp_path / "online", fsync=False)
+    # Unix socket paths are short; the test's temp folder may not be.
+    runtime = Path(tempfile.mkdtemp(prefix="fp-"))
+    owner = StoreOwner(store, runtime / "s", CatalogVersion(runtime / "c"))
+    owner.start()
+    front = RemoteStore(runtime / "s", CatalogVersion(runtime / "c"))
+    try:
+        yield front, store
+    finally:
+        front.close()
+        owner.close()
+        store.close()
+        for path in runtime.iterdir():
+            path.unlink()
+        runtime.rmdir()
+
+
+def test_columns_and_fields_come_back_as_sent() -> None:
+    items = [b"", b"\x00\xff", b"x" * 70_000, *(b"k%d" % i for i in range(5_000))]
+    out = _Out().u8(7).column(items).column([]).text("caf\u00e9").blobs([b"a", None, b""]).i64(-3)
+    a, b = socket.socketpair()
+    with a, b:
+        sender = threading.Thread(target=_send_frame, args=(a, out))
+        sender.start()
+        inp = _In(_Frames().receive(b) or b"")
+        sender.join()
+    assert inp.u8() == 7
+    assert inp.column() == items
+    assert inp.column() == []
+    assert inp.text() == "caf\u00e9"
+    assert inp.blobs() == [b"a", None, b""]
+    assert inp.i64() == -3
+
+
+def test_a_column_whose_offsets_run_past_the_frame_is_refused() -> None:
+    out = _Out().column([b"abc", b"def"])
+    body = bytearray(b"".join(out.parts))
+    body[4 + 8 : 4 + 12] = (1000).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="offsets"):
+        _In(bytes(body)).column()
+
+
+def test_frames_reuse_their_buffer_and_what_was_read_stays_intact() -> None:
+    a, b = socket.socketpair()
+    frames = _Frames()
+    kept: list[list[bytes]] = []
+    with a, b:
+        # Large, then small, then large again: the small one lands in the large one's buffer.
+        for size in (200_000, 10, 300_000, 3):
+            items = [bytes([size % 251]) * (size // 10)] * 10
+            sender = threading.Thread(target=_send_frame, args=(a, _Out().column(items)))
+            sender.start()
+            body = frames.receive(b)
+            assert body is not None
+            kept.append(_In(body).column())
+            sender.join()
+        a.close()
+        assert frames.receive(b) is None
+    for size, items in zip((200_000, 10, 300_000, 3), kept, strict=True):
+        assert items == [bytes([size % 251]) * (size // 10)] * 10
+
+
+def test_a_large_write_through_the_owner_keeps_the_latest_event_per_entity(
+    remote: tuple[RemoteStore, RocksDBStore],
+) -> None:
+    front, store = remote
+    keys = [b"r\x00\x00\x00\x01" + b"user%d" % i for i in range(20_000)]
+    first = [time_header(10) + b"old%d" % i for i in range(20_000)]
+    assert front.write_latest([RowBatch("s", keys, first)]).counts == {"s": BatchCounts(20_000, 20_000, 0)}
+    # Newer for even entities, older for odd ones; a repeated key keeps its newest event.
+    values = [time_header(20 if i % 2 == 0 else 5) + b"new%d" % i for i in range(20_000)]
+    result = front.write_latest([RowBatch("s", [*keys, keys[0]], [*values, time_header(15) + b"stale"])])
+    assert result.counts == {"s": BatchCounts(20_001, 10_000, 10_001)}
+    assert front.read(keys[:4]) == [values[0], first[1], values[2], first[3]]
+    assert store.read(keys[-2:]) == [values[-2], first[-1]]
+    assert front.read([b"r\x00\x00\x00\x01nobody"]) == [None]
