@@ -13,12 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import AD_IMPRESSIONS, keys_request, rows_request, scalar, source_from_json
 from redis_servers import RedisServer
 from servers import ServedProcess, wait_until
 
 from featurepush.v1 import (
+    backfill_service_pb2,
     ingest_service_pb2,
     ingest_service_pb2_grpc,
     online_service_pb2_grpc,
@@ -298,3 +301,112 @@ def test_redis_fronts_run_without_an_owner_and_share_sources_and_latest_events(
             served.finish()
     assert code == 0, served.log
     assert "stopped" in served.log
+
+
+def _history(path: Path, rows: int, bad_every: int = 0) -> None:
+    """A Parquet history of one event per entity, `clicked` = its row number; every `bad_every`th is bad."""
+    clicked = [str(i) for i in range(rows)]
+    if bad_every:
+        clicked = [f"x{i}" if i % bad_every == 0 else c for i, c in enumerate(clicked)]
+    table = pa.table(
+        {
+            "user_id": [f"h{i}" for i in range(rows)],
+            "timestamp": pa.array([T0] * rows, pa.timestamp("us", "UTC")),
+            "clicked": pa.array(clicked),
+        }
+    )
+    pq.write_table(table, path, row_group_size=16_384)
+
+
+def _apply_history(conn: Connection | ServedProcess, path: Path) -> None:
+    doc = dict(
+        AD_IMPRESSIONS, name="history", batchConfig={"uri": str(path), "fileFormat": "FILE_FORMAT_PARQUET"}
+    )
+    conn.registry.ApplySource(registry_service_pb2.ApplySourceRequest(source=source_from_json(doc)))
+
+
+def _stored(conn: Connection | ServedProcess, rows: int) -> dict[int, int]:
+    """Row number -> stored clicked, for every history entity stored."""
+    found: dict[int, int] = {}
+    for first in range(0, rows, 5000):
+        users = [f"h{i}" for i in range(first, min(first + 5000, rows))]
+        for i, clicked in zip(
+            range(first, first + len(users)), _clicked(conn, "history", users), strict=True
+        ):
+            if clicked is not None:
+                found[i] = clicked
+    return found
+
+
+def test_a_backfill_fanned_out_over_workers_loads_and_reports_as_one_process_does(
+    served: ServedProcess, tmp_path: Path
+) -> None:
+    rows = 100_000
+    _history(tmp_path / "history.parquet", rows, bad_every=9_999)
+    _apply_history(served, tmp_path / "history.parquet")
+    reports = list(served.backfill.Backfill(backfill_service_pb2.BackfillRequest(source="history")))
+    last = reports[-1]
+    bad = [i for i in range(rows) if i % 9_999 == 0]
+    assert last.done and len(reports) > 3
+    assert (last.rows_read, last.rows_written, last.rows_superseded, last.rows_rejected) == (
+        rows,
+        rows - len(bad),
+        0,
+        len(bad),
+    )
+    # Rejections name rows of the whole range, in order, though chunks were loaded in other processes.
+    assert [r.row for r in last.rejections] == bad[:10]
+    assert all(r.field == "clicked" for r in last.rejections)
+    # Progress only grows, chunk by chunk.
+    written = [r.rows_written for r in reports]
+    assert written == sorted(written)
+    stored = _stored(served, rows)
+    assert stored == {i: i for i in range(rows) if i % 9_999}
+    # Workers started with the front that ran the backfill.
+    assert "Traceback" not in served.log
+
+
+def test_a_killed_owner_mid_backfill_ends_it_unavailable_and_loses_nothing_reported(
+    served: ServedProcess, tmp_path: Path
+) -> None:
+    rows = 400_000
+    _history(tmp_path / "history.parquet", rows)
+    _apply_history(served, tmp_path / "history.parquet")
+    reports: list[backfill_service_pb2.BackfillResponse] = []
+    errors: list[grpc.RpcError] = []
+
+    def run() -> None:
+        try:
+            for report in served.backfill.Backfill(backfill_service_pb2.BackfillRequest(source="history")):
+                reports.append(report)
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert wait_until(lambda: any(r.rows_written for r in reports) or not thread.is_alive())
+    os.kill(_pids(served, "the store owner")[0], signal.SIGKILL)
+    thread.join(120)
+    assert not thread.is_alive()
+    # The backfill may have finished first on a fast machine; otherwise it ends UNAVAILABLE, never hangs.
+    if errors:
+        assert errors[0].code() == grpc.StatusCode.UNAVAILABLE, errors[0]
+    else:
+        assert reports[-1].done
+    reported = max(r.rows_written for r in reports)
+    assert wait_until(lambda: len(_pids(served, "the store owner")) == 2), served.log
+    served.signal(signal.SIGTERM)
+    assert served.wait() == 0, served.log
+    again = ServedProcess(tmp_path / "data", "--processes", "2")
+    try:
+        stored = _stored(again, rows)
+        # Every row the progress reported written is stored, with its own value.
+        assert len(stored) >= reported
+        assert all(stored[i] == i for i in stored)
+        # Running it again completes the load.
+        last = list(again.backfill.Backfill(backfill_service_pb2.BackfillRequest(source="history")))[-1]
+        assert last.done and last.rows_read == rows
+        assert len(_stored(again, rows)) == rows
+    finally:
+        again.signal()
+        assert again.wait() == 0

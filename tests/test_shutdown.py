@@ -137,10 +137,15 @@ def _check_stored(data: Path, acknowledged: dict[str, int]) -> None:
         assert again.wait() == 0
 
 
-def test_sigterm_mid_traffic_exits_0_and_keeps_every_acknowledged_record(tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_sigterm_mid_traffic_exits_0_and_keeps_every_acknowledged_record(
+    tmp_path: Path, processes: str
+) -> None:
     data = _prepare(tmp_path)
     for _ in range(2):
-        server = ServedProcess(data, "--config", str(_config(tmp_path, grace_s=10)))
+        # With two processes the backfill's chunks are loaded by a worker of the front that runs it.
+        flags = ("--config", str(_config(tmp_path, grace_s=10)), "--processes", processes)
+        server = ServedProcess(data, *flags)
         try:
             load = Load(server)
             assert wait_until(lambda: len(load.acknowledged) > 500 and load.backfill_progress)  # noqa: B023

@@ -205,7 +205,11 @@ def open_store(config: ServerConfig) -> Store:
 
 
 def create_server(
-    config: ServerConfig, *, front: RemoteStore | None = None, peer: int | None = None
+    config: ServerConfig,
+    *,
+    front: RemoteStore | None = None,
+    peer: int | None = None,
+    backfill_workers: futures.Executor | None = None,
 ) -> Server:
     """Open the store, apply the configured definitions and register every service; not started.
 
@@ -213,7 +217,8 @@ def create_server(
     owns along with its background work (offline-log flushes, expiry sweeps, disk recovery), and shares
     its port with the other fronts. With `peer`, the server is front number `peer` of `serve --processes`
     on a shared store (Redis): it opens its own, runs its own background work and shares its port; only
-    peer 0 drains the offline log.
+    peer 0 drains the offline log. With `backfill_workers` (workers.py), backfills load their chunks in
+    those processes.
     """
     store = open_store(config) if front is None else front
     shares_port = front is not None or peer is not None
@@ -332,7 +337,15 @@ def create_server(
         backfill = BackfillServicer(
             registry,
             batch_sources,
-            Backfiller(registry, materializer, batch_sources, views, store),
+            Backfiller(
+                registry,
+                materializer,
+                batch_sources,
+                views,
+                store,
+                workers=backfill_workers,
+                in_flight=config.processes,
+            ),
             read_ahead_bytes=config.stream_read_ahead_bytes,
             stopping=stopping,
             metrics=metrics,
@@ -415,6 +428,7 @@ def serve(
     front: RemoteStore | None = None,
     peer: int | None = None,
     ready: Callable[[], None] | None = None,
+    backfill_workers: futures.Executor | None = None,
 ) -> None:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully; a second signal exits at once.
 
@@ -429,7 +443,7 @@ def serve(
         return
     # Every file the server creates (RocksDB's, the offline log's) is readable by its user alone.
     os.umask(0o077)
-    server = create_server(config, front=front, peer=peer)
+    server = create_server(config, front=front, peer=peer, backfill_workers=backfill_workers)
     server.start()
     # A push allocates a wrapper per JSON value, so full collections come every few pushes: objects alive
     # after start-up (modules, descriptors, the registry) are frozen out of them.

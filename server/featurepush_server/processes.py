@@ -327,17 +327,24 @@ def main(argv: list[str]) -> int:
                 served.append(True)
                 ready()
 
+            from .workers import backfill_workers
+
+            # Started on the first backfill; stopped when this front stops.
+            workers = backfill_workers(config, runtime)
             # A front started again while the owner restarts meets it gone; it waits for it, briefly.
             give_up = time.monotonic() + OWNER_WAIT_S
-            while True:
-                store = RemoteStore(runtime / SOCKET, CatalogVersion(runtime / CATALOG))
-                try:
-                    serve(config, front=store, ready=serving)
-                    break
-                except Unavailable:
-                    if served or time.monotonic() > give_up:
-                        raise
-                    time.sleep(0.2)
+            try:
+                while True:
+                    store = RemoteStore(runtime / SOCKET, CatalogVersion(runtime / CATALOG))
+                    try:
+                        serve(config, front=store, ready=serving, backfill_workers=workers)
+                        break
+                    except Unavailable:
+                        if served or time.monotonic() > give_up:
+                            raise
+                        time.sleep(0.2)
+            finally:
+                workers.shutdown(wait=True, cancel_futures=True)
     except CoreError as e:
         # A definitions file applied at start was refused, as ApplySource would refuse it.
         details = (

@@ -9,7 +9,9 @@ the good ones are written and the bad ones counted and reported.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections import deque
+from collections.abc import Generator, Mapping
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,10 +64,93 @@ def _row_of(path: str) -> tuple[int, str] | None:
     return (int(index), rest.lstrip(".")) if index.isdigit() else None
 
 
+@dataclass(frozen=True)
+class LoadedChunk:
+    """What loading one scanned chunk did: rows written and superseded, bad rows, whether it wrote."""
+
+    written: int
+    superseded: int
+    rejected: list[Rejection]
+    wrote: bool
+
+
+class ChunkLoader:
+    """Validates one scanned chunk, keeps its rows in the time range and writes them; thread-safe.
+
+    A backfill runs it in its own thread, or with `serve --processes` in worker processes that each hold
+    one (`install_worker_loader`), so that decoding, validation and encoding use every core while the
+    store's owner only writes.
+    """
+
+    def __init__(self, registry: Registry, materializer: Materializer):
+        self._registry = registry
+        self._materializer = materializer
+
+    def load(
+        self,
+        name: str,
+        table: pa.Table,
+        first_row: int,
+        start: int | None,
+        end: int | None,
+        runs: Mapping[int, str],
+        dry_run: bool,
+    ) -> LoadedChunk:
+        """Load one chunk whose first row is row `first_row` of the selected range."""
+        source = self._registry.get(name)
+        spec = source.spec
+        positions = np.arange(first_row, first_row + table.num_rows)
+        good, rejected = _validate(spec, table, positions)
+        written = superseded = 0
+        wrote = False
+        for part in good:
+            if start is not None or end is not None:
+                part = part.filter(time_mask(part.column(spec.timestamp_field), start, end))
+            if part.num_rows == 0:
+                continue
+            result = self._materializer.write(
+                [SourceRecords(source, part, runs=runs)], origin=Origin.BACKFILL, dry_run=dry_run
+            )
+            wrote = True
+            counts = result.counts[spec.name]
+            written += counts.written
+            superseded += counts.superseded
+        return LoadedChunk(written, superseded, rejected, wrote)
+
+
+# The loader of a backfill worker process, set once by its initializer.
+_worker_loader: ChunkLoader | None = None
+
+
+def install_worker_loader(loader: ChunkLoader) -> None:
+    """Make this process a backfill worker: `load_in_worker` runs chunks through `loader`."""
+    global _worker_loader
+    _worker_loader = loader
+
+
+def load_in_worker(
+    name: str,
+    table: pa.Table,
+    first_row: int,
+    start: int | None,
+    end: int | None,
+    runs: Mapping[int, str],
+    dry_run: bool,
+) -> LoadedChunk:
+    """ChunkLoader.load in a worker process (submitted to an executor of such processes)."""
+    if _worker_loader is None:
+        raise RuntimeError("this process is not a backfill worker")
+    return _worker_loader.load(name, table, first_row, start, end, runs, dry_run)
+
+
 class Backfiller:
     """Runs backfills; thread-safe, since each write is one atomic latest-by-event-time store write.
 
     With `views`, a backfill also fills the source's feature views' tiles (tiles.begin_backfill says which).
+    With `workers` (an executor of processes that ran `install_worker_loader`), chunks are loaded there,
+    up to `in_flight` at once, while this thread reads the next; progress is still reported chunk by
+    chunk in order, and a stop or a failure waits for the chunks already sent, so every write that
+    succeeded is counted.
     """
 
     def __init__(
@@ -75,12 +160,17 @@ class Backfiller:
         sources: BatchSources,
         views: Views | None = None,
         tiles: TileStore | None = None,
+        *,
+        workers: Executor | None = None,
+        in_flight: int = 1,
     ):
         self._registry = registry
-        self._materializer = materializer
+        self._loader = ChunkLoader(registry, materializer)
         self._sources = sources
         self._views = views
         self._tiles = tiles
+        self._workers = workers
+        self._in_flight = max(in_flight, 1)
 
     def run(
         self,
@@ -108,85 +198,97 @@ class Backfiller:
         if tiles is not None:
             for view in views:
                 runs[view.id] = begin_backfill(tiles, view, start, end)
-        finished = wrote = False
+        finished = False
+        wrote: list[bool] = []
+        pending: deque[Future[LoadedChunk]] = deque()
+
+        def absorb(chunk: LoadedChunk) -> None:
+            progress.rows_written += chunk.written
+            progress.rows_superseded += chunk.superseded
+            progress.rows_rejected += len(chunk.rejected)
+            room = MAX_REJECTIONS - len(progress.rejections)
+            progress.rejections.extend(sorted(chunk.rejected, key=lambda r: r.row)[: max(room, 0)])
+            wrote.append(chunk.wrote)
+            progress.elapsed_seconds = time.monotonic() - began
+
         scans = self._sources.scan(spec, start, end, None, stop)
         try:
             for scanned in scans:
                 progress.rows_read += scanned.table.num_rows
                 progress.bytes_read += scanned.nbytes
-                positions = np.arange(scanned.first_row, scanned.first_row + scanned.table.num_rows)
-                good, rejected = self._validate(spec, scanned.table, positions)
-                progress.rows_rejected += len(rejected)
-                room = MAX_REJECTIONS - len(progress.rejections)
-                progress.rejections.extend(sorted(rejected, key=lambda r: r.row)[: max(room, 0)])
-                for table in good:
-                    if start is not None or end is not None:
-                        table = table.filter(time_mask(table.column(spec.timestamp_field), start, end))
-                    if table.num_rows == 0:
-                        continue
-                    if stop():
-                        raise Cancelled("the backfill was cancelled")
-                    result = self._materializer.write(
-                        [SourceRecords(source, table, runs=runs)], origin=Origin.BACKFILL, dry_run=dry_run
-                    )
-                    wrote = True
-                    counts = result.counts[spec.name]
-                    progress.rows_written += counts.written
-                    progress.rows_superseded += counts.superseded
-                progress.elapsed_seconds = time.monotonic() - began
+                if stop():
+                    raise Cancelled("the backfill was cancelled")
+                args = (name, scanned.table, scanned.first_row, start, end, runs, dry_run)
+                if self._workers is None:
+                    absorb(self._loader.load(*args))
+                    yield progress
+                    continue
+                pending.append(self._workers.submit(load_in_worker, *args))
+                while len(pending) >= self._in_flight or (pending and pending[0].done()):
+                    absorb(pending.popleft().result())
+                    yield progress
+            while pending:
+                absorb(pending.popleft().result())
                 yield progress
             finished = True
         finally:
             scans.close()
+            # Chunks already sent finish whatever happens here; what they wrote is counted.
+            for future in pending:
+                try:
+                    absorb(future.result())
+                except Exception:  # noqa: BLE001 - the error that ended the run is the one reported
+                    wrote.append(True)
             if tiles is not None:
                 # A run that wrote part of its tiles stays recorded as running: a rerun would count twice.
                 for view in views:
-                    if finished or not wrote:
+                    if finished or not any(wrote):
                         end_backfill(tiles, view, runs[view.id], filled=finished)
         progress.elapsed_seconds = time.monotonic() - began
         progress.done = True
         yield progress
 
-    def _validate(
-        self, spec: SourceSpec, table: pa.Table, positions: np.ndarray
-    ) -> tuple[list[pa.Table], list[Rejection]]:
-        """The conformed tables of the good rows, and one rejection per bad row (its first violation)."""
-        conformed, bad = conform(
-            table,
-            spec.fields,
-            "rows",
-            allow_extra_columns=True,
-            max_violations=table.num_rows * len(spec.fields) + 1,
-        )
-        if conformed is not None:
-            return [conformed], []
-        by_row: dict[int, Violation] = {}
-        whole: list[Violation] = []
-        for v in bad:
-            found = _row_of(v.path)
-            if found is None:
-                whole.append(v)
-            elif found[0] not in by_row:
-                by_row[found[0]] = v
-        if by_row:
-            rejected = [
-                Rejection(int(positions[i]), _row_of(v.path)[1], v.description)  # type: ignore[index]
-                for i, v in by_row.items()
-            ]
-            keep = np.ones(table.num_rows, dtype=bool)
-            keep[list(by_row)] = False
-            rest = table.filter(pa.array(keep))
-            if rest.num_rows == 0:
-                return [], rejected
-            good, more = self._validate(spec, rest, positions[keep])
-            return good, rejected + more
-        if table.num_rows == 1 or any(not v.description.startswith(_DATA_DEPENDENT) for v in whole):
-            # A wrong column type or a missing column condemns every row of the chunk alike.
-            v = next((w for w in whole if not w.description.startswith(_DATA_DEPENDENT)), whole[0])
-            column = v.path.removeprefix("rows").lstrip(".")
-            return [], [Rejection(int(p), column, v.description) for p in positions]
-        # A violation of the whole column, such as a timestamp out of range, is found by halving.
-        half = table.num_rows // 2
-        left_good, left_bad = self._validate(spec, table.slice(0, half), positions[:half])
-        right_good, right_bad = self._validate(spec, table.slice(half), positions[half:])
-        return left_good + right_good, left_bad + right_bad
+
+def _validate(
+    spec: SourceSpec, table: pa.Table, positions: np.ndarray
+) -> tuple[list[pa.Table], list[Rejection]]:
+    """The conformed tables of the good rows, and one rejection per bad row (its first violation)."""
+    conformed, bad = conform(
+        table,
+        spec.fields,
+        "rows",
+        allow_extra_columns=True,
+        max_violations=table.num_rows * len(spec.fields) + 1,
+    )
+    if conformed is not None:
+        return [conformed], []
+    by_row: dict[int, Violation] = {}
+    whole: list[Violation] = []
+    for v in bad:
+        found = _row_of(v.path)
+        if found is None:
+            whole.append(v)
+        elif found[0] not in by_row:
+            by_row[found[0]] = v
+    if by_row:
+        rejected = [
+            Rejection(int(positions[i]), _row_of(v.path)[1], v.description)  # type: ignore[index]
+            for i, v in by_row.items()
+        ]
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[list(by_row)] = False
+        rest = table.filter(pa.array(keep))
+        if rest.num_rows == 0:
+            return [], rejected
+        good, more = _validate(spec, rest, positions[keep])
+        return good, rejected + more
+    if table.num_rows == 1 or any(not v.description.startswith(_DATA_DEPENDENT) for v in whole):
+        # A wrong column type or a missing column condemns every row of the chunk alike.
+        v = next((w for w in whole if not w.description.startswith(_DATA_DEPENDENT)), whole[0])
+        column = v.path.removeprefix("rows").lstrip(".")
+        return [], [Rejection(int(p), column, v.description) for p in positions]
+    # A violation of the whole column, such as a timestamp out of range, is found by halving.
+    half = table.num_rows // 2
+    left_good, left_bad = _validate(spec, table.slice(0, half), positions[:half])
+    right_good, right_bad = _validate(spec, table.slice(half), positions[half:])
+    return left_good + right_good, left_bad + right_bad

@@ -1,0 +1,62 @@
+"""Backfill worker processes of a `serve --processes` front: they validate, encode and write chunks.
+
+A front that runs a Backfill reads the batch source and hands each chunk to these processes, which
+reach the store owner over its socket as the fronts do; so a backfill's Python work spreads over several
+cores while the owner only writes. They are started on the first backfill and stop with their front.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+from .config import ServerConfig
+
+_LOGGER = logging.getLogger(__name__)
+
+
+def backfill_workers(config: ServerConfig, runtime: Path) -> ProcessPoolExecutor:
+    """Worker processes for the front's backfills: one fewer than the processes, at least one."""
+    from .processes import CATALOG, SOCKET
+
+    allowed = sorted({*config.post_processor_modules, *(Path(p).stem for p in config.definitions)})
+    return ProcessPoolExecutor(
+        max(config.processes - 1, 1),
+        # Forking a front would copy its gRPC threads' state; a fresh interpreter starts clean.
+        mp_context=get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(
+            str(runtime / SOCKET),
+            str(runtime / CATALOG),
+            allowed,
+            config.log_level,
+            config.log_format,
+        ),
+    )
+
+
+def _start_worker(socket_path: str, catalog_path: str, allowed: list[str], level: str, form: str) -> None:
+    """Build the worker's loader over the owner's store; the worker stops once its front is gone."""
+    from .core.backfill import ChunkLoader, install_worker_loader
+    from .core.materialize import LatestRowWriter, Materializer
+    from .core.offline_log import OfflineLogWriter
+    from .core.registry import Registry
+    from .core.stores.remote import CatalogVersion, RemoteStore
+    from .core.tiles import TileWriter
+    from .core.views import Views
+    from .logs import configure
+    from .processes import _watch_parent
+
+    configure(level, form)
+    # The front stops its workers itself; a signal meant for its group must not cut a write short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_parent()
+    store = RemoteStore(Path(socket_path), CatalogVersion(Path(catalog_path)))
+    registry = Registry(store, catalog_version=store.catalog.read)
+    views = Views(store, registry, allowed)
+    materializer = Materializer(store, [LatestRowWriter(store), OfflineLogWriter(), TileWriter(views, store)])
+    install_worker_loader(ChunkLoader(registry, materializer))
+    _LOGGER.debug("backfill worker ready")
