@@ -30,3 +30,32 @@ def test_long_keys_keep_the_index_under_its_byte_bound_and_writes_stay_latest(tm
         assert store.read(keys[:1]) == [_head(12) + b"v"]
     finally:
         store.close()
+
+
+def test_keys_the_index_lacks_are_read_unless_it_holds_every_row_of_their_source(tmp_path: Path) -> None:
+    prefix = row_prefix(7)
+    keys = [prefix + b"e%d" % i for i in range(50)]
+    store = RocksDBStore(tmp_path / "db", fsync=False, latest_cache_entries=20)
+    try:
+        # An empty source: every row is written through this store, so none needs reading.
+        first = store.write_latest([RowBatch("s", keys, [_head(10) + b"a"] * 50, b"", 7, 0)])
+        assert first.counts["s"].written == 50
+        # The index started over (past 20 entries), so the stored rows are read again: older events lose.
+        older = store.write_latest([RowBatch("s", keys[:30], [_head(5) + b"b"] * 30, b"", 7, 0)])
+        assert (older.counts["s"].written, older.counts["s"].superseded) == (0, 30)
+        newer = store.write_latest([RowBatch("s", keys[40:], [_head(20) + b"c"] * 10, b"", 7, 0)])
+        assert newer.counts["s"].written == 10
+    finally:
+        store.close()
+    # Rows stored before this process opened the database are read, never assumed absent.
+    again = RocksDBStore(tmp_path / "db", fsync=False)
+    try:
+        result = again.write_latest([RowBatch("s", keys, [_head(15) + b"d"] * 50, b"", 7, 0)])
+        assert (result.counts["s"].written, result.counts["s"].superseded) == (40, 10)
+        assert again.read([keys[0], keys[45]]) == [_head(15) + b"d", _head(20) + b"c"]
+        # Deleted rows are absent again: an old event lands.
+        assert again.delete_expired(7, 16 - (1 << 63)) == 40  # _head is the raw header, not a time
+        late = again.write_latest([RowBatch("s", keys[:2], [_head(1) + b"e"] * 2, b"", 7, 0)])
+        assert late.counts["s"].written == 2
+    finally:
+        again.close()

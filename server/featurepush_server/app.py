@@ -61,6 +61,7 @@ from .servicers.ingest import IngestServicer
 from .servicers.online import OnlineServicer
 from .servicers.registry import RegistryServicer
 from .tls import server_credentials
+from .workers import worker_count
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -344,7 +345,8 @@ def create_server(
                 views,
                 store,
                 workers=backfill_workers,
-                in_flight=config.processes,
+                # One chunk per worker, and one more read ahead while they load theirs.
+                in_flight=worker_count(config) + 1,
             ),
             read_ahead_bytes=config.stream_read_ahead_bytes,
             stopping=stopping,

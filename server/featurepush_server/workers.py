@@ -18,13 +18,22 @@ from .config import ServerConfig
 _LOGGER = logging.getLogger(__name__)
 
 
+def worker_count(config: ServerConfig) -> int:
+    """How many backfill workers a front runs: one per process, and at least two.
+
+    A worker waits for the owner's write of its chunk before taking the next, so with one worker the
+    encoding and the write would take turns; two or more keep the owner busy while they encode.
+    """
+    return max(config.processes, 2)
+
+
 def backfill_workers(config: ServerConfig, runtime: Path) -> ProcessPoolExecutor:
-    """Worker processes for the front's backfills: one fewer than the processes, at least one."""
+    """Worker processes for the front's backfills (`worker_count`), started as the first chunks come."""
     from .processes import CATALOG, SOCKET
 
     allowed = sorted({*config.post_processor_modules, *(Path(p).stem for p in config.definitions)})
     return ProcessPoolExecutor(
-        max(config.processes - 1, 1),
+        worker_count(config),
         # Forking a front would copy its gRPC threads' state; a fresh interpreter starts clean.
         mp_context=get_context("spawn"),
         initializer=_start_worker,

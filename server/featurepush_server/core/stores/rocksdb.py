@@ -33,10 +33,12 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import compress
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import rocksdict
@@ -118,6 +120,8 @@ def _count(keys: Iterator[bytes], limit: int | None) -> int:
     return sum(1 for _ in (keys if limit is None else itertools.islice(keys, limit)))
 
 
+# The index's header of an entity with no stored row: below every event time's header.
+_ABSENT = bytes(HEADER_BYTES)
 # What one latest-event index entry costs beyond its key's bytes: the dict slot, the key and header objects.
 _INDEX_ENTRY_OVERHEAD = 120
 
@@ -255,7 +259,7 @@ class RocksDBStore:
         # Set by a failed disk write and cleared by recover(); while set, writes fail with it at once.
         self._write_error: CoreError | None = None
         self._watchers: list[Callable[[bool], None]] = []
-        # Entity key -> event-time header of its stored row ("" when absent), for keys this process has
+        # Entity key -> event-time header of its stored row (_ABSENT if none), for keys this process has
         # read or written; every row write goes through write_latest under the lock, so it stays exact.
         # At most `latest_cache_entries` (about 150 bytes each); past that it starts over.
         self._latest: dict[bytes, bytes] = {}
@@ -263,6 +267,8 @@ class RocksDBStore:
         # Keys are as long as callers make them, so the index is bounded by an estimate of its bytes too.
         self._latest_max_bytes = latest_cache_bytes
         self._latest_bytes = 0
+        # Source id -> whether the index holds every stored row of it (see _indexes_every_row).
+        self._indexed_sources: dict[int, bool] = {}
         self._staged: dict[bytes, bytes] = {}
         # Source id -> how many times its definition was written by this process (-1: deleted).
         self._generations: dict[int, int] = {}
@@ -412,8 +418,7 @@ class RocksDBStore:
                 _LOGGER.warning("reopening the database failed: %s", e)
                 return False
             # Writes that failed may have left entries in the cache of stored event times.
-            self._latest.clear()
-            self._latest_bytes = 0
+            self._forget_latest()
             self._write_error = None
         _LOGGER.info("the disk takes writes again; writes resumed")
         for watch in self._watchers:
@@ -507,8 +512,7 @@ class RocksDBStore:
                 wb.delete(_LATE_FIELDS + source_id.to_bytes(4, "big"))
                 wb.delete_range(prefix, _prefix_end(prefix))
                 self._write(wb)
-                self._latest.clear()
-                self._latest_bytes = 0
+                self._forget_latest()
                 self._generations[source_id] = -1
             self._sync()
         return rows
@@ -567,7 +571,7 @@ class RocksDBStore:
                 wb = rocksdict.WriteBatch(raw_mode=True)
                 for key in stale:
                     wb.delete(key)
-                    self._latest[key] = b""
+                    self._latest[key] = _ABSENT
                 self._write(wb)
         return len(stale)
 
@@ -672,20 +676,53 @@ class RocksDBStore:
         # Event-time headers of stored rows come from memory when this process has seen the key.
         cache = self._latest
         if len(cache) > self._latest_max or self._latest_bytes > self._latest_max_bytes:
-            cache.clear()
-            self._latest_bytes = 0
-        misses = [key for key in keys if key not in cache]
-        if misses:
-            found = [b"" if old is None else old[:width] for old in self._db.get(misses)]
+            self._forget_latest()
+        stored = list(map(cache.get, keys))
+        if None in stored:
+            at = [i for i, old in enumerate(stored) if old is None]
+            misses = [keys[i] for i in at]
+            if self._indexes_every_row(batch.source_id):
+                # Nothing to read: a key the index lacks has no stored row.
+                found = [_ABSENT] * len(misses)
+            else:
+                found = [_ABSENT if old is None else old[:width] for old in self._db.get(misses)]
+            for i, head in zip(at, found, strict=True):
+                stored[i] = head
             cache.update(zip(misses, found, strict=True))
             self._latest_bytes += sum(map(len, misses)) + len(misses) * _INDEX_ENTRY_OVERHEAD
-        # Headers order like event times; an equal time replaces, so a correction can land.
-        newer = [i for i, (head, key) in enumerate(zip(heads, keys, strict=True)) if head >= cache[key]]
-        put = wb.put
-        for i in newer:
-            put(keys[i], values[i])
-        self._staged.update((keys[i], heads[i]) for i in newer)
-        return BatchCounts(accepted, len(newer), accepted - len(newer))
+        # Headers order like event times; an equal time replaces, so a correction can land. Whole
+        # 8-byte headers compare as big-endian numbers, all at once.
+        known = cast(list[bytes], stored)  # every None was filled in above
+        new, old = b"".join(heads), b"".join(known)
+        if len(new) == len(old) == width * len(keys):
+            newer = (np.frombuffer(new, dtype=">u8") >= np.frombuffer(old, dtype=">u8")).tolist()
+        else:
+            newer = [head >= prior for head, prior in zip(heads, known, strict=True)]
+        written = sum(newer)
+        # Handed to RocksDB and to the index by C loops (map, compress), not one Python step per row.
+        deque(map(wb.put, compress(keys, newer), compress(values, newer)), maxlen=0)
+        self._staged.update(zip(compress(keys, newer), compress(heads, newer), strict=True))
+        return BatchCounts(accepted, written, accepted - written)
+
+    def _indexes_every_row(self, source_id: int | None) -> bool:
+        """Whether every stored row of the source is in the latest-event index; called under the lock.
+
+        True for a source that had no rows when the index started (checked with one seek, once per index):
+        every row written since went through write_latest, which adds it to the index.
+        """
+        if source_id is None:
+            return False
+        known = self._indexed_sources.get(source_id)
+        if known is None:
+            known = next(self._keys_with_prefix(row_prefix(source_id)), None) is None
+            self._indexed_sources[source_id] = known
+        return known
+
+    def _forget_latest(self) -> None:
+        """Start the latest-event index over; called under the lock."""
+        self._latest.clear()
+        self._latest_bytes = 0
+        self._indexed_sources.clear()
 
     def _stage_tiles(self, updates: Sequence[TileUpdate], wb: rocksdict.WriteBatch) -> int:
         """Merge the updates into the stored tiles, called under the lock; the most records a view skipped."""
