@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from google.protobuf import struct_pb2
 
-from .framing import column_lengths, frame, time_header, time_headers
+from .framing import frame, head_matrix, time_header
 from .rows import stored_value
 from .schema import DType, FieldSpec, Kind
 from .wire import (
@@ -101,7 +101,14 @@ def _filled(arr: pa.Array, value: object) -> pa.Array:
 
 
 def _join(*parts: pa.Array | bytes) -> pa.Array:
-    args = [pa.scalar(p, pa.binary()) if isinstance(p, bytes) else p for p in parts]
+    """Each row's parts one after another, in one kernel call; constant parts side by side merge first."""
+    merged: list[pa.Array | bytes] = []
+    for part in parts:
+        if isinstance(part, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += part
+        else:
+            merged.append(part)
+    args = [pa.scalar(p, pa.binary()) if isinstance(p, bytes) else p for p in merged]
     return pc.binary_join_element_wise(*args, b"")
 
 
@@ -338,20 +345,29 @@ def with_late_nulls(body: bytes, late: dict[bytes, bytes]) -> bytes:
     return body[:start] + FEATURE_VECTOR_FEATURES + varint(len(joined)) + joined
 
 
-def field_entries(table: pa.Table, fields: Sequence[FieldSpec]) -> list[pa.Array]:
-    """Per field, in name order, each row's bytes of that field in a serialized google.protobuf.Struct.
+def field_entries(table: pa.Table, fields: Sequence[FieldSpec]) -> tuple[list[pa.Array | bytes], np.ndarray]:
+    """The pieces of every row's serialized google.protobuf.Struct of its fields, and each row's length.
 
-    Joined in order they are the Struct: a field is a map entry (key as field 1, Value as field 2)
-    inside `fields` (field 1), so its length prefixes are computed from the Value's length.
+    Joined in order the pieces are the Struct: per field, in name order, a map entry (key as field 1,
+    Value as field 2) inside `fields` (field 1), so its length prefixes are computed from the Value's
+    length. Where a field's Values all have one length, the bytes before them are one constant piece.
     """
-    parts: list[pa.Array] = []
+    parts: list[pa.Array | bytes] = []
+    total = np.zeros(table.num_rows, dtype=np.int64)
     for f in sorted(fields, key=lambda f: f.name.encode()):
         values = value_messages(table.column(f.name).combine_chunks(), f.dtype)
-        value_len = pc.binary_length(values).to_numpy(zero_copy_only=False)
+        value_len = pc.binary_length(values).to_numpy(zero_copy_only=False).astype(np.int64)
         key = _entry_key(f.name)
-        entry_len = len(key) + varint_sizes(value_len) + value_len
-        parts.append(_join(STRUCT_FIELD, varints(entry_len), key, varints(value_len), values))
-    return parts
+        if len(value_len) and value_len.min() == value_len.max():
+            size = int(value_len[0])
+            entry = len(key) + len(varint(size)) + size
+            parts += [STRUCT_FIELD + varint(entry) + key + varint(size), values]
+            total += 1 + len(varint(entry)) + entry
+        else:
+            entry_len = len(key) + varint_sizes(value_len) + value_len
+            parts += [STRUCT_FIELD, varints(entry_len), key, varints(value_len), values]
+            total += 1 + varint_sizes(entry_len) + entry_len
+    return parts, total
 
 
 def event_time_field(micros: int) -> bytes:
@@ -366,13 +382,26 @@ def event_time_field(micros: int) -> bytes:
 
 def event_time_fields(micros: np.ndarray) -> pa.Array:
     """event_time_field of every element, column at a time."""
+    return _join(*event_time_parts(micros))
+
+
+def event_time_parts(micros: np.ndarray) -> list[pa.Array | bytes]:
+    """The pieces of every element's event_time_field, joined in order; constant where all rows agree."""
     seconds = np.floor_divide(micros, 1_000_000)
     nanos = (micros - seconds * 1_000_000) * 1000
-    # A zero field is left out, as protobuf leaves out defaults.
-    secs = pc.if_else(pa.array(seconds != 0), _join(TIMESTAMP_SECONDS, varints(seconds.view(np.uint64))), b"")
-    nans = pc.if_else(pa.array(nanos != 0), _join(TIMESTAMP_NANOS, varints(nanos)), b"")
-    body_len = pc.binary_length(secs).to_numpy() + pc.binary_length(nans).to_numpy()
-    return _join(FEATURE_VECTOR_EVENT_TIME, varints(body_len), secs, nans)
+    # Negative seconds are written as 64-bit two's complement, as protobuf does for int64.
+    unsigned = seconds.view(np.uint64)
+    parts: list[pa.Array | bytes] = []
+    body_len = np.zeros(len(micros), dtype=np.int64)
+    for tag, value in ((TIMESTAMP_SECONDS, unsigned), (TIMESTAMP_NANOS, nanos)):
+        # A zero field is left out, as protobuf leaves out defaults.
+        present = value != 0
+        if not present.any():
+            continue
+        body_len += np.where(present, 1 + varint_sizes(value), 0)
+        field = [tag, varints(value)]
+        parts += field if present.all() else [pc.if_else(pa.array(present), _join(*field), b"")]
+    return [FEATURE_VECTOR_EVENT_TIME, varints(body_len), *parts]
 
 
 def event_time_length(payload: bytes) -> int:
@@ -470,12 +499,13 @@ def encode_rows(
         return _encode_small(table, fields, entity_keys, timestamp_field, prefix)
     keys = encode_keys([table.column(k).combine_chunks() for k in entity_keys], prefix)
     micros = pc.cast(table.column(timestamp_field), pa.int64()).to_numpy()
-    parts = field_entries(table, fields)
-    payload_len = sum(pc.binary_length(p).to_numpy().astype(np.int64) for p in parts)
+    parts, payload_len = field_entries(table, fields)
     features = [FEATURE_VECTOR_FEATURES, varints(payload_len), *parts]
-    columns = encode_columns(table, fields)
-    head = [time_headers(micros), column_lengths(columns), columns]
-    values = _join(*head, event_time_fields(micros), *features)
+    fixed, variable, variable_len = column_parts(table, fields)
+    # The header, the columns' length and the columns' fixed part are fixed-width: one matrix.
+    head = np.concatenate([head_matrix(micros, fixed.shape[1] + variable_len), fixed], axis=1)
+    # One join of every piece: each row's bytes are copied once.
+    values = _join(_binary_from_matrix(head), *variable, *event_time_parts(micros), *features)
     return binary_list(keys), binary_list(values)
 
 
@@ -513,11 +543,21 @@ def _cell(item: Any, dtype: DType, value: bytes) -> tuple[int | float, bytes]:
 
 def encode_columns(table: pa.Table, fields: Sequence[FieldSpec]) -> pa.Array:
     """Every row's columns (see the module's docstring), column at a time."""
+    fixed, variable, _ = column_parts(table, fields)
+    return _join(_binary_from_matrix(fixed), *variable)
+
+
+def column_parts(
+    table: pa.Table, fields: Sequence[FieldSpec]
+) -> tuple[np.ndarray, list[pa.Array], np.ndarray]:
+    """Every row's columns in pieces: the fixed part as an (n, 2 + 9 * fields) matrix, the variable parts
+    in field order, and each row's variable length."""
     ordered = sorted(fields, key=lambda f: f.name.encode())
     n, width = table.num_rows, len(ordered)
     fixed = np.zeros((n, 2 + 9 * width), dtype=np.uint8)
     fixed[:, :2] = np.frombuffer(_FIELD_COUNT.pack(width), dtype=np.uint8)
     variable: list[pa.Array] = []
+    variable_len = np.zeros(n, dtype=np.int64)
     for j, f in enumerate(ordered):
         arr = table.column(f.name).combine_chunks()
         valid = pc.is_valid(arr).to_numpy(zero_copy_only=False) if arr.null_count else True
@@ -536,8 +576,9 @@ def encode_columns(table: pa.Table, fields: Sequence[FieldSpec]) -> pa.Array:
                     part = pc.if_else(pc.is_valid(arr), part, pa.scalar(b"", pa.binary()))
             variable.append(part)
             slot = pc.binary_length(part).to_numpy(zero_copy_only=False).astype("<i8")
+            variable_len += slot
         fixed[:, 2 + 8 * j : 10 + 8 * j] = np.ascontiguousarray(slot).view(np.uint8).reshape(n, 8)
-    return _join(_binary_from_matrix(fixed), *variable)
+    return fixed, variable, variable_len
 
 
 # How decode_columns reads a field's slot.

@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 HEADER_BYTES = 8
 _COLUMNS_AT = HEADER_BYTES + 4
@@ -26,13 +24,14 @@ def time_header(micros: int) -> bytes:
     return (micros + (1 << 63)).to_bytes(HEADER_BYTES, "big")
 
 
-def time_headers(micros: np.ndarray) -> pa.Array:
-    """The header of every event time, column at a time, as a binary array."""
+def head_matrix(micros: np.ndarray, column_lengths: np.ndarray) -> np.ndarray:
+    """What every row's stored value starts with, its header and its columns' length, as an (n, 12) matrix."""
+    n = len(micros)
+    out = np.empty((n, _COLUMNS_AT), dtype=np.uint8)
     flipped = np.asarray(micros, dtype=np.int64).view(np.uint64) ^ _SIGN
-    data = np.ascontiguousarray(flipped.astype(">u8").view(np.uint8))
-    n = len(flipped)
-    offsets = np.arange(0, (n + 1) * HEADER_BYTES, HEADER_BYTES, dtype=np.int32)
-    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    out[:, :HEADER_BYTES] = flipped.astype(">u8").view(np.uint8).reshape(n, HEADER_BYTES)
+    out[:, HEADER_BYTES:] = np.asarray(column_lengths).astype(">u4").view(np.uint8).reshape(n, 4)
+    return out
 
 
 def header(value: bytes) -> bytes:
@@ -48,15 +47,6 @@ def header_micros(value: bytes) -> int:
 def frame(header: bytes, columns: bytes, payload: bytes) -> bytes:
     """One stored value of its three parts."""
     return header + len(columns).to_bytes(4, "big") + columns + payload
-
-
-def column_lengths(columns: pa.Array) -> pa.Array:
-    """The 4-byte length prefix of every row's columns, column at a time, as a binary array."""
-    lengths = pc.binary_length(columns).to_numpy(zero_copy_only=False).astype(">u4")
-    n = len(lengths)
-    offsets = np.arange(0, (n + 1) * 4, 4, dtype=np.int32)
-    data = np.ascontiguousarray(lengths.view(np.uint8))
-    return pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
 def locate(values: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
