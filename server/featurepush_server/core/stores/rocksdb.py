@@ -149,13 +149,6 @@ def _open_db(path: Path) -> Any:
     options = rocksdict.Options(raw_mode=True)
     options.create_if_missing(True)
     options.set_max_background_jobs(2)
-    # A new event of an entity whose row is still in the memtable overwrites that row in place when it
-    # is no larger, instead of adding a version: hot entities then cost half as much to write, and the
-    # memtable fills (and is flushed) only as fast as new entities come. The price is that iterators and
-    # multi-gets are not point-in-time snapshots, which nothing here relies on (every compare-and-write
-    # reads under the store's lock, and writes are serialized by it, as in-place updates require).
-    options.set_allow_concurrent_memtable_write(False)
-    options.set_inplace_update_support(True)
     # Bloom filters let a write's read of an entity never seen before skip the data blocks; a
     # block cache keeps hot rows' blocks in memory for reads.
     table = rocksdict.BlockBasedOptions()
