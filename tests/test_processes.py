@@ -410,3 +410,51 @@ def test_a_killed_owner_mid_backfill_ends_it_unavailable_and_loses_nothing_repor
     finally:
         again.signal()
         assert again.wait() == 0
+
+
+def _backfill_workers(server: ServedProcess) -> list[int]:
+    """The backfill worker processes of the server's fronts."""
+    fronts = set(_pids(server, r"front \d+"))
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if parent in fronts and b"spawn_main" in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_backfill_worker_ends_its_backfill_unavailable_and_the_next_one_loads(
+    served: ServedProcess, tmp_path: Path
+) -> None:
+    rows = 400_000
+    _history(tmp_path / "history.parquet", rows)
+    _apply_history(served, tmp_path / "history.parquet")
+    reports: list[backfill_service_pb2.BackfillResponse] = []
+    errors: list[grpc.RpcError] = []
+
+    def run() -> None:
+        try:
+            for report in served.backfill.Backfill(backfill_service_pb2.BackfillRequest(source="history")):
+                reports.append(report)
+        except grpc.RpcError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert wait_until(lambda: (reports and _backfill_workers(served)) or not thread.is_alive())
+    for pid in _backfill_workers(served)[:1]:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(120)
+    assert not thread.is_alive()
+    if errors:
+        assert errors[0].code() == grpc.StatusCode.UNAVAILABLE, errors[0]
+        assert "run the backfill again" in (errors[0].details() or "")
+    else:
+        assert reports[-1].done
+    last = list(served.backfill.Backfill(backfill_service_pb2.BackfillRequest(source="history")))[-1]
+    assert last.done and last.rows_read == rows and last.rows_rejected == 0
+    assert len(_stored(served, rows)) == rows

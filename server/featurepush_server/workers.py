@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import logging
 import signal
-from concurrent.futures import ProcessPoolExecutor
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from .config import ServerConfig
 
 _LOGGER = logging.getLogger(__name__)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 def worker_count(config: ServerConfig) -> int:
@@ -27,24 +33,50 @@ def worker_count(config: ServerConfig) -> int:
     return max(config.processes, 2)
 
 
-def backfill_workers(config: ServerConfig, runtime: Path) -> ProcessPoolExecutor:
+def backfill_workers(config: ServerConfig, runtime: Path) -> BackfillWorkers:
     """Worker processes for the front's backfills (`worker_count`), started as the first chunks come."""
     from .processes import CATALOG, SOCKET
 
     allowed = sorted({*config.post_processor_modules, *(Path(p).stem for p in config.definitions)})
-    return ProcessPoolExecutor(
-        worker_count(config),
-        # Forking a front would copy its gRPC threads' state; a fresh interpreter starts clean.
-        mp_context=get_context("spawn"),
-        initializer=_start_worker,
-        initargs=(
-            str(runtime / SOCKET),
-            str(runtime / CATALOG),
-            allowed,
-            config.log_level,
-            config.log_format,
-        ),
+    args = (str(runtime / SOCKET), str(runtime / CATALOG), allowed, config.log_level, config.log_format)
+    return BackfillWorkers(
+        lambda: ProcessPoolExecutor(
+            worker_count(config),
+            # Forking a front would copy its gRPC threads' state; a fresh interpreter starts clean.
+            mp_context=get_context("spawn"),
+            initializer=_start_worker,
+            initargs=args,
+        )
     )
+
+
+class BackfillWorkers(Executor):
+    """A pool of worker processes that is started anew when one of its processes died.
+
+    A pool that lost a process (killed, out of memory) fails the chunks it held and refuses all later
+    work; the backfill that was running ends UNAVAILABLE, and the next one gets a new pool.
+    """
+
+    def __init__(self, start: Callable[[], ProcessPoolExecutor]):
+        self._start = start
+        self._pool = start()
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
+        """Run `fn` in a worker, on a new pool if the current one is broken."""
+        with self._lock:
+            try:
+                return self._pool.submit(fn, *args, **kwargs)
+            except BrokenProcessPool:
+                _LOGGER.warning("a backfill worker process died; starting the workers again")
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._start()
+                return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the workers."""
+        with self._lock:
+            self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
 def _start_worker(socket_path: str, catalog_path: str, allowed: list[str], level: str, form: str) -> None:

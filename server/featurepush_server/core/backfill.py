@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Generator, Mapping
-from concurrent.futures import Executor, Future
+from concurrent.futures import BrokenExecutor, Executor, Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from .batch import BatchSources, time_mask
 from .columns import conform
-from .errors import Cancelled, FailedPrecondition, Violation
+from .errors import Cancelled, FailedPrecondition, Unavailable, Violation
 from .locations import StopCheck
 from .materialize import Materializer, Origin, SourceRecords
 from .registry import Registry
@@ -225,10 +225,10 @@ class Backfiller:
                     continue
                 pending.append(self._workers.submit(load_in_worker, *args))
                 while len(pending) >= self._in_flight or (pending and pending[0].done()):
-                    absorb(pending.popleft().result())
+                    absorb(_outcome(pending.popleft()))
                     yield progress
             while pending:
-                absorb(pending.popleft().result())
+                absorb(_outcome(pending.popleft()))
                 yield progress
             finished = True
         finally:
@@ -247,6 +247,18 @@ class Backfiller:
         progress.elapsed_seconds = time.monotonic() - began
         progress.done = True
         yield progress
+
+
+def _outcome(future: Future[LoadedChunk]) -> LoadedChunk:
+    """A worker's chunk; a worker process that died is Unavailable, as a store that went away is."""
+    try:
+        return future.result()
+    except BrokenExecutor:
+        raise Unavailable(
+            "a backfill worker process of the server stopped; run the backfill again: rows already "
+            "loaded are skipped",
+            reason="BACKFILL_WORKER_STOPPED",
+        ) from None
 
 
 def _validate(
