@@ -177,24 +177,30 @@ def backfill_rows(rows: int = 5_000_000) -> dict[str, Any]:
 def backfill_pair(processes: int, rows: int = 2_000_000) -> list[Any]:
     """backfill_rows with serve --processes 1 and `processes`, over the same history in one run.
 
-    Each starts on an empty data folder; the ceiling of both is the --processes 1 figure.
+    Each starts on an empty data folder; the ceiling of both is the --processes 1 figure. With several
+    processes the owner's CPU per row is reported too, with the rows per second one owner core could take.
     """
-    from bench.run import Result
+    from bench.run import Result, cpu_seconds, owner_pid
 
     figures: dict[int, float] = {}
+    owner_us = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _write_history(folder / "h.parquet", rows, rows // 2)
         for n in (1, processes):
             running = _Server(folder, folder / "h.parquet", processes=n, data=f"data-{n}")
             try:
+                owner = owner_pid(running.process.pid)
+                before = cpu_seconds(owner) if owner else 0.0
                 began = time.perf_counter()
                 result = backfill(running.channel, "bench")
                 figures[n] = result.rows_read / (time.perf_counter() - began)
+                if owner:
+                    owner_us = (cpu_seconds(owner) - before) * 1e6 / result.rows_read
             finally:
                 running.close()
     one = figures[1]
-    return [
+    out = [
         Result(
             f"backfill_rows[processes={n}]",
             round(figures[n], 3),
@@ -204,6 +210,13 @@ def backfill_pair(processes: int, rows: int = 2_000_000) -> list[Any]:
         )
         for n in (1, processes)
     ]
+    if owner_us:
+        bound = 1e6 / owner_us
+        ratio = round(figures[processes] / bound, 3)
+        out.append(
+            Result("owner_cpu_us_per_row[backfill_rows]", round(owner_us, 3), "us", round(bound), ratio)
+        )
+    return out
 
 
 def _rss_mb(pid: int) -> float:
