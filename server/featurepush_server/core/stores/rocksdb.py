@@ -679,15 +679,20 @@ class RocksDBStore:
             self._forget_latest()
         stored = list(map(cache.get, keys))
         if None in stored:
-            at = [i for i, old in enumerate(stored) if old is None]
-            misses = [keys[i] for i in at]
+            # Every key is new to the index (a new source, a backfill) more often than not.
+            every = stored.count(None) == len(stored)
+            at = [] if every else [i for i, old in enumerate(stored) if old is None]
+            misses = list(keys) if every else [keys[i] for i in at]
             if self._indexes_every_row(batch.source_id):
                 # Nothing to read: a key the index lacks has no stored row.
                 found = [_ABSENT] * len(misses)
             else:
                 found = [_ABSENT if old is None else old[:width] for old in self._db.get(misses)]
-            for i, head in zip(at, found, strict=True):
-                stored[i] = head
+            if every:
+                stored[:] = found
+            else:
+                for i, head in zip(at, found, strict=True):
+                    stored[i] = head
             cache.update(zip(misses, found, strict=True))
             self._latest_bytes += sum(map(len, misses)) + len(misses) * _INDEX_ENTRY_OVERHEAD
         # Headers order like event times; an equal time replaces, so a correction can land. Whole
