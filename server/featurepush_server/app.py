@@ -205,7 +205,11 @@ def open_store(config: ServerConfig) -> Store:
 
 
 def create_server(
-    config: ServerConfig, *, front: RemoteStore | None = None, peer: int | None = None
+    config: ServerConfig,
+    *,
+    front: RemoteStore | None = None,
+    peer: int | None = None,
+    metrics_socket: Path | None = None,
 ) -> Server:
     """Open the store, apply the configured definitions and register every service; not started.
 
@@ -213,7 +217,8 @@ def create_server(
     owns along with its background work (offline-log flushes, expiry sweeps, disk recovery), and shares
     its port with the other fronts. With `peer`, the server is front number `peer` of `serve --processes`
     on a shared store (Redis): it opens its own, runs its own background work and shares its port; only
-    peer 0 drains the offline log.
+    peer 0 drains the offline log. With `metrics_socket`, the metrics are served on that Unix socket for
+    the supervisor of `serve --processes` to add up, not over HTTP.
     """
     store = open_store(config) if front is None else front
     shares_port = front is not None or peer is not None
@@ -400,7 +405,9 @@ def create_server(
     )
     server.views = views
     store.watch_writable(server.storage_changed)
-    if config.metrics_listen:
+    if metrics_socket is not None:
+        server.metrics_http = metrics.serve_socket(metrics_socket)
+    elif config.metrics_listen:
         try:
             server.metrics_http, server.metrics_port = metrics.serve(config.metrics_listen)
         except OSError as e:
@@ -415,6 +422,7 @@ def serve(
     front: RemoteStore | None = None,
     peer: int | None = None,
     ready: Callable[[], None] | None = None,
+    metrics_socket: Path | None = None,
 ) -> None:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully; a second signal exits at once.
 
@@ -429,7 +437,7 @@ def serve(
         return
     # Every file the server creates (RocksDB's, the offline log's) is readable by its user alone.
     os.umask(0o077)
-    server = create_server(config, front=front, peer=peer)
+    server = create_server(config, front=front, peer=peer, metrics_socket=metrics_socket)
     server.start()
     # A push allocates a wrapper per JSON value, so full collections come every few pushes: objects alive
     # after start-up (modules, descriptors, the registry) are frozen out of them.
