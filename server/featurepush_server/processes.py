@@ -243,6 +243,7 @@ def _run_owner(config: ServerConfig, runtime: Path, ready: Callable[[], None]) -
     from .core.offline_log import OfflineLog
     from .core.periodic import Periodic
     from .core.stores.remote import CatalogVersion, StoreOwner
+    from .core.tiles import sweep_tiles
 
     os.umask(0o077)
     store = open_store(config)
@@ -250,7 +251,7 @@ def _run_owner(config: ServerConfig, runtime: Path, ready: Callable[[], None]) -
         offline_log = OfflineLog(
             store, config.data_dir / "offline", interval_s=config.offline_flush_interval_s
         )
-        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s)
+        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s, lambda: sweep_tiles(store))
         recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
         owner = StoreOwner(store, runtime / SOCKET, CatalogVersion(runtime / CATALOG))
     except BaseException:
