@@ -160,6 +160,8 @@ def store_settings(request: pytest.FixtureRequest) -> dict[str, object]:
 BOTH_STORES = pytest.mark.parametrize("store_settings", ["rocksdb", "redis"], indirect=True)
 # Runs a test once on a one-process server and once on a store owner with two fronts.
 ONE_AND_MANY_PROCESSES = pytest.mark.parametrize("store_settings", ["rocksdb", "processes"], indirect=True)
+# Runs a feature view test on every store that holds views: one process, an owner with fronts, Redis.
+VIEW_STORES = pytest.mark.parametrize("store_settings", ["rocksdb", "processes", "redis"], indirect=True)
 
 
 @pytest.fixture

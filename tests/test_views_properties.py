@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from conftest import AD_IMPRESSIONS, Running, start
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis_servers import RedisServer
 from views_helpers import apply, brute, iso, read, same, view
 
 from featurepush.batch import backfill
@@ -23,13 +25,19 @@ M = 60_000_000
 _names = itertools.count()
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["one-process", "processes"])
+@pytest.fixture(scope="module", params=["one-process", "processes", "redis"])
 def server(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[tuple[Running, Path]]:
-    """A one-process server, or a store owner with two fronts."""
+    """A one-process server, a store owner with two fronts, or a server on Redis."""
     root = tmp_path_factory.mktemp("views")
-    r = start(root / "data", fronts=request.param, batch_roots=(root,))
+    settings: dict[str, object] = {"batch_roots": (root,)}
+    if request.param == "processes":
+        settings["fronts"] = 2
+    elif request.param == "redis":
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        settings.update(store=redis_server.url, redis_namespace=f"views{uuid.uuid4().hex[:8]}")
+    r = start(root / "data", **settings)
     try:
         yield r, root
     finally:

@@ -252,6 +252,7 @@ def create_server(
             registry,
             batch_sources.allowed,
             catalog_version=None if front is None else front.catalog.read,
+            refresh_s=refresh,
         )
         registry.delete_checks.append(views.check_source_delete)
         arrow_limits = IpcLimits(

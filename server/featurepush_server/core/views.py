@@ -271,7 +271,8 @@ class Views:
 
     Transformations are imported under the batch post_processor rules: only from `allowed` modules, and
     only a function defined in the module it names. Where other processes change the same store's views,
-    `catalog_version` reads their change counter (see Registry), and the caches are dropped when it moves.
+    `catalog_version` reads their change counter (see Registry), and the caches are dropped when it moves;
+    where other servers do (a shared store), the caches are dropped every `refresh_s` seconds.
     """
 
     def __init__(
@@ -280,6 +281,7 @@ class Views:
         sources: Registry,
         allowed: Collection[str],
         catalog_version: Callable[[], int] | None = None,
+        refresh_s: float | None = None,
     ):
         self._store = store
         self._sources = sources
@@ -290,13 +292,21 @@ class Views:
         self._by_source: dict[str, list[View]] | None = None
         self._catalog_version = catalog_version
         self._cached_version = catalog_version() if catalog_version is not None else 0
+        self._refresh_s = refresh_s
+        self._filled_at = time.monotonic()
 
     def _current(self) -> bool:
         """Whether the caches still hold: no definition changed elsewhere since they were filled."""
+        if self._refresh_s is not None and time.monotonic() - self._filled_at >= self._refresh_s:
+            return False
         return self._catalog_version is None or self._catalog_version() == self._cached_version
 
     def _settled_version(self) -> int:
         """The change counter once no change is being written elsewhere; caches are dropped if it moved."""
+        if self._refresh_s is not None and time.monotonic() - self._filled_at >= self._refresh_s:
+            self._by_name.clear()
+            self._by_source = None
+            self._filled_at = time.monotonic()
         if self._catalog_version is None:
             return 0
         deadline = time.monotonic() + CATALOG_WAIT_S
