@@ -15,6 +15,12 @@ Keys, for a namespace `ns` (the `{...}` part is the Redis Cluster hash tag, whic
   {ns}:req:<request id>         an idempotency record: the JSON counts, expiring after the window
   {ns:<id>:<bucket>}m           hash: the source's generation (g) and ttl in ms (t), one per bucket
   {ns:<id>:<bucket>}r<entity>   a row: its stored value, framed as `framing.py` says
+  {ns}:views                    hash: view name -> 4-byte id, then the StreamFeatureView (one node only)
+  {ns}:next_view_id             the last view id handed out (INCR)
+  {ns}:vgen:<view id>           the view's generation (INCR on an incompatible change, -1 once deleted)
+  {ns}:vstate:<view id>         the view's state: its watermark and backfilled ranges (core/tiles.py)
+  {ns}:services                 hash: feature service name -> FeatureService
+  {ns}:t<view id>:<entity>      hash: one entity's tiles of a view, by 8-byte start -> partial aggregates
 
 A row's bucket is a hash of its entity key, so one source spreads over BUCKETS slots, and every key a
 row's write reads (the row, its bucket's generation and ttl) shares one slot: the write script can run
@@ -22,6 +28,11 @@ on a cluster, and resharding moves whole buckets. On one Redis node a push (ever
 entry and the idempotency record) is one script, so all or nothing. On a cluster each bucket is one
 script, atomic on its own; the offline entry and the idempotency record are then written together last,
 as the commit marker, so a push sent again with its request id completes it without logging twice.
+
+Stream feature views live on one node only (a cluster refuses them, as NoViews says). A push with tile
+updates WATCHes the view states and the tile hashes it merges into, reads and merges them here, then
+writes rows, tiles, states, the offline entry and the request record in one script inside MULTI, which
+also checks the views' generations; if another write changed a watched key meanwhile, it starts over.
 """
 
 from __future__ import annotations
