@@ -15,7 +15,7 @@ Keys, for a namespace `ns` (the `{...}` part is the Redis Cluster hash tag, whic
   {ns}:req:<request id>         an idempotency record: the JSON counts, expiring after the window
   {ns:<id>:<bucket>}m           hash: the source's generation (g) and ttl in ms (t), one per bucket
   {ns:<id>:<bucket>}r<entity>   a row: its stored value, framed as `framing.py` says
-  {ns}:views                    hash: view name -> 4-byte id, then the StreamFeatureView (one node only)
+  {ns}:views                    hash: view name -> 4-byte id, 8-byte generation, StreamFeatureView
   {ns}:next_view_id             the last view id handed out (INCR)
   {ns}:vgen:<view id>           the view's generation (INCR on an incompatible change, -1 once deleted)
   {ns}:vstate:<view id>         the view's state: its watermark and backfilled ranges (core/tiles.py)
@@ -237,8 +237,9 @@ class RedisStore(NoViews):
         self._release_script = client.register_script(_RELEASE)
         # Definition changes by this process, serialized here before the cross-server lock.
         self._local = threading.Lock()
-        # Source id -> the generation seen with its definition by the last get_source.
+        # Source id -> the generation seen with its definition by the last get_source; views likewise.
         self._generations: dict[int, int] = {}
+        self._view_generations: dict[int, int] = {}
         self._down: CoreError | None = None
         self._watchers: list[Callable[[bool], None]] = []
         # A cluster push writes each bucket with its own script; they run side by side.
@@ -739,7 +740,12 @@ class RedisStore(NoViews):
             return super().get_view(name)
         with self._gate.use(), self._calls():
             raw = self._redis.hget(self._key("views"), name.encode())
-        return None if raw is None else (int.from_bytes(raw[:4], "big"), raw[4:])
+        if raw is None:
+            return None
+        view_id = int.from_bytes(raw[:4], "big")
+        # Read with the definition, so a definition and the generation it is checked by always match.
+        self._view_generations[view_id] = int.from_bytes(raw[4:12], "big", signed=True)
+        return view_id, raw[12:]
 
     def list_views(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, int, bytes]]:
         """Views in name order, starting after `after`."""
@@ -747,7 +753,7 @@ class RedisStore(NoViews):
             return super().list_views(after, limit)
         with self._gate.use(), self._calls():
             found = self._redis.hgetall(self._key("views"))
-        rows = sorted((k.decode(), int.from_bytes(v[:4], "big"), v[4:]) for k, v in found.items())
+        rows = sorted((k.decode(), int.from_bytes(v[:4], "big"), v[12:]) for k, v in found.items())
         rows = [row for row in rows if row[0] > after]
         return iter(rows if limit is None else rows[:limit])
 
@@ -762,9 +768,11 @@ class RedisStore(NoViews):
         with self._gate.use(), self._calls():
             if view_id is None:
                 view_id = int(self._redis.incr(self._key("next_view_id")))
-            if invalidate:
-                self._redis.incr(self._view_key("vgen", view_id))
-            self._redis.hset(self._key("views"), name.encode(), view_id.to_bytes(4, "big") + definition)
+            gen_key = self._view_key("vgen", view_id)
+            generation = int(self._redis.incr(gen_key) if invalidate else self._redis.get(gen_key) or 0)
+            raw = view_id.to_bytes(4, "big") + generation.to_bytes(8, "big", signed=True) + definition
+            self._redis.hset(self._key("views"), name.encode(), raw)
+        self._view_generations[view_id] = generation
         return view_id
 
     def delete_view(self, name: str, view_id: int) -> int:
@@ -775,6 +783,7 @@ class RedisStore(NoViews):
         with self._gate.use(), self._calls():
             # Writes are refused first, so no tile lands between the scan and the end.
             self._redis.set(self._view_key("vgen", view_id), -1)
+            self._view_generations[view_id] = -1
             self._redis.hdel(self._key("views"), name.encode())
             self._redis.delete(self._view_key("vstate", view_id))
             for name_of_hash in list(self._tile_hashes(view_id)):
@@ -785,9 +794,12 @@ class RedisStore(NoViews):
         return tiles
 
     def view_generation(self, view_id: int) -> int:
-        """How many times the view's definition changed incompatibly; -1 once it is deleted."""
+        """The view's generation, as stored with the definition last read; -1 once it is deleted."""
         if self._cluster:
             return super().view_generation(view_id)
+        found = self._view_generations.get(view_id)
+        if found is not None:
+            return found
         with self._gate.use(), self._calls():
             raw = self._redis.get(self._view_key("vgen", view_id))
         return int(raw or 0)
