@@ -252,7 +252,13 @@ def create_server(
             refresh_s=refresh,
         )
         # Transformations are imported under the post_processor rules, from the same allowed modules.
-        views = Views(store, registry, batch_sources.allowed)
+        views = Views(
+            store,
+            registry,
+            batch_sources.allowed,
+            catalog_version=None if front is None else front.catalog.read,
+            refresh_s=refresh,
+        )
         registry.delete_checks.append(views.check_source_delete)
         arrow_limits = IpcLimits(
             max_decoded_bytes=config.max_arrow_decoded_bytes,
@@ -379,7 +385,7 @@ def create_server(
             offline_log.start()
             closers.append(offline_log.close)
         # On Redis this sweeps nothing (Redis expires rows itself), so every peer may run it.
-        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s, lambda: sweep_tiles(views, store))
+        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s, lambda: sweep_tiles(store))
         sweeper.start()
         # After a disk error, writes resume by themselves once the disk takes them again; after Redis
         # was unreachable, each process's own connections must answer again.

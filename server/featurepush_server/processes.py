@@ -259,6 +259,7 @@ def _run_owner(
     from .core.offline_log import OfflineLog
     from .core.periodic import Periodic
     from .core.stores.remote import CatalogVersion, StoreOwner
+    from .core.tiles import sweep_tiles
     from .metrics import Metrics
 
     os.umask(0o077)
@@ -267,7 +268,7 @@ def _run_owner(
         offline_log = OfflineLog(
             store, config.data_dir / "offline", interval_s=config.offline_flush_interval_s
         )
-        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s)
+        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s, lambda: sweep_tiles(store))
         recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
         owner = StoreOwner(store, runtime / SOCKET, CatalogVersion(runtime / CATALOG))
     except BaseException:
