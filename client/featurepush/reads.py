@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import pyarrow as pa
 
@@ -15,7 +15,7 @@ from featurepush.types import Field
 from featurepush.v1 import online_service_pb2
 from featurepush.values import decode_record, key_to_struct
 
-__all__ = ["FeatureResults", "get_features_request", "read_reply"]
+__all__ = ["SMALL_READ_KEYS", "FeatureResults", "get_features_request", "read_reply", "wants_arrow"]
 
 _STATUSES = {
     online_service_pb2.FEATURE_STATUS_PRESENT: FeatureStatus.PRESENT,
@@ -75,29 +75,50 @@ def _prefixes(name: str) -> list[bytes]:
     return found
 
 
+# Reads of at most this many keys ask for Structs unless told otherwise: the server answers a few keys as
+# Structs several times faster than as Arrow, whose columns cost a few dozen numpy and Arrow calls however
+# few the rows, and decoding a few Structs here costs less than reading an Arrow stream.
+SMALL_READ_KEYS = 8
+
+# The serialized source and response_format of a request, by (source, Arrow or not).
+_HEADS: dict[tuple[str, bool], bytes] = {}
+
+
+def wants_arrow(columnar: bool | None, key_count: int) -> bool:
+    """Whether a read asks for Arrow: as told, or by default for more than SMALL_READ_KEYS keys."""
+    return key_count > SMALL_READ_KEYS if columnar is None else columnar
+
+
+def _head(source: str, arrow: bool) -> bytes:
+    head = _HEADS.get((source, arrow))
+    if head is None:
+        pb = online_service_pb2
+        form = pb.RESPONSE_FORMAT_ARROW if arrow else pb.RESPONSE_FORMAT_STRUCT
+        request = pb.GetFeaturesRequest(source=source, response_format=form)
+        if len(_HEADS) >= 1024:
+            _HEADS.clear()
+        head = _HEADS[(source, arrow)] = request.SerializeToString()
+    return head
+
+
 def get_features_request(
     source: str, keys: Sequence[Mapping[str, Any] | Any], entity_keys: Sequence[str], *, columnar: bool
 ) -> bytes:
     """The serialized request for `keys`, Arrow when `columnar`; keys as Client.get_features takes them."""
-    arrow, struct = online_service_pb2.RESPONSE_FORMAT_ARROW, online_service_pb2.RESPONSE_FORMAT_STRUCT
-    request = online_service_pb2.GetFeaturesRequest(
-        source=source, response_format=arrow if columnar else struct
-    )
     # Serialized messages concatenated are one message with the fields of both.
-    out = [request.SerializeToString()]
-    prefixes = _prefixes(entity_keys[0]) if len(entity_keys) == 1 else None
+    head = _head(source, columnar)
+    if len(entity_keys) == 1 and set(map(type, keys)) == {str}:
+        # The common case, one String key, written as bytes: building a Struct costs ten times more.
+        prefixes = _prefixes(entity_keys[0])
+        raws = map(str.encode, cast(list[str], keys))
+        try:
+            return head + b"".join([prefixes[len(raw)] + raw for raw in raws])
+        except IndexError:
+            pass  # a key of _SHORT_KEY bytes or more, written by the general path below
+    out = [head]
     for key in keys:
-        if prefixes is not None and type(key) is str:
-            # The common case, one String key, written as bytes: building a Struct costs ten times more.
-            raw = key.encode()
-            size = len(raw)
-            prefix = (
-                prefixes[size] if size < _SHORT_KEY else _string_key_prefix(entity_keys[0].encode(), size)
-            )
-            out.append(prefix + raw)
-        else:
-            struct_bytes = key_to_struct(key, entity_keys).SerializeToString()
-            out.append(REQUEST_KEYS + _varint(len(struct_bytes)) + struct_bytes)
+        struct_bytes = key_to_struct(key, entity_keys).SerializeToString()
+        out.append(REQUEST_KEYS + _varint(len(struct_bytes)) + struct_bytes)
     return b"".join(out)
 
 
@@ -108,14 +129,7 @@ def read_reply(
 ) -> FeatureResults:
     """The results of a reply in either form; raises ValueError if it does not fit the definition."""
     if response.arrow_ipc:
-        try:
-            table = pa.ipc.open_stream(response.arrow_ipc).read_all()
-        except pa.ArrowInvalid as e:
-            raise ValueError(f"the server's Arrow reply could not be read: {e}") from None
-        expected = _expected_schema(definition)
-        if not table.schema.equals(expected):
-            raise ValueError(f"the server's Arrow reply has columns {table.schema}, not {expected}")
-        return FeatureResults(definition, table=table)
+        return FeatureResults(definition, table=_read_arrow(response.arrow_ipc, definition))
     results: list[FeatureResult] = []
     schema = list(definition.schema)
     for vector in response.results:
@@ -128,6 +142,31 @@ def read_reply(
     return FeatureResults(definition, results=results, keys=keys)
 
 
+def _read_arrow(stream: bytes, definition: StreamSource) -> pa.Table:
+    """The record batch of a reply's IPC stream as a table; ValueError if it does not fit the definition."""
+    # The stream starts with its schema's message, which the server writes alike for every read of a source:
+    # once that message is known to hold the expected columns, only the batch's message needs reading.
+    # A message is 0xFFFFFFFF, the little-endian length of its metadata, then the metadata.
+    size = 8 + int.from_bytes(stream[4:8], "little") if len(stream) >= 8 else 0
+    known = _STREAM_SCHEMAS.get(stream[:size])
+    try:
+        if known is not None and known[0] is definition:
+            message = pa.ipc.read_message(pa.py_buffer(stream)[size:])
+            return pa.Table.from_batches([pa.ipc.read_record_batch(message, known[1])])
+        table = pa.ipc.open_stream(stream).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"the server's Arrow reply could not be read: {e}") from None
+    expected = _expected_schema(definition)
+    if not table.schema.equals(expected):
+        raise ValueError(f"the server's Arrow reply has columns {table.schema}, not {expected}")
+    if len(_STREAM_SCHEMAS) >= 1024:
+        _STREAM_SCHEMAS.clear()
+    _STREAM_SCHEMAS[stream[:size]] = (definition, table.schema)
+    return table
+
+
+# The schema messages of replies already read, with the definition they were checked against.
+_STREAM_SCHEMAS: dict[bytes, tuple[StreamSource, pa.Schema]] = {}
 # Schemas by the identity of their definition, which a client keeps until the source changes.
 _SCHEMAS: dict[int, tuple[StreamSource, pa.Schema]] = {}
 
