@@ -436,6 +436,7 @@ class AsyncPusher:
         self._retry_timeout_s = retry_timeout_s
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
         self._changed = asyncio.Condition()
+        self._known_keys: set[str] = set()
         self._outbox: asyncio.Queue[_Batch | None] | None = None
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -464,7 +465,7 @@ class AsyncPusher:
 
         Only appends to a buffer: a full buffer is converted on a worker thread and sent while the next fills.
         """
-        check_record(record)
+        check_record(record, self._known_keys)
         self.start()
         if self._closed:
             raise RuntimeError("the pusher is closed")

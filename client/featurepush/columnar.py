@@ -237,14 +237,11 @@ def records_to_batch(
     names = [f.name for f in fields]
     columns: list[Sequence[Any]]
     if set(map(len, records)) == {len(names)}:
-        # The common case, every field in every record: one C call per record gathers its values, and
-        # zip turns the rows into columns. A record as long as the schema but missing one of its fields
-        # holds a key outside it.
+        # The common case, every field in every record: a C loop per column gathers its values, making no
+        # tuple per record for the garbage collector to scan. A record as long as the schema but missing one
+        # of its fields holds a key outside it.
         try:
-            if len(names) == 1:
-                columns = [list(map(itemgetter(names[0]), records))]
-            else:
-                columns = list(zip(*map(itemgetter(*names), records), strict=True))
+            columns = [list(map(itemgetter(name), records)) for name in names]
         except KeyError:
             return None
     else:

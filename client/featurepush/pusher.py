@@ -104,14 +104,26 @@ SchemaLookup = Callable[[], PushSchema | None]
 _PLAIN = frozenset({str, int, float, bool, type(None), bytes})
 
 
-def check_record(record: Mapping[str, Any]) -> None:
-    """Raise the encoder's ValueError or TypeError now if a record cannot be encoded; cheap for flat dicts."""
+# The most str keys a pusher remembers as checked; beyond it, keys are checked record by record.
+_KNOWN_KEYS_LIMIT = 4096
+
+
+def check_record(record: Mapping[str, Any], known_keys: set[str] | None = None) -> None:
+    """Raise the encoder's ValueError or TypeError now if a record cannot be encoded; cheap for flat dicts.
+
+    `known_keys` holds keys already found to be str, so that a record's keys are checked by one set operation.
+    """
     if type(record) is dict:
-        for key, value in record.items():
+        if known_keys is None or not known_keys.issuperset(record):
+            if not all(type(key) is str for key in record):
+                encode_record(record)
+                return
+            if known_keys is not None and len(known_keys) < _KNOWN_KEYS_LIMIT:
+                known_keys.update(record)
+        for value in record.values():
             kind = type(value)
-            if type(key) is not str or (
-                kind not in _PLAIN
-                and not (kind is dt.datetime and value.utcoffset() is not None and 1 < value.year < 9999)
+            if kind not in _PLAIN and not (
+                kind is dt.datetime and value.utcoffset() is not None and 1 < value.year < 9999
             ):
                 break
         else:
@@ -344,7 +356,10 @@ class Pusher:
         self._retry_timeout_s = retry_timeout_s
         self._ack_timeout_s = ack_timeout_s
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
-        self._cond = threading.Condition()
+        # A plain lock: add() takes it once per record, and nothing here takes it twice.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._known_keys: set[str] = set()
         self._outbox: queue.SimpleQueue[_Batch | object] | None = None
         self._call: Any = None
         self._timed_out = False
@@ -366,13 +381,14 @@ class Pusher:
         Only appends to a buffer: a full buffer is converted (to one Arrow batch when the schema takes it)
         and sent by background threads while the next one fills.
         """
-        check_record(record)
-        with self._cond:
+        check_record(record, self._known_keys)
+        with self._lock:
             if self._closed:
                 raise RuntimeError("the pusher is closed")
-            while len(self._book.pending) >= self._max_pending and self._sender.is_alive():
+            book = self._book
+            while len(book.pending) >= self._max_pending and self._sender.is_alive():
                 self._cond.wait()
-            state = self._book.append(record)
+            state = book.append(record)
             if state:
                 self._seal()
             elif state is False:
