@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast, overload
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from featurepush.client import FeatureResult, FeatureStatus
 from featurepush.columnar import arrow_type
@@ -24,6 +25,7 @@ _STATUSES = {
 }
 _STATUS_NUMBERS = {status: number for number, status in _STATUSES.items()}
 _ARROW_TIMESTAMP = pa.timestamp("us", tz="UTC")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 # The method, called with requests serialized here: a request's keys are written straight as bytes.
@@ -202,6 +204,22 @@ def columns_schema(definition: StreamSource) -> pa.Schema:
     return pa.schema(fields)
 
 
+def _pylist(column: pa.ChunkedArray) -> list[Any]:
+    """A column's values as Python objects, as to_pylist gives them; top-level timestamps through numpy.
+
+    pyarrow makes an aware datetime in a few microseconds; numpy's timedeltas added to the epoch take a
+    twentieth of that, which counts for event_time and every Timestamp feature of a read.
+    """
+    if column.type != _ARROW_TIMESTAMP:
+        values: list[Any] = column.to_pylist(maps_as_pydicts="strict")
+        return values
+    micros = pc.fill_null(column.combine_chunks().view(pa.int64()), 0).to_numpy()
+    values = list(map(_EPOCH.__add__, micros.astype("timedelta64[us]").tolist()))
+    if column.null_count:
+        values = [v if ok else None for v, ok in zip(values, column.is_valid().to_pylist(), strict=True)]
+    return values
+
+
 def _key_dict(key: Any, entity_keys: Sequence[str]) -> dict[str, Any]:
     """A tuple or single-value key as a mapping of entity key fields."""
     return dict(zip(entity_keys, key if isinstance(key, tuple) else (key,), strict=True))
@@ -288,7 +306,7 @@ class FeatureResults(Sequence[FeatureResult]):
 
     def _rows_of_table(self) -> list[FeatureResult]:
         table = self.to_arrow()
-        columns = [c.to_pylist(maps_as_pydicts="strict") for c in table.columns]
+        columns = [_pylist(c) for c in table.columns]
         n_keys = len(self._definition.entity_keys)
         statuses, times = columns[n_keys], columns[n_keys + 1]
         where = {name: i for i, name in enumerate(self._definition.entity_keys)}
@@ -296,15 +314,12 @@ class FeatureResults(Sequence[FeatureResult]):
         names = [f.name for f in self._definition.schema]
         ordered = [columns[where[name]] for name in names]
         out: list[FeatureResult] = []
-        for i, (number, event_time) in enumerate(zip(statuses, times, strict=True)):
+        present = FeatureStatus.PRESENT
+        for number, event_time, row in zip(statuses, times, zip(*ordered, strict=True), strict=True):
             status = _STATUSES.get(number)
             if status is None:
                 raise ValueError(f"server returned feature status {number}")
-            features = (
-                dict(zip(names, [column[i] for column in ordered], strict=True))
-                if status is FeatureStatus.PRESENT
-                else None
-            )
+            features = dict(zip(names, row, strict=True)) if status is present else None
             out.append(FeatureResult(status, event_time, features))
         return out
 
