@@ -289,6 +289,9 @@ def test_unknown_and_missing_fields_go_as_structs() -> None:
     fields = [t.Field("k", t.String), t.Field("n", t.Int64)]
     assert records_to_batch([{"k": "a", "n": 1, "extra": 2}], fields) is None
     assert records_to_batch([{"k": "a"}], fields) is None
+    # As many keys as the schema has fields, one of them unknown.
+    assert records_to_batch([{"k": "a", "n": 1}, {"k": "b", "extra": 2}], fields) is None
+    assert records_to_batch([{"k": "a", "n": 1}, {"k": "b", "n": 2}], fields) is not None
 
 
 def test_a_rejected_arrow_push_is_described_by_the_row_rules(server: Running) -> None:
