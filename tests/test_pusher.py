@@ -225,6 +225,42 @@ def test_batches_grow_while_earlier_ones_wait_and_keep_their_order(tmp_path: Pat
             second.stop(None)
 
 
+def test_a_lingering_buffer_waits_for_an_acknowledgement_while_two_batches_are_in_flight(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    first = start(data_dir)
+    first.registry.ApplySource(
+        registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS))
+    )
+    port = first.server.port
+    first.close()
+    with Client(first.target, channel_options=FAST_RECONNECT) as client:
+        p = client.pusher(
+            "ad_impressions",
+            eager_rows=1,
+            max_rows=100,
+            linger_ms=1,
+            backoff_initial_s=0.02,
+            backoff_max_s=0.2,
+        )
+        p.add_many(record(i) for i in range(52))
+        # Fifty times the linger time: with two batches unacknowledged, the buffer is not sealed by time.
+        threading.Event().wait(0.05)
+        assert [len(b.records) for b in p._book.in_order()] == [1, 1] and len(p._book.buffer) == 50
+        second = create_server(ServerConfig(listen=f"localhost:{port}", data_dir=data_dir))
+        second.start()
+        try:
+            # The first acknowledgement seals the buffer, without flush or close.
+            deadline = time.monotonic() + 30
+            while p.stats.records < 52 and time.monotonic() < deadline:
+                threading.Event().wait(0.01)
+            assert (p.stats.batches, p.stats.records) == (3, 52)
+            p.close()
+        finally:
+            second.stop(None)
+
+
 def test_the_byte_budget_bounds_how_far_a_batch_grows() -> None:
     book = BatchBook("ad_impressions", max_rows=10_000, eager_rows=10, max_batch_bytes=2_000)
     assert book.grow_to == 10_000

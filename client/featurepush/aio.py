@@ -559,7 +559,7 @@ class AsyncPusher:
                             batch.sent_at = time.monotonic()
                             outbox.put_nowait(batch)
                         self._book.resend.clear()
-                        if self._book.ready():
+                        if self._book.ready(self._linger_s):
                             # The buffer grew while batches were in flight; it goes now that one settled.
                             self._seal()
                         self._backoff.reset()

@@ -138,10 +138,11 @@ def encode_record(record: Mapping[str, Any]) -> struct_pb2.Struct:
     return struct
 
 
-# A buffer of eager_rows records is sealed at once while fewer batches than this are unacknowledged;
-# otherwise it grows toward max_rows. Its records would wait behind those batches anyway, and one large push
-# costs the server far less than several small ones (each pays a fixed cost and a WAL sync). Two keep the
-# server writing one batch while the next is converted and sent.
+# A buffer of eager_rows records, or one whose linger time is up, is sealed at once while fewer batches than
+# this are unacknowledged; otherwise it grows toward max_rows until one is acknowledged. Its records would
+# wait behind those batches anyway, and one large push costs the server far less than several small ones
+# (each pays a fixed cost and a WAL sync). Two keep the server writing one batch while the next is
+# converted and sent.
 EAGER_IN_FLIGHT = 2
 DEFAULT_MAX_ROWS = 10_000
 DEFAULT_EAGER_ROWS = 1000
@@ -152,9 +153,9 @@ DEFAULT_MAX_BATCH_BYTES = 8 << 20
 class BatchBook:
     """The bookkeeping shared by the thread and asyncio pushers; not thread-safe, callers hold their lock.
 
-    A buffer is sealed when it reaches max_rows, or eager_rows while fewer than EAGER_IN_FLIGHT batches are
-    unacknowledged; batches grow past eager_rows only while the last built batch's bytes per record keep
-    them under max_batch_bytes.
+    A buffer is sealed when it reaches grow_to records, or, while fewer than EAGER_IN_FLIGHT batches are
+    unacknowledged, when it reaches eager_rows or its linger time is up; grow_to is max_rows, less where
+    the last acknowledged batch's bytes per record would take a batch past max_batch_bytes.
     """
 
     source: str
@@ -190,10 +191,14 @@ class BatchBook:
             return False
         return None
 
-    def ready(self) -> bool:
-        """Whether the buffer is to be sealed now, as append() would say; asked again as batches settle."""
+    def ready(self, linger_s: float) -> bool:
+        """Whether the buffer is to be sealed now; asked again as batches settle."""
         n = len(self.buffer)
-        return n >= self.eager_rows and (n >= self.grow_to or len(self.pending) < EAGER_IN_FLIGHT)
+        if n >= self.grow_to:
+            return True
+        if not n or len(self.pending) >= EAGER_IN_FLIGHT:
+            return False
+        return n >= self.eager_rows or time.monotonic() >= self.buffer_started + linger_s
 
     def seal(self) -> _Batch | None:
         """Turn the buffer into a pending batch with its own sequence and request ids."""
@@ -207,8 +212,11 @@ class BatchBook:
         return batch
 
     def linger_due(self, linger_s: float) -> float | None:
-        """When the buffered records must be sealed, on the monotonic clock, or None if none are."""
-        return self.buffer_started + linger_s if self.buffer else None
+        """When the buffer is to be sealed by time, on the monotonic clock; None if it is empty, or if enough
+        batches are in flight that the next acknowledgement is what seals it."""
+        if not self.buffer or len(self.pending) >= EAGER_IN_FLIGHT:
+            return None
+        return self.buffer_started + linger_s
 
     def in_order(self) -> list[_Batch]:
         """Pending batches in sequence order, for (re)sending."""
@@ -495,7 +503,7 @@ class Pusher:
                     with self._cond:
                         failure = self._book.acknowledge(ack)
                         self._resend()
-                        if self._book.ready():
+                        if self._book.ready(self._linger_s):
                             # The buffer grew while batches were in flight; it goes now that one settled.
                             self._seal()
                         self._backoff.reset()
