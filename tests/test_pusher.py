@@ -262,17 +262,18 @@ def test_a_lingering_buffer_waits_for_an_acknowledgement_while_two_batches_are_i
 
 
 def test_the_byte_budget_bounds_how_far_a_batch_grows() -> None:
-    book = BatchBook("ad_impressions", max_rows=10_000, eager_rows=10, max_batch_bytes=2_000)
-    assert book.grow_to == 10_000
-    for i in range(10):
-        book.append(record(i))
-    batch = book.seal()
-    assert batch is not None
-    per_record = batch.message().ByteSize() // 10
-    book.acknowledge(
-        ingest_service_pb2.PushStreamResponse(sequence_id=0, response=ingest_service_pb2.PushResponse())
-    )
-    assert book.grow_to == max(10, 2_000 // per_record) < 10_000
+    book = BatchBook("ad_impressions", max_rows=10_000, eager_rows=10, max_batch_bytes=20_000)
+    ok = ingest_service_pb2.PushResponse()
+    for sequence, size in enumerate((10, 100)):
+        for i in range(size):
+            book.append(record(i))
+        batch = book.seal()
+        assert batch is not None
+        per_record = batch.message().ByteSize() // size
+        book.acknowledge(ingest_service_pb2.PushStreamResponse(sequence_id=sequence, response=ok))
+        # Ten records say nothing (their bytes are mostly the message's own); a hundred set the budget.
+        assert book.grow_to == (10_000 if size == 10 else max(10, 20_000 // per_record))
+    assert book.grow_to < 10_000
     # Two batches in flight: the buffer is sealed only at the budget's count of records.
     book.pending = {1: batch, 2: batch}
     for i in range(book.grow_to - 1):

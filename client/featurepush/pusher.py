@@ -233,9 +233,10 @@ class BatchBook:
         if batch is None:
             _LOGGER.warning("acknowledgement of unknown batch %d ignored", ack.sequence_id)
             return None
-        if batch.nbytes:
+        if len(batch.records) >= 100 or batch.nbytes >= 1 << 16:
             # Records of a stream are alike more often than not: the last batch's size per record says how
-            # many fit the byte budget.
+            # many fit the byte budget. A batch of a few small records is mostly the Arrow schema, and
+            # would say far too much.
             per_record = max(batch.nbytes // len(batch.records), 1)
             self.grow_to = max(self.eager_rows, min(self.max_rows, self.max_batch_bytes // per_record))
         if ack.WhichOneof("result") == "response":
