@@ -327,9 +327,10 @@ def _messages(outbox: queue.SimpleQueue[_Batch | object]) -> Iterator[ingest_ser
 class Pusher:
     """Batches one source's records by size and time (`linger_ms`) and sends them on PushStream.
 
-    A batch goes once it holds `eager_rows` records if fewer than two batches are unacknowledged, else it
-    keeps filling, up to `max_rows` records and about `max_batch_bytes`, while the server catches up: a fast
-    producer gets few large pushes, a slow one short waits.
+    While fewer than two batches are unacknowledged, a batch goes once it holds `eager_rows` records or its
+    first has waited `linger_ms`; otherwise it keeps filling, up to `max_rows` records and about
+    `max_batch_bytes`, until the server acknowledges one: a fast producer gets few large pushes, a slow one
+    short waits.
 
     Every batch carries a request_id, so batches resent after UNAVAILABLE, DEADLINE_EXCEEDED or an
     acknowledgement that took longer than `ack_timeout_s` are never counted twice; retries back off
