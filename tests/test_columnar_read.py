@@ -32,7 +32,7 @@ from featurepush import Client, FeatureResult, FeatureStatus
 from featurepush import types as t
 from featurepush.aio import AsyncClient
 from featurepush.definitions import StreamSource
-from featurepush.reads import SMALL_READ_KEYS, FeatureResults, wants_arrow
+from featurepush.reads import SMALL_READ_KEYS, FeatureResults, columns_schema, read_reply, wants_arrow
 from featurepush.v1 import online_service_pb2
 
 
@@ -260,3 +260,23 @@ def test_reads_pick_their_form_by_key_count_and_read_alike(client: Client) -> No
         assert present == [keys.index(k) for k in some if k != "nobody"]
         tables = [r.to_arrow().to_pylist() for r in (default, columns, structs)]
         assert tables[0] == tables[1] == tables[2]
+
+
+def test_an_arrow_reply_of_several_batches_is_read_whole() -> None:
+    schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp)]
+    definition = StreamSource(name="batches", schema=schema, entity_keys=[KEY], timestamp_field=TS)
+    columns = columns_schema(definition)
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+    def reply(*batches: list[str]) -> online_service_pb2.GetFeaturesResponse:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, columns) as writer:
+            for keys in batches:
+                rows = [{KEY: k, "status": 1, "event_time": when, TS: when} for k in keys]
+                writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=columns))
+        return online_service_pb2.GetFeaturesResponse(arrow_ipc=sink.getvalue().to_pybytes())
+
+    # The first reply makes its schema known; the second, with the same schema, comes in two batches.
+    assert len(read_reply(reply(["a"]), definition, ["a"])) == 1
+    results = read_reply(reply(["a"], ["b"]), definition, ["a", "b"])
+    assert [r.features[KEY] for r in results if r.features is not None] == ["a", "b"]

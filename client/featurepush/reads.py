@@ -131,7 +131,7 @@ def read_reply(
 ) -> FeatureResults:
     """The results of a reply in either form; raises ValueError if it does not fit the definition."""
     if response.arrow_ipc:
-        return FeatureResults(definition, table=_read_arrow(response.arrow_ipc, definition))
+        return FeatureResults(definition, table=_read_arrow(response.arrow_ipc, definition, len(keys)))
     results: list[FeatureResult] = []
     schema = list(definition.schema)
     for vector in response.results:
@@ -144,7 +144,7 @@ def read_reply(
     return FeatureResults(definition, results=results, keys=keys)
 
 
-def _read_arrow(stream: bytes, definition: StreamSource) -> pa.Table:
+def _read_arrow(stream: bytes, definition: StreamSource, rows: int) -> pa.Table:
     """The record batch of a reply's IPC stream as a table; ValueError if it does not fit the definition."""
     # The stream starts with its schema's message, which the server writes alike for every read of a source:
     # once that message is known to hold the expected columns, only the batch's message needs reading.
@@ -154,7 +154,10 @@ def _read_arrow(stream: bytes, definition: StreamSource) -> pa.Table:
     try:
         if known is not None and known[0] is definition:
             message = pa.ipc.read_message(pa.py_buffer(stream)[size:])
-            return pa.Table.from_batches([pa.ipc.read_record_batch(message, known[1])])
+            batch = pa.ipc.read_record_batch(message, known[1])
+            # The server sends one batch with a row per key; anything else is read in full below.
+            if batch.num_rows == rows:
+                return pa.Table.from_batches([batch])
         table = pa.ipc.open_stream(stream).read_all()
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"the server's Arrow reply could not be read: {e}") from None
