@@ -52,7 +52,8 @@ redis-server:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
 run: $(STAMP)
-	$(VENV)/bin/featurepush serve --listen $(LISTEN) --data-dir $(DATA_DIR) --definitions examples/ad_impressions.py
+	$(VENV)/bin/featurepush serve --listen $(LISTEN) --data-dir $(DATA_DIR) --definitions examples/ad_impressions.py \
+		--definitions examples/ad_impressions_views.py
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -53,6 +53,7 @@ LATENCY_CALLS = int(os.environ.get("BENCH_LATENCY_CALLS", "1000"))
 CLIENTS = int(os.environ.get("BENCH_CLIENTS", "2"))
 # BENCH_ONLY=processes runs only the process-scaling scenarios: serve --processes 1 against one process
 # per core (BENCH_PROCESSES), each with BENCH_CLIENTS client processes (default: one per core).
+# BENCH_ONLY=client runs only the client scenarios and the raw ones they are measured against.
 ONLY = os.environ.get("BENCH_ONLY", "")
 CORES = os.cpu_count() or 1
 RESULTS = Path(__file__).with_name("results.json")
@@ -111,9 +112,11 @@ def _client_throughput(target: str, scenario: str, worker: int, seconds: float) 
             while time.perf_counter() - start < seconds:
                 got += len(client.get_features(SOURCE, keys))
             return got, time.perf_counter() - start
-        if scenario == "client_pusher":
+        if scenario.startswith("client_pusher"):
             records = rows(worker, 10_000)
-            with client.pusher(SOURCE, max_rows=1000) as pusher:
+            # The default pusher, or batches of at most 1,000 rows for the 1k comparison.
+            options = {"max_rows": 1000} if scenario.endswith("_1k") else {}
+            with client.pusher(SOURCE, **options) as pusher:
                 pusher.add(records[0])
                 pusher.flush()
                 added, start = 0, time.perf_counter()
@@ -123,9 +126,9 @@ def _client_throughput(target: str, scenario: str, worker: int, seconds: float) 
                     added += len(records)
             # Closing flushes: the time counts until every record is acknowledged.
             return added, time.perf_counter() - start
-        data: Any = rows(worker, 1000)
+        data: Any = rows(worker, 1000 if scenario.endswith("_1k") else 10_000)
         if scenario == "client_arrow":
-            data = pa.Table.from_pylist(rows(worker, 10_000))
+            data = pa.Table.from_pylist(data)
         client.push(SOURCE, data)  # warm the connection and the schema cache
         pushed, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
@@ -142,11 +145,15 @@ def _throughput(target: str, scenario: str, worker: int, seconds: float) -> tupl
     per_call, method = 1000, unary
     if scenario == "rows":
         payload = push_bytes(worker, per_call)
-    elif scenario == "arrow":
-        per_call = 10_000
+    elif scenario in ("arrow", "arrow_1k"):
+        per_call = 1000 if scenario == "arrow_1k" else 10_000
         payload = push_bytes(worker, per_call, columnar=True)
-    elif scenario == "get":
+    elif scenario in ("get", "get_arrow"):
         per_call, method, payload = 100, channel.unary_unary(GET), get_bytes(worker, 100)
+        if scenario == "get_arrow":
+            # The very request Client.get_features sends for 100 keys: the reply as one Arrow batch.
+            arrow = online_pb.RESPONSE_FORMAT_ARROW
+            payload += online_pb.GetFeaturesRequest(response_format=arrow).SerializeToString()
     elif scenario == "stream":
         message = ingest_pb.PushStreamRequest(
             request=ingest_pb.PushRequest.FromString(push_bytes(worker, 1000))
@@ -303,19 +310,97 @@ def measure(pool: ProcessPoolExecutor, target: str, suffix: str, ceilings: dict[
         result("push_arrow" + suffix, throughput(pool, target, "arrow"), "rows/s", ceilings["push_arrow"]),
     ]
     if not suffix:
-        # What a user gets through the client, against the raw Arrow bytes of the same run as ceiling.
-        raw_arrow = out[2].value
-        for name, scenario in (
-            ("client_push_dicts", "client_dicts"),
-            ("client_push_arrow", "client_arrow"),
-            ("pusher_add", "client_pusher"),
-        ):
-            out.append(result(name, throughput(pool, target, scenario), "rows/s", raw_arrow))
+        out += client_pushes(pool, target, out[2].value)
     p50, p99 = latencies(target, PUSH, push_bytes(9, 1))
     out += [
         result("push_one_p50_ms" + suffix, p50, "ms", ceilings["push_one_p50_ms"]),
         result("push_one_p99_ms" + suffix, p99, "ms", ceilings["push_one_p99_ms"]),
     ]
+    return out
+
+
+def client_pushes(pool: ProcessPoolExecutor, target: str, raw_arrow: float) -> list[Result]:
+    """Pushes through the client against raw Arrow pushes of as many rows per call, in the same run.
+
+    push_arrow and the unsuffixed client rows send 10,000 rows per call (the pusher coalesces up to that);
+    the _1k rows send 1,000 per call against push_arrow_1k, the raw Arrow bytes of 1,000-row pushes.
+    """
+    raw_1k = throughput(pool, target, "arrow_1k")
+    out = [result("push_arrow_1k", raw_1k, "rows/s", raw_arrow)]
+    for name, scenario, ceiling in (
+        ("client_push_dicts", "client_dicts", raw_arrow),
+        ("client_push_arrow", "client_arrow", raw_arrow),
+        ("pusher_add", "client_pusher", raw_arrow),
+        ("client_push_dicts_1k", "client_dicts_1k", raw_1k),
+        ("pusher_add_1k", "client_pusher_1k", raw_1k),
+    ):
+        out.append(result(name, throughput(pool, target, scenario), "rows/s", ceiling))
+    return out
+
+
+def client_reads(pool: ProcessPoolExecutor, target: str, raw_get: float, get_p99: float) -> list[Result]:
+    """Reads through the client, against the raw requests of the same run as ceiling.
+
+    get_features asks for Structs; get_features_arrow asks for the Arrow form that Client.get_features
+    asks for when reading more than a few keys, and bounds it.
+    """
+    out = [
+        result("get_features_arrow", throughput(pool, target, "get_arrow"), "keys/s", raw_get),
+        result("client_get_features", throughput(pool, target, "client_get"), "keys/s", raw_get),
+    ]
+    _, client_get_p99 = client_get_latencies(target)
+    return [*out, result("client_get_one_p99_ms", client_get_p99, "ms", get_p99)]
+
+
+def client_only() -> list[Result]:
+    """BENCH_ONLY=client: the client scenarios and, on the same server, the raw ones they are held to.
+
+    BENCH_ROUNDS (default 1) repeats the whole set, ceilings included, and reports each row's median value,
+    ceiling and ratio, which steadies the ratios on a machine shared with other work.
+    """
+    rounds: dict[str, list[Result]] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="featurepush-bench-") as tmp,
+        ProcessPoolExecutor(CLIENTS, mp_context=get_context("spawn")) as pool,
+    ):
+        server, target = start_featurepush(Path(tmp) / "always", "always")
+        try:
+            for w in range(CLIENTS):
+                grpc.insecure_channel(target).unary_unary(PUSH)(push_bytes(w, 1000))
+            for _ in range(int(os.environ.get("BENCH_ROUNDS", "1"))):
+                raw_arrow = throughput(pool, target, "arrow")
+                raw_get = throughput(pool, target, "get")
+                _, get_p99 = latencies(target, GET, get_bytes(0, 1))
+                out = [
+                    result("push_arrow", raw_arrow, "rows/s", raw_arrow),
+                    result("get_features", raw_get, "keys/s", raw_get),
+                    result("get_one_p99_ms", get_p99, "ms", get_p99),
+                ]
+                out += client_pushes(pool, target, raw_arrow)
+                out += client_reads(pool, target, raw_get, get_p99)
+                for r in out:
+                    rounds.setdefault(r.name, []).append(r)
+        finally:
+            server.terminate()
+            server.wait(60)
+    median = statistics.median
+    out = [
+        Result(
+            name,
+            median(r.value for r in rs),
+            rs[0].unit,
+            median(r.ceiling for r in rs),
+            median(r.ratio for r in rs),
+        )
+        for name, rs in rounds.items()
+    ]
+    print(f"{'name':<28} {'value':>14} {'unit':<7} {'ceiling':>14} {'ratio':>6}")
+    for r in out:
+        print(f"{r.name:<28} {r.value:>14,.3f} {r.unit:<7} {r.ceiling:>14,.3f} {r.ratio:>6.3f}")
+    print(
+        f"\nfsync=always; {CLIENTS} client processes for throughput, 1 for latency; {SECONDS:g} s each; "
+        f"median of {len(rounds['push_arrow'])} round(s)"
+    )
     return out
 
 
@@ -379,6 +464,9 @@ def main() -> None:
     if ONLY == "processes":
         process_scaling()
         return
+    if ONLY == "client":
+        client_only()
+        return
     started = time.perf_counter()
     processes: list[subprocess.Popen[bytes]] = []
     with (
@@ -428,13 +516,7 @@ def main() -> None:
             )
             _, get_p99 = latencies(target, GET, get_bytes(0, 1))
             results.append(result("get_one_p99_ms", get_p99, "ms", empty_get_p99))
-            # Reads through the client, against the raw requests of the same run as ceiling.
-            raw_get = results[-2].value
-            results.append(
-                result("client_get_features", throughput(pool, target, "client_get"), "keys/s", raw_get)
-            )
-            _, client_get_p99 = client_get_latencies(target)
-            results.append(result("client_get_one_p99_ms", client_get_p99, "ms", get_p99))
+            results += client_reads(pool, target, results[-2].value, get_p99)
 
             fast, fast_target = start_featurepush(folder / "never", "never")
             processes.append(fast)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -21,8 +24,11 @@ from featurepush.v1 import (
     registry_service_pb2_grpc,
     source_pb2,
 )
-from featurepush_server.app import Server, create_server
+from featurepush_server.app import Server, create_server, open_store
 from featurepush_server.config import ServerConfig
+from featurepush_server.core.stores.remote import CatalogVersion, RemoteStore, StoreOwner
+from featurepush_server.processes import CATALOG, SOCKET
+from featurepush_server.workers import backfill_workers as workers_of
 
 # `featurepush serve` started by a test runs in one process unless the test asks for more (--processes).
 os.environ.setdefault("FEATUREPUSH_PROCESSES", "1")
@@ -49,7 +55,10 @@ def source_from_json(doc: dict[str, object]) -> source_pb2.PushSource:
 
 
 class Running:
-    """A started server with raw stubs on one channel."""
+    """A started server with raw stubs on one channel.
+
+    Started with fronts, `fronts` holds one Running per front (this one first) over one store owner.
+    """
 
     def apply(self, doc: dict[str, object]) -> registry_service_pb2.ApplySourceResponse:
         """Apply a source given in proto3 JSON form."""
@@ -64,18 +73,57 @@ class Running:
         self.registry = registry_service_pb2_grpc.RegistryServiceStub(self.channel)
         self.ingest = ingest_service_pb2_grpc.IngestServiceStub(self.channel)
         self.online = online_service_pb2_grpc.OnlineServiceStub(self.channel)
+        self.fronts: list[Running] = [self]
+        # What stops after every front: the store owner and its store.
+        self.closers: list[Callable[[], object]] = []
 
     def close(self) -> None:
-        self.channel.close()
-        self.server.stop(None)
+        for front in self.fronts:
+            front.channel.close()
+            front.server.stop(None)
+        for close in self.closers:
+            close()
 
 
-def start(data_dir: Path, **settings: object) -> Running:
-    """Start a server on a free port over `data_dir`."""
+def start(data_dir: Path, *, fronts: int = 0, backfill_workers: bool = False, **settings: object) -> Running:
+    """Start a server on a free port over `data_dir`.
+
+    With `fronts`, the server is serve --processes' store owner (a RemoteStore's peer over a Unix socket)
+    and that many fronts, each on its own port, all in this process so that tests reach their parts. With
+    `backfill_workers`, the last front loads its backfills' chunks in worker processes, as in serve.
+    """
     config = ServerConfig(listen="localhost:0", data_dir=data_dir, **settings)  # type: ignore[arg-type]
-    server = create_server(config)
-    server.start()
-    return Running(server)
+    if not fronts:
+        server = create_server(config)
+        server.start()
+        return Running(server)
+    # A Unix socket's path is short, shorter than pytest's temporary folders.
+    runtime = Path(tempfile.mkdtemp(prefix="fp-"))
+    store = open_store(config)
+    owner = StoreOwner(store, runtime / SOCKET, CatalogVersion(runtime / CATALOG))
+    owner.start()
+    running: list[Running] = []
+    workers = workers_of(config, runtime) if backfill_workers else None
+    try:
+        for n in range(fronts):
+            remote = RemoteStore(runtime / SOCKET, CatalogVersion(runtime / CATALOG))
+            front = create_server(config, front=remote, backfill_workers=workers if n == fronts - 1 else None)
+            front.start()
+            running.append(Running(front))
+    except BaseException:
+        for r in running:
+            r.close()
+        if workers is not None:
+            workers.shutdown()
+        owner.close()
+        store.close()
+        raise
+    first = running[0]
+    first.fronts = running
+    first.closers = [owner.close, store.close, functools.partial(shutil.rmtree, runtime, True)]
+    if workers is not None:
+        first.closers.insert(0, workers.shutdown)
+    return first
 
 
 @pytest.fixture(scope="session")
@@ -104,15 +152,23 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 
 @pytest.fixture
 def store_settings(request: pytest.FixtureRequest) -> dict[str, object]:
-    """Server settings choosing the store: RocksDB, or Redis where a test parametrizes it (BOTH_STORES)."""
-    if getattr(request, "param", "rocksdb") == "rocksdb":
+    """Server settings choosing the store: RocksDB, or Redis where a test parametrizes it (BOTH_STORES), or
+    RocksDB under serve --processes' store owner with two fronts (ONE_AND_MANY_PROCESSES)."""
+    param = getattr(request, "param", "rocksdb")
+    if param == "rocksdb":
         return {}
+    if param == "processes":
+        return {"fronts": 2}
     server: RedisServer = request.getfixturevalue("redis_server")
     return {"store": server.url, "redis_namespace": f"t{uuid.uuid4().hex[:12]}"}
 
 
 # Runs a test once on each store; the test takes `running` or `store_settings`.
 BOTH_STORES = pytest.mark.parametrize("store_settings", ["rocksdb", "redis"], indirect=True)
+# Runs a test once on a one-process server and once on a store owner with two fronts.
+ONE_AND_MANY_PROCESSES = pytest.mark.parametrize("store_settings", ["rocksdb", "processes"], indirect=True)
+# Runs a feature view test on every store that holds views: one process, an owner with fronts, Redis.
+VIEW_STORES = pytest.mark.parametrize("store_settings", ["rocksdb", "processes", "redis"], indirect=True)
 
 
 @pytest.fixture

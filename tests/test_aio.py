@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 
 import pyarrow as pa
-from conftest import Running
+from conftest import VIEW_STORES, Running
 
 from featurepush import (
     Aggregate,
@@ -98,6 +98,7 @@ def test_pusher_sends_lingering_records(running: Running) -> None:
     asyncio.run(scenario())
 
 
+@VIEW_STORES
 def test_apply_read_and_delete_a_view(running: Running) -> None:
     hour = dt.timedelta(hours=1)
     clicks = StreamFeatureView(

@@ -15,7 +15,7 @@ import pytest
 
 from featurepush import Client, InvalidArgumentError, PermissionDeniedError, UnauthenticatedError
 from featurepush_server.cli import main
-from featurepush_server.core.keys import split_key
+from featurepush_server.core.keys import read_keys, split_key
 
 KEY = re.compile(r"^fpk_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$")
 T0 = "2026-01-01T00:00:00Z"
@@ -157,3 +157,18 @@ def test_serve_never_logs_keys_or_record_values(tmp_path: Path, capsys: pytest.C
     for key in (admin, reader):
         assert key not in log and (split_key(key) or ("", ""))[1] not in log
     assert RECORD_VALUE not in log and "fpk_nonsense" not in log
+
+
+def test_keys_created_by_several_processes_at_once_all_land(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys.json"
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from featurepush_server.core.keys import add_key\n"
+        "for i in range(15):\n"
+        "    add_key(Path(sys.argv[1]), ['read'], name=f'{sys.argv[2]}-{i}')\n"
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(keys_file), f"w{n}"]) for n in range(4)]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0, 0, 0]
+    names = {k.name for k in read_keys(keys_file).values()}
+    assert names == {f"w{n}-{i}" for n in range(4) for i in range(15)}

@@ -135,6 +135,21 @@ def test_parse_timestamp_rejects_non_rfc3339(text: str) -> None:
         parse_timestamp(text)
 
 
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (dt.datetime(1, 1, 1, tzinfo=UTC), "0001-01-01T00:00:00Z"),
+        (dt.datetime(5, 6, 7, 8, 9, 10, 11, tzinfo=UTC), "0005-06-07T08:09:10.000011Z"),
+        (dt.datetime(999, 12, 31, 23, 59, 59, 120000, tzinfo=UTC), "0999-12-31T23:59:59.120Z"),
+        (dt.datetime(1000, 1, 1, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=1))), "0999-12-31T23:30:00Z"),
+        (dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), "9999-12-31T23:59:59.999999Z"),
+    ],
+)
+def test_format_timestamp_writes_four_digit_years(value: dt.datetime, text: str) -> None:
+    assert format_timestamp(value) == text
+    assert parse_timestamp(text) == value
+
+
 def test_format_timestamp_rejects_naive() -> None:
     with pytest.raises(ValueError, match="naive"):
         format_timestamp(dt.datetime(2026, 1, 1))

@@ -47,7 +47,7 @@ ODD: list[Any] = [
     math.nan,
     b"\x00\x01",
     dt.datetime(2026, 1, 1),
-    dt.datetime(5, 1, 1, tzinfo=dt.UTC),
+    dt.datetime(1, 1, 1, 0, 30, tzinfo=dt.timezone(dt.timedelta(hours=1))),
     [],
     [1, None],
     {},
@@ -87,7 +87,7 @@ def valid(dtype: t.DataType, odd: bool) -> st.SearchStrategy[Any]:
         return st.booleans()
     if dtype == t.Timestamp:
         return st.datetimes(
-            min_value=dt.datetime(1 if odd else 1000, 1, 2),
+            min_value=dt.datetime(1, 1, 2),
             max_value=dt.datetime(9999, 12, 30),
             timezones=st.sampled_from(ZONES),
         )
@@ -248,7 +248,7 @@ def test_typical_records_do_go_as_arrow() -> None:
         (t.Field("b", t.Bytes), "AAEC"),
         (t.Field("s", t.Timestamp), dt.datetime(2026, 1, 1)),
         (t.Field("s", t.Timestamp), "2026-01-01T00:00:00Z"),
-        (t.Field("s", t.Timestamp), dt.datetime(999, 12, 31, tzinfo=dt.UTC)),
+        (t.Field("s", t.Timestamp), dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1)))),
         (t.Field("m", t.Map(t.String, t.Int64)), {"a": 1.5}),
         (t.Field("a", t.Array(t.Int64)), [1, None]),
         (t.Field("r", t.Struct([t.Field("x", t.Int64)])), {"x": 1, "y": 2}),
@@ -259,10 +259,39 @@ def test_values_arrow_would_coerce_go_as_structs(field: t.Field, bad: object) ->
     assert records_to_batch([{field.name: bad}], [field]) is None
 
 
+def test_years_before_1000_are_stored_alike_as_arrow_and_as_structs(server: Running) -> None:
+    fields = [t.Field("k", t.String), t.Field("ts", t.Timestamp), t.Field("at", t.Timestamp, nullable=True)]
+    plus_one = dt.timezone(dt.timedelta(hours=1))
+    times = [
+        dt.datetime(1, 1, 1, tzinfo=dt.UTC),
+        dt.datetime(5, 6, 7, 8, 9, 10, 11, tzinfo=dt.UTC),
+        dt.datetime(999, 12, 31, 23, 59, 59, 500000, tzinfo=plus_one),
+        dt.datetime(1000, 1, 1, 0, 30, tzinfo=plus_one),
+    ]
+    rows = [{"k": str(i), "ts": when, "at": when} for i, when in enumerate(times)]
+    assert records_to_batch(rows, fields) is not None
+    with Client(server.target) as client:
+        stored = {}
+        for form in ("arrow", "rows"):
+            name = f"early_{form}"
+            client.apply(StreamSource(name, fields, ["k"], "ts"))
+            schema = {name: PushSchema.of(fields)} if form == "arrow" else {}
+            request, columnar = push_request({name: rows}, schema, dry_run=False, request_id=None)
+            assert bool(columnar) == (form == "arrow")
+            ingest_service_pb2_grpc.IngestServiceStub(server.channel).Push(request)
+            results = client.get_features(name, [r["k"] for r in rows])
+            assert [r.features["at"] for r in results if r.features is not None] == times
+            stored[form] = results.to_arrow().drop_columns(["k"])
+        assert stored["arrow"].equals(stored["rows"])
+
+
 def test_unknown_and_missing_fields_go_as_structs() -> None:
     fields = [t.Field("k", t.String), t.Field("n", t.Int64)]
     assert records_to_batch([{"k": "a", "n": 1, "extra": 2}], fields) is None
     assert records_to_batch([{"k": "a"}], fields) is None
+    # As many keys as the schema has fields, one of them unknown.
+    assert records_to_batch([{"k": "a", "n": 1}, {"k": "b", "extra": 2}], fields) is None
+    assert records_to_batch([{"k": "a", "n": 1}, {"k": "b", "n": 2}], fields) is not None
 
 
 def test_a_rejected_arrow_push_is_described_by_the_row_rules(server: Running) -> None:

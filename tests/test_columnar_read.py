@@ -32,7 +32,7 @@ from featurepush import Client, FeatureResult, FeatureStatus
 from featurepush import types as t
 from featurepush.aio import AsyncClient
 from featurepush.definitions import StreamSource
-from featurepush.reads import FeatureResults
+from featurepush.reads import SMALL_READ_KEYS, FeatureResults, columns_schema, read_reply, wants_arrow
 from featurepush.v1 import online_service_pb2
 
 
@@ -67,7 +67,7 @@ def same(a: Any, b: Any) -> bool:
 
 def both_forms(client: Client, source: str, keys: Sequence[Any]) -> tuple[FeatureResults, FeatureResults]:
     """The same read as Arrow and as Structs; asserts they agree, as rows and as columns."""
-    columns = client.get_features(source, keys)
+    columns = client.get_features(source, keys, columnar=True)
     structs = client.get_features(source, keys, columnar=False)
     assert len(columns) == len(structs) == len(keys)
     for got, want in zip(columns, structs, strict=True):
@@ -232,9 +232,51 @@ def test_the_async_client_reads_the_same_columns(server: Running, client: Client
 
     async def read() -> tuple[FeatureResults, FeatureResults]:
         async with AsyncClient(server.target) as aio:
-            return await aio.get_features(name, keys), await aio.get_features(name, keys, columnar=False)
+            columns = await aio.get_features(name, keys, columnar=True)
+            return columns, await aio.get_features(name, keys, columnar=False)
 
     columns, structs = asyncio.run(read())
     assert columns.to_arrow().equals(client.get_features(name, keys).to_arrow())
     assert list(columns) == list(structs) == list(client.get_features(name, keys))
     assert columns[0].features == {KEY: "a", TS: when, "xs": [1, -2]}
+
+
+def test_reads_pick_their_form_by_key_count_and_read_alike(client: Client) -> None:
+    assert not wants_arrow(None, SMALL_READ_KEYS) and wants_arrow(None, SMALL_READ_KEYS + 1)
+    assert wants_arrow(True, 1) and not wants_arrow(False, 100)
+    name = unique_source_name()
+    schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp), t.Field("n", t.Int64, nullable=True)]
+    client.apply(StreamSource(name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS))
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    # Keys written as bytes by their length, one past the prefixes the client keeps, and non-ASCII.
+    keys = ["a", "k" * 300 + "é", "ключ", *(f"e{i}" for i in range(SMALL_READ_KEYS))]
+    client.push(name, [{KEY: k, TS: when, "n": i} for i, k in enumerate(keys)])
+    for some in (keys[:1], keys[1:2], keys[:SMALL_READ_KEYS], [*keys, "nobody"], [*keys, "nobody"]):
+        default = client.get_features(name, some)
+        columns = client.get_features(name, some, columnar=True)
+        structs = client.get_features(name, some, columnar=False)
+        assert list(default) == list(columns) == list(structs)
+        present = [r.features["n"] for r in default if r.features is not None]
+        assert present == [keys.index(k) for k in some if k != "nobody"]
+        tables = [r.to_arrow().to_pylist() for r in (default, columns, structs)]
+        assert tables[0] == tables[1] == tables[2]
+
+
+def test_an_arrow_reply_of_several_batches_is_read_whole() -> None:
+    schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp)]
+    definition = StreamSource(name="batches", schema=schema, entity_keys=[KEY], timestamp_field=TS)
+    columns = columns_schema(definition)
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+    def reply(*batches: list[str]) -> online_service_pb2.GetFeaturesResponse:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, columns) as writer:
+            for keys in batches:
+                rows = [{KEY: k, "status": 1, "event_time": when, TS: when} for k in keys]
+                writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=columns))
+        return online_service_pb2.GetFeaturesResponse(arrow_ipc=sink.getvalue().to_pybytes())
+
+    # The first reply makes its schema known; the second, with the same schema, comes in two batches.
+    assert len(read_reply(reply(["a"]), definition, ["a"])) == 1
+    results = read_reply(reply(["a"], ["b"]), definition, ["a", "b"])
+    assert [r.features[KEY] for r in results if r.features is not None] == ["a", "b"]

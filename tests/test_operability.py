@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import signal
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ from servers import ServedProcess
 
 from featurepush.v1 import ingest_service_pb2, registry_service_pb2
 from featurepush_server.config import ConfigError, ServerConfig
-from featurepush_server.logs import JsonLines
+from featurepush_server.logs import JsonLines, LineBudget
 
 
 @pytest.fixture
@@ -98,6 +100,37 @@ def test_a_failed_call_logs_method_code_source_and_request_id_but_no_value(
         "source='ad_impressions' request_id='req-42'"
     ]
     assert not any("secret" in r.getMessage() for r in caplog.records)
+
+
+def test_a_flood_of_failed_calls_logs_a_bounded_number_of_lines(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    request = rows_request({"ad_impressions": [_row("u", "not a number")]})
+    started = time.monotonic()
+    for _ in range(200):
+        with pytest.raises(grpc.RpcError):
+            server.ingest.Push(request)
+    elapsed = time.monotonic() - started
+    lines = [r.getMessage() for r in caplog.records if "call failed" in r.getMessage()]
+    # A burst of 20 gets through, then one a second, however long the 200 calls took.
+    assert 20 <= len(lines) <= 20 + math.ceil(elapsed) + 1
+    # Another method's failures keep their own budget.
+    with pytest.raises(grpc.RpcError):
+        server.registry.DeleteSource(registry_service_pb2.DeleteSourceRequest(name="nobody"))
+    assert "method=RegistryService/DeleteSource" in caplog.records[-1].getMessage()
+
+
+def test_the_line_budget_counts_what_it_held_back() -> None:
+    now = [0.0]
+    budget = LineBudget(burst=2, interval_s=1.0, clock=lambda: now[0])
+    assert [budget.take("a") for _ in range(5)] == [0, 0, None, None, None]
+    assert budget.take("b") == 0
+    now[0] = 1.0
+    assert budget.take("a") == 3
+    assert budget.take("a") is None
+    now[0] = 10.0
+    assert [budget.take("a") for _ in range(3)] == [1, 0, None]
 
 
 def test_a_failed_stream_logs_its_last_source(server: Running, caplog: pytest.LogCaptureFixture) -> None:

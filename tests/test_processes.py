@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import threading
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -301,6 +302,45 @@ def test_redis_fronts_run_without_an_owner_and_share_sources_and_latest_events(
             served.finish()
     assert code == 0, served.log
     assert "stopped" in served.log
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The /metrics samples as `name{labels}` to value."""
+    with urllib.request.urlopen(f"http://localhost:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        name: float(value)
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+        for name, _, value in [line.rpartition(" ")]
+    }
+
+
+def test_metrics_add_up_every_front_and_the_store_owner(tmp_path: Path) -> None:
+    served = ServedProcess(tmp_path / "data", "--processes", "3", "--metrics-listen", "localhost:0")
+    try:
+        port = int(re.findall(r"metrics on http://[^:]+:(\d+)/metrics", served.log)[0])
+        conns = [Connection(served.port) for _ in range(CONNECTIONS)]
+        for i, conn in enumerate(conns):
+            conn.ingest.Push(rows_request({"ad_impressions": [_row(f"m{i}", i)]}))
+            with pytest.raises(grpc.RpcError):
+                conn.ingest.Push(rows_request({"ad_impressions": [_row(f"m{i}", "x")]}))  # type: ignore[arg-type]
+        samples = _scrape(port)
+        # Whichever front each connection reached, the totals are every call's.
+        method = 'method="IngestService/Push"'
+        assert samples[f'featurepush_calls_total{{code="OK",{method}}}'] == CONNECTIONS
+        assert samples[f'featurepush_calls_total{{code="INVALID_ARGUMENT",{method}}}'] == CONNECTIONS
+        assert samples[f"featurepush_call_seconds_count{{{method}}}"] == 2 * CONNECTIONS
+        assert samples['featurepush_records_total{outcome="written",source="ad_impressions"}'] == CONNECTIONS
+        # The store owner's own: the offline log and the sweep, which no front runs.
+        assert samples["featurepush_offline_log_flush_errors_total"] == 0
+        assert samples["featurepush_expired_rows_deleted_total"] == 0
+        assert "featurepush_store_keys_estimate" in samples
+        assert samples['featurepush_admission_running{class="push"}'] == 0
+        for conn in conns:
+            conn.channel.close()
+    finally:
+        served.finish()
 
 
 def _history(path: Path, rows: int, bad_every: int = 0) -> None:

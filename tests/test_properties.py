@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pyarrow.parquet as pq
 import pytest
 from conftest import Running, start
 from google.protobuf import json_format, struct_pb2
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 
 from featurepush import Client, InvalidArgumentError
 from featurepush import types as t
-from featurepush.definitions import StreamSource
+from featurepush.definitions import PushConfig, StreamSource
 from featurepush.v1 import (
     ingest_service_pb2,
     online_service_pb2,
@@ -104,7 +105,15 @@ def schemas(draw: st.DrawFn) -> list[t.Field]:
 def apply_source(client: Client, schema: list[t.Field]) -> str:
     """Apply a fresh source with `schema`; returns its name."""
     name = unique_source_name()
-    client.apply(StreamSource(name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS))
+    client.apply(
+        StreamSource(
+            name=name,
+            schema=schema,
+            entity_keys=[KEY],
+            timestamp_field=TS,
+            stream_config=PushConfig(log_offline=True),
+        )
+    )
     return name
 
 
@@ -327,6 +336,14 @@ def test_valid_records_round_trip_exactly(
         assert _rfc3339_utc(vector.event_time.ToDatetime(tzinfo=dt.UTC)) == want[TS]
     decoded = client.get_features(source, [c[KEY] for _, c in batch])
     assert [d.features[KEY] for d in decoded if d.features] == [c[KEY] for _, c in batch]
+    # Whatever a push accepts, the offline log can write: none of it is quarantined, every record lands.
+    log = server.server.offline_log
+    assert log is not None
+    quarantined = log.quarantined
+    log.flush()
+    assert log.quarantined == quarantined
+    logged = pq.read_table(log.source_dir(source))
+    assert sorted(logged.column(KEY).to_pylist()) == sorted(c[KEY] for _, c in batch)
 
 
 # Invalid records: one value made wrong, at a random depth.

@@ -16,7 +16,8 @@ from conftest import AD_IMPRESSIONS, Running, source_from_json, start
 
 from featurepush import Client, FeatureStatus, InvalidArgumentError
 from featurepush.payload import BatchFailure, PushBatchError
-from featurepush.v1 import registry_service_pb2
+from featurepush.pusher import BatchBook, check_sizes
+from featurepush.v1 import ingest_service_pb2, registry_service_pb2
 from featurepush_server.app import create_server
 from featurepush_server.config import ServerConfig
 from featurepush_server.core.stores.rocksdb import REQUEST
@@ -186,3 +187,100 @@ def test_a_resent_batch_is_replayed_not_written_again(client: Client, running: R
     request_id = f"{sent.stream_id}-0"
     again = client.push("ad_impressions", [record(0), record(1)], request_id=request_id)
     assert again.replayed and again.counts["ad_impressions"].written == 2
+
+
+def test_batches_grow_while_earlier_ones_wait_and_keep_their_order(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first = start(data_dir)
+    first.registry.ApplySource(
+        registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS))
+    )
+    port = first.server.port
+    first.close()
+    with Client(first.target, channel_options=FAST_RECONNECT) as client:
+        p = client.pusher(
+            "ad_impressions",
+            eager_rows=10,
+            max_rows=100,
+            linger_ms=60_000,
+            backoff_initial_s=0.02,
+            backoff_max_s=0.2,
+        )
+        # With no server, no batch is acknowledged: the first two go at 10 records, then batches fill to 100.
+        p.add_many(record(i) for i in range(270))
+        sizes = [len(b.records) for b in p._book.in_order()]
+        assert sizes == [10, 10, 100, 100] and len(p._book.buffer) == 50
+        second = create_server(ServerConfig(listen=f"localhost:{port}", data_dir=data_dir))
+        second.start()
+        try:
+            p.close()
+            stats = p.stats
+            assert (stats.batches, stats.records, stats.written, stats.failed_batches) == (5, 270, 270, 0)
+            assert [f for f in features(client, 270)] == [
+                (FeatureStatus.PRESENT, record(i)) for i in range(270)
+            ]
+            db = second.store._db
+            assert sum(1 for k in db.keys(from_key=REQUEST) if k.startswith(REQUEST)) == 5
+        finally:
+            second.stop(None)
+
+
+def test_a_lingering_buffer_waits_for_an_acknowledgement_while_two_batches_are_in_flight(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    first = start(data_dir)
+    first.registry.ApplySource(
+        registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS))
+    )
+    port = first.server.port
+    first.close()
+    with Client(first.target, channel_options=FAST_RECONNECT) as client:
+        p = client.pusher(
+            "ad_impressions",
+            eager_rows=1,
+            max_rows=100,
+            linger_ms=1,
+            backoff_initial_s=0.02,
+            backoff_max_s=0.2,
+        )
+        p.add_many(record(i) for i in range(52))
+        # Fifty times the linger time: with two batches unacknowledged, the buffer is not sealed by time.
+        threading.Event().wait(0.05)
+        assert [len(b.records) for b in p._book.in_order()] == [1, 1] and len(p._book.buffer) == 50
+        second = create_server(ServerConfig(listen=f"localhost:{port}", data_dir=data_dir))
+        second.start()
+        try:
+            # The first acknowledgement seals the buffer, without flush or close.
+            deadline = time.monotonic() + 30
+            while p.stats.records < 52 and time.monotonic() < deadline:
+                threading.Event().wait(0.01)
+            assert (p.stats.batches, p.stats.records) == (3, 52)
+            p.close()
+        finally:
+            second.stop(None)
+
+
+def test_the_byte_budget_bounds_how_far_a_batch_grows() -> None:
+    book = BatchBook("ad_impressions", max_rows=10_000, eager_rows=10, max_batch_bytes=20_000)
+    ok = ingest_service_pb2.PushResponse()
+    for sequence, size in enumerate((10, 100)):
+        for i in range(size):
+            book.append(record(i))
+        batch = book.seal()
+        assert batch is not None
+        per_record = batch.message().ByteSize() // size
+        book.acknowledge(ingest_service_pb2.PushStreamResponse(sequence_id=sequence, response=ok))
+        # Ten records say nothing (their bytes are mostly the message's own); a hundred set the budget.
+        assert book.grow_to == (10_000 if size == 10 else max(10, 20_000 // per_record))
+    assert book.grow_to < 10_000
+    # Two batches in flight: the buffer is sealed only at the budget's count of records.
+    book.pending = {1: batch, 2: batch}
+    for i in range(book.grow_to - 1):
+        assert not book.append(record(i))
+    assert book.append(record(0)) is True
+
+
+def test_pusher_sizes_are_checked() -> None:
+    with pytest.raises(ValueError, match="eager_rows"):
+        check_sizes(max_rows=10, max_pending=1, linger_ms=0, eager_rows=0, max_batch_bytes=1)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import AD_IMPRESSIONS, Running, rich_error, start
-from redis_servers import RedisServer
+from conftest import AD_IMPRESSIONS, ONE_AND_MANY_PROCESSES, VIEW_STORES, Running, rich_error, start
+from redis_servers import RedisCluster
 from views_helpers import MINUTE, apply, brute, push, read, same, stub, view
 
 from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
@@ -20,6 +20,7 @@ def now_minute() -> int:
     return time.time_ns() // 1000 // M * M
 
 
+@VIEW_STORES
 def test_every_function_matches_the_raw_events_at_every_as_of(running: Running) -> None:
     apply(running, view())
     base = now_minute() - 50 * M
@@ -40,6 +41,7 @@ def test_every_function_matches_the_raw_events_at_every_as_of(running: Running) 
                     assert status == "PRESENT" and same(got, want), (user, agg.name, as_of, got, want)
 
 
+@VIEW_STORES
 def test_tile_boundaries_and_the_window_edge(running: Running) -> None:
     apply(running, view())
     end = now_minute()
@@ -51,6 +53,7 @@ def test_tile_boundaries_and_the_window_edge(running: Running) -> None:
     assert by_name["clicked_sum_1h"] == "1003"
 
 
+@VIEW_STORES
 def test_replays_change_nothing_and_late_events_are_counted(running: Running) -> None:
     apply(running, view())
     t = now_minute() - 5 * M
@@ -63,6 +66,7 @@ def test_replays_change_nothing_and_late_events_are_counted(running: Running) ->
     assert dict(zip(view().feature_names, [v for _, v in row], strict=True))["clicked_sum_1h"] == "6"
 
 
+@VIEW_STORES
 def test_a_failing_transformation_writes_nothing(running: Running, tmp_path: object) -> None:
     server = running.server
     assert server.batch_sources is not None
@@ -76,6 +80,7 @@ def test_a_failing_transformation_writes_nothing(running: Running, tmp_path: obj
     assert not server.store.has_rows(server.registry.get("ad_impressions").id)
 
 
+@VIEW_STORES
 def test_an_incompatible_change_is_refused_while_tiles_exist(running: Running) -> None:
     apply(running, view())
     assert not apply(running, view()).changed
@@ -91,6 +96,7 @@ def test_an_incompatible_change_is_refused_while_tiles_exist(running: Running) -
     assert not s.ListFeatureViews(fvs_pb2.ListFeatureViewsRequest()).views
 
 
+@ONE_AND_MANY_PROCESSES
 def test_a_window_longer_than_the_ttl_keeps_its_events(running: Running) -> None:
     from conftest import AD_IMPRESSIONS
 
@@ -106,30 +112,30 @@ def test_a_window_longer_than_the_ttl_keeps_its_events(running: Running) -> None
     assert dict(zip(view().feature_names, [v for _, v in row], strict=True))["clicked_sum_1h"] == "7"
 
 
+@VIEW_STORES
 def test_expiry_deletes_tiles_outside_every_window(running: Running) -> None:
     from featurepush_server.core.tiles import sweep_tiles
 
     apply(running, view())
     push(running, [("u", now_minute() - 30 * M, 1)])
     server = running.server
-    assert server.views is not None
-    assert sweep_tiles(server.views, server.store) == 0
-    assert sweep_tiles(server.views, server.store, now_minute() + 31 * M) == 1
+    assert sweep_tiles(server.store) == 0
+    assert sweep_tiles(server.store, now_minute() + 31 * M) == 1
     _, [row] = read(running, ["u"], now_minute() - 10 * M)
     assert all(status == "MISSING" for status, _ in row)
 
 
 def test_a_store_without_views_refuses_one_clearly_and_pushes_go_on(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_cluster: RedisCluster
 ) -> None:
-    r = start(tmp_path / "data", store=redis_server.url, redis_namespace="noviews")
+    r = start(tmp_path / "data", store=redis_cluster.url, redis_namespace="noviews")
     try:
         r.apply(AD_IMPRESSIONS)
         with pytest.raises(grpc.RpcError) as caught:
             apply(r, view())
         code, _, reason = rich_error(caught.value)
         assert code == grpc.StatusCode.FAILED_PRECONDITION and reason == "VIEWS_NOT_SUPPORTED"
-        assert "--processes 1" in (caught.value.details() or "")
+        assert "Redis Cluster does not hold them" in (caught.value.details() or "")
         response = push(r, [("u1", now_minute() - M, 3)])
         assert response.counts["ad_impressions"].written == 1
     finally:

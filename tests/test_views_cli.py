@@ -1,14 +1,20 @@
-"""Feature views through the CLI and the Python client: apply from a definitions file, read, delete."""
+"""Feature views through the CLI and the Python client: apply from a definitions file, read, delete.
+
+Once against a one-process server, and once against `featurepush serve --processes 2` started as
+`make run` starts it, with the example's views among its definitions files.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import start
+from servers import ServedProcess
 from test_cli import run
 
 from featurepush import Client
@@ -17,40 +23,59 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 H = 3_600_000_000
 
 
-def test_apply_push_and_read_a_view_and_a_service(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    r = start(
-        tmp_path / "data",
-        definitions=(EXAMPLES / "ad_impressions.py",),
-        post_processor_modules=("ad_impressions_views",),
+@pytest.fixture(params=["one-process", "processes"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The server's target and what applying the example's views reports on it."""
+    if request.param == "one-process":
+        r = start(
+            tmp_path / "data",
+            definitions=(EXAMPLES / "ad_impressions.py",),
+            post_processor_modules=("ad_impressions_views",),
+        )
+        try:
+            yield r.target, "created"
+        finally:
+            r.close()
+        return
+    served = ServedProcess(
+        tmp_path / "data", "--processes", "2", "--definitions", str(EXAMPLES / "ad_impressions_views.py")
     )
     try:
-        target = ("--target", r.target)
-        code, out, err = run(capsys, "apply", str(EXAMPLES / "ad_impressions_views.py"), *target)
-        assert (code, err) == (0, "")
-        assert out == "ad_impressions: unchanged\nuser_clicks: created\nads_ranking: created\n"
-        hour = time.time_ns() // 1000 // H * H
-        stamp = [dt.datetime.fromtimestamp((hour - H // 2 + i) / 1e6, dt.UTC) for i in range(3)]
-        with Client(r.target) as client:
-            client.push("ad_impressions", [{"user_id": "u", "timestamp": t, "clicked": 1} for t in stamp])
-            [vector] = client.get_view_features([{"user_id": "u"}], view="user_clicks")
-            assert vector["clicked_count_1d"].value == 3 and vector["clicked_count_1d"].status == "PRESENT"
-            # Windows end at the start of the tile holding the read time, and never include a later event.
-            later = dt.datetime.fromtimestamp((hour + 5) / 1e6, dt.UTC)
-            [vector] = client.get_view_features([{"user_id": "u"}], service="ads_ranking", as_of=later)
-            assert vector["user_clicks.clicked_sum_1h"].value == 3
-            assert vector["user_clicks.value_mean_7d"].value == 12.5
-            assert vector["user_clicks.clicked_last_n_1d"].value == [1, 1, 1]
-            assert vector["user_clicks.clicked_sum_1h"].effective_time == dt.datetime.fromtimestamp(
-                hour / 1e6, dt.UTC
-            )
-            earlier = dt.datetime.fromtimestamp((hour - H // 2) / 1e6, dt.UTC)
-            [vector] = client.get_view_features([{"user_id": "u"}], view="user_clicks", as_of=earlier)
-            assert vector["clicked_count_1d"].status == "MISSING"
-        code, out, err = run(
-            capsys, "get-view", "ads_ranking", "user_id=u", "--service", "--as-of", later.isoformat(), *target
-        )
-        assert code == 0 and json.loads(out)["features"]["user_clicks.clicked_count_1d"]["value"] == 3
-        code, out, _ = run(capsys, "delete-view", "user_clicks", *target)
-        assert code == 1  # the service still serves it
+        yield f"localhost:{served.port}", "unchanged"
     finally:
-        r.close()
+        served.signal()
+        assert served.wait() == 0, served.log
+
+
+def test_apply_push_and_read_a_view_and_a_service(
+    target: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    address, outcome = target
+    args = ("--target", address)
+    code, out, err = run(capsys, "apply", str(EXAMPLES / "ad_impressions_views.py"), *args)
+    assert (code, err) == (0, "")
+    assert out == f"ad_impressions: unchanged\nuser_clicks: {outcome}\nads_ranking: {outcome}\n"
+    hour = time.time_ns() // 1000 // H * H
+    stamp = [dt.datetime.fromtimestamp((hour - H // 2 + i) / 1e6, dt.UTC) for i in range(3)]
+    with Client(address) as client:
+        client.push("ad_impressions", [{"user_id": "u", "timestamp": t, "clicked": 1} for t in stamp])
+        [vector] = client.get_view_features([{"user_id": "u"}], view="user_clicks")
+        assert vector["clicked_count_1d"].value == 3 and vector["clicked_count_1d"].status == "PRESENT"
+        # Windows end at the start of the tile holding the read time, and never include a later event.
+        later = dt.datetime.fromtimestamp((hour + 5) / 1e6, dt.UTC)
+        [vector] = client.get_view_features([{"user_id": "u"}], service="ads_ranking", as_of=later)
+        assert vector["user_clicks.clicked_sum_1h"].value == 3
+        assert vector["user_clicks.value_mean_7d"].value == 12.5
+        assert vector["user_clicks.clicked_last_n_1d"].value == [1, 1, 1]
+        assert vector["user_clicks.clicked_sum_1h"].effective_time == dt.datetime.fromtimestamp(
+            hour / 1e6, dt.UTC
+        )
+        earlier = dt.datetime.fromtimestamp((hour - H // 2) / 1e6, dt.UTC)
+        [vector] = client.get_view_features([{"user_id": "u"}], view="user_clicks", as_of=earlier)
+        assert vector["clicked_count_1d"].status == "MISSING"
+    code, out, err = run(
+        capsys, "get-view", "ads_ranking", "user_id=u", "--service", "--as-of", later.isoformat(), *args
+    )
+    assert code == 0 and json.loads(out)["features"]["user_clicks.clicked_count_1d"]["value"] == 3
+    code, out, _ = run(capsys, "delete-view", "user_clicks", *args)
+    assert code == 1  # the service still serves it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from conftest import AD_IMPRESSIONS, Running, start
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis_servers import RedisServer
 from views_helpers import apply, brute, iso, read, same, view
 
 from featurepush.batch import backfill
@@ -23,10 +25,20 @@ M = 60_000_000
 _names = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Running, Path]]:
+@pytest.fixture(scope="module", params=["one-process", "processes", "redis"])
+def server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[tuple[Running, Path]]:
+    """A one-process server, a store owner with two fronts, or a server on Redis."""
     root = tmp_path_factory.mktemp("views")
-    r = start(root / "data", batch_roots=(root,))
+    settings: dict[str, object] = {"batch_roots": (root,)}
+    if request.param == "processes":
+        # The last front, which the backfills go through, loads their chunks in worker processes.
+        settings.update(fronts=2, backfill_workers=True)
+    elif request.param == "redis":
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        settings.update(store=redis_server.url, redis_namespace=f"views{uuid.uuid4().hex[:8]}")
+    r = start(root / "data", **settings)
     try:
         yield r, root
     finally:
@@ -98,10 +110,11 @@ def test_pushed_and_backfilled_views_equal_the_raw_events(
     late = 0
     for i in range(0, len(pushed_order), chunk):
         part = list(pushed_order[i : i + chunk])
-        late += _push(r, pushed, part, request_id=f"{pushed}-{i}")
+        # With several fronts, pushes and their replays go through each in turn.
+        late += _push(r.fronts[i % len(r.fronts)], pushed, part, request_id=f"{pushed}-{i}")
         # The same request again is answered from its record and adds nothing.
-        _push(r, pushed, part, request_id=f"{pushed}-{i}")
-    backfill(r.channel, filled)
+        _push(r.fronts[(i + 1) % len(r.fronts)], pushed, part, request_id=f"{pushed}-{i}")
+    backfill(r.fronts[-1].channel, filled)
     counted = [(u, t, c) for u, t, c in events if t >= minute - 60 * M]
     assert late == len(events) - len(counted)
     spec = view()

@@ -34,6 +34,9 @@ from featurepush.payload import (
     push_result,
 )
 from featurepush.pusher import (
+    DEFAULT_EAGER_ROWS,
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_ROWS,
     RETRYABLE_CODES,
     Backoff,
     BatchBook,
@@ -42,10 +45,17 @@ from featurepush.pusher import (
     SchemaLookup,
     _Batch,
     check_record,
+    check_sizes,
     log_recovered,
     log_retry,
 )
-from featurepush.reads import GET_FEATURES_METHOD, FeatureResults, get_features_request, read_reply
+from featurepush.reads import (
+    GET_FEATURES_METHOD,
+    FeatureResults,
+    get_features_request,
+    read_reply,
+    wants_arrow,
+)
 from featurepush.v1 import (
     backfill_service_pb2,
     backfill_service_pb2_grpc,
@@ -297,11 +307,12 @@ class AsyncClient:
         return last
 
     async def get_features(
-        self, source: str, keys: Sequence[Mapping[str, Any] | Any], *, columnar: bool = True
+        self, source: str, keys: Sequence[Mapping[str, Any] | Any], *, columnar: bool | None = None
     ) -> FeatureResults:
         """The latest record of each key's entity, in key order; as Client.get_features takes and returns."""
         definition = await self._definition(source)
-        request = get_features_request(source, keys, definition.entity_keys, columnar=columnar)
+        arrow = wants_arrow(columnar, len(keys))
+        request = get_features_request(source, keys, definition.entity_keys, columnar=arrow)
         try:
             response = await self._call_retrying_overload(self._get_features, request)
         except FeaturepushError:
@@ -379,7 +390,7 @@ class AsyncClient:
         return cached
 
     def pusher(
-        self, source: str, *, max_rows: int = 1000, linger_ms: float = 50.0, **options: Any
+        self, source: str, *, max_rows: int = DEFAULT_MAX_ROWS, linger_ms: float = 50.0, **options: Any
     ) -> AsyncPusher:
         """A batching pusher over PushStream for one source; use it with `async with`."""
         loop = asyncio.get_running_loop()
@@ -404,7 +415,7 @@ class AsyncPusher:
         stub: ingest_service_pb2_grpc.IngestServiceStub,
         source: str,
         *,
-        max_rows: int = 1000,
+        max_rows: int = DEFAULT_MAX_ROWS,
         linger_ms: float = 50.0,
         max_pending: int = 8,
         on_error: ErrorCallback | None = None,
@@ -413,17 +424,19 @@ class AsyncPusher:
         backoff_max_s: float = 2.0,
         schema: SchemaLookup | None = None,
         forget_schema: Callable[[], None] | None = None,
+        eager_rows: int = DEFAULT_EAGER_ROWS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
-        if max_rows < 1 or max_pending < 1 or linger_ms < 0:
-            raise ValueError("max_rows and max_pending must be at least 1 and linger_ms not negative")
+        check_sizes(max_rows, max_pending, linger_ms, eager_rows, max_batch_bytes)
         self._stub = stub
-        self._book = BatchBook(source, max_rows, schema, forget_schema)
+        self._book = BatchBook(source, max_rows, schema, forget_schema, eager_rows, max_batch_bytes)
         self._linger_s = linger_ms / 1000
         self._max_pending = max_pending
         self._on_error = on_error
         self._retry_timeout_s = retry_timeout_s
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
         self._changed = asyncio.Condition()
+        self._known_keys: set[str] = set()
         self._outbox: asyncio.Queue[_Batch | None] | None = None
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -452,7 +465,7 @@ class AsyncPusher:
 
         Only appends to a buffer: a full buffer is converted on a worker thread and sent while the next fills.
         """
-        check_record(record)
+        check_record(record, self._known_keys)
         self.start()
         if self._closed:
             raise RuntimeError("the pusher is closed")
@@ -546,6 +559,9 @@ class AsyncPusher:
                             batch.sent_at = time.monotonic()
                             outbox.put_nowait(batch)
                         self._book.resend.clear()
+                        if self._book.ready(self._linger_s):
+                            # The buffer grew while batches were in flight; it goes now that one settled.
+                            self._seal()
                         self._backoff.reset()
                         if failing_since is not None:
                             log_recovered(self._book.source, time.monotonic() - failing_since)

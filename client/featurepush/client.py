@@ -387,7 +387,7 @@ class Client:
         self,
         source: str,
         *,
-        max_rows: int = 1000,
+        max_rows: int = 10_000,
         linger_ms: float = 50.0,
         **options: Any,
     ) -> Pusher:
@@ -401,20 +401,23 @@ class Client:
     # Online reads.
 
     def get_features(
-        self, source: str, keys: Sequence[Mapping[str, Any] | Any], *, columnar: bool = True
+        self, source: str, keys: Sequence[Mapping[str, Any] | Any], *, columnar: bool | None = None
     ) -> FeatureResults:
         """Returns the latest record of each key's entity, in key order.
 
         A key is a mapping of entity key fields, a tuple matched to the source's entity_keys in order, or a
         single value when the source has one entity key. The result is a sequence of FeatureResult, features
         decoded by the source's schema, and also columns: to_arrow(), to_pandas(), to_polars() (see
-        featurepush.reads.FeatureResults). The server answers with one Arrow record batch, or with Structs
-        when `columnar` is false (or when it is a server that predates the Arrow form).
+        featurepush.reads.FeatureResults). The server answers with one Arrow record batch when `columnar` is
+        true, with Structs when it is false (or when it is a server that predates the Arrow form), and by
+        default with Structs for at most featurepush.reads.SMALL_READ_KEYS keys, Arrow for more; the result
+        is the same either way.
         """
-        from featurepush.reads import get_features_request, read_reply
+        from featurepush.reads import get_features_request, read_reply, wants_arrow
 
         definition = self._definition(source)
-        request = get_features_request(source, keys, definition.entity_keys, columnar=columnar)
+        arrow = wants_arrow(columnar, len(keys))
+        request = get_features_request(source, keys, definition.entity_keys, columnar=arrow)
         try:
             response = self._call_retrying_overload(self._get_features, request)
         except FeaturepushError as error:

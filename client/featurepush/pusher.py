@@ -22,7 +22,7 @@ from featurepush.payload import RESEND_AS_ROWS, BatchFailure, PushBatchError, Pu
 from featurepush.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from featurepush.values import fill_struct
 
-__all__ = ["Pusher", "PusherStats", "RETRYABLE_CODES"]
+__all__ = ["DEFAULT_MAX_ROWS", "Pusher", "PusherStats", "RETRYABLE_CODES"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ class _Batch:
         self.sent_at: float | None = None
         # Whether the built message carries the records as Arrow; a refused Arrow batch is resent as rows.
         self.columnar = False
+        # The size of the built request in bytes, which sizes the batches that follow; 0 until built.
+        self.nbytes = 0
         self._message: ingest_service_pb2.PushStreamRequest | None = None
         self._lock = threading.Lock()
 
@@ -86,6 +88,7 @@ class _Batch:
                 self._message = ingest_service_pb2.PushStreamRequest(
                     sequence_id=self.sequence, request=request
                 )
+                self.nbytes = self._message.ByteSize()
             return self._message
 
     def as_rows(self) -> None:
@@ -101,14 +104,26 @@ SchemaLookup = Callable[[], PushSchema | None]
 _PLAIN = frozenset({str, int, float, bool, type(None), bytes})
 
 
-def check_record(record: Mapping[str, Any]) -> None:
-    """Raise the encoder's ValueError or TypeError now if a record cannot be encoded; cheap for flat dicts."""
+# The most str keys a pusher remembers as checked; beyond it, keys are checked record by record.
+_KNOWN_KEYS_LIMIT = 4096
+
+
+def check_record(record: Mapping[str, Any], known_keys: set[str] | None = None) -> None:
+    """Raise the encoder's ValueError or TypeError now if a record cannot be encoded; cheap for flat dicts.
+
+    `known_keys` holds keys already found to be str, so that a record's keys are checked by one set operation.
+    """
     if type(record) is dict:
-        for key, value in record.items():
+        if known_keys is None or not known_keys.issuperset(record):
+            if not all(type(key) is str for key in record):
+                encode_record(record)
+                return
+            if known_keys is not None and len(known_keys) < _KNOWN_KEYS_LIMIT:
+                known_keys.update(record)
+        for value in record.values():
             kind = type(value)
-            if type(key) is not str or (
-                kind not in _PLAIN
-                and not (kind is dt.datetime and value.utcoffset() is not None and 1 < value.year < 9999)
+            if kind not in _PLAIN and not (
+                kind is dt.datetime and value.utcoffset() is not None and 1 < value.year < 9999
             ):
                 break
         else:
@@ -123,14 +138,32 @@ def encode_record(record: Mapping[str, Any]) -> struct_pb2.Struct:
     return struct
 
 
+# A buffer of eager_rows records, or one whose linger time is up, is sealed at once while fewer batches than
+# this are unacknowledged; otherwise it grows toward max_rows until one is acknowledged. Its records would
+# wait behind those batches anyway, and one large push costs the server far less than several small ones
+# (each pays a fixed cost and a WAL sync). Two keep the server writing one batch while the next is
+# converted and sent.
+EAGER_IN_FLIGHT = 2
+DEFAULT_MAX_ROWS = 10_000
+DEFAULT_EAGER_ROWS = 1000
+DEFAULT_MAX_BATCH_BYTES = 8 << 20
+
+
 @dataclass
 class BatchBook:
-    """The bookkeeping shared by the thread and asyncio pushers; not thread-safe, callers hold their lock."""
+    """The bookkeeping shared by the thread and asyncio pushers; not thread-safe, callers hold their lock.
+
+    A buffer is sealed when it reaches grow_to records, or, while fewer than EAGER_IN_FLIGHT batches are
+    unacknowledged, when it reaches eager_rows or its linger time is up; grow_to is max_rows, less where
+    the last acknowledged batch's bytes per record would take a batch past max_batch_bytes.
+    """
 
     source: str
     max_rows: int
     schema: SchemaLookup | None = None
     forget_schema: Callable[[], None] | None = None
+    eager_rows: int = DEFAULT_EAGER_ROWS
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     buffer: list[Mapping[str, Any]] = field(default_factory=list)
     buffer_started: float = 0.0
     pending: dict[int, _Batch] = field(default_factory=dict)
@@ -139,17 +172,33 @@ class BatchBook:
     stats: PusherStats = field(default_factory=PusherStats)
     stream_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     next_sequence: int = 0
+    # The most records a batch grows to while others are in flight: max_rows, less by the byte budget.
+    grow_to: int = 0
+
+    def __post_init__(self) -> None:
+        self.eager_rows = min(self.eager_rows, self.max_rows)
+        self.grow_to = self.max_rows
 
     def append(self, record: Mapping[str, Any]) -> bool | None:
-        """Buffer one record; return True if the buffer is full, False if it was empty, else None."""
+        """Buffer one record; return True to seal the buffer now, False if it was empty, else None."""
         buffer = self.buffer
         buffer.append(record)
-        if len(buffer) >= self.max_rows:
+        n = len(buffer)
+        if n >= self.eager_rows and (n >= self.grow_to or len(self.pending) < EAGER_IN_FLIGHT):
             return True
-        if len(buffer) == 1:
+        if n == 1:
             self.buffer_started = time.monotonic()
             return False
         return None
+
+    def ready(self, linger_s: float) -> bool:
+        """Whether the buffer is to be sealed now; asked again as batches settle."""
+        n = len(self.buffer)
+        if n >= self.grow_to:
+            return True
+        if not n or len(self.pending) >= EAGER_IN_FLIGHT:
+            return False
+        return n >= self.eager_rows or time.monotonic() >= self.buffer_started + linger_s
 
     def seal(self) -> _Batch | None:
         """Turn the buffer into a pending batch with its own sequence and request ids."""
@@ -163,8 +212,11 @@ class BatchBook:
         return batch
 
     def linger_due(self, linger_s: float) -> float | None:
-        """When the buffered records must be sealed, on the monotonic clock, or None if none are."""
-        return self.buffer_started + linger_s if self.buffer else None
+        """When the buffer is to be sealed by time, on the monotonic clock; None if it is empty, or if enough
+        batches are in flight that the next acknowledgement is what seals it."""
+        if not self.buffer or len(self.pending) >= EAGER_IN_FLIGHT:
+            return None
+        return self.buffer_started + linger_s
 
     def in_order(self) -> list[_Batch]:
         """Pending batches in sequence order, for (re)sending."""
@@ -181,6 +233,12 @@ class BatchBook:
         if batch is None:
             _LOGGER.warning("acknowledgement of unknown batch %d ignored", ack.sequence_id)
             return None
+        if len(batch.records) >= 100 or batch.nbytes >= 1 << 16:
+            # Records of a stream are alike more often than not: the last batch's size per record says how
+            # many fit the byte budget. A batch of a few small records is mostly the Arrow schema, and
+            # would say far too much.
+            per_record = max(batch.nbytes // len(batch.records), 1)
+            self.grow_to = max(self.eager_rows, min(self.max_rows, self.max_batch_bytes // per_record))
         if ack.WhichOneof("result") == "response":
             self.stats.batches += 1
             self.stats.records += len(batch.records)
@@ -212,6 +270,17 @@ class BatchBook:
         self.stats.failed_batches += 1
         self.stats.failed_records += len(batch.records)
         return BatchFailure(batch.records, error, batch.sequence, batch.request_id)
+
+
+def check_sizes(
+    max_rows: int, max_pending: int, linger_ms: float, eager_rows: int, max_batch_bytes: int
+) -> None:
+    """Raise ValueError for a pusher's sizes that cannot work."""
+    if min(max_rows, max_pending, eager_rows, max_batch_bytes) < 1 or linger_ms < 0:
+        raise ValueError(
+            "max_rows, max_pending, eager_rows and max_batch_bytes must be at least 1, "
+            "and linger_ms not negative"
+        )
 
 
 class Backoff:
@@ -256,7 +325,12 @@ def _messages(outbox: queue.SimpleQueue[_Batch | object]) -> Iterator[ingest_ser
 
 
 class Pusher:
-    """Batches one source's records by size (`max_rows`) and time (`linger_ms`) and sends them on PushStream.
+    """Batches one source's records by size and time (`linger_ms`) and sends them on PushStream.
+
+    While fewer than two batches are unacknowledged, a batch goes once it holds `eager_rows` records or its
+    first has waited `linger_ms`; otherwise it keeps filling, up to `max_rows` records and about
+    `max_batch_bytes`, until the server acknowledges one: a fast producer gets few large pushes, a slow one
+    short waits.
 
     Every batch carries a request_id, so batches resent after UNAVAILABLE, DEADLINE_EXCEEDED or an
     acknowledgement that took longer than `ack_timeout_s` are never counted twice; retries back off
@@ -270,7 +344,7 @@ class Pusher:
         stub: ingest_service_pb2_grpc.IngestServiceStub,
         source: str,
         *,
-        max_rows: int = 1000,
+        max_rows: int = DEFAULT_MAX_ROWS,
         linger_ms: float = 50.0,
         max_pending: int = 8,
         on_error: ErrorCallback | None = None,
@@ -280,18 +354,22 @@ class Pusher:
         backoff_max_s: float = 2.0,
         schema: SchemaLookup | None = None,
         forget_schema: Callable[[], None] | None = None,
+        eager_rows: int = DEFAULT_EAGER_ROWS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
-        if max_rows < 1 or max_pending < 1 or linger_ms < 0:
-            raise ValueError("max_rows and max_pending must be at least 1 and linger_ms not negative")
+        check_sizes(max_rows, max_pending, linger_ms, eager_rows, max_batch_bytes)
         self._stub = stub
-        self._book = BatchBook(source, max_rows, schema, forget_schema)
+        self._book = BatchBook(source, max_rows, schema, forget_schema, eager_rows, max_batch_bytes)
         self._linger_s = linger_ms / 1000
         self._max_pending = max_pending
         self._on_error = on_error
         self._retry_timeout_s = retry_timeout_s
         self._ack_timeout_s = ack_timeout_s
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
-        self._cond = threading.Condition()
+        # A plain lock: add() takes it once per record, and nothing here takes it twice.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._known_keys: set[str] = set()
         self._outbox: queue.SimpleQueue[_Batch | object] | None = None
         self._call: Any = None
         self._timed_out = False
@@ -313,13 +391,14 @@ class Pusher:
         Only appends to a buffer: a full buffer is converted (to one Arrow batch when the schema takes it)
         and sent by background threads while the next one fills.
         """
-        check_record(record)
-        with self._cond:
+        check_record(record, self._known_keys)
+        with self._lock:
             if self._closed:
                 raise RuntimeError("the pusher is closed")
-            while len(self._book.pending) >= self._max_pending and self._sender.is_alive():
+            book = self._book
+            while len(book.pending) >= self._max_pending and self._sender.is_alive():
                 self._cond.wait()
-            state = self._book.append(record)
+            state = book.append(record)
             if state:
                 self._seal()
             elif state is False:
@@ -426,6 +505,9 @@ class Pusher:
                     with self._cond:
                         failure = self._book.acknowledge(ack)
                         self._resend()
+                        if self._book.ready(self._linger_s):
+                            # The buffer grew while batches were in flight; it goes now that one settled.
+                            self._seal()
                         self._backoff.reset()
                         if failing_since is not None:
                             log_recovered(self._book.source, time.monotonic() - failing_since)

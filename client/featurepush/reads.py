@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from featurepush.client import FeatureResult, FeatureStatus
 from featurepush.columnar import arrow_type
@@ -15,7 +16,7 @@ from featurepush.types import Field
 from featurepush.v1 import online_service_pb2
 from featurepush.values import decode_record, key_to_struct
 
-__all__ = ["FeatureResults", "get_features_request", "read_reply"]
+__all__ = ["SMALL_READ_KEYS", "FeatureResults", "get_features_request", "read_reply", "wants_arrow"]
 
 _STATUSES = {
     online_service_pb2.FEATURE_STATUS_PRESENT: FeatureStatus.PRESENT,
@@ -24,6 +25,7 @@ _STATUSES = {
 }
 _STATUS_NUMBERS = {status: number for number, status in _STATUSES.items()}
 _ARROW_TIMESTAMP = pa.timestamp("us", tz="UTC")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 # The method, called with requests serialized here: a request's keys are written straight as bytes.
@@ -75,29 +77,50 @@ def _prefixes(name: str) -> list[bytes]:
     return found
 
 
+# Reads of at most this many keys ask for Structs unless told otherwise: the server answers a few keys as
+# Structs several times faster than as Arrow, whose columns cost a few dozen numpy and Arrow calls however
+# few the rows, and decoding a few Structs here costs less than reading an Arrow stream.
+SMALL_READ_KEYS = 8
+
+# The serialized source and response_format of a request, by (source, Arrow or not).
+_HEADS: dict[tuple[str, bool], bytes] = {}
+
+
+def wants_arrow(columnar: bool | None, key_count: int) -> bool:
+    """Whether a read asks for Arrow: as told, or by default for more than SMALL_READ_KEYS keys."""
+    return key_count > SMALL_READ_KEYS if columnar is None else columnar
+
+
+def _head(source: str, arrow: bool) -> bytes:
+    head = _HEADS.get((source, arrow))
+    if head is None:
+        pb = online_service_pb2
+        form = pb.RESPONSE_FORMAT_ARROW if arrow else pb.RESPONSE_FORMAT_STRUCT
+        request = pb.GetFeaturesRequest(source=source, response_format=form)
+        if len(_HEADS) >= 1024:
+            _HEADS.clear()
+        head = _HEADS[(source, arrow)] = request.SerializeToString()
+    return head
+
+
 def get_features_request(
     source: str, keys: Sequence[Mapping[str, Any] | Any], entity_keys: Sequence[str], *, columnar: bool
 ) -> bytes:
     """The serialized request for `keys`, Arrow when `columnar`; keys as Client.get_features takes them."""
-    arrow, struct = online_service_pb2.RESPONSE_FORMAT_ARROW, online_service_pb2.RESPONSE_FORMAT_STRUCT
-    request = online_service_pb2.GetFeaturesRequest(
-        source=source, response_format=arrow if columnar else struct
-    )
     # Serialized messages concatenated are one message with the fields of both.
-    out = [request.SerializeToString()]
-    prefixes = _prefixes(entity_keys[0]) if len(entity_keys) == 1 else None
+    head = _head(source, columnar)
+    if len(entity_keys) == 1 and set(map(type, keys)) == {str}:
+        # The common case, one String key, written as bytes: building a Struct costs ten times more.
+        prefixes = _prefixes(entity_keys[0])
+        raws = map(str.encode, cast(list[str], keys))
+        try:
+            return head + b"".join([prefixes[len(raw)] + raw for raw in raws])
+        except IndexError:
+            pass  # a key of _SHORT_KEY bytes or more, written by the general path below
+    out = [head]
     for key in keys:
-        if prefixes is not None and type(key) is str:
-            # The common case, one String key, written as bytes: building a Struct costs ten times more.
-            raw = key.encode()
-            size = len(raw)
-            prefix = (
-                prefixes[size] if size < _SHORT_KEY else _string_key_prefix(entity_keys[0].encode(), size)
-            )
-            out.append(prefix + raw)
-        else:
-            struct_bytes = key_to_struct(key, entity_keys).SerializeToString()
-            out.append(REQUEST_KEYS + _varint(len(struct_bytes)) + struct_bytes)
+        struct_bytes = key_to_struct(key, entity_keys).SerializeToString()
+        out.append(REQUEST_KEYS + _varint(len(struct_bytes)) + struct_bytes)
     return b"".join(out)
 
 
@@ -108,14 +131,7 @@ def read_reply(
 ) -> FeatureResults:
     """The results of a reply in either form; raises ValueError if it does not fit the definition."""
     if response.arrow_ipc:
-        try:
-            table = pa.ipc.open_stream(response.arrow_ipc).read_all()
-        except pa.ArrowInvalid as e:
-            raise ValueError(f"the server's Arrow reply could not be read: {e}") from None
-        expected = _expected_schema(definition)
-        if not table.schema.equals(expected):
-            raise ValueError(f"the server's Arrow reply has columns {table.schema}, not {expected}")
-        return FeatureResults(definition, table=table)
+        return FeatureResults(definition, table=_read_arrow(response.arrow_ipc, definition, len(keys)))
     results: list[FeatureResult] = []
     schema = list(definition.schema)
     for vector in response.results:
@@ -128,6 +144,34 @@ def read_reply(
     return FeatureResults(definition, results=results, keys=keys)
 
 
+def _read_arrow(stream: bytes, definition: StreamSource, rows: int) -> pa.Table:
+    """The record batch of a reply's IPC stream as a table; ValueError if it does not fit the definition."""
+    # The stream starts with its schema's message, which the server writes alike for every read of a source:
+    # once that message is known to hold the expected columns, only the batch's message needs reading.
+    # A message is 0xFFFFFFFF, the little-endian length of its metadata, then the metadata.
+    size = 8 + int.from_bytes(stream[4:8], "little") if len(stream) >= 8 else 0
+    known = _STREAM_SCHEMAS.get(stream[:size])
+    try:
+        if known is not None and known[0] is definition:
+            message = pa.ipc.read_message(pa.py_buffer(stream)[size:])
+            batch = pa.ipc.read_record_batch(message, known[1])
+            # The server sends one batch with a row per key; anything else is read in full below.
+            if batch.num_rows == rows:
+                return pa.Table.from_batches([batch])
+        table = pa.ipc.open_stream(stream).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"the server's Arrow reply could not be read: {e}") from None
+    expected = _expected_schema(definition)
+    if not table.schema.equals(expected):
+        raise ValueError(f"the server's Arrow reply has columns {table.schema}, not {expected}")
+    if len(_STREAM_SCHEMAS) >= 1024:
+        _STREAM_SCHEMAS.clear()
+    _STREAM_SCHEMAS[stream[:size]] = (definition, table.schema)
+    return table
+
+
+# The schema messages of replies already read, with the definition they were checked against.
+_STREAM_SCHEMAS: dict[bytes, tuple[StreamSource, pa.Schema]] = {}
 # Schemas by the identity of their definition, which a client keeps until the source changes.
 _SCHEMAS: dict[int, tuple[StreamSource, pa.Schema]] = {}
 
@@ -161,6 +205,22 @@ def columns_schema(definition: StreamSource) -> pa.Schema:
     fields.append(pa.field(event_time, _ARROW_TIMESTAMP))
     fields += [pa.field(f.name, arrow_type(f.dtype)) for f in _features(definition)]
     return pa.schema(fields)
+
+
+def _pylist(column: pa.ChunkedArray) -> list[Any]:
+    """A column's values as Python objects, as to_pylist gives them; top-level timestamps through numpy.
+
+    pyarrow makes an aware datetime in a few microseconds; numpy's timedeltas added to the epoch take a
+    twentieth of that, which counts for event_time and every Timestamp feature of a read.
+    """
+    if column.type != _ARROW_TIMESTAMP:
+        values: list[Any] = column.to_pylist(maps_as_pydicts="strict")
+        return values
+    micros = pc.fill_null(column.combine_chunks().view(pa.int64()), 0).to_numpy()
+    values = list(map(_EPOCH.__add__, micros.astype("timedelta64[us]").tolist()))
+    if column.null_count:
+        values = [v if ok else None for v, ok in zip(values, column.is_valid().to_pylist(), strict=True)]
+    return values
 
 
 def _key_dict(key: Any, entity_keys: Sequence[str]) -> dict[str, Any]:
@@ -249,7 +309,7 @@ class FeatureResults(Sequence[FeatureResult]):
 
     def _rows_of_table(self) -> list[FeatureResult]:
         table = self.to_arrow()
-        columns = [c.to_pylist(maps_as_pydicts="strict") for c in table.columns]
+        columns = [_pylist(c) for c in table.columns]
         n_keys = len(self._definition.entity_keys)
         statuses, times = columns[n_keys], columns[n_keys + 1]
         where = {name: i for i, name in enumerate(self._definition.entity_keys)}
@@ -257,15 +317,12 @@ class FeatureResults(Sequence[FeatureResult]):
         names = [f.name for f in self._definition.schema]
         ordered = [columns[where[name]] for name in names]
         out: list[FeatureResult] = []
-        for i, (number, event_time) in enumerate(zip(statuses, times, strict=True)):
+        present = FeatureStatus.PRESENT
+        for number, event_time, row in zip(statuses, times, zip(*ordered, strict=True), strict=True):
             status = _STATUSES.get(number)
             if status is None:
                 raise ValueError(f"server returned feature status {number}")
-            features = (
-                dict(zip(names, [column[i] for column in ordered], strict=True))
-                if status is FeatureStatus.PRESENT
-                else None
-            )
+            features = dict(zip(names, row, strict=True)) if status is present else None
             out.append(FeatureResult(status, event_time, features))
         return out
 

@@ -36,7 +36,8 @@ def format_timestamp(value: dt.datetime) -> str:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"datetime {value.isoformat()} is naive; give it a timezone")
     utc = value.astimezone(dt.UTC)
-    base = utc.strftime("%Y-%m-%dT%H:%M:%S")
+    # strftime's %Y leaves years below 1000 short of the four digits RFC 3339 requires.
+    base = f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}"
     micros = utc.microsecond
     if micros == 0:
         return base + "Z"

@@ -210,6 +210,7 @@ def create_server(
     *,
     front: RemoteStore | None = None,
     peer: int | None = None,
+    metrics_socket: Path | None = None,
     backfill_workers: futures.Executor | None = None,
 ) -> Server:
     """Open the store, apply the configured definitions and register every service; not started.
@@ -218,8 +219,9 @@ def create_server(
     owns along with its background work (offline-log flushes, expiry sweeps, disk recovery), and shares
     its port with the other fronts. With `peer`, the server is front number `peer` of `serve --processes`
     on a shared store (Redis): it opens its own, runs its own background work and shares its port; only
-    peer 0 drains the offline log. With `backfill_workers` (workers.py), backfills load their chunks in
-    those processes.
+    peer 0 drains the offline log. With `metrics_socket`, the metrics are served on that Unix socket for
+    the supervisor of `serve --processes` to add up, not over HTTP. With `backfill_workers` (workers.py),
+    backfills load their chunks in those processes.
     """
     store = open_store(config) if front is None else front
     shares_port = front is not None or peer is not None
@@ -253,7 +255,13 @@ def create_server(
             refresh_s=refresh,
         )
         # Transformations are imported under the post_processor rules, from the same allowed modules.
-        views = Views(store, registry, batch_sources.allowed)
+        views = Views(
+            store,
+            registry,
+            batch_sources.allowed,
+            catalog_version=None if front is None else front.catalog.read,
+            refresh_s=refresh,
+        )
         registry.delete_checks.append(views.check_source_delete)
         arrow_limits = IpcLimits(
             max_decoded_bytes=config.max_arrow_decoded_bytes,
@@ -389,7 +397,7 @@ def create_server(
             offline_log.start()
             closers.append(offline_log.close)
         # On Redis this sweeps nothing (Redis expires rows itself), so every peer may run it.
-        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s, lambda: sweep_tiles(views, store))
+        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s, lambda: sweep_tiles(store))
         sweeper.start()
         # After a disk error, writes resume by themselves once the disk takes them again; after Redis
         # was unreachable, each process's own connections must answer again.
@@ -415,7 +423,9 @@ def create_server(
     )
     server.views = views
     store.watch_writable(server.storage_changed)
-    if config.metrics_listen:
+    if metrics_socket is not None:
+        server.metrics_http = metrics.serve_socket(metrics_socket)
+    elif config.metrics_listen:
         try:
             server.metrics_http, server.metrics_port = metrics.serve(config.metrics_listen)
         except OSError as e:
@@ -430,6 +440,7 @@ def serve(
     front: RemoteStore | None = None,
     peer: int | None = None,
     ready: Callable[[], None] | None = None,
+    metrics_socket: Path | None = None,
     backfill_workers: futures.Executor | None = None,
 ) -> None:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully; a second signal exits at once.
@@ -445,7 +456,9 @@ def serve(
         return
     # Every file the server creates (RocksDB's, the offline log's) is readable by its user alone.
     os.umask(0o077)
-    server = create_server(config, front=front, peer=peer, backfill_workers=backfill_workers)
+    server = create_server(
+        config, front=front, peer=peer, metrics_socket=metrics_socket, backfill_workers=backfill_workers
+    )
     server.start()
     # A push allocates a wrapper per JSON value, so full collections come every few pushes: objects alive
     # after start-up (modules, descriptors, the registry) are frozen out of them.

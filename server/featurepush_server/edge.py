@@ -30,6 +30,7 @@ from featurepush.v1 import (
 from . import admission
 from .admission import Admission, Gate, Overloaded
 from .core.errors import name_list, shown
+from .logs import LineBudget
 from .metrics import Metrics
 from .status import DOMAIN, abort, pack
 
@@ -141,6 +142,8 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, gates: Admission, metrics: Metrics | None = None):
         self._admission = gates
         self._metrics = metrics
+        # Per server, so one server's flood of failures never silences another's (or a test's) lines.
+        self._lines = LineBudget()
 
     def intercept_service(
         self,
@@ -158,21 +161,21 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         serialize = handler.response_serializer
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                _stream_stream(handler.stream_stream, gate, parse, method, self._metrics),
+                _stream_stream(handler.stream_stream, gate, parse, method, self._metrics, self._lines),
                 response_serializer=serialize,
             )
         if handler.request_streaming:
             return grpc.stream_unary_rpc_method_handler(
-                _stream_unary(handler.stream_unary, gate, parse, method, self._metrics),
+                _stream_unary(handler.stream_unary, gate, parse, method, self._metrics, self._lines),
                 response_serializer=serialize,
             )
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
-                _unary_stream(handler.unary_stream, gate, parse, method, self._metrics),
+                _unary_stream(handler.unary_stream, gate, parse, method, self._metrics, self._lines),
                 response_serializer=serialize,
             )
         return grpc.unary_unary_rpc_method_handler(
-            _unary_unary(handler.unary_unary, gate, parse, method, self._metrics),
+            _unary_unary(handler.unary_unary, gate, parse, method, self._metrics, self._lines),
             response_serializer=serialize,
         )
 
@@ -201,8 +204,9 @@ def _labels(message: Any) -> tuple[str, str]:
 class _Call:
     """What the edge records of one call: its latency, status code and request bytes; and a failure's line."""
 
-    def __init__(self, method: str, nbytes: int, metrics: Metrics | None):
+    def __init__(self, method: str, nbytes: int, metrics: Metrics | None, lines: LineBudget):
         self.method = method
+        self.lines = lines
         self.started = time.perf_counter()
         self.metrics = metrics
         self.request: Any = None
@@ -230,15 +234,19 @@ class _Call:
             self.metrics.calls.labels(self.method, code.name).inc()
             self.metrics.latency.labels(self.method).observe(time.perf_counter() - self.started)
         if code != grpc.StatusCode.OK:
+            held = self.lines.take((self.method, code))
+            if held is None:
+                return
             source, request_id = _labels(self.request)
             level = logging.WARNING if code in _SERVER_SIDE else logging.INFO
             _LOGGER.log(
                 level,
-                "call failed: method=%s code=%s source=%r request_id=%r",
+                "call failed: method=%s code=%s source=%r request_id=%r%s",
                 self.method,
                 code.name,
                 source,
                 request_id,
+                f" ({held} more like it not logged)" if held else "",
             )
 
 
@@ -276,10 +284,10 @@ def _handled(call: _Call, gate: Gate | None, nbytes: int, context: grpc.Servicer
 
 
 def _unary_unary(
-    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None
+    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None, lines: LineBudget
 ) -> Behavior:
     def handle(raw: bytes, context: grpc.ServicerContext) -> Any:
-        call = _Call(_short(method), len(raw), metrics)
+        call = _Call(_short(method), len(raw), metrics, lines)
         with _handled(call, gate, len(raw), context):
             call.request = _decode(parse, raw, method, context)
             return behavior(call.request, context)
@@ -288,10 +296,10 @@ def _unary_unary(
 
 
 def _unary_stream(
-    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None
+    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None, lines: LineBudget
 ) -> Behavior:
     def handle(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
-        call = _Call(_short(method), len(raw), metrics)
+        call = _Call(_short(method), len(raw), metrics, lines)
         with _handled(call, gate, len(raw), context):
             call.request = _decode(parse, raw, method, context)
             yield from behavior(call.request, context)
@@ -324,10 +332,10 @@ class _Requests:
 
 
 def _stream_stream(
-    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None
+    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None, lines: LineBudget
 ) -> Behavior:
     def handle(raw: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
-        call = _Call(_short(method), 0, metrics)
+        call = _Call(_short(method), 0, metrics, lines)
         with _handled(call, gate, 0, context):
             requests = _Requests(raw, parse, call)
             yield from behavior(iter(requests), context)
@@ -338,10 +346,10 @@ def _stream_stream(
 
 
 def _stream_unary(
-    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None
+    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None, lines: LineBudget
 ) -> Behavior:
     def handle(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-        call = _Call(_short(method), 0, metrics)
+        call = _Call(_short(method), 0, metrics, lines)
         with _handled(call, gate, 0, context):
             requests = _Requests(raw, parse, call)
             response = behavior(iter(requests), context)

@@ -9,11 +9,17 @@ write path.
 from __future__ import annotations
 
 import logging
+import socket
+import socketserver
+import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from .admission import Admission
@@ -174,10 +180,86 @@ class Metrics:
 
     def serve(self, address: str) -> tuple[Any, int]:
         """Serve /metrics on host:port in a daemon thread; the HTTP server and its bound port."""
-        host, _, port = address.rpartition(":")
-        server, _thread = start_http_server(
-            int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry
-        )
-        bound = int(server.server_address[1])
-        _LOGGER.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", bound)
-        return server, bound
+        return serve_http(address, self.registry)
+
+    def serve_socket(self, path: Path) -> socketserver.BaseServer:
+        """Write the exposition text to whoever connects to the Unix socket `path`, for a supervisor."""
+        registry = self.registry
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.sendall(generate_latest(registry))
+
+        path.unlink(missing_ok=True)
+        server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="featurepush-metrics", daemon=True).start()
+        return server
+
+
+def serve_http(address: str, registry: CollectorRegistry) -> tuple[Any, int]:
+    """Serve a registry's /metrics on host:port in a daemon thread; the HTTP server and its bound port."""
+    host, _, port = address.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
+    bound = int(server.server_address[1])
+    _LOGGER.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", bound)
+    return server, bound
+
+
+# Gauges each process holds for itself, which add up; every other gauge reads state the processes share
+# (the one store, the one offline log), so each process reports the same value and one is kept.
+_PER_PROCESS_GAUGES = frozenset({"featurepush_admission_running", "featurepush_admission_waiting"})
+# How long a scrape waits for one process before leaving it out.
+SCRAPE_TIMEOUT_S = 2.0
+
+
+class ProcessGroupCollector(Collector):
+    """The metrics of every process of `serve --processes`, read from their sockets and added up.
+
+    Counters and histograms are summed over the processes (a restarted process starts its counters
+    from zero again, which Prometheus reads as a reset); `_created` keeps the earliest time.
+    """
+
+    def __init__(self, sockets: Callable[[], list[Path]]):
+        self._sockets = sockets
+
+    def _read(self, path: Path) -> str | None:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(SCRAPE_TIMEOUT_S)
+                conn.connect(str(path))
+                chunks = []
+                while chunk := conn.recv(1 << 16):
+                    chunks.append(chunk)
+            return b"".join(chunks).decode()
+        except OSError:
+            # A process that is restarting has no socket yet or a stale one; the next scrape has it.
+            return None
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for path in self._sockets():
+            text = self._read(path)
+            if text is None:
+                continue
+            for family in text_string_to_metric_families(text):
+                if family.name not in merged:
+                    merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                    values[family.name] = {}
+                into = values[family.name]
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    old = into.get(key)
+                    if old is None:
+                        into[key] = sample.value
+                    elif sample.name.endswith("_created"):
+                        into[key] = min(old, sample.value)
+                    elif family.type == "gauge" and family.name not in _PER_PROCESS_GAUGES:
+                        into[key] = max(old, sample.value)
+                    else:
+                        into[key] = old + sample.value
+        for name, metric in merged.items():
+            for (sample_name, labels), value in values[name].items():
+                metric.add_sample(sample_name, dict(labels), value)
+            yield metric

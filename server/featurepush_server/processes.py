@@ -34,6 +34,8 @@ _LOGGER = logging.getLogger(__name__)
 
 SOCKET = "store.sock"
 CATALOG = "catalog"
+# Each process's metrics socket in the runtime folder: metrics-owner-0.sock, metrics-front-3.sock.
+METRICS_PREFIX = "metrics-"
 # Seconds a process may take from its start to serving before the server gives up.
 START_TIMEOUT_S = 120.0
 
@@ -123,15 +125,22 @@ def supervise(config: ServerConfig) -> None:
     owner: _Child | None = None
 
     def start(role: str, index: int) -> _Child:
-        # Only the first front serves /metrics: one port cannot be bound twice.
-        child_config = (
-            shared if role == "owner" or index == 0 else dataclasses.replace(shared, metrics_listen="")
-        )
-        child = _Child(role, index, child_config, runtime)
+        # Each process serves its metrics on a socket in the runtime folder (metrics_socket), which the
+        # supervisor's /metrics adds up.
+        child = _Child(role, index, shared, runtime)
         _LOGGER.info("%s started, pid %d", child.name, child.process.pid)
         return child
 
+    metrics_http = None
     try:
+        if config.metrics_listen:
+            from prometheus_client import CollectorRegistry
+
+            from .metrics import ProcessGroupCollector, serve_http
+
+            group = CollectorRegistry(auto_describe=False)
+            group.register(ProcessGroupCollector(lambda: sorted(runtime.glob(f"{METRICS_PREFIX}*.sock"))))
+            metrics_http, _ = serve_http(config.metrics_listen, group)
         # Redis decides writes itself and is shared by whoever connects: nothing needs to own it.
         if config.store == "rocksdb":
             owner = start("owner", 0)
@@ -194,6 +203,11 @@ def supervise(config: ServerConfig) -> None:
                 child.process.kill()
                 child.process.wait()
         holder.close()
+        if metrics_http is not None:
+            metrics_http.shutdown()
+            metrics_http.server_close()
+        for leftover in runtime.glob(f"{METRICS_PREFIX}*.sock"):
+            leftover.unlink(missing_ok=True)
         (runtime / SOCKET).unlink(missing_ok=True)
         (runtime / CATALOG).unlink(missing_ok=True)
         runtime.rmdir()
@@ -236,13 +250,17 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="featurepush-parent-watch", daemon=True).start()
 
 
-def _run_owner(config: ServerConfig, runtime: Path, ready: Callable[[], None]) -> None:
+def _run_owner(
+    config: ServerConfig, runtime: Path, ready: Callable[[], None], metrics_socket: Path | None
+) -> None:
     """Open the store, serve it to the fronts and run its background work until SIGTERM."""
     from .app import open_store
     from .core.expiry import ExpirySweeper
     from .core.offline_log import OfflineLog
     from .core.periodic import Periodic
     from .core.stores.remote import CatalogVersion, StoreOwner
+    from .core.tiles import sweep_tiles
+    from .metrics import Metrics
 
     os.umask(0o077)
     store = open_store(config)
@@ -250,7 +268,7 @@ def _run_owner(config: ServerConfig, runtime: Path, ready: Callable[[], None]) -
         offline_log = OfflineLog(
             store, config.data_dir / "offline", interval_s=config.offline_flush_interval_s
         )
-        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s)
+        sweeper = ExpirySweeper(store, config.expired_sweep_interval_s, lambda: sweep_tiles(store))
         recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
         owner = StoreOwner(store, runtime / SOCKET, CatalogVersion(runtime / CATALOG))
     except BaseException:
@@ -260,6 +278,12 @@ def _run_owner(config: ServerConfig, runtime: Path, ready: Callable[[], None]) -
     offline_log.start()
     sweeper.start()
     recovery.start()
+    metrics_server = None
+    if metrics_socket is not None:
+        # The store's gauges, the offline log's and the sweep's come from here: the fronts have none.
+        metrics = Metrics()
+        metrics.watch(store=store, offline_log=offline_log, sweeper=sweeper)
+        metrics_server = metrics.serve_socket(metrics_socket)
     ready()
     signals: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: signals.append(signum))
@@ -268,6 +292,9 @@ def _run_owner(config: ServerConfig, runtime: Path, ready: Callable[[], None]) -
         time.sleep(0.1)
 
     def stop() -> None:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         owner.close()
         for close in (offline_log.close, sweeper.close, recovery.stop):
             try:
@@ -301,6 +328,9 @@ def main(argv: list[str]) -> int:
 
     configure(config.log_level, config.log_format)
     _watch_parent()
+    metrics_socket = runtime / f"{METRICS_PREFIX}{role}-{index}.sock" if config.metrics_listen else None
+    # The supervisor serves /metrics on the address; this process answers it on its socket.
+    config = dataclasses.replace(config, metrics_listen="")
 
     def ready() -> None:
         try:
@@ -311,11 +341,11 @@ def main(argv: list[str]) -> int:
 
     try:
         if role == "owner":
-            _run_owner(config, runtime, ready)
+            _run_owner(config, runtime, ready, metrics_socket)
         elif config.store != "rocksdb":
             from .app import serve
 
-            serve(config, peer=int(index), ready=ready)
+            serve(config, peer=int(index), ready=ready, metrics_socket=metrics_socket)
         else:
             from .app import serve
             from .core.errors import Unavailable
@@ -337,7 +367,13 @@ def main(argv: list[str]) -> int:
                 while True:
                     store = RemoteStore(runtime / SOCKET, CatalogVersion(runtime / CATALOG))
                     try:
-                        serve(config, front=store, ready=serving, backfill_workers=workers)
+                        serve(
+                            config,
+                            front=store,
+                            ready=serving,
+                            metrics_socket=metrics_socket,
+                            backfill_workers=workers,
+                        )
                         break
                     except Unavailable:
                         if served or time.monotonic() > give_up:

@@ -97,7 +97,7 @@ def _start_worker(socket_path: str, catalog_path: str, allowed: list[str], level
     _watch_parent()
     store = RemoteStore(Path(socket_path), CatalogVersion(Path(catalog_path)))
     registry = Registry(store, catalog_version=store.catalog.read)
-    views = Views(store, registry, allowed)
+    views = Views(store, registry, allowed, catalog_version=store.catalog.read)
     materializer = Materializer(store, [LatestRowWriter(store), OfflineLogWriter(), TileWriter(views, store)])
     install_worker_loader(ChunkLoader(registry, materializer))
     _LOGGER.debug("backfill worker ready")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import hmac
 import json
@@ -13,7 +14,8 @@ import secrets
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,32 +168,52 @@ def write_keys(path: Path, keys: Iterable[ApiKey]) -> None:
         raise KeysFileError(f"cannot write keys file {path}: {e.strerror or e}") from None
 
 
+@contextmanager
+def _editing(path: Path) -> Iterator[None]:
+    """Hold the keys file's edit lock, so two `keys create` at once both land instead of one losing."""
+    folder = path.parent if str(path.parent) else Path(".")
+    lock = folder / f".{path.name}.lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise KeysFileError(f"cannot lock keys file {path}: {e.strerror or e}") from None
+    try:
+        # The file is replaced on every write, so the lock lives on a sibling that stays put.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def add_key(path: Path, scopes: Iterable[str], name: str = "") -> tuple[ApiKey, str]:
     """Create a key in the keys file (creating the file if needed); returns its record and key string."""
-    keys = read_keys(path) if path.exists() else {}
     record, text = new_key(scopes, name)
-    keys[record.id] = record
-    write_keys(path, keys.values())
+    with _editing(path):
+        keys = read_keys(path) if path.exists() else {}
+        keys[record.id] = record
+        write_keys(path, keys.values())
     return record, text
 
 
 def revoke_key(path: Path, key_id: str) -> ApiKey:
     """Mark a key revoked in the keys file; raises KeyError if there is no such key."""
-    keys = read_keys(path)
-    if key_id not in keys:
-        raise KeyError(key_id)
-    key = keys[key_id]
-    if key.revoked is None:
-        key = keys[key_id] = ApiKey(
-            key.id,
-            key.name,
-            key.scopes,
-            key.created,
-            key.salt,
-            key.digest,
-            revoked=dt.datetime.now(dt.UTC).replace(microsecond=0),
-        )
-        write_keys(path, keys.values())
+    with _editing(path):
+        keys = read_keys(path)
+        if key_id not in keys:
+            raise KeyError(key_id)
+        key = keys[key_id]
+        if key.revoked is None:
+            key = keys[key_id] = ApiKey(
+                key.id,
+                key.name,
+                key.scopes,
+                key.created,
+                key.salt,
+                key.digest,
+                revoked=dt.datetime.now(dt.UTC).replace(microsecond=0),
+            )
+            write_keys(path, keys.values())
     return key
 
 

@@ -29,11 +29,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from featurepush.v1 import feature_view_pb2 as fv_pb2
+
 from .encoding import encode_keys
 from .errors import FailedPrecondition
 from .materialize import Origin, Staged
+from .schema import Kind
 from .stores.base import TileMerge, TileStore
-from .views import View, Views, ViewSpec
+from .views import AggSpec, View, Views, ViewSpec
 
 # HyperLogLog precision: 2^12 registers, about 1.6% standard error.
 HLL_LG_K = 12
@@ -163,6 +166,24 @@ def sketch_estimate(encoded: str) -> int:
     return int(round(ds.hll_sketch.deserialize(base64.b64decode(encoded)).get_estimate()))
 
 
+def merge_spec(
+    name: str,
+    interval: int,
+    longest_window: int,
+    moments: tuple[str, ...],
+    lists: tuple[tuple[str, str, int], ...],
+    sketches: tuple[str, ...],
+) -> ViewSpec:
+    """The parts of a view's spec that merging its tiles reads, for a store that gets tile updates as bytes.
+
+    Only the interval, the longest window and the tile layout (moment, list and sketch columns) are real;
+    the source, fields and features stay empty, since a merge never reads them.
+    """
+    window = AggSpec("", "", 0, 0, longest_window, Kind.INT64)
+    empty = fv_pb2.StreamFeatureView()
+    return ViewSpec(name, "", (), "", (), (window,), interval, moments, lists, sketches, empty)
+
+
 # --- the view's state ----------------------------------------------------------------------------
 
 
@@ -204,6 +225,8 @@ def begin_backfill(store: TileStore, view: View, start: int | None, end: int | N
     problem: list[str] = []
 
     def change(raw: bytes | None) -> bytes | None:
+        # A store may call this again on a newer state (a remote store compares and sets).
+        problem.clear()
         state = ViewState.parse(raw)
         if state.watermark is None:
             state.watermark = floor_to(now_micros(), interval)
@@ -447,13 +470,24 @@ class TileWriter:
             )
 
 
-def sweep_tiles(views: Views, store: TileStore, now: int | None = None) -> int:
-    """Delete every view's tiles outside every window read now (or at `now`); return how many."""
+def _micros(duration: Any) -> int:
+    return int(duration.seconds) * 1_000_000 + int(duration.nanos) // 1000
+
+
+def sweep_tiles(store: TileStore, now: int | None = None) -> int:
+    """Delete every view's tiles outside every window read now (or at `now`); return how many.
+
+    Windows come from the stored definitions alone, so a process that never loads the views'
+    transformations (the store owner of serve --processes) sweeps too.
+    """
     deleted = 0
     now = now_micros() if now is None else now
-    for view in views.all():
-        spec = view.spec
-        deleted += store.delete_tiles_before(view.id, floor_to(now, spec.interval) - spec.longest_window)
+    for _, view_id, raw in store.list_views():
+        proto = fv_pb2.StreamFeatureView.FromString(raw)
+        interval = _micros(proto.aggregation_interval)
+        longest = max((_micros(a.time_window) for a in proto.aggregations), default=0)
+        if interval > 0:
+            deleted += store.delete_tiles_before(view_id, floor_to(now, interval) - longest)
     return deleted
 
 

@@ -20,8 +20,8 @@ import pyarrow as pa
 from featurepush.v1 import feature_view_pb2 as fv_pb2
 
 from .batch import load_post_processor
-from .errors import FailedPrecondition, InvalidInput, NotFound, Violation, shown
-from .registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry, Source
+from .errors import FailedPrecondition, InvalidInput, NotFound, Unavailable, Violation, shown
+from .registry import CATALOG_WAIT_S, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry, Source
 from .schema import NAME_RE, FieldSpec, Kind, _compile_fields
 from .stores.base import Store
 
@@ -270,10 +270,19 @@ class Views:
     """View and feature-service definitions kept in the store, cached in memory; thread-safe.
 
     Transformations are imported under the batch post_processor rules: only from `allowed` modules, and
-    only a function defined in the module it names.
+    only a function defined in the module it names. Where other processes change the same store's views,
+    `catalog_version` reads their change counter (see Registry), and the caches are dropped when it moves;
+    where other servers do (a shared store), the caches are dropped every `refresh_s` seconds.
     """
 
-    def __init__(self, store: Store, sources: Registry, allowed: Collection[str]):
+    def __init__(
+        self,
+        store: Store,
+        sources: Registry,
+        allowed: Collection[str],
+        catalog_version: Callable[[], int] | None = None,
+        refresh_s: float | None = None,
+    ):
         self._store = store
         self._sources = sources
         self._allowed = allowed
@@ -281,6 +290,37 @@ class Views:
         self._by_name: dict[str, View] = {}
         # Source name -> its views; dropped whole on any view change.
         self._by_source: dict[str, list[View]] | None = None
+        self._catalog_version = catalog_version
+        self._cached_version = catalog_version() if catalog_version is not None else 0
+        self._refresh_s = refresh_s
+        self._filled_at = time.monotonic()
+
+    def _current(self) -> bool:
+        """Whether the caches still hold: no definition changed elsewhere since they were filled."""
+        if self._refresh_s is not None and time.monotonic() - self._filled_at >= self._refresh_s:
+            return False
+        return self._catalog_version is None or self._catalog_version() == self._cached_version
+
+    def _settled_version(self) -> int:
+        """The change counter once no change is being written elsewhere; caches are dropped if it moved."""
+        if self._refresh_s is not None and time.monotonic() - self._filled_at >= self._refresh_s:
+            self._by_name.clear()
+            self._by_source = None
+            self._filled_at = time.monotonic()
+        if self._catalog_version is None:
+            return 0
+        deadline = time.monotonic() + CATALOG_WAIT_S
+        version = self._catalog_version()
+        while version % 2:
+            if time.monotonic() > deadline:
+                raise Unavailable("feature views are being changed; send the request again shortly")
+            time.sleep(0.001)
+            version = self._catalog_version()
+        if version != self._cached_version:
+            self._by_name.clear()
+            self._by_source = None
+            self._cached_version = version
+        return version
 
     def _source(self, name: str) -> Source | None:
         try:
@@ -303,15 +343,24 @@ class Views:
     def get(self, name: str) -> View:
         """The view called `name`; raise NotFound."""
         cached = self._by_name.get(name)
-        if cached is not None:
+        if cached is not None and self._current():
             return cached
         with self._lock:
             return self._get_locked(name)
 
     def _get_locked(self, name: str) -> View:
-        cached = self._by_name.get(name)
-        if cached is not None:
-            return cached
+        while True:
+            version = self._settled_version()
+            cached = self._by_name.get(name)
+            if cached is not None:
+                return cached
+            view = self._read(name)
+            # A change written elsewhere while the definition and its generation were read: read again.
+            if self._catalog_version is None or self._catalog_version() == version:
+                self._by_name[name] = view
+                return view
+
+    def _read(self, name: str) -> View:
         found = self._store.get_view(name)
         if found is None:
             raise NotFound(
@@ -324,20 +373,21 @@ class Views:
         source = self._source(proto.source)
         spec = compile_view(proto, source)
         kinds = tuple(source.spec.field(k).dtype.kind for k in spec.entity_keys) if source else ()
-        view = View(view_id, spec, self._store.view_generation(view_id), self._load(spec), kinds)
-        self._by_name[name] = view
-        return view
+        return View(view_id, spec, self._store.view_generation(view_id), self._load(spec), kinds)
 
     def of_source(self, source: str) -> list[View]:
         """The views of one source (cached: pushes ask on every call)."""
         by_source = self._by_source
-        if by_source is None:
+        if by_source is None or not self._current():
             with self._lock:
+                version = self._settled_version()
                 built: dict[str, list[View]] = {}
                 for name, _, raw in self._store.list_views():
                     source_name = fv_pb2.StreamFeatureView.FromString(raw).source
                     built.setdefault(source_name, []).append(self._get_locked(name))
-                self._by_source = by_source = built
+                if self._catalog_version is None or self._catalog_version() == version:
+                    self._by_source = built
+                by_source = built
         return by_source.get(source, [])
 
     def all(self) -> list[View]:

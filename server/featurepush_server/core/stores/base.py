@@ -303,7 +303,10 @@ class TileStore(Protocol):
         ...
 
     def update_view_state(self, view_id: int, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
-        """Replace the view's state by `change(state)` under the write lock; return the new state."""
+        """Replace the view's state by `change(state)` atomically; return the new state.
+
+        `change` may run more than once, on newer states, where the store compares and sets.
+        """
         ...
 
     def delete_tiles_before(self, view_id: int, start_micros: int) -> int:

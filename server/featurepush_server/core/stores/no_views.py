@@ -16,13 +16,13 @@ from ..errors import FailedPrecondition
 class NoViews:
     """Mixed into a backend: no views, services or tiles, and a clear refusal to store any."""
 
-    #: What the refusal calls this store, such as "Redis" or "the store of serve --processes".
+    #: What the refusal calls this store, such as "Redis Cluster".
     store_name = "this store"
 
     def _refuse(self) -> FailedPrecondition:
         return FailedPrecondition(
-            f"stream feature views are kept only by the embedded RocksDB store of a one-process server "
-            f"(featurepush serve --processes 1); {self.store_name} does not hold them yet",
+            "stream feature views are kept by the embedded RocksDB store (with any --processes) and by a "
+            f"single Redis node; {self.store_name} does not hold them yet",
             reason="VIEWS_NOT_SUPPORTED",
         )
 

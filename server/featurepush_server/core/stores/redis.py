@@ -15,6 +15,12 @@ Keys, for a namespace `ns` (the `{...}` part is the Redis Cluster hash tag, whic
   {ns}:req:<request id>         an idempotency record: the JSON counts, expiring after the window
   {ns:<id>:<bucket>}m           hash: the source's generation (g) and ttl in ms (t), one per bucket
   {ns:<id>:<bucket>}r<entity>   a row: its stored value, framed as `framing.py` says
+  {ns}:views                    hash: view name -> 4-byte id, 8-byte generation, StreamFeatureView
+  {ns}:next_view_id             the last view id handed out (INCR)
+  {ns}:vgen:<view id>           the view's generation (INCR on an incompatible change, -1 once deleted)
+  {ns}:vstate:<view id>         the view's state: its watermark and backfilled ranges (core/tiles.py)
+  {ns}:services                 hash: feature service name -> FeatureService
+  {ns}:t<view id>:<entity>      hash: one entity's tiles of a view, by 8-byte start -> partial aggregates
 
 A row's bucket is a hash of its entity key, so one source spreads over BUCKETS slots, and every key a
 row's write reads (the row, its bucket's generation and ttl) shares one slot: the write script can run
@@ -22,6 +28,11 @@ on a cluster, and resharding moves whole buckets. On one Redis node a push (ever
 entry and the idempotency record) is one script, so all or nothing. On a cluster each bucket is one
 script, atomic on its own; the offline entry and the idempotency record are then written together last,
 as the commit marker, so a push sent again with its request id completes it without logging twice.
+
+Stream feature views live on one node only (a cluster refuses them, as NoViews says). A push with tile
+updates WATCHes the view states and the tile hashes it merges into, reads and merges them here, then
+writes rows, tiles, states, the offline entry and the request record in one script inside MULTI, which
+also checks the views' generations; if another write changed a watched key meanwhile, it starts over.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
@@ -62,6 +74,12 @@ _PREFIX_BYTES = 5
 _LEASE_MS = 30_000
 _LOCK_MS = 10_000
 _DELETE_CHUNK = 1000
+# A view tile's key as the core sees it: a byte, the 4-byte view id, the entity's 4-byte length, the
+# entity, then the tile's start plus 2^63 as 8 bytes big-endian (the field in the entity's tile hash).
+_TILE = b"t"
+_START_OFFSET = 1 << 63
+# How many times a push with tile updates is tried while other writes change the tiles it merged.
+_TILE_TRIES = 50
 NAMESPACE_PATTERN = r"[A-Za-z0-9_.-]+"
 
 # Latest-by-event-time writes of rows, with the generation check, the offline entries and the request
@@ -72,12 +90,20 @@ NAMESPACE_PATTERN = r"[A-Za-z0-9_.-]+"
 # ARGV: dry, n_meta, n_rows, n_off, window ms ("" for no request record), grace ms, record ("" to build
 #   it here), n_src, then n_src pairs (name, accepted), then per meta (source index, expected generation
 #   or "" for none), then per row (meta index, value), then the offline entries.
+# Feature views (one node only) follow, where a push has tile updates: ARGV n_vg, n_tile, n_state, each
+#   source's late-skipped count, the n_vg expected view generations, n_tile (field, value) pairs and
+#   n_state view states; KEYS after the request record's key: the n_vg view generation keys, the n_tile
+#   tile hashes and the n_state view state keys. A changed view generation refuses the write whole.
 _WRITE = """
 local dry = ARGV[1] == '1'
 local n_meta, n_rows, n_off = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local window, grace, record = ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local n_src = tonumber(ARGV[8])
 local k = n_meta + n_rows + 1
+local t = 9 + 2 * n_src + 2 * n_meta + 2 * n_rows + n_off
+local n_vg, n_tile = tonumber(ARGV[t] or '0'), tonumber(ARGV[t + 1] or '0')
+local n_state = tonumber(ARGV[t + 2] or '0')
+local kt = k + (n_off > 0 and 2 or 0) + (window ~= '' and 1 or 0)
 local req = nil
 if window ~= '' then
   req = KEYS[k + (n_off > 0 and 2 or 0)]
@@ -93,6 +119,9 @@ for i = 1, n_meta do
   local m = redis.call('HMGET', KEYS[i], 'g', 't')
   if want ~= '' and m[1] ~= want then return {1, meta_src[i]} end
   ttl[i] = tonumber(m[2] or '0')
+end
+for i = 1, n_vg do
+  if (redis.call('GET', KEYS[kt + i - 1]) or '0') ~= ARGV[t + 2 + n_src + i] then return {3, i} end
 end
 for s = 1, n_src do written[s] = 0 end
 for r = 1, n_rows do
@@ -122,7 +151,7 @@ if record == '' then
   local counts = {}
   for s = 1, n_src do
     local accepted = tonumber(ARGV[8 + 2 * s])
-    counts[ARGV[7 + 2 * s]] = {accepted, written[s], accepted - written[s]}
+    counts[ARGV[7 + 2 * s]] = {accepted, written[s], accepted - written[s], tonumber(ARGV[t + 2 + s] or '0')}
   end
   record = cjson.encode(counts)
 end
@@ -130,6 +159,14 @@ if not dry then
   for j = 1, n_off do
     local seq = redis.call('INCR', KEYS[k + 1])
     redis.call('XADD', KEYS[k], '0-' .. seq, 'e', ARGV[a + j - 1])
+  end
+  local v = t + 3 + n_src + n_vg
+  for i = 1, n_tile do
+    redis.call('HSET', KEYS[kt + n_vg + i - 1], ARGV[v], ARGV[v + 1])
+    v = v + 2
+  end
+  for i = 1, n_state do
+    redis.call('SET', KEYS[kt + n_vg + n_tile + i - 1], ARGV[v + i - 1])
   end
   if req then redis.call('SET', req, record, 'PX', window) end
 end
@@ -171,7 +208,7 @@ class RedisStore(NoViews):
     many replicas too; how long it survives there is Redis's persistence setting.
     """
 
-    store_name = "Redis"
+    store_name = "Redis Cluster"
 
     def __init__(
         self,
@@ -200,8 +237,9 @@ class RedisStore(NoViews):
         self._release_script = client.register_script(_RELEASE)
         # Definition changes by this process, serialized here before the cross-server lock.
         self._local = threading.Lock()
-        # Source id -> the generation seen with its definition by the last get_source.
+        # Source id -> the generation seen with its definition by the last get_source; views likewise.
         self._generations: dict[int, int] = {}
+        self._view_generations: dict[int, int] = {}
         self._down: CoreError | None = None
         self._watchers: list[Callable[[bool], None]] = []
         # A cluster push writes each bucket with its own script; they run side by side.
@@ -503,6 +541,76 @@ class RedisStore(NoViews):
         return result
 
     def _write_node(self, batches: Sequence[RowBatch], request_id: str, dry_run: bool) -> WriteResult:
+        if not any(batch.tiles for batch in batches):
+            keys, args = self._write_args(batches, request_id, dry_run)
+            return self._result(self._write_script(keys=keys, args=args), batches)
+        # Tiles are merged here from what Redis holds; the write lands only if none of it changed since.
+        for _ in range(_TILE_TRIES):
+            with self._redis.pipeline(transaction=True) as pipe:
+                try:
+                    return self._write_node_tiles(pipe, batches, request_id, dry_run)
+                except redis.WatchError:
+                    continue
+        raise Unavailable(
+            "feature view tiles of this push were changed by other writes at every try; send it again",
+            reason="TILES_BUSY",
+        )
+
+    def _write_node_tiles(
+        self, pipe: Any, batches: Sequence[RowBatch], request_id: str, dry_run: bool
+    ) -> WriteResult:
+        """One try of a push with tile updates: watch, read and merge the tiles, then write it all at once."""
+        updates = [(index, update) for index, batch in enumerate(batches) for update in batch.tiles]
+        state_keys = [self._view_key("vstate", update.view_id) for _, update in updates]
+        pipe.watch(*set(state_keys))
+        states: list[bytes | None] = self._redis.mget(state_keys)
+
+        def read(keys: list[bytes]) -> list[bytes | None]:
+            places = [self._tile_place(key) for key in keys]
+            pipe.watch(*{name for name, _ in places})
+            reads = self._redis.pipeline(transaction=False)
+            for name, field in places:
+                reads.hget(name, field)
+            found: list[bytes | None] = reads.execute()
+            return found
+
+        puts: dict[tuple[bytes, bytes], bytes] = {}
+        new_states: dict[str, bytes] = {}
+        late = [0] * len(batches)
+        for (index, update), key, state in zip(updates, state_keys, states, strict=True):
+            merged = update.merge(state, read)
+            for tile, value in zip(merged.keys, merged.values, strict=True):
+                puts[self._tile_place(tile)] = value
+            if merged.state is not None and merged.state != state:
+                new_states[key] = merged.state
+            late[index] = max(late[index], merged.skipped)
+        expected = {update.view_id: (update.view, update.generation) for _, update in updates}
+        keys, args = self._write_args(batches, request_id, dry_run)
+        keys += [self._view_key("vgen", view_id) for view_id in expected]
+        keys += [name for name, _ in puts]
+        keys += list(new_states)
+        args += [len(expected), len(puts), len(new_states), *late]
+        args += [str(generation) for _, generation in expected.values()]
+        for (_, field), value in puts.items():
+            args += [field, value]
+        args += list(new_states.values())
+        pipe.multi()
+        self._write_script(keys=keys, args=args, client=pipe)
+        reply = pipe.execute()[0]
+        if int(reply[0]) == 3:
+            view = list(expected.values())[int(reply[1]) - 1][0]
+            raise Aborted(
+                f"feature view {view!r} was changed or deleted while these records were validated; nothing "
+                "was written, send them again",
+                reason="VIEW_CHANGED",
+                metadata={"view": view},
+            )
+        return self._result(reply, batches)
+
+    def _write_args(
+        self, batches: Sequence[RowBatch], request_id: str, dry_run: bool
+    ) -> tuple[list[bytes | str], list[Any]]:
+        """The keys and arguments of the write script for a push on one node, without tiles."""
         metas: dict[bytes, int] = {}
         meta_args: list[bytes | str | int] = []
         row_keys: list[bytes] = []
@@ -528,8 +636,7 @@ class RedisStore(NoViews):
         args += [self._grace_ms, "", len(batches)]
         for batch in batches:
             args += [batch.source, len(batch.keys)]
-        reply = self._write_script(keys=keys, args=[*args, *meta_args, *row_args, *offline])
-        return self._result(reply, batches)
+        return keys, [*args, *meta_args, *row_args, *offline]
 
     def _result(self, reply: list[Any], batches: Sequence[RowBatch]) -> WriteResult:
         status = int(reply[0])
@@ -568,7 +675,7 @@ class RedisStore(NoViews):
         for group, reply in zip(groups, self._pool.map(run, list(groups)), strict=True):
             if int(reply[0]) == 1:
                 _source_changed(batches[group[0]])
-            for source, (_, n, _) in json.loads(reply[1]).items():
+            for source, (_, n, *_) in json.loads(reply[1]).items():
                 written[source] += n
         counts = {
             b.source: BatchCounts(len(b.keys), written[b.source], len(b.keys) - written[b.source])
@@ -611,6 +718,224 @@ class RedisStore(NoViews):
                 reason="REPLICAS_BEHIND",
                 metadata={"replicas": str(acked)},
             )
+
+    # --- feature views and tiles (one node; a cluster refuses them) -----------------------------
+
+    def _view_key(self, kind: str, view_id: int) -> str:
+        return self._key(f"{kind}:{view_id}")
+
+    def _tiles_prefix(self, view_id: int) -> bytes:
+        return self._key(f"t{view_id}:").encode()
+
+    def _tile_place(self, key: bytes) -> tuple[bytes, bytes]:
+        """The Redis hash of a core tile key (its view and entity) and the field in it (the tile's start)."""
+        return self._tiles_prefix(int.from_bytes(key[1:5], "big")) + key[5:-8], key[-8:]
+
+    def _tile_hashes(self, view_id: int) -> Iterator[bytes]:
+        return iter(self._redis.scan_iter(match=self._tiles_prefix(view_id) + b"*", count=1000))
+
+    def get_view(self, name: str) -> tuple[int, bytes] | None:
+        """The id and serialized definition of a view, or None."""
+        if self._cluster:
+            return super().get_view(name)
+        with self._gate.use(), self._calls():
+            raw = self._redis.hget(self._key("views"), name.encode())
+        if raw is None:
+            return None
+        view_id = int.from_bytes(raw[:4], "big")
+        # Read with the definition, so a definition and the generation it is checked by always match.
+        self._view_generations[view_id] = int.from_bytes(raw[4:12], "big", signed=True)
+        return view_id, raw[12:]
+
+    def list_views(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, int, bytes]]:
+        """Views in name order, starting after `after`."""
+        if self._cluster:
+            return super().list_views(after, limit)
+        with self._gate.use(), self._calls():
+            found = self._redis.hgetall(self._key("views"))
+        rows = sorted((k.decode(), int.from_bytes(v[:4], "big"), v[12:]) for k, v in found.items())
+        rows = [row for row in rows if row[0] > after]
+        return iter(rows if limit is None else rows[:limit])
+
+    def put_view(self, name: str, definition: bytes, view_id: int | None = None, *, invalidate: bool) -> int:
+        """Store a view definition under its id, or a new one; return the id.
+
+        `invalidate` starts a new generation first, so tiles computed against the old definition, on any
+        server, are refused by the write script from then on.
+        """
+        if self._cluster:
+            return super().put_view(name, definition, view_id, invalidate=invalidate)
+        with self._gate.use(), self._calls():
+            if view_id is None:
+                view_id = int(self._redis.incr(self._key("next_view_id")))
+            gen_key = self._view_key("vgen", view_id)
+            generation = int(self._redis.incr(gen_key) if invalidate else self._redis.get(gen_key) or 0)
+            raw = view_id.to_bytes(4, "big") + generation.to_bytes(8, "big", signed=True) + definition
+            self._redis.hset(self._key("views"), name.encode(), raw)
+        self._view_generations[view_id] = generation
+        return view_id
+
+    def delete_view(self, name: str, view_id: int) -> int:
+        """Delete a view, its state and its tiles; return how many tiles there were."""
+        if self._cluster:
+            return super().delete_view(name, view_id)
+        tiles = 0
+        with self._gate.use(), self._calls():
+            # Writes are refused first, so no tile lands between the scan and the end.
+            self._redis.set(self._view_key("vgen", view_id), -1)
+            self._view_generations[view_id] = -1
+            self._redis.hdel(self._key("views"), name.encode())
+            self._redis.delete(self._view_key("vstate", view_id))
+            for name_of_hash in list(self._tile_hashes(view_id)):
+                pipe = self._redis.pipeline(transaction=True)
+                pipe.hlen(name_of_hash)
+                pipe.delete(name_of_hash)
+                tiles += int(pipe.execute()[0])
+        return tiles
+
+    def view_generation(self, view_id: int) -> int:
+        """The view's generation, as stored with the definition last read; -1 once it is deleted."""
+        if self._cluster:
+            return super().view_generation(view_id)
+        found = self._view_generations.get(view_id)
+        if found is not None:
+            return found
+        with self._gate.use(), self._calls():
+            raw = self._redis.get(self._view_key("vgen", view_id))
+        return int(raw or 0)
+
+    def has_tiles(self, view_id: int) -> bool:
+        """Whether a view holds any tile."""
+        if self._cluster:
+            return super().has_tiles(view_id)
+        with self._gate.use(), self._calls():
+            return next(self._tile_hashes(view_id), None) is not None
+
+    def get_service(self, name: str) -> bytes | None:
+        """The serialized definition of a feature service, or None."""
+        if self._cluster:
+            return super().get_service(name)
+        with self._gate.use(), self._calls():
+            raw: bytes | None = self._redis.hget(self._key("services"), name.encode())
+        return raw
+
+    def list_services(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, bytes]]:
+        """Feature services in name order, starting after `after`."""
+        if self._cluster:
+            return super().list_services(after, limit)
+        with self._gate.use(), self._calls():
+            found = self._redis.hgetall(self._key("services"))
+        rows = sorted((k.decode(), v) for k, v in found.items() if k.decode() > after)
+        return iter(rows if limit is None else rows[:limit])
+
+    def put_service(self, name: str, definition: bytes) -> None:
+        """Store a feature service definition."""
+        if self._cluster:
+            return super().put_service(name, definition)
+        with self._gate.use(), self._calls():
+            self._redis.hset(self._key("services"), name.encode(), definition)
+
+    def delete_service(self, name: str) -> None:
+        """Delete a feature service definition."""
+        if self._cluster:
+            return super().delete_service(name)
+        with self._gate.use(), self._calls():
+            self._redis.hdel(self._key("services"), name.encode())
+
+    def tile_key(self, view_id: int, entity: bytes, start_micros: int) -> bytes:
+        """The core key of one entity's tile: the view id, the entity with its length, the start."""
+        if self._cluster:
+            return super().tile_key(view_id, entity, start_micros)
+        head = _TILE + view_id.to_bytes(4, "big") + len(entity).to_bytes(4, "big")
+        return head + entity + (start_micros + _START_OFFSET).to_bytes(8, "big")
+
+    def tile_keys(self, view_id: int, entities: Sequence[bytes], starts: np.ndarray) -> list[bytes]:
+        """The keys of each entity's tile starting at the matching start (int64 microseconds)."""
+        if self._cluster:
+            return super().tile_keys(view_id, entities, starts)
+        head = _TILE + view_id.to_bytes(4, "big")
+        shifted = (starts.astype(np.int64).view(np.uint64) + np.uint64(_START_OFFSET)).astype(">u8").tobytes()
+        return [
+            head + len(entity).to_bytes(4, "big") + entity + shifted[8 * i : 8 * i + 8]
+            for i, entity in enumerate(entities)
+        ]
+
+    def read_tiles(self, keys: list[bytes]) -> list[bytes | None]:
+        """Stored tiles of the keys, None where absent: one round trip."""
+        if self._cluster or not keys:
+            return super().read_tiles(keys)
+        with self._gate.use(), self._calls():
+            pipe = self._redis.pipeline(transaction=False)
+            for name, field in map(self._tile_place, keys):
+                pipe.hget(name, field)
+            found: list[bytes | None] = pipe.execute()
+        return found
+
+    def scan_tiles(
+        self, view_id: int, entities: Sequence[bytes], first_micros: int, last_micros: int
+    ) -> tuple[list[int], np.ndarray, list[bytes]]:
+        """Each entity's tiles with starts in [first_micros, last_micros], entity by entity, by start."""
+        if self._cluster:
+            return super().scan_tiles(view_id, entities, first_micros, last_micros)
+        prefix = self._tiles_prefix(view_id)
+        with self._gate.use(), self._calls():
+            pipe = self._redis.pipeline(transaction=False)
+            for entity in entities:
+                pipe.hgetall(prefix + len(entity).to_bytes(4, "big") + entity)
+            found: list[dict[bytes, bytes]] = pipe.execute()
+        lo = (first_micros + _START_OFFSET).to_bytes(8, "big")
+        hi = (last_micros + _START_OFFSET).to_bytes(8, "big")
+        counts: list[int] = []
+        fields: list[bytes] = []
+        values: list[bytes] = []
+        for tiles in found:
+            inside = sorted((f, v) for f, v in tiles.items() if lo <= f <= hi)
+            counts.append(len(inside))
+            fields += [f for f, _ in inside]
+            values += [v for _, v in inside]
+        shifted = np.frombuffer(b"".join(fields), dtype=">u8").astype(np.uint64)
+        return counts, (shifted - np.uint64(_START_OFFSET)).view(np.int64), values
+
+    def view_state(self, view_id: int) -> bytes | None:
+        """The view's stored state (its watermark and backfilled ranges), or None."""
+        if self._cluster:
+            return super().view_state(view_id)
+        with self._gate.use(), self._calls():
+            raw: bytes | None = self._redis.get(self._view_key("vstate", view_id))
+        return raw
+
+    def update_view_state(self, view_id: int, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        """Replace the view's state by `change(state)`, computed again if another write came first."""
+        if self._cluster:
+            return super().update_view_state(view_id, change)
+        key = self._view_key("vstate", view_id)
+        with self._gate.use(), self._calls():
+            while True:
+                with self._redis.pipeline(transaction=True) as pipe:
+                    try:
+                        pipe.watch(key)
+                        new = change(pipe.get(key))
+                        if new is None:
+                            return None
+                        pipe.multi()
+                        pipe.set(key, new)
+                        pipe.execute()
+                        return new
+                    except redis.WatchError:
+                        continue
+
+    def delete_tiles_before(self, view_id: int, start_micros: int) -> int:
+        """Delete the view's tiles that start before `start_micros`; return how many."""
+        if self._cluster:
+            return super().delete_tiles_before(view_id, start_micros)
+        cutoff = (start_micros + _START_OFFSET).to_bytes(8, "big")
+        deleted = 0
+        with self._gate.use(), self._calls():
+            for name in list(self._tile_hashes(view_id)):
+                stale = [f for f in self._redis.hkeys(name) if f < cutoff]
+                if stale:
+                    deleted += int(self._redis.hdel(name, *stale))
+        return deleted
 
     # --- offline-log queue ---------------------------------------------------------------------
 

@@ -13,16 +13,25 @@ bytes. A list of byte strings (a read's keys) is a u32 count, the u32 lengths of
 bytes one after another; in a read's reply a length of 0xFFFFFFFF is a missing value. A column of byte
 strings (a RowBatch's keys or values) is a u32 count n, n + 1 little-endian i32 offsets from 0, then the
 bytes: Arrow's layout of a binary array, so the owner takes it apart in Arrow's C++ code, not per item.
+Arrays of numbers (tile starts, partial aggregates) are a byte string of little-endian int64s or
+float64s.
 
-Catalog changes (put_source, delete_source) are announced through an 8-byte counter in a shared file,
-written like a seqlock: odd while a change is being written, even once it is done, and increased by
-each owner at start. A front's registry drops its cached definitions when the counter moves. Source
-generations carry the owner's start count in their upper bits, so a definition validated under an
-earlier owner is refused with ABORTED rather than checked against a restarted owner's counts.
+A push's feature-view tile updates (tiles.ViewTiles, computed by the front) follow their batch's rows:
+per update the view's name, id, generation and backfill run, the parts of its spec a merge reads (interval,
+longest window, moment, list and sketch columns), then the tile keys, starts, fixed blocks and the JSON of
+the variable parts; the owner merges them under the store's lock in the same write as the rows.
+
+Catalog changes (put_source, delete_source, put_view, delete_view) are announced through an 8-byte counter
+in a shared file, written like a seqlock: odd while a change is being written, even once it is done, and
+increased by each owner at start. A front's registry and views drop their cached definitions when the
+counter moves. Source and view generations carry the owner's start count in their upper bits, so a
+definition validated under an earlier owner is refused with ABORTED rather than checked against a
+restarted owner's counts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import mmap
@@ -42,8 +51,8 @@ import pyarrow as pa
 from .. import errors
 from ..errors import Aborted, CoreError, Unavailable
 from ..gate import UsageGate
-from .base import BatchCounts, QueuedRecords, RowBatch, Store, StoreFormatError, WriteResult
-from .no_views import NoViews
+from ..tiles import Codec, ViewTiles, merge_spec
+from .base import BatchCounts, QueuedRecords, RowBatch, Store, StoreFormatError, TileUpdate, WriteResult
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -76,7 +85,24 @@ _GENERATION_BITS = 32
     SYNC_NOW,
     COUNT_ROWS,
     COUNT_OFFLINE,
-) = range(1, 22)
+    GET_VIEW,
+    LIST_VIEWS,
+    PUT_VIEW,
+    DELETE_VIEW,
+    VIEW_GENERATION,
+    HAS_TILES,
+    GET_SERVICE,
+    LIST_SERVICES,
+    PUT_SERVICE,
+    DELETE_SERVICE,
+    TILE_KEY,
+    TILE_KEYS,
+    READ_TILES,
+    SCAN_TILES,
+    VIEW_STATE,
+    UPDATE_VIEW_STATE,
+    DELETE_TILES_BEFORE,
+) = range(1, 39)
 
 
 class _Out:
@@ -118,6 +144,10 @@ class _Out:
         np.cumsum(np.fromiter(map(len, items), dtype=np.int64, count=n), out=offsets[1:])
         self.parts += (_U32.pack(n), offsets.tobytes(), b"".join(items))
         return self
+
+    def maybe(self, value: bytes | None) -> _Out:
+        """A byte string or None: a presence flag, then the bytes."""
+        return self.u8(value is not None).blob(value or b"")
 
 
 class _In:
@@ -181,6 +211,11 @@ class _In:
         self.at = end
         items: list[bytes] = array.to_numpy(zero_copy_only=False).tolist()
         return items
+
+    def maybe(self) -> bytes | None:
+        present = self.u8()
+        value = self.blob()
+        return value if present else None
 
 
 class _Frames:
@@ -263,11 +298,46 @@ def _send_frame(sock: socket.socket, out: _Out) -> None:
 def _counts_out(out: _Out, counts: dict[str, BatchCounts]) -> None:
     out.i64(len(counts))
     for source, c in counts.items():
-        out.text(source).i64(c.accepted).i64(c.written).i64(c.superseded)
+        out.text(source).i64(c.accepted).i64(c.written).i64(c.superseded).i64(c.late_skipped)
 
 
 def _counts_in(inp: _In) -> dict[str, BatchCounts]:
-    return {inp.text(): BatchCounts(inp.i64(), inp.i64(), inp.i64()) for _ in range(inp.i64())}
+    return {inp.text(): BatchCounts(inp.i64(), inp.i64(), inp.i64(), inp.i64()) for _ in range(inp.i64())}
+
+
+def _tiles_out(out: _Out, update: TileUpdate) -> None:
+    """One view's tile update of a push or backfill batch, as the front computed it."""
+    if not isinstance(update, ViewTiles):
+        raise CoreError(f"the tile update of feature view {update.view!r} cannot be sent to the store")
+    spec = update.spec
+    out.text(update.view).i64(update.view_id).i64(update.generation).text(update.run)
+    out.i64(spec.interval).i64(spec.longest_window).texts(spec.moments)
+    out.texts([column for column, _, _ in spec.lists]).texts([kind for _, kind, _ in spec.lists])
+    out.blob(np.array([n for _, _, n in spec.lists], dtype="<i8").tobytes()).texts(spec.sketches)
+    out.blobs(update.keys)
+    out.blob(update.starts.astype("<i8").tobytes())
+    out.blob(update.fixed.astype("<f8").tobytes())
+    out.blob(json.dumps(update.var, separators=(",", ":")).encode() if update.codec.has_var else b"")
+
+
+def _tiles_in(inp: _In) -> ViewTiles:
+    """A tile update as `_tiles_out` wrote it, ready for the store to merge."""
+    view, view_id, generation, run = inp.text(), inp.i64(), inp.i64(), inp.text()
+    interval, longest, moments = inp.i64(), inp.i64(), tuple(inp.texts())
+    columns, kinds = inp.texts(), inp.texts()
+    sizes = np.frombuffer(inp.blob(), dtype="<i8").tolist()
+    lists = tuple(zip(columns, kinds, sizes, strict=True))
+    spec = merge_spec(view, interval, longest, moments, lists, tuple(inp.texts()))
+    codec = Codec(spec)
+    keys = inp.present_blobs()
+    starts = np.frombuffer(inp.blob(), dtype="<i8")
+    fixed = np.frombuffer(inp.blob(), dtype="<f8").reshape(len(keys), codec.width)
+    var_json = inp.blob()
+    var = json.loads(var_json) if var_json else [None] * len(keys)
+    if not len(starts) == len(var) == len(keys):
+        raise CoreError(f"the tile update of feature view {view!r} is malformed")
+    rows = fixed[:, 0].copy()
+    return ViewTiles(view, view_id, generation, spec, codec, keys, starts, rows, fixed, var, run)
 
 
 # The core errors a reply may carry, by class name; anything else comes back as a plain CoreError.
@@ -383,6 +453,34 @@ class StoreOwner:
         own = self._store.generation(source_id)
         return -1 if own < 0 else self._epoch | own
 
+    def _view_generation(self, view_id: int) -> int:
+        own = self._store.view_generation(view_id)
+        return -1 if own < 0 else self._epoch | own
+
+    def _own_tiles(self, update: ViewTiles) -> ViewTiles:
+        """The update with the store's own view generation; refused if computed under an earlier owner."""
+        epoch = self._epoch >> _GENERATION_BITS
+        if update.generation >= 0 and update.generation >> _GENERATION_BITS != epoch:
+            raise Aborted(
+                f"feature view {update.view!r} was read before the store restarted; nothing was written, "
+                "send the records again",
+                reason="VIEW_CHANGED",
+                metadata={"view": update.view},
+            )
+        if update.generation < 0:
+            return update
+        return dataclasses.replace(update, generation=update.generation & ((1 << _GENERATION_BITS) - 1))
+
+    def _catalog_change(self, change: Callable[[], None]) -> None:
+        """Run a definition change under the store's write lock, announced to the fronts' caches."""
+        # Odd while the change is written, even after: a front reading definitions meanwhile retries.
+        with self._store.exclusive():
+            self._catalog.bump()
+            try:
+                change()
+            finally:
+                self._catalog.bump()
+
     def _dispatch(self, op: int, inp: _In, out: _Out) -> None:
         store = self._store
         if op == WRITE_LATEST:
@@ -405,7 +503,10 @@ class StoreOwner:
                         metadata={"source": source},
                     )
                 own = generation & ((1 << _GENERATION_BITS) - 1)
-                batches.append(RowBatch(source, keys, values, offline, source_id if has_id else None, own))
+                tiles = [self._own_tiles(_tiles_in(inp)) for _ in range(inp.i64())]
+                batches.append(
+                    RowBatch(source, keys, values, offline, source_id if has_id else None, own, tiles)
+                )
             result = store.write_latest(batches, request_id=request_id, dry_run=dry_run)
             out.u8(result.replayed)
             _counts_out(out, result.counts)
@@ -429,29 +530,24 @@ class StoreOwner:
             out.i64(len(found_all))
             for name, source_id, raw in found_all:
                 out.text(name).i64(source_id).blob(raw)
-        elif op in (PUT_SOURCE, DELETE_SOURCE):
-            # Odd while the change is written, even after: a front reading definitions meanwhile retries.
-            with store.exclusive():
-                self._catalog.bump()
-                try:
-                    if op == PUT_SOURCE:
-                        name, definition = inp.text(), inp.blob()
-                        has_id, source_id = inp.u8(), inp.i64()
-                        invalidate = bool(inp.u8())
-                        late = inp.texts()
-                        out.i64(
-                            store.put_source(
-                                name,
-                                definition,
-                                source_id if has_id else None,
-                                invalidate=invalidate,
-                                late_fields=late,
-                            )
-                        )
-                    else:
-                        out.i64(store.delete_source(inp.text(), inp.i64()))
-                finally:
-                    self._catalog.bump()
+        elif op == PUT_SOURCE:
+            name, definition = inp.text(), inp.blob()
+            has_id, source_id = inp.u8(), inp.i64()
+            invalidate = bool(inp.u8())
+            late = inp.texts()
+            put: list[int] = []
+            known = source_id if has_id else None
+            self._catalog_change(
+                lambda: put.append(
+                    store.put_source(name, definition, known, invalidate=invalidate, late_fields=late)
+                )
+            )
+            out.i64(put[0])
+        elif op == DELETE_SOURCE:
+            name, source_id = inp.text(), inp.i64()
+            deleted: list[int] = []
+            self._catalog_change(lambda: deleted.append(store.delete_source(name, source_id)))
+            out.i64(deleted[0])
         elif op == HAS_ROWS:
             out.u8(store.has_rows(inp.i64()))
         elif op == DELETE_EXPIRED:
@@ -484,10 +580,90 @@ class StoreOwner:
             bound = None if limit < 0 else limit
             out.i64(store.count_rows(source_id, bound) if op == COUNT_ROWS else store.count_offline(bound))
         else:
+            self._dispatch_views(op, inp, out)
+
+    def _dispatch_views(self, op: int, inp: _In, out: _Out) -> None:
+        """The TileStore requests: views, services, tiles and view states."""
+        store = self._store
+        if op == SCAN_TILES:
+            view_id, entities = inp.i64(), inp.present_blobs()
+            first, last = inp.i64(), inp.i64()
+            counts, starts, values = store.scan_tiles(view_id, entities, first, last)
+            out.blob(np.asarray(counts, dtype="<i8").tobytes()).blob(starts.astype("<i8").tobytes())
+            out.blobs(values)
+        elif op == READ_TILES:
+            out.blobs(store.read_tiles(inp.present_blobs()))
+        elif op == GET_VIEW:
+            found = store.get_view(inp.text())
+            out.u8(found is not None)
+            if found is not None:
+                out.i64(found[0]).blob(found[1])
+        elif op == LIST_VIEWS:
+            after, limit = inp.text(), inp.i64()
+            views = list(store.list_views(after, None if limit < 0 else limit))
+            out.i64(len(views))
+            for name, view_id, raw in views:
+                out.text(name).i64(view_id).blob(raw)
+        elif op == PUT_VIEW:
+            name, definition = inp.text(), inp.blob()
+            has_id, view_id, invalidate = inp.u8(), inp.i64(), bool(inp.u8())
+            put: list[int] = []
+            self._catalog_change(
+                lambda: put.append(
+                    store.put_view(name, definition, view_id if has_id else None, invalidate=invalidate)
+                )
+            )
+            out.i64(put[0])
+        elif op == DELETE_VIEW:
+            name, view_id = inp.text(), inp.i64()
+            deleted: list[int] = []
+            self._catalog_change(lambda: deleted.append(store.delete_view(name, view_id)))
+            out.i64(deleted[0])
+        elif op == VIEW_GENERATION:
+            out.i64(self._view_generation(inp.i64()))
+        elif op == HAS_TILES:
+            out.u8(store.has_tiles(inp.i64()))
+        elif op == GET_SERVICE:
+            out.maybe(store.get_service(inp.text()))
+        elif op == LIST_SERVICES:
+            after, limit = inp.text(), inp.i64()
+            services = list(store.list_services(after, None if limit < 0 else limit))
+            out.i64(len(services))
+            for name, raw in services:
+                out.text(name).blob(raw)
+        elif op == PUT_SERVICE:
+            store.put_service(inp.text(), inp.blob())
+        elif op == DELETE_SERVICE:
+            store.delete_service(inp.text())
+        elif op == TILE_KEY:
+            out.blob(store.tile_key(inp.i64(), inp.blob(), inp.i64()))
+        elif op == TILE_KEYS:
+            view_id, entities = inp.i64(), inp.present_blobs()
+            out.blobs(store.tile_keys(view_id, entities, np.frombuffer(inp.blob(), dtype="<i8")))
+        elif op == VIEW_STATE:
+            out.maybe(store.view_state(inp.i64()))
+        elif op == UPDATE_VIEW_STATE:
+            view_id = inp.i64()
+            expected, new = inp.maybe(), inp.maybe()
+            current: list[bytes | None] = []
+
+            def change(state: bytes | None) -> bytes | None:
+                # Compare and set: the front computed `new` from `expected`, and computes it again if
+                # another change came first.
+                if state != expected:
+                    current.append(state)
+                    return None
+                return new
+
+            result = store.update_view_state(view_id, change)
+            out.u8(bool(current)).maybe(current[0] if current else result)
+        elif op == DELETE_TILES_BEFORE:
+            out.i64(store.delete_tiles_before(inp.i64(), inp.i64()))
+        else:
             raise CoreError(f"unknown store request {op}")
 
 
-class RemoteStore(NoViews):
+class RemoteStore:
     """The Store protocol over a connection pool to a `StoreOwner`; thread-safe.
 
     Each call borrows a connection for its request and reply; `exclusive()` keeps one for the calling
@@ -495,8 +671,6 @@ class RemoteStore(NoViews):
     Unavailable at once, or after `timeout_s` without a reply; a write that failed so may have landed,
     which callers settle by sending it again with its request id.
     """
-
-    store_name = "the store of serve --processes"
 
     def __init__(self, socket_path: Path, catalog: CatalogVersion, *, timeout_s: float = 60.0):
         self._path = str(socket_path)
@@ -669,7 +843,9 @@ class RemoteStore(NoViews):
         out = _Out().u8(WRITE_LATEST).text(request_id).u8(dry_run).i64(len(batches))
         for b in batches:
             out.text(b.source).u8(b.source_id is not None).i64(b.source_id or 0).i64(b.generation)
-            out.blob(b.offline).column(b.keys).column(b.values)
+            out.blob(b.offline).column(b.keys).column(b.values).i64(len(b.tiles))
+            for update in b.tiles:
+                _tiles_out(out, update)
         inp = self._call(out)
         replayed = bool(inp.u8())
         return WriteResult(_counts_in(inp), replayed=replayed)
@@ -713,6 +889,100 @@ class RemoteStore(NoViews):
     def delete_offline(self, first_seq: int, last_seq: int) -> None:
         """Drop the queue entries from `first_seq` through `last_seq`, durably."""
         self._call(_Out().u8(DELETE_OFFLINE).i64(first_seq).i64(last_seq))
+
+    # --- feature views and tiles ---------------------------------------------------------------
+
+    def get_view(self, name: str) -> tuple[int, bytes] | None:
+        """The id and serialized definition of a view, or None."""
+        inp = self._call(_Out().u8(GET_VIEW).text(name))
+        return (inp.i64(), inp.blob()) if inp.u8() else None
+
+    def list_views(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, int, bytes]]:
+        """Views in name order, starting after `after`."""
+        inp = self._call(_Out().u8(LIST_VIEWS).text(after).i64(-1 if limit is None else limit))
+        return iter([(inp.text(), inp.i64(), inp.blob()) for _ in range(inp.i64())])
+
+    def put_view(self, name: str, definition: bytes, view_id: int | None = None, *, invalidate: bool) -> int:
+        """Store a view definition under its id, or a new one; return the id."""
+        out = _Out().u8(PUT_VIEW).text(name).blob(definition)
+        return self._call(out.u8(view_id is not None).i64(view_id or 0).u8(invalidate)).i64()
+
+    def delete_view(self, name: str, view_id: int) -> int:
+        """Delete a view, its state and its tiles; return how many tiles there were."""
+        return self._call(_Out().u8(DELETE_VIEW).text(name).i64(view_id)).i64()
+
+    def view_generation(self, view_id: int) -> int:
+        """The owner's generation of the view's definition; -1 once it is deleted."""
+        return self._call(_Out().u8(VIEW_GENERATION).i64(view_id)).i64()
+
+    def has_tiles(self, view_id: int) -> bool:
+        """Whether a view holds any tile."""
+        return bool(self._call(_Out().u8(HAS_TILES).i64(view_id)).u8())
+
+    def get_service(self, name: str) -> bytes | None:
+        """The serialized definition of a feature service, or None."""
+        return self._call(_Out().u8(GET_SERVICE).text(name)).maybe()
+
+    def list_services(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, bytes]]:
+        """Feature services in name order, starting after `after`."""
+        inp = self._call(_Out().u8(LIST_SERVICES).text(after).i64(-1 if limit is None else limit))
+        return iter([(inp.text(), inp.blob()) for _ in range(inp.i64())])
+
+    def put_service(self, name: str, definition: bytes) -> None:
+        """Store a feature service definition."""
+        self._call(_Out().u8(PUT_SERVICE).text(name).blob(definition))
+
+    def delete_service(self, name: str) -> None:
+        """Delete a feature service definition."""
+        self._call(_Out().u8(DELETE_SERVICE).text(name))
+
+    def tile_key(self, view_id: int, entity: bytes, start_micros: int) -> bytes:
+        """The key of one entity's tile starting at `start_micros`, as the owner's store lays keys out."""
+        return self._call(_Out().u8(TILE_KEY).i64(view_id).blob(entity).i64(start_micros)).blob()
+
+    def tile_keys(self, view_id: int, entities: Sequence[bytes], starts: np.ndarray) -> list[bytes]:
+        """The keys of each entity's tile starting at the matching start (int64 microseconds)."""
+        out = _Out().u8(TILE_KEYS).i64(view_id).blobs(entities).blob(starts.astype("<i8").tobytes())
+        return self._call(out).present_blobs()
+
+    def read_tiles(self, keys: list[bytes]) -> list[bytes | None]:
+        """Stored tiles of the keys, None where absent."""
+        if not keys:
+            return []
+        return self._call(_Out().u8(READ_TILES).blobs(keys)).blobs()
+
+    def scan_tiles(
+        self, view_id: int, entities: Sequence[bytes], first_micros: int, last_micros: int
+    ) -> tuple[list[int], np.ndarray, list[bytes]]:
+        """Each entity's tiles with starts in [first_micros, last_micros], entity by entity, by start."""
+        out = _Out().u8(SCAN_TILES).i64(view_id).blobs(entities).i64(first_micros).i64(last_micros)
+        inp = self._call(out)
+        counts = np.frombuffer(inp.blob(), dtype="<i8").tolist()
+        starts = np.frombuffer(inp.blob(), dtype="<i8").astype(np.int64)
+        return counts, starts, inp.present_blobs()
+
+    def view_state(self, view_id: int) -> bytes | None:
+        """The view's stored state (its watermark and backfilled ranges), or None."""
+        return self._call(_Out().u8(VIEW_STATE).i64(view_id)).maybe()
+
+    def update_view_state(self, view_id: int, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        """Replace the view's state by `change(state)` atomically in the owner; return the new state.
+
+        A function cannot travel to the owner, so this compares and sets: `change` runs here on the state
+        last read, and again on the newer state whenever another change landed first.
+        """
+        state = self.view_state(view_id)
+        while True:
+            new = change(state)
+            inp = self._call(_Out().u8(UPDATE_VIEW_STATE).i64(view_id).maybe(state).maybe(new))
+            conflict, found = bool(inp.u8()), inp.maybe()
+            if not conflict:
+                return found
+            state = found
+
+    def delete_tiles_before(self, view_id: int, start_micros: int) -> int:
+        """Delete the view's tiles that start before `start_micros`; return how many."""
+        return self._call(_Out().u8(DELETE_TILES_BEFORE).i64(view_id).i64(start_micros)).i64()
 
     @property
     def writable(self) -> bool:
