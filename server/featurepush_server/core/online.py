@@ -13,6 +13,7 @@ from google.protobuf import struct_pb2
 
 from featurepush.v1 import online_service_pb2
 
+from .arrow_reply import ReplyPlan, reply_stream
 from .encoding import (
     ColumnsPlan,
     decode_columns,
@@ -87,6 +88,12 @@ class OnlineReader:
         """The serialized GetFeaturesResponse for `keys` with the vectors as one Arrow IPC record batch."""
         source, key_columns, stored = self._read(source_name, keys)
         spec = source.spec
+        layout = read_layout(spec)
+        if layout.reply is not None:
+            cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None
+            stream = reply_stream(layout.reply, [k.encode() for k in key_columns[0]], stored, cutoff)
+            if stream is not None:
+                return GET_FEATURES_ARROW_IPC + varint(len(stream)) + stream
         n = len(stored)
         found = [v for v in stored if v is not None]
         blob, found_micros, starts, lengths = locate(found)
@@ -111,7 +118,6 @@ class OnlineReader:
         if keep is not None:
             found = [v for v, ok in zip(found, keep, strict=True) if ok]
             starts, lengths = starts[keep], lengths[keep]
-        layout = read_layout(spec)
         features = _feature_arrays(found, blob, starts, lengths, spec, layout.plan) if found else {}
         gather = None
         if len(found) < n:
@@ -215,6 +221,8 @@ class ReadLayout:
     features: tuple[FieldSpec, ...]
     plan: ColumnsPlan
     schema_message: bytes
+    # How to write the reply straight from stored columns; None where the general path is needed.
+    reply: ReplyPlan | None
 
 
 # Layouts by the identity of their spec: hashing a spec walks its whole type tree, on every read.
@@ -251,7 +259,9 @@ def _layout(spec: SourceSpec) -> ReadLayout:
     fields.append(pa.field(event_time, ARROW_TIMESTAMP))
     fields += [pa.field(f.name, f.dtype.to_arrow()) for f in features]
     schema = pa.schema(fields)
-    return ReadLayout(schema, features, ColumnsPlan.of(spec.fields), schema.serialize().to_pybytes())
+    message = schema.serialize().to_pybytes()
+    reply = ReplyPlan.of(spec.fields, keys, features, message)
+    return ReadLayout(schema, features, ColumnsPlan.of(spec.fields), message, reply)
 
 
 def _feature_arrays(
