@@ -43,7 +43,7 @@ _METADATA_V5 = 4
 _HEADER_RECORD_BATCH = 3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ReplyPlan:
     """How to write one source's Arrow reply from stored columns; None of it changes between reads."""
 
@@ -51,10 +51,16 @@ class ReplyPlan:
     reads: tuple[int, ...]
     # Per feature column in reply order, its place among the stored fields (in name order).
     slots: tuple[int, ...]
-    # Per stored field with a variable part (in name order), its place among the stored fields.
-    varying: tuple[int, ...]
-    # Per feature column, its place among `varying`, or -1 for a fixed-width one.
+    # The stored fields (in name order) with a variable part, and those of them that are reply columns.
+    varying: np.ndarray
+    used: np.ndarray
+    # Per feature column, its place among `used`, or -1 for a fixed-width one.
     parts: tuple[int, ...]
+    # Where in a stored value each byte of a row's gathered fixed part comes from: the slots first, so
+    # that they land 8-byte aligned, then the header, the validity bytes and the field count.
+    gather: np.ndarray
+    # A stored value of no fields' values, read where a key has none: every field null.
+    null_row: bytes
     schema_message: bytes
 
     @classmethod
@@ -71,12 +77,38 @@ class ReplyPlan:
         if any(f.dtype.kind not in _READS for f in fields):
             return None
         ordered = sorted(fields, key=lambda f: f.name.encode())
+        width = len(ordered)
         place = {f.name: j for j, f in enumerate(ordered)}
-        varying = tuple(j for j, f in enumerate(ordered) if _READS[f.dtype.kind] == _BINARY)
+        varying = [j for j, f in enumerate(ordered) if _READS[f.dtype.kind] == _BINARY]
         slots = tuple(place[f.name] for f in features)
-        parts = tuple(varying.index(j) if j in varying else -1 for j in slots)
+        used = [k for k, j in enumerate(varying) if j in slots]
+        parts = tuple(used.index(varying.index(j)) if j in varying else -1 for j in slots)
         reads = tuple(_READS[f.dtype.kind] for f in features)
-        return cls(len(ordered), reads, slots, varying, parts, schema)
+        valid_at = _SLOTS_AT + 8 * width
+        gather = np.concatenate(
+            [
+                np.arange(_SLOTS_AT, valid_at),
+                np.arange(HEADER_BYTES),
+                np.arange(valid_at, valid_at + width),
+                np.arange(_COLUMNS_AT, _SLOTS_AT),
+            ]
+        )
+        gather = np.concatenate([gather, np.zeros(-len(gather) % 8, dtype=np.int64)])
+        fixed_width = 2 + 9 * width
+        # The greatest header: the null row is never expired.
+        null_row = b"\xff" * HEADER_BYTES + struct.pack(">IH", fixed_width, 0) + bytes(9 * width)
+        null_row = null_row[:_COLUMNS_AT] + struct.pack("<H", width) + null_row[_SLOTS_AT:]
+        return cls(
+            width,
+            reads,
+            slots,
+            np.array(varying, dtype=np.int64),
+            np.array(used, dtype=np.int64),
+            parts,
+            gather.astype(np.int64),
+            null_row,
+            schema,
+        )
 
 
 class _Body:
@@ -135,80 +167,60 @@ def _strings(values: Sequence[bytes]) -> tuple[np.ndarray, bytes]:
 
 
 def reply_stream(
-    plan: ReplyPlan, keys: Sequence[bytes], stored: Sequence[bytes | None], cutoff: int | None
+    plan: ReplyPlan, keys: Sequence[bytes], stored: list[bytes | None], cutoff: int | None
 ) -> bytes | None:
     """The reply's IPC stream, or None when a stored row lacks fields (stored before they were added)."""
-    n = len(stored)
-    found = [v for v in stored if v is not None]
-    is_found = None if len(found) == n else np.fromiter((v is not None for v in stored), dtype=bool, count=n)
-    m, width = len(found), plan.width
-    fixed_width = 2 + 9 * width
-    blob = np.frombuffer(b"".join(found), dtype=np.uint8)
-    sizes = np.fromiter(map(len, found), dtype=np.int64, count=m)
-    starts = np.zeros(m, dtype=np.int64)
-    np.cumsum(sizes[:-1], out=starts[1:])
-    if m:
-        if (sizes < _COLUMNS_AT + fixed_width).any():
-            return None
-        head = blob[starts[:, None] + np.arange(_SLOTS_AT)]
-        if (head[:, _COLUMNS_AT:].copy().view("<u2").ravel() != width).any():
-            return None
+    n, width = len(stored), plan.width
+    is_found = None
+    if None in stored:
+        is_found = np.fromiter((v is not None for v in stored), dtype=bool, count=n)
+        null = plan.null_row
+        rows: list[bytes] = [null if v is None else v for v in stored]
     else:
-        head = np.zeros((0, _SLOTS_AT), dtype=np.uint8)
-    micros = (head[:, :HEADER_BYTES].copy().view(">u8").ravel() ^ _SIGN).astype(np.uint64).view(np.int64)
-    slots = blob[(starts + _SLOTS_AT)[:, None] + np.arange(8 * width)].view("<i8")
-    valid = blob[(starts + _SLOTS_AT + 8 * width)[:, None] + np.arange(width)]
-    fresh = None if cutoff is None else micros >= cutoff
-    if fresh is not None and fresh.all():
-        fresh = None
-    if fresh is not None:
-        # Expired rows keep their event time and read null features.
-        valid = valid * fresh[:, None]
-    if plan.varying:
-        part_sizes = slots[:, plan.varying]
-        # Each row's variable parts follow its fixed part, one after another in field order.
-        part_starts = (
-            (starts + _COLUMNS_AT + fixed_width)[:, None] + np.cumsum(part_sizes, axis=1) - part_sizes
-        )
-        taken = part_sizes if fresh is None else part_sizes * fresh[:, None]
+        rows = stored  # type: ignore[assignment]
+    blob = np.frombuffer(b"".join(rows), dtype=np.uint8)
+    sizes = np.fromiter(map(len, rows), dtype=np.int64, count=n)
+    if sizes.min() < len(plan.null_row):
+        return None
+    starts = np.zeros(n, dtype=np.int64)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    fixed = blob[starts[:, None] + plan.gather]
+    at = 8 * width
+    if (fixed[:, at + 8 + width : at + 10 + width].view("<u2") != width).any():
+        return None
+    micros = (fixed[:, at : at + 8].view(">u8")[:, 0] ^ _SIGN).view(np.int64)
+    valid = fixed[:, at + 8 : at + 8 + width]
+    columns = np.ascontiguousarray(fixed[:, :at].view("<i8").T)
     status = np.full(n, _STATUS_PRESENT, dtype=np.int8)
-    if fresh is not None:
-        status_found = np.where(fresh, _STATUS_PRESENT, _STATUS_EXPIRED).astype(np.int8)
+    fresh = None
+    if cutoff is not None:
+        fresh = micros >= cutoff
+        if fresh.all():
+            fresh = None
+        else:
+            # Expired rows keep their event time and read null features.
+            valid = valid * fresh[:, None]
+            status[~fresh] = _STATUS_EXPIRED
     if is_found is not None:
-        # Rows without a stored value read as zero-length, all-null rows.
-        status[:] = _STATUS_MISSING
-        status[is_found] = _STATUS_PRESENT if fresh is None else status_found
-        spread = np.zeros(n, dtype=np.int64)
-        spread[is_found] = micros
-        micros = spread
-        spread_slots = np.zeros((n, width), dtype=np.int64)
-        spread_slots[is_found] = slots
-        slots = spread_slots
-        spread_valid = np.zeros((n, width), dtype=np.uint8)
-        spread_valid[is_found] = valid
-        valid = spread_valid
-        if plan.varying:
-            spread_starts = np.zeros((n, len(plan.varying)), dtype=np.int64)
-            spread_starts[is_found] = part_starts
-            part_starts = spread_starts
-            spread_taken = np.zeros((n, len(plan.varying)), dtype=np.int64)
-            spread_taken[is_found] = taken
-            taken = spread_taken
-    elif fresh is not None:
-        status[:] = status_found
-    columns = np.ascontiguousarray(slots.T)
+        status[~is_found] = _STATUS_MISSING
     nulls = n - np.count_nonzero(valid, axis=0)
-    bitmaps = np.packbits(valid.T, axis=1, bitorder="little")
-    if plan.varying:
-        # Every variable part of every field in one gather, field after field, row after row.
-        lengths = np.ascontiguousarray(taken.T).ravel()
+    bitmaps = np.packbits(valid.T, axis=1, bitorder="little") if nulls.any() else None
+    if len(plan.used):
+        sizes = columns[plan.varying]
+        # Each row's variable parts follow its fixed part, one after another in field order.
+        part_starts = (starts + len(plan.null_row)) + np.cumsum(sizes, axis=0) - sizes
+        taken = sizes[plan.used]
+        if fresh is not None:
+            taken *= fresh
+        # Every variable part of every reply field in one gather, field after field, row after row.
+        lengths = taken.ravel()
         ends = np.cumsum(lengths)
-        data = blob[
-            np.repeat(part_starts.T.ravel() - (ends - lengths), lengths) + np.arange(ends[-1] if n else 0)
-        ]
-        ends = ends.reshape(len(plan.varying), n)
-        if n and ends[-1, -1] >= 1 << 31:
+        if ends[-1] >= 1 << 31:
             return None
+        data = blob[
+            np.repeat(part_starts[plan.used].ravel() - (ends - lengths), lengths) + np.arange(ends[-1])
+        ]
+        ends = ends.reshape(taken.shape)
     body = _Body()
     key_offsets, key_data = _strings(keys)
     body.node(n, 0)
@@ -222,13 +234,13 @@ def reply_stream(
         body.node(n, 0)
         body.add(b"")
     else:
-        body.node(n, n - m)
+        body.node(n, n - int(np.count_nonzero(is_found)))
         body.add(np.packbits(is_found, bitorder="little"))
     body.add(micros)
     for read, j, k in zip(plan.reads, plan.slots, plan.parts, strict=True):
         null_count = int(nulls[j])
         body.node(n, null_count)
-        body.add(bitmaps[j] if null_count else b"")
+        body.add(bitmaps[j] if bitmaps is not None and null_count else b"")
         if read == _INT64 or read == _FLOAT64:
             # A slot holds the value's own 8 bytes: int64 and microseconds, or float64.
             body.add(columns[j])
@@ -239,7 +251,7 @@ def reply_stream(
         elif read == _BOOL:
             body.add(np.packbits(columns[j] != 0, bitorder="little"))
         else:
-            first = int(ends[k, 0] - taken[0, k]) if n else 0
+            first = int(ends[k, 0] - taken[k, 0])
             offsets = np.zeros(n + 1, dtype="<i4")
             offsets[1:] = ends[k] - first
             body.add(offsets)
