@@ -56,9 +56,6 @@ class ReplyPlan:
     used: np.ndarray
     # Per feature column, its place among `used`, or -1 for a fixed-width one.
     parts: tuple[int, ...]
-    # Where in a stored value each byte of a row's gathered fixed part comes from: the slots first, so
-    # that they land 8-byte aligned, then the header, the validity bytes and the field count.
-    gather: np.ndarray
     # A stored value of no fields' values, read where a key has none: every field null.
     null_row: bytes
     schema_message: bytes
@@ -84,16 +81,6 @@ class ReplyPlan:
         used = [k for k, j in enumerate(varying) if j in slots]
         parts = tuple(used.index(varying.index(j)) if j in varying else -1 for j in slots)
         reads = tuple(_READS[f.dtype.kind] for f in features)
-        valid_at = _SLOTS_AT + 8 * width
-        gather = np.concatenate(
-            [
-                np.arange(_SLOTS_AT, valid_at),
-                np.arange(HEADER_BYTES),
-                np.arange(valid_at, valid_at + width),
-                np.arange(_COLUMNS_AT, _SLOTS_AT),
-            ]
-        )
-        gather = np.concatenate([gather, np.zeros(-len(gather) % 8, dtype=np.int64)])
         fixed_width = 2 + 9 * width
         # The greatest header: the null row is never expired.
         null_row = b"\xff" * HEADER_BYTES + struct.pack(">IH", fixed_width, 0) + bytes(9 * width)
@@ -105,7 +92,6 @@ class ReplyPlan:
             np.array(varying, dtype=np.int64),
             np.array(used, dtype=np.int64),
             parts,
-            gather.astype(np.int64),
             null_row,
             schema,
         )
@@ -136,8 +122,8 @@ class _Body:
         self.nodes += (length, nulls)
 
 
-def _message(length: int, body: _Body) -> bytes:
-    """The encapsulated RecordBatch message: continuation, metadata length, flatbuffer metadata, body."""
+def _message(length: int, body: _Body) -> list[bytes]:
+    """The encapsulated RecordBatch message's parts: continuation, metadata length, metadata, body."""
     nodes = np.array(body.nodes, dtype="<i8").tobytes()
     buffers = np.array(body.buffers, dtype="<i8").tobytes()
     # Written front to back, every offset pointing forward as flatbuffers require; 8-byte values on
@@ -156,21 +142,35 @@ def _message(length: int, body: _Body) -> bytes:
     )  # fmt: skip
     meta = head + nodes + b"\x00\x00\x00\x00" + struct.pack("<I", len(body.buffers) // 2) + buffers
     meta += bytes(-(len(meta) + 8) % 8)
-    return b"".join([_CONTINUATION, struct.pack("<i", len(meta)), meta, *body.pieces])
+    return [_CONTINUATION, struct.pack("<i", len(meta)), meta, *body.pieces]
 
 
-def _strings(values: Sequence[bytes]) -> tuple[np.ndarray, bytes]:
-    """Arrow offsets and data of byte strings."""
+def _strings(values: Sequence[str]) -> tuple[np.ndarray, bytes]:
+    """Arrow offsets and UTF-8 data of strings."""
+    text = "".join(values)
+    data = text.encode()
+    if len(data) == len(text):
+        # ASCII: each string's byte length is its length.
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    else:
+        encoded = [v.encode() for v in values]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(values))
     offsets = np.zeros(len(values) + 1, dtype="<i4")
-    np.cumsum(np.fromiter(map(len, values), dtype=np.int64, count=len(values)), out=offsets[1:])
-    return offsets, b"".join(values)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, data
 
 
 def reply_stream(
-    plan: ReplyPlan, keys: Sequence[bytes], stored: list[bytes | None], cutoff: int | None
+    plan: ReplyPlan, keys: Sequence[str], stored: list[bytes | None], cutoff: int | None
 ) -> bytes | None:
-    """The reply's IPC stream, or None when a stored row lacks fields (stored before they were added)."""
+    """The reply's IPC stream for `keys` and their stored values, None where a key has none.
+
+    Rows with event times before `cutoff` (microseconds) read as expired. None when a stored row lacks
+    fields (stored before they were added): the caller takes the general path.
+    """
     n, width = len(stored), plan.width
+    if not n:
+        return None
     is_found = None
     if None in stored:
         is_found = np.fromiter((v is not None for v in stored), dtype=bool, count=n)
@@ -178,19 +178,18 @@ def reply_stream(
         rows: list[bytes] = [null if v is None else v for v in stored]
     else:
         rows = stored  # type: ignore[assignment]
-    blob = np.frombuffer(b"".join(rows), dtype=np.uint8)
-    sizes = np.fromiter(map(len, rows), dtype=np.int64, count=n)
-    if sizes.min() < len(plan.null_row):
+    # Every row's header, columns' length, field count, slots and validity bytes, one row per stored value.
+    fixed_end = len(plan.null_row)
+    head = b"".join([v[:fixed_end] for v in rows])
+    if len(head) != n * fixed_end:
         return None
-    starts = np.zeros(n, dtype=np.int64)
-    np.cumsum(sizes[:-1], out=starts[1:])
-    fixed = blob[starts[:, None] + plan.gather]
-    at = 8 * width
-    if (fixed[:, at + 8 + width : at + 10 + width].view("<u2") != width).any():
+    fixed = np.frombuffer(head, dtype=np.uint8).reshape(n, fixed_end)
+    if (fixed[:, _COLUMNS_AT:_SLOTS_AT].view("<u2") != width).any():
         return None
-    micros = (fixed[:, at : at + 8].view(">u8")[:, 0] ^ _SIGN).view(np.int64)
-    valid = fixed[:, at + 8 : at + 8 + width]
-    columns = np.ascontiguousarray(fixed[:, :at].view("<i8").T)
+    micros = (fixed[:, :HEADER_BYTES].view(">u8")[:, 0] ^ _SIGN).view(np.int64)
+    at = _SLOTS_AT + 8 * width
+    columns = np.ascontiguousarray(np.ascontiguousarray(fixed[:, _SLOTS_AT:at]).view("<i8").T)
+    valid = fixed[:, at:]
     status = np.full(n, _STATUS_PRESENT, dtype=np.int8)
     fresh = None
     if cutoff is not None:
@@ -203,12 +202,18 @@ def reply_stream(
             status[~fresh] = _STATUS_EXPIRED
     if is_found is not None:
         status[~is_found] = _STATUS_MISSING
-    nulls = n - np.count_nonzero(valid, axis=0)
-    bitmaps = np.packbits(valid.T, axis=1, bitorder="little") if nulls.any() else None
+    bitmaps = None
+    if valid.all():
+        nulls = np.zeros(width, dtype=np.int64)
+    else:
+        nulls = n - np.count_nonzero(valid, axis=0)
+        bitmaps = np.packbits(valid.T, axis=1, bitorder="little")
     if len(plan.used):
+        blob = np.frombuffer(b"".join(rows), dtype=np.uint8)
+        row_sizes = np.fromiter(map(len, rows), dtype=np.int64, count=n)
         sizes = columns[plan.varying]
         # Each row's variable parts follow its fixed part, one after another in field order.
-        part_starts = (starts + len(plan.null_row)) + np.cumsum(sizes, axis=0) - sizes
+        part_starts = (np.cumsum(row_sizes) - row_sizes + fixed_end) + np.cumsum(sizes, axis=0) - sizes
         taken = sizes[plan.used]
         if fresh is not None:
             taken *= fresh
@@ -256,4 +261,4 @@ def reply_stream(
             offsets[1:] = ends[k] - first
             body.add(offsets)
             body.add(data[first : first + int(offsets[-1])])
-    return b"".join([plan.schema_message, _message(n, body), _END_OF_STREAM])
+    return b"".join([plan.schema_message, *_message(n, body), _END_OF_STREAM])
