@@ -38,6 +38,8 @@ _SIGN = np.uint64(1 << 63)
 _STATUS_PRESENT, _STATUS_MISSING, _STATUS_EXPIRED = 1, 2, 3
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _CONTINUATION = b"\xff\xff\xff\xff"
+_PADDING = [bytes(i) for i in range(8)]
+_ZERO_OFFSET = bytes(4)
 # Arrow's MetadataVersion V5, and RecordBatch's place in the MessageHeader union.
 _METADATA_V5 = 4
 _HEADER_RECORD_BATCH = 3
@@ -108,14 +110,14 @@ class _Body:
         self.nodes: list[int] = []
         self.size = 0
 
-    def add(self, data: bytes | np.ndarray) -> None:
-        length = data.nbytes if isinstance(data, np.ndarray) else len(data)
+    def add(self, data: bytes) -> None:
+        length = len(data)
         self.buffers += (self.size, length)
         if length:
-            self.pieces.append(data.tobytes() if isinstance(data, np.ndarray) else data)
+            self.pieces.append(data)
             pad = -length % 8
             if pad:
-                self.pieces.append(bytes(pad))
+                self.pieces.append(_PADDING[pad])
             self.size += length + pad
 
     def node(self, length: int, nulls: int) -> None:
@@ -124,8 +126,8 @@ class _Body:
 
 def _message(length: int, body: _Body) -> list[bytes]:
     """The encapsulated RecordBatch message's parts: continuation, metadata length, metadata, body."""
-    nodes = np.array(body.nodes, dtype="<i8").tobytes()
-    buffers = np.array(body.buffers, dtype="<i8").tobytes()
+    nodes = struct.pack(f"<{len(body.nodes)}q", *body.nodes)
+    buffers = struct.pack(f"<{len(body.buffers)}q", *body.buffers)
     # Written front to back, every offset pointing forward as flatbuffers require; 8-byte values on
     # 8-byte boundaries. Message vtable at 4, Message at 16, RecordBatch vtable at 40, RecordBatch at
     # 56, then the nodes' vector (length at 84) and the buffers' vector.
@@ -226,39 +228,40 @@ def reply_stream(
             np.repeat(part_starts[plan.used].ravel() - (ends - lengths), lengths) + np.arange(ends[-1])
         ]
         ends = ends.reshape(taken.shape)
+        # Each field's offsets start at zero: its ends less where its first part starts.
+        firsts = ends[:, 0] - taken[:, 0]
+        offsets = (ends - firsts[:, None]).astype("<i4")
     body = _Body()
     key_offsets, key_data = _strings(keys)
     body.node(n, 0)
     body.add(b"")
-    body.add(key_offsets)
+    body.add(key_offsets.tobytes())
     body.add(key_data)
     body.node(n, 0)
     body.add(b"")
-    body.add(status)
+    body.add(status.tobytes())
     if is_found is None:
         body.node(n, 0)
         body.add(b"")
     else:
         body.node(n, n - int(np.count_nonzero(is_found)))
-        body.add(np.packbits(is_found, bitorder="little"))
-    body.add(micros)
+        body.add(np.packbits(is_found, bitorder="little").tobytes())
+    body.add(micros.tobytes())
     for read, j, k in zip(plan.reads, plan.slots, plan.parts, strict=True):
         null_count = int(nulls[j])
         body.node(n, null_count)
-        body.add(bitmaps[j] if bitmaps is not None and null_count else b"")
+        body.add(bitmaps[j].tobytes() if bitmaps is not None and null_count else b"")
         if read == _INT64 or read == _FLOAT64:
             # A slot holds the value's own 8 bytes: int64 and microseconds, or float64.
-            body.add(columns[j])
+            body.add(columns[j].tobytes())
         elif read == _INT32:
-            body.add(columns[j].astype("<i4"))
+            body.add(columns[j].astype("<i4").tobytes())
         elif read == _FLOAT32:
-            body.add(columns[j].view("<f8").astype("<f4"))
+            body.add(columns[j].view("<f8").astype("<f4").tobytes())
         elif read == _BOOL:
-            body.add(np.packbits(columns[j] != 0, bitorder="little"))
+            body.add(np.packbits(columns[j] != 0, bitorder="little").tobytes())
         else:
-            first = int(ends[k, 0] - taken[k, 0])
-            offsets = np.zeros(n + 1, dtype="<i4")
-            offsets[1:] = ends[k] - first
-            body.add(offsets)
-            body.add(data[first : first + int(offsets[-1])])
+            first, last = int(firsts[k]), int(ends[k, -1])
+            body.add(_ZERO_OFFSET + offsets[k].tobytes())
+            body.add(data[first:last].tobytes())
     return b"".join([plan.schema_message, *_message(n, body), _END_OF_STREAM])
