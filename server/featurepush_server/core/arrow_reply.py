@@ -1,11 +1,12 @@
 """The Arrow reply of a read of flat fields, written from stored rows' columns without pyarrow per call.
 
 Every row's columns (see `encoding.py`) are taken apart for all rows at once with a few numpy operations:
-one gather for the slots, one for the validity bytes and one for the variable parts of every string and
-bytes field. The reply's record batch is then written as Arrow IPC by hand: its body is the buffers laid
-end to end, 8-byte aligned, and its metadata a small flatbuffer whose shape only depends on the number
-of columns, so no Array, RecordBatch or IPC writer is built per call. Nested fields, rows stored before
-a field was added and entity keys other than one string take the general path in `online.py`.
+the fixed parts (header, field count, slots, validity bytes) of all rows are sliced out and read as one
+matrix, and the variable parts of every string and bytes field come out of one gather. The reply's
+record batch is then written as Arrow IPC by hand: its body is the buffers laid end to end, 8-byte
+aligned, and its metadata a small flatbuffer whose shape only depends on the number of columns, so no
+Array, RecordBatch or IPC writer is built per call. Nested fields, rows stored before a field was added
+and entity keys other than one String take the general path (`online.arrow_stream`).
 """
 
 from __future__ import annotations
