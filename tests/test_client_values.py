@@ -252,6 +252,18 @@ def test_decode_record_names_the_path_of_a_bad_value(dtype: DataType, wire: Any,
         decode_record(struct, [Field("v", dtype)])
 
 
+def test_decode_record_keeps_each_schemas_order_and_paths() -> None:
+    struct = json_format.ParseDict({"a": 1, "b c": "x", "d": None}, struct_pb2.Struct())
+    schema = (Field("a", Int64), Field("b c", String), Field("d", Bool, nullable=True))
+    for _ in range(2):
+        assert decode_record(struct, schema) == {"a": 1, "b c": "x", "d": None}
+        assert list(decode_record(struct, schema[::-1])) == ["d", "b c", "a"]
+        assert list(decode_record(struct, list(schema))) == ["a", "b c", "d"]
+    assert decode_record(struct, [Field("e", Int64, nullable=True)]) == {"e": None}
+    with pytest.raises(ValueError, match=r'^\["b c"\]: .x. is not a decimal integer'):
+        decode_record(struct, (Field("b c", Int64),))
+
+
 @pytest.mark.parametrize(
     ("key", "entity_keys", "expected"),
     [

@@ -18,10 +18,12 @@ from hypothesis import strategies as st
 from test_properties import (
     BATCH_COPIES,
     KEY,
+    SCALARS,
     SETTINGS,
     TS,
     apply_source,
     batches,
+    field_names,
     push,
     replicate,
     schemas,
@@ -34,6 +36,9 @@ from featurepush.aio import AsyncClient
 from featurepush.definitions import StreamSource
 from featurepush.reads import SMALL_READ_KEYS, FeatureResults, columns_schema, read_reply, wants_arrow
 from featurepush.v1 import online_service_pb2
+from featurepush.values import parse_timestamp
+from featurepush_server.core.arrow_reply import reply_stream
+from featurepush_server.core.online import arrow_stream, read_layout
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +141,97 @@ def test_fields_added_later_read_as_null_in_old_rows(client: Client) -> None:
     assert only_old[0].features == {"tags": None, "attrs": None, KEY: "old0", TS: when, "n": 0}
     mixed, _ = both_forms(client, name, ["old3", "new"])
     assert mixed[1].features == {"tags": ["a"], "attrs": {"k": {"x": 0.5}}, KEY: "new", TS: when, "n": 7}
+
+
+@st.composite
+def flat_schemas(draw: st.DrawFn) -> list[t.Field]:
+    """A source schema of scalar fields only, which the reply writes straight from stored columns."""
+    others = draw(
+        st.lists(
+            st.tuples(
+                field_names.filter(lambda n: n not in (KEY, TS)), st.sampled_from(SCALARS), st.booleans()
+            ),
+            max_size=7,
+            unique_by=lambda f: f[0],
+        )
+    )
+    fields = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp)] + [t.Field(*f) for f in others]
+    draw(st.randoms()).shuffle(fields)
+    return fields
+
+
+@st.composite
+def key_lists(draw: st.DrawFn, stored: list[str]) -> list[str]:
+    """Stored keys in any order, repeated or left out, among keys that have nothing stored."""
+    pool = [*stored, "nobody", "ñobody-é", "🙂"]
+    return draw(st.lists(st.sampled_from(pool), min_size=1, max_size=12))
+
+
+@BATCH_COPIES
+@SETTINGS
+@given(data=st.data())
+def test_flat_schemas_read_alike_with_missing_and_expired_keys(
+    client: Client, server: Running, data: st.DataObject, copies: int
+) -> None:
+    """Scalar schemas with a ttl: present, expired (event times from year 1 to 9999) and missing keys."""
+    schema = data.draw(flat_schemas(), "schema")
+    batch = replicate(data.draw(batches(schema), "batch"), copies)
+    if data.draw(st.booleans(), "non-ASCII keys"):
+        batch = [(dict(r, **{KEY: r[KEY] + "-é"}), dict(c, **{KEY: c[KEY] + "-é"})) for r, c in batch]
+    name = unique_source_name()
+    ttl = data.draw(st.sampled_from([None, dt.timedelta(days=1)]), "ttl")
+    client.apply(
+        StreamSource(name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS, online_ttl=ttl)
+    )
+    assert push(server, name, [r for r, _ in batch]).counts[name].accepted == len(batch)
+    keys = data.draw(key_lists([c[KEY] for _, c in batch]), "keys")
+    both_forms(client, name, keys)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_the_direct_reply_is_the_general_one(server: Running, client: Client, data: st.DataObject) -> None:
+    """reply_stream writes, for flat schemas, the very columns that the pyarrow path builds, at any cutoff."""
+    schema = data.draw(flat_schemas(), "schema")
+    batch = data.draw(batches(schema), "batch")
+    name = unique_source_name()
+    client.apply(StreamSource(name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS))
+    assert push(server, name, [r for r, _ in batch]).counts[name].accepted == len(batch)
+    keys = data.draw(key_lists([c[KEY] for _, c in batch]), "keys")
+    core = server.server
+    source = core.registry.get(name)
+    prefix = core.store.row_prefix(source.id)
+    stored = core.store.read([prefix + k.encode() for k in keys])
+    # No cutoff, or one just after a stored event time: the rows before it read as expired.
+    epoch, micro = dt.datetime(1970, 1, 1, tzinfo=dt.UTC), dt.timedelta(microseconds=1)
+    times = [(parse_timestamp(c[TS]) - epoch) // micro for _, c in batch]
+    cutoff = data.draw(st.sampled_from([None, *(m + 1 for m in times)]), "cutoff")
+    layout = read_layout(source.spec)
+    assert layout.reply is not None
+    direct = reply_stream(layout.reply, keys, stored, cutoff)
+    assert direct is not None
+    got = pa.ipc.open_stream(direct).read_all()
+    got.validate(full=True)
+    want = pa.ipc.open_stream(arrow_stream(source.spec, [keys], stored, cutoff)).read_all()
+    assert got.schema.equals(want.schema, check_metadata=True)
+    assert same(got.to_pylist(), want.to_pylist())
+    statuses = got.column(1).to_pylist()
+    assert statuses.count(2) == sum(k not in {c[KEY] for _, c in batch} for k in keys)
+
+
+def test_a_flat_field_added_later_reads_as_null_in_old_rows(client: Client) -> None:
+    name = unique_source_name()
+    schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp), t.Field("n", t.Int64)]
+    client.apply(StreamSource(name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS))
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    client.push(name, [{KEY: f"old{i}", TS: when, "n": i} for i in range(20)])
+    late = t.Field("score", t.Float64, nullable=True)
+    client.apply(StreamSource(name=name, schema=[*schema, late], entity_keys=[KEY], timestamp_field=TS))
+    client.push(name, [{KEY: "new", TS: when, "n": 7, "score": math.nan}])
+    columns, _ = both_forms(client, name, ["old3", "new", "nobody", "old19"])
+    assert columns[0].features == {KEY: "old3", TS: when, "n": 3, "score": None}
+    assert math.isnan(columns[1].features["score"])
+    assert columns.to_arrow().column("n").to_pylist() == [3, 7, None, 19]
 
 
 def test_entity_keys_of_several_types_are_typed_columns(client: Client) -> None:

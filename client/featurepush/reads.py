@@ -133,7 +133,8 @@ def read_reply(
     if response.arrow_ipc:
         return FeatureResults(definition, table=_read_arrow(response.arrow_ipc, definition, len(keys)))
     results: list[FeatureResult] = []
-    schema = list(definition.schema)
+    # The definition's own tuple: decode_record works out its decoders once per schema.
+    schema = definition.schema
     for vector in response.results:
         status = _STATUSES.get(vector.status)
         if status is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import math
 import numbers
 import re
@@ -210,18 +211,6 @@ def _fail(path: str, expected: str, value: struct_pb2.Value) -> ValueError:
     return ValueError(f"{path}: expected {expected}, got {kind}")
 
 
-def _decode_int(value: struct_pb2.Value, path: str) -> int:
-    kind = value.WhichOneof("kind")
-    if kind == "string_value":
-        try:
-            return int(value.string_value)
-        except ValueError:
-            raise ValueError(f"{path}: {value.string_value!r} is not a decimal integer") from None
-    if kind == "number_value" and value.number_value.is_integer():
-        return int(value.number_value)
-    raise _fail(path, "an integer", value)
-
-
 def _decode_float(value: struct_pb2.Value, path: str) -> float:
     kind = value.WhichOneof("kind")
     if kind == "number_value":
@@ -252,54 +241,220 @@ def _decode_bytes(text: str, path: str) -> bytes:
     return raw
 
 
-def decode_value(value: struct_pb2.Value, dtype: t.DataType, path: str = "value") -> Any:
-    """Decodes one canonical JSON value of type dtype into Python; null becomes None."""
+# A decoder reads one Value of its type, null as None, and names `path` in a ValueError when it does not fit.
+_Decoder = Callable[[struct_pb2.Value, str], Any]
+
+
+def _decode_string(value: struct_pb2.Value, path: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "null_value" or kind is None:
+        return None
+    raise _fail(path, "a string", value)
+
+
+def _decode_integer(value: struct_pb2.Value, path: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        try:
+            return int(value.string_value)
+        except ValueError:
+            raise ValueError(f"{path}: {value.string_value!r} is not a decimal integer") from None
+    if kind == "number_value":
+        number = value.number_value
+        if number.is_integer():
+            return int(number)
+    elif kind == "null_value" or kind is None:
+        return None
+    raise _fail(path, "an integer", value)
+
+
+def _decode_number(value: struct_pb2.Value, path: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        return value.number_value
+    if kind == "null_value" or kind is None:
+        return None
+    return _decode_float(value, path)
+
+
+def _decode_boolean(value: struct_pb2.Value, path: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "null_value" or kind is None:
+        return None
+    raise _fail(path, "a boolean", value)
+
+
+# The lengths of RFC 3339 in UTC with 0, 3 or 6 fractional digits, as the server writes timestamps.
+_CANONICAL_LENGTHS = frozenset((20, 24, 27))
+
+
+def _decode_timestamp(value: struct_pb2.Value, path: str) -> Any:
     kind = value.WhichOneof("kind")
     if kind == "null_value" or kind is None:
         return None
-    if isinstance(dtype, t.ScalarType):
-        if dtype == t.String:
-            if kind != "string_value":
-                raise _fail(path, "a string", value)
-            return value.string_value
-        if dtype == t.Int64 or dtype == t.Int32:
-            return _decode_int(value, path)
-        if dtype == t.Float64 or dtype == t.Float32:
-            return _decode_float(value, path)
-        if dtype == t.Bool:
-            if kind != "bool_value":
-                raise _fail(path, "a boolean", value)
-            return value.bool_value
-        if kind != "string_value":
-            raise _fail(path, f"a {dtype!r} string", value)
-        if dtype == t.Timestamp:
-            try:
-                return parse_timestamp(value.string_value)
-            except ValueError as exc:
-                raise ValueError(f"{path}: {exc}") from None
-        return _decode_bytes(value.string_value, path)
-    if isinstance(dtype, t.Array):
+    if kind != "string_value":
+        raise _fail(path, "a Timestamp string", value)
+    text = value.string_value
+    if len(text) in _CANONICAL_LENGTHS and text[-1] == "Z" and text[10] == "T":
+        # The server's canonical form, which fromisoformat reads as is, already in UTC.
+        try:
+            parsed = dt.datetime.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is dt.UTC:
+                return parsed
+    try:
+        return parse_timestamp(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _decode_base64(value: struct_pb2.Value, path: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "null_value" or kind is None:
+        return None
+    if kind != "string_value":
+        raise _fail(path, "a Bytes string", value)
+    return _decode_bytes(value.string_value, path)
+
+
+_SCALAR_DECODERS: dict[t.DataType, _Decoder] = {
+    t.String: _decode_string,
+    t.Int64: _decode_integer,
+    t.Int32: _decode_integer,
+    t.Float64: _decode_number,
+    t.Float32: _decode_number,
+    t.Bool: _decode_boolean,
+    t.Timestamp: _decode_timestamp,
+    t.Bytes: _decode_base64,
+}
+
+
+def _array_decoder(dtype: t.Array) -> _Decoder:
+    element = _decoder(dtype.element_type)
+
+    def decode(value: struct_pb2.Value, path: str) -> Any:
+        kind = value.WhichOneof("kind")
+        if kind == "null_value" or kind is None:
+            return None
         if kind != "list_value":
             raise _fail(path, "a list", value)
-        element = dtype.element_type
-        return [decode_value(item, element, f"{path}[{i}]") for i, item in enumerate(value.list_value.values)]
-    if kind != "struct_value":
-        raise _fail(path, "an object", value)
+        return [element(item, f"{path}[{i}]") for i, item in enumerate(value.list_value.values)]
+
+    return decode
+
+
+def _object_decoder(dtype: t.DataType) -> _Decoder:
     if isinstance(dtype, t.Map):
-        items = value.struct_value.fields.items()
-        return {k: decode_value(v, dtype.value_type, f'{path}["{k}"]') for k, v in items}
-    if isinstance(dtype, t.Struct):
-        return _decode_fields(value.struct_value, dtype.fields, path)
-    raise TypeError(f"{path}: unknown type {dtype!r}")
+        values = _decoder(dtype.value_type)
+
+        def read(struct: struct_pb2.Struct, path: str) -> Any:
+            return {k: values(v, f'{path}["{k}"]') for k, v in struct.fields.items()}
+
+    elif isinstance(dtype, t.Struct):
+        fields = _fields_decoder(dtype.fields)
+
+        def read(struct: struct_pb2.Struct, path: str) -> Any:
+            return fields(struct, path)
+
+    else:
+
+        def read(struct: struct_pb2.Struct, path: str) -> Any:
+            raise TypeError(f"{path}: unknown type {dtype!r}")
+
+    def decode(value: struct_pb2.Value, path: str) -> Any:
+        kind = value.WhichOneof("kind")
+        if kind == "null_value" or kind is None:
+            return None
+        if kind != "struct_value":
+            raise _fail(path, "an object", value)
+        return read(value.struct_value, path)
+
+    return decode
 
 
-def _decode_fields(struct: struct_pb2.Struct, fields: Sequence[t.Field], path: str) -> dict[str, Any]:
-    raw = struct.fields
-    out: dict[str, Any] = {}
-    for f in fields:
-        # An absent nullable field reads as null, as the server writes every field anyway.
-        out[f.name] = decode_value(raw[f.name], f.dtype, _join(path, f.name)) if f.name in raw else None
-    return out
+def _unknown_scalar_decoder(dtype: t.DataType) -> _Decoder:
+    def decode(value: struct_pb2.Value, path: str) -> Any:
+        kind = value.WhichOneof("kind")
+        if kind == "null_value" or kind is None:
+            return None
+        if kind != "string_value":
+            raise _fail(path, f"a {dtype!r} string", value)
+        return _decode_bytes(value.string_value, path)
+
+    return decode
+
+
+@functools.lru_cache(maxsize=1024)
+def _decoder(dtype: t.DataType) -> _Decoder:
+    """The decoder of a type, worked out once: no comparison of types runs per value."""
+    scalar = _SCALAR_DECODERS.get(dtype)
+    if scalar is not None:
+        return scalar
+    if isinstance(dtype, t.ScalarType):
+        return _unknown_scalar_decoder(dtype)
+    if isinstance(dtype, t.Array):
+        return _array_decoder(dtype)
+    return _object_decoder(dtype)
+
+
+def decode_value(value: struct_pb2.Value, dtype: t.DataType, path: str = "value") -> Any:
+    """Decodes one canonical JSON value of type dtype into Python; null becomes None."""
+    return _decoder(dtype)(value, path)
+
+
+_FieldsDecoder = Callable[[struct_pb2.Struct, str], dict[str, Any]]
+
+
+def _fields_decoder(fields: Sequence[t.Field]) -> _FieldsDecoder:
+    """The decoder of a record of `fields`: per field its name, its decoder and its path's last part."""
+    plan = [(f.name, _decoder(f.dtype)) for f in fields]
+    top = [(name, decode, _join("", name)) for name, decode in plan]
+
+    def decode_fields(struct: struct_pb2.Struct, path: str) -> dict[str, Any]:
+        raw = struct.fields
+        out: dict[str, Any] = {}
+        if path:
+            for name, decode in plan:
+                # An absent nullable field reads as null, as the server writes every field anyway.
+                value = raw.get(name)
+                out[name] = None if value is None else decode(value, _join(path, name))
+        else:
+            # A record's paths are its fields' names, joined once when the decoder is built.
+            for name, decode, field_path in top:
+                value = raw.get(name)
+                out[name] = None if value is None else decode(value, field_path)
+        return out
+
+    return decode_fields
+
+
+# Record decoders by the identity of their schema (a definition's tuple, read after read), then by value.
+_RECORDS_BY_ID: dict[int, tuple[Sequence[t.Field], _FieldsDecoder]] = {}
+_RECORDS: dict[tuple[t.Field, ...], _FieldsDecoder] = {}
+
+
+def _record_decoder(schema: Sequence[t.Field]) -> _FieldsDecoder:
+    cached = _RECORDS_BY_ID.get(id(schema))
+    if cached is not None and cached[0] is schema:
+        return cached[1]
+    fields = tuple(schema)
+    decoder = _RECORDS.get(fields)
+    if decoder is None:
+        if len(_RECORDS) >= 256:
+            _RECORDS.clear()
+        decoder = _RECORDS[fields] = _fields_decoder(fields)
+    if isinstance(schema, tuple):
+        # Only a tuple is kept by identity: a list may change or be one of many built per call.
+        if len(_RECORDS_BY_ID) >= 256:
+            _RECORDS_BY_ID.clear()
+        _RECORDS_BY_ID[id(schema)] = (schema, decoder)
+    return decoder
 
 
 def decode_record(struct: struct_pb2.Struct, schema: Sequence[t.Field]) -> dict[str, Any]:
@@ -309,4 +464,4 @@ def decode_record(struct: struct_pb2.Struct, schema: Sequence[t.Field]) -> dict[
     datetime, Bytes bytes, Array a list, Map a dict, Struct a dict of its fields; null becomes None.
     Raises ValueError naming the path of a value that does not match its type.
     """
-    return _decode_fields(struct, schema, "")
+    return _record_decoder(schema)(struct, "")

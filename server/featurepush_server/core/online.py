@@ -13,6 +13,7 @@ from google.protobuf import struct_pb2
 
 from featurepush.v1 import online_service_pb2
 
+from .arrow_reply import ReplyPlan, reply_stream
 from .encoding import (
     ColumnsPlan,
     decode_columns,
@@ -87,52 +88,14 @@ class OnlineReader:
         """The serialized GetFeaturesResponse for `keys` with the vectors as one Arrow IPC record batch."""
         source, key_columns, stored = self._read(source_name, keys)
         spec = source.spec
-        n = len(stored)
-        found = [v for v in stored if v is not None]
-        blob, found_micros, starts, lengths = locate(found)
-        status = np.full(n, _STATUS_MISSING, dtype=np.int8)
-        if len(found) == n:
-            is_found = None
-            micros = found_micros
-            status[:] = _STATUS_PRESENT
-        else:
-            is_found = np.array([v is not None for v in stored], dtype=bool)
-            micros = np.zeros(n, dtype=np.int64)
-            micros[is_found] = found_micros
-            status[is_found] = _STATUS_PRESENT
-        keep = None
-        if spec.ttl_micros:
-            cutoff = time.time_ns() // 1000 - spec.ttl_micros
-            fresh = found_micros >= cutoff
-            if not fresh.all():
-                keep = fresh
-                status[(status == _STATUS_PRESENT) & (micros < cutoff)] = _STATUS_EXPIRED
-        present = np.flatnonzero(status == _STATUS_PRESENT)
-        if keep is not None:
-            found = [v for v, ok in zip(found, keep, strict=True) if ok]
-            starts, lengths = starts[keep], lengths[keep]
+        cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None
         layout = read_layout(spec)
-        features = _feature_arrays(found, blob, starts, lengths, spec, layout.plan) if found else {}
-        gather = None
-        if len(found) < n:
-            # Rows without features take the null at the end of each present-row array.
-            gather = np.full(n, len(found), dtype=np.int64)
-            gather[present] = np.arange(len(found))
-        arrays = [pa.array(k, layout.schema.field(i).type) for i, k in enumerate(key_columns)]
-        arrays.append(pa.array(status, pa.int8()))
-        arrays.append(pa.array(micros, ARROW_TIMESTAMP, mask=None if is_found is None else ~is_found))
-        for f in layout.features:
-            column = features.get(f.name)
-            if column is None:
-                arrays.append(pa.nulls(n, f.dtype.to_arrow()))
-            elif gather is None:
-                arrays.append(column)
-            else:
-                arrays.append(pa.concat_arrays([column, pa.nulls(1, column.type)]).take(gather))
-        batch = pa.RecordBatch.from_arrays(arrays, schema=layout.schema)
-        # An IPC stream is the schema's message, the batch's, then the end-of-stream marker.
-        body: bytes = layout.schema_message + batch.serialize().to_pybytes() + _END_OF_STREAM
-        return GET_FEATURES_ARROW_IPC + varint(len(body)) + body
+        stream = None
+        if layout.reply is not None:
+            stream = reply_stream(layout.reply, key_columns[0], stored, cutoff)
+        if stream is None:
+            stream = arrow_stream(spec, key_columns, stored, cutoff)
+        return GET_FEATURES_ARROW_IPC + varint(len(stream)) + stream
 
     def _read(
         self, source_name: str, keys: Sequence[struct_pb2.Struct]
@@ -207,6 +170,62 @@ class OnlineReader:
         return columns, store_keys
 
 
+def arrow_stream(
+    spec: SourceSpec, key_columns: Sequence[Sequence[Any]], stored: Sequence[bytes | None], cutoff: int | None
+) -> bytes:
+    """The Arrow reply's IPC stream for any schema and stored rows, through pyarrow arrays.
+
+    `key_columns` holds each entity key field's values in key order; rows with event times before
+    `cutoff` (microseconds) read as expired. `arrow_reply.reply_stream` writes the same stream faster
+    for flat schemas.
+    """
+    n = len(stored)
+    found = [v for v in stored if v is not None]
+    blob, found_micros, starts, lengths = locate(found)
+    status = np.full(n, _STATUS_MISSING, dtype=np.int8)
+    if len(found) == n:
+        is_found = None
+        micros = found_micros
+        status[:] = _STATUS_PRESENT
+    else:
+        is_found = np.array([v is not None for v in stored], dtype=bool)
+        micros = np.zeros(n, dtype=np.int64)
+        micros[is_found] = found_micros
+        status[is_found] = _STATUS_PRESENT
+    keep = None
+    if cutoff is not None:
+        fresh = found_micros >= cutoff
+        if not fresh.all():
+            keep = fresh
+            status[(status == _STATUS_PRESENT) & (micros < cutoff)] = _STATUS_EXPIRED
+    present = np.flatnonzero(status == _STATUS_PRESENT)
+    if keep is not None:
+        found = [v for v, ok in zip(found, keep, strict=True) if ok]
+        starts, lengths = starts[keep], lengths[keep]
+    layout = read_layout(spec)
+    features = _feature_arrays(found, blob, starts, lengths, spec, layout.plan) if found else {}
+    gather = None
+    if len(found) < n:
+        # Rows without features take the null at the end of each present-row array.
+        gather = np.full(n, len(found), dtype=np.int64)
+        gather[present] = np.arange(len(found))
+    arrays = [pa.array(k, layout.schema.field(i).type) for i, k in enumerate(key_columns)]
+    arrays.append(pa.array(status, pa.int8()))
+    arrays.append(pa.array(micros, ARROW_TIMESTAMP, mask=None if is_found is None else ~is_found))
+    for f in layout.features:
+        column = features.get(f.name)
+        if column is None:
+            arrays.append(pa.nulls(n, f.dtype.to_arrow()))
+        elif gather is None:
+            arrays.append(column)
+        else:
+            arrays.append(pa.concat_arrays([column, pa.nulls(1, column.type)]).take(gather))
+    batch = pa.RecordBatch.from_arrays(arrays, schema=layout.schema)
+    # An IPC stream is the schema's message, the batch's, then the end-of-stream marker.
+    stream: bytes = layout.schema_message + batch.serialize().to_pybytes() + _END_OF_STREAM
+    return stream
+
+
 @dataclass(frozen=True)
 class ReadLayout:
     """The columns of an Arrow read of one source: its schema, and the feature fields after the keys."""
@@ -215,6 +234,8 @@ class ReadLayout:
     features: tuple[FieldSpec, ...]
     plan: ColumnsPlan
     schema_message: bytes
+    # How to write the reply straight from stored columns; None where the general path is needed.
+    reply: ReplyPlan | None
 
 
 # Layouts by the identity of their spec: hashing a spec walks its whole type tree, on every read.
@@ -251,7 +272,9 @@ def _layout(spec: SourceSpec) -> ReadLayout:
     fields.append(pa.field(event_time, ARROW_TIMESTAMP))
     fields += [pa.field(f.name, f.dtype.to_arrow()) for f in features]
     schema = pa.schema(fields)
-    return ReadLayout(schema, features, ColumnsPlan.of(spec.fields), schema.serialize().to_pybytes())
+    message = schema.serialize().to_pybytes()
+    reply = ReplyPlan.of(spec.fields, keys, features, message)
+    return ReadLayout(schema, features, ColumnsPlan.of(spec.fields), message, reply)
 
 
 def _feature_arrays(
