@@ -135,18 +135,20 @@ def roll_up(
     first = end - longest
     codec = Codec(spec)
     n = len(entities)
-    counts, starts, stored = store.scan_tiles(view.id, entities, first, end - interval)
-    # Each found tile's place in an (entity, tile) grid; absent tiles stay empty ones.
-    where = np.repeat(np.arange(n, dtype=np.int64), counts) * count + (starts - first) // interval
+    owners, stored = _blocks(view, store, codec, entities, first, end - interval)
+    blocks = codec.decode(stored)
+    # Each tile's place in an (entity, tile) grid; tiles outside the window and absent ones stay empty.
+    tile_owner = np.repeat(owners, blocks.counts)
+    inside = np.flatnonzero((blocks.starts >= first) & (blocks.starts < end))
+    where = tile_owner[inside] * count + (blocks.starts[inside] - first) // interval
     grid = np.tile(codec.identity, (n * count, 1))
-    if stored:
-        grid[where] = codec.fixed_rows(stored)
+    grid[where] = blocks.fixed[inside]
     fixed = grid.reshape(n, count, codec.width)
     var: list[dict[str, Any] | None] = []
     if codec.has_var:
         var = [None] * (n * count)
-        for j, value in zip(where.tolist(), stored, strict=True):
-            var[j] = codec.var(value)
+        for j, i in zip(where.tolist(), inside.tolist(), strict=True):
+            var[j] = blocks.var[i]
     totals_by_k: dict[int, np.ndarray] = {}
     out: list[Rolled] = []
     for agg in aggs:
@@ -166,6 +168,29 @@ def roll_up(
                 values.append(_json_value(found, kind).SerializeToString())
         out.append(Rolled(values, present.tolist(), end))
     return out
+
+
+# Up to this many blocks per entity, a read names every block key in one multi-get; beyond, it scans.
+_MULTI_GET_BLOCKS = 8
+
+
+def _blocks(
+    view: View, store: TileStore, codec: Codec, entities: Sequence[bytes], first: int, last: int
+) -> tuple[np.ndarray, list[bytes]]:
+    """The stored blocks holding each entity's tiles starting in [first, last], and the entity of each."""
+    span = codec.span
+    low = floor_to(first, span)
+    per_entity = (floor_to(last, span) - low) // span + 1
+    n = len(entities)
+    if per_entity > _MULTI_GET_BLOCKS:
+        counts, _, values = store.scan_tiles(view.id, entities, low, floor_to(last, span))
+        return np.repeat(np.arange(n, dtype=np.int64), counts), values
+    starts = np.tile(np.arange(per_entity, dtype=np.int64) * span + low, n)
+    keys = store.tile_keys(view.id, [e for e in entities for _ in range(per_entity)], starts)
+    stored = store.read_tiles(keys)
+    present = [j for j, v in enumerate(stored) if v is not None]
+    owners = np.array(present, dtype=np.int64) // per_entity
+    return owners, [v for v in stored if v is not None]
 
 
 def _int64(value: float) -> bytes:
