@@ -7,13 +7,11 @@ the tile holding T: it never includes an event after T, and its values change on
 from __future__ import annotations
 
 import math
-import struct
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 
 from featurepush.v1 import feature_view_pb2 as fv_pb2
 from featurepush.v1 import feature_view_service_pb2 as pb
@@ -26,18 +24,8 @@ from .rows import BadValue, scalar_converter
 from .schema import Kind
 from .stores.base import TileStore
 from .tiles import Codec, bounded, floor_to, now_micros, sketch_estimate, union_sketches
+from .view_reply import Feature, vectors
 from .views import LIST_FUNCTIONS, AggSpec, View, Views
-from .wire import (
-    VALUE_NULL,
-    VALUE_NUMBER,
-    VALUE_STRING,
-    VIEW_FEATURES_RESULT,
-    VIEW_VALUE_EFFECTIVE_TIME,
-    VIEW_VALUE_STATUS,
-    VIEW_VALUE_VALUE,
-    VIEW_VECTOR_VALUE,
-    varint,
-)
 
 F = fv_pb2
 _PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
@@ -97,35 +85,9 @@ def value_kind(agg: AggSpec) -> Kind:
     return next(k for k, s in _SCALAR.items() if s == scalar)
 
 
-_NULL = VALUE_NULL + b"\x00"
-_DOUBLE = struct.Struct("<d").pack
-_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
-
-
-def _string(text: str) -> bytes:
-    data = text.encode()
-    return VALUE_STRING + varint(len(data)) + data
-
-
-def _number(value: float) -> bytes:
-    # Non-finite floats have no JSON number: they go as strings, like _json_value writes them.
-    if math.isfinite(value):
-        return VALUE_NUMBER + _DOUBLE(value)
-    return _string(_NON_FINITE[repr(value)])
-
-
-@dataclass(frozen=True)
-class Rolled:
-    """One feature of every entity: its serialized Value each, whether its window holds events, its end."""
-
-    values: list[bytes]
-    present: list[bool]
-    end: int
-
-
 def roll_up(
     view: View, store: TileStore, entities: Sequence[bytes], aggs: Sequence[AggSpec], at: int
-) -> list[Rolled]:
+) -> list[Feature]:
     """The features `aggs` of every entity over the windows ending at the tile holding `at` (microseconds)."""
     spec = view.spec
     interval = spec.interval
@@ -141,7 +103,8 @@ def roll_up(
     tile_owner = np.repeat(owners, blocks.counts)
     inside = np.flatnonzero((blocks.starts >= first) & (blocks.starts < end))
     where = tile_owner[inside] * count + (blocks.starts[inside] - first) // interval
-    grid = np.tile(codec.identity, (n * count, 1))
+    grid = np.empty((n * count, codec.width))
+    grid[:] = codec.identity
     grid[where] = blocks.fixed[inside]
     fixed = grid.reshape(n, count, codec.width)
     var: list[dict[str, Any] | None] = []
@@ -150,7 +113,7 @@ def roll_up(
         for j, i in zip(where.tolist(), inside.tolist(), strict=True):
             var[j] = blocks.var[i]
     totals_by_k: dict[int, np.ndarray] = {}
-    out: list[Rolled] = []
+    out: list[Feature] = []
     for agg in aggs:
         k = agg.window // interval
         totals = totals_by_k.get(k)
@@ -158,15 +121,18 @@ def roll_up(
             totals = totals_by_k[k] = fixed[:, count - k :, :].sum(axis=1)
         present = totals[:, 0] > 0
         if agg.function not in _LIST_OR_SKETCH:
-            values = _moment(agg, fixed[:, count - k :, :], totals, spec.moments.index(agg.column), present)
+            numbers, has, kind = _moment(
+                agg, fixed[:, count - k :, :], totals, spec.moments.index(agg.column)
+            )
+            out.append(Feature(present, end, numbers, present & has, kind))
         else:
             kind = value_kind(agg)
-            values = []
+            serialized = []
             for i in range(n):
                 parts = [var[i * count + j] for j in range(count - k, count)]
                 found = _from_var(view, agg, [p for p in parts if p is not None]) if present[i] else None
-                values.append(_json_value(found, kind).SerializeToString())
-        out.append(Rolled(values, present.tolist(), end))
+                serialized.append(_json_value(found, kind).SerializeToString())
+            out.append(Feature(present, end, values=serialized))
     return out
 
 
@@ -193,64 +159,38 @@ def _blocks(
     return owners, [v for v in stored if v is not None]
 
 
-def _int64(value: float) -> bytes:
-    return _string(str(int(value)))
-
-
-def _int32(value: float) -> bytes:
-    return _number(float(int(value)))
-
-
 def _moment(
-    agg: AggSpec, tiles: np.ndarray, totals: np.ndarray, column: int, present: np.ndarray
-) -> list[bytes]:
-    """One moment aggregation's serialized Values for every entity, from its window's tiles and their sums."""
+    agg: AggSpec, tiles: np.ndarray, totals: np.ndarray, column: int
+) -> tuple[np.ndarray, np.ndarray, Kind]:
+    """One moment aggregation of every entity from its window's tiles and their sums.
+
+    Returns the values, where they are set when the window holds events, and the kind they are written as.
+    """
     c = 1 + 5 * column
     count, total, squares = totals[:, c], totals[:, c + 1], totals[:, c + 2]
     fn = agg.function
     integral = agg.kind in _INT_KINDS
-    encode: Callable[[float], bytes] = _number
-    has = present & (count > 0)
+    has = count > 0
     if fn == F.AGGREGATE_FUNCTION_COUNT:
-        found, encode, has = count, _int64, present
-    elif fn == F.AGGREGATE_FUNCTION_SUM:
-        found, has = total, present
-        if integral:
-            encode = _int64
-    elif fn in (F.AGGREGATE_FUNCTION_MIN, F.AGGREGATE_FUNCTION_MAX):
+        return count, np.ones(len(count), dtype=bool), Kind.INT64
+    if fn == F.AGGREGATE_FUNCTION_SUM:
+        return total, np.ones(len(count), dtype=bool), Kind.INT64 if integral else Kind.FLOAT64
+    if fn in (F.AGGREGATE_FUNCTION_MIN, F.AGGREGATE_FUNCTION_MAX):
         if fn == F.AGGREGATE_FUNCTION_MIN:
             found = tiles[:, :, c + 3].min(axis=1)
         else:
             found = tiles[:, :, c + 4].max(axis=1)
+        kind = Kind.FLOAT64
         if integral:
-            encode = _int64 if agg.kind is Kind.INT64 else _int32
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mean = total / count
-            if fn == F.AGGREGATE_FUNCTION_MEAN:
-                found = mean
-            else:
-                spread = squares / count - mean * mean
-                # As max(spread, 0.0) in stddev(): NaN stays NaN.
-                found = np.sqrt(np.where(0.0 > spread, 0.0, spread))
-    return [encode(x) if h else _NULL for x, h in zip(found.tolist(), has.tolist(), strict=True)]
-
-
-def _feature_values(rolled: Rolled) -> list[bytes]:
-    """One feature's serialized ViewFeatureValue (a ViewFeatureVector.values entry) for every entity."""
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromMicroseconds(rolled.end)
-    when = stamp.SerializeToString()
-    tail = VIEW_VALUE_EFFECTIVE_TIME + varint(len(when)) + when
-    heads = {
-        True: VIEW_VALUE_STATUS + bytes([_PRESENT]) + VIEW_VALUE_VALUE,
-        False: VIEW_VALUE_STATUS + bytes([_MISSING]) + VIEW_VALUE_VALUE,
-    }
-    out = []
-    for value, present in zip(rolled.values, rolled.present, strict=True):
-        body = heads[present] + varint(len(value)) + value + tail
-        out.append(VIEW_VECTOR_VALUE + varint(len(body)) + body)
-    return out
+            kind = Kind.INT64 if agg.kind is Kind.INT64 else Kind.INT32
+        return found, has, kind
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = total / count
+        if fn == F.AGGREGATE_FUNCTION_MEAN:
+            return mean, has, Kind.FLOAT64
+        spread = squares / count - mean * mean
+        # As max(spread, 0.0) in stddev(): NaN stays NaN.
+        return np.sqrt(np.where(0.0 > spread, 0.0, spread)), has, Kind.FLOAT64
 
 
 _LIST_OR_SKETCH = {
@@ -297,8 +237,8 @@ class ViewReader:
             reason="NO_TARGET",
         )
 
-    def get(self, request: pb.GetViewFeaturesRequest) -> pb.GetViewFeaturesResponse:
-        """The features of every requested entity, vectors in request order."""
+    def get(self, request: pb.GetViewFeaturesRequest) -> bytes:
+        """The serialized GetViewFeaturesResponse: every requested entity's features, in request order."""
         keys = request.keys
         check_key_count(len(keys), self.max_keys)
         targets, qualified = self.targets(request)
@@ -307,24 +247,30 @@ class ViewReader:
             at = request.as_of.seconds * 1_000_000 + request.as_of.nanos // 1000
         entities = self.entity_keys(targets[0][0], keys)
         response = pb.GetViewFeaturesResponse()
-        # One list per feature of each entity's serialized ViewFeatureValue, assembled by hand for speed.
-        columns: list[list[bytes]] = []
+        # Each feature's ViewFeatureValues for every entity, serialized together (view_reply.py).
+        columns: list[Feature] = []
         for view, indexes in targets:
             aggs = [view.spec.aggregations[i] for i in indexes]
             for agg in aggs:
                 name = f"{view.spec.name}.{agg.name}" if qualified else agg.name
                 response.features.add(name=name, type=feature_type(agg))
-            columns.extend(_feature_values(r) for r in roll_up(view, self._store, entities, aggs, at))
-        vectors = [response.SerializeToString()]
-        for row in zip(*columns, strict=True):
-            vector = b"".join(row)
-            vectors.append(VIEW_FEATURES_RESULT + varint(len(vector)) + vector)
-        return pb.GetViewFeaturesResponse.FromString(b"".join(vectors))
+            columns.extend(roll_up(view, self._store, entities, aggs, at))
+        return response.SerializeToString() + vectors(columns, len(entities))
 
     @staticmethod
     def entity_keys(view: View, keys: Sequence[struct_pb2.Struct]) -> list[bytes]:
         """The entity key bytes of each request key, or InvalidInput naming every bad one."""
         names = view.spec.entity_keys
+        if len(names) == 1 and view.key_kinds == (Kind.STRING,):
+            # The common case, one String key given as a string, without a converter call per key.
+            maps = [k.fields for k in keys]
+            if all(len(m) == 1 for m in maps):
+                values = [m.get(names[0]) for m in maps]
+                texts = [
+                    v.string_value for v in values if v is not None and v.WhichOneof("kind") == "string_value"
+                ]
+                if len(texts) == len(values):
+                    return [text.encode() for text in texts]
         source = view.spec.source
         violations: list[Violation] = []
         out: list[bytes] = []
