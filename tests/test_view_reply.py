@@ -42,6 +42,7 @@ def numeric(draw: st.DrawFn, rows: int) -> tuple[Kind, list[float], list[bool], 
 
 
 @settings(max_examples=300, deadline=None)
+# Up to 12 entities: both sides of the count below which values are written one by one.
 @given(rows=st.integers(0, 12), data=st.data())
 def test_vectors_are_the_bytes_protobuf_writes(rows: int, data: st.DataObject) -> None:
     drawn = data.draw(st.lists(numeric(rows), max_size=6))
@@ -80,13 +81,14 @@ def test_vectors_are_the_bytes_protobuf_writes(rows: int, data: st.DataObject) -
 
 
 def test_values_numpy_does_not_write_are_written_as_python_does() -> None:
-    every = np.ones(5, dtype=bool)
-    floats = Feature(every, 0, np.array([math.nan, math.inf, -math.inf, 1.5, 3.0]), every, Kind.FLOAT64)
-    ints = Feature(every, 0, np.array([2.0**64, -(2.0**63), 2.0**63 - 1024, -1e34, 0.0]), every, Kind.INT64)
-    reply = pb.GetViewFeaturesResponse.FromString(vectors([floats, ints], 5))
+    every = np.ones(10, dtype=bool)
+    floats = Feature(every, 0, np.array([math.nan, math.inf, -math.inf, 1.5, 3.0] * 2), every, Kind.FLOAT64)
+    big = [2.0**64, -(2.0**63), 2.0**63 - 1024, -1e34, 0.0] * 2
+    ints = Feature(every, 0, np.array(big), every, Kind.INT64)
+    reply = pb.GetViewFeaturesResponse.FromString(vectors([floats, ints], 10))
     assert [v.values[0].value.string_value for v in reply.results[:3]] == ["NaN", "Infinity", "-Infinity"]
-    assert [v.values[0].value.number_value for v in reply.results[3:]] == [1.5, 3.0]
-    assert [v.values[1].value.string_value for v in reply.results] == [
+    assert [v.values[0].value.number_value for v in reply.results[3:5]] == [1.5, 3.0]
+    assert [v.values[1].value.string_value for v in reply.results[:5]] == [
         str(2**64),
         str(-(2**63)),
         str(2**63 - 1024),
@@ -96,8 +98,9 @@ def test_values_numpy_does_not_write_are_written_as_python_does() -> None:
 
 
 def test_a_value_too_long_for_one_byte_lengths_is_written_one_by_one() -> None:
-    every = np.ones(2, dtype=bool)
-    huge = Feature(every, 1_700_000_000_123_456, np.array([1e120, 5.0]), every, Kind.INT64)
-    reply = pb.GetViewFeaturesResponse.FromString(vectors([huge], 2))
-    assert [v.values[0].value.string_value for v in reply.results] == [str(int(1e120)), "5"]
+    # Enough entities for the array path, which hands this feature to the one-by-one one.
+    every = np.ones(10, dtype=bool)
+    huge = Feature(every, 1_700_000_000_123_456, np.array([1e120] + [5.0] * 9), every, Kind.INT64)
+    reply = pb.GetViewFeaturesResponse.FromString(vectors([huge], 10))
+    assert [v.values[0].value.string_value for v in reply.results] == [str(int(1e120))] + ["5"] * 9
     assert reply.results[0].values[0].effective_time.ToMicroseconds() == 1_700_000_000_123_456

@@ -1,9 +1,10 @@
 """The GetViewFeatures reply's vectors, serialized for every entity at once with numpy.
 
 The numeric features of a read are written together: one (entities, features, bytes) array holds every
-ViewFeatureValue, with a mask of the bytes that count, and a handful of array operations fill it whatever
+ViewFeatureValue, with a mask of the bytes that count, and a few dozen array operations fill it whatever
 the number of entities and features. Features whose Values are built one by one in Python (lists,
-sketches) are laid between them. Every reply is byte for byte what protobuf writes of the same message.
+sketches), and every feature of a read of a handful of entities, are written value by value. Every
+reply is byte for byte what protobuf writes of the same message.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ _PLACES = 10 ** np.arange(19, -1, -1, dtype=np.uint64)
 _VALUE_WIDTH = 23
 # Entries shorter than this have one-byte lengths; longer Values go the one-by-one way.
 _SHORT = 128
+# Below this many entities, writing each value in Python beats the fixed cost of the array operations.
+_SMALL = 8
 _DOUBLE = struct.Struct("<d").pack
 _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
@@ -211,7 +214,7 @@ def vectors(features: Sequence[Feature], rows: int) -> bytes:
             run.append(feature)
             continue
         if run:
-            padded = _numeric(run, rows)
+            padded = _numeric(run, rows) if rows >= _SMALL else None
             if padded is not None:
                 parts.append(padded)
             else:
