@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,9 @@ F = fv_pb2
 _PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
 _MISSING = online_service_pb2.FEATURE_STATUS_MISSING
 _INT_KINDS = (Kind.INT32, Kind.INT64)
+# A tile's partial aggregates per moment column, after its record count: count, sum, sum of squares,
+# min and max (tiles.py).
+_PER_COLUMN = 5
 _SCALAR = {
     Kind.STRING: schema_pb2.SCALAR_TYPE_STRING,
     Kind.INT32: schema_pb2.SCALAR_TYPE_INT32,
@@ -99,31 +103,29 @@ def roll_up(
     n = len(entities)
     owners, stored = _blocks(view, store, codec, entities, first, end - interval)
     blocks = codec.decode(stored)
-    # Each tile's place in an (entity, tile) grid; tiles outside the window and absent ones stay empty.
-    tile_owner = np.repeat(owners, blocks.counts)
+    # The tiles inside the longest window, entity by entity and by start (as the blocks come).
     inside = np.flatnonzero((blocks.starts >= first) & (blocks.starts < end))
-    where = tile_owner[inside] * count + (blocks.starts[inside] - first) // interval
-    grid = np.empty((n * count, codec.width))
-    grid[:] = codec.identity
-    grid[where] = blocks.fixed[inside]
-    fixed = grid.reshape(n, count, codec.width)
+    tile_owner = np.repeat(owners, blocks.counts)[inside]
+    tile_start = blocks.starts[inside]
+    tile_fixed = blocks.fixed[inside]
     var: list[dict[str, Any] | None] = []
     if codec.has_var:
+        # The JSON parts in an (entity, tile) grid; absent tiles stay None.
         var = [None] * (n * count)
+        where = tile_owner * count + (tile_start - first) // interval
         for j, i in zip(where.tolist(), inside.tolist(), strict=True):
             var[j] = blocks.var[i]
-    totals_by_k: dict[int, np.ndarray] = {}
+    windows: dict[int, _Window] = {}
     out: list[Feature] = []
     for agg in aggs:
         k = agg.window // interval
-        totals = totals_by_k.get(k)
-        if totals is None:
-            totals = totals_by_k[k] = fixed[:, count - k :, :].sum(axis=1)
-        present = totals[:, 0] > 0
+        window = windows.get(k)
+        if window is None:
+            shorter = tile_start >= end - agg.window
+            window = windows[k] = _Window(n, tile_owner[shorter], tile_fixed[shorter])
+        present = window.present
         if agg.function not in _LIST_OR_SKETCH:
-            numbers, has, kind = _moment(
-                agg, fixed[:, count - k :, :], totals, spec.moments.index(agg.column)
-            )
+            numbers, has, kind = _moment(agg, window, spec.moments.index(agg.column))
             out.append(Feature(present, end, numbers, present & has, kind))
         else:
             kind = value_kind(agg)
@@ -159,38 +161,80 @@ def _blocks(
     return owners, [v for v in stored if v is not None]
 
 
-def _moment(
-    agg: AggSpec, tiles: np.ndarray, totals: np.ndarray, column: int
-) -> tuple[np.ndarray, np.ndarray, Kind]:
-    """One moment aggregation of every entity from its window's tiles and their sums.
+class _Window:
+    """Every entity's tiles in a window of one length, and their moments for every column at once.
+
+    The tiles come entity by entity (`owners` ascending), so each entity's are one run of rows.
+    """
+
+    def __init__(self, n: int, owners: np.ndarray, tiles: np.ndarray):
+        self.tiles = tiles
+        heads = np.flatnonzero(np.diff(owners, prepend=-1))
+        self.heads = heads
+        self.owners = owners[heads]
+        self.totals = np.zeros((n, tiles.shape[1]))
+        if len(heads):
+            self.totals[self.owners] = np.add.reduceat(tiles, heads, axis=0)
+        self.present: np.ndarray = self.totals[:, 0] > 0
+        self.counts = self.totals[:, 1::_PER_COLUMN]
+        self.has: np.ndarray = self.counts > 0
+
+    def _extreme(self, ufunc: np.ufunc, offset: int, empty: float) -> np.ndarray:
+        found = np.full(self.counts.shape, empty)
+        if len(self.heads):
+            part = np.ascontiguousarray(self.tiles[:, offset::_PER_COLUMN])
+            found[self.owners] = ufunc.reduceat(part, self.heads, axis=0)
+        return found
+
+    @cached_property
+    def mins(self) -> np.ndarray:
+        """Each column's minimum."""
+        return self._extreme(np.minimum, 4, np.inf)
+
+    @cached_property
+    def maxes(self) -> np.ndarray:
+        """Each column's maximum."""
+        return self._extreme(np.maximum, 5, -np.inf)
+
+    @cached_property
+    def means(self) -> np.ndarray:
+        """Each column's mean (NaN without values)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            found: np.ndarray = self.totals[:, 2::_PER_COLUMN] / self.counts
+        return found
+
+    @cached_property
+    def stddevs(self) -> np.ndarray:
+        """Each column's population standard deviation (NaN without values)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            spread = self.totals[:, 3::_PER_COLUMN] / self.counts - self.means * self.means
+        # As max(spread, 0.0) in stddev(): NaN stays NaN.
+        found: np.ndarray = np.sqrt(np.where(0.0 > spread, 0.0, spread))
+        return found
+
+
+def _moment(agg: AggSpec, window: _Window, column: int) -> tuple[np.ndarray, np.ndarray, Kind]:
+    """One moment aggregation of every entity over its window.
 
     Returns the values, where they are set when the window holds events, and the kind they are written as.
     """
-    c = 1 + 5 * column
-    count, total, squares = totals[:, c], totals[:, c + 1], totals[:, c + 2]
     fn = agg.function
     integral = agg.kind in _INT_KINDS
-    has = count > 0
+    every = window.present
     if fn == F.AGGREGATE_FUNCTION_COUNT:
-        return count, np.ones(len(count), dtype=bool), Kind.INT64
+        return window.counts[:, column], every, Kind.INT64
     if fn == F.AGGREGATE_FUNCTION_SUM:
-        return total, np.ones(len(count), dtype=bool), Kind.INT64 if integral else Kind.FLOAT64
+        kind = Kind.INT64 if integral else Kind.FLOAT64
+        return window.totals[:, 2 + _PER_COLUMN * column], every, kind
+    has = window.has[:, column]
     if fn in (F.AGGREGATE_FUNCTION_MIN, F.AGGREGATE_FUNCTION_MAX):
-        if fn == F.AGGREGATE_FUNCTION_MIN:
-            found = tiles[:, :, c + 3].min(axis=1)
-        else:
-            found = tiles[:, :, c + 4].max(axis=1)
+        found = window.mins if fn == F.AGGREGATE_FUNCTION_MIN else window.maxes
         kind = Kind.FLOAT64
         if integral:
             kind = Kind.INT64 if agg.kind is Kind.INT64 else Kind.INT32
-        return found, has, kind
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = total / count
-        if fn == F.AGGREGATE_FUNCTION_MEAN:
-            return mean, has, Kind.FLOAT64
-        spread = squares / count - mean * mean
-        # As max(spread, 0.0) in stddev(): NaN stays NaN.
-        return np.sqrt(np.where(0.0 > spread, 0.0, spread)), has, Kind.FLOAT64
+        return found[:, column], has, kind
+    found = window.means if fn == F.AGGREGATE_FUNCTION_MEAN else window.stddevs
+    return found[:, column], has, Kind.FLOAT64
 
 
 _LIST_OR_SKETCH = {
