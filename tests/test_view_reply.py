@@ -26,6 +26,8 @@ integral = st.one_of(
     st.integers(-(2**63), 2**63 - 1).map(float),
     st.integers(-(2**31), 2**31 - 1).map(float),
     st.sampled_from([0.0, -0.0, 2.0**63, 2.0**64, -(2.0**63), 1e25, -1e34, 9.0, 10.0, 99.0, 100.0]),
+    st.integers(0, 18).map(lambda e: float(10**e)),
+    st.integers(0, 18).map(lambda e: float(1 - 10**e)),
 )
 
 

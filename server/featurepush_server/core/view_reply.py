@@ -34,10 +34,10 @@ from .wire import (
 
 _PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
 _MISSING = online_service_pb2.FEATURE_STATUS_MISSING
-# Powers of ten from 10^19 down to 1: the place of each of an unsigned 64-bit integer's 20 digits.
-_PLACES = 10 ** np.arange(19, -1, -1, dtype=np.uint64)
-# The widest Value numpy writes: a string_value tag, its length, a sign and 20 digits.
-_VALUE_WIDTH = 23
+# Powers of ten from 10^18 down to 1: the place of each of a positive int64's 19 digits.
+_PLACES = 10 ** np.arange(18, -1, -1, dtype=np.int64)
+# The widest Value numpy writes: a string_value tag, its length, a sign and 19 digits.
+_VALUE_WIDTH = 22
 # Entries shorter than this have one-byte lengths; longer Values go the one-by-one way.
 _SHORT = 128
 # Below this many entities, writing each value in Python beats the fixed cost of the array operations.
@@ -98,16 +98,16 @@ def _tail(end: int) -> bytes:
 
 
 def _decimals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each int64 as a string_value Value in decimal, as str(int) writes it: bytes and mask, 3 + digits wide.
+    """Each int64 but the smallest as a string_value Value in decimal, as str(int) writes it.
 
-    Only the places the largest magnitude needs are computed: most features' values have a few digits.
+    Returns bytes and mask, 3 + digits wide: only the places the largest magnitude needs are computed,
+    and most features' values have a few digits.
     """
     negative = values < 0
-    # The magnitude without overflow at the smallest int64: -(v + 1) fits, and 1 is added back unsigned.
-    magnitude = np.where(negative, -(values + 1), values).astype(np.uint64) + negative.astype(np.uint64)
+    magnitude = np.abs(values)
     largest = int(magnitude.max()) if magnitude.size else 0
     places = _PLACES[len(_PLACES) - len(str(largest)) :]
-    digits = (magnitude[..., None] // places) % np.uint64(10)
+    digits = (magnitude[..., None] // places) % 10
     shown = magnitude[..., None] >= places
     shown[..., -1] = True
     width = 3 + len(places)
@@ -125,12 +125,12 @@ def _decimals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _numeric(features: Sequence[Feature], rows: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The ViewFeatureValue entries of numeric features as (rows, bytes) and its mask; None if one is long."""
-    numbers = np.stack([_set(f.numbers) for f in features], axis=1).astype(np.float64)
-    has = np.stack([_set(f.has) for f in features], axis=1).astype(bool)
-    present = np.stack([f.present for f in features], axis=1).astype(bool)
+    numbers = np.stack([_set(f.numbers) for f in features], axis=1, dtype=np.float64)
+    has = np.stack([_set(f.has) for f in features], axis=1, dtype=bool)
+    present = np.stack([f.present for f in features], axis=1, dtype=bool)
     decimal = np.array([f.kind is Kind.INT64 for f in features])
     whole = np.array([f.kind is Kind.INT32 for f in features])
-    # Values numpy does not write as Python does: non-finite floats, integers past int64.
+    # Values numpy does not write as Python does: non-finite floats, integers of 2^63 and more in size.
     odd = has & np.where(decimal, ~(np.abs(numbers) < 2.0**63), ~np.isfinite(numbers))
     plain = np.where(has & ~odd, numbers, 0.0)
     plain[:, whole] = plain[:, whole].astype(np.int64).astype(np.float64)
