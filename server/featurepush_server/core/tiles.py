@@ -31,11 +31,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from featurepush.v1 import feature_view_pb2 as fv_pb2
+
 from .encoding import encode_keys
 from .errors import FailedPrecondition
 from .materialize import Origin, Staged
 from .stores.base import TileMerge, TileStore
-from .views import View, Views, ViewSpec
+from .views import LIST_FUNCTIONS, MOMENT_FUNCTIONS, View, Views, ViewSpec
 
 # HyperLogLog precision: 2^12 registers, about 1.6% standard error.
 HLL_LG_K = 12
@@ -78,17 +80,20 @@ class Blocks(NamedTuple):
 Var = dict[str, Any] | None
 
 
-def block_slots(spec: ViewSpec) -> int:
+def block_slots(definition: fv_pb2.StreamFeatureView) -> int:
     """How many consecutive tile intervals one stored block of a view covers.
 
-    Every part of it is in the view's tile layout, so it never changes while the view holds tiles.
+    It depends on the kinds of partial aggregates the tiles keep, which never change while the view holds
+    tiles, and it is read from the definition alone, as a process that does not load views can.
     """
-    if spec.sketches:
+    functions = {a.function for a in definition.aggregations}
+    if fv_pb2.AGGREGATE_FUNCTION_APPROX_COUNT_DISTINCT in functions:
         # A sketch is kilobytes: a push rewrites the whole block of each entity it touches.
         return 1
-    if spec.lists:
+    if functions & LIST_FUNCTIONS.keys():
         return _LIST_SLOTS
-    tile_bytes = 8 * (2 + _FIXED * len(spec.moments))
+    moments = {a.column for a in definition.aggregations if a.function in MOMENT_FUNCTIONS}
+    tile_bytes = 8 * (2 + _FIXED * len(moments))
     return max(1, min(_MAX_SLOTS, _BLOCK_BYTES // tile_bytes))
 
 
@@ -109,7 +114,7 @@ class Codec:
         identity[4::_FIXED] = np.inf
         identity[5::_FIXED] = -np.inf
         self.identity = identity
-        self.slots = block_slots(spec)
+        self.slots = block_slots(spec.proto)
         self.span = self.slots * spec.interval
         self.record = np.dtype([("start", "<i8"), ("fixed", "<f8", (self.width,))])
 
@@ -551,7 +556,7 @@ def sweep_tiles(views: Views, store: TileStore, now: int | None = None) -> int:
         spec = view.spec
         oldest = floor_to(now, spec.interval) - spec.longest_window
         # A block starting at s ends at s + span: it is wholly before `oldest` when s <= oldest - span.
-        deleted += store.delete_tiles_before(view.id, oldest - block_slots(spec) * spec.interval + 1)
+        deleted += store.delete_tiles_before(view.id, oldest - block_slots(spec.proto) * spec.interval + 1)
     return deleted
 
 
