@@ -197,3 +197,33 @@ def test_expiry_deletes_a_block_once_all_its_tiles_are_outside_every_window(runn
     assert sweep_tiles(server.views, server.store, block + span + 60 * M) == 2
     _, [row] = read(running, ["u"], t + 2 * M)
     assert all(status == "MISSING" for status, _ in row)
+
+
+def test_a_tile_update_without_block_numbers_merges_alike(running: Running) -> None:
+    import dataclasses
+
+    import pyarrow as pa
+
+    from featurepush.definitions import Aggregate
+    from featurepush_server.core.tiles import build_tiles
+
+    # A store that gets tile updates as bytes may leave the block numbers out: the keys say the same.
+    apply(running, view(aggregations=[Aggregate("clicked", fn, 60 * MINUTE) for fn in MOMENTS]))
+    t = now_minute() - 50 * M
+    push(running, [("u1", t, 1), ("u2", t + 3 * M, 2)])
+    server = running.server
+    assert server.views is not None
+    events = [("u1", t + i * 5 * M, i) for i in range(10)] + [("u2", t + 7 * M, 4), ("u3", t, 5)]
+    table = pa.table(
+        {
+            "user_id": [u for u, _, _ in events],
+            "timestamp": pa.array([ts for _, ts, _ in events], pa.timestamp("us", "UTC")),
+            "clicked": pa.array([c for _, _, c in events], pa.int64()),
+        }
+    )
+    update = build_tiles(server.views.get("clicks"), server.store, table, "timestamp", "a test batch")
+    numbered = update.merge(None, server.store.read_tiles)
+    from_keys = dataclasses.replace(update, blocks=None).merge(None, server.store.read_tiles)
+    # One block per entity, or two where its tiles cross a block edge.
+    assert len(set(numbered.keys)) == len(numbered.keys) >= 3
+    assert (numbered.keys, numbered.values) == (from_keys.keys, from_keys.values)

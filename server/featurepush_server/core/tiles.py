@@ -384,7 +384,7 @@ class ViewTiles:
     """One view's partial aggregates of one batch: the TileUpdate the store merges under its lock.
 
     Row i is the tile of one entity starting at `starts[i]`; `keys[i]` is the key of the block holding
-    it, and `blocks[i]` a number that rows of the same block share.
+    it, and `blocks[i]` a number that rows of the same block share (numbered from the keys when absent).
     """
 
     view: str
@@ -393,13 +393,13 @@ class ViewTiles:
     spec: ViewSpec
     codec: Codec
     keys: list[bytes]
-    blocks: np.ndarray
     starts: np.ndarray
     rows: np.ndarray
     fixed: np.ndarray
     var: list[dict[str, Any] | None]
     # The backfill run these tiles belong to, or "" for a push.
     run: str = ""
+    blocks: np.ndarray | None = None
 
     def merge(self, state: bytes | None, read: Callable[[list[bytes]], list[bytes | None]]) -> TileMerge:
         """Merge into the stored blocks the tiles this write may add; skipped records are counted."""
@@ -426,6 +426,11 @@ class ViewTiles:
                 new_state = parsed.dump()
         if not len(index):
             return TileMerge([], [], new_state, skipped)
+        if self.blocks is None:
+            numbers: dict[bytes, int] = {}
+            self.blocks = np.fromiter(
+                (numbers.setdefault(k, len(numbers)) for k in self.keys), dtype=np.int64, count=len(self.keys)
+            )
         _, firsts, inverse = np.unique(self.blocks[index], return_index=True, return_inverse=True)
         keys = [self.keys[i] for i in index[firsts].tolist()]
         stored = read(keys)
@@ -507,20 +512,9 @@ def build_tiles(
     per_entity = (int(block_starts.max()) - low) // codec.span + 1 if m else 1
     blocks = unique // span * per_entity + (block_starts - low) // codec.span
     keys = store.tile_keys(view.id, group_entities, block_starts)
-    return ViewTiles(
-        spec.name,
-        view.id,
-        view.generation,
-        spec,
-        codec,
-        keys,
-        blocks,
-        starts,
-        fixed[:, 0].copy(),
-        fixed,
-        var,
-        run,
-    )
+    rows = fixed[:, 0].copy()
+    name, generation = spec.name, view.generation
+    return ViewTiles(name, view.id, generation, spec, codec, keys, starts, rows, fixed, var, run, blocks)
 
 
 class TileWriter:
