@@ -68,16 +68,17 @@ def now_micros() -> int:
     return time.time_ns() // 1000
 
 
+# A tile's JSON part (its lists and sketches), or None.
+Var = dict[str, Any] | None
+
+
 class Blocks(NamedTuple):
     """Stored blocks decoded: each block's tile count, then every tile's start, fixed part and JSON part."""
 
     counts: np.ndarray
     starts: np.ndarray
     fixed: np.ndarray
-    var: list[dict[str, Any] | None]
-
-
-Var = dict[str, Any] | None
+    var: list[Var]
 
 
 def block_slots(definition: fv_pb2.StreamFeatureView) -> int:
@@ -124,7 +125,7 @@ class Codec:
         if self.has_var:
             counts = [int.from_bytes(v[:_HEAD], "big") for v in values]
             joined = b"".join(v[_HEAD : _HEAD + c * size] for v, c in zip(values, counts, strict=True))
-            var: list[dict[str, Any] | None] = []
+            var: list[Var] = []
             for v, c in zip(values, counts, strict=True):
                 var.extend(json.loads(v[_HEAD + c * size :]))
             found = np.array(counts, dtype=np.int64)
@@ -169,8 +170,8 @@ class Codec:
         return {"l": lists, "h": sketches}
 
     def merge(
-        self, block: np.ndarray, starts: np.ndarray, fixed: np.ndarray, var: Sequence[dict[str, Any] | None]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any] | None]]:
+        self, block: np.ndarray, starts: np.ndarray, fixed: np.ndarray, var: Sequence[Var]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Var]]:
         """Tiles sorted by block and start, those of one block and start merged (earlier first).
 
         Returns each merged tile's block, start, fixed part and JSON part.
@@ -187,7 +188,7 @@ class Codec:
             merged = np.add.reduceat(fixed, heads, axis=0)
             merged[:, 4::_FIXED] = np.minimum.reduceat(fixed[:, 4::_FIXED], heads, axis=0)
             merged[:, 5::_FIXED] = np.maximum.reduceat(fixed[:, 5::_FIXED], heads, axis=0)
-        merged_var: list[dict[str, Any] | None] = []
+        merged_var: list[Var] = []
         if self.has_var:
             ordered = [var[i] for i in order.tolist()]
             ends = [*heads.tolist()[1:], len(order)]
