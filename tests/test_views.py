@@ -140,3 +140,99 @@ def test_a_store_without_views_refuses_one_clearly_and_pushes_go_on(
         assert response.counts["ad_impressions"].written == 1
     finally:
         r.close()
+
+
+MOMENTS = ("count", "sum", "mean", "min", "max", "stddev")
+
+
+def test_blocks_of_tiles_read_alike_by_key_and_by_scan(running: Running) -> None:
+    from featurepush.definitions import Aggregate, FeatureService
+
+    # Moments alone: 64 one-minute tiles per block. The 10-hour window spans more blocks than a read
+    # names by key, so reading the whole view scans; the service's 10-minute features are read by key.
+    aggs = [Aggregate("clicked", fn, w) for w in (10 * MINUTE, 10 * 60 * MINUTE) for fn in MOMENTS]
+    v = view("blocks", aggregations=aggs)
+    apply(running, v)
+    short = FeatureService(name="short", features=[(v, [a.name for a in aggs[:6]])])
+    stub(running).ApplyFeatureService(fvs_pb2.ApplyFeatureServiceRequest(service=short.to_proto()))
+    base = now_minute() - 9 * 60 * M
+    # Events every 7 minutes and some seconds over 9 hours, two in some tiles, on both sides of block edges.
+    events = [("u1", base + i * 7 * M + (i % 3) * 1_000_000, (i * 13) % 17 - 4) for i in range(78)]
+    events += [("u1", base + i * 7 * M + 30_000_000, i) for i in range(0, 78, 5)]
+    events += [("u2", base + 64 * M - 1, 9), ("u2", base + 64 * M, -3)]
+    push(running, events)
+    moments = list(aggs)
+    for as_of in (now_minute() + M, now_minute() - 123 * M + 7, base + 64 * M + 1, base + 5 * M):
+        for target, wanted in (("view", moments), ("service", moments[:6])):
+            if target == "view":
+                names, rows = read(running, ["u1", "u2", "nobody"], as_of, view_name="blocks")
+            else:
+                names, rows = read(running, ["u1", "u2", "nobody"], as_of, service="short")
+                names = [n.split(".", 1)[1] for n in names]
+            assert names == [a.name for a in wanted]
+            for user, row in zip(["u1", "u2", "nobody"], rows, strict=True):
+                values = [(t, c) for u, t, c in events if u == user]
+                for agg, (status, got) in zip(wanted, row, strict=True):
+                    want = brute(agg, values, as_of, M)
+                    if want is None:
+                        assert status == "MISSING" and got is None, (target, agg.name, as_of)
+                    else:
+                        assert status == "PRESENT" and same(got, want), (target, user, agg.name, as_of, got)
+    s = stub(running)
+    s.DeleteFeatureService(fvs_pb2.DeleteFeatureServiceRequest(name="short"))
+    tiles = {(u, t // M) for u, t, _ in events}
+    assert s.DeleteFeatureView(fvs_pb2.DeleteFeatureViewRequest(name="blocks")).tiles_deleted == len(tiles)
+
+
+def test_expiry_deletes_a_block_once_all_its_tiles_are_outside_every_window(running: Running) -> None:
+    from featurepush.definitions import Aggregate
+    from featurepush_server.core.tiles import sweep_tiles
+
+    v = view(aggregations=[Aggregate("clicked", fn, 60 * MINUTE) for fn in MOMENTS])
+    apply(running, v)
+    span = 64 * M
+    t = now_minute() - 30 * M
+    if (t + M) % span == 0:
+        # Both tiles in one block.
+        t -= M
+    push(running, [("u", t, 1), ("u", t + M, 2)])
+    server = running.server
+    assert server.views is not None
+    block = t // span * span
+    # The tiles leave the 60-minute window read at `block + span + 60 minutes`; one earlier, one stays.
+    assert sweep_tiles(server.store, block + span + 60 * M - 2 * M) == 0
+    _, [row] = read(running, ["u"], t + 2 * M)
+    assert row[0] == ("PRESENT", "2") and v.aggregations[0].function == "count"
+    assert sweep_tiles(server.store, block + span + 60 * M) == 2
+    _, [row] = read(running, ["u"], t + 2 * M)
+    assert all(status == "MISSING" for status, _ in row)
+
+
+def test_a_tile_update_without_block_numbers_merges_alike(running: Running) -> None:
+    import dataclasses
+
+    import pyarrow as pa
+
+    from featurepush.definitions import Aggregate
+    from featurepush_server.core.tiles import build_tiles
+
+    # A store that gets tile updates as bytes may leave the block numbers out: the keys say the same.
+    apply(running, view(aggregations=[Aggregate("clicked", fn, 60 * MINUTE) for fn in MOMENTS]))
+    t = now_minute() - 50 * M
+    push(running, [("u1", t, 1), ("u2", t + 3 * M, 2)])
+    server = running.server
+    assert server.views is not None
+    events = [("u1", t + i * 5 * M, i) for i in range(10)] + [("u2", t + 7 * M, 4), ("u3", t, 5)]
+    table = pa.table(
+        {
+            "user_id": [u for u, _, _ in events],
+            "timestamp": pa.array([ts for _, ts, _ in events], pa.timestamp("us", "UTC")),
+            "clicked": pa.array([c for _, _, c in events], pa.int64()),
+        }
+    )
+    update = build_tiles(server.views.get("clicks"), server.store, table, "timestamp", "a test batch")
+    numbered = update.merge(None, server.store.read_tiles)
+    from_keys = dataclasses.replace(update, blocks=None).merge(None, server.store.read_tiles)
+    # One block per entity, or two where its tiles cross a block edge.
+    assert len(set(numbered.keys)) == len(numbered.keys) >= 3
+    assert (numbered.keys, numbered.values) == (from_keys.keys, from_keys.values)

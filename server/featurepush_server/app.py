@@ -23,7 +23,6 @@ from featurepush import __version__
 from featurepush.v1 import (
     backfill_service_pb2,
     feature_view_service_pb2,
-    feature_view_service_pb2_grpc,
     ingest_service_pb2,
     ingest_service_pb2_grpc,
     online_service_pb2,
@@ -361,10 +360,9 @@ def create_server(
             metrics=metrics,
         )
         grpc_server.add_generic_rpc_handlers((backfill.handler(),))
-        feature_view_service_pb2_grpc.add_FeatureViewServiceServicer_to_server(
-            FeatureViewServicer(views, ViewReader(views, store, max_keys=config.max_keys_per_request)),
-            grpc_server,
-        )
+        view_reader = ViewReader(views, store, max_keys=config.max_keys_per_request)
+        view_servicer = FeatureViewServicer(views, view_reader)
+        grpc_server.add_generic_rpc_handlers((view_servicer.handler(),))
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
         if config.reflection:

@@ -7,13 +7,12 @@ the tile holding T: it never includes an event after T, and its values change on
 from __future__ import annotations
 
 import math
-import struct
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 
 import numpy as np
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 
 from featurepush.v1 import feature_view_pb2 as fv_pb2
 from featurepush.v1 import feature_view_service_pb2 as pb
@@ -26,23 +25,16 @@ from .rows import BadValue, scalar_converter
 from .schema import Kind
 from .stores.base import TileStore
 from .tiles import Codec, bounded, floor_to, now_micros, sketch_estimate, union_sketches
+from .view_reply import Feature, vectors
 from .views import LIST_FUNCTIONS, AggSpec, View, Views
-from .wire import (
-    VALUE_NULL,
-    VALUE_NUMBER,
-    VALUE_STRING,
-    VIEW_FEATURES_RESULT,
-    VIEW_VALUE_EFFECTIVE_TIME,
-    VIEW_VALUE_STATUS,
-    VIEW_VALUE_VALUE,
-    VIEW_VECTOR_VALUE,
-    varint,
-)
 
 F = fv_pb2
 _PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
 _MISSING = online_service_pb2.FEATURE_STATUS_MISSING
 _INT_KINDS = (Kind.INT32, Kind.INT64)
+# A tile's partial aggregates per moment column, after its record count: count, sum, sum of squares,
+# min and max (tiles.py).
+_PER_COLUMN = 5
 _SCALAR = {
     Kind.STRING: schema_pb2.SCALAR_TYPE_STRING,
     Kind.INT32: schema_pb2.SCALAR_TYPE_INT32,
@@ -97,35 +89,9 @@ def value_kind(agg: AggSpec) -> Kind:
     return next(k for k, s in _SCALAR.items() if s == scalar)
 
 
-_NULL = VALUE_NULL + b"\x00"
-_DOUBLE = struct.Struct("<d").pack
-_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
-
-
-def _string(text: str) -> bytes:
-    data = text.encode()
-    return VALUE_STRING + varint(len(data)) + data
-
-
-def _number(value: float) -> bytes:
-    # Non-finite floats have no JSON number: they go as strings, like _json_value writes them.
-    if math.isfinite(value):
-        return VALUE_NUMBER + _DOUBLE(value)
-    return _string(_NON_FINITE[repr(value)])
-
-
-@dataclass(frozen=True)
-class Rolled:
-    """One feature of every entity: its serialized Value each, whether its window holds events, its end."""
-
-    values: list[bytes]
-    present: list[bool]
-    end: int
-
-
 def roll_up(
     view: View, store: TileStore, entities: Sequence[bytes], aggs: Sequence[AggSpec], at: int
-) -> list[Rolled]:
+) -> list[Feature]:
     """The features `aggs` of every entity over the windows ending at the tile holding `at` (microseconds)."""
     spec = view.spec
     interval = spec.interval
@@ -135,97 +101,140 @@ def roll_up(
     first = end - longest
     codec = Codec(spec)
     n = len(entities)
-    counts, starts, stored = store.scan_tiles(view.id, entities, first, end - interval)
-    # Each found tile's place in an (entity, tile) grid; absent tiles stay empty ones.
-    where = np.repeat(np.arange(n, dtype=np.int64), counts) * count + (starts - first) // interval
-    grid = np.tile(codec.identity, (n * count, 1))
-    if stored:
-        grid[where] = codec.fixed_rows(stored)
-    fixed = grid.reshape(n, count, codec.width)
+    owners, stored = _blocks(view, store, codec, entities, first, end - interval)
+    blocks = codec.decode(stored)
+    # The tiles inside the longest window, entity by entity and by start (as the blocks come).
+    inside = np.flatnonzero((blocks.starts >= first) & (blocks.starts < end))
+    tile_owner = np.repeat(owners, blocks.counts)[inside]
+    tile_start = blocks.starts[inside]
+    tile_fixed = blocks.fixed[inside]
     var: list[dict[str, Any] | None] = []
     if codec.has_var:
+        # The JSON parts in an (entity, tile) grid; absent tiles stay None.
         var = [None] * (n * count)
-        for j, value in zip(where.tolist(), stored, strict=True):
-            var[j] = codec.var(value)
-    totals_by_k: dict[int, np.ndarray] = {}
-    out: list[Rolled] = []
+        where = tile_owner * count + (tile_start - first) // interval
+        for j, i in zip(where.tolist(), inside.tolist(), strict=True):
+            var[j] = blocks.var[i]
+    windows: dict[int, _Window] = {}
+    out: list[Feature] = []
     for agg in aggs:
         k = agg.window // interval
-        totals = totals_by_k.get(k)
-        if totals is None:
-            totals = totals_by_k[k] = fixed[:, count - k :, :].sum(axis=1)
-        present = totals[:, 0] > 0
+        window = windows.get(k)
+        if window is None:
+            shorter = tile_start >= end - agg.window
+            window = windows[k] = _Window(n, tile_owner[shorter], tile_fixed[shorter])
+        present = window.present
         if agg.function not in _LIST_OR_SKETCH:
-            values = _moment(agg, fixed[:, count - k :, :], totals, spec.moments.index(agg.column), present)
+            numbers, has, kind = _moment(agg, window, spec.moments.index(agg.column))
+            out.append(Feature(present, end, numbers, present & has, kind))
         else:
             kind = value_kind(agg)
-            values = []
+            serialized = []
             for i in range(n):
                 parts = [var[i * count + j] for j in range(count - k, count)]
                 found = _from_var(view, agg, [p for p in parts if p is not None]) if present[i] else None
-                values.append(_json_value(found, kind).SerializeToString())
-        out.append(Rolled(values, present.tolist(), end))
+                serialized.append(_json_value(found, kind).SerializeToString())
+            out.append(Feature(present, end, values=serialized))
     return out
 
 
-def _int64(value: float) -> bytes:
-    return _string(str(int(value)))
+# Up to this many blocks per entity, a read names every block key in one multi-get; beyond, it scans.
+_MULTI_GET_BLOCKS = 8
 
 
-def _int32(value: float) -> bytes:
-    return _number(float(int(value)))
+def _blocks(
+    view: View, store: TileStore, codec: Codec, entities: Sequence[bytes], first: int, last: int
+) -> tuple[np.ndarray, list[bytes]]:
+    """The stored blocks holding each entity's tiles starting in [first, last], and the entity of each."""
+    span = codec.span
+    low = floor_to(first, span)
+    per_entity = (floor_to(last, span) - low) // span + 1
+    n = len(entities)
+    if per_entity > _MULTI_GET_BLOCKS:
+        counts, _, values = store.scan_tiles(view.id, entities, low, floor_to(last, span))
+        return np.repeat(np.arange(n, dtype=np.int64), counts), values
+    starts = np.tile(np.arange(per_entity, dtype=np.int64) * span + low, n)
+    keys = store.tile_keys(view.id, [e for e in entities for _ in range(per_entity)], starts)
+    stored = store.read_tiles(keys)
+    present = [j for j, v in enumerate(stored) if v is not None]
+    owners = np.array(present, dtype=np.int64) // per_entity
+    return owners, [v for v in stored if v is not None]
 
 
-def _moment(
-    agg: AggSpec, tiles: np.ndarray, totals: np.ndarray, column: int, present: np.ndarray
-) -> list[bytes]:
-    """One moment aggregation's serialized Values for every entity, from its window's tiles and their sums."""
-    c = 1 + 5 * column
-    count, total, squares = totals[:, c], totals[:, c + 1], totals[:, c + 2]
+class _Window:
+    """Every entity's tiles in a window of one length, and their moments for every column at once.
+
+    The tiles come entity by entity (`owners` ascending), so each entity's are one run of rows.
+    """
+
+    def __init__(self, n: int, owners: np.ndarray, tiles: np.ndarray):
+        self.tiles = tiles
+        heads = np.flatnonzero(np.diff(owners, prepend=-1))
+        self.heads = heads
+        self.owners = owners[heads]
+        self.totals = np.zeros((n, tiles.shape[1]))
+        if len(heads):
+            self.totals[self.owners] = np.add.reduceat(tiles, heads, axis=0)
+        self.present: np.ndarray = self.totals[:, 0] > 0
+        self.counts = self.totals[:, 1::_PER_COLUMN]
+        self.has: np.ndarray = self.counts > 0
+
+    def _extreme(self, ufunc: np.ufunc, offset: int, empty: float) -> np.ndarray:
+        found = np.full(self.counts.shape, empty)
+        if len(self.heads):
+            part = np.ascontiguousarray(self.tiles[:, offset::_PER_COLUMN])
+            found[self.owners] = ufunc.reduceat(part, self.heads, axis=0)
+        return found
+
+    @cached_property
+    def mins(self) -> np.ndarray:
+        """Each column's minimum."""
+        return self._extreme(np.minimum, 4, np.inf)
+
+    @cached_property
+    def maxes(self) -> np.ndarray:
+        """Each column's maximum."""
+        return self._extreme(np.maximum, 5, -np.inf)
+
+    @cached_property
+    def means(self) -> np.ndarray:
+        """Each column's mean (NaN without values)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            found: np.ndarray = self.totals[:, 2::_PER_COLUMN] / self.counts
+        return found
+
+    @cached_property
+    def stddevs(self) -> np.ndarray:
+        """Each column's population standard deviation (NaN without values)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            spread = self.totals[:, 3::_PER_COLUMN] / self.counts - self.means * self.means
+        # As max(spread, 0.0) in stddev(): NaN stays NaN.
+        found: np.ndarray = np.sqrt(np.where(0.0 > spread, 0.0, spread))
+        return found
+
+
+def _moment(agg: AggSpec, window: _Window, column: int) -> tuple[np.ndarray, np.ndarray, Kind]:
+    """One moment aggregation of every entity over its window.
+
+    Returns the values, where they are set when the window holds events, and the kind they are written as.
+    """
     fn = agg.function
     integral = agg.kind in _INT_KINDS
-    encode: Callable[[float], bytes] = _number
-    has = present & (count > 0)
+    every = window.present
     if fn == F.AGGREGATE_FUNCTION_COUNT:
-        found, encode, has = count, _int64, present
-    elif fn == F.AGGREGATE_FUNCTION_SUM:
-        found, has = total, present
+        return window.counts[:, column], every, Kind.INT64
+    if fn == F.AGGREGATE_FUNCTION_SUM:
+        kind = Kind.INT64 if integral else Kind.FLOAT64
+        return window.totals[:, 2 + _PER_COLUMN * column], every, kind
+    has = window.has[:, column]
+    if fn in (F.AGGREGATE_FUNCTION_MIN, F.AGGREGATE_FUNCTION_MAX):
+        found = window.mins if fn == F.AGGREGATE_FUNCTION_MIN else window.maxes
+        kind = Kind.FLOAT64
         if integral:
-            encode = _int64
-    elif fn in (F.AGGREGATE_FUNCTION_MIN, F.AGGREGATE_FUNCTION_MAX):
-        if fn == F.AGGREGATE_FUNCTION_MIN:
-            found = tiles[:, :, c + 3].min(axis=1)
-        else:
-            found = tiles[:, :, c + 4].max(axis=1)
-        if integral:
-            encode = _int64 if agg.kind is Kind.INT64 else _int32
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mean = total / count
-            if fn == F.AGGREGATE_FUNCTION_MEAN:
-                found = mean
-            else:
-                spread = squares / count - mean * mean
-                # As max(spread, 0.0) in stddev(): NaN stays NaN.
-                found = np.sqrt(np.where(0.0 > spread, 0.0, spread))
-    return [encode(x) if h else _NULL for x, h in zip(found.tolist(), has.tolist(), strict=True)]
-
-
-def _feature_values(rolled: Rolled) -> list[bytes]:
-    """One feature's serialized ViewFeatureValue (a ViewFeatureVector.values entry) for every entity."""
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromMicroseconds(rolled.end)
-    when = stamp.SerializeToString()
-    tail = VIEW_VALUE_EFFECTIVE_TIME + varint(len(when)) + when
-    heads = {
-        True: VIEW_VALUE_STATUS + bytes([_PRESENT]) + VIEW_VALUE_VALUE,
-        False: VIEW_VALUE_STATUS + bytes([_MISSING]) + VIEW_VALUE_VALUE,
-    }
-    out = []
-    for value, present in zip(rolled.values, rolled.present, strict=True):
-        body = heads[present] + varint(len(value)) + value + tail
-        out.append(VIEW_VECTOR_VALUE + varint(len(body)) + body)
-    return out
+            kind = Kind.INT64 if agg.kind is Kind.INT64 else Kind.INT32
+        return found[:, column], has, kind
+    found = window.means if fn == F.AGGREGATE_FUNCTION_MEAN else window.stddevs
+    return found[:, column], has, Kind.FLOAT64
 
 
 _LIST_OR_SKETCH = {
@@ -272,8 +281,8 @@ class ViewReader:
             reason="NO_TARGET",
         )
 
-    def get(self, request: pb.GetViewFeaturesRequest) -> pb.GetViewFeaturesResponse:
-        """The features of every requested entity, vectors in request order."""
+    def get(self, request: pb.GetViewFeaturesRequest) -> bytes:
+        """The serialized GetViewFeaturesResponse: every requested entity's features, in request order."""
         keys = request.keys
         check_key_count(len(keys), self.max_keys)
         targets, qualified = self.targets(request)
@@ -282,24 +291,30 @@ class ViewReader:
             at = request.as_of.seconds * 1_000_000 + request.as_of.nanos // 1000
         entities = self.entity_keys(targets[0][0], keys)
         response = pb.GetViewFeaturesResponse()
-        # One list per feature of each entity's serialized ViewFeatureValue, assembled by hand for speed.
-        columns: list[list[bytes]] = []
+        # Each feature's ViewFeatureValues for every entity, serialized together (view_reply.py).
+        columns: list[Feature] = []
         for view, indexes in targets:
             aggs = [view.spec.aggregations[i] for i in indexes]
             for agg in aggs:
                 name = f"{view.spec.name}.{agg.name}" if qualified else agg.name
                 response.features.add(name=name, type=feature_type(agg))
-            columns.extend(_feature_values(r) for r in roll_up(view, self._store, entities, aggs, at))
-        vectors = [response.SerializeToString()]
-        for row in zip(*columns, strict=True):
-            vector = b"".join(row)
-            vectors.append(VIEW_FEATURES_RESULT + varint(len(vector)) + vector)
-        return pb.GetViewFeaturesResponse.FromString(b"".join(vectors))
+            columns.extend(roll_up(view, self._store, entities, aggs, at))
+        return response.SerializeToString() + vectors(columns, len(entities))
 
     @staticmethod
     def entity_keys(view: View, keys: Sequence[struct_pb2.Struct]) -> list[bytes]:
         """The entity key bytes of each request key, or InvalidInput naming every bad one."""
         names = view.spec.entity_keys
+        if len(names) == 1 and view.key_kinds == (Kind.STRING,):
+            # The common case, one String key given as a string, without a converter call per key.
+            maps = [k.fields for k in keys]
+            if all(len(m) == 1 for m in maps):
+                values = [m.get(names[0]) for m in maps]
+                texts = [
+                    v.string_value for v in values if v is not None and v.WhichOneof("kind") == "string_value"
+                ]
+                if len(texts) == len(values):
+                    return [text.encode() for text in texts]
         source = view.spec.source
         violations: list[Violation] = []
         out: list[bytes] = []

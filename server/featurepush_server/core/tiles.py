@@ -1,10 +1,12 @@
 """Time tiles of stream feature views: partial aggregates per entity and tile, built, merged and encoded.
 
 A tile holds what one entity's events with event times in [start, start + interval) add up to: a fixed
-block of float64s (the record count, then count, sum, sum of squares, min and max of each moment column)
+part of float64s (the record count, then count, sum, sum of squares, min and max of each moment column)
 and, for views with list or distinct-count aggregations, a JSON part (bounded lists of [time, value] and
 HyperLogLog sketches as base64). Merging two tiles gives the tile of both sets of events, whatever their
-order, so pushes may arrive out of order and a window is the merge of its tiles.
+order, so pushes may arrive out of order and a window is the merge of its tiles. The store keeps an
+entity's tiles of several consecutive intervals in one value, a block (see Codec), so that a read of a
+window fetches one or two values per entity.
 
 Pushes and backfills never count an event twice: each view keeps a watermark, the start of the tile of
 the earliest pushed event. Pushes write tiles from the watermark on; a backfill writes only tiles wholly
@@ -23,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -36,12 +38,18 @@ from .errors import FailedPrecondition
 from .materialize import Origin, Staged
 from .schema import Kind
 from .stores.base import TileMerge, TileStore
-from .views import AggSpec, View, Views, ViewSpec
+from .views import LIST_FUNCTIONS, MOMENT_FUNCTIONS, AggSpec, View, Views, ViewSpec
 
 # HyperLogLog precision: 2^12 registers, about 1.6% standard error.
 HLL_LG_K = 12
 _FIXED = 5
 _FAR_PAST = -(1 << 62)
+# A block's tile count, its first bytes.
+_HEAD = 4
+# Blocks of moment-only views hold up to 64 tiles and about 16 KB; blocks with lists 8 tiles.
+_MAX_SLOTS = 64
+_BLOCK_BYTES = 16384
+_LIST_SLOTS = 8
 
 
 def _datasketches() -> Any:
@@ -61,55 +69,94 @@ def now_micros() -> int:
     return time.time_ns() // 1000
 
 
+# A tile's JSON part (its lists and sketches), or None.
+Var = dict[str, Any] | None
+
+
+class Blocks(NamedTuple):
+    """Stored blocks decoded: each block's tile count, then every tile's start, fixed part and JSON part."""
+
+    counts: np.ndarray
+    starts: np.ndarray
+    fixed: np.ndarray
+    var: list[Var]
+
+
+def block_slots(definition: fv_pb2.StreamFeatureView) -> int:
+    """How many consecutive tile intervals one stored block of a view covers.
+
+    It depends on the kinds of partial aggregates the tiles keep, which never change while the view holds
+    tiles, and it is read from the definition alone, as a process that does not load views can.
+    """
+    functions = {a.function for a in definition.aggregations}
+    if fv_pb2.AGGREGATE_FUNCTION_APPROX_COUNT_DISTINCT in functions:
+        # A sketch is kilobytes: a push rewrites the whole block of each entity it touches.
+        return 1
+    if functions & LIST_FUNCTIONS.keys():
+        return _LIST_SLOTS
+    moments = {a.column for a in definition.aggregations if a.function in MOMENT_FUNCTIONS}
+    tile_bytes = 8 * (2 + _FIXED * len(moments))
+    return max(1, min(_MAX_SLOTS, _BLOCK_BYTES // tile_bytes))
+
+
 class Codec:
-    """Encodes, decodes and merges the tiles of one view."""
+    """Encodes, decodes and merges the tiles of one view, and packs them into blocks.
+
+    A block is one stored value: an entity's tiles of `slots` consecutive intervals, so that a window
+    reads one or two values per entity instead of one per tile. It is its tile count (4 bytes
+    big-endian), the tiles by start (each an int64 start and its float64 fixed part), then, for views
+    with lists or sketches, a JSON array of the tiles' JSON parts.
+    """
 
     def __init__(self, spec: ViewSpec):
         self.spec = spec
         self.width = 1 + _FIXED * len(spec.moments)
-        self.nbytes = 8 * self.width
         self.has_var = bool(spec.lists or spec.sketches)
         identity = np.zeros(self.width)
         identity[4::_FIXED] = np.inf
         identity[5::_FIXED] = -np.inf
         self.identity = identity
+        self.slots = block_slots(spec.proto)
+        self.span = self.slots * spec.interval
+        self.record = np.dtype([("start", "<i8"), ("fixed", "<f8", (self.width,))])
 
-    def fixed(self, values: Sequence[bytes | None]) -> np.ndarray:
-        """The fixed blocks of stored tiles as rows of a float64 array; absent tiles are empty ones."""
-        out = np.tile(self.identity, (len(values), 1))
-        present = [i for i, v in enumerate(values) if v is not None]
-        if present:
-            n = self.nbytes
-            joined = b"".join(values[i][:n] for i in present)  # type: ignore[index]
-            out[present] = np.frombuffer(joined, dtype="<f8").reshape(len(present), self.width)
-        return out
+    def decode(self, values: Sequence[bytes]) -> Blocks:
+        """The tiles of stored blocks, block after block."""
+        size = self.record.itemsize
+        if self.has_var:
+            counts = [int.from_bytes(v[:_HEAD], "big") for v in values]
+            joined = b"".join(v[_HEAD : _HEAD + c * size] for v, c in zip(values, counts, strict=True))
+            var: list[Var] = []
+            for v, c in zip(values, counts, strict=True):
+                var.extend(json.loads(v[_HEAD + c * size :]))
+            found = np.array(counts, dtype=np.int64)
+        else:
+            joined = b"".join(v[_HEAD:] for v in values)
+            found = (np.fromiter(map(len, values), dtype=np.int64, count=len(values)) - _HEAD) // size
+            var = []
+        records = np.frombuffer(joined, dtype=self.record)
+        return Blocks(found, records["start"], records["fixed"], var)
 
-    def fixed_rows(self, values: Sequence[bytes]) -> np.ndarray:
-        """The fixed blocks of stored tiles, all present, as rows of a float64 array."""
-        n = self.nbytes
-        joined = b"".join(values) if not self.has_var else b"".join(v[:n] for v in values)
-        return np.frombuffer(joined, dtype="<f8").reshape(len(values), self.width)
-
-    def var(self, value: bytes | None) -> dict[str, Any] | None:
-        """The JSON part of a stored tile, or None."""
-        if value is None or not self.has_var:
-            return None
-        loaded: dict[str, Any] = json.loads(value[self.nbytes :])
-        return loaded
-
-    def encode(self, fixed: np.ndarray, var: dict[str, Any] | None) -> bytes:
-        """One tile's stored value."""
-        head: bytes = fixed.astype("<f8").tobytes()
-        if not self.has_var:
-            return head
-        return head + json.dumps(var, separators=(",", ":")).encode()
-
-    @staticmethod
-    def merge_fixed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Rows of `a` merged with rows of `b` (any leading shape)."""
-        out: np.ndarray = a + b
-        out[..., 4::_FIXED] = np.minimum(a[..., 4::_FIXED], b[..., 4::_FIXED])
-        out[..., 5::_FIXED] = np.maximum(a[..., 5::_FIXED], b[..., 5::_FIXED])
+    def encode(
+        self, counts: Sequence[int], starts: np.ndarray, fixed: np.ndarray, var: Sequence[Var]
+    ) -> list[bytes]:
+        """The stored values of blocks holding `counts` tiles each, the tiles given in block order."""
+        records = np.empty(len(starts), dtype=self.record)
+        records["start"] = starts
+        records["fixed"] = fixed
+        raw = records.tobytes()
+        size = self.record.itemsize
+        out: list[bytes] = []
+        at = 0
+        for c in counts:
+            end = at + c * size
+            out.append(c.to_bytes(_HEAD, "big") + raw[at:end])
+            at = end
+        if self.has_var:
+            at = 0
+            for j, c in enumerate(counts):
+                out[j] += json.dumps(var[at : at + c], separators=(",", ":")).encode()
+                at += c
         return out
 
     def merge_var(self, a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -122,6 +169,36 @@ class Codec:
         ]
         sketches = [union_sketches([x, y]) for x, y in zip(a["h"], b["h"], strict=True)]
         return {"l": lists, "h": sketches}
+
+    def merge(
+        self, block: np.ndarray, starts: np.ndarray, fixed: np.ndarray, var: Sequence[Var]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Var]]:
+        """Tiles sorted by block and start, those of one block and start merged (earlier first).
+
+        Returns each merged tile's block, start, fixed part and JSON part.
+        """
+        # Stable: a stored tile stays before the new one of its start, as the merge adds them.
+        order = np.lexsort((starts, block))
+        block, starts, fixed = block[order], starts[order], fixed[order]
+        new = np.ones(len(order), dtype=bool)
+        new[1:] = (block[1:] != block[:-1]) | (starts[1:] != starts[:-1])
+        heads = np.flatnonzero(new)
+        if len(heads) == len(order):
+            merged = fixed
+        else:
+            merged = np.add.reduceat(fixed, heads, axis=0)
+            merged[:, 4::_FIXED] = np.minimum.reduceat(fixed[:, 4::_FIXED], heads, axis=0)
+            merged[:, 5::_FIXED] = np.maximum.reduceat(fixed[:, 5::_FIXED], heads, axis=0)
+        merged_var: list[Var] = []
+        if self.has_var:
+            ordered = [var[i] for i in order.tolist()]
+            ends = [*heads.tolist()[1:], len(order)]
+            for h, e in zip(heads.tolist(), ends, strict=True):
+                one = ordered[h]
+                for other in ordered[h + 1 : e]:
+                    one = self.merge_var(one, other)
+                merged_var.append(one)
+        return block[heads], starts[heads], merged, merged_var
 
 
 def _order(item: list[Any]) -> tuple[Any, ...]:
@@ -326,7 +403,11 @@ def transformed(view: View, table: pa.Table, timestamp_field: str, where: str) -
 
 @dataclass
 class ViewTiles:
-    """One view's partial aggregates of one batch: the TileUpdate the store merges under its lock."""
+    """One view's partial aggregates of one batch: the TileUpdate the store merges under its lock.
+
+    Row i is the tile of one entity starting at `starts[i]`; `keys[i]` is the key of the block holding
+    it, and `blocks[i]` a number that rows of the same block share (numbered from the keys when absent).
+    """
 
     view: str
     view_id: int
@@ -340,9 +421,10 @@ class ViewTiles:
     var: list[dict[str, Any] | None]
     # The backfill run these tiles belong to, or "" for a push.
     run: str = ""
+    blocks: np.ndarray | None = None
 
     def merge(self, state: bytes | None, read: Callable[[list[bytes]], list[bytes | None]]) -> TileMerge:
-        """Merge into the stored tiles the tiles this write may add; skipped records are counted."""
+        """Merge into the stored blocks the tiles this write may add; skipped records are counted."""
         spec = self.spec
         parsed = ViewState.parse(state)
         oldest = floor_to(now_micros(), spec.interval) - spec.longest_window
@@ -366,21 +448,25 @@ class ViewTiles:
                 new_state = parsed.dump()
         if not len(index):
             return TileMerge([], [], new_state, skipped)
-        keys = [self.keys[i] for i in index]
+        if self.blocks is None:
+            numbers: dict[bytes, int] = {}
+            self.blocks = np.fromiter(
+                (numbers.setdefault(k, len(numbers)) for k in self.keys), dtype=np.int64, count=len(self.keys)
+            )
+        _, firsts, inverse = np.unique(self.blocks[index], return_index=True, return_inverse=True)
+        keys = [self.keys[i] for i in index[firsts].tolist()]
         stored = read(keys)
+        found = [j for j, v in enumerate(stored) if v is not None]
         codec = self.codec
-        fixed = codec.merge_fixed(codec.fixed(stored), self.fixed[index])
-        if not codec.has_var:
-            # Fixed-size tiles: one conversion for all, then a slice each.
-            raw = fixed.astype("<f8").tobytes()
-            n = codec.nbytes
-            values = [raw[j * n : (j + 1) * n] for j in range(len(index))]
-        else:
-            values = [
-                codec.encode(fixed[j], codec.merge_var(codec.var(stored[j]), self.var[i]))
-                for j, i in enumerate(index)
-            ]
-        return TileMerge(keys, values, new_state, skipped)
+        old = codec.decode([v for v in stored if v is not None])
+        # The stored tiles first, so that a tile's merge adds the new partial aggregates to the stored ones.
+        block = np.concatenate([np.repeat(np.array(found, dtype=np.int64), old.counts), inverse.reshape(-1)])
+        starts = np.concatenate([old.starts, self.starts[index]])
+        fixed = np.concatenate([old.fixed, self.fixed[index]])
+        var = [*old.var, *(self.var[i] for i in index.tolist())] if codec.has_var else []
+        block, starts, fixed, merged_var = codec.merge(block, starts, fixed, var)
+        counts = np.bincount(block, minlength=len(keys)).tolist()
+        return TileMerge(keys, codec.encode(counts, starts, fixed, merged_var), new_state, skipped)
 
 
 def build_tiles(
@@ -442,10 +528,15 @@ def build_tiles(
             }
             for g in range(m)
         ]
-    keys = store.tile_keys(view.id, group_entities, starts)
-    return ViewTiles(
-        spec.name, view.id, view.generation, spec, codec, keys, starts, fixed[:, 0].copy(), fixed, var, run
-    )
+    # The block of each tile, numbered like the groups: entity first, then block start.
+    block_starts = starts // codec.span * codec.span
+    low = int(block_starts.min()) if m else 0
+    per_entity = (int(block_starts.max()) - low) // codec.span + 1 if m else 1
+    blocks = unique // span * per_entity + (block_starts - low) // codec.span
+    keys = store.tile_keys(view.id, group_entities, block_starts)
+    rows = fixed[:, 0].copy()
+    name, generation = spec.name, view.generation
+    return ViewTiles(name, view.id, generation, spec, codec, keys, starts, rows, fixed, var, run, blocks)
 
 
 class TileWriter:
@@ -475,10 +566,10 @@ def _micros(duration: Any) -> int:
 
 
 def sweep_tiles(store: TileStore, now: int | None = None) -> int:
-    """Delete every view's tiles outside every window read now (or at `now`); return how many.
+    """Delete every view's blocks whose tiles are all outside every window read now (or at `now`).
 
-    Windows come from the stored definitions alone, so a process that never loads the views'
-    transformations (the store owner of serve --processes) sweeps too.
+    Returns how many tiles the deleted blocks held. Windows come from the stored definitions alone, so a
+    process that never loads the views' transformations (the store owner of serve --processes) sweeps too.
     """
     deleted = 0
     now = now_micros() if now is None else now
@@ -487,7 +578,9 @@ def sweep_tiles(store: TileStore, now: int | None = None) -> int:
         interval = _micros(proto.aggregation_interval)
         longest = max((_micros(a.time_window) for a in proto.aggregations), default=0)
         if interval > 0:
-            deleted += store.delete_tiles_before(view_id, floor_to(now, interval) - longest)
+            oldest = floor_to(now, interval) - longest
+            # A block starting at s ends at s + span: it is wholly before `oldest` when s <= oldest - span.
+            deleted += store.delete_tiles_before(view_id, oldest - block_slots(proto) * interval + 1)
     return deleted
 
 

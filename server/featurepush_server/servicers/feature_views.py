@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 
@@ -15,6 +16,7 @@ from ..core.views import Views
 from ..status import unary
 
 _LOGGER = logging.getLogger(__name__)
+SERVICE = pb.DESCRIPTOR.services_by_name["FeatureViewService"].full_name
 
 
 class FeatureViewServicer(pb_grpc.FeatureViewServiceServicer):
@@ -86,8 +88,29 @@ class FeatureViewServicer(pb_grpc.FeatureViewServiceServicer):
         self._views.delete_service(request.name)
         return pb.DeleteFeatureServiceResponse()
 
-    @unary
     def GetViewFeatures(
         self, request: pb.GetViewFeaturesRequest, context: grpc.ServicerContext
     ) -> pb.GetViewFeaturesResponse:
+        return pb.GetViewFeaturesResponse.FromString(self.get_view_features_bytes(request, context))
+
+    @unary
+    def get_view_features_bytes(
+        self, request: pb.GetViewFeaturesRequest, context: grpc.ServicerContext
+    ) -> bytes:
+        """GetViewFeatures' reply already serialized: the core assembles it with numpy."""
         return self._reader.get(request)
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        """The service's handlers; GetViewFeatures sends the core's bytes as they are, never re-encoded."""
+        handlers = {}
+        for method in pb.DESCRIPTOR.services_by_name["FeatureViewService"].methods:
+            request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                getattr(self, method.name),
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
+        handlers["GetViewFeatures"] = grpc.unary_unary_rpc_method_handler(
+            self.get_view_features_bytes, request_deserializer=pb.GetViewFeaturesRequest.FromString
+        )
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)

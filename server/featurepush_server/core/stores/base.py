@@ -97,11 +97,16 @@ class TileUpdate(Protocol):
         ...
 
     def merge(self, state: bytes | None, read: Callable[[list[bytes]], list[bytes | None]]) -> TileMerge:
-        """Merge into the stored tiles; `state` is the view's stored state, `read` reads stored tiles.
+        """Merge into the stored tiles; `state` is the view's stored state, `read` reads stored blocks.
 
         Called under the store's write lock, so the read, the merge and the write are one step.
         """
         ...
+
+
+def block_tile_count(block: bytes) -> int:
+    """How many tiles a stored block of a view holds: its first four bytes say, big-endian."""
+    return int.from_bytes(block[:4], "big")
 
 
 class StoreFormatError(FailedPrecondition):
@@ -234,7 +239,10 @@ class OfflineQueue(Protocol):
 class TileStore(Protocol):
     """Stream feature views, feature services and the views' time tiles, written by `write_latest`.
 
-    A tile's key is `tile_key(view id, entity key, tile start)`; tiles of one entity sort by start.
+    Tiles are stored in blocks, an entity's tiles of consecutive intervals in one value (core/tiles.py
+    Codec says which and how). A block's key is `tile_key(view id, entity key, block start)`; the blocks
+    of one entity sort by start. A block's value begins with its tile count (4 bytes big-endian), which
+    is all a backend reads of it: the counts that `delete_view` and `delete_tiles_before` return.
     """
 
     def get_view(self, name: str) -> tuple[int, bytes] | None:
@@ -278,23 +286,23 @@ class TileStore(Protocol):
         ...
 
     def tile_key(self, view_id: int, entity: bytes, start_micros: int) -> bytes:
-        """The key of one entity's tile starting at `start_micros`."""
+        """The key of one entity's block of tiles starting at `start_micros`."""
         ...
 
     def tile_keys(self, view_id: int, entities: Sequence[bytes], starts: np.ndarray) -> list[bytes]:
-        """The keys of each entity's tile starting at the matching start (int64 microseconds)."""
+        """The keys of each entity's block starting at the matching start (int64 microseconds)."""
         ...
 
     def read_tiles(self, keys: list[bytes]) -> list[bytes | None]:
-        """Stored tiles of the keys, None where absent."""
+        """Stored blocks of the keys, None where absent."""
         ...
 
     def scan_tiles(
         self, view_id: int, entities: Sequence[bytes], first_micros: int, last_micros: int
     ) -> tuple[list[int], np.ndarray, list[bytes]]:
-        """Each entity's tiles with starts in [first_micros, last_micros], entity by entity, by start.
+        """Each entity's blocks with starts in [first_micros, last_micros], entity by entity, by start.
 
-        Returns how many tiles each entity has, their starts (int64) and their values.
+        Returns how many blocks each entity has, their starts (int64) and their values.
         """
         ...
 
@@ -310,7 +318,7 @@ class TileStore(Protocol):
         ...
 
     def delete_tiles_before(self, view_id: int, start_micros: int) -> int:
-        """Delete the view's tiles that start before `start_micros`; return how many."""
+        """Delete the view's blocks that start before `start_micros`; return how many tiles they held."""
         ...
 
 

@@ -61,7 +61,7 @@ from featurepush.v1 import source_pb2
 from ..errors import Aborted, CoreError, Unavailable
 from ..framing import HEADER_BYTES
 from ..gate import UsageGate
-from .base import BatchCounts, QueuedRecords, RowBatch, WriteResult
+from .base import BatchCounts, QueuedRecords, RowBatch, WriteResult, block_tile_count
 from .no_views import NoViews
 
 _LOGGER = logging.getLogger(__name__)
@@ -788,9 +788,9 @@ class RedisStore(NoViews):
             self._redis.delete(self._view_key("vstate", view_id))
             for name_of_hash in list(self._tile_hashes(view_id)):
                 pipe = self._redis.pipeline(transaction=True)
-                pipe.hlen(name_of_hash)
+                pipe.hvals(name_of_hash)
                 pipe.delete(name_of_hash)
-                tiles += int(pipe.execute()[0])
+                tiles += sum(map(block_tile_count, pipe.execute()[0]))
         return tiles
 
     def view_generation(self, view_id: int) -> int:
@@ -934,7 +934,11 @@ class RedisStore(NoViews):
             for name in list(self._tile_hashes(view_id)):
                 stale = [f for f in self._redis.hkeys(name) if f < cutoff]
                 if stale:
-                    deleted += int(self._redis.hdel(name, *stale))
+                    pipe = self._redis.pipeline(transaction=True)
+                    pipe.hmget(name, stale)
+                    pipe.hdel(name, *stale)
+                    blocks, _ = pipe.execute()
+                    deleted += sum(block_tile_count(b) for b in blocks if b is not None)
         return deleted
 
     # --- offline-log queue ---------------------------------------------------------------------

@@ -13,15 +13,17 @@ Key space, by first byte:
   mlate_fields<source id>         the names, one per line, of fields added to a source holding rows
   v<name>                         a stream feature view: 4-byte view id, then the StreamFeatureView
   w<name>                         a feature service: the serialized FeatureService
-  a<view id><entity><start>       a view's tile: 4-byte view id, the entity key with a varint length
-                                  before it, the tile's start in microseconds plus 2^63 as 8 bytes
-                                  big-endian; the value is the tile's partial aggregates (core/tiles.py)
+  a<view id><entity><start>       a block of a view's tiles: 4-byte view id, the entity key with a varint
+                                  length before it, the block's start in microseconds plus 2^63 as 8
+                                  bytes big-endian; the value is the block's tile count (4 bytes
+                                  big-endian), then its tiles' partial aggregates (core/tiles.py Codec)
   mview_state<view id>            a view's state: its watermark and backfilled ranges (core/tiles.py)
 
 The format version (`m` + "format_version", 4 bytes big-endian) is written when the database is
 created. A database holding another version is refused at open with StoreFormatError. A database with
 data but no version was written before the version existed, in format 1 (UNVERSIONED_FORMAT).
-Format 2 added the row's columns to every stored value (`framing.py`), so this build refuses format 1.
+Format 2 added the row's columns to every stored value (`framing.py`); format 3 keeps a view's tiles in
+blocks of consecutive intervals instead of one key per tile. This build refuses formats 1 and 2.
 """
 
 from __future__ import annotations
@@ -46,7 +48,16 @@ import rocksdict
 from ..errors import Aborted, CoreError, StorageFull, Unavailable
 from ..framing import HEADER_BYTES, time_header
 from ..gate import UsageGate
-from .base import BatchCounts, QueuedRecords, RowBatch, StoreFormatError, StoreInUse, TileUpdate, WriteResult
+from .base import (
+    BatchCounts,
+    QueuedRecords,
+    RowBatch,
+    StoreFormatError,
+    StoreInUse,
+    TileUpdate,
+    WriteResult,
+    block_tile_count,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -61,7 +72,7 @@ _NEXT_OFFLINE_SEQ = META + b"next_offline_seq"
 _REQUEST_INDEX_BUILT = META + b"request_expiry_index"
 FORMAT_KEY = META + b"format_version"
 # The layout described above; bump it with any change a build reading the old one would misread.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # The format of a database with data but no version key, written before the key existed.
 UNVERSIONED_FORMAT = 1
 # A file written next to the database to learn whether the disk has room again; removed at start too.
@@ -517,6 +528,12 @@ class RocksDBStore:
             self._sync()
         return rows
 
+    def _items_with_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        for key, value in self._db.items(from_key=prefix):
+            if not key.startswith(prefix):
+                return
+            yield key, value
+
     def _keys_with_prefix(self, prefix: bytes) -> Iterator[bytes]:
         for key in self._db.keys(from_key=prefix):
             if not key.startswith(prefix):
@@ -789,7 +806,7 @@ class RocksDBStore:
         prefix = tile_prefix(view_id)
         with self._gate.use():
             with self._lock:
-                tiles = sum(1 for _ in self._keys_with_prefix(prefix))
+                tiles = sum(block_tile_count(v) for _, v in self._items_with_prefix(prefix))
                 wb = rocksdict.WriteBatch(raw_mode=True)
                 wb.delete(VIEW + name.encode())
                 wb.delete(_VIEW_STATE + view_id.to_bytes(4, "big"))
@@ -833,26 +850,26 @@ class RocksDBStore:
             self._sync()
 
     def tile_key(self, view_id: int, entity: bytes, start_micros: int) -> bytes:
-        """The key of one entity's tile starting at `start_micros`."""
+        """The key of one entity's block of tiles starting at `start_micros`."""
         return tile_prefix(view_id) + _entity_part(entity) + (start_micros + _START_OFFSET).to_bytes(8, "big")
 
     def tile_keys(self, view_id: int, entities: Sequence[bytes], starts: np.ndarray) -> list[bytes]:
-        """The keys of each entity's tile starting at the matching start (int64 microseconds)."""
+        """The keys of each entity's block starting at the matching start (int64 microseconds)."""
         prefix = tile_prefix(view_id)
         shifted = starts.astype(np.int64).view(np.uint64) + np.uint64(_START_OFFSET)
         tails = shifted.astype(">u8").tobytes()
         return [prefix + _entity_part(e) + tails[8 * i : 8 * i + 8] for i, e in enumerate(entities)]
 
     def read_tiles(self, keys: list[bytes]) -> list[bytes | None]:
-        """Stored tiles of the keys, None where absent."""
+        """Stored blocks of the keys, None where absent."""
         return self.read(keys)
 
     def scan_tiles(
         self, view_id: int, entities: Sequence[bytes], first_micros: int, last_micros: int
     ) -> tuple[list[int], np.ndarray, list[bytes]]:
-        """Each entity's tiles with starts in [first_micros, last_micros], entity by entity, by start.
+        """Each entity's blocks with starts in [first_micros, last_micros], entity by entity, by start.
 
-        Returns how many tiles each entity has, their starts (int64) and their values.
+        Returns how many blocks each entity has, their starts (int64) and their values.
         """
         counts: list[int] = []
         lengths: list[int] = []
@@ -862,7 +879,7 @@ class RocksDBStore:
         low = (first_micros + _START_OFFSET).to_bytes(8, "big")
         high = (last_micros + _START_OFFSET).to_bytes(8, "big")
         with self._gate.use():
-            # One seek per entity: its tiles are adjacent, and a scan beats a multi-get of every key.
+            # One seek per entity: its blocks are adjacent, and a scan beats a multi-get of many absent keys.
             it = self._db.iter()
             for entity in entities:
                 head = prefix + _entity_part(entity)
@@ -910,19 +927,19 @@ class RocksDBStore:
         return new
 
     def delete_tiles_before(self, view_id: int, start_micros: int) -> int:
-        """Delete the view's tiles that start before `start_micros`; return how many."""
+        """Delete the view's blocks that start before `start_micros`; return how many tiles they held."""
         prefix = tile_prefix(view_id)
         cutoff = (start_micros + _START_OFFSET).to_bytes(8, "big")
         deleted = 0
         with self._gate.use():
-            stale = [k for k in self._keys_with_prefix(prefix) if k[-8:] < cutoff]
+            stale = [(k, block_tile_count(v)) for k, v in self._items_with_prefix(prefix) if k[-8:] < cutoff]
             for i in range(0, len(stale), 10_000):
                 wb = rocksdict.WriteBatch(raw_mode=True)
-                for key in stale[i : i + 10_000]:
+                for key, _ in stale[i : i + 10_000]:
                     wb.delete(key)
                 with self._lock:
                     self._write(wb)
-                deleted += len(stale[i : i + 10_000])
+                deleted += sum(n for _, n in stale[i : i + 10_000])
         return deleted
 
     def _stage_offline(self, batches: Sequence[RowBatch], wb: rocksdict.WriteBatch) -> None:

@@ -1,0 +1,268 @@
+"""The GetViewFeatures reply's vectors, serialized for every entity at once with numpy.
+
+The numeric features of a read are written together: one (entities, features, bytes) array holds every
+ViewFeatureValue, with a mask of the bytes that count, and a few dozen array operations fill it whatever
+the number of entities and features. Features whose Values are built one by one in Python (lists,
+sketches), and every feature of a read of a handful of entities, are written value by value. Every
+reply is byte for byte what protobuf writes of the same message.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf import timestamp_pb2
+
+from featurepush.v1 import online_service_pb2
+
+from .schema import Kind
+from .wire import (
+    VALUE_NULL,
+    VALUE_NUMBER,
+    VALUE_STRING,
+    VIEW_FEATURES_RESULT,
+    VIEW_VALUE_EFFECTIVE_TIME,
+    VIEW_VALUE_STATUS,
+    VIEW_VALUE_VALUE,
+    VIEW_VECTOR_VALUE,
+    varint,
+)
+
+_PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
+_MISSING = online_service_pb2.FEATURE_STATUS_MISSING
+# Powers of ten from 10^18 down to 1: the place of each of a positive int64's 19 digits.
+_PLACES = 10 ** np.arange(18, -1, -1, dtype=np.int64)
+# The widest Value numpy writes: a string_value tag, its length, a sign and 19 digits.
+_VALUE_WIDTH = 22
+# Entries shorter than this have one-byte lengths; longer Values go the one-by-one way.
+_SHORT = 128
+# Below this many entities, writing each value in Python beats the fixed cost of the array operations.
+_SMALL = 8
+_DOUBLE = struct.Struct("<d").pack
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One feature of every entity: whether its window holds events, its end, and its values.
+
+    A numeric feature has `numbers`, set where `has`, written as `kind` says: INT64 as decimal
+    strings, INT32 as whole numbers, others as numbers. Any other has its Values serialized in `values`.
+    """
+
+    present: np.ndarray
+    end: int
+    numbers: np.ndarray | None = None
+    has: np.ndarray | None = None
+    kind: Kind = Kind.FLOAT64
+    values: Sequence[bytes] | None = None
+
+
+def _string(text: str) -> bytes:
+    data = text.encode()
+    return VALUE_STRING + varint(len(data)) + data
+
+
+def number_value(value: float) -> bytes:
+    """A serialized Value of a float; non-finite floats have no JSON number, so they go as strings."""
+    if math.isfinite(value):
+        return VALUE_NUMBER + _DOUBLE(value)
+    return _string(_NON_FINITE[repr(value)])
+
+
+def python_value(value: float, kind: Kind) -> bytes:
+    """A serialized Value of a numeric feature's value, written one by one."""
+    if kind is Kind.INT64:
+        return _string(str(int(value)))
+    if kind is Kind.INT32:
+        return number_value(float(int(value)))
+    return number_value(value)
+
+
+def _set(array: np.ndarray | None) -> np.ndarray:
+    """A numeric feature's array, which it always has."""
+    assert array is not None
+    return array
+
+
+def _tail(end: int) -> bytes:
+    """A ViewFeatureValue's effective_time field."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMicroseconds(end)
+    when = stamp.SerializeToString()
+    return VIEW_VALUE_EFFECTIVE_TIME + varint(len(when)) + when
+
+
+def _decimals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each int64 but the smallest as a string_value Value in decimal, as str(int) writes it.
+
+    Returns bytes and mask, 3 + digits wide: only the places the largest magnitude needs are computed,
+    and most features' values have a few digits.
+    """
+    negative = values < 0
+    magnitude = np.abs(values)
+    largest = int(magnitude.max()) if magnitude.size else 0
+    places = _PLACES[len(_PLACES) - len(str(largest)) :]
+    digits = (magnitude[..., None] // places) % 10
+    shown = magnitude[..., None] >= places
+    shown[..., -1] = True
+    width = 3 + len(places)
+    data = np.empty((*values.shape, width), dtype=np.uint8)
+    mask = np.empty((*values.shape, width), dtype=bool)
+    data[..., 0] = VALUE_STRING[0]
+    data[..., 1] = shown.sum(axis=-1) + negative
+    data[..., 2] = ord("-")
+    data[..., 3:] = digits.astype(np.uint8) + ord("0")
+    mask[..., :2] = True
+    mask[..., 2] = negative
+    mask[..., 3:] = shown
+    return data, mask
+
+
+def _numeric(features: Sequence[Feature], rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The ViewFeatureValue entries of numeric features as (rows, bytes) and its mask; None if one is long."""
+    numbers = np.stack([_set(f.numbers) for f in features], axis=1, dtype=np.float64)
+    has = np.stack([_set(f.has) for f in features], axis=1, dtype=bool)
+    present = np.stack([f.present for f in features], axis=1, dtype=bool)
+    decimal = np.array([f.kind is Kind.INT64 for f in features])
+    whole = np.array([f.kind is Kind.INT32 for f in features])
+    # Values numpy does not write as Python does: non-finite floats, integers of 2^63 and more in size.
+    odd = has & np.where(decimal, ~(np.abs(numbers) < 2.0**63), ~np.isfinite(numbers))
+    plain = np.where(has & ~odd, numbers, 0.0)
+    plain[:, whole] = plain[:, whole].astype(np.int64).astype(np.float64)
+    odd_values = [
+        (i, j, python_value(float(numbers[i, j]), features[j].kind)) for i, j in np.argwhere(odd).tolist()
+    ]
+    width = max([_VALUE_WIDTH, *(len(v) for _, _, v in odd_values)])
+    tails = [_tail(f.end) for f in features]
+    tail_width = max(len(t) for t in tails)
+    if 4 + width + tail_width >= _SHORT:
+        return None
+    value = np.zeros((rows, len(features), width), dtype=np.uint8)
+    value_mask = np.zeros((rows, len(features), width), dtype=bool)
+    if decimal.any():
+        data, mask = _decimals(plain[:, decimal].astype(np.int64))
+        value[:, decimal, : data.shape[-1]] = data
+        value_mask[:, decimal, : data.shape[-1]] = mask
+    if not decimal.all():
+        value[:, ~decimal, 0] = VALUE_NUMBER[0]
+        value[:, ~decimal, 1:9] = plain[:, ~decimal, None].astype("<f8").view(np.uint8)
+        value_mask[:, ~decimal, :9] = True
+    missing = ~has
+    value[missing, :2] = np.frombuffer(VALUE_NULL + b"\x00", dtype=np.uint8)
+    value_mask[missing] = False
+    value_mask[missing, :2] = True
+    for i, j, written in odd_values:
+        value[i, j, : len(written)] = np.frombuffer(written, dtype=np.uint8)
+        value_mask[i, j] = np.arange(width) < len(written)
+    tail = np.zeros((len(features), tail_width), dtype=np.uint8)
+    tail_mask = np.zeros((len(features), tail_width), dtype=bool)
+    for j, t in enumerate(tails):
+        tail[j, : len(t)] = np.frombuffer(t, dtype=np.uint8)
+        tail_mask[j, : len(t)] = True
+    value_lengths = value_mask.sum(axis=2)
+    # Status, the value's tag and length, the value, the effective time: all short, one-byte lengths.
+    entry = np.empty((rows, len(features), 6 + width + tail_width), dtype=np.uint8)
+    entry[..., 0] = VIEW_VECTOR_VALUE[0]
+    entry[..., 1] = 4 + value_lengths + tail_mask.sum(axis=1)
+    entry[..., 2] = VIEW_VALUE_STATUS[0]
+    entry[..., 3] = np.where(present, _PRESENT, _MISSING)
+    entry[..., 4] = VIEW_VALUE_VALUE[0]
+    entry[..., 5] = value_lengths
+    entry[..., 6 : 6 + width] = value
+    entry[..., 6 + width :] = tail
+    entry_mask = np.ones(entry.shape, dtype=bool)
+    entry_mask[..., 6 : 6 + width] = value_mask
+    entry_mask[..., 6 + width :] = tail_mask
+    shape = (rows, entry.shape[1] * entry.shape[2])
+    return entry.reshape(shape), entry_mask.reshape(shape)
+
+
+def _one_by_one(feature: Feature) -> list[bytes]:
+    """A feature's ViewFeatureValue entries, each built in Python."""
+    if feature.values is not None:
+        values = list(feature.values)
+    else:
+        assert feature.numbers is not None and feature.has is not None
+        values = [
+            python_value(v, feature.kind) if h else VALUE_NULL + b"\x00"
+            for v, h in zip(feature.numbers.tolist(), feature.has.tolist(), strict=True)
+        ]
+    tail = _tail(feature.end)
+    heads = {
+        True: VIEW_VALUE_STATUS + bytes([_PRESENT]) + VIEW_VALUE_VALUE,
+        False: VIEW_VALUE_STATUS + bytes([_MISSING]) + VIEW_VALUE_VALUE,
+    }
+    out = []
+    for value, present in zip(values, feature.present.tolist(), strict=True):
+        body = heads[present] + varint(len(value)) + value + tail
+        out.append(VIEW_VECTOR_VALUE + varint(len(body)) + body)
+    return out
+
+
+def vectors(features: Sequence[Feature], rows: int) -> bytes:
+    """GetViewFeaturesResponse.results entries, one per row, each the row's feature values in order."""
+    # Runs of numeric features as padded (rows, bytes) arrays; the others, one entry per row in Python.
+    parts: list[tuple[np.ndarray, np.ndarray] | list[bytes]] = []
+    run: list[Feature] = []
+    for feature in [*features, None]:
+        if feature is not None and feature.values is None:
+            run.append(feature)
+            continue
+        if run:
+            padded = _numeric(run, rows) if rows >= _SMALL else None
+            if padded is not None:
+                parts.append(padded)
+            else:
+                parts.extend(_one_by_one(f) for f in run)
+            run = []
+        if feature is not None:
+            parts.append(_one_by_one(feature))
+    if all(isinstance(p, tuple) for p in parts):
+        return _assemble([p for p in parts if isinstance(p, tuple)], rows)
+    # Some entries are Python bytes: join them row by row.
+    row_parts: list[list[bytes]] = [[] for _ in range(rows)]
+    for part in parts:
+        if isinstance(part, tuple):
+            data, mask = part
+            lengths = mask.sum(axis=1)
+            flat = data[mask].tobytes()
+            at = 0
+            for i, length in enumerate(lengths.tolist()):
+                row_parts[i].append(flat[at : at + length])
+                at += length
+        else:
+            for i, entry in enumerate(part):
+                row_parts[i].append(entry)
+    out = []
+    for pieces in row_parts:
+        vector = b"".join(pieces)
+        out.append(VIEW_FEATURES_RESULT + varint(len(vector)) + vector)
+    return b"".join(out)
+
+
+def _assemble(parts: Sequence[tuple[np.ndarray, np.ndarray]], rows: int) -> bytes:
+    """The results entries of rows made of padded parts only, gathered in one step."""
+    data = np.hstack([p[0] for p in parts]) if parts else np.zeros((rows, 0), dtype=np.uint8)
+    mask = np.hstack([p[1] for p in parts]) if parts else np.zeros((rows, 0), dtype=bool)
+    lengths = mask.sum(axis=1).astype(np.uint64)
+    # The vector's tag and length (a varint of up to 4 bytes: below 2^28, far above any reply gRPC sends).
+    shifts = np.arange(4, dtype=np.uint64) * np.uint64(7)
+    groups = (lengths[:, None] >> shifts) & np.uint64(0x7F)
+    used = (lengths[:, None] >> shifts) > 0
+    used[:, 0] = True
+    more = np.zeros_like(used)
+    more[:, :-1] = used[:, 1:]
+    head = np.empty((rows, 5), dtype=np.uint8)
+    head[:, 0] = VIEW_FEATURES_RESULT[0]
+    head[:, 1:] = groups | (more.astype(np.uint64) << np.uint64(7))
+    head_mask = np.ones((rows, 5), dtype=bool)
+    head_mask[:, 1:] = used
+    whole = np.hstack([head, data])
+    whole_mask = np.hstack([head_mask, mask])
+    result: bytes = whole[whole_mask].tobytes()
+    return result
