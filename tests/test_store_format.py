@@ -14,6 +14,7 @@ from featurepush_server.core.stores.rocksdb import (
     FORMAT_KEY,
     FORMAT_VERSION,
     SOURCE,
+    TILE,
     UNVERSIONED_FORMAT,
     RocksDBStore,
 )
@@ -61,7 +62,8 @@ def test_a_directory_from_before_the_version_is_refused_as_format_one(tmp_path: 
     [(FORMAT_VERSION + 1, "upgrade featurepush"), (FORMAT_VERSION - 1, "export its sources")],
 )
 def test_another_format_is_refused_at_open(tmp_path: Path, planted: int, advice: str) -> None:
-    _plant(tmp_path / "db", {FORMAT_KEY: planted.to_bytes(4, "big")})
+    # A view tile, which format 2 laid out otherwise.
+    _plant(tmp_path / "db", {FORMAT_KEY: planted.to_bytes(4, "big"), TILE + b"\x00\x00\x00\x01\x01u": b"x"})
     with pytest.raises(StoreFormatError, match=f"written in store format {planted}; .* reads format") as e:
         RocksDBStore(tmp_path / "db")
     assert advice in e.value.message and "start on a new data directory" in e.value.message
@@ -77,3 +79,11 @@ def test_serve_refuses_another_format_in_one_line(tmp_path: Path, capsys: pytest
     assert code == 1
     newer = f"written in store format {FORMAT_VERSION + 1}"
     assert_one_error_line(err, newer, "start on a new data directory")
+
+
+def test_a_format_two_directory_without_view_tiles_is_stamped_as_format_three(tmp_path: Path) -> None:
+    # Format 3 moved view tiles into blocks and changed nothing else.
+    assert FORMAT_VERSION == 3
+    _plant(tmp_path / "db", {FORMAT_KEY: (2).to_bytes(4, "big"), SOURCE + b"old": b"\x00\x00\x00\x07"})
+    RocksDBStore(tmp_path / "db").close()
+    assert _version(tmp_path / "db") == FORMAT_VERSION

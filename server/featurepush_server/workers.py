@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from .config import ServerConfig
 
@@ -50,33 +51,71 @@ def backfill_workers(config: ServerConfig, runtime: Path) -> BackfillWorkers:
     )
 
 
+# Seconds a pool may sit without work before its processes stop; the next backfill starts them again.
+IDLE_S = 120.0
+
+
 class BackfillWorkers(Executor):
-    """A pool of worker processes that is started anew when one of its processes died.
+    """A pool of worker processes, started anew when one of its processes died and stopped when idle.
 
     A pool that lost a process (killed, out of memory) fails the chunks it held and refuses all later
-    work; the backfill that was running ends UNAVAILABLE, and the next one gets a new pool.
+    work; the backfill that was running ends UNAVAILABLE, and the next one gets a new pool. Each front of
+    a many-core machine has its own pool, so idle ones stop after `idle_s` rather than hold their
+    memory for good.
     """
 
-    def __init__(self, start: Callable[[], ProcessPoolExecutor]):
+    def __init__(self, start: Callable[[], ProcessPoolExecutor], idle_s: float = IDLE_S):
         self._start = start
-        self._pool = start()
+        self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._idle_s = idle_s
+        self._running = 0
+        self._last_used = time.monotonic()
+        self._closed = threading.Event()
+        threading.Thread(target=self._stop_when_idle, name="featurepush-backfill-idle", daemon=True).start()
 
     def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
-        """Run `fn` in a worker, on a new pool if the current one is broken."""
+        """Run `fn` in a worker, on a new pool if there is none or the current one is broken."""
         with self._lock:
+            if self._pool is None:
+                self._pool = self._start()
             try:
-                return self._pool.submit(fn, *args, **kwargs)
+                future = self._pool.submit(fn, *args, **kwargs)
             except BrokenProcessPool:
                 _LOGGER.warning("a backfill worker process died; starting the workers again")
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = self._start()
-                return self._pool.submit(fn, *args, **kwargs)
+                future = self._pool.submit(fn, *args, **kwargs)
+            self._running += 1
+            self._last_used = time.monotonic()
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._running -= 1
+            self._last_used = time.monotonic()
+
+    @property
+    def started(self) -> bool:
+        """Whether worker processes may be running now."""
+        return self._pool is not None
+
+    def _stop_when_idle(self) -> None:
+        while not self._closed.wait(min(self._idle_s / 4, 10.0)):
+            with self._lock:
+                idle = self._running == 0 and time.monotonic() - self._last_used >= self._idle_s
+                pool, self._pool = (self._pool, None) if idle else (None, self._pool)
+            if pool is not None:
+                pool.shutdown(wait=False)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop the workers."""
+        self._closed.set()
         with self._lock:
-            self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
 def _start_worker(socket_path: str, catalog_path: str, allowed: list[str], level: str, form: str) -> None:

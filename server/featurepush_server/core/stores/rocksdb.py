@@ -23,7 +23,8 @@ The format version (`m` + "format_version", 4 bytes big-endian) is written when 
 created. A database holding another version is refused at open with StoreFormatError. A database with
 data but no version was written before the version existed, in format 1 (UNVERSIONED_FORMAT).
 Format 2 added the row's columns to every stored value (`framing.py`); format 3 keeps a view's tiles in
-blocks of consecutive intervals instead of one key per tile. This build refuses formats 1 and 2.
+blocks of consecutive intervals instead of one key per tile. This build refuses format 1, and format 2
+where it holds view tiles (one without tiles is stamped as format 3, since nothing else changed).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ FORMAT_KEY = META + b"format_version"
 FORMAT_VERSION = 3
 # The format of a database with data but no version key, written before the key existed.
 UNVERSIONED_FORMAT = 1
+# The format before view tiles were kept in blocks; it differs from this one only where tiles are stored.
+_BEFORE_BLOCKS = 2
 # A file written next to the database to learn whether the disk has room again; removed at start too.
 SPACE_PROBE = ".space-probe.tmp"
 _PROBE_BYTES = 256 * 1024
@@ -199,7 +202,11 @@ def _check_format(db: Any, path: Path) -> None:
         found = FORMAT_VERSION
     else:
         found = UNVERSIONED_FORMAT
-    if found == FORMAT_VERSION and raw is None:
+    if found == _BEFORE_BLOCKS and next(iter(db.keys(from_key=TILE)), b"")[:1] != TILE:
+        # Format 3 changed only how view tiles are laid out: a format 2 store without tiles reads alike.
+        _LOGGER.info("data directory %s holds no view tiles: its store format 2 is stamped as 3", path)
+        db.put(FORMAT_KEY, FORMAT_VERSION.to_bytes(4, "big"))
+    elif found == FORMAT_VERSION and raw is None:
         db.put(FORMAT_KEY, FORMAT_VERSION.to_bytes(4, "big"))
     elif found != FORMAT_VERSION:
         action = (

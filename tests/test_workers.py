@@ -1,0 +1,49 @@
+"""Backfill worker pools: real worker processes, stopped when idle and started again on demand."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+from servers import wait_until
+
+from featurepush_server.workers import BackfillWorkers
+
+
+def _pool() -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+
+
+def test_an_idle_pool_stops_its_processes_and_the_next_work_starts_them_again() -> None:
+    workers = BackfillWorkers(_pool, idle_s=0.5)
+    try:
+        assert not workers.started
+        first = workers.submit(os.getpid).result(timeout=60)
+        assert first != os.getpid() and workers.started
+        assert wait_until(lambda: not workers.started, 30)
+        second = workers.submit(os.getpid).result(timeout=60)
+        assert second not in (first, os.getpid())
+    finally:
+        workers.shutdown()
+    assert not workers.started
+
+
+def test_a_pool_with_work_in_flight_is_not_stopped() -> None:
+    workers = BackfillWorkers(_pool, idle_s=0.2)
+    try:
+        # The work outlasts the idle time several times over; until it is done the pool stays.
+        pending = workers.submit(_sleep_then_pid, 3.0)
+        threading.Event().wait(1.0)
+        assert not pending.done() and workers.started
+        assert pending.result(timeout=60) != os.getpid()
+    finally:
+        workers.shutdown()
+
+
+def _sleep_then_pid(seconds: float) -> int:
+    import time
+
+    time.sleep(seconds)
+    return os.getpid()
