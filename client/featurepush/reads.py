@@ -111,12 +111,11 @@ def get_features_request(
     head = _head(source, columnar)
     if len(entity_keys) == 1 and set(map(type, keys)) == {str}:
         # The common case, one String key, written as bytes: building a Struct costs ten times more.
-        prefixes = _prefixes(entity_keys[0])
-        raws = map(str.encode, cast(list[str], keys))
-        try:
+        raws = [key.encode() for key in cast(list[str], keys)]
+        # Keys of _SHORT_KEY bytes or more have longer length prefixes: the general path writes them.
+        if max(map(len, raws), default=0) < _SHORT_KEY:
+            prefixes = _prefixes(entity_keys[0])
             return head + b"".join([prefixes[len(raw)] + raw for raw in raws])
-        except IndexError:
-            pass  # a key of _SHORT_KEY bytes or more, written by the general path below
     out = [head]
     for key in keys:
         struct_bytes = key_to_struct(key, entity_keys).SerializeToString()

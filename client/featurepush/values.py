@@ -302,12 +302,11 @@ def _decode_timestamp(value: struct_pb2.Value, path: str) -> Any:
     if len(text) in _CANONICAL_LENGTHS and text[-1] == "Z" and text[10] == "T":
         # The server's canonical form, which fromisoformat reads as is, already in UTC.
         try:
-            parsed = dt.datetime.fromisoformat(text)
+            parsed: dt.datetime | None = dt.datetime.fromisoformat(text)
         except ValueError:
-            pass
-        else:
-            if parsed.tzinfo is dt.UTC:
-                return parsed
+            parsed = None  # not a real date: parse_timestamp below words the refusal
+        if parsed is not None and parsed.tzinfo is dt.UTC:
+            return parsed
     try:
         return parse_timestamp(text)
     except ValueError as exc:

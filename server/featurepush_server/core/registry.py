@@ -21,6 +21,21 @@ CATALOG_WAIT_S = 10.0
 DEFAULT_PAGE_SIZE = 100
 
 
+def settled_version(read: Callable[[], int], what: str) -> int:
+    """The catalog counter once no change is being written elsewhere (it is odd while one is).
+
+    Raises Unavailable naming `what` if a change takes longer than CATALOG_WAIT_S.
+    """
+    deadline = time.monotonic() + CATALOG_WAIT_S
+    version = read()
+    while version % 2:
+        if time.monotonic() > deadline:
+            raise Unavailable(f"{what} are being changed; send the request again shortly")
+        time.sleep(0.001)
+        version = read()
+    return version
+
+
 @dataclass(frozen=True)
 class Source:
     """A registered source: its store id, compiled spec, and the store's generation of that definition."""
@@ -113,13 +128,7 @@ class Registry:
         """The catalog counter once no change is being written elsewhere; the cache is dropped if it moved."""
         if self._catalog_version is None:
             return 0
-        deadline = time.monotonic() + CATALOG_WAIT_S
-        version = self._catalog_version()
-        while version % 2:
-            if time.monotonic() > deadline:
-                raise Unavailable("source definitions are being changed; send the request again shortly")
-            time.sleep(0.001)
-            version = self._catalog_version()
+        version = settled_version(self._catalog_version, "source definitions")
         if version != self._cached_version:
             self._cache.clear()
             self._cached_version = version

@@ -20,8 +20,8 @@ import pyarrow as pa
 from featurepush.v1 import feature_view_pb2 as fv_pb2
 
 from .batch import load_post_processor
-from .errors import FailedPrecondition, InvalidInput, NotFound, Unavailable, Violation, shown
-from .registry import CATALOG_WAIT_S, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry, Source
+from .errors import FailedPrecondition, InvalidInput, NotFound, Violation, shown
+from .registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry, Source, settled_version
 from .schema import NAME_RE, FieldSpec, Kind, _compile_fields
 from .stores.base import Store
 
@@ -309,13 +309,7 @@ class Views:
             self._filled_at = time.monotonic()
         if self._catalog_version is None:
             return 0
-        deadline = time.monotonic() + CATALOG_WAIT_S
-        version = self._catalog_version()
-        while version % 2:
-            if time.monotonic() > deadline:
-                raise Unavailable("feature views are being changed; send the request again shortly")
-            time.sleep(0.001)
-            version = self._catalog_version()
+        version = settled_version(self._catalog_version, "feature views")
         if version != self._cached_version:
             self._by_name.clear()
             self._by_source = None

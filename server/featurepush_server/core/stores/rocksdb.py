@@ -487,9 +487,7 @@ class RocksDBStore:
             with self._lock:
                 wb = rocksdict.WriteBatch(raw_mode=True)
                 if source_id is None:
-                    raw = self._db.get(_NEXT_ID)
-                    source_id = int.from_bytes(raw, "big") if raw else 1
-                    wb.put(_NEXT_ID, (source_id + 1).to_bytes(4, "big"))
+                    source_id = self._allocate_id(_NEXT_ID, wb)
                 wb.put(SOURCE + name.encode(), source_id.to_bytes(4, "big") + definition)
                 late_key = _LATE_FIELDS + source_id.to_bytes(4, "big")
                 if late_fields:
@@ -792,15 +790,20 @@ class RocksDBStore:
                 found.append((key[1:].decode(), raw))
         return found
 
+    def _allocate_id(self, counter: bytes, wb: rocksdict.WriteBatch) -> int:
+        """The next id of the counter at key `counter`, its increment staged in `wb`; under the lock."""
+        raw = self._db.get(counter)
+        allocated = int.from_bytes(raw, "big") if raw else 1
+        wb.put(counter, (allocated + 1).to_bytes(4, "big"))
+        return allocated
+
     def put_view(self, name: str, definition: bytes, view_id: int | None = None, *, invalidate: bool) -> int:
         """Store a view definition under its id, or a new one; return the id."""
         with self._gate.use():
             with self._lock:
                 wb = rocksdict.WriteBatch(raw_mode=True)
                 if view_id is None:
-                    raw = self._db.get(_NEXT_VIEW_ID)
-                    view_id = int.from_bytes(raw, "big") if raw else 1
-                    wb.put(_NEXT_VIEW_ID, (view_id + 1).to_bytes(4, "big"))
+                    view_id = self._allocate_id(_NEXT_VIEW_ID, wb)
                 wb.put(VIEW + name.encode(), view_id.to_bytes(4, "big") + definition)
                 self._write(wb)
                 if invalidate:
