@@ -498,3 +498,37 @@ def test_a_killed_backfill_worker_ends_its_backfill_unavailable_and_the_next_one
     last = list(served.backfill.Backfill(backfill_service_pb2.BackfillRequest(source="history")))[-1]
     assert last.done and last.rows_read == rows and last.rows_rejected == 0
     assert len(_stored(served, rows)) == rows
+
+
+def test_fronts_answer_reads_themselves_once_writes_pause_and_never_miss_an_acknowledged_one(
+    tmp_path: Path,
+) -> None:
+    served = ServedProcess(tmp_path / "data", "--processes", "3", "--metrics-listen", "localhost:0")
+    try:
+        port = int(re.findall(r"metrics on http://[^:]+:(\d+)/metrics", served.log)[0])
+        conns = [Connection(served.port) for _ in range(CONNECTIONS)]
+        users = [f"u{i}" for i in range(CONNECTIONS)]
+        doc = dict(AD_IMPRESSIONS, name="clicks")
+        conns[0].registry.ApplySource(registry_service_pb2.ApplySourceRequest(source=source_from_json(doc)))
+
+        def local_reads(expected: int) -> float:
+            """Read every user through every connection; the reads the fronts answered themselves so far."""
+            for conn in conns:
+                assert _clicked(conn, "clicks", users) == [expected] * CONNECTIONS
+            return _scrape(port).get('featurepush_front_reads_total{answered_by="local"}', 0.0)
+
+        for round_ in range(3):
+            # A push through one connection is read at once through every other, on any front.
+            for i, conn in enumerate(conns):
+                conn.ingest.Push(rows_request({"clicks": [_row(users[i], round_, round_)]}))
+            before = local_reads(round_)
+            # Once the writes pause the fronts open snapshots and answer reads without the owner.
+            more = functools.partial(lambda r, b: local_reads(r) > b, round_, before)
+            assert wait_until(more, timeout_s=20)
+        samples = _scrape(port)
+        assert samples['featurepush_front_reads_total{answered_by="owner"}'] > 0
+        assert samples["featurepush_front_snapshots_total"] >= 3
+        for conn in conns:
+            conn.channel.close()
+    finally:
+        served.finish()

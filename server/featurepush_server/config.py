@@ -129,6 +129,10 @@ class ServerConfig:
     # Processes that serve gRPC (decoding, validation, encoding) on the one listen port, besides one that
     # owns the store and its background work; 1 serves everything from one process. Default: the cores.
     processes: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    # Whether each front answers reads of rows and view tiles itself, from a read-only snapshot of the
+    # owner's RocksDB opened once its writes pause, while no write landed since (else the owner answers
+    # them); costs each front a 64 MiB block cache and a copy of the owner's unflushed writes.
+    front_reads: bool = True
 
     # --- Store (README "Redis and Redis Cluster") ---
     # Where sources, online rows, idempotency records and the offline-log queue live: "rocksdb" (the

@@ -27,6 +27,7 @@ from .core.errors import CoreError
 from .core.expiry import ExpirySweeper
 from .core.offline_log import OfflineLog
 from .core.stores.base import Store
+from .core.stores.remote import RemoteStore
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -95,6 +96,23 @@ class _StateCollector(Collector):
                 running.add_metric([klass], gate.running)
                 waiting.add_metric([klass], gate.waiting)
             yield from (refused, running, waiting)
+        local = self._store.local if isinstance(self._store, RemoteStore) else None
+        if local is not None:
+            reads = CounterMetricFamily(
+                "featurepush_front_reads",
+                "Row and tile reads of a serve --processes front, by what answered them: the front's own "
+                "read-only snapshot of the database (local) or the store owner (owner, when a write landed "
+                "since the snapshot).",
+                labels=["answered_by"],
+            )
+            reads.add_metric(["local"], local.local_reads)
+            reads.add_metric(["owner"], local.owner_reads)
+            yield reads
+            yield CounterMetricFamily(
+                "featurepush_front_snapshots",
+                "Read-only snapshots of the database a front opened after the owner's writes paused.",
+                value=local.openings,
+            )
         if self._store is not None:
             for prop, (name, text) in _ROCKSDB_GAUGES.items():
                 value = self._store.statistic(prop)

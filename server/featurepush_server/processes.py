@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +35,8 @@ _LOGGER = logging.getLogger(__name__)
 
 SOCKET = "store.sock"
 CATALOG = "catalog"
+# The count of the owner's writes, by which a front knows whether it may answer a read itself.
+WRITES = "writes"
 # Each process's metrics socket in the runtime folder: metrics-owner-0.sock, metrics-front-3.sock.
 METRICS_PREFIX = "metrics-"
 # Seconds a process may take from its start to serving before the server gives up.
@@ -206,11 +209,8 @@ def supervise(config: ServerConfig) -> None:
         if metrics_http is not None:
             metrics_http.shutdown()
             metrics_http.server_close()
-        for leftover in runtime.glob(f"{METRICS_PREFIX}*.sock"):
-            leftover.unlink(missing_ok=True)
-        (runtime / SOCKET).unlink(missing_ok=True)
-        (runtime / CATALOG).unlink(missing_ok=True)
-        runtime.rmdir()
+        # The sockets and the shared counters.
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def _stop(children: list[_Child], signals: list[int]) -> list[int]:
@@ -258,7 +258,8 @@ def _run_owner(
     from .core.expiry import ExpirySweeper
     from .core.offline_log import OfflineLog
     from .core.periodic import Periodic
-    from .core.stores.remote import CatalogVersion, StoreOwner
+    from .core.stores.remote import CatalogVersion, SharedCounter, StoreOwner
+    from .core.stores.rocksdb import RocksDBStore
     from .core.tiles import sweep_tiles
     from .metrics import Metrics
 
@@ -271,6 +272,11 @@ def _run_owner(
         sweeper = ExpirySweeper(store, config.expired_sweep_interval_s, lambda: sweep_tiles(store))
         recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
         owner = StoreOwner(store, runtime / SOCKET, CatalogVersion(runtime / CATALOG))
+        if isinstance(store, RocksDBStore):
+            writes = SharedCounter(runtime / WRITES)
+            store.watch_writes(writes.bump)
+            # A restarted owner recovered its log: the fronts' snapshots may miss what it held.
+            writes.bump()
     except BaseException:
         store.close()
         raise
@@ -349,7 +355,8 @@ def main(argv: list[str]) -> int:
         else:
             from .app import serve
             from .core.errors import Unavailable
-            from .core.stores.remote import CatalogVersion, RemoteStore
+            from .core.stores.remote import CatalogVersion, RemoteStore, SharedCounter
+            from .core.stores.snapshots import SnapshotReader
 
             served: list[bool] = []
 
@@ -365,7 +372,10 @@ def main(argv: list[str]) -> int:
             give_up = time.monotonic() + OWNER_WAIT_S
             try:
                 while True:
-                    store = RemoteStore(runtime / SOCKET, CatalogVersion(runtime / CATALOG))
+                    local = None
+                    if config.front_reads:
+                        local = SnapshotReader(config.data_dir / "online", SharedCounter(runtime / WRITES))
+                    store = RemoteStore(runtime / SOCKET, CatalogVersion(runtime / CATALOG), local=local)
                     try:
                         serve(
                             config,

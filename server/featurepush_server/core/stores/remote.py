@@ -44,6 +44,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +54,9 @@ from ..errors import Aborted, CoreError, Unavailable
 from ..gate import UsageGate
 from ..tiles import Codec, ViewTiles, merge_spec
 from .base import BatchCounts, QueuedRecords, RowBatch, Store, StoreFormatError, TileUpdate, WriteResult
+
+if TYPE_CHECKING:
+    from .snapshots import SnapshotReader
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -348,8 +352,8 @@ _ERRORS: dict[str, type[CoreError]] = {
 }
 
 
-class CatalogVersion:
-    """The shared counter of catalog changes (see the module docstring); a file mapped into memory."""
+class SharedCounter:
+    """An 8-byte counter in a file mapped into memory: one process writes it, every other reads it."""
 
     def __init__(self, path: Path):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -359,17 +363,23 @@ class CatalogVersion:
             self._map = mmap.mmap(fd, 8)
         finally:
             os.close(fd)
+        self._lock = threading.Lock()
 
     def read(self) -> int:
-        """The counter now; odd while a change is being written."""
+        """The counter now."""
         value: int = _I64.unpack_from(self._map, 0)[0]
         return value
 
     def bump(self) -> int:
-        """Add one and return the new value; only the owner writes."""
-        value = self.read() + 1
-        _I64.pack_into(self._map, 0, value)
+        """Add one and return the new value; the writing process's threads may call it at once."""
+        with self._lock:
+            value = self.read() + 1
+            _I64.pack_into(self._map, 0, value)
         return value
+
+
+class CatalogVersion(SharedCounter):
+    """The shared counter of catalog changes (see the module docstring); odd while one is being written."""
 
     def start_owner(self) -> int:
         """A new owner's start: skip to the next even value, so every front drops its cache; return it."""
@@ -672,8 +682,17 @@ class RemoteStore:
     which callers settle by sending it again with its request id.
     """
 
-    def __init__(self, socket_path: Path, catalog: CatalogVersion, *, timeout_s: float = 60.0):
+    def __init__(
+        self,
+        socket_path: Path,
+        catalog: CatalogVersion,
+        *,
+        timeout_s: float = 60.0,
+        local: SnapshotReader | None = None,
+    ):
         self._path = str(socket_path)
+        # Answers row and tile reads in this process while it is up to date (core/stores/snapshots.py).
+        self.local = local
         self.catalog = catalog
         self._timeout_s = timeout_s
         self._idle: list[socket.socket] = []
@@ -854,6 +873,11 @@ class RemoteStore:
         """Stored values of the keys, None where absent."""
         if not keys:
             return []
+        if self.local is not None:
+            with self._gate.use():
+                values = self.local.read(keys)
+            if values is not None:
+                return values
         return self._call(_Out().u8(READ).blobs(keys)).blobs()
 
     def delete_expired(self, source_id: int, cutoff_micros: int) -> int:
@@ -949,6 +973,11 @@ class RemoteStore:
         """Stored tiles of the keys, None where absent."""
         if not keys:
             return []
+        if self.local is not None:
+            with self._gate.use():
+                values = self.local.read(keys)
+            if values is not None:
+                return values
         return self._call(_Out().u8(READ_TILES).blobs(keys)).blobs()
 
     def scan_tiles(
@@ -1017,4 +1046,6 @@ class RemoteStore:
         """Turn new calls away, wait up to `timeout_s` for running ones, then drop the connections."""
         drained = self._gate.close(timeout_s)
         self._drop_idle()
+        if self.local is not None:
+            self.local.close()
         return drained

@@ -159,19 +159,25 @@ def storage_error(error: Exception) -> CoreError | None:
     return None
 
 
-def _open_db(path: Path) -> Any:
+def db_options(cache: rocksdict.Cache | None = None) -> Any:
+    """The options every opening of a store's database uses, the owner's and a front's read-only ones."""
     options = rocksdict.Options(raw_mode=True)
-    options.create_if_missing(True)
-    options.set_max_background_jobs(2)
     # Bloom filters let a write's read of an entity never seen before skip the data blocks; a
     # block cache keeps hot rows' blocks in memory for reads.
     table = rocksdict.BlockBasedOptions()
     table.set_bloom_filter(10, False)
-    table.set_block_cache(rocksdict.Cache(256 * 1024 * 1024))
+    table.set_block_cache(rocksdict.Cache(256 * 1024 * 1024) if cache is None else cache)
     table.set_cache_index_and_filter_blocks(True)
     table.set_pin_l0_filter_and_index_blocks_in_cache(True)
     options.set_block_based_table_factory(table)
     # Raw mode reads and writes bytes only; the stubs describe the pickling mode, so keep this untyped.
+    return options
+
+
+def _open_db(path: Path) -> Any:
+    options = db_options()
+    options.create_if_missing(True)
+    options.set_max_background_jobs(2)
     return rocksdict.Rdict(str(path), options)
 
 
@@ -277,6 +283,7 @@ class RocksDBStore:
         # Set by a failed disk write and cleared by recover(); while set, writes fail with it at once.
         self._write_error: CoreError | None = None
         self._watchers: list[Callable[[bool], None]] = []
+        self._write_watchers: list[Callable[[], object]] = []
         # Entity key -> event-time header of its stored row (_ABSENT if none), for keys this process has
         # read or written; every row write goes through write_latest under the lock, so it stays exact.
         # At most `latest_cache_entries` (about 150 bytes each); past that it starts over.
@@ -351,6 +358,10 @@ class RocksDBStore:
         """Call `callback(writable)` whenever writes stop or start being accepted."""
         self._watchers.append(callback)
 
+    def watch_writes(self, callback: Callable[[], object]) -> None:
+        """Call `callback()` after every write that landed in the database, before the writer returns."""
+        self._write_watchers.append(callback)
+
     def _failed(self, error: Exception) -> Exception:
         """The exception for a failed database write; a disk error also stops writes until recovery."""
         mapped = storage_error(error)
@@ -371,6 +382,8 @@ class RocksDBStore:
             self._db.write(wb)
         except Exception as e:
             raise self._failed(e) from None
+        for watch in self._write_watchers:
+            watch()
 
     def _sync(self) -> None:
         """Return once every write this thread completed is on disk (with fsync), sharing syncs."""
@@ -848,15 +861,19 @@ class RocksDBStore:
     def put_service(self, name: str, definition: bytes) -> None:
         """Store a feature service definition."""
         with self._gate.use():
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            wb.put(SERVICE + name.encode(), definition)
             with self._lock:
-                self._db.put(SERVICE + name.encode(), definition)
+                self._write(wb)
             self._sync()
 
     def delete_service(self, name: str) -> None:
         """Delete a feature service definition."""
         with self._gate.use():
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            wb.delete(SERVICE + name.encode())
             with self._lock:
-                self._db.delete(SERVICE + name.encode())
+                self._write(wb)
             self._sync()
 
     def tile_key(self, view_id: int, entity: bytes, start_micros: int) -> bytes:

@@ -1,0 +1,111 @@
+"""A front's own reads of the owner's RocksDB database, from read-only snapshots of it.
+
+Under `serve --processes` one owner process writes the database. Sending every read there too makes
+the owner the ceiling of reads as well as writes, so each front opens the database read-only (RocksDB
+allows that beside its one writer: the opening sees every write that landed before it) and answers
+reads from that snapshot while no write has landed since.
+
+Whether one has is told by a counter the owner increases after every write lands (`SharedCounter`, a
+file mapped into memory). A front opens a new snapshot only once the counter has stood still for a
+moment, and pairs it with the counter's value read before the opening began. A read is answered from
+the snapshot only while the counter still holds that value: every write acknowledged before the read
+began was counted before then, so it landed before the snapshot was opened. Otherwise the read goes to
+the owner, as it always could. So a read never misses an acknowledged write, whatever front it reaches.
+
+An opening replays the owner's unflushed log, about a third of a microsecond per row, so a front opens
+snapshots at most at a rate that keeps that work under a twentieth of its time; while writes go on, the
+owner answers the reads. RocksDB's secondary instances, which follow a writer's files instead of
+reopening them, were tried and left: once the owner flushed, their point lookups returned values the
+flush had replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import rocksdict
+
+from .remote import SharedCounter
+from .rocksdb import db_options
+
+_LOGGER = logging.getLogger(__name__)
+
+# How long the owner's write counter must stand still before a front opens a new snapshot: the opening
+# is wasted if more writes follow at once.
+QUIET_S = 0.02
+# An opening's cost times this is the least time between two, so openings take at most 1/20 of a front.
+_COST_FACTOR = 20.0
+# Each front's cache of data blocks, shared by its snapshots; the owner keeps the large one.
+CACHE_BYTES = 64 * 1024 * 1024
+# How long a front waits before trying again after RocksDB refused to open the database.
+_RETRY_S = 1.0
+
+
+class SnapshotReader:
+    """Reads of the database at `db_path` from read-only snapshots, while they are current; thread-safe."""
+
+    def __init__(self, db_path: Path, writes: SharedCounter, *, quiet_s: float = QUIET_S):
+        self._db_path = db_path
+        self._writes = writes
+        self._quiet_s = quiet_s
+        self._cache = rocksdict.Cache(CACHE_BYTES)
+        # The open snapshot and the write counter's value read before it was opened, swapped as one.
+        self._snapshot: tuple[Any, int] | None = None
+        self.local_reads = 0
+        self.owner_reads = 0
+        self.openings = 0
+        self._wanted = threading.Event()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="featurepush-snapshots", daemon=True)
+        self._wanted.set()
+        self._thread.start()
+
+    def read(self, keys: list[bytes]) -> list[bytes | None] | None:
+        """The stored values of the keys, or None when a write landed since the snapshot (ask the owner)."""
+        snapshot = self._snapshot
+        if snapshot is None or self._writes.read() != snapshot[1]:
+            self.owner_reads += 1
+            self._wanted.set()
+            return None
+        values: list[bytes | None] = snapshot[0].get(keys)
+        self.local_reads += 1
+        return values
+
+    def close(self) -> None:
+        """Stop opening snapshots and drop the last; reads go to the owner from now on."""
+        self._closed.set()
+        self._wanted.set()
+        self._thread.join()
+        self._snapshot = None
+
+    def _follow(self) -> None:
+        """Open a snapshot whenever a read found the last one behind and the owner's writes have paused."""
+        next_opening = 0.0
+        while True:
+            self._wanted.wait()
+            seen = self._writes.read()
+            if self._closed.wait(max(self._quiet_s, next_opening - time.monotonic())):
+                return
+            now = self._writes.read()
+            if now != seen:
+                continue  # writes go on: the owner answers reads meanwhile
+            self._wanted.clear()
+            began = time.monotonic()
+            try:
+                options = db_options(self._cache)
+                # Every table file is opened now, so the owner's compactions cannot take one away later.
+                options.set_max_open_files(-1)
+                access = rocksdict.AccessType.read_only()
+                db = rocksdict.Rdict(str(self._db_path), options, access_type=access)
+            except Exception as e:  # noqa: BLE001 - reads go to the owner until an opening works
+                _LOGGER.warning("cannot open the store's database read-only, the owner answers reads: %s", e)
+                self._wanted.set()
+                next_opening = time.monotonic() + _RETRY_S
+                continue
+            self._snapshot = (db, now)
+            self.openings += 1
+            next_opening = began + (time.monotonic() - began) * _COST_FACTOR

@@ -1,0 +1,127 @@
+"""A front's read-only snapshots of the owner's database: current or silent, never behind an ack."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from servers import wait_until
+
+from featurepush_server.core.stores.remote import SharedCounter
+from featurepush_server.core.stores.rocksdb import SERVICE, RocksDBStore
+from featurepush_server.core.stores.snapshots import SnapshotReader
+
+NAMES = [f"service{i}" for i in range(20)]
+# The raw keys of those services: the reader reads any key the owner wrote, rows and tiles alike.
+KEYS = [SERVICE + name.encode() for name in NAMES]
+
+
+def _owner(path: Path, writes: SharedCounter) -> RocksDBStore:
+    """A store as the owner process opens it: each write that lands moves the counter."""
+    store = RocksDBStore(path, fsync=False)
+    store.watch_writes(writes.bump)
+    writes.bump()
+    return store
+
+
+def _put_all(store: RocksDBStore, value: bytes) -> None:
+    for name in NAMES:
+        store.put_service(name, value)
+
+
+def _caught_up(reader: SnapshotReader, expected: list[bytes | None]) -> bool:
+    return reader.read(KEYS) == expected
+
+
+def _started(tmp_path: Path, value: bytes) -> tuple[SharedCounter, RocksDBStore, SnapshotReader]:
+    """An owner's store holding `value` under every key, and a reader that has a snapshot of it."""
+    writes = SharedCounter(tmp_path / "writes")
+    store = _owner(tmp_path / "db", writes)
+    _put_all(store, value)
+    reader = SnapshotReader(tmp_path / "db", writes, quiet_s=0.01)
+    assert wait_until(lambda: _caught_up(reader, [value] * len(KEYS)))
+    return writes, store, reader
+
+
+def test_a_reader_answers_only_while_it_holds_every_counted_write(tmp_path: Path) -> None:
+    _, store, reader = _started(tmp_path, b"one")
+    try:
+        assert reader.local_reads > 0 and reader.openings >= 1
+        # A write that landed moves the counter: the very next read is left to the owner.
+        store.put_service(NAMES[0], b"two")
+        assert reader.read(KEYS) is None
+        assert reader.owner_reads > 0
+        assert wait_until(lambda: _caught_up(reader, [b"two"] + [b"one"] * (len(KEYS) - 1)))
+        store.delete_service(NAMES[1])
+        assert reader.read(KEYS) is None
+        assert wait_until(lambda: _caught_up(reader, [b"two", None] + [b"one"] * (len(KEYS) - 2)))
+    finally:
+        reader.close()
+        store.close()
+    assert reader.read(KEYS) is None
+
+
+def test_reads_racing_writes_never_see_a_value_older_than_the_last_acknowledged(tmp_path: Path) -> None:
+    writes = SharedCounter(tmp_path / "writes")
+    store = _owner(tmp_path / "db", writes)
+    _put_all(store, (0).to_bytes(4, "big"))
+    reader = SnapshotReader(tmp_path / "db", writes, quiet_s=0.002)
+    acknowledged = 0
+    done = threading.Event()
+    stale: list[tuple[int, int]] = []
+
+    def write() -> None:
+        nonlocal acknowledged
+        for version in range(1, 400):
+            _put_all(store, version.to_bytes(4, "big"))
+            acknowledged = version
+            if version % 40 == 0:
+                done.wait(0.05)  # pauses, so the reader catches up between bursts
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    local = 0
+    try:
+        while not done.is_set():
+            floor = acknowledged
+            values = reader.read(KEYS)
+            if values is None:
+                continue
+            local += 1
+            oldest = min(int.from_bytes(v or b"", "big") for v in values)
+            if oldest < floor:
+                stale.append((oldest, floor))
+    finally:
+        writer.join()
+        reader.close()
+        store.close()
+    assert not stale
+    assert local > 0
+
+
+def test_a_reader_follows_an_owner_that_reopened_flushed_and_compacted_the_database(tmp_path: Path) -> None:
+    writes, store, reader = _started(tmp_path, b"before")
+    try:
+        store.close()
+        # The next owner recovers the log, replaces the files the last snapshot read and counts its start.
+        store = _owner(tmp_path / "db", writes)
+        store._db.flush()
+        _put_all(store, b"after")
+        store._db.flush()
+        store._db.compact_range(None, None)
+        assert wait_until(lambda: _caught_up(reader, [b"after"] * len(KEYS)))
+    finally:
+        reader.close()
+        store.close()
+
+
+def test_a_reader_that_cannot_open_the_database_leaves_every_read_to_the_owner(tmp_path: Path) -> None:
+    writes = SharedCounter(tmp_path / "writes")
+    writes.bump()
+    reader = SnapshotReader(tmp_path / "missing", writes, quiet_s=0.01)
+    try:
+        assert not wait_until(lambda: reader.read(KEYS) is not None, timeout_s=0.5)
+        assert reader.openings == 0 and reader.local_reads == 0
+    finally:
+        reader.close()
