@@ -26,8 +26,7 @@ from featurepush.v1 import (
 )
 from featurepush_server.app import Server, create_server, open_store
 from featurepush_server.config import ServerConfig
-from featurepush_server.core.stores.remote import CatalogVersion, RemoteStore, StoreOwner
-from featurepush_server.processes import CATALOG, SOCKET
+from featurepush_server.processes import front_store, store_owner
 from featurepush_server.workers import backfill_workers as workers_of
 
 # `featurepush serve` started by a test runs in one process unless the test asks for more (--processes).
@@ -100,14 +99,14 @@ def start(data_dir: Path, *, fronts: int = 0, backfill_workers: bool = False, **
     # A Unix socket's path is short, shorter than pytest's temporary folders.
     runtime = Path(tempfile.mkdtemp(prefix="fp-"))
     store = open_store(config)
-    owner = StoreOwner(store, runtime / SOCKET, CatalogVersion(runtime / CATALOG))
+    owner = store_owner(store, runtime)
     owner.start()
     running: list[Running] = []
     workers = workers_of(config, runtime) if backfill_workers else None
     try:
         for n in range(fronts):
-            remote = RemoteStore(runtime / SOCKET, CatalogVersion(runtime / CATALOG))
-            front = create_server(config, front=remote, backfill_workers=workers if n == fronts - 1 else None)
+            pool = workers if n == fronts - 1 else None
+            front = create_server(config, front=front_store(config, runtime), backfill_workers=pool)
             front.start()
             running.append(Running(front))
     except BaseException:

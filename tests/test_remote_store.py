@@ -102,3 +102,65 @@ def test_a_large_write_through_the_owner_keeps_the_latest_event_per_entity(
     assert front.read(keys[:4]) == [values[0], first[1], values[2], first[3]]
     assert store.read(keys[-2:]) == [values[-2], first[-1]]
     assert front.read([b"r\x00\x00\x00\x01nobody"]) == [None]
+
+
+def test_every_front_and_worker_connecting_at_once_reaches_the_owner(
+    remote: tuple[RemoteStore, RocksDBStore],
+) -> None:
+    front, _ = remote
+    path, catalog = Path(front._path), front.catalog
+    failed: list[Exception] = []
+    start = threading.Barrier(64)
+
+    def connect_and_read() -> None:
+        store = RemoteStore(path, catalog)
+        start.wait()
+        try:
+            assert store.read([b"r\x00\x00\x00\x01nobody"]) == [None]
+        except Exception as e:  # noqa: BLE001 - collected for the assertion below
+            failed.append(e)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=connect_and_read) for _ in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not failed
+
+
+def test_a_connection_past_a_full_backlog_waits_until_it_is_taken() -> None:
+    runtime = Path(tempfile.mkdtemp(prefix="fp-"))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(runtime / "s"))
+    listener.listen(0)
+    pending: list[socket.socket] = []
+    try:
+        # Fill the backlog until the kernel turns connections away.
+        while True:
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            pending.append(filler)
+            try:
+                filler.connect(str(runtime / "s"))
+            except BlockingIOError:
+                break
+        store = RemoteStore(runtime / "s", CatalogVersion(runtime / "c"), timeout_s=30)
+        connected: list[socket.socket] = []
+        waiter = threading.Thread(target=lambda: connected.append(store._connect()))
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive()  # still trying: the owner is there, only busy
+        listener.settimeout(5)
+        while waiter.is_alive():
+            pending.append(listener.accept()[0])
+            waiter.join(0.05)
+        assert len(connected) == 1
+        connected[0].close()
+    finally:
+        for sock in [*pending, listener]:
+            sock.close()
+        for path in runtime.iterdir():
+            path.unlink()
+        runtime.rmdir()

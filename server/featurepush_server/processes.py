@@ -28,8 +28,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import ServerConfig
+
+if TYPE_CHECKING:
+    from .core.stores.base import Store
+    from .core.stores.remote import RemoteStore, StoreOwner
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -250,6 +255,31 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="featurepush-parent-watch", daemon=True).start()
 
 
+def store_owner(store: Store, runtime: Path) -> StoreOwner:
+    """Serve `store` to the fronts on the runtime folder's socket (not started), counting its writes."""
+    from .core.stores.remote import CatalogVersion, SharedCounter, StoreOwner
+    from .core.stores.rocksdb import RocksDBStore
+
+    owner = StoreOwner(store, runtime / SOCKET, CatalogVersion(runtime / CATALOG))
+    if isinstance(store, RocksDBStore):
+        writes = SharedCounter(runtime / WRITES)
+        store.watch_writes(writes.bump)
+        # A restarted owner recovered its log: the fronts' snapshots may miss what it held.
+        writes.bump()
+    return owner
+
+
+def front_store(config: ServerConfig, runtime: Path) -> RemoteStore:
+    """A front's store: the owner's over its socket, with reads from snapshots where configured."""
+    from .core.stores.remote import CatalogVersion, RemoteStore, SharedCounter
+    from .core.stores.snapshots import SnapshotReader
+
+    local = None
+    if config.front_reads:
+        local = SnapshotReader(config.data_dir / "online", SharedCounter(runtime / WRITES))
+    return RemoteStore(runtime / SOCKET, CatalogVersion(runtime / CATALOG), local=local)
+
+
 def _run_owner(
     config: ServerConfig, runtime: Path, ready: Callable[[], None], metrics_socket: Path | None
 ) -> None:
@@ -258,8 +288,6 @@ def _run_owner(
     from .core.expiry import ExpirySweeper
     from .core.offline_log import OfflineLog
     from .core.periodic import Periodic
-    from .core.stores.remote import CatalogVersion, SharedCounter, StoreOwner
-    from .core.stores.rocksdb import RocksDBStore
     from .core.tiles import sweep_tiles
     from .metrics import Metrics
 
@@ -271,12 +299,7 @@ def _run_owner(
         )
         sweeper = ExpirySweeper(store, config.expired_sweep_interval_s, lambda: sweep_tiles(store))
         recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
-        owner = StoreOwner(store, runtime / SOCKET, CatalogVersion(runtime / CATALOG))
-        if isinstance(store, RocksDBStore):
-            writes = SharedCounter(runtime / WRITES)
-            store.watch_writes(writes.bump)
-            # A restarted owner recovered its log: the fronts' snapshots may miss what it held.
-            writes.bump()
+        owner = store_owner(store, runtime)
     except BaseException:
         store.close()
         raise
@@ -355,8 +378,6 @@ def main(argv: list[str]) -> int:
         else:
             from .app import serve
             from .core.errors import Unavailable
-            from .core.stores.remote import CatalogVersion, RemoteStore, SharedCounter
-            from .core.stores.snapshots import SnapshotReader
 
             served: list[bool] = []
 
@@ -372,10 +393,7 @@ def main(argv: list[str]) -> int:
             give_up = time.monotonic() + OWNER_WAIT_S
             try:
                 while True:
-                    local = None
-                    if config.front_reads:
-                        local = SnapshotReader(config.data_dir / "online", SharedCounter(runtime / WRITES))
-                    store = RemoteStore(runtime / SOCKET, CatalogVersion(runtime / CATALOG), local=local)
+                    store = front_store(config, runtime)
                     try:
                         serve(
                             config,

@@ -41,6 +41,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -407,8 +408,13 @@ class StoreOwner:
             def handle(self) -> None:
                 owner._serve_connection(self.request)
 
+        class Server(socketserver.ThreadingUnixStreamServer):
+            # Every front and backfill worker may connect at once: with socketserver's default backlog
+            # of 5, the connections past it would be refused (EAGAIN) while the owner is healthy.
+            request_queue_size = socket.SOMAXCONN
+
         socket_path.unlink(missing_ok=True)
-        self._server = socketserver.ThreadingUnixStreamServer(str(socket_path), Handler)
+        self._server = Server(str(socket_path), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="featurepush-store-owner", daemon=True
@@ -706,14 +712,22 @@ class RemoteStore:
     # --- the connection ------------------------------------------------------------------------
 
     def _connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self._timeout_s)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        give_up = time.monotonic() + self._timeout_s
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self._timeout_s)
+            try:
+                sock.connect(self._path)
+                return sock
+            except BlockingIOError:
+                # The owner's backlog is full (a burst of connections): it is there, so wait for it.
+                sock.close()
+                if time.monotonic() > give_up:
+                    raise
+                time.sleep(0.005)
+            except OSError:
+                sock.close()
+                raise
 
     def _borrow(self) -> socket.socket:
         """An idle connection whose owner is still there, or a new one."""
