@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import resource
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -125,3 +128,34 @@ def test_a_reader_that_cannot_open_the_database_leaves_every_read_to_the_owner(t
         assert reader.openings == 0 and reader.local_reads == 0
     finally:
         reader.close()
+
+
+def test_a_snapshot_that_fails_a_read_is_dropped_and_the_owner_answers(tmp_path: Path) -> None:
+    _, store, reader = _started(tmp_path, b"kept")
+    try:
+        snapshot = reader._snapshot
+        assert snapshot is not None
+        snapshot[0].close()  # any failure of the handle, as a file RocksDB could no longer read
+        owner_reads = reader.owner_reads
+        assert reader.read(KEYS) is None
+        assert reader.owner_reads == owner_reads + 1
+        # The next snapshot answers again.
+        assert wait_until(lambda: _caught_up(reader, [b"kept"] * len(KEYS)))
+    finally:
+        reader.close()
+        store.close()
+
+
+def test_a_server_raises_its_open_files_limit_to_what_the_system_allows() -> None:
+    code = (
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "from featurepush_server.app import _raise_open_files_limit\n"
+        "_raise_open_files_limit()\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
+    )
+    soft, hard = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout.split()
+    assert int(soft) == (1 << 20 if int(hard) == resource.RLIM_INFINITY else int(hard))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -432,6 +433,22 @@ def create_server(
     return server
 
 
+def _raise_open_files_limit() -> None:
+    """Let this process (and those it starts) open as many files as the system allows it.
+
+    RocksDB keeps every table file of the database open, in the owner and in each front's snapshot (two
+    while one replaces the other), so a large database runs past the usual soft limit of 1,024.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Linux caps open files at fs.nr_open (2^20 by default) even where the hard limit says unlimited.
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            _LOGGER.info("cannot raise the open files limit from %d; a large store may need more", soft)
+
+
 def serve(
     config: ServerConfig,
     *,
@@ -447,6 +464,7 @@ def serve(
     instead, plus a store owner for the embedded store (processes.py). `ready` is called once the server
     serves.
     """
+    _raise_open_files_limit()
     if front is None and peer is None and config.processes > 1:
         from .processes import supervise
 

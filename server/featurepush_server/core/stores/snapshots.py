@@ -71,7 +71,14 @@ class SnapshotReader:
             self.owner_reads += 1
             self._wanted.set()
             return None
-        values: list[bytes | None] = snapshot[0].get(keys)
+        try:
+            values: list[bytes | None] = snapshot[0].get(keys)
+        except Exception as e:  # noqa: BLE001 - the owner can still answer
+            _LOGGER.warning("a read from the front's snapshot failed, the owner answers it: %s", e)
+            self._snapshot = None
+            self.owner_reads += 1
+            self._wanted.set()
+            return None
         self.local_reads += 1
         return values
 
