@@ -532,3 +532,24 @@ def test_fronts_answer_reads_themselves_once_writes_pause_and_never_miss_an_ackn
             conn.channel.close()
     finally:
         served.finish()
+
+
+def test_with_front_reads_off_the_owner_answers_every_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEATUREPUSH_FRONT_READS", "false")
+    served = ServedProcess(tmp_path / "data", "--processes", "2", "--metrics-listen", "localhost:0")
+    try:
+        port = int(re.findall(r"metrics on http://[^:]+:(\d+)/metrics", served.log)[0])
+        conn = Connection(served.port)
+        doc = dict(AD_IMPRESSIONS, name="clicks")
+        conn.registry.ApplySource(registry_service_pb2.ApplySourceRequest(source=source_from_json(doc)))
+        conn.ingest.Push(rows_request({"clicks": [_row("u", 7)]}))
+        for _ in range(10):
+            # Well past the pause after which a front with snapshots would answer itself.
+            threading.Event().wait(0.1)
+            assert _clicked(conn, "clicks", ["u"]) == [7]
+        assert not [name for name in _scrape(port) if name.startswith("featurepush_front_")]
+        conn.channel.close()
+    finally:
+        served.finish()
