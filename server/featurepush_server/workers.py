@@ -25,13 +25,19 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
+# The most backfill workers a front runs. The one store owner writes at most about 300,000 backfilled
+# rows a second (16 cores: one process loads as fast as sixteen), and a worker encodes more than that,
+# so more workers would only hold memory, an interpreter each, on every front that runs a backfill.
+MAX_WORKERS = 4
+
+
 def worker_count(config: ServerConfig) -> int:
-    """How many backfill workers a front runs: one per process, and at least two.
+    """How many backfill workers a front runs: one per process, at least two and at most MAX_WORKERS.
 
     A worker waits for the owner's write of its chunk before taking the next, so with one worker the
     encoding and the write would take turns; two or more keep the owner busy while they encode.
     """
-    return max(config.processes, 2)
+    return min(max(config.processes, 2), MAX_WORKERS)
 
 
 def backfill_workers(config: ServerConfig, runtime: Path) -> BackfillWorkers:
