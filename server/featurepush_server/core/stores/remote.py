@@ -26,7 +26,9 @@ in a shared file, written like a seqlock: odd while a change is being written, e
 increased by each owner at start. A front's registry and views drop their cached definitions when the
 counter moves. Source and view generations carry the owner's start count in their upper bits, so a
 definition validated under an earlier owner is refused with ABORTED rather than checked against a
-restarted owner's counts.
+restarted owner's counts. A second such counter counts the owner's writes, by which a front knows whether
+its read-only snapshot of the database may answer a read (core/stores/snapshots.py); reads it cannot
+answer come here.
 """
 
 from __future__ import annotations
