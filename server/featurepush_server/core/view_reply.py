@@ -9,6 +9,7 @@ reply is byte for byte what protobuf writes of the same message.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -36,6 +37,8 @@ _PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
 _MISSING = online_service_pb2.FEATURE_STATUS_MISSING
 # Powers of ten from 10^18 down to 1: the place of each of a positive int64's 19 digits.
 _PLACES = 10 ** np.arange(18, -1, -1, dtype=np.int64)
+# Powers of ten from 10 up to 10^18: how many a magnitude reaches is its digit count less one.
+_TENS = _PLACES[-2::-1].copy()
 # The widest Value numpy writes: a string_value tag, its length, a sign and 19 digits.
 _VALUE_WIDTH = 22
 # Entries shorter than this have one-byte lengths; longer Values go the one-by-one way.
@@ -89,6 +92,7 @@ def _set(array: np.ndarray | None) -> np.ndarray:
     return array
 
 
+@functools.lru_cache(maxsize=256)
 def _tail(end: int) -> bytes:
     """A ViewFeatureValue's effective_time field."""
     stamp = timestamp_pb2.Timestamp()
@@ -97,11 +101,11 @@ def _tail(end: int) -> bytes:
     return VIEW_VALUE_EFFECTIVE_TIME + varint(len(when)) + when
 
 
-def _decimals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _decimals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each int64 but the smallest as a string_value Value in decimal, as str(int) writes it.
 
-    Returns bytes and mask, 3 + digits wide: only the places the largest magnitude needs are computed,
-    and most features' values have a few digits.
+    Returns bytes, mask and lengths, 3 + digits wide: only the places the largest magnitude needs are
+    computed, and most features' values have a few digits.
     """
     negative = values < 0
     magnitude = np.abs(values)
@@ -110,20 +114,26 @@ def _decimals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     digits = (magnitude[..., None] // places) % 10
     shown = magnitude[..., None] >= places
     shown[..., -1] = True
+    # As many digits as shown; a search of the powers of ten is cheaper than a sum along the last axis.
+    lengths = np.searchsorted(_TENS, magnitude, side="right") + 1 + negative
     width = 3 + len(places)
     data = np.empty((*values.shape, width), dtype=np.uint8)
     mask = np.empty((*values.shape, width), dtype=bool)
     data[..., 0] = VALUE_STRING[0]
-    data[..., 1] = shown.sum(axis=-1) + negative
+    data[..., 1] = lengths
     data[..., 2] = ord("-")
     data[..., 3:] = digits.astype(np.uint8) + ord("0")
     mask[..., :2] = True
     mask[..., 2] = negative
     mask[..., 3:] = shown
-    return data, mask
+    return data, mask, lengths + 2
 
 
-def _numeric(features: Sequence[Feature], rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+# Entries of rows: padded bytes, the mask of those that count, and each row's count of them.
+_Padded = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _numeric(features: Sequence[Feature], rows: int) -> _Padded | None:
     """The ViewFeatureValue entries of numeric features as (rows, bytes) and its mask; None if one is long."""
     numbers = np.stack([_set(f.numbers) for f in features], axis=1, dtype=np.float64)
     has = np.stack([_set(f.has) for f in features], axis=1, dtype=bool)
@@ -134,9 +144,11 @@ def _numeric(features: Sequence[Feature], rows: int) -> tuple[np.ndarray, np.nda
     odd = has & np.where(decimal, ~(np.abs(numbers) < 2.0**63), ~np.isfinite(numbers))
     plain = np.where(has & ~odd, numbers, 0.0)
     plain[:, whole] = plain[:, whole].astype(np.int64).astype(np.float64)
-    odd_values = [
-        (i, j, python_value(float(numbers[i, j]), features[j].kind)) for i, j in np.argwhere(odd).tolist()
-    ]
+    odd_values = []
+    if odd.any():
+        odd_values = [
+            (i, j, python_value(float(numbers[i, j]), features[j].kind)) for i, j in np.argwhere(odd).tolist()
+        ]
     width = max([_VALUE_WIDTH, *(len(v) for _, _, v in odd_values)])
     tails = [_tail(f.end) for f in features]
     tail_width = max(len(t) for t in tails)
@@ -144,10 +156,13 @@ def _numeric(features: Sequence[Feature], rows: int) -> tuple[np.ndarray, np.nda
         return None
     value = np.zeros((rows, len(features), width), dtype=np.uint8)
     value_mask = np.zeros((rows, len(features), width), dtype=bool)
+    # Each value's length: a number's tag and 8 bytes unless a decimal (or null, or odd) below.
+    value_lengths = np.full((rows, len(features)), 9, dtype=np.int64)
     if decimal.any():
-        data, mask = _decimals(plain[:, decimal].astype(np.int64))
+        data, mask, lengths = _decimals(plain[:, decimal].astype(np.int64))
         value[:, decimal, : data.shape[-1]] = data
         value_mask[:, decimal, : data.shape[-1]] = mask
+        value_lengths[:, decimal] = lengths
     if not decimal.all():
         value[:, ~decimal, 0] = VALUE_NUMBER[0]
         value[:, ~decimal, 1:9] = plain[:, ~decimal, None].astype("<f8").view(np.uint8)
@@ -156,19 +171,21 @@ def _numeric(features: Sequence[Feature], rows: int) -> tuple[np.ndarray, np.nda
     value[missing, :2] = np.frombuffer(VALUE_NULL + b"\x00", dtype=np.uint8)
     value_mask[missing] = False
     value_mask[missing, :2] = True
+    value_lengths[missing] = 2
     for i, j, written in odd_values:
         value[i, j, : len(written)] = np.frombuffer(written, dtype=np.uint8)
         value_mask[i, j] = np.arange(width) < len(written)
+        value_lengths[i, j] = len(written)
     tail = np.zeros((len(features), tail_width), dtype=np.uint8)
     tail_mask = np.zeros((len(features), tail_width), dtype=bool)
     for j, t in enumerate(tails):
         tail[j, : len(t)] = np.frombuffer(t, dtype=np.uint8)
         tail_mask[j, : len(t)] = True
-    value_lengths = value_mask.sum(axis=2)
     # Status, the value's tag and length, the value, the effective time: all short, one-byte lengths.
+    bodies = 4 + value_lengths + np.array([len(t) for t in tails])
     entry = np.empty((rows, len(features), 6 + width + tail_width), dtype=np.uint8)
     entry[..., 0] = VIEW_VECTOR_VALUE[0]
-    entry[..., 1] = 4 + value_lengths + tail_mask.sum(axis=1)
+    entry[..., 1] = bodies
     entry[..., 2] = VIEW_VALUE_STATUS[0]
     entry[..., 3] = np.where(present, _PRESENT, _MISSING)
     entry[..., 4] = VIEW_VALUE_VALUE[0]
@@ -179,7 +196,7 @@ def _numeric(features: Sequence[Feature], rows: int) -> tuple[np.ndarray, np.nda
     entry_mask[..., 6 : 6 + width] = value_mask
     entry_mask[..., 6 + width :] = tail_mask
     shape = (rows, entry.shape[1] * entry.shape[2])
-    return entry.reshape(shape), entry_mask.reshape(shape)
+    return entry.reshape(shape), entry_mask.reshape(shape), (bodies + 2).sum(axis=1)
 
 
 def _one_by_one(feature: Feature) -> list[bytes]:
@@ -207,7 +224,7 @@ def _one_by_one(feature: Feature) -> list[bytes]:
 def vectors(features: Sequence[Feature], rows: int) -> bytes:
     """GetViewFeaturesResponse.results entries, one per row, each the row's feature values in order."""
     # Runs of numeric features as padded (rows, bytes) arrays; the others, one entry per row in Python.
-    parts: list[tuple[np.ndarray, np.ndarray] | list[bytes]] = []
+    parts: list[_Padded | list[bytes]] = []
     run: list[Feature] = []
     for feature in [*features, None]:
         if feature is not None and feature.values is None:
@@ -228,8 +245,7 @@ def vectors(features: Sequence[Feature], rows: int) -> bytes:
     row_parts: list[list[bytes]] = [[] for _ in range(rows)]
     for part in parts:
         if isinstance(part, tuple):
-            data, mask = part
-            lengths = mask.sum(axis=1)
+            data, mask, lengths = part
             flat = data[mask].tobytes()
             at = 0
             for i, length in enumerate(lengths.tolist()):
@@ -245,11 +261,11 @@ def vectors(features: Sequence[Feature], rows: int) -> bytes:
     return b"".join(out)
 
 
-def _assemble(parts: Sequence[tuple[np.ndarray, np.ndarray]], rows: int) -> bytes:
+def _assemble(parts: Sequence[_Padded], rows: int) -> bytes:
     """The results entries of rows made of padded parts only, gathered in one step."""
-    data = np.hstack([p[0] for p in parts]) if parts else np.zeros((rows, 0), dtype=np.uint8)
-    mask = np.hstack([p[1] for p in parts]) if parts else np.zeros((rows, 0), dtype=bool)
-    lengths = mask.sum(axis=1).astype(np.uint64)
+    lengths = np.zeros(rows, dtype=np.uint64)
+    for part in parts:
+        lengths += part[2].astype(np.uint64)
     # The vector's tag and length (a varint of up to 4 bytes: below 2^28, far above any reply gRPC sends).
     shifts = np.arange(4, dtype=np.uint64) * np.uint64(7)
     groups = (lengths[:, None] >> shifts) & np.uint64(0x7F)
@@ -262,7 +278,7 @@ def _assemble(parts: Sequence[tuple[np.ndarray, np.ndarray]], rows: int) -> byte
     head[:, 1:] = groups | (more.astype(np.uint64) << np.uint64(7))
     head_mask = np.ones((rows, 5), dtype=bool)
     head_mask[:, 1:] = used
-    whole = np.hstack([head, data])
-    whole_mask = np.hstack([head_mask, mask])
+    whole = np.hstack([head, *(p[0] for p in parts)])
+    whole_mask = np.hstack([head_mask, *(p[1] for p in parts)])
     result: bytes = whole[whole_mask].tobytes()
     return result
