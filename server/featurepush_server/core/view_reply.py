@@ -101,6 +101,25 @@ def _tail(end: int) -> bytes:
     return VIEW_VALUE_EFFECTIVE_TIME + varint(len(when)) + when
 
 
+@functools.lru_cache(maxsize=64)
+def _tails(ends: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The effective_time fields of features ending at `ends`, padded, their mask, and their lengths.
+
+    Kept for the next reads, which mostly end at the same tiles: the arrays are read-only.
+    """
+    tails = [_tail(end) for end in ends]
+    width = max(len(t) for t in tails)
+    tail = np.zeros((len(tails), width), dtype=np.uint8)
+    mask = np.zeros((len(tails), width), dtype=bool)
+    for j, t in enumerate(tails):
+        tail[j, : len(t)] = np.frombuffer(t, dtype=np.uint8)
+        mask[j, : len(t)] = True
+    lengths = np.array([len(t) for t in tails], dtype=np.int64)
+    for array in (tail, mask, lengths):
+        array.setflags(write=False)
+    return tail, mask, lengths
+
+
 def _decimals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each int64 but the smallest as a string_value Value in decimal, as str(int) writes it.
 
@@ -150,8 +169,8 @@ def _numeric(features: Sequence[Feature], rows: int) -> _Padded | None:
             (i, j, python_value(float(numbers[i, j]), features[j].kind)) for i, j in np.argwhere(odd).tolist()
         ]
     width = max([_VALUE_WIDTH, *(len(v) for _, _, v in odd_values)])
-    tails = [_tail(f.end) for f in features]
-    tail_width = max(len(t) for t in tails)
+    tail, tail_mask, tail_lengths = _tails(tuple(f.end for f in features))
+    tail_width = tail.shape[1]
     if 4 + width + tail_width >= _SHORT:
         return None
     value = np.zeros((rows, len(features), width), dtype=np.uint8)
@@ -176,13 +195,8 @@ def _numeric(features: Sequence[Feature], rows: int) -> _Padded | None:
         value[i, j, : len(written)] = np.frombuffer(written, dtype=np.uint8)
         value_mask[i, j] = np.arange(width) < len(written)
         value_lengths[i, j] = len(written)
-    tail = np.zeros((len(features), tail_width), dtype=np.uint8)
-    tail_mask = np.zeros((len(features), tail_width), dtype=bool)
-    for j, t in enumerate(tails):
-        tail[j, : len(t)] = np.frombuffer(t, dtype=np.uint8)
-        tail_mask[j, : len(t)] = True
     # Status, the value's tag and length, the value, the effective time: all short, one-byte lengths.
-    bodies = 4 + value_lengths + np.array([len(t) for t in tails])
+    bodies = 4 + value_lengths + tail_lengths
     entry = np.empty((rows, len(features), 6 + width + tail_width), dtype=np.uint8)
     entry[..., 0] = VIEW_VECTOR_VALUE[0]
     entry[..., 1] = bodies
