@@ -189,8 +189,13 @@ class _Layout:
         def window_of(k: int) -> _Window:
             window = windows.get(k)
             if window is None:
-                shorter = tile_start >= end - k * interval
-                window = windows[k] = _Window(n, tile_owner[shorter], tile_fixed[shorter])
+                if k == count:
+                    # The longest window holds every tile read.
+                    window = _Window(n, tile_owner, tile_fixed)
+                else:
+                    shorter = tile_start >= end - k * interval
+                    window = _Window(n, tile_owner[shorter], tile_fixed[shorter])
+                windows[k] = window
             return window
 
         out: list[Feature | None] = [None] * len(self.aggs)
@@ -253,21 +258,33 @@ class _Window:
 
     def __init__(self, n: int, owners: np.ndarray, tiles: np.ndarray):
         self.tiles = tiles
-        heads = np.flatnonzero(np.diff(owners, prepend=-1))
+        starts = np.empty(len(owners), dtype=bool)
+        starts[:1] = True
+        np.not_equal(owners[1:], owners[:-1], out=starts[1:])
+        heads = np.flatnonzero(starts)
         self.heads = heads
         self.owners = owners[heads]
-        self.totals = np.zeros((n, tiles.shape[1]))
-        if len(heads):
-            self.totals[self.owners] = np.add.reduceat(tiles, heads, axis=0)
+        # Whether every entity has tiles here, as in most reads: then the sums need no placing.
+        self.every = len(heads) == n
+        if self.every and n:
+            self.totals = np.add.reduceat(tiles, heads, axis=0)
+        else:
+            self.totals = np.zeros((n, tiles.shape[1]))
+            if len(heads):
+                self.totals[self.owners] = np.add.reduceat(tiles, heads, axis=0)
         self.present: np.ndarray = self.totals[:, 0] > 0
         self.counts = self.totals[:, 1::_PER_COLUMN]
         self.has: np.ndarray = self.counts > 0
 
     def _extreme(self, ufunc: np.ufunc, offset: int, empty: float) -> np.ndarray:
+        if not len(self.heads):
+            return np.full(self.counts.shape, empty)
+        part = np.ascontiguousarray(self.tiles[:, offset::_PER_COLUMN])
+        reduced: np.ndarray = ufunc.reduceat(part, self.heads, axis=0)
+        if self.every:
+            return reduced
         found = np.full(self.counts.shape, empty)
-        if len(self.heads):
-            part = np.ascontiguousarray(self.tiles[:, offset::_PER_COLUMN])
-            found[self.owners] = ufunc.reduceat(part, self.heads, axis=0)
+        found[self.owners] = reduced
         return found
 
     @cached_property

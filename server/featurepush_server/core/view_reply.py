@@ -39,8 +39,6 @@ _MISSING = online_service_pb2.FEATURE_STATUS_MISSING
 _PLACES = 10 ** np.arange(18, -1, -1, dtype=np.int64)
 # Powers of ten from 10 up to 10^18: how many a magnitude reaches is its digit count less one.
 _TENS = _PLACES[-2::-1].copy()
-# The widest Value numpy writes: a string_value tag, its length, a sign and 19 digits.
-_VALUE_WIDTH = 22
 # Entries shorter than this have one-byte lengths; longer Values go the one-by-one way.
 _SHORT = 128
 # Below this many entities, writing each value in Python beats the fixed cost of the array operations.
@@ -148,8 +146,10 @@ def _decimals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return data, mask, lengths + 2
 
 
-# Entries of rows: padded bytes, the mask of those that count, and each row's count of them.
+# Entries of rows: padded bytes, the mask of those that count, and each row's count of them. The first
+# _LEAD columns are left out by the mask, room for the results entry's tag and length (_assemble).
 _Padded = tuple[np.ndarray, np.ndarray, np.ndarray]
+_LEAD = 5
 
 
 def _numeric(features: Sequence[Feature], rows: int) -> _Padded | None:
@@ -168,21 +168,34 @@ def _numeric(features: Sequence[Feature], rows: int) -> _Padded | None:
         odd_values = [
             (i, j, python_value(float(numbers[i, j]), features[j].kind)) for i, j in np.argwhere(odd).tolist()
         ]
-    width = max([_VALUE_WIDTH, *(len(v) for _, _, v in odd_values)])
+    any_decimal = bool(decimal.any())
+    all_decimal = bool(decimal.all())
+    if any_decimal:
+        data, mask, lengths = _decimals(plain[:, decimal].astype(np.int64))
+    # As wide as the longest value: a number's tag and 8 bytes, the widest decimal, an odd value, a null.
+    widths = [2, 0 if all_decimal else 9, data.shape[-1] if any_decimal else 0]
+    width = max([*widths, *(len(v) for _, _, v in odd_values)])
     tail, tail_mask, tail_lengths = _tails(tuple(f.end for f in features))
     tail_width = tail.shape[1]
     if 4 + width + tail_width >= _SHORT:
         return None
-    value = np.zeros((rows, len(features), width), dtype=np.uint8)
-    value_mask = np.zeros((rows, len(features), width), dtype=bool)
+    size = 6 + width + tail_width
+    out = np.empty((rows, _LEAD + len(features) * size), dtype=np.uint8)
+    out_mask = np.empty(out.shape, dtype=bool)
+    out_mask[:, :_LEAD] = False
+    # Views of the entries in place (splitting the last axis needs no copy; numpy would raise if it did).
+    entry = out[:, _LEAD:].reshape((rows, len(features), size), copy=False)
+    entry_mask = out_mask[:, _LEAD:].reshape((rows, len(features), size), copy=False)
+    value = entry[..., 6 : 6 + width]
+    value_mask = entry_mask[..., 6 : 6 + width]
+    value_mask[...] = False
     # Each value's length: a number's tag and 8 bytes unless a decimal (or null, or odd) below.
     value_lengths = np.full((rows, len(features)), 9, dtype=np.int64)
-    if decimal.any():
-        data, mask, lengths = _decimals(plain[:, decimal].astype(np.int64))
+    if any_decimal:
         value[:, decimal, : data.shape[-1]] = data
         value_mask[:, decimal, : data.shape[-1]] = mask
         value_lengths[:, decimal] = lengths
-    if not decimal.all():
+    if not all_decimal:
         value[:, ~decimal, 0] = VALUE_NUMBER[0]
         value[:, ~decimal, 1:9] = plain[:, ~decimal, None].astype("<f8").view(np.uint8)
         value_mask[:, ~decimal, :9] = True
@@ -197,20 +210,16 @@ def _numeric(features: Sequence[Feature], rows: int) -> _Padded | None:
         value_lengths[i, j] = len(written)
     # Status, the value's tag and length, the value, the effective time: all short, one-byte lengths.
     bodies = 4 + value_lengths + tail_lengths
-    entry = np.empty((rows, len(features), 6 + width + tail_width), dtype=np.uint8)
     entry[..., 0] = VIEW_VECTOR_VALUE[0]
     entry[..., 1] = bodies
     entry[..., 2] = VIEW_VALUE_STATUS[0]
     entry[..., 3] = np.where(present, _PRESENT, _MISSING)
     entry[..., 4] = VIEW_VALUE_VALUE[0]
     entry[..., 5] = value_lengths
-    entry[..., 6 : 6 + width] = value
     entry[..., 6 + width :] = tail
-    entry_mask = np.ones(entry.shape, dtype=bool)
-    entry_mask[..., 6 : 6 + width] = value_mask
+    entry_mask[..., :6] = True
     entry_mask[..., 6 + width :] = tail_mask
-    shape = (rows, entry.shape[1] * entry.shape[2])
-    return entry.reshape(shape), entry_mask.reshape(shape), (bodies + 2).sum(axis=1)
+    return out, out_mask, (bodies + 2).sum(axis=1)
 
 
 def _one_by_one(feature: Feature) -> list[bytes]:
@@ -280,6 +289,12 @@ def _assemble(parts: Sequence[_Padded], rows: int) -> bytes:
     lengths = np.zeros(rows, dtype=np.uint64)
     for part in parts:
         lengths += part[2].astype(np.uint64)
+    if len(parts) == 1:
+        # The tag and length go in the part's own leading columns.
+        whole, whole_mask, _ = parts[0]
+    else:
+        whole = np.hstack([np.empty((rows, _LEAD), dtype=np.uint8), *(p[0] for p in parts)])
+        whole_mask = np.hstack([np.empty((rows, _LEAD), dtype=bool), *(p[1] for p in parts)])
     # The vector's tag and length (a varint of up to 4 bytes: below 2^28, far above any reply gRPC sends).
     shifts = np.arange(4, dtype=np.uint64) * np.uint64(7)
     groups = (lengths[:, None] >> shifts) & np.uint64(0x7F)
@@ -287,12 +302,9 @@ def _assemble(parts: Sequence[_Padded], rows: int) -> bytes:
     used[:, 0] = True
     more = np.zeros_like(used)
     more[:, :-1] = used[:, 1:]
-    head = np.empty((rows, 5), dtype=np.uint8)
-    head[:, 0] = VIEW_FEATURES_RESULT[0]
-    head[:, 1:] = groups | (more.astype(np.uint64) << np.uint64(7))
-    head_mask = np.ones((rows, 5), dtype=bool)
-    head_mask[:, 1:] = used
-    whole = np.hstack([head, *(p[0] for p in parts)])
-    whole_mask = np.hstack([head_mask, *(p[1] for p in parts)])
+    whole[:, 0] = VIEW_FEATURES_RESULT[0]
+    whole[:, 1:_LEAD] = groups | (more.astype(np.uint64) << np.uint64(7))
+    whole_mask[:, 0] = True
+    whole_mask[:, 1:_LEAD] = used
     result: bytes = whole[whole_mask].tobytes()
     return result
