@@ -146,6 +146,12 @@ def _decimals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return data, mask, lengths + 2
 
 
+def _columns(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
+    """Arrays of one value per row as the columns of one C-ordered array; cheaper than np.stack."""
+    found: np.ndarray = np.array(arrays, dtype=dtype).T.copy()
+    return found
+
+
 # Entries of rows: padded bytes, the mask of those that count, and each row's count of them. The first
 # _LEAD columns are left out by the mask, room for the results entry's tag and length (_assemble).
 _Padded = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -154,9 +160,9 @@ _LEAD = 5
 
 def _numeric(features: Sequence[Feature], rows: int) -> _Padded | None:
     """The ViewFeatureValue entries of numeric features as (rows, bytes) and its mask; None if one is long."""
-    numbers = np.stack([_set(f.numbers) for f in features], axis=1, dtype=np.float64)
-    has = np.stack([_set(f.has) for f in features], axis=1, dtype=bool)
-    present = np.stack([f.present for f in features], axis=1, dtype=bool)
+    numbers = _columns([_set(f.numbers) for f in features], np.float64)
+    has = _columns([_set(f.has) for f in features], bool)
+    present = _columns([f.present for f in features], bool)
     decimal = np.array([f.kind is Kind.INT64 for f in features])
     whole = np.array([f.kind is Kind.INT32 for f in features])
     # Values numpy does not write as Python does: non-finite floats, integers of 2^63 and more in size.
