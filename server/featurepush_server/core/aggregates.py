@@ -238,8 +238,12 @@ def _blocks(
     if per_entity > _MULTI_GET_BLOCKS:
         counts, _, values = store.scan_tiles(view.id, entities, low, floor_to(last, span))
         return np.repeat(np.arange(n, dtype=np.int64), counts), values
-    starts = np.tile(np.arange(per_entity, dtype=np.int64) * span + low, n)
-    named = entities if per_entity == 1 else [e for e in entities for _ in range(per_entity)]
+    if per_entity == 1:
+        starts = np.full(n, low, dtype=np.int64)
+        named = entities
+    else:
+        starts = np.tile(np.arange(per_entity, dtype=np.int64) * span + low, n)
+        named = [e for e in entities for _ in range(per_entity)]
     keys = store.tile_keys(view.id, named, starts)
     stored = store.read_tiles(keys)
     if None not in stored:
