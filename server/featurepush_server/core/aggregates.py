@@ -107,7 +107,7 @@ class _Moments:
         # Per _Window array: the features it gives, and the column of each in that array.
         sources: dict[str, tuple[list[int], list[int]]] = {}
         columns: list[int] = []
-        every: list[int] = []
+        counts_and_sums: list[int] = []
         self.kinds: list[Kind] = []
         for j, agg in enumerate(aggs):
             column = spec.moments.index(agg.column)
@@ -117,11 +117,11 @@ class _Moments:
             found.append(at)
             columns.append(column)
             if agg.function in (F.AGGREGATE_FUNCTION_COUNT, F.AGGREGATE_FUNCTION_SUM):
-                every.append(j)
+                counts_and_sums.append(j)
             self.kinds.append(kind)
         self.sources = [(name, np.array(f), np.array(c)) for name, (f, c) in sources.items()]
         self.columns = np.array(columns)
-        self.every = np.array(every, dtype=np.int64)
+        self.counts_and_sums = np.array(counts_and_sums, dtype=np.int64)
 
     def values(self, window: _Window) -> tuple[np.ndarray, np.ndarray]:
         """Every entity's values of these features, and where they are set."""
@@ -131,7 +131,7 @@ class _Moments:
             numbers[:, features] = getattr(window, name)[:, columns]
         has = window.has[:, self.columns]
         # A count or a sum is set wherever the window holds events, even without values of its column.
-        has[:, self.every] = True
+        has[:, self.counts_and_sums] = True
         has &= present[:, None]
         return numbers, has
 
