@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from google.protobuf import struct_pb2
@@ -26,7 +26,7 @@ from .schema import Kind
 from .stores.base import TileStore
 from .tiles import Codec, bounded, floor_to, now_micros, sketch_estimate, union_sketches
 from .view_reply import Feature, vectors
-from .views import LIST_FUNCTIONS, AggSpec, View, Views
+from .views import LIST_FUNCTIONS, AggSpec, View, Views, ViewSpec
 
 F = fv_pb2
 _PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
@@ -93,49 +93,134 @@ def roll_up(
     view: View, store: TileStore, entities: Sequence[bytes], aggs: Sequence[AggSpec], at: int
 ) -> list[Feature]:
     """The features `aggs` of every entity over the windows ending at the tile holding `at` (microseconds)."""
-    spec = view.spec
-    interval = spec.interval
-    end = floor_to(at, interval)
-    longest = max(a.window for a in aggs)
-    count = longest // interval
-    first = end - longest
-    codec = Codec(spec)
-    n = len(entities)
-    owners, stored = _blocks(view, store, codec, entities, first, end - interval)
-    blocks = codec.decode(stored)
-    # The tiles inside the longest window, entity by entity and by start (as the blocks come).
-    inside = np.flatnonzero((blocks.starts >= first) & (blocks.starts < end))
-    tile_owner = np.repeat(owners, blocks.counts)[inside]
-    tile_start = blocks.starts[inside]
-    tile_fixed = blocks.fixed[inside]
-    var: list[dict[str, Any] | None] = []
-    if codec.has_var:
-        # The JSON parts in an (entity, tile) grid; absent tiles stay None.
-        var = [None] * (n * count)
-        where = tile_owner * count + (tile_start - first) // interval
-        for j, i in zip(where.tolist(), inside.tolist(), strict=True):
-            var[j] = blocks.var[i]
-    windows: dict[int, _Window] = {}
-    out: list[Feature] = []
-    for agg in aggs:
-        k = agg.window // interval
-        window = windows.get(k)
-        if window is None:
-            shorter = tile_start >= end - agg.window
-            window = windows[k] = _Window(n, tile_owner[shorter], tile_fixed[shorter])
+    return _Layout(view, aggs).roll_up(store, entities, at)
+
+
+class _Moments:
+    """The moment features of one window length: where each feature's values come from in a _Window.
+
+    Every such feature is gathered at once into one (entities, features) array per read.
+    """
+
+    def __init__(self, spec: ViewSpec, aggs: Sequence[AggSpec], positions: list[int]):
+        self.positions = positions
+        # Per _Window array: the features it gives, and the column of each in that array.
+        sources: dict[str, tuple[list[int], list[int]]] = {}
+        columns: list[int] = []
+        counts_and_sums: list[int] = []
+        self.kinds: list[Kind] = []
+        for j, agg in enumerate(aggs):
+            column = spec.moments.index(agg.column)
+            source, at, kind = _moment_source(agg, column)
+            features, found = sources.setdefault(source, ([], []))
+            features.append(j)
+            found.append(at)
+            columns.append(column)
+            if agg.function in (F.AGGREGATE_FUNCTION_COUNT, F.AGGREGATE_FUNCTION_SUM):
+                counts_and_sums.append(j)
+            self.kinds.append(kind)
+        self.sources = [(name, np.array(f), np.array(c)) for name, (f, c) in sources.items()]
+        self.columns = np.array(columns)
+        self.counts_and_sums = np.array(counts_and_sums, dtype=np.int64)
+
+    def values(self, window: _Window) -> tuple[np.ndarray, np.ndarray]:
+        """Every entity's values of these features, and where they are set."""
         present = window.present
-        if agg.function not in _LIST_OR_SKETCH:
-            numbers, has, kind = _moment(agg, window, spec.moments.index(agg.column))
-            out.append(Feature(present, end, numbers, present & has, kind))
-        else:
-            kind = value_kind(agg)
-            serialized = []
-            for i in range(n):
-                parts = [var[i * count + j] for j in range(count - k, count)]
-                found = _from_var(view, agg, [p for p in parts if p is not None]) if present[i] else None
-                serialized.append(_json_value(found, kind).SerializeToString())
-            out.append(Feature(present, end, values=serialized))
-    return out
+        numbers = np.empty((len(present), len(self.kinds)))
+        for name, features, columns in self.sources:
+            numbers[:, features] = getattr(window, name)[:, columns]
+        has = window.has[:, self.columns]
+        # A count or a sum is set wherever the window holds events, even without values of its column.
+        has[:, self.counts_and_sums] = True
+        has &= present[:, None]
+        return numbers, has
+
+
+class _Layout:
+    """What every read of some aggregations of one view shares: its codec and where each feature comes from.
+
+    Built from the view alone, so a reader keeps one per view object (a changed view is a new object).
+    """
+
+    def __init__(self, view: View, aggs: Sequence[AggSpec]):
+        spec = view.spec
+        self.view = view
+        self.aggs = list(aggs)
+        self.codec = Codec(spec)
+        self.longest = max(a.window for a in aggs)
+        groups: dict[int, list[int]] = {}
+        for i, agg in enumerate(aggs):
+            if agg.function not in _LIST_OR_SKETCH:
+                groups.setdefault(agg.window // spec.interval, []).append(i)
+        self.moments = {k: _Moments(spec, [aggs[i] for i in which], which) for k, which in groups.items()}
+        self.others = [(i, agg) for i, agg in enumerate(aggs) if agg.function in _LIST_OR_SKETCH]
+        self.headers: dict[bool, bytes] = {}
+
+    def header(self, qualified: bool) -> bytes:
+        """The `features` entries of these aggregations, serialized; named view.feature if qualified."""
+        found = self.headers.get(qualified)
+        if found is None:
+            response = pb.GetViewFeaturesResponse()
+            for agg in self.aggs:
+                name = f"{self.view.spec.name}.{agg.name}" if qualified else agg.name
+                response.features.add(name=name, type=feature_type(agg))
+            found = self.headers[qualified] = response.SerializeToString()
+        return found
+
+    def roll_up(self, store: TileStore, entities: Sequence[bytes], at: int) -> list[Feature]:
+        """The features of every entity over the windows ending at the tile holding `at` (microseconds)."""
+        view = self.view
+        spec = view.spec
+        interval = spec.interval
+        end = floor_to(at, interval)
+        count = self.longest // interval
+        first = end - self.longest
+        codec = self.codec
+        n = len(entities)
+        owners, stored = _blocks(view, store, codec, entities, first, end - interval)
+        blocks = codec.decode(stored)
+        # The tiles inside the longest window, entity by entity and by start (as the blocks come).
+        inside = np.flatnonzero((blocks.starts >= first) & (blocks.starts < end))
+        tile_owner = np.repeat(owners, blocks.counts)[inside]
+        tile_start = blocks.starts[inside]
+        tile_fixed = blocks.fixed[inside]
+        windows: dict[int, _Window] = {}
+
+        def window_of(k: int) -> _Window:
+            window = windows.get(k)
+            if window is None:
+                if k == count:
+                    # The longest window holds every tile read.
+                    window = _Window(n, tile_owner, tile_fixed)
+                else:
+                    shorter = tile_start >= end - k * interval
+                    window = _Window(n, tile_owner[shorter], tile_fixed[shorter])
+                windows[k] = window
+            return window
+
+        out: list[Feature | None] = [None] * len(self.aggs)
+        for k, moments in self.moments.items():
+            window = window_of(k)
+            numbers, has = moments.values(window)
+            for j, (i, kind) in enumerate(zip(moments.positions, moments.kinds, strict=True)):
+                out[i] = Feature(window.present, end, numbers[:, j], has[:, j], kind)
+        if self.others:
+            # The JSON parts in an (entity, tile) grid; absent tiles stay None.
+            var: list[dict[str, Any] | None] = [None] * (n * count)
+            where = tile_owner * count + (tile_start - first) // interval
+            for j, i in zip(where.tolist(), inside.tolist(), strict=True):
+                var[j] = blocks.var[i]
+            for index, agg in self.others:
+                k = agg.window // interval
+                present = window_of(k).present
+                kind = value_kind(agg)
+                serialized = []
+                for i in range(n):
+                    parts = [var[i * count + j] for j in range(count - k, count)]
+                    found = _from_var(view, agg, [p for p in parts if p is not None]) if present[i] else None
+                    serialized.append(_json_value(found, kind).SerializeToString())
+                out[index] = Feature(present, end, values=serialized)
+        return [f for f in out if f is not None]
 
 
 # Up to this many blocks per entity, a read names every block key in one multi-get; beyond, it scans.
@@ -153,9 +238,17 @@ def _blocks(
     if per_entity > _MULTI_GET_BLOCKS:
         counts, _, values = store.scan_tiles(view.id, entities, low, floor_to(last, span))
         return np.repeat(np.arange(n, dtype=np.int64), counts), values
-    starts = np.tile(np.arange(per_entity, dtype=np.int64) * span + low, n)
-    keys = store.tile_keys(view.id, [e for e in entities for _ in range(per_entity)], starts)
+    if per_entity == 1:
+        starts = np.full(n, low, dtype=np.int64)
+        named = entities
+    else:
+        starts = np.tile(np.arange(per_entity, dtype=np.int64) * span + low, n)
+        named = [e for e in entities for _ in range(per_entity)]
+    keys = store.tile_keys(view.id, named, starts)
     stored = store.read_tiles(keys)
+    if None not in stored:
+        # Every entity has every block: the common case of a read of active entities.
+        return np.arange(len(stored), dtype=np.int64) // per_entity, cast(list[bytes], stored)
     present = [j for j, v in enumerate(stored) if v is not None]
     owners = np.array(present, dtype=np.int64) // per_entity
     return owners, [v for v in stored if v is not None]
@@ -169,21 +262,33 @@ class _Window:
 
     def __init__(self, n: int, owners: np.ndarray, tiles: np.ndarray):
         self.tiles = tiles
-        heads = np.flatnonzero(np.diff(owners, prepend=-1))
+        starts = np.empty(len(owners), dtype=bool)
+        starts[:1] = True
+        np.not_equal(owners[1:], owners[:-1], out=starts[1:])
+        heads = np.flatnonzero(starts)
         self.heads = heads
         self.owners = owners[heads]
-        self.totals = np.zeros((n, tiles.shape[1]))
-        if len(heads):
-            self.totals[self.owners] = np.add.reduceat(tiles, heads, axis=0)
+        # Whether every entity has tiles here, as in most reads: then the sums need no placing.
+        self.every = len(heads) == n
+        if self.every and n:
+            self.totals = np.add.reduceat(tiles, heads, axis=0)
+        else:
+            self.totals = np.zeros((n, tiles.shape[1]))
+            if len(heads):
+                self.totals[self.owners] = np.add.reduceat(tiles, heads, axis=0)
         self.present: np.ndarray = self.totals[:, 0] > 0
         self.counts = self.totals[:, 1::_PER_COLUMN]
         self.has: np.ndarray = self.counts > 0
 
     def _extreme(self, ufunc: np.ufunc, offset: int, empty: float) -> np.ndarray:
+        if not len(self.heads):
+            return np.full(self.counts.shape, empty)
+        part = np.ascontiguousarray(self.tiles[:, offset::_PER_COLUMN])
+        reduced: np.ndarray = ufunc.reduceat(part, self.heads, axis=0)
+        if self.every:
+            return reduced
         found = np.full(self.counts.shape, empty)
-        if len(self.heads):
-            part = np.ascontiguousarray(self.tiles[:, offset::_PER_COLUMN])
-            found[self.owners] = ufunc.reduceat(part, self.heads, axis=0)
+        found[self.owners] = reduced
         return found
 
     @cached_property
@@ -213,28 +318,20 @@ class _Window:
         return found
 
 
-def _moment(agg: AggSpec, window: _Window, column: int) -> tuple[np.ndarray, np.ndarray, Kind]:
-    """One moment aggregation of every entity over its window.
-
-    Returns the values, where they are set when the window holds events, and the kind they are written as.
-    """
+def _moment_source(agg: AggSpec, column: int) -> tuple[str, int, Kind]:
+    """Where a moment aggregation's values are in a _Window: the array, its column, and the kind written."""
     fn = agg.function
     integral = agg.kind in _INT_KINDS
-    every = window.present
     if fn == F.AGGREGATE_FUNCTION_COUNT:
-        return window.counts[:, column], every, Kind.INT64
+        return "totals", 1 + _PER_COLUMN * column, Kind.INT64
     if fn == F.AGGREGATE_FUNCTION_SUM:
-        kind = Kind.INT64 if integral else Kind.FLOAT64
-        return window.totals[:, 2 + _PER_COLUMN * column], every, kind
-    has = window.has[:, column]
+        return "totals", 2 + _PER_COLUMN * column, Kind.INT64 if integral else Kind.FLOAT64
     if fn in (F.AGGREGATE_FUNCTION_MIN, F.AGGREGATE_FUNCTION_MAX):
-        found = window.mins if fn == F.AGGREGATE_FUNCTION_MIN else window.maxes
         kind = Kind.FLOAT64
         if integral:
             kind = Kind.INT64 if agg.kind is Kind.INT64 else Kind.INT32
-        return found[:, column], has, kind
-    found = window.means if fn == F.AGGREGATE_FUNCTION_MEAN else window.stddevs
-    return found[:, column], has, Kind.FLOAT64
+        return "mins" if fn == F.AGGREGATE_FUNCTION_MIN else "maxes", column, kind
+    return "means" if fn == F.AGGREGATE_FUNCTION_MEAN else "stddevs", column, Kind.FLOAT64
 
 
 _LIST_OR_SKETCH = {
@@ -259,6 +356,10 @@ def _from_var(view: View, agg: AggSpec, parts: list[dict[str, Any]]) -> Any:
     return [v for _, v in bounded(kind, agg.n, items)]
 
 
+# Layouts a reader keeps before it forgets them all.
+_MAX_LAYOUTS = 1024
+
+
 class ViewReader:
     """Serves GetViewFeatures: a view's or a feature service's features for many entities."""
 
@@ -266,6 +367,8 @@ class ViewReader:
         self._views = views
         self._store = store
         self.max_keys = max_keys
+        # Each view's and aggregation choice's layout, for as long as the view object is current.
+        self._layouts: dict[tuple[int, tuple[int, ...]], _Layout] = {}
 
     def targets(self, request: pb.GetViewFeaturesRequest) -> tuple[list[tuple[View, list[int]]], bool]:
         """The views and feature indexes a request names, and whether it named a feature service."""
@@ -290,16 +393,26 @@ class ViewReader:
         if request.HasField("as_of"):
             at = request.as_of.seconds * 1_000_000 + request.as_of.nanos // 1000
         entities = self.entity_keys(targets[0][0], keys)
-        response = pb.GetViewFeaturesResponse()
+        headers: list[bytes] = []
         # Each feature's ViewFeatureValues for every entity, serialized together (view_reply.py).
         columns: list[Feature] = []
         for view, indexes in targets:
-            aggs = [view.spec.aggregations[i] for i in indexes]
-            for agg in aggs:
-                name = f"{view.spec.name}.{agg.name}" if qualified else agg.name
-                response.features.add(name=name, type=feature_type(agg))
-            columns.extend(roll_up(view, self._store, entities, aggs, at))
-        return response.SerializeToString() + vectors(columns, len(entities))
+            layout = self._layout(view, indexes)
+            headers.append(layout.header(qualified))
+            columns.extend(layout.roll_up(self._store, entities, at))
+        return b"".join(headers) + vectors(columns, len(entities))
+
+    def _layout(self, view: View, indexes: list[int]) -> _Layout:
+        key = (view.id, tuple(indexes))
+        layout = self._layouts.get(key)
+        if layout is None or layout.view is not view:
+            if len(self._layouts) >= _MAX_LAYOUTS:
+                # Views come and go: forget every layout now and then rather than track which are stale.
+                self._layouts.clear()
+            layout = _Layout(view, [view.spec.aggregations[i] for i in indexes])
+            # One assignment: readers on other threads see the old layout or the new one.
+            self._layouts[key] = layout
+        return layout
 
     @staticmethod
     def entity_keys(view: View, keys: Sequence[struct_pb2.Struct]) -> list[bytes]:
@@ -310,11 +423,10 @@ class ViewReader:
             maps = [k.fields for k in keys]
             if all(len(m) == 1 for m in maps):
                 values = [m.get(names[0]) for m in maps]
-                texts = [
-                    v.string_value for v in values if v is not None and v.WhichOneof("kind") == "string_value"
-                ]
-                if len(texts) == len(values):
-                    return [text.encode() for text in texts]
+                if None not in values:
+                    given = cast(list[struct_pb2.Value], values)
+                    if all(v.HasField("string_value") for v in given):
+                        return [v.string_value.encode() for v in given]
         source = view.spec.source
         violations: list[Violation] = []
         out: list[bytes] = []

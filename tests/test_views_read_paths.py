@@ -1,0 +1,78 @@
+"""The view read's shortcuts: tile keys of short entity keys, per-view layouts, and reads of every block."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from conftest import Running
+from views_helpers import HOUR, MINUTE, apply, brute, push, read, same, view
+
+from featurepush.definitions import Aggregate
+from featurepush_server.core.stores.rocksdb import RocksDBStore
+
+M = 60_000_000
+
+
+def now_minute() -> int:
+    return time.time_ns() // 1000 // M * M
+
+
+def test_tile_keys_of_short_and_long_entity_keys_are_each_tile_key(tmp_path: Path) -> None:
+    store = RocksDBStore(tmp_path / "db")
+    try:
+        short = [b"", b"u", b"x" * 127]
+        long = [*short, b"y" * 128, b"z" * 300]
+        for entities in (short, long):
+            starts = np.array([-(2**40), 0, 7 * M, 2**50, 3 * M][: len(entities)], dtype=np.int64)
+            keys = store.tile_keys(9, entities, starts)
+            assert keys == [
+                store.tile_key(9, e, int(s)) for e, s in zip(entities, starts.tolist(), strict=True)
+            ]
+    finally:
+        store.close()
+
+
+def _check(
+    running: Running, v: object, users: list[str], events: list[tuple[str, int, int]], as_of: int
+) -> None:
+    """A read of `users` matches the raw events feature by feature."""
+    aggregations = v.aggregations  # type: ignore[attr-defined]
+    names, rows = read(running, users, as_of)
+    assert names == [a.name for a in aggregations]
+    for user, row in zip(users, rows, strict=True):
+        values = [(t, c) for u, t, c in events if u == user]
+        for agg, (status, got) in zip(aggregations, row, strict=True):
+            want = brute(agg, values, as_of, M)
+            if want is None:
+                assert status == "MISSING" and got is None, (user, agg.name)
+            else:
+                assert status == "PRESENT" and same(got, want), (user, agg.name, got, want)
+
+
+def test_a_changed_view_is_read_with_its_new_features(running: Running) -> None:
+    # Tiles outside every window at push time are never written: the first view's windows hold them all.
+    first = view(
+        aggregations=[Aggregate("clicked", fn, w) for fn, w in (("count", 10 * MINUTE), ("sum", HOUR))]
+    )
+    apply(running, first)
+    base = now_minute() - 30 * M
+    # An entity key too long for a one-byte length, one with every block, and one without tiles.
+    long_user = "L" * 200
+    events = [(u, base + i * 3 * M + 5, (i * 7) % 5 - 1) for i in range(10) for u in ("u1", long_user)]
+    push(running, events)
+    as_of = now_minute() + M
+    users = ["u1", long_user, "nobody"]
+    _check(running, first, users, events, as_of)
+    _check(running, first, ["u1"], events, as_of)
+    # Same tile layout, other features in another order and windows: the read follows the new definition.
+    changed = view(
+        aggregations=[
+            Aggregate("clicked", fn, w)
+            for fn, w in (("max", HOUR), ("count", 10 * MINUTE), ("mean", 20 * MINUTE))
+        ]
+    )
+    apply(running, changed)
+    _check(running, changed, users, events, as_of)
+    _check(running, changed, ["u1"] * 12, events, as_of)
