@@ -111,11 +111,15 @@ def get_features_request(
     head = _head(source, columnar)
     if len(entity_keys) == 1 and set(map(type, keys)) == {str}:
         # The common case, one String key, written as bytes: building a Struct costs ten times more.
-        raws = [key.encode() for key in cast(list[str], keys)]
+        raws = list(map(str.encode, cast(list[str], keys)))
+        sizes = list(map(len, raws))
         # Keys of _SHORT_KEY bytes or more have longer length prefixes: the general path writes them.
-        if max(map(len, raws), default=0) < _SHORT_KEY:
-            prefixes = _prefixes(entity_keys[0])
-            return head + b"".join([prefixes[len(raw)] + raw for raw in raws])
+        if max(sizes, default=0) < _SHORT_KEY:
+            # Each key's prefix then its bytes, laid out by C loops rather than a concatenation per key.
+            parts = raws + raws
+            parts[::2] = map(_prefixes(entity_keys[0]).__getitem__, sizes)
+            parts[1::2] = raws
+            return head + b"".join(parts)
     out = [head]
     for key in keys:
         struct_bytes = key_to_struct(key, entity_keys).SerializeToString()
