@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -150,28 +151,24 @@ def _message(length: int, nodes: list[int], buffers: list[int], body_size: int) 
     return _CONTINUATION + struct.pack("<i", len(meta)) + meta
 
 
-def _strings(values: Sequence[str]) -> tuple[bytes, bytes]:
-    """Arrow offsets and UTF-8 data of strings."""
-    text = "".join(values)
-    data = text.encode()
-    if len(data) == len(text):
-        # ASCII: each string's byte length is its length.
-        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-    else:
-        encoded = [v.encode() for v in values]
-        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(values))
-    offsets = np.zeros(len(values) + 1, dtype="<i4")
-    np.cumsum(lengths, out=offsets[1:])
-    return offsets.tobytes(), data
+def _strings(values: Sequence[str] | Sequence[bytes]) -> tuple[bytes, bytes]:
+    """Arrow offsets and data of strings, given as str or as their UTF-8."""
+    raws = cast(Sequence[bytes], values)
+    if values and type(values[0]) is str:
+        raws = [value.encode() for value in cast(Sequence[str], values)]
+    offsets = np.zeros(len(raws) + 1, dtype="<i4")
+    np.cumsum(np.fromiter(map(len, raws), dtype=np.int64, count=len(raws)), out=offsets[1:])
+    return offsets.tobytes(), b"".join(raws)
 
 
 def reply_stream(
-    plan: ReplyPlan, keys: Sequence[str], stored: list[bytes | None], cutoff: int | None
+    plan: ReplyPlan, keys: Sequence[str] | Sequence[bytes], stored: list[bytes | None], cutoff: int | None
 ) -> bytes | None:
     """The reply's IPC stream for `keys` and their stored values, None where a key has none.
 
-    Rows with event times before `cutoff` (microseconds) read as expired. None when a stored row lacks
-    fields (stored before they were added): the caller takes the general path.
+    `keys` are all str or all their UTF-8 bytes. Rows with event times before `cutoff` (microseconds) read
+    as expired. None when a stored row lacks fields (stored before they were added): the caller takes the
+    general path.
     """
     n, width = len(stored), plan.width
     if not n:
