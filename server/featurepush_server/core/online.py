@@ -45,6 +45,8 @@ _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _STATUS_PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
 _STATUS_MISSING = online_service_pb2.FEATURE_STATUS_MISSING
 _STATUS_EXPIRED = online_service_pb2.FEATURE_STATUS_EXPIRED
+# Reads of at most this many keys visit the parsed keys: serializing the request costs more than it saves.
+_PARSED_KEYS = 2
 
 
 def check_key_count(count: int, max_keys: int) -> None:
@@ -142,11 +144,14 @@ class OnlineReader:
         if len(spec.entity_keys) != 1 or spec.field(spec.entity_keys[0]).dtype.kind is not Kind.STRING:
             return None
         name = spec.entity_keys[0]
-        # Reading the keys back from the request's bytes costs a fraction of visiting each parsed key.
-        raws = single_string_keys(request.SerializeToString(), request.source, request.response_format, name)
-        if raws is not None:
-            return raws
-        maps = [k.fields for k in request.keys]
+        keys = request.keys
+        if len(keys) > _PARSED_KEYS:
+            # Reading many keys back from the request's bytes costs a fraction of visiting each parsed key.
+            serialized = request.SerializeToString()
+            raws = single_string_keys(serialized, request.source, request.response_format, name)
+            if raws is not None:
+                return raws
+        maps = [k.fields for k in keys]
         if any(len(m) != 1 for m in maps):
             return None
         values = [m.get(name) for m in maps]
