@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -63,8 +63,7 @@ def check_key_count(count: int, max_keys: int) -> None:
         )
 
 
-@dataclass(frozen=True)
-class _Keys:
+class _Keys(NamedTuple):
     """A read's entity keys: the one String key's values as UTF-8, or each key field's values in key order."""
 
     raws: list[bytes] | None
@@ -129,7 +128,7 @@ class OnlineReader:
         source = self._registry.get(request.source)
         spec = source.spec
         prefix = self._store.row_prefix(source.id)
-        raws = self._string_keys(request, spec)
+        raws = self._string_keys(request, keys, spec)
         if raws is not None:
             found = _Keys(raws, None)
             store_keys = [prefix + raw for raw in raws]
@@ -139,12 +138,13 @@ class OnlineReader:
         return source, found, list(self._store.read(store_keys))
 
     @staticmethod
-    def _string_keys(request: online_service_pb2.GetFeaturesRequest, spec: SourceSpec) -> list[bytes] | None:
-        """The keys of the common case, one String entity key given as a string, as UTF-8; else None."""
+    def _string_keys(
+        request: online_service_pb2.GetFeaturesRequest, keys: Sequence[struct_pb2.Struct], spec: SourceSpec
+    ) -> list[bytes] | None:
+        """The request's `keys` as UTF-8 where each is one String entity key given as a string; else None."""
         if len(spec.entity_keys) != 1 or spec.field(spec.entity_keys[0]).dtype.kind is not Kind.STRING:
             return None
         name = spec.entity_keys[0]
-        keys = request.keys
         if len(keys) > _PARSED_KEYS:
             # Reading many keys back from the request's bytes costs a fraction of visiting each parsed key.
             serialized = request.SerializeToString()
