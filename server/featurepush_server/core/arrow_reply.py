@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -35,12 +36,14 @@ _READS = {
 # A stored value: the header, the columns' 4-byte length, then the columns' 2-byte field count.
 _COLUMNS_AT = HEADER_BYTES + 4
 _SLOTS_AT = _COLUMNS_AT + 2
-_SIGN = np.uint64(1 << 63)
+# The header's sign bit, flipped so that byte order is time order.
+_SIGN = np.int64(-(1 << 63))
 _STATUS_PRESENT, _STATUS_MISSING, _STATUS_EXPIRED = 1, 2, 3
+# The status column of a read whose every key is present.
+_PRESENT = bytes([_STATUS_PRESENT])
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _CONTINUATION = b"\xff\xff\xff\xff"
 _PADDING = [bytes(i) for i in range(8)]
-_ZERO_OFFSET = bytes(4)
 # Arrow's MetadataVersion V5, and RecordBatch's place in the MessageHeader union.
 _METADATA_V5 = 4
 _HEADER_RECORD_BATCH = 3
@@ -51,16 +54,24 @@ class ReplyPlan:
     """How to write one source's Arrow reply from stored columns; None of it changes between reads."""
 
     width: int
-    reads: tuple[int, ...]
-    # Per feature column in reply order, its place among the stored fields (in name order).
-    slots: tuple[int, ...]
+    # Per feature column in reply order: how its values are written, its place among the stored fields
+    # (in name order), and its row among the converted values of its kind (its place among `used` for
+    # String and Bytes).
+    columns: tuple[tuple[int, int, int], ...]
     # The stored fields (in name order) with a variable part, and those of them that are reply columns.
     varying: np.ndarray
     used: np.ndarray
-    # Per feature column, its place among `used`, or -1 for a fixed-width one.
-    parts: tuple[int, ...]
+    # Per used field, which varying fields come before its variable part in a row: None where none do.
+    before: np.ndarray | None
+    # The stored fields (in name order) of the Int32, Float32 and Bool reply columns: each kind is
+    # converted for all its columns in one numpy call.
+    int32s: np.ndarray
+    float32s: np.ndarray
+    bools: np.ndarray
     # A stored value of no fields' values, read where a key has none: every field null.
     null_row: bytes
+    # The two bytes of the field count that every row stored with all of the schema's fields holds.
+    count: tuple[bytes, bytes]
     schema_message: bytes
 
     @classmethod
@@ -80,96 +91,84 @@ class ReplyPlan:
         width = len(ordered)
         place = {f.name: j for j, f in enumerate(ordered)}
         varying = [j for j, f in enumerate(ordered) if _READS[f.dtype.kind] == _BINARY]
-        slots = tuple(place[f.name] for f in features)
-        used = [k for k, j in enumerate(varying) if j in slots]
-        parts = tuple(used.index(varying.index(j)) if j in varying else -1 for j in slots)
-        reads = tuple(_READS[f.dtype.kind] for f in features)
+        slots = [place[f.name] for f in features]
+        reads = [_READS[f.dtype.kind] for f in features]
+        used = [j for j in varying if j in slots]
+        kinds: dict[int, list[int]] = {_INT32: [], _FLOAT32: [], _BOOL: [], _BINARY: used}
+        columns = []
+        for read, j in zip(reads, slots, strict=True):
+            group = kinds.get(read)
+            if group is None:
+                columns.append((read, j, j))
+                continue
+            if read != _BINARY:
+                group.append(j)
+            columns.append((read, j, group.index(j)))
         fixed_width = 2 + 9 * width
         # The greatest header: the null row is never expired.
         null_row = b"\xff" * HEADER_BYTES + struct.pack(">IH", fixed_width, 0) + bytes(9 * width)
         null_row = null_row[:_COLUMNS_AT] + struct.pack("<H", width) + null_row[_SLOTS_AT:]
+        index = np.int64
+        before = np.zeros((len(used), len(varying)), dtype=index)
+        for k, j in enumerate(used):
+            before[k, : varying.index(j)] = 1
         return cls(
             width,
-            reads,
-            slots,
-            np.array(varying, dtype=np.int64),
-            np.array(used, dtype=np.int64),
-            parts,
+            tuple(columns),
+            np.array(varying, dtype=index),
+            np.array(used, dtype=index),
+            before if before.any() else None,
+            np.array(kinds[_INT32], dtype=index),
+            np.array(kinds[_FLOAT32], dtype=index),
+            np.array(kinds[_BOOL], dtype=index),
             null_row,
+            (bytes([width & 0xFF]), bytes([width >> 8])),
             schema,
         )
 
 
-class _Body:
-    """An IPC body being laid out: buffers 8-byte aligned, with their (offset, length) and the nodes."""
-
-    __slots__ = ("buffers", "nodes", "pieces", "size")
-
-    def __init__(self) -> None:
-        self.pieces: list[bytes] = []
-        self.buffers: list[int] = []
-        self.nodes: list[int] = []
-        self.size = 0
-
-    def add(self, data: bytes) -> None:
-        length = len(data)
-        self.buffers += (self.size, length)
-        if length:
-            self.pieces.append(data)
-            pad = -length % 8
-            if pad:
-                self.pieces.append(_PADDING[pad])
-            self.size += length + pad
-
-    def node(self, length: int, nulls: int) -> None:
-        self.nodes += (length, nulls)
-
-
-def _message(length: int, body: _Body) -> list[bytes]:
-    """The encapsulated RecordBatch message's parts: continuation, metadata length, metadata, body."""
-    nodes = struct.pack(f"<{len(body.nodes)}q", *body.nodes)
-    buffers = struct.pack(f"<{len(body.buffers)}q", *body.buffers)
+def _message(length: int, nodes: list[int], buffers: list[int], body_size: int) -> bytes:
+    """The encapsulated RecordBatch message's metadata, with the continuation and length before it."""
+    node_bytes = struct.pack(f"<{len(nodes)}q", *nodes)
+    buffer_bytes = struct.pack(f"<{len(buffers)}q", *buffers)
     # Written front to back, every offset pointing forward as flatbuffers require; 8-byte values on
     # 8-byte boundaries. Message vtable at 4, Message at 16, RecordBatch vtable at 40, RecordBatch at
     # 56, then the nodes' vector (length at 84) and the buffers' vector.
     nodes_at = 84
-    buffers_at = nodes_at + 4 + len(nodes) + 4
+    buffers_at = nodes_at + 4 + len(node_bytes) + 4
     head = struct.pack(
         "<I" + "6H" + "iIqhBx4x" + "5H6x" + "iIqI4x" + "4xI",
         16,  # the root table, Message
         12, 20, 16, 18, 4, 8,  # its vtable: version, header_type, header, bodyLength
-        12, 56 - 20, body.size, _METADATA_V5, _HEADER_RECORD_BATCH,
+        12, 56 - 20, body_size, _METADATA_V5, _HEADER_RECORD_BATCH,
         10, 24, 8, 4, 16,  # RecordBatch's vtable: length, nodes, buffers
         16, nodes_at - 60, length, buffers_at - 72,
-        len(body.nodes) // 2,
+        len(nodes) // 2,
     )  # fmt: skip
-    meta = head + nodes + b"\x00\x00\x00\x00" + struct.pack("<I", len(body.buffers) // 2) + buffers
+    # Four bytes of padding put the buffers' 8-byte values on 8-byte boundaries.
+    meta = b"".join([head, node_bytes, struct.pack("<4xI", len(buffers) // 2), buffer_bytes])
     meta += bytes(-(len(meta) + 8) % 8)
-    return [_CONTINUATION, struct.pack("<i", len(meta)), meta, *body.pieces]
+    return _CONTINUATION + struct.pack("<i", len(meta)) + meta
 
 
-def _strings(values: Sequence[str]) -> tuple[np.ndarray, bytes]:
-    """Arrow offsets and UTF-8 data of strings."""
-    text = "".join(values)
-    data = text.encode()
-    if len(data) == len(text):
-        # ASCII: each string's byte length is its length.
-        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-    else:
-        encoded = [v.encode() for v in values]
-        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(values))
-    offsets = np.zeros(len(values) + 1, dtype="<i4")
-    np.cumsum(lengths, out=offsets[1:])
-    return offsets, data
+def _strings(values: Sequence[str] | Sequence[bytes]) -> tuple[bytes, bytes]:
+    """Arrow offsets and data of strings, given as str or as their UTF-8."""
+    raws = cast(Sequence[bytes], values)
+    if values and type(values[0]) is str:
+        raws = [value.encode() for value in cast(Sequence[str], values)]
+    offsets = np.zeros(len(raws) + 1, dtype="<i4")
+    np.cumsum(np.fromiter(map(len, raws), dtype=np.int64, count=len(raws)), out=offsets[1:])
+    return offsets.tobytes(), b"".join(raws)
 
 
 def reply_stream(
-    plan: ReplyPlan, keys: Sequence[str], stored: list[bytes | None], cutoff: int | None
+    plan: ReplyPlan, keys: Sequence[str] | Sequence[bytes], stored: list[bytes | None], cutoff: int | None
 ) -> bytes | None:
     """The reply's IPC stream for `keys` and their stored values, None where a key has none.
 
-    Rows with event times before `cutoff` (microseconds) read as expired. None when a stored row lacks
-    fields (stored before they were added): the caller takes the general path.
+    `keys` are all str or all their UTF-8 bytes. Rows with event times before `cutoff` (microseconds) read
+    as expired. None when a stored row lacks fields (stored before they were added): the caller takes the
+    general path.
     """
     n, width = len(stored), plan.width
     if not n:
@@ -181,19 +180,20 @@ def reply_stream(
         rows: list[bytes] = [null if v is None else v for v in stored]
     else:
         rows = stored  # type: ignore[assignment]
-    # Every row's header, columns' length, field count, slots and validity bytes, one row per stored value.
+    # Every row's header, columns' length, field count, slots and validity bytes, one after another; each
+    # part is then read for all rows at once through a strided view of these bytes, without copying.
     fixed_end = len(plan.null_row)
     head = b"".join([v[:fixed_end] for v in rows])
     if len(head) != n * fixed_end:
         return None
-    fixed = np.frombuffer(head, dtype=np.uint8).reshape(n, fixed_end)
-    if (fixed[:, _COLUMNS_AT:_SLOTS_AT].view("<u2") != width).any():
+    low, high = plan.count
+    if head[_COLUMNS_AT::fixed_end] != low * n or head[_COLUMNS_AT + 1 :: fixed_end] != high * n:
         return None
-    micros = (fixed[:, :HEADER_BYTES].view(">u8")[:, 0] ^ _SIGN).view(np.int64)
+    micros = np.ndarray((n,), ">i8", head, 0, (fixed_end,)) ^ _SIGN
     at = _SLOTS_AT + 8 * width
-    columns = np.ascontiguousarray(np.ascontiguousarray(fixed[:, _SLOTS_AT:at]).view("<i8").T)
-    valid = fixed[:, at:]
-    status = np.full(n, _STATUS_PRESENT, dtype=np.int8)
+    # Per stored field (in name order), its slots of every row.
+    columns = np.ascontiguousarray(np.ndarray((width, n), "<i8", head, _SLOTS_AT, (8, fixed_end)))
+    valid = np.ndarray((width, n), np.uint8, head, at, (1, fixed_end))
     fresh = None
     if cutoff is not None:
         fresh = micros >= cutoff
@@ -201,23 +201,30 @@ def reply_stream(
             fresh = None
         else:
             # Expired rows keep their event time and read null features.
-            valid = valid * fresh[:, None]
-            status[~fresh] = _STATUS_EXPIRED
-    if is_found is not None:
-        status[~is_found] = _STATUS_MISSING
-    bitmaps = None
-    if valid.all():
-        nulls = np.zeros(width, dtype=np.int64)
+            valid = valid * fresh
+    if fresh is None and is_found is None:
+        status = _PRESENT * n
     else:
-        nulls = n - np.count_nonzero(valid, axis=0)
-        bitmaps = np.packbits(valid.T, axis=1, bitorder="little")
+        codes = np.full(n, _STATUS_PRESENT, dtype=np.int8)
+        if fresh is not None:
+            codes[~fresh] = _STATUS_EXPIRED
+        if is_found is not None:
+            codes[~is_found] = _STATUS_MISSING
+        status = codes.tobytes()
+    bitmaps = None
+    if np.count_nonzero(valid) == valid.size:
+        nulls = [0] * width
+    else:
+        nulls = (n - np.count_nonzero(valid, axis=1)).tolist()
+        bitmaps = np.packbits(valid, axis=1, bitorder="little")
     if len(plan.used):
         blob = np.frombuffer(b"".join(rows), dtype=np.uint8)
         row_sizes = np.fromiter(map(len, rows), dtype=np.int64, count=n)
-        sizes = columns[plan.varying]
         # Each row's variable parts follow its fixed part, one after another in field order.
-        part_starts = (np.cumsum(row_sizes) - row_sizes + fixed_end) + np.cumsum(sizes, axis=0) - sizes
-        taken = sizes[plan.used]
+        part_starts = (np.cumsum(row_sizes) - row_sizes + fixed_end)[None, :]
+        taken = columns[plan.used]
+        if plan.before is not None:
+            part_starts = part_starts + plan.before @ columns[plan.varying]
         if fresh is not None:
             taken *= fresh
         # Every variable part of every reply field in one gather, field after field, row after row.
@@ -225,44 +232,52 @@ def reply_stream(
         ends = np.cumsum(lengths)
         if ends[-1] >= 1 << 31:
             return None
-        data = blob[
-            np.repeat(part_starts[plan.used].ravel() - (ends - lengths), lengths) + np.arange(ends[-1])
-        ]
+        data = blob[np.repeat(part_starts.ravel() - (ends - lengths), lengths) + np.arange(ends[-1])]
         ends = ends.reshape(taken.shape)
         # Each field's offsets start at zero: its ends less where its first part starts.
         firsts = ends[:, 0] - taken[:, 0]
-        offsets = (ends - firsts[:, None]).astype("<i4")
-    body = _Body()
+        offsets = np.zeros((len(taken), n + 1), dtype="<i4")
+        offsets[:, 1:] = ends - firsts[:, None]
+        starts, stops = firsts.tolist(), ends[:, -1].tolist()
+    # Each kind's values for all its columns in one call.
+    int32s = columns[plan.int32s].astype("<i4") if len(plan.int32s) else columns
+    float32s = columns[plan.float32s].view("<f8").astype("<f4") if len(plan.float32s) else columns
+    bools = np.packbits(columns[plan.bools] != 0, axis=1, bitorder="little") if len(plan.bools) else columns
     key_offsets, key_data = _strings(keys)
-    body.node(n, 0)
-    body.add(b"")
-    body.add(key_offsets.tobytes())
-    body.add(key_data)
-    body.node(n, 0)
-    body.add(b"")
-    body.add(status.tobytes())
     if is_found is None:
-        body.node(n, 0)
-        body.add(b"")
+        nodes = [n, 0, n, 0, n, 0]
+        found = b""
     else:
-        body.node(n, n - int(np.count_nonzero(is_found)))
-        body.add(np.packbits(is_found, bitorder="little").tobytes())
-    body.add(micros.tobytes())
-    for read, j, k in zip(plan.reads, plan.slots, plan.parts, strict=True):
-        null_count = int(nulls[j])
-        body.node(n, null_count)
-        body.add(bitmaps[j].tobytes() if bitmaps is not None and null_count else b"")
+        nodes = [n, 0, n, 0, n, n - int(np.count_nonzero(is_found))]
+        found = np.packbits(is_found, bitorder="little").tobytes()
+    buffers: list[bytes] = [b"", key_offsets, key_data, b"", status, found, micros.tobytes()]
+    for read, j, row in plan.columns:
+        null_count = nulls[j]
+        nodes += (n, null_count)
+        buffers.append(bitmaps[j].tobytes() if null_count and bitmaps is not None else b"")
         if read == _INT64 or read == _FLOAT64:
             # A slot holds the value's own 8 bytes: int64 and microseconds, or float64.
-            body.add(columns[j].tobytes())
+            buffers.append(columns[row].tobytes())
         elif read == _INT32:
-            body.add(columns[j].astype("<i4").tobytes())
+            buffers.append(int32s[row].tobytes())
         elif read == _FLOAT32:
-            body.add(columns[j].view("<f8").astype("<f4").tobytes())
+            buffers.append(float32s[row].tobytes())
         elif read == _BOOL:
-            body.add(np.packbits(columns[j] != 0, bitorder="little").tobytes())
+            buffers.append(bools[row].tobytes())
         else:
-            first, last = int(firsts[k]), int(ends[k, -1])
-            body.add(_ZERO_OFFSET + offsets[k].tobytes())
-            body.add(data[first:last].tobytes())
-    return b"".join([plan.schema_message, *_message(n, body), _END_OF_STREAM])
+            buffers.append(offsets[row].tobytes())
+            buffers.append(data[starts[row] : stops[row]].tobytes())
+    # The body: the buffers laid end to end, each padded to 8 bytes, and each one's (offset, length).
+    body: list[bytes] = []
+    places: list[int] = []
+    size = 0
+    for piece in buffers:
+        length = len(piece)
+        places += (size, length)
+        if length:
+            body.append(piece)
+            pad = -length % 8
+            if pad:
+                body.append(_PADDING[pad])
+            size += length + pad
+    return b"".join([plan.schema_message, _message(n, nodes, places, size), *body, _END_OF_STREAM])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +29,13 @@ from .registry import Registry, Source
 from .rows import BadValue, rows_to_table, scalar_converter
 from .schema import ARROW_TIMESTAMP, FieldSpec, Kind, SourceSpec
 from .stores.base import LatestRows
-from .wire import FEATURE_VECTOR_STATUS, GET_FEATURES_ARROW_IPC, GET_FEATURES_RESULT, varint
+from .wire import (
+    FEATURE_VECTOR_STATUS,
+    GET_FEATURES_ARROW_IPC,
+    GET_FEATURES_RESULT,
+    single_string_keys,
+    varint,
+)
 
 _MISSING = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_MISSING])
 _PRESENT = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_PRESENT])
@@ -39,6 +45,8 @@ _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _STATUS_PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
 _STATUS_MISSING = online_service_pb2.FEATURE_STATUS_MISSING
 _STATUS_EXPIRED = online_service_pb2.FEATURE_STATUS_EXPIRED
+# Reads of at most this many keys visit the parsed keys: serializing the request costs more than it saves.
+_PARSED_KEYS = 2
 
 
 def check_key_count(count: int, max_keys: int) -> None:
@@ -55,6 +63,20 @@ def check_key_count(count: int, max_keys: int) -> None:
         )
 
 
+class _Keys(NamedTuple):
+    """A read's entity keys: the one String key's values as UTF-8, or each key field's values in key order."""
+
+    raws: list[bytes] | None
+    values: list[list[Any]] | None
+
+    def columns(self) -> list[list[Any]]:
+        """Each entity key field's values in key order."""
+        if self.values is not None:
+            return self.values
+        assert self.raws is not None
+        return [[raw.decode() for raw in self.raws]]
+
+
 class OnlineReader:
     """Reads the latest rows of one source for many entity keys."""
 
@@ -63,9 +85,9 @@ class OnlineReader:
         self._store = store
         self.max_keys = max_keys
 
-    def get_features(self, source_name: str, keys: Sequence[struct_pb2.Struct]) -> bytes:
-        """The serialized GetFeaturesResponse for `keys`, vectors in request order."""
-        source, _, stored = self._read(source_name, keys)
+    def get_features(self, request: online_service_pb2.GetFeaturesRequest) -> bytes:
+        """The serialized GetFeaturesResponse for the request's keys, vectors in request order."""
+        source, _, stored = self._read(request)
         spec = source.spec
         cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None
         late = {name.encode(): null_entry(name) for name in source.late_fields}
@@ -84,41 +106,51 @@ class OnlineReader:
             out.append(GET_FEATURES_RESULT + varint(len(vector)) + vector)
         return b"".join(out)
 
-    def get_features_arrow(self, source_name: str, keys: Sequence[struct_pb2.Struct]) -> bytes:
-        """The serialized GetFeaturesResponse for `keys` with the vectors as one Arrow IPC record batch."""
-        source, key_columns, stored = self._read(source_name, keys)
+    def get_features_arrow(self, request: online_service_pb2.GetFeaturesRequest) -> bytes:
+        """The serialized GetFeaturesResponse for the request's keys as one Arrow IPC record batch."""
+        source, keys, stored = self._read(request)
         spec = source.spec
         cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None
         layout = read_layout(spec)
         stream = None
-        if layout.reply is not None:
-            stream = reply_stream(layout.reply, key_columns[0], stored, cutoff)
+        if layout.reply is not None and keys.raws is not None:
+            stream = reply_stream(layout.reply, keys.raws, stored, cutoff)
         if stream is None:
-            stream = arrow_stream(spec, key_columns, stored, cutoff)
+            stream = arrow_stream(spec, keys.columns(), stored, cutoff)
         return GET_FEATURES_ARROW_IPC + varint(len(stream)) + stream
 
     def _read(
-        self, source_name: str, keys: Sequence[struct_pb2.Struct]
-    ) -> tuple[Source, list[list[Any]], list[bytes | None]]:
-        """The source, each entity key field's values in key order, and the stored values of the keys."""
+        self, request: online_service_pb2.GetFeaturesRequest
+    ) -> tuple[Source, _Keys, list[bytes | None]]:
+        """The source, the request's entity keys, and the stored values of the keys."""
+        keys = request.keys
         check_key_count(len(keys), self.max_keys)
-        source = self._registry.get(source_name)
+        source = self._registry.get(request.source)
         spec = source.spec
         prefix = self._store.row_prefix(source.id)
-        texts = self._string_keys(keys, spec)
-        if texts is not None:
-            key_columns: list[list[Any]] = [texts]
-            store_keys = [prefix + text.encode() for text in texts]
+        raws = self._string_keys(request, keys, spec)
+        if raws is not None:
+            found = _Keys(raws, None)
+            store_keys = [prefix + raw for raw in raws]
         else:
-            key_columns, store_keys = self._checked_keys(keys, spec, prefix)
-        return source, key_columns, list(self._store.read(store_keys))
+            columns, store_keys = self._checked_keys(keys, spec, prefix)
+            found = _Keys(None, columns)
+        return source, found, list(self._store.read(store_keys))
 
     @staticmethod
-    def _string_keys(keys: Sequence[struct_pb2.Struct], spec: SourceSpec) -> list[str] | None:
-        """The keys of the common case, one String entity key given as a string; None otherwise."""
+    def _string_keys(
+        request: online_service_pb2.GetFeaturesRequest, keys: Sequence[struct_pb2.Struct], spec: SourceSpec
+    ) -> list[bytes] | None:
+        """The request's `keys` as UTF-8 where each is one String entity key given as a string; else None."""
         if len(spec.entity_keys) != 1 or spec.field(spec.entity_keys[0]).dtype.kind is not Kind.STRING:
             return None
         name = spec.entity_keys[0]
+        if len(keys) > _PARSED_KEYS:
+            # Reading many keys back from the request's bytes costs a fraction of visiting each parsed key.
+            serialized = request.SerializeToString()
+            raws = single_string_keys(serialized, request.source, request.response_format, name)
+            if raws is not None:
+                return raws
         maps = [k.fields for k in keys]
         if any(len(m) != 1 for m in maps):
             return None
@@ -126,7 +158,7 @@ class OnlineReader:
         texts = [v.string_value for v in values if v is not None and v.WhichOneof("kind") == "string_value"]
         if len(texts) != len(values):
             return None
-        return texts
+        return [text.encode() for text in texts]
 
     @staticmethod
     def _checked_keys(

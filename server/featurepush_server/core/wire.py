@@ -1,8 +1,9 @@
-"""Every protobuf tag the server writes by hand, named by message and field.
+"""Every protobuf tag the server writes or reads by hand, named by message and field.
 
 Stored rows, GetFeatures replies and ReadBatchSource replies are assembled from bytes rather than through
-the generated classes, for speed. The tags they use live here and nowhere else; `TAGS` names the field
-behind each, and a test checks each one against the generated descriptors (field number and wire type).
+the generated classes, for speed, and the common GetFeatures request is read back from its bytes. The tags
+they use live here and nowhere else; `TAGS` names the field behind each, and a test checks each one
+against the generated descriptors (field number and wire type).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ VALUE_NULL = b"\x08"
 VALUE_NUMBER = b"\x11"
 VALUE_STRING = b"\x1a"
 VALUE_BOOL = b"\x20"
+# GetFeaturesRequest.source (1) and .keys (2), both length-delimited, and .response_format (3, varint).
+GET_FEATURES_SOURCE = b"\x0a"
+GET_FEATURES_KEYS = b"\x12"
+GET_FEATURES_FORMAT = b"\x18"
 # GetViewFeaturesResponse.results (2), ViewFeatureVector.values (1), and ViewFeatureValue.status (1,
 # varint), .value (2) and .effective_time (3); the others length-delimited.
 VIEW_FEATURES_RESULT = b"\x12"
@@ -55,6 +60,9 @@ TAGS: dict[str, tuple[str, str]] = {
     "VALUE_NUMBER": ("google.protobuf.Value", "number_value"),
     "VALUE_STRING": ("google.protobuf.Value", "string_value"),
     "VALUE_BOOL": ("google.protobuf.Value", "bool_value"),
+    "GET_FEATURES_SOURCE": ("featurepush.v1.GetFeaturesRequest", "source"),
+    "GET_FEATURES_KEYS": ("featurepush.v1.GetFeaturesRequest", "keys"),
+    "GET_FEATURES_FORMAT": ("featurepush.v1.GetFeaturesRequest", "response_format"),
     "VIEW_FEATURES_RESULT": ("featurepush.v1.GetViewFeaturesResponse", "results"),
     "VIEW_VECTOR_VALUE": ("featurepush.v1.ViewFeatureVector", "values"),
     "VIEW_VALUE_STATUS": ("featurepush.v1.ViewFeatureValue", "status"),
@@ -85,3 +93,59 @@ def varint(n: int) -> bytes:
     if n < 16384:
         return _SMALL_VARINTS[n]
     return _LOW_14[n & 0x3FFF] + varint(n >> 14)
+
+
+def _string_key_prefix(name: bytes, size: int) -> bytes:
+    """The bytes of a request's key {name: <string of `size` bytes>} that come before the string."""
+    value = VALUE_STRING + varint(size)
+    entry = (
+        STRUCT_ENTRY_KEY + varint(len(name)) + name + STRUCT_ENTRY_VALUE + varint(len(value) + size) + value
+    )
+    struct = STRUCT_FIELD + varint(len(entry) + size) + entry
+    return GET_FEATURES_KEYS + varint(len(struct) + size) + struct
+
+
+# Per entity key name, the prefix of each key of up to _SHORT_KEY bytes by its length.
+_SHORT_KEY = 100
+_PREFIXES: dict[str, list[bytes]] = {}
+
+
+def _prefixes(name: str) -> list[bytes]:
+    found = _PREFIXES.get(name)
+    if found is None:
+        raw = name.encode()
+        if len(_PREFIXES) >= 1024:
+            _PREFIXES.clear()
+        found = _PREFIXES[name] = [_string_key_prefix(raw, size) for size in range(_SHORT_KEY)]
+    return found
+
+
+def single_string_keys(serialized: bytes, source: str, response_format: int, name: str) -> list[bytes] | None:
+    """The keys of a serialized GetFeaturesRequest as UTF-8, where every key is {name: <a short string>}.
+
+    `serialized` is the request as protobuf serializes it (fields in number order), with `source` and
+    `response_format`. None when the request holds anything else (another key field, a non-string
+    value, a long key, unknown fields): the caller then reads the parsed keys.
+    """
+    prefixes = _prefixes(name)
+    raw_source = source.encode()
+    head = GET_FEATURES_SOURCE + varint(len(raw_source)) + raw_source if source else b""
+    tail = GET_FEATURES_FORMAT + varint(response_format) if response_format else b""
+    # Every short key is its prefix, whose middle names the key field, then its string: split on that
+    # middle, each piece is the rest of one key's prefix (3 bytes), its string, and the next key's first
+    # 4 bytes. Whatever the pieces hold, the keys are only taken if writing them back gives the request.
+    pieces = serialized.split(prefixes[0][4:-3])
+    if len(pieces) < 2:
+        return None
+    last = pieces[-1]
+    raws = [piece[3:-4] for piece in pieces[1:-1]]
+    raws.append(last[3 : len(last) - len(tail)])
+    sizes = list(map(len, raws))
+    if max(sizes) >= _SHORT_KEY:
+        return None
+    parts: list[bytes] = raws + raws
+    parts[::2] = map(prefixes.__getitem__, sizes)
+    parts[1::2] = raws
+    if b"".join([head, *parts, tail]) != serialized:
+        return None
+    return raws

@@ -32,14 +32,14 @@ class OnlineServicer(pb_grpc.OnlineServiceServicer):
     def get_features_bytes(self, request: pb.GetFeaturesRequest, context: grpc.ServicerContext) -> bytes:
         """GetFeatures' reply already serialized: the core assembles it from stored bytes."""
         if request.response_format == pb.RESPONSE_FORMAT_ARROW:
-            return self._reader.get_features_arrow(request.source, request.keys)
+            return self._reader.get_features_arrow(request)
         if request.response_format not in _STRUCT_FORMATS:
             raise InvalidInput(
                 f"unknown response_format {request.response_format}",
                 [Violation("response_format", "use RESPONSE_FORMAT_STRUCT or RESPONSE_FORMAT_ARROW")],
                 reason="UNKNOWN_RESPONSE_FORMAT",
             )
-        return self._reader.get_features(request.source, request.keys)
+        return self._reader.get_features(request)
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         """The service's handlers; GetFeatures sends the core's bytes as they are, never re-encoded."""

@@ -1,0 +1,150 @@
+"""GetFeatures keys as bytes: the client writes them by hand, the server reads the common form back."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Running, start
+from hypothesis import given
+from hypothesis import strategies as st
+from test_properties import SETTINGS
+
+from featurepush import Client, FeatureStatus, StreamSource
+from featurepush import types as t
+from featurepush.reads import get_features_request
+from featurepush.v1 import online_service_pb2
+from featurepush_server.core.wire import single_string_keys
+
+# Keys around every bound of the fast paths: the server's short keys (under 100 UTF-8 bytes, and the
+# one-byte lengths of their prefix), the client's (under 256 bytes), and strings holding the very bytes
+# that separate keys in a request.
+_TRICKY = [
+    "",
+    "k" * 99,
+    "k" * 100,
+    "é" * 50,
+    "k" * 255,
+    "k" * 256,
+    "\n\x07user_id\x12",
+    "a\n\x07user_id\x12\x03\x1a\x01b",
+    "\x12\x0e\n\x0c",
+]
+_KEYS = st.one_of(st.text(max_size=120), st.sampled_from(_TRICKY))
+_NAMES = st.one_of(st.sampled_from(["user_id", "k", "é" * 3, "\n\x07user_id\x12"]), st.text(min_size=1))
+_FORMATS = st.sampled_from(
+    [
+        online_service_pb2.RESPONSE_FORMAT_UNSPECIFIED,
+        online_service_pb2.RESPONSE_FORMAT_STRUCT,
+        online_service_pb2.RESPONSE_FORMAT_ARROW,
+        9,
+    ]
+)
+
+
+def _request(
+    source: str, response_format: int, keys: list[dict[str, Any]]
+) -> online_service_pb2.GetFeaturesRequest:
+    request = online_service_pb2.GetFeaturesRequest(source=source, response_format=response_format)  # type: ignore[arg-type]
+    for key in keys:
+        request.keys.add().update(key)
+    return request
+
+
+@SETTINGS
+@given(
+    source=st.text(max_size=30),
+    response_format=_FORMATS,
+    name=_NAMES,
+    keys=st.lists(_KEYS, min_size=1, max_size=20),
+)
+def test_string_keys_read_from_the_bytes_are_the_parsed_keys(
+    source: str, response_format: int, name: str, keys: list[str]
+) -> None:
+    """The keys read back are exactly the parsed ones, and every short key of a short name is read back."""
+    request = _request(source, response_format, [{name: k} for k in keys])
+    raws = single_string_keys(request.SerializeToString(), request.source, request.response_format, name)
+    parsed = [k.fields[name].string_value for k in request.keys]
+    if raws is not None:
+        assert [r.decode() for r in raws] == parsed
+    # A name that no key or source holds can only be found where keys are separated.
+    apart = name.isidentifier() and name not in source and not any(name in k for k in keys)
+    if apart and len(name.encode()) <= 8 and max(len(k.encode()) for k in keys) < 100:
+        assert raws is not None
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        [{"user_id": 1.5}],
+        [{"user_id": "a", "other": "b"}],
+        [{"other": "a"}],
+        [{"user_id": "a"}, {"user_id": None}],
+        [{"user_id": "a"}, {"user_id": ["a"]}],
+        [{"user_id": "a"}, {}],
+    ],
+)
+def test_keys_of_any_other_form_are_left_to_the_parsed_request(keys: list[dict[str, Any]]) -> None:
+    request = _request("s", online_service_pb2.RESPONSE_FORMAT_ARROW, keys)
+    assert single_string_keys(request.SerializeToString(), "s", request.response_format, "user_id") is None
+
+
+def test_unknown_fields_are_left_to_the_parsed_request() -> None:
+    request = _request("s", 0, [{"user_id": "a"}])
+    # Field 15 (varint 1), which no GetFeaturesRequest field has.
+    data = request.SerializeToString() + b"\x78\x01"
+    with_unknown = online_service_pb2.GetFeaturesRequest.FromString(data)
+    serialized = with_unknown.SerializeToString()
+    assert single_string_keys(serialized, "s", 0, "user_id") is None
+
+
+@SETTINGS
+@given(
+    keys=st.lists(_KEYS, min_size=0, max_size=20),
+    columnar=st.booleans(),
+    source=st.text(max_size=20),
+)
+def test_the_clients_request_parses_as_its_string_keys(keys: list[str], columnar: bool, source: str) -> None:
+    data = get_features_request(source, keys, ["user_id"], columnar=columnar)
+    request = online_service_pb2.GetFeaturesRequest.FromString(data)
+    form = online_service_pb2.RESPONSE_FORMAT_ARROW if columnar else online_service_pb2.RESPONSE_FORMAT_STRUCT
+    assert request == _request(source, form, [{"user_id": k} for k in keys])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """One server for the module."""
+    r = start(Path(tmp_path_factory.mktemp("keys")) / "data", fsync="never")
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_keys_on_either_side_of_the_fast_paths_read_alike(server: Running) -> None:
+    """Every tricky key reads its own row, as Arrow and as Structs, through the client and the raw stub."""
+    client = Client.from_channel(server.channel)
+    schema = [t.Field("user_id", t.String), t.Field("ts", t.Timestamp), t.Field("n", t.Int64)]
+    client.apply(StreamSource(name="tricky", schema=schema, entity_keys=["user_id"], timestamp_field="ts"))
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    stored = [k for k in _TRICKY if k != "\x12\x0e\n\x0c"]
+    client.push("tricky", [{"user_id": k, "ts": when, "n": i} for i, k in enumerate(stored)])
+    keys = [*_TRICKY, *_TRICKY[::-1]]
+    want = [stored.index(k) if k in stored else None for k in keys]
+    for columnar in (True, False):
+        results = client.get_features("tricky", keys, columnar=columnar)
+        assert [r.features["n"] if r.features else None for r in results] == want
+        assert [r.status for r in results] == [
+            FeatureStatus.MISSING if w is None else FeatureStatus.PRESENT for w in want
+        ]
+        table = results.to_arrow()
+        assert table.column("user_id").to_pylist() == keys
+        assert table.column("n").to_pylist() == want
+    for form in (online_service_pb2.RESPONSE_FORMAT_ARROW, online_service_pb2.RESPONSE_FORMAT_STRUCT):
+        # Keys of the parsed request's own making, as any other client would send them.
+        reply = server.online.GetFeatures(_request("tricky", form, [{"user_id": k} for k in keys]))
+        count = len(keys) if form == online_service_pb2.RESPONSE_FORMAT_STRUCT else 0
+        assert len(reply.results) == count and bool(reply.arrow_ipc) == (count == 0)
