@@ -26,7 +26,7 @@ _T = TypeVar("_T")
 
 
 # The most backfill workers a front runs. The one store owner writes at most about 300,000 backfilled
-# rows a second (16 cores: one process loads as fast as sixteen), and a worker encodes more than that,
+# rows a second (16 cores: one process loads nearly as fast as sixteen), and a worker encodes more than that,
 # so more workers would only hold memory, an interpreter each, on every front that runs a backfill.
 MAX_WORKERS = 4
 
