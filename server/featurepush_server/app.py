@@ -194,7 +194,7 @@ def open_store(config: ServerConfig) -> Store:
         )
     try:
         return RocksDBStore(
-            config.data_dir / "online",
+            config.online_dir,
             fsync=config.fsync == "always",
             idempotency_window_s=config.idempotency_window_s,
             latest_cache_entries=config.latest_index_entries,

@@ -151,6 +151,11 @@ class ServerConfig:
     # through another server reaches this one.
     redis_registry_refresh_s: float = 1.0
 
+    @property
+    def online_dir(self) -> Path:
+        """The embedded store's RocksDB database inside the data directory."""
+        return self.data_dir / "online"
+
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
             raise ConfigError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}, not {self.fsync!r}")

@@ -276,7 +276,7 @@ def front_store(config: ServerConfig, runtime: Path) -> RemoteStore:
 
     local = None
     if config.front_reads:
-        local = SnapshotReader(config.data_dir / "online", SharedCounter(runtime / WRITES))
+        local = SnapshotReader(config.online_dir, SharedCounter(runtime / WRITES))
     return RemoteStore(runtime / SOCKET, CatalogVersion(runtime / CATALOG), local=local)
 
 
