@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import resource
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import pytest
 from servers import wait_until
 
 from featurepush_server.core.stores.remote import SharedCounter
@@ -159,3 +161,24 @@ def test_a_server_raises_its_open_files_limit_to_what_the_system_allows() -> Non
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     ).stdout.split()
     assert int(soft) == (1 << 20 if int(hard) == resource.RLIM_INFINITY else int(hard))
+
+
+def test_a_reader_that_cannot_open_says_so_once_and_again_when_it_can(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="featurepush_server.core.stores.snapshots")
+    writes = SharedCounter(tmp_path / "writes")
+    reader = SnapshotReader(tmp_path / "db", writes, quiet_s=0.01)
+    try:
+        assert wait_until(lambda: "cannot open" in caplog.text, timeout_s=5)
+        # The next owner creates the database; within a retry the front reads from it.
+        store = _owner(tmp_path / "db", writes)
+        _put_all(store, b"late")
+        try:
+            assert wait_until(lambda: _caught_up(reader, [b"late"] * len(KEYS)))
+        finally:
+            store.close()
+    finally:
+        reader.close()
+    assert caplog.text.count("cannot open") == 1
+    assert "opened read-only again" in caplog.text

@@ -92,6 +92,7 @@ class SnapshotReader:
     def _follow(self) -> None:
         """Open a snapshot whenever a read found the last one behind and the owner's writes have paused."""
         next_opening = 0.0
+        failing = False
         while True:
             self._wanted.wait()
             seen = self._writes.read()
@@ -109,10 +110,16 @@ class SnapshotReader:
                 access = rocksdict.AccessType.read_only()
                 db = rocksdict.Rdict(str(self._db_path), options, access_type=access)
             except Exception as e:  # noqa: BLE001 - reads go to the owner until an opening works
-                _LOGGER.warning("cannot open the store's database read-only, the owner answers reads: %s", e)
+                if not failing:
+                    # Once per run of failures: the front tries again every second meanwhile.
+                    _LOGGER.warning("cannot open the database read-only, the owner answers reads: %s", e)
+                failing = True
                 self._wanted.set()
                 next_opening = time.monotonic() + _RETRY_S
                 continue
+            if failing:
+                _LOGGER.info("the store's database opened read-only again: this front answers reads")
+                failing = False
             self._snapshot = (db, now)
             self.openings += 1
             next_opening = began + (time.monotonic() - began) * _COST_FACTOR
