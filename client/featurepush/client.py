@@ -474,6 +474,20 @@ class Client:
         request = view_request(keys, view=view, service=service, as_of=as_of)
         return view_vectors(self._call_retrying_overload(self._views.GetViewFeatures, request))
 
+    def get_view_features_arrow(
+        self,
+        keys: Sequence[Mapping[str, Any]],
+        *,
+        view: str = "",
+        service: str = "",
+        as_of: dt.datetime | None = None,
+    ) -> pa.Table:
+        """get_view_features as one Arrow table: per feature its values, `:status` and `:effective_time`."""
+        from featurepush.views import view_request, view_table
+
+        request = view_request(keys, view=view, service=service, as_of=as_of, arrow=True)
+        return view_table(self._call_retrying_overload(self._views.GetViewFeatures, request))
+
     def delete_view(self, name: str) -> int:
         """Deletes a view and its tiles; returns how many tiles it held."""
         try:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from featurepush.v1 import feature_view_service_pb2, online_service_pb2, schema_pb2
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 _STATUS = {
     online_service_pb2.FEATURE_STATUS_PRESENT: "PRESENT",
@@ -60,14 +63,22 @@ def view_vectors(
     return out
 
 
+def view_table(response: feature_view_service_pb2.GetViewFeaturesResponse) -> pa.Table:
+    """The Arrow form of a GetViewFeaturesResponse: a row per requested entity, in request order."""
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(response.arrow_ipc).read_all()
+
+
 def view_request(
     keys: Sequence[Mapping[str, Any]],
     *,
     view: str = "",
     service: str = "",
     as_of: dt.datetime | None = None,
+    arrow: bool = False,
 ) -> feature_view_service_pb2.GetViewFeaturesRequest:
-    """A GetViewFeaturesRequest for a view or a feature service."""
+    """A GetViewFeaturesRequest for a view or a feature service, asking for the Arrow form if `arrow`."""
     if bool(view) == bool(service):
         raise ValueError("name exactly one of view or service")
     request = feature_view_service_pb2.GetViewFeaturesRequest(keys=[dict(k) for k in keys])
@@ -77,4 +88,6 @@ def view_request(
         request.feature_service = service
     if as_of is not None:
         request.as_of.FromDatetime(as_of)
+    if arrow:
+        request.response_format = online_service_pb2.RESPONSE_FORMAT_ARROW
     return request

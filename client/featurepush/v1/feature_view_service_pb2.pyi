@@ -128,16 +128,18 @@ class DeleteFeatureServiceResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GetViewFeaturesRequest(_message.Message):
-    __slots__ = ("feature_view", "feature_service", "keys", "as_of")
+    __slots__ = ("feature_view", "feature_service", "keys", "as_of", "response_format")
     FEATURE_VIEW_FIELD_NUMBER: _ClassVar[int]
     FEATURE_SERVICE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     AS_OF_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     feature_view: str
     feature_service: str
     keys: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
     as_of: _timestamp_pb2.Timestamp
-    def __init__(self, feature_view: _Optional[str] = ..., feature_service: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    response_format: _online_service_pb2.ResponseFormat
+    def __init__(self, feature_view: _Optional[str] = ..., feature_service: _Optional[str] = ..., keys: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., as_of: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., response_format: _Optional[_Union[_online_service_pb2.ResponseFormat, str]] = ...) -> None: ...
 
 class ViewFeature(_message.Message):
     __slots__ = ("name", "type")
@@ -164,9 +166,11 @@ class ViewFeatureVector(_message.Message):
     def __init__(self, values: _Optional[_Iterable[_Union[ViewFeatureValue, _Mapping]]] = ...) -> None: ...
 
 class GetViewFeaturesResponse(_message.Message):
-    __slots__ = ("features", "results")
+    __slots__ = ("features", "results", "arrow_ipc")
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ARROW_IPC_FIELD_NUMBER: _ClassVar[int]
     features: _containers.RepeatedCompositeFieldContainer[ViewFeature]
     results: _containers.RepeatedCompositeFieldContainer[ViewFeatureVector]
-    def __init__(self, features: _Optional[_Iterable[_Union[ViewFeature, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[ViewFeatureVector, _Mapping]]] = ...) -> None: ...
+    arrow_ipc: bytes
+    def __init__(self, features: _Optional[_Iterable[_Union[ViewFeature, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[ViewFeatureVector, _Mapping]]] = ..., arrow_ipc: _Optional[bytes] = ...) -> None: ...

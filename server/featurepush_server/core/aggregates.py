@@ -12,6 +12,7 @@ from functools import cached_property
 from typing import Any, cast
 
 import numpy as np
+import pyarrow as pa
 from google.protobuf import struct_pb2
 
 from featurepush.v1 import feature_view_pb2 as fv_pb2
@@ -25,7 +26,7 @@ from .rows import BadValue, scalar_converter
 from .schema import Kind
 from .stores.base import TileStore
 from .tiles import Codec, bounded, floor_to, now_micros, sketch_estimate, union_sketches
-from .view_reply import Feature, vectors
+from .view_reply import Feature, arrow_vectors, vectors
 from .views import LIST_FUNCTIONS, AggSpec, View, Views, ViewSpec
 
 F = fv_pb2
@@ -80,6 +81,23 @@ def _json_value(value: Any, kind: Kind) -> struct_pb2.Value:
     return struct_pb2.Value(
         string_value="NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
     )
+
+
+_ARROW_SCALARS = {
+    schema_pb2.SCALAR_TYPE_INT64: pa.int64(),
+    schema_pb2.SCALAR_TYPE_INT32: pa.int32(),
+    schema_pb2.SCALAR_TYPE_FLOAT64: pa.float64(),
+    schema_pb2.SCALAR_TYPE_FLOAT32: pa.float32(),
+    schema_pb2.SCALAR_TYPE_BOOL: pa.bool_(),
+    schema_pb2.SCALAR_TYPE_STRING: pa.string(),
+}
+
+
+def _arrow_type(t: schema_pb2.DataType) -> pa.DataType:
+    """The Arrow type of a feature's values: a scalar, or a list of one (list kinds are scalars)."""
+    if t.HasField("array"):
+        return pa.list_(_ARROW_SCALARS[t.array.element_type.scalar])
+    return _ARROW_SCALARS[t.scalar]
 
 
 def value_kind(agg: AggSpec) -> Kind:
@@ -155,6 +173,7 @@ class _Layout:
         self.moments = {k: _Moments(spec, [aggs[i] for i in which], which) for k, which in groups.items()}
         self.others = [(i, agg) for i, agg in enumerate(aggs) if agg.function in _LIST_OR_SKETCH]
         self.headers: dict[bool, bytes] = {}
+        self.arrow_fields: dict[bool, list[pa.Field]] = {}
 
     def header(self, qualified: bool) -> bytes:
         """The `features` entries of these aggregations, serialized; named view.feature if qualified."""
@@ -165,6 +184,17 @@ class _Layout:
                 name = f"{self.view.spec.name}.{agg.name}" if qualified else agg.name
                 response.features.add(name=name, type=feature_type(agg))
             found = self.headers[qualified] = response.SerializeToString()
+        return found
+
+    def fields(self, qualified: bool) -> list[pa.Field]:
+        """The Arrow fields of these aggregations' values, named as in `header`."""
+        found = self.arrow_fields.get(qualified)
+        if found is None:
+            name = self.view.spec.name
+            found = self.arrow_fields[qualified] = [
+                pa.field(f"{name}.{agg.name}" if qualified else agg.name, _arrow_type(feature_type(agg)))
+                for agg in self.aggs
+            ]
         return found
 
     def roll_up(self, store: TileStore, entities: Sequence[bytes], at: int) -> list[Feature]:
@@ -214,12 +244,13 @@ class _Layout:
                 k = agg.window // interval
                 present = window_of(k).present
                 kind = value_kind(agg)
-                serialized = []
+                serialized, objects = [], []
                 for i in range(n):
                     parts = [var[i * count + j] for j in range(count - k, count)]
                     found = _from_var(view, agg, [p for p in parts if p is not None]) if present[i] else None
                     serialized.append(_json_value(found, kind).SerializeToString())
-                out[index] = Feature(present, end, values=serialized)
+                    objects.append(found)
+                out[index] = Feature(present, end, values=serialized, objects=objects)
         return [f for f in out if f is not None]
 
 
@@ -394,12 +425,17 @@ class ViewReader:
             at = request.as_of.seconds * 1_000_000 + request.as_of.nanos // 1000
         entities = self.entity_keys(targets[0][0], keys)
         headers: list[bytes] = []
+        fields: list[pa.Field] = []
         # Each feature's ViewFeatureValues for every entity, serialized together (view_reply.py).
         columns: list[Feature] = []
         for view, indexes in targets:
             layout = self._layout(view, indexes)
             headers.append(layout.header(qualified))
+            fields += layout.fields(qualified)
             columns.extend(layout.roll_up(self._store, entities, at))
+        if request.response_format == online_service_pb2.RESPONSE_FORMAT_ARROW:
+            arrow = pb.GetViewFeaturesResponse(arrow_ipc=arrow_vectors(columns, fields))
+            return b"".join(headers) + arrow.SerializeToString()
         return b"".join(headers) + vectors(columns, len(entities))
 
     def _layout(self, view: View, indexes: list[int]) -> _Layout:

@@ -14,8 +14,10 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from google.protobuf import timestamp_pb2
 
 from featurepush.v1 import online_service_pb2
@@ -61,6 +63,8 @@ class Feature:
     has: np.ndarray | None = None
     kind: Kind = Kind.FLOAT64
     values: Sequence[bytes] | None = None
+    # The same values as Python objects (None where absent), for the Arrow form; beside `values`.
+    objects: Sequence[Any] | None = None
 
 
 def _string(text: str) -> bytes:
@@ -314,3 +318,28 @@ def _assemble(parts: Sequence[_Padded], rows: int) -> bytes:
     whole_mask[:, 1:_LEAD] = used
     result: bytes = whole[whole_mask].tobytes()
     return result
+
+
+def arrow_vectors(features: Sequence[Feature], fields: Sequence[pa.Field]) -> bytes:
+    """GetViewFeaturesResponse.arrow_ipc: per feature its values, status and window end; a row per entity."""
+    columns: list[pa.Array] = []
+    names: list[str] = []
+    for feature, field in zip(features, fields, strict=True):
+        rows = len(feature.present)
+        if feature.objects is not None:
+            values = pa.array(feature.objects, type=field.type)
+        else:
+            assert feature.numbers is not None and feature.has is not None
+            absent = ~(feature.has & feature.present)
+            # An absent entity's slot may hold NaN or an infinity, which no integer type takes.
+            numbers = np.where(absent, 0, feature.numbers).astype(field.type.to_pandas_dtype())
+            values = pa.array(numbers, mask=absent, type=field.type)
+        status = np.where(feature.present, np.int8(_PRESENT), np.int8(_MISSING))
+        ends = pa.array(np.full(rows, feature.end, dtype=np.int64), type=pa.timestamp("us", tz="UTC"))
+        columns += [values, pa.array(status, type=pa.int8()), ends]
+        names += [field.name, f"{field.name}:status", f"{field.name}:effective_time"]
+    batch = pa.record_batch(columns, names=names)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return bytes(sink.getvalue())
