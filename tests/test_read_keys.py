@@ -16,8 +16,9 @@ from test_properties import SETTINGS
 from featurepush import Client, FeatureStatus, StreamSource
 from featurepush import types as t
 from featurepush.reads import get_features_request
+from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
 from featurepush.v1 import online_service_pb2
-from featurepush_server.core.wire import single_string_keys
+from featurepush_server.core.wire import VIEW_REQUEST_KEYS, single_string_keys, string_keys_between
 
 # Keys around every bound of the fast paths: the server's short keys (under 100 UTF-8 bytes, and the
 # one-byte lengths of their prefix), the client's (under 256 bytes), and strings holding the very bytes
@@ -148,3 +149,45 @@ def test_keys_on_either_side_of_the_fast_paths_read_alike(server: Running) -> No
         reply = server.online.GetFeatures(_request("tricky", form, [{"user_id": k} for k in keys]))
         count = len(keys) if form == online_service_pb2.RESPONSE_FORMAT_STRUCT else 0
         assert len(reply.results) == count and bool(reply.arrow_ipc) == (count == 0)
+
+
+@SETTINGS
+@given(
+    target=st.tuples(st.sampled_from(["feature_view", "feature_service"]), st.text(max_size=30)),
+    as_of=st.one_of(st.none(), st.integers(min_value=-(2**40), max_value=2**50)),
+    response_format=_FORMATS,
+    keys=st.lists(st.one_of(_KEYS, st.integers(), st.none()), min_size=1, max_size=20),
+    extra=st.booleans(),
+)
+def test_view_keys_read_from_the_bytes_are_the_parsed_keys(
+    target: tuple[str, str], as_of: int | None, response_format: int, keys: list[Any], extra: bool
+) -> None:
+    """A GetViewFeatures request's keys read back are the parsed ones, whatever else the request holds."""
+    request = fvs_pb2.GetViewFeaturesRequest(response_format=response_format)  # type: ignore[arg-type]
+    setattr(request, target[0], target[1])
+    if as_of is not None:
+        request.as_of.FromMicroseconds(as_of)
+    for key in keys:
+        fields: dict[str, Any] = {"user_id": key}
+        if extra:
+            fields["other"] = "x"
+        request.keys.add().update(fields)
+    head = fvs_pb2.GetViewFeaturesRequest()
+    setattr(head, target[0], target[1])
+    tail = fvs_pb2.GetViewFeaturesRequest(response_format=response_format)  # type: ignore[arg-type]
+    if as_of is not None:
+        tail.as_of.CopyFrom(request.as_of)
+    raws = string_keys_between(
+        request.SerializeToString(),
+        head.SerializeToString(),
+        VIEW_REQUEST_KEYS,
+        tail.SerializeToString(),
+        "user_id",
+    )
+    if raws is not None:
+        assert not extra and all(isinstance(k, str) for k in keys)
+        assert [r.decode() for r in raws] == keys
+    elif not extra and all(isinstance(k, str) and len(k.encode()) < 100 for k in keys):
+        # Plain short string keys may only be missed where a key or the target holds the bytes that
+        # separate keys.
+        assert any("user_id" in k for k in keys) or "user_id" in target[1]

@@ -28,6 +28,7 @@ from .stores.base import TileStore
 from .tiles import Codec, bounded, floor_to, now_micros, sketch_estimate, union_sketches
 from .view_reply import Feature, arrow_vectors, vectors
 from .views import LIST_FUNCTIONS, AggSpec, View, Views, ViewSpec
+from .wire import VIEW_REQUEST_KEYS, string_keys_between
 
 F = fv_pb2
 _PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
@@ -387,6 +388,8 @@ def _from_var(view: View, agg: AggSpec, parts: list[dict[str, Any]]) -> Any:
     return [v for _, v in bounded(kind, agg.n, items)]
 
 
+# Reads of at most this many keys visit the parsed keys: serializing the request costs more than it saves.
+_PARSED_KEYS = 2
 # Layouts a reader keeps before it forgets them all.
 _MAX_LAYOUTS = 1024
 
@@ -423,7 +426,7 @@ class ViewReader:
         at = now_micros()
         if request.HasField("as_of"):
             at = request.as_of.seconds * 1_000_000 + request.as_of.nanos // 1000
-        entities = self.entity_keys(targets[0][0], keys)
+        entities = self._string_keys(targets[0][0], request) or self.entity_keys(targets[0][0], keys)
         headers: list[bytes] = []
         fields: list[pa.Field] = []
         # Each feature's ViewFeatureValues for every entity, serialized together (view_reply.py).
@@ -449,6 +452,28 @@ class ViewReader:
             # One assignment: readers on other threads see the old layout or the new one.
             self._layouts[key] = layout
         return layout
+
+    @staticmethod
+    def _string_keys(view: View, request: pb.GetViewFeaturesRequest) -> list[bytes] | None:
+        """Many keys of one String field, read back from the request's bytes; None for any other request."""
+        if len(request.keys) <= _PARSED_KEYS or view.key_kinds != (Kind.STRING,):
+            return None
+        # The request is the target's field, the keys, then as_of and the response format, in that order.
+        target = pb.GetViewFeaturesRequest()
+        if request.WhichOneof("target") == "feature_view":
+            target.feature_view = request.feature_view
+        else:
+            target.feature_service = request.feature_service
+        rest = pb.GetViewFeaturesRequest(response_format=request.response_format)
+        if request.HasField("as_of"):
+            rest.as_of.CopyFrom(request.as_of)
+        return string_keys_between(
+            request.SerializeToString(),
+            target.SerializeToString(),
+            VIEW_REQUEST_KEYS,
+            rest.SerializeToString(),
+            view.spec.entity_keys[0],
+        )
 
     @staticmethod
     def entity_keys(view: View, keys: Sequence[struct_pb2.Struct]) -> list[bytes]:

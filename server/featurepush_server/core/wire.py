@@ -33,6 +33,8 @@ VALUE_BOOL = b"\x20"
 GET_FEATURES_SOURCE = b"\x0a"
 GET_FEATURES_KEYS = b"\x12"
 GET_FEATURES_FORMAT = b"\x18"
+# GetViewFeaturesRequest.keys (3), length-delimited.
+VIEW_REQUEST_KEYS = b"\x1a"
 # GetViewFeaturesResponse.results (2), ViewFeatureVector.values (1), and ViewFeatureValue.status (1,
 # varint), .value (2) and .effective_time (3); the others length-delimited.
 VIEW_FEATURES_RESULT = b"\x12"
@@ -63,6 +65,7 @@ TAGS: dict[str, tuple[str, str]] = {
     "GET_FEATURES_SOURCE": ("featurepush.v1.GetFeaturesRequest", "source"),
     "GET_FEATURES_KEYS": ("featurepush.v1.GetFeaturesRequest", "keys"),
     "GET_FEATURES_FORMAT": ("featurepush.v1.GetFeaturesRequest", "response_format"),
+    "VIEW_REQUEST_KEYS": ("featurepush.v1.GetViewFeaturesRequest", "keys"),
     "VIEW_FEATURES_RESULT": ("featurepush.v1.GetViewFeaturesResponse", "results"),
     "VIEW_VECTOR_VALUE": ("featurepush.v1.ViewFeatureVector", "values"),
     "VIEW_VALUE_STATUS": ("featurepush.v1.ViewFeatureValue", "status"),
@@ -95,28 +98,28 @@ def varint(n: int) -> bytes:
     return _LOW_14[n & 0x3FFF] + varint(n >> 14)
 
 
-def _string_key_prefix(name: bytes, size: int) -> bytes:
-    """The bytes of a request's key {name: <string of `size` bytes>} that come before the string."""
+def _string_key_prefix(tag: bytes, name: bytes, size: int) -> bytes:
+    """The bytes of a request's key {name: <string of `size` bytes>}, in field `tag`, before the string."""
     value = VALUE_STRING + varint(size)
     entry = (
         STRUCT_ENTRY_KEY + varint(len(name)) + name + STRUCT_ENTRY_VALUE + varint(len(value) + size) + value
     )
     struct = STRUCT_FIELD + varint(len(entry) + size) + entry
-    return GET_FEATURES_KEYS + varint(len(struct) + size) + struct
+    return tag + varint(len(struct) + size) + struct
 
 
-# Per entity key name, the prefix of each key of up to _SHORT_KEY bytes by its length.
+# Per keys field and entity key name, the prefix of each key of up to _SHORT_KEY bytes by its length.
 _SHORT_KEY = 100
-_PREFIXES: dict[str, list[bytes]] = {}
+_PREFIXES: dict[tuple[bytes, str], list[bytes]] = {}
 
 
-def _prefixes(name: str) -> list[bytes]:
-    found = _PREFIXES.get(name)
+def _prefixes(tag: bytes, name: str) -> list[bytes]:
+    found = _PREFIXES.get((tag, name))
     if found is None:
         raw = name.encode()
         if len(_PREFIXES) >= 1024:
             _PREFIXES.clear()
-        found = _PREFIXES[name] = [_string_key_prefix(raw, size) for size in range(_SHORT_KEY)]
+        found = _PREFIXES[tag, name] = [_string_key_prefix(tag, raw, size) for size in range(_SHORT_KEY)]
     return found
 
 
@@ -127,10 +130,21 @@ def single_string_keys(serialized: bytes, source: str, response_format: int, nam
     `response_format`. None when the request holds anything else (another key field, a non-string
     value, a long key, unknown fields): the caller then reads the parsed keys.
     """
-    prefixes = _prefixes(name)
     raw_source = source.encode()
     head = GET_FEATURES_SOURCE + varint(len(raw_source)) + raw_source if source else b""
     tail = GET_FEATURES_FORMAT + varint(response_format) if response_format else b""
+    return string_keys_between(serialized, head, GET_FEATURES_KEYS, tail, name)
+
+
+def string_keys_between(
+    serialized: bytes, head: bytes, tag: bytes, tail: bytes, name: str
+) -> list[bytes] | None:
+    """The keys (Structs in field `tag`) of a serialized request that is `head`, the keys, then `tail`.
+
+    Each key must be {name: <a string shorter than 100 bytes>}; the UTF-8 of each comes back, or None
+    when the request holds anything else (the caller then reads the parsed keys).
+    """
+    prefixes = _prefixes(tag, name)
     # Every short key is its prefix, whose middle names the key field, then its string: split on that
     # middle, each piece is the rest of one key's prefix (3 bytes), its string, and the next key's first
     # 4 bytes. Whatever the pieces hold, the keys are only taken if writing them back gives the request.
