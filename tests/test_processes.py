@@ -406,12 +406,12 @@ def test_a_backfill_fanned_out_over_workers_loads_and_reports_as_one_process_doe
     assert "Traceback" not in served.log
 
 
-def test_a_killed_owner_mid_backfill_ends_it_unavailable_and_loses_nothing_reported(
-    served: ServedProcess, tmp_path: Path
-) -> None:
-    rows = 400_000
-    _history(tmp_path / "history.parquet", rows)
-    _apply_history(served, tmp_path / "history.parquet")
+def _backfill_in_background(
+    served: ServedProcess, path: Path, rows: int
+) -> tuple[threading.Thread, list[backfill_service_pb2.BackfillResponse], list[grpc.RpcError]]:
+    """Write `rows` of history at `path` and backfill it in a thread; reports and errors land in the lists."""
+    _history(path, rows)
+    _apply_history(served, path)
     reports: list[backfill_service_pb2.BackfillResponse] = []
     errors: list[grpc.RpcError] = []
 
@@ -424,6 +424,14 @@ def test_a_killed_owner_mid_backfill_ends_it_unavailable_and_loses_nothing_repor
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    return thread, reports, errors
+
+
+def test_a_killed_owner_mid_backfill_ends_it_unavailable_and_loses_nothing_reported(
+    served: ServedProcess, tmp_path: Path
+) -> None:
+    rows = 400_000
+    thread, reports, errors = _backfill_in_background(served, tmp_path / "history.parquet", rows)
     assert wait_until(lambda: any(r.rows_written for r in reports) or not thread.is_alive())
     os.kill(_pids(served, "the store owner")[0], signal.SIGKILL)
     thread.join(120)
@@ -471,20 +479,7 @@ def test_a_killed_backfill_worker_ends_its_backfill_unavailable_and_the_next_one
     served: ServedProcess, tmp_path: Path
 ) -> None:
     rows = 400_000
-    _history(tmp_path / "history.parquet", rows)
-    _apply_history(served, tmp_path / "history.parquet")
-    reports: list[backfill_service_pb2.BackfillResponse] = []
-    errors: list[grpc.RpcError] = []
-
-    def run() -> None:
-        try:
-            for report in served.backfill.Backfill(backfill_service_pb2.BackfillRequest(source="history")):
-                reports.append(report)
-        except grpc.RpcError as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, reports, errors = _backfill_in_background(served, tmp_path / "history.parquet", rows)
     assert wait_until(lambda: (reports and _backfill_workers(served)) or not thread.is_alive())
     for pid in _backfill_workers(served)[:1]:
         os.kill(pid, signal.SIGKILL)

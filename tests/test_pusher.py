@@ -189,15 +189,20 @@ def test_a_resent_batch_is_replayed_not_written_again(client: Client, running: R
     assert again.replayed and again.counts["ad_impressions"].written == 2
 
 
-def test_batches_grow_while_earlier_ones_wait_and_keep_their_order(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
+def _gone_server(data_dir: Path) -> tuple[str, int]:
+    """The address and port of a server that applied ad_impressions over `data_dir`, then stopped."""
     first = start(data_dir)
     first.registry.ApplySource(
         registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS))
     )
-    port = first.server.port
     first.close()
-    with Client(first.target, channel_options=FAST_RECONNECT) as client:
+    return first.target, first.server.port
+
+
+def test_batches_grow_while_earlier_ones_wait_and_keep_their_order(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    target, port = _gone_server(data_dir)
+    with Client(target, channel_options=FAST_RECONNECT) as client:
         p = client.pusher(
             "ad_impressions",
             eager_rows=10,
@@ -229,13 +234,8 @@ def test_a_lingering_buffer_waits_for_an_acknowledgement_while_two_batches_are_i
     tmp_path: Path,
 ) -> None:
     data_dir = tmp_path / "data"
-    first = start(data_dir)
-    first.registry.ApplySource(
-        registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS))
-    )
-    port = first.server.port
-    first.close()
-    with Client(first.target, channel_options=FAST_RECONNECT) as client:
+    target, port = _gone_server(data_dir)
+    with Client(target, channel_options=FAST_RECONNECT) as client:
         p = client.pusher(
             "ad_impressions",
             eager_rows=1,

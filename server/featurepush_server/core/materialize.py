@@ -65,7 +65,6 @@ class Writer(Protocol):
 
     def stage(self, staged: Staged) -> None:
         """Fill in this writer's part of `staged`."""
-        ...
 
 
 class LatestRowWriter:

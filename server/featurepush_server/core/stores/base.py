@@ -84,24 +84,20 @@ class TileUpdate(Protocol):
     @property
     def view(self) -> str:
         """The view name, for errors."""
-        ...
 
     @property
     def view_id(self) -> int:
         """The view's store id."""
-        ...
 
     @property
     def generation(self) -> int:
         """The view definition generation the update was computed against."""
-        ...
 
     def merge(self, state: bytes | None, read: Callable[[list[bytes]], list[bytes | None]]) -> TileMerge:
         """Merge into the stored tiles; `state` is the view's stored state, `read` reads stored blocks.
 
         Called under the store's write lock, so the read, the merge and the write are one step.
         """
-        ...
 
 
 def block_tile_count(block: bytes) -> int:
@@ -136,11 +132,9 @@ class SourceCatalog(Protocol):
 
     def get_source(self, name: str) -> tuple[int, bytes] | None:
         """The id and serialized definition of a source, or None."""
-        ...
 
     def list_sources(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, int, bytes]]:
         """Sources in name order, starting after `after`."""
-        ...
 
     def put_source(
         self,
@@ -155,23 +149,18 @@ class SourceCatalog(Protocol):
 
         `late_fields` replaces the source's fields that rows stored before them may lack (read as null).
         """
-        ...
 
     def late_fields(self, source_id: int) -> tuple[str, ...]:
         """The fields added to a source while it held rows, which rows stored before may lack."""
-        ...
 
     def delete_source(self, name: str, source_id: int) -> int:
         """Delete a source and its rows; return how many rows there were."""
-        ...
 
     def generation(self, source_id: int) -> int:
         """How many times this process has written the source's definition; -1 once it is deleted."""
-        ...
 
     def exclusive(self) -> AbstractContextManager[None]:
         """Hold off every row write, so a check of stored rows and a definition change are one step."""
-        ...
 
 
 class LatestRows(Protocol):
@@ -179,7 +168,6 @@ class LatestRows(Protocol):
 
     def row_prefix(self, source_id: int) -> bytes:
         """The prefix of every row key of one source; a row's key is this, then its entity key bytes."""
-        ...
 
     def write_latest(
         self, batches: Sequence[RowBatch], *, request_id: str = "", dry_run: bool = False
@@ -189,23 +177,18 @@ class LatestRows(Protocol):
         The same write queues the batches' offline records and, with a `request_id`, records the counts
         so that the request sent again is answered from them without writing (see IdempotencyRecords).
         """
-        ...
 
     def read(self, keys: list[bytes]) -> list[bytes | None]:
         """Stored values of the keys, None where absent."""
-        ...
 
     def delete_expired(self, source_id: int, cutoff_micros: int) -> int:
         """Delete the source's rows whose event time is before `cutoff_micros`; return how many."""
-        ...
 
     def has_rows(self, source_id: int) -> bool:
         """Whether a source holds any row."""
-        ...
 
     def count_rows(self, source_id: int, limit: int | None = None) -> int:
         """How many rows a source holds, counting no further than `limit` (None: every row)."""
-        ...
 
 
 class IdempotencyRecords(Protocol):
@@ -213,11 +196,9 @@ class IdempotencyRecords(Protocol):
 
     def seen_request(self, request_id: str) -> dict[str, BatchCounts] | None:
         """The counts recorded for a request id still within the window, or None."""
-        ...
 
     def purge_requests(self) -> int:
         """Drop the records older than the window; return how many."""
-        ...
 
 
 class OfflineQueue(Protocol):
@@ -225,15 +206,12 @@ class OfflineQueue(Protocol):
 
     def queued_offline(self, max_bytes: int, last_seq: int | None = None) -> list[QueuedRecords]:
         """Queue entries from the oldest, up to about `max_bytes` (at least one) or through `last_seq`."""
-        ...
 
     def delete_offline(self, first_seq: int, last_seq: int) -> None:
         """Drop the queue entries from `first_seq` through `last_seq`, durably."""
-        ...
 
     def count_offline(self, limit: int | None = None) -> int:
         """How many entries are queued, counting no further than `limit` (None: every entry)."""
-        ...
 
 
 class TileStore(Protocol):
@@ -247,55 +225,42 @@ class TileStore(Protocol):
 
     def get_view(self, name: str) -> tuple[int, bytes] | None:
         """The id and serialized definition of a view, or None."""
-        ...
 
     def list_views(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, int, bytes]]:
         """Views in name order, starting after `after`."""
-        ...
 
     def put_view(self, name: str, definition: bytes, view_id: int | None = None, *, invalidate: bool) -> int:
         """Store a view definition under its id, or a new one; return the id."""
-        ...
 
     def delete_view(self, name: str, view_id: int) -> int:
         """Delete a view, its state and its tiles; return how many tiles there were."""
-        ...
 
     def view_generation(self, view_id: int) -> int:
         """How many times this process has written the view's definition incompatibly; -1 once deleted."""
-        ...
 
     def has_tiles(self, view_id: int) -> bool:
         """Whether a view holds any tile."""
-        ...
 
     def get_service(self, name: str) -> bytes | None:
         """The serialized definition of a feature service, or None."""
-        ...
 
     def list_services(self, after: str = "", limit: int | None = None) -> Iterator[tuple[str, bytes]]:
         """Feature services in name order, starting after `after`."""
-        ...
 
     def put_service(self, name: str, definition: bytes) -> None:
         """Store a feature service definition."""
-        ...
 
     def delete_service(self, name: str) -> None:
         """Delete a feature service definition."""
-        ...
 
     def tile_key(self, view_id: int, entity: bytes, start_micros: int) -> bytes:
         """The key of one entity's block of tiles starting at `start_micros`."""
-        ...
 
     def tile_keys(self, view_id: int, entities: Sequence[bytes], starts: np.ndarray) -> list[bytes]:
         """The keys of each entity's block starting at the matching start (int64 microseconds)."""
-        ...
 
     def read_tiles(self, keys: list[bytes]) -> list[bytes | None]:
         """Stored blocks of the keys, None where absent."""
-        ...
 
     def scan_tiles(
         self, view_id: int, entities: Sequence[bytes], first_micros: int, last_micros: int
@@ -304,22 +269,18 @@ class TileStore(Protocol):
 
         Returns how many blocks each entity has, their starts (int64) and their values.
         """
-        ...
 
     def view_state(self, view_id: int) -> bytes | None:
         """The view's stored state (its watermark and backfilled ranges), or None."""
-        ...
 
     def update_view_state(self, view_id: int, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
         """Replace the view's state by `change(state)` atomically; return the new state.
 
         `change` may run more than once, on newer states, where the store compares and sets.
         """
-        ...
 
     def delete_tiles_before(self, view_id: int, start_micros: int) -> int:
         """Delete the view's blocks that start before `start_micros`; return how many tiles they held."""
-        ...
 
 
 class Store(SourceCatalog, LatestRows, IdempotencyRecords, OfflineQueue, TileStore, Protocol):
@@ -328,24 +289,18 @@ class Store(SourceCatalog, LatestRows, IdempotencyRecords, OfflineQueue, TileSto
     @property
     def writable(self) -> bool:
         """Whether writes are accepted: False after a storage error until `recover()` succeeds."""
-        ...
 
     def watch_writable(self, callback: Callable[[bool], None]) -> None:
         """Call `callback(writable)` whenever writes stop or start being accepted."""
-        ...
 
     def recover(self, timeout_s: float = 5.0) -> bool:
         """After a storage error, try to take writes again; return whether writable."""
-        ...
 
     def statistic(self, name: str) -> int | None:
         """A backend statistic by name (RocksDB's integer properties), or None where it has none."""
-        ...
 
     def sync_now(self) -> None:
         """Make acknowledged writes durable now if that can be done at once; for a last step before exit."""
-        ...
 
     def close(self, timeout_s: float = 10.0) -> bool:
         """Turn new calls away, wait up to `timeout_s` for running ones, then close; False if some ran on."""
-        ...
