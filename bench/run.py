@@ -200,6 +200,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def python_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process's threads other than RocksDB's own: the time its Python code ran.
+
+    RocksDB names its background threads (rocksdb:low, rocksdb:high); the rest of the owner's threads run
+    Python and hold its one GIL while they work, so this over the wall time says how busy that lock was.
+    """
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        if not name.startswith("rocksdb"):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def owner_pid(supervisor: int) -> int | None:
     """The store owner among a `serve --processes` supervisor's children, or None (one process)."""
     for entry in Path("/proc").iterdir():
@@ -415,6 +433,7 @@ def process_scaling() -> list[Result]:
     ):
         figures: dict[int, dict[str, float]] = {}
         owner_us: dict[str, float] = {}
+        owner_python: dict[str, float] = {}
         for n in (1, processes):
             server, target = start_featurepush(Path(tmp) / f"p{n}", "always", processes=n)
             try:
@@ -428,10 +447,13 @@ def process_scaling() -> list[Result]:
                     ("get_features", "get"),
                 ):
                     before = cpu_seconds(owner) if owner else 0.0
+                    python_before = python_cpu_seconds(owner) if owner else 0.0
                     figures[n][name], moved = counted_throughput(pool, target, scenario, clients)
                     if owner:
                         # What the one owner process spends per item bounds every front count alike.
                         owner_us[name] = (cpu_seconds(owner) - before) * 1e6 / moved
+                        wall = moved / figures[n][name]
+                        owner_python[name] = (python_cpu_seconds(owner) - python_before) / wall
             finally:
                 server.terminate()
                 server.wait(60)
@@ -447,6 +469,9 @@ def process_scaling() -> list[Result]:
             out.append(
                 Result(f"owner_cpu_us_per_row[{name}]", round(per, 3), "us", round(bound), round(ratio, 3))
             )
+        for name, busy in owner_python.items():
+            # Cores' worth of the owner's Python threads over the run, against the one its GIL allows.
+            out.append(Result(f"owner_python_cores[{name}]", round(busy, 3), "cores", 1, round(busy, 3)))
         out += batch.backfill_pair(processes)
     print(f"{'name':<38} {'value':>14} {'unit':<7} {'ceiling':>12} {'ratio':>7}")
     for r in out:
@@ -454,7 +479,9 @@ def process_scaling() -> list[Result]:
     print(
         f"\nfsync=always; {CORES} cores; {clients} client processes, a connection each; {SECONDS:g} s per "
         "scenario; the ceiling of a [processes=N] row is the serve --processes 1 figure; of an "
-        "owner_cpu_us_per_row row, the items per second one owner core could take (1e6 / us)"
+        "owner_cpu_us_per_row row, the items per second one owner core could take (1e6 / us); an "
+        "owner_python_cores row is the CPU of the owner's threads other than RocksDB's over the wall time "
+        "(near 1: its GIL is the bound)"
     )
     return out
 

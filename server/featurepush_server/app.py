@@ -57,7 +57,7 @@ from .metrics import Metrics
 from .reflection import DocumentedPool, documented_files
 from .servicers.backfill import BackfillServicer
 from .servicers.feature_views import FeatureViewServicer
-from .servicers.ingest import IngestServicer
+from .servicers.ingest import PARSERS, IngestServicer
 from .servicers.online import OnlineServicer
 from .servicers.registry import RegistryServicer
 from .tls import server_credentials
@@ -322,7 +322,7 @@ def create_server(
         metrics = Metrics()
         # Authentication runs first, so a caller without a key never takes an admission slot.
         interceptors: list[grpc.ServerInterceptor[Any, Any]] = [
-            i for i in (auth_interceptor(config), EdgeInterceptor(gates, metrics)) if i is not None
+            i for i in (auth_interceptor(config), EdgeInterceptor(gates, metrics, PARSERS)) if i is not None
         ]
         # Every admitted or waiting call may hold a thread; `workers` more serve health, reflection and
         # refusals, so those never queue behind a flood.

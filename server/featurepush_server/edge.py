@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -139,9 +139,16 @@ def _decode(
 class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     """Gates featurepush calls by class and decodes their requests; other services pass through."""
 
-    def __init__(self, gates: Admission, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        gates: Admission,
+        metrics: Metrics | None = None,
+        parsers: Mapping[str, Callable[[bytes], Any]] | None = None,
+    ):
         self._admission = gates
         self._metrics = metrics
+        # Methods whose requests are decoded otherwise than by their generated deserializer.
+        self._parsers = dict(parsers or {})
         # Per server, so one server's flood of failures never silences another's (or a test's) lines.
         self._lines = LineBudget()
 
@@ -157,7 +164,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         # The stubs type the handler's behaviours as optional; the ones its kind names are set.
         handler: Any = found
         gate = self._admission.gate(METHOD_CLASSES[method])
-        parse = handler.request_deserializer
+        parse = self._parsers.get(method, handler.request_deserializer)
         serialize = handler.response_serializer
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
@@ -185,6 +192,8 @@ Behavior = Callable[..., Any]
 
 def _labels(message: Any) -> tuple[str, str]:
     """The source names and request id a request carries, for the log line of a failed call."""
+    # A request decoded by one of the edge's own parsers carries the message it read.
+    message = getattr(message, "message", message)
     if message is None or not hasattr(message, "DESCRIPTOR"):
         return "", ""
     fields = message.DESCRIPTOR.fields_by_name

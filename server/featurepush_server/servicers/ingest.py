@@ -6,15 +6,22 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor import FileDescriptor
+from google.protobuf.message import Message
 
 from featurepush.v1 import ingest_service_pb2 as pb
 from featurepush.v1 import ingest_service_pb2_grpc as pb_grpc
 
 from ..core.errors import CoreError, ShuttingDown
 from ..core.ingest import Ingestor, PushOutcome, SourcePayload
+from ..core.rows import BULK_MIN_ROWS
+from ..core.struct_rows import WireRows
 from ..metrics import Metrics
 from ..status import abort, internal_status, status_of, unary
 
@@ -24,8 +31,100 @@ _LOGGER = logging.getLogger(__name__)
 _POLL_S = 0.25
 
 
-def payloads(request: pb.PushRequest) -> dict[str, SourcePayload]:
-    """The core's view of a PushRequest's records."""
+PUSH = "/featurepush.v1.IngestService/Push"
+PUSH_STREAM = "/featurepush.v1.IngestService/PushStream"
+
+
+def _wire_rows_pool() -> descriptor_pool.DescriptorPool:
+    """The ingest messages as they are on the wire, but with each row kept as its bytes (core.struct_rows).
+
+    A repeated message field and a repeated bytes field have one wire form, so these types parse every
+    PushRequest and PushStreamRequest and hand the rows over without building a message per row. They
+    live in a pool of their own, under the same names.
+    """
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor, change: Callable[[descriptor_pb2.FileDescriptorProto], None]) -> None:
+        for dependency in file.dependencies:
+            if dependency.name not in added:
+                add(dependency, lambda _: None)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        change(proto)
+        pool.Add(proto)
+        added.add(file.name)
+
+    def rows_as_bytes(proto: descriptor_pb2.FileDescriptorProto) -> None:
+        proto.ClearField("service")
+        (records,) = [m for m in proto.message_type if m.name == "SourceRecords"]
+        (rows,) = [f for f in records.field if f.name == "rows"]
+        rows.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+        rows.ClearField("type_name")
+
+    add(pb.DESCRIPTOR, rows_as_bytes)
+    return pool
+
+
+_POOL = _wire_rows_pool()
+WirePushRequest: type[Message] = message_factory.GetMessageClass(
+    _POOL.FindMessageTypeByName(pb.PushRequest.DESCRIPTOR.full_name)
+)
+WirePushStreamRequest: type[Message] = message_factory.GetMessageClass(
+    _POOL.FindMessageTypeByName(pb.PushStreamRequest.DESCRIPTOR.full_name)
+)
+
+
+@dataclass(frozen=True)
+class WirePush:
+    """A Push request as the edge decodes it: its records for the core, rows kept as their bytes."""
+
+    records: dict[str, SourcePayload]
+    dry_run: bool
+    request_id: str
+    # The request as decoded, its rows as bytes; the edge reads its source names for a failure's log line.
+    message: Message
+
+
+@dataclass(frozen=True)
+class WireStreamItem:
+    """One PushStream message as the edge decodes it."""
+
+    sequence_id: int
+    request: WirePush
+    message: Message
+
+
+def _wire_push(message: Any) -> WirePush:
+    records = {
+        name: SourcePayload(WireRows(recs.rows, min_rows=BULK_MIN_ROWS), recs.arrow_ipc)
+        for name, recs in message.records.items()
+    }
+    return WirePush(records, message.dry_run, message.request_id, message)
+
+
+def parse_push(data: bytes) -> WirePush:
+    """Decode a Push request; protobuf's DecodeError for malformed bytes, in the request or in a row."""
+    return _wire_push(WirePushRequest.FromString(data))
+
+
+def parse_push_stream(data: bytes) -> WireStreamItem:
+    """Decode one PushStream message; protobuf's DecodeError for malformed bytes, in it or in a row."""
+    message: Any = WirePushStreamRequest.FromString(data)
+    return WireStreamItem(message.sequence_id, _wire_push(message.request), message)
+
+
+# One message of a PushStream: as generated code decodes it, or as the edge does.
+_Batch = pb.PushStreamRequest | WireStreamItem
+
+# How the edge decodes requests where the generated deserializer would do more work than needed.
+PARSERS: dict[str, Callable[[bytes], Any]] = {PUSH: parse_push, PUSH_STREAM: parse_push_stream}
+
+
+def payloads(request: pb.PushRequest | WirePush) -> dict[str, SourcePayload]:
+    """The core's view of a push's records."""
+    if isinstance(request, WirePush):
+        return request.records
     return {name: SourcePayload(recs.rows, recs.arrow_ipc) for name, recs in request.records.items()}
 
 
@@ -49,8 +148,8 @@ class _End:
 
 
 def _read_ahead(
-    requests: Iterator[pb.PushStreamRequest],
-    inbox: queue.Queue[pb.PushStreamRequest | _End],
+    requests: Iterator[_Batch],
+    inbox: queue.Queue[_Batch | _End],
     context: grpc.ServicerContext,
 ) -> None:
     """Move requests into the bounded inbox; a full inbox stops reading, which back-pressures the client."""
@@ -107,7 +206,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         self._stopping = stopping or threading.Event()
 
     @unary
-    def Push(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushResponse:
+    def Push(self, request: pb.PushRequest | WirePush, context: grpc.ServicerContext) -> pb.PushResponse:
         try:
             outcome = self._ingestor.push(
                 payloads(request),
@@ -121,7 +220,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
         self._count(request, outcome)
         return push_response(outcome)
 
-    def _count(self, request: pb.PushRequest, outcome: PushOutcome | None) -> None:
+    def _count(self, request: pb.PushRequest | WirePush, outcome: PushOutcome | None) -> None:
         """Records by source and outcome; a refused push counts its rows (an Arrow stream's uncounted)."""
         metrics = self._metrics
         if metrics is None or request.dry_run or (outcome is not None and outcome.replayed):
@@ -139,9 +238,11 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 metrics.records.labels(name, "rejected").inc(len(records.rows))
 
     def PushStream(
-        self, request_iterator: Iterator[pb.PushStreamRequest], context: grpc.ServicerContext
+        self, request_iterator: Iterator[_Batch], context: grpc.ServicerContext
     ) -> Iterator[pb.PushStreamResponse]:
-        inbox: queue.Queue[pb.PushStreamRequest | _End] = queue.Queue(maxsize=self._read_ahead)
+        inbox: queue.Queue[pb.PushStreamRequest | WireStreamItem | _End] = queue.Queue(
+            maxsize=self._read_ahead
+        )
         reader = threading.Thread(
             target=_read_ahead,
             args=(request_iterator, inbox, context),
@@ -175,9 +276,7 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 return
             yield self._acknowledge(item, context)
 
-    def _acknowledge(
-        self, item: pb.PushStreamRequest, context: grpc.ServicerContext
-    ) -> pb.PushStreamResponse:
+    def _acknowledge(self, item: _Batch, context: grpc.ServicerContext) -> pb.PushStreamResponse:
         """Push one batch and say how it went; a failed batch gets its status, and the stream goes on."""
         request = item.request
         try:
