@@ -9,7 +9,7 @@ is a well-formed Struct whose parse would give the same values. Anything else (a
 null, a nested value, a long varint, unknown fields) is declined and the rows are parsed as messages.
 
 The wire form of a Struct row: map entries `0x0A len (0x0A len key) (0x12 len value)`, and a value one of
-`0x11 <8-byte little-endian double>`, `0x1A len <UTF-8>` or `0x20 <0 or 1>`.
+`0x11 <8-byte little-endian double>`, `0x1A len <UTF-8>` or `0x20 <0 or 1>` (the tags are wire.py's).
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ import numpy as np
 import pyarrow as pa
 from google.protobuf import struct_pb2
 
+from .wire import STRUCT_ENTRY_KEY, STRUCT_ENTRY_VALUE, STRUCT_FIELD, VALUE_BOOL, VALUE_NUMBER, VALUE_STRING
+
 NUMBER, STRING, BOOL = "number_value", "string_value", "bool_value"
-_VALUE_TAGS = {0x11: NUMBER, 0x1A: STRING, 0x20: BOOL}
+_VALUE_TAGS = {VALUE_NUMBER[0]: NUMBER, VALUE_STRING[0]: STRING, VALUE_BOOL[0]: BOOL}
+_FIELD, _VALUE, _STRING = STRUCT_FIELD[0], STRUCT_ENTRY_VALUE[0], VALUE_STRING[0]
 
 
 @dataclass(frozen=True)
@@ -62,15 +65,15 @@ def _layout(row: bytes) -> list[_Entry] | None:
     at = 0
     while at < len(row):
         start = at
-        if row[at] != 0x0A:
+        if row[at] != _FIELD:
             return None
         size, body = _varint(row, at + 1)
         end = body + size
-        if size < 0 or end > len(row) or row[body : body + 1] != b"\x0a":
+        if size < 0 or end > len(row) or row[body : body + 1] != STRUCT_ENTRY_KEY:
             return None
         key_size = row[body + 1] if body + 1 < end else 0x80
         key_at = body + 2
-        if key_size >= 0x80 or key_at + key_size + 2 > end or row[key_at + key_size] != 0x12:
+        if key_size >= 0x80 or key_at + key_size + 2 > end or row[key_at + key_size] != _VALUE:
             return None
         key = row[key_at : key_at + key_size]
         value_size, value_at = _varint(row, key_at + key_size + 1)
@@ -158,9 +161,9 @@ def read_columns(rows: Sequence[bytes]) -> WireColumns | None:
             fits_entry
             and fits_value
             and fits_text
-            and (_take(buf, at) == 0x0A).all()
+            and (_take(buf, at) == _FIELD).all()
             and (np.take(buf, fixed, mode="clip") == template).all()
-            and (_take(buf, value_at) == 0x1A).all()
+            and (_take(buf, value_at) == _STRING).all()
             and (value_at + value_size == end).all()
             and (text_at + text_size == end).all()
             and (end <= ends).all()
