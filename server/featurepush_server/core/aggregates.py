@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import cached_property
 from typing import Any, cast
 
 import numpy as np
@@ -147,7 +146,7 @@ class _Moments:
 
     def values(self, window: _Window) -> tuple[np.ndarray, np.ndarray]:
         """Every entity's values of these features, and where they are set, each (features, entities)."""
-        arrays = [getattr(window, name) for name in self.sources]
+        arrays = window.sources(self.sources)
         side = arrays[0] if len(arrays) == 1 else np.hstack(arrays)
         numbers = side.T[self.take]
         has = window.has.T[self.columns]
@@ -296,7 +295,7 @@ class _Window:
     Each entity's tiles are the rows [start, stop) of `tiles`, the tiles read; an empty run has none.
     """
 
-    # The arrays of moments a feature's values come from.
+    # The arrays of moments a feature's values come from (`sources`).
     SOURCES = ("totals", "mins", "maxes", "means", "stddevs")
 
     def __init__(self, tiles: np.ndarray, start: np.ndarray, stop: np.ndarray):
@@ -308,6 +307,8 @@ class _Window:
         # the last row: a run that ends there needs no end, and a run that starts there is empty.
         self.bounds = bounds[: np.searchsorted(bounds, len(tiles))]
         self.empty = start == stop
+        # Whether every entity has tiles here, as in most reads: then the reductions need no placing.
+        self.every = not np.count_nonzero(self.empty)
         self.totals = self._reduce(np.add, tiles, 0.0)
         self.present: np.ndarray = self.totals[:, 0] > 0
         self.counts = self.totals[:, 1::_PER_COLUMN]
@@ -315,39 +316,36 @@ class _Window:
 
     def _reduce(self, ufunc: np.ufunc, part: np.ndarray, empty: float) -> np.ndarray:
         """Each entity's reduction of the rows of `part` in its run; `empty` where the run has none."""
-        n = len(self.empty)
         reduced: np.ndarray = ufunc.reduceat(part, self.bounds, axis=0)[::2] if len(self.bounds) else part[:0]
-        if len(reduced) == n and not self.empty.any():
+        if self.every:
             return reduced
-        found = np.full((n, part.shape[1]), empty)
+        found = np.full((len(self.empty), part.shape[1]), empty)
         found[: len(reduced)] = reduced
         found[self.empty] = empty
         return found
 
-    @cached_property
-    def mins(self) -> np.ndarray:
-        """Each column's minimum."""
-        return self._reduce(np.minimum, self.tiles[:, 4::_PER_COLUMN], np.inf)
+    def sources(self, names: Sequence[str]) -> list[np.ndarray]:
+        """The arrays `names` (of SOURCES), each a row per entity and a column per moment column.
 
-    @cached_property
-    def maxes(self) -> np.ndarray:
-        """Each column's maximum."""
-        return self._reduce(np.maximum, self.tiles[:, 5::_PER_COLUMN], -np.inf)
-
-    @cached_property
-    def means(self) -> np.ndarray:
-        """Each column's mean (NaN without values)."""
+        Means and standard deviations are NaN without values; a column's minimum and maximum are
+        infinite then.
+        """
+        found: list[np.ndarray] = []
         with np.errstate(divide="ignore", invalid="ignore"):
-            found: np.ndarray = self.totals[:, 2::_PER_COLUMN] / self.counts
-        return found
-
-    @cached_property
-    def stddevs(self) -> np.ndarray:
-        """Each column's population standard deviation (NaN without values)."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            spread = self.totals[:, 3::_PER_COLUMN] / self.counts - self.means * self.means
-        # As max(spread, 0.0) in stddev(): NaN stays NaN.
-        found: np.ndarray = np.sqrt(np.where(0.0 > spread, 0.0, spread))
+            means: np.ndarray = self.totals[:, 2::_PER_COLUMN] / self.counts
+            for name in names:
+                if name == "totals":
+                    found.append(self.totals)
+                elif name == "mins":
+                    found.append(self._reduce(np.minimum, self.tiles[:, 4::_PER_COLUMN], np.inf))
+                elif name == "maxes":
+                    found.append(self._reduce(np.maximum, self.tiles[:, 5::_PER_COLUMN], -np.inf))
+                elif name == "means":
+                    found.append(means)
+                else:
+                    spread = self.totals[:, 3::_PER_COLUMN] / self.counts - means * means
+                    # The population standard deviation, as max(spread, 0.0) in stddev(): NaN stays NaN.
+                    found.append(np.sqrt(np.where(0.0 > spread, 0.0, spread)))
         return found
 
 
