@@ -217,6 +217,8 @@ def _digits(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _FEWEST = -9999
 _MOST = 100_000
 _SMALL_CHARS, _SMALL_LENGTHS = _digits(np.arange(_FEWEST, _MOST, dtype=np.int64))
+# Each at most 5 characters: a byte each is enough.
+_SMALL_LENGTHS = _SMALL_LENGTHS.astype(np.uint8)
 _SMALL_CHARS.setflags(write=False)
 _SMALL_LENGTHS.setflags(write=False)
 
@@ -292,6 +294,13 @@ def _numeric(features: Sequence[Feature], rows: int) -> _Padded | None:
     return out, out_mask, (lengths + (6 + plan.tails[2][:, None])).sum(axis=0)
 
 
+# A ViewFeatureValue's status and its value's tag, by whether the window holds events.
+_HEADS = {
+    True: VIEW_VALUE_STATUS + bytes([_PRESENT]) + VIEW_VALUE_VALUE,
+    False: VIEW_VALUE_STATUS + bytes([_MISSING]) + VIEW_VALUE_VALUE,
+}
+
+
 def _one_by_one(feature: Feature) -> list[bytes]:
     """A feature's ViewFeatureValue entries, each built in Python."""
     if feature.values is not None:
@@ -303,13 +312,9 @@ def _one_by_one(feature: Feature) -> list[bytes]:
             for v, h in zip(feature.numbers.tolist(), feature.has.tolist(), strict=True)
         ]
     tail = _tail(feature.end)
-    heads = {
-        True: VIEW_VALUE_STATUS + bytes([_PRESENT]) + VIEW_VALUE_VALUE,
-        False: VIEW_VALUE_STATUS + bytes([_MISSING]) + VIEW_VALUE_VALUE,
-    }
     out = []
     for value, present in zip(values, feature.present.tolist(), strict=True):
-        body = heads[present] + varint(len(value)) + value + tail
+        body = _HEADS[present] + varint(len(value)) + value + tail
         out.append(VIEW_VECTOR_VALUE + varint(len(body)) + body)
     return out
 
