@@ -315,7 +315,11 @@ class _Window:
         self.has: np.ndarray = self.counts > 0
 
     def _reduce(self, ufunc: np.ufunc, part: np.ndarray, empty: float) -> np.ndarray:
-        """Each entity's reduction of the rows of `part` in its run; `empty` where the run has none."""
+        """Each entity's reduction of the rows of `part` in its run; `empty` where the run has none.
+
+        reduceat reduces each run as it would the run alone (in its own order of operations), so the
+        rows between runs change nothing, to the last bit.
+        """
         reduced: np.ndarray = ufunc.reduceat(part, self.bounds, axis=0)[::2] if len(self.bounds) else part[:0]
         if self.every:
             return reduced
@@ -332,7 +336,8 @@ class _Window:
         """
         found: list[np.ndarray] = []
         with np.errstate(divide="ignore", invalid="ignore"):
-            means: np.ndarray = self.totals[:, 2::_PER_COLUMN] / self.counts
+            if "means" in names or "stddevs" in names:
+                means: np.ndarray = self.totals[:, 2::_PER_COLUMN] / self.counts
             for name in names:
                 if name == "totals":
                     found.append(self.totals)
