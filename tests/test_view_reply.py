@@ -12,7 +12,7 @@ from featurepush.v1 import feature_view_service_pb2 as pb
 from featurepush.v1 import online_service_pb2
 from featurepush_server.core.aggregates import _json_value
 from featurepush_server.core.schema import Kind
-from featurepush_server.core.view_reply import Feature, vectors
+from featurepush_server.core.view_reply import _FEWEST, _MOST, Feature, _decimals, _digits, vectors
 
 PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
 MISSING = online_service_pb2.FEATURE_STATUS_MISSING
@@ -106,3 +106,20 @@ def test_a_value_too_long_for_one_byte_lengths_is_written_one_by_one() -> None:
     reply = pb.GetViewFeaturesResponse.FromString(vectors([huge], 10))
     assert [v.values[0].value.string_value for v in reply.results] == [str(int(1e120))] + ["5"] * 9
     assert reply.results[0].values[0].effective_time.ToMicroseconds() == 1_700_000_000_123_456
+
+
+def test_small_decimals_looked_up_are_those_computed() -> None:
+    values = np.arange(_FEWEST, _MOST, dtype=np.int64)
+    chars, lengths = _decimals(values)
+    computed, computed_lengths = _digits(values)
+    assert np.array_equal(lengths, computed_lengths)
+    assert np.array_equal(chars, computed)
+    assert [bytes(c[:n]).decode() for c, n in zip(chars.tolist(), lengths.tolist(), strict=True)] == [
+        str(v) for v in values.tolist()
+    ]
+    # One value outside the table: every value is computed.
+    mixed = np.array([[_FEWEST - 1, 7], [-3, _MOST]], dtype=np.int64)
+    chars, lengths = _decimals(mixed)
+    assert [bytes(c[:n]).decode() for c, n in zip(chars.reshape(4, -1), lengths.ravel(), strict=True)] == [
+        str(v) for v in mixed.ravel().tolist()
+    ]

@@ -1,4 +1,5 @@
-"""The view read's shortcuts: tile keys of short entity keys, per-view layouts, and reads of every block."""
+"""The view read's shortcuts: tile keys of short entity keys, per-view layouts, reads of every block, and
+windows reduced over runs of the tiles read."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 from conftest import Running
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from views_helpers import HOUR, MINUTE, apply, brute, push, read, same, view
 
 from featurepush.definitions import Aggregate
+from featurepush_server.core.aggregates import _Window
 from featurepush_server.core.stores.rocksdb import RocksDBStore
 
 M = 60_000_000
@@ -76,3 +80,38 @@ def test_a_changed_view_is_read_with_its_new_features(running: Running) -> None:
     apply(running, changed)
     _check(running, changed, users, events, as_of)
     _check(running, changed, ["u1"] * 12, events, as_of)
+
+
+@settings(max_examples=300, deadline=None)
+@given(runs=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 12)), max_size=8), data=st.data())
+def test_a_window_reduces_each_entity_run_as_the_run_alone(
+    runs: list[tuple[int, int]], data: st.DataObject
+) -> None:
+    # Each entity's run of tiles, after a gap of tiles outside the window; some runs are empty.
+    start, stop, at = [], [], 0
+    for gap, length in runs:
+        start.append(at + gap)
+        stop.append(at + gap + length)
+        at += gap + length
+    at += data.draw(st.integers(0, 2))
+    width = 1 + 5 * 2
+    # Of sizes no sum of a few overflows; signed zeros, whose sign depends on the order of the operations.
+    values = st.floats(-1e6, 1e6) | st.sampled_from([0.0, -0.0, 5e-324, -1.5e-300])
+    rows = data.draw(st.lists(st.lists(values, min_size=width, max_size=width), min_size=at, max_size=at))
+    # The tiles as they are decoded: a column of a structured array, each row beside its start.
+    records = np.zeros(at, dtype=[("start", "<i8"), ("fixed", "<f8", (width,))])
+    records["fixed"] = np.array(rows, dtype=np.float64).reshape((at, width))
+    tiles = records["fixed"]
+    window = _Window(tiles, np.array(start, dtype=np.int64), np.array(stop, dtype=np.int64))
+    found = window.sources(["totals", "mins", "maxes"])
+    for e, (a, b) in enumerate(zip(start, stop, strict=True)):
+        run = np.ascontiguousarray(tiles[a:b])
+        wanted = [np.zeros(width), np.full(2, np.inf), np.full(2, -np.inf)]
+        if b > a:
+            wanted = [
+                np.add.reduceat(run, [0], axis=0)[0],
+                np.minimum.reduceat(run[:, 4::5], [0], axis=0)[0],
+                np.maximum.reduceat(run[:, 5::5], [0], axis=0)[0],
+            ]
+        for got, want in zip(found, wanted, strict=True):
+            assert got[e].tobytes() == want.tobytes()

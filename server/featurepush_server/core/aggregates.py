@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import cached_property
 from typing import Any, cast
 
 import numpy as np
@@ -118,40 +117,42 @@ def roll_up(
 class _Moments:
     """The moment features of one window length: where each feature's values come from in a _Window.
 
-    Every such feature is gathered at once into one (entities, features) array per read.
+    Every such feature is gathered at once into one (features, entities) array per read.
     """
 
     def __init__(self, spec: ViewSpec, aggs: Sequence[AggSpec], positions: list[int]):
         self.positions = positions
-        # Per _Window array: the features it gives, and the column of each in that array.
-        sources: dict[str, tuple[list[int], list[int]]] = {}
-        columns: list[int] = []
-        counts_and_sums: list[int] = []
-        self.kinds: list[Kind] = []
-        for j, agg in enumerate(aggs):
-            column = spec.moments.index(agg.column)
-            source, at, kind = _moment_source(agg, column)
-            features, found = sources.setdefault(source, ([], []))
-            features.append(j)
-            found.append(at)
-            columns.append(column)
-            if agg.function in (F.AGGREGATE_FUNCTION_COUNT, F.AGGREGATE_FUNCTION_SUM):
-                counts_and_sums.append(j)
-            self.kinds.append(kind)
-        self.sources = [(name, np.array(f), np.array(c)) for name, (f, c) in sources.items()]
-        self.columns = np.array(columns)
-        self.counts_and_sums = np.array(counts_and_sums, dtype=np.int64)
+        found = [_moment_source(agg, spec.moments.index(agg.column)) for agg in aggs]
+        # The _Window arrays these features need, in _Window.SOURCES order, side by side in one row per
+        # entity: each feature's column in that row.
+        self.sources = tuple(name for name in _Window.SOURCES if any(name == f[0] for f in found))
+        widths = {"totals": 1 + _PER_COLUMN * len(spec.moments)}
+        starts: dict[str, int] = {}
+        at = 0
+        for name in self.sources:
+            starts[name] = at
+            at += widths.get(name, len(spec.moments))
+        self.take = np.array([starts[name] + column for name, column, _ in found], dtype=np.int64)
+        self.columns = np.array([spec.moments.index(agg.column) for agg in aggs], dtype=np.int64)
+        self.counts_and_sums = np.array(
+            [
+                j
+                for j, agg in enumerate(aggs)
+                if agg.function in (F.AGGREGATE_FUNCTION_COUNT, F.AGGREGATE_FUNCTION_SUM)
+            ],
+            dtype=np.int64,
+        )
+        self.kinds = [kind for _, _, kind in found]
 
     def values(self, window: _Window) -> tuple[np.ndarray, np.ndarray]:
-        """Every entity's values of these features, and where they are set."""
-        present = window.present
-        numbers = np.empty((len(present), len(self.kinds)))
-        for name, features, columns in self.sources:
-            numbers[:, features] = getattr(window, name)[:, columns]
-        has = window.has[:, self.columns]
+        """Every entity's values of these features, and where they are set, each (features, entities)."""
+        arrays = window.sources(self.sources)
+        side = arrays[0] if len(arrays) == 1 else np.hstack(arrays)
+        numbers = side.T[self.take]
+        has = window.has.T[self.columns]
         # A count or a sum is set wherever the window holds events, even without values of its column.
-        has[:, self.counts_and_sums] = True
-        has &= present[:, None]
+        has[self.counts_and_sums] = True
+        has &= window.present
         return numbers, has
 
 
@@ -210,23 +211,21 @@ class _Layout:
         n = len(entities)
         owners, stored = _blocks(view, store, codec, entities, first, end - interval)
         blocks = codec.decode(stored)
-        # The tiles inside the longest window, entity by entity and by start (as the blocks come).
-        inside = np.flatnonzero((blocks.starts >= first) & (blocks.starts < end))
-        tile_owner = np.repeat(owners, blocks.counts)[inside]
-        tile_start = blocks.starts[inside]
-        tile_fixed = blocks.fixed[inside]
+        # Each tile's place in a grid of entities by the intervals of the blocks read. The tiles come in
+        # the grid's order (entity by entity, each one's blocks and the tiles of a block by start), so a
+        # window's tiles are one run of rows per entity, found by a search.
+        low = floor_to(first, codec.span)
+        columns = (floor_to(end - interval, codec.span) + codec.span - low) // interval
+        places = np.repeat(owners * columns, blocks.counts) + (blocks.starts - low) // interval
+        rows = np.arange(n, dtype=np.int64) * columns
+        stop = np.searchsorted(places, rows + (end - low) // interval)
         windows: dict[int, _Window] = {}
 
         def window_of(k: int) -> _Window:
             window = windows.get(k)
             if window is None:
-                if k == count:
-                    # The longest window holds every tile read.
-                    window = _Window(n, tile_owner, tile_fixed)
-                else:
-                    shorter = tile_start >= end - k * interval
-                    window = _Window(n, tile_owner[shorter], tile_fixed[shorter])
-                windows[k] = window
+                start = np.searchsorted(places, rows + (end - k * interval - low) // interval)
+                window = windows[k] = _Window(blocks.fixed, start, stop)
             return window
 
         out: list[Feature | None] = [None] * len(self.aggs)
@@ -234,8 +233,12 @@ class _Layout:
             window = window_of(k)
             numbers, has = moments.values(window)
             for j, (i, kind) in enumerate(zip(moments.positions, moments.kinds, strict=True)):
-                out[i] = Feature(window.present, end, numbers[:, j], has[:, j], kind)
+                out[i] = Feature(window.present, end, numbers[j], has[j], kind)
         if self.others:
+            # The tiles inside the longest window, entity by entity and by start (as the blocks come).
+            inside = np.flatnonzero((blocks.starts >= first) & (blocks.starts < end))
+            tile_owner = np.repeat(owners, blocks.counts)[inside]
+            tile_start = blocks.starts[inside]
             # The JSON parts in an (entity, tile) grid; absent tiles stay None.
             var: list[dict[str, Any] | None] = [None] * (n * count)
             where = tile_owner * count + (tile_start - first) // interval
@@ -289,64 +292,65 @@ def _blocks(
 class _Window:
     """Every entity's tiles in a window of one length, and their moments for every column at once.
 
-    The tiles come entity by entity (`owners` ascending), so each entity's are one run of rows.
+    Each entity's tiles are the rows [start, stop) of `tiles`, the tiles read; an empty run has none.
     """
 
-    def __init__(self, n: int, owners: np.ndarray, tiles: np.ndarray):
+    # The arrays of moments a feature's values come from (`sources`).
+    SOURCES = ("totals", "mins", "maxes", "means", "stddevs")
+
+    def __init__(self, tiles: np.ndarray, start: np.ndarray, stop: np.ndarray):
         self.tiles = tiles
-        starts = np.empty(len(owners), dtype=bool)
-        starts[:1] = True
-        np.not_equal(owners[1:], owners[:-1], out=starts[1:])
-        heads = np.flatnonzero(starts)
-        self.heads = heads
-        self.owners = owners[heads]
-        # Whether every entity has tiles here, as in most reads: then the sums need no placing.
-        self.every = len(heads) == n
-        if self.every and n:
-            self.totals = np.add.reduceat(tiles, heads, axis=0)
-        else:
-            self.totals = np.zeros((n, tiles.shape[1]))
-            if len(heads):
-                self.totals[self.owners] = np.add.reduceat(tiles, heads, axis=0)
+        bounds = np.empty(2 * len(start), dtype=np.int64)
+        bounds[0::2] = start
+        bounds[1::2] = stop
+        # Every other reduction is of the tiles between two runs, left out. reduceat takes no index past
+        # the last row: a run that ends there needs no end, and a run that starts there is empty.
+        self.bounds = bounds[: np.searchsorted(bounds, len(tiles))]
+        self.empty = start == stop
+        # Whether every entity has tiles here, as in most reads: then the reductions need no placing.
+        self.every = not np.count_nonzero(self.empty)
+        self.totals = self._reduce(np.add, tiles, 0.0)
         self.present: np.ndarray = self.totals[:, 0] > 0
         self.counts = self.totals[:, 1::_PER_COLUMN]
         self.has: np.ndarray = self.counts > 0
 
-    def _extreme(self, ufunc: np.ufunc, offset: int, empty: float) -> np.ndarray:
-        if not len(self.heads):
-            return np.full(self.counts.shape, empty)
-        part = np.ascontiguousarray(self.tiles[:, offset::_PER_COLUMN])
-        reduced: np.ndarray = ufunc.reduceat(part, self.heads, axis=0)
+    def _reduce(self, ufunc: np.ufunc, part: np.ndarray, empty: float) -> np.ndarray:
+        """Each entity's reduction of the rows of `part` in its run; `empty` where the run has none.
+
+        reduceat reduces each run as it would the run alone (in its own order of operations), so the
+        rows between runs change nothing, to the last bit.
+        """
+        reduced: np.ndarray = ufunc.reduceat(part, self.bounds, axis=0)[::2] if len(self.bounds) else part[:0]
         if self.every:
             return reduced
-        found = np.full(self.counts.shape, empty)
-        found[self.owners] = reduced
+        found = np.full((len(self.empty), part.shape[1]), empty)
+        found[: len(reduced)] = reduced
+        found[self.empty] = empty
         return found
 
-    @cached_property
-    def mins(self) -> np.ndarray:
-        """Each column's minimum."""
-        return self._extreme(np.minimum, 4, np.inf)
+    def sources(self, names: Sequence[str]) -> list[np.ndarray]:
+        """The arrays `names` (of SOURCES), each a row per entity and a column per moment column.
 
-    @cached_property
-    def maxes(self) -> np.ndarray:
-        """Each column's maximum."""
-        return self._extreme(np.maximum, 5, -np.inf)
-
-    @cached_property
-    def means(self) -> np.ndarray:
-        """Each column's mean (NaN without values)."""
+        Means and standard deviations are NaN without values; a column's minimum and maximum are
+        infinite then.
+        """
+        found: list[np.ndarray] = []
         with np.errstate(divide="ignore", invalid="ignore"):
-            found: np.ndarray = self.totals[:, 2::_PER_COLUMN] / self.counts
-        return found
-
-    @cached_property
-    def stddevs(self) -> np.ndarray:
-        """Each column's population standard deviation (NaN without values)."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            spread = self.totals[:, 3::_PER_COLUMN] / self.counts - self.means * self.means
-        # As max(spread, 0.0) in stddev(): NaN stays NaN.
-        found: np.ndarray = np.sqrt(np.where(0.0 > spread, 0.0, spread))
+            if "means" in names or "stddevs" in names:
+                means: np.ndarray = self.totals[:, 2::_PER_COLUMN] / self.counts
+            for name in names:
+                if name == "totals":
+                    found.append(self.totals)
+                elif name == "mins":
+                    found.append(self._reduce(np.minimum, self.tiles[:, 4::_PER_COLUMN], np.inf))
+                elif name == "maxes":
+                    found.append(self._reduce(np.maximum, self.tiles[:, 5::_PER_COLUMN], -np.inf))
+                elif name == "means":
+                    found.append(means)
+                else:
+                    spread = self.totals[:, 3::_PER_COLUMN] / self.counts - means * means
+                    # The population standard deviation, as max(spread, 0.0) in stddev(): NaN stays NaN.
+                    found.append(np.sqrt(np.where(0.0 > spread, 0.0, spread)))
         return found
 
 

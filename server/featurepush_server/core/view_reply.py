@@ -14,7 +14,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -37,10 +37,14 @@ from .wire import (
 
 _PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
 _MISSING = online_service_pb2.FEATURE_STATUS_MISSING
-# Powers of ten from 10^18 down to 1: the place of each of a positive int64's 19 digits.
-_PLACES = 10 ** np.arange(18, -1, -1, dtype=np.int64)
+# Powers of ten from 1 up to 10^18, the place of a digit counted from the right, then a divisor that
+# leaves 0 of any magnitude written in numpy (below 2^63 - 1024): the place left of a 19-digit number.
+_POWERS = np.array([10**e for e in range(19)] + [2**63 - 1], dtype=np.int64)
 # Powers of ten from 10 up to 10^18: how many a magnitude reaches is its digit count less one.
-_TENS = _PLACES[-2::-1].copy()
+_TENS = _POWERS[1:-1].copy()
+_NULL = np.frombuffer(VALUE_NULL + b"\x00", dtype=np.uint8)
+# The places of a varint's four 7-bit groups.
+_SHIFTS = np.arange(0, 28, 7, dtype=np.int64)
 # Entries shorter than this have one-byte lengths; longer Values go the one-by-one way.
 _SHORT = 128
 # Below this many entities, writing each value in Python beats the fixed cost of the array operations.
@@ -49,12 +53,12 @@ _DOUBLE = struct.Struct("<d").pack
 _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
-@dataclass(frozen=True)
-class Feature:
+class Feature(NamedTuple):
     """One feature of every entity: whether its window holds events, its end, and its values.
 
     A numeric feature has `numbers`, set where `has`, written as `kind` says: INT64 as decimal
     strings, INT32 as whole numbers, others as numbers. Any other has its Values serialized in `values`.
+    A tuple rather than a dataclass: a read makes one per feature, and a tuple is quicker to make.
     """
 
     present: np.ndarray
@@ -122,38 +126,111 @@ def _tails(ends: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tail, mask, lengths
 
 
-def _decimals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each int64 but the smallest as a string_value Value in decimal, as str(int) writes it.
+@dataclass(frozen=True)
+class _Plan:
+    """What every read of one run of numeric features shares: their kinds' columns and their tails."""
 
-    Returns bytes, mask and lengths, 3 + digits wide: only the places the largest magnitude needs are
-    computed, and most features' values have a few digits.
+    decimal: np.ndarray
+    numbers: np.ndarray
+    whole: np.ndarray
+    # Above these magnitudes (or NaN) numpy does not write a value as Python does: 2^63 for decimals.
+    limits: np.ndarray
+    # Each feature's padded effective_time field, its mask, and its length.
+    tails: tuple[np.ndarray, np.ndarray, np.ndarray]
+    templates: dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(kinds: tuple[Kind, ...], ends: tuple[int, ...]) -> _Plan:
+    """The plan of a run of numeric features of these kinds and window ends; kept, its arrays read-only."""
+    decimal = np.array([k is Kind.INT64 for k in kinds])
+    plan = _Plan(
+        decimal=np.flatnonzero(decimal),
+        numbers=np.flatnonzero(~decimal),
+        whole=np.flatnonzero([k is Kind.INT32 for k in kinds]),
+        limits=np.where(decimal, 2.0**63, np.inf)[:, None],
+        tails=_tails(ends),
+        templates={},
+    )
+    for array in (plan.decimal, plan.numbers, plan.whole, plan.limits):
+        array.setflags(write=False)
+    return plan
+
+
+def _templates(plan: _Plan, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every entry's bytes that its feature, status and value length decide, for values `width` wide.
+
+    Indexed by (feature * 2 + present) * (width + 1) + value length: the entry's bytes, with a null
+    for a value of 2 bytes, a decimal string's length, and each value's tag; and the mask of those that
+    count. Only the number's or the characters' own bytes are left to write.
+    """
+    found = plan.templates.get(width)
+    if found is None:
+        tail, tail_mask, tail_lengths = plan.tails
+        count = len(tail)
+        size = 6 + width + tail.shape[1]
+        shape = (count, 2, width + 1, size)
+        template = np.zeros(shape, dtype=np.uint8)
+        mask = np.zeros(shape, dtype=bool)
+        lengths = np.arange(width + 1)
+        template[..., 0] = VIEW_VECTOR_VALUE[0]
+        template[..., 1] = 4 + lengths + tail_lengths[:, None, None]
+        template[..., 2] = VIEW_VALUE_STATUS[0]
+        template[:, 0, :, 3] = _MISSING
+        template[:, 1, :, 3] = _PRESENT
+        template[..., 4] = VIEW_VALUE_VALUE[0]
+        template[..., 5] = lengths
+        template[plan.numbers, ..., 6] = VALUE_NUMBER[0]
+        template[plan.decimal, ..., 6] = VALUE_STRING[0]
+        template[plan.decimal, ..., 7] = np.maximum(lengths - 2, 0)
+        template[:, :, 2, 6:8] = _NULL
+        template[..., 6 + width :] = tail[:, None, None, :]
+        mask[...] = np.arange(size) < 6 + lengths[:, None]
+        mask[..., 6 + width :] = tail_mask[:, None, None, :]
+        found = (template.reshape(-1, size), mask.reshape(-1, size))
+        for array in found:
+            array.setflags(write=False)
+        # One assignment: a reader on another thread sees both tables or neither.
+        plan.templates[width] = found
+    return found
+
+
+def _digits(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each int64 but the smallest in decimal, as str(int) writes it: its characters, padded, and their count.
+
+    Only the places the longest needs are computed: most features' values have a few digits.
     """
     negative = values < 0
     magnitude = np.abs(values)
-    largest = int(magnitude.max()) if magnitude.size else 0
-    places = _PLACES[len(_PLACES) - len(str(largest)) :]
-    digits = (magnitude[..., None] // places) % 10
-    shown = magnitude[..., None] >= places
-    shown[..., -1] = True
-    # As many digits as shown; a search of the powers of ten is cheaper than a sum along the last axis.
     lengths = np.searchsorted(_TENS, magnitude, side="right") + 1 + negative
-    width = 3 + len(places)
-    data = np.empty((*values.shape, width), dtype=np.uint8)
-    mask = np.empty((*values.shape, width), dtype=bool)
-    data[..., 0] = VALUE_STRING[0]
-    data[..., 1] = lengths
-    data[..., 2] = ord("-")
-    data[..., 3:] = digits.astype(np.uint8) + ord("0")
-    mask[..., :2] = True
-    mask[..., 2] = negative
-    mask[..., 3:] = shown
-    return data, mask, lengths + 2
+    # The character at place p of a string of n is the digit of 10^(n - 1 - p); places past the end
+    # clip to 10^0, and a sign's place gets a 0 digit, which becomes '-' below ('0' - 3).
+    exponents = lengths[..., None] - 1 - np.arange(int(lengths.max()) if lengths.size else 1)
+    digits = magnitude[..., None] // np.take(_POWERS, exponents, mode="clip") % 10
+    digits[..., 0] -= 3 * negative
+    chars = (digits + ord("0")).astype(np.uint8)
+    return chars, lengths
 
 
-def _columns(arrays: list[np.ndarray], dtype: type) -> np.ndarray:
-    """Arrays of one value per row as the columns of one C-ordered array; cheaper than np.stack."""
-    found: np.ndarray = np.array(arrays, dtype=dtype).T.copy()
-    return found
+# The decimals of the small integers most features hold (counts, sums and extremes of small columns),
+# looked up rather than computed: [_FEWEST, _MOST).
+_FEWEST = -9999
+_MOST = 100_000
+_SMALL_CHARS, _SMALL_LENGTHS = _digits(np.arange(_FEWEST, _MOST, dtype=np.int64))
+# Each at most 5 characters: a byte each is enough.
+_SMALL_LENGTHS = _SMALL_LENGTHS.astype(np.uint8)
+_SMALL_CHARS.setflags(write=False)
+_SMALL_LENGTHS.setflags(write=False)
+
+
+def _decimals(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """As _digits, from the table of small integers when every value is in it."""
+    if values.size and _FEWEST <= values.min() and values.max() < _MOST:
+        at = values - _FEWEST
+        lengths = _SMALL_LENGTHS[at]
+        chars: np.ndarray = _SMALL_CHARS[at]
+        return chars[..., : lengths.max()], lengths
+    return _digits(values)
 
 
 # Entries of rows: padded bytes, the mask of those that count, and each row's count of them. The first
@@ -163,73 +240,65 @@ _LEAD = 5
 
 
 def _numeric(features: Sequence[Feature], rows: int) -> _Padded | None:
-    """The ViewFeatureValue entries of numeric features as (rows, bytes) and its mask; None if one is long."""
-    numbers = _columns([_set(f.numbers) for f in features], np.float64)
-    has = _columns([_set(f.has) for f in features], bool)
-    present = _columns([f.present for f in features], bool)
-    decimal = np.array([f.kind is Kind.INT64 for f in features])
-    whole = np.array([f.kind is Kind.INT32 for f in features])
+    """The ViewFeatureValue entries of numeric features as (rows, bytes) and its mask; None if one is long.
+
+    Works feature by row, (features, rows): each feature's arrays stack without a copy per row.
+    """
+    plan = _plan(tuple(f.kind for f in features), tuple(f.end for f in features))
+    count = len(features)
+    numbers = np.array([_set(f.numbers) for f in features], dtype=np.float64)
+    has = np.array([_set(f.has) for f in features], dtype=bool)
+    present = np.array([f.present for f in features], dtype=bool)
     # Values numpy does not write as Python does: non-finite floats, integers of 2^63 and more in size.
-    odd = has & np.where(decimal, ~(np.abs(numbers) < 2.0**63), ~np.isfinite(numbers))
+    odd = has & ~(np.abs(numbers) < plan.limits)
     plain = np.where(has & ~odd, numbers, 0.0)
-    plain[:, whole] = plain[:, whole].astype(np.int64).astype(np.float64)
+    if plan.whole.size:
+        plain[plan.whole] = plain[plan.whole].astype(np.int64).astype(np.float64)
     odd_values = []
-    if odd.any():
+    if np.count_nonzero(odd):
         odd_values = [
-            (i, j, python_value(float(numbers[i, j]), features[j].kind)) for i, j in np.argwhere(odd).tolist()
+            (j, i, python_value(float(numbers[j, i]), features[j].kind)) for j, i in np.argwhere(odd).tolist()
         ]
-    any_decimal = bool(decimal.any())
-    all_decimal = bool(decimal.all())
-    if any_decimal:
-        data, mask, lengths = _decimals(plain[:, decimal].astype(np.int64))
-    # As wide as the longest value: a number's tag and 8 bytes, the widest decimal, an odd value, a null.
-    widths = [2, 0 if all_decimal else 9, data.shape[-1] if any_decimal else 0]
-    width = max([*widths, *(len(v) for _, _, v in odd_values)])
-    tail, tail_mask, tail_lengths = _tails(tuple(f.end for f in features))
-    tail_width = tail.shape[1]
-    if 4 + width + tail_width >= _SHORT:
+    # Each value's length: a number's tag and 8 bytes, a decimal's tag, length and characters, or a null.
+    lengths = np.full((count, rows), 9, dtype=np.int64)
+    # As wide as the longest value: a number, the widest decimal, an odd value, a null.
+    width = max([2, 9 if len(plan.numbers) else 0, *(len(v) for _, _, v in odd_values)])
+    if len(plan.decimal):
+        chars, sizes = _decimals(plain[plan.decimal].astype(np.int64))
+        lengths[plan.decimal] = sizes + 2
+        width = max(width, 2 + chars.shape[-1])
+    lengths[~has] = 2
+    for j, i, written in odd_values:
+        lengths[j, i] = len(written)
+    tail = plan.tails[0]
+    size = 6 + width + tail.shape[1]
+    if size - 2 >= _SHORT:
         return None
-    size = 6 + width + tail_width
-    out = np.empty((rows, _LEAD + len(features) * size), dtype=np.uint8)
+    templates, masks = _templates(plan, width)
+    which = (np.arange(0, 2 * count, 2)[:, None] + present) * (width + 1) + lengths
+    out = np.empty((rows, _LEAD + count * size), dtype=np.uint8)
     out_mask = np.empty(out.shape, dtype=bool)
     out_mask[:, :_LEAD] = False
     # Views of the entries in place (splitting the last axis needs no copy; numpy would raise if it did).
-    entry = out[:, _LEAD:].reshape((rows, len(features), size), copy=False)
-    entry_mask = out_mask[:, _LEAD:].reshape((rows, len(features), size), copy=False)
-    value = entry[..., 6 : 6 + width]
-    value_mask = entry_mask[..., 6 : 6 + width]
-    value_mask[...] = False
-    # Each value's length: a number's tag and 8 bytes unless a decimal (or null, or odd) below.
-    value_lengths = np.full((rows, len(features)), 9, dtype=np.int64)
-    if any_decimal:
-        value[:, decimal, : data.shape[-1]] = data
-        value_mask[:, decimal, : data.shape[-1]] = mask
-        value_lengths[:, decimal] = lengths
-    if not all_decimal:
-        value[:, ~decimal, 0] = VALUE_NUMBER[0]
-        value[:, ~decimal, 1:9] = plain[:, ~decimal, None].astype("<f8").view(np.uint8)
-        value_mask[:, ~decimal, :9] = True
-    missing = ~has
-    value[missing, :2] = np.frombuffer(VALUE_NULL + b"\x00", dtype=np.uint8)
-    value_mask[missing] = False
-    value_mask[missing, :2] = True
-    value_lengths[missing] = 2
-    for i, j, written in odd_values:
-        value[i, j, : len(written)] = np.frombuffer(written, dtype=np.uint8)
-        value_mask[i, j] = np.arange(width) < len(written)
-        value_lengths[i, j] = len(written)
-    # Status, the value's tag and length, the value, the effective time: all short, one-byte lengths.
-    bodies = 4 + value_lengths + tail_lengths
-    entry[..., 0] = VIEW_VECTOR_VALUE[0]
-    entry[..., 1] = bodies
-    entry[..., 2] = VIEW_VALUE_STATUS[0]
-    entry[..., 3] = np.where(present, _PRESENT, _MISSING)
-    entry[..., 4] = VIEW_VALUE_VALUE[0]
-    entry[..., 5] = value_lengths
-    entry[..., 6 + width :] = tail
-    entry_mask[..., :6] = True
-    entry_mask[..., 6 + width :] = tail_mask
-    return out, out_mask, (bodies + 2).sum(axis=1)
+    np.take(templates, which.T, axis=0, out=out[:, _LEAD:].reshape((rows, count, size), copy=False))
+    np.take(masks, which.T, axis=0, out=out_mask[:, _LEAD:].reshape((rows, count, size), copy=False))
+    # Feature by row; a null's second byte is 0, as its number's first (plain is 0.0 where not set).
+    entry = out[:, _LEAD:].reshape((rows, count, size), copy=False).transpose(1, 0, 2)
+    if len(plan.numbers):
+        entry[plan.numbers, :, 7:15] = plain[plan.numbers].astype("<f8").view(np.uint8).reshape((-1, rows, 8))
+    if len(plan.decimal):
+        entry[plan.decimal, :, 8 : 8 + chars.shape[-1]] = chars
+    for j, i, written in odd_values:
+        entry[j, i, 6 : 6 + len(written)] = np.frombuffer(written, dtype=np.uint8)
+    # Each entry is its tag, length byte, and body: status, the value's tag and length, value, tail.
+    return out, out_mask, (lengths + (6 + plan.tails[2][:, None])).sum(axis=0)
+
+
+# A ViewFeatureValue's status and its value's tag, by whether the window holds events.
+_HEADS = {
+    True: VIEW_VALUE_STATUS + bytes([_PRESENT]) + VIEW_VALUE_VALUE,
+    False: VIEW_VALUE_STATUS + bytes([_MISSING]) + VIEW_VALUE_VALUE,
+}
 
 
 def _one_by_one(feature: Feature) -> list[bytes]:
@@ -243,13 +312,9 @@ def _one_by_one(feature: Feature) -> list[bytes]:
             for v, h in zip(feature.numbers.tolist(), feature.has.tolist(), strict=True)
         ]
     tail = _tail(feature.end)
-    heads = {
-        True: VIEW_VALUE_STATUS + bytes([_PRESENT]) + VIEW_VALUE_VALUE,
-        False: VIEW_VALUE_STATUS + bytes([_MISSING]) + VIEW_VALUE_VALUE,
-    }
     out = []
     for value, present in zip(values, feature.present.tolist(), strict=True):
-        body = heads[present] + varint(len(value)) + value + tail
+        body = _HEADS[present] + varint(len(value)) + value + tail
         out.append(VIEW_VECTOR_VALUE + varint(len(body)) + body)
     return out
 
@@ -296,26 +361,21 @@ def vectors(features: Sequence[Feature], rows: int) -> bytes:
 
 def _assemble(parts: Sequence[_Padded], rows: int) -> bytes:
     """The results entries of rows made of padded parts only, gathered in one step."""
-    lengths = np.zeros(rows, dtype=np.uint64)
-    for part in parts:
-        lengths += part[2].astype(np.uint64)
+    lengths = sum((part[2] for part in parts), np.zeros(rows, dtype=np.int64))
     if len(parts) == 1:
         # The tag and length go in the part's own leading columns.
         whole, whole_mask, _ = parts[0]
     else:
         whole = np.hstack([np.empty((rows, _LEAD), dtype=np.uint8), *(p[0] for p in parts)])
         whole_mask = np.hstack([np.empty((rows, _LEAD), dtype=bool), *(p[1] for p in parts)])
-    # The vector's tag and length (a varint of up to 4 bytes: below 2^28, far above any reply gRPC sends).
-    shifts = np.arange(4, dtype=np.uint64) * np.uint64(7)
-    groups = (lengths[:, None] >> shifts) & np.uint64(0x7F)
-    used = (lengths[:, None] >> shifts) > 0
-    used[:, 0] = True
-    more = np.zeros_like(used)
-    more[:, :-1] = used[:, 1:]
+    # The vector's tag and length (a varint of up to 4 bytes: below 2^28, far above any reply gRPC sends):
+    # each group of 7 bits, with the high bit set where a group follows.
+    groups = lengths[:, None] >> _SHIFTS
     whole[:, 0] = VIEW_FEATURES_RESULT[0]
-    whole[:, 1:_LEAD] = groups | (more.astype(np.uint64) << np.uint64(7))
+    whole[:, 1:_LEAD] = (groups & 0x7F) | ((groups > 0x7F) << 7)
     whole_mask[:, 0] = True
-    whole_mask[:, 1:_LEAD] = used
+    np.greater(groups, 0, out=whole_mask[:, 1:_LEAD])
+    whole_mask[:, 1] = True
     result: bytes = whole[whole_mask].tobytes()
     return result
 
