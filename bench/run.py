@@ -203,19 +203,21 @@ def cpu_seconds(pid: int) -> float:
 def python_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process's threads other than RocksDB's own: the time its Python code ran.
 
-    RocksDB names its background threads (rocksdb:low, rocksdb:high); the rest of the owner's threads run
-    Python and hold its one GIL while they work, so this over the wall time says how busy that lock was.
+    RocksDB names its background threads (rocksdb:low, rocksdb:high) and keeps them for the process's life;
+    the rest of the owner's threads run Python and hold its one GIL while they work, so this over the wall
+    time says how busy that lock was. Taken as the process's total less RocksDB's threads, so that threads
+    which already ended (a closed connection's) still count.
     """
-    total = 0.0
+    rocksdb = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             name = (task / "comm").read_text()
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the thread ended
-        if not name.startswith("rocksdb"):
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        if name.startswith("rocksdb"):
+            rocksdb += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu_seconds(pid) - rocksdb
 
 
 def owner_pid(supervisor: int) -> int | None:
