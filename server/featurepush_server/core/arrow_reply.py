@@ -12,9 +12,10 @@ and entity keys other than one String take the general path (`online.arrow_strea
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from operator import itemgetter
 from typing import cast
 
 import numpy as np
@@ -44,7 +45,8 @@ _STATUS_PRESENT, _STATUS_MISSING, _STATUS_EXPIRED = 1, 2, 3
 _PRESENT = bytes([_STATUS_PRESENT])
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _CONTINUATION = b"\xff\xff\xff\xff"
-_PADDING = [bytes(i) for i in range(8)]
+# The padding after a buffer, by its length's remainder modulo 8.
+_PADDING_AFTER = [bytes(-i % 8) for i in range(8)]
 # Arrow's MetadataVersion V5, and RecordBatch's place in the MessageHeader union.
 _METADATA_V5 = 4
 _HEADER_RECORD_BATCH = 3
@@ -71,6 +73,8 @@ class ReplyPlan:
     bools: np.ndarray
     # A stored value of no fields' values, read where a key has none: every field null.
     null_row: bytes
+    # A stored value's fixed part, taken from each row by one C call.
+    fixed_part: Callable[[bytes], bytes]
     # The two bytes of the field count that every row stored with all of the schema's fields holds.
     count: tuple[bytes, bytes]
     schema_message: bytes
@@ -123,6 +127,7 @@ class ReplyPlan:
             np.array(kinds[_FLOAT32], dtype=index),
             np.array(kinds[_BOOL], dtype=index),
             null_row,
+            itemgetter(slice(None, len(null_row))),
             (bytes([width & 0xFF]), bytes([width >> 8])),
             schema,
         )
@@ -182,7 +187,7 @@ def reply_stream(
     # Every row's header, columns' length, field count, slots and validity bytes, one after another; each
     # part is then read for all rows at once through a strided view of these bytes, without copying.
     fixed_end = len(plan.null_row)
-    head = b"".join([v[:fixed_end] for v in rows])
+    head = b"".join(map(plan.fixed_part, rows))
     if len(head) != n * fixed_end:
         return None
     low, high = plan.count
@@ -217,7 +222,7 @@ def reply_stream(
         nulls = (n - np.count_nonzero(valid, axis=1)).tolist()
         bitmaps = np.packbits(valid, axis=1, bitorder="little")
     if len(plan.used):
-        taken = columns[plan.used]
+        taken = columns.take(plan.used, axis=0)
         if fresh is not None:
             taken *= fresh
         # Each field's variable parts, sliced out of the rows: for a hundred rows a slice per row costs less
@@ -229,7 +234,7 @@ def reply_stream(
                 for field_sizes in sizes
             ]
         else:
-            part_starts = (plan.before @ columns[plan.varying] + fixed_end).tolist()
+            part_starts = (plan.before @ columns.take(plan.varying, axis=0) + fixed_end).tolist()
             datas = [
                 b"".join(
                     [v[at : at + size] for v, at, size in zip(rows, field_starts, field_sizes, strict=True)]
@@ -240,45 +245,44 @@ def reply_stream(
             return None
         int32s_of_n = f"<{n + 1}i"
         offsets = [struct.pack(int32s_of_n, *accumulate(field_sizes, initial=0)) for field_sizes in sizes]
-    # Each kind's values for all its columns in one call.
-    int32s = columns[plan.int32s].astype("<i4") if len(plan.int32s) else columns
-    float32s = columns[plan.float32s].view("<f8").astype("<f4") if len(plan.float32s) else columns
-    bools = np.packbits(columns[plan.bools] != 0, axis=1, bitorder="little") if len(plan.bools) else columns
+    # Each kind's values for all its columns in one call; take() costs a third of indexing with an array.
+    int32s = columns.take(plan.int32s, axis=0).astype("<i4") if len(plan.int32s) else columns
+    float32s = (
+        columns.take(plan.float32s, axis=0).view("<f8").astype("<f4") if len(plan.float32s) else columns
+    )
+    bools = columns
+    if len(plan.bools):
+        # A Bool slot holds 0 or 1: its low byte is the value.
+        bools = np.packbits(
+            columns.take(plan.bools, axis=0).view(np.uint8)[:, ::8], axis=1, bitorder="little"
+        )
     key_offsets, key_data = _strings(keys)
-    if is_found is None:
-        nodes = [n, 0, n, 0, n, 0]
-        found = b""
-    else:
-        nodes = [n, 0, n, 0, n, n - int(np.count_nonzero(is_found))]
+    # Each column's node: its length and null count.
+    nodes = [n, 0] * (3 + len(plan.columns))
+    if bitmaps is not None:
+        nodes[7::2] = [nulls[j] for _, j, _ in plan.columns]
+    found = b""
+    if is_found is not None:
+        nodes[5] = n - int(np.count_nonzero(is_found))
         found = np.packbits(is_found, bitorder="little").tobytes()
+    # Where each kind's values are, by how they are written: a slot holds the value's own 8 bytes for
+    # int64 and microseconds, or float64.
+    values = (columns, columns, int32s, float32s, bools)
     buffers: list[bytes] = [b"", key_offsets, key_data, b"", status, found, micros.tobytes()]
     for read, j, row in plan.columns:
-        null_count = nulls[j]
-        nodes += (n, null_count)
-        buffers.append(bitmaps[j].tobytes() if null_count and bitmaps is not None else b"")
-        if read == _INT64 or read == _FLOAT64:
-            # A slot holds the value's own 8 bytes: int64 and microseconds, or float64.
-            buffers.append(columns[row].tobytes())
-        elif read == _INT32:
-            buffers.append(int32s[row].tobytes())
-        elif read == _FLOAT32:
-            buffers.append(float32s[row].tobytes())
-        elif read == _BOOL:
-            buffers.append(bools[row].tobytes())
+        validity = b"" if bitmaps is None or not nulls[j] else bitmaps[j].tobytes()
+        if read == _BINARY:
+            buffers += (validity, offsets[row], datas[row])
         else:
-            buffers.append(offsets[row])
-            buffers.append(datas[row])
-    # The body: the buffers laid end to end, each padded to 8 bytes, and each one's (offset, length).
-    body: list[bytes] = []
-    places: list[int] = []
-    size = 0
-    for piece in buffers:
-        length = len(piece)
-        places += (size, length)
-        if length:
-            body.append(piece)
-            pad = -length % 8
-            if pad:
-                body.append(_PADDING[pad])
-            size += length + pad
-    return b"".join([plan.schema_message, _message(n, nodes, places, size), *body, _END_OF_STREAM])
+            buffers += (validity, values[read][row].tobytes())
+    # The body: the buffers laid end to end, each padded to 8 bytes, and each one's (offset, length); C
+    # loops over the buffers rather than Python steps per buffer.
+    lengths = list(map(len, buffers))
+    body = buffers + buffers
+    body[::2] = buffers
+    body[1::2] = map(_PADDING_AFTER.__getitem__, map((7).__and__, lengths))
+    ends = list(accumulate(map(len, body), initial=0))
+    places = lengths + lengths
+    places[::2] = ends[:-1:2]
+    places[1::2] = lengths
+    return b"".join([plan.schema_message, _message(n, nodes, places, ends[-1]), *body, _END_OF_STREAM])
