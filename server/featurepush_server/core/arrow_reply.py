@@ -58,19 +58,18 @@ class ReplyPlan:
 
     width: int
     # Per feature column in reply order: how its values are written, its place among the stored fields
-    # (in name order), and its row among the converted values of its kind (its place among `used` for
-    # String and Bytes).
+    # (in name order), and its row among its group in `picked`.
     columns: tuple[tuple[int, int, int], ...]
-    # The stored fields (in name order) with a variable part, and those of them that are reply columns.
+    # The stored fields (in name order) with a variable part.
     varying: np.ndarray
-    used: np.ndarray
-    # Per used field, which varying fields come before its variable part in a row: None where none do.
+    # Per String and Bytes reply column (in name order), which varying fields come before its variable
+    # part in a row: None where none do.
     before: np.ndarray | None
-    # The stored fields (in name order) of the Int32, Float32 and Bool reply columns: each kind is
-    # converted for all its columns in one numpy call.
-    int32s: np.ndarray
-    float32s: np.ndarray
-    bools: np.ndarray
+    # The stored fields (in name order) whose slots a read takes, in groups: the Int64, Timestamp and
+    # Float64 reply columns, the String and Bytes ones (in name order), then the Int32, Float32 and Bool
+    # ones; and where each group ends. Each group is converted and written out for all its columns at once.
+    picked: np.ndarray
+    ends: tuple[int, int, int, int, int]
     # A stored value of no fields' values, read where a key has none: every field null.
     null_row: bytes
     # A stored value's fixed part, taken from each row by one C call.
@@ -99,16 +98,17 @@ class ReplyPlan:
         slots = [place[f.name] for f in features]
         reads = [_READS[f.dtype.kind] for f in features]
         used = [j for j in varying if j in slots]
-        kinds: dict[int, list[int]] = {_INT32: [], _FLOAT32: [], _BOOL: [], _BINARY: used}
+        eights: list[int] = []
+        groups: dict[int, list[int]] = {_INT64: eights, _FLOAT64: eights, _INT32: [], _FLOAT32: [], _BOOL: []}
+        groups[_BINARY] = used
         columns = []
         for read, j in zip(reads, slots, strict=True):
-            group = kinds.get(read)
-            if group is None:
-                columns.append((read, j, j))
-                continue
+            group = groups[read]
             if read != _BINARY:
                 group.append(j)
             columns.append((read, j, group.index(j)))
+        picked = [*eights, *used, *groups[_INT32], *groups[_FLOAT32], *groups[_BOOL]]
+        ends = tuple(accumulate(map(len, (eights, used, groups[_INT32], groups[_FLOAT32], groups[_BOOL]))))
         fixed_width = 2 + 9 * width
         # The greatest header: the null row is never expired.
         null_row = b"\xff" * HEADER_BYTES + struct.pack(">IH", fixed_width, 0) + bytes(9 * width)
@@ -121,11 +121,9 @@ class ReplyPlan:
             width,
             tuple(columns),
             np.array(varying, dtype=index),
-            np.array(used, dtype=index),
             before if before.any() else None,
-            np.array(kinds[_INT32], dtype=index),
-            np.array(kinds[_FLOAT32], dtype=index),
-            np.array(kinds[_BOOL], dtype=index),
+            np.array(picked, dtype=index),
+            cast(tuple[int, int, int, int, int], ends),
             null_row,
             itemgetter(slice(None, len(null_row))),
             (bytes([width & 0xFF]), bytes([width >> 8])),
@@ -221,10 +219,13 @@ def reply_stream(
     else:
         nulls = (n - np.count_nonzero(valid, axis=1)).tolist()
         bitmaps = np.packbits(valid, axis=1, bitorder="little")
-    if len(plan.used):
-        taken = columns.take(plan.used, axis=0)
+    # Every slot the reply reads, group after group, in one call.
+    eights, used, int32s, float32s, bools = plan.ends
+    picked = columns.take(plan.picked, axis=0)
+    if used > eights:
+        taken = picked[eights:used]
         if fresh is not None:
-            taken *= fresh
+            taken = taken * fresh
         # Each field's variable parts, sliced out of the rows: for a hundred rows a slice per row costs less
         # than the dozen numpy calls a gather takes. A row's parts follow its fixed part in field order.
         sizes = taken.tolist()
@@ -245,17 +246,18 @@ def reply_stream(
             return None
         int32s_of_n = f"<{n + 1}i"
         offsets = [struct.pack(int32s_of_n, *accumulate(field_sizes, initial=0)) for field_sizes in sizes]
-    # Each kind's values for all its columns in one call; take() costs a third of indexing with an array.
-    int32s = columns.take(plan.int32s, axis=0).astype("<i4") if len(plan.int32s) else columns
-    float32s = (
-        columns.take(plan.float32s, axis=0).view("<f8").astype("<f4") if len(plan.float32s) else columns
-    )
-    bools = columns
-    if len(plan.bools):
-        # A Bool slot holds 0 or 1: its low byte is the value.
-        bools = np.packbits(
-            columns.take(plan.bools, axis=0).view(np.uint8)[:, ::8], axis=1, bitorder="little"
-        )
+    # Each group's values for all its columns, converted and written out at once, then cut per column: a
+    # slot holds the value's own 8 bytes for int64 and microseconds, or float64; a Bool's 0 or 1 is its
+    # slot's low byte.
+    eight_bytes = picked[:eights].tobytes()
+    values = [(eight_bytes, 8 * n), (eight_bytes, 8 * n), (b"", 0), (b"", 0), (b"", 0)]
+    if int32s > used:
+        values[_INT32] = (picked[used:int32s].astype("<i4").tobytes(), 4 * n)
+    if float32s > int32s:
+        values[_FLOAT32] = (picked[int32s:float32s].view("<f8").astype("<f4").tobytes(), 4 * n)
+    if bools > float32s:
+        packed = np.packbits(picked[float32s:bools].view(np.uint8)[:, ::8], axis=1, bitorder="little")
+        values[_BOOL] = (packed.tobytes(), (n + 7) // 8)
     key_offsets, key_data = _strings(keys)
     # Each column's node: its length and null count.
     nodes = [n, 0] * (3 + len(plan.columns))
@@ -265,16 +267,14 @@ def reply_stream(
     if is_found is not None:
         nodes[5] = n - int(np.count_nonzero(is_found))
         found = np.packbits(is_found, bitorder="little").tobytes()
-    # Where each kind's values are, by how they are written: a slot holds the value's own 8 bytes for
-    # int64 and microseconds, or float64.
-    values = (columns, columns, int32s, float32s, bools)
     buffers: list[bytes] = [b"", key_offsets, key_data, b"", status, found, micros.tobytes()]
     for read, j, row in plan.columns:
         validity = b"" if bitmaps is None or not nulls[j] else bitmaps[j].tobytes()
         if read == _BINARY:
             buffers += (validity, offsets[row], datas[row])
         else:
-            buffers += (validity, values[read][row].tobytes())
+            data, size = values[read]
+            buffers += (validity, data[size * row : size * (row + 1)])
     # The body: the buffers laid end to end, each padded to 8 bytes, and each one's (offset, length); C
     # loops over the buffers rather than Python steps per buffer.
     lengths = list(map(len, buffers))
