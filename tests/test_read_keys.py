@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 from conftest import Running, start
+from google.protobuf import timestamp_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 from test_properties import SETTINGS
 
-from featurepush import Client, FeatureStatus, StreamSource
+from featurepush import Client, FeatureStatus, StreamSource, reads
 from featurepush import types as t
 from featurepush.reads import get_features_request
 from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
@@ -113,6 +114,33 @@ def test_the_clients_request_parses_as_its_string_keys(keys: list[str], columnar
     request = online_service_pb2.GetFeaturesRequest.FromString(data)
     form = online_service_pb2.RESPONSE_FORMAT_ARROW if columnar else online_service_pb2.RESPONSE_FORMAT_STRUCT
     assert request == _request(source, form, [{"user_id": k} for k in keys])
+
+
+@SETTINGS
+@given(keys=st.lists(st.one_of(_KEYS, st.text(st.characters(max_codepoint=127), max_size=300)), max_size=20))
+def test_the_clients_string_keys_are_the_bytes_of_its_general_path(keys: list[str]) -> None:
+    """Keys as strings, ASCII or not, short or long, are written as the same keys given as mappings."""
+    for columnar in (False, True):
+        general = get_features_request("s", [{"user_id": k} for k in keys], ["user_id"], columnar=columnar)
+        assert get_features_request("s", keys, ["user_id"], columnar=columnar) == general
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"),
+    [(0, 0), (1, 999_999_999), (-1, 1), (-62_135_596_800, 0), (253_402_300_799, 999_999_999), (1, 1500)],
+)
+def test_event_times_read_as_protobuf_reads_them(seconds: int, nanos: int) -> None:
+    stamp = timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+    got, want = reads._datetime(stamp), stamp.ToDatetime(tzinfo=dt.UTC)
+    assert got == want and got.tzinfo is want.tzinfo
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"), [(-62_135_596_801, 0), (253_402_300_800, 0), (0, -1), (0, 10**9)]
+)
+def test_an_invalid_event_time_is_refused_as_protobuf_refuses_it(seconds: int, nanos: int) -> None:
+    with pytest.raises(ValueError):
+        reads._datetime(timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos))
 
 
 @pytest.fixture(scope="module")

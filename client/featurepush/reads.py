@@ -8,6 +8,7 @@ from typing import Any, cast, overload
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from google.protobuf import timestamp_pb2
 
 from featurepush.client import FeatureResult, FeatureStatus
 from featurepush.columnar import arrow_type
@@ -64,16 +65,20 @@ def _string_key_prefix(name: bytes, size: int) -> bytes:
     return REQUEST_KEYS + _varint(len(struct) + size) + struct
 
 
-# Per entity key name, the prefix of every short string key by its length in bytes.
+# Per entity key name, the prefix of every short string key by its length in bytes, and the same prefixes
+# as Latin-1 text, whose characters are the prefixes' bytes.
 _SHORT_KEY = 256
-_PREFIXES: dict[str, list[bytes]] = {}
+_PREFIXES: dict[str, tuple[list[bytes], list[str]]] = {}
 
 
-def _prefixes(name: str) -> list[bytes]:
+def _prefixes(name: str) -> tuple[list[bytes], list[str]]:
     found = _PREFIXES.get(name)
     if found is None:
         raw = name.encode()
-        found = _PREFIXES[name] = [_string_key_prefix(raw, size) for size in range(_SHORT_KEY)]
+        prefixes = [_string_key_prefix(raw, size) for size in range(_SHORT_KEY)]
+        if len(_PREFIXES) >= 1024:
+            _PREFIXES.clear()
+        found = _PREFIXES[name] = (prefixes, [p.decode("latin-1") for p in prefixes])
     return found
 
 
@@ -103,6 +108,27 @@ def _head(source: str, arrow: bool) -> bytes:
     return head
 
 
+def _string_keys(texts: Sequence[str], name: str) -> bytes | None:
+    """The request's keys {name: text} as bytes, laid out by C loops; None if a key is too long for this."""
+    prefixes, text_prefixes = _prefixes(name)
+    try:
+        if "".join(texts).isascii():
+            # An ASCII key's length is its UTF-8's and its characters are its bytes: the prefixes and keys
+            # are joined as text and encoded once, rather than encoding each key.
+            text = [*texts, *texts]
+            text[::2] = map(text_prefixes.__getitem__, map(len, texts))
+            text[1::2] = texts
+            return "".join(text).encode("latin-1")
+        raws = list(map(str.encode, texts))
+        parts = raws + raws
+        parts[::2] = map(prefixes.__getitem__, map(len, raws))
+        parts[1::2] = raws
+        return b"".join(parts)
+    except IndexError:
+        # Keys of _SHORT_KEY bytes or more have longer length prefixes: the general path writes them.
+        return None
+
+
 def get_features_request(
     source: str, keys: Sequence[Mapping[str, Any] | Any], entity_keys: Sequence[str], *, columnar: bool
 ) -> bytes:
@@ -111,15 +137,9 @@ def get_features_request(
     head = _head(source, columnar)
     if len(entity_keys) == 1 and set(map(type, keys)) == {str}:
         # The common case, one String key, written as bytes: building a Struct costs ten times more.
-        raws = list(map(str.encode, cast(list[str], keys)))
-        sizes = list(map(len, raws))
-        # Keys of _SHORT_KEY bytes or more have longer length prefixes: the general path writes them.
-        if max(sizes, default=0) < _SHORT_KEY:
-            # Each key's prefix then its bytes, laid out by C loops rather than a concatenation per key.
-            parts = raws + raws
-            parts[::2] = map(_prefixes(entity_keys[0]).__getitem__, sizes)
-            parts[1::2] = raws
-            return head + b"".join(parts)
+        written = _string_keys(cast(Sequence[str], keys), entity_keys[0])
+        if written is not None:
+            return head + written
     out = [head]
     for key in keys:
         struct_bytes = key_to_struct(key, entity_keys).SerializeToString()
@@ -142,24 +162,34 @@ def read_reply(
         status = _STATUSES.get(vector.status)
         if status is None:
             raise ValueError(f"server returned feature status {vector.status}")
-        event_time = vector.event_time.ToDatetime(tzinfo=dt.UTC) if vector.HasField("event_time") else None
+        event_time = _datetime(vector.event_time) if vector.HasField("event_time") else None
         features = decode_record(vector.features, schema) if vector.HasField("features") else None
         results.append(FeatureResult(status, event_time, features))
     return FeatureResults(definition, results=results, keys=keys)
+
+
+# The seconds of 0001-01-01 and of 9999-12-31T23:59:59, the range of a valid Timestamp.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def _datetime(timestamp: timestamp_pb2.Timestamp) -> dt.datetime:
+    """Timestamp.ToDatetime(tzinfo=UTC) in a fraction of its time; its ValueError for an invalid one."""
+    seconds, nanos = timestamp.seconds, timestamp.nanos
+    if _MIN_SECONDS <= seconds <= _MAX_SECONDS and 0 <= nanos < 1_000_000_000:
+        return _EPOCH + dt.timedelta(seconds=seconds, microseconds=nanos // 1000)
+    return timestamp.ToDatetime(tzinfo=dt.UTC)
 
 
 def _read_arrow(stream: bytes, definition: StreamSource, rows: int) -> pa.RecordBatch | pa.Table:
     """The reply's one record batch (a table if several); ValueError if it does not fit the definition."""
     # The stream starts with its schema's message, which the server writes alike for every read of a source:
     # once that message is known to hold the expected columns, only the batch's message needs reading.
-    # A message is 0xFFFFFFFF, the little-endian length of its metadata, then the metadata.
-    size = 8 + int.from_bytes(stream[4:8], "little") if len(stream) >= 8 else 0
-    known = _STREAM_SCHEMAS.get(stream[:size])
+    known = _STREAM_SCHEMAS.get(id(definition))
     try:
-        if known is not None and known[0] is definition:
+        if known is not None and known[0] is definition and stream.startswith(known[1]):
             # The batch's message is read straight from the reply's bytes, without copying them. Each pyarrow
             # call counts: between two network calls, little of pyarrow is left in the CPU's caches.
-            batch = pa.ipc.read_record_batch(pa.py_buffer(memoryview(stream)[size:]), known[1])
+            batch = pa.ipc.read_record_batch(pa.py_buffer(memoryview(stream)[len(known[1]) :]), known[2])
             # The server sends one batch with a row per key; anything else is read in full below.
             if batch.num_rows == rows:
                 return batch
@@ -169,14 +199,16 @@ def _read_arrow(stream: bytes, definition: StreamSource, rows: int) -> pa.Record
     expected = _expected_schema(definition)
     if not table.schema.equals(expected):
         raise ValueError(f"the server's Arrow reply has columns {table.schema}, not {expected}")
+    # A message is 0xFFFFFFFF, the little-endian length of its metadata, then the metadata.
+    size = 8 + int.from_bytes(stream[4:8], "little")
     if len(_STREAM_SCHEMAS) >= 1024:
         _STREAM_SCHEMAS.clear()
-    _STREAM_SCHEMAS[stream[:size]] = (definition, table.schema)
+    _STREAM_SCHEMAS[id(definition)] = (definition, stream[:size], table.schema)
     return table
 
 
-# The schema messages of replies already read, with the definition they were checked against.
-_STREAM_SCHEMAS: dict[bytes, tuple[StreamSource, pa.Schema]] = {}
+# By the identity of a definition, the schema message of the last reply read and checked against it.
+_STREAM_SCHEMAS: dict[int, tuple[StreamSource, bytes, pa.Schema]] = {}
 # Schemas by the identity of their definition, which a client keeps until the source changes.
 _SCHEMAS: dict[int, tuple[StreamSource, pa.Schema]] = {}
 

@@ -2,7 +2,7 @@
 
 Every row's columns (see `encoding.py`) are taken apart for all rows at once with a few numpy operations:
 the fixed parts (header, field count, slots, validity bytes) of all rows are sliced out and read as one
-matrix, and the variable parts of every string and bytes field come out of one gather. The reply's
+matrix, and each string and bytes field's variable parts are sliced out of the rows and joined. The reply's
 record batch is then written as Arrow IPC by hand: its body is the buffers laid end to end, 8-byte
 aligned, and its metadata a small flatbuffer whose shape only depends on the number of columns, so no
 Array, RecordBatch or IPC writer is built per call. Nested fields, rows stored before a field was added
@@ -12,8 +12,10 @@ and entity keys other than one String take the general path (`online.arrow_strea
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
+from operator import itemgetter
 from typing import cast
 
 import numpy as np
@@ -43,7 +45,8 @@ _STATUS_PRESENT, _STATUS_MISSING, _STATUS_EXPIRED = 1, 2, 3
 _PRESENT = bytes([_STATUS_PRESENT])
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _CONTINUATION = b"\xff\xff\xff\xff"
-_PADDING = [bytes(i) for i in range(8)]
+# The padding after a buffer, by its length's remainder modulo 8.
+_PADDING_AFTER = [bytes(-i % 8) for i in range(8)]
 # Arrow's MetadataVersion V5, and RecordBatch's place in the MessageHeader union.
 _METADATA_V5 = 4
 _HEADER_RECORD_BATCH = 3
@@ -55,21 +58,22 @@ class ReplyPlan:
 
     width: int
     # Per feature column in reply order: how its values are written, its place among the stored fields
-    # (in name order), and its row among the converted values of its kind (its place among `used` for
-    # String and Bytes).
+    # (in name order), and its row among its group in `picked`.
     columns: tuple[tuple[int, int, int], ...]
-    # The stored fields (in name order) with a variable part, and those of them that are reply columns.
+    # The stored fields (in name order) with a variable part.
     varying: np.ndarray
-    used: np.ndarray
-    # Per used field, which varying fields come before its variable part in a row: None where none do.
+    # Per String and Bytes reply column (in name order), which varying fields come before its variable
+    # part in a row: None where none do.
     before: np.ndarray | None
-    # The stored fields (in name order) of the Int32, Float32 and Bool reply columns: each kind is
-    # converted for all its columns in one numpy call.
-    int32s: np.ndarray
-    float32s: np.ndarray
-    bools: np.ndarray
+    # The stored fields (in name order) whose slots a read takes, in groups: the Int64, Timestamp and
+    # Float64 reply columns, the String and Bytes ones (in name order), then the Int32, Float32 and Bool
+    # ones; and where each group ends. Each group is converted and written out for all its columns at once.
+    picked: np.ndarray
+    ends: tuple[int, int, int, int, int]
     # A stored value of no fields' values, read where a key has none: every field null.
     null_row: bytes
+    # A stored value's fixed part, taken from each row by one C call.
+    fixed_part: Callable[[bytes], bytes]
     # The two bytes of the field count that every row stored with all of the schema's fields holds.
     count: tuple[bytes, bytes]
     schema_message: bytes
@@ -94,16 +98,17 @@ class ReplyPlan:
         slots = [place[f.name] for f in features]
         reads = [_READS[f.dtype.kind] for f in features]
         used = [j for j in varying if j in slots]
-        kinds: dict[int, list[int]] = {_INT32: [], _FLOAT32: [], _BOOL: [], _BINARY: used}
+        eights: list[int] = []
+        groups: dict[int, list[int]] = {_INT64: eights, _FLOAT64: eights, _INT32: [], _FLOAT32: [], _BOOL: []}
+        groups[_BINARY] = used
         columns = []
         for read, j in zip(reads, slots, strict=True):
-            group = kinds.get(read)
-            if group is None:
-                columns.append((read, j, j))
-                continue
+            group = groups[read]
             if read != _BINARY:
                 group.append(j)
             columns.append((read, j, group.index(j)))
+        picked = [*eights, *used, *groups[_INT32], *groups[_FLOAT32], *groups[_BOOL]]
+        ends = tuple(accumulate(map(len, (eights, used, groups[_INT32], groups[_FLOAT32], groups[_BOOL]))))
         fixed_width = 2 + 9 * width
         # The greatest header: the null row is never expired.
         null_row = b"\xff" * HEADER_BYTES + struct.pack(">IH", fixed_width, 0) + bytes(9 * width)
@@ -116,12 +121,11 @@ class ReplyPlan:
             width,
             tuple(columns),
             np.array(varying, dtype=index),
-            np.array(used, dtype=index),
             before if before.any() else None,
-            np.array(kinds[_INT32], dtype=index),
-            np.array(kinds[_FLOAT32], dtype=index),
-            np.array(kinds[_BOOL], dtype=index),
+            np.array(picked, dtype=index),
+            cast(tuple[int, int, int, int, int], ends),
             null_row,
+            itemgetter(slice(None, len(null_row))),
             (bytes([width & 0xFF]), bytes([width >> 8])),
             schema,
         )
@@ -156,9 +160,7 @@ def _strings(values: Sequence[str] | Sequence[bytes]) -> tuple[bytes, bytes]:
     raws = cast(Sequence[bytes], values)
     if values and type(values[0]) is str:
         raws = [value.encode() for value in cast(Sequence[str], values)]
-    offsets = np.zeros(len(raws) + 1, dtype="<i4")
-    np.cumsum(np.fromiter(map(len, raws), dtype=np.int64, count=len(raws)), out=offsets[1:])
-    return offsets.tobytes(), b"".join(raws)
+    return struct.pack(f"<{len(raws) + 1}i", *accumulate(map(len, raws), initial=0)), b"".join(raws)
 
 
 def reply_stream(
@@ -183,7 +185,7 @@ def reply_stream(
     # Every row's header, columns' length, field count, slots and validity bytes, one after another; each
     # part is then read for all rows at once through a strided view of these bytes, without copying.
     fixed_end = len(plan.null_row)
-    head = b"".join([v[:fixed_end] for v in rows])
+    head = b"".join(map(plan.fixed_part, rows))
     if len(head) != n * fixed_end:
         return None
     low, high = plan.count
@@ -217,67 +219,70 @@ def reply_stream(
     else:
         nulls = (n - np.count_nonzero(valid, axis=1)).tolist()
         bitmaps = np.packbits(valid, axis=1, bitorder="little")
-    if len(plan.used):
-        blob = np.frombuffer(b"".join(rows), dtype=np.uint8)
-        row_sizes = np.fromiter(map(len, rows), dtype=np.int64, count=n)
-        # Each row's variable parts follow its fixed part, one after another in field order.
-        part_starts = (np.cumsum(row_sizes) - row_sizes + fixed_end)[None, :]
-        taken = columns[plan.used]
-        if plan.before is not None:
-            part_starts = part_starts + plan.before @ columns[plan.varying]
+    # Every slot the reply reads, group after group, in one call.
+    eights, used, int32s, float32s, bools = plan.ends
+    picked = columns.take(plan.picked, axis=0)
+    if used > eights:
+        taken = picked[eights:used]
         if fresh is not None:
-            taken *= fresh
-        # Every variable part of every reply field in one gather, field after field, row after row.
-        lengths = taken.ravel()
-        ends = np.cumsum(lengths)
-        if ends[-1] >= 1 << 31:
+            taken = taken * fresh
+        # Each field's variable parts, sliced out of the rows: for a hundred rows a slice per row costs less
+        # than the dozen numpy calls a gather takes. A row's parts follow its fixed part in field order.
+        sizes = taken.tolist()
+        if plan.before is None:
+            datas = [
+                b"".join([v[fixed_end : fixed_end + size] for v, size in zip(rows, field_sizes, strict=True)])
+                for field_sizes in sizes
+            ]
+        else:
+            part_starts = (plan.before @ columns.take(plan.varying, axis=0) + fixed_end).tolist()
+            datas = [
+                b"".join(
+                    [v[at : at + size] for v, at, size in zip(rows, field_starts, field_sizes, strict=True)]
+                )
+                for field_starts, field_sizes in zip(part_starts, sizes, strict=True)
+            ]
+        if max(map(len, datas)) >= 1 << 31:
             return None
-        data = blob[np.repeat(part_starts.ravel() - (ends - lengths), lengths) + np.arange(ends[-1])]
-        ends = ends.reshape(taken.shape)
-        # Each field's offsets start at zero: its ends less where its first part starts.
-        firsts = ends[:, 0] - taken[:, 0]
-        offsets = np.zeros((len(taken), n + 1), dtype="<i4")
-        offsets[:, 1:] = ends - firsts[:, None]
-        starts, stops = firsts.tolist(), ends[:, -1].tolist()
-    # Each kind's values for all its columns in one call.
-    int32s = columns[plan.int32s].astype("<i4") if len(plan.int32s) else columns
-    float32s = columns[plan.float32s].view("<f8").astype("<f4") if len(plan.float32s) else columns
-    bools = np.packbits(columns[plan.bools] != 0, axis=1, bitorder="little") if len(plan.bools) else columns
+        int32s_of_n = f"<{n + 1}i"
+        offsets = [struct.pack(int32s_of_n, *accumulate(field_sizes, initial=0)) for field_sizes in sizes]
+    # Each group's values for all its columns, converted and written out at once, then cut per column: a
+    # slot holds the value's own 8 bytes for int64 and microseconds, or float64; a Bool's 0 or 1 is its
+    # slot's low byte.
+    eight_bytes = picked[:eights].tobytes()
+    values = [(eight_bytes, 8 * n), (eight_bytes, 8 * n), (b"", 0), (b"", 0), (b"", 0)]
+    if int32s > used:
+        values[_INT32] = (picked[used:int32s].astype("<i4").tobytes(), 4 * n)
+    if float32s > int32s:
+        values[_FLOAT32] = (picked[int32s:float32s].view("<f8").astype("<f4").tobytes(), 4 * n)
+    if bools > float32s:
+        packed = np.packbits(picked[float32s:bools].view(np.uint8)[:, ::8], axis=1, bitorder="little")
+        values[_BOOL] = (packed.tobytes(), (n + 7) // 8)
     key_offsets, key_data = _strings(keys)
-    if is_found is None:
-        nodes = [n, 0, n, 0, n, 0]
-        found = b""
-    else:
-        nodes = [n, 0, n, 0, n, n - int(np.count_nonzero(is_found))]
+    # Each column's node: its length and null count.
+    nodes = [n, 0] * (3 + len(plan.columns))
+    if bitmaps is not None:
+        nodes[7::2] = [nulls[j] for _, j, _ in plan.columns]
+    found = b""
+    if is_found is not None:
+        nodes[5] = n - int(np.count_nonzero(is_found))
         found = np.packbits(is_found, bitorder="little").tobytes()
     buffers: list[bytes] = [b"", key_offsets, key_data, b"", status, found, micros.tobytes()]
     for read, j, row in plan.columns:
-        null_count = nulls[j]
-        nodes += (n, null_count)
-        buffers.append(bitmaps[j].tobytes() if null_count and bitmaps is not None else b"")
-        if read == _INT64 or read == _FLOAT64:
-            # A slot holds the value's own 8 bytes: int64 and microseconds, or float64.
-            buffers.append(columns[row].tobytes())
-        elif read == _INT32:
-            buffers.append(int32s[row].tobytes())
-        elif read == _FLOAT32:
-            buffers.append(float32s[row].tobytes())
-        elif read == _BOOL:
-            buffers.append(bools[row].tobytes())
+        validity = b"" if bitmaps is None or not nulls[j] else bitmaps[j].tobytes()
+        if read == _BINARY:
+            buffers += (validity, offsets[row], datas[row])
         else:
-            buffers.append(offsets[row].tobytes())
-            buffers.append(data[starts[row] : stops[row]].tobytes())
-    # The body: the buffers laid end to end, each padded to 8 bytes, and each one's (offset, length).
-    body: list[bytes] = []
-    places: list[int] = []
-    size = 0
-    for piece in buffers:
-        length = len(piece)
-        places += (size, length)
-        if length:
-            body.append(piece)
-            pad = -length % 8
-            if pad:
-                body.append(_PADDING[pad])
-            size += length + pad
-    return b"".join([plan.schema_message, _message(n, nodes, places, size), *body, _END_OF_STREAM])
+            data, size = values[read]
+            buffers += (validity, data[size * row : size * (row + 1)])
+    # The body: the buffers laid end to end, each padded to 8 bytes, and each one's (offset, length); C
+    # loops over the buffers rather than Python steps per buffer.
+    lengths = list(map(len, buffers))
+    body = buffers + buffers
+    body[::2] = buffers
+    body[1::2] = map(_PADDING_AFTER.__getitem__, map((7).__and__, lengths))
+    ends = list(accumulate(map(len, body), initial=0))
+    places = lengths + lengths
+    places[::2] = ends[:-1:2]
+    places[1::2] = lengths
+    return b"".join([plan.schema_message, _message(n, nodes, places, ends[-1]), *body, _END_OF_STREAM])
