@@ -192,8 +192,9 @@ Behavior = Callable[..., Any]
 
 def _labels(message: Any) -> tuple[str, str]:
     """The source names and request id a request carries, for the log line of a failed call."""
-    # A request decoded by one of the edge's own parsers carries the message it read.
-    message = getattr(message, "message", message)
+    if message is not None and not hasattr(message, "DESCRIPTOR"):
+        # A request decoded by one of the edge's own parsers carries the message it read.
+        message = getattr(message, "message", None)
     if message is None or not hasattr(message, "DESCRIPTOR"):
         return "", ""
     fields = message.DESCRIPTOR.fields_by_name
