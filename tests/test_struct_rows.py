@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
+import pyarrow as pa
 import pytest
 from conftest import AD_IMPRESSIONS, Running, keys_request, start
 from google.protobuf import struct_pb2
@@ -149,6 +151,17 @@ def test_rows_read_from_bytes_convert_exactly_as_parsed_rows(push: tuple[SourceS
     spec, raw = push
     parsed, from_bytes = both(raw, spec)
     assert from_bytes == parsed
+    # Read a few rows at a time, the columns come out the same as read at once.
+    whole, chunked = read_columns(raw), read_columns(raw, chunk=5)
+    assert (whole is None) == (chunked is None)
+    if whole is not None and chunked is not None:
+        assert chunked.forms == whole.forms
+        for name, values in whole.values.items():
+            got = chunked.values[name]
+            if isinstance(values, pa.Array):
+                assert isinstance(got, pa.Array) and got.equals(values)
+            else:
+                assert np.asarray(got).tobytes() == values.tobytes()
 
 
 @SETTINGS

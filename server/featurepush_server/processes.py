@@ -13,6 +13,7 @@ and closes the store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -362,10 +363,9 @@ def main(argv: list[str]) -> int:
     config = dataclasses.replace(config, metrics_listen="")
 
     def ready() -> None:
-        try:
+        # A process started again writes to a pipe nobody reads any more: the supervisor does not wait.
+        with contextlib.suppress(OSError):
             os.write(int(ready_fd), b"r")
-        except OSError:
-            pass  # a process started again: the supervisor does not wait for it
         os.close(int(ready_fd))
 
     try:

@@ -26,6 +26,8 @@ from .wire import STRUCT_ENTRY_KEY, STRUCT_ENTRY_VALUE, STRUCT_FIELD, VALUE_BOOL
 
 NUMBER, STRING, BOOL = "number_value", "string_value", "bool_value"
 _VALUE_TAGS = {VALUE_NUMBER[0]: NUMBER, VALUE_STRING[0]: STRING, VALUE_BOOL[0]: BOOL}
+# Rows read at once: about 1 KiB of index arrays per row and field of a long key is live during a read.
+CHUNK_ROWS = 16_384
 _FIELD, _VALUE, _STRING = STRUCT_FIELD[0], STRUCT_ENTRY_VALUE[0], VALUE_STRING[0]
 
 
@@ -115,24 +117,44 @@ def _read_varint(buf: np.ndarray, at: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.where(two, (b0 & 0x7F) | (b1 << 7), b0), at + 1 + two, fits
 
 
-def read_columns(rows: Sequence[bytes]) -> WireColumns | None:
-    """The rows' values by key when every row has row 0's layout; None otherwise (parse them instead)."""
-    n = len(rows)
-    if n == 0:
+def read_columns(rows: Sequence[bytes], chunk: int = CHUNK_ROWS) -> WireColumns | None:
+    """The rows' values by key when every row has row 0's layout; None otherwise (parse them instead).
+
+    Rows are read `chunk` at a time, so the index arrays a read builds (several per row and field) stay
+    bounded however many rows a request carries.
+    """
+    if len(rows) == 0:
         return None
     entries = _layout(rows[0])
     if entries is None:
         return None
+    parts: list[dict[str, np.ndarray | pa.Array]] = []
+    for start in range(0, len(rows), chunk):
+        part = _read_chunk(rows[start : start + chunk], entries)
+        if part is None:
+            return None
+        parts.append(part)
+    forms = {e.key.decode(): e.form for e in entries}
+    if len(parts) == 1:
+        return WireColumns(forms, parts[0])
+    values: dict[str, np.ndarray | pa.Array] = {}
+    for name, form in forms.items():
+        pieces = [part[name] for part in parts]
+        values[name] = pa.concat_arrays(pieces) if form == STRING else np.concatenate(pieces)
+    return WireColumns(forms, values)
+
+
+def _read_chunk(rows: Sequence[bytes], entries: list[_Entry]) -> dict[str, np.ndarray | pa.Array] | None:
+    """The values by key of rows that all have the layout `entries`; None if one does not."""
+    n = len(rows)
     sizes = np.fromiter(map(len, rows), dtype=np.int64, count=n)
     ends = np.cumsum(sizes)
     buf = np.frombuffer(b"".join(rows), dtype=np.uint8)
     at = ends - sizes
-    forms: dict[str, str] = {}
     values: dict[str, np.ndarray | pa.Array] = {}
     last = len(buf) - 1
     for entry in entries:
         name = entry.key.decode()
-        forms[name] = entry.form
         template = np.frombuffer(entry.template, dtype=np.uint8)
         if entry.form != STRING:
             # Fixed bytes, then an 8-byte double or a 1-byte bool.
@@ -188,7 +210,7 @@ def read_columns(rows: Sequence[bytes]) -> WireColumns | None:
         at = end
     if not (at == ends).all():
         return None
-    return WireColumns(forms, values)
+    return values
 
 
 class WireRows(Sequence[struct_pb2.Struct]):
