@@ -87,6 +87,15 @@ _PURGE_MAX = 8192
 _LATE_FIELDS = META + b"late_fields"
 # The pid of the process holding the database open, beside RocksDB's LOCK file; removed at close.
 PID_FILE = "featurepush.pid"
+# Small memtables: each row a write inserts walks a skiplist, and a small one stays in the CPU's caches.
+# Writing 1,000-row batches of the bench's rows took 1.2 us per row with RocksDB's default 64 MiB tables
+# and 0.67 us with 8 MiB ones; 2 and 4 MiB ones flushed faster than two background jobs could compact.
+# Eight of them hold as much as the default's two at most, so a burst waits on a flush no sooner.
+_WRITE_BUFFER_BYTES = 8 * 1024 * 1024
+_WRITE_BUFFERS = 8
+# Small memtables make more and smaller level-0 files; flushing and compacting them runs on background
+# threads that do not hold the GIL, so a machine with cores to spare gives them more.
+_BACKGROUND_JOBS = min(8, max(2, (os.cpu_count() or 2) // 2))
 VIEW = b"v"
 SERVICE = b"w"
 TILE = b"a"
@@ -181,7 +190,9 @@ def db_options(cache: rocksdict.Cache | None = None) -> Any:
 def _open_db(path: Path) -> Any:
     options = db_options()
     options.create_if_missing(True)
-    options.set_max_background_jobs(2)
+    options.set_max_background_jobs(_BACKGROUND_JOBS)
+    options.set_write_buffer_size(_WRITE_BUFFER_BYTES)
+    options.set_max_write_buffer_number(_WRITE_BUFFERS)
     return rocksdict.Rdict(str(path), options)
 
 
