@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from featurepush_server.core.errors import StorageFull
 from featurepush_server.core.stores.base import RowBatch
 from featurepush_server.core.stores.rocksdb import RocksDBStore, row_prefix
 
@@ -59,3 +62,49 @@ def test_keys_the_index_lacks_are_read_unless_it_holds_every_row_of_their_source
         assert late.counts["s"].written == 2
     finally:
         again.close()
+
+
+class _RefusingDb:
+    """The store's database with writes that fail, as a full disk makes them; everything else passes."""
+
+    def __init__(self, db: object):
+        self._db = db
+
+    def write(self, wb: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+
+def test_a_write_that_did_not_land_leaves_no_event_time_in_the_index(tmp_path: Path) -> None:
+    keys = [row_prefix(3) + b"e%d" % i for i in range(5)]
+    store = RocksDBStore(tmp_path / "db", fsync=False)
+    real = store._db
+    try:
+        store.write_latest([RowBatch("s", keys, [_head(10) + b"a"] * 5, b"", 3, 0)])
+        store._db = _RefusingDb(real)
+        with pytest.raises(StorageFull):
+            store.write_latest([RowBatch("s", keys, [_head(30) + b"b"] * 5, b"", 3, 0)])
+        store._db = real
+        store._write_error = None
+        # Time 30 never landed: an event at 20 is newer than what is stored and is written.
+        result = store.write_latest([RowBatch("s", keys, [_head(20) + b"c"] * 5, b"", 3, 0)])
+        assert (result.counts["s"].written, result.counts["s"].superseded) == (5, 0)
+        assert store.read(keys[:1]) == [_head(20) + b"c"]
+    finally:
+        store._db = real
+        store.close()
+
+
+def test_a_dry_run_leaves_no_event_time_in_the_index(tmp_path: Path) -> None:
+    keys = [row_prefix(4) + b"e%d" % i for i in range(3)]
+    store = RocksDBStore(tmp_path / "db", fsync=False)
+    try:
+        dry = store.write_latest([RowBatch("s", keys, [_head(30) + b"a"] * 3, b"", 4, 0)], dry_run=True)
+        assert dry.counts["s"].written == 3
+        result = store.write_latest([RowBatch("s", keys, [_head(20) + b"b"] * 3, b"", 4, 0)])
+        assert result.counts["s"].written == 3
+        assert store.read(keys[:1]) == [_head(20) + b"b"]
+    finally:
+        store.close()

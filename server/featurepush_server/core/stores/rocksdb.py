@@ -309,7 +309,6 @@ class RocksDBStore:
         self._latest_bytes = 0
         # Source id -> whether the index holds every stored row of it (see _indexes_every_row).
         self._indexed_sources: dict[int, bool] = {}
-        self._staged: dict[bytes, bytes] = {}
         # Source id -> how many times its definition was written by this process (-1: deleted).
         self._generations: dict[int, int] = {}
         self._view_generations: dict[int, int] = {}
@@ -676,29 +675,14 @@ class RocksDBStore:
                         )
             seen = self.seen_request(request_id) if request_id else None
             if seen is None:
-                wb = rocksdict.WriteBatch(raw_mode=True)
-                counts = {batch.source: self._stage_latest(batch, wb) for batch in batches}
-                for batch in batches:
-                    if batch.tiles:
-                        skipped = self._stage_tiles(batch.tiles, wb)
-                        c = counts[batch.source]
-                        counts[batch.source] = BatchCounts(c.accepted, c.written, c.superseded, skipped)
-                if not dry_run:
-                    self._stage_offline(batches, wb)
-                if request_id and not dry_run:
-                    record = {
-                        s: [c.accepted, c.written, c.superseded, c.late_skipped] for s, c in counts.items()
-                    }
-                    now_ms = int(time.time() * 1000).to_bytes(8, "big")
-                    wb.put(REQUEST + request_id.encode(), now_ms + json.dumps(record).encode())
-                    wb.put(REQUEST_EXPIRY + now_ms + request_id.encode(), b"")
-                    self._writes_since_purge += 1
                 try:
-                    if not dry_run and not wb.is_empty():
-                        self._write(wb)
-                        self._latest.update(self._staged)
-                finally:
-                    self._staged.clear()
+                    counts = self._stage_and_write(batches, request_id, dry_run)
+                except BaseException:
+                    # The index took the staged rows' event times as they were staged; a write that did
+                    # not land leaves it ahead of the database, so it starts over.
+                    if not dry_run:
+                        self._forget_latest()
+                    raise
         if seen is not None:
             # The first request may still be syncing; the replay must not be acknowledged before it.
             self._sync()
@@ -707,7 +691,33 @@ class RocksDBStore:
             self._sync()
         return WriteResult(counts)
 
-    def _stage_latest(self, batch: RowBatch, wb: rocksdict.WriteBatch) -> BatchCounts:
+    def _stage_and_write(
+        self, batches: Sequence[RowBatch], request_id: str, dry_run: bool
+    ) -> dict[str, BatchCounts]:
+        """Stage every batch, its tiles, offline entry and request record in one write batch; write it."""
+        # Once per write, before staging: past its bounds the index starts over.
+        if len(self._latest) > self._latest_max or self._latest_bytes > self._latest_max_bytes:
+            self._forget_latest()
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        counts = {batch.source: self._stage_latest(batch, wb, dry_run) for batch in batches}
+        for batch in batches:
+            if batch.tiles:
+                skipped = self._stage_tiles(batch.tiles, wb)
+                c = counts[batch.source]
+                counts[batch.source] = BatchCounts(c.accepted, c.written, c.superseded, skipped)
+        if not dry_run:
+            self._stage_offline(batches, wb)
+        if request_id and not dry_run:
+            record = {s: [c.accepted, c.written, c.superseded, c.late_skipped] for s, c in counts.items()}
+            now_ms = int(time.time() * 1000).to_bytes(8, "big")
+            wb.put(REQUEST + request_id.encode(), now_ms + json.dumps(record).encode())
+            wb.put(REQUEST_EXPIRY + now_ms + request_id.encode(), b"")
+            self._writes_since_purge += 1
+        if not dry_run and not wb.is_empty():
+            self._write(wb)
+        return counts
+
+    def _stage_latest(self, batch: RowBatch, wb: rocksdict.WriteBatch, dry_run: bool) -> BatchCounts:
         keys, values = batch.keys, batch.values
         accepted = len(keys)
         width = HEADER_BYTES
@@ -725,8 +735,6 @@ class RocksDBStore:
             heads = [heads[i] for i in order]
         # Event-time headers of stored rows come from memory when this process has seen the key.
         cache = self._latest
-        if len(cache) > self._latest_max or self._latest_bytes > self._latest_max_bytes:
-            self._forget_latest()
         stored = list(map(cache.get, keys))
         if None in stored:
             # Every key is new to the index (a new source, a backfill) more often than not.
@@ -734,16 +742,17 @@ class RocksDBStore:
             at = [] if every else [i for i, old in enumerate(stored) if old is None]
             misses = list(keys) if every else [keys[i] for i in at]
             if self._indexes_every_row(batch.source_id):
-                # Nothing to read: a key the index lacks has no stored row.
+                # Nothing to read: a key the index lacks has no stored row. Not remembered either: the
+                # rows written below enter the index, and a superseded one is as absent next time.
                 found = [_ABSENT] * len(misses)
             else:
                 found = [_ABSENT if old is None else old[:width] for old in self._db.get(misses)]
+                cache.update(zip(misses, found, strict=True))
             if every:
                 stored[:] = found
             else:
                 for i, head in zip(at, found, strict=True):
                     stored[i] = head
-            cache.update(zip(misses, found, strict=True))
             self._latest_bytes += sum(map(len, misses)) + len(misses) * _INDEX_ENTRY_OVERHEAD
         # Headers order like event times; an equal time replaces, so a correction can land. Whole
         # 8-byte headers compare as big-endian numbers, all at once.
@@ -756,7 +765,9 @@ class RocksDBStore:
         written = sum(newer)
         # Handed to RocksDB and to the index by C loops (map, compress), not one Python step per row.
         deque(map(wb.put, compress(keys, newer), compress(values, newer)), maxlen=0)
-        self._staged.update(zip(compress(keys, newer), compress(heads, newer), strict=True))
+        if not dry_run:
+            # Ahead of the write; _write_latest starts the index over if the write does not land.
+            cache.update(zip(compress(keys, newer), compress(heads, newer), strict=True))
         return BatchCounts(accepted, written, accepted - written)
 
     def _indexes_every_row(self, source_id: int | None) -> bool:
