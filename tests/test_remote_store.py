@@ -164,3 +164,20 @@ def test_a_connection_past_a_full_backlog_waits_until_it_is_taken() -> None:
         for path in runtime.iterdir():
             path.unlink()
         runtime.rmdir()
+
+
+def test_the_owner_keeps_the_latest_row_of_each_entity_within_and_across_writes(
+    remote: tuple[RemoteStore, RocksDBStore],
+) -> None:
+    front, store = remote
+    keys = [b"r\x00\x00\x00\x01" + b"e%d" % i for i in range(4)]
+    # Entity 0 twice (the later, newer one wins), entity 1 twice at one time (the later one wins).
+    rows = [(0, 10, b"a"), (1, 12, b"b"), (0, 11, b"c"), (2, 5, b"d"), (1, 12, b"e")]
+    batch = RowBatch("s", [keys[i] for i, _, _ in rows], [time_header(t) + p for _, t, p in rows])
+    result = front.write_latest([batch])
+    assert (result.counts["s"].accepted, result.counts["s"].written) == (5, 3)
+    assert store.read(keys[:3]) == [time_header(11) + b"c", time_header(12) + b"e", time_header(5) + b"d"]
+    older = front.write_latest(
+        [RowBatch("s", [keys[0], keys[3]], [time_header(9) + b"x", time_header(1) + b"y"])]
+    )
+    assert (older.counts["s"].written, older.counts["s"].superseded) == (1, 1)

@@ -1,0 +1,57 @@
+"""Latest-by-event-time writes against a model of them, whatever the latest-event index holds."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from featurepush_server.core.framing import HEADER_BYTES
+from featurepush_server.core.stores.base import RowBatch
+from featurepush_server.core.stores.rocksdb import RocksDBStore, row_prefix
+
+_KEYS = [row_prefix(1) + b"e%d" % i for i in range(6)]
+# A batch: (entity index, event-time header as a number, payload) per row.
+_ROWS = st.lists(
+    st.tuples(st.integers(0, 5), st.integers(0, (1 << 64) - 1), st.binary(max_size=6)), max_size=12
+)
+
+
+def _batch(rows: list[tuple[int, int, bytes]]) -> RowBatch:
+    keys = [_KEYS[i] for i, _, _ in rows]
+    values = [t.to_bytes(HEADER_BYTES, "big") + payload for _, t, payload in rows]
+    return RowBatch("s", keys, values, b"", 1, 0)
+
+
+def _model(batches: list[list[tuple[int, int, bytes]]]) -> dict[bytes, bytes]:
+    """The latest row per entity: a newer or equal event time replaces, in the order written."""
+    latest: dict[bytes, tuple[int, bytes]] = {}
+    for rows in batches:
+        for i, t, payload in rows:
+            old = latest.get(_KEYS[i])
+            if old is None or t >= old[0]:
+                latest[_KEYS[i]] = (t, payload)
+    return {k: t.to_bytes(HEADER_BYTES, "big") + p for k, (t, p) in latest.items()}
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=st.lists(_ROWS, max_size=5), cache=st.sampled_from([2, 1_000]))
+def test_every_entity_keeps_its_latest_row_whatever_the_index_holds(
+    batches: list[list[tuple[int, int, bytes]]], cache: int
+) -> None:
+    # A two-entry index starts over within most writes; a large one keeps every key.
+    with tempfile.TemporaryDirectory() as tmp:
+        store = RocksDBStore(Path(tmp) / "db", fsync=False, latest_cache_entries=cache)
+        try:
+            for n, rows in enumerate(batches):
+                result = store.write_latest([_batch(rows)])
+                before, after = _model(batches[:n]), _model(batches[: n + 1])
+                changed = sum(1 for k in after if after[k] != before.get(k))
+                assert result.counts["s"].accepted == len(rows)
+                assert result.counts["s"].written >= changed
+            expected = _model(batches)
+            assert dict(zip(_KEYS, store.read(_KEYS), strict=True)) == {k: expected.get(k) for k in _KEYS}
+        finally:
+            store.close()
