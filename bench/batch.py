@@ -180,10 +180,10 @@ def backfill_pair(processes: int, rows: int = 2_000_000) -> list[Any]:
     Each starts on an empty data folder; the ceiling of both is the --processes 1 figure. With several
     processes the owner's CPU per row is reported too, with the rows per second one owner core could take.
     """
-    from bench.run import Result, cpu_seconds, owner_pid
+    from bench.run import Result, cpu_seconds, owner_pid, python_cpu_seconds
 
     figures: dict[int, float] = {}
-    owner_us = 0.0
+    owner_us = owner_python = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _write_history(folder / "h.parquet", rows, rows // 2)
@@ -192,11 +192,14 @@ def backfill_pair(processes: int, rows: int = 2_000_000) -> list[Any]:
             try:
                 owner = owner_pid(running.process.pid)
                 before = cpu_seconds(owner) if owner else 0.0
+                python_before = python_cpu_seconds(owner) if owner else 0.0
                 began = time.perf_counter()
                 result = backfill(running.channel, "bench")
-                figures[n] = result.rows_read / (time.perf_counter() - began)
+                wall = time.perf_counter() - began
+                figures[n] = result.rows_read / wall
                 if owner:
                     owner_us = (cpu_seconds(owner) - before) * 1e6 / result.rows_read
+                    owner_python = (python_cpu_seconds(owner) - python_before) / wall
             finally:
                 running.close()
     one = figures[1]
@@ -216,6 +219,9 @@ def backfill_pair(processes: int, rows: int = 2_000_000) -> list[Any]:
         out.append(
             Result("owner_cpu_us_per_row[backfill_rows]", round(owner_us, 3), "us", round(bound), ratio)
         )
+        # Near 1: the owner's GIL bounds the backfill; well below: the reading and encoding side does.
+        busy = round(owner_python, 3)
+        out.append(Result("owner_python_cores[backfill_rows]", busy, "cores", 1, busy))
     return out
 
 

@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import compress
+from operator import and_, is_not
 from pathlib import Path
 from typing import Any, cast
 
@@ -151,6 +152,18 @@ def _count(keys: Iterator[bytes], limit: int | None) -> int:
 _ABSENT = bytes(HEADER_BYTES)
 # What one latest-event index entry costs beyond its key's bytes: the dict slot, the key and header objects.
 _INDEX_ENTRY_OVERHEAD = 120
+
+
+def _newer(heads: list[bytes], stored: list[bytes]) -> list[bool]:
+    """Whether each row's header is at least its stored row's: an equal time replaces, so a correction lands.
+
+    Whole 8-byte headers compare as big-endian numbers, all at once.
+    """
+    new, old = b"".join(heads), b"".join(stored)
+    if len(new) == len(old) == HEADER_BYTES * len(heads):
+        newer: list[bool] = (np.frombuffer(new, dtype=">u8") >= np.frombuffer(old, dtype=">u8")).tolist()
+        return newer
+    return [head >= prior for head, prior in zip(heads, stored, strict=True)]
 
 
 def storage_error(error: Exception) -> CoreError | None:
@@ -733,8 +746,10 @@ class RocksDBStore:
             keys = [keys[i] for i in order]
             values = [values[i] for i in order]
             heads = [heads[i] for i in order]
-        # Event-time headers of stored rows come from memory when this process has seen the key.
         cache = self._latest
+        if not dry_run and self._indexes_every_row(batch.source_id):
+            return self._stage_indexed(keys, values, heads, accepted, wb)
+        # Event-time headers of stored rows come from memory when this process has seen the key.
         stored = list(map(cache.get, keys))
         if None in stored:
             # Every key is new to the index (a new source, a backfill) more often than not.
@@ -742,8 +757,7 @@ class RocksDBStore:
             at = [] if every else [i for i, old in enumerate(stored) if old is None]
             misses = list(keys) if every else [keys[i] for i in at]
             if self._indexes_every_row(batch.source_id):
-                # Nothing to read: a key the index lacks has no stored row. Not remembered either: the
-                # rows written below enter the index, and a superseded one is as absent next time.
+                # Nothing to read (a dry run): a key the index lacks has no stored row.
                 found = [_ABSENT] * len(misses)
             else:
                 found = [_ABSENT if old is None else old[:width] for old in self._db.get(misses)]
@@ -754,20 +768,41 @@ class RocksDBStore:
                 for i, head in zip(at, found, strict=True):
                     stored[i] = head
             self._latest_bytes += sum(map(len, misses)) + len(misses) * _INDEX_ENTRY_OVERHEAD
-        # Headers order like event times; an equal time replaces, so a correction can land. Whole
-        # 8-byte headers compare as big-endian numbers, all at once.
-        known = cast(list[bytes], stored)  # every None was filled in above
-        new, old = b"".join(heads), b"".join(known)
-        if len(new) == len(old) == width * len(keys):
-            newer = (np.frombuffer(new, dtype=">u8") >= np.frombuffer(old, dtype=">u8")).tolist()
-        else:
-            newer = [head >= prior for head, prior in zip(heads, known, strict=True)]
+        newer = _newer(heads, cast(list[bytes], stored))  # every None was filled in above
         written = sum(newer)
         # Handed to RocksDB and to the index by C loops (map, compress), not one Python step per row.
         deque(map(wb.put, compress(keys, newer), compress(values, newer)), maxlen=0)
         if not dry_run:
             # Ahead of the write; _write_latest starts the index over if the write does not land.
             cache.update(zip(compress(keys, newer), compress(heads, newer), strict=True))
+        return BatchCounts(accepted, written, accepted - written)
+
+    def _stage_indexed(
+        self,
+        keys: Sequence[bytes],
+        values: Sequence[bytes],
+        heads: list[bytes],
+        accepted: int,
+        wb: rocksdict.WriteBatch,
+    ) -> BatchCounts:
+        """Stage distinct keys of a source whose every stored row is in the index; called under the lock.
+
+        A key the index lacks has no stored row, so its row is newer than anything stored: `setdefault`
+        looks each key up and enters a missing one with its new header in one dict operation, where a
+        lookup and a later insert would take two (a backfill's keys are mostly new to a large index).
+        """
+        cache = self._latest
+        size = len(cache)
+        stored = list(map(cache.setdefault, keys, heads))
+        if added := len(cache) - size:
+            self._latest_bytes += added * (sum(map(len, keys)) // len(keys) + _INDEX_ENTRY_OVERHEAD)
+        newer = _newer(heads, stored)
+        written = sum(newer)
+        deque(map(wb.put, compress(keys, newer), compress(values, newer)), maxlen=0)
+        # A key entered just now got its own header back; the others that are newer are entered here.
+        entered = map(is_not, stored, heads)
+        later = list(map(and_, newer, entered))
+        cache.update(zip(compress(keys, later), compress(heads, later), strict=True))
         return BatchCounts(accepted, written, accepted - written)
 
     def _indexes_every_row(self, source_id: int | None) -> bool:
