@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import Running, start
@@ -37,7 +38,7 @@ from featurepush.definitions import StreamSource
 from featurepush.reads import SMALL_READ_KEYS, FeatureResults, columns_schema, read_reply, wants_arrow
 from featurepush.v1 import online_service_pb2
 from featurepush.values import parse_timestamp
-from featurepush_server.core.arrow_reply import reply_stream
+from featurepush_server.core.arrow_reply import _bitmap, reply_stream
 from featurepush_server.core.online import arrow_stream, read_layout
 
 
@@ -217,6 +218,13 @@ def test_the_direct_reply_is_the_general_one(server: Running, client: Client, da
     assert same(got.to_pylist(), want.to_pylist())
     statuses = got.column(1).to_pylist()
     assert statuses.count(2) == sum(k not in {c[KEY] for _, c in batch} for k in keys)
+
+
+@given(st.binary(min_size=1, max_size=300))
+def test_flags_pack_as_numpy_packs_them(flags: bytes) -> None:
+    """The bitmap of flag bytes sets a bit for every byte that is not zero, first value lowest."""
+    want = np.packbits(np.frombuffer(flags, np.uint8).astype(bool), bitorder="little").tobytes()
+    assert _bitmap(flags) == want
 
 
 def test_a_flat_field_added_later_reads_as_null_in_old_rows(client: Client) -> None:
