@@ -341,12 +341,11 @@ def _features(definition: StreamSource) -> list[Field]:
 class FeatureResults(Sequence[FeatureResult]):
     """The vectors of one get_features call in key order; immutable.
 
-    A sequence of FeatureResult, built on first use, and the same vectors as columns (an Arrow reply's batch
-    is read on first use too): to_arrow(),
+    A sequence of FeatureResult, built on first use, and the same vectors as columns: to_arrow(),
     to_pandas() and to_polars() (when pandas or polars is installed). The columns are the entity keys,
     `status` (int8: 1 PRESENT, 2 MISSING, 3 EXPIRED), `event_time` (null when MISSING), then the source's
     other fields, null unless PRESENT; a field named status or event_time pushes those to _status or
-    _event_time.
+    _event_time. An Arrow reply's record batch is read on first use too.
     """
 
     def __init__(
