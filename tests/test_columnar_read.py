@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import Running, start
+from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 from test_properties import (
@@ -34,10 +36,18 @@ from featurepush import Client, FeatureResult, FeatureStatus
 from featurepush import types as t
 from featurepush.aio import AsyncClient
 from featurepush.definitions import StreamSource
-from featurepush.reads import SMALL_READ_KEYS, FeatureResults, columns_schema, read_reply, wants_arrow
+from featurepush.reads import (
+    SMALL_READ_KEYS,
+    FeatureResults,
+    _batch_length,
+    columns_schema,
+    parse_reply,
+    read_reply,
+    wants_arrow,
+)
 from featurepush.v1 import online_service_pb2
 from featurepush.values import parse_timestamp
-from featurepush_server.core.arrow_reply import reply_stream
+from featurepush_server.core.arrow_reply import _bitmap, reply_stream
 from featurepush_server.core.online import arrow_stream, read_layout
 
 
@@ -219,6 +229,13 @@ def test_the_direct_reply_is_the_general_one(server: Running, client: Client, da
     assert statuses.count(2) == sum(k not in {c[KEY] for _, c in batch} for k in keys)
 
 
+@given(st.binary(min_size=1, max_size=300))
+def test_flags_pack_as_numpy_packs_them(flags: bytes) -> None:
+    """The bitmap of flag bytes sets a bit for every byte that is not zero, first value lowest."""
+    want = np.packbits(np.frombuffer(flags, np.uint8).astype(bool), bitorder="little").tobytes()
+    assert _bitmap(flags) == want
+
+
 def test_a_flat_field_added_later_reads_as_null_in_old_rows(client: Client) -> None:
     name = unique_source_name()
     schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp), t.Field("n", t.Int64)]
@@ -376,3 +393,54 @@ def test_an_arrow_reply_of_several_batches_is_read_whole() -> None:
     assert len(read_reply(reply(["a"]), definition, ["a"])) == 1
     results = read_reply(reply(["a"], ["b"]), definition, ["a", "b"])
     assert [r.features[KEY] for r in results if r.features is not None] == ["a", "b"]
+
+
+@given(st.binary(max_size=300), st.lists(st.sampled_from([1, 2, 3]), max_size=3), st.binary(max_size=20))
+def test_a_reply_is_parsed_as_protobuf_parses_it(stream: bytes, statuses: list[int], junk: bytes) -> None:
+    """An Arrow reply's stream is a view of its bytes; other replies and bytes parse as protobuf does."""
+    response = online_service_pb2.GetFeaturesResponse(arrow_ipc=stream)
+    response.results.extend(online_service_pb2.FeatureVector(status=s) for s in statuses)
+    for data in (response.SerializeToString(), junk, response.SerializeToString() + junk):
+        try:
+            want = online_service_pb2.GetFeaturesResponse.FromString(data)
+        except DecodeError:
+            with pytest.raises(DecodeError):
+                parse_reply(data)
+            continue
+        got = parse_reply(data)
+        if isinstance(got, memoryview):
+            assert got.tobytes() == want.arrow_ipc and not want.results
+        else:
+            assert got == want
+
+
+@given(st.integers(0, 300), st.lists(st.sampled_from([pa.int64(), pa.string(), pa.bool_()]), max_size=4))
+def test_a_batch_length_is_read_from_its_message(rows: int, types: list[pa.DataType]) -> None:
+    """The row count of any record batch message, read from its metadata; None for other messages."""
+    schema = pa.schema([pa.field(f"c{i}", kind) for i, kind in enumerate(types)])
+    batch = pa.RecordBatch.from_pylist([{}] * rows, schema=schema) if types else pa.record_batch([], schema)
+    if not types:
+        assert batch.num_rows == 0
+    assert _batch_length(memoryview(batch.serialize().to_pybytes())) == batch.num_rows
+    assert _batch_length(memoryview(schema.serialize().to_pybytes())) is None
+    assert _batch_length(memoryview(batch.serialize().to_pybytes()[:12])) is None
+
+
+def test_a_reply_batch_that_does_not_read_fails_on_first_use() -> None:
+    schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp)]
+    definition = StreamSource(name="late", schema=schema, entity_keys=[KEY], timestamp_field=TS)
+    columns = columns_schema(definition)
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    rows = [{KEY: k, "status": 1, "event_time": when, TS: when} for k in ("a", "b")]
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, columns) as writer:
+        writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=columns))
+    stream = sink.getvalue().to_pybytes()
+    reply = online_service_pb2.GetFeaturesResponse(arrow_ipc=stream).SerializeToString()
+    assert read_reply(parse_reply(reply), definition, ["a", "b"]).to_arrow().num_rows == 2
+    # The schema is known now: the batch's metadata says two rows, but its body is cut short.
+    cut = online_service_pb2.GetFeaturesResponse(arrow_ipc=stream[:-40]).SerializeToString()
+    results = read_reply(parse_reply(cut), definition, ["a", "b"])
+    assert len(results) == 2
+    with pytest.raises(ValueError, match="could not be read"):
+        results.to_arrow()

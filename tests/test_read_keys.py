@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from conftest import Running, start
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 from test_properties import SETTINGS
@@ -19,7 +21,12 @@ from featurepush import types as t
 from featurepush.reads import get_features_request
 from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
 from featurepush.v1 import online_service_pb2
-from featurepush_server.core.wire import VIEW_REQUEST_KEYS, single_string_keys, string_keys_between
+from featurepush_server.core.wire import (
+    VIEW_REQUEST_KEYS,
+    single_string_keys,
+    string_keys_between,
+    string_keys_request,
+)
 
 # Keys around every bound of the fast paths: the server's short keys (under 100 UTF-8 bytes, and the
 # one-byte lengths of their prefix), the client's (under 256 bytes), and strings holding the very bytes
@@ -76,6 +83,54 @@ def test_string_keys_read_from_the_bytes_are_the_parsed_keys(
     apart = name.isidentifier() and name not in source and not any(name in k for k in keys)
     if apart and len(name.encode()) <= 8 and max(len(k.encode()) for k in keys) < 100:
         assert raws is not None
+
+
+@SETTINGS
+@given(
+    source=st.text(max_size=30),
+    response_format=_FORMATS,
+    name=_NAMES,
+    keys=st.lists(st.one_of(_KEYS, st.integers(), st.none()), min_size=1, max_size=20),
+    extra=st.booleans(),
+    change=st.tuples(st.sampled_from(["none", "cut", "flip", "append"]), st.integers(0, 10_000), st.binary()),
+)
+def test_a_request_read_from_its_bytes_is_the_parsed_request(
+    source: str,
+    response_format: int,
+    name: str,
+    keys: list[Any],
+    extra: bool,
+    change: tuple[str, int, bytes],
+) -> None:
+    """The request read unparsed is the one protobuf parses, whatever bytes it is given; or it is None."""
+    request = _request(
+        source, response_format, [{name: k, **({"other": "x"} if extra else {})} for k in keys]
+    )
+    data = request.SerializeToString()
+    how, at, junk = change
+    at %= len(data)
+    if how == "cut":
+        data = data[:at]
+    elif how == "flip":
+        data = data[:at] + bytes([data[at] ^ (junk[:1] or b"\x80")[0]]) + data[at + 1 :]
+    elif how == "append":
+        data += junk
+    found = string_keys_request(data)
+    if found is None:
+        plain = how == "none" and not extra and all(isinstance(k, str) for k in keys)
+        # Short string keys of a name that is nowhere else are always read.
+        apart = name.isidentifier() and name not in source and not any(name in str(k) for k in keys)
+        if plain and apart and len(name.encode()) <= 8 and max(len(str(k).encode()) for k in keys) < 100:
+            raise AssertionError("plain string keys were not read")
+        return
+    try:
+        parsed = online_service_pb2.GetFeaturesRequest.FromString(data)
+    except DecodeError:
+        raise AssertionError("bytes protobuf refuses were read") from None
+    assert found.message == parsed
+    assert parsed == _request(
+        found.source, found.response_format, [{found.name: r.decode()} for r in found.raws]
+    )
 
 
 @pytest.mark.parametrize(
@@ -177,6 +232,28 @@ def test_keys_on_either_side_of_the_fast_paths_read_alike(server: Running) -> No
         reply = server.online.GetFeatures(_request("tricky", form, [{"user_id": k} for k in keys]))
         count = len(keys) if form == online_service_pb2.RESPONSE_FORMAT_STRUCT else 0
         assert len(reply.results) == count and bool(reply.arrow_ipc) == (count == 0)
+
+
+def test_keys_read_from_the_bytes_are_refused_or_reported_as_parsed_ones_are(server: Running) -> None:
+    client = Client.from_channel(server.channel)
+    schema = [t.Field("user_id", t.String), t.Field("ts", t.Timestamp)]
+    client.apply(StreamSource(name="refused", schema=schema, entity_keys=["user_id"], timestamp_field="ts"))
+    call = server.channel.unary_unary("/featurepush.v1.OnlineService/GetFeatures")
+    arrow = online_service_pb2.RESPONSE_FORMAT_ARROW
+    good = _request("refused", arrow, [{"user_id": "ab"}, {"user_id": "cd"}]).SerializeToString()
+    # The second key's string made invalid UTF-8 in place: the request's shape is unchanged.
+    bad = good.replace(b"cd", b"c\xff")
+    assert string_keys_request(good) is not None and string_keys_request(bad) is None
+    with pytest.raises(grpc.RpcError) as e:
+        call(bad)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "could not be decoded" in (e.value.details() or "")
+    other = _request("refused", arrow, [{"user": "ab"}]).SerializeToString()
+    assert string_keys_request(other) is not None
+    with pytest.raises(grpc.RpcError) as e:
+        call(other)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "keys[0].user" in str(e.value.trailing_metadata())
 
 
 @SETTINGS

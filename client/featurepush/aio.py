@@ -53,6 +53,7 @@ from featurepush.reads import (
     GET_FEATURES_METHOD,
     FeatureResults,
     get_features_request,
+    parse_reply,
     read_reply,
     wants_arrow,
 )
@@ -63,7 +64,6 @@ from featurepush.v1 import (
     feature_view_service_pb2_grpc,
     ingest_service_pb2,
     ingest_service_pb2_grpc,
-    online_service_pb2,
     online_service_pb2_grpc,
     registry_service_pb2,
     registry_service_pb2_grpc,
@@ -112,7 +112,7 @@ class AsyncClient:
         self._get_features = self._channel.unary_unary(
             GET_FEATURES_METHOD,
             request_serializer=None,
-            response_deserializer=online_service_pb2.GetFeaturesResponse.FromString,
+            response_deserializer=parse_reply,
         )
         self._registry = registry_service_pb2_grpc.RegistryServiceStub(self._channel)
         self._backfill = backfill_service_pb2_grpc.BackfillServiceStub(self._channel)

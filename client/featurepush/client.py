@@ -22,7 +22,6 @@ from featurepush.v1 import (
     feature_view_service_pb2,
     feature_view_service_pb2_grpc,
     ingest_service_pb2_grpc,
-    online_service_pb2,
     online_service_pb2_grpc,
     registry_service_pb2,
     registry_service_pb2_grpc,
@@ -49,6 +48,14 @@ __all__ = [
 ]
 
 _LOGGER = logging.getLogger(__name__)
+
+
+def _parse_get_features_reply(data: bytes) -> Any:
+    """A GetFeatures reply, its Arrow stream left in its bytes (featurepush.reads.parse_reply)."""
+    # featurepush.reads brings pyarrow, which a client only loads once it reads.
+    from featurepush.reads import parse_reply
+
+    return parse_reply(data)
 
 
 @dataclass(frozen=True)
@@ -183,7 +190,7 @@ class Client:
         self._get_features = channel.unary_unary(
             "/featurepush.v1.OnlineService/GetFeatures",
             request_serializer=None,
-            response_deserializer=online_service_pb2.GetFeaturesResponse.FromString,
+            response_deserializer=_parse_get_features_reply,
         )
         self._schemas: dict[str, StreamSource] = {}
         self._push_schemas: dict[str, PushSchema] = {}

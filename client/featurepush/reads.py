@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import struct
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast, overload
 
@@ -39,12 +40,15 @@ STRUCT_FIELD = b"\x0a"
 ENTRY_KEY = b"\x0a"
 ENTRY_VALUE = b"\x12"
 VALUE_STRING = b"\x1a"
+# GetFeaturesResponse.arrow_ipc (2), length-delimited: a reply in the Arrow form is this field alone.
+REPLY_ARROW_IPC = b"\x12"
 TAGS: dict[str, tuple[str, str]] = {
     "REQUEST_KEYS": ("featurepush.v1.GetFeaturesRequest", "keys"),
     "STRUCT_FIELD": ("google.protobuf.Struct", "fields"),
     "ENTRY_KEY": ("google.protobuf.Struct.FieldsEntry", "key"),
     "ENTRY_VALUE": ("google.protobuf.Struct.FieldsEntry", "value"),
     "VALUE_STRING": ("google.protobuf.Value", "string_value"),
+    "REPLY_ARROW_IPC": ("featurepush.v1.GetFeaturesResponse", "arrow_ipc"),
 }
 
 
@@ -147,14 +151,36 @@ def get_features_request(
     return b"".join(out)
 
 
+def parse_reply(data: bytes) -> online_service_pb2.GetFeaturesResponse | memoryview:
+    """A GetFeatures reply as it arrives: its Arrow stream where that is all it holds, else the message.
+
+    The stream is a view of the reply's bytes: neither parsing the message nor copying the stream out of it
+    is needed for the one field an Arrow reply has. protobuf's DecodeError for bytes that are no reply.
+    """
+    if data[:1] == REPLY_ARROW_IPC:
+        # The field's length, a varint of at most five bytes here (a reply is below 2 GiB).
+        size, shift, at = 0, 0, 1
+        for byte in data[1:6]:
+            size |= (byte & 0x7F) << shift
+            shift += 7
+            at += 1
+            if byte < 0x80:
+                if size and at + size == len(data):
+                    return memoryview(data)[at:]
+                break
+    return online_service_pb2.GetFeaturesResponse.FromString(data)
+
+
 def read_reply(
-    response: online_service_pb2.GetFeaturesResponse,
+    response: online_service_pb2.GetFeaturesResponse | memoryview,
     definition: StreamSource,
     keys: Sequence[Mapping[str, Any] | Any],
 ) -> FeatureResults:
-    """The results of a reply in either form; raises ValueError if it does not fit the definition."""
+    """A reply's results, in either form (parse_reply); ValueError if they do not fit the definition."""
+    if isinstance(response, memoryview):
+        return _arrow_results(response, definition, len(keys))
     if response.arrow_ipc:
-        return FeatureResults(definition, table=_read_arrow(response.arrow_ipc, definition, len(keys)))
+        return _arrow_results(memoryview(response.arrow_ipc), definition, len(keys))
     results: list[FeatureResult] = []
     # The definition's own tuple: decode_record works out its decoders once per schema.
     schema = definition.schema
@@ -180,20 +206,59 @@ def _datetime(timestamp: timestamp_pb2.Timestamp) -> dt.datetime:
     return timestamp.ToDatetime(tzinfo=dt.UTC)
 
 
-def _read_arrow(stream: bytes, definition: StreamSource, rows: int) -> pa.RecordBatch | pa.Table:
-    """The reply's one record batch (a table if several); ValueError if it does not fit the definition."""
-    # The stream starts with its schema's message, which the server writes alike for every read of a source:
-    # once that message is known to hold the expected columns, only the batch's message needs reading.
+def _arrow_results(stream: memoryview, definition: StreamSource, rows: int) -> FeatureResults:
+    """The results of a reply's Arrow stream; ValueError if it does not fit the definition.
+
+    The stream starts with its schema's message, which the server writes alike for every read of a source.
+    Once that message is known to hold the expected columns, and the batch message after it says it holds
+    a row per key, the batch is only read when the results are first used.
+    """
     known = _STREAM_SCHEMAS.get(id(definition))
+    if known is not None and known[0] is definition:
+        size = len(known[1])
+        if stream[:size] == known[1] and _batch_length(stream[size:]) == rows:
+            return FeatureResults(definition, batch=(stream[size:], known[2], rows))
+    return FeatureResults(definition, table=_read_arrow(stream, definition))
+
+
+def _batch_length(message: memoryview) -> int | None:
+    """The row count an encapsulated RecordBatch message's metadata states; None if it is no such message.
+
+    Read straight from the flatbuffer (Arrow's Message.fbs): the Message table's header, when it is a
+    RecordBatch, and that table's length. Offsets are relative to the metadata, which follows the
+    continuation marker and the metadata's length.
+    """
     try:
-        if known is not None and known[0] is definition and stream.startswith(known[1]):
-            # The batch's message is read straight from the reply's bytes, without copying them. Each pyarrow
-            # call counts: between two network calls, little of pyarrow is left in the CPU's caches.
-            batch = pa.ipc.read_record_batch(pa.py_buffer(memoryview(stream)[len(known[1]) :]), known[2])
-            # The server sends one batch with a row per key; anything else is read in full below.
-            if batch.num_rows == rows:
-                return batch
-        table = pa.ipc.open_stream(stream).read_all()
+        if message[:4] != _CONTINUATION:
+            return None
+        meta = message[8 : 8 + _INT32.unpack_from(message, 4)[0]]
+        table = _UINT32.unpack_from(meta, 0)[0]
+        # Message fields: version, header_type, header, bodyLength; RecordBatch's first is its length.
+        header_type = _field(meta, table, 1)
+        header_at = _field(meta, table, 2)
+        if not header_type or not header_at or meta[header_type] != _RECORD_BATCH:
+            return None
+        batch = header_at + _UINT32.unpack_from(meta, header_at)[0]
+        length_at = _field(meta, batch, 0)
+        return _INT64.unpack_from(meta, length_at)[0] if length_at else 0
+    except (struct.error, IndexError):
+        return None
+
+
+def _field(meta: memoryview, table: int, index: int) -> int:
+    """Where a flatbuffer table's field is in the metadata, 0 when the table leaves it out."""
+    vtable = table - _INT32.unpack_from(meta, table)[0]
+    vtable_size = _UINT16.unpack_from(meta, vtable)[0]
+    if 4 + 2 * index >= vtable_size:
+        return 0
+    offset: int = _UINT16.unpack_from(meta, vtable + 4 + 2 * index)[0]
+    return table + offset if offset else 0
+
+
+def _read_arrow(stream: memoryview, definition: StreamSource) -> pa.Table:
+    """The reply's batches as one table, after its schema is checked against the definition's."""
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(stream)).read_all()
     except (pa.ArrowInvalid, OSError) as e:
         raise ValueError(f"the server's Arrow reply could not be read: {e}") from None
     expected = _expected_schema(definition)
@@ -203,10 +268,14 @@ def _read_arrow(stream: bytes, definition: StreamSource, rows: int) -> pa.Record
     size = 8 + int.from_bytes(stream[4:8], "little")
     if len(_STREAM_SCHEMAS) >= 1024:
         _STREAM_SCHEMAS.clear()
-    _STREAM_SCHEMAS[id(definition)] = (definition, stream[:size], table.schema)
+    _STREAM_SCHEMAS[id(definition)] = (definition, bytes(stream[:size]), table.schema)
     return table
 
 
+_CONTINUATION = b"\xff\xff\xff\xff"
+_UINT16, _INT32, _UINT32, _INT64 = (struct.Struct(f) for f in ("<H", "<i", "<I", "<q"))
+# MessageHeader's RecordBatch, the value of a Message's header_type.
+_RECORD_BATCH = 3
 # By the identity of a definition, the schema message of the last reply read and checked against it.
 _STREAM_SCHEMAS: dict[int, tuple[StreamSource, bytes, pa.Schema]] = {}
 # Schemas by the identity of their definition, which a client keeps until the source changes.
@@ -276,26 +345,30 @@ class FeatureResults(Sequence[FeatureResult]):
     to_pandas() and to_polars() (when pandas or polars is installed). The columns are the entity keys,
     `status` (int8: 1 PRESENT, 2 MISSING, 3 EXPIRED), `event_time` (null when MISSING), then the source's
     other fields, null unless PRESENT; a field named status or event_time pushes those to _status or
-    _event_time.
+    _event_time. An Arrow reply's record batch is read on first use too.
     """
 
     def __init__(
         self,
         definition: StreamSource,
         *,
-        table: pa.Table | pa.RecordBatch | None = None,
+        table: pa.Table | None = None,
         results: list[FeatureResult] | None = None,
         keys: Sequence[Mapping[str, Any] | Any] = (),
+        batch: tuple[memoryview, pa.Schema, int] | None = None,
     ) -> None:
         self._definition = definition
-        # A reply's one record batch becomes a table on first use.
         self._table = table
         self._results = results
         self._keys = keys
+        # A reply's record batch message, its schema and its row count: read into a table on first use.
+        self._batch = batch
 
     def __len__(self) -> int:
         if self._results is not None:
             return len(self._results)
+        if self._batch is not None:
+            return self._batch[2]
         assert self._table is not None
         return int(self._table.num_rows)
 
@@ -325,9 +398,8 @@ class FeatureResults(Sequence[FeatureResult]):
     def to_arrow(self) -> pa.Table:
         """The vectors as an Arrow table, one row per key (see the class's docstring for the columns)."""
         if self._table is None:
-            self._table = self._table_of_rows()
-        elif isinstance(self._table, pa.RecordBatch):
-            self._table = pa.Table.from_batches([self._table])
+            self._table = self._table_of_rows() if self._batch is None else self._read_batch(self._batch)
+            self._batch = None
         return self._table
 
     def to_pandas(self) -> Any:
@@ -341,6 +413,15 @@ class FeatureResults(Sequence[FeatureResult]):
         except ImportError:
             raise ImportError("to_polars() needs polars: pip install polars") from None
         return polars.from_arrow(self.to_arrow())
+
+    @staticmethod
+    def _read_batch(batch: tuple[memoryview, pa.Schema, int]) -> pa.Table:
+        """The reply's record batch as a table; ValueError if its message does not read."""
+        message, schema, _ = batch
+        try:
+            return pa.Table.from_batches([pa.ipc.read_record_batch(pa.py_buffer(message), schema)])
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ValueError(f"the server's Arrow reply could not be read: {e}") from None
 
     def _rows(self) -> list[FeatureResult]:
         if self._results is None:

@@ -57,7 +57,9 @@ from .metrics import Metrics
 from .reflection import DocumentedPool, documented_files
 from .servicers.backfill import BackfillServicer
 from .servicers.feature_views import FeatureViewServicer
-from .servicers.ingest import PARSERS, IngestServicer
+from .servicers.ingest import PARSERS as PUSH_PARSERS
+from .servicers.ingest import IngestServicer
+from .servicers.online import PARSERS as READ_PARSERS
 from .servicers.online import OnlineServicer
 from .servicers.registry import RegistryServicer
 from .tls import server_credentials
@@ -320,9 +322,10 @@ def create_server(
         # Files are read before any thread starts, so a bad certificate or keys file fails in one line.
         credentials = server_credentials(config)
         metrics = Metrics()
+        parsers = {**PUSH_PARSERS, **READ_PARSERS}
         # Authentication runs first, so a caller without a key never takes an admission slot.
         interceptors: list[grpc.ServerInterceptor[Any, Any]] = [
-            i for i in (auth_interceptor(config), EdgeInterceptor(gates, metrics, PARSERS)) if i is not None
+            i for i in (auth_interceptor(config), EdgeInterceptor(gates, metrics, parsers)) if i is not None
         ]
         # Every admitted or waiting call may hold a thread; `workers` more serve health, reflection and
         # refusals, so those never queue behind a flood.

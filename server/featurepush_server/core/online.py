@@ -33,6 +33,7 @@ from .wire import (
     FEATURE_VECTOR_STATUS,
     GET_FEATURES_ARROW_IPC,
     GET_FEATURES_RESULT,
+    StringKeysRequest,
     single_string_keys,
     varint,
 )
@@ -85,7 +86,7 @@ class OnlineReader:
         self._store = store
         self.max_keys = max_keys
 
-    def get_features(self, request: online_service_pb2.GetFeaturesRequest) -> bytes:
+    def get_features(self, request: online_service_pb2.GetFeaturesRequest | StringKeysRequest) -> bytes:
         """The serialized GetFeaturesResponse for the request's keys, vectors in request order."""
         source, _, stored = self._read(request)
         spec = source.spec
@@ -106,7 +107,7 @@ class OnlineReader:
             out.append(GET_FEATURES_RESULT + varint(len(vector)) + vector)
         return b"".join(out)
 
-    def get_features_arrow(self, request: online_service_pb2.GetFeaturesRequest) -> bytes:
+    def get_features_arrow(self, request: online_service_pb2.GetFeaturesRequest | StringKeysRequest) -> bytes:
         """The serialized GetFeaturesResponse for the request's keys as one Arrow IPC record batch."""
         source, keys, stored = self._read(request)
         spec = source.spec
@@ -120,9 +121,19 @@ class OnlineReader:
         return GET_FEATURES_ARROW_IPC + varint(len(stream)) + stream
 
     def _read(
-        self, request: online_service_pb2.GetFeaturesRequest
+        self, request: online_service_pb2.GetFeaturesRequest | StringKeysRequest
     ) -> tuple[Source, _Keys, list[bytes | None]]:
         """The source, the request's entity keys, and the stored values of the keys."""
+        if isinstance(request, StringKeysRequest):
+            check_key_count(len(request.raws), self.max_keys)
+            source = self._registry.get(request.source)
+            spec = source.spec
+            if spec.entity_keys == (request.name,) and spec.field(request.name).dtype.kind is Kind.STRING:
+                prefix = self._store.row_prefix(source.id)
+                stored = self._store.read([prefix + raw for raw in request.raws])
+                return source, _Keys(request.raws, None), list(stored)
+            # Keys of another field than the source's: the parsed keys say which are wrong.
+            request = request.message
         keys = request.keys
         check_key_count(len(keys), self.max_keys)
         source = self._registry.get(request.source)

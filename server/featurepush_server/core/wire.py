@@ -8,6 +8,10 @@ against the generated descriptors (field number and wire type).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+from featurepush.v1 import online_service_pb2
+
 # GetFeaturesResponse.results (1, length-delimited): one FeatureVector.
 GET_FEATURES_RESULT = b"\x0a"
 # GetFeaturesResponse.arrow_ipc (2, length-delimited): the vectors as an Arrow IPC stream.
@@ -163,3 +167,76 @@ def string_keys_between(
     if b"".join([head, *parts, tail]) != serialized:
         return None
     return raws
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    """The varint at `at` in `data` and where it ends; IndexError where `data` ends first."""
+    value, shift = 0, 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+
+
+class StringKeysRequest(NamedTuple):
+    """A GetFeaturesRequest whose every key is {name: <a short string>}, read from its bytes unparsed."""
+
+    source: str
+    response_format: int
+    name: str
+    # Each key's string as UTF-8, in request order.
+    raws: list[bytes]
+    data: bytes
+
+    @property
+    def message(self) -> online_service_pb2.GetFeaturesRequest:
+        """The request as protobuf parses it, for reads that need more than the keys' strings."""
+        return online_service_pb2.GetFeaturesRequest.FromString(self.data)
+
+
+def string_keys_request(data: bytes) -> StringKeysRequest | None:
+    """A serialized GetFeaturesRequest read without parsing it, where its keys are all one short string field.
+
+    Only requests laid out as protobuf writes them are read: the source, the keys, then response_format,
+    each key {name: <a string shorter than 100 bytes>}, and nothing else. They are read only when writing
+    the parts back gives `data` exactly and every string is UTF-8, so they are what parsing would give.
+    None otherwise: the caller parses the request.
+    """
+    try:
+        source, at = b"", 0
+        if data[:1] == GET_FEATURES_SOURCE:
+            size, at = _read_varint(data, 1)
+            source = data[at : at + size]
+            at += size
+        head = data[:at]
+        tail, response_format = b"", 0
+        if data[-2:-1] == GET_FEATURES_FORMAT and data[-1] < 0x80:
+            tail, response_format = data[-2:], data[-1]
+        # The first key names the key field: the key's tag and length, its one entry's tag and length, then
+        # the entry's key.
+        if data[at : at + 1] != GET_FEATURES_KEYS:
+            return None
+        _, at = _read_varint(data, at + 1)
+        if data[at : at + 1] != STRUCT_FIELD:
+            return None
+        _, at = _read_varint(data, at + 1)
+        if data[at : at + 1] != STRUCT_ENTRY_KEY:
+            return None
+        size, at = _read_varint(data, at + 1)
+        name = data[at : at + size].decode()
+        text = source.decode()
+    except (IndexError, UnicodeDecodeError):
+        return None
+    raws = string_keys_between(data, head, GET_FEATURES_KEYS, tail, name)
+    if raws is None:
+        return None
+    if not b"".join(raws).isascii():
+        try:
+            for raw in raws:
+                raw.decode()
+        except UnicodeDecodeError:
+            return None
+    return StringKeysRequest(text, response_format, name, raws, data)
