@@ -23,6 +23,7 @@ from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
 from featurepush.v1 import online_service_pb2
 from featurepush_server.core.wire import (
     VIEW_REQUEST_KEYS,
+    read_varint,
     single_string_keys,
     string_keys_between,
     string_keys_request,
@@ -296,3 +297,19 @@ def test_view_keys_read_from_the_bytes_are_the_parsed_keys(
         # Plain short string keys may only be missed where a key or the target holds the bytes that
         # separate keys.
         assert any("user_id" in k for k in keys) or "user_id" in target[1]
+
+
+def test_a_varint_of_more_than_ten_bytes_is_refused() -> None:
+    assert read_varint(b"\xff" * 9 + b"\x01", 0) == ((1 << 64) - 1, 10)
+    with pytest.raises(IndexError, match="ten bytes"):
+        read_varint(b"\xff" * 10 + b"\x01", 0)
+    with pytest.raises(IndexError):
+        read_varint(b"\xff\xff", 0)
+
+
+def test_a_request_of_endless_continuation_bytes_is_left_to_protobuf() -> None:
+    # A source length of 2 MB of continuation bytes: read step by step without a bound, each step
+    # shifting a larger number, it would hold a front for hours; bounded, it is refused at once.
+    data = online_service_pb2.GetFeaturesRequest.DESCRIPTOR.fields_by_name["source"].number
+    hostile = bytes([data << 3 | 2]) + b"\xff" * 2_000_000
+    assert string_keys_request(hostile) is None

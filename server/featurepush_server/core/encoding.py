@@ -46,6 +46,7 @@ from .wire import (
     VALUE_NULL,
     VALUE_NUMBER,
     VALUE_STRING,
+    read_varint,
     varint,
 )
 
@@ -315,29 +316,17 @@ def null_entry(name: str) -> bytes:
     return STRUCT_FIELD + varint(len(entry)) + entry
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    """The varint at `pos` and the position after it."""
-    n = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        n |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return n, pos
-        shift += 7
-
-
 def struct_entries(value: bytes, start: int) -> list[tuple[bytes, bytes]]:
     """(name, bytes) of each field of the features Struct that follows a stored payload's event_time.
 
     `start` is where the features field begins; the entries' bytes joined are the Struct again.
     """
-    length, pos = _read_varint(value, start + 1)
+    length, pos = read_varint(value, start + 1)
     end = pos + length
     entries: list[tuple[bytes, bytes]] = []
     while pos < end:
-        entry_length, body = _read_varint(value, pos + 1)
-        name_length, name = _read_varint(value, body + 1)
+        entry_length, body = read_varint(value, pos + 1)
+        name_length, name = read_varint(value, body + 1)
         entries.append((value[name : name + name_length], value[pos : body + entry_length]))
         pos = body + entry_length
     return entries

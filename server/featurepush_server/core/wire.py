@@ -169,16 +169,23 @@ def string_keys_between(
     return raws
 
 
-def _read_varint(data: bytes, at: int) -> tuple[int, int]:
-    """The varint at `at` in `data` and where it ends; IndexError where `data` ends first."""
+_VARINT_MAX = 10
+
+
+def read_varint(data: bytes, at: int) -> tuple[int, int]:
+    """The varint at `at` in `data` and where it ends; IndexError where `data` ends first.
+
+    At most ten bytes, as protobuf writes any 64-bit number: a run of continuation bytes sent to stall
+    the reader (each step would shift an ever larger number) is refused at the eleventh.
+    """
     value, shift = 0, 0
-    while True:
-        byte = data[at]
-        at += 1
+    for pos in range(at, at + _VARINT_MAX):
+        byte = data[pos]
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return value, at
+            return value, pos + 1
         shift += 7
+    raise IndexError("a varint longer than ten bytes")
 
 
 class StringKeysRequest(NamedTuple):
@@ -208,7 +215,7 @@ def string_keys_request(data: bytes) -> StringKeysRequest | None:
     try:
         source, at = b"", 0
         if data[:1] == GET_FEATURES_SOURCE:
-            size, at = _read_varint(data, 1)
+            size, at = read_varint(data, 1)
             source = data[at : at + size]
             at += size
         head = data[:at]
@@ -219,13 +226,13 @@ def string_keys_request(data: bytes) -> StringKeysRequest | None:
         # the entry's key.
         if data[at : at + 1] != GET_FEATURES_KEYS:
             return None
-        _, at = _read_varint(data, at + 1)
+        _, at = read_varint(data, at + 1)
         if data[at : at + 1] != STRUCT_FIELD:
             return None
-        _, at = _read_varint(data, at + 1)
+        _, at = read_varint(data, at + 1)
         if data[at : at + 1] != STRUCT_ENTRY_KEY:
             return None
-        size, at = _read_varint(data, at + 1)
+        size, at = read_varint(data, at + 1)
         name = data[at : at + size].decode()
         text = source.decode()
     except (IndexError, UnicodeDecodeError):
