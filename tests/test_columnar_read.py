@@ -32,7 +32,7 @@ from test_properties import (
     unique_source_name,
 )
 
-from featurepush import Client, FeatureResult, FeatureStatus
+from featurepush import Client, FeatureResult, FeatureStatus, reads
 from featurepush import types as t
 from featurepush.aio import AsyncClient
 from featurepush.definitions import StreamSource
@@ -444,3 +444,144 @@ def test_a_reply_batch_that_does_not_read_fails_on_first_use() -> None:
     assert len(results) == 2
     with pytest.raises(ValueError, match="could not be read"):
         results.to_arrow()
+
+
+# --- Replies from a broken or hostile server: refused with ValueError (or DecodeError), never misread.
+
+_HOSTILE = StreamSource(
+    name="hostile",
+    schema=[t.Field(KEY, t.String), t.Field(TS, t.Timestamp), t.Field("s", t.String, nullable=True)],
+    entity_keys=[KEY],
+    timestamp_field=TS,
+)
+_WHEN = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def _hostile_stream(*batches: Sequence[str]) -> bytes:
+    """An Arrow reply's stream of `batches`, each the given keys' rows."""
+    columns = columns_schema(_HOSTILE)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, columns) as writer:
+        for keys in batches:
+            rows = [{KEY: k, "status": 1, "event_time": _WHEN, TS: _WHEN, "s": k * 3} for k in keys]
+            writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=columns))
+    return bytes(sink.getvalue())
+
+
+def _reply(stream: bytes) -> bytes:
+    return online_service_pb2.GetFeaturesResponse(arrow_ipc=stream).SerializeToString()
+
+
+def _read(data: bytes, keys: Sequence[str]) -> pa.Table:
+    return read_reply(parse_reply(data), _HOSTILE, keys).to_arrow()
+
+
+def test_a_batch_followed_by_more_batches_is_read_whole() -> None:
+    keys = ["a", "b"]
+    assert _read(_reply(_hostile_stream(keys)), keys).num_rows == 2  # the schema is known from now on
+    # A row per key in the first batch, and more after it: the fast path took the first batch alone.
+    with pytest.raises(ValueError, match="3 rows for 2 keys"):
+        _read(_reply(_hostile_stream(keys, ["c"])), keys)
+    assert _read(_reply(_hostile_stream(keys, [])), keys).column(KEY).to_pylist() == keys
+
+
+@pytest.mark.parametrize("batches", [[["a"]], [["a", "b", "c"]], [["a"], ["b"], ["c"]], [[]]])
+def test_a_reply_of_another_number_of_rows_than_keys_is_refused(batches: list[list[str]]) -> None:
+    keys = ["a", "b"]
+    _read(_reply(_hostile_stream(keys)), keys)
+    rows = sum(map(len, batches))
+    with pytest.raises(ValueError, match=f"{rows} rows for 2 keys"):
+        _read(_reply(_hostile_stream(*batches)), keys)
+    vectors = online_service_pb2.GetFeaturesResponse(
+        results=[online_service_pb2.FeatureVector(status=online_service_pb2.FEATURE_STATUS_MISSING)] * rows
+    )
+    with pytest.raises(ValueError, match=f"{rows} feature vectors for 2 keys"):
+        read_reply(parse_reply(vectors.SerializeToString()), _HOSTILE, keys)
+
+
+def _offsets_at(stream: bytes, keys: Sequence[str]) -> int:
+    """Where the `s` column's offsets are in a stream of one batch of `keys`."""
+    offsets = np.cumsum([0] + [3 * len(k) for k in keys]).astype("<i4").tobytes()
+    assert stream.count(offsets) == 1
+    return stream.index(offsets)
+
+
+@pytest.mark.parametrize("known", [False, True])
+@pytest.mark.parametrize("middle", [1_000_000, -5, 13, 2**31 - 1])
+def test_a_string_offset_past_its_data_is_refused_not_read_from_memory(known: bool, middle: int) -> None:
+    """The IPC reader checks only the first and last offsets: one in the middle was read as it was."""
+    keys = ["aa", "bb", "cc"]
+    stream = _hostile_stream(keys)
+    reads._STREAM_SCHEMAS.clear()
+    if known:
+        _read(_reply(stream), keys)
+    at = _offsets_at(stream, keys) + 4
+    bad = stream[:at] + middle.to_bytes(4, "little", signed=True) + stream[at + 4 :]
+    with pytest.raises(ValueError, match="could not be read"):
+        list(read_reply(parse_reply(_reply(bad)), _HOSTILE, keys))
+
+
+_INTERESTING = [0, 1, -1, 7, 8, 255, 2**15, 2**16 - 1, 2**31 - 1, -(2**31), 2**32 - 1, 2**63 - 1, -(2**63)]
+
+
+@SETTINGS
+@given(
+    keys=st.lists(st.text(max_size=4), min_size=1, max_size=5),
+    known=st.booleans(),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["flip", "cut", "int32", "int64"]), st.integers(0, 10**6), st.integers(0, 255)
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_a_mutated_arrow_reply_reads_as_pyarrow_reads_it_or_is_refused(
+    keys: list[str], known: bool, ops: list[tuple[str, int, int]]
+) -> None:
+    """Whatever is done to a reply's stream, the rows read are what pyarrow reads, or ValueError."""
+    stream = bytearray(_hostile_stream(keys))
+    reads._STREAM_SCHEMAS.clear()
+    if known:
+        _read(_reply(bytes(stream)), keys)
+    for kind, where, value in ops:
+        if not stream:
+            break
+        at = where % len(stream)
+        if kind == "flip":
+            stream[at] ^= 1 << (value % 8)
+        elif kind == "cut":
+            del stream[at:]
+        else:
+            width = 4 if kind == "int32" else 8
+            at -= at % width
+            number = _INTERESTING[value % len(_INTERESTING)] & ((1 << (8 * width)) - 1)
+            stream[at : at + width] = number.to_bytes(width, "little")
+    try:
+        want = pa.ipc.open_stream(pa.py_buffer(bytes(stream))).read_all()
+        want.validate(full=True)
+        fits = want.schema.equals(columns_schema(_HOSTILE)) and want.num_rows == len(keys)
+    except (pa.ArrowInvalid, OSError):
+        fits = False
+    try:
+        got = read_reply(parse_reply(_reply(bytes(stream))), _HOSTILE, keys)
+        table = got.to_arrow()
+        rows = list(got)
+    except ValueError:
+        return
+    assert fits, "a reply pyarrow refuses, or of other columns or rows, was read"
+    assert table.equals(want) and len(rows) == len(keys)
+
+
+def test_a_vtable_before_the_metadata_is_no_batch_length() -> None:
+    message = bytearray(_hostile_stream(["a"])[len(columns_schema(_HOSTILE).serialize()) :])
+    size = int.from_bytes(message[4:8], "little")
+    assert _batch_length(memoryview(bytes(message))) == 1
+    at = 8 + int.from_bytes(message[8:12], "little")
+    # The root table's offset to its vtable, moved back by the metadata's length: the vtable is now before
+    # the metadata, which struct, counting a negative offset from the end, read as the very same vtable.
+    soffset = int.from_bytes(message[at : at + 4], "little", signed=True)
+    message[at : at + 4] = (soffset + size).to_bytes(4, "little", signed=True)
+    assert _batch_length(memoryview(bytes(message))) is None
+    with pytest.raises((pa.ArrowInvalid, OSError)):
+        pa.ipc.read_message(pa.py_buffer(bytes(message)))
