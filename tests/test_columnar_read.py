@@ -35,6 +35,7 @@ from test_properties import (
 from featurepush import Client, FeatureResult, FeatureStatus, reads
 from featurepush import types as t
 from featurepush.aio import AsyncClient
+from featurepush.batch import read_batch
 from featurepush.definitions import StreamSource
 from featurepush.reads import (
     SMALL_READ_KEYS,
@@ -45,8 +46,10 @@ from featurepush.reads import (
     read_reply,
     wants_arrow,
 )
+from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
 from featurepush.v1 import online_service_pb2
 from featurepush.values import parse_timestamp
+from featurepush.views import view_table
 from featurepush_server.core.arrow_reply import _bitmap, reply_stream
 from featurepush_server.core.online import arrow_stream, read_layout
 
@@ -585,3 +588,19 @@ def test_a_vtable_before_the_metadata_is_no_batch_length() -> None:
     assert _batch_length(memoryview(bytes(message))) is None
     with pytest.raises((pa.ArrowInvalid, OSError)):
         pa.ipc.read_message(pa.py_buffer(bytes(message)))
+
+
+def test_batch_history_and_view_replies_with_a_string_offset_past_its_data_are_refused() -> None:
+    """ReadBatchSource's batches and GetViewFeatures' Arrow replies are validated as GetFeatures' are."""
+    keys = ["aa", "bb", "cc"]
+    stream = _hostile_stream(keys)
+    at = _offsets_at(stream, keys) + 4
+    bad = stream[:at] + (2**31 - 1).to_bytes(4, "little") + stream[at + 4 :]
+    schema = columns_schema(_HOSTILE)
+    message = stream[len(schema.serialize()) :]
+    assert read_batch(message, schema).num_rows == 3
+    with pytest.raises(ValueError):
+        read_batch(bad[len(schema.serialize()) :], schema)
+    assert view_table(fvs_pb2.GetViewFeaturesResponse(arrow_ipc=stream)).num_rows == 3
+    with pytest.raises(ValueError):
+        view_table(fvs_pb2.GetViewFeaturesResponse(arrow_ipc=bad))
