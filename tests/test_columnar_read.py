@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pyarrow as pa
 import pytest
+import rocksdict
 from conftest import Running, start
 from google.protobuf.message import DecodeError
 from hypothesis import given
@@ -32,7 +33,7 @@ from test_properties import (
     unique_source_name,
 )
 
-from featurepush import Client, FeatureResult, FeatureStatus, reads
+from featurepush import Client, FeatureResult, FeatureStatus, InternalError, reads
 from featurepush import types as t
 from featurepush.aio import AsyncClient
 from featurepush.batch import read_batch
@@ -604,3 +605,62 @@ def test_batch_history_and_view_replies_with_a_string_offset_past_its_data_are_r
     assert view_table(fvs_pb2.GetViewFeaturesResponse(arrow_ipc=stream)).num_rows == 3
     with pytest.raises(ValueError):
         view_table(fvs_pb2.GetViewFeaturesResponse(arrow_ipc=bad))
+
+
+def _unkeyed(result: FeatureResult) -> tuple[Any, ...]:
+    features = None if result.features is None else {k: v for k, v in result.features.items() if k != KEY}
+    return result.status, result.event_time, features
+
+
+def test_a_stored_value_cut_short_reads_whole_or_as_damaged_never_as_other_values(tmp_path: Path) -> None:
+    """A value cut anywhere reads as it was (where the form read lies before the cut) or fails plainly."""
+    data = tmp_path / "data"
+    running = start(data, fsync="never")
+    schema = [
+        t.Field(KEY, t.String),
+        t.Field(TS, t.Timestamp),
+        t.Field("s", t.String, nullable=True),
+        t.Field("b", t.Bytes, nullable=True),
+        t.Field("n", t.Int64, nullable=True),
+    ]
+    source = StreamSource(name="cut", schema=schema, entity_keys=[KEY], timestamp_field=TS)
+    try:
+        client = Client.from_channel(running.channel)
+        client.apply(source)
+        when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        client.push("cut", [{KEY: k, TS: when, "s": k * 5, "b": b"\x00" * 3, "n": 7} for k in ("a", "bb")])
+        want = {
+            columnar: list(client.get_features("cut", ["a", "bb"], columnar=columnar))
+            for columnar in (True, False)
+        }
+    finally:
+        running.close()
+    options = rocksdict.Options(raw_mode=True)
+    db = rocksdict.Rdict(str(data / "online"), options)
+    try:
+        [(key, value)] = [
+            (k, v) for k, v in db.items() if k[:1] == b"r" and k.endswith(b"a") and not k.endswith(b"bb")
+        ]
+        # Every cut of the value, each under a key of its own, all holding the row of "a".
+        for cut in range(len(value)):
+            db[key[:-1] + b"cut%d" % cut] = value[:cut]
+    finally:
+        db.close()
+    running = start(data, fsync="never")
+    try:
+        client = Client.from_channel(running.channel)
+        for cut in range(len(value)):
+            for columnar in (True, False):
+                # With an intact key on either side, so that a cut row cannot borrow its neighbour's bytes.
+                keys = ["bb", f"cut{cut}", "bb"]
+                try:
+                    results = list(client.get_features("cut", keys, columnar=columnar))
+                except InternalError as e:
+                    assert "damaged" in str(e), (cut, columnar)
+                    continue
+                # Arrow replies name each row by the key asked for, Structs by the key stored.
+                expected = [want[columnar][1], want[columnar][0], want[columnar][1]]
+                assert list(map(_unkeyed, results)) == list(map(_unkeyed, expected)), (cut, columnar)
+        assert list(client.get_features("cut", ["a", "bb"])) == want[False]
+    finally:
+        running.close()
