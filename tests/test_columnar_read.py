@@ -16,7 +16,7 @@ import pytest
 import rocksdict
 from conftest import Running, start
 from google.protobuf.message import DecodeError
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_properties import (
     BATCH_COPIES,
@@ -528,7 +528,7 @@ def test_a_string_offset_past_its_data_is_refused_not_read_from_memory(known: bo
 _INTERESTING = [0, 1, -1, 7, 8, 255, 2**15, 2**16 - 1, 2**31 - 1, -(2**31), 2**32 - 1, 2**63 - 1, -(2**63)]
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=300)
 @given(
     keys=st.lists(st.text(max_size=4), min_size=1, max_size=5),
     known=st.booleans(),
@@ -575,6 +575,46 @@ def test_a_mutated_arrow_reply_reads_as_pyarrow_reads_it_or_is_refused(
         return
     assert fits, "a reply pyarrow refuses, or of other columns or rows, was read"
     assert table.equals(want) and len(rows) == len(keys)
+
+
+def test_every_int32_of_a_replys_metadata_overwritten_reads_as_pyarrow_reads_it_or_is_refused() -> None:
+    """Each field of the schema's and the batch's flatbuffers forged in turn: ValueError, nothing else.
+
+    A forged integer width, for one, raised pyarrow's ArrowNotImplementedError through the client.
+    """
+    keys = ["a", "b"]
+    stream = _hostile_stream(keys)
+    schema_size = len(columns_schema(_HOSTILE).serialize())
+    batch_meta = schema_size + 8 + int.from_bytes(stream[schema_size + 4 : schema_size + 8], "little")
+    for known in (False, True):
+        for at in range(8, batch_meta, 4):
+            for value in (0, 3, 65, -1, 2**31 - 1):
+                forged = stream[:at] + value.to_bytes(4, "little", signed=True) + stream[at + 4 :]
+                reads._STREAM_SCHEMAS.clear()
+                if known:
+                    _read(_reply(stream), keys)
+                try:
+                    got = read_reply(parse_reply(_reply(forged)), _HOSTILE, keys)
+                    table, rows = got.to_arrow(), list(got)
+                except ValueError:
+                    continue
+                want = pa.ipc.open_stream(pa.py_buffer(forged)).read_all()
+                assert table.equals(want) and len(rows) == 2, (at, value)
+
+
+def test_an_event_time_past_the_years_of_datetime_is_refused() -> None:
+    keys = ["a"]
+    _read(_reply(_hostile_stream(keys)), keys)
+    columns = columns_schema(_HOSTILE)
+    micros = pa.array([2**62], pa.int64()).view(pa.timestamp("us", tz="UTC"))
+    row = pa.RecordBatch.from_pylist([{KEY: "a", "status": 1}], schema=columns)
+    batch = row.set_column(3, columns.field(3), micros)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, columns) as writer:
+        writer.write_batch(batch)
+    results = read_reply(parse_reply(_reply(bytes(sink.getvalue()))), _HOSTILE, keys)
+    with pytest.raises(ValueError, match="datetime"):
+        list(results)
 
 
 def test_a_vtable_before_the_metadata_is_no_batch_length() -> None:

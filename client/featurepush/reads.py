@@ -279,9 +279,10 @@ def _read_arrow(stream: memoryview, definition: StreamSource) -> pa.Table:
     try:
         table = pa.ipc.open_stream(pa.py_buffer(stream)).read_all()
         # The IPC reader checks buffer sizes, not offsets: a string's offset past its data would be read
-        # from whatever memory follows.
+        # from whatever memory follows. Any of pyarrow's errors (a forged type is ArrowNotImplementedError)
+        # is the reply's fault.
         table.validate(full=True)
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError) as e:
         raise ValueError(f"the server's Arrow reply could not be read: {e}") from None
     expected = _expected_schema(definition)
     if not table.schema.equals(expected):
@@ -446,7 +447,7 @@ class FeatureResults(Sequence[FeatureResult]):
             read = pa.ipc.read_record_batch(pa.py_buffer(message), schema)
             # As in _read_arrow: offsets are only checked by a full validation.
             read.validate(full=True)
-        except (pa.ArrowInvalid, OSError) as e:
+        except (pa.ArrowException, OSError) as e:
             raise ValueError(f"the server's Arrow reply could not be read: {e}") from None
         if read.num_rows != rows:
             raise ValueError(f"the server's Arrow reply has {read.num_rows} rows for {rows} keys")
@@ -459,7 +460,11 @@ class FeatureResults(Sequence[FeatureResult]):
 
     def _rows_of_table(self) -> list[FeatureResult]:
         table = self.to_arrow()
-        columns = [_pylist(c) for c in table.columns]
+        try:
+            columns = [_pylist(c) for c in table.columns]
+        except OverflowError as e:
+            # A time past the years datetime holds, refused as the Struct form refuses one.
+            raise ValueError(f"the server's Arrow reply holds a time datetime cannot hold: {e}") from None
         n_keys = len(self._definition.entity_keys)
         statuses, times = columns[n_keys], columns[n_keys + 1]
         where = {name: i for i, name in enumerate(self._definition.entity_keys)}
