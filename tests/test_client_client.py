@@ -116,7 +116,9 @@ class _Online(online_service_pb2_grpc.OnlineServiceServicer):
         expired = online_service_pb2.FeatureVector(status=online_service_pb2.FEATURE_STATUS_EXPIRED)
         expired.event_time.FromDatetime(dt.datetime(2020, 1, 1, tzinfo=dt.UTC))
         missing = online_service_pb2.FeatureVector(status=online_service_pb2.FEATURE_STATUS_MISSING)
-        return online_service_pb2.GetFeaturesResponse(results=[present, expired, missing])
+        # A vector per key, as a server answers: the first three keys' are these, any more are missing.
+        vectors = [present, expired, missing, *[missing] * max(0, len(request.keys) - 3)]
+        return online_service_pb2.GetFeaturesResponse(results=vectors[: len(request.keys)])
 
 
 @pytest.fixture

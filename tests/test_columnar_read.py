@@ -13,9 +13,10 @@ import grpc
 import numpy as np
 import pyarrow as pa
 import pytest
+import rocksdict
 from conftest import Running, start
 from google.protobuf.message import DecodeError
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_properties import (
     BATCH_COPIES,
@@ -32,9 +33,10 @@ from test_properties import (
     unique_source_name,
 )
 
-from featurepush import Client, FeatureResult, FeatureStatus
+from featurepush import Client, FeatureResult, FeatureStatus, InternalError, reads
 from featurepush import types as t
 from featurepush.aio import AsyncClient
+from featurepush.batch import read_batch
 from featurepush.definitions import StreamSource
 from featurepush.reads import (
     SMALL_READ_KEYS,
@@ -45,8 +47,10 @@ from featurepush.reads import (
     read_reply,
     wants_arrow,
 )
+from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
 from featurepush.v1 import online_service_pb2
 from featurepush.values import parse_timestamp
+from featurepush.views import view_table
 from featurepush_server.core.arrow_reply import _bitmap, reply_stream
 from featurepush_server.core.online import arrow_stream, read_layout
 
@@ -444,3 +448,261 @@ def test_a_reply_batch_that_does_not_read_fails_on_first_use() -> None:
     assert len(results) == 2
     with pytest.raises(ValueError, match="could not be read"):
         results.to_arrow()
+
+
+# --- Replies from a broken or hostile server: refused with ValueError (or DecodeError), never misread.
+
+_HOSTILE = StreamSource(
+    name="hostile",
+    schema=[t.Field(KEY, t.String), t.Field(TS, t.Timestamp), t.Field("s", t.String, nullable=True)],
+    entity_keys=[KEY],
+    timestamp_field=TS,
+)
+_WHEN = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def _hostile_stream(*batches: Sequence[str]) -> bytes:
+    """An Arrow reply's stream of `batches`, each the given keys' rows."""
+    columns = columns_schema(_HOSTILE)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, columns) as writer:
+        for keys in batches:
+            rows = [{KEY: k, "status": 1, "event_time": _WHEN, TS: _WHEN, "s": k * 3} for k in keys]
+            writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=columns))
+    return bytes(sink.getvalue())
+
+
+def _reply(stream: bytes) -> bytes:
+    return online_service_pb2.GetFeaturesResponse(arrow_ipc=stream).SerializeToString()
+
+
+def _read(data: bytes, keys: Sequence[str]) -> pa.Table:
+    return read_reply(parse_reply(data), _HOSTILE, keys).to_arrow()
+
+
+def test_a_batch_followed_by_more_batches_is_read_whole() -> None:
+    keys = ["a", "b"]
+    assert _read(_reply(_hostile_stream(keys)), keys).num_rows == 2  # the schema is known from now on
+    # A row per key in the first batch, and more after it: the fast path took the first batch alone.
+    with pytest.raises(ValueError, match="3 rows for 2 keys"):
+        _read(_reply(_hostile_stream(keys, ["c"])), keys)
+    assert _read(_reply(_hostile_stream(keys, [])), keys).column(KEY).to_pylist() == keys
+
+
+@pytest.mark.parametrize("batches", [[["a"]], [["a", "b", "c"]], [["a"], ["b"], ["c"]], [[]]])
+def test_a_reply_of_another_number_of_rows_than_keys_is_refused(batches: list[list[str]]) -> None:
+    keys = ["a", "b"]
+    _read(_reply(_hostile_stream(keys)), keys)
+    rows = sum(map(len, batches))
+    with pytest.raises(ValueError, match=f"{rows} rows for 2 keys"):
+        _read(_reply(_hostile_stream(*batches)), keys)
+    vectors = online_service_pb2.GetFeaturesResponse(
+        results=[online_service_pb2.FeatureVector(status=online_service_pb2.FEATURE_STATUS_MISSING)] * rows
+    )
+    with pytest.raises(ValueError, match=f"{rows} feature vectors for 2 keys"):
+        read_reply(parse_reply(vectors.SerializeToString()), _HOSTILE, keys)
+
+
+def _offsets_at(stream: bytes, keys: Sequence[str]) -> int:
+    """Where the `s` column's offsets are in a stream of one batch of `keys`."""
+    offsets = np.cumsum([0] + [3 * len(k) for k in keys]).astype("<i4").tobytes()
+    assert stream.count(offsets) == 1
+    return stream.index(offsets)
+
+
+@pytest.mark.parametrize("known", [False, True])
+@pytest.mark.parametrize("middle", [1_000_000, -5, 13, 2**31 - 1])
+def test_a_string_offset_past_its_data_is_refused_not_read_from_memory(known: bool, middle: int) -> None:
+    """The IPC reader checks only the first and last offsets: one in the middle was read as it was."""
+    keys = ["aa", "bb", "cc"]
+    stream = _hostile_stream(keys)
+    reads._STREAM_SCHEMAS.clear()
+    if known:
+        _read(_reply(stream), keys)
+    at = _offsets_at(stream, keys) + 4
+    bad = stream[:at] + middle.to_bytes(4, "little", signed=True) + stream[at + 4 :]
+    with pytest.raises(ValueError, match="could not be read"):
+        list(read_reply(parse_reply(_reply(bad)), _HOSTILE, keys))
+
+
+_INTERESTING = [0, 1, -1, 7, 8, 255, 2**15, 2**16 - 1, 2**31 - 1, -(2**31), 2**32 - 1, 2**63 - 1, -(2**63)]
+
+
+@settings(SETTINGS, max_examples=300)
+@given(
+    keys=st.lists(st.text(max_size=4), min_size=1, max_size=5),
+    known=st.booleans(),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["flip", "cut", "int32", "int64"]), st.integers(0, 10**6), st.integers(0, 255)
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_a_mutated_arrow_reply_reads_as_pyarrow_reads_it_or_is_refused(
+    keys: list[str], known: bool, ops: list[tuple[str, int, int]]
+) -> None:
+    """Whatever is done to a reply's stream, the rows read are what pyarrow reads, or ValueError."""
+    stream = bytearray(_hostile_stream(keys))
+    reads._STREAM_SCHEMAS.clear()
+    if known:
+        _read(_reply(bytes(stream)), keys)
+    for kind, where, value in ops:
+        if not stream:
+            break
+        at = where % len(stream)
+        if kind == "flip":
+            stream[at] ^= 1 << (value % 8)
+        elif kind == "cut":
+            del stream[at:]
+        else:
+            width = 4 if kind == "int32" else 8
+            at -= at % width
+            number = _INTERESTING[value % len(_INTERESTING)] & ((1 << (8 * width)) - 1)
+            stream[at : at + width] = number.to_bytes(width, "little")
+    try:
+        want = pa.ipc.open_stream(pa.py_buffer(bytes(stream))).read_all()
+        want.validate(full=True)
+        fits = want.schema.equals(columns_schema(_HOSTILE)) and want.num_rows == len(keys)
+    except (pa.ArrowException, OSError, ValueError):
+        # pyarrow refuses it: ArrowInvalid, ArrowNotImplementedError for a forged type, or a field name
+        # that is not UTF-8.
+        fits = False
+    try:
+        got = read_reply(parse_reply(_reply(bytes(stream))), _HOSTILE, keys)
+        table = got.to_arrow()
+        rows = list(got)
+    except ValueError:
+        return
+    assert fits, "a reply pyarrow refuses, or of other columns or rows, was read"
+    assert table.equals(want) and len(rows) == len(keys)
+
+
+def test_every_int32_of_a_replys_metadata_overwritten_reads_as_pyarrow_reads_it_or_is_refused() -> None:
+    """Each field of the schema's and the batch's flatbuffers forged in turn: ValueError, nothing else.
+
+    A forged integer width, for one, raised pyarrow's ArrowNotImplementedError through the client.
+    """
+    keys = ["a", "b"]
+    stream = _hostile_stream(keys)
+    schema_size = len(columns_schema(_HOSTILE).serialize())
+    batch_meta = schema_size + 8 + int.from_bytes(stream[schema_size + 4 : schema_size + 8], "little")
+    for known in (False, True):
+        for at in range(8, batch_meta, 4):
+            for value in (0, 3, 65, -1, 2**31 - 1):
+                forged = stream[:at] + value.to_bytes(4, "little", signed=True) + stream[at + 4 :]
+                reads._STREAM_SCHEMAS.clear()
+                if known:
+                    _read(_reply(stream), keys)
+                try:
+                    got = read_reply(parse_reply(_reply(forged)), _HOSTILE, keys)
+                    table, rows = got.to_arrow(), list(got)
+                except ValueError:
+                    continue
+                want = pa.ipc.open_stream(pa.py_buffer(forged)).read_all()
+                assert table.equals(want) and len(rows) == 2, (at, value)
+
+
+def test_an_event_time_past_the_years_of_datetime_is_refused() -> None:
+    keys = ["a"]
+    _read(_reply(_hostile_stream(keys)), keys)
+    columns = columns_schema(_HOSTILE)
+    micros = pa.array([2**62], pa.int64()).view(pa.timestamp("us", tz="UTC"))
+    row = pa.RecordBatch.from_pylist([{KEY: "a", "status": 1}], schema=columns)
+    batch = row.set_column(3, columns.field(3), micros)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, columns) as writer:
+        writer.write_batch(batch)
+    results = read_reply(parse_reply(_reply(bytes(sink.getvalue()))), _HOSTILE, keys)
+    with pytest.raises(ValueError, match="datetime"):
+        list(results)
+
+
+def test_a_vtable_before_the_metadata_is_no_batch_length() -> None:
+    message = bytearray(_hostile_stream(["a"])[len(columns_schema(_HOSTILE).serialize()) :])
+    size = int.from_bytes(message[4:8], "little")
+    assert _batch_length(memoryview(bytes(message))) == 1
+    at = 8 + int.from_bytes(message[8:12], "little")
+    # The root table's offset to its vtable, moved back by the metadata's length: the vtable is now before
+    # the metadata, which struct, counting a negative offset from the end, read as the very same vtable.
+    soffset = int.from_bytes(message[at : at + 4], "little", signed=True)
+    message[at : at + 4] = (soffset + size).to_bytes(4, "little", signed=True)
+    assert _batch_length(memoryview(bytes(message))) is None
+    with pytest.raises((pa.ArrowInvalid, OSError)):
+        pa.ipc.read_message(pa.py_buffer(bytes(message)))
+
+
+def test_batch_history_and_view_replies_with_a_string_offset_past_its_data_are_refused() -> None:
+    """ReadBatchSource's batches and GetViewFeatures' Arrow replies are validated as GetFeatures' are."""
+    keys = ["aa", "bb", "cc"]
+    stream = _hostile_stream(keys)
+    at = _offsets_at(stream, keys) + 4
+    bad = stream[:at] + (2**31 - 1).to_bytes(4, "little") + stream[at + 4 :]
+    schema = columns_schema(_HOSTILE)
+    message = stream[len(schema.serialize()) :]
+    assert read_batch(message, schema).num_rows == 3
+    with pytest.raises(ValueError):
+        read_batch(bad[len(schema.serialize()) :], schema)
+    assert view_table(fvs_pb2.GetViewFeaturesResponse(arrow_ipc=stream)).num_rows == 3
+    with pytest.raises(ValueError):
+        view_table(fvs_pb2.GetViewFeaturesResponse(arrow_ipc=bad))
+
+
+def _unkeyed(result: FeatureResult) -> tuple[Any, ...]:
+    features = None if result.features is None else {k: v for k, v in result.features.items() if k != KEY}
+    return result.status, result.event_time, features
+
+
+def test_a_stored_value_cut_short_reads_whole_or_as_damaged_never_as_other_values(tmp_path: Path) -> None:
+    """A value cut anywhere reads as it was (where the form read lies before the cut) or fails plainly."""
+    data = tmp_path / "data"
+    running = start(data, fsync="never")
+    schema = [
+        t.Field(KEY, t.String),
+        t.Field(TS, t.Timestamp),
+        t.Field("s", t.String, nullable=True),
+        t.Field("b", t.Bytes, nullable=True),
+        t.Field("n", t.Int64, nullable=True),
+    ]
+    source = StreamSource(name="cut", schema=schema, entity_keys=[KEY], timestamp_field=TS)
+    try:
+        client = Client.from_channel(running.channel)
+        client.apply(source)
+        when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        client.push("cut", [{KEY: k, TS: when, "s": k * 5, "b": b"\x00" * 3, "n": 7} for k in ("a", "bb")])
+        want = {
+            columnar: list(client.get_features("cut", ["a", "bb"], columnar=columnar))
+            for columnar in (True, False)
+        }
+    finally:
+        running.close()
+    options = rocksdict.Options(raw_mode=True)
+    db = rocksdict.Rdict(str(data / "online"), options)
+    try:
+        [(key, value)] = [
+            (k, v) for k, v in db.items() if k[:1] == b"r" and k.endswith(b"a") and not k.endswith(b"bb")
+        ]
+        # Every cut of the value, each under a key of its own, all holding the row of "a".
+        for cut in range(len(value)):
+            db[key[:-1] + b"cut%d" % cut] = value[:cut]
+    finally:
+        db.close()
+    running = start(data, fsync="never")
+    try:
+        client = Client.from_channel(running.channel)
+        for cut in range(len(value)):
+            for columnar in (True, False):
+                # With an intact key on either side, so that a cut row cannot borrow its neighbour's bytes.
+                keys = ["bb", f"cut{cut}", "bb"]
+                try:
+                    results = list(client.get_features("cut", keys, columnar=columnar))
+                except InternalError as e:
+                    assert "damaged" in str(e), (cut, columnar)
+                    continue
+                # Arrow replies name each row by the key asked for, Structs by the key stored.
+                expected = [want[columnar][1], want[columnar][0], want[columnar][1]]
+                assert list(map(_unkeyed, results)) == list(map(_unkeyed, expected)), (cut, columnar)
+        assert list(client.get_features("cut", ["a", "bb"])) == want[False]
+    finally:
+        running.close()

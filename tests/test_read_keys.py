@@ -12,7 +12,7 @@ import pytest
 from conftest import Running, start
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_properties import SETTINGS
 
@@ -21,6 +21,7 @@ from featurepush import types as t
 from featurepush.reads import get_features_request
 from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
 from featurepush.v1 import online_service_pb2
+from featurepush_server.core import wire
 from featurepush_server.core.wire import (
     VIEW_REQUEST_KEYS,
     read_varint,
@@ -313,3 +314,235 @@ def test_a_request_of_endless_continuation_bytes_is_left_to_protobuf() -> None:
     data = online_service_pb2.GetFeaturesRequest.DESCRIPTOR.fields_by_name["source"].number
     hostile = bytes([data << 3 | 2]) + b"\xff" * 2_000_000
     assert string_keys_request(hostile) is None
+
+
+# --- Requests written by hand, field by field, as an attacker would: every choice protobuf's encoder never
+# makes (non-minimal varints, repeated scalars, fields out of order, groups, wrong wire types) is drawn.
+
+
+def _varint_of(value: int, pad: int) -> bytes:
+    """A varint of `value`, with `pad` redundant continuation bytes: protobuf reads it as the same number."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if not value and not pad:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+        if not value:
+            pad -= 1
+            if not pad:
+                out.append(0)
+                return bytes(out)
+
+
+def _field(number: int, wire: int, body: bytes, pad: int = 0) -> bytes:
+    """One field: its tag (with `pad` extra varint bytes), then its length where it has one, then `body`."""
+    tag = _varint_of(number << 3 | wire, pad)
+    if wire == 2:
+        return tag + _varint_of(len(body), pad) + body
+    if wire == 3:
+        return tag + body + _varint_of(number << 3 | 4, 0)
+    return tag + body
+
+
+_TEXT_BYTES = st.one_of(
+    st.text(max_size=12).map(str.encode),
+    st.sampled_from(
+        [b"user_id", b"", b"\x00", b"a\x00b", b"\xff", b"\xc3", b"\xed\xa0\x80", b"\n\x07user_id"]
+    ),
+)
+
+
+def _odd(draw: st.DrawFn, odds: int) -> bool:
+    """True once in `odds` draws; never where `odds` is 0, for a request written as protobuf writes it."""
+    return odds > 0 and draw(st.integers(1, odds)) == 1
+
+
+def _pad(draw: st.DrawFn, odds: int) -> int:
+    return draw(st.sampled_from([1, 3])) if _odd(draw, odds) else 0
+
+
+def _value(draw: st.DrawFn, odds: int) -> bytes:
+    """A google.protobuf.Value's fields: one string, or at odds another kind, two strings, or junk."""
+    pad = _pad(draw, odds)
+    if not _odd(draw, odds):
+        return _field(3, 2, draw(_TEXT_BYTES), pad)
+    kind = draw(st.sampled_from(["number", "bool", "null", "two", "junk"]))
+    if kind == "number":
+        return _field(2, 1, b"\x00" * 7 + b"\x40", pad)
+    if kind == "bool":
+        return _field(4, 0, b"\x01", pad)
+    if kind == "null":
+        return _field(1, 0, b"\x00", pad)
+    if kind == "two":
+        return _field(3, 2, draw(_TEXT_BYTES), pad) + _field(3, 2, draw(_TEXT_BYTES))
+    return draw(st.binary(max_size=6))
+
+
+def _struct(draw: st.DrawFn, name: bytes, odds: int) -> bytes:
+    """A google.protobuf.Struct's fields: one entry {name: value}, or at odds more, another or none."""
+    entries = []
+    for _ in range(draw(st.sampled_from([0, 2])) if _odd(draw, odds) else 1):
+        key = draw(_TEXT_BYTES) if _odd(draw, odds) else name
+        parts = [_field(1, 2, key, _pad(draw, odds)), _field(2, 2, _value(draw, odds), _pad(draw, odds))]
+        if _odd(draw, odds):
+            parts.reverse()
+        if _odd(draw, odds):
+            parts.append(_field(1, 2, draw(_TEXT_BYTES)))
+        entries.append(_field(1, 2, b"".join(parts), _pad(draw, odds)))
+    if _odd(draw, odds):
+        entries.append(_field(draw(st.integers(2, 20)), 0, b"\x01"))
+    return b"".join(entries)
+
+
+@st.composite
+def _hostile_requests(draw: st.DrawFn) -> bytes:
+    """A GetFeaturesRequest written by hand, with any of the choices protobuf's encoder never makes."""
+    # How often each choice goes another way than protobuf's: never, now and then, or often.
+    odds = draw(st.sampled_from([0, 40, 10, 3]))
+    name = draw(st.sampled_from([b"user_id", b"k", "é".encode()]))
+    fields = [
+        _field(2, 2, _struct(draw, name, odds), _pad(draw, odds)) for _ in range(draw(st.integers(1, 6)))
+    ]
+    if draw(st.booleans()):
+        at = len(fields) if _odd(draw, odds) else 0
+        fields.insert(at, _field(1, 2, draw(_TEXT_BYTES), _pad(draw, odds)))
+    for _ in range(draw(st.sampled_from([1, 2])) if _odd(draw, odds) else draw(st.integers(0, 1))):
+        fields.append(_field(3, 0, _varint_of(draw(st.sampled_from([0, 1, 2, 3, 200])), _pad(draw, odds))))
+    if _odd(draw, odds):
+        extra = draw(
+            st.sampled_from(
+                [
+                    _field(15, 0, b"\x01"),  # an unknown varint field
+                    _field(16, 3, b""),  # an empty group
+                    _field(2, 0, b"\x01"),  # the keys' field number with the varint wire type
+                    _field(3, 2, b"\x01"),  # response_format as a length-delimited (packed) field
+                    _field(1, 2, b"\x80\x80"),  # a second source, of invalid UTF-8
+                    _field(5, 5, b"\x00\x00\x00\x00"),  # an unknown fixed32 field
+                ]
+            )
+        )
+        fields.insert(draw(st.integers(0, len(fields))), extra)
+    data = b"".join(fields)
+    if _odd(draw, odds):
+        at = draw(st.integers(0, len(data) - 1))
+        if draw(st.booleans()):
+            data = data[:at]
+        else:
+            data = data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1 :]
+    return data
+
+
+def _parsed(data: bytes) -> online_service_pb2.GetFeaturesRequest | None:
+    try:
+        return online_service_pb2.GetFeaturesRequest.FromString(data)
+    except DecodeError:
+        return None
+
+
+@settings(SETTINGS, max_examples=300)
+@given(data=_hostile_requests())
+def test_a_hostile_request_read_from_its_bytes_means_what_protobuf_parses(data: bytes) -> None:
+    """Read unparsed, a request hand-written in any layout means what protobuf parses, or is left to it."""
+    found = string_keys_request(data)
+    if found is None:
+        return
+    parsed = _parsed(data)
+    assert parsed is not None, "bytes protobuf refuses were read"
+    assert found.message == parsed
+    # The meaning: protobuf's last-one-wins for scalars and merged map entries, read from what it parsed.
+    assert (found.source, found.response_format) == (parsed.source, parsed.response_format)
+    assert [list(k.fields) for k in parsed.keys] == [[found.name]] * len(found.raws)
+    kinds = [k.fields[found.name].WhichOneof("kind") for k in parsed.keys]
+    assert kinds == ["string_value"] * len(found.raws)
+    assert [k.fields[found.name].string_value.encode() for k in parsed.keys] == found.raws
+
+
+# One key {"user_id": "a"}: the Struct's one entry.
+_KEY_A = _field(1, 2, _field(1, 2, b"user_id") + _field(2, 2, b"\x1a\x01a"))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # The source's length with a redundant continuation byte: protobuf reads it, and so is it read here.
+        _field(1, 2, b"src", 1) + _field(2, 2, _KEY_A),
+        # A key's tag in two bytes, its Struct's length in three.
+        _field(2, 2, _KEY_A, 2),
+        # response_format twice: the last one counts.
+        _field(2, 2, _KEY_A) + b"\x18\x02\x18\x01",
+        # A second source after the keys.
+        _field(1, 2, b"a") + _field(2, 2, _KEY_A) + _field(1, 2, b"b"),
+        # A key's Value with two string_values: the last one counts.
+        _field(2, 2, _field(1, 2, _field(1, 2, b"user_id") + _field(2, 2, b"\x1a\x01a\x1a\x01b"))),
+        # A key of two entries of one name: the map keeps the last.
+        _field(2, 2, _KEY_A * 2),
+        # A group after the keys.
+        _field(2, 2, _KEY_A) + _field(9, 3, b""),
+    ],
+)
+def test_layouts_protobuf_never_writes_are_read_as_it_parses_them(data: bytes) -> None:
+    parsed = _parsed(data)
+    assert parsed is not None
+    found = string_keys_request(data)
+    if found is not None:
+        assert found.message == parsed
+        assert (found.source, found.response_format) == (parsed.source, parsed.response_format)
+        assert [k.fields[found.name].string_value.encode() for k in parsed.keys] == found.raws
+
+
+def test_a_key_name_of_megabytes_is_left_to_protobuf_without_copies_of_it() -> None:
+    # Each name read from a request was kept as a hundred prefixes holding it: 8 MB of name cost 800 MB.
+    name = "n" * (8 << 20)
+    data = _request("s", 0, [{name: "a"}] * 3).SerializeToString()
+    assert string_keys_request(data) is None
+    assert string_keys_between(data, b"", VIEW_REQUEST_KEYS, b"", name) is None
+    assert all(len(cached) < 100 for _, cached in wire._PREFIXES)
+    # The longest name still read this way, and the shortest left to protobuf.
+    for size, read in ((99, True), (100, False)):
+        data = _request("s", 0, [{"n" * size: ""}]).SerializeToString()
+        assert (string_keys_request(data) is not None) == read
+
+
+def test_a_hostile_request_is_answered_as_its_parsed_twin_and_the_server_serves_on(server: Running) -> None:
+    """Through the server: a request read from its bytes gets the answer of the same request parsed."""
+    client = Client.from_channel(server.channel)
+    schema = [t.Field("user_id", t.String), t.Field("ts", t.Timestamp), t.Field("n", t.Int64)]
+    client.apply(StreamSource(name="hostile", schema=schema, entity_keys=["user_id"], timestamp_field="ts"))
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    client.push("hostile", [{"user_id": k, "ts": when, "n": i} for i, k in enumerate(["a", "b", "a\x00b"])])
+    call = server.channel.unary_unary("/featurepush.v1.OnlineService/GetFeatures")
+    key = _KEY_A
+    nul_key = _field(1, 2, _field(1, 2, b"user_id") + _field(2, 2, b"\x1a\x03a\x00b"))
+    source = _field(1, 2, b"hostile")
+    hostile = [
+        _field(1, 2, b"hostile", 2) + _field(2, 2, key) + _field(2, 2, nul_key) + b"\x18\x02",
+        source + _field(2, 2, key, 1) + _field(2, 2, nul_key) + b"\x18\x01",
+        source + _field(2, 2, key) + _field(2, 2, nul_key) + b"\x18\x02\x18\x01",
+        source + _field(2, 2, key) * 3 + _field(1, 2, b"hostile") + b"\x18\x02",
+        source + _field(2, 2, key) * 3 + _field(9, 3, b"") + b"\x18\x02",
+        source + _field(2, 2, key + _field(1, 2, _field(1, 2, b"user_id") + _field(2, 2, b"\x1a\x01b"))),
+        source + _field(2, 2, key) * 3 + b"\x18\x81\x00",
+        _request("hostile", 2, [{"n" * 5000: "a"}] * 3).SerializeToString(),
+        source + _field(2, 2, key) + _field(2, 2, b"\x0a\x05\x0a\x03\xff\xfe\xfd"),
+        source + _field(2, 2, key) + _field(2, 2, b"\x0a\x10\x0a\x07user_id"),
+    ]
+    for data in hostile:
+        parsed = _parsed(data)
+        if parsed is None:
+            with pytest.raises(grpc.RpcError) as e:
+                call(data)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            continue
+        # The parsed twin: the same request with an unknown field, which the bytes reader never takes.
+        twin = parsed.SerializeToString() + _field(15, 0, b"\x01")
+        assert string_keys_request(twin) is None
+        answers = []
+        for request in (data, twin):
+            try:
+                answers.append(("ok", call(request)))
+            except grpc.RpcError as e:
+                answers.append((e.code(), e.details()))
+        assert answers[0] == answers[1]
+    assert len(client.get_features("hostile", ["a", "b", "a\x00b", "zz"])) == 4

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import socket
+import struct
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from featurepush_server.core.framing import time_header
 from featurepush_server.core.stores.base import BatchCounts, RowBatch
@@ -181,3 +185,51 @@ def test_the_owner_keeps_the_latest_row_of_each_entity_within_and_across_writes(
         [RowBatch("s", [keys[0], keys[3]], [time_header(9) + b"x", time_header(1) + b"y"])]
     )
     assert (older.counts["s"].written, older.counts["s"].superseded) == (1, 1)
+
+
+_FIELDS = st.one_of(
+    st.tuples(st.just("u8"), st.integers(0, 255)),
+    st.tuples(st.just("i64"), st.integers(-(2**63), 2**63 - 1)),
+    st.tuples(st.just("blob"), st.binary(max_size=20)),
+    st.tuples(st.just("text"), st.text(max_size=10)),
+    st.tuples(st.just("blobs"), st.lists(st.one_of(st.none(), st.binary(max_size=10)), max_size=5)),
+    st.tuples(st.just("column"), st.lists(st.binary(max_size=10), max_size=5)),
+    st.tuples(st.just("maybe"), st.one_of(st.none(), st.binary(max_size=10))),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(fields=st.lists(_FIELDS, min_size=1, max_size=6), data=st.data())
+def test_a_frame_cut_short_is_refused_never_read_as_shorter_fields(
+    fields: list[tuple[str, Any]], data: st.DataObject
+) -> None:
+    """Every field of a whole frame comes back as sent; a frame cut anywhere fails before its last field."""
+    out = _Out()
+    for kind, value in fields:
+        getattr(out, kind)(value)
+    body = b"".join(out.parts)
+    inp = _In(body)
+    assert [getattr(inp, kind)() for kind, _ in fields] == [value for _, value in fields]
+    assert inp.at == len(body)
+    cut = data.draw(st.integers(0, len(body) - 1))
+    inp = _In(body[:cut])
+    with pytest.raises((ValueError, struct.error)):
+        for kind, _ in fields:
+            getattr(inp, kind)()
+
+
+@pytest.mark.parametrize(
+    ("out", "read"),
+    [
+        (_Out().blob(b"abcdef"), _In.blob),
+        (_Out().text("abcdef"), _In.text),
+        (_Out().blobs([b"abc", None, b"def"]), _In.blobs),
+        (_Out().maybe(b"abcdef"), _In.maybe),
+        (_Out().u8(1), _In.u8),
+    ],
+)
+def test_a_field_past_the_end_of_its_frame_is_refused(out: _Out, read: Any) -> None:
+    # The frame's last byte cut: the field was read back one byte short.
+    body = b"".join(out.parts)[:-1]
+    with pytest.raises(ValueError, match="past its frame"):
+        read(_In(body))

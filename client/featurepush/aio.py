@@ -18,7 +18,7 @@ import pyarrow as pa
 from google.rpc import status_pb2
 
 from featurepush.auth import PemPath, async_api_key_interceptors, channel_credentials
-from featurepush.batch import BackfillProgress, progress_of, timestamp
+from featurepush.batch import BackfillProgress, progress_of, read_batch, timestamp
 from featurepush.client import ApplyResult, DefinitionResult, PushResult
 from featurepush.definitions import FeatureService, StreamFeatureView, StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error, from_status_proto
@@ -274,7 +274,7 @@ class AsyncClient:
                 if schema is None:
                     schema = pa.ipc.read_schema(pa.py_buffer(message.arrow_schema))
                     continue
-                yield pa.ipc.read_record_batch(pa.py_buffer(message.arrow_record_batch), schema)
+                yield read_batch(message.arrow_record_batch, schema)
         except grpc.RpcError as err:
             raise _error(err) from None
         finally:

@@ -15,6 +15,15 @@ from featurepush.v1 import backfill_service_pb2 as pb
 from featurepush.v1 import backfill_service_pb2_grpc as pb_grpc
 
 
+def read_batch(message: bytes, schema: pa.Schema) -> pa.RecordBatch:
+    """A record batch message the server sent; pyarrow's ArrowInvalid (a ValueError) if it is not valid."""
+    batch = pa.ipc.read_record_batch(pa.py_buffer(message), schema)
+    # The IPC reader checks buffer sizes, not the offsets inside them: a string's offset past its data
+    # would be read from whatever memory follows.
+    batch.validate(full=True)
+    return batch
+
+
 @dataclass(frozen=True)
 class RowRejection:
     """Why one batch-source row was not loaded: its position in the selected range, field and reason."""
@@ -81,7 +90,7 @@ def read_batch_source(
     def batches() -> Iterator[pa.RecordBatch]:
         try:
             for message in call:
-                yield pa.ipc.read_record_batch(pa.py_buffer(message.arrow_record_batch), schema)
+                yield read_batch(message.arrow_record_batch, schema)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         finally:

@@ -176,7 +176,10 @@ def read_reply(
     definition: StreamSource,
     keys: Sequence[Mapping[str, Any] | Any],
 ) -> FeatureResults:
-    """A reply's results, in either form (parse_reply); ValueError if they do not fit the definition."""
+    """A reply's results, in either form (parse_reply); ValueError if they do not fit the definition or keys.
+
+    A reply of another number of rows than `keys` is refused: rows would be paired with the wrong keys.
+    """
     if isinstance(response, memoryview):
         return _arrow_results(response, definition, len(keys))
     if response.arrow_ipc:
@@ -191,6 +194,8 @@ def read_reply(
         event_time = _datetime(vector.event_time) if vector.HasField("event_time") else None
         features = decode_record(vector.features, schema) if vector.HasField("features") else None
         results.append(FeatureResult(status, event_time, features))
+    if len(results) != len(keys):
+        raise ValueError(f"the server returned {len(results)} feature vectors for {len(keys)} keys")
     return FeatureResults(definition, results=results, keys=keys)
 
 
@@ -218,7 +223,10 @@ def _arrow_results(stream: memoryview, definition: StreamSource, rows: int) -> F
         size = len(known[1])
         if stream[:size] == known[1] and _batch_length(stream[size:]) == rows:
             return FeatureResults(definition, batch=(stream[size:], known[2], rows))
-    return FeatureResults(definition, table=_read_arrow(stream, definition))
+    table = _read_arrow(stream, definition)
+    if table.num_rows != rows:
+        raise ValueError(f"the server's Arrow reply has {table.num_rows} rows for {rows} keys")
+    return FeatureResults(definition, table=table)
 
 
 def _batch_length(message: memoryview) -> int | None:
@@ -226,17 +234,25 @@ def _batch_length(message: memoryview) -> int | None:
 
     Read straight from the flatbuffer (Arrow's Message.fbs): the Message table's header, when it is a
     RecordBatch, and that table's length. Offsets are relative to the metadata, which follows the
-    continuation marker and the metadata's length.
+    continuation marker and the metadata's length. None too where anything but the end-of-stream marker
+    follows the message's body: a stream of more messages is read whole.
     """
     try:
         if message[:4] != _CONTINUATION:
             return None
-        meta = message[8 : 8 + _INT32.unpack_from(message, 4)[0]]
+        size = _INT32.unpack_from(message, 4)[0]
+        meta = message[8 : 8 + size]
+        if size <= 0 or len(meta) != size:
+            return None
         table = _UINT32.unpack_from(meta, 0)[0]
         # Message fields: version, header_type, header, bodyLength; RecordBatch's first is its length.
         header_type = _field(meta, table, 1)
         header_at = _field(meta, table, 2)
+        body_at = _field(meta, table, 3)
         if not header_type or not header_at or meta[header_type] != _RECORD_BATCH:
+            return None
+        body = _INT64.unpack_from(meta, body_at)[0] if body_at else 0
+        if body < 0 or message[8 + size + body :] not in (_END_OF_STREAM, b""):
             return None
         batch = header_at + _UINT32.unpack_from(meta, header_at)[0]
         length_at = _field(meta, batch, 0)
@@ -248,6 +264,9 @@ def _batch_length(message: memoryview) -> int | None:
 def _field(meta: memoryview, table: int, index: int) -> int:
     """Where a flatbuffer table's field is in the metadata, 0 when the table leaves it out."""
     vtable = table - _INT32.unpack_from(meta, table)[0]
+    if vtable < 0:
+        # struct reads a negative offset from the end: a vtable before the metadata would be misread.
+        raise IndexError("a flatbuffer vtable before the metadata")
     vtable_size = _UINT16.unpack_from(meta, vtable)[0]
     if 4 + 2 * index >= vtable_size:
         return 0
@@ -259,7 +278,11 @@ def _read_arrow(stream: memoryview, definition: StreamSource) -> pa.Table:
     """The reply's batches as one table, after its schema is checked against the definition's."""
     try:
         table = pa.ipc.open_stream(pa.py_buffer(stream)).read_all()
-    except (pa.ArrowInvalid, OSError) as e:
+        # The IPC reader checks buffer sizes, not offsets: a string's offset past its data would be read
+        # from whatever memory follows. Any of pyarrow's errors (a forged type is ArrowNotImplementedError)
+        # is the reply's fault.
+        table.validate(full=True)
+    except (pa.ArrowException, OSError) as e:
         raise ValueError(f"the server's Arrow reply could not be read: {e}") from None
     expected = _expected_schema(definition)
     if not table.schema.equals(expected):
@@ -273,6 +296,8 @@ def _read_arrow(stream: memoryview, definition: StreamSource) -> pa.Table:
 
 
 _CONTINUATION = b"\xff\xff\xff\xff"
+# The end of an IPC stream: the continuation marker and a zero metadata length.
+_END_OF_STREAM = _CONTINUATION + b"\x00\x00\x00\x00"
 _UINT16, _INT32, _UINT32, _INT64 = (struct.Struct(f) for f in ("<H", "<i", "<I", "<q"))
 # MessageHeader's RecordBatch, the value of a Message's header_type.
 _RECORD_BATCH = 3
@@ -416,12 +441,17 @@ class FeatureResults(Sequence[FeatureResult]):
 
     @staticmethod
     def _read_batch(batch: tuple[memoryview, pa.Schema, int]) -> pa.Table:
-        """The reply's record batch as a table; ValueError if its message does not read."""
-        message, schema, _ = batch
+        """The reply's record batch as a table; ValueError if it does not read or is not a row per key."""
+        message, schema, rows = batch
         try:
-            return pa.Table.from_batches([pa.ipc.read_record_batch(pa.py_buffer(message), schema)])
-        except (pa.ArrowInvalid, OSError) as e:
+            read = pa.ipc.read_record_batch(pa.py_buffer(message), schema)
+            # As in _read_arrow: offsets are only checked by a full validation.
+            read.validate(full=True)
+        except (pa.ArrowException, OSError) as e:
             raise ValueError(f"the server's Arrow reply could not be read: {e}") from None
+        if read.num_rows != rows:
+            raise ValueError(f"the server's Arrow reply has {read.num_rows} rows for {rows} keys")
+        return pa.Table.from_batches([read])
 
     def _rows(self) -> list[FeatureResult]:
         if self._results is None:
@@ -430,7 +460,11 @@ class FeatureResults(Sequence[FeatureResult]):
 
     def _rows_of_table(self) -> list[FeatureResult]:
         table = self.to_arrow()
-        columns = [_pylist(c) for c in table.columns]
+        try:
+            columns = [_pylist(c) for c in table.columns]
+        except OverflowError as e:
+            # A time past the years datetime holds, refused as the Struct form refuses one.
+            raise ValueError(f"the server's Arrow reply holds a time datetime cannot hold: {e}") from None
         n_keys = len(self._definition.entity_keys)
         statuses, times = columns[n_keys], columns[n_keys + 1]
         where = {name: i for i, name in enumerate(self._definition.entity_keys)}

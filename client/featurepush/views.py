@@ -67,7 +67,10 @@ def view_table(response: feature_view_service_pb2.GetViewFeaturesResponse) -> pa
     """The Arrow form of a GetViewFeaturesResponse: a row per requested entity, in request order."""
     import pyarrow as pa
 
-    return pa.ipc.open_stream(response.arrow_ipc).read_all()
+    table = pa.ipc.open_stream(response.arrow_ipc).read_all()
+    # As featurepush.batch.read_batch: offsets inside buffers are only checked by a full validation.
+    table.validate(full=True)
+    return table
 
 
 def view_request(

@@ -167,8 +167,8 @@ def reply_stream(
     """The reply's IPC stream for `keys` and their stored values, None where a key has none.
 
     `keys` are all str or all their UTF-8 bytes. Rows with event times before `cutoff` (microseconds) read
-    as expired. None when a stored row lacks fields (stored before they were added): the caller takes the
-    general path.
+    as expired. None when a stored row lacks fields (stored before they were added) or is cut short: the
+    caller takes the general path.
     """
     n, width = len(stored), plan.width
     if not n:
@@ -246,7 +246,9 @@ def reply_stream(
                 for k in before:
                     starts = list(map(add, starts, eights[k::width].tolist()))
                 data = b"".join([v[s : s + size] for v, s, size in zip(rows, starts, sizes, strict=True)])
-            if len(data) >= 1 << 31:
+            # A row cut short (or a damaged size) gives parts shorter than their sizes, whose offsets would
+            # point past the reply's data: the general path finds what the row holds.
+            if len(data) >= 1 << 31 or len(data) != sum(sizes) or (sizes and min(sizes) < 0):
                 return None
             offsets = struct.pack(f"<{n + 1}i", *accumulate(sizes, initial=0))
             buffers += (validity, offsets, data)

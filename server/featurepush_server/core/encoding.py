@@ -408,6 +408,24 @@ def event_time_parts(micros: np.ndarray) -> list[pa.Array | bytes]:
     return [FEATURE_VECTOR_EVENT_TIME, varints(body_len), *parts]
 
 
+def payload_whole(payload: bytes) -> bool:
+    """Whether a stored payload is whole: its event_time field, then its features field up to its end.
+
+    A value cut short would otherwise read as a vector without features, or reach a caller as a reply that
+    does not parse.
+    """
+    if len(payload) < 2 or payload[0] != FEATURE_VECTOR_EVENT_TIME[0]:
+        return False
+    at = event_time_length(payload)
+    if payload[at : at + 1] != FEATURE_VECTOR_FEATURES:
+        return False
+    try:
+        size, end = read_varint(payload, at + 1)
+    except IndexError:
+        return False
+    return end + size == len(payload)
+
+
 def event_time_length(payload: bytes) -> int:
     """The length of the event_time field that starts a stored payload (it is under 128 bytes)."""
     return 2 + payload[1]
@@ -640,6 +658,10 @@ def decode_columns(
     all_valid: np.ndarray = np.asarray(valid.all(axis=0))
     if plan.varying:
         sizes = slots[:, plan.varying]
+        # Parts that do not fill the columns exactly (a value cut short, a damaged size) would be read from
+        # a neighbouring row, or sized in terabytes: the payload says what the row holds.
+        if (sizes < 0).any() or (sizes.sum(axis=1) != lengths - fixed_width).any():
+            return None
         # Each row's variable parts follow its fixed part, one after another in field order.
         part_starts = (starts + fixed_width)[:, None] + np.cumsum(sizes, axis=1) - sizes
     out: dict[str, pa.Array] = {}

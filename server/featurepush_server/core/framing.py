@@ -52,15 +52,20 @@ def frame(header: bytes, columns: bytes, payload: bytes) -> bytes:
 def locate(values: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Stored values joined as one uint8 array, with each one's event time and its columns' start and length.
 
-    Many rows are taken apart this way with a few numpy operations and no Python per row.
+    Many rows are taken apart this way with a few numpy operations and no Python per row. ValueError
+    where a value is too short for its header and columns (cut short): its neighbour's bytes would be read.
     """
     blob = np.frombuffer(b"".join(values), dtype=np.uint8)
     sizes = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    if len(sizes) and sizes.min() < _COLUMNS_AT:
+        raise ValueError("a stored value is shorter than its header")
     starts = np.zeros(len(values), dtype=np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
     headers = blob[starts[:, None] + np.arange(HEADER_BYTES)].view(">u8").ravel() ^ _SIGN
     micros = headers.astype(np.uint64).view(np.int64)
     lengths = blob[(starts + HEADER_BYTES)[:, None] + np.arange(4)].view(">u4").ravel().astype(np.int64)
+    if (lengths > sizes - _COLUMNS_AT).any():
+        raise ValueError("a stored value's columns run past its end")
     return blob, micros, starts + _COLUMNS_AT, lengths
 
 

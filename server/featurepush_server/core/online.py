@@ -20,10 +20,11 @@ from .encoding import (
     event_time_length,
     key_part,
     null_entry,
+    payload_whole,
     python_key,
     with_late_nulls,
 )
-from .errors import InvalidInput, LimitExceeded, Violation
+from .errors import CoreError, InvalidInput, LimitExceeded, Violation
 from .framing import header_micros, locate, payload
 from .registry import Registry, Source
 from .rows import BadValue, rows_to_table, scalar_converter
@@ -39,6 +40,7 @@ from .wire import (
 )
 
 _MISSING = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_MISSING])
+_MISSING_RESULT = GET_FEATURES_RESULT + varint(len(_MISSING)) + _MISSING
 _PRESENT = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_PRESENT])
 _EXPIRED = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_EXPIRED])
 # The Arrow IPC end-of-stream marker: a continuation token and a zero length.
@@ -48,6 +50,15 @@ _STATUS_MISSING = online_service_pb2.FEATURE_STATUS_MISSING
 _STATUS_EXPIRED = online_service_pb2.FEATURE_STATUS_EXPIRED
 # Reads of at most this many keys visit the parsed keys: serializing the request costs more than it saves.
 _PARSED_KEYS = 2
+
+
+def damaged_row(source: str) -> CoreError:
+    """The error of a read that met a stored value cut short or otherwise damaged: INTERNAL, said plainly."""
+    return CoreError(
+        f"a stored row of {source} is damaged (cut short); push the entity's latest record again",
+        reason="DAMAGED_ROW",
+        metadata={"source": source},
+    )
 
 
 def check_key_count(count: int, max_keys: int) -> None:
@@ -96,14 +107,17 @@ class OnlineReader:
         for value in stored:
             # A stored payload is the vector's event_time and features fields.
             if value is None:
-                vector = _MISSING
-            elif cutoff is not None and header_micros(value) < cutoff:
-                body = payload(value)
+                out.append(_MISSING_RESULT)
+                continue
+            body = payload(value)
+            if not payload_whole(body):
+                raise damaged_row(spec.name)
+            if cutoff is not None and header_micros(value) < cutoff:
                 vector = _EXPIRED + body[: event_time_length(body)]
             elif late:
-                vector = _PRESENT + with_late_nulls(payload(value), late)
+                vector = _PRESENT + with_late_nulls(body, late)
             else:
-                vector = _PRESENT + payload(value)
+                vector = _PRESENT + body
             out.append(GET_FEATURES_RESULT + varint(len(vector)) + vector)
         return b"".join(out)
 
@@ -224,7 +238,10 @@ def arrow_stream(
     """
     n = len(stored)
     found = [v for v in stored if v is not None]
-    blob, found_micros, starts, lengths = locate(found)
+    try:
+        blob, found_micros, starts, lengths = locate(found)
+    except ValueError:
+        raise damaged_row(spec.name) from None
     status = np.full(n, _STATUS_MISSING, dtype=np.int8)
     if len(found) == n:
         is_found = None
@@ -332,8 +349,12 @@ def _feature_arrays(
     decoded = decode_columns(blob, starts, lengths, plan)
     if decoded is not None:
         return decoded
-    # Rows stored before fields were added: their Structs, with the missing fields as null.
-    structs = [online_service_pb2.FeatureVector.FromString(payload(v)).features for v in rows]
+    # Rows stored before fields were added (or with damaged columns): their Structs, with the missing fields
+    # as null.
+    bodies = [payload(v) for v in rows]
+    if not all(map(payload_whole, bodies)):
+        raise damaged_row(spec.name)
+    structs = [online_service_pb2.FeatureVector.FromString(body).features for body in bodies]
     table, violations, _ = rows_to_table(structs, spec.fields, spec.arrow_schema, "stored")
     if table is None:
         raise RuntimeError(f"stored rows of {spec.name} do not fit its schema: {violations[:3]}")

@@ -145,9 +145,14 @@ def string_keys_between(
 ) -> list[bytes] | None:
     """The keys (Structs in field `tag`) of a serialized request that is `head`, the keys, then `tail`.
 
-    Each key must be {name: <a string shorter than 100 bytes>}; the UTF-8 of each comes back, or None
-    when the request holds anything else (the caller then reads the parsed keys).
+    Each key must be {name: <a string shorter than 100 bytes>}, its name also shorter than 100 bytes; the
+    UTF-8 of each comes back, or None when the request holds anything else (the caller then reads the
+    parsed keys).
     """
+    if len(name) >= _SHORT_KEY or len(name.encode()) >= _SHORT_KEY:
+        # A key of a longer name has two-byte lengths that the split below cannot find; and the prefixes
+        # cached per name would be a hundred copies of it, taken from the request's bytes.
+        return None
     prefixes = _prefixes(tag, name)
     # Every short key is its prefix, whose middle names the key field, then its string: split on that
     # middle, each piece is the rest of one key's prefix (3 bytes), its string, and the next key's first
@@ -208,8 +213,9 @@ def string_keys_request(data: bytes) -> StringKeysRequest | None:
     """A serialized GetFeaturesRequest read without parsing it, where its keys are all one short string field.
 
     Only requests laid out as protobuf writes them are read: the source, the keys, then response_format,
-    each key {name: <a string shorter than 100 bytes>}, and nothing else. They are read only when writing
-    the parts back gives `data` exactly and every string is UTF-8, so they are what parsing would give.
+    each key {name: <a string shorter than 100 bytes>} of a name shorter than 100 bytes, and nothing else.
+    They are read only when writing the parts back gives `data` exactly and every string is UTF-8, so they
+    are what parsing would give.
     None otherwise: the caller parses the request.
     """
     try:
@@ -233,6 +239,8 @@ def string_keys_request(data: bytes) -> StringKeysRequest | None:
         if data[at : at + 1] != STRUCT_ENTRY_KEY:
             return None
         size, at = read_varint(data, at + 1)
+        if size >= _SHORT_KEY:
+            return None
         name = data[at : at + size].decode()
         text = source.decode()
     except (IndexError, UnicodeDecodeError):

@@ -158,13 +158,19 @@ class _Out:
 
 
 class _In:
-    """Reads the fields of one frame in the order they were written; each field read is a copy."""
+    """Reads the fields of one frame in the order they were written; each field read is a copy.
+
+    A field that runs past the frame raises ValueError (struct.error for a fixed-width one): a body cut
+    short is never read as shorter values.
+    """
 
     def __init__(self, data: bytes | memoryview):
         self.data = memoryview(data)
         self.at = 0
 
     def u8(self) -> int:
+        if self.at >= len(self.data):
+            raise ValueError("a field runs past its frame")
         value: int = self.data[self.at]
         self.at += 1
         return value
@@ -177,6 +183,8 @@ class _In:
     def blob(self) -> bytes:
         (n,) = _U32.unpack_from(self.data, self.at)
         start = self.at + 4
+        if start + n > len(self.data):
+            raise ValueError("a field runs past its frame")
         self.at = start + n
         return self.data[start : self.at].tobytes()
 
@@ -196,6 +204,9 @@ class _In:
             else:
                 append(data[at : at + length].tobytes())
                 at += length
+        if at > len(data):
+            # Slices stop at the end: an item past it came back short.
+            raise ValueError("a field runs past its frame")
         self.at = at
         return out
 
