@@ -14,6 +14,7 @@ from grpc_status import rpc_status
 import featurepush
 from featurepush.errors import (
     AlreadyExistsError,
+    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     FeaturepushError,
@@ -87,6 +88,7 @@ def test_from_status_proto_decodes_bad_request_and_error_info() -> None:
         (code_pb2.DEADLINE_EXCEEDED, DeadlineExceededError),
         (code_pb2.PERMISSION_DENIED, PermissionDeniedError),
         (code_pb2.INTERNAL, InternalError),
+        (code_pb2.DATA_LOSS, DataLossError),
         (code_pb2.ABORTED, FeaturepushError),
         (999, FeaturepushError),
     ],

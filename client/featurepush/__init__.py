@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     )
     from featurepush.errors import (
         AlreadyExistsError,
+        DataLossError,
         DeadlineExceededError,
         FailedPreconditionError,
         FeaturepushError,
@@ -71,6 +72,7 @@ _SOURCES = {
     "Bool": "featurepush.types",
     "Bytes": "featurepush.types",
     "Client": "featurepush.client",
+    "DataLossError": "featurepush.errors",
     "DataType": "featurepush.types",
     "DeadlineExceededError": "featurepush.errors",
     "DefinitionError": "featurepush.definitions",
@@ -122,6 +124,7 @@ __all__ = [
     "Bool",
     "Bytes",
     "Client",
+    "DataLossError",
     "DataType",
     "DeadlineExceededError",
     "DefinitionError",

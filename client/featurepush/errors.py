@@ -133,6 +133,10 @@ class InternalError(FeaturepushError):
     """INTERNAL: the server failed unexpectedly."""
 
 
+class DataLossError(FeaturepushError):
+    """DATA_LOSS: stored data the call needed is damaged; sending the call again will not help."""
+
+
 _CLASS_BY_CODE: dict[grpc.StatusCode, type[FeaturepushError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
@@ -144,6 +148,7 @@ _CLASS_BY_CODE: dict[grpc.StatusCode, type[FeaturepushError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.INTERNAL: InternalError,
+    grpc.StatusCode.DATA_LOSS: DataLossError,
 }
 
 

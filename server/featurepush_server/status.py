@@ -16,6 +16,7 @@ from .core.errors import (
     Aborted,
     Cancelled,
     CoreError,
+    DataLoss,
     FailedPrecondition,
     InvalidInput,
     LimitExceeded,
@@ -46,6 +47,7 @@ _CODES: dict[type[CoreError], int] = {
     Aborted: code_pb2.ABORTED,
     Unavailable: code_pb2.UNAVAILABLE,
     StorageFull: code_pb2.RESOURCE_EXHAUSTED,
+    DataLoss: code_pb2.DATA_LOSS,
 }
 
 

@@ -86,6 +86,12 @@ class ShuttingDown(Unavailable):
     reason = "SHUTTING_DOWN"
 
 
+class DataLoss(CoreError):
+    """Stored data is damaged beyond reading: the request is fine, and sending it again will not help."""
+
+    reason = "DATA_LOSS"
+
+
 class StorageFull(CoreError):
     """The disk holding the data is full; writes are refused until space is freed, reads go on."""
 

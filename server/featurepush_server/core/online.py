@@ -24,7 +24,7 @@ from .encoding import (
     python_key,
     with_late_nulls,
 )
-from .errors import CoreError, InvalidInput, LimitExceeded, Violation
+from .errors import DataLoss, InvalidInput, LimitExceeded, Violation
 from .framing import header_micros, locate, payload
 from .registry import Registry, Source
 from .rows import BadValue, rows_to_table, scalar_converter
@@ -52,9 +52,9 @@ _STATUS_EXPIRED = online_service_pb2.FEATURE_STATUS_EXPIRED
 _PARSED_KEYS = 2
 
 
-def damaged_row(source: str) -> CoreError:
-    """The error of a read that met a stored value cut short or otherwise damaged: INTERNAL, said plainly."""
-    return CoreError(
+def damaged_row(source: str) -> DataLoss:
+    """The error of a read that met a stored value cut short or otherwise damaged: DATA_LOSS, said plainly."""
+    return DataLoss(
         f"a stored row of {source} is damaged (cut short); push the entity's latest record again",
         reason="DAMAGED_ROW",
         metadata={"source": source},
