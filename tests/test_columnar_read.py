@@ -36,7 +36,7 @@ from test_properties import (
 from featurepush import Client, DataLossError, FeatureResult, FeatureStatus, reads
 from featurepush import types as t
 from featurepush.aio import AsyncClient
-from featurepush.batch import read_batch
+from featurepush.batch import read_batch, read_schema
 from featurepush.definitions import StreamSource
 from featurepush.reads import (
     SMALL_READ_KEYS,
@@ -50,7 +50,7 @@ from featurepush.reads import (
 from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
 from featurepush.v1 import online_service_pb2
 from featurepush.values import parse_timestamp
-from featurepush.views import view_table
+from featurepush.views import view_table, view_vectors
 from featurepush_server.core.arrow_reply import _bitmap, reply_stream
 from featurepush_server.core.online import arrow_stream, read_layout
 
@@ -644,9 +644,36 @@ def test_batch_history_and_view_replies_with_a_string_offset_past_its_data_are_r
     assert read_batch(message, schema).num_rows == 3
     with pytest.raises(ValueError):
         read_batch(bad[len(schema.serialize()) :], schema)
-    assert view_table(fvs_pb2.GetViewFeaturesResponse(arrow_ipc=stream)).num_rows == 3
+    assert view_table(fvs_pb2.GetViewFeaturesResponse(arrow_ipc=stream), 3).num_rows == 3
     with pytest.raises(ValueError):
-        view_table(fvs_pb2.GetViewFeaturesResponse(arrow_ipc=bad))
+        view_table(fvs_pb2.GetViewFeaturesResponse(arrow_ipc=bad), 3)
+
+
+def test_view_replies_of_another_number_of_rows_than_keys_are_refused() -> None:
+    """A vector or row more or fewer than the keys asked for could only be paired with the wrong keys."""
+    stream = _hostile_stream(["aa", "bb", "cc"])
+    with pytest.raises(ValueError, match="3 rows for 2 keys"):
+        view_table(fvs_pb2.GetViewFeaturesResponse(arrow_ipc=stream), 2)
+    reply = fvs_pb2.GetViewFeaturesResponse()
+    reply.results.add()
+    assert view_vectors(reply, 1) == [{}]
+    with pytest.raises(ValueError, match="1 vectors for 2 keys"):
+        view_vectors(reply, 2)
+
+
+def test_arrow_that_pyarrow_refuses_with_another_error_is_a_value_error() -> None:
+    """pyarrow refuses some messages with OSError or ArrowNotImplementedError, not a ValueError."""
+    schema = pa.schema([("x", pa.int64())])
+    message = pa.record_batch([pa.array([1, 2])], schema=schema).serialize().to_pybytes()
+    # The same bytes read under a schema whose type needs more buffers than the message has.
+    other = pa.schema([("x", pa.list_view(pa.int64()))])
+    with pytest.raises(OSError):
+        pa.ipc.read_record_batch(pa.py_buffer(message), other)
+    with pytest.raises(ValueError, match="could not be read"):
+        read_batch(message, other)
+    with pytest.raises(ValueError, match="could not be read"):
+        read_schema(message)
+    assert read_schema(schema.serialize().to_pybytes()) == schema
 
 
 def _unkeyed(result: FeatureResult) -> tuple[Any, ...]:

@@ -18,7 +18,7 @@ import pyarrow as pa
 from google.rpc import status_pb2
 
 from featurepush.auth import PemPath, async_api_key_interceptors, channel_credentials
-from featurepush.batch import BackfillProgress, progress_of, read_batch, timestamp
+from featurepush.batch import BackfillProgress, progress_of, read_batch, read_schema, timestamp
 from featurepush.client import ApplyResult, DefinitionResult, PushResult
 from featurepush.definitions import FeatureService, StreamFeatureView, StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error, from_status_proto
@@ -272,7 +272,7 @@ class AsyncClient:
         try:
             async for message in call:
                 if schema is None:
-                    schema = pa.ipc.read_schema(pa.py_buffer(message.arrow_schema))
+                    schema = read_schema(message.arrow_schema)
                     continue
                 yield read_batch(message.arrow_record_batch, schema)
         except grpc.RpcError as err:
@@ -365,7 +365,8 @@ class AsyncClient:
         from featurepush.views import view_request, view_vectors
 
         request = view_request(keys, view=view, service=service, as_of=as_of)
-        return view_vectors(await self._call_retrying_overload(self._views.GetViewFeatures, request))
+        reply = await self._call_retrying_overload(self._views.GetViewFeatures, request)
+        return view_vectors(reply, len(keys))
 
     async def get_view_features_arrow(
         self,
@@ -379,7 +380,8 @@ class AsyncClient:
         from featurepush.views import view_request, view_table
 
         request = view_request(keys, view=view, service=service, as_of=as_of, arrow=True)
-        return view_table(await self._call_retrying_overload(self._views.GetViewFeatures, request))
+        reply = await self._call_retrying_overload(self._views.GetViewFeatures, request)
+        return view_table(reply, len(keys))
 
     async def delete_view(self, name: str) -> int:
         """Delete a view and its tiles; return how many tiles it held."""

@@ -15,12 +15,28 @@ from featurepush.v1 import backfill_service_pb2 as pb
 from featurepush.v1 import backfill_service_pb2_grpc as pb_grpc
 
 
+def read_schema(message: bytes) -> pa.Schema:
+    """The schema message the server sent; ValueError if it is not one pyarrow can read."""
+    try:
+        return pa.ipc.read_schema(pa.py_buffer(message))
+    except ValueError:
+        raise
+    except (pa.ArrowException, OSError) as e:
+        # A forged type is ArrowNotImplementedError and a cut message OSError, neither a ValueError.
+        raise ValueError(f"the server's Arrow schema could not be read: {e}") from None
+
+
 def read_batch(message: bytes, schema: pa.Schema) -> pa.RecordBatch:
-    """A record batch message the server sent; pyarrow's ArrowInvalid (a ValueError) if it is not valid."""
-    batch = pa.ipc.read_record_batch(pa.py_buffer(message), schema)
-    # The IPC reader checks buffer sizes, not the offsets inside them: a string's offset past its data
-    # would be read from whatever memory follows.
-    batch.validate(full=True)
+    """A record batch message the server sent; ValueError (pyarrow's ArrowInvalid or another) if not valid."""
+    try:
+        batch = pa.ipc.read_record_batch(pa.py_buffer(message), schema)
+        # The IPC reader checks buffer sizes, not the offsets inside them: a string's offset past its data
+        # would be read from whatever memory follows.
+        batch.validate(full=True)
+    except ValueError:
+        raise
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"the server's record batch could not be read: {e}") from None
     return batch
 
 
@@ -85,7 +101,7 @@ def read_batch_source(
         first = next(call)
     except grpc.RpcError as e:
         raise from_rpc_error(e) from None
-    schema = pa.ipc.read_schema(pa.py_buffer(first.arrow_schema))
+    schema = read_schema(first.arrow_schema)
 
     def batches() -> Iterator[pa.RecordBatch]:
         try:

@@ -479,7 +479,7 @@ class Client:
         from featurepush.views import view_request, view_vectors
 
         request = view_request(keys, view=view, service=service, as_of=as_of)
-        return view_vectors(self._call_retrying_overload(self._views.GetViewFeatures, request))
+        return view_vectors(self._call_retrying_overload(self._views.GetViewFeatures, request), len(keys))
 
     def get_view_features_arrow(
         self,
@@ -493,7 +493,7 @@ class Client:
         from featurepush.views import view_request, view_table
 
         request = view_request(keys, view=view, service=service, as_of=as_of, arrow=True)
-        return view_table(self._call_retrying_overload(self._views.GetViewFeatures, request))
+        return view_table(self._call_retrying_overload(self._views.GetViewFeatures, request), len(keys))
 
     def delete_view(self, name: str) -> int:
         """Deletes a view and its tiles; returns how many tiles it held."""

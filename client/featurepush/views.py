@@ -43,11 +43,16 @@ def decode_value(value: Any, dtype: schema_pb2.DataType) -> Any:
 
 
 def view_vectors(
-    response: feature_view_service_pb2.GetViewFeaturesResponse,
+    response: feature_view_service_pb2.GetViewFeaturesResponse, keys: int
 ) -> list[dict[str, ViewFeatureValue]]:
-    """One mapping of feature name to value per requested entity, in request order."""
+    """One mapping of feature name to value per requested entity (`keys` of them), in request order.
+
+    ValueError for a reply of another number of vectors, which could only be paired with the wrong keys.
+    """
     from google.protobuf import json_format
 
+    if len(response.results) != keys:
+        raise ValueError(f"the server answered {len(response.results)} vectors for {keys} keys")
     features = list(response.features)
     out: list[dict[str, ViewFeatureValue]] = []
     for vector in response.results:
@@ -63,13 +68,23 @@ def view_vectors(
     return out
 
 
-def view_table(response: feature_view_service_pb2.GetViewFeaturesResponse) -> pa.Table:
-    """The Arrow form of a GetViewFeaturesResponse: a row per requested entity, in request order."""
+def view_table(response: feature_view_service_pb2.GetViewFeaturesResponse, keys: int) -> pa.Table:
+    """The Arrow form of a GetViewFeaturesResponse: a row per requested entity (`keys`), in request order.
+
+    ValueError for a reply that does not read, or of another number of rows.
+    """
     import pyarrow as pa
 
-    table = pa.ipc.open_stream(response.arrow_ipc).read_all()
-    # As featurepush.batch.read_batch: offsets inside buffers are only checked by a full validation.
-    table.validate(full=True)
+    try:
+        table = pa.ipc.open_stream(response.arrow_ipc).read_all()
+        # As featurepush.batch.read_batch: offsets inside buffers are only checked by a full validation.
+        table.validate(full=True)
+    except ValueError:
+        raise
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"the server's Arrow reply could not be read: {e}") from None
+    if table.num_rows != keys:
+        raise ValueError(f"the server answered {table.num_rows} rows for {keys} keys")
     return table
 
 
