@@ -1,20 +1,24 @@
-"""A stalled ReadBatchSource reader holds the server's memory flat: read-ahead is bounded in bytes."""
+"""What a ReadBatchSource read holds in the server: read-ahead bounded in bytes, files read, not mapped."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from conftest import scalar, start
+import pytest
+from conftest import AD_IMPRESSIONS, rich_error, scalar, source_from_json, start
+from servers import ServedProcess
 from test_batch_source import wait_until
 
 from featurepush.v1 import backfill_service_pb2 as pb
-from featurepush.v1 import backfill_service_pb2_grpc
+from featurepush.v1 import backfill_service_pb2_grpc, registry_service_pb2
 
 ROWS = 400_000
 WIDTH = 1024
@@ -101,3 +105,78 @@ def test_a_stalled_reader_holds_the_servers_memory_flat(tmp_path: Path) -> None:
         assert stalled < ALLOWED
     finally:
         running.close()
+
+
+# A read-ahead budget so small that a read stops a few batches into a file until its reader asks on.
+SMALL_READ_AHEAD = 64 * 1024
+
+
+def write_long_history(path: Path, rows: int = 1_000_000) -> None:
+    """ad_impressions events in many row groups of random clicks, so the file barely compresses."""
+    base = int(dt.datetime(2024, 5, 1, tzinfo=dt.UTC).timestamp() * 1_000_000)
+    table = pa.table(
+        {
+            "user_id": pa.array(np.char.add("u", (np.arange(rows) % 1000).astype(str))),
+            "timestamp": pa.array(base + np.arange(rows) * 1000, pa.timestamp("us", "UTC")),
+            "clicked": pa.array(np.random.default_rng(5).integers(0, 1 << 62, rows)),
+        }
+    )
+    pq.write_table(table, path, row_group_size=20_000)
+
+
+def ad_impressions_from(path: Path) -> dict[str, object]:
+    """The ad_impressions source reading its history from one Parquet file."""
+    return dict(AD_IMPRESSIONS, batchConfig={"uri": str(path), "fileFormat": "FILE_FORMAT_PARQUET"})
+
+
+def test_a_read_does_not_map_its_file(tmp_path: Path) -> None:
+    """Pages of a mapped file stay in the server's resident memory until the read closes the file."""
+    maps = Path(f"/proc/{os.getpid()}/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc to list the process's mappings")
+    path = tmp_path / "long.parquet"
+    write_long_history(path, 200_000)
+    running = start(tmp_path / "data", batch_roots=(tmp_path,), stream_read_ahead_bytes=SMALL_READ_AHEAD)
+    try:
+        running.apply(ad_impressions_from(path))
+        sources = running.server.batch_sources
+        assert sources is not None
+        stub = backfill_service_pb2_grpc.BackfillServiceStub(running.channel)
+        call = stub.ReadBatchSource(pb.ReadBatchSourceRequest(source="ad_impressions"))
+        assert next(call).HasField("arrow_schema")
+        assert next(call).HasField("arrow_record_batch")
+        # The read has the file open and waits for its reader.
+        assert sources.open_readers == 1
+        assert str(path) not in maps.read_text()
+        call.cancel()
+        wait_until(lambda: sources.open_readers == 0)
+    finally:
+        running.close()
+
+
+def test_a_file_cut_short_during_a_read_fails_the_read_and_the_server_lives_on(tmp_path: Path) -> None:
+    """A file truncated under a read fails that read; read through a mapping, SIGBUS killed the server."""
+    path = tmp_path / "long.parquet"
+    write_long_history(path)
+    served = ServedProcess(tmp_path / "data", "--stream-read-ahead-bytes", str(SMALL_READ_AHEAD))
+    try:
+        served.registry.ApplySource(
+            registry_service_pb2.ApplySourceRequest(source=source_from_json(ad_impressions_from(path)))
+        )
+        call = served.backfill.ReadBatchSource(pb.ReadBatchSourceRequest(source="ad_impressions"))
+        assert next(call).HasField("arrow_schema")
+        assert next(call).HasField("arrow_record_batch")
+        # The read has decoded a few batches of the first row groups; the rest of the file is gone.
+        os.truncate(path, path.stat().st_size // 4)
+        with pytest.raises(grpc.RpcError) as raised:
+            for _ in call:
+                pass
+        code, _, reason = rich_error(raised.value)
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "BATCH_SOURCE_UNREADABLE"), served.log
+        assert "could not be read from storage" in (raised.value.details() or "")
+        assert served.proc.poll() is None, served.log
+        assert served.registry.GetSource(
+            registry_service_pb2.GetSourceRequest(name="ad_impressions")
+        ).source.name
+    finally:
+        served.finish()

@@ -55,6 +55,16 @@ class Listing:
     files: list[str]
 
 
+def _local_files() -> pafs.LocalFileSystem:
+    """Local files read with read calls into buffers, never memory-mapped.
+
+    The pages of a mapped file that a read has touched stay in the process's resident memory until the
+    file is closed, so a read held as much of it as it had read; and a file truncated while mapped kills
+    the process with SIGBUS, where a read call fails with an error the read reports.
+    """
+    return pafs.LocalFileSystem(use_mmap=False)
+
+
 def not_allowed(source: str) -> FailedPrecondition:
     """The one refusal of a location outside the operator's roots and schemes."""
     return FailedPrecondition(
@@ -88,7 +98,7 @@ class BatchLocations:
         """The files at `uri`; raise FailedPrecondition if it is not allowed or cannot be listed in bounds."""
         if "://" not in uri or uri.startswith("file:"):
             real = self._local(uri, source)
-            return Listing(pafs.LocalFileSystem(use_mmap=True), real, self._walk_local(real, source, stop))
+            return Listing(_local_files(), real, self._walk_local(real, source, stop))
         fs, path = self._remote(uri, source)
         return Listing(fs, path, self._walk_remote(fs, path, source, stop))
 
@@ -97,7 +107,7 @@ class BatchLocations:
         folder.mkdir(parents=True, exist_ok=True)
         real = os.path.realpath(folder)
         files = self._walk_local(real, source, stop, own=True)
-        return Listing(pafs.LocalFileSystem(use_mmap=True), real, files)
+        return Listing(_local_files(), real, files)
 
     # --- checking ------------------------------------------------------------------------------
 
