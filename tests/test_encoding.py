@@ -7,6 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
+import pytest
+from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_properties import KEY, TS, batches, schemas, to_struct
@@ -16,6 +19,7 @@ from featurepush.v1 import online_service_pb2
 from featurepush_server.core.encoding import (
     encode_rows,
     null_entry,
+    struct_entries,
     timestamp_string,
     timestamp_strings,
     varints,
@@ -24,6 +28,7 @@ from featurepush_server.core.encoding import (
 from featurepush_server.core.framing import header_micros, payload
 from featurepush_server.core.rows import MAX_MICROS, MIN_MICROS, rows_to_table
 from featurepush_server.core.schema import FieldSpec, compile_source
+from featurepush_server.core.wire import FEATURE_VECTOR_FEATURES, varint
 
 
 @settings(max_examples=120, deadline=None)
@@ -124,3 +129,44 @@ def timestamp_pb2_seconds(n: int) -> bytes:
 
     signed = n - (1 << 64) if n >= 1 << 63 else n
     return timestamp_pb2.Timestamp(seconds=signed).SerializeToString() if n else b"\x08\x00"
+
+
+_STRUCT_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+    st.lists(st.integers(-5, 5), max_size=3),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.text(max_size=4), _STRUCT_VALUES, min_size=1, max_size=4), st.data())
+def test_struct_entries_of_a_damaged_struct_are_protobufs_entries_or_value_error(
+    fields: dict[str, object], data: st.DataObject
+) -> None:
+    """A Struct flipped or cut inside its intact length reads as protobuf reads its entries, or ValueError."""
+    struct = struct_pb2.Struct()
+    struct.update(fields)
+    raw = bytearray(struct.SerializeToString())
+    if data.draw(st.booleans()):
+        for _ in range(data.draw(st.integers(1, 3))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    else:
+        del raw[data.draw(st.integers(0, len(raw) - 1)) :]
+    # The features field of a stored payload, its length that of the damaged Struct.
+    body = FEATURE_VECTOR_FEATURES + varint(len(raw)) + bytes(raw)
+    try:
+        entries = struct_entries(body, 0)
+    except ValueError:
+        return
+    assert b"".join(entry for _, entry in entries) == bytes(raw)
+    for name, entry in entries:
+        try:
+            parsed = struct_pb2.Struct.FromString(entry)
+        except DecodeError:
+            # A damaged Value inside an intact entry: protobuf refuses the whole Struct alike.
+            with pytest.raises(DecodeError):
+                struct_pb2.Struct.FromString(bytes(raw))
+            continue
+        assert list(parsed.fields) == [name.decode()]

@@ -319,16 +319,34 @@ def null_entry(name: str) -> bytes:
 def struct_entries(value: bytes, start: int) -> list[tuple[bytes, bytes]]:
     """(name, bytes) of each field of the features Struct that follows a stored payload's event_time.
 
-    `start` is where the features field begins; the entries' bytes joined are the Struct again.
+    `start` is where the features field begins; the entries' bytes joined are the Struct again. ValueError
+    where the Struct is not entries of a key then a Value, each inside its entry and the entries filling
+    the Struct (a damaged value): its names would be misread, or entries sliced past their ends.
     """
-    length, pos = read_varint(value, start + 1)
-    end = pos + length
-    entries: list[tuple[bytes, bytes]] = []
-    while pos < end:
-        entry_length, body = read_varint(value, pos + 1)
-        name_length, name = read_varint(value, body + 1)
-        entries.append((value[name : name + name_length], value[pos : body + entry_length]))
-        pos = body + entry_length
+    try:
+        length, pos = read_varint(value, start + 1)
+        end = pos + length
+        if end > len(value):
+            raise ValueError("a stored Struct runs past its value")
+        entries: list[tuple[bytes, bytes]] = []
+        while pos < end:
+            entry_length, body = read_varint(value, pos + 1)
+            entry_end = body + entry_length
+            if value[pos] != STRUCT_FIELD[0] or entry_end > end or value[body] != STRUCT_ENTRY_KEY[0]:
+                raise ValueError("a stored Struct entry is damaged")
+            name_length, name = read_varint(value, body + 1)
+            after = name + name_length
+            if value[after : after + 1] != STRUCT_ENTRY_VALUE:
+                raise ValueError("a stored Struct entry is damaged")
+            # The Value is the entry's last field, so that the name read is the one protobuf reads.
+            value_length, value_at = read_varint(value, after + 1)
+            if value_at + value_length != entry_end:
+                raise ValueError("a stored Struct entry is damaged")
+            entries.append((value[name:after], value[pos:entry_end]))
+            pos = entry_end
+    except IndexError:
+        # A varint or a tag past the end of the value.
+        raise ValueError("a stored Struct is cut short") from None
     return entries
 
 

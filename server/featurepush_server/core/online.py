@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 
 from featurepush.v1 import online_service_pb2
 
@@ -39,6 +41,7 @@ from .wire import (
     varint,
 )
 
+_LOGGER = logging.getLogger(__name__)
 _MISSING = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_MISSING])
 _MISSING_RESULT = GET_FEATURES_RESULT + varint(len(_MISSING)) + _MISSING
 _PRESENT = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_PRESENT])
@@ -115,7 +118,10 @@ class OnlineReader:
             if cutoff is not None and header_micros(value) < cutoff:
                 vector = _EXPIRED + body[: event_time_length(body)]
             elif late:
-                vector = _PRESENT + with_late_nulls(body, late)
+                try:
+                    vector = _PRESENT + with_late_nulls(body, late)
+                except ValueError:
+                    raise damaged_row(spec.name) from None
             else:
                 vector = _PRESENT + body
             out.append(GET_FEATURES_RESULT + varint(len(vector)) + vector)
@@ -354,8 +360,15 @@ def _feature_arrays(
     bodies = [payload(v) for v in rows]
     if not all(map(payload_whole, bodies)):
         raise damaged_row(spec.name)
-    structs = [online_service_pb2.FeatureVector.FromString(body).features for body in bodies]
+    try:
+        structs = [online_service_pb2.FeatureVector.FromString(body).features for body in bodies]
+    except DecodeError:
+        # A Struct flipped inside its intact length.
+        raise damaged_row(spec.name) from None
     table, violations, _ = rows_to_table(structs, spec.fields, spec.arrow_schema, "stored")
     if table is None:
-        raise RuntimeError(f"stored rows of {spec.name} do not fit its schema: {violations[:3]}")
+        # Every row was validated against the schema when it was written: a Value that no longer fits it
+        # was damaged since.
+        _LOGGER.warning("stored rows of %s do not fit its schema: %s", spec.name, violations[:3])
+        raise damaged_row(spec.name)
     return {name: table.column(name).combine_chunks() for name in table.column_names}
