@@ -24,7 +24,7 @@ from .online import check_key_count
 from .rows import BadValue, scalar_converter
 from .schema import Kind
 from .stores.base import TileStore
-from .tiles import Codec, bounded, floor_to, now_micros, sketch_estimate, union_sketches
+from .tiles import Codec, bounded, damaged_tiles, floor_to, now_micros, sketch_estimate, union_sketches
 from .view_reply import Feature, arrow_vectors, vectors
 from .views import LIST_FUNCTIONS, AggSpec, View, Views, ViewSpec
 from .wire import VIEW_REQUEST_KEYS, string_keys_between
@@ -209,8 +209,13 @@ class _Layout:
         first = end - self.longest
         codec = self.codec
         n = len(entities)
-        owners, stored = _blocks(view, store, codec, entities, first, end - interval)
-        blocks = codec.decode(stored)
+        owners, block_starts, stored = _blocks(view, store, codec, entities, first, end - interval)
+        try:
+            blocks = codec.decode(stored)
+            if not codec.placed(blocks, block_starts):
+                raise ValueError("a stored tile is out of place")
+        except ValueError:
+            raise damaged_tiles(spec.name) from None
         # Each tile's place in a grid of entities by the intervals of the blocks read. The tiles come in
         # the grid's order (entity by entity, each one's blocks and the tiles of a block by start), so a
         # window's tiles are one run of rows per entity, found by a search.
@@ -251,7 +256,11 @@ class _Layout:
                 serialized, objects = [], []
                 for i in range(n):
                     parts = [var[i * count + j] for j in range(count - k, count)]
-                    found = _from_var(view, agg, [p for p in parts if p is not None]) if present[i] else None
+                    try:
+                        found = _from_var(view, agg, [p for p in parts if p]) if present[i] else None
+                    except (ValueError, TypeError):
+                        # A stored sketch that does not read back, or list values of mixed types.
+                        raise damaged_tiles(spec.name) from None
                     serialized.append(_json_value(found, kind).SerializeToString())
                     objects.append(found)
                 out[index] = Feature(present, end, values=serialized, objects=objects)
@@ -264,15 +273,15 @@ _MULTI_GET_BLOCKS = 8
 
 def _blocks(
     view: View, store: TileStore, codec: Codec, entities: Sequence[bytes], first: int, last: int
-) -> tuple[np.ndarray, list[bytes]]:
-    """The stored blocks holding each entity's tiles starting in [first, last], and the entity of each."""
+) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+    """The stored blocks of each entity's tiles starting in [first, last], each one's entity and start."""
     span = codec.span
     low = floor_to(first, span)
     per_entity = (floor_to(last, span) - low) // span + 1
     n = len(entities)
     if per_entity > _MULTI_GET_BLOCKS:
-        counts, _, values = store.scan_tiles(view.id, entities, low, floor_to(last, span))
-        return np.repeat(np.arange(n, dtype=np.int64), counts), values
+        counts, block_starts, values = store.scan_tiles(view.id, entities, low, floor_to(last, span))
+        return np.repeat(np.arange(n, dtype=np.int64), counts), block_starts, values
     if per_entity == 1:
         starts = np.full(n, low, dtype=np.int64)
         named = entities
@@ -283,10 +292,9 @@ def _blocks(
     stored = store.read_tiles(keys)
     if None not in stored:
         # Every entity has every block: the common case of a read of active entities.
-        return np.arange(len(stored), dtype=np.int64) // per_entity, cast(list[bytes], stored)
-    present = [j for j, v in enumerate(stored) if v is not None]
-    owners = np.array(present, dtype=np.int64) // per_entity
-    return owners, [v for v in stored if v is not None]
+        return np.arange(len(stored), dtype=np.int64) // per_entity, starts, cast(list[bytes], stored)
+    present = np.array([j for j, v in enumerate(stored) if v is not None], dtype=np.int64)
+    return present // per_entity, starts[present], [v for v in stored if v is not None]
 
 
 class _Window:

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from featurepush.v1 import feature_view_pb2 as fv_pb2
 
 from .encoding import encode_keys
-from .errors import FailedPrecondition
+from .errors import DataLoss, FailedPrecondition
 from .materialize import Origin, Staged
 from .schema import Kind
 from .stores.base import TileMerge, TileStore
@@ -57,6 +57,16 @@ def _datasketches() -> Any:
     import datasketches
 
     return datasketches
+
+
+def damaged_tiles(view: str) -> DataLoss:
+    """The error of a read or push that met a damaged stored block of a view's tiles (cut short, say)."""
+    return DataLoss(
+        f"a stored block of tiles of feature view {view!r} is damaged (cut short or overwritten); delete "
+        "the view and apply it again to rebuild its tiles",
+        reason="DAMAGED_TILES",
+        metadata={"view": view},
+    )
 
 
 def floor_to(micros: int, interval: int) -> int:
@@ -121,21 +131,73 @@ class Codec:
         self.record = np.dtype([("start", "<i8"), ("fixed", "<f8", (self.width,))])
 
     def decode(self, values: Sequence[bytes]) -> Blocks:
-        """The tiles of stored blocks, block after block."""
+        """The tiles of stored blocks, block after block; ValueError where a block is damaged.
+
+        A block whose tile count does not match its length (cut short, a flipped count), or whose JSON part
+        is not one well-formed part per tile, is refused: its tiles would be read from a neighbour's bytes.
+        """
         size = self.record.itemsize
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+        if len(values) and lengths.min() < _HEAD:
+            raise ValueError("a stored block is shorter than its tile count")
+        found = np.frombuffer(b"".join([v[:_HEAD] for v in values]), dtype=">u4").astype(np.int64)
         if self.has_var:
-            counts = [int.from_bytes(v[:_HEAD], "big") for v in values]
+            if (found * size > lengths - _HEAD).any():
+                raise ValueError("a stored block's tiles run past its end")
+            counts = found.tolist()
             joined = b"".join(v[_HEAD : _HEAD + c * size] for v, c in zip(values, counts, strict=True))
             var: list[Var] = []
             for v, c in zip(values, counts, strict=True):
-                var.extend(json.loads(v[_HEAD + c * size :]))
-            found = np.array(counts, dtype=np.int64)
+                # json.loads raises ValueError (JSONDecodeError, UnicodeDecodeError) on damaged text.
+                parts = json.loads(v[_HEAD + c * size :])
+                if not isinstance(parts, list) or len(parts) != c or not all(map(self._var_whole, parts)):
+                    raise ValueError("a stored block's JSON part is not one part per tile")
+                var.extend(parts)
         else:
+            if ((lengths - _HEAD) != found * size).any():
+                raise ValueError("a stored block's tile count does not match its length")
             joined = b"".join(v[_HEAD:] for v in values)
-            found = (np.fromiter(map(len, values), dtype=np.int64, count=len(values)) - _HEAD) // size
             var = []
         records = np.frombuffer(joined, dtype=self.record)
         return Blocks(found, records["start"], records["fixed"], var)
+
+    def _var_whole(self, part: Any) -> bool:
+        """Whether a decoded JSON part has this view's shape: its lists of [time, value] and its sketches."""
+        if part is None:
+            return True
+        if not isinstance(part, dict) or part.keys() != {"l", "h"}:
+            return False
+        lists, sketches = part["l"], part["h"]
+        if not isinstance(lists, list) or len(lists) != len(self.spec.lists):
+            return False
+        if not isinstance(sketches, list) or len(sketches) != len(self.spec.sketches):
+            return False
+        return all(isinstance(h, str) for h in sketches) and all(
+            isinstance(items, list)
+            and all(isinstance(item, list) and len(item) == 2 and type(item[0]) is int for item in items)
+            for items in lists
+        )
+
+    def placed(self, blocks: Blocks, block_starts: np.ndarray | None) -> bool:
+        """Whether decoded tiles start on interval starts, in order in each block, inside it where known.
+
+        `block_starts` are the blocks' own starts (from their keys), or None where this codec's span is not
+        the view's (a store merging tile updates sent as bytes). A damaged start would place a tile in
+        another interval of its entity, or past its entity's run of tiles, among another entity's.
+        """
+        interval = self.spec.interval
+        block = np.repeat(np.arange(len(blocks.counts), dtype=np.int64), blocks.counts)
+        if (blocks.starts % interval).any():
+            return False
+        if block_starts is None:
+            same = block[1:] == block[:-1]
+            return not (same & (blocks.starts[1:] <= blocks.starts[:-1])).any()
+        offsets = blocks.starts - np.repeat(block_starts, blocks.counts)
+        if ((offsets < 0) | (offsets >= self.span)).any():
+            return False
+        # Tiles numbered across blocks: each after the one before it, in its block or the next.
+        numbers = block * self.slots + offsets // interval
+        return not (numbers[1:] <= numbers[:-1]).any()
 
     def encode(
         self, counts: Sequence[int], starts: np.ndarray, fixed: np.ndarray, var: Sequence[Var]
@@ -233,14 +295,23 @@ def union_sketches(encoded: Sequence[str]) -> str:
     ds = _datasketches()
     union = ds.hll_union(HLL_LG_K)
     for item in encoded:
-        union.update(ds.hll_sketch.deserialize(base64.b64decode(item)))
+        union.update(_sketch(item))
     return base64.b64encode(union.get_result().serialize_compact()).decode()
 
 
 def sketch_estimate(encoded: str) -> int:
     """The distinct-count estimate of a serialized sketch."""
+    return int(round(_sketch(encoded).get_estimate()))
+
+
+def _sketch(encoded: str) -> Any:
+    """A serialized sketch read back; ValueError where it is damaged."""
     ds = _datasketches()
-    return int(round(ds.hll_sketch.deserialize(base64.b64decode(encoded)).get_estimate()))
+    try:
+        return ds.hll_sketch.deserialize(base64.b64decode(encoded, validate=True))
+    except (ValueError, IndexError, RuntimeError) as e:
+        # datasketches refuses bytes cut short or flipped with these; the caller says which view is damaged.
+        raise ValueError(f"a stored sketch is damaged: {e}") from None
 
 
 def merge_spec(
@@ -458,13 +529,23 @@ class ViewTiles:
         stored = read(keys)
         found = [j for j, v in enumerate(stored) if v is not None]
         codec = self.codec
-        old = codec.decode([v for v in stored if v is not None])
+        try:
+            old = codec.decode([v for v in stored if v is not None])
+            if not codec.placed(old, None):
+                raise ValueError("a stored tile is out of place")
+        except ValueError:
+            # Merged, a damaged block would be written back as garbage: the write is refused whole.
+            raise damaged_tiles(self.view) from None
         # The stored tiles first, so that a tile's merge adds the new partial aggregates to the stored ones.
         block = np.concatenate([np.repeat(np.array(found, dtype=np.int64), old.counts), inverse.reshape(-1)])
         starts = np.concatenate([old.starts, self.starts[index]])
         fixed = np.concatenate([old.fixed, self.fixed[index]])
         var = [*old.var, *(self.var[i] for i in index.tolist())] if codec.has_var else []
-        block, starts, fixed, merged_var = codec.merge(block, starts, fixed, var)
+        try:
+            block, starts, fixed, merged_var = codec.merge(block, starts, fixed, var)
+        except (ValueError, TypeError):
+            # A stored sketch that does not read back, or list values of mixed types that do not sort.
+            raise damaged_tiles(self.view) from None
         counts = np.bincount(block, minlength=len(keys)).tolist()
         return TileMerge(keys, codec.encode(counts, starts, fixed, merged_var), new_state, skipped)
 
