@@ -683,6 +683,14 @@ def _unkeyed(result: FeatureResult) -> tuple[Any, ...]:
     return result.status, result.event_time, features
 
 
+def _row_of_a(db: rocksdict.Rdict) -> tuple[bytes, bytes]:
+    """The stored row key and value of the entity "a" (the other one pushed is "bb")."""
+    [(key, value)] = [
+        (k, v) for k, v in db.items() if k[:1] == b"r" and k.endswith(b"a") and not k.endswith(b"bb")
+    ]
+    return key, value
+
+
 def test_a_stored_value_cut_short_reads_whole_or_as_damaged_never_as_other_values(tmp_path: Path) -> None:
     """A value cut anywhere reads as it was (where the form read lies before the cut) or fails plainly."""
     data = tmp_path / "data"
@@ -709,9 +717,7 @@ def test_a_stored_value_cut_short_reads_whole_or_as_damaged_never_as_other_value
     options = rocksdict.Options(raw_mode=True)
     db = rocksdict.Rdict(str(data / "online"), options)
     try:
-        [(key, value)] = [
-            (k, v) for k, v in db.items() if k[:1] == b"r" and k.endswith(b"a") and not k.endswith(b"bb")
-        ]
+        key, value = _row_of_a(db)
         # Every cut of the value, each under a key of its own, all holding the row of "a".
         for cut in range(len(value)):
             db[key[:-1] + b"cut%d" % cut] = value[:cut]
@@ -728,6 +734,10 @@ def test_a_stored_value_cut_short_reads_whole_or_as_damaged_never_as_other_value
                     results = list(client.get_features("cut", keys, columnar=columnar))
                 except DataLossError as e:
                     assert "damaged" in str(e) and e.reason == "DAMAGED_ROW", (cut, columnar)
+                    # The row read as Structs is named by its key's place; an Arrow read names it where the
+                    # row is too short for its columns.
+                    assert e.metadata.get("key_index", "1") == "1", (cut, columnar)
+                    assert columnar or "keys[1]" in str(e), cut
                     continue
                 # Arrow replies name each row by the key asked for, Structs by the key stored.
                 expected = [want[columnar][1], want[columnar][0], want[columnar][1]]
@@ -767,9 +777,7 @@ def test_a_stored_struct_flipped_inside_its_length_reads_or_fails_as_damaged(tmp
         running.close()
     db = rocksdict.Rdict(str(data / "online"), rocksdict.Options(raw_mode=True))
     try:
-        [(key, value)] = [
-            (k, v) for k, v in db.items() if k[:1] == b"r" and k.endswith(b"a") and not k.endswith(b"bb")
-        ]
+        key, value = _row_of_a(db)
         # The Struct: after the header, the columns, the event_time field and the features field's tag.
         body = 12 + int.from_bytes(value[8:12], "big")
         at = body + 2 + value[body + 1] + 1

@@ -55,13 +55,30 @@ _STATUS_EXPIRED = online_service_pb2.FEATURE_STATUS_EXPIRED
 _PARSED_KEYS = 2
 
 
-def damaged_row(source: str) -> DataLoss:
-    """The error of a read that met a stored value cut short or otherwise damaged: DATA_LOSS, said plainly."""
+def damaged_row(source: str, at: int | None = None) -> DataLoss:
+    """The error of a read that met a stored value cut short or otherwise damaged: DATA_LOSS, said plainly.
+
+    `at` is the request's key whose row is damaged, where the read knows it, so the caller knows what to
+    push again.
+    """
+    if at is None:
+        return DataLoss(
+            f"a stored row of {source} read by this request is damaged (cut short or overwritten); push the "
+            "latest record of each entity it read again",
+            reason="DAMAGED_ROW",
+            metadata={"source": source},
+        )
     return DataLoss(
-        f"a stored row of {source} is damaged (cut short); push the entity's latest record again",
+        f"the stored row of {source} for keys[{at}] of this request is damaged (cut short or overwritten); "
+        "push that entity's latest record again",
         reason="DAMAGED_ROW",
-        metadata={"source": source},
+        metadata={"source": source, "key_index": str(at)},
     )
+
+
+def _first_damaged(stored: Sequence[bytes | None]) -> int | None:
+    """The position of the first stored value whose payload is not whole, if any; for error messages only."""
+    return next((i for i, v in enumerate(stored) if v is not None and not payload_whole(payload(v))), None)
 
 
 def check_key_count(count: int, max_keys: int) -> None:
@@ -107,21 +124,21 @@ class OnlineReader:
         cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None
         late = {name.encode(): null_entry(name) for name in source.late_fields}
         out = []
-        for value in stored:
+        for at, value in enumerate(stored):
             # A stored payload is the vector's event_time and features fields.
             if value is None:
                 out.append(_MISSING_RESULT)
                 continue
             body = payload(value)
             if not payload_whole(body):
-                raise damaged_row(spec.name)
+                raise damaged_row(spec.name, at)
             if cutoff is not None and header_micros(value) < cutoff:
                 vector = _EXPIRED + body[: event_time_length(body)]
             elif late:
                 try:
                     vector = _PRESENT + with_late_nulls(body, late)
                 except ValueError:
-                    raise damaged_row(spec.name) from None
+                    raise damaged_row(spec.name, at) from None
             else:
                 vector = _PRESENT + body
             out.append(GET_FEATURES_RESULT + varint(len(vector)) + vector)
@@ -247,7 +264,7 @@ def arrow_stream(
     try:
         blob, found_micros, starts, lengths = locate(found)
     except ValueError:
-        raise damaged_row(spec.name) from None
+        raise damaged_row(spec.name, _first_damaged(stored)) from None
     status = np.full(n, _STATUS_MISSING, dtype=np.int8)
     if len(found) == n:
         is_found = None
