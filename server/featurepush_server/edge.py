@@ -151,6 +151,9 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         self._parsers = dict(parsers or {})
         # Per server, so one server's flood of failures never silences another's (or a test's) lines.
         self._lines = LineBudget()
+        # Each method's handler as found and as wrapped: the servicers' handlers are fixed once the server
+        # starts, so a call reuses the wrapping instead of building it again.
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     def intercept_service(
         self,
@@ -159,30 +162,41 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         found = continuation(details)
         method = details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is found:
+            return known[1]
         if found is None or method not in METHOD_CLASSES:
             return found
+        wrapped = self._wrap(found, method)
+        # Two first calls racing here each build one; either is right, and the dict keeps the last.
+        self._wrapped[method] = (found, wrapped)
+        return wrapped
+
+    def _wrap(self, found: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        """`found` gated, decoded and recorded at the edge."""
         # The stubs type the handler's behaviours as optional; the ones its kind names are set.
         handler: Any = found
         gate = self._admission.gate(METHOD_CLASSES[method])
         parse = self._parsers.get(method, handler.request_deserializer)
         serialize = handler.response_serializer
+        record = _Record(_short(method), self._metrics, self._lines)
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                _stream_stream(handler.stream_stream, gate, parse, method, self._metrics, self._lines),
+                _stream_stream(handler.stream_stream, gate, parse, method, record),
                 response_serializer=serialize,
             )
         if handler.request_streaming:
             return grpc.stream_unary_rpc_method_handler(
-                _stream_unary(handler.stream_unary, gate, parse, method, self._metrics, self._lines),
+                _stream_unary(handler.stream_unary, gate, parse, method, record),
                 response_serializer=serialize,
             )
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
-                _unary_stream(handler.unary_stream, gate, parse, method, self._metrics, self._lines),
+                _unary_stream(handler.unary_stream, gate, parse, method, record),
                 response_serializer=serialize,
             )
         return grpc.unary_unary_rpc_method_handler(
-            _unary_unary(handler.unary_unary, gate, parse, method, self._metrics, self._lines),
+            _unary_unary(handler.unary_unary, gate, parse, method, record),
             response_serializer=serialize,
         )
 
@@ -211,21 +225,42 @@ def _labels(message: Any) -> tuple[str, str]:
     return source, shown(getattr(message, "request_id", ""), 128)
 
 
+class _Record:
+    """Where one method's calls are recorded: its metric series, bound once, and its failure log budget."""
+
+    def __init__(self, method: str, metrics: Metrics | None, lines: LineBudget):
+        self.method = method
+        self.lines = lines
+        self.metrics = metrics
+        # Binding a series takes a lock and a lookup by labels, each call, for each of its three counts.
+        self.bytes_in = metrics.bytes_in.labels(method) if metrics is not None else None
+        self.latency = metrics.latency.labels(method) if metrics is not None else None
+        self._calls: dict[grpc.StatusCode, Any] = {}
+
+    def calls(self, code: grpc.StatusCode) -> Any:
+        """The count of calls that ended with `code`."""
+        series = self._calls.get(code)
+        if series is None:
+            assert self.metrics is not None
+            series = self._calls[code] = self.metrics.calls.labels(self.method, code.name)
+        return series
+
+
 class _Call:
     """What the edge records of one call: its latency, status code and request bytes; and a failure's line."""
 
-    def __init__(self, method: str, nbytes: int, metrics: Metrics | None, lines: LineBudget):
-        self.method = method
-        self.lines = lines
+    __slots__ = ("record", "started", "request")
+
+    def __init__(self, record: _Record, nbytes: int):
+        self.record = record
         self.started = time.perf_counter()
-        self.metrics = metrics
         self.request: Any = None
-        if metrics is not None:
-            metrics.bytes_in.labels(method).inc(nbytes)
+        if record.bytes_in is not None and nbytes:
+            record.bytes_in.inc(nbytes)
 
     def add_bytes(self, nbytes: int) -> None:
-        if self.metrics is not None:
-            self.metrics.bytes_in.labels(self.method).inc(nbytes)
+        if self.record.bytes_in is not None:
+            self.record.bytes_in.inc(nbytes)
 
     def finish(self, servicer_context: grpc.ServicerContext, error: BaseException | None) -> None:
         """Count the call by its final code; a failure gets one log line without any record value."""
@@ -240,11 +275,12 @@ class _Call:
             code = context.code() or grpc.StatusCode.UNKNOWN
         if not isinstance(code, grpc.StatusCode):
             code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-        if self.metrics is not None:
-            self.metrics.calls.labels(self.method, code.name).inc()
-            self.metrics.latency.labels(self.method).observe(time.perf_counter() - self.started)
+        record = self.record
+        if record.latency is not None:
+            record.calls(code).inc()
+            record.latency.observe(time.perf_counter() - self.started)
         if code != grpc.StatusCode.OK:
-            held = self.lines.take((self.method, code))
+            held = record.lines.take((record.method, code))
             if held is None:
                 return
             source, request_id = _labels(self.request)
@@ -252,7 +288,7 @@ class _Call:
             _LOGGER.log(
                 level,
                 "call failed: method=%s code=%s source=%r request_id=%r%s",
-                self.method,
+                record.method,
                 code.name,
                 source,
                 request_id,
@@ -293,23 +329,39 @@ def _handled(call: _Call, gate: Gate | None, nbytes: int, context: grpc.Servicer
         call.finish(context, error)
 
 
-def _unary_unary(
-    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None, lines: LineBudget
-) -> Behavior:
+def _unary_unary(behavior: Behavior, gate: Gate | None, parse: Any, method: str, record: _Record) -> Behavior:
     def handle(raw: bytes, context: grpc.ServicerContext) -> Any:
-        call = _Call(_short(method), len(raw), metrics, lines)
-        with _handled(call, gate, len(raw), context):
-            call.request = _decode(parse, raw, method, context)
-            return behavior(call.request, context)
+        # _handled, written out: the handler of every read and push runs this, and grpc runs a unary
+        # handler to its end even when the caller has gone, so the slot needs no callback to come back.
+        nbytes = len(raw)
+        call = _Call(record, nbytes)
+        error: BaseException | None = None
+        try:
+            if gate is not None:
+                try:
+                    gate.enter(nbytes, context.time_remaining())
+                except Overloaded as e:
+                    abort(context, overloaded_status(e))
+            try:
+                call.request = _decode(parse, raw, method, context)
+                return behavior(call.request, context)
+            finally:
+                if gate is not None:
+                    gate.leave(nbytes)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            call.finish(context, error)
 
     return handle
 
 
 def _unary_stream(
-    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None, lines: LineBudget
+    behavior: Behavior, gate: Gate | None, parse: Any, method: str, record: _Record
 ) -> Behavior:
     def handle(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
-        call = _Call(_short(method), len(raw), metrics, lines)
+        call = _Call(record, len(raw))
         with _handled(call, gate, len(raw), context):
             call.request = _decode(parse, raw, method, context)
             yield from behavior(call.request, context)
@@ -342,10 +394,10 @@ class _Requests:
 
 
 def _stream_stream(
-    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None, lines: LineBudget
+    behavior: Behavior, gate: Gate | None, parse: Any, method: str, record: _Record
 ) -> Behavior:
     def handle(raw: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
-        call = _Call(_short(method), 0, metrics, lines)
+        call = _Call(record, 0)
         with _handled(call, gate, 0, context):
             requests = _Requests(raw, parse, call)
             yield from behavior(iter(requests), context)
@@ -356,10 +408,10 @@ def _stream_stream(
 
 
 def _stream_unary(
-    behavior: Behavior, gate: Gate | None, parse: Any, method: str, metrics: Metrics | None, lines: LineBudget
+    behavior: Behavior, gate: Gate | None, parse: Any, method: str, record: _Record
 ) -> Behavior:
     def handle(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-        call = _Call(_short(method), 0, metrics, lines)
+        call = _Call(record, 0)
         with _handled(call, gate, 0, context):
             requests = _Requests(raw, parse, call)
             response = behavior(iter(requests), context)
