@@ -356,22 +356,44 @@ def measure(pool: ProcessPoolExecutor, target: str, suffix: str, ceilings: dict[
     return out
 
 
+class Sandwich:
+    """A raw scenario measured again after each client scenario, so that each is held to the raw figures
+    taken just before and just after it: on a shared machine the raw rate drifts by a tenth or more over
+    the half minute the client scenarios take, and one early figure would bias every ratio alike."""
+
+    def __init__(self, pool: ProcessPoolExecutor, target: str, raw_scenario: str, first: float):
+        self._pool = pool
+        self._target = target
+        self._raw = raw_scenario
+        self.last = first
+
+    def measure(self, scenario: str) -> tuple[float, float]:
+        """The scenario's rate and its ceiling, the mean of the raw rates on either side of it."""
+        value = throughput(self._pool, self._target, scenario)
+        before, self.last = self.last, throughput(self._pool, self._target, self._raw)
+        return value, (before + self.last) / 2
+
+
 def client_pushes(pool: ProcessPoolExecutor, target: str, raw_arrow: float) -> list[Result]:
     """Pushes through the client against raw Arrow pushes of as many rows per call, in the same run.
 
     push_arrow and the unsuffixed client rows send 10,000 rows per call (the pusher coalesces up to that);
-    the _1k rows send 1,000 per call against push_arrow_1k, the raw Arrow bytes of 1,000-row pushes.
+    the _1k rows send 1,000 per call against push_arrow_1k, the raw Arrow bytes of 1,000-row pushes. Each
+    client row's ceiling is the raw rate measured just before and just after it (Sandwich).
     """
     raw_1k = throughput(pool, target, "arrow_1k")
     out = [result("push_arrow_1k", raw_1k, "rows/s", raw_arrow)]
-    for name, scenario, ceiling in (
-        ("client_push_dicts", "client_dicts", raw_arrow),
-        ("client_push_arrow", "client_arrow", raw_arrow),
-        ("pusher_add", "client_pusher", raw_arrow),
-        ("client_push_dicts_1k", "client_dicts_1k", raw_1k),
-        ("pusher_add_1k", "client_pusher_1k", raw_1k),
+    tens = Sandwich(pool, target, "arrow", raw_arrow)
+    thousands = Sandwich(pool, target, "arrow_1k", raw_1k)
+    for name, scenario, raw in (
+        ("client_push_dicts", "client_dicts", tens),
+        ("client_push_arrow", "client_arrow", tens),
+        ("pusher_add", "client_pusher", tens),
+        ("client_push_dicts_1k", "client_dicts_1k", thousands),
+        ("pusher_add_1k", "client_pusher_1k", thousands),
     ):
-        out.append(result(name, throughput(pool, target, scenario), "rows/s", ceiling))
+        value, ceiling = raw.measure(scenario)
+        out.append(result(name, value, "rows/s", ceiling))
     return out
 
 
@@ -381,12 +403,16 @@ def client_reads(
     """Reads through the client, against the raw requests of the same run as ceiling.
 
     get_features asks for Structs; get_features_arrow asks for the Arrow form that Client.get_features
-    asks for when reading more than a few keys, and bounds it. p99s holds the one-key p99s measured in
-    turns (get_one_p99s): the client's is held to the raw request's.
+    asks for when reading more than a few keys, and bounds it. Both are held to get_features measured just
+    before and just after them (Sandwich). p99s holds the one-key p99s measured in turns (get_one_p99s):
+    the client's is held to the raw request's.
     """
+    raw = Sandwich(pool, target, "get", raw_get)
+    arrow, arrow_ceiling = raw.measure("get_arrow")
+    client, client_ceiling = raw.measure("client_get")
     return [
-        result("get_features_arrow", throughput(pool, target, "get_arrow"), "keys/s", raw_get),
-        result("client_get_features", throughput(pool, target, "client_get"), "keys/s", raw_get),
+        result("get_features_arrow", arrow, "keys/s", arrow_ceiling),
+        result("client_get_features", client, "keys/s", client_ceiling),
         result("client_get_one_p99_ms", p99s["client"], "ms", p99s["raw"]),
     ]
 
