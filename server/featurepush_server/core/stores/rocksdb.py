@@ -106,6 +106,15 @@ _NEXT_VIEW_ID = META + b"next_view_id"
 _START_OFFSET = 1 << 63
 
 
+def _put_newer(
+    wb: rocksdict.WriteBatch, keys: Sequence[bytes], values: Sequence[bytes], newer: list[bool]
+) -> int:
+    """Stage the rows that are newer than what is stored; return how many."""
+    # Handed to RocksDB by C loops (map, compress), not one Python step per row.
+    deque(map(wb.put, compress(keys, newer), compress(values, newer)), maxlen=0)
+    return sum(newer)
+
+
 def row_prefix(source_id: int) -> bytes:
     """The key prefix of every row of one source."""
     return ROW + source_id.to_bytes(4, "big")
@@ -769,9 +778,7 @@ class RocksDBStore:
                     stored[i] = head
             self._latest_bytes += sum(map(len, misses)) + len(misses) * _INDEX_ENTRY_OVERHEAD
         newer = _newer(heads, cast(list[bytes], stored))  # every None was filled in above
-        written = sum(newer)
-        # Handed to RocksDB and to the index by C loops (map, compress), not one Python step per row.
-        deque(map(wb.put, compress(keys, newer), compress(values, newer)), maxlen=0)
+        written = _put_newer(wb, keys, values, newer)
         if not dry_run:
             # Ahead of the write; _write_latest starts the index over if the write does not land.
             cache.update(zip(compress(keys, newer), compress(heads, newer), strict=True))
@@ -797,8 +804,7 @@ class RocksDBStore:
         if added := len(cache) - size:
             self._latest_bytes += added * (sum(map(len, keys)) // len(keys) + _INDEX_ENTRY_OVERHEAD)
         newer = _newer(heads, stored)
-        written = sum(newer)
-        deque(map(wb.put, compress(keys, newer), compress(values, newer)), maxlen=0)
+        written = _put_newer(wb, keys, values, newer)
         # A key entered just now got its own header back; the others that are newer are entered here.
         entered = map(is_not, stored, heads)
         later = list(map(and_, newer, entered))
