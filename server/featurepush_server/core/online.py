@@ -32,20 +32,15 @@ from .registry import Registry, Source
 from .rows import BadValue, rows_to_table, scalar_converter
 from .schema import ARROW_TIMESTAMP, FieldSpec, Kind, SourceSpec
 from .stores.base import LatestRows
+from .struct_reply import EXPIRED, MISSING_RESULT, PRESENT, result, struct_results
 from .wire import (
-    FEATURE_VECTOR_STATUS,
     GET_FEATURES_ARROW_IPC,
-    GET_FEATURES_RESULT,
     StringKeysRequest,
     single_string_keys,
     varint,
 )
 
 _LOGGER = logging.getLogger(__name__)
-_MISSING = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_MISSING])
-_MISSING_RESULT = GET_FEATURES_RESULT + varint(len(_MISSING)) + _MISSING
-_PRESENT = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_PRESENT])
-_EXPIRED = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_EXPIRED])
 # The Arrow IPC end-of-stream marker: a continuation token and a zero length.
 _END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 _STATUS_PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
@@ -79,6 +74,29 @@ def damaged_row(source: str, at: int | None = None) -> DataLoss:
 def _first_damaged(stored: Sequence[bytes | None]) -> int | None:
     """The position of the first stored value whose payload is not whole, if any; for error messages only."""
     return next((i for i, v in enumerate(stored) if v is not None and not payload_whole(payload(v))), None)
+
+
+def _late_results(
+    source: str, stored: Sequence[bytes | None], cutoff: int | None, late_fields: Sequence[str]
+) -> bytes:
+    """struct_results for a source with fields added since some rows were stored: those read as null."""
+    late = {name.encode(): null_entry(name) for name in late_fields}
+    out = []
+    for at, value in enumerate(stored):
+        if value is None:
+            out.append(MISSING_RESULT)
+            continue
+        body = payload(value)
+        if not payload_whole(body):
+            raise damaged_row(source, at)
+        if cutoff is not None and header_micros(value) < cutoff:
+            out.append(result(EXPIRED, body[: event_time_length(body)]))
+            continue
+        try:
+            out.append(result(PRESENT, with_late_nulls(body, late)))
+        except ValueError:
+            raise damaged_row(source, at) from None
+    return b"".join(out)
 
 
 def check_key_count(count: int, max_keys: int) -> None:
@@ -122,27 +140,12 @@ class OnlineReader:
         source, _, stored = self._read(request)
         spec = source.spec
         cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None
-        late = {name.encode(): null_entry(name) for name in source.late_fields}
-        out = []
-        for at, value in enumerate(stored):
-            # A stored payload is the vector's event_time and features fields.
-            if value is None:
-                out.append(_MISSING_RESULT)
-                continue
-            body = payload(value)
-            if not payload_whole(body):
-                raise damaged_row(spec.name, at)
-            if cutoff is not None and header_micros(value) < cutoff:
-                vector = _EXPIRED + body[: event_time_length(body)]
-            elif late:
-                try:
-                    vector = _PRESENT + with_late_nulls(body, late)
-                except ValueError:
-                    raise damaged_row(spec.name, at) from None
-            else:
-                vector = _PRESENT + body
-            out.append(GET_FEATURES_RESULT + varint(len(vector)) + vector)
-        return b"".join(out)
+        if source.late_fields:
+            return _late_results(spec.name, stored, cutoff, source.late_fields)
+        try:
+            return struct_results(stored, cutoff)
+        except ValueError:
+            raise damaged_row(spec.name, _first_damaged(stored)) from None
 
     def get_features_arrow(self, request: online_service_pb2.GetFeaturesRequest | StringKeysRequest) -> bytes:
         """The serialized GetFeaturesResponse for the request's keys as one Arrow IPC record batch."""
