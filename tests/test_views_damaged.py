@@ -1,4 +1,5 @@
-"""Damaged stored blocks of view tiles: reads and pushes answer as the whole block or fail as damaged."""
+"""Damaged stored blocks of view tiles, in RocksDB (read by the server or by a front of serve --processes)
+and in Redis: reads and pushes answer as the whole block or fail as damaged."""
 
 from __future__ import annotations
 
@@ -11,16 +12,16 @@ import grpc
 import numpy as np
 import pyarrow as pa
 import pytest
+import redis
 import rocksdict
-from conftest import AD_IMPRESSIONS, Running, rich_error, source_from_json, start
+from conftest import AD_IMPRESSIONS, VIEW_STORES, Running, rich_error, source_from_json, start
 from google.protobuf import json_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from views_helpers import MINUTE, Aggregate, apply, push, stub, view
+from views_helpers import MINUTE, Aggregate, apply, opened_store, push, stub, view, view_id
 
 from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
 from featurepush.v1 import online_service_pb2, registry_service_pb2
-from featurepush_server.core.stores.rocksdb import RocksDBStore
 from featurepush_server.core.tiles import Blocks, Codec, merge_spec
 
 M = 60_000_000
@@ -51,9 +52,9 @@ def _is_damaged(err: grpc.RpcError) -> bool:
     return code == grpc.StatusCode.DATA_LOSS and reason == "DAMAGED_TILES"
 
 
-def _pushed(data: Path) -> tuple[int, dict[tuple[str, bool, str], list[Any]]]:
+def _pushed(data: Path, store: dict[str, object]) -> tuple[int, dict[tuple[str, bool, str], list[Any]]]:
     """Start a server, push events of both users to both views, read them back; return as_of and the reads."""
-    running = start(data, fsync="never")
+    running = start(data, fsync="never", **store)
     try:
         running.registry.ApplySource(
             registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS))
@@ -76,18 +77,40 @@ def _pushed(data: Path) -> tuple[int, dict[tuple[str, bool, str], list[Any]]]:
     return as_of, want
 
 
-def _blocks_of(data: Path, name: str, entity: bytes) -> tuple[int, list[tuple[int, bytes]]]:
+def _blocks_of(
+    data: Path, store: dict[str, object], name: str, entity: bytes
+) -> tuple[int, list[tuple[int, bytes]]]:
     """The view's id and the stored blocks of one entity, each with its start."""
-    store = RocksDBStore(data / "online")
-    try:
-        found = store.get_view(name)
-        assert found is not None
-        view_id = found[0]
-        counts, starts, values = store.scan_tiles(view_id, [entity], -(2**61), 2**61)
+    with opened_store(data, store) as opened:
+        found = view_id(opened, name)
+        counts, starts, values = opened.scan_tiles(found, [entity], -(2**61), 2**61)
         assert counts[0] == len(values) > 0
-        return view_id, list(zip(starts.tolist(), values, strict=True))
+        return found, list(zip(starts.tolist(), values, strict=True))
+
+
+def _put_blocks(
+    data: Path, store: dict[str, object], view: int, blocks: list[tuple[bytes, int, bytes]]
+) -> None:
+    """Store (entity, start, value) blocks of a view as they are, past the store's own checks."""
+    url = store.get("store")
+    if isinstance(url, str):
+        # The Redis store's layout (core/stores/redis.py): a hash per view and entity, a field per start.
+        client = redis.Redis.from_url(url)
+        try:
+            for entity, start_micros, value in blocks:
+                name = f"{{{store['redis_namespace']}}}:t{view}:".encode() + len(entity).to_bytes(4, "big")
+                client.hset(name + entity, (start_micros + 2**63).to_bytes(8, "big"), value)
+        finally:
+            client.close()
+        return
+    with opened_store(data, store) as opened:
+        keys = [opened.tile_key(view, entity, start_micros) for entity, start_micros, _ in blocks]
+    db = rocksdict.Rdict(str(data / "online"), rocksdict.Options(raw_mode=True))
+    try:
+        for key, (_, _, value) in zip(keys, blocks, strict=True):
+            db[key] = value
     finally:
-        store.close()
+        db.close()
 
 
 def _damaged(value: bytes) -> list[bytes]:
@@ -110,42 +133,34 @@ def _damaged(value: bytes) -> list[bytes]:
     return out
 
 
-def _plant(data: Path, name: str) -> list[str]:
+def _plant(data: Path, store: dict[str, object], name: str) -> list[str]:
     """Store damaged copies of user a's blocks, each under an entity of its own, and an intact copy of each
     block under "w" and its number; return the intact copy's entity of each damaged one."""
-    view_id, blocks = _blocks_of(data, name, b"a")
-    store = RocksDBStore(data / "online")
-    try:
-        planted: list[tuple[bytes, bytes]] = []
-        intact: list[str] = []
-        for k, (start_micros, value) in enumerate(blocks):
-            planted.append((store.tile_key(view_id, b"w%d" % k, start_micros), value))
-            for bad in _damaged(value):
-                planted.append((store.tile_key(view_id, b"d%d" % len(intact), start_micros), bad))
-                intact.append(f"w{k}")
-    finally:
-        store.close()
-    db = rocksdict.Rdict(str(data / "online"), rocksdict.Options(raw_mode=True))
-    try:
-        for key, value in planted:
-            db[key] = value
-    finally:
-        db.close()
+    view, blocks = _blocks_of(data, store, name, b"a")
+    planted: list[tuple[bytes, int, bytes]] = []
+    intact: list[str] = []
+    for k, (start_micros, value) in enumerate(blocks):
+        planted.append((b"w%d" % k, start_micros, value))
+        for bad in _damaged(value):
+            planted.append((b"d%d" % len(intact), start_micros, bad))
+            intact.append(f"w{k}")
+    _put_blocks(data, store, view, planted)
     return intact
 
 
-# Read by the server itself, and by a front of serve --processes through the store owner.
-@pytest.mark.parametrize("fronts", [0, 1])
+# In RocksDB read by the server itself and by fronts of serve --processes through the store owner, and in
+# Redis; blocks planted where the store does not look would never be refused.
+@VIEW_STORES
 @pytest.mark.parametrize("name", ["clicks", "moments"])
 def test_a_damaged_stored_block_reads_as_the_whole_block_or_as_damaged(
-    tmp_path: Path, name: str, fronts: int
+    tmp_path: Path, name: str, store_settings: dict[str, object]
 ) -> None:
     """A block cut anywhere or flipped reads as an intact copy of it or fails as DATA_LOSS, in both forms, and
     never changes what its neighbours in the same read get."""
     data = tmp_path / "data"
-    as_of, want = _pushed(data)
-    intact = _plant(data, name)
-    running = start(data, fsync="never", fronts=fronts)
+    as_of, want = _pushed(data, store_settings)
+    intact = _plant(data, store_settings, name)
+    running = start(data, fsync="never", **store_settings)
     try:
         copies = {
             (w, arrow): _reply(running, name, [w], as_of, arrow)
@@ -184,27 +199,19 @@ def _moved(value: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("damage", [_cut, _moved])
-@pytest.mark.parametrize("fronts", [0, 1])
+@VIEW_STORES
 def test_a_push_onto_a_damaged_stored_block_is_refused_whole(
-    tmp_path: Path, fronts: int, damage: Any
+    tmp_path: Path, store_settings: dict[str, object], damage: Any
 ) -> None:
     """A push merging into a damaged block fails as DATA_LOSS and writes nothing, not even other users'."""
     data = tmp_path / "data"
-    as_of, want = _pushed(data)
-    view_id, blocks = _blocks_of(data, "moments", b"a")
-    store = RocksDBStore(data / "online")
-    try:
-        keys = [store.tile_key(view_id, b"a", start_micros) for start_micros, _ in blocks]
-    finally:
-        store.close()
-    db = rocksdict.Rdict(str(data / "online"), rocksdict.Options(raw_mode=True))
-    try:
-        # Every block of user a, so that the push meets one whichever block its events fall in.
-        for key, (_, value) in zip(keys, blocks, strict=True):
-            db[key] = damage(value)
-    finally:
-        db.close()
-    running = start(data, fsync="never", fronts=fronts)
+    as_of, want = _pushed(data, store_settings)
+    view, blocks = _blocks_of(data, store_settings, "moments", b"a")
+    # Every block of user a, so that the push meets one whichever block its events fall in.
+    _put_blocks(
+        data, store_settings, view, [(b"a", start_micros, damage(value)) for start_micros, value in blocks]
+    )
+    running = start(data, fsync="never", **store_settings)
     try:
         now = as_of - M
         with pytest.raises(grpc.RpcError) as caught:

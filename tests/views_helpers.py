@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -16,6 +18,9 @@ from featurepush.types import Field, Float64, Int64, String
 from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
 from featurepush.v1 import feature_view_service_pb2_grpc as fvs_grpc
 from featurepush.v1 import ingest_service_pb2
+from featurepush_server.app import open_store
+from featurepush_server.config import ServerConfig
+from featurepush_server.core.stores.base import Store
 
 HOUR = dt.timedelta(hours=1)
 MINUTE = dt.timedelta(minutes=1)
@@ -76,6 +81,27 @@ def stub(running: Running) -> fvs_grpc.FeatureViewServiceStub:
 def apply(running: Running, v: StreamFeatureView) -> fvs_pb2.ApplyFeatureViewResponse:
     """Apply a view."""
     return stub(running).ApplyFeatureView(fvs_pb2.ApplyFeatureViewRequest(view=v.to_proto()))
+
+
+@contextmanager
+def opened_store(data: Path, settings: dict[str, object]) -> Iterator[Store]:
+    """The store of servers started over `data` with `settings` (as `start` takes them), opened here.
+
+    An embedded RocksDB opens only while no server holds it; Redis is shared, so it opens at any time.
+    """
+    chosen = {k: v for k, v in settings.items() if k not in ("fronts", "backfill_workers")}
+    store = open_store(ServerConfig(listen="localhost:0", data_dir=data, **chosen))  # type: ignore[arg-type]
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def view_id(store: Store, name: str) -> int:
+    """The store id of a view."""
+    found = store.get_view(name)
+    assert found is not None, name
+    return found[0]
 
 
 def iso(micros: int) -> str:

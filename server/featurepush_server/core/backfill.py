@@ -25,7 +25,7 @@ from .materialize import Materializer, Origin, SourceRecords
 from .registry import Registry
 from .schema import SourceSpec
 from .stores.base import TileStore
-from .tiles import begin_backfill, end_backfill
+from .tiles import begin_backfills, end_backfill
 from .views import Views
 
 MAX_REJECTIONS = 10
@@ -196,8 +196,7 @@ class Backfiller:
         views = self._views.of_source(name) if self._views is not None and not dry_run else []
         tiles = self._tiles
         if tiles is not None:
-            for view in views:
-                runs[view.id] = begin_backfill(tiles, view, start, end)
+            runs = begin_backfills(tiles, views, start, end)
         finished = False
         wrote: list[bool] = []
         pending: deque[Future[LoadedChunk]] = deque()

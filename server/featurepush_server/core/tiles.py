@@ -13,16 +13,18 @@ the earliest pushed event. Pushes write tiles from the watermark on; a backfill 
 inside its time range, before the watermark, and not filled by an earlier backfill. The first backfill
 freezes the watermark (to the current tile when nothing was pushed yet); pushes of events before it are
 then skipped and counted, since the batch source holds them. The view's state (watermark, backfilled
-and running ranges) is JSON in the store, written in the same atomic write as the tiles.
+and running ranges) is JSON with a CRC-32 in the store, written in the same atomic write as the tiles.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -34,7 +36,7 @@ import pyarrow.compute as pc
 from featurepush.v1 import feature_view_pb2 as fv_pb2
 
 from .encoding import encode_keys
-from .errors import DataLoss, FailedPrecondition
+from .errors import CoreError, DataLoss, FailedPrecondition
 from .materialize import Origin, Staged
 from .schema import Kind
 from .stores.base import TileMerge, TileStore
@@ -335,23 +337,92 @@ def merge_spec(
 # --- the view's state ----------------------------------------------------------------------------
 
 
+# The bounds of a stored time or range end: int64 microseconds, as the tiles' starts they are compared with.
+_INT64 = (-(1 << 63), 1 << 63)
+
+
+def damaged_view_state(view: str) -> DataLoss:
+    """The error of a push or backfill that met a view's stored state (watermark and ranges) damaged."""
+    return DataLoss(
+        f"the stored state of feature view {view!r} (its watermark and backfilled ranges) is damaged; pushes "
+        "and backfills of its source are refused until it is rebuilt, while reads of its tiles go on. Delete "
+        "the view with `featurepush delete-view` (after removing it from any feature service that serves "
+        "it) and apply it again, then backfill its source, where it has a batch_config, to fill its earlier "
+        "tiles again",
+        reason="DAMAGED_VIEW_STATE",
+        metadata={"view": view},
+    )
+
+
+def _int64(value: Any) -> bool:
+    # bool is an int to Python, and JSON's true is no time.
+    return type(value) is int and _INT64[0] <= value < _INT64[1]
+
+
+def _span(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and _int64(value[0]) and _int64(value[1])
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A key written twice is damage: "c" changed to "w" would otherwise read as a state without a check.
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        raise ValueError("a key appears twice")
+    return doc
+
+
+def _state_sum(watermark: int | None, done: list[list[int]], running: dict[str, list[int]]) -> int:
+    """The CRC-32 stored with a state: JSON keeps no check of its own, and a changed digit still parses."""
+    return zlib.crc32(json.dumps([watermark, done, running], separators=(",", ":")).encode())
+
+
 @dataclass
 class ViewState:
-    """A view's watermark (tile start) and its backfilled and running ranges of tile starts."""
+    """A view's watermark (tile start) and its backfilled and running ranges of tile starts.
+
+    Stored as JSON with a CRC-32 of its values under "c"; a state written before the check was added has
+    none, and is taken on its shape alone.
+    """
 
     watermark: int | None = None
     done: list[list[int]] = field(default_factory=list)
     running: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, raw: bytes | None) -> ViewState:
+    def parse(cls, raw: bytes | None, view: str) -> ViewState:
+        """The stored state of `view`, or a new one where none is; DataLoss where the bytes are damaged."""
         if raw is None:
             return cls()
-        doc = json.loads(raw)
-        return cls(doc["w"], doc["done"], doc["run"])
+        try:
+            doc = json.loads(raw, object_pairs_hook=_unique_keys)
+        except (ValueError, RecursionError):
+            # ValueError covers JSONDecodeError and UnicodeDecodeError: bytes cut short or overwritten.
+            raise damaged_view_state(view) from None
+        if not isinstance(doc, dict) or not {"w", "done", "run"} <= doc.keys() <= {"w", "done", "run", "c"}:
+            raise damaged_view_state(view)
+        watermark, done, running = doc["w"], doc["done"], doc["run"]
+        whole = (
+            (watermark is None or _int64(watermark))
+            and isinstance(done, list)
+            and all(map(_span, done))
+            and isinstance(running, dict)
+            and all(map(_span, running.values()))
+        )
+        if "c" in doc:
+            whole = whole and type(doc["c"]) is int and doc["c"] == _state_sum(watermark, done, running)
+        if not whole:
+            raise damaged_view_state(view)
+        return cls(watermark, done, running)
 
     def dump(self) -> bytes:
-        return json.dumps({"w": self.watermark, "done": self.done, "run": self.running}).encode()
+        """The state as stored, with its check."""
+        doc = {
+            "w": self.watermark,
+            "done": self.done,
+            "run": self.running,
+            "c": _state_sum(self.watermark, self.done, self.running),
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
 
     @property
     def frozen(self) -> bool:
@@ -375,7 +446,7 @@ def begin_backfill(store: TileStore, view: View, start: int | None, end: int | N
     def change(raw: bytes | None) -> bytes | None:
         # A store may call this again on a newer state (a remote store compares and sets).
         problem.clear()
-        state = ViewState.parse(raw)
+        state = ViewState.parse(raw, view.spec.name)
         if state.watermark is None:
             state.watermark = floor_to(now_micros(), interval)
         lo = _FAR_PAST if start is None else -(-start // interval) * interval
@@ -399,11 +470,30 @@ def begin_backfill(store: TileStore, view: View, start: int | None, end: int | N
     return run
 
 
+def begin_backfills(
+    store: TileStore, views: Sequence[View], start: int | None, end: int | None
+) -> dict[int, str]:
+    """Begin a backfill run on every view (begin_backfill), by view id; none stays where one is refused."""
+    runs: dict[int, str] = {}
+    try:
+        for view in views:
+            runs[view.id] = begin_backfill(store, view, start, end)
+    except Exception:
+        # The runs begun wrote nothing; left recorded as running, they would refuse every later backfill.
+        for view in views:
+            if view.id in runs:
+                # Where the store fails now too, the run stays recorded as an interrupted one is.
+                with contextlib.suppress(CoreError):
+                    end_backfill(store, view, runs[view.id], filled=False)
+        raise
+    return runs
+
+
 def end_backfill(store: TileStore, view: View, run: str, *, filled: bool = True) -> None:
     """Record a finished backfill's range as filled, or forget a run that wrote nothing (`filled` False)."""
 
     def change(raw: bytes | None) -> bytes | None:
-        state = ViewState.parse(raw)
+        state = ViewState.parse(raw, view.spec.name)
         span = state.running.pop(run, None)
         if span is None:
             return None
@@ -497,7 +587,10 @@ class ViewTiles:
     def merge(self, state: bytes | None, read: Callable[[list[bytes]], list[bytes | None]]) -> TileMerge:
         """Merge into the stored blocks the tiles this write may add; skipped records are counted."""
         spec = self.spec
-        parsed = ViewState.parse(state)
+        # A damaged state refuses the write, even one that would only move the watermark: nothing else
+        # records the backfilled ranges or whether the watermark froze, and a guess would count events twice
+        # or skip them.
+        parsed = ViewState.parse(state, self.view)
         oldest = floor_to(now_micros(), spec.interval) - spec.longest_window
         keep = self.starts >= oldest
         if self.run:
