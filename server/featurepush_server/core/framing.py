@@ -17,6 +17,9 @@ import numpy as np
 HEADER_BYTES = 8
 _COLUMNS_AT = HEADER_BYTES + 4
 _SIGN = np.uint64(1 << 63)
+# The header and the columns' length as numbers.
+_HEADER_NUMBER = np.dtype(">u8")
+_COLUMNS_LENGTH = np.dtype(">u4")
 
 
 def time_header(micros: int) -> bytes:
@@ -55,18 +58,46 @@ def locate(values: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     Many rows are taken apart this way with a few numpy operations and no Python per row. ValueError
     where a value is too short for its header and columns (cut short): its neighbour's bytes would be read.
     """
-    blob = np.frombuffer(b"".join(values), dtype=np.uint8)
+    joined = b"".join(values)
+    blob = np.frombuffer(joined, dtype=np.uint8)
     sizes = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-    if len(sizes) and sizes.min() < _COLUMNS_AT:
+    if not len(sizes):
+        empty = np.zeros(0, dtype=np.int64)
+        return blob, empty, empty, empty
+    if sizes.min() < _COLUMNS_AT:
         raise ValueError("a stored value is shorter than its header")
     starts = np.zeros(len(values), dtype=np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
-    headers = blob[starts[:, None] + np.arange(HEADER_BYTES)].view(">u8").ravel() ^ _SIGN
-    micros = headers.astype(np.uint64).view(np.int64)
-    lengths = blob[(starts + HEADER_BYTES)[:, None] + np.arange(4)].view(">u4").ravel().astype(np.int64)
+    headers, payload_at = heads(joined, starts)
+    columns_at = starts + _COLUMNS_AT
+    lengths = payload_at - columns_at
     if (lengths > sizes - _COLUMNS_AT).any():
         raise ValueError("a stored value's columns run past its end")
-    return blob, micros, starts + _COLUMNS_AT, lengths
+    return blob, (headers ^ _SIGN).view(np.int64), columns_at, lengths
+
+
+def numbers(joined: bytearray | bytes, dtype: np.dtype) -> np.ndarray:
+    """A view of `joined` whose item i is the number of type `dtype` in its bytes from i on.
+
+    Indexing it reads many numbers at any byte offsets at once (take() would copy the whole view first).
+    """
+    return np.ndarray((len(joined) - dtype.itemsize + 1,), dtype, joined, strides=(1,))
+
+
+def heads(joined: bytearray | bytes, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The headers, as numbers that order as the headers do, and payload starts of values joined at `starts`.
+
+    Never reads outside `joined` (at least 12 bytes long), but a value shorter than its header and columns'
+    length reads its neighbour's bytes: callers check that each payload lies inside its value.
+    """
+    headers = numbers(joined, _HEADER_NUMBER)[np.minimum(starts, len(joined) - HEADER_BYTES)]
+    columns = numbers(joined, _COLUMNS_LENGTH)[np.minimum(starts + HEADER_BYTES, len(joined) - 4)]
+    return headers, starts + _COLUMNS_AT + columns
+
+
+def header_number(micros: int) -> np.uint64:
+    """time_header as the number heads() gives headers as: a header is older than it where it is smaller."""
+    return np.uint64(micros + (1 << 63))
 
 
 def payload(value: bytes) -> bytes:

@@ -76,6 +76,14 @@ def _first_damaged(stored: Sequence[bytes | None]) -> int | None:
     return next((i for i, v in enumerate(stored) if v is not None and not payload_whole(payload(v))), None)
 
 
+def struct_reply(source: str, stored: Sequence[bytes | None], cutoff: int | None) -> bytes:
+    """struct_results of a source's stored rows, or DataLoss naming the key of the first damaged one."""
+    try:
+        return struct_results(stored, cutoff)
+    except ValueError:
+        raise damaged_row(source, _first_damaged(stored)) from None
+
+
 def _late_results(
     source: str, stored: Sequence[bytes | None], cutoff: int | None, late_fields: Sequence[str]
 ) -> bytes:
@@ -142,10 +150,7 @@ class OnlineReader:
         cutoff = time.time_ns() // 1000 - spec.ttl_micros if spec.ttl_micros else None
         if source.late_fields:
             return _late_results(spec.name, stored, cutoff, source.late_fields)
-        try:
-            return struct_results(stored, cutoff)
-        except ValueError:
-            raise damaged_row(spec.name, _first_damaged(stored)) from None
+        return struct_reply(spec.name, stored, cutoff)
 
     def get_features_arrow(self, request: online_service_pb2.GetFeaturesRequest | StringKeysRequest) -> bytes:
         """The serialized GetFeaturesResponse for the request's keys as one Arrow IPC record batch."""
