@@ -33,8 +33,8 @@ _MISSING = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_MISS
 MISSING_RESULT = GET_FEATURES_RESULT + varint(len(_MISSING)) + _MISSING
 PRESENT = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_PRESENT])
 EXPIRED = FEATURE_VECTOR_STATUS + bytes([online_service_pb2.FEATURE_STATUS_EXPIRED])
-_EVENT_TIME = np.uint8(FEATURE_VECTOR_EVENT_TIME[0])
-_FEATURES = np.uint8(FEATURE_VECTOR_FEATURES[0])
+_EVENT_TIME = FEATURE_VECTOR_EVENT_TIME[0]
+_FEATURES = FEATURE_VECTOR_FEATURES[0]
 # The first two bytes of the features field's length, as one number.
 _LENGTH_BYTES = np.dtype(">u2")
 # Where a stored value's payload starts: after its header and the 4-byte length of its columns.
