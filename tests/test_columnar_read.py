@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -55,6 +55,8 @@ from featurepush.views import view_table, view_vectors
 from featurepush_server.core.arrow_reply import _bitmap, reply_stream
 from featurepush_server.core.online import arrow_stream, read_layout
 from featurepush_server.core.wire import read_varint
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -691,10 +693,25 @@ def _row_of_a(db: rocksdict.Rdict) -> tuple[bytes, bytes]:
     return key, value
 
 
+def _stored_a_and_bb(
+    data: Path, source: StreamSource, fields: Callable[[str], dict[str, Any]], read: Callable[[Client], T]
+) -> T:
+    """Push rows of the entities "a" and "bb" of `source` (`fields` of each key) to a server on `data`, then
+    `read` through it and stop it."""
+    running = start(data, fsync="never")
+    try:
+        client = Client.from_channel(running.channel)
+        client.apply(source)
+        when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        client.push(source.name, [{KEY: k, TS: when, **fields(k)} for k in ("a", "bb")])
+        return read(client)
+    finally:
+        running.close()
+
+
 def test_a_stored_value_cut_short_reads_whole_or_as_damaged_never_as_other_values(tmp_path: Path) -> None:
     """A value cut anywhere reads as it was (where the form read lies before the cut) or fails plainly."""
     data = tmp_path / "data"
-    running = start(data, fsync="never")
     schema = [
         t.Field(KEY, t.String),
         t.Field(TS, t.Timestamp),
@@ -703,19 +720,15 @@ def test_a_stored_value_cut_short_reads_whole_or_as_damaged_never_as_other_value
         t.Field("n", t.Int64, nullable=True),
     ]
     source = StreamSource(name="cut", schema=schema, entity_keys=[KEY], timestamp_field=TS)
-    try:
-        client = Client.from_channel(running.channel)
-        client.apply(source)
-        when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-        client.push("cut", [{KEY: k, TS: when, "s": k * 5, "b": b"\x00" * 3, "n": 7} for k in ("a", "bb")])
-        want = {
+
+    def read(client: Client) -> dict[bool, list[FeatureResult]]:
+        return {
             columnar: list(client.get_features("cut", ["a", "bb"], columnar=columnar))
             for columnar in (True, False)
         }
-    finally:
-        running.close()
-    options = rocksdict.Options(raw_mode=True)
-    db = rocksdict.Rdict(str(data / "online"), options)
+
+    want = _stored_a_and_bb(data, source, lambda k: {"s": k * 5, "b": b"\x00" * 3, "n": 7}, read)
+    db = rocksdict.Rdict(str(data / "online"), rocksdict.Options(raw_mode=True))
     try:
         key, value = _row_of_a(db)
         # Every cut of the value, each under a key of its own, all holding the row of "a".
@@ -751,7 +764,6 @@ def test_a_stored_struct_flipped_inside_its_length_reads_or_fails_as_damaged(tmp
     """A flip inside a stored row's Struct, read with a field added since: an answer or DATA_LOSS, never
     an internal error, and the server keeps serving."""
     data = tmp_path / "data"
-    running = start(data, fsync="never")
     schema = [
         t.Field(KEY, t.String),
         t.Field(TS, t.Timestamp),
@@ -759,11 +771,8 @@ def test_a_stored_struct_flipped_inside_its_length_reads_or_fails_as_damaged(tmp
         t.Field("n", t.Int64, nullable=True),
     ]
     source = StreamSource(name="flip", schema=schema, entity_keys=[KEY], timestamp_field=TS)
-    try:
-        client = Client.from_channel(running.channel)
-        client.apply(source)
-        when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-        client.push("flip", [{KEY: k, TS: when, "s": k * 3, "n": 7} for k in ("a", "bb")])
+
+    def read(client: Client) -> list[FeatureResult]:
         # A field added after the rows were stored: Struct reads add a null entry for it to each row.
         late = StreamSource(
             name="flip",
@@ -772,9 +781,9 @@ def test_a_stored_struct_flipped_inside_its_length_reads_or_fails_as_damaged(tmp
             timestamp_field=TS,
         )
         client.apply(late)
-        want = list(client.get_features("flip", ["a", "bb"], columnar=False))
-    finally:
-        running.close()
+        return list(client.get_features("flip", ["a", "bb"], columnar=False))
+
+    want = _stored_a_and_bb(data, source, lambda k: {"s": k * 3, "n": 7}, read)
     db = rocksdict.Rdict(str(data / "online"), rocksdict.Options(raw_mode=True))
     try:
         key, value = _row_of_a(db)

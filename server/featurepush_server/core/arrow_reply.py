@@ -23,7 +23,7 @@ from typing import cast
 
 import numpy as np
 
-from .framing import HEADER_BYTES
+from .framing import COLUMNS_AT, HEADER_BYTES
 from .schema import FieldSpec, Kind
 
 # How a feature's values are written from its 8-byte slot, or from its variable part.
@@ -38,9 +38,8 @@ _READS = {
     Kind.STRING: _BINARY,
     Kind.BYTES: _BINARY,
 }
-# A stored value: the header, the columns' 4-byte length, then the columns' 2-byte field count.
-_COLUMNS_AT = HEADER_BYTES + 4
-_SLOTS_AT = _COLUMNS_AT + 2
+# A stored value's columns start with their 2-byte field count, then the 8-byte slots.
+_SLOTS_AT = COLUMNS_AT + 2
 _STATUS_PRESENT, _STATUS_MISSING, _STATUS_EXPIRED = 1, 2, 3
 # The status column of a read whose every key is present.
 _PRESENT = bytes([_STATUS_PRESENT])
@@ -106,7 +105,7 @@ class ReplyPlan:
         fixed_width = 2 + 9 * width
         # The greatest header: the null row is never expired.
         null_row = b"\xff" * HEADER_BYTES + struct.pack(">IH", fixed_width, 0) + bytes(9 * width)
-        null_row = null_row[:_COLUMNS_AT] + struct.pack("<H", width) + null_row[_SLOTS_AT:]
+        null_row = null_row[:COLUMNS_AT] + struct.pack("<H", width) + null_row[_SLOTS_AT:]
         # Keys, status, event time, then the features: a node each, two or three buffers each.
         nodes = 2 * (3 + len(columns))
         buffers = 2 * (3 + 2 + 2 + sum(3 if read == _BINARY else 2 for read, _ in columns))
@@ -187,7 +186,7 @@ def reply_stream(
     if len(head) != n * fixed_end:
         return None
     low, high = plan.count
-    if head[_COLUMNS_AT::fixed_end] != low * n or head[_COLUMNS_AT + 1 :: fixed_end] != high * n:
+    if head[COLUMNS_AT::fixed_end] != low * n or head[COLUMNS_AT + 1 :: fixed_end] != high * n:
         return None
     # The event times, little-endian: each header's bytes in reverse order, its first with the sign flipped.
     micros = bytearray(8 * n)

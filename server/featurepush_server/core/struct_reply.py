@@ -20,7 +20,7 @@ import numpy as np
 from featurepush.v1 import online_service_pb2
 
 from .encoding import payload_whole
-from .framing import HEADER_BYTES, header_number, heads, numbers, time_header
+from .framing import COLUMNS_AT, HEADER_BYTES, header_number, heads, numbers, time_header
 from .wire import (
     FEATURE_VECTOR_EVENT_TIME,
     FEATURE_VECTOR_FEATURES,
@@ -37,8 +37,6 @@ _EVENT_TIME = FEATURE_VECTOR_EVENT_TIME[0]
 _FEATURES = FEATURE_VECTOR_FEATURES[0]
 # The first two bytes of the features field's length, as one number.
 _LENGTH_BYTES = np.dtype(">u2")
-# Where a stored value's payload starts: after its header and the 4-byte length of its columns.
-_COLUMNS_AT = HEADER_BYTES + 4
 # The most body lengths whose result prefix is kept per status.
 _PREFIXES_KEPT = 1 << 16
 # Reads of fewer rows take the loop: there, numpy's fixed cost per call (about 35 us) outweighs the 0.35 us
@@ -53,7 +51,7 @@ _PREFIX_ROOM = 5
 _BODIES = (1 << 14) - len(PRESENT)
 # A missing row's place in the joined values: room for its prefix, which is all of its result.
 _MISSING_ROOM = bytes(_PREFIX_ROOM)
-_SPARE = bytes(_COLUMNS_AT)
+_SPARE = bytes(COLUMNS_AT)
 
 
 def _spans() -> np.ndarray:
@@ -205,7 +203,7 @@ def _results_in_turn(stored: Sequence[bytes | None], cutoff: int | None) -> byte
         if value is None:
             append(MISSING_RESULT)
             continue
-        start = _COLUMNS_AT + int.from_bytes(value[HEADER_BYTES:_COLUMNS_AT], "big")
+        start = COLUMNS_AT + int.from_bytes(value[HEADER_BYTES:COLUMNS_AT], "big")
         end = len(value)
         try:
             whole = value[start] == _EVENT_TIME
