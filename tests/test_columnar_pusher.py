@@ -12,7 +12,7 @@ from featurepush import Client, InvalidArgumentError
 from featurepush import types as t
 from featurepush.aio import AsyncClient
 from featurepush.definitions import StreamSource
-from featurepush.payload import BatchFailure
+from featurepush.payload import BatchFailure, PushBatchError
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 FIELDS = [t.Field("user_id", t.String), t.Field("timestamp", t.Timestamp), t.Field("clicked", t.Int64)]
@@ -65,12 +65,47 @@ def test_pusher_resends_an_arrow_batch_refused_for_a_stale_schema_as_rows(runnin
         assert pusher.stats.records == 10 and pusher.stats.failed_batches == 0
 
 
-def test_add_refuses_what_cannot_be_encoded_at_once(running: Running) -> None:
-    with Client(running.target) as client, client.pusher("ad_impressions") as pusher:
-        with pytest.raises(ValueError, match="naive"):
-            pusher.add({"user_id": "u", "timestamp": dt.datetime(2026, 1, 1), "clicked": 1})
-        with pytest.raises(TypeError, match="cannot encode"):
-            pusher.add({"user_id": "u", "timestamp": T0, "clicked": object()})
+def test_a_schema_known_batch_with_unencodable_values_fails_unsent_in_both_pushers(running: Running) -> None:
+    naive = {"user_id": "u1", "timestamp": dt.datetime(2026, 1, 1), "clicked": 1}
+    batch = [*rows(1), naive, {"user_id": "u2", "timestamp": T0, "clicked": object()}]
+    expected = [
+        ('records["ad_impressions"][1].timestamp', "datetime 2026-01-01T00:00:00 is naive"),
+        ('records["ad_impressions"][2].clicked', "cannot encode object"),
+    ]
+
+    def check(failures: list[BatchFailure], stats_failed: int) -> None:
+        [failure] = failures
+        assert failure.records == batch and stats_failed == 3
+        assert isinstance(failure.error, InvalidArgumentError)
+        violations = failure.error.violations
+        assert len(violations) == 2
+        got = [(v.field, v.description[: len(d)]) for v, (_, d) in zip(violations, expected, strict=True)]
+        assert got == expected
+
+    failures: list[BatchFailure] = []
+    with Client(running.target) as client:
+        with client.pusher("ad_impressions", max_rows=3, on_error=failures.append) as pusher:
+            pusher.add_many(batch)
+            pusher.add_many(rows(3))
+        check(failures, pusher.stats.failed_records)
+        assert pusher.stats.records == 3
+
+    async def main() -> None:
+        async_failures: list[BatchFailure] = []
+        async with AsyncClient(running.target) as client:
+            async with client.pusher("ad_impressions", max_rows=3, on_error=async_failures.append) as pusher:
+                await pusher.add_many(batch)
+                await pusher.add_many(rows(3))
+                with pytest.raises(TypeError, match="mapping"):
+                    await pusher.add("u9")  # type: ignore[arg-type]
+            check(async_failures, pusher.stats.failed_records)
+            assert pusher.stats.records == 3
+            last = client.pusher("ad_impressions", linger_ms=60_000)
+            await last.add(naive)
+            with pytest.raises(PushBatchError):
+                await last.close()
+
+    asyncio.run(main())
 
 
 def test_async_client_has_the_clients_surface(running: Running) -> None:

@@ -118,9 +118,73 @@ def test_rejected_batch_is_raised_by_close_without_a_callback(client: Client) ->
     assert features(client, 3)[2][0] == FeatureStatus.PRESENT
 
 
-def test_unencodable_record_is_refused_by_add(client: Client) -> None:
-    with client.pusher("ad_impressions") as p, pytest.raises((TypeError, ValueError)):
-        p.add({"user_id": object()})
+def test_add_refuses_a_record_that_is_not_a_mapping_at_once(client: Client) -> None:
+    with client.pusher("ad_impressions") as p:
+        with pytest.raises(TypeError, match="mapping"):
+            p.add([("user_id", "u0")])  # type: ignore[arg-type]
+        p.add(record(0))
+    assert p.stats.records == 1 and p.stats.failed_batches == 0
+
+
+def test_a_batch_with_unencodable_values_fails_unsent_naming_each_and_the_stream_goes_on(
+    client: Client,
+) -> None:
+    failures: list[BatchFailure] = []
+    with client.pusher("ad_impressions", max_rows=4, on_error=failures.append) as p:
+        p.add_many([record(0), record(1), record(2), record(3)])
+        p.flush()
+        naive = {**record(5), "timestamp": dt.datetime(2026, 1, 1)}
+        bad = [record(4), naive, record(6, clicked=object()), {**record(7), 8: "x"}]
+        # add() takes them: values are checked as their batch is built, off the caller's thread.
+        p.add_many(bad)
+        p.add_many([record(8), record(9)])
+    [failure] = failures
+    assert failure.records == bad and failure.sequence_id == 1
+    assert isinstance(failure.error, InvalidArgumentError)
+    assert failure.error.reason == "UNENCODABLE_RECORDS"
+    violations = [(v.field, v.description) for v in failure.error.violations]
+    assert violations[0] == (
+        'records["ad_impressions"][1].timestamp',
+        "datetime 2026-01-01T00:00:00 is naive; give it a timezone",
+    )
+    assert violations[1][0] == 'records["ad_impressions"][2].clicked'
+    assert violations[1][1].startswith("cannot encode object <object object at")
+    assert violations[2] == ('records["ad_impressions"][3]', "keys must be str, got int 8")
+    assert (p.stats.batches, p.stats.records, p.stats.failed_batches, p.stats.failed_records) == (2, 6, 1, 4)
+    got = features(client, 10)
+    assert [status for status, _ in got] == [FeatureStatus.PRESENT] * 4 + [FeatureStatus.MISSING] * 4 + [
+        FeatureStatus.PRESENT
+    ] * 2
+
+
+def test_an_unencodable_last_batch_is_raised_by_close_and_nothing_hangs(client: Client) -> None:
+    p = client.pusher("ad_impressions", linger_ms=60_000)
+    p.add({**record(0), "timestamp": dt.date(2026, 1, 1)})
+    with pytest.raises(PushBatchError) as caught:
+        p.close()
+    [failure] = caught.value.failures
+    assert isinstance(failure.error, InvalidArgumentError)
+    assert [(v.field, v.description) for v in failure.error.violations] == [
+        ('records["ad_impressions"][0].timestamp', "a date is not a timestamp; pass an aware datetime")
+    ]
+    assert features(client, 1)[0][0] == FeatureStatus.MISSING
+
+
+def test_a_mapping_whose_methods_raise_fails_its_batch_not_the_stream(client: Client) -> None:
+    class Broken(dict[str, object]):
+        def items(self):  # type: ignore[no-untyped-def,override]
+            raise RuntimeError("broken mapping")
+
+    failures: list[BatchFailure] = []
+    with client.pusher("ad_impressions", max_rows=2, on_error=failures.append) as p:
+        p.add_many([record(0), Broken(record(1))])
+        p.add_many([record(2), record(3)])
+    [failure] = failures
+    assert isinstance(failure.error, InvalidArgumentError)
+    assert [(v.field, v.description) for v in failure.error.violations] == [
+        ('records["ad_impressions"][1]', "cannot encode: RuntimeError: broken mapping")
+    ]
+    assert p.stats.records == 2 and p.stats.reconnects == 0
 
 
 def test_pusher_resends_through_a_server_restart_without_doubling(

@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ from featurepush.auth import PemPath, async_api_key_interceptors, channel_creden
 from featurepush.batch import BackfillProgress, progress_of, read_batch, read_schema, timestamp
 from featurepush.client import ApplyResult, DefinitionResult, PushResult
 from featurepush.definitions import FeatureService, StreamFeatureView, StreamSource
-from featurepush.errors import FeaturepushError, from_rpc_error, from_status_proto
+from featurepush.errors import FeaturepushError, InvalidArgumentError, from_rpc_error, from_status_proto
 from featurepush.payload import (
     RESEND_AS_ROWS,
     BatchFailure,
@@ -44,7 +44,7 @@ from featurepush.pusher import (
     PusherStats,
     SchemaLookup,
     _Batch,
-    check_record,
+    check_mapping,
     check_sizes,
     log_recovered,
     log_retry,
@@ -452,7 +452,6 @@ class AsyncPusher:
         self._retry_timeout_s = retry_timeout_s
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
         self._changed = asyncio.Condition()
-        self._known_keys: set[str] = set()
         self._outbox: asyncio.Queue[_Batch | None] | None = None
         self._closed = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -477,11 +476,12 @@ class AsyncPusher:
         await self.close()
 
     async def add(self, record: Mapping[str, Any]) -> None:
-        """Queue one record; raises ValueError or TypeError at once if it cannot be encoded.
+        """Queue one record; raises TypeError at once if it is not a mapping.
 
-        Only appends to a buffer: a full buffer is converted on a worker thread and sent while the next fills.
+        Only appends to a buffer: a full buffer is converted on a worker thread and sent while the next fills;
+        a batch holding a value that cannot be encoded fails unsent, as in Pusher.add.
         """
-        check_record(record, self._known_keys)
+        check_mapping(record)
         self.start()
         if self._closed:
             raise RuntimeError("the pusher is closed")
@@ -552,6 +552,18 @@ class AsyncPusher:
             except Exception:
                 _LOGGER.exception("the pusher's on_error callback failed")
 
+    async def _refuse(self, batch: _Batch, error: InvalidArgumentError) -> None:
+        """Settle a batch that could not be built."""
+        async with self._changed:
+            failure = self._book.refuse(batch, error)
+            if failure is None:
+                return
+            if self._book.ready(self._linger_s):
+                self._seal()
+            self._report([failure])
+            self._half_close()
+            self._changed.notify_all()
+
     async def _send_loop(self) -> None:
         failing_since: float | None = None
         while True:
@@ -568,7 +580,7 @@ class AsyncPusher:
                 self._outbox = outbox
             error: FeaturepushError | None = None
             try:
-                async for ack in self._stub.PushStream(_drain(outbox)):
+                async for ack in self._stub.PushStream(_drain(outbox, self._refuse)):
                     async with self._changed:
                         failure = self._book.acknowledge(ack)
                         for batch in self._book.resend:
@@ -625,10 +637,17 @@ class AsyncPusher:
                     await asyncio.wait_for(self._changed.wait(), timeout)
 
 
-async def _drain(outbox: asyncio.Queue[_Batch | None]) -> AsyncIterator[ingest_service_pb2.PushStreamRequest]:
+async def _drain(
+    outbox: asyncio.Queue[_Batch | None], refuse: Callable[[_Batch, InvalidArgumentError], Awaitable[None]]
+) -> AsyncIterator[ingest_service_pb2.PushStreamRequest]:
     """The requests of one stream attempt, until the None that ends it; each built on a worker thread."""
     while (batch := await outbox.get()) is not None:
-        yield await asyncio.to_thread(batch.message)
+        try:
+            message = await asyncio.to_thread(batch.message)
+        except InvalidArgumentError as err:
+            await refuse(batch, err)
+            continue
+        yield message
 
 
 def _error(err: grpc.RpcError) -> FeaturepushError:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import queue
 import random
@@ -17,10 +16,16 @@ from typing import Any
 import grpc
 from google.protobuf import struct_pb2
 
-from featurepush.errors import FeaturepushError, from_rpc_error, from_status_proto
+from featurepush.errors import (
+    FeaturepushError,
+    InvalidArgumentError,
+    Violation,
+    from_rpc_error,
+    from_status_proto,
+)
 from featurepush.payload import RESEND_AS_ROWS, BatchFailure, PushBatchError, PushSchema, fill_source_records
 from featurepush.v1 import ingest_service_pb2, ingest_service_pb2_grpc
-from featurepush.values import fill_struct
+from featurepush.values import EncodingError, fill_struct
 
 __all__ = ["DEFAULT_MAX_ROWS", "Pusher", "PusherStats", "RETRYABLE_CODES"]
 
@@ -77,14 +82,19 @@ class _Batch:
         self._lock = threading.Lock()
 
     def message(self) -> ingest_service_pb2.PushStreamRequest:
-        """The request to send, built on first use."""
+        """The request to send, built on first use; InvalidArgumentError if a record cannot be encoded."""
         with self._lock:
             if self._message is None:
                 request = ingest_service_pb2.PushRequest(request_id=self.request_id)
                 schema = self.schema() if self.schema is not None else None
-                self.columnar = fill_source_records(
-                    request.records[self.source], self.source, self.records, schema
-                )
+                try:
+                    self.columnar = fill_source_records(
+                        request.records[self.source], self.source, self.records, schema
+                    )
+                except Exception as err:
+                    # Raised on the thread that feeds the stream, which must go on: the batch is settled
+                    # as refused instead of breaking the call (which would be retried with the same batch).
+                    raise unencodable(self.source, self.records, err) from err
                 self._message = ingest_service_pb2.PushStreamRequest(
                     sequence_id=self.sequence, request=request
                 )
@@ -100,42 +110,34 @@ class _Batch:
 # The schema a batch's records are sent as Arrow by, or None for Structs; asked when the batch is built.
 SchemaLookup = Callable[[], PushSchema | None]
 
-# Value types the Struct encoder always takes as they are; anything else is encoded at add() to check it.
-_PLAIN = frozenset({str, int, float, bool, type(None), bytes})
+
+def check_mapping(record: object) -> None:
+    """Raise TypeError for a record that is not a mapping; its values are checked as its batch is built."""
+    if type(record) is not dict and not isinstance(record, Mapping):
+        raise TypeError(f"a record is a mapping of field names to values, not {type(record).__name__}")
 
 
-# The most str keys a pusher remembers as checked; beyond it, keys are checked record by record.
-_KNOWN_KEYS_LIMIT = 4096
-
-
-def check_record(record: Mapping[str, Any], known_keys: set[str] | None = None) -> None:
-    """Raise the encoder's ValueError or TypeError now if a record cannot be encoded; cheap for flat dicts.
-
-    `known_keys` holds keys already found to be str, so that a record's keys are checked by one set operation.
-    """
-    if type(record) is dict:
-        if known_keys is None or not known_keys.issuperset(record):
-            if not all(type(key) is str for key in record):
-                encode_record(record)
-                return
-            if known_keys is not None and len(known_keys) < _KNOWN_KEYS_LIMIT:
-                known_keys.update(record)
-        for value in record.values():
-            kind = type(value)
-            if kind not in _PLAIN and not (
-                kind is dt.datetime and value.utcoffset() is not None and 1 < value.year < 9999
-            ):
-                break
-        else:
-            return
-    encode_record(record)
-
-
-def encode_record(record: Mapping[str, Any]) -> struct_pb2.Struct:
-    """The Struct of one record; raises the encoder's ValueError or TypeError naming the bad field."""
-    struct = struct_pb2.Struct()
-    fill_struct(struct, record, "record")
-    return struct
+def unencodable(source: str, records: list[Mapping[str, Any]], cause: Exception) -> InvalidArgumentError:
+    """The client's refusal of a batch it could not build, naming every record value the encoder refuses."""
+    violations = []
+    for index, record in enumerate(records):
+        path = f'records["{source}"][{index}]'
+        try:
+            fill_struct(struct_pb2.Struct(), record, path)
+        except EncodingError as err:
+            violations.append(Violation(err.path, err.problem))
+        except Exception as err:
+            # A caller's mapping or value type may raise anything from its own methods.
+            violations.append(Violation(path, f"cannot encode: {type(err).__name__}: {err}"))
+    if not violations:
+        problem = f"cannot encode: {type(cause).__name__}: {cause}"
+        violations.append(Violation(f'records["{source}"]', problem))
+    return InvalidArgumentError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the batch was not sent: {len(violations)} value(s) cannot be encoded",
+        reason="UNENCODABLE_RECORDS",
+        violations=violations,
+    )
 
 
 # A buffer of eager_rows records, or one whose linger time is up, is sealed at once while fewer batches than
@@ -260,6 +262,13 @@ class BatchBook:
             return None
         return self._failed(batch, error)
 
+    def refuse(self, batch: _Batch, error: FeaturepushError) -> BatchFailure | None:
+        """Settle a batch the client could not build, unsent; None if it was settled already."""
+        if self.pending.get(batch.sequence) is not batch:
+            return None
+        del self.pending[batch.sequence]
+        return self._failed(batch, error)
+
     def fail_pending(self, error: FeaturepushError) -> list[BatchFailure]:
         """Give up on every pending batch with one error."""
         failures = [self._failed(b, error) for b in self.in_order()]
@@ -317,11 +326,18 @@ def log_recovered(source: str, failing_s: float) -> None:
     _LOGGER.warning("push stream to %s recovered after %.1fs of retries", source, failing_s)
 
 
-def _messages(outbox: queue.SimpleQueue[_Batch | object]) -> Iterator[ingest_service_pb2.PushStreamRequest]:
-    """The requests of one stream attempt, until _STOP; each built as it is sent."""
+def _messages(
+    outbox: queue.SimpleQueue[_Batch | object], refuse: Callable[[_Batch, InvalidArgumentError], None]
+) -> Iterator[ingest_service_pb2.PushStreamRequest]:
+    """The requests of one stream attempt, until _STOP; each built as it is sent, or refused unsent."""
     for batch in iter(outbox.get, _STOP):
         assert isinstance(batch, _Batch)
-        yield batch.message()
+        try:
+            message = batch.message()
+        except InvalidArgumentError as err:
+            refuse(batch, err)
+            continue
+        yield message
 
 
 class Pusher:
@@ -334,9 +350,9 @@ class Pusher:
 
     Every batch carries a request_id, so batches resent after UNAVAILABLE, DEADLINE_EXCEEDED or an
     acknowledgement that took longer than `ack_timeout_s` are never counted twice; retries back off
-    exponentially and give up after `retry_timeout_s` without progress. A batch the server rejects is passed
-    with its records to `on_error`, or, without a callback, raised as PushBatchError by the next flush() or
-    close(). At most `max_pending` batches are unacknowledged at once; add() blocks beyond that. Thread-safe.
+    exponentially and give up after `retry_timeout_s` without progress. A batch the server rejects, or one
+    holding a value the client cannot encode (never sent), is passed with its records to `on_error`, or,
+    without a callback, raised as PushBatchError by the next flush() or close(). At most `max_pending` batches are unacknowledged at once; add() blocks beyond that. Thread-safe.
     """
 
     def __init__(
@@ -369,7 +385,6 @@ class Pusher:
         # A plain lock: add() takes it once per record, and nothing here takes it twice.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
-        self._known_keys: set[str] = set()
         self._outbox: queue.SimpleQueue[_Batch | object] | None = None
         self._call: Any = None
         self._timed_out = False
@@ -386,12 +401,14 @@ class Pusher:
             return PusherStats(**vars(self._book.stats))
 
     def add(self, record: Mapping[str, Any]) -> None:
-        """Queue one record; raises ValueError or TypeError at once if it cannot be encoded.
+        """Queue one record; raises TypeError at once if it is not a mapping.
 
         Only appends to a buffer: a full buffer is converted (to one Arrow batch when the schema takes it)
-        and sent by background threads while the next one fills.
+        and sent by background threads while the next one fills. A batch holding a value that cannot be
+        encoded is not sent; it fails as InvalidArgumentError naming each such value, like a batch the
+        server rejects.
         """
-        check_record(record, self._known_keys)
+        check_mapping(record)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the pusher is closed")
@@ -481,6 +498,18 @@ class Pusher:
             except Exception:
                 _LOGGER.exception("the pusher's on_error callback failed")
 
+    def _refuse(self, batch: _Batch, error: InvalidArgumentError) -> None:
+        """Settle a batch that could not be built, on the thread that feeds the stream."""
+        with self._cond:
+            failure = self._book.refuse(batch, error)
+            if failure is None:
+                return
+            if self._book.ready(self._linger_s):
+                self._seal()
+            self._half_close()
+            self._cond.notify_all()
+        self._report([failure])
+
     def _send_loop(self) -> None:
         failing_since: float | None = None
         while True:
@@ -498,7 +527,7 @@ class Pusher:
                 self._outbox = outbox
                 self._timed_out = False
                 # gRPC's request thread builds each message as it sends it, off the caller's thread.
-                call = self._stub.PushStream(_messages(outbox))
+                call = self._stub.PushStream(_messages(outbox, self._refuse))
                 self._call = call
             try:
                 for ack in call:

@@ -17,6 +17,7 @@ from google.protobuf import struct_pb2
 from featurepush import types as t
 
 __all__ = [
+    "EncodingError",
     "decode_record",
     "decode_value",
     "fill_struct",
@@ -30,6 +31,23 @@ __all__ = [
 _MAX_EXACT_INT = 2**53
 _NONFINITE_TO_JSON = {math.inf: "Infinity", -math.inf: "-Infinity"}
 _NONFINITE_FROM_JSON = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+class EncodingError(Exception):
+    """A value the Struct encoder cannot take: where it is (`path`) and what is wrong (`problem`)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path or 'record'}: {problem}")
+        self.path = path or "record"
+        self.problem = problem
+
+
+class _EncodingTypeError(EncodingError, TypeError):
+    """A value of a type the encoder does not take."""
+
+
+class _EncodingValueError(EncodingError, ValueError):
+    """A value of a type the encoder takes, but not this value (a naive datetime)."""
 
 
 def format_timestamp(value: dt.datetime) -> str:
@@ -109,7 +127,7 @@ def _set_bytes(target: struct_pb2.Value, value: Any, path: str) -> None:
 
 def _set_datetime(target: struct_pb2.Value, value: Any, path: str) -> None:
     if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{path or 'record'}: datetime {value.isoformat()} is naive; give it a timezone")
+        raise _EncodingValueError(path, f"datetime {value.isoformat()} is naive; give it a timezone")
     target.string_value = format_timestamp(value)
 
 
@@ -151,7 +169,7 @@ def _setter_for_subclass(value: Any, path: str) -> _Setter:
     if isinstance(value, dt.datetime):
         return _set_datetime
     if isinstance(value, dt.date):
-        raise TypeError(f"{path or 'record'}: a date is not a timestamp; pass an aware datetime")
+        raise _EncodingTypeError(path, "a date is not a timestamp; pass an aware datetime")
     if isinstance(value, numbers.Integral):
         return lambda target, v, p: _set_int(target, int(v), p)
     if isinstance(value, numbers.Real):
@@ -162,7 +180,7 @@ def _setter_for_subclass(value: Any, path: str) -> _Setter:
         return _set_mapping
     if isinstance(value, list | tuple):
         return _set_sequence
-    raise TypeError(f"{path or 'record'}: cannot encode {type(value).__name__} {value!r}")
+    raise _EncodingTypeError(path, f"cannot encode {type(value).__name__} {value!r}")
 
 
 def _set_value(target: struct_pb2.Value, value: Any, path: str) -> None:
@@ -177,7 +195,7 @@ def fill_struct(struct: struct_pb2.Struct, record: Mapping[str, Any], path: str 
     fields = struct.fields
     for key, value in record.items():
         if not isinstance(key, str):
-            raise TypeError(f"{path or 'record'}: keys must be str, got {type(key).__name__} {key!r}")
+            raise _EncodingTypeError(path, f"keys must be str, got {type(key).__name__} {key!r}")
         _set_value(fields[key], value, _join(path, key))
 
 
