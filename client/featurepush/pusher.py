@@ -352,7 +352,8 @@ class Pusher:
     acknowledgement that took longer than `ack_timeout_s` are never counted twice; retries back off
     exponentially and give up after `retry_timeout_s` without progress. A batch the server rejects, or one
     holding a value the client cannot encode (never sent), is passed with its records to `on_error`, or,
-    without a callback, raised as PushBatchError by the next flush() or close(). At most `max_pending` batches are unacknowledged at once; add() blocks beyond that. Thread-safe.
+    without a callback, raised as PushBatchError by the next flush() or close(). At most `max_pending`
+    batches are unacknowledged at once; add() blocks beyond that. Thread-safe.
     """
 
     def __init__(
