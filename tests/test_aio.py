@@ -6,8 +6,10 @@ import asyncio
 import datetime as dt
 
 import pyarrow as pa
+import pytest
 from conftest import VIEW_STORES, Running
 
+import featurepush.aio
 from featurepush import (
     Aggregate,
     FeatureStatus,
@@ -94,6 +96,24 @@ def test_pusher_sends_lingering_records(running: Running) -> None:
                 await p.add(record(7))
                 while p.stats.batches == 0:
                     await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+
+
+def test_pusher_close_returns_once_settled_not_when_the_linger_task_next_wakes(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With nothing due the linger task sleeps this long unless woken; close() must wake it.
+    monkeypatch.setattr(featurepush.aio, "IDLE_WAIT_S", 600.0)
+
+    async def scenario() -> None:
+        async with AsyncClient(running.target) as client:
+            p = client.pusher("ad_impressions")
+            p.start()
+            await p.add_many([record(i) for i in range(3)])
+            await p.flush()
+            await asyncio.wait_for(p.close(), 60)
+            assert p.stats.records == 3
 
     asyncio.run(scenario())
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from conftest import AD_IMPRESSIONS, Running, source_from_json, start
 
+import featurepush.pusher
 from featurepush import Client, FeatureStatus, InvalidArgumentError
 from featurepush.payload import BatchFailure, PushBatchError
 from featurepush.pusher import BatchBook, check_sizes
@@ -185,6 +186,20 @@ def test_a_mapping_whose_methods_raise_fails_its_batch_not_the_stream(client: Cl
         ('records["ad_impressions"][1]', "cannot encode: RuntimeError: broken mapping")
     ]
     assert p.stats.records == 2 and p.stats.reconnects == 0
+
+
+def test_close_returns_once_settled_not_when_the_linger_thread_next_wakes(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With nothing due the linger thread sleeps this long unless woken; close() must wake it.
+    monkeypatch.setattr(featurepush.pusher, "IDLE_WAIT_S", 600.0)
+    p = client.pusher("ad_impressions")
+    p.add_many([record(i) for i in range(3)])
+    p.flush()
+    closer = threading.Thread(target=p.close, daemon=True)
+    closer.start()
+    closer.join(60)
+    assert not closer.is_alive() and p.stats.records == 3
 
 
 def test_pusher_resends_through_a_server_restart_without_doubling(

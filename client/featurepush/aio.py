@@ -37,6 +37,7 @@ from featurepush.pusher import (
     DEFAULT_EAGER_ROWS,
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_ROWS,
+    IDLE_WAIT_S,
     RETRYABLE_CODES,
     Backoff,
     BatchBook,
@@ -520,7 +521,15 @@ class AsyncPusher:
                 self._closed = True
                 self._half_close()
                 self._changed.notify_all()
-        await asyncio.gather(*self._tasks)
+        if self._tasks:
+            sender, linger = self._tasks
+            try:
+                await sender
+            finally:
+                async with self._changed:
+                    # The linger task waits for the sender's end, which nothing else wakes it for.
+                    self._changed.notify_all()
+                await linger
         self._raise_failures()
 
     def _dead(self) -> bool:
@@ -632,7 +641,7 @@ class AsyncPusher:
                     self._seal()
                     self._changed.notify_all()
                     continue
-                timeout = min(due - now, 0.5) if due is not None else 0.5
+                timeout = min(due - now, IDLE_WAIT_S) if due is not None else IDLE_WAIT_S
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), timeout)
 

@@ -149,6 +149,8 @@ EAGER_IN_FLIGHT = 2
 DEFAULT_MAX_ROWS = 10_000
 DEFAULT_EAGER_ROWS = 1000
 DEFAULT_MAX_BATCH_BYTES = 8 << 20
+# The longest the linger thread or task sleeps with nothing due, in seconds; it is woken for what changes.
+IDLE_WAIT_S = 0.5
 
 
 @dataclass
@@ -445,6 +447,9 @@ class Pusher:
                 self._half_close()
                 self._cond.notify_all()
         self._sender.join()
+        with self._cond:
+            # The ticker waits for the sender's end, which nothing else wakes it for.
+            self._cond.notify_all()
         self._ticker.join()
         self._raise_failures()
 
@@ -596,5 +601,5 @@ class Pusher:
                     self._timed_out = True
                     self._call.cancel()
                 wake = [t for t in (due, oldest and oldest + self._ack_timeout_s) if t]
-                timeout = max(min(wake) - now, 0.001) if wake else 0.5
-                self._cond.wait(min(timeout, 0.5))
+                timeout = max(min(wake) - now, 0.001) if wake else IDLE_WAIT_S
+                self._cond.wait(min(timeout, IDLE_WAIT_S))
