@@ -17,7 +17,7 @@ from conftest import AD_IMPRESSIONS, Running, source_from_json, start
 import featurepush.pusher
 from featurepush import Client, FeatureStatus, InvalidArgumentError
 from featurepush.payload import BatchFailure, PushBatchError
-from featurepush.pusher import BatchBook, check_sizes
+from featurepush.pusher import BatchBook, Pusher, check_sizes
 from featurepush.v1 import ingest_service_pb2, registry_service_pb2
 from featurepush_server.app import create_server
 from featurepush_server.config import ServerConfig
@@ -156,6 +156,30 @@ def test_a_batch_with_unencodable_values_fails_unsent_naming_each_and_the_stream
     assert [status for status, _ in got] == [FeatureStatus.PRESENT] * 4 + [FeatureStatus.MISSING] * 4 + [
         FeatureStatus.PRESENT
     ] * 2
+
+
+def test_on_error_for_a_batch_the_client_refused_runs_off_the_stream_and_may_add(client: Client) -> None:
+    # With one batch in flight at most, a callback that adds records waits for an acknowledgement: run
+    # on the thread that feeds the stream, it would wait for ever.
+    threads: list[str] = []
+    pushers: list[Pusher] = []
+
+    def fix(failure: BatchFailure) -> None:
+        threads.append(threading.current_thread().name)
+        aware = [{**r, "timestamp": r["timestamp"].replace(tzinfo=dt.UTC)} for r in failure.records]
+        pushers[0].add_many(aware)
+
+    p = client.pusher("ad_impressions", max_rows=2, max_pending=1, on_error=fix)
+    pushers.append(p)
+    naive = {**record(1), "timestamp": dt.datetime(2026, 1, 1)}
+    p.add_many([record(0), naive, *[record(i) for i in range(2, 8)]])
+    closer = threading.Thread(target=p.close, daemon=True)
+    closer.start()
+    closer.join(60)
+    assert not closer.is_alive()
+    assert threads == ["pusher-ad_impressions-linger"]
+    assert p.stats.records == 8 and p.stats.failed_records == 2
+    assert [status for status, _ in features(client, 8)] == [FeatureStatus.PRESENT] * 8
 
 
 def test_an_unencodable_last_batch_is_raised_by_close_and_nothing_hangs(client: Client) -> None:

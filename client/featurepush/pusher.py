@@ -389,6 +389,8 @@ class Pusher:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._outbox: queue.SimpleQueue[_Batch | object] | None = None
+        # Batches the client could not build, for the linger thread to hand to on_error.
+        self._refused: list[BatchFailure] = []
         self._call: Any = None
         self._timed_out = False
         self._closed = False
@@ -510,11 +512,16 @@ class Pusher:
             failure = self._book.refuse(batch, error)
             if failure is None:
                 return
+            if self._on_error is None:
+                self._book.failures.append(failure)
+            else:
+                # The linger thread calls on_error: a callback run here would stop the stream's sending
+                # while it runs, and one that adds records while max_pending batches wait would never end.
+                self._refused.append(failure)
             if self._book.ready(self._linger_s):
                 self._seal()
             self._half_close()
             self._cond.notify_all()
-        self._report([failure])
 
     def _send_loop(self) -> None:
         failing_since: float | None = None
@@ -588,9 +595,19 @@ class Pusher:
             self._report(failures)
 
     def _tick_loop(self) -> None:
-        """Seal lingering buffers on time and cancel calls whose acknowledgements are overdue."""
+        """Seal lingering buffers, cancel calls overdue for acknowledgement, give on_error unbuilt batches."""
         with self._cond:
-            while not (self._closed and not self._sender.is_alive()):
+            while True:
+                if self._refused:
+                    failures, self._refused = self._refused, []
+                    self._cond.release()
+                    try:
+                        self._report(failures)
+                    finally:
+                        self._cond.acquire()
+                    continue
+                if self._closed and not self._sender.is_alive():
+                    return
                 now = time.monotonic()
                 due = self._book.linger_due(self._linger_s)
                 if due is not None and now >= due:
