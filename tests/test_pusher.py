@@ -158,28 +158,50 @@ def test_a_batch_with_unencodable_values_fails_unsent_naming_each_and_the_stream
     ] * 2
 
 
-def test_on_error_for_a_batch_the_client_refused_runs_off_the_stream_and_may_add(client: Client) -> None:
-    # With one batch in flight at most, a callback that adds records waits for an acknowledgement: run
-    # on the thread that feeds the stream, it would wait for ever.
+def test_on_error_runs_on_the_linger_thread_and_may_add_records_again(client: Client) -> None:
+    # With one batch in flight at most, a callback that adds records waits for an acknowledgement: run on
+    # the thread that reads them, or on the one that feeds the stream, it would wait for ever.
     threads: list[str] = []
     pushers: list[Pusher] = []
 
     def fix(failure: BatchFailure) -> None:
         threads.append(threading.current_thread().name)
-        aware = [{**r, "timestamp": r["timestamp"].replace(tzinfo=dt.UTC)} for r in failure.records]
-        pushers[0].add_many(aware)
+        fixed = []
+        for r in failure.records:
+            at, clicked = r["timestamp"], r["clicked"]
+            assert isinstance(at, dt.datetime) and isinstance(clicked, int | float)
+            fixed.append({**r, "timestamp": at.replace(tzinfo=dt.UTC), "clicked": int(clicked)})
+        pushers[0].add_many(fixed)
+        pushers[0].flush()  # a callback may flush too: it waits for batches, not for itself
 
     p = client.pusher("ad_impressions", max_rows=2, max_pending=1, on_error=fix)
     pushers.append(p)
     naive = {**record(1), "timestamp": dt.datetime(2026, 1, 1)}
-    p.add_many([record(0), naive, *[record(i) for i in range(2, 8)]])
+    # The client refuses the first batch (a naive datetime), the server the second (3.9 for an Int64).
+    p.add_many([record(0), naive, record(2), record(3, clicked=3.9), *[record(i) for i in range(4, 8)]])
     closer = threading.Thread(target=p.close, daemon=True)
     closer.start()
     closer.join(60)
     assert not closer.is_alive()
-    assert threads == ["pusher-ad_impressions-linger"]
-    assert p.stats.records == 8 and p.stats.failed_records == 2
-    assert [status for status, _ in features(client, 8)] == [FeatureStatus.PRESENT] * 8
+    assert threads == ["pusher-ad_impressions-linger"] * 2
+    assert p.stats.records == 8 and p.stats.failed_records == 4
+    got = features(client, 8)
+    assert [status for status, _ in got] == [FeatureStatus.PRESENT] * 8
+    assert [f["clicked"] for _, f in got] == list(range(8))  # type: ignore[index]
+
+
+def test_flush_returns_once_on_error_has_had_every_failure(client: Client) -> None:
+    failures: list[BatchFailure] = []
+
+    def slow(failure: BatchFailure) -> None:
+        time.sleep(0.2)
+        failures.append(failure)
+
+    with client.pusher("ad_impressions", max_rows=2, on_error=slow) as p:
+        dated = {**record(3), "timestamp": dt.date(2026, 1, 1)}
+        p.add_many([record(0), record(1, clicked="x"), record(2), dated])
+        p.flush()
+        assert sorted(f.sequence_id for f in failures) == [0, 1]
 
 
 def test_an_unencodable_last_batch_is_raised_by_close_and_nothing_hangs(client: Client) -> None:

@@ -389,8 +389,9 @@ class Pusher:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._outbox: queue.SimpleQueue[_Batch | object] | None = None
-        # Batches the client could not build, for the linger thread to hand to on_error.
-        self._refused: list[BatchFailure] = []
+        # Failed batches for the linger thread to hand to on_error.
+        self._unreported: list[BatchFailure] = []
+        self._reporting = False
         self._call: Any = None
         self._timed_out = False
         self._closed = False
@@ -433,10 +434,14 @@ class Pusher:
             self.add(record)
 
     def flush(self) -> None:
-        """Send what is buffered and wait until every batch is settled; raise PushBatchError for failures."""
+        """Send what is buffered and wait until every batch is settled and every failure handed to on_error;
+        raise PushBatchError for failures without a callback."""
+        in_callback = threading.current_thread() is self._ticker
         with self._cond:
             self._seal()
-            while self._book.pending and self._sender.is_alive():
+            while self._sender.is_alive() and (
+                self._book.pending or (not in_callback and (self._unreported or self._reporting))
+            ):
                 self._cond.wait()
         self._raise_failures()
 
@@ -493,13 +498,20 @@ class Pusher:
             self._outbox = None
 
     def _report(self, failures: list[BatchFailure]) -> None:
-        """Hand failures to the callback, or keep them for flush() and close(); called without the lock."""
-        if not failures:
-            return
+        """Keep failures for flush() and close(), or queue them for the linger thread's on_error; lock held.
+
+        on_error never runs on the sending thread or on gRPC's: a callback that adds records while
+        max_pending batches wait for acknowledgements would wait on the very thread that reads them.
+        """
         if self._on_error is None:
-            with self._cond:
-                self._book.failures.extend(failures)
-            return
+            self._book.failures.extend(failures)
+        elif failures:
+            self._unreported.extend(failures)
+            self._cond.notify_all()
+
+    def _call_on_error(self, failures: list[BatchFailure]) -> None:
+        """Hand failures to the callback; called on the linger thread without the lock."""
+        assert self._on_error is not None
         for failure in failures:
             try:
                 self._on_error(failure)
@@ -512,12 +524,7 @@ class Pusher:
             failure = self._book.refuse(batch, error)
             if failure is None:
                 return
-            if self._on_error is None:
-                self._book.failures.append(failure)
-            else:
-                # The linger thread calls on_error: a callback run here would stop the stream's sending
-                # while it runs, and one that adds records while max_pending batches wait would never end.
-                self._refused.append(failure)
+            self._report([failure])
             if self._book.ready(self._linger_s):
                 self._seal()
             self._half_close()
@@ -554,9 +561,10 @@ class Pusher:
                         if failing_since is not None:
                             log_recovered(self._book.source, time.monotonic() - failing_since)
                         failing_since = None
+                        if failure is not None:
+                            self._report([failure])
                         self._half_close()
                         self._cond.notify_all()
-                    self._report([failure] if failure is not None else [])
                 error: FeaturepushError | None = None
                 code = None
             except grpc.RpcError as err:
@@ -589,22 +597,24 @@ class Pusher:
                     continue
             final = error or FeaturepushError(grpc.StatusCode.UNAVAILABLE, "the push stream kept ending")
             with self._cond:
-                failures = self._book.fail_pending(final)
+                self._report(self._book.fail_pending(final))
                 self._cond.notify_all()
             failing_since = None
-            self._report(failures)
 
     def _tick_loop(self) -> None:
-        """Seal lingering buffers, cancel calls overdue for acknowledgement, give on_error unbuilt batches."""
+        """Seal lingering buffers, cancel calls overdue for acknowledgement, hand failures to on_error."""
         with self._cond:
             while True:
-                if self._refused:
-                    failures, self._refused = self._refused, []
+                if self._unreported:
+                    failures, self._unreported = self._unreported, []
+                    self._reporting = True
                     self._cond.release()
                     try:
-                        self._report(failures)
+                        self._call_on_error(failures)
                     finally:
                         self._cond.acquire()
+                        self._reporting = False
+                        self._cond.notify_all()
                     continue
                 if self._closed and not self._sender.is_alive():
                     return
