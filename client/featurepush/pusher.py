@@ -434,8 +434,10 @@ class Pusher:
             self.add(record)
 
     def flush(self) -> None:
-        """Send what is buffered and wait until every batch is settled and every failure handed to on_error;
-        raise PushBatchError for failures without a callback."""
+        """Send what is buffered; wait until every batch is settled and on_error has had each failure.
+
+        Without a callback, raises PushBatchError for the failures.
+        """
         in_callback = threading.current_thread() is self._ticker
         with self._cond:
             self._seal()
