@@ -7,6 +7,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -125,6 +126,26 @@ def test_add_refuses_a_record_that_is_not_a_mapping_at_once(client: Client) -> N
             p.add([("user_id", "u0")])  # type: ignore[arg-type]
         p.add(record(0))
     assert p.stats.records == 1 and p.stats.failed_batches == 0
+
+
+def test_add_many_queues_in_order_up_to_a_record_that_is_not_a_mapping(client: Client) -> None:
+    seen: list[int] = []
+
+    def records() -> Iterator[object]:
+        for i in range(3000):
+            # The generator may ask the pusher while add_many draws from it.
+            seen.append(p.stats.records)
+            yield record(i)
+        yield "not a record"
+        yield record(3000)
+
+    with client.pusher("ad_impressions", max_rows=1000, max_pending=1) as p:
+        with pytest.raises(TypeError, match="mapping"):
+            p.add_many(records())  # type: ignore[arg-type]
+    assert p.stats.records == 3000 and len(seen) == 3000
+    got = client.get_features("ad_impressions", [f"u{i}" for i in range(3001)])
+    assert [r.features["clicked"] for r in got[:3000]] == list(range(3000))  # type: ignore[index]
+    assert got[3000].status == FeatureStatus.MISSING
 
 
 def test_a_batch_with_unencodable_values_fails_unsent_naming_each_and_the_stream_goes_on(

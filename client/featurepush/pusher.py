@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from types import TracebackType
 from typing import Any
 
@@ -149,6 +150,8 @@ EAGER_IN_FLIGHT = 2
 DEFAULT_MAX_ROWS = 10_000
 DEFAULT_EAGER_ROWS = 1000
 DEFAULT_MAX_BATCH_BYTES = 8 << 20
+# How many records add_many() queues per hold of the pusher's lock.
+_ADD_CHUNK = 1024
 # The longest the linger thread or task sleeps with nothing due, in seconds; it is woken for what changes.
 IDLE_WAIT_S = 0.5
 
@@ -418,20 +421,31 @@ class Pusher:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the pusher is closed")
-            book = self._book
-            while len(book.pending) >= self._max_pending and self._sender.is_alive():
-                self._cond.wait()
-            state = book.append(record)
-            if state:
-                self._seal()
-            elif state is False:
-                # The linger clock starts with the first record; later ones need not wake the ticker.
-                self._cond.notify_all()
+            self._append(record)
 
     def add_many(self, records: Iterable[Mapping[str, Any]]) -> None:
-        """Queue records in order."""
-        for record in records:
-            self.add(record)
+        """Queue records in order, as add() does each, taking the lock once per chunk of them."""
+        it = iter(records)
+        # The records are drawn outside the lock: a generator's code may call the pusher.
+        while chunk := list(islice(it, _ADD_CHUNK)):
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the pusher is closed")
+                for record in chunk:
+                    check_mapping(record)
+                    self._append(record)
+
+    def _append(self, record: Mapping[str, Any]) -> None:
+        """Buffer one record once fewer than max_pending batches wait, sealing as due; lock held."""
+        book = self._book
+        while len(book.pending) >= self._max_pending and self._sender.is_alive():
+            self._cond.wait()
+        state = book.append(record)
+        if state:
+            self._seal()
+        elif state is False:
+            # The linger clock starts with the first record; later ones need not wake the ticker.
+            self._cond.notify_all()
 
     def flush(self) -> None:
         """Send what is buffered; wait until every batch is settled and on_error has had each failure.
