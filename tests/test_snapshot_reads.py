@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from servers import wait_until
 
+from featurepush_server.core.stores import snapshots
 from featurepush_server.core.stores.remote import SharedCounter
 from featurepush_server.core.stores.rocksdb import SERVICE, RocksDBStore
 from featurepush_server.core.stores.snapshots import SnapshotReader
@@ -81,7 +82,7 @@ def test_reads_racing_writes_never_see_a_value_older_than_the_last_acknowledged(
             _put_all(store, version.to_bytes(4, "big"))
             acknowledged = version
             if version % 40 == 0:
-                done.wait(0.05)  # pauses, so the reader catches up between bursts
+                done.wait(0.2)  # pauses, so the reader catches up between bursts
         done.set()
 
     writer = threading.Thread(target=write)
@@ -116,6 +117,35 @@ def test_a_reader_follows_an_owner_that_reopened_flushed_and_compacted_the_datab
         store._db.flush()
         store._db.compact_range(None, None)
         assert wait_until(lambda: _caught_up(reader, [b"after"] * len(KEYS)))
+    finally:
+        reader.close()
+        store.close()
+
+
+def test_an_opening_during_which_the_owner_flushed_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The owner's flush lands while the first opening runs: the log it deleted may have held rows the
+    # opening had not replayed yet, so that snapshot must never answer.
+    writes = SharedCounter(tmp_path / "writes")
+    store = _owner(tmp_path / "db", writes)
+    _put_all(store, b"one")
+    real = snapshots.rocksdict.Rdict
+    openings: list[object] = []
+
+    def opening(*args: object, **kwargs: object) -> object:
+        db = real(*args, **kwargs)
+        if not openings:
+            store._db.flush()
+        openings.append(db)
+        return db
+
+    monkeypatch.setattr(snapshots.rocksdict, "Rdict", opening)
+    reader = SnapshotReader(tmp_path / "db", writes, quiet_s=0.01)
+    try:
+        assert wait_until(lambda: _caught_up(reader, [b"one"] * len(KEYS)))
+        assert reader.discarded == 1 and reader.openings == 1 and len(openings) == 2
+        assert reader._snapshot is not None and reader._snapshot[0] is openings[1]
     finally:
         reader.close()
         store.close()

@@ -2,8 +2,11 @@
 
 Under `serve --processes` one owner process writes the database. Sending every read there too makes
 the owner the ceiling of reads as well as writes, so each front opens the database read-only (RocksDB
-allows that beside its one writer: the opening sees every write that landed before it) and answers
-reads from that snapshot while no write has landed since.
+allows that beside its one writer) and answers reads from that snapshot while no write has landed since.
+An opening sees every write that landed before it, unless a flush or compaction ended while it ran: the
+owner may then delete a log the opening listed but had not replayed yet, and the rows only that log held
+are missing from the snapshot without an error. Such an opening is dropped, told by the MANIFEST file,
+which every flush and compaction appends to before deleting what it replaced.
 
 Whether one has is told by a counter the owner increases after every write lands (`SharedCounter`, a
 file mapped into memory). A front opens a new snapshot only once the counter has stood still for a
@@ -22,6 +25,7 @@ flush had replaced.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -58,6 +62,8 @@ class SnapshotReader:
         self.local_reads = 0
         self.owner_reads = 0
         self.openings = 0
+        # Openings dropped because the owner changed the database's files while they ran.
+        self.discarded = 0
         self._wanted = threading.Event()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="featurepush-snapshots", daemon=True)
@@ -103,6 +109,7 @@ class SnapshotReader:
                 continue  # writes go on: the owner answers reads meanwhile
             self._wanted.clear()
             began = time.monotonic()
+            files = _manifest(self._db_path)
             try:
                 options = db_options(self._cache)
                 # Every table file is opened now, so the owner's compactions cannot take one away later.
@@ -117,9 +124,36 @@ class SnapshotReader:
                 self._wanted.set()
                 next_opening = time.monotonic() + _RETRY_S
                 continue
+            if files is None or _manifest(self._db_path) != files:
+                # A flush or compaction the owner finished meanwhile may have deleted a log this opening
+                # had yet to replay, after this opening read the file list that still needed it: its
+                # rows would be silently missing. The next opening, once the owner pauses again, is whole.
+                db.close()
+                self.discarded += 1
+                self._wanted.set()
+                next_opening = began + (time.monotonic() - began) * _COST_FACTOR
+                continue
             if failing:
                 _LOGGER.info("the store's database opened read-only again: this front answers reads")
                 failing = False
             self._snapshot = (db, now)
             self.openings += 1
             next_opening = began + (time.monotonic() - began) * _COST_FACTOR
+
+
+def _manifest(db_path: Path) -> tuple[str, int] | None:
+    """The database's current MANIFEST file and its size, or None if unreadable.
+
+    Every flush and compaction appends to it before the owner deletes the logs and tables it replaced, so
+    an opening between two equal readings saw one consistent set of files.
+    """
+    try:
+        # Plain system calls: each gives up the interpreter lock, which a busy front is slow to hand back.
+        fd = os.open(db_path / "CURRENT", os.O_RDONLY)
+        try:
+            name = os.read(fd, 256).decode().strip()
+        finally:
+            os.close(fd)
+        return name, os.stat(db_path / name).st_size
+    except (OSError, UnicodeDecodeError):
+        return None
