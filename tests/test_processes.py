@@ -523,6 +523,7 @@ def test_fronts_answer_reads_themselves_once_writes_pause_and_never_miss_an_ackn
         samples = _scrape(port)
         assert samples['featurepush_front_reads_total{answered_by="owner"}'] > 0
         assert samples["featurepush_front_snapshots_total"] >= 3
+        assert "featurepush_front_snapshots_dropped_total" in samples
         for conn in conns:
             conn.channel.close()
     finally:

@@ -113,6 +113,12 @@ class _StateCollector(Collector):
                 "Read-only snapshots of the database a front opened after the owner's writes paused.",
                 value=local.openings,
             )
+            yield CounterMetricFamily(
+                "featurepush_front_snapshots_dropped",
+                "Read-only openings a front dropped because the owner finished a flush or compaction while "
+                "they ran (their snapshot could lack the rows of a log deleted meanwhile).",
+                value=local.discarded,
+            )
         if self._store is not None:
             for prop, (name, text) in _ROCKSDB_GAUGES.items():
                 value = self._store.statistic(prop)
