@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 from conftest import AD_IMPRESSIONS, Running, source_from_json, start
+from servers import wait_until
 
 import featurepush.pusher
 from featurepush import Client, FeatureStatus, InvalidArgumentError
@@ -179,7 +180,7 @@ def test_a_batch_with_unencodable_values_fails_unsent_naming_each_and_the_stream
     ] * 2
 
 
-def test_on_error_runs_on_the_linger_thread_and_may_add_records_again(client: Client) -> None:
+def test_on_error_runs_on_a_thread_of_its_own_and_may_add_records_again(client: Client) -> None:
     # With one batch in flight at most, a callback that adds records waits for an acknowledgement: run on
     # the thread that reads them, or on the one that feeds the stream, it would wait for ever.
     threads: list[str] = []
@@ -204,11 +205,27 @@ def test_on_error_runs_on_the_linger_thread_and_may_add_records_again(client: Cl
     closer.start()
     closer.join(60)
     assert not closer.is_alive()
-    assert threads == ["pusher-ad_impressions-linger"] * 2
+    assert threads == ["pusher-ad_impressions-on-error"] * 2
     assert p.stats.records == 8 and p.stats.failed_records == 4
     got = features(client, 8)
     assert [status for status, _ in got] == [FeatureStatus.PRESENT] * 8
     assert [f["clicked"] for _, f in got] == list(range(8))  # type: ignore[index]
+
+
+def test_a_callback_that_blocks_holds_up_neither_lingering_records_nor_acknowledgements(
+    client: Client,
+) -> None:
+    release = threading.Event()
+    p = client.pusher("ad_impressions", max_rows=2, linger_ms=20, on_error=lambda failure: release.wait(60))
+    try:
+        p.add_many([record(0), record(1, clicked="x")])  # rejected: the callback blocks until released
+        assert wait_until(lambda: p.stats.failed_batches == 1)
+        p.add(record(2))  # one record: sent once its linger time is up, while the callback still waits
+        assert wait_until(lambda: p.stats.records == 1)
+        assert features(client, 3)[2][0] == FeatureStatus.PRESENT
+    finally:
+        release.set()
+        p.close()
 
 
 def test_flush_returns_once_on_error_has_had_every_failure(client: Client) -> None:

@@ -392,7 +392,7 @@ class Pusher:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._outbox: queue.SimpleQueue[_Batch | object] | None = None
-        # Failed batches for the linger thread to hand to on_error.
+        # Failed batches for the reporting thread to hand to on_error.
         self._unreported: list[BatchFailure] = []
         self._reporting = False
         self._call: Any = None
@@ -400,6 +400,14 @@ class Pusher:
         self._closed = False
         self._sender = threading.Thread(target=self._send_loop, name=f"pusher-{source}", daemon=True)
         self._ticker = threading.Thread(target=self._tick_loop, name=f"pusher-{source}-linger", daemon=True)
+        # on_error runs on a thread of its own: a slow callback holds up neither acknowledgements nor
+        # lingering buffers, and one that adds records while max_pending batches wait can wait for them.
+        self._reporter: threading.Thread | None = None
+        if on_error is not None:
+            self._reporter = threading.Thread(
+                target=self._report_loop, name=f"pusher-{source}-on-error", daemon=True
+            )
+            self._reporter.start()
         self._sender.start()
         self._ticker.start()
 
@@ -452,7 +460,7 @@ class Pusher:
 
         Without a callback, raises PushBatchError for the failures.
         """
-        in_callback = threading.current_thread() is self._ticker
+        in_callback = threading.current_thread() is self._reporter
         with self._cond:
             self._seal()
             while self._sender.is_alive() and (
@@ -471,9 +479,11 @@ class Pusher:
                 self._cond.notify_all()
         self._sender.join()
         with self._cond:
-            # The ticker waits for the sender's end, which nothing else wakes it for.
+            # The ticker and the reporter wait for the sender's end, which nothing else wakes them for.
             self._cond.notify_all()
         self._ticker.join()
+        if self._reporter is not None:
+            self._reporter.join()
         self._raise_failures()
 
     def __enter__(self) -> Pusher:
@@ -514,7 +524,7 @@ class Pusher:
             self._outbox = None
 
     def _report(self, failures: list[BatchFailure]) -> None:
-        """Keep failures for flush() and close(), or queue them for the linger thread's on_error; lock held.
+        """Keep failures for flush() and close(), or queue them for the reporting thread; lock held.
 
         on_error never runs on the sending thread or on gRPC's: a callback that adds records while
         max_pending batches wait for acknowledgements would wait on the very thread that reads them.
@@ -525,14 +535,29 @@ class Pusher:
             self._unreported.extend(failures)
             self._cond.notify_all()
 
-    def _call_on_error(self, failures: list[BatchFailure]) -> None:
-        """Hand failures to the callback; called on the linger thread without the lock."""
+    def _report_loop(self) -> None:
+        """Hand failed batches to on_error, in the order they failed, until closed and settled."""
         assert self._on_error is not None
-        for failure in failures:
-            try:
-                self._on_error(failure)
-            except Exception:
-                _LOGGER.exception("the pusher's on_error callback failed")
+        with self._cond:
+            while True:
+                if self._unreported:
+                    failures, self._unreported = self._unreported, []
+                    self._reporting = True
+                    self._cond.release()
+                    try:
+                        for failure in failures:
+                            try:
+                                self._on_error(failure)
+                            except Exception:
+                                _LOGGER.exception("the pusher's on_error callback failed")
+                    finally:
+                        self._cond.acquire()
+                        self._reporting = False
+                        self._cond.notify_all()
+                elif self._closed and not self._sender.is_alive():
+                    return
+                else:
+                    self._cond.wait()
 
     def _refuse(self, batch: _Batch, error: InvalidArgumentError) -> None:
         """Settle a batch that could not be built, on the thread that feeds the stream."""
@@ -618,22 +643,9 @@ class Pusher:
             failing_since = None
 
     def _tick_loop(self) -> None:
-        """Seal lingering buffers, cancel calls overdue for acknowledgement, hand failures to on_error."""
+        """Seal lingering buffers on time and cancel calls whose acknowledgements are overdue."""
         with self._cond:
-            while True:
-                if self._unreported:
-                    failures, self._unreported = self._unreported, []
-                    self._reporting = True
-                    self._cond.release()
-                    try:
-                        self._call_on_error(failures)
-                    finally:
-                        self._cond.acquire()
-                        self._reporting = False
-                        self._cond.notify_all()
-                    continue
-                if self._closed and not self._sender.is_alive():
-                    return
+            while not (self._closed and not self._sender.is_alive()):
                 now = time.monotonic()
                 due = self._book.linger_due(self._linger_s)
                 if due is not None and now >= due:
