@@ -7,6 +7,7 @@ import functools
 import os
 import re
 import signal
+import socket
 import threading
 import urllib.request
 import uuid
@@ -29,6 +30,7 @@ from featurepush.v1 import (
     registry_service_pb2,
     registry_service_pb2_grpc,
 )
+from featurepush_server.processes import _reserve_port
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 # More connections than fronts, so that every front serves some of them.
@@ -549,3 +551,38 @@ def test_with_front_reads_off_the_owner_answers_every_read(
         conn.channel.close()
     finally:
         served.finish()
+
+
+def _port_in_time_wait() -> int:
+    """A loopback port whose server side closed a connection first, so TIME_WAIT holds it for a while.
+
+    The listening socket is set as the fronts' are (gRPC sets both options when fronts share a port).
+    """
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port: int = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            accepted.close()
+            client.recv(1)  # the server's close reached the client before the client closes
+    return port
+
+
+def test_a_port_a_killed_server_left_in_time_wait_is_taken_again_but_never_a_used_one() -> None:
+    port = _port_in_time_wait()
+    listen, holder = _reserve_port(f"127.0.0.1:{port}")
+    try:
+        assert listen == f"127.0.0.1:{port}"
+        # Another featurepush (or anything) already on the port is still refused: its holder, then a listener.
+        with pytest.raises(OSError, match="in use"):
+            _reserve_port(f"127.0.0.1:{port}")
+    finally:
+        holder.close()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        with pytest.raises(OSError, match="in use"):
+            _reserve_port(f"127.0.0.1:{other.getsockname()[1]}")

@@ -140,6 +140,8 @@ class Server:
                 ],
                 stderr=log,
                 env=env,
+                # Its own process group: a kill takes the supervisor, the store owner and the fronts at once.
+                start_new_session=True,
             )
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -158,9 +160,19 @@ class Server:
         raise RuntimeError(f"the server did not start; see {self.log}")
 
     def kill9(self) -> None:
+        """SIGKILL every process of the server (one, or serve --processes' supervisor, owner and fronts)."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
+        # The killed children hold the port and the database's lock until they are gone.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("the killed server's processes did not go away")
 
     def terminate(self) -> int:
         assert self.proc is not None

@@ -101,7 +101,10 @@ def _reserve_port(listen: str) -> tuple[str, socket.socket]:
         host.strip("[]") or None, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     # Bound without SO_REUSEPORT first: that fails while anything listens there, another featurepush too.
+    # SO_REUSEADDR lets it past the connections a killed server's fronts left in TIME_WAIT (a restart right
+    # after a kill -9 failed for a minute without it); it still fails beside a listening or holding socket.
     with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError:
