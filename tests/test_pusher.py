@@ -201,6 +201,11 @@ def test_on_error_runs_on_a_thread_of_its_own_and_may_add_records_again(client: 
     naive = {**record(1), "timestamp": dt.datetime(2026, 1, 1)}
     # The client refuses the first batch (a naive datetime), the server the second (3.9 for an Int64).
     p.add_many([record(0), naive, record(2), record(3, clicked=3.9), *[record(i) for i in range(4, 8)]])
+    # flush() waits for on_error too; records a callback adds once close() has begun are refused.
+    flusher = threading.Thread(target=p.flush, daemon=True)
+    flusher.start()
+    flusher.join(60)
+    assert not flusher.is_alive()
     closer = threading.Thread(target=p.close, daemon=True)
     closer.start()
     closer.join(60)

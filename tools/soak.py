@@ -56,8 +56,14 @@ def _stamp(n: int) -> str:
 
 def _unary_worker(target: str, name: str, acks: Path, stop_file: Path) -> None:
     """Push small requests one by one, each retried with its request id until acknowledged."""
+    import grpc
+
     from featurepush import Client
-    from featurepush.errors import DeadlineExceededError, UnavailableError
+    from featurepush.errors import FeaturepushError
+
+    # A call cut by a killed front may also end CANCELLED: like the others its outcome is unknown, and the
+    # request id makes sending it again safe.
+    unknown = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
     client = Client(target, timeout=5.0)
     with open(acks, "a") as out:
@@ -71,7 +77,9 @@ def _unary_worker(target: str, name: str, acks: Path, stop_file: Path) -> None:
                 try:
                     client.push(SOURCE, rows, request_id=f"{name}-{n}")
                     break
-                except (UnavailableError, DeadlineExceededError):
+                except FeaturepushError as error:
+                    if error.code not in unknown:
+                        raise
                     if time.monotonic() > deadline:
                         return
                     time.sleep(0.05)
@@ -108,6 +116,21 @@ def _pusher_worker(target: str, name: str, acks: Path, stop_file: Path) -> None:
             failed.clear()
             out.write(json.dumps([r for r in rows if r["key"] not in lost]) + "\n")
             out.flush()
+
+
+def _running_in_group(pgid: int) -> bool:
+    """Whether a process of the group has not exited yet (Linux's /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # After the command's closing parenthesis: the state, the parent and the process group.
+            state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
 
 
 class Server:
@@ -164,15 +187,13 @@ class Server:
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
-        # The killed children hold the port and the database's lock until they are gone.
+        # The killed children hold the port and the database's lock until they have exited (a zombie that
+        # no one has reaped yet holds neither).
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                return
+        while _running_in_group(self.proc.pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the killed server's processes did not go away")
             time.sleep(0.05)
-        raise RuntimeError("the killed server's processes did not go away")
 
     def terminate(self) -> int:
         assert self.proc is not None
