@@ -165,6 +165,10 @@ def test_a_batch_with_unencodable_values_fails_unsent_naming_each_and_the_stream
     assert failure.records == bad and failure.sequence_id == 1
     assert isinstance(failure.error, InvalidArgumentError)
     assert failure.error.reason == "UNENCODABLE_RECORDS"
+    assert failure.error.message == (
+        "the batch was not sent: 3 value(s) cannot be encoded (see the violations); "
+        "mend them and add the batch's records again"
+    )
     violations = [(v.field, v.description) for v in failure.error.violations]
     assert violations[0] == (
         'records["ad_impressions"][1].timestamp',

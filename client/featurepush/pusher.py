@@ -135,7 +135,8 @@ def unencodable(source: str, records: list[Mapping[str, Any]], cause: Exception)
         violations.append(Violation(f'records["{source}"]', problem))
     return InvalidArgumentError(
         grpc.StatusCode.INVALID_ARGUMENT,
-        f"the batch was not sent: {len(violations)} value(s) cannot be encoded",
+        f"the batch was not sent: {len(violations)} value(s) cannot be encoded (see the violations); "
+        "mend them and add the batch's records again",
         reason="UNENCODABLE_RECORDS",
         violations=violations,
     )
