@@ -139,6 +139,15 @@ def _client_throughput(target: str, scenario: str, worker: int, seconds: float) 
 
 def _throughput(target: str, scenario: str, worker: int, seconds: float) -> tuple[int, float]:
     """Items moved and seconds taken by one client process looping over one scenario."""
+    try:
+        return _loop(target, scenario, worker, seconds)
+    except grpc.RpcError as e:
+        # grpc's errors hold locks and cannot travel back from a pool process; their status can.
+        raise RuntimeError(f"{scenario} client {worker}: {e.code()} {e.details()}") from None
+
+
+def _loop(target: str, scenario: str, worker: int, seconds: float) -> tuple[int, float]:
+    """What _throughput measures, its grpc errors raised as they come."""
     if scenario.startswith("client_"):
         return _client_throughput(target, scenario, worker, seconds)
     channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
@@ -438,7 +447,7 @@ def client_only() -> list[Result]:
                 (Path(tmp) / "get-one.bin").write_bytes(channel.unary_unary(GET)(get_bytes(0, 1)))
             empty, empty_target = start_empty("--get-response", str(Path(tmp) / "get-one.bin"))
             processes.append(empty)
-            for _ in range(int(os.environ.get("BENCH_ROUNDS", "1"))):
+            for round_number in range(1, int(os.environ.get("BENCH_ROUNDS", "1")) + 1):
                 raw_arrow = throughput(pool, target, "arrow")
                 raw_get = throughput(pool, target, "get")
                 p99s = get_one_p99s(target, empty_target)
@@ -451,6 +460,9 @@ def client_only() -> list[Result]:
                 out += client_reads(pool, target, raw_get, p99s)
                 for r in out:
                     rounds.setdefault(r.name, []).append(r)
+                # Each round's figures too, so a median never hides how far the rounds spread.
+                figures = "; ".join(f"{r.name} {r.value:,.3f} ({r.ratio:.3f})" for r in out)
+                print(f"round {round_number}: {figures}")
         finally:
             for process in processes:
                 process.terminate()
