@@ -54,6 +54,12 @@ def _stamp(n: int) -> str:
     return (dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=n)).isoformat()
 
 
+def _gave_up(acks: Path, what: str) -> None:
+    """Note beside a worker's acknowledgements that it gave records up, which the run reports as a problem."""
+    with open(acks.with_name(acks.name.replace("acks-", "gave-up-")), "a") as out:
+        out.write(what.replace("\n", " ") + "\n")
+
+
 def _unary_worker(target: str, name: str, acks: Path, stop_file: Path) -> None:
     """Push small requests one by one, each retried with its request id until acknowledged."""
     import grpc
@@ -81,6 +87,7 @@ def _unary_worker(target: str, name: str, acks: Path, stop_file: Path) -> None:
                     if error.code not in unknown:
                         raise
                     if time.monotonic() > deadline:
+                        _gave_up(acks, f"{error.code.name} for {RETRY_S:.0f}s: {error.message}")
                         return
                     time.sleep(0.05)
             out.write(json.dumps(rows) + "\n")
@@ -90,9 +97,16 @@ def _unary_worker(target: str, name: str, acks: Path, stop_file: Path) -> None:
 def _pusher_worker(target: str, name: str, acks: Path, stop_file: Path) -> None:
     """Push through the batching pusher; what a flush leaves unfailed is acknowledged."""
     from featurepush import Client
+    from featurepush.payload import BatchFailure
 
     client = Client(target, timeout=5.0)
     failed: list[str] = []
+
+    def on_error(failure: BatchFailure) -> None:
+        failed.extend(str(r["key"]) for r in failure.records)
+        # Each kill is over in seconds: a batch failed while the pusher retries for a minute is a defect.
+        _gave_up(acks, f"{len(failure.records)} records, {failure.error.code.name}: {failure.error.message}")
+
     with (
         open(acks, "a") as out,
         client.pusher(
@@ -101,7 +115,7 @@ def _pusher_worker(target: str, name: str, acks: Path, stop_file: Path) -> None:
             linger_ms=10,
             retry_timeout_s=RETRY_S,
             ack_timeout_s=5.0,
-            on_error=lambda f: failed.extend(str(r["key"]) for r in f.records),
+            on_error=on_error,
         ) as pusher,
     ):
         for n in range(1_000_000):
@@ -304,6 +318,10 @@ def run(seconds: float, work: Path, pushers: int, loops: int, seed: int) -> int:
                 w.wait(30)
     pushes, unique, latest = _read_acks(work)
     problems = [f"worker {w.args[3]} exited with {w.returncode}" for w in workers if w.returncode != 0]
+    for path in sorted(work.glob("gave-up-*.jsonl")):
+        problems += [
+            f"{path.stem.removeprefix('gave-up-')} gave up: {line}" for line in path.read_text().splitlines()
+        ]
     problems += _check_online(target, unique, latest)
     code = server.terminate()
     if code != 0:
