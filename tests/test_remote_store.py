@@ -22,6 +22,7 @@ from featurepush_server.core.stores.remote import (
     StoreOwner,
     _Frames,
     _In,
+    _LargeBuffers,
     _Out,
     _send_frame,
 )
@@ -90,6 +91,46 @@ def test_frames_reuse_their_buffer_and_what_was_read_stays_intact() -> None:
         assert frames.receive(b) is None
     for size, items in zip((200_000, 10, 300_000, 3), kept, strict=True):
         assert items == [bytes([size % 251]) * (size // 10)] * 10
+
+
+def test_frames_past_what_a_connection_keeps_share_a_bounded_set_of_buffers() -> None:
+    large = _LargeBuffers(idle=2)
+    pairs = [socket.socketpair() for _ in range(3)]
+    readers = [_Frames(large, keep=100_000) for _ in pairs]
+
+    def frame(size: int) -> _Out:
+        return _Out().column([bytes([size % 251]) * (size // 10)] * 10)
+
+    def exchange(i: int, size: int) -> list[bytes]:
+        sender = threading.Thread(target=_send_frame, args=(pairs[i][0], frame(size)))
+        sender.start()
+        body = readers[i].receive(pairs[i][1])
+        assert body is not None
+        items = _In(body).column()
+        sender.join()
+        return items
+
+    try:
+        # Three connections each take a large frame; none grows its own buffer past what it keeps.
+        assert exchange(0, 500_000) == [bytes([500_000 % 251]) * 50_000] * 10
+        assert exchange(1, 400_000) == [bytes([400_000 % 251]) * 40_000] * 10
+        assert exchange(2, 600_000) == [bytes([600_000 % 251]) * 60_000] * 10
+        assert [r.kept for r in readers] == [65_536] * 3
+        assert large.idle_bytes == 0  # each is still lent: its frame's body stays valid until the next
+        # Small frames hand them back; two wait for the next large frame, the third is dropped.
+        for i in range(3):
+            assert exchange(i, 30) == [bytes([30 % 251]) * 3] * 10
+        idle = large.idle_bytes
+        assert 1_000_000 < idle < 1_400_000
+        # The next large frame, on any connection, reuses one of them.
+        assert exchange(1, 550_000) == [bytes([550_000 % 251]) * 55_000] * 10
+        assert large.idle_bytes < idle
+        readers[1].close()
+        assert large.idle_bytes == idle
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
 
 
 def test_a_large_write_through_the_owner_keeps_the_latest_event_per_entity(

@@ -236,27 +236,83 @@ class _In:
         return value if present else None
 
 
-class _Frames:
-    """Receives frames into one buffer, reused while it is large enough.
+class _LargeBuffers:
+    """Buffers for frames larger than a connection keeps, shared by every connection of an owner.
 
-    A fresh buffer of a few megabytes costs the kernel a page fault per page touched, which for a write of
-    thousands of rows cost more than parsing it. A frame's body is valid until the next receive; `_In`
-    copies out whatever it reads, so nothing holds on to it.
+    A backfill chunk's frame is tens of megabytes. Kept by each connection that ever carried one, such
+    buffers added up to gigabytes across the dozens of connections of a large machine; allocated afresh for
+    each frame, they cost the kernel a page fault per page again. Here they are reused by whichever
+    connection needs one next, and at most `idle` of them wait between frames.
     """
 
-    def __init__(self) -> None:
-        self._buffer = bytearray(64 * 1024)
+    def __init__(self, idle: int = 4) -> None:
+        self._idle = idle
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bytearray:
+        """A buffer of at least n bytes: the smallest idle one that fits, or a new one."""
+        with self._lock:
+            fits = [b for b in self._free if len(b) >= n]
+            if fits:
+                buffer = min(fits, key=len)
+                self._free.remove(buffer)
+                return buffer
+        # A little room over the frame lets the next, slightly larger chunk reuse it.
+        return bytearray(n + n // 8)
+
+    def give(self, buffer: bytearray) -> None:
+        """Return a buffer taken earlier; past `idle` waiting, the smallest is dropped."""
+        with self._lock:
+            self._free.append(buffer)
+            if len(self._free) > self._idle:
+                self._free.remove(min(self._free, key=len))
+
+    @property
+    def idle_bytes(self) -> int:
+        """Bytes of the buffers waiting between frames."""
+        with self._lock:
+            return sum(map(len, self._free))
+
+
+class _Frames:
+    """Receives a connection's frames: up to `keep` bytes into its own buffer, larger ones into shared ones.
+
+    A fresh buffer of a few megabytes costs the kernel a page fault per page touched, which for a write of
+    thousands of rows cost more than parsing it, so buffers are reused; what one connection holds between
+    frames is at most `keep` bytes (see _LargeBuffers for larger frames). A frame's body is valid until the
+    next receive; `_In` copies out whatever it reads, so nothing holds on to it.
+    """
+
+    def __init__(self, large: _LargeBuffers | None = None, keep: int = 8 << 20) -> None:
+        self._keep = keep
+        self._large = large or _LargeBuffers()
+        self._buffer = bytearray(min(64 * 1024, keep))
+        self._lent: bytearray | None = None
+
+    @property
+    def kept(self) -> int:
+        """Bytes of the connection's own buffer."""
+        return len(self._buffer)
 
     def receive(self, sock: socket.socket) -> memoryview | None:
         """The body of the next frame, or None when the peer closed the connection between frames."""
+        if self._lent is not None:
+            # The previous frame's body is no longer valid: its shared buffer goes back.
+            self._large.give(self._lent)
+            self._lent = None
         head = _recv_exact(sock, 4, eof_ok=True)
         if head is None:
             return None
         (n,) = _U32.unpack(head)
-        if len(self._buffer) < n:
-            # A new buffer rather than a resized one: views of the old one may still exist.
-            self._buffer = bytearray(max(n, 2 * len(self._buffer)))
-        view = memoryview(self._buffer)[:n]
+        if n > self._keep:
+            buffer = self._lent = self._large.take(n)
+        else:
+            if len(self._buffer) < n:
+                # A new buffer rather than a resized one: views of the old one may still exist.
+                self._buffer = bytearray(min(max(n, 2 * len(self._buffer)), self._keep))
+            buffer = self._buffer
+        view = memoryview(buffer)[:n]
         got = 0
         while got < n:
             k = sock.recv_into(view[got:])
@@ -264,6 +320,12 @@ class _Frames:
                 raise ConnectionError("the store connection closed in the middle of a frame")
             got += k
         return view
+
+    def close(self) -> None:
+        """Return a shared buffer still lent to this connection."""
+        if self._lent is not None:
+            self._large.give(self._lent)
+            self._lent = None
 
 
 def _recv_frame(sock: socket.socket) -> bytes | None:
@@ -415,6 +477,7 @@ class StoreOwner:
         self._store = store
         self._catalog = catalog
         self._epoch = catalog.start_owner() << _GENERATION_BITS
+        self._large_buffers = _LargeBuffers()
         owner = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -444,8 +507,9 @@ class StoreOwner:
 
     def _serve_connection(self, sock: socket.socket) -> None:
         # A front holding the store exclusively keeps it until it closes the connection.
-        frames = _Frames()
+        frames = _Frames(self._large_buffers)
         with ExitStack() as held:
+            held.callback(frames.close)
             while True:
                 try:
                     body = frames.receive(sock)
