@@ -94,7 +94,7 @@ def test_frames_reuse_their_buffer_and_what_was_read_stays_intact() -> None:
 
 
 def test_frames_past_what_a_connection_keeps_share_a_bounded_set_of_buffers() -> None:
-    large = _LargeBuffers(idle=2)
+    large = _LargeBuffers(idle=2, idle_bytes=1_500_000)
     pairs = [socket.socketpair() for _ in range(3)]
     readers = [_Frames(large, keep=100_000) for _ in pairs]
 
@@ -126,6 +126,10 @@ def test_frames_past_what_a_connection_keeps_share_a_bounded_set_of_buffers() ->
         assert exchange(1, 550_000) == [bytes([550_000 % 251]) * 55_000] * 10
         assert large.idle_bytes < idle
         readers[1].close()
+        assert large.idle_bytes == idle
+        # A frame past what may wait in all is received whole, and its buffer is not kept after it.
+        assert exchange(0, 2_000_000) == [bytes([2_000_000 % 251]) * 200_000] * 10
+        assert exchange(0, 30) == [bytes([30 % 251]) * 3] * 10
         assert large.idle_bytes == idle
     finally:
         for a, b in pairs:

@@ -242,11 +242,12 @@ class _LargeBuffers:
     A backfill chunk's frame is tens of megabytes. Kept by each connection that ever carried one, such
     buffers added up to gigabytes across the dozens of connections of a large machine; allocated afresh for
     each frame, they cost the kernel a page fault per page again. Here they are reused by whichever
-    connection needs one next, and at most `idle` of them wait between frames.
+    connection needs one next, and at most `idle` of them, `idle_bytes` in all, wait between frames.
     """
 
-    def __init__(self, idle: int = 4) -> None:
+    def __init__(self, idle: int = 4, idle_bytes: int = 256 << 20) -> None:
         self._idle = idle
+        self._idle_bytes = idle_bytes
         self._free: list[bytearray] = []
         self._lock = threading.Lock()
 
@@ -262,9 +263,12 @@ class _LargeBuffers:
         return bytearray(n + n // 8)
 
     def give(self, buffer: bytearray) -> None:
-        """Return a buffer taken earlier; past `idle` waiting, the smallest is dropped."""
+        """Return a buffer; past `idle_bytes` waiting the largest goes, past `idle` buffers the smallest."""
         with self._lock:
             self._free.append(buffer)
+            # One very large frame (a push near the message limit) must not stay in memory for good.
+            while self._free and sum(map(len, self._free)) > self._idle_bytes:
+                self._free.remove(max(self._free, key=len))
             if len(self._free) > self._idle:
                 self._free.remove(min(self._free, key=len))
 
