@@ -21,6 +21,7 @@ from featurepush import (
 )
 from featurepush.aio import AsyncClient
 from featurepush.payload import BatchFailure, PushBatchError
+from featurepush_server.core.errors import Unavailable
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -70,6 +71,42 @@ def test_pusher_batches_reports_failures_and_flushes_on_close(running: Running) 
     assert len(failures) == 1 and [r["user_id"] for r in failures[0].records] == [
         f"u{i}" for i in range(20, 30)
     ]
+
+
+def test_pusher_resends_a_batch_not_written_for_now(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store owner restarting answers a batch UNAVAILABLE without writing it; the stream itself is fine.
+    store = running.server.store
+    write = store.write_latest
+    refused: list[str] = []
+
+    def flaky(batches: object, *, request_id: str = "", dry_run: bool = False) -> object:
+        if len(refused) < 2:
+            refused.append(request_id)
+            raise Unavailable("the server's store process is not answering (it may be restarting)")
+        return write(batches, request_id=request_id, dry_run=dry_run)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "write_latest", flaky)
+    failures: list[BatchFailure] = []
+
+    async def scenario() -> None:
+        async with AsyncClient(running.target) as client:
+            async with client.pusher(
+                "ad_impressions",
+                max_rows=10,
+                linger_ms=60_000,
+                backoff_initial_s=0.01,
+                on_error=failures.append,
+            ) as p:
+                await p.add_many(record(i) for i in range(40))
+            assert (p.stats.batches, p.stats.written, p.stats.failed_batches) == (4, 40, 0)
+            assert p.stats.reconnects >= 1
+            results = await client.get_features("ad_impressions", [f"u{i}" for i in range(40)])
+            assert all(r.status == FeatureStatus.PRESENT for r in results)
+
+    asyncio.run(scenario())
+    assert failures == [] and len(refused) == 2
 
 
 def test_pusher_raises_failures_on_close_without_a_callback(running: Running) -> None:

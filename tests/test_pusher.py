@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -23,6 +24,7 @@ from featurepush.pusher import BatchBook, Pusher, check_sizes
 from featurepush.v1 import ingest_service_pb2, registry_service_pb2
 from featurepush_server.app import create_server
 from featurepush_server.config import ServerConfig
+from featurepush_server.core.errors import Aborted, CoreError, Unavailable
 from featurepush_server.core.stores.rocksdb import REQUEST
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -349,6 +351,75 @@ def test_pusher_resends_through_a_server_restart_without_doubling(
             assert sum(1 for k in db.keys(from_key=REQUEST) if k.startswith(REQUEST)) == 8
         finally:
             second.stop(None)
+
+
+def refuse_writes(running: Running, monkeypatch: pytest.MonkeyPatch, errors: list[CoreError]) -> list[str]:
+    """Make the server's store refuse its next writes with `errors`, one each, as a restarting owner does.
+
+    Returns the request ids of the refused writes, in order.
+    """
+    store = running.server.store
+    write = store.write_latest
+    refused: list[str] = []
+
+    def flaky(batches: object, *, request_id: str = "", dry_run: bool = False) -> object:
+        if errors:
+            refused.append(request_id)
+            raise errors.pop(0)
+        return write(batches, request_id=request_id, dry_run=dry_run)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "write_latest", flaky)
+    return refused
+
+
+def test_a_batch_not_written_for_now_is_resent_with_the_batches_after_it(
+    client: Client, running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store owner restarting, then a definition changed while a batch was validated: neither wrote.
+    owner_gone = Unavailable("the server's store process is not answering (it may be restarting)")
+    changed = Aborted("push source 'ad_impressions' was changed", reason="SOURCE_CHANGED")
+    refused = refuse_writes(running, monkeypatch, [owner_gone, owner_gone, changed])
+    failures: list[BatchFailure] = []
+    with client.pusher(
+        "ad_impressions", max_rows=10, linger_ms=60_000, backoff_initial_s=0.01, on_error=failures.append
+    ) as p:
+        p.add_many(record(i) for i in range(60))
+        p.flush()
+        stats = p.stats
+    assert failures == []
+    assert (stats.batches, stats.records, stats.written, stats.failed_batches) == (6, 60, 60, 0)
+    # Two batches in flight may both be refused before the stream is begun anew.
+    assert 1 <= stats.reconnects <= 3
+    assert len(refused) == 3
+    # Each refused batch went again under its own request id: one idempotency record per batch.
+    db = running.server.store._db
+    ids = {k[len(REQUEST) :].decode() for k in db.keys(from_key=REQUEST) if k.startswith(REQUEST)}
+    assert len(ids) == 6 and set(refused) <= ids
+    assert all(status == FeatureStatus.PRESENT for status, _ in features(client, 60))
+
+
+def test_a_batch_refused_past_the_retry_budget_fails_with_the_servers_status(
+    client: Client, running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner_gone = Unavailable("the server's store process is not answering (it may be restarting)")
+    refuse_writes(running, monkeypatch, [owner_gone] * 1000)
+    failures: list[BatchFailure] = []
+    began = time.monotonic()
+    with client.pusher(
+        "ad_impressions",
+        max_rows=10,
+        linger_ms=60_000,
+        backoff_initial_s=0.01,
+        backoff_max_s=0.05,
+        retry_timeout_s=0.3,
+        on_error=failures.append,
+    ) as p:
+        p.add_many(record(i) for i in range(20))
+        p.flush()
+    assert time.monotonic() - began < 10
+    assert sorted(r["user_id"] for f in failures for r in f.records) == sorted(f"u{i}" for i in range(20))
+    assert {f.error.code for f in failures} == {grpc.StatusCode.UNAVAILABLE}
+    assert "not answering" in failures[0].error.message
 
 
 def test_a_resent_batch_is_replayed_not_written_again(client: Client, running: Running) -> None:

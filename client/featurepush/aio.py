@@ -588,10 +588,14 @@ class AsyncPusher:
                     outbox.put_nowait(batch)
                 self._outbox = outbox
             error: FeaturepushError | None = None
+            call = self._stub.PushStream(_drain(outbox, self._refuse))
             try:
-                async for ack in self._stub.PushStream(_drain(outbox, self._refuse)):
+                async for ack in call:
                     async with self._changed:
                         failure = self._book.acknowledge(ack)
+                        if self._book.broken is not None:
+                            call.cancel()
+                            break
                         for batch in self._book.resend:
                             batch.sent_at = time.monotonic()
                             outbox.put_nowait(batch)
@@ -613,9 +617,17 @@ class AsyncPusher:
                 if self._outbox is outbox:
                     self._outbox = None
                 outbox.put_nowait(None)
+                broken, self._book.broken = self._book.broken, None
+                # A batch acknowledged as not written for now (see TRANSIENT_BATCH_CODES) is resent.
+                error = broken or error
                 if not self._book.pending:
                     continue
-            if error is None or error.code in RETRYABLE_CODES or error.retry_delay_s is not None:
+            if (
+                error is None
+                or broken is not None
+                or error.code in RETRYABLE_CODES
+                or error.retry_delay_s is not None
+            ):
                 now = time.monotonic()
                 failing_since = failing_since or now
                 if now - failing_since <= self._retry_timeout_s:

@@ -32,10 +32,13 @@ __all__ = ["DEFAULT_MAX_ROWS", "Pusher", "PusherStats", "RETRYABLE_CODES"]
 
 _LOGGER = logging.getLogger(__name__)
 
-# Codes after which a batch may simply be sent again: its request_id makes a repeat harmless.
-# Codes after which a batch is resent; RESOURCE_EXHAUSTED is resent too when it carries a RetryInfo delay
-# (an overload refusal, not a request over a size limit).
+# Codes after which a batch is resent (its request_id makes a repeat harmless); RESOURCE_EXHAUSTED is resent
+# too when it carries a RetryInfo delay (an overload refusal, not a request over a size limit).
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# A batch acknowledged with one of these, or with RetryInfo, was not written for now (the server's store
+# restarting, an overload, a definition changed while it was validated: "send them again"); it is resent,
+# with the pending batches after it, like the batches of a stream that broke.
+TRANSIENT_BATCH_CODES = RETRYABLE_CODES | {grpc.StatusCode.ABORTED}
 
 ErrorCallback = Callable[[BatchFailure], None]
 
@@ -177,6 +180,8 @@ class BatchBook:
     pending: dict[int, _Batch] = field(default_factory=dict)
     resend: list[_Batch] = field(default_factory=list)
     failures: list[BatchFailure] = field(default_factory=list)
+    # Set by an acknowledgement that a batch was not written for now; the stream is then begun anew.
+    broken: FeaturepushError | None = None
     stats: PusherStats = field(default_factory=PusherStats)
     stream_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     next_sequence: int = 0
@@ -265,6 +270,12 @@ class BatchBook:
             batch.as_rows()
             self.pending[batch.sequence] = batch
             self.resend.append(batch)
+            return None
+        if error.code in TRANSIENT_BATCH_CODES or error.retry_delay_s is not None:
+            # Kept pending: the pusher ends the stream and sends it again after its backoff, within its
+            # retry budget, as after a break; the batches behind it follow in order.
+            self.pending[batch.sequence] = batch
+            self.broken = self.broken or error
             return None
         return self._failed(batch, error)
 
@@ -595,6 +606,9 @@ class Pusher:
                 for ack in call:
                     with self._cond:
                         failure = self._book.acknowledge(ack)
+                        if self._book.broken is not None:
+                            call.cancel()
+                            break
                         self._resend()
                         if self._book.ready(self._linger_s):
                             # The buffer grew while batches were in flight; it goes now that one settled.
@@ -617,11 +631,15 @@ class Pusher:
                     self._outbox = None
                 outbox.put(_STOP)  # releases the request thread of a broken call
                 timed_out, self._timed_out, self._call = self._timed_out, False, None
+                broken, self._book.broken = self._book.broken, None
+                if broken is not None:
+                    error, code = broken, broken.code
                 if not self._book.pending:
                     continue
             overloaded = error is not None and error.retry_delay_s is not None
             if (
                 error is None
+                or broken is not None
                 or code in RETRYABLE_CODES
                 or overloaded
                 or (timed_out and code == grpc.StatusCode.CANCELLED)
