@@ -26,16 +26,7 @@ from featurepush.v1 import (
     online_service_pb2,
     registry_service_pb2,
 )
-from featurepush_server.admission import (
-    PUSH,
-    Admission,
-    Gate,
-    Limit,
-    Overloaded,
-    cgroup_memory_limits,
-    default_limits,
-    machine_memory_bytes,
-)
+from featurepush_server.admission import Admission, Gate, Limit, Overloaded
 from featurepush_server.edge import METHOD_CLASSES
 
 SERVICES = [
@@ -388,51 +379,3 @@ def test_a_push_whose_deadline_passed_during_validation_writes_nothing(server: R
         read.keys.add().update({"user_id": f"late{i}"})
     response = server.online.GetFeatures(read, timeout=5)
     assert [r.status for r in response.results] == [online_service_pb2.FEATURE_STATUS_MISSING] * 3
-
-
-def _cgroups(root: Path, files: dict[str, str], membership: str) -> tuple[Path, Path]:
-    """A fake /sys/fs/cgroup tree and /proc/self/cgroup under root."""
-    for name, text in files.items():
-        (root / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / "fs" / name).write_text(text)
-    (root / "cgroup").write_text(membership)
-    return root / "fs", root / "cgroup"
-
-
-def test_memory_for_the_bounds_is_the_control_groups_limit_where_it_is_lower(tmp_path: Path) -> None:
-    physical = machine_memory_bytes(tmp_path / "none", tmp_path / "none")
-    # cgroup v2, a limit on the parent and none ("max") on the group itself: the parent's binds.
-    fs, own = _cgroups(
-        tmp_path / "v2",
-        {"pods/a/memory.max": "max\n", "pods/memory.max": f"{2 << 30}\n", "memory.max": "max\n"},
-        "0::/pods/a\n",
-    )
-    assert cgroup_memory_limits(fs, own) == [2 << 30]
-    assert machine_memory_bytes(fs, own) == min(physical, 2 << 30)
-    # Inside a cgroup namespace the group is the mount's root.
-    fs, own = _cgroups(tmp_path / "ns", {"memory.max": "1073741824\n"}, "0::/\n")
-    assert machine_memory_bytes(fs, own) == min(physical, 1 << 30)
-    # cgroup v1 (here beside v2's empty unified hierarchy): v1's "no limit" is a huge number.
-    fs, own = _cgroups(
-        tmp_path / "v1",
-        {
-            "memory/job/7/memory.limit_in_bytes": "536870912\n",
-            "memory/job/memory.limit_in_bytes": "9223372036854771712\n",
-            "memory/memory.limit_in_bytes": "9223372036854771712\n",
-        },
-        "4:memory:/job/7\n1:cpu:/\n0::/\n",
-    )
-    assert machine_memory_bytes(fs, own) == min(physical, 512 << 20)
-    # No limit anywhere, unreadable membership, or a limit past the machine's: the machine's memory.
-    fs, own = _cgroups(tmp_path / "open", {"memory.max": "max\n"}, "0::/\n")
-    assert machine_memory_bytes(fs, own) == physical
-    assert machine_memory_bytes(tmp_path / "open" / "fs", tmp_path / "missing") == physical
-    fs, own = _cgroups(tmp_path / "big", {"memory.max": f"{physical * 4}\n"}, "0::/\n")
-    assert machine_memory_bytes(fs, own) == physical
-
-
-def test_push_bytes_admitted_follow_the_memory_found(tmp_path: Path) -> None:
-    fs, own = _cgroups(tmp_path, {"memory.max": f"{2 << 30}\n"}, "0::/\n")
-    physical = machine_memory_bytes(tmp_path / "none", tmp_path / "none")
-    limits = default_limits(4, machine_memory_bytes(fs, own), 64 << 20)
-    assert limits[PUSH].bytes == max(64 << 20, min(2 << 30, physical) // 16)

@@ -9,11 +9,9 @@ retry after, so a client backs off instead of piling up. Nothing here imports gr
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 # The classes of method; calls of other services (health, reflection) are never gated.
 PUSH = "push"
@@ -44,51 +42,6 @@ class Overloaded(Exception):
         self.klass = klass
         self.why = why
         self.retry_after_s = retry_after_s
-
-
-def machine_memory_bytes(
-    cgroups: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
-) -> int:
-    """The memory this process may use: the machine's, or its control group's limit where that is lower.
-
-    A container's limit is usually far below its host's memory, and bounds derived from the host's would
-    admit enough work to get the container killed. 4 GiB where the platform says nothing.
-    """
-    try:
-        physical = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        physical = 4 << 30
-    return min([physical, *cgroup_memory_limits(cgroups, membership)])
-
-
-def cgroup_memory_limits(cgroups: Path, membership: Path) -> list[int]:
-    """The memory limits set on this process's control group and its ancestors (cgroup v2 and v1)."""
-    try:
-        lines = membership.read_text().splitlines()
-    except OSError:
-        return []
-    limits: list[int] = []
-    for line in lines:
-        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if hierarchy == "0" and not controllers:
-            # cgroup v2: the unified hierarchy, mounted at the root or (hybrid) under unified/.
-            mounts, name = [cgroups, cgroups / "unified"], "memory.max"
-        elif "memory" in controllers.split(","):
-            mounts, name = [cgroups / "memory"], "memory.limit_in_bytes"
-        else:
-            continue
-        parts = [p for p in path.split("/") if p and p not in (".", "..")]
-        for mount in mounts:
-            # The group itself and each ancestor: a parent's limit binds its children too. Inside a
-            # cgroup namespace the group is the mount's root, which the walk reaches last.
-            for depth in range(len(parts), -1, -1):
-                try:
-                    text = (mount.joinpath(*parts[:depth]) / name).read_text().strip()
-                except OSError:
-                    continue
-                if text.isdigit():
-                    limits.append(int(text))
-    return limits
 
 
 def default_limits(cpus: int, memory_bytes: int, max_message_bytes: int) -> dict[str, Limit]:

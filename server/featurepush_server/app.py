@@ -31,7 +31,8 @@ from featurepush.v1 import (
     registry_service_pb2_grpc,
 )
 
-from .admission import Admission, configured_limits, machine_memory_bytes
+from . import machine
+from .admission import Admission, configured_limits
 from .auth import auth_interceptor, log_exposure
 from .config import ServerConfig
 from .core.aggregates import ViewReader
@@ -308,8 +309,8 @@ def create_server(
         ]
         gates = Admission(
             configured_limits(
-                os.cpu_count() or 1,
-                machine_memory_bytes(),
+                machine.cpu_count(),
+                machine.memory_bytes(),
                 config.max_message_bytes,
                 pushes=config.max_concurrent_pushes,
                 waiting_pushes=config.max_waiting_pushes,

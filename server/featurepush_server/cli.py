@@ -659,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--processes",
         type=int,
-        help="gRPC processes sharing the port, plus a store owner with RocksDB (default: cores)",
+        help="gRPC processes sharing the port, plus a store owner with RocksDB (default: usable cores)",
     )
     serve.add_argument(
         "--post-processor-module",

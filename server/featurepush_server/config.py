@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import machine
+
 ENV_PREFIX = "FEATUREPUSH_"
 FSYNC_POLICIES = ("always", "never")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -128,7 +130,7 @@ class ServerConfig:
     # --- Every core: serve --processes ---
     # Processes that serve gRPC (decoding, validation, encoding) on the one listen port, besides one that
     # owns the store and its background work; 1 serves everything from one process. Default: the cores.
-    processes: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    processes: int = dataclasses.field(default_factory=machine.cpu_count)
     # Whether each front answers reads of rows and view tiles itself, from a read-only snapshot of the
     # owner's RocksDB opened once its writes pause, while no write landed since (else the owner answers
     # them); costs each front a 64 MiB block cache and a copy of the owner's unflushed writes.
