@@ -13,6 +13,7 @@ bounded in count and time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -132,19 +133,32 @@ def _pusher_worker(target: str, name: str, acks: Path, stop_file: Path) -> None:
             out.flush()
 
 
-def _running_in_group(pgid: int) -> bool:
-    """Whether a process of the group has not exited yet (Linux's /proc)."""
+def _processes() -> dict[int, tuple[str, int]]:
+    """Every process's state and parent, from Linux's /proc."""
+    found: dict[int, tuple[str, int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            # After the command's closing parenthesis: the state, the parent and the process group.
-            state, _, group = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            # After the command's closing parenthesis: the state and the parent.
+            state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
         except (OSError, ValueError):
             continue
-        if int(group) == pgid and state != "Z":
-            return True
-    return False
+        found[int(entry.name)] = (state, int(parent))
+    return found
+
+
+def _family(root: int) -> list[int]:
+    """A process and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, (_, parent) in _processes().items():
+        children.setdefault(parent, []).append(pid)
+    family, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        family.append(pid)
+        todo += children.get(pid, [])
+    return family
 
 
 class Server:
@@ -199,12 +213,18 @@ class Server:
     def kill9(self) -> None:
         """SIGKILL every process of the server (one, or serve --processes' supervisor, owner and fronts)."""
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        # The supervisor starts its owner and fronts in sessions of their own, out of its process group:
+        # stopped first, it starts no other while its family is listed and killed.
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        family = _family(self.proc.pid)
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.proc.wait(30)
-        # The killed children hold the port and the database's lock until they have exited (a zombie that
+        # The killed processes hold the port and the database's lock until they have exited (a zombie that
         # no one has reaped yet holds neither).
         deadline = time.monotonic() + 30
-        while _running_in_group(self.proc.pid):
+        while any(_processes().get(pid, ("Z", 0))[0] != "Z" for pid in family):
             if time.monotonic() > deadline:
                 raise RuntimeError("the killed server's processes did not go away")
             time.sleep(0.05)
