@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -30,7 +34,7 @@ from featurepush.v1 import (
     registry_service_pb2,
     registry_service_pb2_grpc,
 )
-from featurepush_server.processes import _reserve_port
+from featurepush_server.processes import _reserve_port, await_orphaned_owner, orphaned_owner
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 # More connections than fronts, so that every front serves some of them.
@@ -586,3 +590,71 @@ def test_a_port_a_killed_server_left_in_time_wait_is_taken_again_but_never_a_use
         other.listen()
         with pytest.raises(OSError, match="in use"):
             _reserve_port(f"127.0.0.1:{other.getsockname()[1]}")
+
+
+# Holds a store like a store owner (its command line says so) until told to stop.
+_FAKE_OWNER = """
+import sys, time
+from pathlib import Path
+from featurepush_server.core.stores.rocksdb import RocksDBStore
+store = RocksDBStore(Path(sys.argv[1]), fsync=False)
+Path(sys.argv[2]).write_text("ready")
+time.sleep(float(sys.argv[3]))
+store.close()
+"""
+
+
+def _fake_owner(online: Path, ready: Path, hold_s: float) -> list[str]:
+    return [sys.executable, "-c", _FAKE_OWNER, str(online), str(ready), str(hold_s)]
+
+
+def test_an_owner_left_by_a_killed_supervisor_is_waited_for_and_a_live_one_is_not(tmp_path: Path) -> None:
+    from featurepush_server.core.stores.rocksdb import RocksDBStore
+
+    online = tmp_path / "online"
+    markers = ["featurepush_server.processes", "owner"]
+    # Started by a launcher that exits at once: its parent is gone, as a killed supervisor's owner's is.
+    ready = tmp_path / "ready-orphan"
+    subprocess.run(
+        [sys.executable, "-c", _LAUNCH, *_fake_owner(online, ready, 1.5), *markers], check=True, timeout=30
+    )
+    assert wait_until(ready.exists, timeout_s=30)
+    pid = orphaned_owner(online)
+    assert pid is not None and pid != os.getpid()
+    began = time.monotonic()
+    await_orphaned_owner(online, 30)
+    assert 0.2 < time.monotonic() - began < 30
+    RocksDBStore(online).close()  # the lock is free: a restarted server's owner opens at once
+
+    # Under a live `featurepush serve` supervisor it is a running server's owner: nothing to wait for.
+    ready = tmp_path / "ready-live"
+    supervisor = subprocess.Popen(
+        [sys.executable, "-c", _SUPERVISE, "featurepush", "serve", *_fake_owner(online, ready, 60), *markers]
+    )
+    try:
+        assert wait_until(ready.exists, timeout_s=30)
+        assert orphaned_owner(online) is None
+        began = time.monotonic()
+        await_orphaned_owner(online, 30)
+        assert time.monotonic() - began < 1
+    finally:
+        for child in _children(supervisor.pid):
+            os.kill(child, signal.SIGKILL)
+        supervisor.kill()
+        supervisor.wait(30)
+
+
+# Starts its arguments in a session of their own and exits; they live on without it.
+_LAUNCH = "import subprocess, sys; subprocess.Popen(sys.argv[1:], start_new_session=True)"
+# Runs its arguments after the first two (which make its command line a supervisor's) and waits for them.
+_SUPERVISE = "import subprocess, sys; subprocess.Popen(sys.argv[3:]).wait()"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return found

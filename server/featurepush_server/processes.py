@@ -259,6 +259,65 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="featurepush-parent-watch", daemon=True).start()
 
 
+def _argv(pid: int) -> list[bytes]:
+    """A running process's command line, empty if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _running(pid: int) -> bool:
+    """Whether a process exists and has not exited (a zombie has)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def orphaned_owner(online_dir: Path) -> int | None:
+    """The pid of an earlier server's store owner still holding `online_dir` after its supervisor went away.
+
+    Such an owner noticed and is stopping gracefully (see _watch_parent). A live server's owner has its
+    supervisor (a `featurepush ... serve` process) as parent and is not orphaned.
+    """
+    from .core.stores.rocksdb import PID_FILE
+
+    try:
+        pid = int((online_dir / PID_FILE).read_text().strip())
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    argv = _argv(pid)
+    if pid == os.getpid() or b"featurepush_server.processes" not in argv or b"owner" not in argv:
+        return None
+    supervisor = _argv(parent)
+    if b"serve" in supervisor and any(b"featurepush" in part for part in supervisor):
+        return None
+    return pid
+
+
+def await_orphaned_owner(online_dir: Path, timeout_s: float) -> None:
+    """Wait, up to `timeout_s`, for an orphaned earlier owner of `online_dir` to finish stopping.
+
+    A server restarted at once after its supervisor alone was killed would otherwise find the database still
+    locked by the old owner, flushing its offline log, and refuse to start.
+    """
+    pid = orphaned_owner(online_dir)
+    if pid is None:
+        return
+    _LOGGER.warning(
+        "the data directory is still held by pid %d, the store owner of a server whose supervisor is gone; "
+        "waiting up to %.0fs for it to stop",
+        pid,
+        timeout_s,
+    )
+    deadline = time.monotonic() + timeout_s
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def store_owner(store: Store, runtime: Path) -> StoreOwner:
     """Serve `store` to the fronts on the runtime folder's socket (not started), counting its writes."""
     from .core.stores.remote import CatalogVersion, SharedCounter, StoreOwner
@@ -296,6 +355,8 @@ def _run_owner(
     from .metrics import Metrics
 
     os.umask(0o077)
+    # Its grace period, and a little for closing the database after it.
+    await_orphaned_owner(config.online_dir, config.shutdown_grace_s + 5.0)
     store = open_store(config)
     try:
         offline_log = OfflineLog(
