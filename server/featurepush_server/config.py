@@ -129,7 +129,8 @@ class ServerConfig:
 
     # --- Every core: serve --processes ---
     # Processes that serve gRPC (decoding, validation, encoding) on the one listen port, besides one that
-    # owns the store and its background work; 1 serves everything from one process. Default: the cores.
+    # owns the store and its background work; 1 serves everything from one process. Default: the cores this
+    # process may use (machine.cpu_count: its CPU affinity, less where its cgroup's CPU quota is lower).
     processes: int = dataclasses.field(default_factory=machine.cpu_count)
     # Whether each front answers reads of rows and view tiles itself, from a read-only snapshot of the
     # owner's RocksDB opened once its writes pause, while no write landed since (else the owner answers

@@ -267,13 +267,20 @@ def _argv(pid: int) -> list[bytes]:
         return []
 
 
+def _stat(pid: int) -> tuple[str, int] | None:
+    """A process's state letter and parent pid from /proc, None if it is gone."""
+    try:
+        # After the command's closing parenthesis, which the command itself may contain.
+        state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+        return state, int(parent)
+    except (OSError, ValueError):
+        return None
+
+
 def _running(pid: int) -> bool:
     """Whether a process exists and has not exited (a zombie has)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def orphaned_owner(online_dir: Path) -> int | None:
@@ -286,9 +293,12 @@ def orphaned_owner(online_dir: Path) -> int | None:
 
     try:
         pid = int((online_dir / PID_FILE).read_text().strip())
-        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return None
+    stat = _stat(pid)
+    if stat is None:
+        return None
+    parent = stat[1]
     argv = _argv(pid)
     if pid == os.getpid() or b"featurepush_server.processes" not in argv or b"owner" not in argv:
         return None
