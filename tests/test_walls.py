@@ -54,6 +54,22 @@ def test_the_core_imports_no_grpc() -> None:
     assert "featurepush_server.core.materialize" in loaded
 
 
+def test_a_backfill_worker_starts_without_the_readers_only_a_front_needs(tmp_path) -> None:
+    # pyarrow.dataset (and the pandas it loads) takes a quarter of a second to import; every worker a
+    # backfill starts would pay it before its first chunk.
+    loaded = _run(
+        f"""
+        import sys
+        from featurepush_server.workers import _start_worker
+        _start_worker({str(tmp_path / "owner.sock")!r}, {str(tmp_path / "catalog")!r}, [], "INFO", "text")
+        from featurepush_server.core import backfill
+        assert backfill._worker_loader is not None
+        print(sorted(m for m in ("pandas", "pyarrow.dataset", "grpc") if m in sys.modules))
+        """
+    )
+    assert loaded.strip() == "[]"
+
+
 def test_the_client_package_still_resolves_its_names() -> None:
     out = _run(
         """

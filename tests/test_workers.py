@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 
 from servers import wait_until
 
@@ -47,3 +47,14 @@ def _sleep_then_pid(seconds: float) -> int:
 
     time.sleep(seconds)
     return os.getpid()
+
+
+def test_a_new_pool_starts_all_its_processes_with_the_first_work() -> None:
+    workers = BackfillWorkers(lambda: ProcessPoolExecutor(3, mp_context=get_context("spawn")), processes=3)
+    try:
+        before = {p.pid for p in active_children()}
+        workers.submit(os.getpid).result(timeout=60)
+        # One submit, yet every process of the pool is up: later chunks find them ready.
+        assert wait_until(lambda: len({p.pid for p in active_children()} - before) == 3, 30)
+    finally:
+        workers.shutdown()

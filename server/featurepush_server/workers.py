@@ -8,6 +8,7 @@ cores while the owner only writes. They are started on the first backfill and st
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -46,14 +47,16 @@ def backfill_workers(config: ServerConfig, runtime: Path) -> BackfillWorkers:
 
     allowed = sorted({*config.post_processor_modules, *(Path(p).stem for p in config.definitions)})
     args = (str(runtime / SOCKET), str(runtime / CATALOG), allowed, config.log_level, config.log_format)
+    count = worker_count(config)
     return BackfillWorkers(
         lambda: ProcessPoolExecutor(
-            worker_count(config),
+            count,
             # Forking a front would copy its gRPC threads' state; a fresh interpreter starts clean.
             mp_context=get_context("spawn"),
             initializer=_start_worker,
             initargs=args,
-        )
+        ),
+        processes=count,
     )
 
 
@@ -70,8 +73,9 @@ class BackfillWorkers(Executor):
     memory for good.
     """
 
-    def __init__(self, start: Callable[[], ProcessPoolExecutor], idle_s: float = IDLE_S):
+    def __init__(self, start: Callable[[], ProcessPoolExecutor], idle_s: float = IDLE_S, processes: int = 1):
         self._start = start
+        self._processes = processes
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._idle_s = idle_s
@@ -83,6 +87,7 @@ class BackfillWorkers(Executor):
     def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
         """Run `fn` in a worker, on a new pool if there is none or the current one is broken."""
         with self._lock:
+            started = self._pool is None
             if self._pool is None:
                 self._pool = self._start()
             try:
@@ -91,7 +96,13 @@ class BackfillWorkers(Executor):
                 _LOGGER.warning("a backfill worker process died; starting the workers again")
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = self._start()
+                started = True
                 future = self._pool.submit(fn, *args, **kwargs)
+            if started:
+                # A pool starts a process per submit while none is idle, so the rest would start one
+                # chunk read apart; each takes a fraction of a second to import, all at once is sooner.
+                for _ in range(self._processes - 1):
+                    self._pool.submit(os.getpid)
             self._running += 1
             self._last_used = time.monotonic()
         future.add_done_callback(self._done)

@@ -17,12 +17,12 @@ import threading
 from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from featurepush.v1 import source_pb2
@@ -31,6 +31,9 @@ from .columns import conform
 from .errors import Cancelled, FailedPrecondition, InvalidInput, Violation
 from .locations import BatchLocations, StopCheck
 from .schema import FieldSpec, SourceSpec
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as ds
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -45,15 +48,28 @@ FIRST_ROWS = 1024
 DEFAULT_READ_AHEAD_BYTES = 32 * 1024 * 1024
 
 
+def _datasets() -> Any:
+    """pyarrow.dataset, imported on first use.
+
+    It imports pandas too, a quarter of a second more for every process that starts: backfill workers,
+    which only encode and write, never load it (the server's batch sources load it as they start).
+    """
+    import pyarrow.dataset
+
+    return pyarrow.dataset
+
+
 def _parquet() -> ds.ParquetFileFormat:
     """Parquet read column chunk by column chunk: pre-buffering would hold a whole file's chunks in memory."""
-    return ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False))
+    datasets = _datasets()
+    options = datasets.ParquetFragmentScanOptions(pre_buffer=False)
+    return datasets.ParquetFileFormat(default_fragment_scan_options=options)
 
 
 _FORMATS: dict[int, tuple[str, Callable[[], ds.FileFormat]]] = {
     source_pb2.FILE_FORMAT_PARQUET: ("Parquet", _parquet),
-    source_pb2.FILE_FORMAT_CSV: ("CSV", ds.CsvFileFormat),
-    source_pb2.FILE_FORMAT_ARROW_IPC: ("Arrow IPC", ds.IpcFileFormat),
+    source_pb2.FILE_FORMAT_CSV: ("CSV", lambda: _datasets().CsvFileFormat()),
+    source_pb2.FILE_FORMAT_ARROW_IPC: ("Arrow IPC", lambda: _datasets().IpcFileFormat()),
 }
 
 # What the Arrow, Parquet, CSV and IPC readers raise on a file they cannot read. Their messages may quote
@@ -210,6 +226,7 @@ class BatchSources:
         self._batch_bytes = max(read_ahead_bytes // 4, 64 * 1024)
         self._lock = threading.Lock()
         self.open_readers = 0
+        _datasets()  # at start, not on the first read
 
     @property
     def allowed(self) -> set[str]:
@@ -235,7 +252,7 @@ class BatchSources:
                     metadata={"source": spec.name},
                 )
             own = self._locations.list_own(self._offline_root / name, spec.name, stop)
-            dataset = ds.FileSystemDataset.from_paths(
+            dataset = _datasets().FileSystemDataset.from_paths(
                 own.files, schema=spec.arrow_schema, format=_parquet(), filesystem=own.filesystem
             )
             return _Opened(dataset, "Parquet", source_pb2.FILE_FORMAT_PARQUET)
@@ -255,7 +272,7 @@ class BatchSources:
                 metadata={"source": spec.name},
             )
         try:
-            dataset = ds.dataset(
+            dataset = _datasets().dataset(
                 listing.files,
                 filesystem=listing.filesystem,
                 format=make_format(),
@@ -402,7 +419,7 @@ class BatchSources:
         for fragment in opened.dataset.get_fragments(filter=filt):
             if stop():
                 raise Cancelled("the read was cancelled")
-            keys = ds.get_partition_keys(fragment.partition_expression)
+            keys = _datasets().get_partition_keys(fragment.partition_expression)
             in_file = [n for n in wanted if n not in keys]
             for batch in self._fragment_batches(opened.format_code, fragment, schema, in_file, filt):
                 columns_out = []
@@ -488,9 +505,9 @@ class BatchSources:
         expr = None
         unit = dtype.unit
         if start is not None:
-            expr = ds.field(column) >= pa.scalar(_in_unit(start, unit), pa.int64()).cast(dtype)
+            expr = _datasets().field(column) >= pa.scalar(_in_unit(start, unit), pa.int64()).cast(dtype)
         if end is not None:
-            upper = ds.field(column) < pa.scalar(_in_unit(end, unit), pa.int64()).cast(dtype)
+            upper = _datasets().field(column) < pa.scalar(_in_unit(end, unit), pa.int64()).cast(dtype)
             expr = upper if expr is None else expr & upper
         return expr
 
