@@ -135,6 +135,7 @@ def test_a_file_without_a_server_table_is_read_whole(tmp_path: Path) -> None:
         ("", {"FEATUREPUSH_IDEMPOTENCY_WINDOW_S": "soon"}, {}, r"idempotency_window_s must be a float"),
         ("[server]\nidempotency_window_s = 0\n", {}, {}, r"idempotency_window_s must be positive"),
         ("[server\nlisten = 1\n", {}, {}, r"cannot read config file .*featurepush\.toml"),
+        ("", {}, {"latest_index_bytes": -1}, r"latest_index_bytes must not be negative \(0 derives"),
     ],
 )
 def test_invalid_settings_are_refused(
@@ -143,6 +144,18 @@ def test_invalid_settings_are_refused(
     """Unknown keys and bad values raise ConfigError naming the setting, the bad value and what is allowed."""
     with pytest.raises(ConfigError, match=match):
         load_config(toml_file(tmp_path, text), env=env, overrides=flags)
+
+
+def test_the_latest_event_index_is_sized_from_memory_unless_configured() -> None:
+    """A sixteenth of memory, from 256 MiB to 4 GiB, bytes binding first; a set bound is kept as set."""
+    config = ServerConfig()
+    gib = 1 << 30
+    assert config.latest_index_bounds(2 * gib) == (2 * 1024 * 1024, 256 << 20)
+    assert config.latest_index_bounds(24 * gib) == (12 * 1024 * 1024, 24 * gib // 16)
+    assert config.latest_index_bounds(512 * gib) == (32 * 1024 * 1024, 4 * gib)
+    set_ = ServerConfig(latest_index_entries=1000, latest_index_bytes=1 << 20)
+    assert set_.latest_index_bounds(24 * gib) == (1000, 1 << 20)
+    assert ServerConfig(latest_index_entries=1000).latest_index_bounds(2 * gib) == (1000, 256 << 20)
 
 
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The latest-event index stays within its byte bound whatever the length of callers' entity keys."""
+"""The latest-event index: within its bounds whatever callers' keys, exact after it starts over."""
 
 from __future__ import annotations
 
@@ -106,5 +106,94 @@ def test_a_dry_run_leaves_no_event_time_in_the_index(tmp_path: Path) -> None:
         result = store.write_latest([RowBatch("s", keys, [_head(20) + b"b"] * 3, b"", 4, 0)])
         assert result.counts["s"].written == 3
         assert store.read(keys[:1]) == [_head(20) + b"b"]
+    finally:
+        store.close()
+
+
+class _CountingDb:
+    """The store's database, counting the keys its batch reads ask for."""
+
+    def __init__(self, db: object):
+        self._db = db
+        self.read_keys = 0
+
+    def get(self, key: object, *args: object) -> object:
+        if isinstance(key, list):
+            self.read_keys += len(key)
+        return self._db.get(key, *args)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+
+def test_a_source_written_from_empty_needs_no_reads_for_new_entities_after_the_index_starts_over(
+    tmp_path: Path,
+) -> None:
+    prefix = row_prefix(9)
+    keys = [prefix + b"e%d" % i for i in range(1000)]
+    store = RocksDBStore(tmp_path / "db", fsync=False, latest_cache_entries=100)
+    real = store._db
+    counting = store._db = _CountingDb(real)
+    try:
+        # A backfill of ten times the entities the index holds: it starts over every other write, its
+        # keys going to the evicted-key filter, and none of the new entities is read.
+        for start in range(0, 1000, 50):
+            part = keys[start : start + 50]
+            result = store.write_latest([RowBatch("s", part, [_head(10) + b"a"] * 50, b"", 9, 0)])
+            assert result.counts["s"].written == 50
+        assert counting.read_keys == 0 and store._evicted.count >= 800
+        # Evicted entities are read again: older events lose to them in a batch with new entities.
+        mixed = keys[:30] + [prefix + b"new%d" % i for i in range(20)]
+        values = [_head(5) + b"b"] * 30 + [_head(5) + b"c"] * 20
+        result = store.write_latest([RowBatch("s", mixed, values, b"", 9, 0)])
+        assert (result.counts["s"].written, result.counts["s"].superseded) == (20, 30)
+        assert 30 <= counting.read_keys <= 30 + 2  # a filter's rare false "may hold" reads a new one too
+        assert store.read([keys[0], mixed[-1]]) == [_head(10) + b"a", _head(5) + b"c"]
+        # A dry run reads them as well, and changes nothing.
+        dry = store.write_latest(
+            [RowBatch("s", keys[100:110], [_head(9) + b"d"] * 10, b"", 9, 0)], dry_run=True
+        )
+        assert (dry.counts["s"].written, dry.counts["s"].superseded) == (0, 10)
+        # Newer events of evicted entities land, and the index holds them again.
+        newer = store.write_latest([RowBatch("s", keys[100:110], [_head(20) + b"e"] * 10, b"", 9, 0)])
+        assert newer.counts["s"].written == 10
+        assert store.read(keys[100:101]) == [_head(20) + b"e"]
+        assert store._latest[keys[100]] == _head(20)
+    finally:
+        store._db = real
+        store.close()
+
+
+def test_keys_a_filter_wrongly_may_hold_are_read_and_written_when_absent(tmp_path: Path) -> None:
+    prefix = row_prefix(9)
+    store = RocksDBStore(tmp_path / "db", fsync=False, latest_cache_entries=10)
+    try:
+        old = [prefix + b"old%d" % i for i in range(30)]
+        store.write_latest([RowBatch("s", old, [_head(10) + b"a"] * 30, b"", 9, 0)])
+        store.write_latest([RowBatch("s", old[:1], [_head(11) + b"a"], b"", 9, 0)])  # evicts the 30
+        assert store._evicted.count == 30
+        # As if every key were a false positive: new keys are read, found absent, and written.
+        store._evicted.might_hold = lambda keys: [True] * len(keys)  # type: ignore[method-assign]
+        new = [prefix + b"new%d" % i for i in range(5)]
+        result = store.write_latest([RowBatch("s", new + old[5:10], [_head(7) + b"b"] * 10, b"", 9, 0)])
+        assert (result.counts["s"].written, result.counts["s"].superseded) == (5, 5)
+        assert store.read([new[0], old[5]]) == [_head(7) + b"b", _head(10) + b"a"]
+        assert store._latest[old[5]] == _head(10)
+    finally:
+        store.close()
+
+
+def test_a_full_evicted_key_filter_starts_everything_over_and_writes_stay_latest(tmp_path: Path) -> None:
+    prefix = row_prefix(9)
+    keys = [prefix + b"e%d" % i for i in range(40)]
+    store = RocksDBStore(tmp_path / "db", fsync=False, latest_cache_entries=10)
+    store._evicted.capacity = 15
+    try:
+        for start in range(0, 40, 10):
+            store.write_latest([RowBatch("s", keys[start : start + 10], [_head(10) + b"a"] * 10, b"", 9, 0)])
+        # The second eviction did not fit: the filter and what the store knew of the source started over.
+        assert store._evicted.count <= 15 and store._indexed_sources.get(9) is not True
+        result = store.write_latest([RowBatch("s", keys, [_head(5) + b"b"] * 40, b"", 9, 0)])
+        assert (result.counts["s"].written, result.counts["s"].superseded) == (0, 40)
     finally:
         store.close()

@@ -36,16 +36,36 @@ def _model(batches: list[list[tuple[int, int, bytes]]]) -> dict[bytes, bytes]:
     return {k: t.to_bytes(HEADER_BYTES, "big") + p for k, (t, p) in latest.items()}
 
 
-@settings(max_examples=60, deadline=None)
-@given(batches=st.lists(_ROWS, max_size=5), cache=st.sampled_from([2, 1_000]))
+@settings(max_examples=80, deadline=None)
+@given(
+    batches=st.lists(_ROWS, max_size=5),
+    cache=st.sampled_from([2, 1_000]),
+    evicted_room=st.sampled_from([None, 3]),
+    dry_runs=st.lists(st.tuples(st.integers(0, 5), _ROWS), max_size=2),
+)
 def test_every_entity_keeps_its_latest_row_whatever_the_index_holds(
-    batches: list[list[tuple[int, int, bytes]]], cache: int
+    batches: list[list[tuple[int, int, bytes]]],
+    cache: int,
+    evicted_room: int | None,
+    dry_runs: list[tuple[int, list[tuple[int, int, bytes]]]],
 ) -> None:
-    # A two-entry index starts over within most writes; a large one keeps every key.
+    # A two-entry index starts over within most writes, its keys kept in the evicted-key filter, which
+    # with room for three fills and starts over too; a large index keeps every key.
     with tempfile.TemporaryDirectory() as tmp:
         store = RocksDBStore(Path(tmp) / "db", fsync=False, latest_cache_entries=cache)
+        if evicted_room is not None:
+            store._evicted.capacity = evicted_room
         try:
             for n, rows in enumerate(batches):
+                for at, dry in dry_runs:
+                    if at == n:
+                        # What a write would do now, and nothing done: the model's state stays.
+                        counted = store.write_latest([_batch(dry)], dry_run=True).counts["s"]
+                        current = _model(batches[:n])
+                        stored = [current.get(_KEYS[i], b"")[:HEADER_BYTES] for i, _, _ in dry]
+                        heads = [t.to_bytes(HEADER_BYTES, "big") for _, t, _ in dry]
+                        if len({i for i, _, _ in dry}) == len(dry):
+                            assert counted.written == sum(map(bytes.__ge__, heads, stored))
                 result = store.write_latest([_batch(rows)])
                 before, after = _model(batches[:n]), _model(batches[: n + 1])
                 changed = sum(1 for k in after if after[k] != before.get(k))

@@ -195,13 +195,14 @@ def open_store(config: ServerConfig) -> Store:
             expiry_grace_s=config.redis_expiry_grace_s,
             wait_replicas=config.redis_wait_replicas,
         )
+    entries, size = config.latest_index_bounds(machine.memory_bytes())
     try:
         return RocksDBStore(
             config.online_dir,
             fsync=config.fsync == "always",
             idempotency_window_s=config.idempotency_window_s,
-            latest_cache_entries=config.latest_index_entries,
-            latest_cache_bytes=config.latest_index_bytes,
+            latest_cache_entries=entries,
+            latest_cache_bytes=size,
         )
     except StoreInUse as e:
         # The operator chose the data directory, not the store's folder inside it, so name that.

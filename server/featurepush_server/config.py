@@ -57,10 +57,11 @@ class ServerConfig:
     # so nothing else is imported.
     post_processor_modules: tuple[str, ...] = ()
     # Entity keys whose latest event time is kept in memory (about 150 bytes each), so most writes skip
-    # reading the stored row first.
-    latest_index_entries: int = 1_000_000
-    # And at most about this many bytes, keys included: callers choose how long entity keys are.
-    latest_index_bytes: int = 256 * 1024 * 1024
+    # reading the stored row first. 0: as many as latest_index_bytes holds.
+    latest_index_entries: int = 0
+    # And at most about this many bytes, keys included: callers choose how long entity keys are. 0 derives
+    # it from the machine: a sixteenth of its memory, at least 256 MiB and at most 4 GiB.
+    latest_index_bytes: int = 0
     # Seconds between sweeps that delete rows older than their source's online_ttl; 0 never sweeps.
     expired_sweep_interval_s: float = 3600.0
     # Limits on one push's Arrow IPC streams, checked from message headers before anything is decoded:
@@ -154,6 +155,13 @@ class ServerConfig:
     # through another server reaches this one.
     redis_registry_refresh_s: float = 1.0
 
+    def latest_index_bounds(self, memory_bytes: int) -> tuple[int, int]:
+        """The latest-event index's bounds in entries and bytes on a machine with this much memory."""
+        size = self.latest_index_bytes or min(max(memory_bytes // 16, 256 << 20), 4 << 30)
+        # An entry takes at least 128 bytes (a short key, its header and the dict's share), so the
+        # derived entry bound never binds before the byte bound does.
+        return self.latest_index_entries or size // 128, size
+
     @property
     def online_dir(self) -> Path:
         """The embedded store's RocksDB database inside the data directory."""
@@ -169,8 +177,6 @@ class ServerConfig:
             "workers",
             "processes",
             "stream_read_ahead",
-            "latest_index_entries",
-            "latest_index_bytes",
             "max_arrow_decoded_bytes",
             "max_arrow_batches",
             "max_arrow_columns",
@@ -185,6 +191,8 @@ class ServerConfig:
             "max_concurrent_reads",
             "max_push_streams",
             "max_concurrent_backfills",
+            "latest_index_entries",
+            "latest_index_bytes",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (0 derives it from the machine)")

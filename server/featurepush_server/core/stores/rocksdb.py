@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import compress
-from operator import and_, is_not
+from operator import and_, is_, is_not
 from pathlib import Path
 from typing import Any, cast
 
@@ -60,6 +60,7 @@ from .base import (
     WriteResult,
     block_tile_count,
 )
+from .key_filter import KeyFilter
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -331,6 +332,9 @@ class RocksDBStore:
         self._latest_bytes = 0
         # Source id -> whether the index holds every stored row of it (see _indexes_every_row).
         self._indexed_sources: dict[int, bool] = {}
+        # The keys the index held when it outgrew its bounds and started over (see _evict_latest), in a
+        # sixteenth of the index's bytes: 16 MiB, about 11 million keys, for the default 256 MiB.
+        self._evicted = KeyFilter(max(latest_cache_bytes // 16, 1 << 20))
         # Source id -> how many times its definition was written by this process (-1: deleted).
         self._generations: dict[int, int] = {}
         self._view_generations: dict[int, int] = {}
@@ -719,7 +723,7 @@ class RocksDBStore:
         """Stage every batch, its tiles, offline entry and request record in one write batch; write it."""
         # Once per write, before staging: past its bounds the index starts over.
         if len(self._latest) > self._latest_max or self._latest_bytes > self._latest_max_bytes:
-            self._forget_latest()
+            self._evict_latest()
         wb = rocksdict.WriteBatch(raw_mode=True)
         counts = {batch.source: self._stage_latest(batch, wb, dry_run) for batch in batches}
         for batch in batches:
@@ -766,8 +770,14 @@ class RocksDBStore:
             at = [] if every else [i for i, old in enumerate(stored) if old is None]
             misses = list(keys) if every else [keys[i] for i in at]
             if self._indexes_every_row(batch.source_id):
-                # Nothing to read (a dry run): a key the index lacks has no stored row.
+                # A dry run: a key the index lacks has no stored row unless it was evicted from it.
                 found = [_ABSENT] * len(misses)
+                held = list(compress(range(len(misses)), self._evicted.might_hold(misses)))
+                if held:
+                    rows = self._db.get([misses[i] for i in held])
+                    for i, old in zip(held, rows, strict=True):
+                        if old is not None:
+                            found[i] = old[:width]
             else:
                 found = [_ABSENT if old is None else old[:width] for old in self._db.get(misses)]
                 cache.update(zip(misses, found, strict=True))
@@ -794,15 +804,18 @@ class RocksDBStore:
     ) -> BatchCounts:
         """Stage distinct keys of a source whose every stored row is in the index; called under the lock.
 
-        A key the index lacks has no stored row, so its row is newer than anything stored: `setdefault`
-        looks each key up and enters a missing one with its new header in one dict operation, where a
-        lookup and a later insert would take two (a backfill's keys are mostly new to a large index).
+        A key the index lacks has no stored row (unless it was evicted from the index: those are read),
+        so its row is newer than anything stored: `setdefault` looks each key up and enters a missing one
+        with its new header in one dict operation, where a lookup and a later insert would take two (a
+        backfill's keys are mostly new to a large index).
         """
         cache = self._latest
         size = len(cache)
         stored = list(map(cache.setdefault, keys, heads))
         if added := len(cache) - size:
             self._latest_bytes += added * (sum(map(len, keys)) // len(keys) + _INDEX_ENTRY_OVERHEAD)
+            if self._evicted.count:
+                self._read_evicted(keys, heads, stored)
         newer = _newer(heads, stored)
         written = _put_newer(wb, keys, values, newer)
         # A key entered just now got its own header back; the others that are newer are entered here.
@@ -811,11 +824,28 @@ class RocksDBStore:
         cache.update(zip(compress(keys, later), compress(heads, later), strict=True))
         return BatchCounts(accepted, written, accepted - written)
 
+    def _read_evicted(self, keys: Sequence[bytes], heads: list[bytes], stored: list[bytes]) -> None:
+        """Read the stored headers of keys just entered into the index that may have been evicted from it.
+
+        `stored` holds each key's entered header itself (the very object) where the key was just entered;
+        for those the evicted-key filter may hold, a stored row's header replaces it there and in the index.
+        """
+        entered = list(compress(range(len(keys)), map(is_, stored, heads)))
+        held = list(compress(entered, self._evicted.might_hold([keys[i] for i in entered])))
+        if not held:
+            return
+        cache = self._latest
+        for i, old in zip(held, self._db.get([keys[i] for i in held]), strict=True):
+            if old is not None:
+                # Another object than heads[i], even if equal: the caller tells entered keys by identity.
+                stored[i] = cache[keys[i]] = old[:HEADER_BYTES]
+
     def _indexes_every_row(self, source_id: int | None) -> bool:
         """Whether every stored row of the source is in the latest-event index; called under the lock.
 
         True for a source that had no rows when the index started (checked with one seek, once per index):
-        every row written since went through write_latest, which adds it to the index.
+        every row written since went through write_latest, which adds it to the index. "In the index"
+        includes the keys evicted from it since (see _evict_latest): those are read when written again.
         """
         if source_id is None:
             return False
@@ -825,11 +855,27 @@ class RocksDBStore:
             self._indexed_sources[source_id] = known
         return known
 
+    def _evict_latest(self) -> None:
+        """Start the index over, its keys kept in the evicted-key filter; called under the lock.
+
+        Without the filter a key missing from the new index could have a stored row, so every source would
+        lose what _indexes_every_row says of it and each new entity's write would read first (a backfill
+        of more entities than the index holds ran at half speed). With it, a key in neither surely has
+        none. Once the filter is full, everything starts over as it would without it.
+        """
+        if not self._evicted.has_room(len(self._latest)):
+            self._forget_latest()
+            return
+        self._evicted.add(list(self._latest))
+        self._latest.clear()
+        self._latest_bytes = 0
+
     def _forget_latest(self) -> None:
-        """Start the latest-event index over; called under the lock."""
+        """Start the latest-event index over, the evicted keys and which sources it holds whole too."""
         self._latest.clear()
         self._latest_bytes = 0
         self._indexed_sources.clear()
+        self._evicted.clear()
 
     def _stage_tiles(self, updates: Sequence[TileUpdate], wb: rocksdict.WriteBatch) -> int:
         """Merge the updates into the stored tiles, called under the lock; the most records a view skipped."""
