@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import Running, start
 from test_batch_source import DAY0, history, source_doc
 
 from featurepush import Client
 from featurepush.batch import BackfillProgress, backfill
+from featurepush_server.workers import BackfillWorkers
 
 
 def apply_parquet(tmp_path: Path, table: pa.Table) -> Running:
@@ -106,5 +108,30 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
         result = backfill(running.channel, "ad_impressions", dry_run=True)
         assert result.rows_read == 10
         assert latest(running, "u0") == [None]
+    finally:
+        running.close()
+
+
+@pytest.mark.parametrize("workers_up", [True, False])
+def test_a_front_loads_chunks_itself_until_a_backfill_worker_is_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers_up: bool
+) -> None:
+    if not workers_up:
+        # Workers that never come up: the front loads every chunk, with the same outcome.
+        monkeypatch.setattr(BackfillWorkers, "ready", property(lambda self: False))
+    pq.write_table(history(20_000), tmp_path / "h.parquet")
+    # Chunks of a few thousand rows: the front reads in batches of a quarter of the read-ahead bytes.
+    settings = {"batch_roots": (tmp_path,), "stream_read_ahead_bytes": 256 * 1024}
+    running = start(tmp_path / "data", fronts=2, backfill_workers=True, **settings)
+    try:
+        front = running.fronts[-1]  # the one with workers
+        front.apply(source_doc(str(tmp_path / "h.parquet"), "FILE_FORMAT_PARQUET"))
+        seen: list[BackfillProgress] = []
+        result = backfill(front.channel, "ad_impressions", on_progress=seen.append)
+        assert result.done and len(seen) > 3
+        assert result.rows_read == 20_000 and result.rows_rejected == 0
+        assert result.rows_written + result.rows_superseded == 20_000
+        assert [p.rows_read for p in seen] == sorted(p.rows_read for p in seen)
+        assert latest(front, "u0", "u1", "u2") == [19_998, 19_999, 19_997]
     finally:
         running.close()

@@ -49,8 +49,12 @@ def _sleep_then_pid(seconds: float) -> int:
     return os.getpid()
 
 
+def _three() -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(3, mp_context=get_context("spawn"))
+
+
 def test_a_new_pool_starts_all_its_processes_with_the_first_work() -> None:
-    workers = BackfillWorkers(lambda: ProcessPoolExecutor(3, mp_context=get_context("spawn")), processes=3)
+    workers = BackfillWorkers(_three, processes=3)
     try:
         before = {p.pid for p in active_children()}
         workers.submit(os.getpid).result(timeout=60)
@@ -58,3 +62,19 @@ def test_a_new_pool_starts_all_its_processes_with_the_first_work() -> None:
         assert wait_until(lambda: len({p.pid for p in active_children()} - before) == 3, 30)
     finally:
         workers.shutdown()
+
+
+def test_started_workers_come_up_without_work_and_tell_when_one_is_ready() -> None:
+    workers = BackfillWorkers(_three, processes=3)
+    try:
+        before = {p.pid for p in active_children()}
+        assert not workers.ready and not workers.started
+        workers.start()
+        assert workers.started
+        assert wait_until(lambda: workers.ready, 60)
+        assert wait_until(lambda: len({p.pid for p in active_children()} - before) == 3, 30)
+        workers.start()  # running already: nothing more starts
+        assert len({p.pid for p in active_children()} - before) == 3
+    finally:
+        workers.shutdown()
+    assert not workers.ready

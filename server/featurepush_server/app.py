@@ -36,7 +36,7 @@ from .admission import Admission, configured_limits
 from .auth import auth_interceptor, log_exposure
 from .config import ServerConfig
 from .core.aggregates import ViewReader
-from .core.backfill import Backfiller
+from .core.backfill import Backfiller, ChunkWorkers
 from .core.batch import BatchSources
 from .core.expiry import ExpirySweeper
 from .core.ingest import Ingestor
@@ -215,7 +215,7 @@ def create_server(
     front: RemoteStore | None = None,
     peer: int | None = None,
     metrics_socket: Path | None = None,
-    backfill_workers: futures.Executor | None = None,
+    backfill_workers: ChunkWorkers | None = None,
 ) -> Server:
     """Open the store, apply the configured definitions and register every service; not started.
 
@@ -461,7 +461,7 @@ def serve(
     peer: int | None = None,
     ready: Callable[[], None] | None = None,
     metrics_socket: Path | None = None,
-    backfill_workers: futures.Executor | None = None,
+    backfill_workers: ChunkWorkers | None = None,
 ) -> None:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully; a second signal exits at once.
 

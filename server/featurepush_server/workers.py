@@ -82,27 +82,41 @@ class BackfillWorkers(Executor):
         self._running = 0
         self._last_used = time.monotonic()
         self._closed = threading.Event()
+        self._warming: list[Future[int]] = []
         threading.Thread(target=self._stop_when_idle, name="featurepush-backfill-idle", daemon=True).start()
+
+    def start(self) -> None:
+        """Start the worker processes now unless they run; returns at once, they start meanwhile."""
+        with self._lock:
+            if self._pool is None:
+                self._new_pool()
+            self._last_used = time.monotonic()
+
+    @property
+    def ready(self) -> bool:
+        """Whether a worker process is up and took work (a pool's processes take a fraction of a second)."""
+        with self._lock:
+            return self._pool is not None and any(f.done() and not f.exception() for f in self._warming)
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        """Start a pool and all its processes; called under the lock."""
+        self._pool = self._start()
+        # A pool starts a process per submit while none is idle, so with one submit per chunk they would
+        # start one chunk read apart; each takes a fraction of a second to start, all at once is sooner.
+        # The first of these to finish tells that a process is up.
+        self._warming = [self._pool.submit(os.getpid) for _ in range(self._processes)]
+        return self._pool
 
     def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> Future[_T]:
         """Run `fn` in a worker, on a new pool if there is none or the current one is broken."""
         with self._lock:
-            started = self._pool is None
-            if self._pool is None:
-                self._pool = self._start()
+            pool = self._pool or self._new_pool()
             try:
-                future = self._pool.submit(fn, *args, **kwargs)
+                future = pool.submit(fn, *args, **kwargs)
             except BrokenProcessPool:
                 _LOGGER.warning("a backfill worker process died; starting the workers again")
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = self._start()
-                started = True
-                future = self._pool.submit(fn, *args, **kwargs)
-            if started:
-                # A pool starts a process per submit while none is idle, so the rest would start one
-                # chunk read apart; each takes a fraction of a second to import, all at once is sooner.
-                for _ in range(self._processes - 1):
-                    self._pool.submit(os.getpid)
+                pool.shutdown(wait=False, cancel_futures=True)
+                future = self._new_pool().submit(fn, *args, **kwargs)
             self._running += 1
             self._last_used = time.monotonic()
         future.add_done_callback(self._done)

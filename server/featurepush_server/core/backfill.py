@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Generator, Mapping
-from concurrent.futures import BrokenExecutor, Executor, Future
+from collections.abc import Callable, Generator, Mapping
+from concurrent.futures import BrokenExecutor, Future
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -143,6 +144,20 @@ def load_in_worker(
     return _worker_loader.load(name, table, first_row, start, end, runs, dry_run)
 
 
+class ChunkWorkers(Protocol):
+    """Processes that load chunks (`workers.BackfillWorkers`): an executor that can start ahead of work."""
+
+    def submit(self, fn: Callable[..., LoadedChunk], /, *args: Any) -> Future[LoadedChunk]:
+        """Run fn(*args) in a worker process."""
+
+    def start(self) -> None:
+        """Start the processes unless they run; return at once."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether a process is up to take a chunk."""
+
+
 class Backfiller:
     """Runs backfills; thread-safe, since each write is one atomic latest-by-event-time store write.
 
@@ -150,7 +165,8 @@ class Backfiller:
     With `workers` (an executor of processes that ran `install_worker_loader`), chunks are loaded there,
     up to `in_flight` at once, while this thread reads the next; progress is still reported chunk by
     chunk in order, and a stop or a failure waits for the chunks already sent, so every write that
-    succeeded is counted.
+    succeeded is counted. Until a worker process is up (`ChunkWorkers.ready`), this thread loads the
+    chunks itself rather than wait for them to start.
     """
 
     def __init__(
@@ -161,7 +177,7 @@ class Backfiller:
         views: Views | None = None,
         tiles: TileStore | None = None,
         *,
-        workers: Executor | None = None,
+        workers: ChunkWorkers | None = None,
         in_flight: int = 1,
     ):
         self._registry = registry
@@ -210,6 +226,9 @@ class Backfiller:
             wrote.append(chunk.wrote)
             progress.elapsed_seconds = time.monotonic() - began
 
+        workers = self._workers
+        if workers is not None:
+            workers.start()  # while the source is opened and the first chunks read
         scans = self._sources.scan(spec, start, end, None, stop)
         try:
             for scanned in scans:
@@ -218,11 +237,12 @@ class Backfiller:
                 if stop():
                     raise Cancelled("the backfill was cancelled")
                 args = (name, scanned.table, scanned.first_row, start, end, runs, dry_run)
-                if self._workers is None:
+                # With nothing sent yet, order is kept whoever loads the chunk.
+                if workers is None or (not pending and not workers.ready):
                     absorb(self._loader.load(*args))
                     yield progress
                     continue
-                pending.append(self._workers.submit(load_in_worker, *args))
+                pending.append(workers.submit(load_in_worker, *args))
                 while len(pending) >= self._in_flight or (pending and pending[0].done()):
                     absorb(_outcome(pending.popleft()))
                     yield progress
