@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from featurepush_server.core.errors import StorageFull
+from featurepush_server.core.stores import rocksdb
 from featurepush_server.core.stores.base import RowBatch
 from featurepush_server.core.stores.rocksdb import RocksDBStore, row_prefix
 
@@ -141,7 +142,8 @@ def test_a_source_written_from_empty_needs_no_reads_for_new_entities_after_the_i
             part = keys[start : start + 50]
             result = store.write_latest([RowBatch("s", part, [_head(10) + b"a"] * 50, b"", 9, 0)])
             assert result.counts["s"].written == 50
-        assert counting.read_keys == 0 and store._evicted.count >= 800
+        assert counting.read_keys == 0
+        assert store._evicted.count + len(store._retired or {}) >= 850
         # Evicted entities are read again: older events lose to them in a batch with new entities.
         mixed = keys[:30] + [prefix + b"new%d" % i for i in range(20)]
         values = [_head(5) + b"b"] * 30 + [_head(5) + b"c"] * 20
@@ -171,7 +173,9 @@ def test_keys_a_filter_wrongly_may_hold_are_read_and_written_when_absent(tmp_pat
         old = [prefix + b"old%d" % i for i in range(30)]
         store.write_latest([RowBatch("s", old, [_head(10) + b"a"] * 30, b"", 9, 0)])
         store.write_latest([RowBatch("s", old[:1], [_head(11) + b"a"], b"", 9, 0)])  # evicts the 30
-        assert store._evicted.count == 30
+        assert store._retired is not None and len(store._retired) == 30 and store._evicted.count == 0
+        store.write_latest([RowBatch("s", [prefix + b"x"], [_head(1) + b"x"], b"", 9, 0)])  # moves them
+        assert store._retired is None and store._evicted.count == 30
         # As if every key were a false positive: new keys are read, found absent, and written.
         store._evicted.might_hold = lambda keys: [True] * len(keys)  # type: ignore[method-assign]
         new = [prefix + b"new%d" % i for i in range(5)]
@@ -196,4 +200,33 @@ def test_a_full_evicted_key_filter_starts_everything_over_and_writes_stay_latest
         result = store.write_latest([RowBatch("s", keys, [_head(5) + b"b"] * 40, b"", 9, 0)])
         assert (result.counts["s"].written, result.counts["s"].superseded) == (0, 40)
     finally:
+        store.close()
+
+
+def test_a_retired_index_answers_exactly_while_its_keys_move_into_the_filter_step_by_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rocksdb, "_RETIRE_STEP", 4)
+    prefix = row_prefix(9)
+    keys = [prefix + b"e%d" % i for i in range(20)]
+    store = RocksDBStore(tmp_path / "db", fsync=False, latest_cache_entries=10)
+    real = store._db
+    counting = store._db = _CountingDb(real)
+    try:
+        store.write_latest([RowBatch("s", keys, [_head(10) + b"a"] * 20, b"", 9, 0)])
+        store.write_latest([RowBatch("s", keys[:1], [_head(11) + b"a"], b"", 9, 0)])  # retires the 20
+        moved = []
+        for key in keys[1:5]:
+            # One key a write: older events lose to the retired index's exact times, with no read.
+            result = store.write_latest([RowBatch("s", [key], [_head(5) + b"b"], b"", 9, 0)])
+            assert result.counts["s"].superseded == 1
+            moved.append(store._evicted.count)
+        assert moved == [4, 8, 12, 16] and store._retired is not None
+        assert counting.read_keys == 0
+        # The last step moves the rest before this write stages: the filter sends its key to RocksDB.
+        result = store.write_latest([RowBatch("s", keys[5:7], [_head(5) + b"c"] * 2, b"", 9, 0)])
+        assert store._retired is None and store._evicted.count == 20
+        assert result.counts["s"].superseded == 2 and counting.read_keys == 2
+    finally:
+        store._db = real
         store.close()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featurepush_server.core.framing import HEADER_BYTES
+from featurepush_server.core.stores import rocksdb
 from featurepush_server.core.stores.base import RowBatch
 from featurepush_server.core.stores.rocksdb import RocksDBStore, row_prefix
 
@@ -42,16 +44,19 @@ def _model(batches: list[list[tuple[int, int, bytes]]]) -> dict[bytes, bytes]:
     cache=st.sampled_from([2, 1_000]),
     evicted_room=st.sampled_from([None, 3]),
     dry_runs=st.lists(st.tuples(st.integers(0, 5), _ROWS), max_size=2),
+    retire_step=st.sampled_from([1, 65_536]),
 )
 def test_every_entity_keeps_its_latest_row_whatever_the_index_holds(
     batches: list[list[tuple[int, int, bytes]]],
     cache: int,
     evicted_room: int | None,
     dry_runs: list[tuple[int, list[tuple[int, int, bytes]]]],
+    retire_step: int,
 ) -> None:
     # A two-entry index starts over within most writes, its keys kept in the evicted-key filter, which
     # with room for three fills and starts over too; a large index keeps every key.
-    with tempfile.TemporaryDirectory() as tmp:
+    # A retired index whose keys move into the filter one a write is still read from meanwhile.
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(rocksdb, "_RETIRE_STEP", retire_step):
         store = RocksDBStore(Path(tmp) / "db", fsync=False, latest_cache_entries=cache)
         if evicted_room is not None:
             store._evicted.capacity = evicted_room

@@ -78,3 +78,32 @@ def test_started_workers_come_up_without_work_and_tell_when_one_is_ready() -> No
     finally:
         workers.shutdown()
     assert not workers.ready
+
+
+def _die() -> None:
+    os._exit(1)
+
+
+def test_a_pool_whose_processes_died_before_taking_work_is_started_again() -> None:
+    pools: list[ProcessPoolExecutor] = []
+
+    def start() -> ProcessPoolExecutor:
+        # The first pool's processes exit as they start (killed, out of memory); later ones work.
+        initializer = _die if not pools else None
+        pools.append(ProcessPoolExecutor(3, mp_context=get_context("spawn"), initializer=initializer))
+        return pools[-1]
+
+    workers = BackfillWorkers(start, processes=3)
+    try:
+        workers.start()
+        # Nothing was submitted that would find the pool broken: readiness must not wait on it for ever.
+        assert wait_until(lambda: len(pools) == 1 and not workers.ready and _all_failed(workers), 60)
+        workers.start()
+        assert len(pools) == 2 and wait_until(lambda: workers.ready, 60)
+        assert workers.submit(os.getpid).result(timeout=60) != os.getpid()
+    finally:
+        workers.shutdown()
+
+
+def _all_failed(workers: BackfillWorkers) -> bool:
+    return all(f.done() and f.exception() is not None for f in workers._warming)

@@ -88,6 +88,11 @@ class BackfillWorkers(Executor):
     def start(self) -> None:
         """Start the worker processes now unless they run; returns at once, they start meanwhile."""
         with self._lock:
+            if self._pool is not None and self._warming and all(map(_failed, self._warming)):
+                # Every process died before it took work: nothing was submitted since to find out.
+                _LOGGER.warning("backfill worker processes died as they started; starting them again")
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
             if self._pool is None:
                 self._new_pool()
             self._last_used = time.monotonic()
@@ -96,7 +101,7 @@ class BackfillWorkers(Executor):
     def ready(self) -> bool:
         """Whether a worker process is up and took work (a pool's processes take a fraction of a second)."""
         with self._lock:
-            return self._pool is not None and any(f.done() and not f.exception() for f in self._warming)
+            return self._pool is not None and any(f.done() and not _failed(f) for f in self._warming)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         """Start a pool and all its processes; called under the lock."""
@@ -147,6 +152,11 @@ class BackfillWorkers(Executor):
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def _failed(future: Future[Any]) -> bool:
+    """Whether a future ended without a result: raised, or cancelled (asking a cancelled one raises)."""
+    return future.done() and (future.cancelled() or future.exception() is not None)
 
 
 def _start_worker(socket_path: str, catalog_path: str, allowed: list[str], level: str, form: str) -> None:

@@ -162,6 +162,8 @@ def _count(keys: Iterator[bytes], limit: int | None) -> int:
 _ABSENT = bytes(HEADER_BYTES)
 # What one latest-event index entry costs beyond its key's bytes: the dict slot, the key and header objects.
 _INDEX_ENTRY_OVERHEAD = 120
+# Keys of a retired index moved into the evicted-key filter per write: about 11 ms of the write lock.
+_RETIRE_STEP = 65_536
 
 
 def _newer(heads: list[bytes], stored: list[bytes]) -> list[bool]:
@@ -333,8 +335,13 @@ class RocksDBStore:
         # Source id -> whether the index holds every stored row of it (see _indexes_every_row).
         self._indexed_sources: dict[int, bool] = {}
         # The keys the index held when it outgrew its bounds and started over (see _evict_latest), in a
-        # sixteenth of the index's bytes: 16 MiB, about 11 million keys, for the default 256 MiB.
+        # sixteenth of the index's bytes: 16 MiB, about 11 million keys, for 256 MiB.
         self._evicted = KeyFilter(max(latest_cache_bytes // 16, 1 << 20))
+        # The index as it was when it last started over, while its keys move into the filter a step per
+        # write; its event times are still exact for keys the new index lacks.
+        self._retired: dict[bytes, bytes] | None = None
+        self._retiring: Iterator[bytes] = iter(())
+        self._retired_from = 0  # the filter's count when the retired index's keys began to move in
         # Source id -> how many times its definition was written by this process (-1: deleted).
         self._generations: dict[int, int] = {}
         self._view_generations: dict[int, int] = {}
@@ -724,6 +731,8 @@ class RocksDBStore:
         # Once per write, before staging: past its bounds the index starts over.
         if len(self._latest) > self._latest_max or self._latest_bytes > self._latest_max_bytes:
             self._evict_latest()
+        elif self._retired is not None:
+            self._retire_step()
         wb = rocksdict.WriteBatch(raw_mode=True)
         counts = {batch.source: self._stage_latest(batch, wb, dry_run) for batch in batches}
         for batch in batches:
@@ -771,7 +780,8 @@ class RocksDBStore:
             misses = list(keys) if every else [keys[i] for i in at]
             if self._indexes_every_row(batch.source_id):
                 # A dry run: a key the index lacks has no stored row unless it was evicted from it.
-                found = [_ABSENT] * len(misses)
+                retired = self._retired or {}
+                found = [retired.get(key, _ABSENT) for key in misses]
                 held = list(compress(range(len(misses)), self._evicted.might_hold(misses)))
                 if held:
                     rows = self._db.get([misses[i] for i in held])
@@ -814,7 +824,7 @@ class RocksDBStore:
         stored = list(map(cache.setdefault, keys, heads))
         if added := len(cache) - size:
             self._latest_bytes += added * (sum(map(len, keys)) // len(keys) + _INDEX_ENTRY_OVERHEAD)
-            if self._evicted.count:
+            if self._evicted.count or self._retired is not None:
                 self._read_evicted(keys, heads, stored)
         newer = _newer(heads, stored)
         written = _put_newer(wb, keys, values, newer)
@@ -831,10 +841,17 @@ class RocksDBStore:
         for those the evicted-key filter may hold, a stored row's header replaces it there and in the index.
         """
         entered = list(compress(range(len(keys)), map(is_, stored, heads)))
+        cache = self._latest
+        if self._retired is not None:
+            # Keys of the index before it started over are still known exactly until they move on.
+            known = list(map(self._retired.get, [keys[i] for i in entered]))
+            for i, head in zip(entered, known, strict=True):
+                if head is not None:
+                    stored[i] = cache[keys[i]] = head
+            entered = list(compress(entered, map(is_, known, itertools.repeat(None))))
         held = list(compress(entered, self._evicted.might_hold([keys[i] for i in entered])))
         if not held:
             return
-        cache = self._latest
         for i, old in zip(held, self._db.get([keys[i] for i in held]), strict=True):
             if old is not None:
                 # Another object than heads[i], even if equal: the caller tells entered keys by identity.
@@ -861,14 +878,27 @@ class RocksDBStore:
         Without the filter a key missing from the new index could have a stored row, so every source would
         lose what _indexes_every_row says of it and each new entity's write would read first (a backfill
         of more entities than the index holds ran at half speed). With it, a key in neither surely has
-        none. Once the filter is full, everything starts over as it would without it.
+        none. Once the filter is full, everything starts over as it would without it. The old index's
+        keys move into the filter _RETIRE_STEP per write: all at once, a memory-sized index of millions of
+        keys would hold every write up for seconds (about 0.17 us a key).
         """
+        if self._retired is not None:
+            self._retire_step(everything=True)  # refilled before the last one had moved on: rare
         if not self._evicted.has_room(len(self._latest)):
             self._forget_latest()
             return
-        self._evicted.add(list(self._latest))
-        self._latest.clear()
+        self._retired, self._latest = self._latest, {}
+        self._retiring = iter(self._retired)  # the retired dict is never changed, so this stays valid
+        self._retired_from = self._evicted.count
         self._latest_bytes = 0
+
+    def _retire_step(self, everything: bool = False) -> None:
+        """Move the next keys of the retired index into the evicted-key filter; called under the lock."""
+        step = list(itertools.islice(self._retiring, None if everything else _RETIRE_STEP))
+        self._evicted.add(step)
+        if self._evicted.count - self._retired_from == len(self._retired or ()):
+            self._retired = None
+            self._retiring = iter(())
 
     def _forget_latest(self) -> None:
         """Start the latest-event index over, the evicted keys and which sources it holds whole too."""
@@ -876,6 +906,8 @@ class RocksDBStore:
         self._latest_bytes = 0
         self._indexed_sources.clear()
         self._evicted.clear()
+        self._retired = None
+        self._retiring = iter(())
 
     def _stage_tiles(self, updates: Sequence[TileUpdate], wb: rocksdict.WriteBatch) -> int:
         """Merge the updates into the stored tiles, called under the lock; the most records a view skipped."""
