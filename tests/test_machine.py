@@ -89,3 +89,25 @@ def test_the_defaults_follow_what_the_process_may_use(tmp_path: Path) -> None:
     assert limits[PUSH].bytes == max(64 << 20, min(2 << 30, physical) // 16)
     # serve --processes defaults to the cores this process may use.
     assert ServerConfig().processes == machine.cpu_count()
+
+
+def test_the_fronts_of_one_machine_share_its_push_bytes(tmp_path: Path) -> None:
+    from conftest import start
+
+    running = start(tmp_path / "fronts", fronts=2, processes=2)
+    alone = start(tmp_path / "alone", processes=2)
+    try:
+        cpus, memory, message = machine.cpu_count(), machine.memory_bytes(), ServerConfig().max_message_bytes
+        # A sixteenth of memory for one process; each of two fronts admits half of that.
+        for front in running.fronts:
+            assert front.server.admission is not None
+            bound = front.server.admission.gates[PUSH].limit.bytes
+            assert bound == default_limits(cpus, memory // 2, message)[PUSH].bytes
+        assert alone.server.admission is not None
+        assert (
+            alone.server.admission.gates[PUSH].limit.bytes
+            == default_limits(cpus, memory, message)[PUSH].bytes
+        )
+    finally:
+        running.close()
+        alone.close()

@@ -308,10 +308,13 @@ def create_server(
             # Fronts share the port, and the kernel spreads connections over them.
             ("grpc.so_reuseport", int(shares_port)),
         ]
+        # The processes of `serve --processes` share one machine's memory: each front admits its share of
+        # push bytes, or together they would admit the whole machine's sixteenth once per front.
+        memory = machine.memory_bytes() // (max(config.processes, 1) if shares_port else 1)
         gates = Admission(
             configured_limits(
                 machine.cpu_count(),
-                machine.memory_bytes(),
+                memory,
                 config.max_message_bytes,
                 pushes=config.max_concurrent_pushes,
                 waiting_pushes=config.max_waiting_pushes,
