@@ -47,6 +47,7 @@ from typing import Any, cast
 import numpy as np
 import rocksdict
 
+from ...machine import cpu_count
 from ..errors import Aborted, CoreError, StorageFull, Unavailable
 from ..framing import HEADER_BYTES, time_header
 from ..gate import UsageGate
@@ -96,8 +97,9 @@ PID_FILE = "featurepush.pid"
 _WRITE_BUFFER_BYTES = 8 * 1024 * 1024
 _WRITE_BUFFERS = 8
 # Small memtables make more and smaller level-0 files; flushing and compacting them runs on background
-# threads that do not hold the GIL, so a machine with cores to spare gives them more.
-_BACKGROUND_JOBS = min(8, max(2, (os.cpu_count() or 2) // 2))
+# threads that do not hold the GIL, so a machine with cores to spare gives them more: half the cores this
+# process may use (a container's, not its host's).
+_BACKGROUND_JOBS = min(8, max(2, cpu_count() // 2))
 VIEW = b"v"
 SERVICE = b"w"
 TILE = b"a"
