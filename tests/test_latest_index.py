@@ -230,3 +230,90 @@ def test_a_retired_index_answers_exactly_while_its_keys_move_into_the_filter_ste
     finally:
         store._db = real
         store.close()
+
+
+def test_a_source_stored_before_a_restart_is_held_whole_once_its_keys_are_walked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rocksdb, "_RETIRE_STEP", 7)  # several steps, writes landing between them
+    prefix = row_prefix(9)
+    keys = [prefix + b"e%d" % i for i in range(40)]
+    store = RocksDBStore(tmp_path / "db", fsync=False)
+    store.put_source("s", b"", 9)
+    store.write_latest([RowBatch("s", keys, [_head(10) + b"a"] * 40, b"", 9, store.generation(9))])
+    store.close()
+    store = RocksDBStore(tmp_path / "db", fsync=False)
+    real = store._db
+    counting = store._db = _CountingDb(real)
+    try:
+        # Reopened: new entities are read first, since any key might have a row.
+        store.write_latest([RowBatch("s", [prefix + b"n0"], [_head(1) + b"n"], b"", 9, 0)])
+        assert counting.read_keys == 1
+        # Writes land between the walk's steps: a new entity and a newer event of a stored one.
+        add = store._evicted.add
+        during = iter(range(100))
+
+        def add_then_write(step: list[bytes], chunk: int = 65_536) -> None:
+            add(step, chunk)
+            i = next(during)
+            batch = [prefix + b"d%d" % i, keys[i]]
+            store.write_latest([RowBatch("s", batch, [_head(20) + b"d"] * 2, b"", 9, 0)])
+
+        store._evicted.add = add_then_write  # type: ignore[method-assign]
+        assert store.track_stored_rows() == [9]
+        store._evicted.add = add  # type: ignore[method-assign]
+        assert store._indexed_sources[9] is True and store._evicted.count == 41  # 40 stored, n0
+        # Start the index over: every key is now in the filter or nowhere.
+        store._evict_latest()
+        store._retire_step(everything=True)
+        before = counting.read_keys
+        new = [prefix + b"new%d" % i for i in range(10)]
+        result = store.write_latest([RowBatch("s", new, [_head(1) + b"x"] * 10, b"", 9, 0)])
+        assert result.counts["s"].written == 10 and counting.read_keys - before <= 1  # a false "may hold"
+        # Every stored or since-written key still keeps its newer event.
+        during_keys = [prefix + b"d%d" % i for i in range(6)]
+        old = keys + during_keys + [prefix + b"n0"]
+        result = store.write_latest([RowBatch("s", old, [_head(0) + b"o"] * len(old), b"", 9, 0)])
+        assert (result.counts["s"].written, result.counts["s"].superseded) == (0, len(old))
+        assert store.read([keys[0], keys[39], during_keys[0]]) == [
+            _head(20) + b"d",
+            _head(10) + b"a",
+            _head(20) + b"d",
+        ]
+    finally:
+        store._db = real
+        store.close()
+
+
+def test_walking_stored_keys_stops_when_the_index_starts_over_or_the_filter_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rocksdb, "_RETIRE_STEP", 7)
+    prefix = row_prefix(9)
+    keys = [prefix + b"e%d" % i for i in range(40)]
+    store = RocksDBStore(tmp_path / "db", fsync=False)
+    store.put_source("s", b"", 9)
+    store.write_latest([RowBatch("s", keys, [_head(10) + b"a"] * 40, b"", 9, store.generation(9))])
+    store.close()
+    store = RocksDBStore(tmp_path / "db", fsync=False)
+    try:
+        add = store._evicted.add
+
+        def add_then_forget(step: list[bytes], chunk: int = 65_536) -> None:
+            add(step, chunk)
+            store._forget_latest()  # as a failed write or a deleted source does
+
+        store._evicted.add = add_then_forget  # type: ignore[method-assign]
+        assert store.track_stored_rows() == []
+        store._evicted.add = add  # type: ignore[method-assign]
+        assert store._indexed_sources.get(9) is not True
+        store._evicted.capacity = 10
+        assert store.track_stored_rows() == []
+        assert store._indexed_sources.get(9) is not True
+        # Not held whole, its keys are read: an older event loses.
+        result = store.write_latest([RowBatch("s", keys, [_head(5) + b"o"] * 40, b"", 9, 0)])
+        assert result.counts["s"].superseded == 40
+        store._evicted.capacity = 1000
+        assert store.track_stored_rows() == [9]
+    finally:
+        store.close()

@@ -38,6 +38,7 @@ from .config import ServerConfig
 from .core.aggregates import ViewReader
 from .core.backfill import Backfiller, ChunkWorkers
 from .core.batch import BatchSources
+from .core.errors import ShuttingDown
 from .core.expiry import ExpirySweeper
 from .core.ingest import Ingestor
 from .core.ipc import IpcLimits
@@ -207,6 +208,33 @@ def open_store(config: ServerConfig) -> Store:
     except StoreInUse as e:
         # The operator chose the data directory, not the store's folder inside it, so name that.
         raise StoreInUse(config.data_dir, e.pid) from None
+
+
+def track_stored_rows(store: Store) -> threading.Thread | None:
+    """Let the latest-event index hold whole, in a background thread, the sources that held rows at open.
+
+    RocksDB only (see RocksDBStore.track_stored_rows); until it is done, those sources' writes read the
+    keys their index lacks, as before.
+    """
+    if not isinstance(store, RocksDBStore):
+        return None
+
+    def run() -> None:
+        began = time.monotonic()
+        try:
+            made = store.track_stored_rows()
+        except ShuttingDown:
+            return  # closed before the walk was done: nothing to report
+        except Exception as e:  # noqa: BLE001 - a disk error midway: the index works as before
+            _LOGGER.info("the latest-event index stopped taking in stored rows: %s", e)
+            return
+        if made:
+            took = time.monotonic() - began
+            _LOGGER.info("the latest-event index took in %d sources' stored rows (%.1f s)", len(made), took)
+
+    thread = threading.Thread(target=run, name="featurepush-index-tracking", daemon=True)
+    thread.start()
+    return thread
 
 
 def create_server(
@@ -411,6 +439,7 @@ def create_server(
         recovery = Periodic("featurepush-storage-recovery", config.storage_retry_interval_s, store.recover)
         recovery.start()
         closers += [sweeper.close, recovery.stop]
+        track_stored_rows(store)
     metrics.watch(gates, store, offline_log, sweeper)
     server = Server(
         grpc_server,

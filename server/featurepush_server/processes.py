@@ -357,7 +357,7 @@ def _run_owner(
     config: ServerConfig, runtime: Path, ready: Callable[[], None], metrics_socket: Path | None
 ) -> None:
     """Open the store, serve it to the fronts and run its background work until SIGTERM."""
-    from .app import open_store
+    from .app import open_store, track_stored_rows
     from .core.expiry import ExpirySweeper
     from .core.offline_log import OfflineLog
     from .core.periodic import Periodic
@@ -382,6 +382,7 @@ def _run_owner(
     offline_log.start()
     sweeper.start()
     recovery.start()
+    track_stored_rows(store)
     metrics_server = None
     if metrics_socket is not None:
         # The store's gauges, the offline log's and the sweep's come from here: the fronts have none.

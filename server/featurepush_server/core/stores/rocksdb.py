@@ -344,6 +344,8 @@ class RocksDBStore:
         self._retired: dict[bytes, bytes] | None = None
         self._retiring: Iterator[bytes] = iter(())
         self._retired_from = 0  # the filter's count when the retired index's keys began to move in
+        # How many times the index started over with what it knew of whole sources (_forget_latest).
+        self._forgotten = 0
         # Source id -> how many times its definition was written by this process (-1: deleted).
         self._generations: dict[int, int] = {}
         self._view_generations: dict[int, int] = {}
@@ -910,6 +912,60 @@ class RocksDBStore:
         self._evicted.clear()
         self._retired = None
         self._retiring = iter(())
+        self._forgotten += 1
+
+    def track_stored_rows(self) -> list[int]:
+        """Put the stored row keys of sources the index does not hold whole into the evicted-key filter.
+
+        A source that held rows when this process opened the database is read for every key its index
+        lacks, new entities included (1,000-row writes of new entities cost the writing thread 1.9 to 3.9
+        us a row against 1.0 to 2.1 for a source it holds whole). Once its keys are in the filter, a key
+        in neither has no row, as for a source written from empty. Meant for a background thread after
+        opening: it walks the keys outside the write lock, in steps under it, and ends early for a close,
+        a reopen or a full filter. Returns the ids of the sources it made whole.
+        """
+        made: list[int] = []
+        for _, source_id, _ in self.list_sources():
+            with self._gate.use():
+                if self._gate.wanted or not self._track_source(source_id):
+                    break
+                made.append(source_id)
+        return made
+
+    def _track_source(self, source_id: int) -> bool:
+        """Walk one source's row keys into the filter (see track_stored_rows); False to stop walking."""
+        prefix = row_prefix(source_id)
+        with self._lock:
+            if self._indexes_every_row(source_id):
+                return True
+            forgotten = self._forgotten
+            # Begun under the lock, between writes: each row is in the walk or was written since, and
+            # every key a write stages is entered in the index.
+            keys = self._db.keys(from_key=prefix)
+            first = next(keys, None)
+        step = [] if first is None or not first.startswith(prefix) else [first]
+        ended = not step
+        while True:
+            if not ended:
+                for key in keys:
+                    if not key.startswith(prefix):
+                        ended = True
+                        break
+                    step.append(key)
+                    if len(step) == _RETIRE_STEP:
+                        break
+                else:
+                    ended = True
+            with self._lock:
+                if self._forgotten != forgotten or not self._evicted.has_room(len(step)):
+                    return False
+                self._evicted.add(step)
+                if ended:
+                    self._indexed_sources[source_id] = True
+                    return True
+            if self._gate.wanted:
+                return False
+            step = []
 
     def _stage_tiles(self, updates: Sequence[TileUpdate], wb: rocksdict.WriteBatch) -> int:
         """Merge the updates into the stored tiles, called under the lock; the most records a view skipped."""
