@@ -232,17 +232,22 @@ def test_a_retired_index_answers_exactly_while_its_keys_move_into_the_filter_ste
         store.close()
 
 
+def _reopened_over(path: Path, keys: list[bytes]) -> RocksDBStore:
+    """A store over rows of source 9 that an earlier process wrote: reopened, it does not hold them whole."""
+    earlier = RocksDBStore(path, fsync=False)
+    earlier.put_source("s", b"", 9)
+    earlier.write_latest([RowBatch("s", keys, [_head(10) + b"a"] * len(keys), b"", 9, earlier.generation(9))])
+    earlier.close()
+    return RocksDBStore(path, fsync=False)
+
+
 def test_a_source_stored_before_a_restart_is_held_whole_once_its_keys_are_walked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(rocksdb, "_RETIRE_STEP", 7)  # several steps, writes landing between them
     prefix = row_prefix(9)
     keys = [prefix + b"e%d" % i for i in range(40)]
-    store = RocksDBStore(tmp_path / "db", fsync=False)
-    store.put_source("s", b"", 9)
-    store.write_latest([RowBatch("s", keys, [_head(10) + b"a"] * 40, b"", 9, store.generation(9))])
-    store.close()
-    store = RocksDBStore(tmp_path / "db", fsync=False)
+    store = _reopened_over(tmp_path / "db", keys)
     real = store._db
     counting = store._db = _CountingDb(real)
     try:
@@ -291,11 +296,7 @@ def test_walking_stored_keys_stops_when_the_index_starts_over_or_the_filter_is_f
     monkeypatch.setattr(rocksdb, "_RETIRE_STEP", 7)
     prefix = row_prefix(9)
     keys = [prefix + b"e%d" % i for i in range(40)]
-    store = RocksDBStore(tmp_path / "db", fsync=False)
-    store.put_source("s", b"", 9)
-    store.write_latest([RowBatch("s", keys, [_head(10) + b"a"] * 40, b"", 9, store.generation(9))])
-    store.close()
-    store = RocksDBStore(tmp_path / "db", fsync=False)
+    store = _reopened_over(tmp_path / "db", keys)
     try:
         add = store._evicted.add
 
