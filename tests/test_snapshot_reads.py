@@ -212,3 +212,33 @@ def test_a_reader_that_cannot_open_says_so_once_and_again_when_it_can(
         reader.close()
     assert caplog.text.count("cannot open") == 1
     assert "opened read-only again" in caplog.text
+
+
+class _ClosingCounter(SharedCounter):
+    """The owner's write counter, closing `reader` as the reader takes its second look before an opening."""
+
+    reader: SnapshotReader | None = None
+    looks = 0
+
+    def read(self) -> int:
+        self.looks += 1
+        if self.looks == 2 and self.reader is not None:
+            # What close() does, between the reader's quiet wait and its clearing of the wake-up.
+            self.reader._closed.set()
+            self.reader._wanted.set()
+        return super().read()
+
+
+def test_a_close_that_comes_while_an_opening_begins_still_ends_the_reader(tmp_path: Path) -> None:
+    writes = _ClosingCounter(tmp_path / "writes")
+    store = _owner(tmp_path / "db", writes)
+    try:
+        reader = SnapshotReader.__new__(SnapshotReader)
+        writes.reader, writes.looks = reader, 0
+        SnapshotReader.__init__(reader, tmp_path / "db", writes, quiet_s=0.01)
+        reader._thread.join(30)
+        # Before, the opening cleared the close's wake-up and the thread waited for another for ever.
+        assert not reader._thread.is_alive()
+        reader.close()
+    finally:
+        store.close()

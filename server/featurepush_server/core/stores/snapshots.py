@@ -100,6 +100,10 @@ class SnapshotReader:
         next_opening = 0.0
         failing = False
         while True:
+            # Checked before waiting: a close that came while an opening ran may have had its wake-up
+            # cleared below, and would wait for this thread for ever.
+            if self._closed.is_set():
+                return
             self._wanted.wait()
             seen = self._writes.read()
             if self._closed.wait(max(self._quiet_s, next_opening - time.monotonic())):
