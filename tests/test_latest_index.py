@@ -112,7 +112,7 @@ def test_a_dry_run_leaves_no_event_time_in_the_index(tmp_path: Path) -> None:
 
 
 class _CountingDb:
-    """The store's database, counting the keys its batch reads ask for."""
+    """The store's database, counting the keys its batch reads ask for; everything else passes."""
 
     def __init__(self, db: object):
         self._db = db
@@ -127,14 +127,19 @@ class _CountingDb:
         return getattr(self._db, name)
 
 
+def _count_reads(store: RocksDBStore) -> _CountingDb:
+    """Count the keys the store reads from here on (closing it closes its database through the count)."""
+    counting = store._db = _CountingDb(store._db)
+    return counting
+
+
 def test_a_source_written_from_empty_needs_no_reads_for_new_entities_after_the_index_starts_over(
     tmp_path: Path,
 ) -> None:
     prefix = row_prefix(9)
     keys = [prefix + b"e%d" % i for i in range(1000)]
     store = RocksDBStore(tmp_path / "db", fsync=False, latest_cache_entries=100)
-    real = store._db
-    counting = store._db = _CountingDb(real)
+    counting = _count_reads(store)
     try:
         # A backfill of ten times the entities the index holds: it starts over every other write, its
         # keys going to the evicted-key filter, and none of the new entities is read.
@@ -162,7 +167,6 @@ def test_a_source_written_from_empty_needs_no_reads_for_new_entities_after_the_i
         assert store.read(keys[100:101]) == [_head(20) + b"e"]
         assert store._latest[keys[100]] == _head(20)
     finally:
-        store._db = real
         store.close()
 
 
@@ -210,8 +214,7 @@ def test_a_retired_index_answers_exactly_while_its_keys_move_into_the_filter_ste
     prefix = row_prefix(9)
     keys = [prefix + b"e%d" % i for i in range(20)]
     store = RocksDBStore(tmp_path / "db", fsync=False, latest_cache_entries=10)
-    real = store._db
-    counting = store._db = _CountingDb(real)
+    counting = _count_reads(store)
     try:
         store.write_latest([RowBatch("s", keys, [_head(10) + b"a"] * 20, b"", 9, 0)])
         store.write_latest([RowBatch("s", keys[:1], [_head(11) + b"a"], b"", 9, 0)])  # retires the 20
@@ -228,7 +231,6 @@ def test_a_retired_index_answers_exactly_while_its_keys_move_into_the_filter_ste
         assert store._retired is None and store._evicted.count == 20
         assert result.counts["s"].superseded == 2 and counting.read_keys == 2
     finally:
-        store._db = real
         store.close()
 
 
@@ -248,8 +250,7 @@ def test_a_source_stored_before_a_restart_is_held_whole_once_its_keys_are_walked
     prefix = row_prefix(9)
     keys = [prefix + b"e%d" % i for i in range(40)]
     store = _reopened_over(tmp_path / "db", keys)
-    real = store._db
-    counting = store._db = _CountingDb(real)
+    counting = _count_reads(store)
     try:
         # Reopened: new entities are read first, since any key might have a row.
         store.write_latest([RowBatch("s", [prefix + b"n0"], [_head(1) + b"n"], b"", 9, 0)])
@@ -286,7 +287,6 @@ def test_a_source_stored_before_a_restart_is_held_whole_once_its_keys_are_walked
             _head(20) + b"d",
         ]
     finally:
-        store._db = real
         store.close()
 
 

@@ -210,14 +210,14 @@ def open_store(config: ServerConfig) -> Store:
         raise StoreInUse(config.data_dir, e.pid) from None
 
 
-def track_stored_rows(store: Store) -> threading.Thread | None:
+def track_stored_rows(store: Store) -> None:
     """Let the latest-event index hold whole, in a background thread, the sources that held rows at open.
 
     RocksDB only (see RocksDBStore.track_stored_rows); until it is done, those sources' writes read the
     keys their index lacks, as before.
     """
     if not isinstance(store, RocksDBStore):
-        return None
+        return
 
     def run() -> None:
         began = time.monotonic()
@@ -232,9 +232,7 @@ def track_stored_rows(store: Store) -> threading.Thread | None:
             took = time.monotonic() - began
             _LOGGER.info("the latest-event index took in %d sources' stored rows (%.1f s)", len(made), took)
 
-    thread = threading.Thread(target=run, name="featurepush-index-tracking", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=run, name="featurepush-index-tracking", daemon=True).start()
 
 
 def create_server(

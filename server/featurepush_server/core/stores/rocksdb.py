@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import compress
-from operator import and_, is_, is_not
+from operator import and_, is_, is_not, methodcaller, not_
 from pathlib import Path
 from typing import Any, cast
 
@@ -784,14 +784,9 @@ class RocksDBStore:
             misses = list(keys) if every else [keys[i] for i in at]
             if self._indexes_every_row(batch.source_id):
                 # A dry run: a key the index lacks has no stored row unless it was evicted from it.
-                retired = self._retired or {}
-                found = [retired.get(key, _ABSENT) for key in misses]
-                held = list(compress(range(len(misses)), self._evicted.might_hold(misses)))
-                if held:
-                    rows = self._db.get([misses[i] for i in held])
-                    for i, old in zip(held, rows, strict=True):
-                        if old is not None:
-                            found[i] = old[:width]
+                found = [_ABSENT] * len(misses)
+                for i, head in self._evicted_heads(misses).items():
+                    found[i] = head
             else:
                 found = [_ABSENT if old is None else old[:width] for old in self._db.get(misses)]
                 cache.update(zip(misses, found, strict=True))
@@ -839,27 +834,37 @@ class RocksDBStore:
         return BatchCounts(accepted, written, accepted - written)
 
     def _read_evicted(self, keys: Sequence[bytes], heads: list[bytes], stored: list[bytes]) -> None:
-        """Read the stored headers of keys just entered into the index that may have been evicted from it.
+        """Find the stored headers of keys just entered into the index that may have been evicted from it.
 
         `stored` holds each key's entered header itself (the very object) where the key was just entered;
-        for those the evicted-key filter may hold, a stored row's header replaces it there and in the index.
+        where one of those has a stored row, its header replaces it there and in the index.
         """
         entered = list(compress(range(len(keys)), map(is_, stored, heads)))
         cache = self._latest
+        for at, head in self._evicted_heads([keys[i] for i in entered]).items():
+            i = entered[at]
+            # Another object than heads[i], even if equal: the caller tells entered keys by identity.
+            stored[i] = cache[keys[i]] = head
+
+    def _evicted_heads(self, keys: list[bytes]) -> dict[int, bytes]:
+        """The stored headers of keys missing from the index of a source it holds whole, by position.
+
+        Called under the lock. A key evicted from the index is in the retired one, whose times are exact,
+        or in the filter of evicted keys, and then its row (if any) is read; any other key has no row.
+        """
+        found: dict[int, bytes] = {}
+        unknown = list(range(len(keys)))
         if self._retired is not None:
-            # Keys of the index before it started over are still known exactly until they move on.
-            known = list(map(self._retired.get, [keys[i] for i in entered]))
-            for i, head in zip(entered, known, strict=True):
-                if head is not None:
-                    stored[i] = cache[keys[i]] = head
-            entered = list(compress(entered, map(is_, known, itertools.repeat(None))))
-        held = list(compress(entered, self._evicted.might_hold([keys[i] for i in entered])))
-        if not held:
-            return
-        for i, old in zip(held, self._db.get([keys[i] for i in held]), strict=True):
-            if old is not None:
-                # Another object than heads[i], even if equal: the caller tells entered keys by identity.
-                stored[i] = cache[keys[i]] = old[:HEADER_BYTES]
+            known = cast(list[bytes], list(map(self._retired.get, keys)))  # None where absent, left out below
+            present = list(map(is_not, known, itertools.repeat(None)))
+            found.update(zip(compress(unknown, present), compress(known, present), strict=True))
+            unknown = list(compress(unknown, map(not_, present)))
+        held = list(compress(unknown, self._evicted.might_hold([keys[i] for i in unknown])))
+        if held:
+            for i, row in zip(held, self._db.get([keys[i] for i in held]), strict=True):
+                if row is not None:
+                    found[i] = row[:HEADER_BYTES]
+        return found
 
     def _indexes_every_row(self, source_id: int | None) -> bool:
         """Whether every stored row of the source is in the latest-event index; called under the lock.
@@ -943,29 +948,19 @@ class RocksDBStore:
             # every key a write stages is entered in the index.
             keys = self._db.keys(from_key=prefix)
             first = next(keys, None)
-        step = [] if first is None or not first.startswith(prefix) else [first]
-        ended = not step
+        started = () if first is None else (first,)
+        walk = itertools.takewhile(methodcaller("startswith", prefix), itertools.chain(started, keys))
         while True:
-            if not ended:
-                for key in keys:
-                    if not key.startswith(prefix):
-                        ended = True
-                        break
-                    step.append(key)
-                    if len(step) == _RETIRE_STEP:
-                        break
-                else:
-                    ended = True
+            step = list(itertools.islice(walk, _RETIRE_STEP))
             with self._lock:
                 if self._forgotten != forgotten or not self._evicted.has_room(len(step)):
                     return False
                 self._evicted.add(step)
-                if ended:
+                if len(step) < _RETIRE_STEP:
                     self._indexed_sources[source_id] = True
                     return True
             if self._gate.wanted:
                 return False
-            step = []
 
     def _stage_tiles(self, updates: Sequence[TileUpdate], wb: rocksdict.WriteBatch) -> int:
         """Merge the updates into the stored tiles, called under the lock; the most records a view skipped."""
