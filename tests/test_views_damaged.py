@@ -213,9 +213,11 @@ def test_a_push_onto_a_damaged_stored_block_is_refused_whole(
     )
     running = start(data, fsync="never", **store_settings)
     try:
-        now = as_of - M
+        # The interval of the latest pushed events, whose tile is in a stored block. The current one (as
+        # before) lies in a block not stored yet whenever the clock has just crossed a block's span.
+        latest = as_of - 2 * M
         with pytest.raises(grpc.RpcError) as caught:
-            push(running, [(u, now + 11, 9) for u in USERS])
+            push(running, [(u, latest + 11, 9) for u in USERS])
         assert _is_damaged(caught.value)
         assert "moments" in str(caught.value.details())
         # Nothing of the push was written: bb's tiles and the latest rows are as before.
