@@ -171,6 +171,24 @@ def test_the_clients_request_parses_as_its_string_keys(keys: list[str], columnar
     request = online_service_pb2.GetFeaturesRequest.FromString(data)
     form = online_service_pb2.RESPONSE_FORMAT_ARROW if columnar else online_service_pb2.RESPONSE_FORMAT_STRUCT
     assert request == _request(source, form, [{"user_id": k} for k in keys])
+    # Laid out as protobuf writes it (the format after the keys), so the server reads its keys unparsed.
+    assert data == request.SerializeToString()
+    found = string_keys_request(data)
+    if found is not None:
+        # Keys that hold the bytes of a key's prefix are left to the parser; any that are read are exact.
+        assert (found.source, found.response_format) == (source, form)
+        assert found.raws == [k.encode() for k in keys]
+
+
+@pytest.mark.parametrize("columnar", [False, True])
+def test_the_server_reads_the_clients_request_unparsed(columnar: bool) -> None:
+    """The client writes the format after the keys, where the server's reader of keys' bytes looks for it."""
+    keys = ["u1", "é" * 40, "", "w0-u0"]
+    found = string_keys_request(get_features_request("ad_impressions", keys, ["user_id"], columnar=columnar))
+    assert found is not None
+    form = online_service_pb2.RESPONSE_FORMAT_ARROW if columnar else online_service_pb2.RESPONSE_FORMAT_STRUCT
+    assert (found.source, found.response_format, found.name) == ("ad_impressions", form, "user_id")
+    assert found.raws == [k.encode() for k in keys]
 
 
 @SETTINGS

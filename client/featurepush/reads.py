@@ -92,7 +92,17 @@ def _prefixes(name: str) -> tuple[list[bytes], list[str]]:
 SMALL_READ_KEYS = 8
 
 # The serialized source and response_format of a request, by (source, Arrow or not).
-_HEADS: dict[tuple[str, bool], bytes] = {}
+_HEADS: dict[str, bytes] = {}
+# response_format's tag and value, written after the keys as protobuf writes fields, in number order: the
+# server reads the keys of a request so laid out from its bytes rather than parsing it.
+_TAILS = {
+    arrow: online_service_pb2.GetFeaturesRequest(
+        response_format=online_service_pb2.RESPONSE_FORMAT_ARROW
+        if arrow
+        else online_service_pb2.RESPONSE_FORMAT_STRUCT
+    ).SerializeToString()
+    for arrow in (False, True)
+}
 
 
 def wants_arrow(columnar: bool | None, key_count: int) -> bool:
@@ -100,15 +110,12 @@ def wants_arrow(columnar: bool | None, key_count: int) -> bool:
     return key_count > SMALL_READ_KEYS if columnar is None else columnar
 
 
-def _head(source: str, arrow: bool) -> bytes:
-    head = _HEADS.get((source, arrow))
+def _head(source: str) -> bytes:
+    head = _HEADS.get(source)
     if head is None:
-        pb = online_service_pb2
-        form = pb.RESPONSE_FORMAT_ARROW if arrow else pb.RESPONSE_FORMAT_STRUCT
-        request = pb.GetFeaturesRequest(source=source, response_format=form)
         if len(_HEADS) >= 1024:
             _HEADS.clear()
-        head = _HEADS[(source, arrow)] = request.SerializeToString()
+        head = _HEADS[source] = online_service_pb2.GetFeaturesRequest(source=source).SerializeToString()
     return head
 
 
@@ -138,16 +145,17 @@ def get_features_request(
 ) -> bytes:
     """The serialized request for `keys`, Arrow when `columnar`; keys as Client.get_features takes them."""
     # Serialized messages concatenated are one message with the fields of both.
-    head = _head(source, columnar)
+    head, tail = _head(source), _TAILS[columnar]
     if len(entity_keys) == 1 and set(map(type, keys)) == {str}:
         # The common case, one String key, written as bytes: building a Struct costs ten times more.
         written = _string_keys(cast(Sequence[str], keys), entity_keys[0])
         if written is not None:
-            return head + written
+            return head + written + tail
     out = [head]
     for key in keys:
         struct_bytes = key_to_struct(key, entity_keys).SerializeToString()
         out.append(REQUEST_KEYS + _varint(len(struct_bytes)) + struct_bytes)
+    out.append(tail)
     return b"".join(out)
 
 
