@@ -111,3 +111,26 @@ def test_the_fronts_of_one_machine_share_its_push_bytes(tmp_path: Path) -> None:
     finally:
         running.close()
         alone.close()
+
+
+def test_a_set_push_bytes_bound_is_shared_by_the_fronts(tmp_path: Path) -> None:
+    from conftest import start
+
+    message = ServerConfig().max_message_bytes
+    running = start(tmp_path / "fronts", fronts=2, processes=2, max_push_bytes=6 * message)
+    alone = start(tmp_path / "alone", processes=2, max_push_bytes=6 * message)
+    # Below one largest message per front, each front still admits one.
+    small = start(tmp_path / "small", fronts=2, processes=2, max_push_bytes=message)
+    try:
+        for front in running.fronts:
+            assert front.server.admission is not None
+            assert front.server.admission.gates[PUSH].limit.bytes == 3 * message
+        for front in small.fronts:
+            assert front.server.admission is not None
+            assert front.server.admission.gates[PUSH].limit.bytes == message
+        assert alone.server.admission is not None
+        assert alone.server.admission.gates[PUSH].limit.bytes == 6 * message
+    finally:
+        running.close()
+        alone.close()
+        small.close()

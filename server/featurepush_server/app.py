@@ -335,8 +335,13 @@ def create_server(
             ("grpc.so_reuseport", int(shares_port)),
         ]
         # The processes of `serve --processes` share one machine's memory: each front admits its share of
-        # push bytes, or together they would admit the whole machine's sixteenth once per front.
-        memory = machine.memory_bytes() // (max(config.processes, 1) if shares_port else 1)
+        # push bytes, derived or set, or together they would admit the whole bound once per front; but
+        # never less than one largest message, which must always be admissible.
+        fronts = max(config.processes, 1) if shares_port else 1
+        memory = machine.memory_bytes() // fronts
+        push_bytes = (
+            max(config.max_push_bytes // fronts, config.max_message_bytes) if config.max_push_bytes else 0
+        )
         gates = Admission(
             configured_limits(
                 machine.cpu_count(),
@@ -344,7 +349,7 @@ def create_server(
                 config.max_message_bytes,
                 pushes=config.max_concurrent_pushes,
                 waiting_pushes=config.max_waiting_pushes,
-                push_bytes=config.max_push_bytes,
+                push_bytes=push_bytes,
                 reads=config.max_concurrent_reads,
                 streams=config.max_push_streams,
                 backfills=config.max_concurrent_backfills,

@@ -75,8 +75,8 @@ class ServerConfig:
     # Admission: past these bounds a call is refused at once with RESOURCE_EXHAUSTED and a RetryInfo delay,
     # so that a flood of one kind of call leaves reads, health and the registry their latency. 0 derives
     # the bound from the machine: pushes as many as its cores (twice that waiting, each at most
-    # 1 s), a sixteenth of its memory for push request bytes (shared by serve --processes' fronts), 4 reads
-    # per core, 4 push streams per core.
+    # 1 s), a sixteenth of its memory for push request bytes (this bound, derived or set, is shared by
+    # serve --processes' fronts), 4 reads per core, 4 push streams per core.
     max_concurrent_pushes: int = 0
     max_waiting_pushes: int = 0
     max_push_bytes: int = 0
