@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import grpc
 import pyarrow as pa
 import pytest
-from conftest import VIEW_STORES, Running
+from conftest import AD_IMPRESSIONS, VIEW_STORES, Running, source_from_json, start
 
 import featurepush.aio
 from featurepush import (
@@ -21,7 +25,9 @@ from featurepush import (
 )
 from featurepush.aio import AsyncClient
 from featurepush.payload import BatchFailure, PushBatchError
+from featurepush.v1 import ingest_service_pb2, registry_service_pb2
 from featurepush_server.core.errors import Unavailable
+from featurepush_server.servicers.ingest import IngestServicer
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -194,3 +200,66 @@ def test_apply_read_and_delete_a_view(running: Running) -> None:
                 raise AssertionError("a deleted view was read")
 
     asyncio.run(scenario())
+
+
+def test_pusher_resends_a_stream_the_server_side_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = IngestServicer.PushStream
+    cancelled: list[bool] = []
+
+    def cancel_first(
+        self: IngestServicer, requests: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[ingest_service_pb2.PushStreamResponse]:
+        if not cancelled:
+            cancelled.append(True)
+            context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+        yield from real(self, requests, context)
+
+    monkeypatch.setattr(IngestServicer, "PushStream", cancel_first)
+    running = start(tmp_path / "data")
+    failures: list[BatchFailure] = []
+
+    async def scenario() -> None:
+        async with AsyncClient(running.target) as client:
+            async with client.pusher(
+                "ad_impressions",
+                max_rows=10,
+                linger_ms=60_000,
+                backoff_initial_s=0.01,
+                on_error=failures.append,
+            ) as p:
+                await p.add_many(record(i) for i in range(20))
+            assert (p.stats.records, p.stats.written, p.stats.failed_batches) == (20, 20, 0)
+            assert p.stats.reconnects >= 1
+            results = await client.get_features("ad_impressions", [f"u{i}" for i in range(20)])
+            assert all(r.status == FeatureStatus.PRESENT for r in results)
+
+    try:
+        running.registry.ApplySource(
+            registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS))
+        )
+        asyncio.run(scenario())
+    finally:
+        running.close()
+    assert cancelled and failures == []
+
+
+def test_a_pusher_whose_channel_was_closed_fails_its_batches_and_closes(running: Running) -> None:
+    failures: list[BatchFailure] = []
+
+    async def scenario() -> None:
+        client = AsyncClient(running.target)
+        p = client.pusher("ad_impressions", max_rows=10, linger_ms=60_000, on_error=failures.append)
+        await p.add_many(record(i) for i in range(10))
+        await p.flush()
+        await client.close()
+        # No call can be made on the closed channel: the batch fails at once rather than retrying.
+        await p.add_many(record(i) for i in range(10, 20))
+        await asyncio.wait_for(p.close(), 30)
+        assert (p.stats.written, p.stats.failed_records) == (10, 10)
+
+    asyncio.run(scenario())
+    assert [f.error.code for f in failures] == [grpc.StatusCode.CANCELLED]
+    assert "channel is closed" in failures[0].error.message
+    assert [r["user_id"] for r in failures[0].records] == [f"u{i}" for i in range(10, 20)]

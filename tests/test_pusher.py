@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pandas as pd
@@ -26,6 +27,7 @@ from featurepush_server.app import create_server
 from featurepush_server.config import ServerConfig
 from featurepush_server.core.errors import Aborted, CoreError, Unavailable
 from featurepush_server.core.stores.rocksdb import REQUEST
+from featurepush_server.servicers.ingest import IngestServicer
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 # Reconnect quickly after a restart; gRPC's default backoff starts at a second and grows to minutes.
@@ -527,3 +529,69 @@ def test_the_byte_budget_bounds_how_far_a_batch_grows() -> None:
 def test_pusher_sizes_are_checked() -> None:
     with pytest.raises(ValueError, match="eager_rows"):
         check_sizes(max_rows=10, max_pending=1, linger_ms=0, eager_rows=0, max_batch_bytes=1)
+
+
+def test_pusher_resends_a_stream_the_server_side_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grpc fails a call reaching a server as it stops with a bare CANCELLED: the pusher sends it again."""
+    real = IngestServicer.PushStream
+    cancelled: list[bool] = []
+
+    def cancel_first(
+        self: IngestServicer, requests: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[ingest_service_pb2.PushStreamResponse]:
+        if not cancelled:
+            cancelled.append(True)
+            context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+        yield from real(self, requests, context)
+
+    monkeypatch.setattr(IngestServicer, "PushStream", cancel_first)
+    running = start(tmp_path / "data")
+    try:
+        running.registry.ApplySource(
+            registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS))
+        )
+        failures: list[BatchFailure] = []
+        with Client(running.target) as client:
+            p = client.pusher(
+                "ad_impressions",
+                max_rows=50,
+                linger_ms=60_000,
+                backoff_initial_s=0.02,
+                on_error=failures.append,
+            )
+            p.add_many(record(i) for i in range(100))
+            p.close()
+            assert cancelled and failures == []
+            assert (p.stats.records, p.stats.written, p.stats.failed_batches) == (100, 100, 0)
+            assert p.stats.reconnects >= 1
+            assert all(status == FeatureStatus.PRESENT for status, _ in features(client, 100))
+    finally:
+        running.close()
+
+
+def test_a_pusher_whose_channel_was_closed_fails_its_batches_and_closes(tmp_path: Path) -> None:
+    running = start(tmp_path / "data")
+    try:
+        running.registry.ApplySource(
+            registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS))
+        )
+        failures: list[BatchFailure] = []
+        client = Client(running.target)
+        p = client.pusher("ad_impressions", max_rows=50, linger_ms=60_000, on_error=failures.append)
+        p.add_many(record(i) for i in range(50))
+        p.flush()
+        client.close()
+        # No call can be made on the closed channel: the batch fails at once rather than retrying.
+        p.add_many(record(i) for i in range(50, 100))
+        closer = threading.Thread(target=p.close)
+        closer.start()
+        closer.join(30)
+        assert not closer.is_alive()
+        assert [f.error.code for f in failures] == [grpc.StatusCode.CANCELLED]
+        assert "channel is closed" in failures[0].error.message
+        assert [r["user_id"] for r in failures[0].records] == [record(i)["user_id"] for i in range(50, 100)]
+        assert (p.stats.written, p.stats.failed_records) == (50, 50)
+    finally:
+        running.close()

@@ -588,7 +588,19 @@ class AsyncPusher:
                     outbox.put_nowait(batch)
                 self._outbox = outbox
             error: FeaturepushError | None = None
-            call = self._stub.PushStream(_drain(outbox, self._refuse))
+            try:
+                call = self._stub.PushStream(_drain(outbox, self._refuse))
+            except grpc.aio.UsageError as e:
+                # The channel was closed under the pusher: no call can be made on it any more.
+                async with self._changed:
+                    self._outbox = None
+                    closed = FeaturepushError(
+                        grpc.StatusCode.CANCELLED, f"the pusher's channel is closed: {e}"
+                    )
+                    self._report(self._book.fail_pending(closed))
+                    self._changed.notify_all()
+                failing_since = None
+                continue
             try:
                 async for ack in call:
                     async with self._changed:
@@ -613,6 +625,12 @@ class AsyncPusher:
                         self._changed.notify_all()
             except grpc.RpcError as err:
                 error = _error(err)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+                # Not this task being cancelled but its call, by grpc: the channel was closed under it.
+                error = FeaturepushError(grpc.StatusCode.CANCELLED, "the push stream was cancelled")
             async with self._changed:
                 if self._outbox is outbox:
                     self._outbox = None
@@ -627,6 +645,10 @@ class AsyncPusher:
                 or broken is not None
                 or error.code in RETRYABLE_CODES
                 or error.retry_delay_s is not None
+                # Cancelled by someone else than this pusher (it cancels a call only as it leaves it): by
+                # grpc for a call that reached a server as it stopped, by a proxy. Resending is safe
+                # (request ids); a channel closed under the pusher refuses the next call.
+                or error.code == grpc.StatusCode.CANCELLED
             ):
                 now = time.monotonic()
                 failing_since = failing_since or now

@@ -408,7 +408,6 @@ class Pusher:
         self._unreported: list[BatchFailure] = []
         self._reporting = False
         self._call: Any = None
-        self._timed_out = False
         self._closed = False
         self._sender = threading.Thread(target=self._send_loop, name=f"pusher-{source}", daemon=True)
         self._ticker = threading.Thread(target=self._tick_loop, name=f"pusher-{source}-linger", daemon=True)
@@ -598,9 +597,19 @@ class Pusher:
                     batch.sent_at = now
                     outbox.put(batch)
                 self._outbox = outbox
-                self._timed_out = False
                 # gRPC's request thread builds each message as it sends it, off the caller's thread.
-                call = self._stub.PushStream(_messages(outbox, self._refuse))
+                try:
+                    call = self._stub.PushStream(_messages(outbox, self._refuse))
+                except ValueError as e:
+                    # The channel was closed under the pusher: no call can be made on it any more.
+                    self._outbox = None
+                    closed = FeaturepushError(
+                        grpc.StatusCode.CANCELLED, f"the pusher's channel is closed: {e}"
+                    )
+                    self._report(self._book.fail_pending(closed))
+                    self._cond.notify_all()
+                    failing_since = None
+                    continue
                 self._call = call
             try:
                 for ack in call:
@@ -630,7 +639,7 @@ class Pusher:
                 if self._outbox is outbox:
                     self._outbox = None
                 outbox.put(_STOP)  # releases the request thread of a broken call
-                timed_out, self._timed_out, self._call = self._timed_out, False, None
+                self._call = None
                 broken, self._book.broken = self._book.broken, None
                 if broken is not None:
                     error, code = broken, broken.code
@@ -642,7 +651,10 @@ class Pusher:
                 or broken is not None
                 or code in RETRYABLE_CODES
                 or overloaded
-                or (timed_out and code == grpc.StatusCode.CANCELLED)
+                # Cancelled by this pusher for an overdue acknowledgement, or by anyone else: by grpc for a
+                # call that reached a server as it stopped, by a proxy. Resending is safe (request ids);
+                # a channel closed under the pusher refuses the next call, which ends the retries.
+                or code == grpc.StatusCode.CANCELLED
             ):
                 now = time.monotonic()
                 failing_since = failing_since or now
@@ -672,7 +684,6 @@ class Pusher:
                     due = None
                 oldest = self._book.oldest_sent()
                 if oldest is not None and now - oldest > self._ack_timeout_s and self._call is not None:
-                    self._timed_out = True
                     self._call.cancel()
                 wake = [t for t in (due, oldest and oldest + self._ack_timeout_s) if t]
                 timeout = max(min(wake) - now, 0.001) if wake else IDLE_WAIT_S
