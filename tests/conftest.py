@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -27,6 +28,7 @@ from featurepush.v1 import (
 from featurepush_server.app import Server, create_server, open_store
 from featurepush_server.config import ServerConfig
 from featurepush_server.processes import front_store, store_owner
+from featurepush_server.servicers.ingest import IngestServicer
 from featurepush_server.workers import backfill_workers as workers_of
 
 # `featurepush serve` started by a test runs in one process unless the test asks for more (--processes).
@@ -186,6 +188,27 @@ def running(tmp_path: Path, store_settings: dict[str, object]) -> Iterator[Runni
 def scalar(name: str) -> dict[str, object]:
     """The JSON form of a scalar DataType, such as scalar("INT64")."""
     return {"scalar": f"SCALAR_TYPE_{name}"}
+
+
+def cancel_first_push_stream(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Make the next server started fail its first PushStream with a bare CANCELLED, before reading it.
+
+    As grpc fails a call that reaches a server just as it stops. The list returned holds True once done.
+    """
+    real = IngestServicer.PushStream
+    cancelled: list[bool] = []
+
+    def cancel_first(
+        self: IngestServicer, requests: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[ingest_service_pb2.PushStreamResponse]:
+        if not cancelled:
+            cancelled.append(True)
+            context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+        yield from real(self, requests, context)
+
+    # The servicer's methods are bound when a server is built, so only servers started after this see it.
+    monkeypatch.setattr(IngestServicer, "PushStream", cancel_first)
+    return cancelled
 
 
 def rows_request(

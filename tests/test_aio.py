@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pyarrow as pa
 import pytest
-from conftest import AD_IMPRESSIONS, VIEW_STORES, Running, source_from_json, start
+from conftest import AD_IMPRESSIONS, VIEW_STORES, Running, cancel_first_push_stream, source_from_json, start
 
 import featurepush.aio
 from featurepush import (
@@ -25,15 +23,28 @@ from featurepush import (
 )
 from featurepush.aio import AsyncClient
 from featurepush.payload import BatchFailure, PushBatchError
-from featurepush.v1 import ingest_service_pb2, registry_service_pb2
+from featurepush.pusher import PusherStats
+from featurepush.v1 import registry_service_pb2
 from featurepush_server.core.errors import Unavailable
-from featurepush_server.servicers.ingest import IngestServicer
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 def record(i: int, clicked: object = None) -> dict[str, object]:
     return {"user_id": f"u{i}", "timestamp": T0, "clicked": i if clicked is None else clicked}
+
+
+async def push_through_retries(target: str, n: int, failures: list[BatchFailure]) -> PusherStats:
+    """Push n records in batches of 10 through a pusher that had to retry; each must read back PRESENT."""
+    async with AsyncClient(target) as client:
+        async with client.pusher(
+            "ad_impressions", max_rows=10, linger_ms=60_000, backoff_initial_s=0.01, on_error=failures.append
+        ) as p:
+            await p.add_many(record(i) for i in range(n))
+        assert p.stats.reconnects >= 1
+        results = await client.get_features("ad_impressions", [f"u{i}" for i in range(n)])
+        assert all(r.status == FeatureStatus.PRESENT for r in results)
+    return p.stats
 
 
 def test_push_and_get_features(running: Running) -> None:
@@ -96,22 +107,8 @@ def test_pusher_resends_a_batch_not_written_for_now(
     monkeypatch.setattr(store, "write_latest", flaky)
     failures: list[BatchFailure] = []
 
-    async def scenario() -> None:
-        async with AsyncClient(running.target) as client:
-            async with client.pusher(
-                "ad_impressions",
-                max_rows=10,
-                linger_ms=60_000,
-                backoff_initial_s=0.01,
-                on_error=failures.append,
-            ) as p:
-                await p.add_many(record(i) for i in range(40))
-            assert (p.stats.batches, p.stats.written, p.stats.failed_batches) == (4, 40, 0)
-            assert p.stats.reconnects >= 1
-            results = await client.get_features("ad_impressions", [f"u{i}" for i in range(40)])
-            assert all(r.status == FeatureStatus.PRESENT for r in results)
-
-    asyncio.run(scenario())
+    stats = asyncio.run(push_through_retries(running.target, 40, failures))
+    assert (stats.batches, stats.written, stats.failed_batches) == (4, 40, 0)
     assert failures == [] and len(refused) == 2
 
 
@@ -205,43 +202,17 @@ def test_apply_read_and_delete_a_view(running: Running) -> None:
 def test_pusher_resends_a_stream_the_server_side_cancelled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = IngestServicer.PushStream
-    cancelled: list[bool] = []
-
-    def cancel_first(
-        self: IngestServicer, requests: Iterator[Any], context: grpc.ServicerContext
-    ) -> Iterator[ingest_service_pb2.PushStreamResponse]:
-        if not cancelled:
-            cancelled.append(True)
-            context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
-        yield from real(self, requests, context)
-
-    monkeypatch.setattr(IngestServicer, "PushStream", cancel_first)
+    cancelled = cancel_first_push_stream(monkeypatch)
     running = start(tmp_path / "data")
     failures: list[BatchFailure] = []
-
-    async def scenario() -> None:
-        async with AsyncClient(running.target) as client:
-            async with client.pusher(
-                "ad_impressions",
-                max_rows=10,
-                linger_ms=60_000,
-                backoff_initial_s=0.01,
-                on_error=failures.append,
-            ) as p:
-                await p.add_many(record(i) for i in range(20))
-            assert (p.stats.records, p.stats.written, p.stats.failed_batches) == (20, 20, 0)
-            assert p.stats.reconnects >= 1
-            results = await client.get_features("ad_impressions", [f"u{i}" for i in range(20)])
-            assert all(r.status == FeatureStatus.PRESENT for r in results)
-
     try:
         running.registry.ApplySource(
             registry_service_pb2.ApplySourceRequest(source=source_from_json(AD_IMPRESSIONS))
         )
-        asyncio.run(scenario())
+        stats = asyncio.run(push_through_retries(running.target, 20, failures))
     finally:
         running.close()
+    assert (stats.records, stats.written, stats.failed_batches) == (20, 20, 0)
     assert cancelled and failures == []
 
 

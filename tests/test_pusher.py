@@ -9,13 +9,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pandas as pd
 import pyarrow as pa
 import pytest
-from conftest import AD_IMPRESSIONS, Running, source_from_json, start
+from conftest import AD_IMPRESSIONS, Running, cancel_first_push_stream, source_from_json, start
 from servers import wait_until
 
 import featurepush.pusher
@@ -27,7 +26,6 @@ from featurepush_server.app import create_server
 from featurepush_server.config import ServerConfig
 from featurepush_server.core.errors import Aborted, CoreError, Unavailable
 from featurepush_server.core.stores.rocksdb import REQUEST
-from featurepush_server.servicers.ingest import IngestServicer
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 # Reconnect quickly after a restart; gRPC's default backoff starts at a second and grows to minutes.
@@ -535,18 +533,7 @@ def test_pusher_resends_a_stream_the_server_side_cancelled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """grpc fails a call reaching a server as it stops with a bare CANCELLED: the pusher sends it again."""
-    real = IngestServicer.PushStream
-    cancelled: list[bool] = []
-
-    def cancel_first(
-        self: IngestServicer, requests: Iterator[Any], context: grpc.ServicerContext
-    ) -> Iterator[ingest_service_pb2.PushStreamResponse]:
-        if not cancelled:
-            cancelled.append(True)
-            context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
-        yield from real(self, requests, context)
-
-    monkeypatch.setattr(IngestServicer, "PushStream", cancel_first)
+    cancelled = cancel_first_push_stream(monkeypatch)
     running = start(tmp_path / "data")
     try:
         running.registry.ApplySource(

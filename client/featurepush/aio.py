@@ -45,6 +45,7 @@ from featurepush.pusher import (
     PusherStats,
     SchemaLookup,
     _Batch,
+    channel_closed,
     check_mapping,
     check_sizes,
     log_recovered,
@@ -594,10 +595,7 @@ class AsyncPusher:
                 # The channel was closed under the pusher: no call can be made on it any more.
                 async with self._changed:
                     self._outbox = None
-                    closed = FeaturepushError(
-                        grpc.StatusCode.CANCELLED, f"the pusher's channel is closed: {e}"
-                    )
-                    self._report(self._book.fail_pending(closed))
+                    self._report(self._book.fail_pending(channel_closed(e)))
                     self._changed.notify_all()
                 failing_since = None
                 continue

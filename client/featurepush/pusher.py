@@ -43,6 +43,11 @@ TRANSIENT_BATCH_CODES = RETRYABLE_CODES | {grpc.StatusCode.ABORTED}
 ErrorCallback = Callable[[BatchFailure], None]
 
 
+def channel_closed(error: Exception) -> FeaturepushError:
+    """The error of a pusher's pending batches when its channel, closed under it, refused a new call."""
+    return FeaturepushError(grpc.StatusCode.CANCELLED, f"the pusher's channel is closed: {error}")
+
+
 @dataclass
 class PusherStats:
     """Totals of a pusher's settled batches; a replayed batch counts once, as the server first saw it."""
@@ -603,10 +608,7 @@ class Pusher:
                 except ValueError as e:
                     # The channel was closed under the pusher: no call can be made on it any more.
                     self._outbox = None
-                    closed = FeaturepushError(
-                        grpc.StatusCode.CANCELLED, f"the pusher's channel is closed: {e}"
-                    )
-                    self._report(self._book.fail_pending(closed))
+                    self._report(self._book.fail_pending(channel_closed(e)))
                     self._cond.notify_all()
                     failing_since = None
                     continue
