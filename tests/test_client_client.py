@@ -14,6 +14,7 @@ from google.protobuf import json_format, struct_pb2
 
 import featurepush
 from featurepush import Client, FeatureStatus, Field, Int64, SourceCounts, StreamSource, String, Timestamp
+from featurepush.payload import SMALL_PUSH_ROWS
 from featurepush.v1 import (
     ingest_service_pb2,
     ingest_service_pb2_grpc,
@@ -152,12 +153,26 @@ def test_push_sends_rows_and_returns_counts(client: Client, seen: _Recorder) -> 
     assert result == featurepush.PushResult({"clicks": SourceCounts(3, 2, 1)}, dry_run=True, replayed=False)
     request = seen.pushes[0]
     assert request.request_id == "r1" and request.dry_run
-    # The schema is known and every value fits it, so the records travel as one Arrow batch.
-    assert _arrow_rows(request.records["clicks"].arrow_ipc).to_pylist()[2] == {
+    # A few records travel as Structs, cheaper than an Arrow batch for the client and the server alike.
+    assert not request.records["clicks"].arrow_ipc
+    assert json_format.MessageToDict(request.records["clicks"].rows[2]) == {
         "user_id": "u2",
-        "ts": ts,
-        "count": 2,
+        "ts": "2026-11-25T10:00:00Z",
+        "count": 2.0,
     }
+
+
+def test_push_sends_more_than_a_few_records_as_one_arrow_batch(client: Client, seen: _Recorder) -> None:
+    ts = dt.datetime(2026, 11, 25, 10, tzinfo=dt.UTC)
+    records = [{"user_id": f"u{i}", "ts": ts, "count": i} for i in range(SMALL_PUSH_ROWS + 1)]
+    client.push("clicks", records)
+    # The schema is known and every value fits it, so the records travel as one Arrow batch.
+    request = seen.pushes[0]
+    assert not request.records["clicks"].rows
+    assert _arrow_rows(request.records["clicks"].arrow_ipc).to_pylist() == records
+    # As many go as Structs, in the same request as another source's few.
+    client.push_many({"clicks": records[:SMALL_PUSH_ROWS], "b": records[:1]})
+    assert len(seen.pushes[1].records["clicks"].rows) == SMALL_PUSH_ROWS
 
 
 def test_push_sends_structs_when_a_value_does_not_fit_the_schema(client: Client, seen: _Recorder) -> None:

@@ -32,6 +32,7 @@ from featurepush.payload import (
     is_columnar,
     push_request,
     push_result,
+    sends_structs,
 )
 from featurepush.pusher import (
     DEFAULT_EAGER_ROWS,
@@ -182,7 +183,7 @@ class AsyncClient:
 
     async def _push_schema(self, source: str, data: object) -> PushSchema | None:
         """The cached schema to send records as Arrow, or None to send Structs (also when it is unknown)."""
-        if is_columnar(data) and type(data).__module__.split(".")[0] != "pandas":
+        if sends_structs(data) or (is_columnar(data) and type(data).__module__.split(".")[0] != "pandas"):
             return None
         cached = self._push_schemas.get(source)
         if cached is None:

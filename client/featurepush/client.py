@@ -344,10 +344,11 @@ class Client:
         """Pushes records for several sources in one atomic request.
 
         Records (dicts) go as one Arrow batch per source when the client knows the source's schema (fetched
-        once and cached) and every value fits it exactly, else as Structs by featurepush.values rules; the
-        server answers both alike. A request_id makes retries safe: the server replays its first response
-        for a repeated id. Raises InvalidArgumentError listing every bad record by path if any is rejected,
-        in which case nothing is written.
+        once and cached) and every value fits it exactly, else as Structs by featurepush.values rules, as
+        do lists of at most featurepush.payload.SMALL_PUSH_ROWS records; the server answers both alike. A
+        request_id makes retries safe: the server replays its first response for a repeated id. Raises
+        InvalidArgumentError listing every bad record by path if any is rejected, in which case nothing is
+        written.
         """
         # Imported here because payload builds on this module's result types.
         from featurepush.payload import RESEND_AS_ROWS, as_records, push_request, push_result
@@ -372,9 +373,9 @@ class Client:
 
     def _push_schema(self, source: str, data: object) -> PushSchema | None:
         """The cached schema to send records as Arrow, or None to send Structs (also when it is unknown)."""
-        from featurepush.payload import PushSchema, is_columnar
+        from featurepush.payload import PushSchema, is_columnar, sends_structs
 
-        if is_columnar(data) and type(data).__module__.split(".")[0] != "pandas":
+        if sends_structs(data) or (is_columnar(data) and type(data).__module__.split(".")[0] != "pandas"):
             return None
         with self._schemas_lock:
             cached = self._push_schemas.get(source)

@@ -24,7 +24,14 @@ from featurepush.errors import (
     from_rpc_error,
     from_status_proto,
 )
-from featurepush.payload import RESEND_AS_ROWS, BatchFailure, PushBatchError, PushSchema, fill_source_records
+from featurepush.payload import (
+    RESEND_AS_ROWS,
+    BatchFailure,
+    PushBatchError,
+    PushSchema,
+    fill_source_records,
+    sends_structs,
+)
 from featurepush.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 from featurepush.values import EncodingError, fill_struct
 
@@ -95,7 +102,10 @@ class _Batch:
         with self._lock:
             if self._message is None:
                 request = ingest_service_pb2.PushRequest(request_id=self.request_id)
-                schema = self.schema() if self.schema is not None else None
+                # A short batch (a linger sealed it with a few records) goes as Structs, as Client.push's.
+                schema = (
+                    self.schema() if self.schema is not None and not sends_structs(self.records) else None
+                )
                 try:
                     self.columnar = fill_source_records(
                         request.records[self.source], self.source, self.records, schema
