@@ -234,3 +234,20 @@ def test_a_pusher_whose_channel_was_closed_fails_its_batches_and_closes(running:
     assert [f.error.code for f in failures] == [grpc.StatusCode.CANCELLED]
     assert "channel is closed" in failures[0].error.message
     assert [r["user_id"] for r in failures[0].records] == [f"u{i}" for i in range(10, 20)]
+
+
+def test_a_status_grpc_lost_to_a_write_after_the_servers_end_is_a_broken_stream() -> None:
+    """grpc.aio reports INTERNAL in place of the server's status when a write follows the end of the call."""
+    empty = grpc.aio.Metadata()
+    lost = grpc.aio.AioRpcError(
+        grpc.StatusCode.INTERNAL,
+        empty,
+        empty,
+        details="Internal error from Core",
+        debug_error_string='Failed "execute_batch": (SendMessageOperation,)',
+    )
+    error = featurepush.aio._stream_error(lost)
+    assert error.code == grpc.StatusCode.UNAVAILABLE and "execute_batch" in error.message
+    # The server's own INTERNAL stays what it is: resending would only fail again.
+    own = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, empty, empty, details="the server failed")
+    assert featurepush.aio._stream_error(own).code == grpc.StatusCode.INTERNAL

@@ -623,7 +623,7 @@ class AsyncPusher:
                         self._half_close()
                         self._changed.notify_all()
             except grpc.RpcError as err:
-                error = _error(err)
+                error = _stream_error(err)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling():
@@ -690,6 +690,30 @@ async def _drain(
             await refuse(batch, err)
             continue
         yield message
+
+
+# What grpc.aio reports, as INTERNAL, for a write that failed because the server had already ended the call,
+# in place of the status the server ended it with (grpc/grpc issue 36066; seen with grpcio 1.85).
+_WRITE_AFTER_END = "Internal error from Core"
+
+
+def _stream_error(err: grpc.RpcError) -> FeaturepushError:
+    """A pusher's stream error; a status grpc.aio lost to a write after the server's end is UNAVAILABLE.
+
+    The server ended the stream (stopping, an idle or broken stream, a refusal) while a batch was being
+    written: the stream broke, which is resent like any other break (request ids make it safe).
+    """
+    if (
+        isinstance(err, grpc.aio.AioRpcError)
+        and err.code() == grpc.StatusCode.INTERNAL
+        and err.details() == _WRITE_AFTER_END
+    ):
+        return FeaturepushError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the push stream ended while a batch was being written, and grpc lost the server's status: "
+            f"{err.debug_error_string()}",
+        )
+    return _error(err)
 
 
 def _error(err: grpc.RpcError) -> FeaturepushError:
