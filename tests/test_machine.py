@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from featurepush_server import machine
-from featurepush_server.admission import PUSH, default_limits
+from featurepush_server.admission import PUSH, Overloaded, default_limits
 from featurepush_server.config import ServerConfig
 
 
@@ -119,7 +121,7 @@ def test_a_set_push_bytes_bound_is_shared_by_the_fronts(tmp_path: Path) -> None:
     message = ServerConfig().max_message_bytes
     running = start(tmp_path / "fronts", fronts=2, processes=2, max_push_bytes=6 * message)
     alone = start(tmp_path / "alone", processes=2, max_push_bytes=6 * message)
-    # Below one largest message per front, each front still admits one.
+    # A share below one largest message: a front still admits one such push when it holds no other.
     small = start(tmp_path / "small", fronts=2, processes=2, max_push_bytes=message)
     try:
         for front in running.fronts:
@@ -127,7 +129,12 @@ def test_a_set_push_bytes_bound_is_shared_by_the_fronts(tmp_path: Path) -> None:
             assert front.server.admission.gates[PUSH].limit.bytes == 3 * message
         for front in small.fronts:
             assert front.server.admission is not None
-            assert front.server.admission.gates[PUSH].limit.bytes == message
+            gate = front.server.admission.gates[PUSH]
+            assert gate.limit.bytes == message // 2
+            gate.enter(message)
+            with pytest.raises(Overloaded):
+                gate.enter(1)
+            gate.leave(message)
         assert alone.server.admission is not None
         assert alone.server.admission.gates[PUSH].limit.bytes == 6 * message
     finally:

@@ -40,8 +40,8 @@ RESEND_AS_ROWS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RE
 
 # Lists of at most this many records go as Structs even where the schema is known: for a few rows, building
 # an Arrow batch here and the server's checks of an untrusted Arrow stream cost more than the Structs do.
-# Client.push end to end, one call at a time: one dict took 1.4 times as long as Arrow as as Structs, 8
-# dicts 1.2 times, 16 about the same, 32 and more less (0.9 times at 32, 0.6 at 256).
+# Client.push end to end, one call at a time: one dict took 1.4 times as long as Arrow as it did as
+# Structs, 8 dicts 1.2 times, 16 about the same, 32 and more less (0.9 times at 32, 0.6 at 256).
 SMALL_PUSH_ROWS = 16
 
 

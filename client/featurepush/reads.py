@@ -91,7 +91,7 @@ def _prefixes(name: str) -> tuple[list[bytes], list[str]]:
 # few the rows, and decoding a few Structs here costs less than reading an Arrow stream.
 SMALL_READ_KEYS = 8
 
-# The serialized source and response_format of a request, by (source, Arrow or not).
+# The serialized source field of a request, by source.
 _HEADS: dict[str, bytes] = {}
 # response_format's tag and value, written after the keys as protobuf writes fields, in number order: the
 # server reads the keys of a request so laid out from its bytes rather than parsing it.

@@ -335,13 +335,11 @@ def create_server(
             ("grpc.so_reuseport", int(shares_port)),
         ]
         # The processes of `serve --processes` share one machine's memory: each front admits its share of
-        # push bytes, derived or set, or together they would admit the whole bound once per front; but
-        # never less than one largest message, which must always be admissible.
+        # push bytes, derived or set, or together they would admit the whole bound once per front. (A gate
+        # still admits a request larger than its share when it holds no other.)
         fronts = max(config.processes, 1) if shares_port else 1
         memory = machine.memory_bytes() // fronts
-        push_bytes = (
-            max(config.max_push_bytes // fronts, config.max_message_bytes) if config.max_push_bytes else 0
-        )
+        push_bytes = max(config.max_push_bytes // fronts, 1) if config.max_push_bytes else 0
         gates = Admission(
             configured_limits(
                 machine.cpu_count(),
