@@ -12,6 +12,11 @@ from featurepush_server.core.stores.base import RowBatch
 from featurepush_server.core.stores.rocksdb import RocksDBStore, row_prefix
 
 
+def _entities(source_id: int, n: int) -> list[bytes]:
+    """Row keys of n entities of a source."""
+    return [row_prefix(source_id) + b"e%d" % i for i in range(n)]
+
+
 def _head(t: int) -> bytes:
     return t.to_bytes(8, "big")
 
@@ -37,8 +42,7 @@ def test_long_keys_keep_the_index_under_its_byte_bound_and_writes_stay_latest(tm
 
 
 def test_keys_the_index_lacks_are_read_unless_it_holds_every_row_of_their_source(tmp_path: Path) -> None:
-    prefix = row_prefix(7)
-    keys = [prefix + b"e%d" % i for i in range(50)]
+    keys = _entities(7, 50)
     store = RocksDBStore(tmp_path / "db", fsync=False, latest_cache_entries=20)
     try:
         # An empty source: every row is written through this store, so none needs reading.
@@ -79,7 +83,7 @@ class _RefusingDb:
 
 
 def test_a_write_that_did_not_land_leaves_no_event_time_in_the_index(tmp_path: Path) -> None:
-    keys = [row_prefix(3) + b"e%d" % i for i in range(5)]
+    keys = _entities(3, 5)
     store = RocksDBStore(tmp_path / "db", fsync=False)
     real = store._db
     try:
@@ -99,7 +103,7 @@ def test_a_write_that_did_not_land_leaves_no_event_time_in_the_index(tmp_path: P
 
 
 def test_a_dry_run_leaves_no_event_time_in_the_index(tmp_path: Path) -> None:
-    keys = [row_prefix(4) + b"e%d" % i for i in range(3)]
+    keys = _entities(4, 3)
     store = RocksDBStore(tmp_path / "db", fsync=False)
     try:
         dry = store.write_latest([RowBatch("s", keys, [_head(30) + b"a"] * 3, b"", 4, 0)], dry_run=True)
@@ -137,7 +141,7 @@ def test_a_source_written_from_empty_needs_no_reads_for_new_entities_after_the_i
     tmp_path: Path,
 ) -> None:
     prefix = row_prefix(9)
-    keys = [prefix + b"e%d" % i for i in range(1000)]
+    keys = _entities(9, 1000)
     store = RocksDBStore(tmp_path / "db", fsync=False, latest_cache_entries=100)
     counting = _count_reads(store)
     try:
@@ -192,8 +196,7 @@ def test_keys_a_filter_wrongly_may_hold_are_read_and_written_when_absent(tmp_pat
 
 
 def test_a_full_evicted_key_filter_starts_everything_over_and_writes_stay_latest(tmp_path: Path) -> None:
-    prefix = row_prefix(9)
-    keys = [prefix + b"e%d" % i for i in range(40)]
+    keys = _entities(9, 40)
     store = RocksDBStore(tmp_path / "db", fsync=False, latest_cache_entries=10)
     store._evicted.capacity = 15
     try:
@@ -211,8 +214,7 @@ def test_a_retired_index_answers_exactly_while_its_keys_move_into_the_filter_ste
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(rocksdb, "_RETIRE_STEP", 4)
-    prefix = row_prefix(9)
-    keys = [prefix + b"e%d" % i for i in range(20)]
+    keys = _entities(9, 20)
     store = RocksDBStore(tmp_path / "db", fsync=False, latest_cache_entries=10)
     counting = _count_reads(store)
     try:
@@ -234,13 +236,14 @@ def test_a_retired_index_answers_exactly_while_its_keys_move_into_the_filter_ste
         store.close()
 
 
-def _reopened_over(path: Path, keys: list[bytes]) -> RocksDBStore:
-    """A store over rows of source 9 that an earlier process wrote: reopened, it does not hold them whole."""
+def _reopened_over(path: Path) -> tuple[RocksDBStore, list[bytes]]:
+    """A store reopened over 40 rows of source 9 an earlier process wrote (not held whole), and their keys."""
+    keys = _entities(9, 40)
     earlier = RocksDBStore(path, fsync=False)
     earlier.put_source("s", b"", 9)
     earlier.write_latest([RowBatch("s", keys, [_head(10) + b"a"] * len(keys), b"", 9, earlier.generation(9))])
     earlier.close()
-    return RocksDBStore(path, fsync=False)
+    return RocksDBStore(path, fsync=False), keys
 
 
 def test_a_source_stored_before_a_restart_is_held_whole_once_its_keys_are_walked(
@@ -248,8 +251,7 @@ def test_a_source_stored_before_a_restart_is_held_whole_once_its_keys_are_walked
 ) -> None:
     monkeypatch.setattr(rocksdb, "_RETIRE_STEP", 7)  # several steps, writes landing between them
     prefix = row_prefix(9)
-    keys = [prefix + b"e%d" % i for i in range(40)]
-    store = _reopened_over(tmp_path / "db", keys)
+    store, keys = _reopened_over(tmp_path / "db")
     counting = _count_reads(store)
     try:
         # Reopened: new entities are read first, since any key might have a row.
@@ -294,9 +296,7 @@ def test_walking_stored_keys_stops_when_the_index_starts_over_or_the_filter_is_f
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(rocksdb, "_RETIRE_STEP", 7)
-    prefix = row_prefix(9)
-    keys = [prefix + b"e%d" % i for i in range(40)]
-    store = _reopened_over(tmp_path / "db", keys)
+    store, keys = _reopened_over(tmp_path / "db")
     try:
         add = store._evicted.add
 
@@ -316,5 +316,29 @@ def test_walking_stored_keys_stops_when_the_index_starts_over_or_the_filter_is_f
         assert result.counts["s"].superseded == 40
         store._evicted.capacity = 1000
         assert store.track_stored_rows() == [9]
+    finally:
+        store.close()
+
+
+def test_a_retirement_ends_though_the_walk_of_stored_keys_fills_the_filter_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rocksdb, "_RETIRE_STEP", 4)
+    store, _ = _reopened_over(tmp_path / "db")
+    store._latest_max = 10
+    new = _entities(8, 20)
+    try:
+        store.write_latest([RowBatch("t", new, [_head(10) + b"a"] * 20, b"", 8, 0)])
+        store.write_latest([RowBatch("t", new[:1], [_head(11) + b"a"], b"", 8, 0)])  # retires the index
+        assert store._retired is not None
+        # The walk of source 9's stored keys adds to the filter while the retired keys move into it.
+        assert store.track_stored_rows() == [9]
+        for i in range(1, 8):
+            store.write_latest([RowBatch("t", new[i : i + 1], [_head(12) + b"a"], b"", 8, 0)])
+        assert store._retired is None
+        # Every retired key is in the filter: older events of them still lose.
+        store._latest.clear()
+        result = store.write_latest([RowBatch("t", new, [_head(5) + b"b"] * 20, b"", 8, 0)])
+        assert result.counts["t"].superseded == 20
     finally:
         store.close()

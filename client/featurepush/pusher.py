@@ -52,7 +52,11 @@ ErrorCallback = Callable[[BatchFailure], None]
 
 def channel_closed(error: Exception) -> FeaturepushError:
     """The error of a pusher's pending batches when its channel, closed under it, refused a new call."""
-    return FeaturepushError(grpc.StatusCode.CANCELLED, f"the pusher's channel is closed: {error}")
+    return FeaturepushError(
+        grpc.StatusCode.CANCELLED,
+        f"the pusher's channel is closed ({error}), so these records were not sent; push them through a "
+        "new client",
+    )
 
 
 @dataclass

@@ -343,7 +343,7 @@ class RocksDBStore:
         # write; its event times are still exact for keys the new index lacks.
         self._retired: dict[bytes, bytes] | None = None
         self._retiring: Iterator[bytes] = iter(())
-        self._retired_from = 0  # the filter's count when the retired index's keys began to move in
+        self._retire_left = 0  # keys of the retired index not in the filter yet
         # How many times the index started over with what it knew of whole sources (_forget_latest).
         self._forgotten = 0
         # Source id -> how many times its definition was written by this process (-1: deleted).
@@ -898,14 +898,16 @@ class RocksDBStore:
             return
         self._retired, self._latest = self._latest, {}
         self._retiring = iter(self._retired)  # the retired dict is never changed, so this stays valid
-        self._retired_from = self._evicted.count
+        self._retire_left = len(self._retired)
         self._latest_bytes = 0
 
     def _retire_step(self, everything: bool = False) -> None:
         """Move the next keys of the retired index into the evicted-key filter; called under the lock."""
         step = list(itertools.islice(self._retiring, None if everything else _RETIRE_STEP))
         self._evicted.add(step)
-        if self._evicted.count - self._retired_from == len(self._retired or ()):
+        # Counted apart from the filter's count, which the walk of stored keys raises meanwhile too.
+        self._retire_left -= len(step)
+        if self._retire_left <= 0:
             self._retired = None
             self._retiring = iter(())
 
@@ -917,6 +919,7 @@ class RocksDBStore:
         self._evicted.clear()
         self._retired = None
         self._retiring = iter(())
+        self._retire_left = 0
         self._forgotten += 1
 
     def track_stored_rows(self) -> list[int]:
