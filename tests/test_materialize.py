@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 from conftest import AD_IMPRESSIONS, Running, source_from_json
 
+from featurepush_server.core import materialize
 from featurepush_server.core.errors import Cancelled
 from featurepush_server.core.materialize import (
     LatestRowWriter,
@@ -20,8 +21,8 @@ from featurepush_server.core.materialize import (
 )
 from featurepush_server.core.offline_log import OfflineLogWriter
 from featurepush_server.core.registry import Registry, Source
-from featurepush_server.core.stores.base import BatchCounts, RowBatch, WriteResult
-from featurepush_server.core.stores.rocksdb import RocksDBStore
+from featurepush_server.core.stores.base import ROWS_FILES_INGESTED, BatchCounts, RowBatch, WriteResult
+from featurepush_server.core.stores.rocksdb import RocksDBStore, write_rows_file
 
 
 class _Recorder:
@@ -51,6 +52,9 @@ class _FakeRows:
         for b in batches if not dry_run else ():
             self.rows.update(zip(b.keys, b.values, strict=True))
         return WriteResult({b.source: BatchCounts(len(b.keys), len(b.keys), 0) for b in batches})
+
+    def rows_file(self, keys: Sequence[bytes], values: Sequence[bytes]) -> str:
+        return ""
 
     def read(self, keys: list[bytes]) -> list[bytes | None]:
         return [self.rows.get(k) for k in keys]
@@ -112,6 +116,40 @@ def test_writers_see_pushes_and_backfills_and_only_pushes_are_logged(
     dry = step.write([SourceRecords(logged, _table(["d"], 3))], origin=Origin.PUSH, dry_run=True)
     assert dry.counts == {"logged": BatchCounts(1, 1, 0)}
     assert store.read([prefix + b"d"]) == [None] and len(store.queued_offline(1 << 30)) == 1
+
+
+class _FileTakingStore(RocksDBStore):
+    """The store as a front or backfill worker reaches it with `serve --processes`: it builds rows files."""
+
+    def rows_file(self, keys: Sequence[bytes], values: Sequence[bytes]) -> str:
+        return write_rows_file(self.rows_folder, keys, values)
+
+
+def test_only_a_large_backfill_write_goes_as_a_rows_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(materialize, "ROWS_FILE_MIN_ROWS", 3)
+    store = _FileTakingStore(tmp_path / "db", fsync=False)
+    try:
+        registry = Registry(store)
+        registry.apply(source_from_json(LOGGED))
+        logged = registry.get("logged")
+        step = Materializer(store, [LatestRowWriter(store), OfflineLogWriter()])
+
+        def write(users: list[str], origin: Origin, dry_run: bool = False) -> int | None:
+            step.write([SourceRecords(logged, _table(users, 1))], origin=origin, dry_run=dry_run)
+            return store.statistic(ROWS_FILES_INGESTED)
+
+        assert write(["a", "b"], Origin.BACKFILL) == 0  # below the bound
+        assert write(["a", "b", "c"], Origin.PUSH) == 0  # a push: its offline entry goes in the same write
+        assert write(["d", "e", "f"], Origin.BACKFILL, dry_run=True) == 0
+        assert write(["g", "h", "i"], Origin.BACKFILL) == 1
+        prefix = store.row_prefix(logged.id)
+        assert all(store.read([prefix + u.encode() for u in "abcghi"]))
+        assert store.read([prefix + b"d"]) == [None]
+        assert not list(store.rows_folder.iterdir())
+    finally:
+        store.close()
 
 
 def _source(running: Running, name: str) -> Source:

@@ -34,6 +34,7 @@ from featurepush.v1 import (
     registry_service_pb2,
     registry_service_pb2_grpc,
 )
+from featurepush_server.core.stores.rocksdb import ROWS_FOLDER
 from featurepush_server.processes import _reserve_port, await_orphaned_owner, orphaned_owner
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -410,6 +411,33 @@ def test_a_backfill_fanned_out_over_workers_loads_and_reports_as_one_process_doe
     assert stored == {i: i for i in range(rows) if i % 9_999}
     # Workers started with the front that ran the backfill.
     assert "Traceback" not in served.log
+
+
+def test_backfill_workers_hand_the_owner_files_of_rows_it_takes_whole(tmp_path: Path) -> None:
+    served = ServedProcess(tmp_path / "data", "--processes", "2", "--metrics-listen", "localhost:0")
+    try:
+        port = int(re.findall(r"metrics on http://[^:]+:(\d+)/metrics", served.log)[0])
+        rows = 50_000
+        _history(tmp_path / "history.parquet", rows)
+        _apply_history(served, tmp_path / "history.parquet")
+        request = backfill_service_pb2.BackfillRequest(source="history")
+        last = list(served.backfill.Backfill(request))[-1]
+        assert (last.done, last.rows_written) == (True, rows)
+        taken = _scrape(port)["featurepush_store_rows_files_ingested_total"]
+        assert taken >= 1
+        assert _stored(served, rows) == {i: i for i in range(rows)}
+        # Every file was dropped once its write was done.
+        assert not list((tmp_path / "data" / "online" / ROWS_FOLDER).iterdir())
+        # A newer pushed event of one entity: the chunk holding it is written row by row, keeping it,
+        # and the other chunks, whose rows are as new as the stored ones, are taken whole again.
+        served.ingest.Push(rows_request({"history": [_row("h5", -1, seconds=60)]}))
+        last = list(served.backfill.Backfill(request))[-1]
+        assert (last.rows_written, last.rows_superseded) == (rows - 1, 1)
+        assert _scrape(port)["featurepush_store_rows_files_ingested_total"] > taken
+        assert _stored(served, rows) == {i: -1 if i == 5 else i for i in range(rows)}
+        assert "Traceback" not in served.log
+    finally:
+        served.finish()
 
 
 def _backfill_in_background(

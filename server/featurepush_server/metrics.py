@@ -26,7 +26,7 @@ from .admission import Admission
 from .core.errors import CoreError
 from .core.expiry import ExpirySweeper
 from .core.offline_log import OfflineLog
-from .core.stores.base import Store
+from .core.stores.base import ROWS_FILES_INGESTED, Store
 from .core.stores.remote import RemoteStore
 
 _LOGGER = logging.getLogger(__name__)
@@ -124,6 +124,14 @@ class _StateCollector(Collector):
                 value = self._store.statistic(prop)
                 if value is not None:
                     yield GaugeMetricFamily(name, text, value=value)
+            ingested = self._store.statistic(ROWS_FILES_INGESTED)
+            if ingested is not None:
+                yield CounterMetricFamily(
+                    "featurepush_store_rows_files_ingested",
+                    "Files of a backfill's rows, built by the process that encoded them, that the store took "
+                    "whole (serve --processes).",
+                    value=ingested,
+                )
         log = self._offline_log
         if log is not None:
             yield GaugeMetricFamily(

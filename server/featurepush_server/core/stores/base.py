@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     import numpy as np
 
 
+# A store's count of rows files (RowBatch.rows_file) it took whole, asked of `Store.statistic`.
+ROWS_FILES_INGESTED = "featurepush.rows-files-ingested"
+
+
 @dataclass(frozen=True)
 class RowBatch:
     """One source's encoded rows for a write: keys and values (event-time header, then payload).
@@ -37,6 +41,9 @@ class RowBatch:
     generation: int = 0
     # The stream feature views' tile updates of these records, merged in the same atomic write.
     tiles: Sequence[TileUpdate] = ()
+    # The name of a file from the store's `rows_file` holding these rows, which the store may take whole
+    # instead of writing them row by row; it is the store's to delete once the write is done either way.
+    rows_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,13 @@ class LatestRows(Protocol):
 
         The same write queues the batches' offline records and, with a `request_id`, records the counts
         so that the request sent again is answered from them without writing (see IdempotencyRecords).
+        """
+
+    def rows_file(self, keys: Sequence[bytes], values: Sequence[bytes]) -> str:
+        """Write a large batch's rows to a file `write_latest` may take whole; "" where the store takes none.
+
+        Called by whoever encoded the rows, before the write, so that the sorting and the file's building
+        run there (a backfill worker) and the write itself costs the store little per row.
         """
 
     def read(self, keys: list[bytes]) -> list[bytes | None]:

@@ -511,6 +511,10 @@ class RedisStore(NoViews):
 
     # --- rows ----------------------------------------------------------------------------------
 
+    def rows_file(self, keys: Sequence[bytes], values: Sequence[bytes]) -> str:
+        """No file: every row goes to Redis through the write's pipeline."""
+        return ""
+
     def read(self, keys: list[bytes]) -> list[bytes | None]:
         """Stored values of the keys, None where absent: one round trip per node."""
         if not keys:

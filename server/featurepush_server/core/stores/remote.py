@@ -16,6 +16,9 @@ bytes: Arrow's layout of a binary array, so the owner takes it apart in Arrow's 
 Arrays of numbers (tile starts, partial aggregates) are a byte string of little-endian int64s or
 float64s.
 
+After a batch's columns comes the name of its rows file ("" for none): a large backfill write's rows,
+written by the front or worker as an SST file in the folder the owner names (op ROWS_FOLDER), which the
+owner may ingest whole instead of writing the rows (RocksDBStore.write_latest).
 A push's feature-view tile updates (tiles.ViewTiles, computed by the front) follow their batch's rows:
 per update the view's name, id, generation and backfill run, the parts of its spec a merge reads (interval,
 longest window, moment, list and sketch columns), then the tile keys, starts, fixed blocks and the JSON of
@@ -109,7 +112,8 @@ _GENERATION_BITS = 32
     VIEW_STATE,
     UPDATE_VIEW_STATE,
     DELETE_TILES_BEFORE,
-) = range(1, 39)
+    ROWS_FOLDER,
+) = range(1, 40)
 
 
 class _Out:
@@ -592,6 +596,7 @@ class StoreOwner:
                 offline = inp.blob()
                 keys = inp.column()
                 values = inp.column()
+                rows_file = inp.text()
                 if has_id and generation >> _GENERATION_BITS != self._epoch >> _GENERATION_BITS:
                     raise Aborted(
                         f"push source {source!r} was validated before the store restarted; nothing was "
@@ -601,9 +606,8 @@ class StoreOwner:
                     )
                 own = generation & ((1 << _GENERATION_BITS) - 1)
                 tiles = [self._own_tiles(_tiles_in(inp)) for _ in range(inp.i64())]
-                batches.append(
-                    RowBatch(source, keys, values, offline, source_id if has_id else None, own, tiles)
-                )
+                known = source_id if has_id else None
+                batches.append(RowBatch(source, keys, values, offline, known, own, tiles, rows_file))
             result = store.write_latest(batches, request_id=request_id, dry_run=dry_run)
             out.u8(result.replayed)
             _counts_out(out, result.counts)
@@ -671,6 +675,8 @@ class StoreOwner:
             out.u8(value is not None).i64(value or 0)
         elif op == SYNC_NOW:
             store.sync_now()
+        elif op == ROWS_FOLDER:
+            out.text(str(getattr(store, "rows_folder", "")))
         elif op in (COUNT_ROWS, COUNT_OFFLINE):
             source_id = inp.i64() if op == COUNT_ROWS else 0
             limit = inp.i64()
@@ -789,6 +795,8 @@ class RemoteStore:
         self._writable = True
         self._watchers: list[Callable[[bool], None]] = []
         self._prefixes: dict[int, bytes] = {}
+        # The owner's folder for rows files (RocksDBStore.rows_folder), asked once; "" where it has none.
+        self._rows_folder: str | None = None
 
     # --- the connection ------------------------------------------------------------------------
 
@@ -957,12 +965,30 @@ class RemoteStore:
         out = _Out().u8(WRITE_LATEST).text(request_id).u8(dry_run).i64(len(batches))
         for b in batches:
             out.text(b.source).u8(b.source_id is not None).i64(b.source_id or 0).i64(b.generation)
-            out.blob(b.offline).column(b.keys).column(b.values).i64(len(b.tiles))
+            out.blob(b.offline).column(b.keys).column(b.values).text(b.rows_file).i64(len(b.tiles))
             for update in b.tiles:
                 _tiles_out(out, update)
-        inp = self._call(out)
+        try:
+            inp = self._call(out)
+        except Unavailable:
+            # The owner may never have read the request: drop its files (an owner that did falls back to
+            # writing the rows when its file is gone).
+            for b in batches:
+                if b.rows_file and self._rows_folder:
+                    (Path(self._rows_folder) / b.rows_file).unlink(missing_ok=True)
+            raise
         replayed = bool(inp.u8())
         return WriteResult(_counts_in(inp), replayed=replayed)
+
+    def rows_file(self, keys: Sequence[bytes], values: Sequence[bytes]) -> str:
+        """Write the rows to a file in the owner's rows folder, in this process; "" if the owner has none."""
+        if self._rows_folder is None:
+            self._rows_folder = self._call(_Out().u8(ROWS_FOLDER)).text()
+        if not self._rows_folder:
+            return ""
+        from .rocksdb import write_rows_file  # needs rocksdict, which a RemoteStore never needs otherwise
+
+        return write_rows_file(Path(self._rows_folder), keys, values)
 
     def read(self, keys: list[bytes]) -> list[bytes | None]:
         """Stored values of the keys, None where absent."""

@@ -34,17 +34,21 @@ import itertools
 import json
 import logging
 import os
+import re
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import compress
-from operator import and_, is_, is_not, methodcaller, not_
+from operator import and_, is_, is_not, itemgetter, methodcaller, not_
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import rocksdict
 
 from ...machine import cpu_count
@@ -52,6 +56,7 @@ from ..errors import Aborted, CoreError, StorageFull, Unavailable
 from ..framing import HEADER_BYTES, time_header
 from ..gate import UsageGate
 from .base import (
+    ROWS_FILES_INGESTED,
     BatchCounts,
     QueuedRecords,
     RowBatch,
@@ -90,6 +95,13 @@ _PURGE_MAX = 8192
 _LATE_FIELDS = META + b"late_fields"
 # The pid of the process holding the database open, beside RocksDB's LOCK file; removed at close.
 PID_FILE = "featurepush.pid"
+# Where writers leave sorted files of rows (`write_rows_file`) for the store to ingest, inside the database's
+# folder so that RocksDB takes them by a hard link; emptied at open of what a crash left.
+ROWS_FOLDER = "featurepush-rows"
+_ROWS_FILE_NAME = re.compile(r"[0-9a-f]{32}\.sst\Z")
+_INGEST_OPTIONS = rocksdict.IngestExternalFileOptions()
+# A hard link, not a copy (RocksDB copies where it cannot link).
+_INGEST_OPTIONS.set_move_files(True)
 # Small memtables: each row a write inserts walks a skiplist, and a small one stays in the CPU's caches.
 # Writing 1,000-row batches of the bench's rows took 1.2 us per row with RocksDB's default 64 MiB tables
 # and 0.67 us with 8 MiB ones; 2 and 4 MiB ones flushed faster than two background jobs could compact.
@@ -116,6 +128,71 @@ def _put_newer(
     # Handed to RocksDB by C loops (map, compress), not one Python step per row.
     deque(map(wb.put, compress(keys, newer), compress(values, newer)), maxlen=0)
     return sum(newer)
+
+
+def write_rows_file(folder: Path, keys: Sequence[bytes], values: Sequence[bytes]) -> str:
+    """Write rows as an SST file in `folder` for `RocksDBStore.write_latest` to ingest; return its name.
+
+    It holds one row per key, the one the write keeps (the newest event time, the later row on a tie), in
+    RocksDB's key order. Sorting and choosing run in Arrow's C++ code, on the keys and the event-time
+    headers only; the chosen rows' own bytes objects go to RocksDB's writer, never copied.
+    """
+    n = len(keys)
+    # Event-time headers compare as big-endian numbers, as write_latest compares them.
+    heads = np.frombuffer(b"".join(map(_HEAD, values)), dtype=">u8", count=n).astype("<u8")
+    key_array = pa.array(keys, pa.binary())
+    order = pc.sort_indices(
+        pa.table({"key": key_array, "head": heads, "at": np.arange(n)}),
+        sort_keys=[("key", "ascending"), ("head", "descending"), ("at", "descending")],
+    )
+    ordered = key_array.take(order)
+    first = np.ones(n, dtype=bool)
+    if n > 1:
+        first[1:] = pc.not_equal(ordered.slice(1), ordered.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    chosen: list[int] = order.to_numpy()[first].tolist()
+    name = f"{uuid.uuid4().hex}.sst"
+    path = folder / name
+    writer = rocksdict.SstFileWriter(_file_options())
+    try:
+        writer.open(str(path))
+        deque(map(writer.__setitem__, map(keys.__getitem__, chosen), map(values.__getitem__, chosen)), 0)
+        writer.finish()
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return name
+
+
+_HEAD = itemgetter(slice(0, HEADER_BYTES))
+
+
+def _file_options() -> Any:
+    """The options of a rows file: the database's table format (its Bloom filters), a token block cache."""
+    return db_options(rocksdict.Cache(1 << 20))
+
+
+def _put_rows(
+    wb: rocksdict.WriteBatch,
+    keys: Sequence[bytes],
+    values: Sequence[bytes],
+    newer: list[bool],
+    taken: list[tuple[Sequence[bytes], Sequence[bytes]]] | None,
+) -> int:
+    """Stage the newer rows (or, every row newer and a rows file to take, keep them); return how many."""
+    if taken is not None and all(newer):
+        taken.append((keys, values))
+        return len(newer)
+    return _put_newer(wb, keys, values, newer)
+
+
+def _whole_file_batch(batches: Sequence[RowBatch], request_id: str, dry_run: bool) -> RowBatch | None:
+    """The batch whose rows file a write may ingest: its only one, with nothing else to write atomically."""
+    if dry_run or request_id or len(batches) != 1:
+        return None
+    batch = batches[0]
+    if batch.offline or batch.tiles or not _ROWS_FILE_NAME.match(batch.rows_file):
+        return None
+    return batch
 
 
 def row_prefix(source_id: int) -> bytes:
@@ -309,6 +386,12 @@ class RocksDBStore:
             raise
         # Names this process to a second one that finds the database locked; RocksDB's lock does not.
         (self.path / PID_FILE).write_text(f"{os.getpid()}\n")
+        self.rows_folder = self.path / ROWS_FOLDER
+        self.rows_folder.mkdir(exist_ok=True)
+        for left in self.rows_folder.glob("*.sst"):
+            # Written for a write that never came (a writer or this store was killed); none is running.
+            left.unlink(missing_ok=True)
+        self._rows_files_ingested = 0
         self._gate = UsageGate()
         self._fsync = fsync
         self._window_ms = int(idempotency_window_s * 1000)
@@ -355,7 +438,12 @@ class RocksDBStore:
             self._index_request_records()
 
     def statistic(self, name: str) -> int | None:
-        """A RocksDB integer property (such as rocksdb.total-sst-files-size), or None when unknown."""
+        """A RocksDB integer property (such as rocksdb.total-sst-files-size), or None when unknown.
+
+        `ROWS_FILES_INGESTED` is the store's own: how many rows files this process ingested.
+        """
+        if name == ROWS_FILES_INGESTED:
+            return self._rows_files_ingested
         if self._gate.closed:
             return None
         with self._gate.use():
@@ -663,6 +751,15 @@ class RocksDBStore:
 
     # --- rows ----------------------------------------------------------------------------------
 
+    def rows_file(self, keys: Sequence[bytes], values: Sequence[bytes]) -> str:
+        """No file: in the writing process, building a file of the rows costs about what writing them does.
+
+        The files pay where another process encodes the rows (`serve --processes`: RemoteStore builds them
+        with `write_rows_file` in the fronts and backfill workers) and this store's process only writes;
+        `write_latest` ingests them.
+        """
+        return ""
+
     def read(self, keys: list[bytes]) -> list[bytes | None]:
         """Stored values of the keys, None where absent."""
         if not keys:
@@ -675,8 +772,14 @@ class RocksDBStore:
         self, batches: Sequence[RowBatch], *, request_id: str = "", dry_run: bool = False
     ) -> WriteResult:
         """Write each row unless a newer event of its entity is stored or later in the batch; atomically."""
-        with self._gate.use():
-            result = self._write_latest(batches, request_id, dry_run)
+        try:
+            with self._gate.use():
+                result = self._write_latest(batches, request_id, dry_run)
+        finally:
+            for batch in batches:
+                if _ROWS_FILE_NAME.match(batch.rows_file):
+                    # Ingested (RocksDB linked it) or not taken: the name in this folder is ours to drop.
+                    (self.rows_folder / batch.rows_file).unlink(missing_ok=True)
         if self._writes_since_purge >= 1000 and self._purging.acquire(blocking=False):
             # Outside the write lock, and by one writer at a time; the others go on writing meanwhile.
             try:
@@ -738,7 +841,12 @@ class RocksDBStore:
         elif self._retired is not None:
             self._retire_step()
         wb = rocksdict.WriteBatch(raw_mode=True)
-        counts = {batch.source: self._stage_latest(batch, wb, dry_run) for batch in batches}
+        whole = _whole_file_batch(batches, request_id, dry_run)
+        taken: list[tuple[Sequence[bytes], Sequence[bytes]]] = []
+        counts = {
+            batch.source: self._stage_latest(batch, wb, dry_run, taken if batch is whole else None)
+            for batch in batches
+        }
         for batch in batches:
             if batch.tiles:
                 skipped = self._stage_tiles(batch.tiles, wb)
@@ -754,9 +862,43 @@ class RocksDBStore:
             self._writes_since_purge += 1
         if not dry_run and not wb.is_empty():
             self._write(wb)
+        if whole is not None and taken:
+            self._ingest(whole.rows_file, *taken[0])
         return counts
 
-    def _stage_latest(self, batch: RowBatch, wb: rocksdict.WriteBatch, dry_run: bool) -> BatchCounts:
+    def _ingest(self, name: str, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
+        """Ingest a rows file whole, under the lock; where RocksDB will not take it, write its rows instead.
+
+        The file holds exactly `keys` and `values` (one row per key, as staged). A file that is gone (this
+        store restarted since it was written) or unreadable costs a write batch, not the write: the batch
+        is also what tells a failing disk.
+        """
+        if self._write_error is not None:
+            raise self._write_error
+        try:
+            self._db.ingest_external_file([str(self.rows_folder / name)], _INGEST_OPTIONS)
+        except Exception as e:  # noqa: BLE001 - any refusal falls back to writing the same rows
+            _LOGGER.warning("ingesting rows file %s failed, writing its %d rows: %s", name, len(keys), e)
+            wb = rocksdict.WriteBatch(raw_mode=True)
+            deque(map(wb.put, keys, values), maxlen=0)
+            self._write(wb)
+            return
+        self._rows_files_ingested += 1
+        for watch in self._write_watchers:
+            watch()
+
+    def _stage_latest(
+        self,
+        batch: RowBatch,
+        wb: rocksdict.WriteBatch,
+        dry_run: bool,
+        taken: list[tuple[Sequence[bytes], Sequence[bytes]]] | None = None,
+    ) -> BatchCounts:
+        """Stage the rows of one batch that are newer than what is stored; called under the lock.
+
+        With `taken` (the batch's rows file may be ingested) and every row newer, the rows are not put in
+        the write batch but appended to `taken`, as kept: the file holds exactly those.
+        """
         keys, values = batch.keys, batch.values
         accepted = len(keys)
         width = HEADER_BYTES
@@ -774,7 +916,7 @@ class RocksDBStore:
             heads = [heads[i] for i in order]
         cache = self._latest
         if not dry_run and self._indexes_every_row(batch.source_id):
-            return self._stage_indexed(keys, values, heads, accepted, wb)
+            return self._stage_indexed(keys, values, heads, accepted, wb, taken)
         # Event-time headers of stored rows come from memory when this process has seen the key.
         stored = list(map(cache.get, keys))
         if None in stored:
@@ -797,7 +939,7 @@ class RocksDBStore:
                     stored[i] = head
             self._latest_bytes += sum(map(len, misses)) + len(misses) * _INDEX_ENTRY_OVERHEAD
         newer = _newer(heads, cast(list[bytes], stored))  # every None was filled in above
-        written = _put_newer(wb, keys, values, newer)
+        written = _put_rows(wb, keys, values, newer, taken)
         if not dry_run:
             # Ahead of the write; _write_latest starts the index over if the write does not land.
             cache.update(zip(compress(keys, newer), compress(heads, newer), strict=True))
@@ -810,6 +952,7 @@ class RocksDBStore:
         heads: list[bytes],
         accepted: int,
         wb: rocksdict.WriteBatch,
+        taken: list[tuple[Sequence[bytes], Sequence[bytes]]] | None,
     ) -> BatchCounts:
         """Stage distinct keys of a source whose every stored row is in the index; called under the lock.
 
@@ -826,7 +969,7 @@ class RocksDBStore:
             if self._evicted.count or self._retired is not None:
                 self._read_evicted(keys, heads, stored)
         newer = _newer(heads, stored)
-        written = _put_newer(wb, keys, values, newer)
+        written = _put_rows(wb, keys, values, newer, taken)
         # A key entered just now got its own header back; the others that are newer are entered here.
         entered = map(is_not, stored, heads)
         later = list(map(and_, newer, entered))
