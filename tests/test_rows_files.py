@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featurepush_server.core.framing import HEADER_BYTES
-from featurepush_server.core.stores.base import ROWS_FILES_INGESTED, RowBatch
+from featurepush_server.core.stores import rocksdb
+from featurepush_server.core.stores.base import ROWS_FILES_DEFERRED, ROWS_FILES_INGESTED, RowBatch
 from featurepush_server.core.stores.rocksdb import ROWS_FOLDER, RocksDBStore, row_prefix, write_rows_file
 
 _KEYS = [row_prefix(1) + b"e%d" % i for i in range(8)]
@@ -87,6 +88,27 @@ def test_a_file_gone_before_its_write_costs_a_write_batch_not_the_write(tmp_path
         assert store.read(keys) == values
         assert store.statistic(ROWS_FILES_INGESTED) == 0
         assert store.writable
+    finally:
+        store.close()
+
+
+def test_a_file_waits_for_no_compaction_its_rows_are_written_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # RocksDB never slows an ingestion for a level 0 it has not compacted yet; its write batches it does.
+    store = _store(tmp_path / "db")
+    try:
+        keys, values = _rows([(0, 1, b"a"), (1, 2, b"b")])
+        store.write_latest([_with_file(store, keys, values)])
+        assert store.statistic(ROWS_FILES_INGESTED) == 1
+        # As if level 0 held too many files already: any count is as many as allowed.
+        monkeypatch.setattr(rocksdb, "_INGEST_MAX_LEVEL0_FILES", 0)
+        keys, values = _rows([(0, 3, b"c"), (2, 2, b"d")])
+        assert store.write_latest([_with_file(store, keys, values)]).counts["s"].written == 2
+        assert store.statistic(ROWS_FILES_INGESTED) == 1
+        assert store.statistic(ROWS_FILES_DEFERRED) == 1
+        assert store.read(keys) == values
+        assert not list(store.rows_folder.iterdir())
     finally:
         store.close()
 

@@ -26,7 +26,7 @@ from .admission import Admission
 from .core.errors import CoreError
 from .core.expiry import ExpirySweeper
 from .core.offline_log import OfflineLog
-from .core.stores.base import ROWS_FILES_INGESTED, Store
+from .core.stores.base import ROWS_FILES_DEFERRED, ROWS_FILES_INGESTED, Store
 from .core.stores.remote import RemoteStore
 
 _LOGGER = logging.getLogger(__name__)
@@ -131,6 +131,14 @@ class _StateCollector(Collector):
                     "Files of a backfill's rows, built by the process that encoded them, that the store took "
                     "whole (serve --processes).",
                     value=ingested,
+                )
+            deferred = self._store.statistic(ROWS_FILES_DEFERRED)
+            if deferred is not None:
+                yield CounterMetricFamily(
+                    "featurepush_store_rows_files_deferred",
+                    "Rows files whose rows the store wrote one by one instead, while RocksDB's level 0 held "
+                    "too many files (its compactions behind).",
+                    value=deferred,
                 )
         log = self._offline_log
         if log is not None:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 # A store's count of rows files (RowBatch.rows_file) it took whole, asked of `Store.statistic`.
 ROWS_FILES_INGESTED = "featurepush.rows-files-ingested"
+# ...and of those whose rows it wrote through its write batch instead, while compactions were behind.
+ROWS_FILES_DEFERRED = "featurepush.rows-files-deferred"
 
 
 @dataclass(frozen=True)

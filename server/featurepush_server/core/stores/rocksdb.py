@@ -56,6 +56,7 @@ from ..errors import Aborted, CoreError, StorageFull, Unavailable
 from ..framing import HEADER_BYTES, time_header
 from ..gate import UsageGate
 from .base import (
+    ROWS_FILES_DEFERRED,
     ROWS_FILES_INGESTED,
     BatchCounts,
     QueuedRecords,
@@ -98,7 +99,12 @@ PID_FILE = "featurepush.pid"
 # Where writers leave sorted files of rows (`write_rows_file`) for the store to ingest, inside the database's
 # folder so that RocksDB takes them by a hard link; emptied at open of what a crash left.
 ROWS_FOLDER = "featurepush-rows"
+_LEVEL0_FILES = "rocksdb.num-files-at-level0"
 _ROWS_FILE_NAME = re.compile(r"[0-9a-f]{32}\.sst\Z")
+# RocksDB slows writes from 20 level-0 files and stops them at 36, but never holds back an ingested file:
+# 60 files ingested at once left 59 in level 0 and every write stopped. Past this many, a rows file's rows
+# go through the write batch instead, whose writes RocksDB slows while compactions catch up.
+_INGEST_MAX_LEVEL0_FILES = 12
 _INGEST_OPTIONS = rocksdict.IngestExternalFileOptions()
 # A hard link, not a copy (RocksDB copies where it cannot link).
 _INGEST_OPTIONS.set_move_files(True)
@@ -392,6 +398,7 @@ class RocksDBStore:
             # Written for a write that never came (a writer or this store was killed); none is running.
             left.unlink(missing_ok=True)
         self._rows_files_ingested = 0
+        self._rows_files_deferred = 0  # written row by row while level 0 held too many files
         self._gate = UsageGate()
         self._fsync = fsync
         self._window_ms = int(idempotency_window_s * 1000)
@@ -444,6 +451,8 @@ class RocksDBStore:
         """
         if name == ROWS_FILES_INGESTED:
             return self._rows_files_ingested
+        if name == ROWS_FILES_DEFERRED:
+            return self._rows_files_deferred
         if self._gate.closed:
             return None
         with self._gate.use():
@@ -876,9 +885,16 @@ class RocksDBStore:
         if self._write_error is not None:
             raise self._write_error
         try:
-            self._db.ingest_external_file([str(self.rows_folder / name)], _INGEST_OPTIONS)
+            if self._db.property_int_value(_LEVEL0_FILES) >= _INGEST_MAX_LEVEL0_FILES:
+                self._rows_files_deferred += 1
+                ingested = False
+            else:
+                self._db.ingest_external_file([str(self.rows_folder / name)], _INGEST_OPTIONS)
+                ingested = True
         except Exception as e:  # noqa: BLE001 - any refusal falls back to writing the same rows
             _LOGGER.warning("ingesting rows file %s failed, writing its %d rows: %s", name, len(keys), e)
+            ingested = False
+        if not ingested:
             wb = rocksdict.WriteBatch(raw_mode=True)
             deque(map(wb.put, keys, values), maxlen=0)
             self._write(wb)
