@@ -33,6 +33,19 @@ _LOGGER = logging.getLogger(__name__)
 
 # RocksDB properties worth an alert: what the data takes on disk, what compaction still owes, and
 # whether the store stopped writing after an I/O error.
+# The store's own counts, asked of it by name as RocksDB's properties are.
+_STORE_COUNTERS = {
+    ROWS_FILES_INGESTED: (
+        "featurepush_store_rows_files_ingested",
+        "Files of a backfill's rows, built by the process that encoded them, that the store took whole "
+        "(serve --processes).",
+    ),
+    ROWS_FILES_DEFERRED: (
+        "featurepush_store_rows_files_deferred",
+        "Rows files whose rows the store wrote one by one instead, while RocksDB's level 0 held too many "
+        "files (its compactions behind).",
+    ),
+}
 _ROCKSDB_GAUGES = {
     "rocksdb.total-sst-files-size": ("featurepush_store_sst_bytes", "Bytes of the store's SST files."),
     "rocksdb.cur-size-all-mem-tables": (
@@ -124,22 +137,10 @@ class _StateCollector(Collector):
                 value = self._store.statistic(prop)
                 if value is not None:
                     yield GaugeMetricFamily(name, text, value=value)
-            ingested = self._store.statistic(ROWS_FILES_INGESTED)
-            if ingested is not None:
-                yield CounterMetricFamily(
-                    "featurepush_store_rows_files_ingested",
-                    "Files of a backfill's rows, built by the process that encoded them, that the store took "
-                    "whole (serve --processes).",
-                    value=ingested,
-                )
-            deferred = self._store.statistic(ROWS_FILES_DEFERRED)
-            if deferred is not None:
-                yield CounterMetricFamily(
-                    "featurepush_store_rows_files_deferred",
-                    "Rows files whose rows the store wrote one by one instead, while RocksDB's level 0 held "
-                    "too many files (its compactions behind).",
-                    value=deferred,
-                )
+            for statistic, (name, text) in _STORE_COUNTERS.items():
+                count = self._store.statistic(statistic)
+                if count is not None:
+                    yield CounterMetricFamily(name, text, value=count)
         log = self._offline_log
         if log is not None:
             yield GaugeMetricFamily(
