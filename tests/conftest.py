@@ -27,6 +27,7 @@ from featurepush.v1 import (
 )
 from featurepush_server.app import Server, create_server, open_store
 from featurepush_server.config import ServerConfig
+from featurepush_server.core.errors import CoreError
 from featurepush_server.processes import front_store, store_owner
 from featurepush_server.servicers.ingest import IngestServicer
 from featurepush_server.workers import backfill_workers as workers_of
@@ -183,6 +184,25 @@ def running(tmp_path: Path, store_settings: dict[str, object]) -> Iterator[Runni
         yield r
     finally:
         r.close()
+
+
+def refuse_writes(running: Running, monkeypatch: pytest.MonkeyPatch, errors: list[CoreError]) -> list[str]:
+    """Make the server's store refuse its next writes with `errors`, one each, as a restarting owner does.
+
+    Returns the request ids of the refused writes, in order.
+    """
+    store = running.server.store
+    write = store.write_latest
+    refused: list[str] = []
+
+    def flaky(batches: object, *, request_id: str = "", dry_run: bool = False) -> object:
+        if errors:
+            refused.append(request_id)
+            raise errors.pop(0)
+        return write(batches, request_id=request_id, dry_run=dry_run)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "write_latest", flaky)
+    return refused
 
 
 def scalar(name: str) -> dict[str, object]:

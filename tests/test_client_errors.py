@@ -168,5 +168,6 @@ def test_plain_status_over_the_wire_becomes_not_found(client: featurepush.Client
 
 def test_unreachable_server_becomes_unavailable() -> None:
     with featurepush.Client("localhost:1", timeout=2.0) as client:
+        client.unavailable_retry_s = 0.5  # a read is sent again for this long first
         with pytest.raises((UnavailableError, DeadlineExceededError)):
             client.get_source("anything")

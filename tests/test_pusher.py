@@ -14,7 +14,14 @@ import grpc
 import pandas as pd
 import pyarrow as pa
 import pytest
-from conftest import AD_IMPRESSIONS, Running, cancel_first_push_stream, source_from_json, start
+from conftest import (
+    AD_IMPRESSIONS,
+    Running,
+    cancel_first_push_stream,
+    refuse_writes,
+    source_from_json,
+    start,
+)
 from servers import wait_until
 
 import featurepush.pusher
@@ -24,7 +31,7 @@ from featurepush.pusher import BatchBook, Pusher, check_sizes
 from featurepush.v1 import ingest_service_pb2, registry_service_pb2
 from featurepush_server.app import create_server
 from featurepush_server.config import ServerConfig
-from featurepush_server.core.errors import Aborted, CoreError, Unavailable
+from featurepush_server.core.errors import Aborted, Unavailable
 from featurepush_server.core.stores.rocksdb import REQUEST
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -351,25 +358,6 @@ def test_pusher_resends_through_a_server_restart_without_doubling(
             assert sum(1 for k in db.keys(from_key=REQUEST) if k.startswith(REQUEST)) == 8
         finally:
             second.stop(None)
-
-
-def refuse_writes(running: Running, monkeypatch: pytest.MonkeyPatch, errors: list[CoreError]) -> list[str]:
-    """Make the server's store refuse its next writes with `errors`, one each, as a restarting owner does.
-
-    Returns the request ids of the refused writes, in order.
-    """
-    store = running.server.store
-    write = store.write_latest
-    refused: list[str] = []
-
-    def flaky(batches: object, *, request_id: str = "", dry_run: bool = False) -> object:
-        if errors:
-            refused.append(request_id)
-            raise errors.pop(0)
-        return write(batches, request_id=request_id, dry_run=dry_run)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(store, "write_latest", flaky)
-    return refused
 
 
 def test_a_batch_not_written_for_now_is_resent_with_the_batches_after_it(

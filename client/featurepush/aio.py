@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
@@ -60,6 +59,7 @@ from featurepush.reads import (
     read_reply,
     wants_arrow,
 )
+from featurepush.retries import Retries
 from featurepush.v1 import (
     backfill_service_pb2,
     backfill_service_pb2_grpc,
@@ -135,22 +135,24 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
-    # How long push and get_features keep retrying calls the server refused for overload, in seconds.
+    # As Client's: the overload budget, and how long reads and pushes with a request_id resend a call that
+    # met no server able to take it, in seconds.
     overload_retry_s: float = 30.0
+    unavailable_retry_s: float = 10.0
 
-    async def _call_retrying_overload(self, method: Any, request: Any) -> Any:
-        """Call a unary method; a refusal carrying RetryInfo is retried after its delay, within a budget."""
-        give_up = time.monotonic() + self.overload_retry_s
+    async def _call_retrying(self, method: Any, request: Any, *, resend: bool = False) -> Any:
+        """Call a unary method; a refusal carrying RetryInfo is retried after its delay, within a budget;
+        with `resend`, an unavailable server too (see Client._call_retrying)."""
+        retries = Retries(self.overload_retry_s, self.unavailable_retry_s, resend=resend)
         while True:
             try:
                 return await method(request, timeout=self._timeout)
             except grpc.RpcError as err:
                 error = _error(err)
-            delay = error.retry_delay_s
-            if delay is None or time.monotonic() + delay > give_up:
+            delay = retries.delay(error)
+            if delay is None:
                 raise error from None
-            # Jitter spreads the clients an overloaded server refused at the same moment.
-            await asyncio.sleep(delay * random.uniform(1.0, 1.5))
+            await asyncio.sleep(delay)
 
     async def push(
         self, source: str, data: PushData, *, dry_run: bool = False, request_id: str | None = None
@@ -167,7 +169,7 @@ class AsyncClient:
         schemas = {source: await self._push_schema(source, d) for source, d in data.items()}
         request, columnar = push_request(data, schemas, dry_run=dry_run, request_id=request_id)
         try:
-            response = await self._call_retrying_overload(self._ingest.Push, request)
+            response = await self._call_retrying(self._ingest.Push, request, resend=bool(request_id))
         except FeaturepushError as error:
             if error.code == grpc.StatusCode.NOT_FOUND:
                 for source in data:
@@ -178,7 +180,7 @@ class AsyncClient:
             for source in columnar:
                 self._forget(source)
             request, _ = push_request(data, {}, dry_run=dry_run, request_id=request_id)
-            response = await self._call_retrying_overload(self._ingest.Push, request)
+            response = await self._call_retrying(self._ingest.Push, request, resend=bool(request_id))
         return push_result(response)
 
     async def _push_schema(self, source: str, data: object) -> PushSchema | None:
@@ -221,12 +223,8 @@ class AsyncClient:
 
     async def get_source(self, name: str) -> StreamSource:
         """The stored definition of one source; raises NotFoundError if there is none."""
-        try:
-            response = await self._registry.GetSource(
-                registry_service_pb2.GetSourceRequest(name=name), timeout=self._timeout
-            )
-        except grpc.RpcError as err:
-            raise _error(err) from None
+        request = registry_service_pb2.GetSourceRequest(name=name)
+        response = await self._call_retrying(self._registry.GetSource, request, resend=True)
         return StreamSource.from_proto(response.source)
 
     async def list_sources(self, page_size: int = 100) -> AsyncIterator[StreamSource]:
@@ -317,7 +315,7 @@ class AsyncClient:
         arrow = wants_arrow(columnar, len(keys))
         request = get_features_request(source, keys, definition.entity_keys, columnar=arrow)
         try:
-            response = await self._call_retrying_overload(self._get_features, request)
+            response = await self._call_retrying(self._get_features, request, resend=True)
         except FeaturepushError:
             self._forget(source)
             raise
@@ -368,7 +366,7 @@ class AsyncClient:
         from featurepush.views import view_request, view_vectors
 
         request = view_request(keys, view=view, service=service, as_of=as_of)
-        reply = await self._call_retrying_overload(self._views.GetViewFeatures, request)
+        reply = await self._call_retrying(self._views.GetViewFeatures, request, resend=True)
         return view_vectors(reply, len(keys))
 
     async def get_view_features_arrow(
@@ -383,7 +381,7 @@ class AsyncClient:
         from featurepush.views import view_request, view_table
 
         request = view_request(keys, view=view, service=service, as_of=as_of, arrow=True)
-        reply = await self._call_retrying_overload(self._views.GetViewFeatures, request)
+        reply = await self._call_retrying(self._views.GetViewFeatures, request, resend=True)
         return view_table(reply, len(keys))
 
     async def delete_view(self, name: str) -> int:
@@ -399,13 +397,7 @@ class AsyncClient:
     async def _definition(self, name: str) -> StreamSource:
         cached = self._schemas.get(name)
         if cached is None:
-            try:
-                response = await self._registry.GetSource(
-                    registry_service_pb2.GetSourceRequest(name=name), timeout=self._timeout
-                )
-            except grpc.RpcError as err:
-                raise _error(err) from None
-            cached = self._schemas[name] = StreamSource.from_proto(response.source)
+            cached = self._schemas[name] = await self.get_source(name)
         return cached
 
     def pusher(

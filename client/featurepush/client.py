@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -18,6 +17,7 @@ import grpc
 from featurepush.auth import ApiKeyInterceptor, PemPath, channel_credentials
 from featurepush.definitions import FeatureService, StreamFeatureView, StreamSource
 from featurepush.errors import FeaturepushError, from_rpc_error
+from featurepush.retries import Retries
 from featurepush.v1 import (
     feature_view_service_pb2,
     feature_view_service_pb2_grpc,
@@ -196,25 +196,28 @@ class Client:
         self._push_schemas: dict[str, PushSchema] = {}
         self._schemas_lock = threading.Lock()
 
-    # How long push and get_features keep retrying calls the server refused for overload, in seconds.
+    # How long push and the reads keep retrying calls the server refused for overload, in seconds.
     overload_retry_s: float = 30.0
+    # How long the reads, and pushes with a request_id, keep sending again a call that met no server able
+    # to take it (UNAVAILABLE or CANCELLED: one restarting, a killed front or store process), in seconds.
+    unavailable_retry_s: float = 10.0
 
-    def _call_retrying_overload(self, method: Callable[..., Any], request: Any) -> Any:
+    def _call_retrying(self, method: Callable[..., Any], request: Any, *, resend: bool = False) -> Any:
         """Call a unary method; a refusal carrying RetryInfo is retried after its delay, within a budget.
 
         An overloaded server refuses a call before doing any of its work, so resending it is always safe.
+        With `resend` (the call may be carried out twice to the same effect), an unavailable server too.
         """
-        give_up = time.monotonic() + self.overload_retry_s
+        retries = Retries(self.overload_retry_s, self.unavailable_retry_s, resend=resend)
         while True:
             try:
                 return method(request, timeout=self._timeout)
             except grpc.RpcError as err:
                 error = from_rpc_error(err)
-            delay = error.retry_delay_s
-            if delay is None or time.monotonic() + delay > give_up:
+            delay = retries.delay(error)
+            if delay is None:
                 raise error from None
-            # Jitter spreads the clients an overloaded server refused at the same moment.
-            time.sleep(delay * random.uniform(1.0, 1.5))
+            time.sleep(delay)
 
     @property
     def channel(self) -> grpc.Channel:
@@ -266,12 +269,8 @@ class Client:
 
     def get_source(self, name: str) -> StreamSource:
         """Returns the stored definition of one source; raises NotFoundError if there is none."""
-        try:
-            response = self._registry.GetSource(
-                registry_service_pb2.GetSourceRequest(name=name), timeout=self._timeout
-            )
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+        request = registry_service_pb2.GetSourceRequest(name=name)
+        response = self._call_retrying(self._registry.GetSource, request, resend=True)
         return StreamSource.from_proto(response.source)
 
     def list_sources(self, page_size: int = 100) -> Iterator[StreamSource]:
@@ -346,7 +345,8 @@ class Client:
         Records (dicts) go as one Arrow batch per source when the client knows the source's schema (fetched
         once and cached) and every value fits it exactly, else as Structs by featurepush.values rules, as
         do lists of at most featurepush.payload.SMALL_PUSH_ROWS records; the server answers both alike. A
-        request_id makes retries safe: the server replays its first response for a repeated id. Raises
+        request_id makes retries safe: the server replays its first response for a repeated id, so a push
+        with one is sent again while the server is unavailable, for up to `unavailable_retry_s`. Raises
         InvalidArgumentError listing every bad record by path if any is rejected, in which case nothing is
         written.
         """
@@ -357,7 +357,7 @@ class Client:
         schemas = {source: self._push_schema(source, d) for source, d in data.items()}
         request, columnar = push_request(data, schemas, dry_run=dry_run, request_id=request_id)
         try:
-            response = self._call_retrying_overload(self._ingest.Push, request)
+            response = self._call_retrying(self._ingest.Push, request, resend=bool(request_id))
         except FeaturepushError as error:
             if error.code == grpc.StatusCode.NOT_FOUND:
                 for source in data:
@@ -368,7 +368,7 @@ class Client:
             for source in columnar:
                 self._forget(source)
             request, _ = push_request(data, {}, dry_run=dry_run, request_id=request_id)
-            response = self._call_retrying_overload(self._ingest.Push, request)
+            response = self._call_retrying(self._ingest.Push, request, resend=bool(request_id))
         return push_result(response)
 
     def _push_schema(self, source: str, data: object) -> PushSchema | None:
@@ -427,7 +427,7 @@ class Client:
         arrow = wants_arrow(columnar, len(keys))
         request = get_features_request(source, keys, definition.entity_keys, columnar=arrow)
         try:
-            response = self._call_retrying_overload(self._get_features, request)
+            response = self._call_retrying(self._get_features, request, resend=True)
         except FeaturepushError as error:
             if error.code == grpc.StatusCode.NOT_FOUND:
                 self._forget(source)
@@ -480,7 +480,7 @@ class Client:
         from featurepush.views import view_request, view_vectors
 
         request = view_request(keys, view=view, service=service, as_of=as_of)
-        return view_vectors(self._call_retrying_overload(self._views.GetViewFeatures, request), len(keys))
+        return view_vectors(self._call_retrying(self._views.GetViewFeatures, request, resend=True), len(keys))
 
     def get_view_features_arrow(
         self,
@@ -494,7 +494,7 @@ class Client:
         from featurepush.views import view_request, view_table
 
         request = view_request(keys, view=view, service=service, as_of=as_of, arrow=True)
-        return view_table(self._call_retrying_overload(self._views.GetViewFeatures, request), len(keys))
+        return view_table(self._call_retrying(self._views.GetViewFeatures, request, resend=True), len(keys))
 
     def delete_view(self, name: str) -> int:
         """Deletes a view and its tiles; returns how many tiles it held."""

@@ -124,7 +124,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Client:
     """A client for a client command's --target, TLS files and API key."""
     try:
-        return Client(
+        client = Client(
             args.target,
             api_key=args.api_key or None,
             tls=args.tls,
@@ -134,6 +134,9 @@ def _client(args: argparse.Namespace) -> Client:
         )
     except ValueError as e:
         raise CommandError(str(e)) from None
+    # A command run by hand says at once that the server is not there, rather than waiting for it.
+    client.unavailable_retry_s = 0.0
+    return client
 
 
 def _keys_file(args: argparse.Namespace) -> Path:
