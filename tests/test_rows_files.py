@@ -92,6 +92,20 @@ def test_a_file_gone_before_its_write_costs_a_write_batch_not_the_write(tmp_path
         store.close()
 
 
+def test_a_file_wins_over_older_rows_of_its_keys_still_in_the_memtable(tmp_path: Path) -> None:
+    # Pushes to the source during its backfill: RocksDB flushes them first, so the file's rows come after.
+    store = _store(tmp_path / "db")
+    try:
+        store.write_latest([RowBatch("s", *_rows([(3, 1, b"pushed"), (4, 9, b"later")]), source_id=1)])
+        keys, values = _rows([(0, 2, b"a"), (3, 2, b"b"), (5, 2, b"c")])
+        assert store.write_latest([_with_file(store, keys, values)]).counts["s"].written == 3
+        assert (store.statistic(ROWS_FILES_INGESTED), store.statistic(ROWS_FILES_DEFERRED)) == (1, 0)
+        later = _rows([(4, 9, b"later")])[1][0]
+        assert store.read(_KEYS[:6]) == [values[0], None, None, values[1], later, values[2]]
+    finally:
+        store.close()
+
+
 def test_a_file_waits_for_no_compaction_its_rows_are_written_instead(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
