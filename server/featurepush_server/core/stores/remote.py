@@ -19,6 +19,7 @@ float64s.
 After a batch's columns comes the name of its rows file ("" for none): a large backfill write's rows,
 written by the front or worker as an SST file in the folder the owner names (op ROWS_FOLDER), which the
 owner may ingest whole instead of writing the rows (RocksDBStore.write_latest).
+
 A push's feature-view tile updates (tiles.ViewTiles, computed by the front) follow their batch's rows:
 per update the view's name, id, generation and backfill run, the parts of its spec a merge reads (interval,
 longest window, moment, list and sketch columns), then the tile keys, starts, fixed blocks and the JSON of
