@@ -11,12 +11,54 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol, overload
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import FailedPrecondition
 
-if TYPE_CHECKING:
-    import numpy as np
+
+class BinaryColumn(Sequence[bytes]):
+    """Byte strings held in an Arrow binary array, made Python objects only when they are read.
+
+    A rows file's values reach the store owner so: it reads their event-time headers (`prefixes`) and
+    needs the values themselves only where it writes the rows instead of ingesting the file.
+    """
+
+    def __init__(self, array: pa.Array):
+        self._array = array
+        self._items: list[bytes] | None = None
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        return self.items()[index]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.items())
+
+    def items(self) -> list[bytes]:
+        """Every byte string, made once in Arrow's C++ code."""
+        if self._items is None:
+            self._items = self._array.to_numpy(zero_copy_only=False).tolist()
+        return self._items
+
+    def prefixes(self, n: int) -> list[bytes]:
+        """The first `n` bytes of each byte string, every one at least that long."""
+        heads = pc.binary_slice(self._array, 0, n).cast(pa.binary(n))
+        # Fixed-width void items become bytes whole; numpy's bytes type would drop trailing zero bytes.
+        fixed = np.frombuffer(heads.buffers()[1], dtype=f"V{n}", count=len(heads), offset=heads.offset * n)
+        found: list[bytes] = fixed.tolist()
+        return found
 
 
 # A store's count of rows files (RowBatch.rows_file) it took whole, asked of `Store.statistic`.

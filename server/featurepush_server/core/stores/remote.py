@@ -60,7 +60,16 @@ from .. import errors
 from ..errors import Aborted, CoreError, Unavailable
 from ..gate import UsageGate
 from ..tiles import Codec, ViewTiles, merge_spec
-from .base import BatchCounts, QueuedRecords, RowBatch, Store, StoreFormatError, TileUpdate, WriteResult
+from .base import (
+    BatchCounts,
+    BinaryColumn,
+    QueuedRecords,
+    RowBatch,
+    Store,
+    StoreFormatError,
+    TileUpdate,
+    WriteResult,
+)
 
 if TYPE_CHECKING:
     from .snapshots import SnapshotReader
@@ -222,6 +231,11 @@ class _In:
         return [item.decode() for item in self.present_blobs()]
 
     def column(self) -> list[bytes]:
+        items: list[bytes] = self.column_array().to_numpy(zero_copy_only=False).tolist()
+        return items
+
+    def column_array(self) -> pa.Array:
+        """A column as a validated Arrow binary array over the frame's bytes, valid until the next frame."""
         (n,) = _U32.unpack_from(self.data, self.at)
         start = self.at + 4 + 4 * (n + 1)
         offsets = np.frombuffer(self.data, dtype="<i4", count=n + 1, offset=self.at + 4)
@@ -232,8 +246,7 @@ class _In:
         array = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), data])
         array.validate(full=True)
         self.at = end
-        items: list[bytes] = array.to_numpy(zero_copy_only=False).tolist()
-        return items
+        return array
 
     def maybe(self) -> bytes | None:
         present = self.u8()
@@ -290,7 +303,7 @@ class _Frames:
     A fresh buffer of a few megabytes costs the kernel a page fault per page touched, which for a write of
     thousands of rows cost more than parsing it, so buffers are reused; what one connection holds between
     frames is at most `keep` bytes (see _LargeBuffers for larger frames). A frame's body is valid until the
-    next receive; `_In` copies out whatever it reads, so nothing holds on to it.
+    next receive; `_In` copies out whatever it reads, so nothing holds on to it beyond its request.
     """
 
     def __init__(self, large: _LargeBuffers | None = None, keep: int = 8 << 20) -> None:
@@ -596,8 +609,12 @@ class StoreOwner:
                 generation = inp.i64()
                 offline = inp.blob()
                 keys = inp.column()
-                values = inp.column()
+                columns = inp.column_array()
                 rows_file = inp.text()
+                # A rows file's values are read only where the owner writes them instead of the file; the
+                # write is done before this connection's next frame reuses the bytes they are read from.
+                lazy = BinaryColumn(columns)
+                values: Sequence[bytes] = lazy if rows_file else lazy.items()
                 if has_id and generation >> _GENERATION_BITS != self._epoch >> _GENERATION_BITS:
                     raise Aborted(
                         f"push source {source!r} was validated before the store restarted; nothing was "

@@ -59,6 +59,7 @@ from .base import (
     ROWS_FILES_DEFERRED,
     ROWS_FILES_INGESTED,
     BatchCounts,
+    BinaryColumn,
     QueuedRecords,
     RowBatch,
     StoreFormatError,
@@ -922,7 +923,7 @@ class RocksDBStore:
         keys, values = batch.keys, batch.values
         accepted = len(keys)
         width = HEADER_BYTES
-        heads = [v[:width] for v in values]
+        heads = values.prefixes(width) if isinstance(values, BinaryColumn) else list(map(_HEAD, values))
         if len(set(keys)) != len(keys):
             # Several events for one entity in a batch: keep the newest, the later one on a tie.
             best: dict[bytes, int] = {}
