@@ -14,8 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from featurepush_server.core.errors import Unavailable
 from featurepush_server.core.framing import time_header
-from featurepush_server.core.stores.base import BatchCounts, RowBatch
+from featurepush_server.core.stores.base import ROWS_FILES_INGESTED, BatchCounts, RowBatch
 from featurepush_server.core.stores.remote import (
     CatalogVersion,
     RemoteStore,
@@ -26,7 +27,7 @@ from featurepush_server.core.stores.remote import (
     _Out,
     _send_frame,
 )
-from featurepush_server.core.stores.rocksdb import RocksDBStore
+from featurepush_server.core.stores.rocksdb import RocksDBStore, row_prefix
 
 
 @pytest.fixture
@@ -278,3 +279,22 @@ def test_a_field_past_the_end_of_its_frame_is_refused(out: _Out, read: Any) -> N
     body = b"".join(out.parts)[:-1]
     with pytest.raises(ValueError, match="past its frame"):
         read(_In(body))
+
+
+def test_a_rows_file_built_by_a_front_is_taken_by_the_owner_or_dropped_by_the_front(
+    remote: tuple[RemoteStore, RocksDBStore],
+) -> None:
+    front, store = remote
+    keys = [row_prefix(1) + b"k%d" % i for i in range(3)]
+    values = [time_header(10 + i) + b"v" for i in range(3)]
+    name = front.rows_file(keys, values)
+    assert (store.rows_folder / name).exists()
+    front.write_latest([RowBatch("s", keys, values, rows_file=name)])
+    assert store.statistic(ROWS_FILES_INGESTED) == 1
+    assert store.read(keys) == values and not list(store.rows_folder.iterdir())
+    # A write that never reaches the owner (here the front's store is closing) leaves no file behind.
+    name = front.rows_file(keys, [time_header(20) + b"w"] * 3)
+    front.close()
+    with pytest.raises(Unavailable):
+        front.write_latest([RowBatch("s", keys, values, rows_file=name)])
+    assert not list(store.rows_folder.iterdir())

@@ -231,8 +231,7 @@ def canonical(value: Any, dtype: DType) -> Any:
             return float(value)
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if kind is Kind.TIMESTAMP:
-        delta = value - datetime(1970, 1, 1, tzinfo=UTC)
-        return timestamp_string((delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds)
+        return timestamp_string(_micros(value))
     if kind is Kind.BYTES:
         return base64.b64encode(value).decode("ascii")
     if kind is Kind.ARRAY:

@@ -988,9 +988,9 @@ class RemoteStore:
                 _tiles_out(out, update)
         try:
             inp = self._call(out)
-        except Unavailable:
-            # The owner may never have read the request: drop its files (an owner that did falls back to
-            # writing the rows when its file is gone).
+        except BaseException:
+            # An owner that answered has dropped the files already; one that never read the request (gone,
+            # or this store closing) has not. One still at the write finds its file gone and writes the rows.
             for b in batches:
                 if b.rows_file and self._rows_folder:
                     (Path(self._rows_folder) / b.rows_file).unlink(missing_ok=True)
