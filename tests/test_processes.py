@@ -495,17 +495,29 @@ def test_a_killed_owner_mid_backfill_ends_it_unavailable_and_loses_nothing_repor
 
 
 def _backfill_workers(server: ServedProcess) -> list[int]:
-    """The backfill worker processes of the server's fronts."""
+    """The backfill worker processes of the server's fronts: children of the fronts' fork servers."""
+    servers = set(_fork_servers(server))
+    return [pid for pid, parent, _ in _processes() if parent in servers]
+
+
+def _fork_servers(server: ServedProcess) -> list[int]:
+    """The fork servers the server's fronts start their backfill workers from."""
     fronts = set(_pids(server, r"front \d+"))
+    return [pid for pid, parent, argv in _processes() if parent in fronts and b"forkserver" in argv]
+
+
+def _processes() -> list[tuple[int, int, bytes]]:
+    """Every process's pid, parent pid and command line."""
     found = []
     for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
             parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             argv = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError):
+        except (OSError, ValueError, IndexError):
             continue
-        if parent in fronts and b"spawn_main" in argv:
-            found.append(int(entry.name))
+        found.append((int(entry.name), parent, argv))
     return found
 
 
@@ -515,8 +527,9 @@ def test_a_killed_backfill_worker_ends_its_backfill_unavailable_and_the_next_one
     rows = 400_000
     thread, reports, errors = _backfill_in_background(served, tmp_path / "history.parquet", rows)
     assert wait_until(lambda: (reports and _backfill_workers(served)) or not thread.is_alive())
-    for pid in _backfill_workers(served)[:1]:
-        os.kill(pid, signal.SIGKILL)
+    workers = _backfill_workers(served)
+    assert workers, "the backfill ended before a worker was seen"
+    os.kill(workers[0], signal.SIGKILL)
     thread.join(120)
     assert not thread.is_alive()
     if errors:
@@ -527,6 +540,35 @@ def test_a_killed_backfill_worker_ends_its_backfill_unavailable_and_the_next_one
     last = list(served.backfill.Backfill(backfill_service_pb2.BackfillRequest(source="history")))[-1]
     assert last.done and last.rows_read == rows and last.rows_rejected == 0
     assert len(_stored(served, rows)) == rows
+
+
+def test_a_killed_front_leaves_no_fork_server_or_backfill_worker_behind(
+    served: ServedProcess, tmp_path: Path
+) -> None:
+    rows = 400_000
+    thread, reports, errors = _backfill_in_background(served, tmp_path / "history.parquet", rows)
+    assert wait_until(lambda: (reports and _backfill_workers(served)) or not thread.is_alive())
+    workers = _backfill_workers(served)
+    assert workers, "the backfill ended before a worker was seen"
+    parents = {pid: parent for pid, parent, _ in _processes()}
+    fork_server = parents[workers[0]]
+    front = parents[fork_server]
+    os.kill(front, signal.SIGKILL)
+    thread.join(120)
+    assert not thread.is_alive()
+    # The fork server sees its front's pipe close and exits; its workers, left without a parent, stop.
+    assert wait_until(lambda: not any(_alive(pid) for pid in [fork_server, *workers]), 30)
+    last = list(served.backfill.Backfill(backfill_service_pb2.BackfillRequest(source="history")))[-1]
+    assert last.done and last.rows_read == rows and last.rows_rejected == 0
+    assert len(_stored(served, rows)) == rows
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_fronts_answer_reads_themselves_once_writes_pause_and_never_miss_an_acknowledged_one(

@@ -2,7 +2,8 @@
 
 A front that runs a Backfill reads the batch source and hands each chunk to these processes, which
 reach the store owner over its socket as the fronts do; so a backfill's Python work spreads over several
-cores while the owner only writes. They are started on the first backfill and stop with their front.
+cores while the owner only writes. They are forked, on the first backfill, from a fork server the front
+starts with itself, and stop with their front.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import get_context
+from multiprocessing import forkserver, get_context
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -41,18 +42,50 @@ def worker_count(config: ServerConfig) -> int:
     return min(max(config.processes, 2), MAX_WORKERS)
 
 
+# What a worker imports before it takes work (`_start_worker` and the chunk loader), loaded once by the
+# front's fork server. rocksdict stays out: a worker imports it after the fork, so no RocksDB state is
+# copied from one process to another.
+_PRELOAD = [
+    "featurepush_server.workers",
+    "featurepush_server.logs",
+    "featurepush_server.core.backfill",
+    "featurepush_server.core.materialize",
+    "featurepush_server.core.offline_log",
+    "featurepush_server.core.registry",
+    "featurepush_server.core.stores.remote",
+    "featurepush_server.core.tiles",
+    "featurepush_server.core.views",
+]
+
+
 def backfill_workers(config: ServerConfig, runtime: Path) -> BackfillWorkers:
-    """Worker processes for the front's backfills (`worker_count`), started as the first chunks come."""
+    """Worker processes for the front's backfills (`worker_count`), started as the first chunks come.
+
+    They are forked from a fork server that the front starts now and that imports pyarrow, numpy and the
+    core while the front serves, so a backfill's workers are up in milliseconds, not most of a second.
+    """
     from .processes import CATALOG, SOCKET
 
     allowed = sorted({*config.post_processor_modules, *(Path(p).stem for p in config.definitions)})
-    args = (str(runtime / SOCKET), str(runtime / CATALOG), allowed, config.log_level, config.log_format)
+    front = (os.getpid(), _started(os.getpid()))
+    args = (
+        str(runtime / SOCKET),
+        str(runtime / CATALOG),
+        allowed,
+        config.log_level,
+        config.log_format,
+        front,
+    )
     count = worker_count(config)
+    # Forking a front would copy its gRPC threads' state; the fork server is a fresh interpreter that
+    # never runs gRPC, spawned once, and stops when its front does (its pipe from the front closes).
+    context = get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    forkserver.ensure_running()
     return BackfillWorkers(
         lambda: ProcessPoolExecutor(
             count,
-            # Forking a front would copy its gRPC threads' state; a fresh interpreter starts clean.
-            mp_context=get_context("spawn"),
+            mp_context=context,
             initializer=_start_worker,
             initargs=args,
         ),
@@ -159,7 +192,39 @@ def _failed(future: Future[Any]) -> bool:
     return future.done() and (future.cancelled() or future.exception() is not None)
 
 
-def _start_worker(socket_path: str, catalog_path: str, allowed: list[str], level: str, form: str) -> None:
+def _started(pid: int) -> int | None:
+    """When a process started (clock ticks after boot), None if it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # After the command's closing parenthesis: the state, then the start time as the 20th field.
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def _watch_front(pid: int, started: int | None) -> None:
+    """Stop this worker, as SIGTERM would, once its front is gone (even killed with SIGKILL).
+
+    The worker's parent is the fork server, which lives while any of its workers does (they hold its
+    pipe), so the front itself is watched: by pid and start time, which a reused pid does not share.
+    """
+
+    def watch() -> None:
+        while _started(pid) == started:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="featurepush-front-watch", daemon=True).start()
+
+
+def _start_worker(
+    socket_path: str,
+    catalog_path: str,
+    allowed: list[str],
+    level: str,
+    form: str,
+    front: tuple[int, int | None],
+) -> None:
     """Build the worker's loader over the owner's store; the worker stops once its front is gone."""
     from .core.backfill import ChunkLoader, install_worker_loader
     from .core.materialize import LatestRowWriter, Materializer
@@ -169,12 +234,11 @@ def _start_worker(socket_path: str, catalog_path: str, allowed: list[str], level
     from .core.tiles import TileWriter
     from .core.views import Views
     from .logs import configure
-    from .processes import _watch_parent
 
     configure(level, form)
     # The front stops its workers itself; a signal meant for its group must not cut a write short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _watch_parent()
+    _watch_front(*front)
     store = RemoteStore(Path(socket_path), CatalogVersion(Path(catalog_path)))
     registry = Registry(store, catalog_version=store.catalog.read)
     views = Views(store, registry, allowed, catalog_version=store.catalog.read)
