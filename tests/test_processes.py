@@ -521,14 +521,22 @@ def _processes() -> list[tuple[int, int, bytes]]:
     return found
 
 
+def _backfill_with_workers(
+    served: ServedProcess, path: Path, rows: int
+) -> tuple[threading.Thread, list[backfill_service_pb2.BackfillResponse], list[grpc.RpcError], list[int]]:
+    """A backfill running in a thread, returned once its workers are seen, with their pids."""
+    thread, reports, errors = _backfill_in_background(served, path, rows)
+    assert wait_until(lambda: (reports and _backfill_workers(served)) or not thread.is_alive())
+    workers = _backfill_workers(served)
+    assert workers, "the backfill ended before a worker was seen"
+    return thread, reports, errors, workers
+
+
 def test_a_killed_backfill_worker_ends_its_backfill_unavailable_and_the_next_one_loads(
     served: ServedProcess, tmp_path: Path
 ) -> None:
     rows = 400_000
-    thread, reports, errors = _backfill_in_background(served, tmp_path / "history.parquet", rows)
-    assert wait_until(lambda: (reports and _backfill_workers(served)) or not thread.is_alive())
-    workers = _backfill_workers(served)
-    assert workers, "the backfill ended before a worker was seen"
+    thread, reports, errors, workers = _backfill_with_workers(served, tmp_path / "history.parquet", rows)
     os.kill(workers[0], signal.SIGKILL)
     thread.join(120)
     assert not thread.is_alive()
@@ -546,16 +554,13 @@ def test_a_killed_front_leaves_no_fork_server_or_backfill_worker_behind(
     served: ServedProcess, tmp_path: Path
 ) -> None:
     rows = 400_000
-    thread, reports, errors = _backfill_in_background(served, tmp_path / "history.parquet", rows)
-    assert wait_until(lambda: (reports and _backfill_workers(served)) or not thread.is_alive())
-    workers = _backfill_workers(served)
-    assert workers, "the backfill ended before a worker was seen"
+    thread, reports, errors, workers = _backfill_with_workers(served, tmp_path / "history.parquet", rows)
     parents = {pid: parent for pid, parent, _ in _processes()}
     fork_server = parents[workers[0]]
     front = parents[fork_server]
     os.kill(front, signal.SIGKILL)
     thread.join(120)
-    assert not thread.is_alive()
+    assert not thread.is_alive() and (errors or reports[-1].done)
     # The fork server sees its front's pipe close and exits; its workers, left without a parent, stop.
     assert wait_until(lambda: not any(_alive(pid) for pid in [fork_server, *workers]), 30)
     last = list(served.backfill.Backfill(backfill_service_pb2.BackfillRequest(source="history")))[-1]
