@@ -495,6 +495,8 @@ def process_scaling() -> list[Result]:
     """push_rows, push_arrow and get_features with serve --processes 1 and N; the ceiling is the 1 figure."""
     processes = int(os.environ.get("BENCH_PROCESSES", str(CORES)))
     clients = int(os.environ.get("BENCH_CLIENTS", str(CORES)))
+    # BENCH_PROCESS_SCENARIOS=backfill runs only the backfills, =push only the pushes and reads.
+    scenarios = os.environ.get("BENCH_PROCESS_SCENARIOS", "push,backfill").split(",")
     out: list[Result] = []
     with (
         tempfile.TemporaryDirectory(prefix="featurepush-bench-") as tmp,
@@ -503,7 +505,7 @@ def process_scaling() -> list[Result]:
         figures: dict[int, dict[str, float]] = {}
         owner_us: dict[str, float] = {}
         owner_python: dict[str, float] = {}
-        for n in (1, processes):
+        for n in (1, processes) if "push" in scenarios else ():
             server, target = start_featurepush(Path(tmp) / f"p{n}", "always", processes=n)
             try:
                 for w in range(clients):
@@ -530,6 +532,8 @@ def process_scaling() -> list[Result]:
                 server.terminate()
                 server.wait(60)
         for name, unit in (("push_rows", "rows/s"), ("push_arrow", "rows/s"), ("get_features", "keys/s")):
+            if not figures:
+                break
             one = figures[1][name]
             out.append(result(f"{name}[processes=1]", one, unit, one))
             out.append(result(f"{name}[processes={processes}]", figures[processes][name], unit, one))
@@ -546,7 +550,8 @@ def process_scaling() -> list[Result]:
         for name, busy in owner_python.items():
             # Cores' worth of the owner's Python threads over the run, against the one its GIL allows.
             out.append(Result(f"owner_python_cores[{name}]", round(busy, 3), "cores", 1, round(busy, 3)))
-        out += batch.backfill_pair(processes)
+        if "backfill" in scenarios:
+            out += batch.backfill_pair(processes)
     print(f"{'name':<38} {'value':>14} {'unit':<7} {'ceiling':>12} {'ratio':>7}")
     for r in out:
         print(f"{r.name:<38} {r.value:>14,.2f} {r.unit:<7} {r.ceiling:>12,.0f} {r.ratio:>7.2f}")

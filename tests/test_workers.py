@@ -7,9 +7,11 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import active_children, get_context
 
+import pytest
 from servers import wait_until
 
-from featurepush_server.workers import BackfillWorkers
+from featurepush_server.config import ConfigError, ServerConfig, load_config
+from featurepush_server.workers import MAX_WORKERS, BackfillWorkers, worker_count
 
 
 def _pool() -> ProcessPoolExecutor:
@@ -107,3 +109,13 @@ def test_a_pool_whose_processes_died_before_taking_work_is_started_again() -> No
 
 def _all_failed(workers: BackfillWorkers) -> bool:
     return all(f.done() and f.exception() is not None for f in workers._warming)
+
+
+def test_a_front_runs_two_to_four_backfill_workers_unless_told_how_many() -> None:
+    assert worker_count(ServerConfig(processes=1)) == 2
+    assert worker_count(ServerConfig(processes=3)) == 3
+    assert worker_count(ServerConfig(processes=16)) == MAX_WORKERS == 4
+    assert worker_count(ServerConfig(processes=16, backfill_workers=8)) == 8
+    assert worker_count(load_config(env={"FEATUREPUSH_BACKFILL_WORKERS": "6"})) == 6
+    with pytest.raises(ConfigError, match="backfill_workers must not be negative"):
+        ServerConfig(backfill_workers=-1)

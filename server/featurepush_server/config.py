@@ -138,6 +138,9 @@ class ServerConfig:
     # owner's RocksDB opened once its writes pause, while no write landed since (else the owner answers
     # them); costs each front a 64 MiB block cache and a copy of the owner's unflushed writes.
     front_reads: bool = True
+    # Backfill worker processes each front runs while it backfills (embedded store), which validate, encode
+    # and write its chunks; 0: one per process, at least two and at most four.
+    backfill_workers: int = 0
 
     # --- Store (README "Redis and Redis Cluster") ---
     # Where sources, online rows, idempotency records and the offline-log queue live: "rocksdb" (the
@@ -194,6 +197,7 @@ class ServerConfig:
             "max_concurrent_backfills",
             "latest_index_entries",
             "latest_index_bytes",
+            "backfill_workers",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (0 derives it from the machine)")

@@ -27,19 +27,19 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 
-# The most backfill workers a front runs. The one store owner writes 400,000 to 500,000 backfilled rows a
-# second on 16 cores, which four workers reach (eight and sixteen measured no faster), so more workers
-# would only hold memory, an interpreter each, on every front that runs a backfill.
+# The most backfill workers a front runs unless `backfill_workers` sets the number. Before rows files the
+# one store owner wrote 400,000 to 500,000 backfilled rows a second on 16 cores, which four workers
+# reached (eight and sixteen measured no faster); more would hold memory on every front that backfills.
 MAX_WORKERS = 4
 
 
 def worker_count(config: ServerConfig) -> int:
-    """How many backfill workers a front runs: one per process, at least two and at most MAX_WORKERS.
+    """How many backfill workers a front runs: `backfill_workers`, else one per process, 2 to MAX_WORKERS.
 
     A worker waits for the owner's write of its chunk before taking the next, so with one worker the
     encoding and the write would take turns; two or more keep the owner busy while they encode.
     """
-    return min(max(config.processes, 2), MAX_WORKERS)
+    return config.backfill_workers or min(max(config.processes, 2), MAX_WORKERS)
 
 
 # What a worker imports before it takes work (`_start_worker` and the chunk loader), loaded once by the
