@@ -111,11 +111,12 @@ def _all_failed(workers: BackfillWorkers) -> bool:
     return all(f.done() and f.exception() is not None for f in workers._warming)
 
 
-def test_a_front_runs_two_to_four_backfill_workers_unless_told_how_many() -> None:
+def test_a_front_runs_two_to_eight_backfill_workers_unless_told_how_many() -> None:
     assert worker_count(ServerConfig(processes=1)) == 2
     assert worker_count(ServerConfig(processes=3)) == 3
-    assert worker_count(ServerConfig(processes=16)) == MAX_WORKERS == 4
-    assert worker_count(ServerConfig(processes=16, backfill_workers=8)) == 8
+    assert worker_count(ServerConfig(processes=4)) == 4
+    assert worker_count(ServerConfig(processes=16)) == MAX_WORKERS == 8
+    assert worker_count(ServerConfig(processes=16, backfill_workers=12)) == 12
     assert worker_count(load_config(env={"FEATUREPUSH_BACKFILL_WORKERS": "6"})) == 6
     with pytest.raises(ConfigError, match="backfill_workers must not be negative"):
         ServerConfig(backfill_workers=-1)

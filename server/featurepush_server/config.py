@@ -139,7 +139,7 @@ class ServerConfig:
     # them); costs each front a 64 MiB block cache and a copy of the owner's unflushed writes.
     front_reads: bool = True
     # Backfill worker processes each front runs while it backfills (embedded store), which validate, encode
-    # and write its chunks; 0: one per process, at least two and at most four.
+    # and write its chunks; 0: one per process, at least two and at most eight.
     backfill_workers: int = 0
 
     # --- Store (README "Redis and Redis Cluster") ---
