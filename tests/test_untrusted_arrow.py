@@ -387,6 +387,39 @@ def test_dictionary_deltas_are_refused() -> None:
     assert "dictionary deltas" in info.value.violations[0].description
 
 
+_ZONED = pa.timestamp("us", tz="Etc/UTC")
+
+
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [
+        (_ZONED, "ts"),
+        (pa.list_(_ZONED), "ts.item"),
+        (pa.dictionary(pa.int32(), _ZONED), "ts"),
+        (pa.struct([("at", _ZONED)]), "ts.at"),
+    ],
+    ids=["timestamp", "list", "dictionary", "struct"],
+)
+def test_a_time_zone_that_is_not_utf8_is_refused_as_a_malformed_stream(
+    kind: pa.DataType, field: str, server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Arrow keeps a time zone as the stream's bytes; reading it as text was an unexpected error, logged
+    # with a traceback, and refused with a message that named no cause.
+    table = pa.table({"user_id": pa.array(["u"]), "ts": pa.nulls(1, kind)})
+    data = arrow_ipc(table)
+    assert data.count(b"Etc/UTC") == 1
+    forged = data.replace(b"Etc/UTC", b"Etc/\xd4\x01C")
+    with pytest.raises(InvalidInput) as info:
+        read_arrow(forged, PATH)
+    assert f"the time zone of field {field!r} is not UTF-8" in info.value.violations[0].description
+    with pytest.raises(grpc.RpcError) as refused:
+        server.ingest.Push(pb.PushRequest(records={SOURCE: pb.SourceRecords(arrow_ipc=forged)}))
+    code, violations, reason = rich_error(refused.value)
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARROW")
+    assert f"the time zone of field {field!r} is not UTF-8" in violations[0][1]
+    assert not [r for r in caplog.records if r.exc_info]
+
+
 @pytest.mark.parametrize(
     "data",
     [

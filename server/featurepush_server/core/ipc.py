@@ -303,15 +303,23 @@ def expanded_bytes(arr: pa.Array) -> int:
 
 
 def _check_names(schema: pa.Schema) -> None:
-    """Refuse field names that are not UTF-8: Arrow reads them as bytes, Python code as text."""
-    pending = [schema.field(i) for i in range(len(schema))]
+    """Refuse field names and time zones that are not UTF-8: Arrow keeps them as bytes, Python as text."""
+    pending = [("", schema.field(i)) for i in range(len(schema))]
     while pending:
-        field = pending.pop()
+        parent, field = pending.pop()
         try:
-            field.name  # noqa: B018 - decoding is the check
+            path = parent + field.name
         except UnicodeDecodeError:
             raise MalformedStream("a field name is not UTF-8") from None
-        pending.extend(field.type.field(i) for i in range(field.type.num_fields))
+        kind = field.type
+        while isinstance(kind, pa.DictionaryType):
+            kind = kind.value_type
+        if isinstance(kind, pa.TimestampType):
+            try:
+                kind.tz  # noqa: B018 - decoding is the check
+            except UnicodeDecodeError:
+                raise MalformedStream(f"the time zone of field {path!r} is not UTF-8") from None
+        pending.extend((path + ".", kind.field(i)) for i in range(kind.num_fields))
 
 
 def _brief(err: BaseException) -> str:
