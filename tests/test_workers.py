@@ -6,12 +6,14 @@ import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import active_children, get_context
+from pathlib import Path
 
 import pytest
 from servers import wait_until
 
+from featurepush_server import workers as workers_module
 from featurepush_server.config import ConfigError, ServerConfig, load_config
-from featurepush_server.workers import MAX_WORKERS, BackfillWorkers, worker_count
+from featurepush_server.workers import MAX_WORKERS, BackfillWorkers, backfill_workers, worker_count
 
 
 def _pool() -> ProcessPoolExecutor:
@@ -120,3 +122,18 @@ def test_a_front_runs_two_to_eight_backfill_workers_unless_told_how_many() -> No
     assert worker_count(load_config(env={"FEATUREPUSH_BACKFILL_WORKERS": "6"})) == 6
     with pytest.raises(ConfigError, match="backfill_workers must not be negative"):
         ServerConfig(backfill_workers=-1)
+
+
+def test_workers_start_afresh_where_the_fork_server_cannot_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse() -> None:
+        raise OSError("no more processes")
+
+    monkeypatch.setattr(workers_module.forkserver, "ensure_running", refuse)
+    workers = backfill_workers(ServerConfig(processes=2), tmp_path)
+    try:
+        assert workers.submit(os.getpid).result(60) != os.getpid()
+    finally:
+        workers.shutdown()
+    assert "fork server did not start (no more processes)" in caplog.text

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import forkserver, get_context
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -79,10 +80,15 @@ def backfill_workers(config: ServerConfig, runtime: Path) -> BackfillWorkers:
     )
     count = worker_count(config)
     # Forking a front would copy its gRPC threads' state; the fork server is a fresh interpreter that
-    # never runs gRPC, spawned once, and stops when its front does (its pipe from the front closes).
-    context = get_context("forkserver")
+    # never runs gRPC, spawned once, and stops once its front and its workers are gone (they hold its pipe).
+    context: BaseContext = get_context("forkserver")
     context.set_forkserver_preload(_PRELOAD)
-    forkserver.ensure_running()
+    try:
+        forkserver.ensure_running()
+    except OSError as e:
+        # Backfills still run, their workers a fraction of a second slower to start.
+        _LOGGER.warning("the backfill workers' fork server did not start (%s); workers start afresh", e)
+        context = get_context("spawn")
     return BackfillWorkers(
         lambda: ProcessPoolExecutor(
             count,
