@@ -397,15 +397,20 @@ _ZONED = pa.timestamp("us", tz="Etc/UTC")
         (pa.list_(_ZONED), "ts.item"),
         (pa.dictionary(pa.int32(), _ZONED), "ts"),
         (pa.struct([("at", _ZONED)]), "ts.at"),
+        (pa.opaque(_ZONED, "instant", "elsewhere"), "ts"),
     ],
-    ids=["timestamp", "list", "dictionary", "struct"],
+    ids=["timestamp", "list", "dictionary", "struct", "extension"],
 )
 def test_a_time_zone_that_is_not_utf8_is_refused_as_a_malformed_stream(
     kind: pa.DataType, field: str, server: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Arrow keeps a time zone as the stream's bytes; reading it as text was an unexpected error, logged
     # with a traceback, and refused with a message that named no cause.
-    table = pa.table({"user_id": pa.array(["u"]), "ts": pa.nulls(1, kind)})
+    storage = kind.storage_type if isinstance(kind, pa.BaseExtensionType) else kind
+    column = pa.nulls(1, storage)
+    if isinstance(kind, pa.BaseExtensionType):
+        column = pa.ExtensionArray.from_storage(kind, column)
+    table = pa.table({"user_id": pa.array(["u"]), "ts": column})
     data = arrow_ipc(table)
     assert data.count(b"Etc/UTC") == 1
     forged = data.replace(b"Etc/UTC", b"Etc/\xd4\x01C")

@@ -312,8 +312,8 @@ def _check_names(schema: pa.Schema) -> None:
         except UnicodeDecodeError:
             raise MalformedStream("a field name is not UTF-8") from None
         kind = field.type
-        while isinstance(kind, pa.DictionaryType):
-            kind = kind.value_type
+        while isinstance(kind, pa.DictionaryType | pa.BaseExtensionType):
+            kind = kind.value_type if isinstance(kind, pa.DictionaryType) else kind.storage_type
         if isinstance(kind, pa.TimestampType):
             try:
                 kind.tz  # noqa: B018 - decoding is the check
