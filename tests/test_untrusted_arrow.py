@@ -397,9 +397,10 @@ _ZONED = pa.timestamp("us", tz="Etc/UTC")
         (pa.list_(_ZONED), "ts.item"),
         (pa.dictionary(pa.int32(), _ZONED), "ts"),
         (pa.struct([("at", _ZONED)]), "ts.at"),
-        (pa.opaque(_ZONED, "instant", "elsewhere"), "ts"),
+        # pyarrow reads arrow.opaque back as itself (from pyarrow 18): an extension over a timestamp.
+        *([(pa.opaque(_ZONED, "instant", "elsewhere"), "ts")] if hasattr(pa, "opaque") else []),
     ],
-    ids=["timestamp", "list", "dictionary", "struct", "extension"],
+    ids=["timestamp", "list", "dictionary", "struct", "extension"][: 5 if hasattr(pa, "opaque") else 4],
 )
 def test_a_time_zone_that_is_not_utf8_is_refused_as_a_malformed_stream(
     kind: pa.DataType, field: str, server: Running, caplog: pytest.LogCaptureFixture
