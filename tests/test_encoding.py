@@ -17,6 +17,9 @@ from test_properties import KEY, TS, batches, schemas, to_struct
 from featurepush import StreamSource
 from featurepush.v1 import online_service_pb2
 from featurepush_server.core.encoding import (
+    _set_value,
+    _value_message,
+    canonical,
     encode_rows,
     null_entry,
     struct_entries,
@@ -27,7 +30,7 @@ from featurepush_server.core.encoding import (
 )
 from featurepush_server.core.framing import header_micros, payload
 from featurepush_server.core.rows import MAX_MICROS, MIN_MICROS, rows_to_table
-from featurepush_server.core.schema import FieldSpec, compile_source
+from featurepush_server.core.schema import DType, FieldSpec, Kind, compile_source
 from featurepush_server.core.wire import FEATURE_VECTOR_FEATURES, varint
 
 
@@ -54,6 +57,31 @@ def test_both_encoders_agree_byte_for_byte(data: st.DataObject) -> None:
         vector = online_service_pb2.FeatureVector.FromString(payload(value))
         assert set(vector.features.fields) == {f.name for f in spec.fields}
         assert vector.event_time.ToMicroseconds() == header_micros(value)
+
+
+_SCALAR_VALUES = {
+    Kind.STRING: st.text(),
+    Kind.INT32: st.integers(-(2**31), 2**31 - 1),
+    Kind.INT64: st.integers(-(2**63), 2**63 - 1),
+    Kind.FLOAT32: st.floats(width=32),
+    Kind.FLOAT64: st.floats(),
+    Kind.BOOL: st.booleans(),
+    Kind.TIMESTAMP: st.integers(MIN_MICROS, MAX_MICROS).map(
+        lambda m: datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=m)
+    ),
+    Kind.BYTES: st.binary(),
+}
+
+
+@settings(max_examples=600, deadline=None)
+@given(data=st.data())
+def test_a_scalar_value_written_by_hand_is_the_one_protobuf_serializes(data: st.DataObject) -> None:
+    kind = data.draw(st.sampled_from(sorted(_SCALAR_VALUES, key=lambda k: k.value)))
+    item = data.draw(st.none() | _SCALAR_VALUES[kind])
+    dtype = DType(kind)
+    message = struct_pb2.Value()
+    _set_value(message, canonical(item, dtype))
+    assert _value_message(item, dtype) == message.SerializeToString(deterministic=True)
 
 
 @settings(max_examples=80, deadline=None)

@@ -19,6 +19,7 @@ serialized google.protobuf.Value); a null's slot is zero and its variable part e
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -496,7 +497,7 @@ def _encode_small(
     by_name = dict(zip(table.column_names, (column.to_pylist() for column in table.columns), strict=True))
     rows = [dict(zip(by_name, values, strict=True)) for values in zip(*by_name.values(), strict=True)]
     micros = [_micros(t) for t in by_name[timestamp_field]]
-    ordered = [(f, _entry_key(f.name)) for f in sorted(fields, key=lambda f: f.name.encode())]
+    ordered = _ordered_entries(tuple(fields))
     count = _FIELD_COUNT.pack(len(ordered))
     keys: list[bytes] = []
     values: list[bytes] = []
@@ -509,9 +510,7 @@ def _encode_small(
         variable: list[bytes] = []
         for f, key in ordered:
             item = row[f.name]
-            message = struct_pb2.Value()
-            _set_value(message, canonical(item, f.dtype))
-            value = message.SerializeToString(deterministic=True)
+            value = _value_message(item, f.dtype)
             entry = key + varint(len(value)) + value
             out.append(STRUCT_FIELD + varint(len(entry)) + entry)
             slot, part = (0, b"") if item is None else _cell(item, f.dtype, value)
@@ -523,6 +522,41 @@ def _encode_small(
         features = event_time_field(t) + FEATURE_VECTOR_FEATURES + varint(len(payload)) + payload
         values.append(frame(time_header(t), columns, features))
     return keys, values
+
+
+# Kinds whose canonical JSON value is always a string (the floats' is one only when not finite).
+_TEXT_VALUES = frozenset((Kind.STRING, Kind.INT64, Kind.TIMESTAMP, Kind.BYTES))
+
+
+@functools.lru_cache(maxsize=256)
+def _ordered_entries(fields: tuple[FieldSpec, ...]) -> list[tuple[FieldSpec, bytes]]:
+    """A schema's fields in the stored Struct's order (by name's bytes), each with its entry's start."""
+    return [(f, _entry_key(f.name)) for f in sorted(fields, key=lambda f: f.name.encode())]
+
+
+def _value_message(item: Any, dtype: DType) -> bytes:
+    """The serialized google.protobuf.Value of one Arrow-decoded value, as `value_messages` writes it.
+
+    Scalars are written by hand, as the column path writes them; nested values go through the message.
+    """
+    if item is None:
+        return _NULL
+    kind = dtype.kind
+    if kind in _TEXT_VALUES:
+        text: bytes = canonical(item, dtype).encode()
+        return VALUE_STRING + varint(len(text)) + text
+    if kind is Kind.INT32:
+        return VALUE_NUMBER + _SLOT_F64.pack(item)
+    if kind in _FLOAT_SLOTS:
+        if math.isfinite(item):
+            return VALUE_NUMBER + _SLOT_F64.pack(item)
+        return _SPECIAL["NaN" if math.isnan(item) else ("Infinity" if item > 0 else "-Infinity")]
+    if kind is Kind.BOOL:
+        return VALUE_BOOL + (b"\x01" if item else b"\x00")
+    message = struct_pb2.Value()
+    _set_value(message, canonical(item, dtype))
+    serialized: bytes = message.SerializeToString(deterministic=True)
+    return serialized
 
 
 def encode_rows(
