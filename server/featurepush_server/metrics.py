@@ -31,8 +31,6 @@ from .core.stores.remote import RemoteStore
 
 _LOGGER = logging.getLogger(__name__)
 
-# RocksDB properties worth an alert: what the data takes on disk, what compaction still owes, and
-# whether the store stopped writing after an I/O error.
 # The store's own counts, asked of it by name as RocksDB's properties are.
 _STORE_COUNTERS = {
     ROWS_FILES_INGESTED: (
@@ -46,6 +44,8 @@ _STORE_COUNTERS = {
         "files (its compactions behind).",
     ),
 }
+# RocksDB properties worth an alert: what the data takes on disk, what compaction still owes, and
+# whether the store stopped writing after an I/O error.
 _ROCKSDB_GAUGES = {
     "rocksdb.total-sst-files-size": ("featurepush_store_sst_bytes", "Bytes of the store's SST files."),
     "rocksdb.cur-size-all-mem-tables": (
