@@ -87,11 +87,12 @@ def dtypes() -> st.SearchStrategy[t.DataType]:
 
 
 @st.composite
-def schemas(draw: st.DrawFn) -> list[t.Field]:
-    """A source schema: a String entity key, a Timestamp event time and random other fields."""
+def schemas(draw: st.DrawFn, types: st.SearchStrategy[t.DataType] | None = None) -> list[t.Field]:
+    """A source schema: a String entity key, a Timestamp event time and random other fields (of `types`)."""
+    names = field_names.filter(lambda n: n not in (KEY, TS))
     others = draw(
         st.lists(
-            st.tuples(field_names.filter(lambda n: n not in (KEY, TS)), dtypes(), st.booleans()),
+            st.tuples(names, dtypes() if types is None else types, st.booleans()),
             min_size=1,
             max_size=5,
             unique_by=lambda f: f[0],

@@ -19,10 +19,9 @@ serialized google.protobuf.Value); a null's slot is zero and its variable part e
 from __future__ import annotations
 
 import base64
-import functools
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -495,13 +494,32 @@ def _encode_small(
     # A list per column costs less than Table.to_pylist's dict per row, and each row's event time is taken
     # from its datetime rather than by a cast kernel: for a handful of rows the fixed costs dominate.
     by_name = dict(zip(table.column_names, (column.to_pylist() for column in table.columns), strict=True))
-    rows = [dict(zip(by_name, values, strict=True)) for values in zip(*by_name.values(), strict=True)]
-    micros = [_micros(t) for t in by_name[timestamp_field]]
-    ordered = _ordered_entries(tuple(fields))
+    for f in fields:
+        if f.dtype.kind is Kind.TIMESTAMP:
+            by_name[f.name] = [None if t is None else _micros(t) for t in by_name[f.name]]
+    return encode_python(by_name, fields, entity_keys, timestamp_field, prefix)
+
+
+def encode_python(
+    columns: Mapping[str, Sequence[Any]],
+    fields: Sequence[FieldSpec],
+    entity_keys: Sequence[str],
+    timestamp_field: str,
+    prefix: bytes,
+) -> tuple[list[bytes], list[bytes]]:
+    """Keys and stored values of a few rows given as Python values, column by column, as Arrow decodes them.
+
+    Top-level Timestamps are microseconds since the epoch and Float32 values already float32; nested
+    values are as `Array.to_pylist` gives them. The bytes are those the column path writes.
+    """
+    names = [f.name for f in fields]
+    by_row = zip(*(columns[name] for name in names), strict=True)
+    rows = [dict(zip(names, values, strict=True)) for values in by_row]
+    ordered = _ordered_entries(fields)
     count = _FIELD_COUNT.pack(len(ordered))
     keys: list[bytes] = []
     values: list[bytes] = []
-    for row, t in zip(rows, micros, strict=True):
+    for row in rows:
         keys.append(python_key([key_part(row[k]) for k in entity_keys], prefix))
         # Entries are written by hand in name order: protobuf's own deterministic map order differs.
         out = []
@@ -518,9 +536,10 @@ def _encode_small(
             valid.append(item is not None)
             variable.append(part)
         payload = b"".join(out)
-        columns = count + b"".join(slots) + bytes(valid) + b"".join(variable)
+        columns_part = count + b"".join(slots) + bytes(valid) + b"".join(variable)
+        t = row[timestamp_field]
         features = event_time_field(t) + FEATURE_VECTOR_FEATURES + varint(len(payload)) + payload
-        values.append(frame(time_header(t), columns, features))
+        values.append(frame(time_header(t), columns_part, features))
     return keys, values
 
 
@@ -528,14 +547,27 @@ def _encode_small(
 _TEXT_VALUES = frozenset((Kind.STRING, Kind.INT64, Kind.TIMESTAMP, Kind.BYTES))
 
 
-@functools.lru_cache(maxsize=256)
-def _ordered_entries(fields: tuple[FieldSpec, ...]) -> list[tuple[FieldSpec, bytes]]:
+# Each schema's ordered entries, by the identity of its fields' tuple (a source's spec holds one): hashing
+# the fields themselves (frozen dataclasses, hashed member by member in Python) cost more than ordering
+# them. The tuple is kept beside its entries, so its id cannot be reused while it is cached.
+_ORDERED: dict[int, tuple[tuple[FieldSpec, ...], list[tuple[FieldSpec, bytes]]]] = {}
+
+
+def _ordered_entries(fields: Sequence[FieldSpec]) -> list[tuple[FieldSpec, bytes]]:
     """A schema's fields in the stored Struct's order (by name's bytes), each with its entry's start."""
-    return [(f, _entry_key(f.name)) for f in sorted(fields, key=lambda f: f.name.encode())]
+    known = _ORDERED.get(id(fields))
+    if known is not None and known[0] is fields:
+        return known[1]
+    entries = [(f, _entry_key(f.name)) for f in sorted(fields, key=lambda f: f.name.encode())]
+    if isinstance(fields, tuple):
+        if len(_ORDERED) >= 256:
+            _ORDERED.clear()
+        _ORDERED[id(fields)] = (fields, entries)
+    return entries
 
 
 def _value_message(item: Any, dtype: DType) -> bytes:
-    """The serialized google.protobuf.Value of one Arrow-decoded value, as `value_messages` writes it.
+    """The serialized google.protobuf.Value of one value as encode_python takes it, as value_messages writes.
 
     Scalars are written by hand, as the column path writes them; nested values go through the message.
     """
@@ -543,7 +575,7 @@ def _value_message(item: Any, dtype: DType) -> bytes:
         return _NULL
     kind = dtype.kind
     if kind in _TEXT_VALUES:
-        text: bytes = canonical(item, dtype).encode()
+        text: bytes = (timestamp_string(item) if kind is Kind.TIMESTAMP else canonical(item, dtype)).encode()
         return VALUE_STRING + varint(len(text)) + text
     if kind is Kind.INT32:
         return VALUE_NUMBER + _SLOT_F64.pack(item)
@@ -612,8 +644,6 @@ def _micros(when: datetime) -> int:
 def _cell(item: Any, dtype: DType, value: bytes) -> tuple[int | float, bytes]:
     """One non-null value's slot and variable part as encode_columns writes them; `value` is its Value."""
     kind = dtype.kind
-    if kind is Kind.TIMESTAMP:
-        return _micros(item), b""
     if kind in _INTEGER_SLOTS:
         return int(item), b""
     if kind in _FLOAT_SLOTS:

@@ -15,7 +15,7 @@ from .errors import InvalidInput, LimitExceeded, NotFound, Violation, name_list
 from .ipc import IpcLimits, MalformedStream, StreamTooLarge, read_stream
 from .materialize import Materializer, Origin, SourceRecords, validated_data
 from .registry import Registry, Source
-from .rows import rows_to_table
+from .rows import ConvertedRows, convert_rows
 from .stores.base import BatchCounts
 
 _LOGGER = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class Ingestor:
                 metadata={"sources": name_list(missing, 3)},
             )
         violations: list[Violation] = []
-        tables: dict[str, pa.Table] = {}
+        arrow: dict[str, pa.Table] = {}
         # The limits hold for the push as a whole: each stream gets what the ones before it left.
         limits = self._arrow_limits
         for name, payload in records.items():
@@ -131,13 +131,13 @@ class Ingestor:
             if payload.rows and payload.arrow_ipc:
                 violations.append(Violation(path, "set rows or arrow_ipc, not both"))
             elif payload.arrow_ipc:
-                table = tables[name] = read_arrow(payload.arrow_ipc, path, limits)
+                decoded = arrow[name] = read_arrow(payload.arrow_ipc, path, limits)
                 limits = dataclasses.replace(
                     limits,
-                    max_rows=max(limits.max_rows - table.num_rows, 0),
-                    max_decoded_bytes=max(limits.max_decoded_bytes - table.nbytes, 0),
+                    max_rows=max(limits.max_rows - decoded.num_rows, 0),
+                    max_decoded_bytes=max(limits.max_decoded_bytes - decoded.nbytes, 0),
                 )
-        total = sum(t.num_rows for t in tables.values()) + sum(len(p.rows) for p in records.values())
+        total = sum(t.num_rows for t in arrow.values()) + sum(len(p.rows) for p in records.values())
         if total > self.max_records:
             raise LimitExceeded(
                 f"the push carries {total} records, more than {self.max_records}; split it into requests "
@@ -146,17 +146,19 @@ class Ingestor:
                 metadata={"limit": str(self.max_records)},
             )
         sources = {name: self._registry.get(name) for name in records}
+        tables: dict[str, pa.Table | ConvertedRows] = {}
         total_bad = 0
         for name, payload in records.items():
             spec = sources[name].spec
             path = source_path(name)
             left = max(self._max_violations - len(violations), 1)
-            if name in tables:
+            table: pa.Table | ConvertedRows | None
+            if name in arrow:
                 with validated_data("conforming", path):
-                    table, bad = conform(tables[name], spec.fields, path, max_violations=left)
+                    table, bad = conform(arrow[name], spec.fields, path, max_violations=left)
                 total_bad += len(bad)
             elif payload.rows:
-                table, bad, count = rows_to_table(payload.rows, spec.fields, spec.arrow_schema, path, left)
+                table, bad, count = convert_rows(payload.rows, spec.fields, spec.arrow_schema, path, left)
                 total_bad += count
             else:
                 continue

@@ -18,10 +18,11 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from .encoding import encode_rows
+from .encoding import encode_python, encode_rows
 from .errors import Cancelled, InvalidInput, Violation
 from .ipc import READ_ERRORS
 from .registry import Source
+from .rows import ConvertedRows
 from .stores.base import LatestRows, RowBatch, TileUpdate, WriteResult
 
 _LOGGER = logging.getLogger(__name__)
@@ -41,10 +42,14 @@ class Origin(enum.Enum):
 
 @dataclass(frozen=True)
 class SourceRecords:
-    """One source's validated records; `path` names them in the caller's errors ("" names nothing)."""
+    """One source's validated records; `path` names them in the caller's errors ("" names nothing).
+
+    A push of a few rows may hand them over as Python values (rows.ConvertedRows): their table is made
+    only for a writer that asks for it.
+    """
 
     source: Source
-    table: pa.Table
+    table: pa.Table | ConvertedRows
     path: str = ""
     # A backfill's run id per feature view id (tiles.begin_backfill); pushes have none.
     runs: Mapping[int, str] = field(default_factory=dict)
@@ -55,7 +60,7 @@ class Staged:
     """One source's part of a write, filled in by the writers; `keys` and `values` are its latest rows."""
 
     source: Source
-    table: pa.Table
+    records: pa.Table | ConvertedRows
     origin: Origin
     dry_run: bool
     keys: Sequence[bytes] = ()
@@ -64,6 +69,17 @@ class Staged:
     runs: Mapping[int, str] = field(default_factory=dict)
     # The feature views' tile updates (tiles.TileWriter), merged by the store in the same write.
     tiles: list[TileUpdate] = field(default_factory=list)
+
+    @property
+    def table(self) -> pa.Table:
+        """The records as an Arrow table of the source's schema."""
+        records = self.records
+        return records if isinstance(records, pa.Table) else records.table()
+
+    @property
+    def num_rows(self) -> int:
+        """How many records there are, without making their table."""
+        return self.records.num_rows
 
 
 class Writer(Protocol):
@@ -82,12 +98,15 @@ class LatestRowWriter:
     def stage(self, staged: Staged) -> None:
         """Set the staged keys and values."""
         spec = staged.source.spec
+        prefix = self._rows.row_prefix(staged.source.id)
+        records = staged.records
+        if isinstance(records, ConvertedRows):
+            staged.keys, staged.values = encode_python(
+                records.columns, spec.fields, spec.entity_keys, spec.timestamp_field, prefix
+            )
+            return
         staged.keys, staged.values = encode_rows(
-            staged.table,
-            spec.fields,
-            spec.entity_keys,
-            spec.timestamp_field,
-            self._rows.row_prefix(staged.source.id),
+            records, spec.fields, spec.entity_keys, spec.timestamp_field, prefix
         )
 
 

@@ -12,6 +12,7 @@ import base64
 import binascii
 import math
 import re
+import struct
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -495,6 +496,55 @@ def _table_from_wire(columns: WireColumns, fields: Sequence[FieldSpec], schema: 
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+class ConvertedRows:
+    """A few valid rows as their fields' converters returned them, column by column; Arrow only if asked.
+
+    Every field is a scalar: Timestamps are microseconds since the epoch and Float32 values are rounded to
+    float32, so these are the values the table's `to_pylist` would give, bar the Timestamps' type.
+    """
+
+    __slots__ = ("columns", "schema", "num_rows", "_table")
+
+    def __init__(self, columns: dict[str, list[Any]], schema: pa.Schema, num_rows: int):
+        self.columns = columns
+        self.schema = schema
+        self.num_rows = num_rows
+        self._table: pa.Table | None = None
+
+    def table(self) -> pa.Table:
+        """The rows as a table of the source's schema, made once."""
+        if self._table is None:
+            self._table = pa.Table.from_arrays(
+                [pa.array(self.columns[f.name], type=f.type) for f in self.schema], schema=self.schema
+            )
+        return self._table
+
+
+_F32 = struct.Struct("<f")
+
+
+def _float32(x: float | None) -> float | None:
+    """A double rounded to the nearest float32, as Arrow rounds it into a Float32 column."""
+    return x if x is None else _F32.unpack(_F32.pack(x))[0]
+
+
+def convert_rows(
+    rows: Sequence[struct_pb2.Struct],
+    fields: Sequence[FieldSpec],
+    schema: pa.Schema,
+    path_prefix: str,
+    max_violations: int = 100,
+) -> tuple[pa.Table | ConvertedRows | None, list[Violation], int]:
+    """rows_to_table, but a few rows of a schema of scalars stay Python values (ConvertedRows).
+
+    A push of one event costs more in making its Arrow arrays than in anything else it does; most
+    pushes of a few rows never need the table (see materialize.py).
+    """
+    if len(rows) > BULK_MIN_ROWS or not all(f.dtype.kind in _SCALARS for f in fields):
+        return rows_to_table(rows, fields, schema, path_prefix, max_violations)
+    return _convert(rows, fields, schema, path_prefix, max_violations, python=True)
+
+
 def rows_to_table(
     rows: Sequence[struct_pb2.Struct],
     fields: Sequence[FieldSpec],
@@ -507,8 +557,24 @@ def rows_to_table(
         table = _table_from_wire(rows.columns, fields, schema)
         if table is not None:
             return table, [], 0
+    converted, violations, count = _convert(rows, fields, schema, path_prefix, max_violations, python=False)
+    assert not isinstance(converted, ConvertedRows)
+    return converted, violations, count
+
+
+def _convert(
+    rows: Sequence[struct_pb2.Struct],
+    fields: Sequence[FieldSpec],
+    schema: pa.Schema,
+    path_prefix: str,
+    max_violations: int,
+    *,
+    python: bool,
+) -> tuple[pa.Table | ConvertedRows | None, list[Violation], int]:
+    """The rows as a table, or with `python` (a few rows, bulk paths never taken) as ConvertedRows."""
     ctx = _Ctx(max_violations)
     arrays: list[pa.Array] = []
+    columns: dict[str, list[Any]] = {}
     row_fields = [r.fields for r in rows]
     # Sizes are taken first: reading an absent key of a message map inserts an empty Value there.
     sizes = np.fromiter((len(m) for m in row_fields), dtype=np.int64, count=len(row_fields))
@@ -528,6 +594,9 @@ def rows_to_table(
         fast = _fast_column(values, kinds, f) if bulk else None
         if fast is None:
             col = _slow_column(f, values, kinds, path_prefix, ctx)
+            if python:
+                columns[name] = list(map(_float32, col)) if f.dtype.kind is Kind.FLOAT32 else col
+                continue
             if not ctx.count:
                 fast = pa.array(col, type=schema.field(j).type)
         arrays.append(fast)
@@ -542,4 +611,6 @@ def rows_to_table(
                 )
     if ctx.count:
         return None, ctx.violations, ctx.count
+    if python:
+        return ConvertedRows(columns, schema, len(rows)), [], 0
     return pa.Table.from_arrays(arrays, schema=schema), [], 0

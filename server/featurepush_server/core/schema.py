@@ -34,6 +34,10 @@ class Kind(enum.Enum):
     MAP = "Map"
     STRUCT = "Struct"
 
+    # Members are singletons, so identity hashes them as equality compares them; Enum's own hash is a
+    # Python function, and kinds are looked up in sets and dicts for every value of a small push.
+    __hash__ = object.__hash__
+
 
 _SCALAR_KINDS = {
     schema_pb2.SCALAR_TYPE_STRING: Kind.STRING,

@@ -722,14 +722,14 @@ class TileWriter:
 
     def stage(self, staged: Staged) -> None:
         """Append one tile update per view of the source; a backfill only for views it began a run on."""
-        if staged.table.num_rows == 0:
+        if staged.num_rows == 0:
             return
         spec = staged.source.spec
         for view in self._views.of_source(spec.name):
             run = staged.runs.get(view.id, "")
             if staged.origin is Origin.BACKFILL and not run:
                 continue
-            where = f"a {staged.origin.value} batch of {staged.table.num_rows} records"
+            where = f"a {staged.origin.value} batch of {staged.num_rows} records"
             staged.tiles.append(
                 build_tiles(view, self._store, staged.table, spec.timestamp_field, where, run)
             )
