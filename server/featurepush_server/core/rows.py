@@ -576,9 +576,10 @@ def _convert(
     arrays: list[pa.Array] = []
     columns: dict[str, list[Any]] = {}
     row_fields = [r.fields for r in rows]
-    # Sizes are taken first: reading an absent key of a message map inserts an empty Value there.
-    sizes = np.fromiter((len(m) for m in row_fields), dtype=np.int64, count=len(row_fields))
-    missing = np.zeros(len(rows), dtype=np.int64)
+    # Sizes are taken first: reading an absent key of a message map inserts an empty Value there. Lists,
+    # not arrays: a push of one row paid more for numpy's calls than for its whole conversion.
+    sizes = [len(m) for m in row_fields]
+    missing = [0] * len(rows)
     for j, f in enumerate(fields):
         name = f.name
         values = [m[name] for m in row_fields]
@@ -590,7 +591,7 @@ def _convert(
         # An empty Value (absent, or sent with no kind) has no form: it counts as absent.
         kinds = [v.WhichOneof("kind") for v in values]
         if None in kinds:
-            missing += np.fromiter((k is None for k in kinds), dtype=bool, count=len(kinds))
+            missing = [gone + (k is None) for gone, k in zip(missing, kinds, strict=True)]
         fast = _fast_column(values, kinds, f) if bulk else None
         if fast is None:
             col = _slow_column(f, values, kinds, path_prefix, ctx)
@@ -602,11 +603,12 @@ def _convert(
         arrays.append(fast)
     known = {f.name for f in fields}
     # A row holds an unknown field exactly when it has more keys than the schema fields it carries.
-    for i in np.flatnonzero(sizes > len(known) - missing):
+    width = len(known)
+    for i in [i for i, (size, gone) in enumerate(zip(sizes, missing, strict=True)) if size > width - gone]:
         for key in sorted(row_fields[i]):
             if key not in known:
                 ctx.add(
-                    _row_at(path_prefix, int(i), key),
+                    _row_at(path_prefix, i, key),
                     f"unknown field {key!r}; the schema has {', '.join(sorted(known))}",
                 )
     if ctx.count:

@@ -201,6 +201,8 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     ):
         self._ingestor = ingestor
         self._metrics = metrics
+        # The record counters of each source pushed to (only applied sources have counts).
+        self._series: dict[str, tuple[Any, ...]] = {}
         self._read_ahead = read_ahead
         self._idle_timeout_s = idle_timeout_s
         self._stopping = stopping or threading.Event()
@@ -227,9 +229,16 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
             return
         if outcome is not None:
             for name, c in outcome.counts.items():
-                metrics.records.labels(name, "accepted").inc(c.accepted)
-                metrics.records.labels(name, "written").inc(c.written)
-                metrics.records.labels(name, "superseded").inc(c.superseded)
+                series = self._series.get(name)
+                if series is None:
+                    # Bound once per source: binding takes a lock and a lookup by labels.
+                    series = self._series[name] = tuple(
+                        metrics.records.labels(name, what) for what in ("accepted", "written", "superseded")
+                    )
+                accepted, written, superseded = series
+                accepted.inc(c.accepted)
+                written.inc(c.written)
+                superseded.inc(c.superseded)
             return
         for name, records in request.records.items():
             # Only applied sources label metrics: any other name is the caller's and unbounded.
