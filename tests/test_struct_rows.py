@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from test_properties import KEY, TS, batches, schemas
 
 from featurepush import Field, Float64, StreamSource, String, Timestamp
-from featurepush.v1 import ingest_service_pb2
+from featurepush.v1 import ingest_service_pb2, online_service_pb2
 from featurepush_server.core.rows import BULK_MIN_ROWS, rows_to_table
 from featurepush_server.core.schema import SourceSpec, compile_source
 from featurepush_server.core.struct_rows import BOOL, NUMBER, STRING, WireRows, read_columns
@@ -231,6 +231,37 @@ def test_a_push_with_a_row_of_invalid_utf8_is_undecodable(server: Running) -> No
         server.channel.unary_unary("/featurepush.v1.IngestService/Push")(body, timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "could not be decoded" in (caught.value.details() or "")
+
+
+def test_a_stream_batch_with_a_row_of_invalid_utf8_ends_the_stream_after_the_batches_before_it(
+    server: Running,
+) -> None:
+    def batch(sequence_id: int, prefix: str, spoil: bool) -> bytes:
+        when = "2026-01-01T00:00:00Z"
+        rows = b"".join(
+            _delimited(0x0A, row_bytes([("user_id", f"{prefix}{i}"), ("timestamp", when), ("clicked", 1.0)]))
+            for i in range(40)
+        )
+        if spoil:
+            rows = rows.replace(f"{prefix}39".encode(), f"{prefix}\xff9".encode("latin-1"))
+        entry = _delimited(0x0A, b"ad_impressions") + _delimited(0x12, rows)
+        return b"\x08" + bytes([sequence_id]) + _delimited(0x12, _delimited(0x0A, entry))
+
+    # The stream reads its batches' rows only as it writes them; a bad row ends it there, as a message
+    # that does not decode at all would, and neither that batch nor any after it is written.
+    items = [batch(1, "first-", False), batch(2, "bad-", True), batch(3, "after-", False)]
+    stream = server.channel.stream_stream("/featurepush.v1.IngestService/PushStream")
+    acks = []
+    with pytest.raises(grpc.RpcError) as caught:
+        for raw in stream(iter(items), timeout=10):
+            acks.append(ingest_service_pb2.PushStreamResponse.FromString(raw))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "could not be decoded" in (caught.value.details() or "")
+    assert [(a.sequence_id, a.WhichOneof("result")) for a in acks] == [(1, "response")]
+    for prefix, stored in (("first-", 40), ("bad-", 0), ("after-", 0)):
+        keys = [{"user_id": f"{prefix}{i}"} for i in range(40)]
+        results = server.online.GetFeatures(keys_request("ad_impressions", *keys)).results
+        assert sum(r.status == online_service_pb2.FEATURE_STATUS_PRESENT for r in results) == stored
 
 
 @pytest.mark.parametrize("method", ["Push", "PushStream"])

@@ -217,15 +217,29 @@ class WireRows(Sequence[struct_pb2.Struct]):
     """A push's rows kept as their wire bytes, with their columns when read_columns takes them.
 
     Without columns the rows are parsed at once (a malformed one raises protobuf's DecodeError, as the
-    request's parse would have); with them, only when a caller looks at a row.
+    request's parse would have); with them, only when a caller looks at a row. With `deferred`, nothing
+    is read until `load()`, which raises that DecodeError then: a push stream reads its next batches in
+    one thread and writes in another, and the reading is left to the writing thread, where it does not
+    contend with the write for the interpreter.
     """
 
-    def __init__(self, raw: Sequence[bytes], *, min_rows: int = 0):
+    def __init__(self, raw: Sequence[bytes], *, min_rows: int = 0, deferred: bool = False):
         self.raw = raw
-        self.columns = read_columns(raw) if len(raw) > min_rows else None
+        self._min_rows = min_rows
+        self.columns: WireColumns | None = None
         self._parsed: list[struct_pb2.Struct] | None = None
+        self._loaded = False
+        if not deferred:
+            self.load()
+
+    def load(self) -> None:
+        """Read the columns, or parse the rows where there are none; protobuf's DecodeError for a bad row."""
+        if self._loaded:
+            return
+        self.columns = read_columns(self.raw) if len(self.raw) > self._min_rows else None
         if self.columns is None:
             self._parse()
+        self._loaded = True
 
     def _parse(self) -> list[struct_pb2.Struct]:
         if self._parsed is None:

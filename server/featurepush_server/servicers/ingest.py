@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import FileDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from featurepush.v1 import ingest_service_pb2 as pb
 from featurepush.v1 import ingest_service_pb2_grpc as pb_grpc
@@ -22,6 +22,7 @@ from ..core.errors import CoreError, ShuttingDown
 from ..core.ingest import Ingestor, PushOutcome, SourcePayload
 from ..core.rows import BULK_MIN_ROWS
 from ..core.struct_rows import WireRows
+from ..edge import undecodable_status
 from ..metrics import Metrics
 from ..status import abort, internal_status, status_of, unary
 
@@ -95,9 +96,9 @@ class WireStreamItem:
     message: Message
 
 
-def _wire_push(message: Any) -> WirePush:
+def _wire_push(message: Any, *, deferred: bool = False) -> WirePush:
     records = {
-        name: SourcePayload(WireRows(recs.rows, min_rows=BULK_MIN_ROWS), recs.arrow_ipc)
+        name: SourcePayload(WireRows(recs.rows, min_rows=BULK_MIN_ROWS, deferred=deferred), recs.arrow_ipc)
         for name, recs in message.records.items()
     }
     return WirePush(records, message.dry_run, message.request_id, message)
@@ -109,9 +110,25 @@ def parse_push(data: bytes) -> WirePush:
 
 
 def parse_push_stream(data: bytes) -> WireStreamItem:
-    """Decode one PushStream message; protobuf's DecodeError for malformed bytes, in it or in a row."""
+    """Decode one PushStream message; protobuf's DecodeError for malformed bytes in it.
+
+    Its rows are read when the stream comes to write them (`load`): a malformed row ends the stream there
+    as a malformed message would have ended it here.
+    """
     message: Any = WirePushStreamRequest.FromString(data)
-    return WireStreamItem(message.sequence_id, _wire_push(message.request), message)
+    return WireStreamItem(message.sequence_id, _wire_push(message.request, deferred=True), message)
+
+
+def _load(item: _Batch) -> bool:
+    """Read a stream batch's deferred rows; False if one does not decode."""
+    if isinstance(item, WireStreamItem):
+        for payload in item.request.records.values():
+            if isinstance(payload.rows, WireRows):
+                try:
+                    payload.rows.load()
+                except DecodeError:
+                    return False
+    return True
 
 
 # One message of a PushStream: as generated code decodes it, or as the edge does.
@@ -283,6 +300,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
                 if item.error is not None:
                     _LOGGER.error("reading a push stream failed", exc_info=item.error)
                 return
+            if not _load(item):
+                # As the edge ends a stream whose message does not decode: the batches before it stand.
+                abort(context, undecodable_status(PUSH_STREAM))
             yield self._acknowledge(item, context)
 
     def _acknowledge(self, item: _Batch, context: grpc.ServicerContext) -> pb.PushStreamResponse:
