@@ -63,10 +63,37 @@ def test_both_encoders_agree_byte_for_byte(data: st.DataObject) -> None:
         table, spec.fields, spec.entity_keys, spec.timestamp_field, b"r\0\0\0\1", small_batch=10**9
     )
     assert columns == by_row
+    # In key order, the same rows; Python's sort is stable, as the encoder's must be.
+    order = sorted(range(len(rows)), key=columns[0].__getitem__)
+    assert encode_rows(
+        table, spec.fields, spec.entity_keys, spec.timestamp_field, b"r\0\0\0\1", small_batch=0, by_key=True
+    ) == ([columns[0][i] for i in order], [columns[1][i] for i in order])
     for value in columns[1]:
         vector = online_service_pb2.FeatureVector.FromString(payload(value))
         assert set(vector.features.fields) == {f.name for f in spec.fields}
         assert vector.event_time.ToMicroseconds() == header_micros(value)
+
+
+def test_rows_of_one_entity_keep_their_order_when_sorted_by_key() -> None:
+    # The store keeps the later of two rows of one entity with one event time: sorting must not swap them.
+    spec = compile_source(
+        StreamSource(
+            name="enc",
+            schema=[t.Field(KEY, t.String), t.Field(TS, t.Timestamp), t.Field("n", t.Int64)],
+            entity_keys=[KEY],
+            timestamp_field=TS,
+        ).to_proto()
+    )
+    entities = "bababcab" * 4
+    rows = [to_struct({KEY: k, TS: "2026-01-01T00:00:00Z", "n": n}) for n, k in enumerate(entities)]
+    table, violations, _ = rows_to_table(rows, spec.fields, spec.arrow_schema, "records")
+    assert table is not None, violations
+    keys, values = encode_rows(table, spec.fields, (KEY,), TS, b"p", small_batch=0, by_key=True)
+    by_row = encode_rows(table, spec.fields, (KEY,), TS, b"p", small_batch=0)[1]
+    # Python's sort is stable: rows of one entity stay in the order they came in.
+    order = sorted(range(len(entities)), key=entities.__getitem__)
+    assert keys == [b"p" + entities[i].encode() for i in order]
+    assert values == [by_row[i] for i in order]
 
 
 _SCALAR_VALUES = {

@@ -599,8 +599,13 @@ def encode_rows(
     prefix: bytes,
     *,
     small_batch: int = SMALL_BATCH,
+    by_key: bool = False,
 ) -> tuple[list[bytes], list[bytes]]:
-    """Keys and stored values (header, event time, features) of every row of a conformed table."""
+    """Keys and stored values (header, event time, features) of every row of a conformed table.
+
+    In row order, or with `by_key` in key order where the column path runs (rows of one key keep their
+    order): RocksDB puts a write batch's rows in its memtable faster in key order.
+    """
     if table.num_rows == 0:
         return [], []
     if table.num_rows <= small_batch:
@@ -614,6 +619,11 @@ def encode_rows(
     head = np.concatenate([head_matrix(micros, fixed.shape[1] + variable_len), fixed], axis=1)
     # One join of every piece: each row's bytes are copied once.
     values = _join(_binary_from_matrix(head), *variable, *event_time_parts(micros), *features)
+    if by_key:
+        # A stable sort in Arrow's C++ code, which lets other threads run: 0.15 us a row, for about 8% of
+        # a store owner's CPU per row (1,000-row pushes of random entities, 2-core).
+        order = pc.sort_indices(keys)
+        keys, values = keys.take(order), values.take(order)
     return binary_list(keys), binary_list(values)
 
 

@@ -105,8 +105,15 @@ class LatestRowWriter:
                 records.columns, spec.fields, spec.entity_keys, spec.timestamp_field, prefix
             )
             return
+        # A push's rows go to the store's write batch; a backfill's large ones become a rows file, which
+        # is sorted where it is written.
         staged.keys, staged.values = encode_rows(
-            records, spec.fields, spec.entity_keys, spec.timestamp_field, prefix
+            records,
+            spec.fields,
+            spec.entity_keys,
+            spec.timestamp_field,
+            prefix,
+            by_key=staged.origin is Origin.PUSH,
         )
 
 
