@@ -96,6 +96,31 @@ def push_bytes(worker: int, n: int, columnar: bool = False) -> bytes:
     return request.SerializeToString()
 
 
+# The width of the entity keys of new_entity_pushes: 16 hex digits, a random 64-bit number.
+_NEW_KEY_WIDTH = 16
+
+
+def new_entity_pushes(worker: int, n: int) -> Iterator[bytes]:
+    """Serialized PushRequests of n rows of entities new to the store each time, in random order.
+
+    One request is serialized with placeholder keys of a fixed width; each request after writes fresh
+    random keys over them, so the client spends about a millisecond a request, not a serialization.
+    """
+    placeholders = [f"q{worker:03x}{i:0{_NEW_KEY_WIDTH - 4}x}" for i in range(n)]
+    request = ingest_pb.PushRequest()
+    target = request.records[SOURCE].rows
+    for row, key in zip(rows(worker, n), placeholders, strict=True):
+        fill_struct(target.add(), {**row, "user_id": key})
+    template = bytearray(request.SerializeToString())
+    offsets = [template.find(key.encode()) for key in placeholders]
+    assert -1 not in offsets and len(set(offsets)) == n
+    while True:
+        keys = os.urandom(_NEW_KEY_WIDTH // 2 * n).hex().encode()
+        for i, at in enumerate(offsets):
+            template[at : at + _NEW_KEY_WIDTH] = keys[i * _NEW_KEY_WIDTH : (i + 1) * _NEW_KEY_WIDTH]
+        yield bytes(template)
+
+
 def get_bytes(worker: int, n: int) -> bytes:
     """A serialized GetFeaturesRequest for n of one worker's entities."""
     request = online_pb.GetFeaturesRequest(source=SOURCE)
@@ -166,6 +191,16 @@ def _loop(target: str, scenario: str, worker: int, seconds: float) -> tuple[int,
             # The very request Client.get_features sends for 100 keys: the reply as one Arrow batch.
             arrow = online_pb.RESPONSE_FORMAT_ARROW
             payload += online_pb.GetFeaturesRequest(response_format=arrow).SerializeToString()
+    elif scenario == "rows_new":
+        pushes = new_entity_pushes(worker, per_call)
+        unary(next(pushes))  # warm the connection
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            unary(next(pushes))
+            calls += 1
+        elapsed = time.perf_counter() - start
+        channel.close()
+        return calls * per_call, elapsed
     elif scenario == "stream":
         # Serialized once, as the unary scenarios' requests are: the client's work is not what is measured.
         message = ingest_pb.PushStreamRequest(
@@ -515,6 +550,9 @@ def process_scaling() -> list[Result]:
                 figures[n] = {}
                 for name, scenario in (
                     ("push_rows", "rows"),
+                    # Entities new to the store in every push, in random order, as a growing population's
+                    # events arrive; push_rows writes the same 1,000 entities, in nearly sorted order.
+                    ("push_new", "rows_new"),
                     ("push_arrow", "arrow"),
                     ("get_features", "get"),
                 ):
@@ -532,7 +570,12 @@ def process_scaling() -> list[Result]:
             finally:
                 server.terminate()
                 server.wait(60)
-        for name, unit in (("push_rows", "rows/s"), ("push_arrow", "rows/s"), ("get_features", "keys/s")):
+        for name, unit in (
+            ("push_rows", "rows/s"),
+            ("push_new", "rows/s"),
+            ("push_arrow", "rows/s"),
+            ("get_features", "keys/s"),
+        ):
             if not figures:
                 break
             one = figures[1][name]
