@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import FileDescriptor
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 from featurepush.v1 import ingest_service_pb2 as pb
 from featurepush.v1 import ingest_service_pb2_grpc as pb_grpc
@@ -126,7 +126,7 @@ def _load(item: _Batch) -> bool:
             if isinstance(payload.rows, WireRows):
                 try:
                     payload.rows.load()
-                except DecodeError:
+                except Exception:  # noqa: BLE001 - as at the edge: bytes that do not decode are the caller's
                     return False
     return True
 
