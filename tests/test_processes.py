@@ -35,7 +35,7 @@ from featurepush.v1 import (
     registry_service_pb2_grpc,
 )
 from featurepush_server.core.stores.rocksdb import ROWS_FOLDER
-from featurepush_server.processes import _reserve_port, await_orphaned_owner, orphaned_owner
+from featurepush_server.processes import _reserve_port, await_orphaned_owner, orphaned_owner, running
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 # More connections than fronts, so that every front serves some of them.
@@ -562,18 +562,10 @@ def test_a_killed_front_leaves_no_fork_server_or_backfill_worker_behind(
     thread.join(120)
     assert not thread.is_alive() and (errors or reports[-1].done)
     # The fork server sees its front's pipe close and exits; its workers, left without a parent, stop.
-    assert wait_until(lambda: not any(_alive(pid) for pid in [fork_server, *workers]), 30)
+    assert wait_until(lambda: not any(running(pid) for pid in [fork_server, *workers]), 30)
     last = list(served.backfill.Backfill(backfill_service_pb2.BackfillRequest(source="history")))[-1]
     assert last.done and last.rows_read == rows and last.rows_rejected == 0
     assert len(_stored(served, rows)) == rows
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process exists and is not a zombie."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_fronts_answer_reads_themselves_once_writes_pause_and_never_miss_an_acknowledged_one(

@@ -12,7 +12,7 @@ import pytest
 from servers import wait_until
 
 from featurepush_server import workers as workers_module
-from featurepush_server.config import ConfigError, ServerConfig, load_config
+from featurepush_server.config import MAX_BACKFILL_WORKERS, ConfigError, ServerConfig, load_config
 from featurepush_server.workers import MAX_WORKERS, BackfillWorkers, backfill_workers, worker_count
 
 
@@ -122,6 +122,9 @@ def test_a_front_runs_two_to_eight_backfill_workers_unless_told_how_many() -> No
     assert worker_count(load_config(env={"FEATUREPUSH_BACKFILL_WORKERS": "6"})) == 6
     with pytest.raises(ConfigError, match="backfill_workers must not be negative"):
         ServerConfig(backfill_workers=-1)
+    assert worker_count(ServerConfig(backfill_workers=MAX_BACKFILL_WORKERS)) == MAX_BACKFILL_WORKERS
+    with pytest.raises(ConfigError, match=f"backfill_workers must be at most {MAX_BACKFILL_WORKERS}, not 65"):
+        ServerConfig(backfill_workers=65)
 
 
 def test_workers_start_afresh_where_the_fork_server_cannot_start(

@@ -18,6 +18,8 @@ ENV_PREFIX = "FEATUREPUSH_"
 FSYNC_POLICIES = ("always", "never")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+# The most backfill workers a front may be told to run (`backfill_workers`).
+MAX_BACKFILL_WORKERS = 64
 
 
 class ConfigError(ValueError):
@@ -139,7 +141,7 @@ class ServerConfig:
     # them); costs each front a 64 MiB block cache and a copy of the owner's unflushed writes.
     front_reads: bool = True
     # Backfill worker processes each front runs while it backfills (embedded store), which validate, encode
-    # and write its chunks; 0: one per process, at least two and at most eight.
+    # and write its chunks; 0: one per process, at least two and at most eight; at most MAX_BACKFILL_WORKERS.
     backfill_workers: int = 0
 
     # --- Store (README "Redis and Redis Cluster") ---
@@ -227,6 +229,11 @@ class ServerConfig:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ConfigError(f"listen must be host:port, such as localhost:50051, not {self.listen!r}")
+        if self.backfill_workers > MAX_BACKFILL_WORKERS:
+            # Each is an interpreter per backfilling front: a stray digit must not fork thousands.
+            raise ConfigError(
+                f"backfill_workers must be at most {MAX_BACKFILL_WORKERS}, not {self.backfill_workers}"
+            )
         if self.max_arrow_nesting > 256:
             raise ConfigError(f"max_arrow_nesting must be at most 256, not {self.max_arrow_nesting}")
         if self.metrics_listen:

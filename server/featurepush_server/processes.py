@@ -267,19 +267,22 @@ def _argv(pid: int) -> list[bytes]:
         return []
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """A process's state letter and parent pid from /proc, None if it is gone."""
+def process_stat(pid: int) -> tuple[str, int, int] | None:
+    """A process's state letter, parent pid and start time (clock ticks after boot) from /proc, None if gone.
+
+    The start time tells a process from a later one given the same pid.
+    """
     try:
         # After the command's closing parenthesis, which the command itself may contain.
-        state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
-        return state, int(parent)
-    except (OSError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1]), int(fields[19])
+    except (OSError, ValueError, IndexError):
         return None
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Whether a process exists and has not exited (a zombie has)."""
-    stat = _stat(pid)
+    stat = process_stat(pid)
     return stat is not None and stat[0] != "Z"
 
 
@@ -295,7 +298,7 @@ def orphaned_owner(online_dir: Path) -> int | None:
         pid = int((online_dir / PID_FILE).read_text().strip())
     except (OSError, ValueError):
         return None
-    stat = _stat(pid)
+    stat = process_stat(pid)
     if stat is None:
         return None
     parent = stat[1]
@@ -324,7 +327,7 @@ def await_orphaned_owner(online_dir: Path, timeout_s: float) -> None:
         timeout_s,
     )
     deadline = time.monotonic() + timeout_s
-    while _running(pid) and time.monotonic() < deadline:
+    while running(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

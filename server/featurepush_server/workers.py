@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from .config import ServerConfig
+from .processes import CATALOG, SOCKET, process_stat
 
 _LOGGER = logging.getLogger(__name__)
 _P = ParamSpec("_P")
@@ -66,8 +67,6 @@ def backfill_workers(config: ServerConfig, runtime: Path) -> BackfillWorkers:
     They are forked from a fork server that the front starts now and that imports pyarrow, numpy and the
     core while the front serves, so a backfill's workers are up in milliseconds, not most of a second.
     """
-    from .processes import CATALOG, SOCKET
-
     allowed = sorted({*config.post_processor_modules, *(Path(p).stem for p in config.definitions)})
     front = (os.getpid(), _started(os.getpid()))
     args = (
@@ -200,13 +199,9 @@ def _failed(future: Future[Any]) -> bool:
 
 
 def _started(pid: int) -> int | None:
-    """When a process started (clock ticks after boot), None if it is gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    # After the command's closing parenthesis: the state, then the start time as the 20th field.
-    return None if fields[0] == "Z" else int(fields[19])
+    """When a running process started (clock ticks after boot), None if it is gone or a zombie."""
+    stat = process_stat(pid)
+    return None if stat is None or stat[0] == "Z" else stat[2]
 
 
 def _watch_front(pid: int, started: int | None) -> None:

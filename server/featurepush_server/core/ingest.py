@@ -175,7 +175,7 @@ class Ingestor:
                 shown,
                 reason="INVALID_RECORDS",
             )
-        parts = [SourceRecords(sources[name], table, source_path(name)) for name, table in tables.items()]
+        parts = [SourceRecords(sources[name], part, source_path(name)) for name, part in tables.items()]
         result = self._materializer.write(
             parts, origin=Origin.PUSH, request_id=request_id, dry_run=dry_run, stop=stop
         )

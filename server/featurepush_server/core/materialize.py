@@ -49,7 +49,7 @@ class SourceRecords:
     """
 
     source: Source
-    table: pa.Table | ConvertedRows
+    records: pa.Table | ConvertedRows
     path: str = ""
     # A backfill's run id per feature view id (tiles.begin_backfill); pushes have none.
     runs: Mapping[int, str] = field(default_factory=dict)
@@ -141,7 +141,7 @@ class Materializer:
         """
         batches: list[RowBatch] = []
         for part in records:
-            staged = Staged(part.source, part.table, origin, dry_run, runs=part.runs)
+            staged = Staged(part.source, part.records, origin, dry_run, runs=part.runs)
             guard: AbstractContextManager[None] = (
                 validated_data("encoding", part.path) if part.path else nullcontext()
             )
