@@ -427,3 +427,22 @@ def test_the_example_config_does_not_share_make_run_s_data_dir() -> None:
     config = load_config(root / "examples" / "featurepush.toml", env={})
     assert config.data_dir.resolve() == (root / "data-example").resolve()
     assert "/data-example/" in (root / ".gitignore").read_text().splitlines()
+
+
+def test_the_example_config_names_every_setting_with_its_default_where_it_sets_one() -> None:
+    import dataclasses
+    import re
+    import tomllib
+
+    from featurepush_server.config import ServerConfig
+
+    text = (Path(__file__).resolve().parent.parent / "examples" / "featurepush.toml").read_text()
+    named = set(re.findall(r"^#? ?([a-z_]+) = ", text, re.MULTILINE))
+    fields = {f.name: f for f in dataclasses.fields(ServerConfig)}
+    assert sorted(set(fields) - named) == []
+    # Numbers it sets are the defaults, so the file never reads as a recommendation it is not.
+    for name, value in tomllib.loads(text)["server"].items():
+        default = fields[name].default
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if numeric and default is not dataclasses.MISSING:
+            assert value == default, name

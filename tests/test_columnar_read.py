@@ -298,17 +298,21 @@ def test_pandas_and_polars_round_trips(client: Client) -> None:
     schema = [t.Field(KEY, t.String), t.Field(TS, t.Timestamp), t.Field("clicks", t.Int64, nullable=True)]
     client.apply(StreamSource(name=name, schema=schema, entity_keys=[KEY], timestamp_field=TS))
     when = dt.datetime(2026, 5, 6, 7, 8, 9, 123456, tzinfo=dt.UTC)
-    client.push(name, [{KEY: "a", TS: when, "clicks": 3}, {KEY: "b", TS: when, "clicks": None}])
+    big = 2**60 + 1  # float64 would round it
+    client.push(name, [{KEY: "a", TS: when, "clicks": big}, {KEY: "b", TS: when, "clicks": None}])
     results = client.get_features(name, ["a", "b", "c"])
     frame = results.to_pandas()
     assert list(frame.columns) == [KEY, "status", "event_time", TS, "clicks"]
     assert frame[KEY].tolist() == ["a", "b", "c"]
+    # A MISSING entity's null leaves the Int64 column integers, not float64.
+    assert str(frame["clicks"].dtype) == "Int64"
+    assert frame["clicks"].iloc[0] == big and frame["clicks"].isna().tolist() == [False, True, True]
     assert frame["event_time"].iloc[0] == pandas.Timestamp(when)
     table = results.to_arrow()
     assert pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False).equals(table)
     pl = results.to_polars()
     assert pl.columns == [KEY, "status", "event_time", TS, "clicks"]
-    assert pl["clicks"].to_list() == [3, None, None]
+    assert pl["clicks"].to_list() == [big, None, None]
     assert polars.from_arrow(table).equals(pl)
     # The frame pushes back as it reads, once the read's own columns are dropped.
     present = frame[frame["status"] == 1].drop(columns=["status", "event_time"]).reset_index(drop=True)

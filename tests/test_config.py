@@ -111,6 +111,8 @@ def test_a_file_without_a_server_table_is_read_whole(tmp_path: Path) -> None:
         ('[server]\nlisten = "nohost"\n', {}, {}, r"listen must be host:port.*not 'nohost'"),
         ("", {"FEATUREPUSH_LISTEN": ":50051"}, {}, r"listen must be host:port.*not ':50051'"),
         ("", {}, {"listen": "localhost:http"}, r"listen must be host:port.*not 'localhost:http'"),
+        ("", {}, {"listen": "localhost:99999"}, r"listen must be host:port with a port up to 65535"),
+        ("", {}, {"metrics_listen": "localhost:65536"}, r"metrics_listen must be .* up to 65535"),
         (
             "[server]\nmax_records_per_request = 0\n",
             {},

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import AD_IMPRESSIONS, ONE_AND_MANY_PROCESSES, VIEW_STORES, Running, rich_error, start
+from conftest import (
+    AD_IMPRESSIONS,
+    ONE_AND_MANY_PROCESSES,
+    VIEW_STORES,
+    Running,
+    rich_error,
+    rows_request,
+    start,
+)
 from redis_servers import RedisCluster
 from views_helpers import MINUTE, apply, brute, push, read, same, stub, view
 
@@ -236,3 +244,30 @@ def test_a_tile_update_without_block_numbers_merges_alike(running: Running) -> N
     # One block per entity, or two where its tiles cross a block edge.
     assert len(set(numbered.keys)) == len(numbered.keys) >= 3
     assert (numbered.keys, numbered.values) == (from_keys.keys, from_keys.values)
+
+
+def test_a_view_this_server_may_not_import_refuses_pushes_to_its_own_source_only(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = start(data, post_processor_modules=("views_helpers",))
+    try:
+        first.apply(AD_IMPRESSIONS)
+        apply(first, view(transformation="views_helpers:broken"))
+    finally:
+        first.close()
+    # The same data, served without the module the view's transformation lives in.
+    running = start(data)
+    try:
+        running.apply({**AD_IMPRESSIONS, "name": "other"})
+        other = running.ingest.Push(
+            rows_request({"other": [{"user_id": "u", "timestamp": "2026-01-01T00:00:00Z", "clicked": 1}]})
+        )
+        assert other.counts["other"].written == 1
+        with pytest.raises(grpc.RpcError) as caught:
+            push(running, [("u", now_minute() - M, 1)])
+        code, _, reason = rich_error(caught.value)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and reason == "TRANSFORMATION_NOT_ALLOWED"
+        details = caught.value.details()
+        assert "clicks" in details and "post_processor_modules" in details
+        assert "transformation_modules" not in details
+    finally:
+        running.close()

@@ -79,3 +79,19 @@ def test_apply_push_and_read_a_view_and_a_service(
     assert code == 0 and json.loads(out)["features"]["user_clicks.clicked_count_1d"]["value"] == 3
     code, out, _ = run(capsys, "delete-view", "user_clicks", *args)
     assert code == 1  # the service still serves it
+
+
+def test_the_start_log_says_what_applying_each_definition_did(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    views = EXAMPLES / "ad_impressions_views.py"
+    caplog.set_level("INFO", logger="featurepush_server.app")
+    for _ in range(2):
+        modules = ("ad_impressions_views",)
+        start(tmp_path / "data", definitions=(views,), post_processor_modules=modules).close()
+    said = [r.getMessage() for r in caplog.records if " from " in r.getMessage()]
+    assert said == [
+        f"{kind} from {views}: {state}"
+        for state in ("created", "unchanged")
+        for kind in ("source ad_impressions", "feature view user_clicks", "feature service ads_ranking")
+    ]

@@ -436,8 +436,27 @@ class FeatureResults(Sequence[FeatureResult]):
         return self._table
 
     def to_pandas(self) -> Any:
-        """The vectors as a pandas DataFrame; needs pandas."""
-        return self.to_arrow().to_pandas()
+        """The vectors as a pandas DataFrame; needs pandas.
+
+        Integer and Bool columns are pandas' nullable dtypes (Int64, boolean...): a MISSING entity's null
+        would otherwise turn a whole int64 column into float64, which rounds values past 2**53.
+        """
+        try:
+            import pandas
+        except ImportError:
+            raise ImportError("to_pandas() needs pandas: pip install pandas") from None
+        nullable = {
+            pa.int8(): pandas.Int8Dtype(),
+            pa.int16(): pandas.Int16Dtype(),
+            pa.int32(): pandas.Int32Dtype(),
+            pa.int64(): pandas.Int64Dtype(),
+            pa.uint8(): pandas.UInt8Dtype(),
+            pa.uint16(): pandas.UInt16Dtype(),
+            pa.uint32(): pandas.UInt32Dtype(),
+            pa.uint64(): pandas.UInt64Dtype(),
+            pa.bool_(): pandas.BooleanDtype(),
+        }
+        return self.to_arrow().to_pandas(types_mapper=nullable.get)
 
     def to_polars(self) -> Any:
         """The vectors as a polars DataFrame; needs polars."""

@@ -311,23 +311,27 @@ def create_server(
             from featurepush.definitions import load_definitions
 
             for source in load_definitions(path):
-                outcome = registry.apply(source.to_proto())
+                applied = registry.apply(source.to_proto())
                 _LOGGER.info(
-                    "source %s from %s: %s",
-                    source.name,
-                    path,
-                    "created" if outcome.created else "updated" if outcome.changed else "unchanged",
+                    "source %s from %s: %s", source.name, path, _state(applied.created, applied.changed)
                 )
             from featurepush.definitions import load_views
 
             for view in load_views(path):
-                applied = views.apply(view.to_proto())
-                state = "changed" if applied.changed else "unchanged"
-                _LOGGER.info("feature view %s from %s: %s", view.name, path, state)
+                outcome = views.apply(view.to_proto())
+                _LOGGER.info(
+                    "feature view %s from %s: %s", view.name, path, _state(outcome.created, outcome.changed)
+                )
             from featurepush.definitions import load_services
 
             for service in load_services(path):
-                views.apply_service(service.to_proto())
+                result = views.apply_service(service.to_proto())
+                _LOGGER.info(
+                    "feature service %s from %s: %s",
+                    service.name,
+                    path,
+                    _state(result.created, result.changed),
+                )
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -469,6 +473,11 @@ def create_server(
             server.stop(None)
             raise OSError(f"cannot serve metrics on {config.metrics_listen}: {e.strerror or e}") from None
     return server
+
+
+def _state(created: bool, changed: bool) -> str:
+    """How a definition applied at start went, for the log."""
+    return "created" if created else "updated" if changed else "unchanged"
 
 
 def _raise_open_files_limit() -> None:

@@ -20,6 +20,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 # The most backfill workers a front may be told to run (`backfill_workers`).
 MAX_BACKFILL_WORKERS = 64
+# gRPC's core reads a larger port modulo 65,536 and listens there, on a port nobody asked for.
+_MAX_PORT = 65535
 
 
 class ConfigError(ValueError):
@@ -227,8 +229,11 @@ class ServerConfig:
         if self.storage_retry_interval_s <= 0:
             raise ConfigError("storage_retry_interval_s must be positive")
         host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ConfigError(f"listen must be host:port, such as localhost:50051, not {self.listen!r}")
+        if not sep or not host or not port.isdigit() or int(port) > _MAX_PORT:
+            raise ConfigError(
+                f"listen must be host:port with a port up to {_MAX_PORT}, such as localhost:50051, "
+                f"not {self.listen!r}"
+            )
         if self.backfill_workers > MAX_BACKFILL_WORKERS:
             # Each is an interpreter per backfilling front: a stray digit must not fork thousands.
             raise ConfigError(
@@ -238,9 +243,10 @@ class ServerConfig:
             raise ConfigError(f"max_arrow_nesting must be at most 256, not {self.max_arrow_nesting}")
         if self.metrics_listen:
             m_host, m_sep, m_port = self.metrics_listen.rpartition(":")
-            if not m_sep or not m_port.isdigit():
+            if not m_sep or not m_port.isdigit() or int(m_port) > _MAX_PORT:
                 raise ConfigError(
-                    f"metrics_listen must be host:port, such as localhost:9464, not {self.metrics_listen!r}"
+                    f"metrics_listen must be host:port with a port up to {_MAX_PORT}, such as "
+                    f"localhost:9464, not {self.metrics_listen!r}"
                 )
         if self.log_level.upper() not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")

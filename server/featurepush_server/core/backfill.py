@@ -274,8 +274,8 @@ def _outcome(future: Future[LoadedChunk]) -> LoadedChunk:
         return future.result()
     except BrokenExecutor:
         raise Unavailable(
-            "a backfill worker process of the server stopped; run the backfill again: rows already "
-            "loaded are skipped",
+            "a backfill worker process of the server stopped; run the backfill again: the rows already "
+            "stored are written again with the same values, so it ends as one run would",
             reason="BACKFILL_WORKER_STOPPED",
         ) from None
 

@@ -103,12 +103,16 @@ PostProcessor = Callable[[pa.Table], pa.Table]
 _PUBLIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
-def load_post_processor(reference: str, source: str, allowed: Collection[str]) -> PostProcessor:
+def load_post_processor(
+    reference: str, source: str, allowed: Collection[str], what: str = "post_processor"
+) -> PostProcessor:
     """Import a "package.module:function" reference from an allowed module; raise FailedPrecondition.
 
     The part after the colon is one public name, and it must be a function defined in that very
-    module, so no attribute path reaches anything the module merely imports or holds.
+    module, so no attribute path reaches anything the module merely imports or holds. `what` names the
+    reference in errors (a source's post_processor, a view's transformation).
     """
+    missing, refused = f"{what.upper()}_NOT_FOUND", f"{what.upper()}_NOT_ALLOWED"
     module_name, sep, attr = reference.partition(":")
     parts = module_name.split(".")
     if (
@@ -117,35 +121,34 @@ def load_post_processor(reference: str, source: str, allowed: Collection[str]) -
         or not all(p.isidentifier() and not p.startswith("__") for p in parts)
     ):
         raise FailedPrecondition(
-            f'post_processor {reference!r} of source {source!r} is not a "package.module:function" '
+            f'{what} {reference!r} of source {source!r} is not a "package.module:function" '
             "reference naming one public function",
-            reason="POST_PROCESSOR_NOT_FOUND",
-            metadata={"source": source, "post_processor": reference},
+            reason=missing,
+            metadata={"source": source, what: reference},
         )
     if not any(module_name == m or module_name.startswith(m + ".") for m in allowed):
         raise FailedPrecondition(
-            f"post_processor {reference!r} of source {source!r} is in module {module_name!r}, which the "
+            f"{what} {reference!r} of source {source!r} is in module {module_name!r}, which the "
             "server may not import; add it to the server's post_processor_modules setting "
             "(--post-processor-module) or define the function in a definitions file the server loads",
-            reason="POST_PROCESSOR_NOT_ALLOWED",
-            metadata={"source": source, "post_processor": reference},
+            reason=refused,
+            metadata={"source": source, what: reference},
         )
     try:
         module = importlib.import_module(module_name)
     except Exception as e:
         raise FailedPrecondition(
-            f"post_processor {reference!r} of source {source!r} cannot be imported by the server: "
+            f"{what} {reference!r} of source {source!r} cannot be imported by the server: "
             f"{type(e).__name__}: {e}",
-            reason="POST_PROCESSOR_NOT_FOUND",
-            metadata={"source": source, "post_processor": reference},
+            reason=missing,
+            metadata={"source": source, what: reference},
         ) from None
     target = module.__dict__.get(attr)
     if not (inspect.isfunction(target) and target.__module__ == module_name):
         raise FailedPrecondition(
-            f"post_processor {reference!r} of source {source!r} is not a function defined in module "
-            f"{module_name!r}",
-            reason="POST_PROCESSOR_NOT_FOUND",
-            metadata={"source": source, "post_processor": reference},
+            f"{what} {reference!r} of source {source!r} is not a function defined in module {module_name!r}",
+            reason=missing,
+            metadata={"source": source, what: reference},
         )
     return target
 

@@ -290,6 +290,8 @@ class Views:
         self._by_name: dict[str, View] = {}
         # Source name -> its views; dropped whole on any view change.
         self._by_source: dict[str, list[View]] | None = None
+        # Each source's view names, read with the cache above; a source's views load on its first push.
+        self._view_names: dict[str, list[str]] = {}
         self._catalog_version = catalog_version
         self._cached_version = catalog_version() if catalog_version is not None else 0
         self._refresh_s = refresh_s
@@ -326,11 +328,11 @@ class Views:
         if not spec.transformation:
             return None
         try:
-            return load_post_processor(spec.transformation, spec.source, self._allowed)
+            return load_post_processor(spec.transformation, spec.source, self._allowed, "transformation")
         except FailedPrecondition as e:
             raise FailedPrecondition(
-                f"the transformation of view {spec.name!r}: {e}".replace("post_processor", "transformation"),
-                reason=e.reason.replace("POST_PROCESSOR", "TRANSFORMATION"),
+                f"feature view {spec.name!r}: {e}",
+                reason=e.reason,
                 metadata={"view": spec.name, "transformation": spec.transformation},
             ) from None
 
@@ -370,19 +372,27 @@ class Views:
         return View(view_id, spec, self._store.view_generation(view_id), self._load(spec), kinds)
 
     def of_source(self, source: str) -> list[View]:
-        """The views of one source (cached: pushes ask on every call)."""
+        """The views of one source (cached: pushes ask on every call).
+
+        Only that source's views are loaded, so a view whose transformation this server cannot import
+        refuses pushes to its own source and to no other.
+        """
         by_source = self._by_source
-        if by_source is None or not self._current():
-            with self._lock:
-                version = self._settled_version()
-                built: dict[str, list[View]] = {}
+        if by_source is not None and self._current():
+            found = by_source.get(source)
+            if found is not None:
+                return found
+        with self._lock:
+            version = self._settled_version()
+            if self._by_source is None:
+                names: dict[str, list[str]] = {}
                 for name, _, raw in self._store.list_views():
-                    source_name = fv_pb2.StreamFeatureView.FromString(raw).source
-                    built.setdefault(source_name, []).append(self._get_locked(name))
-                if self._catalog_version is None or self._catalog_version() == version:
-                    self._by_source = built
-                by_source = built
-        return by_source.get(source, [])
+                    names.setdefault(fv_pb2.StreamFeatureView.FromString(raw).source, []).append(name)
+                self._view_names, self._by_source = names, {}
+            views = [self._get_locked(name) for name in self._view_names.get(source, ())]
+            if self._catalog_version is None or self._catalog_version() == version:
+                self._by_source[source] = views
+            return views
 
     def all(self) -> list[View]:
         """Every view."""

@@ -172,7 +172,8 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
             raise ShuttingDown(
                 f"the server is shutting down; the backfill stopped after reading {progress.rows_read} rows "
                 f"and writing {progress.rows_written}, which are stored. Run it again once the server is "
-                "back: rows already loaded are skipped",
+                "back: the rows already stored are written again with the same values, so it ends as one "
+                "run would",
                 metadata={"rows_read": str(progress.rows_read), "rows_written": str(progress.rows_written)},
             ) from None
         finally:
