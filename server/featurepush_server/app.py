@@ -65,6 +65,7 @@ from .servicers.online import PARSERS as READ_PARSERS
 from .servicers.online import OnlineServicer
 from .servicers.registry import RegistryServicer
 from .tls import server_credentials
+from .waits import RequestWaits
 from .workers import worker_count
 
 _LOGGER = logging.getLogger(__name__)
@@ -362,11 +363,15 @@ def create_server(
         metrics = Metrics()
         parsers = {**PUSH_PARSERS, **READ_PARSERS}
         # Authentication runs first, so a caller without a key never takes an admission slot.
+        slow, slow_per_address = config.slow_request_bounds()
+        waits = RequestWaits(slow, slow_per_address, config.request_timeout_s)
+        edge = EdgeInterceptor(gates, metrics, parsers, waits)
         interceptors: list[grpc.ServerInterceptor[Any, Any]] = [
-            i for i in (auth_interceptor(config), EdgeInterceptor(gates, metrics, parsers)) if i is not None
+            i for i in (auth_interceptor(config), edge) if i is not None
         ]
         # Every admitted or waiting call may hold a thread; `workers` more serve health, reflection and
-        # refusals, so those never queue behind a flood.
+        # refusals, so those never queue behind a flood (calls slow to send their request take at most
+        # half of them: RequestWaits).
         executor = futures.ThreadPoolExecutor(max_workers=config.workers + gates.threads_needed())
         grpc_server = grpc.server(executor, options=options, interceptors=interceptors)
         stopping = threading.Event()

@@ -83,7 +83,11 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 def _refusal(handler: Handler, status: grpc.Status) -> Handler:
-    """A handler of the same shape as `handler` that ends the call with `status`, reading no request."""
+    """A handler answering as `handler` would that ends the call with `status`, reading no request.
+
+    It takes its requests as a stream, which it never reads: grpcio runs a unary request's handler only
+    once the message arrived, and a caller refused for its key must not hold a thread until it sends one.
+    """
 
     def unary(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort_with_status(status)
@@ -96,13 +100,9 @@ def _refusal(handler: Handler, status: grpc.Status) -> Handler:
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
+    return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
 
 
 def required_scope(method: str) -> str | None:

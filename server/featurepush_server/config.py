@@ -90,6 +90,14 @@ class ServerConfig:
     # A PushStream that sends nothing for this many seconds is closed with UNAVAILABLE, freeing its slot;
     # the client's pusher opens a new one when it has records again.
     stream_idle_timeout_s: float = 60.0
+    # A call whose request message has not arrived after this many seconds is cancelled (as is a
+    # reflection stream's next message); it holds a thread of the pool meanwhile.
+    request_timeout_s: float = 60.0
+    # Calls still receiving their request after a second, from one address and in all, past which further
+    # calls are refused (RESOURCE_EXHAUSTED) and the newest such calls cancelled. 0: half of `workers` in
+    # all, half of that from one address. Behind a proxy every call comes from its address.
+    max_slow_requests: int = 0
+    max_slow_requests_per_address: int = 0
 
     # Security (README "Security"). TLS: the server's PEM certificate chain and private key, both or neither.
     tls_cert: Path | None = None
@@ -163,6 +171,11 @@ class ServerConfig:
     # through another server reaches this one.
     redis_registry_refresh_s: float = 1.0
 
+    def slow_request_bounds(self) -> tuple[int, int]:
+        """How many calls may be slow to send their request, in all and from one address."""
+        total = self.max_slow_requests or max(self.workers // 2, 2)
+        return total, min(self.max_slow_requests_per_address or max(total // 2, 1), total)
+
     def latest_index_bounds(self, memory_bytes: int) -> tuple[int, int]:
         """The latest-event index's bounds in entries and bytes on a machine with this much memory."""
         size = self.latest_index_bytes or min(max(memory_bytes // 16, 256 << 20), 4 << 30)
@@ -202,11 +215,15 @@ class ServerConfig:
             "latest_index_entries",
             "latest_index_bytes",
             "backfill_workers",
+            "max_slow_requests",
+            "max_slow_requests_per_address",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative (0 derives it from the machine)")
         if self.stream_idle_timeout_s <= 0:
             raise ConfigError("stream_idle_timeout_s must be positive")
+        if self.request_timeout_s <= 0:
+            raise ConfigError("request_timeout_s must be positive")
         if self.expired_sweep_interval_s < 0:
             raise ConfigError("expired_sweep_interval_s must not be negative (0 turns sweeping off)")
         if self.idempotency_window_s <= 0:

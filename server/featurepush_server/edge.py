@@ -33,6 +33,7 @@ from .core.errors import name_list, shown
 from .logs import LineBudget
 from .metrics import Metrics
 from .status import DOMAIN, abort, pack
+from .waits import RequestWaits, guarded
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -96,6 +97,10 @@ def undecodable_status(method: str) -> status_pb2.Status:
     )
 
 
+def _refuse(context: grpc.ServicerContext, err: Overloaded) -> None:
+    abort(context, overloaded_status(err))
+
+
 class _Slot:
     """A gate's slot held by one call; released once, whichever of its ends comes first."""
 
@@ -144,8 +149,11 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         gates: Admission,
         metrics: Metrics | None = None,
         parsers: Mapping[str, Callable[[bytes], Any]] | None = None,
+        waits: RequestWaits | None = None,
     ):
         self._admission = gates
+        # Every handler, featurepush's and the other services', reads its requests within these bounds.
+        self._waits = waits
         self._metrics = metrics
         # Methods whose requests are decoded otherwise than by their generated deserializer.
         self._parsers = dict(parsers or {})
@@ -165,9 +173,16 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         known = self._wrapped.get(method)
         if known is not None and known[0] is found:
             return known[1]
-        if found is None or method not in METHOD_CLASSES:
+        if found is None:
+            return None
+        if method in METHOD_CLASSES:
+            wrapped = self._wrap(found, method)
+            if self._waits is not None:
+                wrapped = guarded(wrapped, self._waits, _refuse, wrap_streams=False)
+        elif self._waits is not None:
+            wrapped = guarded(found, self._waits, _refuse, wrap_streams=True)
+        else:
             return found
-        wrapped = self._wrap(found, method)
         # Two first calls racing here each build one; either is right, and the dict keeps the last.
         self._wrapped[method] = (found, wrapped)
         return wrapped
