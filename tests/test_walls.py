@@ -76,6 +76,21 @@ def test_a_backfill_worker_starts_without_the_readers_only_a_front_needs(tmp_pat
     assert loaded.split() == ["[]", "[]"]
 
 
+def test_a_backfill_worker_does_not_import_the_module_its_front_runs_as_main() -> None:
+    # A front runs as `python -m featurepush_server.processes`; a worker forked from its fork server runs
+    # that module again as its main, and Python warns of it when the preload had imported it already.
+    loaded = _run(
+        """
+        import importlib, sys
+        from featurepush_server import workers
+        for name in workers._PRELOAD:
+            importlib.import_module(name)
+        print("featurepush_server.processes" in sys.modules)
+        """
+    )
+    assert loaded.split() == ["False"]
+
+
 def test_the_client_package_still_resolves_its_names() -> None:
     out = _run(
         """

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import ServerConfig
+from .runtime import CATALOG, SOCKET, WRITES, process_stat
 
 if TYPE_CHECKING:
     from .core.stores.base import Store
@@ -39,10 +40,6 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
-SOCKET = "store.sock"
-CATALOG = "catalog"
-# The count of the owner's writes, by which a front knows whether it may answer a read itself.
-WRITES = "writes"
 # Each process's metrics socket in the runtime folder: metrics-owner-0.sock, metrics-front-3.sock.
 METRICS_PREFIX = "metrics-"
 # Seconds a process may take from its start to serving before the server gives up.
@@ -265,19 +262,6 @@ def _argv(pid: int) -> list[bytes]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return []
-
-
-def process_stat(pid: int) -> tuple[str, int, int] | None:
-    """A process's state letter, parent pid and start time (clock ticks after boot) from /proc, None if gone.
-
-    The start time tells a process from a later one given the same pid.
-    """
-    try:
-        # After the command's closing parenthesis, which the command itself may contain.
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[1]), int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def running(pid: int) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from .config import ServerConfig
-from .processes import CATALOG, SOCKET, process_stat
+from .runtime import CATALOG, SOCKET, process_stat
 
 _LOGGER = logging.getLogger(__name__)
 _P = ParamSpec("_P")
