@@ -82,6 +82,22 @@ class _Child:
         finally:
             os.close(self._ready_pipe)
 
+    def not_ready(self, signals: list[int]) -> str | None:
+        """Why wait_ready() was False, for the log; None where the process exited having said why itself."""
+        if signals:
+            return f"a signal came while {self.name} was starting"
+        try:
+            # Its ready pipe closes as it exits, a moment before the exit can be waited for.
+            code = self.process.wait(5.0)
+        except subprocess.TimeoutExpired:
+            return f"{self.name} did not start within {START_TIMEOUT_S:.0f}s"
+        if code == 1:
+            # Its last line on standard error said why (a data directory in use, a refused definition).
+            return None
+        if code < 0:
+            return f"{self.name} was killed by signal {-code} before it was ready"
+        return f"{self.name} exited with code {code} before it was ready"
+
     def forget_ready(self) -> None:
         """Not wait for this one: the supervisor goes on watching the others while it starts."""
         os.close(self._ready_pipe)
@@ -154,12 +170,12 @@ def supervise(config: ServerConfig) -> None:
         if config.store == "rocksdb":
             owner = start("owner", 0)
             if not owner.wait_ready(signals):
-                _fail(f"the store owner did not start (exit code {owner.process.poll()})", [], owner)
+                _fail(owner.not_ready(signals), [], owner)
         # Started together and awaited after: each takes a while to import and build its server.
         fronts = [start("front", i) for i in range(config.processes)]
         for front in fronts:
             if not front.wait_ready(signals):
-                _fail(f"{front.name} did not start (exit code {front.process.poll()})", fronts, owner)
+                _fail(front.not_ready(signals), fronts, owner)
         port = int(listen.rpartition(":")[2])
         _LOGGER.info(
             "featurepush listening on %s (port %d), data in %s; %d front processes %s",
@@ -236,9 +252,10 @@ def _stop(children: list[_Child], signals: list[int]) -> list[int]:
     return [child.process.returncode for child in children]
 
 
-def _fail(reason: str, fronts: list[_Child], owner: _Child | None) -> None:
-    """Stop whatever runs and exit non-zero, saying why."""
-    _LOGGER.error("%s; stopping the server", reason)
+def _fail(reason: str | None, fronts: list[_Child], owner: _Child | None) -> None:
+    """Stop whatever runs and exit non-zero, saying why unless the process that failed said it already."""
+    if reason is not None:
+        _LOGGER.error("%s; stopping the server", reason)
     _stop([f for f in fronts if f.process.poll() is None], [])
     _stop([owner] if owner is not None else [], [])
     raise SystemExit(1)
