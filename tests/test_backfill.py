@@ -11,7 +11,7 @@ import pytest
 from conftest import Running, start
 from test_batch_source import DAY0, history, source_doc
 
-from featurepush import Client
+from featurepush import Client, InvalidArgumentError
 from featurepush.batch import BackfillProgress, backfill
 from featurepush_server.workers import BackfillWorkers
 
@@ -133,5 +133,23 @@ def test_a_front_loads_chunks_itself_until_a_backfill_worker_is_up(
         assert result.rows_written + result.rows_superseded == 20_000
         assert [p.rows_read for p in seen] == sorted(p.rows_read for p in seen)
         assert latest(front, "u0", "u1", "u2") == [19_998, 19_999, 19_997]
+    finally:
+        running.close()
+
+
+def test_an_end_before_the_start_is_refused_as_a_read_of_the_range_is(tmp_path: Path) -> None:
+    running = apply_parquet(tmp_path, history(10))
+    try:
+        start, end = DAY0 + dt.timedelta(days=11), DAY0
+        with Client.from_channel(running.channel) as client:
+            with pytest.raises(InvalidArgumentError) as read:
+                client.read_batch_source("ad_impressions", start=start, end=end).read_all()
+            with pytest.raises(InvalidArgumentError) as loaded:
+                client.backfill("ad_impressions", start=start, end=end)
+        assert [(v.field, v.description) for v in loaded.value.violations] == [
+            ("end_time", "must not be before start_time")
+        ]
+        assert loaded.value.violations == read.value.violations
+        assert latest(running, "u0") == [None]
     finally:
         running.close()

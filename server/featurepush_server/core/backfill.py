@@ -18,9 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
-from .batch import BatchSources, time_mask
+from .batch import BatchSources, range_violations, time_mask
 from .columns import conform
-from .errors import Cancelled, FailedPrecondition, Unavailable, Violation
+from .errors import Cancelled, FailedPrecondition, InvalidInput, Unavailable, Violation
 from .locations import StopCheck
 from .materialize import Materializer, Origin, SourceRecords
 from .registry import Registry
@@ -206,6 +206,10 @@ class Backfiller:
                 reason="NO_BATCH_CONFIG",
                 metadata={"source": name},
             )
+        # Refused before anything begins, a view's backfilled range included, as a read of it is refused.
+        violations = range_violations(start, end)
+        if violations:
+            raise InvalidInput("the backfill request is not valid", violations)
         began = time.monotonic()
         progress = BackfillProgress()
         runs: dict[int, str] = {}

@@ -209,6 +209,13 @@ class _Opened:
     format_code: int
 
 
+def range_violations(start: int | None, end: int | None) -> list[Violation]:
+    """What is wrong with an event-time range [start, end) of a read or a backfill: an end before start."""
+    if start is not None and end is not None and end < start:
+        return [Violation("end_time", "must not be before start_time")]
+    return []
+
+
 class BatchSources:
     """Opens, checks and reads sources' batch histories; thread-safe, holds no open reader between calls.
 
@@ -585,8 +592,7 @@ class BatchSources:
             violations.append(Violation("max_rows_per_batch", f"must be 0 to {MAX_ROWS:,}, got {max_rows}"))
         if max_bytes < 0:
             violations.append(Violation("max_bytes_per_batch", f"must not be negative, got {max_bytes}"))
-        if start is not None and end is not None and end < start:
-            violations.append(Violation("end_time", "must not be before start_time"))
+        violations += range_violations(start, end)
         if violations:
             raise InvalidInput("the read request is not valid", violations)
         by_name = {f.name: f for f in spec.fields}
