@@ -6,6 +6,7 @@ Once against a one-process server, and once against `featurepush serve --process
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import time
@@ -18,6 +19,7 @@ from servers import ServedProcess
 from test_cli import run
 
 from featurepush import Client
+from featurepush.aio import AsyncClient
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 H = 3_600_000_000
@@ -95,3 +97,44 @@ def test_the_start_log_says_what_applying_each_definition_did(
         for state in ("created", "unchanged")
         for kind in ("source ad_impressions", "feature view user_clicks", "feature service ads_ranking")
     ]
+
+
+def test_view_reads_take_the_key_forms_get_features_takes(tmp_path: Path) -> None:
+    r = start(
+        tmp_path / "data",
+        definitions=(EXAMPLES / "ad_impressions.py", EXAMPLES / "ad_impressions_views.py"),
+        post_processor_modules=("ad_impressions_views",),
+    )
+    try:
+        now = dt.datetime.now(dt.UTC)
+        with Client(r.target) as client:
+            client.push("ad_impressions", [{"user_id": "u1", "timestamp": now, "clicked": 1}])
+            later = now + dt.timedelta(hours=2)
+            for target in ({"view": "user_clicks"}, {"service": "ads_ranking"}):
+                by_name = client.get_view_features([{"user_id": "u1"}], as_of=later, **target)
+                assert client.get_view_features(["u1"], as_of=later, **target) == by_name
+                assert client.get_view_features([("u1",)], as_of=later, **target) == by_name
+                table = client.get_view_features_arrow(["u1"], as_of=later, **target)
+                assert table.equals(
+                    client.get_view_features_arrow([{"user_id": "u1"}], as_of=later, **target)
+                )
+            with pytest.raises(
+                ValueError, match=r"has 2 part\(s\) but the view's entity keys are \['user_id'\]"
+            ):
+                client.get_view_features([("u1", "u2")], view="user_clicks")
+            with pytest.raises(ValueError, match="is a list: pass a mapping, a tuple"):
+                client.get_view_features([["u1"]], view="user_clicks")
+
+            async def read() -> list[dict[str, object]]:
+                async with AsyncClient(r.target) as aio:
+                    return [
+                        *await aio.get_view_features(["u1"], view="user_clicks", as_of=later),
+                        *await aio.get_view_features([("u1",)], service="ads_ranking", as_of=later),
+                    ]
+
+            assert asyncio.run(read()) == [
+                *client.get_view_features([{"user_id": "u1"}], view="user_clicks", as_of=later),
+                *client.get_view_features([{"user_id": "u1"}], service="ads_ranking", as_of=later),
+            ]
+    finally:
+        r.close()

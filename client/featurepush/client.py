@@ -470,21 +470,26 @@ class Client:
 
     def get_view_features(
         self,
-        keys: Sequence[Mapping[str, Any]],
+        keys: Sequence[Mapping[str, Any] | Any],
         *,
         view: str = "",
         service: str = "",
         as_of: dt.datetime | None = None,
     ) -> list[dict[str, ViewFeatureValue]]:
-        """The features of a view or a feature service per entity key, windows ending at `as_of` or now."""
+        """The features of a view or a feature service per entity key, windows ending at `as_of` or now.
+
+        Keys take the forms get_features takes: a mapping, a tuple in entity key order, or a single value
+        where there is one entity key; the two last ask the server for the view's entity keys first.
+        """
         from featurepush.views import view_request, view_vectors
 
-        request = view_request(keys, view=view, service=service, as_of=as_of)
+        named = self._view_keys(keys, view, service)
+        request = view_request(named, view=view, service=service, as_of=as_of)
         return view_vectors(self._call_retrying(self._views.GetViewFeatures, request, resend=True), len(keys))
 
     def get_view_features_arrow(
         self,
-        keys: Sequence[Mapping[str, Any]],
+        keys: Sequence[Mapping[str, Any] | Any],
         *,
         view: str = "",
         service: str = "",
@@ -493,8 +498,32 @@ class Client:
         """get_view_features as one Arrow table: per feature its values, `:status` and `:effective_time`."""
         from featurepush.views import view_request, view_table
 
-        request = view_request(keys, view=view, service=service, as_of=as_of, arrow=True)
+        named = self._view_keys(keys, view, service)
+        request = view_request(named, view=view, service=service, as_of=as_of, arrow=True)
         return view_table(self._call_retrying(self._views.GetViewFeatures, request, resend=True), len(keys))
+
+    def _view_keys(
+        self, keys: Sequence[Mapping[str, Any] | Any], view: str, service: str
+    ) -> Sequence[Mapping[str, Any]]:
+        """`keys` as mappings, asking the server for the entity keys of the view (or the service's first)."""
+        from featurepush.views import check_target, key_mappings, keyed_by_name
+
+        check_target(view, service)
+        if keyed_by_name(keys):
+            return keys
+        try:
+            if service:
+                found = self._views.GetFeatureService(
+                    feature_view_service_pb2.GetFeatureServiceRequest(name=service), timeout=self._timeout
+                )
+                # A service's views all have the same entity keys.
+                view = found.service.features[0].view
+            entity_keys = self._views.GetFeatureView(
+                feature_view_service_pb2.GetFeatureViewRequest(name=view), timeout=self._timeout
+            ).view.entity_keys
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return key_mappings(keys, entity_keys)
 
     def delete_view(self, name: str) -> int:
         """Deletes a view and its tiles; returns how many tiles it held."""

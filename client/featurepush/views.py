@@ -88,6 +88,39 @@ def view_table(response: feature_view_service_pb2.GetViewFeaturesResponse, keys:
     return table
 
 
+def keyed_by_name(keys: Sequence[Mapping[str, Any] | Any]) -> bool:
+    """Whether every key is a mapping, so none needs the view's entity keys to be sent."""
+    return all(isinstance(k, Mapping) for k in keys)
+
+
+def key_mappings(keys: Sequence[Mapping[str, Any] | Any], entity_keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Keys as Client.get_features takes them (a mapping, a tuple in entity key order, or a single value
+    where there is one entity key) as mappings of the view's `entity_keys`; ValueError for any other."""
+    out = []
+    for key in keys:
+        if isinstance(key, Mapping):
+            out.append(dict(key))
+            continue
+        if isinstance(key, list | set | frozenset):
+            raise ValueError(
+                f"key {key!r} is a {type(key).__name__}: pass a mapping, a tuple of {list(entity_keys)} in "
+                "order, or one value where there is one entity key"
+            )
+        parts = key if isinstance(key, tuple) else (key,)
+        if len(parts) != len(entity_keys):
+            raise ValueError(
+                f"key {key!r} has {len(parts)} part(s) but the view's entity keys are {list(entity_keys)}"
+            )
+        out.append(dict(zip(entity_keys, parts, strict=True)))
+    return out
+
+
+def check_target(view: str, service: str) -> None:
+    """ValueError unless exactly one of a view and a feature service is named."""
+    if bool(view) == bool(service):
+        raise ValueError("name exactly one of view or service")
+
+
 def view_request(
     keys: Sequence[Mapping[str, Any]],
     *,
@@ -97,8 +130,7 @@ def view_request(
     arrow: bool = False,
 ) -> feature_view_service_pb2.GetViewFeaturesRequest:
     """A GetViewFeaturesRequest for a view or a feature service, asking for the Arrow form if `arrow`."""
-    if bool(view) == bool(service):
-        raise ValueError("name exactly one of view or service")
+    check_target(view, service)
     request = feature_view_service_pb2.GetViewFeaturesRequest(keys=[dict(k) for k in keys])
     if view:
         request.feature_view = view
