@@ -13,12 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import AD_IMPRESSIONS, Running, start
+from redis_servers import RedisServer, have_redis
 from servers import ServedProcess
 from test_batch_source import history, source_doc
 from test_cli import DEFINITIONS, RECORDS, assert_one_error_line, definitions_file, run, write_jsonl
 
 import featurepush
 from featurepush import Client
+from featurepush.batch import BackfillProgress
 from featurepush_server.core import server_status
 
 
@@ -86,6 +88,7 @@ def test_status_shows_health_rows_store_and_offline_log(
             "featurepush.v1.IngestService": "SERVING",
             "featurepush.v1.OnlineService": "SERVING",
             "featurepush.v1.BackfillService": "SERVING",
+            "featurepush.v1.FeatureViewService": "SERVING",
         },
         "version": featurepush.__version__,
         "writes_accepted": True,
@@ -143,6 +146,47 @@ def test_status_of_a_server_refusing_writes_exits_1(
     code, out, _ = run(capsys, "status", "--json", "--target", running.target)
     doc = json.loads(out)
     assert (code, doc["healthy"], doc["writes_accepted"]) == (1, False, False)
+
+
+@pytest.mark.skipif(not have_redis(), reason="redis-server is not installed (make test installs it)")
+def test_status_of_a_server_whose_redis_is_down_shows_its_health_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node = RedisServer(tmp_path / "redis")
+    running: Running | None = None
+    try:
+        running = start(tmp_path / "data", store=node.url, redis_namespace="status", redis_timeout_s=0.5)
+        running.apply(AD_IMPRESSIONS)
+        code, out, err = run(capsys, "status", "--target", running.target)
+        assert (code, err) == (0, "")
+        # Redis does not report its size: the line says so instead of "0 B".
+        assert "store:        size not reported by the store backend (Redis)\n" in out
+        node.kill()
+        code, out, err = run(capsys, "status", "--target", running.target)
+        assert (code, err) == (1, "")
+        assert out.splitlines() == [
+            f"featurepush at {running.target}: version, uptime and rows unknown (its store is out of reach)",
+            "health:       SERVING (featurepush.v1.IngestService NOT_SERVING; "
+            "featurepush.v1.BackfillService NOT_SERVING)",
+            "writes:       REFUSED: the store cannot be reached",
+            "store:        UNREACHABLE: the server cannot reach its Redis store; it reconnects by itself, "
+            "send the request again later",
+        ]
+        code, out, err = run(capsys, "status", "--json", "--target", running.target)
+        doc = json.loads(out)
+        assert (code, err, doc["healthy"]) == (1, "", False)
+        assert doc["health"]["featurepush.v1.IngestService"] == "NOT_SERVING"
+        assert doc["error"].startswith("UNAVAILABLE: the server cannot reach its Redis store")
+    finally:
+        if running is not None:
+            running.close()
+        node.stop()
+
+
+def test_status_of_no_server_is_still_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "status", "--target", dead_target())
+    assert (code, out) == (1, "")
+    assert_one_error_line(err, "UNAVAILABLE")
 
 
 # --- FEATUREPUSH_TARGET ----------------------------------------------------------------------------
@@ -253,6 +297,86 @@ def test_json_output_of_export_and_backfill(tmp_path: Path, capsys: pytest.Captu
         assert doc["rows_written"] + doc["rows_superseded"] == 9
     finally:
         running.close()
+
+
+def test_export_and_backfill_refusals_are_one_line_with_no_bar(
+    running: Running, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = ("--target", running.target)
+    out_file = str(tmp_path / "out.parquet")
+    # ad_impressions has no batch_config.
+    for argv in (("export", "ad_impressions", "--out", out_file), ("backfill", "ad_impressions")):
+        code, out, err = run(capsys, *argv, *target)
+        assert (code, out) == (1, "")
+        assert_one_error_line(err, "no batch_config")
+    code, out, err = run(capsys, "export", "ad_impressions", "--out", str(tmp_path / "nowhere" / "x.parquet"))
+    assert (code, out) == (1, "")
+    assert_one_error_line(err, f"the folder {tmp_path / 'nowhere'} does not exist")
+    code, out, err = run(capsys, "export", "ad_impressions", "--out", str(tmp_path / "x.csv"))
+    assert (code, out) == (1, "")
+    assert_one_error_line(err, "export writes Parquet, so the file's name must end in .parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_an_end_before_the_start_is_refused_by_backfill_as_by_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pq.write_table(history(10), tmp_path / "h.parquet")
+    running = start(tmp_path / "data", batch_roots=(tmp_path,))
+    try:
+        running.apply(source_doc(str(tmp_path / "h.parquet"), "FILE_FORMAT_PARQUET"))
+        span = (
+            "--start",
+            "2026-11-12T00:00:00Z",
+            "--end",
+            "2026-11-01T00:00:00Z",
+            "--target",
+            running.target,
+        )
+        out_file = str(tmp_path / "out.parquet")
+        for argv in (("export", "ad_impressions", "--out", out_file), ("backfill", "ad_impressions")):
+            code, out, err = run(capsys, *argv, *span)
+            assert (code, out) == (1, "")
+            assert err.splitlines()[1:] == ["  end_time: must not be before start_time"]
+    finally:
+        running.close()
+
+
+def test_the_backfill_bar_shows_whole_counts(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def backfill(self: Client, source: str, **options: object) -> BackfillProgress:
+        done = BackfillProgress(500_000, 500_000, 0, 0, 0, 1.0, (), True)
+        options["on_progress"](done)  # type: ignore[operator]
+        return done
+
+    monkeypatch.setattr(Client, "backfill", backfill)
+    code, out, err = run(capsys, "backfill", "ad_impressions", "--target", dead_target())
+    assert code == 0 and out.startswith("ad_impressions: read 500000 rows")
+    assert "written=500,000, rejected=0" in err and "e+" not in err
+
+
+def test_a_reader_that_closes_stdout_ends_the_command_quietly(running: Running) -> None:
+    keys = [f"user_id=u{i}" for i in range(2000)]
+    done = subprocess.run(
+        f"{sys.executable} -m featurepush_server.cli get ad_impressions {' '.join(keys)} "
+        f"--target {running.target} | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.startswith('{"key": {"user_id": "u0"}')
+    assert done.stderr == ""
+
+
+def test_get_view_as_of_that_is_not_a_time_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    for text in ("garbage", "2026-13-45"):
+        with pytest.raises(SystemExit) as info:
+            run(capsys, "get-view", "user_clicks", "user_id=u1", "--as-of", text)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --as-of: {text!r} is not an ISO 8601 time" in err and "Traceback" not in err
 
 
 def test_json_output_of_keys_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

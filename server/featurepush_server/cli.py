@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -257,14 +258,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_get_view(args: argparse.Namespace) -> int:
-    import datetime as dt
-
-    as_of = dt.datetime.fromisoformat(args.as_of) if args.as_of else None
-    if as_of is not None and as_of.tzinfo is None:
-        as_of = as_of.replace(tzinfo=dt.UTC)
     target = {"service": args.name} if args.service else {"view": args.name}
     with _client(args) as client:
-        vectors = client.get_view_features(_parse_keys(args.keys), as_of=as_of, **target)
+        vectors = client.get_view_features(_parse_keys(args.keys), as_of=args.as_of, **target)
     for key, vector in zip(_parse_keys(args.keys), vectors, strict=True):
         features = {
             name: {"value": f.value, "status": f.status, "effective_time": f.effective_time.isoformat()}
@@ -477,26 +473,45 @@ def _when(text: str) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    import pyarrow.parquet as pq
+def _progress_bar(args: argparse.Namespace, verb: str) -> Any:
+    """The progress bar of an export or a backfill; never drawn with --json, whose output is for a program."""
     from tqdm import tqdm
 
+    # Made at the first progress, so that a refused call leaves no empty bar above its error.
+    return tqdm(unit=" rows", unit_scale=True, desc=f"{verb} {args.source}", disable=args.json)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    # Checked before any call: the file is written under a hidden temporary name, which errors would name.
+    if args.out.suffix.lower() != ".parquet":
+        raise CommandError(
+            f"--out {args.out}: export writes Parquet, so the file's name must end in .parquet"
+        )
+    folder = args.out.parent
+    if not folder.is_dir():
+        raise CommandError(f"--out {args.out}: the folder {folder} does not exist")
     columns = [c for c in (args.columns or "").split(",") if c]
     rows = 0
+    bar = None
     with _client(args) as client:
         reader = client.read_batch_source(args.source, start=args.start, end=args.end, columns=columns)
         temp = args.out.with_name(f".{args.out.name}.part")
-        # With --json the output is for a program, so no progress bar is drawn on the terminal.
-        with tqdm(unit=" rows", unit_scale=True, desc=f"export {args.source}", disable=args.json) as bar:
-            try:
-                with pq.ParquetWriter(temp, reader.schema) as writer:
-                    for batch in reader:
-                        writer.write_batch(batch)
-                        rows += batch.num_rows
-                        bar.update(batch.num_rows)
-            except BaseException:
-                temp.unlink(missing_ok=True)
-                raise
+        try:
+            with pq.ParquetWriter(temp, reader.schema) as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+                    if bar is None:
+                        bar = _progress_bar(args, "export")
+                    bar.update(batch.num_rows)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         # Renamed only when complete, so an interrupted export never leaves a truncated file behind.
         temp.replace(args.out)
     if args.json:
@@ -507,18 +522,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    bars: list[Any] = []
 
-    bar = tqdm(unit=" rows", unit_scale=True, desc=f"backfill {args.source}", disable=args.json)
-    with _client(args) as client, bar:
+    def show(progress: BackfillProgress) -> None:
+        if not bars:
+            bars.append(_progress_bar(args, "backfill"))
+        bar = bars[0]
+        bar.update(progress.rows_read - bar.n)
+        # As text: tqdm writes numbers it is given in its shortest form, 500000 as 5e+5.
+        bar.set_postfix_str(f"written={progress.rows_written:,}, rejected={progress.rows_rejected:,}")
 
-        def show(progress: BackfillProgress) -> None:
-            bar.update(progress.rows_read - bar.n)
-            bar.set_postfix(written=progress.rows_written, rejected=progress.rows_rejected)
-
-        result = client.backfill(
-            args.source, start=args.start, end=args.end, dry_run=args.dry_run, on_progress=show
-        )
+    try:
+        with _client(args) as client:
+            result = client.backfill(
+                args.source, start=args.start, end=args.end, dry_run=args.dry_run, on_progress=show
+            )
+    finally:
+        for bar in bars:
+            bar.close()
     if args.json:
         _print_json(
             {
@@ -556,16 +577,22 @@ def _health(client: Client) -> dict[str, str]:
         return {"": "UNKNOWN (pip install grpcio-health-checking to ask the health service)"}
     from featurepush.v1 import (
         backfill_service_pb2,
+        feature_view_service_pb2,
         ingest_service_pb2,
         online_service_pb2,
         registry_service_pb2,
     )
 
     stub = health_pb2_grpc.HealthStub(client.channel)
+    modules = (
+        registry_service_pb2,
+        ingest_service_pb2,
+        online_service_pb2,
+        backfill_service_pb2,
+        feature_view_service_pb2,
+    )
     names = [""] + [
-        service.full_name
-        for module in (registry_service_pb2, ingest_service_pb2, online_service_pb2, backfill_service_pb2)
-        for service in module.DESCRIPTOR.services_by_name.values()
+        service.full_name for module in modules for service in module.DESCRIPTOR.services_by_name.values()
     ]
     out = {}
     for name in names:
@@ -598,10 +625,46 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f}s"
 
 
+def _health_line(health: dict[str, str]) -> str:
+    """The health line of `status`: the server's, and each featurepush service not serving."""
+    not_serving = [f"{name} {status}" for name, status in health.items() if name and status != "SERVING"]
+    overall = health.get("", "UNKNOWN")
+    return f"health:       {overall}" + (f" ({'; '.join(not_serving)})" if not_serving else "")
+
+
+def _status_without_store(args: argparse.Namespace, health: dict[str, str], error: FeaturepushError) -> int:
+    """What `status` shows of a server that answers but cannot tell its state (its Redis out of reach)."""
+    if args.json:
+        _print_json(
+            {
+                "target": args.target,
+                "healthy": False,
+                "health": {name or "server": status for name, status in health.items()},
+                "error": str(error),
+            }
+        )
+        return 1
+    print(f"featurepush at {args.target}: version, uptime and rows unknown (its store is out of reach)")
+    print(_health_line(health))
+    refused = health.get("featurepush.v1.IngestService") == "NOT_SERVING"
+    print("writes:       " + ("REFUSED: the store cannot be reached" if refused else "unknown"))
+    print(f"store:        UNREACHABLE: {error.message}")
+    return 1
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        # An exact count reads every row key of every source, which may take longer than a plain call.
-        state = client.server_status(exact=args.exact, timeout=300.0 if args.exact else None)
+        try:
+            # An exact count reads every row key of every source, which may take longer than a plain call.
+            state = client.server_status(exact=args.exact, timeout=300.0 if args.exact else None)
+        except FeaturepushError as e:
+            if e.code != grpc.StatusCode.UNAVAILABLE:
+                raise
+            health = _health(client)
+            # Nothing answers there at all: the one-line error says so.
+            if all(status.startswith("UNKNOWN") for status in health.values()):
+                raise
+            return _status_without_store(args, health, e)
         health = _health(client)
     healthy = health.get("") == "SERVING" and state.writes_accepted
     if args.json:
@@ -623,15 +686,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
             }
         )
         return 0 if healthy else 1
-    not_serving = [f"{name} {status}" for name, status in health.items() if name and status != "SERVING"]
     print(f"featurepush {state.version} at {args.target}, up {_duration(state.uptime_seconds)}")
-    overall = health.get("", "UNKNOWN")
-    print(f"health:       {overall}" + (f" ({'; '.join(not_serving)})" if not_serving else ""))
+    print(_health_line(health))
     print(
         "writes:       "
         + ("accepted" if state.writes_accepted else "REFUSED: the disk is full or failing; reads still work")
     )
-    print(f"store:        {_size(state.store_bytes)}")
+    # Zero is what a backend that cannot tell its size reports (Redis); RocksDB's is never zero.
+    size = _size(state.store_bytes) if state.store_bytes else "size not reported by the store backend (Redis)"
+    print(f"store:        {size}")
     print(
         f"offline log:  {state.offline_log_queued_entries} entries queued, "
         f"lag {state.offline_log_lag_seconds:.1f}s"
@@ -793,7 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     get_view.add_argument("keys", nargs="+", metavar="KEY=VALUE")
     get_view.add_argument("--service", action="store_true", help="NAME is a feature service")
     get_view.add_argument(
-        "--as-of", help="the time the windows end at (ISO 8601, UTC if no offset); now if absent"
+        "--as-of", type=_when, help="the time the windows end at (ISO 8601, UTC if no offset); now if absent"
     )
     get_view.set_defaults(func=_cmd_get_view)
 
@@ -829,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = client_command(
         "status",
         "show a server's health, version, uptime, store size, offline-log lag and rows per source; "
-        "exits 1 when it is not serving or refuses writes",
+        "exits 1 when it is not serving, refuses writes or cannot reach its store",
         "one JSON object",
     )
     status.add_argument(
@@ -846,7 +909,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        # Flushed here, so that a reader gone before the last lines is seen below, not at exit.
+        sys.stdout.flush()
         return code
+    except BrokenPipeError:
+        # The reader of stdout closed it (`| head`): end quietly, as a Unix tool killed by SIGPIPE does,
+        # and keep Python's flush at exit from failing on it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (CommandError, FeaturepushError, OSError) as e:
         if isinstance(e, OSError):
             text = f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
