@@ -25,8 +25,9 @@ from .rows import BadValue, scalar_converter
 from .schema import Kind
 from .stores.base import TileStore
 from .tiles import Codec, bounded, damaged_tiles, floor_to, now_micros, sketch_estimate, union_sketches
+from .times import MIN_MICROS, request_micros
 from .view_reply import Feature, arrow_vectors, vectors
-from .views import LIST_FUNCTIONS, AggSpec, View, Views, ViewSpec
+from .views import LIST_FUNCTIONS, MAX_INTERVAL, AggSpec, View, Views, ViewSpec
 from .wire import VIEW_REQUEST_KEYS, string_keys_between
 
 F = fv_pb2
@@ -435,9 +436,9 @@ class ViewReader:
         keys = request.keys
         check_key_count(len(keys), self.max_keys)
         targets, qualified = self.targets(request)
-        at = now_micros()
-        if request.HasField("as_of"):
-            at = request.as_of.seconds * 1_000_000 + request.as_of.nanos // 1000
+        # A window ends at the start of the tile holding as_of, up to a day before it, within the years kept.
+        as_of = request_micros(request, "as_of", earliest=MIN_MICROS + MAX_INTERVAL)
+        at = now_micros() if as_of is None else as_of
         entities = self._string_keys(targets[0][0], request) or self.entity_keys(targets[0][0], keys)
         headers: list[bytes] = []
         fields: list[pa.Field] = []

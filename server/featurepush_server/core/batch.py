@@ -160,10 +160,18 @@ def _ceil_div(a: int, b: int) -> int:
 _UNIT_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _in_unit(micros: int, unit: str) -> int:
-    """The smallest count of `unit` whose time is at or after `micros`; so `t >= it` iff `t >= micros`."""
+    """The smallest count of `unit` whose time is at or after `micros`; so `t >= it` iff `t >= micros`.
+
+    Nanoseconds reach only years 1677 to 2262 in int64: a bound beyond them is held at int64's limit,
+    which every value of the column passes or fails as it would the bound (bar int64's largest value).
+    """
     per = _UNIT_PER_SECOND[unit]
-    return micros * (per // 1_000_000) if per >= 1_000_000 else _ceil_div(micros, 1_000_000 // per)
+    count = micros * (per // 1_000_000) if per >= 1_000_000 else _ceil_div(micros, 1_000_000 // per)
+    return min(max(count, _INT64_MIN), _INT64_MAX)
 
 
 def _is_time(t: pa.DataType) -> bool:

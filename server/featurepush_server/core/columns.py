@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import Violation
-from .rows import _RFC3339, FLOAT32_MAX, MAX_MICROS, MIN_MICROS
+from .rows import _RFC3339, FLOAT32_MAX
 from .schema import DType, FieldSpec, Kind
+from .times import MAX_MICROS, MIN_MICROS
 
 
 def _family_error(src: pa.DataType, dtype: DType) -> str | None:

@@ -10,6 +10,7 @@ from featurepush.v1 import source_pb2
 
 from .periodic import Periodic
 from .stores.base import Store
+from .times import duration_micros
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class ExpirySweeper:
             if self._sweeper.stopping:
                 break
             ttl = source_pb2.PushSource.FromString(raw).online_ttl
-            ttl_micros = ttl.seconds * 1_000_000 + ttl.nanos // 1000
+            ttl_micros = duration_micros(ttl)
             if ttl_micros > 0:
                 n = self._store.delete_expired(source_id, now - ttl_micros)
                 if n:

@@ -25,6 +25,7 @@ from google.protobuf import struct_pb2
 from .errors import Violation
 from .schema import DType, FieldSpec, Kind
 from .struct_rows import BOOL, NUMBER, STRING, WireColumns, WireRows
+from .times import MAX_MICROS, MIN_MICROS
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -37,9 +38,6 @@ _INT_RE = re.compile(r"^-?(?:0|[1-9][0-9]*)$")
 _FLOAT_RE = re.compile(r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?$")
 _SPECIAL_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _EPOCH_ORDINAL = datetime(1970, 1, 1).toordinal()
-# Microseconds of 0001-01-01 and of the end of 9999-12-31 in UTC: the years RFC 3339 can write.
-MIN_MICROS = -62135596800_000_000
-MAX_MICROS = 253402300799_999_999
 
 
 class BadValue(Exception):

@@ -13,6 +13,7 @@ import pyarrow as pa
 from featurepush.v1 import schema_pb2, source_pb2
 
 from .errors import InvalidInput, Violation
+from .times import MAX_SPAN_MICROS, duration_micros, duration_problem
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 MAX_FIELDS = 1000
@@ -241,7 +242,10 @@ def compile_source(src: source_pb2.PushSource, path: str = "source") -> SourceSp
             )
         )
     ttl = src.online_ttl
-    if ttl.seconds < 0 or ttl.nanos < 0:
+    problem = duration_problem(ttl, MAX_SPAN_MICROS)
+    if problem is not None:
+        out.append(Violation(path + ".online_ttl", problem))
+    elif ttl.seconds < 0 or ttl.nanos < 0:
         out.append(Violation(path + ".online_ttl", "must not be negative"))
     for key in src.tags:
         if not key:
@@ -266,7 +270,7 @@ def compile_source(src: source_pb2.PushSource, path: str = "source") -> SourceSp
         fields=fields,
         entity_keys=tuple(src.entity_keys),
         timestamp_field=src.timestamp_field,
-        ttl_micros=ttl.seconds * 1_000_000 + ttl.nanos // 1000,
+        ttl_micros=duration_micros(ttl),
         log_offline=src.push_config.log_offline,
         proto=src,
     )

@@ -24,6 +24,7 @@ from .errors import FailedPrecondition, InvalidInput, NotFound, Violation, shown
 from .registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry, Source, settled_version
 from .schema import NAME_RE, FieldSpec, Kind, _compile_fields
 from .stores.base import Store
+from .times import duration_micros, duration_problem
 
 MICROS = 1_000_000
 MIN_WINDOW = 60 * MICROS
@@ -120,10 +121,6 @@ class View:
     key_kinds: tuple[Kind, ...] = ()
 
 
-def _micros(d: object) -> int:
-    return int(d.seconds) * MICROS + int(d.nanos) // 1000  # type: ignore[attr-defined]
-
-
 def compile_view(view: fv_pb2.StreamFeatureView, source: Source | None, path: str = "view") -> ViewSpec:
     """Check a view against its source and compile it; raise InvalidInput naming every problem."""
     out: list[Violation] = []
@@ -150,8 +147,12 @@ def compile_view(view: fv_pb2.StreamFeatureView, source: Source | None, path: st
         for f in fields:
             if f.name in reserved:
                 out.append(Violation(path + ".schema", f"{f.name!r} is an entity key or the event time"))
-    interval = _micros(view.aggregation_interval)
-    if not MIN_INTERVAL <= interval <= MAX_INTERVAL or interval % MICROS:
+    problem = duration_problem(view.aggregation_interval)
+    interval = duration_micros(view.aggregation_interval)
+    if problem is not None:
+        out.append(Violation(path + ".aggregation_interval", problem))
+        interval = 0
+    elif not MIN_INTERVAL <= interval <= MAX_INTERVAL or interval % MICROS:
         out.append(
             Violation(
                 path + ".aggregation_interval", "must be a whole number of seconds from one minute to one day"
@@ -170,8 +171,11 @@ def compile_view(view: fv_pb2.StreamFeatureView, source: Source | None, path: st
         field = by_name.get(a.column)
         if field is None:
             out.append(Violation(ap + ".column", f"{a.column!r} is not a column of the view's schema"))
-        window = _micros(a.time_window)
-        if not MIN_WINDOW <= window <= MAX_WINDOW:
+        problem = duration_problem(a.time_window)
+        window = duration_micros(a.time_window)
+        if problem is not None:
+            out.append(Violation(ap + ".time_window", problem))
+        elif not MIN_WINDOW <= window <= MAX_WINDOW:
             out.append(Violation(ap + ".time_window", "must be from one minute to 90 days"))
         elif interval and window % interval:
             out.append(Violation(ap + ".time_window", "must be a whole multiple of the aggregation_interval"))

@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 import pyarrow as pa
-from google.protobuf import timestamp_pb2
 
 from featurepush.v1 import backfill_service_pb2 as pb
 from featurepush.v1 import backfill_service_pb2_grpc as pb_grpc
@@ -19,18 +18,11 @@ from ..core.batch import BatchRead, BatchSources
 from ..core.errors import Cancelled, ShuttingDown
 from ..core.prefetch import prefetch
 from ..core.registry import Registry
+from ..core.times import request_micros
 from ..core.wire import READ_BATCH_RECORD_BATCH, READ_BATCH_SCHEMA, varint
 from ..metrics import Metrics
 from ..status import streaming
 from .calls import stop_check
-
-
-def _micros(message: pb.ReadBatchSourceRequest | pb.BackfillRequest, name: str) -> int | None:
-    if not message.HasField(name):
-        return None
-    stamp: timestamp_pb2.Timestamp = getattr(message, name)
-    return stamp.seconds * 1_000_000 + stamp.nanos // 1000
-
 
 SERVICE = pb.DESCRIPTOR.services_by_name["BackfillService"].full_name
 
@@ -110,8 +102,8 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
         stop = self._stop_check(context)
         read = self._sources.open_read(
             self._registry.get(request.source).spec,
-            start=_micros(request, "start_time"),
-            end=_micros(request, "end_time"),
+            start=request_micros(request, "start_time"),
+            end=request_micros(request, "end_time"),
             columns=list(request.columns),
             max_rows=request.max_rows_per_batch,
             max_bytes=request.max_bytes_per_batch,
@@ -154,8 +146,8 @@ class BackfillServicer(pb_grpc.BackfillServiceServicer):
     ) -> Iterator[pb.BackfillResponse]:
         runs = self._backfiller.run(
             request.source,
-            start=_micros(request, "start_time"),
-            end=_micros(request, "end_time"),
+            start=request_micros(request, "start_time"),
+            end=request_micros(request, "end_time"),
             dry_run=request.dry_run,
             stop=self._stop_check(context),
         )
