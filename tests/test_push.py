@@ -121,8 +121,23 @@ def test_every_violation_is_listed_up_to_the_cap(running: Running) -> None:
     listed = len(violations)
     assert 10 < listed <= 100
     assert [v[0] for v in violations] == [f'records["ad_impressions"][{i}].clicked' for i in range(listed)]
-    assert "500 in all" in info.value.details()
-    assert f"{100 - listed} more violations not listed" in info.value.details()
+    assert info.value.details() == (
+        f"500 invalid field values; nothing was written (500 violations in all, the first {listed} listed)"
+    )
+
+
+def test_the_message_counts_what_the_bad_request_lists(running: Running) -> None:
+    """Where the violations fill the trailers before the core's cap, the message counts those listed."""
+    row = impression("u1") | {f"unknown_{i:06d}": 1 for i in range(100_000)}
+    with pytest.raises(grpc.RpcError) as info:
+        running.ingest.Push(rows_request({"ad_impressions": [row]}))
+    code, violations, reason = rich_error(info.value)
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RECORDS")
+    assert 0 < len(violations) < 100
+    assert info.value.details() == (
+        "100000 invalid field values; nothing was written "
+        f"(100000 violations in all, the first {len(violations)} listed)"
+    )
 
 
 @BOTH_STORES

@@ -30,7 +30,7 @@ DOMAIN = "featurepush.dev"
 # The message and the details travel in trailing metadata, which a default grpcio client caps at 8 KiB
 # (the message is percent-encoded, up to three bytes a character; the details base64-encoded, four bytes
 # for three), so both are bounded however long or many the names a caller sent: violations by size (the
-# message says how many were left out), every name and metadata value by length.
+# message says how many it lists of how many in all), every name and metadata value by length.
 MAX_DETAILS_BYTES = 3000
 MAX_DESCRIPTION = 300
 MAX_PATH = 300
@@ -79,9 +79,11 @@ def status_of(err: CoreError) -> status_pb2.Status:
             path, text = clip(v.path, MAX_PATH), clip(v.description, MAX_DESCRIPTION)
             size += len(path.encode()) + len(text.encode()) + 8
             if size > MAX_DETAILS_BYTES and bad.field_violations:
-                message += f" ({len(err.violations) - len(bad.field_violations)} more violations not listed)"
                 break
             bad.field_violations.add(field=path, description=text)
+        # The one count of what the BadRequest holds, against how many violations there are in all.
+        if len(bad.field_violations) < err.total:
+            message += f" ({err.total} violations in all, the first {len(bad.field_violations)} listed)"
         details.append(pack(bad))
     details.append(pack(info))
     return status_pb2.Status(code=code, message=message, details=details)

@@ -28,7 +28,11 @@ class CoreError(Exception):
 
 
 class InvalidInput(CoreError):
-    """The request is malformed; `violations` names every offending field."""
+    """The request is malformed; `violations` names the offending fields, the first `total` of them.
+
+    Where a request has more violations than are worth collecting, `violations` holds the first and
+    `total` says how many there are in all; the edge's message says how many it lists of them.
+    """
 
     reason = "INVALID_ARGUMENT"
 
@@ -39,9 +43,11 @@ class InvalidInput(CoreError):
         *,
         reason: str | None = None,
         metadata: dict[str, str] | None = None,
+        total: int = 0,
     ):
         super().__init__(message, reason=reason, metadata=metadata)
         self.violations = list(violations)
+        self.total = max(total, len(self.violations))
 
 
 class NotFound(CoreError):

@@ -147,6 +147,8 @@ class Ingestor:
             )
         sources = {name: self._registry.get(name) for name in records}
         tables: dict[str, pa.Table | ConvertedRows] = {}
+        # Sources given both rows and arrow_ipc, each listed; then the values, of which the first are listed.
+        misplaced = len(violations)
         total_bad = 0
         for name, payload in records.items():
             spec = sources[name].spec
@@ -167,13 +169,12 @@ class Ingestor:
             else:
                 tables[name] = table
         if violations:
-            shown = violations[: self._max_violations]
-            more = f" ({total_bad} in all, the first {len(shown)} listed)" if total_bad > len(shown) else ""
+            in_all = misplaced + total_bad
             raise InvalidInput(
-                f"{len(shown)} invalid field value{'s' if len(shown) != 1 else ''}{more}; "
-                "nothing was written",
-                shown,
+                f"{in_all} invalid field value{'s' if in_all != 1 else ''}; nothing was written",
+                violations[: self._max_violations],
                 reason="INVALID_RECORDS",
+                total=in_all,
             )
         parts = [SourceRecords(sources[name], part, source_path(name)) for name, part in tables.items()]
         result = self._materializer.write(
