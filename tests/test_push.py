@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import pyarrow as pa
 import pytest
 from conftest import AD_IMPRESSIONS, BOTH_STORES, Running, features, rich_error, rows_request, scalar, start
 
@@ -225,6 +226,40 @@ def test_request_id_makes_a_retry_a_replay(running: Running) -> None:
     again = running.ingest.Push(request)
     assert again.replayed and again.counts == first.counts
     assert clicked(running, "u1") == "2"
+
+
+def _no_batches() -> bytes:
+    """An Arrow IPC stream of ad_impressions' schema and no record batch."""
+    schema = pa.schema(
+        [("user_id", pa.string()), ("timestamp", pa.timestamp("us", "UTC")), ("clicked", pa.int64())]
+    )
+    sink = pa.BufferOutputStream()
+    pa.ipc.new_stream(sink, schema).close()
+    return bytes(sink.getvalue())
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        {"ad_impressions": ingest_service_pb2.SourceRecords(arrow_ipc=_no_batches())},
+        {
+            "ad_impressions": ingest_service_pb2.SourceRecords(arrow_ipc=_no_batches()),
+            "clicks": ingest_service_pb2.SourceRecords(),
+        },
+    ],
+)
+def test_an_arrow_push_of_no_rows_is_empty_as_a_row_push_is(
+    running: Running, records: dict[str, ingest_service_pb2.SourceRecords]
+) -> None:
+    running.apply(CLICKS)
+    with pytest.raises(grpc.RpcError) as info:
+        running.ingest.Push(ingest_service_pb2.PushRequest(records=records))
+    code, violations, reason = rich_error(info.value)
+    assert (code, reason, violations) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "EMPTY_PUSH",
+        [("records", "add at least one record for a source")],
+    )
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,14 @@ def read_arrow(data: bytes, path: str, limits: IpcLimits | None = None) -> pa.Ta
         ) from None
 
 
+def _empty_push() -> InvalidInput:
+    return InvalidInput(
+        "the push carries no records",
+        [Violation("records", "add at least one record for a source")],
+        reason="EMPTY_PUSH",
+    )
+
+
 class Ingestor:
     """Validates pushes against their sources' schemas and hands them to the materializer to write."""
 
@@ -105,11 +113,7 @@ class Ingestor:
         gets Cancelled and nothing is written, since it could not learn of the write anyway.
         """
         if not records or all(not p.rows and not p.arrow_ipc for p in records.values()):
-            raise InvalidInput(
-                "the push carries no records",
-                [Violation("records", "add at least one record for a source")],
-                reason="EMPTY_PUSH",
-            )
+            raise _empty_push()
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidInput(
                 "request_id is too long", [Violation("request_id", f"at most {MAX_REQUEST_ID} characters")]
@@ -138,6 +142,9 @@ class Ingestor:
                     max_decoded_bytes=max(limits.max_decoded_bytes - decoded.nbytes, 0),
                 )
         total = sum(t.num_rows for t in arrow.values()) + sum(len(p.rows) for p in records.values())
+        if not total and not violations:
+            # Arrow streams of a schema and no rows: as empty as a push without them.
+            raise _empty_push()
         if total > self.max_records:
             raise LimitExceeded(
                 f"the push carries {total} records, more than {self.max_records}; split it into requests "
