@@ -6,7 +6,7 @@ import base64
 import binascii
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from featurepush.v1 import source_pb2
@@ -16,6 +16,9 @@ from .schema import SourceSpec, compile_source
 from .stores.base import Store
 
 MAX_PAGE_SIZE = 1000
+# The most bytes of definitions one List page holds: half a default client's 4 MiB receive limit, so a
+# page of sources, views or services always reaches it (a definition is at most MAX_DEFINITION_BYTES).
+MAX_PAGE_BYTES = 2 * 1024 * 1024
 # How long a load waits for a catalog change written by another process to finish.
 CATALOG_WAIT_S = 10.0
 DEFAULT_PAGE_SIZE = 100
@@ -34,6 +37,22 @@ def settled_version(read: Callable[[], int], what: str) -> int:
         time.sleep(0.001)
         version = read()
     return version
+
+
+def page_of(rows: Sequence[tuple[str, bytes]], size: int) -> tuple[int, str]:
+    """How many of `rows` one List page takes, and the next page's token ("" at the end).
+
+    `rows` are names and stored definitions, `size` + 1 of them read; a page takes at most `size` and
+    MAX_PAGE_BYTES of them, and at least one.
+    """
+    count = used = 0
+    for _, raw in rows[:size]:
+        # Each definition is a length-delimited field of the reply: a tag and a length of up to 5 bytes.
+        used += len(raw) + 6
+        if count and used > MAX_PAGE_BYTES:
+            break
+        count += 1
+    return count, base64.urlsafe_b64encode(rows[count - 1][0].encode()).decode() if count < len(rows) else ""
 
 
 @dataclass(frozen=True)
@@ -242,10 +261,9 @@ class Registry:
                     "page_token is not valid",
                     [Violation("page_token", "pass a next_page_token returned by ListSources")],
                 ) from None
-        rows = list(self._store.list_sources(after, size + 1))
-        sources = [source_pb2.PushSource.FromString(raw) for _, _, raw in rows[:size]]
-        token = base64.urlsafe_b64encode(rows[size - 1][0].encode()).decode() if len(rows) > size else ""
-        return sources, token
+        rows = [(name, raw) for name, _, raw in self._store.list_sources(after, size + 1)]
+        count, token = page_of(rows, size)
+        return [source_pb2.PushSource.FromString(raw) for _, raw in rows[:count]], token
 
     def delete(self, name: str) -> int:
         """Delete a source and its rows; return the number of rows deleted."""

@@ -10,14 +10,24 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from featurepush.v1 import feature_view_pb2 as fv_pb2
 from featurepush.v1 import schema_pb2, source_pb2
 
-from .errors import InvalidInput, Violation
+from .errors import InvalidInput, Violation, shown
 from .times import MAX_SPAN_MICROS, duration_micros, duration_problem
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# Fields in all, those of structs at every level counted too.
 MAX_FIELDS = 1000
 MAX_DEPTH = 16
+# Bounds of a definition's free text, and of the whole definition as serialized: a client's default 4 MiB
+# receive limit holds 16 of the largest, so a Get always fits and a List page holds at least one.
+MAX_DESCRIPTION_CHARS = 4096
+MAX_OWNER_CHARS = 256
+MAX_TAGS = 64
+MAX_TAG_KEY_CHARS = 128
+MAX_TAG_VALUE_CHARS = 1024
+MAX_DEFINITION_BYTES = 256 * 1024
 
 
 class Kind(enum.Enum):
@@ -191,6 +201,57 @@ def _compile_fields(
     return tuple(specs) if ok else None
 
 
+def _field_count(fields: Iterable[schema_pb2.Field]) -> int:
+    """How many fields a schema has, those of its structs (in arrays and maps too) at every level counted."""
+    count = 0
+    for f in fields:
+        count += 1
+        dt = f.type
+        while dt.WhichOneof("kind") in ("array", "map"):
+            dt = dt.array.element_type if dt.HasField("array") else dt.map.value_type
+        if dt.HasField("struct"):
+            count += _field_count(dt.struct.fields)
+    return count
+
+
+def check_fields(schema: schema_pb2.Schema, path: str, out: list[Violation]) -> None:
+    """Add a violation at `path` if the schema has more than MAX_FIELDS fields at all levels together."""
+    count = _field_count(schema.fields)
+    if count > MAX_FIELDS:
+        out.append(
+            Violation(path, f"at most {MAX_FIELDS} fields are allowed, those of structs counted; got {count}")
+        )
+
+
+def check_labels(
+    definition: source_pb2.PushSource | fv_pb2.StreamFeatureView | fv_pb2.FeatureService,
+    path: str,
+    out: list[Violation],
+) -> None:
+    """Check a definition's description, owner, tags and serialized size against their bounds."""
+    if len(definition.description) > MAX_DESCRIPTION_CHARS:
+        out.append(Violation(path + ".description", f"at most {MAX_DESCRIPTION_CHARS:,} characters"))
+    if len(definition.owner) > MAX_OWNER_CHARS:
+        out.append(Violation(path + ".owner", f"at most {MAX_OWNER_CHARS:,} characters"))
+    if len(definition.tags) > MAX_TAGS:
+        out.append(Violation(path + ".tags", f"at most {MAX_TAGS} tags, got {len(definition.tags):,}"))
+    for key, value in sorted(definition.tags.items()):
+        tag = f'{path}.tags["{shown(key)}"]'
+        if not key:
+            out.append(Violation(path + ".tags", "tag keys must not be empty"))
+        elif len(key) > MAX_TAG_KEY_CHARS:
+            out.append(Violation(tag, f"tag keys are at most {MAX_TAG_KEY_CHARS} characters"))
+        if len(value) > MAX_TAG_VALUE_CHARS:
+            out.append(Violation(tag, f"tag values are at most {MAX_TAG_VALUE_CHARS:,} characters"))
+    size = definition.ByteSize()
+    if size > MAX_DEFINITION_BYTES:
+        out.append(
+            Violation(
+                path, f"the definition is {size:,} bytes serialized, more than {MAX_DEFINITION_BYTES:,}"
+            )
+        )
+
+
 _KEY_KINDS = (Kind.STRING, Kind.INT32, Kind.INT64)
 
 
@@ -205,10 +266,10 @@ def compile_source(src: source_pb2.PushSource, path: str = "source") -> SourceSp
                 "letters, digits and underscores, not starting with a digit",
             )
         )
+    check_labels(src, path, out)
     if not src.schema.fields:
         out.append(Violation(path + ".schema.fields", "a schema needs at least one field"))
-    elif len(src.schema.fields) > MAX_FIELDS:
-        out.append(Violation(path + ".schema.fields", f"at most {MAX_FIELDS} fields are allowed"))
+    check_fields(src.schema, path + ".schema.fields", out)
     fields = _compile_fields(src.schema.fields, path + ".schema.fields", 0, out) or ()
     by_name = {f.name: f for f in fields}
     if not src.entity_keys:
@@ -247,9 +308,6 @@ def compile_source(src: source_pb2.PushSource, path: str = "source") -> SourceSp
         out.append(Violation(path + ".online_ttl", problem))
     elif ttl.seconds < 0 or ttl.nanos < 0:
         out.append(Violation(path + ".online_ttl", "must not be negative"))
-    for key in src.tags:
-        if not key:
-            out.append(Violation(path + ".tags", "tag keys must not be empty"))
     if src.HasField("batch_config"):
         bc = src.batch_config
         if not bc.uri:

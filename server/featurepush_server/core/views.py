@@ -21,8 +21,8 @@ from featurepush.v1 import feature_view_pb2 as fv_pb2
 
 from .batch import load_post_processor
 from .errors import FailedPrecondition, InvalidInput, NotFound, Violation, shown
-from .registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry, Source, settled_version
-from .schema import NAME_RE, FieldSpec, Kind, _compile_fields
+from .registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry, Source, page_of, settled_version
+from .schema import NAME_RE, FieldSpec, Kind, _compile_fields, check_fields, check_labels
 from .stores.base import Store
 from .times import duration_micros, duration_problem
 
@@ -140,6 +140,8 @@ def compile_view(view: fv_pb2.StreamFeatureView, source: Source | None, path: st
                 path + ".entity_keys", f"must be the source's entity keys {list(source.spec.entity_keys)}"
             )
         )
+    check_labels(view, path, out)
+    check_fields(view.schema, path + ".schema.fields", out)
     fields = _compile_fields(view.schema.fields, path + ".schema.fields", 0, out) or ()
     by_name = {f.name: f for f in fields}
     if source is not None:
@@ -252,10 +254,6 @@ def _page(page_size: int, page_token: str, what: str) -> tuple[int, str]:
             "page_token is not valid", [Violation("page_token", f"pass a next_page_token returned by {what}")]
         ) from None
     return page_size or DEFAULT_PAGE_SIZE, after
-
-
-def _token(names: list[str], size: int) -> str:
-    return base64.urlsafe_b64encode(names[size - 1].encode()).decode() if len(names) > size else ""
 
 
 Message = TypeVar("Message", fv_pb2.StreamFeatureView, fv_pb2.FeatureService)
@@ -450,9 +448,9 @@ class Views:
     ) -> tuple[list[fv_pb2.StreamFeatureView], str]:
         """One page of views in name order and the token of the next page ("" at the end)."""
         size, after = _page(page_size, page_token, "ListFeatureViews")
-        rows = list(self._store.list_views(after, size + 1))
-        views = [fv_pb2.StreamFeatureView.FromString(raw) for _, _, raw in rows[:size]]
-        return views, _token([name for name, _, _ in rows], size)
+        rows = [(name, raw) for name, _, raw in self._store.list_views(after, size + 1)]
+        count, token = page_of(rows, size)
+        return [fv_pb2.StreamFeatureView.FromString(raw) for _, raw in rows[:count]], token
 
     def delete(self, name: str) -> int:
         """Delete a view and its tiles; return how many tiles it held. Refused while a service uses it."""
@@ -508,6 +506,7 @@ class Views:
         out: list[Violation] = []
         if not NAME_RE.match(service.name):
             out.append(Violation("service.name", f"{service.name!r} is not a valid feature service name"))
+        check_labels(service, "service", out)
         if not 1 <= len(service.features) <= MAX_SERVICE_VIEWS:
             out.append(Violation("service.features", f"1 to {MAX_SERVICE_VIEWS} views"))
         resolved: list[tuple[View, list[int]]] = []
@@ -555,8 +554,8 @@ class Views:
         """One page of feature services in name order and the token of the next page."""
         size, after = _page(page_size, page_token, "ListFeatureServices")
         rows = list(self._store.list_services(after, size + 1))
-        services = [fv_pb2.FeatureService.FromString(raw) for _, raw in rows[:size]]
-        return services, _token([name for name, _ in rows], size)
+        count, token = page_of(rows, size)
+        return [fv_pb2.FeatureService.FromString(raw) for _, raw in rows[:count]], token
 
     def delete_service(self, name: str) -> None:
         """Delete a feature service; raise NotFound."""
