@@ -581,3 +581,43 @@ def test_mutated_pushes_never_crash_a_server_process(tmp_path: Path) -> None:
     finally:
         running.close()
     assert (tmp_path / "data" / "offline" / SOURCE).is_dir()
+
+
+def test_what_a_compressed_push_decodes_to_counts_against_the_push_bytes(tmp_path: Path) -> None:
+    from conftest import AD_IMPRESSIONS
+
+    running = start(tmp_path / "data", max_push_bytes=8 << 20)
+    try:
+        running.apply(AD_IMPRESSIONS)
+        rows = 4_000
+        table = pa.table(
+            {
+                # Each key a kilobyte of one repeated character: zstd makes the 4 MB column a few KB.
+                "user_id": [f"{i:06d}" + "u" * 1024 for i in range(rows)],
+                "timestamp": pa.array(
+                    [dt.datetime(2026, 1, 1, tzinfo=dt.UTC)] * rows, pa.timestamp("us", "UTC")
+                ),
+                "clicked": pa.array([1] * rows, pa.int64()),
+            }
+        )
+        data = stream(table, compression="zstd")
+        assert len(data) < 200_000 < table.nbytes
+        request = pb.PushRequest()
+        request.records["ad_impressions"].arrow_ipc = data
+        gate = running.server.admission.gate("push")  # type: ignore[union-attr]
+        # Another push holding 6 MiB of the 8: this one's 4 MB of decoded keys do not fit beside it.
+        gate.take_bytes(6 << 20)
+        try:
+            with pytest.raises(grpc.RpcError) as caught:
+                running.ingest.Push(request)
+            code, _, reason = rich_error(caught.value)
+            assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED")
+            assert "decodes to" in caught.value.details()
+            assert gate.held_bytes == 6 << 20
+        finally:
+            gate.give_bytes(6 << 20)
+        # Alone, the same push is taken, and every byte it counted is given back.
+        assert running.ingest.Push(request).counts["ad_impressions"].written == rows
+        assert gate.held_bytes == 0 and gate.extra_holders == 0
+    finally:
+        running.close()

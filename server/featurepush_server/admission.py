@@ -105,6 +105,8 @@ class Gate:
         self.running = 0
         self.waiting = 0
         self.held_bytes = 0
+        # Work holding bytes counted by take_bytes.
+        self.extra_holders = 0
         # How many calls were refused since start, for the operator.
         self.refused = 0
 
@@ -149,6 +151,27 @@ class Gate:
         with self._cond:
             self.running -= 1
             self.held_bytes -= nbytes
+            self._cond.notify()
+
+    def take_bytes(self, nbytes: int) -> None:
+        """Count `nbytes` more against the class's bytes for work already admitted; raise Overloaded if not.
+
+        What a request's bytes become once decoded (a compressed Arrow stream expands many times over)
+        weighs on memory as its wire bytes do. Always granted to work that holds the gate alone.
+        """
+        limit = self.limit
+        with self._cond:
+            alone = self.running <= 1 and self.extra_holders == 0
+            if limit.bytes and self.held_bytes + nbytes > limit.bytes and not alone:
+                raise self._refuse("request bytes in progress")
+            self.held_bytes += nbytes
+            self.extra_holders += 1
+
+    def give_bytes(self, nbytes: int) -> None:
+        """Give back bytes counted by `take_bytes`."""
+        with self._cond:
+            self.held_bytes -= nbytes
+            self.extra_holders -= 1
             self._cond.notify()
 
 

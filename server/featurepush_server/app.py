@@ -9,9 +9,11 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +33,14 @@ from featurepush.v1 import (
     registry_service_pb2_grpc,
 )
 
-from . import machine
-from .admission import Admission, configured_limits
+from . import admission, machine
+from .admission import Admission, Gate, Overloaded, configured_limits
 from .auth import auth_interceptor, log_exposure
 from .config import ServerConfig
 from .core.aggregates import ViewReader
 from .core.backfill import Backfiller, ChunkWorkers
 from .core.batch import BatchSources
-from .core.errors import ShuttingDown
+from .core.errors import Busy, ShuttingDown
 from .core.expiry import ExpirySweeper
 from .core.ingest import Ingestor
 from .core.ipc import IpcLimits
@@ -304,9 +306,6 @@ def create_server(
         materializer = Materializer(
             store, [LatestRowWriter(store), OfflineLogWriter(), TileWriter(views, store)]
         )
-        ingestor = Ingestor(
-            registry, materializer, max_records=config.max_records_per_request, arrow_limits=arrow_limits
-        )
         reader = OnlineReader(registry, store, max_keys=config.max_keys_per_request)
         for path in config.definitions:
             from featurepush.definitions import load_definitions
@@ -357,6 +356,14 @@ def create_server(
                 streams=config.max_push_streams,
                 backfills=config.max_concurrent_backfills,
             )
+        )
+        push_gate = gates.gate(admission.PUSH)
+        ingestor = Ingestor(
+            registry,
+            materializer,
+            max_records=config.max_records_per_request,
+            arrow_limits=arrow_limits,
+            decoded_budget=None if push_gate is None else partial(_decoded_bytes, push_gate),
         )
         # Files are read before any thread starts, so a bad certificate or keys file fails in one line.
         credentials = server_credentials(config)
@@ -478,6 +485,23 @@ def create_server(
             server.stop(None)
             raise OSError(f"cannot serve metrics on {config.metrics_listen}: {e.strerror or e}") from None
     return server
+
+
+@contextmanager
+def _decoded_bytes(gate: Gate, nbytes: int) -> Iterator[None]:
+    """Hold `nbytes` of the push gate's bytes while a push's decoded Arrow lives; Busy if it has no room."""
+    try:
+        gate.take_bytes(nbytes)
+    except Overloaded as e:
+        raise Busy(
+            f"featurepush holds as many push bytes as it may: this push's Arrow decodes to {nbytes} bytes "
+            f"more than it was sent as; retry after {e.retry_after_s:.2f}s",
+            e.retry_after_s,
+        ) from None
+    try:
+        yield
+    finally:
+        gate.give_bytes(nbytes)
 
 
 def _state(created: bool, changed: bool) -> str:

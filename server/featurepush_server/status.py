@@ -8,12 +8,13 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from .core.errors import (
     Aborted,
+    Busy,
     Cancelled,
     CoreError,
     DataLoss,
@@ -43,6 +44,7 @@ _CODES: dict[type[CoreError], int] = {
     NotFound: code_pb2.NOT_FOUND,
     FailedPrecondition: code_pb2.FAILED_PRECONDITION,
     LimitExceeded: code_pb2.RESOURCE_EXHAUSTED,
+    Busy: code_pb2.RESOURCE_EXHAUSTED,
     Cancelled: code_pb2.CANCELLED,
     Aborted: code_pb2.ABORTED,
     Unavailable: code_pb2.UNAVAILABLE,
@@ -85,6 +87,11 @@ def status_of(err: CoreError) -> status_pb2.Status:
         if len(bad.field_violations) < err.total:
             message += f" ({err.total} violations in all, the first {len(bad.field_violations)} listed)"
         details.append(pack(bad))
+    if isinstance(err, Busy):
+        # featurepush's clients wait this long and send the request again.
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(err.retry_after_s * 1000))
+        details.append(pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     details.append(pack(info))
     return status_pb2.Status(code=code, message=message, details=details)
 

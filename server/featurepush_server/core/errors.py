@@ -68,6 +68,16 @@ class LimitExceeded(CoreError):
     reason = "LIMIT_EXCEEDED"
 
 
+class Busy(CoreError):
+    """The server holds as much of this kind of work as it may now; the request may be sent again later."""
+
+    reason = "OVERLOADED"
+
+    def __init__(self, message: str, retry_after_s: float, *, metadata: dict[str, str] | None = None):
+        super().__init__(message, metadata=metadata)
+        self.retry_after_s = retry_after_s
+
+
 class Aborted(CoreError):
     """A concurrent change made the request's work stale; nothing was written and it may be sent again."""
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
+from functools import partial
 
 import pyarrow as pa
 from google.protobuf import struct_pb2
@@ -45,11 +47,19 @@ def source_path(name: str) -> str:
     return 'records["' + name.replace("\\", "\\\\").replace('"', '\\"') + '"]'
 
 
-def read_arrow(data: bytes, path: str, limits: IpcLimits | None = None) -> pa.Table:
-    """Read an untrusted Arrow IPC stream, each batch fully validated; raise InvalidInput or LimitExceeded."""
+def read_arrow(
+    data: bytes,
+    path: str,
+    limits: IpcLimits | None = None,
+    before_decode: Callable[[int], object] | None = None,
+) -> pa.Table:
+    """Read an untrusted Arrow IPC stream, each batch fully validated; raise InvalidInput or LimitExceeded.
+
+    `before_decode` is told the bytes the stream declares it decodes to, before it is decoded.
+    """
     limits = limits or IpcLimits()
     try:
-        return read_stream(data, limits)
+        return read_stream(data, limits, before_decode)
     except MalformedStream as e:
         raise InvalidInput(
             "arrow_ipc is not a valid Arrow IPC stream",
@@ -92,12 +102,21 @@ class Ingestor:
         max_records: int = 10_000,
         max_violations: int = 100,
         arrow_limits: IpcLimits | None = None,
+        decoded_budget: Callable[[int], AbstractContextManager[object]] | None = None,
     ):
         self._registry = registry
+        # Holds a count of bytes (what a push's Arrow streams decode to beyond their own size) for as long
+        # as the push runs; raises Busy where the server holds too many such bytes already.
+        self._decoded_budget = decoded_budget
         self._materializer = materializer
         self.max_records = max_records
         self._max_violations = max_violations
         self._arrow_limits = dataclasses.replace(arrow_limits or IpcLimits(), max_rows=max_records)
+
+    def _hold_decoded(self, held: ExitStack, wire_bytes: int, decoded_bytes: int) -> None:
+        """Count what a stream decodes to beyond its own bytes (already admitted with the request)."""
+        if self._decoded_budget is not None and decoded_bytes > wire_bytes:
+            held.enter_context(self._decoded_budget(decoded_bytes - wire_bytes))
 
     def push(
         self,
@@ -112,6 +131,18 @@ class Ingestor:
         `stop` is asked once validation is done: a caller that went away (cancelled, or past its deadline)
         gets Cancelled and nothing is written, since it could not learn of the write anyway.
         """
+        with ExitStack() as held:
+            return self._push(records, dry_run, request_id, stop, held)
+
+    def _push(
+        self,
+        records: Mapping[str, SourcePayload],
+        dry_run: bool,
+        request_id: str,
+        stop: Callable[[], bool] | None,
+        held: ExitStack,
+    ) -> PushOutcome:
+        """push(), the decoded bytes it holds entered on `held`."""
         if not records or all(not p.rows and not p.arrow_ipc for p in records.values()):
             raise _empty_push()
         if len(request_id) > MAX_REQUEST_ID:
@@ -135,7 +166,8 @@ class Ingestor:
             if payload.rows and payload.arrow_ipc:
                 violations.append(Violation(path, "set rows or arrow_ipc, not both"))
             elif payload.arrow_ipc:
-                decoded = arrow[name] = read_arrow(payload.arrow_ipc, path, limits)
+                expands = partial(self._hold_decoded, held, len(payload.arrow_ipc))
+                decoded = arrow[name] = read_arrow(payload.arrow_ipc, path, limits, expands)
                 limits = dataclasses.replace(
                     limits,
                     max_rows=max(limits.max_rows - decoded.num_rows, 0),

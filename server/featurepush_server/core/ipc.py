@@ -17,7 +17,7 @@ references to tables, vectors and strings are uint32 offsets forward from where 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -212,8 +212,11 @@ def _decoded_bytes(batch: _Table, body: memoryview, limits: IpcLimits) -> int:
     return total
 
 
-def check_limits(data: bytes, limits: IpcLimits) -> None:
-    """Refuse a stream over a limit or with malformed headers, reading message metadata only."""
+def check_limits(data: bytes, limits: IpcLimits) -> int:
+    """Refuse a stream over a limit or with malformed headers, reading message metadata only.
+
+    Returns the bytes its batches and dictionaries decode to, as their headers declare them.
+    """
     reader = pa.ipc.MessageReader.open_stream(pa.BufferReader(data))
     rows = batches = decoded = 0
     first = True
@@ -271,6 +274,7 @@ def check_limits(data: bytes, limits: IpcLimits) -> None:
             )
     if first:
         raise MalformedStream("the stream is empty: it has no schema message")
+    return decoded
 
 
 def _has_dictionary(t: pa.DataType) -> bool:
@@ -343,17 +347,23 @@ READ_ERRORS = (
 )
 
 
-def read_stream(data: bytes, limits: IpcLimits) -> pa.Table:
+def read_stream(
+    data: bytes, limits: IpcLimits, before_decode: Callable[[int], object] | None = None
+) -> pa.Table:
     """Read an untrusted IPC stream into a table of fully validated batches, or raise.
 
     Raises MalformedStream when the bytes are not a valid stream, StreamTooLarge when over a limit.
+    `before_decode` is told the bytes the stream declares it decodes to, once its headers passed the
+    limits and before anything is decoded or decompressed; it may raise to stop the read.
     """
     try:
-        check_limits(data, limits)
+        decoded = check_limits(data, limits)
     except (MalformedStream, StreamTooLarge):
         raise
     except READ_ERRORS as e:
         raise MalformedStream(f"the message framing is broken ({_brief(e)})") from None
+    if before_decode is not None:
+        before_decode(decoded)
     batches: list[pa.RecordBatch] = []
     try:
         reader = pa.ipc.open_stream(pa.py_buffer(data))
