@@ -59,11 +59,12 @@ class SlowRequests(Overloaded):
         self.args = (f"featurepush is at its limit of {why}; retry after {self.retry_after_s:.2f}s",)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Wait:
     context: grpc.ServicerContext
-    address: str
     since: float
+    # Found from the context's peer only once the wait turns slow: nearly every request is there at once.
+    address: str | None = None
     cancelled: bool = False
 
 
@@ -86,25 +87,27 @@ class RequestWaits:
         self.cancelled = 0
 
     def _enter(self, context: grpc.ServicerContext) -> int:
-        address = peer_address(context.peer())
-        now = time.monotonic()
-        with self._lock:
+        # Without the lock: dict insertion and removal are atomic, and the watch works on a copy. Racy reads
+        # of the slow counts at most let one call more wait, or refuse one as the count falls.
+        if self._slow_total:
+            address = peer_address(context.peer())
             if self._slow[address] >= self.per_peer:
                 raise SlowRequests(f"{self.per_peer} calls from one address still sending their request")
             if self._slow_total >= self.limit:
                 raise SlowRequests(f"{self.limit} calls still sending their request")
-            token = next(self._tokens)
-            self._waits[token] = _Wait(context, address, now)
-            if self._watch is None:
-                self._watch = threading.Thread(
-                    target=self._watching, name="featurepush-request-waits", daemon=True
-                )
-                self._watch.start()
+        token = next(self._tokens)
+        self._waits[token] = _Wait(context, time.monotonic())
+        if self._watch is None:
+            with self._lock:
+                if self._watch is None:
+                    self._watch = threading.Thread(
+                        target=self._watching, name="featurepush-request-waits", daemon=True
+                    )
+                    self._watch.start()
         return token
 
     def _leave(self, token: int) -> None:
-        with self._lock:
-            self._waits.pop(token, None)
+        self._waits.pop(token, None)
 
     def next_message(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
         """The caller's next message, waited for within the bounds; StopIteration when it sent its last.
@@ -130,32 +133,44 @@ class RequestWaits:
     def _watching(self) -> None:
         while True:
             time.sleep(min(_TICK_S, self.slow_s))
-            self._sweep()
+            try:
+                self._sweep()
+            except Exception:  # noqa: BLE001 - the watch must outlive any one round
+                _LOGGER.exception("watching calls for their requests failed; watching on")
 
     def _sweep(self) -> None:
         """Count the slow waits and cancel those past a bound: too long, or beyond their address's share."""
         now = time.monotonic()
         doomed: list[_Wait] = []
+        while True:
+            try:
+                # Handler threads add and remove waits without the lock; copying may meet one doing so.
+                waits = list(self._waits.values())
+                break
+            except RuntimeError:
+                continue
         with self._lock:
             slow = sorted(
-                (w for w in self._waits.values() if now - w.since >= self.slow_s and not w.cancelled),
-                key=lambda w: w.since,
+                (w for w in waits if now - w.since >= self.slow_s and not w.cancelled), key=lambda w: w.since
             )
             by_address: Counter[str] = Counter()
             kept = 0
             for wait in slow:
-                by_address[wait.address] += 1
+                if wait.address is None:
+                    wait.address = peer_address(wait.context.peer())
+                address = wait.address
+                by_address[address] += 1
                 # The oldest waits of an address are kept up to its share; a flood's newer ones go.
                 if (
                     now - wait.since >= self.timeout_s
-                    or by_address[wait.address] > self.per_peer
+                    or by_address[address] > self.per_peer
                     or kept >= self.limit
                 ):
                     wait.cancelled = True
                     doomed.append(wait)
                 else:
                     kept += 1
-            self._slow = Counter(w.address for w in slow if not w.cancelled)
+            self._slow = Counter(w.address or "" for w in slow if not w.cancelled)
             self._slow_total = kept
             self.cancelled += len(doomed)
         for wait in doomed:
@@ -166,7 +181,7 @@ class RequestWaits:
                     "theirs from that address, %d in all; %d such lines held back)",
                     wait.address,
                     now - wait.since,
-                    by_address[wait.address],
+                    by_address[wait.address or ""],
                     len(slow),
                     held,
                 )
