@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -380,3 +381,38 @@ def test_a_push_whose_deadline_passed_during_validation_writes_nothing(server: R
         read.keys.add().update({"user_id": f"late{i}"})
     response = server.online.GetFeatures(read, timeout=5)
     assert [r.status for r in response.results] == [online_service_pb2.FEATURE_STATUS_MISSING] * 3
+
+
+def test_a_new_stream_closes_the_one_idle_longest_when_every_slot_is_taken(tmp_path: Path) -> None:
+    # Streams idle for a quarter of the idle timeout may be closed to make room: here 0.5 s.
+    r = start(tmp_path / "data", max_push_streams=2, stream_idle_timeout_s=2.0)
+    try:
+        r.apply(AD_IMPRESSIONS)
+        stop = threading.Event()
+        busy_stop = threading.Event()
+
+        def busy() -> Iterator[ingest_service_pb2.PushStreamRequest]:
+            # A stream that keeps sending is never the one closed.
+            for seq in itertools.count():
+                if busy_stop.wait(0.1):
+                    return
+                request = ingest_service_pb2.PushStreamRequest(sequence_id=seq)
+                request.request.records["ad_impressions"].rows.extend(_rows(1, f"busy{seq}-"))
+                yield request
+
+        idle = r.ingest.PushStream(_idle(stop), timeout=30)
+        active = r.ingest.PushStream(busy(), timeout=30)
+        time.sleep(1.0)
+        request = ingest_service_pb2.PushStreamRequest(sequence_id=0)
+        request.request.records["ad_impressions"].rows.extend(_rows(1, "new"))
+        [ack] = list(r.ingest.PushStream(iter([request]), timeout=10))
+        assert ack.response.counts["ad_impressions"].written == 1
+        with pytest.raises(grpc.RpcError) as caught:
+            list(idle)
+        assert caught.value.code() == grpc.StatusCode.CANCELLED
+        assert not active.done()
+        busy_stop.set()
+        assert all(a.response.counts["ad_impressions"].written == 1 for a in active)
+        stop.set()
+    finally:
+        r.close()

@@ -372,7 +372,9 @@ def create_server(
         # Authentication runs first, so a caller without a key never takes an admission slot.
         slow, slow_per_address = config.slow_request_bounds()
         waits = RequestWaits(slow, slow_per_address, config.request_timeout_s)
-        edge = EdgeInterceptor(gates, metrics, parsers, waits)
+        # A stream idle a quarter of the idle timeout (at most 5 s) may be closed for a new one.
+        evict_idle_s = min(5.0, config.stream_idle_timeout_s / 4)
+        edge = EdgeInterceptor(gates, metrics, parsers, waits, stream_evict_idle_s=evict_idle_s)
         interceptors: list[grpc.ServerInterceptor[Any, Any]] = [
             i for i in (auth_interceptor(config), edge) if i is not None
         ]

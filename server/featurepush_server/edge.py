@@ -117,13 +117,69 @@ class _Slot:
             self._gate.leave(self._nbytes)
 
 
-def _admit(gate: Gate | None, nbytes: int, context: grpc.ServicerContext) -> _Slot:
+class OpenStreams:
+    """The open streams of one class, with when each last sent a message, to make room for a new one.
+
+    Once every slot is taken, a new stream closes (cancels) the stream idle longest, if it has sent nothing
+    for `evict_idle_s`: a stream sending a batch now and then, under the idle timeout, would otherwise hold
+    its slot for as long as it liked, and a few such callers every slot. The featurepush pusher opens a new
+    stream when it has records again.
+    """
+
+    # How long a freed slot is waited for, once a stream was closed to make room.
+    _ROOM_WAIT_S = 1.0
+
+    def __init__(self, evict_idle_s: float):
+        self.evict_idle_s = evict_idle_s
+        self._lock = threading.Lock()
+        self._open: dict[int, tuple[_Call, grpc.ServicerContext]] = {}
+        self.evicted = 0
+
+    def opened(self, call: _Call, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._open[id(call)] = (call, context)
+
+    def closed(self, call: _Call) -> None:
+        with self._lock:
+            self._open.pop(id(call), None)
+
+    def make_room(self, gate: Gate, nbytes: int, context: grpc.ServicerContext) -> bool:
+        """Close the stream idle longest if one has idled long enough, then take its slot; whether taken."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [
+                (call.last, key)
+                for key, (call, _) in self._open.items()
+                if call.pending <= 0 and now - call.last >= self.evict_idle_s
+            ]
+            if not idle:
+                return False
+            _, key = min(idle)
+            _, victim = self._open.pop(key)
+            self.evicted += 1
+        _LOGGER.info("closed a push stream idle for %.1fs to make room for a new one", now - min(idle)[0])
+        victim.cancel()  # type: ignore[no-untyped-call]
+        end = now + self._ROOM_WAIT_S
+        while True:
+            try:
+                gate.enter(nbytes, context.time_remaining())
+                return True
+            except Overloaded:
+                if time.monotonic() >= end:
+                    return False
+                time.sleep(0.02)
+
+
+def _admit(
+    gate: Gate | None, nbytes: int, context: grpc.ServicerContext, streams: OpenStreams | None = None
+) -> _Slot:
     """Take a slot of `gate` for the call, or end the call with RESOURCE_EXHAUSTED and RetryInfo."""
     if gate is not None:
         try:
             gate.enter(nbytes, context.time_remaining())
         except Overloaded as e:
-            abort(context, overloaded_status(e))
+            if streams is None or not streams.make_room(gate, nbytes, context):
+                abort(context, overloaded_status(e))
     slot = _Slot(gate, nbytes)
     # The call may end without the handler's own exit running (a cancelled stream); this frees it then.
     context.add_callback(slot.release)
@@ -150,8 +206,11 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         metrics: Metrics | None = None,
         parsers: Mapping[str, Callable[[bytes], Any]] | None = None,
         waits: RequestWaits | None = None,
+        stream_evict_idle_s: float = 5.0,
     ):
         self._admission = gates
+        # Push streams, closed idle-longest first when a new one finds every slot taken.
+        self._streams = OpenStreams(stream_evict_idle_s)
         # Every handler, featurepush's and the other services', reads its requests within these bounds.
         self._waits = waits
         self._metrics = metrics
@@ -195,14 +254,15 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         parse = self._parsers.get(method, handler.request_deserializer)
         serialize = handler.response_serializer
         record = _Record(_short(method), self._metrics, self._lines)
+        streams = self._streams if METHOD_CLASSES[method] == admission.STREAM else None
         if handler.request_streaming and handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
-                _stream_stream(handler.stream_stream, gate, parse, method, record),
+                _stream_stream(handler.stream_stream, gate, parse, method, record, streams),
                 response_serializer=serialize,
             )
         if handler.request_streaming:
             return grpc.stream_unary_rpc_method_handler(
-                _stream_unary(handler.stream_unary, gate, parse, method, record),
+                _stream_unary(handler.stream_unary, gate, parse, method, record, streams),
                 response_serializer=serialize,
             )
         if handler.response_streaming:
@@ -264,14 +324,25 @@ class _Record:
 class _Call:
     """What the edge records of one call: its latency, status code and request bytes; and a failure's line."""
 
-    __slots__ = ("record", "started", "request")
+    __slots__ = ("record", "started", "request", "last", "pending")
 
     def __init__(self, record: _Record, nbytes: int):
         self.record = record
         self.started = time.perf_counter()
         self.request: Any = None
+        # A stream's last message in or out, and its messages not yet answered: idle is none pending.
+        self.last = time.monotonic()
+        self.pending = 0
         if record.bytes_in is not None and nbytes:
             record.bytes_in.inc(nbytes)
+
+    def received(self) -> None:
+        self.last = time.monotonic()
+        self.pending += 1
+
+    def answered(self) -> None:
+        self.last = time.monotonic()
+        self.pending -= 1
 
     def add_bytes(self, nbytes: int) -> None:
         if self.record.bytes_in is not None:
@@ -328,14 +399,24 @@ def _short(method: str) -> str:
 
 
 @contextmanager
-def _handled(call: _Call, gate: Gate | None, nbytes: int, context: grpc.ServicerContext) -> Iterator[None]:
+def _handled(
+    call: _Call,
+    gate: Gate | None,
+    nbytes: int,
+    context: grpc.ServicerContext,
+    streams: OpenStreams | None = None,
+) -> Iterator[None]:
     """Hold an admission slot for the body, then record the call with the code it ended with."""
     error: BaseException | None = None
     try:
-        slot = _admit(gate, nbytes, context)
+        slot = _admit(gate, nbytes, context, streams)
+        if streams is not None:
+            streams.opened(call, context)
         try:
             yield
         finally:
+            if streams is not None:
+                streams.closed(call)
             slot.release()
     except BaseException as e:
         error = e
@@ -396,6 +477,7 @@ class _Requests:
     def __iter__(self) -> Iterator[Any]:
         for item in self._raw:
             self._call.add_bytes(len(item))
+            self._call.received()
             if self._parse is None:
                 yield item
                 continue
@@ -409,13 +491,25 @@ class _Requests:
 
 
 def _stream_stream(
-    behavior: Behavior, gate: Gate | None, parse: Any, method: str, record: _Record
+    behavior: Behavior,
+    gate: Gate | None,
+    parse: Any,
+    method: str,
+    record: _Record,
+    streams: OpenStreams | None = None,
 ) -> Behavior:
     def handle(raw: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
         call = _Call(record, 0)
-        with _handled(call, gate, 0, context):
+        with _handled(call, gate, 0, context, streams):
             requests = _Requests(raw, parse, call)
-            yield from behavior(iter(requests), context)
+            responses = behavior(iter(requests), context)
+            try:
+                for response in responses:
+                    # A PushStream answers each batch once: a stream with none unanswered is idle.
+                    call.answered()
+                    yield response
+            finally:
+                responses.close()
             if requests.undecodable:
                 abort(context, undecodable_status(method))
 
@@ -423,11 +517,16 @@ def _stream_stream(
 
 
 def _stream_unary(
-    behavior: Behavior, gate: Gate | None, parse: Any, method: str, record: _Record
+    behavior: Behavior,
+    gate: Gate | None,
+    parse: Any,
+    method: str,
+    record: _Record,
+    streams: OpenStreams | None = None,
 ) -> Behavior:
     def handle(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         call = _Call(record, 0)
-        with _handled(call, gate, 0, context):
+        with _handled(call, gate, 0, context, streams):
             requests = _Requests(raw, parse, call)
             response = behavior(iter(requests), context)
             if requests.undecodable:
