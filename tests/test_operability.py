@@ -19,7 +19,8 @@ from servers import ServedProcess
 
 from featurepush.v1 import ingest_service_pb2, registry_service_pb2
 from featurepush_server.config import ConfigError, ServerConfig
-from featurepush_server.logs import JsonLines, LineBudget
+from featurepush_server.core.line_budget import LineBudget
+from featurepush_server.logs import JsonLines
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from featurepush.v1 import (
 from . import admission
 from .admission import Admission, Gate, Overloaded
 from .core.errors import name_list, shown
-from .logs import LineBudget
+from .core.line_budget import LineBudget
 from .metrics import Metrics
 from .status import DOMAIN, abort, pack
 from .waits import RequestWaits, guarded

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from .admission import Overloaded
-from .logs import LineBudget
+from .core.line_budget import LineBudget
 
 _LOGGER = logging.getLogger(__name__)
 

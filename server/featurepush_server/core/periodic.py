@@ -6,8 +6,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-from ..logs import LineBudget
 from .errors import StorageFull, Unavailable
+from .line_budget import LineBudget
 
 _LOGGER = logging.getLogger(__name__)
 
