@@ -194,6 +194,7 @@ def test_a_bound_of_slow_waits_refuses_that_address_only_until_they_end() -> Non
     blocked.set()
     for t in threads:
         t.join(5)
+    waits.close()
 
 
 def test_health_watch_still_streams_changes_through_the_guard(tmp_path: Path) -> None:
@@ -208,3 +209,17 @@ def test_health_watch_still_streams_changes_through_the_guard(tmp_path: Path) ->
         watch.cancel()
     finally:
         running.close()
+
+
+def test_the_watch_over_request_waits_stops_with_the_server(tmp_path: Path) -> None:
+    def watches() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "featurepush-request-waits"}
+
+    before = watches()
+    running = start(tmp_path / "data")
+    health = health_pb2_grpc.HealthStub(running.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+    [watch] = watches() - before
+    running.close()
+    watch.join(5)
+    assert not watch.is_alive()

@@ -443,7 +443,8 @@ def create_server(
         store.close()
         raise
     log_exposure(config)
-    closers: list[Any] = []
+    # The watch over calls' request waits stops once calls have stopped.
+    closers: list[Any] = [waits.close]
     sweeper = None
     if front is None:
         # Started last so that a failed build leaves no thread; stop() flushes what is still queued.

@@ -83,8 +83,13 @@ class RequestWaits:
         self._slow: Counter[str] = Counter()
         self._slow_total = 0
         self._watch: threading.Thread | None = None
+        self._closed = threading.Event()
         self._lines = LineBudget()
         self.cancelled = 0
+
+    def close(self) -> None:
+        """Stop the watch (the server stopped taking calls); a wait after this is bounded no more."""
+        self._closed.set()
 
     def _enter(self, context: grpc.ServicerContext) -> int:
         # Without the lock: dict insertion and removal are atomic, and the watch works on a copy. Racy reads
@@ -99,7 +104,7 @@ class RequestWaits:
         self._waits[token] = _Wait(context, time.monotonic())
         if self._watch is None:
             with self._lock:
-                if self._watch is None:
+                if self._watch is None and not self._closed.is_set():
                     self._watch = threading.Thread(
                         target=self._watching, name="featurepush-request-waits", daemon=True
                     )
@@ -131,8 +136,7 @@ class RequestWaits:
             yield message
 
     def _watching(self) -> None:
-        while True:
-            time.sleep(min(_TICK_S, self.slow_s))
+        while not self._closed.wait(min(_TICK_S, self.slow_s)):
             try:
                 self._sweep()
             except Exception:  # noqa: BLE001 - the watch must outlive any one round
