@@ -14,6 +14,7 @@ from conftest import AD_IMPRESSIONS, VIEW_STORES, Running, cancel_first_push_str
 import featurepush.aio
 from featurepush import (
     Aggregate,
+    FeatureService,
     FeatureStatus,
     Field,
     Int64,
@@ -188,6 +189,10 @@ def test_apply_read_and_delete_a_view(running: Running) -> None:
                 "clicked_sum_1h": ("PRESENT", 5),
             }
             assert unseen["clicked_sum_1h"].status == "MISSING" and unseen["clicked_sum_1h"].value is None
+            await client.apply_views(FeatureService(name="ranking", features=[clicks]))
+            [served] = await client.get_view_features(["u"], service="ranking", as_of=later)
+            assert served["clicks.clicked_sum_1h"].value == 5
+            await client.delete_service("ranking")
             assert await client.delete_view("clicks") >= 1
             try:
                 await client.get_view_features([{"user_id": "u"}], view="clicks")

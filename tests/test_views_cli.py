@@ -81,6 +81,12 @@ def test_apply_push_and_read_a_view_and_a_service(
     assert code == 0 and json.loads(out)["features"]["user_clicks.clicked_count_1d"]["value"] == 3
     code, out, _ = run(capsys, "delete-view", "user_clicks", *args)
     assert code == 1  # the service still serves it
+    code, out, err = run(capsys, "delete-service", "ads_ranking", *args)
+    assert (code, out, err) == (0, "feature service ads_ranking deleted; its views stay\n", "")
+    code, out, _ = run(capsys, "delete-view", "user_clicks", *args)
+    assert code == 0 and out.startswith("feature view user_clicks deleted")
+    code, out, err = run(capsys, "delete-service", "ads_ranking", *args)
+    assert code == 1 and "ads_ranking" in err
 
 
 def test_the_start_log_says_what_applying_each_definition_did(

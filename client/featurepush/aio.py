@@ -423,6 +423,15 @@ class AsyncClient:
             raise _error(err) from None
         return int(response.tiles_deleted)
 
+    async def delete_service(self, name: str) -> None:
+        """Delete a feature service; its views stay."""
+        try:
+            await self._views.DeleteFeatureService(
+                feature_view_service_pb2.DeleteFeatureServiceRequest(name=name), timeout=self._timeout
+            )
+        except grpc.RpcError as err:
+            raise _error(err) from None
+
     async def _definition(self, name: str) -> StreamSource:
         cached = self._schemas.get(name)
         if cached is None:

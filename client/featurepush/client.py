@@ -535,6 +535,15 @@ class Client:
             raise from_rpc_error(err) from None
         return int(response.tiles_deleted)
 
+    def delete_service(self, name: str) -> None:
+        """Deletes a feature service; its views stay."""
+        try:
+            self._views.DeleteFeatureService(
+                feature_view_service_pb2.DeleteFeatureServiceRequest(name=name), timeout=self._timeout
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
     def read_batch_source(
         self,
         source: str,

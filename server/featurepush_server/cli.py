@@ -277,6 +277,13 @@ def _cmd_delete_view(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_delete_service(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete_service(args.service)
+    print(f"feature service {args.service} deleted; its views stay")
+    return 0
+
+
 _RECORD_PATH = re.compile(r'^records\["(?:[^"\\]|\\.)*"\]\[(\d+)\](.*)$')
 
 
@@ -863,6 +870,9 @@ def build_parser() -> argparse.ArgumentParser:
     delete_view = client_command("delete-view", "delete a feature view and its tiles")
     delete_view.add_argument("view")
     delete_view.set_defaults(func=_cmd_delete_view)
+    delete_service = client_command("delete-service", "delete a feature service (its views stay)")
+    delete_service.add_argument("service")
+    delete_service.set_defaults(func=_cmd_delete_service)
 
     delete = client_command("delete", "delete a push source and its online rows", "one JSON object")
     delete.add_argument("source")
