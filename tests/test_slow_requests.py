@@ -223,3 +223,23 @@ def test_the_watch_over_request_waits_stops_with_the_server(tmp_path: Path) -> N
     running.close()
     watch.join(5)
     assert not watch.is_alive()
+
+
+def test_a_reflection_stream_from_an_address_at_its_bound_is_refused_with_retry_info(tmp_path: Path) -> None:
+    running = start(tmp_path / "data", workers=4, request_timeout_s=30.0)
+    try:
+        stalled = Stalled(f"[::1]:{running.server.port}", PUSH, 2)
+        try:
+            # One of the two is kept (the address's share), the other cancelled; ::1 is then at its bound.
+            assert wait_for(lambda: stalled.ended() == 1, 10)
+            first = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+            with grpc.insecure_channel(f"[::1]:{running.server.port}") as channel:
+                call = channel.stream_stream(REFLECTION)(iter([first]))
+                with pytest.raises(grpc.RpcError) as caught:
+                    list(call)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "still sending their request" in (caught.value.details() or "")
+        finally:
+            stalled.release()
+    finally:
+        running.close()

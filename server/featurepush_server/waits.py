@@ -126,13 +126,22 @@ class RequestWaits:
         finally:
             self._leave(token)
 
-    def each(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        """The caller's messages, each waited for within the bounds."""
+    def each(
+        self,
+        requests: Iterator[Any],
+        context: grpc.ServicerContext,
+        refuse: Callable[[grpc.ServicerContext, Overloaded], None],
+    ) -> Iterator[Any]:
+        """The caller's messages, each waited for within the bounds; `refuse` ends a call turned away."""
         while True:
             try:
                 message = self.next_message(requests, context)
             except StopIteration:
                 return
+            except Overloaded as e:
+                # Raised where the servicer reads its requests: the call ends with the refusal's status.
+                refuse(context, e)
+                raise
             yield message
 
     def _watching(self) -> None:
@@ -217,7 +226,7 @@ def guarded(
     def handle(requests: Iterator[Any], context: grpc.ServicerContext, *callback: Any) -> Any:
         try:
             if streaming:
-                return behavior(waits.each(requests, context), context, *callback)
+                return behavior(waits.each(requests, context, refuse), context, *callback)
             try:
                 request = waits.next_message(requests, context)
             except StopIteration:
