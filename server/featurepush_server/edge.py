@@ -145,7 +145,7 @@ class OpenStreams:
 
     def make_room(self, gate: Gate, nbytes: int, context: grpc.ServicerContext) -> bool:
         """Close the stream idle longest if one has idled long enough, then take its slot; whether taken."""
-        now = time.monotonic()
+        now = time.perf_counter()
         with self._lock:
             idle = [
                 (call.last, key)
@@ -165,7 +165,7 @@ class OpenStreams:
                 gate.enter(nbytes, context.time_remaining())
                 return True
             except Overloaded:
-                if time.monotonic() >= end:
+                if time.perf_counter() >= end:
                     return False
                 time.sleep(0.02)
 
@@ -262,7 +262,7 @@ class EdgeInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             )
         if handler.request_streaming:
             return grpc.stream_unary_rpc_method_handler(
-                _stream_unary(handler.stream_unary, gate, parse, method, record, streams),
+                _stream_unary(handler.stream_unary, gate, parse, method, record),
                 response_serializer=serialize,
             )
         if handler.response_streaming:
@@ -331,17 +331,17 @@ class _Call:
         self.started = time.perf_counter()
         self.request: Any = None
         # A stream's last message in or out, and its messages not yet answered: idle is none pending.
-        self.last = time.monotonic()
+        self.last = self.started
         self.pending = 0
         if record.bytes_in is not None and nbytes:
             record.bytes_in.inc(nbytes)
 
     def received(self) -> None:
-        self.last = time.monotonic()
+        self.last = time.perf_counter()
         self.pending += 1
 
     def answered(self) -> None:
-        self.last = time.monotonic()
+        self.last = time.perf_counter()
         self.pending -= 1
 
     def add_bytes(self, nbytes: int) -> None:
@@ -517,16 +517,11 @@ def _stream_stream(
 
 
 def _stream_unary(
-    behavior: Behavior,
-    gate: Gate | None,
-    parse: Any,
-    method: str,
-    record: _Record,
-    streams: OpenStreams | None = None,
+    behavior: Behavior, gate: Gate | None, parse: Any, method: str, record: _Record
 ) -> Behavior:
     def handle(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
         call = _Call(record, 0)
-        with _handled(call, gate, 0, context, streams):
+        with _handled(call, gate, 0, context):
             requests = _Requests(raw, parse, call)
             response = behavior(iter(requests), context)
             if requests.undecodable:

@@ -34,6 +34,7 @@ from google.protobuf import struct_pb2
 from .framing import frame, head_matrix, time_header
 from .rows import stored_value
 from .schema import DType, FieldSpec, Kind
+from .times import MIN_SECONDS
 from .wire import (
     FEATURE_VECTOR_EVENT_TIME,
     FEATURE_VECTOR_FEATURES,
@@ -208,7 +209,7 @@ def timestamp_string(micros: int) -> str:
     """The canonical RFC 3339 form of one timestamp."""
     secs, frac = divmod(micros, 1_000_000)
     text = datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    if secs < -62135596800 + 1 or len(text) < 19:
+    if secs < MIN_SECONDS + 1 or len(text) < 19:
         text = text.zfill(19)
     if frac == 0:
         return text + "Z"
