@@ -155,12 +155,16 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 @pytest.fixture
 def store_settings(request: pytest.FixtureRequest) -> dict[str, object]:
     """Server settings choosing the store: RocksDB, or Redis where a test parametrizes it (BOTH_STORES), or
-    RocksDB under serve --processes' store owner with two fronts (ONE_AND_MANY_PROCESSES)."""
+    RocksDB under serve --processes' store owner with two fronts (ONE_AND_MANY_PROCESSES), or a Redis
+    Cluster (EVERY_STORE)."""
     param = getattr(request, "param", "rocksdb")
     if param == "rocksdb":
         return {}
     if param == "processes":
         return {"fronts": 2}
+    if param == "redis-cluster":
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        return {"store": cluster.url, "redis_namespace": f"t{uuid.uuid4().hex[:12]}"}
     server: RedisServer = request.getfixturevalue("redis_server")
     return {"store": server.url, "redis_namespace": f"t{uuid.uuid4().hex[:12]}"}
 
@@ -169,6 +173,10 @@ def store_settings(request: pytest.FixtureRequest) -> dict[str, object]:
 BOTH_STORES = pytest.mark.parametrize("store_settings", ["rocksdb", "redis"], indirect=True)
 # Runs a test once on a one-process server and once on a store owner with two fronts.
 ONE_AND_MANY_PROCESSES = pytest.mark.parametrize("store_settings", ["rocksdb", "processes"], indirect=True)
+# Runs a test on every store: one process, an owner with fronts, a Redis node, a Redis Cluster.
+EVERY_STORE = pytest.mark.parametrize(
+    "store_settings", ["rocksdb", "processes", "redis", "redis-cluster"], indirect=True
+)
 # Runs a feature view test on every store that holds views: one process, an owner with fronts, Redis.
 VIEW_STORES = pytest.mark.parametrize("store_settings", ["rocksdb", "processes", "redis"], indirect=True)
 
@@ -195,11 +203,11 @@ def refuse_writes(running: Running, monkeypatch: pytest.MonkeyPatch, errors: lis
     write = store.write_latest
     refused: list[str] = []
 
-    def flaky(batches: object, *, request_id: str = "", dry_run: bool = False) -> object:
+    def flaky(batches: object, *, request_id: str = "", **rest: object) -> object:
         if errors:
             refused.append(request_id)
             raise errors.pop(0)
-        return write(batches, request_id=request_id, dry_run=dry_run)  # type: ignore[arg-type]
+        return write(batches, request_id=request_id, **rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(store, "write_latest", flaky)
     return refused

@@ -99,11 +99,11 @@ def test_pusher_resends_a_batch_not_written_for_now(
     write = store.write_latest
     refused: list[str] = []
 
-    def flaky(batches: object, *, request_id: str = "", dry_run: bool = False) -> object:
+    def flaky(batches: object, *, request_id: str = "", **rest: object) -> object:
         if len(refused) < 2:
             refused.append(request_id)
             raise Unavailable("the server's store process is not answering (it may be restarting)")
-        return write(batches, request_id=request_id, dry_run=dry_run)  # type: ignore[arg-type]
+        return write(batches, request_id=request_id, **rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(store, "write_latest", flaky)
     failures: list[BatchFailure] = []

@@ -46,7 +46,12 @@ class _FakeRows:
         return f"{source_id}/".encode()
 
     def write_latest(
-        self, batches: Sequence[RowBatch], *, request_id: str = "", dry_run: bool = False
+        self,
+        batches: Sequence[RowBatch],
+        *,
+        request_id: str = "",
+        fingerprint: str = "",
+        dry_run: bool = False,
     ) -> WriteResult:
         self.batches += batches
         for b in batches if not dry_run else ():

@@ -135,8 +135,12 @@ def test_fronts_share_sources_rows_latest_events_and_request_ids(
     first = conns[0].ingest.Push(rows_request({"clicks": [_row("r", 1, 500)]}, requestId="once"))
     assert not first.replayed
     for conn in conns[1:]:
-        again = conn.ingest.Push(rows_request({"clicks": [_row("r", 2, 600)]}, requestId="once"))
+        again = conn.ingest.Push(rows_request({"clicks": [_row("r", 1, 500)]}, requestId="once"))
         assert again.replayed
+        # ...and refused with other records, whichever front sees them.
+        with pytest.raises(grpc.RpcError) as e:
+            conn.ingest.Push(rows_request({"clicks": [_row("r", 2, 600)]}, requestId="once"))
+        assert e.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert _clicked(conns[3], "clicks", ["r"]) == [1]
     for conn in conns:
         conn.channel.close()
@@ -297,8 +301,11 @@ def test_redis_fronts_run_without_an_owner_and_share_sources_and_latest_events(
         first = conns[0].ingest.Push(rows_request({"clicks": [_row("r", 1, 500)]}, requestId="once"))
         assert not first.replayed
         for conn in conns[1:]:
-            again = conn.ingest.Push(rows_request({"clicks": [_row("r", 2, 600)]}, requestId="once"))
+            again = conn.ingest.Push(rows_request({"clicks": [_row("r", 1, 500)]}, requestId="once"))
             assert again.replayed
+            with pytest.raises(grpc.RpcError) as e:
+                conn.ingest.Push(rows_request({"clicks": [_row("r", 2, 600)]}, requestId="once"))
+            assert e.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     finally:
         for conn in conns:
             conn.channel.close()

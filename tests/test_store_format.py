@@ -59,7 +59,7 @@ def test_a_directory_from_before_the_version_is_refused_as_format_one(tmp_path: 
 
 @pytest.mark.parametrize(
     ("planted", "advice"),
-    [(FORMAT_VERSION + 1, "upgrade featurepush"), (FORMAT_VERSION - 1, "export its sources")],
+    [(FORMAT_VERSION + 1, "upgrade featurepush"), (2, "export its sources")],
 )
 def test_another_format_is_refused_at_open(tmp_path: Path, planted: int, advice: str) -> None:
     # A view tile, which format 2 laid out otherwise.
@@ -81,9 +81,17 @@ def test_serve_refuses_another_format_in_one_line(tmp_path: Path, capsys: pytest
     assert_one_error_line(err, newer, "start on a new data directory")
 
 
-def test_a_format_two_directory_without_view_tiles_is_stamped_as_format_three(tmp_path: Path) -> None:
-    # Format 3 moved view tiles into blocks and changed nothing else.
-    assert FORMAT_VERSION == 3
-    _plant(tmp_path / "db", {FORMAT_KEY: (2).to_bytes(4, "big"), SOURCE + b"old": b"\x00\x00\x00\x07"})
+@pytest.mark.parametrize("planted", [2, 3])
+def test_a_format_two_directory_without_view_tiles_or_a_format_three_one_is_stamped_as_this_format(
+    tmp_path: Path, planted: int
+) -> None:
+    # Format 3 moved view tiles into blocks and changed nothing else; format 4 added a member to idempotency
+    # records, which reads as before where it is missing.
+    assert FORMAT_VERSION == 4
+    tile = {TILE + b"\x00\x00\x00\x01\x01u": b"x"} if planted == 3 else {}
+    _plant(
+        tmp_path / "db",
+        {FORMAT_KEY: planted.to_bytes(4, "big"), SOURCE + b"old": b"\x00\x00\x00\x07", **tile},
+    )
     RocksDBStore(tmp_path / "db").close()
     assert _version(tmp_path / "db") == FORMAT_VERSION

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import logging
+from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from typing import Protocol
 import pyarrow as pa
 
 from .encoding import encode_python, encode_rows
-from .errors import Cancelled, InvalidInput, Violation
+from .errors import Cancelled, FailedPrecondition, InvalidInput, Violation, shown
 from .ipc import READ_ERRORS
 from .registry import Source
 from .rows import ConvertedRows
@@ -164,7 +166,19 @@ class Materializer:
             raise Cancelled("the push's caller went away before it was written; nothing was written")
         if origin is Origin.BACKFILL and not dry_run and not request_id and len(batches) == 1:
             batches[0] = self._with_rows_file(batches[0])
-        return self._store.write_latest(batches, request_id=request_id, dry_run=dry_run)
+        fingerprint = records_fingerprint(batches) if request_id else ""
+        result = self._store.write_latest(
+            batches, request_id=request_id, fingerprint=fingerprint, dry_run=dry_run
+        )
+        if result.replayed and result.fingerprint and result.fingerprint != fingerprint:
+            # Answering with the first request's counts would tell the caller these records were written.
+            raise FailedPrecondition(
+                f"request_id {shown(request_id)!r} was used within the idempotency window for other records; "
+                "nothing was written: give each distinct push a request id of its own",
+                reason="REQUEST_ID_REUSED",
+                metadata={"request_id": shown(request_id)},
+            )
+        return result
 
     def _with_rows_file(self, batch: RowBatch) -> RowBatch:
         """The batch naming a file of its rows if it is large, writes nothing else and the store takes one."""
@@ -176,6 +190,23 @@ class Materializer:
             _LOGGER.warning("a rows file of %s failed, writing its rows one by one: %s", batch.source, e)
             return batch
         return dataclasses.replace(batch, rows_file=name) if name else batch
+
+
+def records_fingerprint(batches: Sequence[RowBatch]) -> str:
+    """A digest of the records a write stores, per source name: what a request id is checked against.
+
+    It covers the encoded values (each holds its record's columns, entity key included), so one set of
+    records pushed as rows or as Arrow, in one batch or several, has one fingerprint.
+    """
+    digest = hashlib.sha256()
+    for batch in sorted(batches, key=lambda b: b.source):
+        name = batch.source.encode()
+        values = batch.values
+        digest.update(len(name).to_bytes(2, "big") + name + len(values).to_bytes(8, "big"))
+        # The lengths make the values' boundaries part of the digest, not only their concatenation.
+        digest.update(array("Q", map(len, values)).tobytes())
+        digest.update(b"".join(values))
+    return digest.hexdigest()[:32]
 
 
 @contextmanager

@@ -117,6 +117,9 @@ class WriteResult:
 
     counts: dict[str, BatchCounts]
     replayed: bool = False
+    # On a replay, the fingerprint of the records the request id was first written with ("" where the
+    # record has none: written without one, or by a store format before fingerprints).
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -221,12 +224,18 @@ class LatestRows(Protocol):
         """The prefix of every row key of one source; a row's key is this, then its entity key bytes."""
 
     def write_latest(
-        self, batches: Sequence[RowBatch], *, request_id: str = "", dry_run: bool = False
+        self,
+        batches: Sequence[RowBatch],
+        *,
+        request_id: str = "",
+        fingerprint: str = "",
+        dry_run: bool = False,
     ) -> WriteResult:
         """Write each row unless a newer event of its entity is stored or later in the batch; atomically.
 
         The same write queues the batches' offline records and, with a `request_id`, records the counts
-        so that the request sent again is answered from them without writing (see IdempotencyRecords).
+        and the records' `fingerprint` so that the request sent again is answered from them without
+        writing (see IdempotencyRecords); the answer carries the recorded fingerprint.
         """
 
     def rows_file(self, keys: Sequence[bytes], values: Sequence[bytes]) -> str:

@@ -13,6 +13,9 @@ Keys, for a namespace `ns` (the `{...}` part is the Redis Cluster hash tag, whic
   {ns}:offline_seq              the last sequence number handed out
   {ns}:offline_lease            held (SET NX PX) by the server draining the queue to Parquet
   {ns}:req:<request id>         an idempotency record: the JSON counts, expiring after the window
+  {ns}:reqfp:<request id>       the fingerprint of the same request's records, expiring with it (a key
+                                of its own, so that servers of a build without fingerprints read the
+                                record as before while a fleet is upgraded)
   {ns:<id>:<bucket>}m           hash: the source's generation (g) and ttl in ms (t), one per bucket
   {ns:<id>:<bucket>}r<entity>   a row: its stored value, framed as `framing.py` says
   {ns}:views                    hash: view name -> 4-byte id, 8-byte generation, StreamFeatureView
@@ -61,7 +64,13 @@ from featurepush.v1 import source_pb2
 from ..errors import Aborted, CoreError, Unavailable
 from ..framing import HEADER_BYTES
 from ..gate import UsageGate
-from .base import BatchCounts, QueuedRecords, RowBatch, WriteResult, block_tile_count
+from .base import (
+    BatchCounts,
+    QueuedRecords,
+    RowBatch,
+    WriteResult,
+    block_tile_count,
+)
 from .no_views import NoViews
 
 _LOGGER = logging.getLogger(__name__)
@@ -86,13 +95,14 @@ NAMESPACE_PATTERN = r"[A-Za-z0-9_.-]+"
 # record. Headers are compared as two unsigned 32-bit integers: Lua's string comparison follows the
 # server's locale, not byte order.
 # KEYS: metas (n_meta), rows (n_rows), then the stream and its sequence key when n_off > 0, then the
-#   request record's key when one is given.
+#   request record's key and its fingerprint's key when a record is written.
 # ARGV: dry, n_meta, n_rows, n_off, window ms ("" for no request record), grace ms, record ("" to build
-#   it here), n_src, then n_src pairs (name, accepted), then per meta (source index, expected generation
-#   or "" for none), then per row (meta index, value), then the offline entries.
+#   it here), n_src, the records' fingerprint ("" for none), then n_src pairs
+#   (name, accepted), then per meta (source index, expected generation or "" for none), then per row
+#   (meta index, value), then the offline entries.
 # Feature views (one node only) follow, where a push has tile updates: ARGV n_vg, n_tile, n_state, each
 #   source's late-skipped count, the n_vg expected view generations, n_tile (field, value) pairs and
-#   n_state view states; KEYS after the request record's key: the n_vg view generation keys, the n_tile
+#   n_state view states; KEYS after the fingerprint's key: the n_vg view generation keys, the n_tile
 #   tile hashes and the n_state view state keys. A changed view generation refuses the write whole.
 _WRITE = """
 local dry = ARGV[1] == '1'
@@ -100,17 +110,18 @@ local n_meta, n_rows, n_off = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARG
 local window, grace, record = ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local n_src = tonumber(ARGV[8])
 local k = n_meta + n_rows + 1
-local t = 9 + 2 * n_src + 2 * n_meta + 2 * n_rows + n_off
+local t = 10 + 2 * n_src + 2 * n_meta + 2 * n_rows + n_off
 local n_vg, n_tile = tonumber(ARGV[t] or '0'), tonumber(ARGV[t + 1] or '0')
 local n_state = tonumber(ARGV[t + 2] or '0')
-local kt = k + (n_off > 0 and 2 or 0) + (window ~= '' and 1 or 0)
-local req = nil
+local kt = k + (n_off > 0 and 2 or 0) + (window ~= '' and 2 or 0)
+local req, req_fp = nil, nil
 if window ~= '' then
   req = KEYS[k + (n_off > 0 and 2 or 0)]
+  req_fp = KEYS[k + (n_off > 0 and 2 or 0) + 1]
   local seen = redis.call('GET', req)
-  if seen then return {2, seen} end
+  if seen then return {2, seen, redis.call('GET', req_fp) or ''} end
 end
-local a = 9 + 2 * n_src
+local a = 10 + 2 * n_src
 local meta_src, ttl, written = {}, {}, {}
 for i = 1, n_meta do
   meta_src[i] = tonumber(ARGV[a])
@@ -150,8 +161,8 @@ end
 if record == '' then
   local counts = {}
   for s = 1, n_src do
-    local accepted = tonumber(ARGV[8 + 2 * s])
-    counts[ARGV[7 + 2 * s]] = {accepted, written[s], accepted - written[s], tonumber(ARGV[t + 2 + s] or '0')}
+    local accepted = tonumber(ARGV[9 + 2 * s])
+    counts[ARGV[8 + 2 * s]] = {accepted, written[s], accepted - written[s], tonumber(ARGV[t + 2 + s] or '0')}
   end
   record = cjson.encode(counts)
 end
@@ -168,7 +179,10 @@ if not dry then
   for i = 1, n_state do
     redis.call('SET', KEYS[kt + n_vg + n_tile + i - 1], ARGV[v + i - 1])
   end
-  if req then redis.call('SET', req, record, 'PX', window) end
+  if req then
+    redis.call('SET', req, record, 'PX', window)
+    if ARGV[9] ~= '' then redis.call('SET', req_fp, ARGV[9], 'PX', window) end
+  end
 end
 return {0, record}
 """
@@ -528,7 +542,12 @@ class RedisStore(NoViews):
         return values
 
     def write_latest(
-        self, batches: Sequence[RowBatch], *, request_id: str = "", dry_run: bool = False
+        self,
+        batches: Sequence[RowBatch],
+        *,
+        request_id: str = "",
+        fingerprint: str = "",
+        dry_run: bool = False,
     ) -> WriteResult:
         """Write each row unless a newer event of its entity is stored or later in the batch; atomically.
 
@@ -537,22 +556,24 @@ class RedisStore(NoViews):
         """
         with self._gate.use(), self._calls():
             if self._cluster:
-                result = self._write_cluster(batches, request_id, dry_run)
+                result = self._write_cluster(batches, request_id, fingerprint, dry_run)
             else:
-                result = self._write_node(batches, request_id, dry_run)
+                result = self._write_node(batches, request_id, fingerprint, dry_run)
             if not dry_run and not result.replayed:
                 self._wait()
         return result
 
-    def _write_node(self, batches: Sequence[RowBatch], request_id: str, dry_run: bool) -> WriteResult:
+    def _write_node(
+        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool
+    ) -> WriteResult:
         if not any(batch.tiles for batch in batches):
-            keys, args = self._write_args(batches, request_id, dry_run)
+            keys, args = self._write_args(batches, request_id, fingerprint, dry_run)
             return self._result(self._write_script(keys=keys, args=args), batches)
         # Tiles are merged here from what Redis holds; the write lands only if none of it changed since.
         for _ in range(_TILE_TRIES):
             with self._redis.pipeline(transaction=True) as pipe:
                 try:
-                    return self._write_node_tiles(pipe, batches, request_id, dry_run)
+                    return self._write_node_tiles(pipe, batches, request_id, fingerprint, dry_run)
                 except redis.WatchError:
                     continue
         raise Unavailable(
@@ -561,7 +582,7 @@ class RedisStore(NoViews):
         )
 
     def _write_node_tiles(
-        self, pipe: Any, batches: Sequence[RowBatch], request_id: str, dry_run: bool
+        self, pipe: Any, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool
     ) -> WriteResult:
         """One try of a push with tile updates: watch, read and merge the tiles, then write it all at once."""
         updates = [(index, update) for index, batch in enumerate(batches) for update in batch.tiles]
@@ -589,7 +610,7 @@ class RedisStore(NoViews):
                 new_states[key] = merged.state
             late[index] = max(late[index], merged.skipped)
         expected = {update.view_id: (update.view, update.generation) for _, update in updates}
-        keys, args = self._write_args(batches, request_id, dry_run)
+        keys, args = self._write_args(batches, request_id, fingerprint, dry_run)
         keys += [self._view_key("vgen", view_id) for view_id in expected]
         keys += [name for name, _ in puts]
         keys += list(new_states)
@@ -612,7 +633,7 @@ class RedisStore(NoViews):
         return self._result(reply, batches)
 
     def _write_args(
-        self, batches: Sequence[RowBatch], request_id: str, dry_run: bool
+        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool
     ) -> tuple[list[bytes | str], list[Any]]:
         """The keys and arguments of the write script for a push on one node, without tiles."""
         metas: dict[bytes, int] = {}
@@ -633,11 +654,12 @@ class RedisStore(NoViews):
         if offline:
             keys += [self._key("offline"), self._key("offline_seq")]
         window = ""
-        if request_id and not dry_run:
-            keys.append(self._key(f"req:{request_id}"))
+        if request_id:
+            # A dry run reads the record too (the script writes nothing then): it answers as the push would.
+            keys += [self._key(f"req:{request_id}"), self._key(f"reqfp:{request_id}")]
             window = str(self._window_ms)
         args: list[Any] = ["1" if dry_run else "0", len(metas), len(row_keys), len(offline), window]
-        args += [self._grace_ms, "", len(batches)]
+        args += [self._grace_ms, "", len(batches), fingerprint]
         for batch in batches:
             args += [batch.source, len(batch.keys)]
         return keys, [*args, *meta_args, *row_args, *offline]
@@ -646,17 +668,23 @@ class RedisStore(NoViews):
         status = int(reply[0])
         if status == 1:
             _source_changed(batches[int(reply[1]) - 1])
-        counts = {s: BatchCounts(*c) for s, c in json.loads(reply[1]).items()}
         # The script's JSON has no object for a write without sources.
-        return WriteResult(counts, replayed=status == 2)
+        counts = {s: BatchCounts(*c) for s, c in json.loads(reply[1]).items()}
+        if status == 2:
+            return WriteResult(counts, replayed=True, fingerprint=_text(reply[2]))
+        return WriteResult(counts)
 
-    def _write_cluster(self, batches: Sequence[RowBatch], request_id: str, dry_run: bool) -> WriteResult:
+    def _write_cluster(
+        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool
+    ) -> WriteResult:
         assert self._pool is not None
         record_key = self._key(f"req:{request_id}")
-        if request_id and not dry_run:
+        fingerprint_key = self._key(f"reqfp:{request_id}")
+        if request_id:
             seen = self._redis.get(record_key)
             if seen is not None:
-                return WriteResult(_counts(seen), replayed=True)
+                first = _text(self._redis.get(fingerprint_key) or "")
+                return WriteResult(_counts(seen), replayed=True, fingerprint=first)
         # One script per source and bucket: its keys share a slot.
         groups: dict[tuple[int, bytes], list[tuple[bytes, bytes]]] = defaultdict(list)
         for index, batch in enumerate(batches):
@@ -668,7 +696,7 @@ class RedisStore(NoViews):
             index, tag = group
             batch = batches[index]
             rows = groups[group]
-            args: list[Any] = ["1" if dry_run else "0", 1, len(rows), 0, "", self._grace_ms, "", 1]
+            args: list[Any] = ["1" if dry_run else "0", 1, len(rows), 0, "", self._grace_ms, "", 1, ""]
             args += [batch.source, len(rows), 1, _expected(batch)]
             for _, value in rows:
                 args += [1, value]
@@ -694,12 +722,12 @@ class RedisStore(NoViews):
             keys: list[str] = [self._key("offline"), self._key("offline_seq")] if offline else []
             window = ""
             if request_id:
-                keys.append(record_key)
+                keys += [record_key, fingerprint_key]
                 window = str(self._window_ms)
-            args = ["0", 0, 0, len(offline), window, self._grace_ms, record, 0, *offline]
+            args = ["0", 0, 0, len(offline), window, self._grace_ms, record, 0, fingerprint, *offline]
             reply = self._write_script(keys=keys, args=args)
             if int(reply[0]) == 2:
-                return WriteResult(_counts(reply[1]), replayed=True)
+                return WriteResult(_counts(reply[1]), replayed=True, fingerprint=_text(reply[2]))
         return WriteResult(counts)
 
     def _wait(self) -> None:
@@ -994,6 +1022,11 @@ class RedisStore(NoViews):
 
 def _counts(raw: bytes | str) -> dict[str, BatchCounts]:
     return {s: BatchCounts(*c) for s, c in json.loads(raw).items()}
+
+
+def _text(raw: bytes | str) -> str:
+    """A short ASCII value Redis returned, as text whichever way the client decodes replies."""
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _expected(batch: RowBatch) -> str:

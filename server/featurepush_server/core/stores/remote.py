@@ -600,6 +600,7 @@ class StoreOwner:
         store = self._store
         if op == WRITE_LATEST:
             request_id = inp.text()
+            fingerprint = inp.text()
             dry_run = bool(inp.u8())
             batches = []
             for _ in range(inp.i64()):
@@ -626,9 +627,12 @@ class StoreOwner:
                 tiles = [self._own_tiles(_tiles_in(inp)) for _ in range(inp.i64())]
                 known = source_id if has_id else None
                 batches.append(RowBatch(source, keys, values, offline, known, own, tiles, rows_file))
-            result = store.write_latest(batches, request_id=request_id, dry_run=dry_run)
+            result = store.write_latest(
+                batches, request_id=request_id, fingerprint=fingerprint, dry_run=dry_run
+            )
             out.u8(result.replayed)
             _counts_out(out, result.counts)
+            out.text(result.fingerprint)
         elif op == READ:
             out.blobs(store.read(inp.present_blobs()))
         elif op == GET_SOURCE:
@@ -977,10 +981,15 @@ class RemoteStore:
         return prefix
 
     def write_latest(
-        self, batches: Sequence[RowBatch], *, request_id: str = "", dry_run: bool = False
+        self,
+        batches: Sequence[RowBatch],
+        *,
+        request_id: str = "",
+        fingerprint: str = "",
+        dry_run: bool = False,
     ) -> WriteResult:
         """Write each row unless a newer event of its entity is stored or later in the batch; atomically."""
-        out = _Out().u8(WRITE_LATEST).text(request_id).u8(dry_run).i64(len(batches))
+        out = _Out().u8(WRITE_LATEST).text(request_id).text(fingerprint).u8(dry_run).i64(len(batches))
         for b in batches:
             out.text(b.source).u8(b.source_id is not None).i64(b.source_id or 0).i64(b.generation)
             out.blob(b.offline).column(b.keys).column(b.values).text(b.rows_file).i64(len(b.tiles))
@@ -996,7 +1005,8 @@ class RemoteStore:
                     (Path(self._rows_folder) / b.rows_file).unlink(missing_ok=True)
             raise
         replayed = bool(inp.u8())
-        return WriteResult(_counts_in(inp), replayed=replayed)
+        counts = _counts_in(inp)
+        return WriteResult(counts, replayed=replayed, fingerprint=inp.text())
 
     def rows_file(self, keys: Sequence[bytes], values: Sequence[bytes]) -> str:
         """Write the rows to a file in the owner's rows folder, in this process; "" if the owner has none."""

@@ -4,7 +4,8 @@ records and the offline-log queue. This module alone knows the key layout.
 Key space, by first byte:
   s<name>                         a source: 4-byte source id, then the serialized PushSource
   r<source id><entity key>        a row: its stored value, framed as `framing.py` says
-  q<request id>                   an idempotency record: 8-byte time in ms, then the JSON counts
+  q<request id>                   an idempotency record: 8-byte time in ms, then the JSON counts per
+                                  source and, under "#", the fingerprint of the request's records
   t<time><request id>             the same record's entry in the expiry index: 8-byte time in ms (the
                                   record's), empty value; purges walk it oldest first
   o<sequence>                     an offline-log queue entry: 8-byte big-endian sequence number; the
@@ -23,8 +24,10 @@ The format version (`m` + "format_version", 4 bytes big-endian) is written when 
 created. A database holding another version is refused at open with StoreFormatError. A database with
 data but no version was written before the version existed, in format 1 (UNVERSIONED_FORMAT).
 Format 2 added the row's columns to every stored value (`framing.py`); format 3 keeps a view's tiles in
-blocks of consecutive intervals instead of one key per tile. This build refuses format 1, and format 2
-where it holds view tiles (one without tiles is stamped as format 3, since nothing else changed).
+blocks of consecutive intervals instead of one key per tile; format 4 adds the records' fingerprint to
+idempotency records, which a build before it could not read. This build refuses format 1, and format 2
+where it holds view tiles; it stamps format 2 without tiles and format 3 as format 4 (records without a
+fingerprint read as before), so that an older build refuses the directory from then on.
 """
 
 from __future__ import annotations
@@ -83,11 +86,13 @@ _NEXT_OFFLINE_SEQ = META + b"next_offline_seq"
 _REQUEST_INDEX_BUILT = META + b"request_expiry_index"
 FORMAT_KEY = META + b"format_version"
 # The layout described above; bump it with any change a build reading the old one would misread.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # The format of a database with data but no version key, written before the key existed.
 UNVERSIONED_FORMAT = 1
 # The format before view tiles were kept in blocks; it differs from this one only where tiles are stored.
 _BEFORE_BLOCKS = 2
+# The format before idempotency records held their records' fingerprint.
+_BEFORE_FINGERPRINTS = 3
 # A file written next to the database to learn whether the disk has room again; removed at start too.
 SPACE_PROBE = ".space-probe.tmp"
 _PROBE_BYTES = 256 * 1024
@@ -203,6 +208,24 @@ def _whole_file_batch(batches: Sequence[RowBatch], request_id: str, dry_run: boo
     if batch.offline or batch.tiles or not _ROWS_FILE_NAME.match(batch.rows_file):
         return None
     return batch
+
+
+def _request_record(counts: dict[str, BatchCounts], fingerprint: str) -> str:
+    """An idempotency record's JSON: each source's counts, and under "#" the records' fingerprint if any."""
+    record: dict[str, object] = {
+        s: [c.accepted, c.written, c.superseded, c.late_skipped] for s, c in counts.items()
+    }
+    if fingerprint:
+        # No source name can be "#", so it never meets a source's counts.
+        record["#"] = fingerprint
+    return json.dumps(record)
+
+
+def _read_request_record(raw: bytes) -> tuple[dict[str, BatchCounts], str]:
+    """The counts and the records' fingerprint ("" where none was recorded) of an idempotency record."""
+    record = json.loads(raw)
+    fingerprint = record.pop("#", "")
+    return {s: BatchCounts(*c) for s, c in record.items()}, fingerprint
 
 
 def row_prefix(source_id: int) -> bytes:
@@ -339,7 +362,13 @@ def _check_format(db: Any, path: Path) -> None:
         found = UNVERSIONED_FORMAT
     if found == _BEFORE_BLOCKS and next(iter(db.keys(from_key=TILE)), b"")[:1] != TILE:
         # Format 3 changed only how view tiles are laid out: a format 2 store without tiles reads alike.
-        _LOGGER.info("data directory %s holds no view tiles: its store format 2 is stamped as 3", path)
+        _LOGGER.info(
+            "data directory %s holds no view tiles: its store format 2 is stamped as %d", path, FORMAT_VERSION
+        )
+        db.put(FORMAT_KEY, FORMAT_VERSION.to_bytes(4, "big"))
+    elif found == _BEFORE_FINGERPRINTS:
+        # Format 4 only added a member to idempotency records, and records without it read as before.
+        _LOGGER.info("data directory %s: its store format 3 is stamped as %d", path, FORMAT_VERSION)
         db.put(FORMAT_KEY, FORMAT_VERSION.to_bytes(4, "big"))
     elif found == FORMAT_VERSION and raw is None:
         db.put(FORMAT_KEY, FORMAT_VERSION.to_bytes(4, "big"))
@@ -783,12 +812,17 @@ class RocksDBStore:
         return values
 
     def write_latest(
-        self, batches: Sequence[RowBatch], *, request_id: str = "", dry_run: bool = False
+        self,
+        batches: Sequence[RowBatch],
+        *,
+        request_id: str = "",
+        fingerprint: str = "",
+        dry_run: bool = False,
     ) -> WriteResult:
         """Write each row unless a newer event of its entity is stored or later in the batch; atomically."""
         try:
             with self._gate.use():
-                result = self._write_latest(batches, request_id, dry_run)
+                result = self._write_latest(batches, request_id, fingerprint, dry_run)
         finally:
             for batch in batches:
                 if _ROWS_FILE_NAME.match(batch.rows_file):
@@ -805,7 +839,9 @@ class RocksDBStore:
                 self._purging.release()
         return result
 
-    def _write_latest(self, batches: Sequence[RowBatch], request_id: str, dry_run: bool) -> WriteResult:
+    def _write_latest(
+        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool
+    ) -> WriteResult:
         with self._lock:
             for batch in batches:
                 # Checked under the lock that orders definition writes and row writes.
@@ -827,10 +863,10 @@ class RocksDBStore:
                             reason="VIEW_CHANGED",
                             metadata={"view": update.view},
                         )
-            seen = self.seen_request(request_id) if request_id else None
+            seen = self._seen(request_id) if request_id else None
             if seen is None:
                 try:
-                    counts = self._stage_and_write(batches, request_id, dry_run)
+                    counts = self._stage_and_write(batches, request_id, fingerprint, dry_run)
                 except BaseException:
                     # The index took the staged rows' event times as they were staged; a write that did
                     # not land leaves it ahead of the database, so it starts over.
@@ -840,13 +876,13 @@ class RocksDBStore:
         if seen is not None:
             # The first request may still be syncing; the replay must not be acknowledged before it.
             self._sync()
-            return WriteResult(seen, replayed=True)
+            return WriteResult(seen[0], replayed=True, fingerprint=seen[1])
         if not dry_run:
             self._sync()
         return WriteResult(counts)
 
     def _stage_and_write(
-        self, batches: Sequence[RowBatch], request_id: str, dry_run: bool
+        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool
     ) -> dict[str, BatchCounts]:
         """Stage every batch, its tiles, offline entry and request record in one write batch; write it."""
         # Once per write, before staging: past its bounds the index starts over.
@@ -869,9 +905,8 @@ class RocksDBStore:
         if not dry_run:
             self._stage_offline(batches, wb)
         if request_id and not dry_run:
-            record = {s: [c.accepted, c.written, c.superseded, c.late_skipped] for s, c in counts.items()}
             now_ms = int(time.time() * 1000).to_bytes(8, "big")
-            wb.put(REQUEST + request_id.encode(), now_ms + json.dumps(record).encode())
+            wb.put(REQUEST + request_id.encode(), now_ms + _request_record(counts, fingerprint).encode())
             wb.put(REQUEST_EXPIRY + now_ms + request_id.encode(), b"")
             self._writes_since_purge += 1
         if not dry_run and not wb.is_empty():
@@ -1391,12 +1426,17 @@ class RocksDBStore:
 
     def seen_request(self, request_id: str) -> dict[str, BatchCounts] | None:
         """The counts recorded for a request id still within the window, or None."""
+        seen = self._seen(request_id)
+        return None if seen is None else seen[0]
+
+    def _seen(self, request_id: str) -> tuple[dict[str, BatchCounts], str] | None:
+        """The counts and records' fingerprint recorded for a request id still within the window, or None."""
         raw = self._db.get(REQUEST + request_id.encode())
         if raw is None:
             return None
         if int(time.time() * 1000) - int.from_bytes(raw[:8], "big") > self._window_ms:
             return None
-        return {s: BatchCounts(*c) for s, c in json.loads(raw[8:]).items()}
+        return _read_request_record(raw[8:])
 
     def purge_requests(self) -> int:
         """Drop idempotency records older than the window, oldest first; return how many.

@@ -1,0 +1,135 @@
+"""A request id answers only the records it was first written with: sent again with others, it is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pyarrow as pa
+import pytest
+from conftest import EVERY_STORE, Running, features, rich_error, rows_request
+
+from featurepush.v1 import ingest_service_pb2 as pb
+from featurepush_server.core.stores.base import BatchCounts, RowBatch
+from featurepush_server.core.stores.rocksdb import FORMAT_KEY, FORMAT_VERSION, REQUEST, RocksDBStore
+
+T0 = "2026-11-25T10:00:00Z"
+
+
+def _impression(user: str, clicked: int, ts: str = T0) -> dict[str, object]:
+    return {"user_id": user, "timestamp": ts, "clicked": clicked}
+
+
+def _arrow(rows: list[dict[str, object]]) -> bytes:
+    """The rows as one Arrow IPC stream of ad_impressions' schema."""
+    table = pa.table(
+        {
+            "user_id": pa.array([r["user_id"] for r in rows], pa.string()),
+            "timestamp": pa.array([r["timestamp"] for r in rows], pa.string()).cast(
+                pa.timestamp("us", "UTC")
+            ),
+            "clicked": pa.array([r["clicked"] for r in rows], pa.int64()),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=1):
+            writer.write_batch(batch)
+    return bytes(sink.getvalue())
+
+
+def _clicked(running: Running, user: str) -> object:
+    (result,) = features(running, "ad_impressions", {"user_id": user})
+    return result.get("features", {}).get("clicked")
+
+
+@EVERY_STORE
+def test_a_request_id_sent_again_with_other_records_is_refused_and_writes_nothing(running: Running) -> None:
+    first = rows_request({"ad_impressions": [_impression("u1", 1)]}, requestId="batch-7")
+    assert not running.ingest.Push(first).replayed
+    other = rows_request(
+        {"ad_impressions": [_impression("u1", 5), _impression("u2", 6)]}, requestId="batch-7"
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        running.ingest.Push(other)
+    code, _, reason = rich_error(e.value)
+    assert code is grpc.StatusCode.FAILED_PRECONDITION and reason == "REQUEST_ID_REUSED"
+    details = e.value.details() or ""
+    assert "'batch-7'" in details and "nothing was written" in details
+    assert _clicked(running, "u1") == "1" and _clicked(running, "u2") is None
+    # The first records under their id are still a replay, and a fresh id writes the others.
+    assert running.ingest.Push(first).replayed
+    fresh = rows_request({"ad_impressions": [_impression("u1", 5)]}, requestId="batch-8")
+    assert not running.ingest.Push(fresh).replayed
+    assert _clicked(running, "u1") == "5"
+
+
+@EVERY_STORE
+def test_the_same_records_as_arrow_or_in_another_form_are_a_replay(running: Running) -> None:
+    rows = [_impression("u1", 1), _impression("u2", 2), _impression("u3", 3)]
+    first = running.ingest.Push(rows_request({"ad_impressions": rows}, requestId="same-records"))
+    as_arrow = pb.PushRequest(request_id="same-records")
+    as_arrow.records["ad_impressions"].arrow_ipc = _arrow(rows)
+    again = running.ingest.Push(as_arrow)
+    assert again.replayed and again.counts == first.counts
+    # The same instant written another way is the same record.
+    shifted = [_impression("u1", 1, "2026-11-25T12:00:00+02:00"), rows[1], rows[2]]
+    assert running.ingest.Push(rows_request({"ad_impressions": shifted}, requestId="same-records")).replayed
+    # A value changed, a row dropped or one added: other records.
+    for changed in ([rows[0], rows[1], _impression("u3", 4)], rows[:2], [*rows, _impression("u4", 4)]):
+        with pytest.raises(grpc.RpcError) as e:
+            running.ingest.Push(rows_request({"ad_impressions": changed}, requestId="same-records"))
+        assert rich_error(e.value)[2] == "REQUEST_ID_REUSED"
+
+
+@EVERY_STORE
+def test_a_stream_batch_reusing_a_request_id_fails_alone(running: Running) -> None:
+    def batch(seq: int, clicked: int) -> pb.PushStreamRequest:
+        request = rows_request({"ad_impressions": [_impression("s1", clicked)]}, requestId="stream-1")
+        return pb.PushStreamRequest(sequence_id=seq, request=request)
+
+    acks = list(running.ingest.PushStream(iter([batch(1, 1), batch(2, 1), batch(3, 9)])))
+    assert [a.WhichOneof("result") for a in acks] == ["response", "response", "error"]
+    assert acks[1].response.replayed
+    assert acks[2].error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "stream-1" in acks[2].error.message
+    assert _clicked(running, "s1") == "1"
+
+
+@EVERY_STORE
+def test_a_dry_run_reusing_a_request_id_is_refused_too(running: Running) -> None:
+    running.ingest.Push(rows_request({"ad_impressions": [_impression("d1", 1)]}, requestId="dry-1"))
+    request = rows_request({"ad_impressions": [_impression("d1", 2)]}, requestId="dry-1", dryRun=True)
+    with pytest.raises(grpc.RpcError) as e:
+        running.ingest.Push(request)
+    assert rich_error(e.value)[2] == "REQUEST_ID_REUSED"
+
+
+def _batch(key: bytes, value: bytes = b"\x80" + bytes(7) + b"v") -> RowBatch:
+    return RowBatch("clicks", [b"r\x00\x00\x00\x01" + key], [value])
+
+
+def test_a_record_written_before_fingerprints_replays_whatever_is_sent(tmp_path: Path) -> None:
+    # A format 3 directory: its records have no fingerprint, so any records sent again with its id are
+    # answered from it, as they were when it was written.
+    store = RocksDBStore(tmp_path / "db")
+    try:
+        store.write_latest([_batch(b"k")], request_id="old")
+        raw = store._db.get(REQUEST + b"old")
+        # As format 3 wrote it: the time, then the counts alone.
+        store._db.put(REQUEST + b"old", raw[:8] + b'{"clicks": [1, 1, 0, 0]}')
+        store._db.put(FORMAT_KEY, (3).to_bytes(4, "big"))
+    finally:
+        store.close()
+    store = RocksDBStore(tmp_path / "db")
+    try:
+        assert int.from_bytes(store._db.get(FORMAT_KEY), "big") == FORMAT_VERSION == 4
+        result = store.write_latest([_batch(b"other")], request_id="old", fingerprint="f" * 32)
+        assert result.replayed and result.fingerprint == ""
+        assert result.counts == {"clicks": BatchCounts(1, 1, 0, 0)}
+        fresh = store.write_latest([_batch(b"k2")], request_id="new", fingerprint="a" * 32)
+        assert not fresh.replayed
+        assert store.write_latest([_batch(b"x")], request_id="new").fingerprint == "a" * 32
+        assert store.seen_request("new") == {"clicks": BatchCounts(1, 1, 0, 0)}
+    finally:
+        store.close()
