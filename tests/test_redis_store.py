@@ -320,3 +320,52 @@ def test_a_write_waits_for_its_replica_and_fails_unavailable_without_it(tmp_path
             running.close()
         replica.stop()
         primary.stop()
+
+
+def test_records_pushed_after_redis_restarts_from_an_older_snapshot_reach_the_offline_log(
+    tmp_path: Path,
+) -> None:
+    # Snapshots only: a restart after kill -9 takes Redis back to its last SAVE.
+    node = RedisServer(tmp_path / "redis", "--appendonly", "no")
+    running: Running | None = None
+    try:
+        running = start(
+            tmp_path / "data", store=node.url, redis_namespace=namespace(), offline_flush_interval_s=3600.0
+        )
+        offline_log = running.server.offline_log
+        assert offline_log is not None
+        running.apply(dict(AD_IMPRESSIONS, pushConfig={"logOffline": True}))
+
+        def push(clicked: int) -> None:
+            assert running is not None
+            row = {"user_id": f"u{clicked}", "timestamp": iso(BASE), "clicked": clicked}
+            running.ingest.Push(rows_request({"ad_impressions": [row]}), timeout=5)
+
+        push(0)
+        push(1)
+        client = redis.Redis(port=node.port)
+        client.save()
+        client.close()
+        push(2)
+        assert offline_log.flush() == 3
+        node.kill()
+        node.start()
+
+        def pushes() -> bool:
+            try:
+                push(10)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE
+                return False
+            return True
+
+        assert wait_until(pushes, 20)
+        push(11)
+        offline_log.flush()
+        table = ds.dataset(offline_log.source_dir("ad_impressions"), format="parquet").to_table()
+        # Records 0 and 1 came back with the snapshot and were already written: they are not written twice.
+        assert sorted(table["clicked"].to_pylist()) == [0, 1, 2, 10, 11]
+    finally:
+        if running is not None:
+            running.close()
+        node.stop()

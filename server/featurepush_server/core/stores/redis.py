@@ -10,7 +10,7 @@ Keys, for a namespace `ns` (the `{...}` part is the Redis Cluster hash tag, whic
   {ns}:late:<id>                the names, one per line, of fields added to a source holding rows
   {ns}:lock                     held (SET NX PX) by the server changing a definition
   {ns}:offline                  the offline-log queue: a stream whose entry ids are 0-<sequence>
-  {ns}:offline_seq              the last sequence number handed out
+  {ns}:offline_seq              the last sequence number handed out (at least Redis's clock in us)
   {ns}:offline_lease            held (SET NX PX) by the server draining the queue to Parquet
   {ns}:req:<request id>         an idempotency record: the JSON counts, expiring after the window
   {ns}:reqfp:<request id>       the fingerprint of the same request's records, expiring with it (a key
@@ -93,7 +93,10 @@ NAMESPACE_PATTERN = r"[A-Za-z0-9_.-]+"
 
 # Latest-by-event-time writes of rows, with the generation check, the offline entries and the request
 # record. Headers are compared as two unsigned 32-bit integers: Lua's string comparison follows the
-# server's locale, not byte order.
+# server's locale, not byte order. Offline entries are numbered after the last number handed out and at
+# least at Redis's clock in microseconds: a Redis restarted from an older snapshot (or empty) would
+# otherwise hand out again numbers whose Parquet files exist, and the drain takes an existing file of a
+# range for that range done, so the new records in it would never be written.
 # KEYS: metas (n_meta), rows (n_rows), then the stream and its sequence key when n_off > 0, then the
 #   request record's key and its fingerprint's key when a record is written.
 # ARGV: dry, n_meta, n_rows, n_off, window ms ("" for no request record), grace ms, record ("" to build
@@ -167,9 +170,15 @@ if record == '' then
   record = cjson.encode(counts)
 end
 if not dry then
-  for j = 1, n_off do
-    local seq = redis.call('INCR', KEYS[k + 1])
-    redis.call('XADD', KEYS[k], '0-' .. seq, 'e', ARGV[a + j - 1])
+  if n_off > 0 then
+    local now = redis.call('TIME')
+    local seq = tonumber(redis.call('GET', KEYS[k + 1]) or '0')
+    seq = math.max(seq, tonumber(now[1]) * 1000000 + tonumber(now[2]) - 1)
+    for j = 1, n_off do
+      seq = seq + 1
+      redis.call('XADD', KEYS[k], string.format('0-%.0f', seq), 'e', ARGV[a + j - 1])
+    end
+    redis.call('SET', KEYS[k + 1], string.format('%.0f', seq))
   end
   local v = t + 3 + n_src + n_vg
   for i = 1, n_tile do
