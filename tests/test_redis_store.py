@@ -7,6 +7,8 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,8 +17,11 @@ import pyarrow.dataset as ds
 import pytest
 import redis
 from conftest import AD_IMPRESSIONS, Running, features, rows_request, start
-from redis_servers import RedisCluster, RedisServer, have_redis
+from redis_servers import RedisCluster, RedisServer, free_port, have_redis
 from servers import ServedProcess, wait_until
+
+from featurepush.v1 import ingest_service_pb2
+from featurepush_server.core.errors import Unavailable
 
 pytestmark = pytest.mark.skipif(
     not have_redis(), reason="redis-server is not installed (make test installs it)"
@@ -31,6 +36,33 @@ def iso(t: datetime) -> str:
 
 def namespace() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+@contextmanager
+def served(data_dir: Path, store: RedisServer | RedisCluster, **settings: object) -> Iterator[Running]:
+    """A server on `store`, in a namespace of its own, while the block runs; `store` stops after it."""
+    try:
+        running = start(data_dir, store=store.url, redis_namespace=namespace(), **settings)
+        try:
+            yield running
+        finally:
+            running.close()
+    finally:
+        store.stop()
+
+
+def push_until_accepted(running: Running, request: ingest_service_pb2.PushRequest) -> bool:
+    """Send `request` until the server accepts it, while it answers UNAVAILABLE; whether it did."""
+
+    def pushes() -> bool:
+        try:
+            running.ingest.Push(request, timeout=5)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE
+            return False
+        return True
+
+    return wait_until(pushes, 30)
 
 
 def test_three_servers_on_a_cluster_keep_the_latest_event_of_every_entity(
@@ -160,15 +192,21 @@ def test_rows_expire_in_redis_at_event_time_plus_ttl_plus_grace(
         running.close()
 
 
-def test_redis_down_is_unavailable_within_the_deadline_then_recovers(tmp_path: Path) -> None:
-    node = RedisServer(tmp_path / "redis", "--appendfsync", "always")
-    running: Running | None = None
-    try:
-        running = start(tmp_path / "data", store=node.url, redis_namespace=namespace(), redis_timeout_s=0.5)
+@pytest.mark.parametrize("kind", ["node", "cluster"])
+def test_redis_down_is_unavailable_within_the_deadline_then_recovers(tmp_path: Path, kind: str) -> None:
+    store: RedisServer | RedisCluster
+    if kind == "node":
+        store = RedisServer(tmp_path / "redis", "--appendfsync", "always")
+        nodes = [store]
+    else:
+        store = RedisCluster(tmp_path / "cluster")
+        nodes = store.nodes
+    with served(tmp_path / "data", store, redis_timeout_s=0.5) as running:
         running.apply(AD_IMPRESSIONS)
         first = {"user_id": "u1", "timestamp": iso(BASE), "clicked": 1}
         running.ingest.Push(rows_request({"ad_impressions": [first]}))
-        node.kill()
+        for node in nodes:
+            node.kill()
         began = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             running.ingest.Push(rows_request({"ad_impressions": [first]}), timeout=10)
@@ -178,25 +216,13 @@ def test_redis_down_is_unavailable_within_the_deadline_then_recovers(tmp_path: P
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - began < 5
         assert not running.server.store.writable
-        node.start()
-
-        def pushes() -> bool:
-            assert running is not None
-            try:
-                running.ingest.Push(rows_request({"ad_impressions": [dict(first, user_id="u2")]}), timeout=5)
-            except grpc.RpcError as e:
-                assert e.code() == grpc.StatusCode.UNAVAILABLE
-                return False
-            return True
-
-        assert wait_until(pushes, 20)
-        assert wait_until(lambda: running is not None and running.server.store.writable, 10)
+        for node in nodes:
+            node.start()
+        # A cluster accepts it once its restarted nodes agree that it is up again.
+        assert push_until_accepted(running, rows_request({"ad_impressions": [dict(first, user_id="u2")]}))
+        assert wait_until(lambda: running.server.store.writable, 10)
         results = features(running, "ad_impressions", {"user_id": "u1"}, {"user_id": "u2"})
         assert [r["status"] for r in results] == ["FEATURE_STATUS_PRESENT"] * 2
-    finally:
-        if running is not None:
-            running.close()
-        node.stop()
 
 
 def test_kill_9_of_a_server_mid_push_loses_no_acknowledged_record(
@@ -327,45 +353,79 @@ def test_records_pushed_after_redis_restarts_from_an_older_snapshot_reach_the_of
 ) -> None:
     # Snapshots only: a restart after kill -9 takes Redis back to its last SAVE.
     node = RedisServer(tmp_path / "redis", "--appendonly", "no")
-    running: Running | None = None
-    try:
-        running = start(
-            tmp_path / "data", store=node.url, redis_namespace=namespace(), offline_flush_interval_s=3600.0
-        )
+    with served(tmp_path / "data", node, offline_flush_interval_s=3600.0) as running:
         offline_log = running.server.offline_log
         assert offline_log is not None
         running.apply(dict(AD_IMPRESSIONS, pushConfig={"logOffline": True}))
 
-        def push(clicked: int) -> None:
-            assert running is not None
+        def request(clicked: int) -> ingest_service_pb2.PushRequest:
             row = {"user_id": f"u{clicked}", "timestamp": iso(BASE), "clicked": clicked}
-            running.ingest.Push(rows_request({"ad_impressions": [row]}), timeout=5)
+            return rows_request({"ad_impressions": [row]})
 
-        push(0)
-        push(1)
+        running.ingest.Push(request(0))
+        running.ingest.Push(request(1))
         client = redis.Redis(port=node.port)
         client.save()
         client.close()
-        push(2)
+        running.ingest.Push(request(2))
         assert offline_log.flush() == 3
         node.kill()
         node.start()
-
-        def pushes() -> bool:
-            try:
-                push(10)
-            except grpc.RpcError as e:
-                assert e.code() == grpc.StatusCode.UNAVAILABLE
-                return False
-            return True
-
-        assert wait_until(pushes, 20)
-        push(11)
+        assert push_until_accepted(running, request(10))
+        running.ingest.Push(request(11))
         offline_log.flush()
         table = ds.dataset(offline_log.source_dir("ad_impressions"), format="parquet").to_table()
         # Records 0 and 1 came back with the snapshot and were already written: they are not written twice.
         assert sorted(table["clicked"].to_pylist()) == [0, 1, 2, 10, 11]
+
+
+def test_a_cluster_out_of_reach_at_start_is_the_store_error(tmp_path: Path) -> None:
+    with pytest.raises(Unavailable, match="cannot reach its Redis store"):
+        start(tmp_path, store=f"redis-cluster://127.0.0.1:{free_port()}", redis_timeout_s=0.5)
+
+
+def test_writes_to_a_primary_turned_replica_are_unavailable(tmp_path: Path) -> None:
+    primary = RedisServer(tmp_path / "primary")
+    other = RedisServer(tmp_path / "other")
+    try:
+        with served(tmp_path / "data", primary) as running:
+            running.apply(AD_IMPRESSIONS)
+            row = {"user_id": "u1", "timestamp": iso(BASE), "clicked": 1}
+            running.ingest.Push(rows_request({"ad_impressions": [row]}))
+            # A failover: the other node takes the data and is promoted, the old primary follows it.
+            to_other, to_primary = redis.Redis(port=other.port), redis.Redis(port=primary.port)
+            to_other.replicaof("127.0.0.1", primary.port)
+            assert wait_until(lambda: to_other.info("replication").get("master_link_status") == "up", 20)
+            to_other.replicaof("NO", "ONE")
+            to_primary.replicaof("127.0.0.1", other.port)
+            assert wait_until(lambda: to_primary.info("replication").get("master_link_status") == "up", 20)
+            to_other.close()
+            to_primary.close()
+            with pytest.raises(grpc.RpcError) as info:
+                running.ingest.Push(rows_request({"ad_impressions": [dict(row, clicked=2)]}), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "read-only replica" in (info.value.details() or "")
+            assert features(running, "ad_impressions", {"user_id": "u1"})[0]["features"]["clicked"] == "1"
     finally:
-        if running is not None:
-            running.close()
-        node.stop()
+        other.stop()
+
+
+def test_a_redis_out_of_memory_refuses_pushes_resource_exhausted_and_writes_none_of_them(
+    tmp_path: Path,
+) -> None:
+    node = RedisServer(tmp_path / "redis", "--maxmemory-policy", "noeviction")
+    with served(tmp_path / "data", node) as running:
+        running.apply(AD_IMPRESSIONS)
+        rows = [{"user_id": f"u{i}", "timestamp": iso(BASE), "clicked": i} for i in range(3)]
+        running.ingest.Push(rows_request({"ad_impressions": rows[:1]}))
+        client = redis.Redis(port=node.port)
+        client.config_set("maxmemory", 1)
+        with pytest.raises(grpc.RpcError) as info:
+            running.ingest.Push(rows_request({"ad_impressions": rows}), timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "maxmemory" in (info.value.details() or "")
+        results = features(running, "ad_impressions", *({"user_id": r["user_id"]} for r in rows))
+        missing = ["FEATURE_STATUS_MISSING"] * 2
+        assert [r["status"] for r in results] == ["FEATURE_STATUS_PRESENT", *missing]
+        client.config_set("maxmemory", 0)
+        client.close()

@@ -61,7 +61,7 @@ from redis.retry import Retry
 
 from featurepush.v1 import source_pb2
 
-from ..errors import Aborted, CoreError, Unavailable
+from ..errors import Aborted, CoreError, StorageFull, Unavailable
 from ..framing import HEADER_BYTES
 from ..gate import UsageGate
 from .base import (
@@ -210,11 +210,42 @@ return 0
 """
 
 # Redis errors that mean the server or the cluster cannot be reached now, as opposed to a refused command.
+# redis-py raises RedisClusterException, which is no RedisError, when no node of a cluster answers.
 _UNREACHABLE = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.ClusterError,
+    redis.exceptions.RedisClusterException,
 )
+
+
+def _refusal(e: redis.exceptions.ResponseError) -> CoreError:
+    """What a caller is told of a write refused by a Redis that answers; nothing of the write landed."""
+    metadata = {"error": str(e)[:200]}
+    if isinstance(e, redis.exceptions.OutOfMemoryError):
+        # Redis refuses a script at its first write, before anything of it is written.
+        return StorageFull(
+            "the server's Redis store is full (maxmemory) and refuses writes until memory is freed; "
+            "reads go on",
+            reason="STORE_FULL",
+            metadata=metadata,
+        )
+    # The address leads to a replica now, as after a failover.
+    return Unavailable(
+        "the server's Redis store is a read-only replica now and refuses writes; send the request again "
+        "later",
+        reason="STORE_READ_ONLY",
+        metadata=metadata,
+    )
+
+
+def _unreachable(e: Exception) -> Unavailable:
+    """What a caller is told while Redis, or every node of a cluster, cannot be reached."""
+    return Unavailable(
+        "the server cannot reach its Redis store; it reconnects by itself, send the request again later",
+        reason="STORE_UNAVAILABLE",
+        metadata={"error": str(e)[:200]},
+    )
 
 
 def bucket_of(entity: bytes) -> int:
@@ -284,7 +315,12 @@ class RedisStore(NoViews):
             for part in url.removeprefix("redis-cluster://").split(","):
                 host, _, port = part.strip().rpartition(":")
                 nodes.append(ClusterNode(host, int(port)))  # type: ignore[no-untyped-call]
-            client = RedisCluster(startup_nodes=nodes, **common)
+            try:
+                # The cluster's nodes are asked for its slots here already.
+                client = RedisCluster(startup_nodes=nodes, **common)
+            except _UNREACHABLE as e:
+                _LOGGER.error("Redis cannot be reached: %s", e)
+                raise _unreachable(e) from None
             store = cls(client, cluster=True, timeout_s=timeout_s, **options)
         else:
             client = redis.Redis.from_url(url, **common)
@@ -313,16 +349,14 @@ class RedisStore(NoViews):
 
     @contextmanager
     def _calls(self) -> Iterator[None]:
-        """Map an unreachable Redis to Unavailable, and report writes stopped until a ping answers."""
+        """Map an unreachable Redis to Unavailable (writes stopped until a ping answers), refusals too."""
         try:
             yield
+        except (redis.exceptions.ReadOnlyError, redis.exceptions.OutOfMemoryError) as e:
+            # Redis answers, so writes are not reported stopped: a ping would resume them at once.
+            raise _refusal(e) from None
         except _UNREACHABLE as e:
-            error = Unavailable(
-                "the server cannot reach its Redis store; it reconnects by itself, send the request again "
-                "later",
-                reason="STORE_UNAVAILABLE",
-                metadata={"error": str(e)[:200]},
-            )
+            error = _unreachable(e)
             if self._down is None:
                 _LOGGER.error("Redis cannot be reached: %s", e)
                 self._down = error
