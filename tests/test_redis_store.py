@@ -429,3 +429,14 @@ def test_a_redis_out_of_memory_refuses_pushes_resource_exhausted_and_writes_none
         assert [r["status"] for r in results] == ["FEATURE_STATUS_PRESENT", *missing]
         client.config_set("maxmemory", 0)
         client.close()
+
+
+def test_a_server_stops_while_every_node_of_its_cluster_is_down(tmp_path: Path) -> None:
+    cluster = RedisCluster(tmp_path / "cluster")
+    with served(tmp_path / "data", cluster) as running:
+        running.apply(dict(AD_IMPRESSIONS, pushConfig={"logOffline": True}))
+        assert running.server.offline_log is not None
+        # The drain lease is taken, so stopping gives it back.
+        running.server.offline_log.flush()
+        for node in cluster.nodes:
+            node.kill()

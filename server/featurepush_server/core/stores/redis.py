@@ -402,7 +402,7 @@ class RedisStore(NoViews):
         drained = self._gate.close(timeout_s)
         try:
             self._release_script(keys=[self._key("offline_lease")], args=[self._token])
-        except redis.exceptions.RedisError as e:
+        except (redis.exceptions.RedisError, *_UNREACHABLE) as e:
             _LOGGER.debug("giving the offline-log lease back failed; it expires by itself: %s", e)
         if self._pool is not None:
             self._pool.shutdown(wait=drained)
