@@ -38,24 +38,28 @@ def have_redis() -> bool:
 class RedisServer:
     """One redis-server with an append-only file in `folder`; `kill()` and `start()` take it down and up."""
 
-    def __init__(self, folder: Path, *flags: str, port: int = 0):
+    def __init__(self, folder: Path, *flags: str, port: int = 0, password: str = ""):
         self.folder = folder
         self.port = port or free_port()
         self.flags = flags
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
         folder.mkdir(parents=True, exist_ok=True)
         self.start()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        user_info = f":{self.password}@" if self.password else ""
+        return f"redis://{user_info}127.0.0.1:{self.port}"
 
     def start(self) -> None:
         """Start the server (again, on the same port and data) and wait until it answers."""
         cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)]
         cmd += ["--save", "", "--appendonly", "yes", "--logfile", "redis.log", *self.flags]
+        if self.password:
+            cmd += ["--requirepass", self.password, "--masterauth", self.password]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, password=self.password or None, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 20
         try:
             while True:
@@ -83,7 +87,8 @@ class RedisServer:
 class RedisCluster:
     """Three redis-server nodes with cluster mode on, the slots spread over them, no replicas."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, password: str = ""):
+        self.password = password
         self.nodes = [
             RedisServer(
                 folder / f"node{i}",
@@ -93,13 +98,24 @@ class RedisCluster:
                 "nodes.conf",
                 "--cluster-node-timeout",
                 "2000",
+                password=password,
             )
             for i in range(3)
         ]
         try:
             addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+            auth = ["-a", password, "--no-auth-warning"] if password else []
             subprocess.run(
-                ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                [
+                    "redis-cli",
+                    *auth,
+                    "--cluster",
+                    "create",
+                    *addresses,
+                    "--cluster-replicas",
+                    "0",
+                    "--cluster-yes",
+                ],
                 check=True,
                 capture_output=True,
                 timeout=60,
@@ -111,12 +127,13 @@ class RedisCluster:
 
     @property
     def url(self) -> str:
-        return "redis-cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        user_info = f":{self.password}@" if self.password else ""
+        return "redis-cluster://" + user_info + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def _wait_ok(self) -> None:
         deadline = time.monotonic() + 30
         for node in self.nodes:
-            client = redis.Redis(port=node.port)
+            client = redis.Redis(port=node.port, password=self.password or None)
             try:
                 while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
                     if time.monotonic() > deadline:

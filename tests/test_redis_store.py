@@ -21,6 +21,7 @@ from redis_servers import RedisCluster, RedisServer, free_port, have_redis
 from servers import ServedProcess, wait_until
 
 from featurepush.v1 import ingest_service_pb2
+from featurepush_server.config import ConfigError, ServerConfig
 from featurepush_server.core.errors import Unavailable
 
 pytestmark = pytest.mark.skipif(
@@ -440,3 +441,34 @@ def test_a_server_stops_while_every_node_of_its_cluster_is_down(tmp_path: Path) 
         running.server.offline_log.flush()
         for node in cluster.nodes:
             node.kill()
+
+
+@pytest.mark.parametrize("kind", ["node", "cluster"])
+def test_a_password_in_the_store_url_is_used_and_never_shown(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = f"pw-{uuid.uuid4().hex}"
+    store: RedisServer | RedisCluster
+    if kind == "node":
+        store = RedisServer(tmp_path / "redis", password=secret)
+        nodes = [store]
+    else:
+        store = RedisCluster(tmp_path / "cluster", password=secret)
+        nodes = store.nodes
+    with served(tmp_path / "data", store, redis_timeout_s=0.5) as running:
+        running.apply(AD_IMPRESSIONS)
+        row = {"user_id": "u1", "timestamp": iso(BASE), "clicked": 1}
+        running.ingest.Push(rows_request({"ad_impressions": [row]}))
+        assert features(running, "ad_impressions", {"user_id": "u1"})[0]["status"] == "FEATURE_STATUS_PRESENT"
+        for node in nodes:
+            node.kill()
+        with pytest.raises(grpc.RpcError) as info:
+            running.ingest.Push(rows_request({"ad_impressions": [row]}), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        shown = [str(info.value.details()), *(str(v) for _, v in info.value.trailing_metadata() or ())]
+        assert not [text for text in shown if secret in text]
+    assert secret not in caplog.text
+    for url in (f"redis-cluster://:{secret}@127.0.0.1", f"redis://:{secret} x@127.0.0.1:1"):
+        with pytest.raises(ConfigError) as refused:
+            ServerConfig(store=url)
+        assert secret not in str(refused.value)

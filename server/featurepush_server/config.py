@@ -274,11 +274,13 @@ class ServerConfig:
 
     def _check_store(self) -> None:
         if self.store != "rocksdb" and not re.fullmatch(
-            r"redis://\S+|redis-cluster://[^,\s]+:\d+(,[^,\s]+:\d+)*", self.store
+            r"redis://\S+|redis-cluster://([^@]*@)?[^,@\s]+:\d+(,[^,@\s]+:\d+)*", self.store
         ):
+            # A Redis URL may carry a password, which an error line must not show.
+            shown = re.sub(r"//.*@", "//...@", self.store, flags=re.DOTALL)
             raise ConfigError(
                 "store must be rocksdb, redis://host:port or redis-cluster://host:port,host:port, "
-                f"not {self.store!r}"
+                f"not {shown!r}"
             )
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.redis_namespace):
             raise ConfigError(

@@ -52,6 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 import redis
@@ -301,7 +302,7 @@ class RedisStore(NoViews):
 
     @classmethod
     def connect(cls, url: str, *, timeout_s: float = 2.0, **options: Any) -> RedisStore:
-        """A store on `redis://host:port[/db]` or `redis-cluster://host:port,host:port`, checked by a ping."""
+        """A store on `redis://[user:password@]host:port[/db]` or `redis-cluster://[user:password@]host:port,...`."""
         # No retries inside redis-py: a timed-out script may have run, and the caller's retry with its
         # request id is the one that is safe; the call fails within the timeout instead.
         common: dict[str, Any] = {
@@ -311,8 +312,13 @@ class RedisStore(NoViews):
         }
         client: Any
         if url.startswith("redis-cluster://"):
+            # user:password@ before the nodes, as in a redis:// URL; the password may hold '@' and ','.
+            user_info, _, addresses = url.removeprefix("redis-cluster://").rpartition("@")
+            if user_info:
+                user, _, password = user_info.partition(":")
+                common.update(username=unquote(user) or None, password=unquote(password) or None)
             nodes = []
-            for part in url.removeprefix("redis-cluster://").split(","):
+            for part in addresses.split(","):
                 host, _, port = part.strip().rpartition(":")
                 nodes.append(ClusterNode(host, int(port)))  # type: ignore[no-untyped-call]
             try:
