@@ -85,9 +85,10 @@ class RedisServer:
 
 
 class RedisCluster:
-    """Three redis-server nodes with cluster mode on, the slots spread over them, no replicas."""
+    """Three redis-server primaries with cluster mode on, the slots spread over them, and `replicas` replica
+    nodes for each (listed after the primaries in `nodes`)."""
 
-    def __init__(self, folder: Path, password: str = ""):
+    def __init__(self, folder: Path, password: str = "", replicas: int = 0):
         self.password = password
         self.nodes = [
             RedisServer(
@@ -100,7 +101,7 @@ class RedisCluster:
                 "2000",
                 password=password,
             )
-            for i in range(3)
+            for i in range(3 * (1 + replicas))
         ]
         try:
             addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
@@ -113,7 +114,7 @@ class RedisCluster:
                     "create",
                     *addresses,
                     "--cluster-replicas",
-                    "0",
+                    str(replicas),
                     "--cluster-yes",
                 ],
                 check=True,

@@ -318,7 +318,9 @@ def test_two_servers_drain_the_offline_log_exactly_once(tmp_path: Path, redis_se
         b.close()
 
 
-def test_a_write_waits_for_its_replica_and_fails_unavailable_without_it(tmp_path: Path) -> None:
+@contextmanager
+def with_a_replica(tmp_path: Path) -> Iterator[tuple[RedisServer, Running]]:
+    """A server writing to a primary with one replica, waiting for it (WAIT 1); the replica is yielded."""
     primary = RedisServer(tmp_path / "primary")
     replica = RedisServer(tmp_path / "replica")
     running: Running | None = None
@@ -335,6 +337,18 @@ def test_a_write_waits_for_its_replica_and_fails_unavailable_without_it(tmp_path
             redis_timeout_s=0.5,
         )
         running.apply(AD_IMPRESSIONS)
+        yield replica, running
+    finally:
+        if replica.proc is not None and replica.proc.poll() is None:
+            replica.proc.send_signal(signal.SIGCONT)
+        if running is not None:
+            running.close()
+        replica.stop()
+        primary.stop()
+
+
+def test_a_write_waits_for_its_replica_and_fails_unavailable_without_it(tmp_path: Path) -> None:
+    with with_a_replica(tmp_path) as (replica, running):
         row = {"user_id": "u1", "timestamp": iso(BASE), "clicked": 1}
         running.ingest.Push(rows_request({"ad_impressions": [row]}))
         replica.kill()
@@ -342,11 +356,82 @@ def test_a_write_waits_for_its_replica_and_fails_unavailable_without_it(tmp_path
             running.ingest.Push(rows_request({"ad_impressions": [row]}), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "replicas" in (info.value.details() or "")
+
+
+def test_no_write_is_acknowledged_while_its_replica_lags_however_many_arrive_at_once(tmp_path: Path) -> None:
+    # A stopped replica stays connected and keeps the offset it last acknowledged: WAIT counts it for
+    # whatever a connection wrote before then, so the WAIT must follow the write on its own connection.
+    with with_a_replica(tmp_path) as (replica, running):
+        first = rows_request({"ad_impressions": [{"user_id": "r", "timestamp": iso(BASE), "clicked": 0}]})
+        first.request_id = "before-the-lag"
+        running.ingest.Push(first)
+        assert replica.proc is not None
+        replica.proc.send_signal(signal.SIGSTOP)
+        codes: list[grpc.StatusCode] = []
+
+        def push(worker: int) -> None:
+            for k in range(4):
+                row = {"user_id": f"u{worker}-{k}", "timestamp": iso(BASE), "clicked": k}
+                request = rows_request({"ad_impressions": [row]}, requestId=f"w{worker}-{k}")
+                try:
+                    running.ingest.Push(request, timeout=10)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as e:
+                    codes.append(e.code())
+
+        threads = [threading.Thread(target=push, args=(n,)) for n in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        # Some may be turned away at the door (RESOURCE_EXHAUSTED) while others wait: none is acknowledged.
+        assert len(codes) == 48 and grpc.StatusCode.OK not in codes
+        assert grpc.StatusCode.UNAVAILABLE in codes
+        # Sent again, a write that reached the primary only is not acknowledged by its replay either...
+        again = rows_request({"ad_impressions": [{"user_id": "u0-0", "timestamp": iso(BASE), "clicked": 0}]})
+        again.request_id = "w0-0"
+        with pytest.raises(grpc.RpcError) as info:
+            running.ingest.Push(again, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        replica.proc.send_signal(signal.SIGCONT)
+        # ...until the replica has it: then the replay answers.
+        assert running.ingest.Push(again, timeout=10).replayed
+
+
+def test_a_cluster_write_waits_for_a_replica_of_every_primary_it_wrote_to(tmp_path: Path) -> None:
+    cluster = RedisCluster(tmp_path / "cluster", replicas=1)
+    replicas: list[RedisServer] = []
+    for node in cluster.nodes:
+        client = redis.Redis(port=node.port)
+        if client.info("replication")["role"] == "slave":
+            replicas.append(node)
+            assert wait_until(lambda c=client: c.info("replication").get("master_link_status") == "up", 20)
+        client.close()
+    assert len(replicas) == 3
+    stopped = replicas[0].proc
+    assert stopped is not None
+    try:
+        with served(tmp_path / "data", cluster, redis_wait_replicas=1, redis_timeout_s=0.5) as running:
+            running.apply(AD_IMPRESSIONS)
+
+            def request(request_id: str) -> ingest_service_pb2.PushRequest:
+                # Forty entities spread over the source's buckets, and so over every primary.
+                rows = [{"user_id": f"u{i}", "timestamp": iso(BASE), "clicked": i} for i in range(40)]
+                return rows_request({"ad_impressions": rows}, requestId=request_id)
+
+            assert not running.ingest.Push(request("c-1"), timeout=10).replayed
+            stopped.send_signal(signal.SIGSTOP)
+            for _ in range(2):
+                # The write, then its replay: neither is acknowledged while a primary it wrote to lags.
+                with pytest.raises(grpc.RpcError) as info:
+                    running.ingest.Push(request("c-2"), timeout=10)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "reached 0 of the 1 Redis replicas" in (info.value.details() or "")
+            stopped.send_signal(signal.SIGCONT)
+            assert running.ingest.Push(request("c-2"), timeout=10).replayed
     finally:
-        if running is not None:
-            running.close()
-        replica.stop()
-        primary.stop()
+        if stopped.poll() is None:
+            stopped.send_signal(signal.SIGCONT)
 
 
 def test_records_pushed_after_redis_restarts_from_an_older_snapshot_reach_the_offline_log(

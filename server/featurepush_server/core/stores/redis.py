@@ -16,6 +16,8 @@ Keys, for a namespace `ns` (the `{...}` part is the Redis Cluster hash tag, whic
   {ns}:reqfp:<request id>       the fingerprint of the same request's records, expiring with it (a key
                                 of its own, so that servers of a build without fingerprints read the
                                 record as before while a fleet is upgraded)
+  {ns}:wait                     empty; written before each WAIT for replicas, on the WAIT's connection
+  {ns:<id>:<bucket>}wait        the same, on a cluster, for the primary holding that bucket
   {ns:<id>:<bucket>}m           hash: the source's generation (g) and ttl in ms (t), one per bucket
   {ns:<id>:<bucket>}r<entity>   a row: its stored value, framed as `framing.py` says
   {ns}:views                    hash: view name -> 4-byte id, 8-byte generation, StreamFeatureView
@@ -605,11 +607,11 @@ class RedisStore(NoViews):
         """
         with self._gate.use(), self._calls():
             if self._cluster:
-                result = self._write_cluster(batches, request_id, fingerprint, dry_run)
-            else:
-                result = self._write_node(batches, request_id, fingerprint, dry_run)
-            if not dry_run and not result.replayed:
-                self._wait()
+                return self._write_cluster(batches, request_id, fingerprint, dry_run)
+            result = self._write_node(batches, request_id, fingerprint, dry_run)
+            if not dry_run:
+                # A replay too: the first write may have reached the primary alone (its WAIT failed).
+                self._wait([])
         return result
 
     def _write_node(
@@ -729,17 +731,22 @@ class RedisStore(NoViews):
         assert self._pool is not None
         record_key = self._key(f"req:{request_id}")
         fingerprint_key = self._key(f"reqfp:{request_id}")
-        if request_id:
-            seen = self._redis.get(record_key)
-            if seen is not None:
-                first = _text(self._redis.get(fingerprint_key) or "")
-                return WriteResult(_counts(seen), replayed=True, fingerprint=first)
         # One script per source and bucket: its keys share a slot.
         groups: dict[tuple[int, bytes], list[tuple[bytes, bytes]]] = defaultdict(list)
         for index, batch in enumerate(batches):
             for key, value in _newest_per_key(batch):
                 name = self.redis_key(key)
                 groups[(index, name[: name.index(b"}") + 1])].append((name, value))
+        # The slots this write touches: its buckets', and the one of the offline entries and request record.
+        tags = [self._key("").encode(), *{tag for _, tag in groups}]
+        if request_id:
+            seen = self._redis.get(record_key)
+            if seen is not None:
+                first = _text(self._redis.get(fingerprint_key) or "")
+                if not dry_run:
+                    # The first write may have reached the primaries alone (its WAIT failed).
+                    self._wait(tags)
+                return WriteResult(_counts(seen), replayed=True, fingerprint=first)
 
         def run(group: tuple[int, bytes]) -> Any:
             index, tag = group
@@ -765,6 +772,7 @@ class RedisStore(NoViews):
         if dry_run:
             return WriteResult(counts)
         offline = _offline_entries(batches)
+        result = WriteResult(counts)
         if offline or request_id:
             # The commit marker: the offline entries and the request record in one script, last.
             record = json.dumps({s: [c.accepted, c.written, c.superseded] for s, c in counts.items()})
@@ -776,22 +784,38 @@ class RedisStore(NoViews):
             args = ["0", 0, 0, len(offline), window, self._grace_ms, record, 0, fingerprint, *offline]
             reply = self._write_script(keys=keys, args=args)
             if int(reply[0]) == 2:
-                return WriteResult(_counts(reply[1]), replayed=True, fingerprint=_text(reply[2]))
-        return WriteResult(counts)
+                result = WriteResult(_counts(reply[1]), replayed=True, fingerprint=_text(reply[2]))
+        self._wait(tags)
+        return result
 
-    def _wait(self) -> None:
-        """Wait for `wait_replicas` replicas to have the write, or fail with Unavailable."""
+    def _wait(self, tags: Sequence[bytes]) -> None:
+        """Wait for `wait_replicas` replicas of each primary holding a slot of `tags` (on a cluster; the
+        node otherwise) to have what it holds, or fail with Unavailable.
+
+        WAIT counts the replicas that have what its own connection wrote, and redis-py hands any pooled
+        connection to a command: a WAIT on a connection that wrote nothing since a replica stopped
+        acknowledging answers at once. So each WAIT follows a write of a marker key on the same connection
+        (one pipeline); replication is in order, so a replica that has the marker has everything the
+        primary held before it, this write included.
+        """
         if not self._wait_replicas:
             return
-        # Half the socket timeout, so that Redis answers how many replicas have it before the socket gives up.
-        wait_ms = max(self._timeout_ms // 2, 1)
-        if self._cluster:
-            replies = self._redis.execute_command(
-                "WAIT", self._wait_replicas, wait_ms, target_nodes=RedisCluster.PRIMARIES
-            )
-            acked = min(int(v) for v in replies.values()) if isinstance(replies, dict) else int(replies)
+        if not self._cluster:
+            acked = self._wait_on(self._redis, self._key("wait"))
         else:
-            acked = int(self._redis.execute_command("WAIT", self._wait_replicas, wait_ms))
+            assert self._pool is not None
+            cluster: Any = self._redis
+            # One marker per primary, in a slot it holds.
+            markers: dict[str, bytes] = {}
+            for tag in tags:
+                markers.setdefault(cluster.get_node_from_key(tag).name, tag + b"wait")
+
+            def wait(node_marker: tuple[str, bytes]) -> int:
+                client = cluster.get_redis_connection(cluster.get_node(node_name=node_marker[0]))
+                with self._calls():
+                    return self._wait_on(client, node_marker[1])
+
+            acked = min(self._pool.map(wait, list(markers.items())))
         if acked < self._wait_replicas:
             raise Unavailable(
                 f"the write reached {acked} of the {self._wait_replicas} Redis replicas required in time; "
@@ -799,6 +823,23 @@ class RedisStore(NoViews):
                 reason="REPLICAS_BEHIND",
                 metadata={"replicas": str(acked)},
             )
+
+    def _wait_on(self, client: Any, marker: str | bytes) -> int:
+        """Write `marker` and WAIT on one connection of `client`; return how many replicas have it."""
+        # Half the socket timeout, so that Redis answers how many replicas have it before the socket gives up.
+        wait_ms = max(self._timeout_ms // 2, 1)
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                pipe.set(marker, b"")
+                pipe.execute_command("WAIT", self._wait_replicas, wait_ms)
+                return int(pipe.execute()[1])
+        except (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError):
+            # The slot moved since the write: the write stands, its replicas were not counted.
+            raise Unavailable(
+                "the Redis Cluster moved a slot of this write while its replicas were counted; send the "
+                "records again with the same request id",
+                reason="REPLICAS_BEHIND",
+            ) from None
 
     # --- feature views and tiles (one node; a cluster refuses them) -----------------------------
 
