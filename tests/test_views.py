@@ -14,11 +14,13 @@ from conftest import (
     Running,
     rich_error,
     rows_request,
+    scalar,
     start,
 )
 from redis_servers import RedisCluster
-from views_helpers import MINUTE, apply, brute, push, read, same, stub, view
+from views_helpers import MINUTE, apply, brute, iso, push, read, same, stub, view
 
+from featurepush.types import Int64
 from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
 
 M = 60_000_000
@@ -271,3 +273,24 @@ def test_a_view_this_server_may_not_import_refuses_pushes_to_its_own_source_only
         assert "transformation_modules" not in details
     finally:
         running.close()
+
+
+def test_count_of_a_string_column_counts_its_values(running: Running) -> None:
+    from featurepush.definitions import Aggregate
+    from featurepush.types import Field, String
+
+    label = {"name": "label", "type": scalar("STRING"), "nullable": True}
+    fields = [*AD_IMPRESSIONS["schema"]["fields"], label]  # type: ignore[index]
+    running.apply({**AD_IMPRESSIONS, "name": "labelled", "schema": {"fields": fields}})
+    counts = [Aggregate("label", "count", 10 * MINUTE), Aggregate("clicked", "count", 10 * MINUTE)]
+    schema = [Field("clicked", Int64), Field("label", String)]
+    apply(running, view("labels", source="labelled", schema=schema, aggregations=counts))
+    t = now_minute() - 2 * M
+    labels = ["a", None, "not a number", "b"]
+    rows: list[dict[str, object]] = [
+        {"user_id": "u", "timestamp": iso(t + i), "clicked": i, "label": x} for i, x in enumerate(labels)
+    ]
+    # Every push to the source used to fail: the label was cast to a number for its count.
+    assert running.ingest.Push(rows_request({"labelled": rows})).counts["labelled"].written == 1
+    _, [row] = read(running, ["u"], now_minute() + 1, view_name="labels")
+    assert row == [("PRESENT", "3"), ("PRESENT", "4")]

@@ -40,7 +40,7 @@ from .errors import CoreError, DataLoss, FailedPrecondition
 from .materialize import Origin, Staged
 from .schema import Kind
 from .stores.base import TileMerge, TileStore
-from .views import LIST_FUNCTIONS, MOMENT_FUNCTIONS, AggSpec, View, Views, ViewSpec
+from .views import LIST_FUNCTIONS, MOMENT_FUNCTIONS, NUMERIC_KINDS, AggSpec, View, Views, ViewSpec
 
 # HyperLogLog precision: 2^12 registers, about 1.6% standard error.
 HLL_LG_K = 12
@@ -668,13 +668,17 @@ def build_tiles(
     starts = (unique % span + first_slot) * spec.interval
     fixed = np.tile(codec.identity, (m, 1))
     fixed[:, 0] = np.bincount(idx, minlength=m)
+    kinds = {f.name: f.dtype.kind for f in spec.fields}
     for c, name in enumerate(spec.moments):
         column = table.column(name)
-        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
         valid = column.is_valid().to_numpy(zero_copy_only=False)
-        v = np.where(valid, values, 0.0)
         base = 1 + _FIXED * c
         fixed[:, base] = np.bincount(idx, weights=valid.astype(np.float64), minlength=m)
+        if kinds[name] not in NUMERIC_KINDS:
+            # Only counted (count is the one moment function of other columns), and a String has no number.
+            continue
+        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+        v = np.where(valid, values, 0.0)
         fixed[:, base + 1] = np.bincount(idx, weights=v, minlength=m)
         fixed[:, base + 2] = np.bincount(idx, weights=v * v, minlength=m)
         np.minimum.at(fixed[:, base + 3], idx[valid], values[valid])
