@@ -318,9 +318,16 @@ def test_decode_of_a_damaged_block_is_a_valid_blocks_decode_or_value_error(
     # Accepted: the tiles are those of valid blocks, each block's own tiles, that encode to what is stored.
     again = codec.encode(blocks.counts.tolist(), blocks.starts, blocks.fixed, blocks.var)
     size = 4 + int(blocks.counts[j]) * codec.record.itemsize
-    assert again[j][:size] == bytes(value)[:size]
+    assert again[j][:4] == bytes(value)[:4]
+    stored = np.frombuffer(bytes(value)[4:size], dtype=codec.record).copy()
+    rewritten = np.frombuffer(again[j][4:size], dtype=codec.record)
+    # Squared deviations stored with their sign bit clear are read as store format 3's sums of squares,
+    # and written back the current way.
+    earlier = ~np.signbit(stored["fixed"][:, 3::5])
+    stored["fixed"][:, 3::5][earlier] = rewritten["fixed"][:, 3::5][earlier]
+    assert rewritten.tobytes() == stored.tobytes()
     if has_var:
         assert json.loads(again[j][size:]) == json.loads(bytes(value)[size:])
     else:
-        assert again[j] == bytes(value)
+        assert len(again[j]) == len(value)
     assert _same(codec.decode(again), blocks)

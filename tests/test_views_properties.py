@@ -4,6 +4,7 @@ a brute-force computation over the raw events for every window and as_of; replay
 from __future__ import annotations
 
 import itertools
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,9 +17,10 @@ from conftest import AD_IMPRESSIONS, Running, start
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis_servers import RedisServer
-from views_helpers import apply, brute, iso, read, same, view
+from views_helpers import HOUR, MINUTE, apply, brute, iso, read, same, view
 
 from featurepush.batch import backfill
+from featurepush.definitions import Aggregate
 from featurepush.v1 import ingest_service_pb2
 
 M = 60_000_000
@@ -168,3 +170,42 @@ def test_a_backfill_over_pushed_events_adds_nothing_twice(server: tuple[Running,
     values = [(t, c) for _, t, c in history + live]
     for agg, (_, got) in zip(spec.aggregations, row, strict=True):
         assert same(got, brute(agg, values, minute + 1, M)), agg.name
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    raw=st.lists(
+        st.tuples(st.sampled_from(["a", "b"]), st.integers(1, 55 * 60), st.integers(-9, 9)), min_size=1
+    ),
+    offset=st.sampled_from([0, 10**6, 10**9, -(10**12)]),
+    chunk=st.integers(1, 8),
+)
+def test_stddev_and_mean_of_values_far_from_zero_equal_the_raw_events(
+    server: tuple[Running, Path], raw: list[tuple[str, int, int]], offset: int, chunk: int
+) -> None:
+    r, _ = server
+    n = next(_names)
+    minute = time.time_ns() // 1000 // M * M
+    events = [(u, minute - s * 1_000_000, offset + c) for u, s, c in raw]
+    name = f"spread{n}"
+    r.apply({**AD_IMPRESSIONS, "name": name})
+    aggregations = [
+        Aggregate("clicked", fn, w) for w in (10 * MINUTE, HOUR) for fn in ("stddev", "mean", "sum", "count")
+    ]
+    apply(r, view(f"v_{name}", source=name, aggregations=aggregations))
+    # Pushed a few at a time, each tile is the merge of several pushes' partial aggregates.
+    for i in range(0, len(events), chunk):
+        _push(r.fronts[i % len(r.fronts)], name, events[i : i + chunk])
+    for as_of in (minute + 1, minute - 7 * M):
+        _, rows = read(r, ["a", "b"], as_of, view_name=f"v_{name}")
+        for user, row in zip("ab", rows, strict=True):
+            values = [(t, c) for u, t, c in events if u == user]
+            for agg, (_, got) in zip(aggregations, row, strict=True):
+                want = brute(agg, values, as_of, M)
+                if agg.function == "stddev" and want is not None:
+                    # A spread of a few units around a large mean, which a sum of squares loses entirely;
+                    # float64 means of values near 1e12 still lose what lies below their last bit (1e-4).
+                    close = math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9 + 1e-14 * abs(offset))
+                    assert close, (user, agg.name, got, want)
+                else:
+                    assert got == want or same(got, want), (user, agg.name, got, want)

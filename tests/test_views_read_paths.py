@@ -1,5 +1,5 @@
-"""The view read's shortcuts: tile keys of short entity keys, per-view layouts, reads of every block, and
-windows reduced over runs of the tiles read."""
+"""The view read's shortcuts: tile keys of short entity keys, per-view layouts, reads of every block,
+windows reduced over runs of the tiles read, and blocks stored in the format before."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from views_helpers import HOUR, MINUTE, apply, brute, push, read, same, view
 from featurepush.definitions import Aggregate
 from featurepush_server.core.aggregates import _Window
 from featurepush_server.core.stores.rocksdb import RocksDBStore
+from featurepush_server.core.tiles import Codec, merge_spec
 
 M = 60_000_000
 
@@ -115,3 +116,20 @@ def test_a_window_reduces_each_entity_run_as_the_run_alone(
             ]
         for got, want in zip(found, wanted, strict=True):
             assert got[e].tobytes() == want.tobytes()
+
+
+def test_a_block_of_sums_of_squares_reads_as_squared_deviations() -> None:
+    codec = Codec(merge_spec("v", M, 60 * M, ("clicked",), (), ()))
+    # A tile of 3, 5 and 10 as store format 3 kept it: the record count, then the column's count, sum,
+    # sum of squares, minimum and maximum.
+    tile = np.array([(0, [3.0, 3.0, 18.0, 134.0, 3.0, 10.0])], dtype=codec.record)
+    decoded = codec.decode([(1).to_bytes(4, "big") + tile.tobytes()])
+    assert decoded.fixed.tolist() == [[3.0, 3.0, 18.0, 26.0, 3.0, 10.0]]
+    # Written again, it is stored the new way (negated) and reads back the same.
+    again = codec.decode(codec.encode([1], decoded.starts, decoded.fixed, []))
+    assert again.fixed.tobytes() == decoded.fixed.tobytes()
+    # A tile of 7 alone merged in: 3, 5, 7 and 10 deviate from their mean 6.25 by 26.75 squared in all.
+    block = np.zeros(2, dtype=np.int64)
+    fixed = np.concatenate([decoded.fixed, [[1.0, 1.0, 7.0, 0.0, 7.0, 7.0]]])
+    _, _, merged, _ = codec.merge(block, np.zeros(2, dtype=np.int64), fixed, [])
+    assert merged.tolist() == [[4.0, 4.0, 25.0, 26.75, 3.0, 10.0]]

@@ -34,8 +34,8 @@ F = fv_pb2
 _PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
 _MISSING = online_service_pb2.FEATURE_STATUS_MISSING
 _INT_KINDS = (Kind.INT32, Kind.INT64)
-# A tile's partial aggregates per moment column, after its record count: count, sum, sum of squares,
-# min and max (tiles.py).
+# A tile's partial aggregates per moment column, after its record count: count, sum, squared deviations
+# from the tile's mean, min and max (tiles.py).
 _PER_COLUMN = 5
 _SCALAR = {
     Kind.STRING: schema_pb2.SCALAR_TYPE_STRING,
@@ -309,6 +309,7 @@ class _Window:
 
     def __init__(self, tiles: np.ndarray, start: np.ndarray, stop: np.ndarray):
         self.tiles = tiles
+        self.start, self.stop = start, stop
         bounds = np.empty(2 * len(start), dtype=np.int64)
         bounds[0::2] = start
         bounds[1::2] = stop
@@ -344,7 +345,7 @@ class _Window:
         infinite then.
         """
         found: list[np.ndarray] = []
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(all="ignore"):
             if "means" in names or "stddevs" in names:
                 means: np.ndarray = self.totals[:, 2::_PER_COLUMN] / self.counts
             for name in names:
@@ -357,9 +358,25 @@ class _Window:
                 elif name == "means":
                     found.append(means)
                 else:
-                    spread = self.totals[:, 3::_PER_COLUMN] / self.counts - means * means
-                    # The population standard deviation, as max(spread, 0.0) in stddev(): NaN stays NaN.
-                    found.append(np.sqrt(np.where(0.0 > spread, 0.0, spread)))
+                    # The population standard deviation.
+                    found.append(np.sqrt(self._deviations(means) / self.counts))
+        return found
+
+    def _deviations(self, means: np.ndarray) -> np.ndarray:
+        """Each entity's squared deviations from its window's `means`, per column (tiles.spread_between).
+
+        Its tiles' own, plus each tile's count times its mean's squared distance from the window's.
+        """
+        tiles = self.tiles
+        lengths = self.stop - self.start
+        # Every row of a run, run after run, and each such row's entity's window means.
+        rows = np.repeat(self.start - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+        window_means = np.zeros((len(tiles), means.shape[1]))
+        window_means[rows] = np.repeat(means, lengths, axis=0)
+        counts = tiles[:, 1::_PER_COLUMN]
+        apart = np.where(counts > 0, tiles[:, 2::_PER_COLUMN] / counts - window_means, 0.0)
+        between: np.ndarray = self._reduce(np.add, counts * apart * apart, 0.0)
+        found: np.ndarray = self.totals[:, 3::_PER_COLUMN] + between
         return found
 
 

@@ -1,12 +1,12 @@
 """Time tiles of stream feature views: partial aggregates per entity and tile, built, merged and encoded.
 
 A tile holds what one entity's events with event times in [start, start + interval) add up to: a fixed
-part of float64s (the record count, then count, sum, sum of squares, min and max of each moment column)
-and, for views with list or distinct-count aggregations, a JSON part (bounded lists of [time, value] and
-HyperLogLog sketches as base64). Merging two tiles gives the tile of both sets of events, whatever their
-order, so pushes may arrive out of order and a window is the merge of its tiles. The store keeps an
-entity's tiles of several consecutive intervals in one value, a block (see Codec), so that a read of a
-window fetches one or two values per entity.
+part of float64s (the record count, then count, sum, sum of squared deviations from the tile's mean, min
+and max of each moment column) and, for views with list or distinct-count aggregations, a JSON part
+(bounded lists of [time, value] and HyperLogLog sketches as base64). Merging two tiles gives the tile of
+both sets of events, whatever their order, so pushes may arrive out of order and a window is the merge of
+its tiles. The store keeps an entity's tiles of several consecutive intervals in one value, a block (see
+Codec), so that a read of a window fetches one or two values per entity.
 
 Pushes and backfills never count an event twice: each view keeps a watermark, the start of the tile of
 the earliest pushed event. Pushes write tiles from the watermark on; a backfill writes only tiles wholly
@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import math
 import time
 import uuid
 import zlib
@@ -161,7 +160,27 @@ class Codec:
             joined = b"".join(v[_HEAD:] for v in values)
             var = []
         records = np.frombuffer(joined, dtype=self.record)
-        return Blocks(found, records["start"], records["fixed"], var)
+        return Blocks(found, records["start"], self._deviations(records["fixed"]), var)
+
+    @staticmethod
+    def _deviations(stored: np.ndarray) -> np.ndarray:
+        """Stored fixed parts with each column's squared deviations as merges and reads take them.
+
+        A block stores them negated (their sign bit set, -0.0 for none); a block written before holds the
+        column's plain sum of squares (sign bit clear), turned here into squared deviations, as precise as
+        that sum was.
+        """
+        if not stored.shape[1] > 1:
+            return stored
+        fixed = stored.copy()
+        squares = fixed[:, 3::_FIXED]
+        counts, sums = fixed[:, 1::_FIXED], fixed[:, 2::_FIXED]
+        with np.errstate(all="ignore"):
+            earlier = np.where(counts > 0, squares - sums * sums / counts, 0.0)
+        # Never below zero, which a merge would store with its sign bit clear, as a sum of squares.
+        earlier = np.where(earlier < 0.0, 0.0, earlier)
+        fixed[:, 3::_FIXED] = np.where(np.signbit(squares), -squares, earlier)
+        return fixed
 
     def _var_whole(self, part: Any) -> bool:
         """Whether a decoded JSON part has this view's shape: its lists of [time, value] and its sketches."""
@@ -208,6 +227,8 @@ class Codec:
         records = np.empty(len(starts), dtype=self.record)
         records["start"] = starts
         records["fixed"] = fixed
+        # Stored negated, so that a block written before, which holds sums of squares, is told apart.
+        records["fixed"][:, 3::_FIXED] = -fixed[:, 3::_FIXED]
         raw = records.tobytes()
         size = self.record.itemsize
         out: list[bytes] = []
@@ -250,9 +271,11 @@ class Codec:
         if len(heads) == len(order):
             merged = fixed
         else:
-            merged = np.add.reduceat(fixed, heads, axis=0)
-            merged[:, 4::_FIXED] = np.minimum.reduceat(fixed[:, 4::_FIXED], heads, axis=0)
-            merged[:, 5::_FIXED] = np.maximum.reduceat(fixed[:, 5::_FIXED], heads, axis=0)
+            with np.errstate(all="ignore"):
+                merged = np.add.reduceat(fixed, heads, axis=0)
+                merged[:, 3::_FIXED] += spread_between(fixed, heads, merged)
+                merged[:, 4::_FIXED] = np.minimum.reduceat(fixed[:, 4::_FIXED], heads, axis=0)
+                merged[:, 5::_FIXED] = np.maximum.reduceat(fixed[:, 5::_FIXED], heads, axis=0)
         merged_var: list[Var] = []
         if self.has_var:
             ordered = [var[i] for i in order.tolist()]
@@ -263,6 +286,22 @@ class Codec:
                     one = self.merge_var(one, other)
                 merged_var.append(one)
         return block[heads], starts[heads], merged, merged_var
+
+
+def spread_between(fixed: np.ndarray, heads: np.ndarray, merged: np.ndarray) -> np.ndarray:
+    """What merging tiles adds to their squared deviations: each one's count times its mean's apart.
+
+    `fixed` holds the tiles, each group of them starting at a row of `heads` and ending at the next;
+    `merged` their counts and sums added up, a row per group. Squared deviations about each tile's own
+    mean (Chan et al.'s merge) stay precise where a sum of squares of values far from zero loses them all.
+    """
+    counts, sums = fixed[:, 1::_FIXED], fixed[:, 2::_FIXED]
+    sizes = np.diff(np.append(heads, len(fixed)))
+    with np.errstate(all="ignore"):
+        means = np.repeat(merged[:, 2::_FIXED] / merged[:, 1::_FIXED], sizes, axis=0)
+        apart = np.where(counts > 0, sums / counts - means, 0.0)
+        added: np.ndarray = np.add.reduceat(counts * apart * apart, heads, axis=0)
+    return added
 
 
 def _order(item: list[Any]) -> tuple[Any, ...]:
@@ -680,9 +719,12 @@ def build_tiles(
         values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
         v = np.where(valid, values, 0.0)
         fixed[:, base + 1] = np.bincount(idx, weights=v, minlength=m)
-        fixed[:, base + 2] = np.bincount(idx, weights=v * v, minlength=m)
-        np.minimum.at(fixed[:, base + 3], idx[valid], values[valid])
-        np.maximum.at(fixed[:, base + 4], idx[valid], values[valid])
+        with np.errstate(all="ignore"):
+            # About each tile's mean (see spread_between), NaN and infinities giving NaN as they would.
+            apart = np.where(valid, v - (fixed[:, base + 1] / fixed[:, base])[idx], 0.0)
+            fixed[:, base + 2] = np.bincount(idx, weights=apart * apart, minlength=m)
+            np.minimum.at(fixed[:, base + 3], idx[valid], values[valid])
+            np.maximum.at(fixed[:, base + 4], idx[valid], values[valid])
     var: list[dict[str, Any] | None] = [None] * m
     if codec.has_var:
         times = micros.tolist()
@@ -760,12 +802,3 @@ def sweep_tiles(store: TileStore, now: int | None = None) -> int:
             # A block starting at s ends at s + span: it is wholly before `oldest` when s <= oldest - span.
             deleted += store.delete_tiles_before(view_id, oldest - block_slots(proto) * interval + 1)
     return deleted
-
-
-# --- rolling tiles up into feature values --------------------------------------------------------
-
-
-def stddev(count: float, total: float, squares: float) -> float:
-    """The population standard deviation from a count, a sum and a sum of squares."""
-    mean = total / count
-    return math.sqrt(max(squares / count - mean * mean, 0.0))

@@ -74,8 +74,8 @@ class AggSpec:
 class ViewSpec:
     """A validated view: what its tiles hold and how its features are rolled up from them.
 
-    `moments` are the columns whose tiles keep count, sum, sum of squares, min and max; `lists` the
-    (column, kind, n) bounded lists; `sketches` the columns with a HyperLogLog sketch.
+    `moments` are the columns whose tiles keep count, sum, squared deviations from the mean, min and max;
+    `lists` the (column, kind, n) bounded lists; `sketches` the columns with a HyperLogLog sketch.
     """
 
     name: str

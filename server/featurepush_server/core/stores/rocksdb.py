@@ -24,10 +24,11 @@ The format version (`m` + "format_version", 4 bytes big-endian) is written when 
 created. A database holding another version is refused at open with StoreFormatError. A database with
 data but no version was written before the version existed, in format 1 (UNVERSIONED_FORMAT).
 Format 2 added the row's columns to every stored value (`framing.py`); format 3 keeps a view's tiles in
-blocks of consecutive intervals instead of one key per tile; format 4 adds the records' fingerprint to
-idempotency records, which a build before it could not read. This build refuses format 1, and format 2
-where it holds view tiles; it stamps format 2 without tiles and format 3 as format 4 (records without a
-fingerprint read as before), so that an older build refuses the directory from then on.
+blocks of consecutive intervals instead of one key per tile; format 4 keeps each tile's squared deviations
+from its mean, negated, where format 3 kept the sum of squares (core/tiles.py Codec reads both), and adds
+the records' fingerprint to idempotency records (records without one read as before). This build refuses
+format 1, and format 2 where it holds view tiles; it stamps format 2 without tiles and format 3 as format
+4, so that an older build refuses the directory from then on.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ FORMAT_VERSION = 4
 UNVERSIONED_FORMAT = 1
 # The format before view tiles were kept in blocks; it differs from this one only where tiles are stored.
 _BEFORE_BLOCKS = 2
-# The format before idempotency records held their records' fingerprint.
-_BEFORE_FINGERPRINTS = 3
+# The format whose tiles held sums of squares and whose idempotency records held no fingerprint; this
+# build reads both.
+_BEFORE_DEVIATIONS = 3
 # A file written next to the database to learn whether the disk has room again; removed at start too.
 SPACE_PROBE = ".space-probe.tmp"
 _PROBE_BYTES = 256 * 1024
@@ -366,8 +368,9 @@ def _check_format(db: Any, path: Path) -> None:
             "data directory %s holds no view tiles: its store format 2 is stamped as %d", path, FORMAT_VERSION
         )
         db.put(FORMAT_KEY, FORMAT_VERSION.to_bytes(4, "big"))
-    elif found == _BEFORE_FINGERPRINTS:
-        # Format 4 only added a member to idempotency records, and records without it read as before.
+    elif found == _BEFORE_DEVIATIONS:
+        # Its tiles' sums of squares are told apart from squared deviations by their sign, and read alike;
+        # its idempotency records without a fingerprint are answered as before.
         _LOGGER.info("data directory %s: its store format 3 is stamped as %d", path, FORMAT_VERSION)
         db.put(FORMAT_KEY, FORMAT_VERSION.to_bytes(4, "big"))
     elif found == FORMAT_VERSION and raw is None:
