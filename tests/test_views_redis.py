@@ -115,3 +115,22 @@ def test_each_server_sees_the_other_servers_view_changes(pair: tuple[Running, Ru
 
     assert wait_until(gone)
     assert push(a, [("u", now_minute() - 5 * M, 1)]).counts["ad_impressions"].written == 1
+
+
+def test_pushes_go_on_when_the_registry_refresh_ends_while_a_source_s_views_load(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # A refresh period this short ends between any two looks at the caches: loading a source's views
+    # dropped the cache being filled, and the push failed (INVALID_ARGUMENT, encoding failed).
+    settings = {"store": redis_server.url, "redis_namespace": f"refresh{uuid.uuid4().hex[:8]}"}
+    r = start(tmp_path / "data", redis_registry_refresh_s=1e-9, **settings)
+    try:
+        r.apply(AD_IMPRESSIONS)
+        apply(r, view(aggregations=TOTALS))
+        t = now_minute() - 5 * M
+        for n in range(3):
+            assert push(r, [("u", t + n, 2)]).counts["ad_impressions"].written == 1
+        _, [row] = read(r, ["u"], now_minute() + 1)
+        assert row == [("PRESENT", "3"), ("PRESENT", "6")]
+    finally:
+        r.close()

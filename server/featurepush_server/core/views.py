@@ -386,14 +386,20 @@ class Views:
                 return found
         with self._lock:
             version = self._settled_version()
-            if self._by_source is None:
+            filling = self._by_source
+            if filling is None:
                 names: dict[str, list[str]] = {}
                 for name, _, raw in self._store.list_views():
                     names.setdefault(fv_pb2.StreamFeatureView.FromString(raw).source, []).append(name)
-                self._view_names, self._by_source = names, {}
+                filling = {}
+                self._view_names, self._by_source = names, filling
             views = [self._get_locked(name) for name in self._view_names.get(source, ())]
-            if self._catalog_version is None or self._catalog_version() == version:
-                self._by_source[source] = views
+            # Loading a view may drop the caches (a refresh period ending, a change elsewhere): then these
+            # views answer this call alone.
+            if self._by_source is filling and (
+                self._catalog_version is None or self._catalog_version() == version
+            ):
+                filling[source] = views
             return views
 
     def all(self) -> list[View]:
