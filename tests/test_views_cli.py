@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import start
+from conftest import AD_IMPRESSIONS, start
 from servers import ServedProcess
 from test_cli import run
 
 from featurepush import Client
 from featurepush.aio import AsyncClient
+from featurepush.definitions import Aggregate, StreamFeatureView
+from featurepush.types import Field, Int64
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 H = 3_600_000_000
@@ -124,6 +126,18 @@ def test_view_reads_take_the_key_forms_get_features_takes(tmp_path: Path) -> Non
                 assert table.equals(
                     client.get_view_features_arrow([{"user_id": "u1"}], as_of=later, **target)
                 )
+            # Bare keys ask the view's entity keys once per view or service, not once per read.
+            metrics = r.server.metrics
+            assert metrics is not None
+
+            def asked() -> float:
+                labels = {"method": "FeatureViewService/GetFeatureView", "code": "OK"}
+                return metrics.registry.get_sample_value("featurepush_calls_total", labels) or 0.0
+
+            before = asked()
+            for _ in range(3):
+                client.get_view_features(["u1"], view="user_clicks", as_of=later)
+            assert asked() == before
             with pytest.raises(
                 ValueError, match=r"has 2 part\(s\) but the view's entity keys are \['user_id'\]"
             ):
@@ -142,5 +156,48 @@ def test_view_reads_take_the_key_forms_get_features_takes(tmp_path: Path) -> Non
                 *client.get_view_features([{"user_id": "u1"}], view="user_clicks", as_of=later),
                 *client.get_view_features([{"user_id": "u1"}], service="ads_ranking", as_of=later),
             ]
+    finally:
+        r.close()
+
+
+def test_view_keys_a_client_kept_are_asked_again_once_the_view_names_others(tmp_path: Path) -> None:
+    r = start(tmp_path / "data")
+    try:
+        r.apply(AD_IMPRESSIONS)
+        fields = [
+            {"name": "ad_id", "type": {"scalar": "SCALAR_TYPE_STRING"}},
+            {"name": "timestamp", "type": {"scalar": "SCALAR_TYPE_TIMESTAMP"}},
+            {"name": "clicked", "type": {"scalar": "SCALAR_TYPE_INT64"}},
+        ]
+        r.apply(dict(AD_IMPRESSIONS, name="ad_clicks", schema={"fields": fields}, entityKeys=["ad_id"]))
+        counted = [Aggregate("clicked", "count", dt.timedelta(hours=1))]
+        interval = dt.timedelta(minutes=1)
+        by_user = StreamFeatureView(
+            "v", "ad_impressions", ["user_id"], [Field("clicked", Int64)], counted, interval
+        )
+        by_ad = StreamFeatureView("v", "ad_clicks", ["ad_id"], [Field("clicked", Int64)], counted, interval)
+        now = dt.datetime.now(dt.UTC)
+        later = now + dt.timedelta(minutes=2)
+        with Client(r.target) as reader, Client(r.target) as admin:
+            admin.apply_views(by_user)
+            assert reader.get_view_features(["u1"], view="v", as_of=later) == reader.get_view_features(
+                [{"user_id": "u1"}], view="v", as_of=later
+            )
+            # Another client makes "v" a view keyed by ad_id: the reader's kept user_id no longer fits.
+            admin.delete_view("v")
+            admin.apply_views(by_ad)
+            admin.push("ad_clicks", [{"ad_id": "a1", "timestamp": now, "clicked": 1}])
+            [bare] = reader.get_view_features(["a1"], view="v", as_of=later)
+            assert bare == reader.get_view_features([{"ad_id": "a1"}], view="v", as_of=later)[0]
+            assert bare["clicked_count_1h"].value == 1
+
+            async def read() -> list[dict[str, object]]:
+                async with AsyncClient(r.target) as aio:
+                    await aio.get_view_features(["a1"], view="v", as_of=later)
+                    admin.delete_view("v")
+                    admin.apply_views(by_user)
+                    return await aio.get_view_features(["u1"], view="v", as_of=later)
+
+            assert asyncio.run(read()) == reader.get_view_features([{"user_id": "u1"}], view="v", as_of=later)
     finally:
         r.close()

@@ -18,7 +18,7 @@ from google.rpc import status_pb2
 
 from featurepush.auth import PemPath, async_api_key_interceptors, channel_credentials
 from featurepush.batch import BackfillProgress, progress_of, read_batch, read_schema, timestamp
-from featurepush.client import ApplyResult, DefinitionResult, PushResult
+from featurepush.client import STALE_VIEW_CODES, ApplyResult, DefinitionResult, PushResult
 from featurepush.definitions import FeatureService, StreamFeatureView, StreamSource
 from featurepush.errors import FeaturepushError, InvalidArgumentError, from_rpc_error, from_status_proto
 from featurepush.payload import (
@@ -122,6 +122,8 @@ class AsyncClient:
         self._views = feature_view_service_pb2_grpc.FeatureViewServiceStub(self._channel)
         self._schemas: dict[str, StreamSource] = {}
         self._push_schemas: dict[str, PushSchema] = {}
+        # The entity keys of each (view, service) that get_view_features named bare keys by.
+        self._view_entity_keys: dict[tuple[str, str], tuple[str, ...]] = {}
 
     async def close(self) -> None:
         """Close the channel."""
@@ -333,6 +335,8 @@ class AsyncClient:
     ) -> list[DefinitionResult]:
         """Create or update each view or feature service in order; stop at the first rejected one."""
         results: list[DefinitionResult] = []
+        # A view applied again may name other entity keys.
+        self._view_entity_keys.clear()
         for item in definitions:
             try:
                 if isinstance(item, StreamFeatureView):
@@ -367,12 +371,9 @@ class AsyncClient:
         Keys take the forms get_features takes: a mapping, a tuple in entity key order, or a single value
         where there is one entity key; the two last ask the server for the view's entity keys first.
         """
-        from featurepush.views import view_request, view_vectors
+        from featurepush.views import view_vectors
 
-        named = await self._view_keys(keys, view, service)
-        request = view_request(named, view=view, service=service, as_of=as_of)
-        reply = await self._call_retrying(self._views.GetViewFeatures, request, resend=True)
-        return view_vectors(reply, len(keys))
+        return view_vectors(await self._view_reply(keys, (view, service), as_of, False), len(keys))
 
     async def get_view_features_arrow(
         self,
@@ -383,38 +384,59 @@ class AsyncClient:
         as_of: dt.datetime | None = None,
     ) -> pa.Table:
         """get_view_features as one Arrow table: per feature its values, `:status` and `:effective_time`."""
-        from featurepush.views import view_request, view_table
+        from featurepush.views import view_table
 
-        named = await self._view_keys(keys, view, service)
-        request = view_request(named, view=view, service=service, as_of=as_of, arrow=True)
-        reply = await self._call_retrying(self._views.GetViewFeatures, request, resend=True)
-        return view_table(reply, len(keys))
+        return view_table(await self._view_reply(keys, (view, service), as_of, True), len(keys))
 
-    async def _view_keys(
-        self, keys: Sequence[Mapping[str, Any] | Any], view: str, service: str
-    ) -> Sequence[Mapping[str, Any]]:
-        """`keys` as mappings, asking the server for the entity keys of the view (or the service's first)."""
-        from featurepush.views import check_target, key_mappings, keyed_by_name
+    async def _view_reply(
+        self,
+        keys: Sequence[Mapping[str, Any] | Any],
+        target: tuple[str, str],
+        as_of: dt.datetime | None,
+        arrow: bool,
+    ) -> Any:
+        """Client._view_reply awaited: the reply for `keys`, bare ones named by entity keys asked once."""
+        from featurepush.views import check_target, key_mappings, keyed_by_name, view_request
 
+        view, service = target
         check_target(view, service)
+
+        async def call(named: Sequence[Mapping[str, Any]]) -> Any:
+            request = view_request(named, view=view, service=service, as_of=as_of, arrow=arrow)
+            return await self._call_retrying(self._views.GetViewFeatures, request, resend=True)
+
         if keyed_by_name(keys):
-            return keys
+            return await call(keys)
+        known = self._view_entity_keys.get(target)
+        entity_keys = known if known is not None else await self._entity_keys(view, service)
+        try:
+            reply = await call(key_mappings(keys, entity_keys))
+        except FeaturepushError as e:
+            if known is None or e.code not in STALE_VIEW_CODES:
+                raise
+            entity_keys = await self._entity_keys(view, service)
+            reply = await call(key_mappings(keys, entity_keys))
+        self._view_entity_keys[target] = entity_keys
+        return reply
+
+    async def _entity_keys(self, view: str, service: str) -> tuple[str, ...]:
+        """The entity keys of a view, or of a service's views (all have the same), asked of the server."""
         try:
             if service:
                 found = await self._views.GetFeatureService(
                     feature_view_service_pb2.GetFeatureServiceRequest(name=service), timeout=self._timeout
                 )
-                # A service's views all have the same entity keys.
                 view = found.service.features[0].view
             response = await self._views.GetFeatureView(
                 feature_view_service_pb2.GetFeatureViewRequest(name=view), timeout=self._timeout
             )
         except grpc.RpcError as err:
             raise _error(err) from None
-        return key_mappings(keys, response.view.entity_keys)
+        return tuple(response.view.entity_keys)
 
     async def delete_view(self, name: str) -> int:
         """Delete a view and its tiles; return how many tiles it held."""
+        self._view_entity_keys.clear()
         try:
             response = await self._views.DeleteFeatureView(
                 feature_view_service_pb2.DeleteFeatureViewRequest(name=name), timeout=self._timeout
@@ -425,6 +447,7 @@ class AsyncClient:
 
     async def delete_service(self, name: str) -> None:
         """Delete a feature service; its views stay."""
+        self._view_entity_keys.clear()
         try:
             await self._views.DeleteFeatureService(
                 feature_view_service_pb2.DeleteFeatureServiceRequest(name=name), timeout=self._timeout

@@ -48,6 +48,9 @@ __all__ = [
 ]
 
 _LOGGER = logging.getLogger(__name__)
+# How a server refuses bare view keys named by entity keys kept from an earlier call, where the view was
+# applied again or deleted since: the keys are then asked again.
+STALE_VIEW_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT})
 
 
 def _parse_get_features_reply(data: bytes) -> Any:
@@ -195,6 +198,8 @@ class Client:
         self._schemas: dict[str, StreamSource] = {}
         self._push_schemas: dict[str, PushSchema] = {}
         self._schemas_lock = threading.Lock()
+        # The entity keys of each (view, service) that get_view_features named bare keys by.
+        self._view_entity_keys: dict[tuple[str, str], tuple[str, ...]] = {}
 
     # How long push and the reads keep retrying calls the server refused for overload, in seconds.
     overload_retry_s: float = 30.0
@@ -447,6 +452,8 @@ class Client:
     ) -> list[DefinitionResult]:
         """Creates or updates each view or feature service in order; stops at the first rejected one."""
         results: list[DefinitionResult] = []
+        # A view applied again may name other entity keys.
+        self._view_entity_keys.clear()
         for item in definitions:
             try:
                 if isinstance(item, StreamFeatureView):
@@ -481,11 +488,9 @@ class Client:
         Keys take the forms get_features takes: a mapping, a tuple in entity key order, or a single value
         where there is one entity key; the two last ask the server for the view's entity keys first.
         """
-        from featurepush.views import view_request, view_vectors
+        from featurepush.views import view_vectors
 
-        named = self._view_keys(keys, view, service)
-        request = view_request(named, view=view, service=service, as_of=as_of)
-        return view_vectors(self._call_retrying(self._views.GetViewFeatures, request, resend=True), len(keys))
+        return view_vectors(self._view_reply(keys, (view, service), as_of, False), len(keys))
 
     def get_view_features_arrow(
         self,
@@ -496,37 +501,63 @@ class Client:
         as_of: dt.datetime | None = None,
     ) -> pa.Table:
         """get_view_features as one Arrow table: per feature its values, `:status` and `:effective_time`."""
-        from featurepush.views import view_request, view_table
+        from featurepush.views import view_table
 
-        named = self._view_keys(keys, view, service)
-        request = view_request(named, view=view, service=service, as_of=as_of, arrow=True)
-        return view_table(self._call_retrying(self._views.GetViewFeatures, request, resend=True), len(keys))
+        return view_table(self._view_reply(keys, (view, service), as_of, True), len(keys))
 
-    def _view_keys(
-        self, keys: Sequence[Mapping[str, Any] | Any], view: str, service: str
-    ) -> Sequence[Mapping[str, Any]]:
-        """`keys` as mappings, asking the server for the entity keys of the view (or the service's first)."""
-        from featurepush.views import check_target, key_mappings, keyed_by_name
+    def _view_reply(
+        self,
+        keys: Sequence[Mapping[str, Any] | Any],
+        target: tuple[str, str],
+        as_of: dt.datetime | None,
+        arrow: bool,
+    ) -> Any:
+        """GetViewFeatures' reply for `keys`; bare keys are named by the view's (or service's) entity keys.
 
+        Those are asked of the server once and kept: where the view changed since (another client applied
+        it again, or deleted it), the server refuses the keys and they are asked again, once.
+        """
+        from featurepush.views import check_target, key_mappings, keyed_by_name, view_request
+
+        view, service = target
         check_target(view, service)
+
+        def call(named: Sequence[Mapping[str, Any]]) -> Any:
+            request = view_request(named, view=view, service=service, as_of=as_of, arrow=arrow)
+            return self._call_retrying(self._views.GetViewFeatures, request, resend=True)
+
         if keyed_by_name(keys):
-            return keys
+            return call(keys)
+        known = self._view_entity_keys.get(target)
+        entity_keys = known if known is not None else self._entity_keys(view, service)
+        try:
+            reply = call(key_mappings(keys, entity_keys))
+        except FeaturepushError as e:
+            if known is None or e.code not in STALE_VIEW_CODES:
+                raise
+            entity_keys = self._entity_keys(view, service)
+            reply = call(key_mappings(keys, entity_keys))
+        self._view_entity_keys[target] = entity_keys
+        return reply
+
+    def _entity_keys(self, view: str, service: str) -> tuple[str, ...]:
+        """The entity keys of a view, or of a service's views (all have the same), asked of the server."""
         try:
             if service:
                 found = self._views.GetFeatureService(
                     feature_view_service_pb2.GetFeatureServiceRequest(name=service), timeout=self._timeout
                 )
-                # A service's views all have the same entity keys.
                 view = found.service.features[0].view
-            entity_keys = self._views.GetFeatureView(
+            response = self._views.GetFeatureView(
                 feature_view_service_pb2.GetFeatureViewRequest(name=view), timeout=self._timeout
-            ).view.entity_keys
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
-        return key_mappings(keys, entity_keys)
+        return tuple(response.view.entity_keys)
 
     def delete_view(self, name: str) -> int:
         """Deletes a view and its tiles; returns how many tiles it held."""
+        self._view_entity_keys.clear()
         try:
             response = self._views.DeleteFeatureView(
                 feature_view_service_pb2.DeleteFeatureViewRequest(name=name), timeout=self._timeout
@@ -537,6 +568,7 @@ class Client:
 
     def delete_service(self, name: str) -> None:
         """Deletes a feature service; its views stay."""
+        self._view_entity_keys.clear()
         try:
             self._views.DeleteFeatureService(
                 feature_view_service_pb2.DeleteFeatureServiceRequest(name=name), timeout=self._timeout
