@@ -294,3 +294,27 @@ def test_count_of_a_string_column_counts_its_values(running: Running) -> None:
     assert running.ingest.Push(rows_request({"labelled": rows})).counts["labelled"].written == 1
     _, [row] = read(running, ["u"], now_minute() + 1, view_name="labels")
     assert row == [("PRESENT", "3"), ("PRESENT", "4")]
+
+
+@VIEW_STORES
+def test_a_nan_counts_and_makes_every_numeric_aggregate_of_its_windows_nan(running: Running) -> None:
+    from featurepush.definitions import Aggregate
+    from featurepush.types import Field, Float64
+
+    score = {"name": "score", "type": scalar("FLOAT64"), "nullable": True}
+    fields = [*AD_IMPRESSIONS["schema"]["fields"], score]  # type: ignore[index]
+    running.apply({**AD_IMPRESSIONS, "name": "scored", "schema": {"fields": fields}})
+    functions = ("count", "sum", "mean", "min", "max", "stddev")
+    aggs = [Aggregate("score", fn, 10 * MINUTE) for fn in functions]
+    apply(running, view("scores", source="scored", schema=[Field("score", Float64)], aggregations=aggs))
+    t = now_minute() - 2 * M
+    rows: list[dict[str, object]] = [
+        {"user_id": "u", "timestamp": iso(t + i), "clicked": i, "score": x}
+        for i, x in enumerate([1.0, "NaN", 3.0])
+    ]
+    # Two pushes, so that the NaN also meets values of another push where tiles merge.
+    running.ingest.Push(rows_request({"scored": rows[:2]}))
+    running.ingest.Push(rows_request({"scored": rows[2:]}))
+    _, [row] = read(running, ["u"], now_minute() + 1, view_name="scores")
+    # As in IEEE arithmetic: NaN spreads to every result it takes part in, min and max included.
+    assert row == [("PRESENT", "3"), *[("PRESENT", "NaN")] * 5]
