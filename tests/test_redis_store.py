@@ -19,6 +19,7 @@ import redis
 from conftest import AD_IMPRESSIONS, Running, features, rows_request, start
 from redis_servers import RedisCluster, RedisServer, free_port, have_redis
 from servers import ServedProcess, wait_until
+from views_helpers import opened_store
 
 from featurepush.v1 import ingest_service_pb2
 from featurepush_server.config import ConfigError, ServerConfig
@@ -557,3 +558,25 @@ def test_a_password_in_the_store_url_is_used_and_never_shown(
         with pytest.raises(ConfigError) as refused:
             ServerConfig(store=url)
         assert secret not in str(refused.value)
+
+
+def test_a_definition_change_holds_the_lock_for_as_long_as_it_runs(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from featurepush_server.core.stores import redis as redis_store
+
+    # An expiry of 0.3 s, so that a change of a second outlasts it three times over.
+    monkeypatch.setattr(redis_store, "_LOCK_MS", 300)
+    ns = namespace()
+    settings: dict[str, object] = {"store": redis_server.url, "redis_namespace": ns}
+    client = redis.Redis(port=redis_server.port)
+    try:
+        with opened_store(tmp_path / "data", settings) as store:
+            with store.exclusive():
+                deadline = time.monotonic() + 1.0
+                while time.monotonic() < deadline:
+                    assert client.pttl(f"{{{ns}}}:lock") > 0
+                    time.sleep(0.05)
+            assert not client.exists(f"{{{ns}}}:lock")
+    finally:
+        client.close()

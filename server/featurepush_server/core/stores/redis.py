@@ -510,11 +510,30 @@ class RedisStore(NoViews):
                         reason="REGISTRY_BUSY",
                     )
                 time.sleep(0.02)
+            # A change may outlast the lock's expiry (deleting a large source scans every node): it is
+            # kept while the change runs, so that no other server's change starts meanwhile.
+            done = threading.Event()
+            keeper = threading.Thread(
+                target=self._keep_lock, args=(lock, done), name="redis-definition-lock", daemon=True
+            )
+            keeper.start()
             try:
                 yield
             finally:
+                done.set()
+                keeper.join()
                 with self._calls():
                     self._release_script(keys=[lock], args=[self._token])
+
+    def _keep_lock(self, lock: str, done: threading.Event) -> None:
+        """Extend this server's hold of `lock` every third of its expiry until `done`."""
+        while not done.wait(_LOCK_MS / 3000):
+            try:
+                with self._calls():
+                    self._lease_script(keys=[lock], args=[self._token, _LOCK_MS])
+            except CoreError as e:
+                # Redis out of reach: the next try may reach it; the change itself fails on its own.
+                _LOGGER.debug("keeping the definition lock failed: %s", e)
 
     def generation(self, source_id: int) -> int:
         """The source's generation, as stored with the definition last read; -1 once it is deleted."""
