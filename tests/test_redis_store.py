@@ -580,3 +580,58 @@ def test_a_definition_change_holds_the_lock_for_as_long_as_it_runs(
             assert not client.exists(f"{{{ns}}}:lock")
     finally:
         client.close()
+
+
+_BUSY_LOOP = """
+local t = redis.call('TIME')
+local until_s = tonumber(t[1]) + 60
+while tonumber(redis.call('TIME')[1]) < until_s do end
+return 1
+"""
+
+
+def test_a_redis_busy_running_a_script_is_unavailable_and_the_push_is_sent_again_later(
+    tmp_path: Path,
+) -> None:
+    # Past 10 ms of a script, Redis answers every other command BUSY until it ends or is killed.
+    node = RedisServer(tmp_path / "redis", "--busy-reply-threshold", "10")
+    with served(tmp_path / "data", node) as running:
+        running.apply(AD_IMPRESSIONS)
+        looping = redis.Redis(port=node.port)
+        script = threading.Thread(target=lambda: _ignore_killed(looping), daemon=True)
+        script.start()
+        client = redis.Redis(port=node.port)
+        try:
+            assert wait_until(lambda: _answers_busy(client), 20)
+            row = {"user_id": "u1", "timestamp": iso(BASE), "clicked": 1}
+            request = rows_request({"ad_impressions": [row]}, requestId="busy-1")
+            with pytest.raises(grpc.RpcError) as info:
+                running.ingest.Push(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "busy running a script" in (info.value.details() or "")
+            # Redis answers: writes are not reported stopped.
+            assert running.server.store.writable
+        finally:
+            client.script_kill()
+            script.join(20)
+            client.close()
+            looping.close()
+        assert not running.ingest.Push(request, timeout=10).replayed
+        assert features(running, "ad_impressions", {"user_id": "u1"})[0]["features"]["clicked"] == "1"
+
+
+def _ignore_killed(client: redis.Redis) -> None:
+    """Run the busy loop until SCRIPT KILL ends it."""
+    try:
+        client.eval(_BUSY_LOOP, 0)
+    except redis.exceptions.ResponseError:
+        pass
+
+
+def _answers_busy(client: redis.Redis) -> bool:
+    """Whether Redis refuses a command BUSY now."""
+    try:
+        client.get("any")
+    except redis.exceptions.ResponseError as e:
+        return str(e).startswith("BUSY")
+    return False

@@ -242,6 +242,23 @@ def _refusal(e: redis.exceptions.ResponseError) -> CoreError:
     )
 
 
+def _busy(e: redis.exceptions.ResponseError) -> Unavailable:
+    """What a caller is told while Redis runs a long script and answers every other command BUSY."""
+    # Redis refuses the command before running it, so a retry with the request id is safe: a cluster
+    # push refused at one bucket is completed by it, a node push has written nothing.
+    return Unavailable(
+        "the server's Redis store is busy running a script and refuses every other command until it "
+        "ends; send the request again later (with its request id, sending it again is safe)",
+        reason="STORE_BUSY",
+        metadata={"error": str(e)[:200]},
+    )
+
+
+def _is_busy(e: redis.exceptions.ResponseError) -> bool:
+    """Whether Redis answered BUSY: redis-py raises a plain ResponseError for it."""
+    return str(e).startswith("BUSY ")
+
+
 def _unreachable(e: Exception) -> Unavailable:
     """What a caller is told while Redis, or every node of a cluster, cannot be reached."""
     return Unavailable(
@@ -371,6 +388,12 @@ class RedisStore(NoViews):
                 for watch in self._watchers:
                     watch(False)
             raise error from None
+        # After the unreachable errors: redis-py's ClusterDownError is a ResponseError too.
+        except redis.exceptions.ResponseError as e:
+            if not _is_busy(e):
+                raise
+            # Redis answers, and will again once the script ends: writes are not reported stopped.
+            raise _busy(e) from None
 
     @property
     def writable(self) -> bool:
