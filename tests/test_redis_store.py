@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -635,3 +637,29 @@ def _answers_busy(client: redis.Redis) -> bool:
     except redis.exceptions.ResponseError as e:
         return str(e).startswith("BUSY")
     return False
+
+
+@pytest.mark.parametrize("kind", ["node", "cluster"])
+def test_a_wrong_password_at_start_names_the_credentials_and_never_shows_them(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store: RedisServer | RedisCluster
+    if kind == "node":
+        store = RedisServer(tmp_path / "redis", password="right-password")
+    else:
+        store = RedisCluster(tmp_path / "cluster", password="right-password")
+    secret = f"wrong-{uuid.uuid4().hex}"
+    try:
+        monkeypatch.setenv("FEATUREPUSH_STORE", store.url.replace("right-password", secret))
+        cmd = [sys.executable, "-m", "featurepush_server.cli", "serve", "--listen", "localhost:0"]
+        done = subprocess.run(
+            [*cmd, "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        store.stop()
+    assert done.returncode == 1
+    assert secret not in done.stdout + done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("featurepush: error: ")
+    assert "refused the credentials" in last
+    assert "Traceback" not in done.stderr

@@ -259,8 +259,39 @@ def _is_busy(e: redis.exceptions.ResponseError) -> bool:
     return str(e).startswith("BUSY ")
 
 
+# What the error of a connection refused for its credentials says: redis-py raises AuthenticationError
+# (a ConnectionError) on one node, but a RedisClusterException carrying only its text for a cluster.
+_AUTH_REFUSED = (
+    "WRONGPASS",
+    "NOAUTH",
+    "invalid username-password",
+    "Authentication required",
+    "no password is set",
+)
+
+
+def _credentials_refused(e: BaseException) -> bool:
+    """Whether Redis refused the credentials of the store URL, rather than being out of reach."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, redis.exceptions.AuthenticationError):
+            return True
+        if any(marker in str(seen) for marker in _AUTH_REFUSED):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _unreachable(e: Exception) -> Unavailable:
-    """What a caller is told while Redis, or every node of a cluster, cannot be reached."""
+    """What a caller is told while Redis, or every node of a cluster, is out of reach or refuses the login."""
+    if _credentials_refused(e):
+        # The password is never in the message: the URL is not quoted, and Redis does not echo it.
+        return Unavailable(
+            "the server's Redis store refused the credentials (user and password) of the store URL; "
+            "correct them in the store setting",
+            reason="STORE_AUTH_REFUSED",
+            metadata={"error": str(e)[:200]},
+        )
     return Unavailable(
         "the server cannot reach its Redis store; it reconnects by itself, send the request again later",
         reason="STORE_UNAVAILABLE",
@@ -344,8 +375,9 @@ class RedisStore(NoViews):
                 # The cluster's nodes are asked for its slots here already.
                 client = RedisCluster(startup_nodes=nodes, **common)
             except _UNREACHABLE as e:
-                _LOGGER.error("Redis cannot be reached: %s", e)
-                raise _unreachable(e) from None
+                error = _unreachable(e)
+                _LOGGER.error("%s: %s", error.message, e)
+                raise error from None
             store = cls(client, cluster=True, timeout_s=timeout_s, **options)
         else:
             client = redis.Redis.from_url(url, **common)
@@ -383,7 +415,7 @@ class RedisStore(NoViews):
         except _UNREACHABLE as e:
             error = _unreachable(e)
             if self._down is None:
-                _LOGGER.error("Redis cannot be reached: %s", e)
+                _LOGGER.error("%s: %s", error.message, e)
                 self._down = error
                 for watch in self._watchers:
                     watch(False)
