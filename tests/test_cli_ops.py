@@ -92,6 +92,7 @@ def test_status_shows_health_rows_store_and_offline_log(
         },
         "version": featurepush.__version__,
         "writes_accepted": True,
+        "store_warnings": [],
         "sources": [
             {"name": "account_clicks", "row_count": 5, "row_count_exact": True},
             {"name": "ad_impressions", "row_count": 0, "row_count_exact": True},

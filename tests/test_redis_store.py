@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 import subprocess
@@ -21,9 +22,10 @@ import redis
 from conftest import AD_IMPRESSIONS, Running, features, rows_request, start
 from redis_servers import RedisCluster, RedisServer, free_port, have_redis
 from servers import ServedProcess, wait_until
+from test_cli import run
 from views_helpers import opened_store
 
-from featurepush.v1 import ingest_service_pb2
+from featurepush.v1 import ingest_service_pb2, registry_service_pb2
 from featurepush_server.config import ConfigError, ServerConfig
 from featurepush_server.core.errors import Unavailable
 
@@ -663,3 +665,59 @@ def test_a_wrong_password_at_start_names_the_credentials_and_never_shows_them(
     assert last.startswith("featurepush: error: ")
     assert "refused the credentials" in last
     assert "Traceback" not in done.stderr
+
+
+def _policy_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "maxmemory-policy" in r.getMessage()
+    ]
+
+
+def test_an_evicting_redis_is_warned_of_at_start_and_in_the_status(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node = RedisServer(tmp_path / "redis", "--maxmemory-policy", "allkeys-lru")
+    with served(tmp_path / "data", node) as running:
+        [warning] = _policy_warnings(caplog)
+        assert "allkeys-lru" in warning and "CONFIG SET maxmemory-policy noeviction" in warning
+        assert "offline-log queue" in warning
+        status = running.registry.GetServerStatus(registry_service_pb2.GetServerStatusRequest())
+        assert list(status.store_warnings) == [warning]
+        code, out, _ = run(capsys, "status", "--target", running.target)
+        assert code == 0
+        assert f"store:        WARNING: {warning}" in out.splitlines()
+
+
+def test_a_cluster_primary_that_may_evict_is_named_in_the_warning(
+    tmp_path: Path, redis_cluster: RedisCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    evicting = redis_cluster.nodes[1]
+    client = redis.Redis(port=evicting.port)
+    client.config_set("maxmemory-policy", "volatile-lru")
+    try:
+        running = start(tmp_path, store=redis_cluster.url, redis_namespace=namespace())
+        running.close()
+    finally:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.close()
+    [warning] = _policy_warnings(caplog)
+    assert f"volatile-lru on 127.0.0.1:{evicting.port}" in warning
+    assert str(redis_cluster.nodes[0].port) not in warning
+
+
+def test_a_redis_refusing_config_is_not_checked_and_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="featurepush_server.core.stores.redis")
+    # As managed services do: CONFIG is renamed away, so CONFIG GET is an unknown command.
+    node = RedisServer(
+        tmp_path / "redis", "--maxmemory-policy", "allkeys-lru", "--rename-command", "CONFIG", ""
+    )
+    with served(tmp_path / "data", node) as running:
+        running.apply(AD_IMPRESSIONS)
+        assert not _policy_warnings(caplog)
+        assert "maxmemory-policy could not be checked" in caplog.text
+        status = running.registry.GetServerStatus(registry_service_pb2.GetServerStatusRequest())
+        assert list(status.store_warnings) == []

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +118,8 @@ class ServerStatus:
     offline_log_lag_seconds: float
     offline_log_queued_entries: int
     sources: list[SourceStatus]
+    # What to fix in the store's setup (a Redis that may evict keys); empty when nothing.
+    store_warnings: list[str] = field(default_factory=list)
 
 
 class FeatureStatus(enum.StrEnum):
@@ -323,6 +325,7 @@ class Client:
             offline_log_lag_seconds=response.offline_log_lag_seconds,
             offline_log_queued_entries=response.offline_log_queued_entries,
             sources=[SourceStatus(s.name, s.row_count, s.row_count_exact) for s in response.sources],
+            store_warnings=list(response.store_warnings),
         )
 
     # Ingest.

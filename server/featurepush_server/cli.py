@@ -690,6 +690,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
                     {"name": s.name, "row_count": s.row_count, "row_count_exact": s.row_count_exact}
                     for s in state.sources
                 ],
+                "store_warnings": state.store_warnings,
             }
         )
         return 0 if healthy else 1
@@ -702,6 +703,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     # Zero is what a backend that cannot tell its size reports (Redis); RocksDB's is never zero.
     size = _size(state.store_bytes) if state.store_bytes else "size not reported by the store backend (Redis)"
     print(f"store:        {size}")
+    for warning in state.store_warnings:
+        print(f"store:        WARNING: {warning}")
     print(
         f"offline log:  {state.offline_log_queued_entries} entries queued, "
         f"lag {state.offline_log_lag_seconds:.1f}s"

@@ -82,7 +82,7 @@ class SourceStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., row_count: _Optional[int] = ..., row_count_exact: _Optional[bool] = ...) -> None: ...
 
 class GetServerStatusResponse(_message.Message):
-    __slots__ = ("version", "uptime_seconds", "writes_accepted", "store_bytes", "offline_log_lag_seconds", "offline_log_queued_entries", "sources")
+    __slots__ = ("version", "uptime_seconds", "writes_accepted", "store_bytes", "offline_log_lag_seconds", "offline_log_queued_entries", "sources", "store_warnings")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WRITES_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class GetServerStatusResponse(_message.Message):
     OFFLINE_LOG_LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_LOG_QUEUED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    STORE_WARNINGS_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_seconds: float
     writes_accepted: bool
@@ -97,4 +98,5 @@ class GetServerStatusResponse(_message.Message):
     offline_log_lag_seconds: float
     offline_log_queued_entries: int
     sources: _containers.RepeatedCompositeFieldContainer[SourceStatus]
-    def __init__(self, version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., writes_accepted: _Optional[bool] = ..., store_bytes: _Optional[int] = ..., offline_log_lag_seconds: _Optional[float] = ..., offline_log_queued_entries: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceStatus, _Mapping]]] = ...) -> None: ...
+    store_warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., writes_accepted: _Optional[bool] = ..., store_bytes: _Optional[int] = ..., offline_log_lag_seconds: _Optional[float] = ..., offline_log_queued_entries: _Optional[int] = ..., sources: _Optional[_Iterable[_Union[SourceStatus, _Mapping]]] = ..., store_warnings: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -38,6 +38,7 @@ class ServerStatus:
     offline_lag_s: float
     offline_queued: int
     sources: list[SourceRows]
+    store_warnings: list[str]
 
 
 class StatusReporter:
@@ -70,4 +71,5 @@ class StatusReporter:
             offline_lag_s=log.lag_seconds() if log is not None else 0.0,
             offline_queued=self._store.count_offline(limit),
             sources=sources,
+            store_warnings=self._store.setup_warnings(),
         )

@@ -71,4 +71,5 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
             sources=[
                 pb.SourceStatus(name=s.name, row_count=s.rows, row_count_exact=s.exact) for s in state.sources
             ],
+            store_warnings=state.store_warnings,
         )

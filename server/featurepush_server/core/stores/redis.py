@@ -349,6 +349,8 @@ class RedisStore(NoViews):
         self._watchers: list[Callable[[bool], None]] = []
         # A cluster push writes each bucket with its own script; they run side by side.
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="featurepush-redis") if cluster else None
+        # Set at connect where Redis may evict this store's keys; empty where it may not or was not asked.
+        self.eviction_warning = ""
 
     @classmethod
     def connect(cls, url: str, *, timeout_s: float = 2.0, **options: Any) -> RedisStore:
@@ -384,7 +386,39 @@ class RedisStore(NoViews):
             store = cls(client, cluster=False, timeout_s=timeout_s, **options)
         with store._calls():
             store._redis.ping()
+            store._check_eviction()
         return store
+
+    def _check_eviction(self) -> None:
+        """Warn when Redis (any primary of a cluster) may evict keys: they hold data, not a cache."""
+        try:
+            if self._cluster:
+                replies = self._redis.config_get("maxmemory-policy", target_nodes=RedisCluster.PRIMARIES)
+            else:
+                replies = {"": self._redis.config_get("maxmemory-policy")}
+        except redis.exceptions.ResponseError as e:
+            # Managed services rename or disable CONFIG, or an ACL user may not run it.
+            _LOGGER.info("Redis's maxmemory-policy could not be checked (CONFIG GET refused): %s", e)
+            return
+        # A cluster of one primary answers as one node does, without the node's name around it.
+        if "maxmemory-policy" in replies or b"maxmemory-policy" in replies:
+            replies = {"": replies}
+        policies: dict[str, str] = {}
+        for node, reply in replies.items():
+            for name, value in reply.items():
+                if _text(name) == "maxmemory-policy" and _text(value) != "noeviction":
+                    policies[_text(node)] = _text(value)
+        if not policies:
+            return
+        where = ", ".join(
+            f"{policy} on {node}" if node else policy for node, policy in sorted(policies.items())
+        )
+        self.eviction_warning = (
+            f"Redis's maxmemory-policy is {where}, not noeviction: at maxmemory Redis may drop sources, "
+            "idempotency records, latest rows or the offline-log queue without an error; set it with "
+            "CONFIG SET maxmemory-policy noeviction (and in redis.conf)"
+        )
+        _LOGGER.warning("%s", self.eviction_warning)
 
     # --- keys ----------------------------------------------------------------------------------
 
@@ -450,6 +484,10 @@ class RedisStore(NoViews):
         for watch in self._watchers:
             watch(True)
         return True
+
+    def setup_warnings(self) -> list[str]:
+        """The eviction policy's warning where Redis may evict this store's keys, as found at connect."""
+        return [self.eviction_warning] if self.eviction_warning else []
 
     def statistic(self, name: str) -> int | None:
         """None: Redis reports its own statistics (INFO), not RocksDB's properties."""

@@ -1175,6 +1175,10 @@ class RemoteStore:
         """Ask the owner to take writes again after a storage error; return whether writable."""
         return bool(self._call(_Out().u8(RECOVER).i64(int(timeout_s * 1000))).u8())
 
+    def setup_warnings(self) -> list[str]:
+        """None: the owner's store is the embedded one, which has no such setting."""
+        return []
+
     def statistic(self, name: str) -> int | None:
         """The owner's store statistic by name, or None (also when the owner is not answering)."""
         try:

@@ -480,6 +480,10 @@ class RocksDBStore:
         if self._db.get(_REQUEST_INDEX_BUILT) is None:
             self._index_request_records()
 
+    def setup_warnings(self) -> list[str]:
+        """None: the embedded store has no setting that could lose acknowledged writes."""
+        return []
+
     def statistic(self, name: str) -> int | None:
         """A RocksDB integer property (such as rocksdb.total-sst-files-size), or None when unknown.
 
