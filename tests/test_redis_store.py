@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 import redis
 from conftest import AD_IMPRESSIONS, Running, features, rows_request, start
@@ -28,6 +29,7 @@ from views_helpers import opened_store
 from featurepush.v1 import ingest_service_pb2, registry_service_pb2
 from featurepush_server.config import ConfigError, ServerConfig
 from featurepush_server.core.errors import Unavailable
+from featurepush_server.core.offline_log import OfflineLog
 
 pytestmark = pytest.mark.skipif(
     not have_redis(), reason="redis-server is not installed (make test installs it)"
@@ -721,3 +723,58 @@ def test_a_redis_refusing_config_is_not_checked_and_serves(
         assert "maxmemory-policy could not be checked" in caplog.text
         status = running.registry.GetServerStatus(registry_service_pb2.GetServerStatusRequest())
         assert list(status.store_warnings) == []
+
+
+class _Killed(Exception):
+    """Stands for a drainer killed between writing its Parquet files and trimming the queue."""
+
+
+def test_a_drainer_killed_before_trimming_is_finished_once_in_a_shared_folder_and_named_alike_apart(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = namespace()
+    settings: dict[str, object] = {"store": redis_server.url, "redis_namespace": ns}
+    a, b = (start(tmp_path / name, offline_flush_interval_s=3600.0, **settings) for name in "ab")
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        a_log, b_log = a.server.offline_log, b.server.offline_log
+        assert a_log is not None and b_log is not None
+        a.apply(dict(AD_IMPRESSIONS, pushConfig={"logOffline": True}))
+
+        def killed(first: int, last: int) -> None:
+            raise _Killed
+
+        monkeypatch.setattr(a.server.store, "delete_offline", killed)
+
+        def crash_after_writing(clicked: range) -> None:
+            rows = [{"user_id": f"u{i}", "timestamp": iso(BASE), "clicked": i} for i in clicked]
+            a.ingest.Push(rows_request({"ad_impressions": rows}))
+            # Whichever server held the lease gave it up: a takes it.
+            client.delete(f"{{{ns}}}:offline_lease")
+            with pytest.raises(_Killed):
+                a_log.flush()
+            # The dead drainer's lease runs out.
+            client.delete(f"{{{ns}}}:offline_lease")
+
+        def files(name: str) -> dict[str, list[int]]:
+            folder = tmp_path / name / "offline" / "ad_impressions"
+            return {
+                p.name: sorted(pq.read_table(p)["clicked"].to_pylist())
+                for p in folder.glob("date=*/*.parquet")
+            }
+
+        # One shared folder: the next drainer finds the round's files and finishes that range, once.
+        crash_after_writing(range(3))
+        shared = OfflineLog(b.server.store, tmp_path / "a" / "offline", interval_s=3600.0)
+        assert shared.flush() == 3
+        assert list(files("a").values()) == [[0, 1, 2]]
+        # Separate folders: the next drainer writes the round again, under the same file name.
+        crash_after_writing(range(3, 6))
+        assert b_log.flush() == 3
+        [again] = [name for name in files("a") if files("a")[name] == [3, 4, 5]]
+        assert files("b") == {again: [3, 4, 5]}
+        assert b.server.store.count_offline() == 0
+    finally:
+        client.close()
+        a.close()
+        b.close()
