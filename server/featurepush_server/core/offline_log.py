@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -184,7 +185,8 @@ class OfflineLog:
             if target.exists():
                 continue
             folder.mkdir(parents=True, exist_ok=True)
-            temp = folder / f".{target.name}.tmp"
+            # A name of its own: a drainer that stalled past its lease may write this round's file too.
+            temp = folder / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
             created.append(temp)
             try:
                 with open(temp, "wb") as fh:
@@ -228,7 +230,7 @@ class OfflineLog:
         if target.exists():
             return  # already quarantined by an earlier try of this round
         folder.mkdir(parents=True, exist_ok=True)
-        temp = folder / f".{target.name}.tmp"
+        temp = folder / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
         with open(temp, "wb") as fh:
             fh.write(entry.arrow_ipc)
             fh.flush()
