@@ -75,6 +75,13 @@ def test_the_same_records_as_arrow_or_in_another_form_are_a_replay(running: Runn
     # The same instant written another way is the same record.
     shifted = [_impression("u1", 1, "2026-11-25T12:00:00+02:00"), rows[1], rows[2]]
     assert running.ingest.Push(rows_request({"ad_impressions": shifted}, requestId="same-records")).replayed
+    # Many rows out of key order, taken as Arrow or as rows alike.
+    many = [_impression(f"m{(i * 37) % 500}", i) for i in range(500)]
+    as_rows = rows_request({"ad_impressions": many}, requestId="many")
+    assert not running.ingest.Push(as_rows).replayed
+    many_arrow = pb.PushRequest(request_id="many")
+    many_arrow.records["ad_impressions"].arrow_ipc = _arrow(many)
+    assert running.ingest.Push(many_arrow).replayed
     # A value changed, a row dropped or one added: other records.
     for changed in ([rows[0], rows[1], _impression("u3", 4)], rows[:2], [*rows, _impression("u4", 4)]):
         with pytest.raises(grpc.RpcError) as e:
