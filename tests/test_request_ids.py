@@ -7,7 +7,7 @@ from pathlib import Path
 import grpc
 import pyarrow as pa
 import pytest
-from conftest import EVERY_STORE, Running, features, rich_error, rows_request
+from conftest import AD_IMPRESSIONS, EVERY_STORE, Running, features, rich_error, rows_request, scalar
 
 from featurepush.v1 import ingest_service_pb2 as pb
 from featurepush_server.core.stores.base import BatchCounts, RowBatch
@@ -109,6 +109,36 @@ def test_a_dry_run_reusing_a_request_id_is_refused_too(running: Running) -> None
     request = rows_request({"ad_impressions": [_impression("d1", 2)]}, requestId="dry-1", dryRun=True)
     with pytest.raises(grpc.RpcError) as e:
         running.ingest.Push(request)
+    assert rich_error(e.value)[2] == "REQUEST_ID_REUSED"
+
+
+@EVERY_STORE
+def test_the_same_records_replay_after_a_nullable_field_is_added(running: Running) -> None:
+    few = [_impression("n1", 1), _impression("n2", 2)]
+    # More rows than are encoded one by one, so that the column path writes them.
+    many = [_impression(f"m{i}", i) for i in range(40)]
+    as_arrow = pb.PushRequest(request_id="added-arrow")
+    as_arrow.records["ad_impressions"].arrow_ipc = _arrow(few)
+    sent = [
+        rows_request({"ad_impressions": few}, requestId="added-few"),
+        rows_request({"ad_impressions": many}, requestId="added-many"),
+        as_arrow,
+    ]
+    firsts = [running.ingest.Push(request) for request in sent]
+    fields = [
+        *AD_IMPRESSIONS["schema"]["fields"],
+        {"name": "country", "type": scalar("STRING"), "nullable": True},
+    ]  # type: ignore[index]
+    running.apply({**AD_IMPRESSIONS, "schema": {"fields": fields}})
+    # Their stored form now holds the new field: a retry that met the change is still a replay.
+    for request, first in zip(sent, firsts, strict=True):
+        again = running.ingest.Push(request)
+        assert again.replayed and again.counts == first.counts, request.request_id
+    # Ids first used since the change are checked again.
+    running.ingest.Push(rows_request({"ad_impressions": few}, requestId="after"))
+    other = rows_request({"ad_impressions": [{**few[0], "country": "FR"}, few[1]]}, requestId="after")
+    with pytest.raises(grpc.RpcError) as e:
+        running.ingest.Push(other)
     assert rich_error(e.value)[2] == "REQUEST_ID_REUSED"
 
 
