@@ -404,27 +404,29 @@ class ServerModel(RuleBasedStateMachine):
         elif request_id and request_id not in self.free_ids:
             self.free_ids.append(request_id)
 
-    @precondition(lambda self: self.sources)
-    @rule(data=st.data())
-    def refused_push(self, data: st.DataObject) -> None:
-        """A push with one bad value or a deleted source among valid records: nothing at all is written."""
+    def spoiled(self, data: st.DataObject) -> tuple[dict[str, list[dict[str, Any]]], grpc.StatusCode]:
+        """Rows for one or two sources with one bad value among them or a deleted source's, and the code."""
         records = self.draw_records(data)
-        names = list(records)
         rows = {name: json_rows(self.sources[name], rs) for name, rs in records.items()}
         if data.draw(st.booleans(), label="to a deleted source") and self.deleted:
             gone = self.deleted[data.draw(st.sampled_from(sorted(self.deleted)), label="deleted")]
             rows[gone.name] = json_rows(gone, data.draw(records_strategy(gone), label="deleted records"))
-            expected = grpc.StatusCode.NOT_FOUND
-        else:
-            name = data.draw(st.sampled_from(names), label="bad source")
-            source = self.sources[name]
-            row = data.draw(st.sampled_from(rows[name]), label="bad row")
-            bad = data.draw(st.sampled_from(source.fields), label="bad field")
-            choices = [*INVALID[bad.type], *([] if bad.nullable else [None])]
-            row[bad.name] = data.draw(st.sampled_from(choices), label="bad value")
-            if data.draw(st.booleans(), label="unknown field"):
-                row["nope"] = 1
-            expected = grpc.StatusCode.INVALID_ARGUMENT
+            return rows, grpc.StatusCode.NOT_FOUND
+        name = data.draw(st.sampled_from(sorted(rows)), label="bad source")
+        source = self.sources[name]
+        row = data.draw(st.sampled_from(rows[name]), label="bad row")
+        bad = data.draw(st.sampled_from(source.fields), label="bad field")
+        choices = [*INVALID[bad.type], *([] if bad.nullable else [None])]
+        row[bad.name] = data.draw(st.sampled_from(choices), label="bad value")
+        if data.draw(st.booleans(), label="unknown field"):
+            row["nope"] = 1
+        return rows, grpc.StatusCode.INVALID_ARGUMENT
+
+    @precondition(lambda self: self.sources)
+    @rule(data=st.data())
+    def refused_push(self, data: st.DataObject) -> None:
+        """A push with one bad value or a deleted source among valid records: nothing at all is written."""
+        rows, expected = self.spoiled(data)
         request_id = f"{self.prefix}-r{next(self.names)}" if data.draw(st.booleans(), label="with id") else ""
         request = rows_request(rows, requestId=request_id)
         with pytest.raises(grpc.RpcError) as refused:
@@ -433,6 +435,37 @@ class ServerModel(RuleBasedStateMachine):
         if request_id:
             # Nothing of a refused push is recorded, its id included: a later push may take it as new.
             self.free_ids.append(request_id)
+
+    @precondition(lambda self: self.sources)
+    @rule(data=st.data())
+    def push_stream(self, data: st.DataObject) -> None:
+        """A stream of batches, acknowledged in order: each good one as a push, a bad one failing alone."""
+        batches: list[ingest_service_pb2.PushStreamRequest] = []
+        outcomes: list[dict[str, tuple[int, int, int]] | grpc.StatusCode] = []
+        for seq in range(data.draw(st.integers(1, 3), label="batches")):
+            if data.draw(st.booleans(), label="bad batch"):
+                rows, code = self.spoiled(data)
+                batches.append(
+                    ingest_service_pb2.PushStreamRequest(sequence_id=seq, request=rows_request(rows))
+                )
+                outcomes.append(code)
+                continue
+            records = self.draw_records(data)
+            arrow = {name for name in records if data.draw(st.booleans(), label=f"{name} as arrow")}
+            request = self.request(records, arrow)
+            batches.append(ingest_service_pb2.PushStreamRequest(sequence_id=seq, request=request))
+            # Batches are written in order, so the model takes each before the next is counted.
+            outcomes.append(
+                {name: apply_counts(self.sources[name], rs, True) for name, rs in records.items()}
+            )
+        acks = list(self.via(data).ingest.PushStream(iter(batches)))
+        assert [a.sequence_id for a in acks] == list(range(len(batches)))
+        for ack, outcome in zip(acks, outcomes, strict=True):
+            if isinstance(outcome, grpc.StatusCode):
+                assert ack.WhichOneof("result") == "error" and ack.error.code == outcome.value[0], ack
+            else:
+                counts = {n: (c.accepted, c.written, c.superseded) for n, c in ack.response.counts.items()}
+                assert ack.WhichOneof("result") == "response" and counts == outcome, ack
 
     @precondition(lambda self: self.deleted)
     @rule(data=st.data())
