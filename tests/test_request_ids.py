@@ -142,6 +142,21 @@ def test_the_same_records_replay_after_a_nullable_field_is_added(running: Runnin
     assert rich_error(e.value)[2] == "REQUEST_ID_REUSED"
 
 
+@EVERY_STORE
+def test_a_request_id_sent_again_to_another_source_is_refused(running: Running) -> None:
+    running.apply({**AD_IMPRESSIONS, "name": "other_impressions"})
+    rows = [_impression("o1", 1)]
+    running.ingest.Push(rows_request({"ad_impressions": rows}, requestId="one-source"))
+    with pytest.raises(grpc.RpcError) as e:
+        running.ingest.Push(rows_request({"other_impressions": rows}, requestId="one-source"))
+    assert rich_error(e.value)[2] == "REQUEST_ID_REUSED"
+    with pytest.raises(grpc.RpcError) as e:
+        running.ingest.Push(
+            rows_request({"ad_impressions": rows, "other_impressions": rows}, requestId="one-source")
+        )
+    assert rich_error(e.value)[2] == "REQUEST_ID_REUSED"
+
+
 def _batch(key: bytes, value: bytes = b"\x80" + bytes(7) + b"v") -> RowBatch:
     return RowBatch("clicks", [b"r\x00\x00\x00\x01" + key], [value])
 

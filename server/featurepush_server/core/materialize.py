@@ -171,10 +171,7 @@ class Materializer:
             batches, request_id=request_id, fingerprint=fingerprint, dry_run=dry_run
         )
         first = result.fingerprint
-        # Digests of values encoded against other fields (a nullable field added since) cannot be compared:
-        # such a replay is answered as one.
-        comparable = _fields_of(first) == _fields_of(fingerprint)
-        if result.replayed and first and first != fingerprint and comparable:
+        if result.replayed and first and first != fingerprint and _comparable(first, fingerprint):
             # Answering with the first request's counts would tell the caller these records were written.
             raise FailedPrecondition(
                 f"request_id {shown(request_id)!r} was used within the idempotency window for other records; "
@@ -197,16 +194,17 @@ class Materializer:
 
 
 def records_fingerprint(records: Sequence[SourceRecords], batches: Sequence[RowBatch]) -> str:
-    """What a request id is checked against: a digest of its sources' fields, then one of their records.
+    """What a request id is checked against: each source's name and a digest of its fields, then one of
+    the records, as `name=fields,...|records`.
 
-    The second covers the encoded values (each holds its record's columns, entity key included), so one
-    set of records pushed as rows or as Arrow, in one batch or several, has one fingerprint; the values
-    hold every field of the source, so they are compared only where the fields are the same.
+    The records' digest covers the encoded values (each holds its record's columns, entity key included),
+    so one set of records pushed as rows or as Arrow, in one batch or several, has one fingerprint.
     """
-    fields = hashlib.sha256()
+    sources = []
     for part in sorted(records, key=lambda r: r.source.spec.name):
         spec = part.source.spec
-        fields.update("\n".join([spec.name, *(f.name for f in spec.fields)]).encode() + b"\n\n")
+        fields = hashlib.sha256("\n".join(f.name for f in spec.fields).encode()).hexdigest()[:8]
+        sources.append(f"{spec.name}={fields}")
     digest = hashlib.sha256()
     for batch in sorted(batches, key=lambda b: b.source):
         name = batch.source.encode()
@@ -215,12 +213,18 @@ def records_fingerprint(records: Sequence[SourceRecords], batches: Sequence[RowB
         # The lengths make the values' boundaries part of the digest, not only their concatenation.
         digest.update(array("Q", map(len, values)).tobytes())
         digest.update(b"".join(values))
-    return f"{fields.hexdigest()[:8]}:{digest.hexdigest()[:32]}"
+    return f"{','.join(sources)}|{digest.hexdigest()[:32]}"
 
 
-def _fields_of(fingerprint: str) -> str:
-    """The part of a fingerprint that names its sources' fields."""
-    return fingerprint.partition(":")[0]
+def _comparable(first: str, now: str) -> bool:
+    """Whether two fingerprints' records digests can tell other records from the same ones.
+
+    Not where the same sources' fields changed between them (a nullable field added): the values then hold
+    another set of fields, so the same records digest otherwise; such a request id is answered as a replay.
+    """
+    first_sources = dict(s.split("=") for s in first.partition("|")[0].split(",") if "=" in s)
+    now_sources = dict(s.split("=") for s in now.partition("|")[0].split(",") if "=" in s)
+    return first_sources.keys() != now_sources.keys() or first_sources == now_sources
 
 
 @contextmanager
