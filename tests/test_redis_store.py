@@ -571,15 +571,15 @@ def test_a_definition_change_holds_the_lock_for_as_long_as_it_runs(
 ) -> None:
     from featurepush_server.core.stores import redis as redis_store
 
-    # An expiry of 0.3 s, so that a change of a second outlasts it three times over.
-    monkeypatch.setattr(redis_store, "_LOCK_MS", 300)
+    # An expiry of 0.6 s, so that a change of two seconds outlasts it three times over.
+    monkeypatch.setattr(redis_store, "_LOCK_MS", 600)
     ns = namespace()
     settings: dict[str, object] = {"store": redis_server.url, "redis_namespace": ns}
     client = redis.Redis(port=redis_server.port)
     try:
         with opened_store(tmp_path / "data", settings) as store:
             with store.exclusive():
-                deadline = time.monotonic() + 1.0
+                deadline = time.monotonic() + 2.0
                 while time.monotonic() < deadline:
                     assert client.pttl(f"{{{ns}}}:lock") > 0
                     time.sleep(0.05)

@@ -67,13 +67,7 @@ from featurepush.v1 import source_pb2
 from ..errors import Aborted, CoreError, StorageFull, Unavailable
 from ..framing import HEADER_BYTES
 from ..gate import UsageGate
-from .base import (
-    BatchCounts,
-    QueuedRecords,
-    RowBatch,
-    WriteResult,
-    block_tile_count,
-)
+from .base import BatchCounts, QueuedRecords, RowBatch, WriteResult, block_tile_count
 from .no_views import NoViews
 
 _LOGGER = logging.getLogger(__name__)
@@ -623,7 +617,11 @@ class RedisStore(NoViews):
         while not done.wait(_LOCK_MS / 3000):
             try:
                 with self._calls():
-                    self._lease_script(keys=[lock], args=[self._token, _LOCK_MS])
+                    held = int(self._lease_script(keys=[lock], args=[self._token, _LOCK_MS]))
+                if not held:
+                    # Out of reach for longer than the expiry: another server's change may run alongside.
+                    _LOGGER.warning("the definition lock expired while this server's change ran")
+                    return
             except CoreError as e:
                 # Redis out of reach: the next try may reach it; the change itself fails on its own.
                 _LOGGER.debug("keeping the definition lock failed: %s", e)
