@@ -52,6 +52,7 @@ class _FakeRows:
         request_id: str = "",
         fingerprint: str = "",
         dry_run: bool = False,
+        replace: str = "",
     ) -> WriteResult:
         self.batches += batches
         for b in batches if not dry_run else ():

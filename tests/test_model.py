@@ -250,6 +250,8 @@ class Remembered:
     fields: dict[str, list[str]]
     # ...and their types: the same records are sent again only while those hold.
     types: dict[str, list[Any]]
+    # The sources as they were: one deleted and applied again since is another object, its rows gone.
+    sources: dict[str, ModelSource]
 
 
 class ServerModel(RuleBasedStateMachine):
@@ -393,6 +395,11 @@ class ServerModel(RuleBasedStateMachine):
         """Push and check the answer against the model; the model takes what the push wrote."""
         request = self.request(records, arrow, dryRun=dry_run, requestId=request_id)
         first = self.request_ids.get(request_id) if request_id else None
+        if first is not None and any(
+            name in first.sources and self.sources.get(name) is not first.sources[name] for name in records
+        ):
+            # A source of the first push was deleted and applied again: its record no longer answers.
+            first = None
         fields = {name: [f.name for f in self.sources[name].fields] for name in records}
         checked = first is not None and (first.fields.keys() != fields.keys() or first.fields == fields)
         try:
@@ -413,10 +420,11 @@ class ServerModel(RuleBasedStateMachine):
         assert counts == expected
         if request_id and not dry_run:
             types = {name: [f.type for f in self.sources[name].fields] for name in records}
-            self.request_ids[request_id] = Remembered(records, counts, fields, types)
+            kept = {name: self.sources[name] for name in records}
+            self.request_ids[request_id] = Remembered(records, counts, fields, types, kept)
             if request_id in self.free_ids:
                 self.free_ids.remove(request_id)
-        elif request_id and request_id not in self.free_ids:
+        elif request_id and request_id not in self.free_ids and request_id not in self.request_ids:
             self.free_ids.append(request_id)
 
     def spoiled(self, data: st.DataObject) -> tuple[dict[str, list[dict[str, Any]]], grpc.StatusCode]:

@@ -10,6 +10,7 @@ import pytest
 from conftest import AD_IMPRESSIONS, EVERY_STORE, Running, features, rich_error, rows_request, scalar
 
 from featurepush.v1 import ingest_service_pb2 as pb
+from featurepush.v1 import registry_service_pb2
 from featurepush_server.core.stores.base import BatchCounts, RowBatch
 from featurepush_server.core.stores.rocksdb import FORMAT_KEY, FORMAT_VERSION, REQUEST, RocksDBStore
 
@@ -155,6 +156,60 @@ def test_a_request_id_sent_again_to_another_source_is_refused(running: Running) 
             rows_request({"ad_impressions": rows, "other_impressions": rows}, requestId="one-source")
         )
     assert rich_error(e.value)[2] == "REQUEST_ID_REUSED"
+
+
+def _recreate(running: Running, name: str) -> None:
+    """Delete a source, its rows with it, and apply the same definition again (a new store id)."""
+    running.registry.DeleteSource(registry_service_pb2.DeleteSourceRequest(name=name))
+    running.apply({**AD_IMPRESSIONS, "name": name})
+
+
+@EVERY_STORE
+def test_a_request_id_sent_again_after_its_source_was_recreated_writes_its_records(running: Running) -> None:
+    # The first write's rows went with the deletion: answering from its record would say they are stored.
+    push = rows_request({"ad_impressions": [_impression("r1", 3)]}, requestId="across-delete")
+    assert not running.ingest.Push(push).replayed
+    _recreate(running, "ad_impressions")
+    assert _clicked(running, "r1") is None
+    again = running.ingest.Push(push)
+    assert not again.replayed and again.counts["ad_impressions"].written == 1
+    assert _clicked(running, "r1") == "3"
+    # Its record now answers for the rows written the second time.
+    assert running.ingest.Push(push).replayed
+    other = rows_request({"ad_impressions": [_impression("r1", 9)]}, requestId="across-delete")
+    with pytest.raises(grpc.RpcError) as e:
+        running.ingest.Push(other)
+    assert rich_error(e.value)[2] == "REQUEST_ID_REUSED"
+    assert _clicked(running, "r1") == "3"
+
+
+@EVERY_STORE
+def test_a_push_to_two_sources_one_of_them_recreated_is_written_again_whole(running: Running) -> None:
+    running.apply({**AD_IMPRESSIONS, "name": "kept_impressions"})
+    rows = [_impression("w1", 4)]
+    push = rows_request({"ad_impressions": rows, "kept_impressions": rows}, requestId="two-sources")
+    assert not running.ingest.Push(push).replayed
+    _recreate(running, "ad_impressions")
+    again = running.ingest.Push(push)
+    assert not again.replayed
+    assert again.counts["ad_impressions"].written == 1
+    # The kept source's row is the same event: written again over itself.
+    assert again.counts["kept_impressions"].accepted == 1
+    assert _clicked(running, "w1") == "4"
+    assert features(running, "kept_impressions", {"user_id": "w1"})[0]["features"]["clicked"] == "4"
+
+
+def test_a_record_is_replaced_only_where_its_fingerprint_is_the_one_named(tmp_path: Path) -> None:
+    # Two senders that both found the record stale: the first replaces it, the second is a replay of that.
+    store = RocksDBStore(tmp_path / "db")
+    try:
+        store.write_latest([_batch(b"k")], request_id="id", fingerprint="old")
+        first = store.write_latest([_batch(b"k")], request_id="id", fingerprint="new", replace="old")
+        assert not first.replayed
+        second = store.write_latest([_batch(b"k")], request_id="id", fingerprint="new", replace="old")
+        assert second.replayed and second.fingerprint == "new"
+    finally:
+        store.close()
 
 
 def _batch(key: bytes, value: bytes = b"\x80" + bytes(7) + b"v") -> RowBatch:

@@ -171,6 +171,14 @@ class Materializer:
             batches, request_id=request_id, fingerprint=fingerprint, dry_run=dry_run
         )
         first = result.fingerprint
+        if result.replayed and first and _recreated(first, fingerprint):
+            # A source of the first request was deleted since, its rows with it, and applied again: that
+            # record answers for rows no longer stored, so these records replace it (unless another
+            # request replaced it first, which is then answered from as any record is).
+            result = self._store.write_latest(
+                batches, request_id=request_id, fingerprint=fingerprint, dry_run=dry_run, replace=first
+            )
+            first = result.fingerprint
         if result.replayed and first and first != fingerprint and _comparable(first, fingerprint):
             # Answering with the first request's counts would tell the caller these records were written.
             raise FailedPrecondition(
@@ -202,9 +210,7 @@ def records_fingerprint(records: Sequence[SourceRecords], batches: Sequence[RowB
     """
     sources = []
     for part in sorted(records, key=lambda r: r.source.spec.name):
-        spec = part.source.spec
-        fields = hashlib.sha256("\n".join(f.name for f in spec.fields).encode()).hexdigest()[:8]
-        sources.append(f"{spec.name}={fields}")
+        sources.append(f"{part.source.spec.name}#{part.source.id}={part.source.fields_digest}")
     digest = hashlib.sha256()
     for batch in sorted(batches, key=lambda b: b.source):
         name = batch.source.encode()
@@ -216,15 +222,34 @@ def records_fingerprint(records: Sequence[SourceRecords], batches: Sequence[RowB
     return f"{','.join(sources)}|{digest.hexdigest()[:32]}"
 
 
+def _sources(fingerprint: str) -> dict[str, tuple[str, str]]:
+    """A fingerprint's sources: each name's store id ("" in fingerprints written before ids) and fields."""
+    sources = {}
+    for item in fingerprint.partition("|")[0].split(","):
+        named, _, fields = item.partition("=")
+        name, _, source_id = named.partition("#")
+        sources[name] = (source_id, fields)
+    return sources
+
+
 def _comparable(first: str, now: str) -> bool:
     """Whether two fingerprints' records digests can tell other records from the same ones.
 
     Not where the same sources' fields changed between them (a nullable field added): the values then hold
     another set of fields, so the same records digest otherwise; such a request id is answered as a replay.
     """
-    first_sources = dict(s.split("=") for s in first.partition("|")[0].split(",") if "=" in s)
-    now_sources = dict(s.split("=") for s in now.partition("|")[0].split(",") if "=" in s)
-    return first_sources.keys() != now_sources.keys() or first_sources == now_sources
+    first_fields = {name: fields for name, (_, fields) in _sources(first).items()}
+    now_fields = {name: fields for name, (_, fields) in _sources(now).items()}
+    return first_fields.keys() != now_fields.keys() or first_fields == now_fields
+
+
+def _recreated(first: str, now: str) -> bool:
+    """Whether a source both fingerprints name was deleted and applied again between them (a new id)."""
+    first_sources, now_sources = _sources(first), _sources(now)
+    return any(
+        first_id and name in now_sources and now_sources[name][0] != first_id
+        for name, (first_id, _) in first_sources.items()
+    )
 
 
 @contextmanager

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -64,6 +66,11 @@ class Source:
     generation: int = 0
     # Nullable fields added while the source held rows: rows stored before them lack their entries.
     late_fields: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def fields_digest(self) -> str:
+        """A short digest of the field names, which a request id's fingerprint names the source with."""
+        return hashlib.sha256("\n".join(f.name for f in self.spec.fields).encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)

@@ -230,12 +230,14 @@ class LatestRows(Protocol):
         request_id: str = "",
         fingerprint: str = "",
         dry_run: bool = False,
+        replace: str = "",
     ) -> WriteResult:
         """Write each row unless a newer event of its entity is stored or later in the batch; atomically.
 
         The same write queues the batches' offline records and, with a `request_id`, records the counts
         and the records' `fingerprint` so that the request sent again is answered from them without
-        writing (see IdempotencyRecords); the answer carries the recorded fingerprint.
+        writing (see IdempotencyRecords); the answer carries the recorded fingerprint. A recorded request
+        whose fingerprint is `replace` is written as if unseen, its record replaced, in the same step.
         """
 
     def rows_file(self, keys: Sequence[bytes], values: Sequence[bytes]) -> str:

@@ -97,7 +97,8 @@ NAMESPACE_PATTERN = r"[A-Za-z0-9_.-]+"
 # KEYS: metas (n_meta), rows (n_rows), then the stream and its sequence key when n_off > 0, then the
 #   request record's key and its fingerprint's key when a record is written.
 # ARGV: dry, n_meta, n_rows, n_off, window ms ("" for no request record), grace ms, record ("" to build
-#   it here), n_src, the records' fingerprint ("" for none), then n_src pairs
+#   it here), n_src, the records' fingerprint ("" for none), the fingerprint of a record to replace
+#   ("" for none: a record whose fingerprint it is is taken as unseen), then n_src pairs
 #   (name, accepted), then per meta (source index, expected generation or "" for none), then per row
 #   (meta index, value), then the offline entries.
 # Feature views (one node only) follow, where a push has tile updates: ARGV n_vg, n_tile, n_state, each
@@ -110,7 +111,7 @@ local n_meta, n_rows, n_off = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARG
 local window, grace, record = ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local n_src = tonumber(ARGV[8])
 local k = n_meta + n_rows + 1
-local t = 10 + 2 * n_src + 2 * n_meta + 2 * n_rows + n_off
+local t = 11 + 2 * n_src + 2 * n_meta + 2 * n_rows + n_off
 local n_vg, n_tile = tonumber(ARGV[t] or '0'), tonumber(ARGV[t + 1] or '0')
 local n_state = tonumber(ARGV[t + 2] or '0')
 local kt = k + (n_off > 0 and 2 or 0) + (window ~= '' and 2 or 0)
@@ -119,9 +120,12 @@ if window ~= '' then
   req = KEYS[k + (n_off > 0 and 2 or 0)]
   req_fp = KEYS[k + (n_off > 0 and 2 or 0) + 1]
   local seen = redis.call('GET', req)
-  if seen then return {2, seen, redis.call('GET', req_fp) or ''} end
+  if seen then
+    local first = redis.call('GET', req_fp) or ''
+    if ARGV[10] == '' or first ~= ARGV[10] then return {2, seen, first} end
+  end
 end
-local a = 10 + 2 * n_src
+local a = 11 + 2 * n_src
 local meta_src, ttl, written = {}, {}, {}
 for i = 1, n_meta do
   meta_src[i] = tonumber(ARGV[a])
@@ -161,8 +165,8 @@ end
 if record == '' then
   local counts = {}
   for s = 1, n_src do
-    local accepted = tonumber(ARGV[9 + 2 * s])
-    counts[ARGV[8 + 2 * s]] = {accepted, written[s], accepted - written[s], tonumber(ARGV[t + 2 + s] or '0')}
+    local accepted = tonumber(ARGV[10 + 2 * s])
+    counts[ARGV[9 + 2 * s]] = {accepted, written[s], accepted - written[s], tonumber(ARGV[t + 2 + s] or '0')}
   end
   record = cjson.encode(counts)
 end
@@ -709,6 +713,7 @@ class RedisStore(NoViews):
         request_id: str = "",
         fingerprint: str = "",
         dry_run: bool = False,
+        replace: str = "",
     ) -> WriteResult:
         """Write each row unless a newer event of its entity is stored or later in the batch; atomically.
 
@@ -717,24 +722,24 @@ class RedisStore(NoViews):
         """
         with self._gate.use(), self._calls():
             if self._cluster:
-                return self._write_cluster(batches, request_id, fingerprint, dry_run)
-            result = self._write_node(batches, request_id, fingerprint, dry_run)
+                return self._write_cluster(batches, request_id, fingerprint, dry_run, replace)
+            result = self._write_node(batches, request_id, fingerprint, dry_run, replace)
             if not dry_run:
                 # A replay too: the first write may have reached the primary alone (its WAIT failed).
                 self._wait([])
         return result
 
     def _write_node(
-        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool
+        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool, replace: str
     ) -> WriteResult:
         if not any(batch.tiles for batch in batches):
-            keys, args = self._write_args(batches, request_id, fingerprint, dry_run)
+            keys, args = self._write_args(batches, request_id, fingerprint, dry_run, replace)
             return self._result(self._write_script(keys=keys, args=args), batches)
         # Tiles are merged here from what Redis holds; the write lands only if none of it changed since.
         for _ in range(_TILE_TRIES):
             with self._redis.pipeline(transaction=True) as pipe:
                 try:
-                    return self._write_node_tiles(pipe, batches, request_id, fingerprint, dry_run)
+                    return self._write_node_tiles(pipe, batches, request_id, fingerprint, dry_run, replace)
                 except redis.WatchError:
                     continue
         raise Unavailable(
@@ -743,7 +748,13 @@ class RedisStore(NoViews):
         )
 
     def _write_node_tiles(
-        self, pipe: Any, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool
+        self,
+        pipe: Any,
+        batches: Sequence[RowBatch],
+        request_id: str,
+        fingerprint: str,
+        dry_run: bool,
+        replace: str,
     ) -> WriteResult:
         """One try of a push with tile updates: watch, read and merge the tiles, then write it all at once."""
         updates = [(index, update) for index, batch in enumerate(batches) for update in batch.tiles]
@@ -771,7 +782,7 @@ class RedisStore(NoViews):
                 new_states[key] = merged.state
             late[index] = max(late[index], merged.skipped)
         expected = {update.view_id: (update.view, update.generation) for _, update in updates}
-        keys, args = self._write_args(batches, request_id, fingerprint, dry_run)
+        keys, args = self._write_args(batches, request_id, fingerprint, dry_run, replace)
         keys += [self._view_key("vgen", view_id) for view_id in expected]
         keys += [name for name, _ in puts]
         keys += list(new_states)
@@ -794,7 +805,7 @@ class RedisStore(NoViews):
         return self._result(reply, batches)
 
     def _write_args(
-        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool
+        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool, replace: str
     ) -> tuple[list[bytes | str], list[Any]]:
         """The keys and arguments of the write script for a push on one node, without tiles."""
         metas: dict[bytes, int] = {}
@@ -820,7 +831,7 @@ class RedisStore(NoViews):
             keys += [self._key(f"req:{request_id}"), self._key(f"reqfp:{request_id}")]
             window = str(self._window_ms)
         args: list[Any] = ["1" if dry_run else "0", len(metas), len(row_keys), len(offline), window]
-        args += [self._grace_ms, "", len(batches), fingerprint]
+        args += [self._grace_ms, "", len(batches), fingerprint, replace]
         for batch in batches:
             args += [batch.source, len(batch.keys)]
         return keys, [*args, *meta_args, *row_args, *offline]
@@ -836,7 +847,7 @@ class RedisStore(NoViews):
         return WriteResult(counts)
 
     def _write_cluster(
-        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool
+        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool, replace: str
     ) -> WriteResult:
         assert self._pool is not None
         record_key = self._key(f"req:{request_id}")
@@ -851,8 +862,8 @@ class RedisStore(NoViews):
         tags = [self._key("").encode(), *{tag for _, tag in groups}]
         if request_id:
             seen = self._redis.get(record_key)
-            if seen is not None:
-                first = _text(self._redis.get(fingerprint_key) or "")
+            first = _text(self._redis.get(fingerprint_key) or "") if seen is not None else ""
+            if seen is not None and not (replace and first == replace):
                 if not dry_run:
                     # The first write may have reached the primaries alone (its WAIT failed).
                     self._wait(tags)
@@ -862,7 +873,7 @@ class RedisStore(NoViews):
             index, tag = group
             batch = batches[index]
             rows = groups[group]
-            args: list[Any] = ["1" if dry_run else "0", 1, len(rows), 0, "", self._grace_ms, "", 1, ""]
+            args: list[Any] = ["1" if dry_run else "0", 1, len(rows), 0, "", self._grace_ms, "", 1, "", ""]
             args += [batch.source, len(rows), 1, _expected(batch)]
             for _, value in rows:
                 args += [1, value]
@@ -891,7 +902,19 @@ class RedisStore(NoViews):
             if request_id:
                 keys += [record_key, fingerprint_key]
                 window = str(self._window_ms)
-            args = ["0", 0, 0, len(offline), window, self._grace_ms, record, 0, fingerprint, *offline]
+            args = [
+                "0",
+                0,
+                0,
+                len(offline),
+                window,
+                self._grace_ms,
+                record,
+                0,
+                fingerprint,
+                replace,
+                *offline,
+            ]
             reply = self._write_script(keys=keys, args=args)
             if int(reply[0]) == 2:
                 result = WriteResult(_counts(reply[1]), replayed=True, fingerprint=_text(reply[2]))

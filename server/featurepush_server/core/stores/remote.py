@@ -601,6 +601,7 @@ class StoreOwner:
         if op == WRITE_LATEST:
             request_id = inp.text()
             fingerprint = inp.text()
+            replace = inp.text()
             dry_run = bool(inp.u8())
             batches = []
             for _ in range(inp.i64()):
@@ -628,7 +629,7 @@ class StoreOwner:
                 known = source_id if has_id else None
                 batches.append(RowBatch(source, keys, values, offline, known, own, tiles, rows_file))
             result = store.write_latest(
-                batches, request_id=request_id, fingerprint=fingerprint, dry_run=dry_run
+                batches, request_id=request_id, fingerprint=fingerprint, dry_run=dry_run, replace=replace
             )
             out.u8(result.replayed)
             _counts_out(out, result.counts)
@@ -987,9 +988,11 @@ class RemoteStore:
         request_id: str = "",
         fingerprint: str = "",
         dry_run: bool = False,
+        replace: str = "",
     ) -> WriteResult:
         """Write each row unless a newer event of its entity is stored or later in the batch; atomically."""
-        out = _Out().u8(WRITE_LATEST).text(request_id).text(fingerprint).u8(dry_run).i64(len(batches))
+        out = _Out().u8(WRITE_LATEST).text(request_id).text(fingerprint).text(replace).u8(dry_run)
+        out.i64(len(batches))
         for b in batches:
             out.text(b.source).u8(b.source_id is not None).i64(b.source_id or 0).i64(b.generation)
             out.blob(b.offline).column(b.keys).column(b.values).text(b.rows_file).i64(len(b.tiles))

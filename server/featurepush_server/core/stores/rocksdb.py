@@ -825,11 +825,12 @@ class RocksDBStore:
         request_id: str = "",
         fingerprint: str = "",
         dry_run: bool = False,
+        replace: str = "",
     ) -> WriteResult:
         """Write each row unless a newer event of its entity is stored or later in the batch; atomically."""
         try:
             with self._gate.use():
-                result = self._write_latest(batches, request_id, fingerprint, dry_run)
+                result = self._write_latest(batches, request_id, fingerprint, dry_run, replace)
         finally:
             for batch in batches:
                 if _ROWS_FILE_NAME.match(batch.rows_file):
@@ -847,7 +848,7 @@ class RocksDBStore:
         return result
 
     def _write_latest(
-        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool
+        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool, replace: str
     ) -> WriteResult:
         with self._lock:
             for batch in batches:
@@ -871,6 +872,8 @@ class RocksDBStore:
                             metadata={"view": update.view},
                         )
             seen = self._seen(request_id) if request_id else None
+            if seen is not None and replace and seen[1] == replace:
+                seen = None
             if seen is None:
                 try:
                     counts = self._stage_and_write(batches, request_id, fingerprint, dry_run)
