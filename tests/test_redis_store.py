@@ -30,6 +30,8 @@ from featurepush.v1 import ingest_service_pb2, registry_service_pb2
 from featurepush_server.config import ConfigError, ServerConfig
 from featurepush_server.core.errors import Unavailable
 from featurepush_server.core.offline_log import OfflineLog
+from featurepush_server.core.stores import redis as redis_store
+from featurepush_server.core.stores.redis import RedisStore
 
 pytestmark = pytest.mark.skipif(
     not have_redis(), reason="redis-server is not installed (make test installs it)"
@@ -719,10 +721,55 @@ def test_a_redis_refusing_config_is_not_checked_and_serves(
     )
     with served(tmp_path / "data", node) as running:
         running.apply(AD_IMPRESSIONS)
+        store = running.server.store
+        assert isinstance(store, RedisStore)
+        # Asked again while it runs, it is refused again: no error, and no line more.
+        store.check_eviction()
         assert not _policy_warnings(caplog)
-        assert "maxmemory-policy could not be checked" in caplog.text
+        assert caplog.text.count("maxmemory-policy could not be checked") == 1
         status = running.registry.GetServerStatus(registry_service_pb2.GetServerStatusRequest())
         assert list(status.store_warnings) == []
+
+
+def test_an_eviction_policy_set_at_run_time_is_warned_of_once_and_withdrawn_when_set_back(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    caplog.set_level(logging.INFO, logger="featurepush_server.core.stores.redis")
+    # The recovery thread asks at each of its passes, as it does once a minute in service.
+    monkeypatch.setattr(redis_store, "_EVICTION_CHECK_S", 0.0)
+    node = RedisServer(tmp_path / "redis")
+    client = redis.Redis(port=node.port)
+    try:
+        with served(tmp_path / "data", node, storage_retry_interval_s=0.05) as running:
+            store = running.server.store
+            assert isinstance(store, RedisStore)
+
+            def warnings() -> list[str]:
+                request = registry_service_pb2.GetServerStatusRequest()
+                return list(running.registry.GetServerStatus(request).store_warnings)
+
+            assert warnings() == []
+            client.config_set("maxmemory-policy", "allkeys-lru")
+            assert wait_until(lambda: warnings() != [], 10)
+            [warning] = warnings()
+            assert "allkeys-lru" in warning and "CONFIG SET maxmemory-policy noeviction" in warning
+            code, out, _ = run(capsys, "status", "--target", running.target)
+            assert code == 0
+            assert f"store:        WARNING: {warning}" in out.splitlines()
+            # However many times it is asked, an unchanged policy is logged once.
+            for _ in range(3):
+                store.check_eviction()
+            assert _policy_warnings(caplog) == [warning]
+            client.config_set("maxmemory-policy", "noeviction")
+            assert wait_until(lambda: warnings() == [], 10)
+            store.check_eviction()
+            assert caplog.text.count("its warning is withdrawn") == 1
+            assert _policy_warnings(caplog) == [warning]
+    finally:
+        client.close()
 
 
 class _Killed(Exception):

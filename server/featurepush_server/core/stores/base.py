@@ -369,7 +369,7 @@ class Store(SourceCatalog, LatestRows, IdempotencyRecords, OfflineQueue, TileSto
         """A backend statistic by name (RocksDB's integer properties), or None where it has none."""
 
     def setup_warnings(self) -> list[str]:
-        """What the operator should fix in the store's setup, as found at open; empty when nothing."""
+        """What the operator should fix in the store's setup, as last found; empty when nothing."""
 
     def sync_now(self) -> None:
         """Make acknowledged writes durable now if that can be done at once; for a last step before exit."""

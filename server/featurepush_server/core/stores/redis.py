@@ -64,7 +64,7 @@ from redis.retry import Retry
 
 from featurepush.v1 import source_pb2
 
-from ..errors import Aborted, CoreError, StorageFull, Unavailable
+from ..errors import Aborted, CoreError, ShuttingDown, StorageFull, Unavailable
 from ..framing import HEADER_BYTES
 from ..gate import UsageGate
 from .base import BatchCounts, QueuedRecords, RowBatch, WriteResult, block_tile_count
@@ -79,6 +79,9 @@ _ROW = b"r"
 _PREFIX_BYTES = 5
 _LEASE_MS = 30_000
 _LOCK_MS = 10_000
+# How often a running server asks Redis for its eviction policy again: an operator may change it with
+# CONFIG SET at any time, and one CONFIG GET a minute costs Redis nothing.
+_EVICTION_CHECK_S = 60.0
 _DELETE_CHUNK = 1000
 # A view tile's key as the core sees it: a byte, the 4-byte view id, the entity's 4-byte length, the
 # entity, then the tile's start plus 2^63 as 8 bytes big-endian (the field in the entity's tile hash).
@@ -347,8 +350,13 @@ class RedisStore(NoViews):
         self._watchers: list[Callable[[bool], None]] = []
         # A cluster push writes each bucket with its own script; they run side by side.
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="featurepush-redis") if cluster else None
-        # Set at connect where Redis may evict this store's keys; empty where it may not or was not asked.
+        # Set where Redis may evict this store's keys, as last asked; empty where it may not or was not asked.
         self.eviction_warning = ""
+        # Whether CONFIG GET was refused at the last ask, so that a refusal is logged once, not every minute.
+        self._eviction_refused = False
+        self._eviction_checked_at = time.monotonic()
+        # One ask at a time, so that a change is logged once however many threads ask.
+        self._eviction_lock = threading.Lock()
 
     @classmethod
     def connect(cls, url: str, *, timeout_s: float = 2.0, **options: Any) -> RedisStore:
@@ -384,20 +392,51 @@ class RedisStore(NoViews):
             store = cls(client, cluster=False, timeout_s=timeout_s, **options)
         with store._calls():
             store._redis.ping()
-            store._check_eviction()
+            store.check_eviction()
         return store
 
-    def _check_eviction(self) -> None:
-        """Warn when Redis (any primary of a cluster) may evict keys: they hold data, not a cache."""
-        try:
-            if self._cluster:
-                replies = self._redis.config_get("maxmemory-policy", target_nodes=RedisCluster.PRIMARIES)
+    def check_eviction(self) -> None:
+        """Set `eviction_warning` where Redis (any primary of a cluster) may evict keys; log only a change."""
+        # The keys hold data, not a cache. Checked every minute, so a line per check would flood the log;
+        # where Redis refuses CONFIG GET or is busy, the last answer stands.
+        with self._eviction_lock:
+            self._eviction_checked_at = time.monotonic()
+            try:
+                warning = self._eviction_policy_warning()
+            except redis.exceptions.ResponseError as e:
+                if _is_busy(e):
+                    return  # running a script: asked again at the next check
+                # Managed services rename or disable CONFIG, or an ACL user may not run it.
+                if not self._eviction_refused:
+                    _LOGGER.info("Redis's maxmemory-policy could not be checked (CONFIG GET refused): %s", e)
+                self._eviction_refused = True
+                return
+            self._eviction_refused = False
+            if warning == self.eviction_warning:
+                return
+            self.eviction_warning = warning
+            if warning:
+                _LOGGER.warning("%s", warning)
             else:
-                replies = {"": self._redis.config_get("maxmemory-policy")}
-        except redis.exceptions.ResponseError as e:
-            # Managed services rename or disable CONFIG, or an ACL user may not run it.
-            _LOGGER.info("Redis's maxmemory-policy could not be checked (CONFIG GET refused): %s", e)
+                _LOGGER.info("Redis's maxmemory-policy is noeviction again; its warning is withdrawn")
+
+    def _recheck_eviction(self) -> None:
+        """Ask the eviction policy again once `_EVICTION_CHECK_S` has passed since the last ask."""
+        if time.monotonic() - self._eviction_checked_at < _EVICTION_CHECK_S:
             return
+        try:
+            with self._gate.use():
+                self.check_eviction()
+        except (redis.exceptions.RedisError, *_UNREACHABLE, ShuttingDown) as e:
+            # Not taken for writes stopping: the calls that meet it say so themselves. The next check asks.
+            _LOGGER.debug("Redis's maxmemory-policy could not be asked again: %s", e)
+
+    def _eviction_policy_warning(self) -> str:
+        """The warning naming each node whose maxmemory-policy is not noeviction, or "" where none."""
+        if self._cluster:
+            replies = self._redis.config_get("maxmemory-policy", target_nodes=RedisCluster.PRIMARIES)
+        else:
+            replies = {"": self._redis.config_get("maxmemory-policy")}
         # A cluster of one primary answers as one node does, without the node's name around it.
         if "maxmemory-policy" in replies or b"maxmemory-policy" in replies:
             replies = {"": replies}
@@ -407,16 +446,15 @@ class RedisStore(NoViews):
                 if _text(name) == "maxmemory-policy" and _text(value) != "noeviction":
                     policies[_text(node)] = _text(value)
         if not policies:
-            return
+            return ""
         where = ", ".join(
             f"{policy} on {node}" if node else policy for node, policy in sorted(policies.items())
         )
-        self.eviction_warning = (
+        return (
             f"Redis's maxmemory-policy is {where}, not noeviction: at maxmemory Redis may drop sources, "
             "idempotency records, latest rows or the offline-log queue without an error; set it with "
             "CONFIG SET maxmemory-policy noeviction (and in redis.conf)"
         )
-        _LOGGER.warning("%s", self.eviction_warning)
 
     # --- keys ----------------------------------------------------------------------------------
 
@@ -470,8 +508,13 @@ class RedisStore(NoViews):
 
     def recover(self, timeout_s: float = 5.0) -> bool:
         """After Redis could not be reached, ping it; return whether writes are accepted again."""
-        if self._down is None or self._gate.closed:
+        if self._gate.closed:
             return self._down is None
+        if self._down is None:
+            # The recovery thread calls this every storage_retry_interval_s: the periodic policy check
+            # rides along rather than keeping a thread of its own.
+            self._recheck_eviction()
+            return True
         try:
             with self._gate.use():
                 self._redis.ping()
@@ -484,7 +527,7 @@ class RedisStore(NoViews):
         return True
 
     def setup_warnings(self) -> list[str]:
-        """The eviction policy's warning where Redis may evict this store's keys, as found at connect."""
+        """The eviction policy's warning where Redis may evict this store's keys, as last asked."""
         return [self.eviction_warning] if self.eviction_warning else []
 
     def statistic(self, name: str) -> int | None:
