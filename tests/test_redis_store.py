@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import subprocess
@@ -825,3 +826,67 @@ def test_a_drainer_killed_before_trimming_is_finished_once_in_a_shared_folder_an
         client.close()
         a.close()
         b.close()
+
+
+def test_a_server_starting_on_a_shared_offline_folder_leaves_a_running_drainers_file_alone(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings: dict[str, object] = {
+        "store": redis_server.url,
+        "redis_namespace": namespace(),
+        "offline_flush_interval_s": 3600.0,
+    }
+    shared = tmp_path / "shared"
+    a = start(shared, **settings)
+    later: list[Running] = []
+    try:
+        a_log = a.server.offline_log
+        assert a_log is not None
+        a.apply(dict(AD_IMPRESSIONS, pushConfig={"logOffline": True}))
+        rows = [{"user_id": f"u{i}", "timestamp": iso(BASE), "clicked": i} for i in range(3)]
+        a.ingest.Push(rows_request({"ad_impressions": rows}))
+        day = shared / "offline" / "ad_impressions" / "date=2026-11-25"
+        day.mkdir(parents=True)
+        # A drainer that died mid-round long ago left this, unmodified for three leases.
+        dead = day / ".00000000000000000001-00000000000000000002.parquet.0123456789ab.tmp"
+        dead.write_bytes(b"half a file")
+        long_ago = time.time() - 3 * RedisStore.drain_lease_s
+        os.utime(dead, (long_ago, long_ago))
+        replace = os.replace
+
+        def another_server_starts_then_rename(src: str | Path, dst: str | Path) -> None:
+            # a's round has fsynced its temporary file and not yet renamed it: b starts on the folder now.
+            if Path(src).parent == day and not later:
+                later.append(start(shared, **settings))
+            replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", another_server_starts_then_rename)
+        assert a_log.flush() == 3
+        monkeypatch.undo()
+        assert later and not dead.exists()
+        [written] = day.glob("*.parquet")
+        assert sorted(pq.read_table(written)["clicked"].to_pylist()) == [0, 1, 2]
+        assert not list(day.glob(".*.tmp"))
+    finally:
+        for running in later:
+            running.close()
+        a.close()
+
+
+def test_a_leftover_too_young_to_remove_at_start_is_removed_once_old_enough(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with opened_store(tmp_path, {"store": redis_server.url, "redis_namespace": namespace()}) as store:
+        # A short lease, so that "old enough" comes within the test.
+        monkeypatch.setattr(store, "drain_lease_s", 1.0)
+        day = tmp_path / "offline" / "ad_impressions" / "date=2026-11-25"
+        day.mkdir(parents=True)
+        young = day / ".00000000000000000001-00000000000000000002.parquet.0123456789ab.tmp"
+        young.write_bytes(b"half a file of a drainer killed just before the start")
+        log = OfflineLog(store, tmp_path / "offline", interval_s=3600.0)
+        assert young.exists()
+        assert log.flush() == 0
+        assert young.exists()
+        time.sleep(2.2)
+        assert log.flush() == 0
+        assert not young.exists()

@@ -89,12 +89,34 @@ class OfflineLog:
         self._empty_at = time.monotonic()
         # Records stay queued in RocksDB until flushed, so a failed round is simply retried.
         self._flusher = Periodic("featurepush-offline-log", interval_s, self._flush_in_background)
+        # Where servers take turns draining into what may be one shared folder, a temporary file may be
+        # another server's running round: only files unmodified this long are leftovers (see below).
+        lease = store.drain_lease_s
+        self._stale_temporary_s = None if lease is None else 2 * lease
         root.mkdir(parents=True, exist_ok=True)
         self._remove_temporary_files()
+        # A drainer killed just before this start left files too young to remove yet; one more pass once
+        # they are old enough removes them, rather than leaving them until the next server starts.
+        stale = self._stale_temporary_s
+        self._sweep_again_at = None if stale is None else time.monotonic() + stale
 
     def _remove_temporary_files(self) -> None:
-        """Delete the temporary files of rounds a crash interrupted; their records are still queued."""
+        """Delete the temporary files of interrupted rounds (records still queued) that no drainer may own."""
+        # A process that drains alone removes them all. Where servers take turns, only files unmodified for
+        # two leases go: a drainer renews its lease as a round starts and writes the round's files after,
+        # so a file unmodified for one lease was written under a lease that has run out, by a drainer that
+        # died or stalled past it (the lease is no fence then anyway: the stalled drainer's rename fails and
+        # it retries the round, its records still queued). The second lease covers the clocks of this
+        # server and of a shared folder's file server being apart.
+        now = time.time()
         for temp in self.root.glob("*/date=*/.*.tmp"):
+            if self._stale_temporary_s is not None:
+                try:
+                    modified = temp.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # renamed by its drainer meanwhile
+                if now - modified < self._stale_temporary_s:
+                    continue
             _LOGGER.info("removing the unfinished offline-log file %s", temp)
             temp.unlink(missing_ok=True)
 
@@ -128,6 +150,9 @@ class OfflineLog:
         """Flush every queued record to Parquet; return how many records were written."""
         written = 0
         with self._lock:
+            if self._sweep_again_at is not None and time.monotonic() >= self._sweep_again_at:
+                self._sweep_again_at = None
+                self._remove_temporary_files()
             while True:
                 try:
                     n = self._flush_round(self._round_bytes)

@@ -273,6 +273,10 @@ class IdempotencyRecords(Protocol):
 class OfflineQueue(Protocol):
     """Offline-log entries in sequence order, queued by `write_latest` and dropped once flushed."""
 
+    @property
+    def drain_lease_s(self) -> float | None:
+        """How long a drainer's lease lasts where servers take turns draining; None where one process does."""
+
     def queued_offline(self, max_bytes: int, last_seq: int | None = None) -> list[QueuedRecords]:
         """Queue entries from the oldest, up to about `max_bytes` (at least one) or through `last_seq`."""
 

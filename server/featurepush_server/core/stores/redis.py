@@ -315,6 +315,8 @@ class RedisStore(NoViews):
     """
 
     store_name = "Redis Cluster"
+    # Any server may drain the offline log while it holds the lease, renewed at each of its rounds.
+    drain_lease_s = _LEASE_MS / 1000
 
     def __init__(
         self,

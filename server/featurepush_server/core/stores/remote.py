@@ -798,6 +798,9 @@ class RemoteStore:
     which callers settle by sending it again with its request id.
     """
 
+    # The owner's embedded store, which the owner alone drains.
+    drain_lease_s: float | None = None
+
     def __init__(
         self,
         socket_path: Path,

@@ -402,6 +402,9 @@ class RocksDBStore:
     Unavailable while reads go on; `recover()` reopens the database once the disk takes writes again.
     """
 
+    # The one process that opens the database drains its offline log alone, with no lease.
+    drain_lease_s: float | None = None
+
     def __init__(
         self,
         path: str | Path,
