@@ -890,3 +890,45 @@ def test_a_leftover_too_young_to_remove_at_start_is_removed_once_old_enough(
         time.sleep(2.2)
         assert log.flush() == 0
         assert not young.exists()
+
+
+def test_a_drainer_whose_lease_another_server_took_mid_round_stops_and_the_records_land_once(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = namespace()
+    a = start(tmp_path / "data", store=redis_server.url, redis_namespace=ns, offline_flush_interval_s=3600.0)
+    other = redis.Redis.from_url(redis_server.url)
+    try:
+        log = a.server.offline_log
+        assert log is not None
+        rows = [{"user_id": f"u{i}", "timestamp": iso(BASE), "clicked": i} for i in range(3)]
+        for name in ("ad_impressions", "more_impressions"):
+            a.apply(dict(AD_IMPRESSIONS, name=name, pushConfig={"logOffline": True}))
+        a.ingest.Push(rows_request({"ad_impressions": rows, "more_impressions": rows}))
+        replace = os.replace
+        renamed: list[str] = []
+
+        def stall_after_the_first_file(src: str | Path, dst: str | Path) -> None:
+            # This drainer stalled past its lease after its first file: another server holds it now.
+            replace(src, dst)
+            renamed.append(str(dst))
+            other.set(f"{{{ns}}}:offline_lease", "another server", px=60_000)
+
+        monkeypatch.setattr(os, "replace", stall_after_the_first_file)
+        assert log.flush() == 0
+        monkeypatch.undo()
+        # One file of the round's two, and every record still queued for the lease's holder.
+        assert len(renamed) == 1
+        assert other.xlen(f"{{{ns}}}:offline") == 2
+        offline = tmp_path / "data" / "offline"
+        assert not list(offline.glob("*/date=*/.*.tmp"))
+        # The holder goes away (its lease expires); this server finishes the range, each record once.
+        other.delete(f"{{{ns}}}:offline_lease")
+        assert log.flush() == 6
+        for name in ("ad_impressions", "more_impressions"):
+            [written] = (offline / name).glob("date=*/*.parquet")
+            assert sorted(pq.read_table(written)["clicked"].to_pylist()) == [0, 1, 2]
+        assert other.xlen(f"{{{ns}}}:offline") == 0
+    finally:
+        other.close()
+        a.close()

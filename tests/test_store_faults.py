@@ -119,6 +119,11 @@ def test_leftover_temporary_files_are_removed_at_start(tmp_path: Path) -> None:
     leftover.write_bytes(b"half a file")
     kept = day / "00000000000000000001-00000000000000000002.parquet"
     kept.write_bytes(b"a finished file")
+    # An entry's copy into the quarantine folder, cut short by a crash.
+    quarantine = tmp_path / "offline" / ".quarantine"
+    quarantine.mkdir()
+    half_copied = quarantine / ".00000000000000000003.arrows.0123456789ab.tmp"
+    half_copied.write_bytes(b"half an entry")
     (tmp_path / "online").mkdir()
     probe = tmp_path / "online" / SPACE_PROBE
     probe.write_bytes(b"\0")
@@ -126,5 +131,6 @@ def test_leftover_temporary_files_are_removed_at_start(tmp_path: Path) -> None:
     try:
         running.apply(AD_IMPRESSIONS)
         assert not leftover.exists() and not probe.exists() and kept.exists()
+        assert not half_copied.exists()
     finally:
         running.close()

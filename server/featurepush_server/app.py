@@ -260,8 +260,8 @@ def create_server(
     shares_port = front is not None or peer is not None
     try:
         offline_root = config.data_dir / "offline"
-        # Opening the log removes the files of unfinished flushes, which may be another process's
-        # running flush: the owner keeps the log, or with a shared store the first peer alone.
+        # One drainer per server: the owner keeps the log, or with a shared store the first peer alone (the
+        # others would only contend for the drain lease).
         offline_log = (
             OfflineLog(store, offline_root, interval_s=config.offline_flush_interval_s)
             if front is None and not peer

@@ -109,7 +109,8 @@ class OfflineLog:
         # it retries the round, its records still queued). The second lease covers the clocks of this
         # server and of a shared folder's file server being apart.
         now = time.time()
-        for temp in self.root.glob("*/date=*/.*.tmp"):
+        leftovers = [*self.root.glob("*/date=*/.*.tmp"), *(self.root / QUARANTINE_DIR).glob(".*.tmp")]
+        for temp in leftovers:
             if self._stale_temporary_s is not None:
                 try:
                     modified = temp.stat().st_mtime
@@ -183,6 +184,11 @@ class OfflineLog:
         created: list[Path] = []
         try:
             rows = self._write(self._group(loaded), first, last, created)
+        except _LeaseLost:
+            # The files renamed so far are whole and named by this range: the lease's new holder finishes
+            # the range from them (as a crashed round's), so the records are written once.
+            _LOGGER.info("offline log: another server took the drain lease during a round; it goes on")
+            return None
         except OSError:
             raise  # the disk, not the data: the round is retried
         except READ_ERRORS as e:
@@ -222,6 +228,12 @@ class OfflineLog:
                 # A full disk fails here; the records stay queued and the next round writes them again.
                 temp.unlink(missing_ok=True)
                 raise
+            # A round slower than the lease (a large one on a slow volume) keeps it here, and one whose
+            # lease another server took meanwhile (this one stalled) stops before a file that server
+            # writes too: the rest of its range would be written twice otherwise.
+            if not self._store.hold_drain():
+                temp.unlink(missing_ok=True)
+                raise _LeaseLost
             os.replace(temp, target)
             created.append(target)
             _fsync_dir(folder)
@@ -286,6 +298,10 @@ class OfflineLog:
             for date in np.unique(dates):
                 out[(source, str(date))] = table.filter(pa.array(dates == date))
         return out
+
+
+class _LeaseLost(Exception):
+    """Another server took the drain lease during this round; it finishes the round's range."""
 
 
 class _Regroup(Exception):

@@ -277,6 +277,9 @@ class OfflineQueue(Protocol):
     def drain_lease_s(self) -> float | None:
         """How long a drainer's lease lasts where servers take turns draining; None where one process does."""
 
+    def hold_drain(self) -> bool:
+        """Renew this server's drain lease where servers take turns; False once another holds it."""
+
     def queued_offline(self, max_bytes: int, last_seq: int | None = None) -> list[QueuedRecords]:
         """Queue entries from the oldest, up to about `max_bytes` (at least one) or through `last_seq`."""
 

@@ -1243,6 +1243,13 @@ class RedisStore(NoViews):
 
     # --- offline-log queue ---------------------------------------------------------------------
 
+    def hold_drain(self) -> bool:
+        """Take or renew the drain lease; False while another server holds it."""
+        with self._gate.use(), self._calls():
+            return bool(
+                int(self._lease_script(keys=[self._key("offline_lease")], args=[self._token, _LEASE_MS]))
+            )
+
     def queued_offline(self, max_bytes: int, last_seq: int | None = None) -> list[QueuedRecords]:
         """Queue entries from the oldest, up to about `max_bytes` (at least one) or through `last_seq`.
 
@@ -1251,9 +1258,9 @@ class RedisStore(NoViews):
         """
         out: list[QueuedRecords] = []
         stream = self._key("offline")
+        if not self.hold_drain():
+            return out
         with self._gate.use(), self._calls():
-            if not int(self._lease_script(keys=[self._key("offline_lease")], args=[self._token, _LEASE_MS])):
-                return out
             start, total = "-", 0
             end = "+" if last_seq is None else f"0-{last_seq}"
             while True:

@@ -1060,6 +1060,10 @@ class RemoteStore:
         """Drop the records older than the window; return how many."""
         return self._call(_Out().u8(PURGE_REQUESTS)).i64()
 
+    def hold_drain(self) -> bool:
+        """Always True: this store's offline log has one drainer."""
+        return True
+
     def queued_offline(self, max_bytes: int, last_seq: int | None = None) -> list[QueuedRecords]:
         """Queue entries from the oldest, up to about `max_bytes` (at least one) or through `last_seq`."""
         inp = self._call(_Out().u8(QUEUED_OFFLINE).i64(max_bytes).i64(-1 if last_seq is None else last_seq))

@@ -1402,6 +1402,10 @@ class RocksDBStore:
 
     # --- offline-log queue ---------------------------------------------------------------------
 
+    def hold_drain(self) -> bool:
+        """Always True: this store's offline log has one drainer."""
+        return True
+
     def queued_offline(self, max_bytes: int, last_seq: int | None = None) -> list[QueuedRecords]:
         """Queue entries from the oldest, up to about `max_bytes` (at least one) or through `last_seq`."""
         out: list[QueuedRecords] = []
