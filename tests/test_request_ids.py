@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
 import pyarrow as pa
 import pytest
-from conftest import AD_IMPRESSIONS, EVERY_STORE, Running, features, rich_error, rows_request, scalar
+from conftest import AD_IMPRESSIONS, EVERY_STORE, Running, features, rich_error, rows_request, scalar, start
 
 from featurepush.v1 import ingest_service_pb2 as pb
 from featurepush.v1 import registry_service_pb2
@@ -197,6 +198,34 @@ def test_a_push_to_two_sources_one_of_them_recreated_is_written_again_whole(runn
     assert again.counts["kept_impressions"].accepted == 1
     assert _clicked(running, "w1") == "4"
     assert features(running, "kept_impressions", {"user_id": "w1"})[0]["features"]["clicked"] == "4"
+
+
+def test_a_record_whose_fingerprint_names_sources_without_ids_replays_the_same_records(
+    tmp_path: Path,
+) -> None:
+    # Fingerprints written before sources were named with their store ids ("name=fields|records"): the
+    # same records sent again after an upgrade are a replay, other records are still refused.
+    running = start(tmp_path / "data")
+    try:
+        running.apply(AD_IMPRESSIONS)
+        push = rows_request({"ad_impressions": [_impression("v1", 2)]}, requestId="before-ids")
+        running.ingest.Push(push)
+        store = running.server.store
+        raw = store._db.get(REQUEST + b"before-ids")
+        record = json.loads(raw[8:])
+        sources, _, records = record["#"].partition("|")
+        record["#"] = (
+            ",".join(s.split("#")[0] + "=" + s.split("=")[1] for s in sources.split(",")) + "|" + records
+        )
+        assert "#" not in record["#"]
+        store._db.put(REQUEST + b"before-ids", raw[:8] + json.dumps(record).encode())
+        assert running.ingest.Push(push).replayed
+        other = rows_request({"ad_impressions": [_impression("v1", 7)]}, requestId="before-ids")
+        with pytest.raises(grpc.RpcError) as e:
+            running.ingest.Push(other)
+        assert rich_error(e.value)[2] == "REQUEST_ID_REUSED"
+    finally:
+        running.close()
 
 
 def test_a_record_is_replaced_only_where_its_fingerprint_is_the_one_named(tmp_path: Path) -> None:

@@ -179,7 +179,7 @@ class Materializer:
                 batches, request_id=request_id, fingerprint=fingerprint, dry_run=dry_run, replace=first
             )
             first = result.fingerprint
-        if result.replayed and first and first != fingerprint and _comparable(first, fingerprint):
+        if result.replayed and first and _other_records(first, fingerprint):
             # Answering with the first request's counts would tell the caller these records were written.
             raise FailedPrecondition(
                 f"request_id {shown(request_id)!r} was used within the idempotency window for other records; "
@@ -232,12 +232,16 @@ def _sources(fingerprint: str) -> dict[str, tuple[str, str]]:
     return sources
 
 
-def _comparable(first: str, now: str) -> bool:
-    """Whether two fingerprints' records digests can tell other records from the same ones.
+def _other_records(first: str, now: str) -> bool:
+    """Whether two fingerprints tell that their records differ.
 
-    Not where the same sources' fields changed between them (a nullable field added): the values then hold
-    another set of fields, so the same records digest otherwise; such a request id is answered as a replay.
+    Only the records' digests are compared (a fingerprint written before sources were named with their ids
+    names them otherwise), and not where the same sources' fields changed between them (a nullable field
+    added): the values then hold another set of fields, so the same records digest otherwise; such a
+    request id is answered as a replay.
     """
+    if first.partition("|")[2] == now.partition("|")[2]:
+        return False
     first_fields = {name: fields for name, (_, fields) in _sources(first).items()}
     now_fields = {name: fields for name, (_, fields) in _sources(now).items()}
     return first_fields.keys() != now_fields.keys() or first_fields == now_fields
