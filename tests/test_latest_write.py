@@ -6,12 +6,13 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
+import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featurepush_server.core.framing import HEADER_BYTES
 from featurepush_server.core.stores import rocksdb
-from featurepush_server.core.stores.base import RowBatch
+from featurepush_server.core.stores.base import BinaryColumn, RowBatch
 from featurepush_server.core.stores.rocksdb import RocksDBStore, row_prefix
 
 _KEYS = [row_prefix(1) + b"e%d" % i for i in range(6)]
@@ -21,10 +22,11 @@ _ROWS = st.lists(
 )
 
 
-def _batch(rows: list[tuple[int, int, bytes]]) -> RowBatch:
+def _batch(rows: list[tuple[int, int, bytes]], column: bool = False) -> RowBatch:
+    """The rows as a write; with `column`, their values in Arrow as the store owner receives them."""
     keys = [_KEYS[i] for i, _, _ in rows]
     values = [t.to_bytes(HEADER_BYTES, "big") + payload for _, t, payload in rows]
-    return RowBatch("s", keys, values, b"", 1, 0)
+    return RowBatch("s", keys, BinaryColumn(pa.array(values, pa.binary())) if column else values, b"", 1, 0)
 
 
 def _model(batches: list[list[tuple[int, int, bytes]]]) -> dict[bytes, bytes]:
@@ -45,6 +47,7 @@ def _model(batches: list[list[tuple[int, int, bytes]]]) -> dict[bytes, bytes]:
     evicted_room=st.sampled_from([None, 3]),
     dry_runs=st.lists(st.tuples(st.integers(0, 5), _ROWS), max_size=2),
     retire_step=st.sampled_from([1, 65_536]),
+    column=st.booleans(),
 )
 def test_every_entity_keeps_its_latest_row_whatever_the_index_holds(
     batches: list[list[tuple[int, int, bytes]]],
@@ -52,6 +55,7 @@ def test_every_entity_keeps_its_latest_row_whatever_the_index_holds(
     evicted_room: int | None,
     dry_runs: list[tuple[int, list[tuple[int, int, bytes]]]],
     retire_step: int,
+    column: bool,
 ) -> None:
     # A two-entry index starts over within most writes, its keys kept in the evicted-key filter, which
     # with room for three fills and starts over too; a large index keeps every key.
@@ -65,13 +69,13 @@ def test_every_entity_keeps_its_latest_row_whatever_the_index_holds(
                 for at, dry in dry_runs:
                     if at == n:
                         # What a write would do now, and nothing done: the model's state stays.
-                        counted = store.write_latest([_batch(dry)], dry_run=True).counts["s"]
+                        counted = store.write_latest([_batch(dry, column)], dry_run=True).counts["s"]
                         current = _model(batches[:n])
                         stored = [current.get(_KEYS[i], b"")[:HEADER_BYTES] for i, _, _ in dry]
                         heads = [t.to_bytes(HEADER_BYTES, "big") for _, t, _ in dry]
                         if len({i for i, _, _ in dry}) == len(dry):
                             assert counted.written == sum(map(bytes.__ge__, heads, stored))
-                result = store.write_latest([_batch(rows)])
+                result = store.write_latest([_batch(rows, column)])
                 before, after = _model(batches[:n]), _model(batches[: n + 1])
                 changed = sum(1 for k in after if after[k] != before.get(k))
                 assert result.counts["s"].accepted == len(rows)

@@ -95,6 +95,11 @@ def test_a_binary_column_reads_its_items_and_their_heads_whole() -> None:
     assert (len(column), list(column), column[1], column[1:]) == (3, values, values[1], values[1:])
     shifted = BinaryColumn(pa.array([b"x" * 9, *values], pa.binary()).slice(1))
     assert shifted.prefixes(HEADER_BYTES) == [v[:HEADER_BYTES] for v in values]
+    # An item shorter than the prefix is never read into the next one's bytes.
+    short = BinaryColumn(pa.array([b"abc", *values], pa.binary()))
+    assert short.prefix_items(HEADER_BYTES) is None
+    assert short.prefixes(HEADER_BYTES) == [b"abc", *(v[:HEADER_BYTES] for v in values)]
+    assert BinaryColumn(pa.array([], pa.binary())).prefixes(HEADER_BYTES) == []
 
 
 def test_a_file_gone_before_its_write_costs_a_write_batch_not_the_write(tmp_path: Path) -> None:

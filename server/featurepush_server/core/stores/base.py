@@ -15,7 +15,6 @@ from typing import Protocol, overload
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..errors import FailedPrecondition
 
@@ -52,12 +51,31 @@ class BinaryColumn(Sequence[bytes]):
             self._items = self._array.to_numpy(zero_copy_only=False).tolist()
         return self._items
 
+    def prefix_items(self, n: int) -> np.ndarray | None:
+        """The first `n` bytes (n >= 1) of each byte string as numpy items that wide; None if one is shorter.
+
+        Read from the array's buffers in one numpy step, a window of `n` bytes at each start, where a slice
+        per item cost the store owner three times as much.
+        """
+        array = self._array
+        count = len(array)
+        width = np.dtype(f"V{n}")
+        if not count:
+            return np.empty(0, dtype=width)
+        buffers = array.buffers()
+        starts = np.frombuffer(buffers[1], dtype="<i4", count=count + 1, offset=array.offset * 4)
+        if int((starts[1:] - starts[:-1]).min()) < n:
+            return None
+        data = buffers[2]
+        windows = np.ndarray((data.size - n + 1,), dtype=width, buffer=data, strides=(1,))
+        items: np.ndarray = windows[starts[:-1]]
+        return items
+
     def prefixes(self, n: int) -> list[bytes]:
-        """The first `n` bytes of each byte string, every one at least that long."""
-        heads = pc.binary_slice(self._array, 0, n).cast(pa.binary(n))
+        """The first `n` bytes of each byte string (all of it where one is shorter)."""
+        items = self.prefix_items(n)
         # Fixed-width void items become bytes whole; numpy's bytes type would drop trailing zero bytes.
-        fixed = np.frombuffer(heads.buffers()[1], dtype=f"V{n}", count=len(heads), offset=heads.offset * n)
-        found: list[bytes] = fixed.tolist()
+        found: list[bytes] = [item[:n] for item in self.items()] if items is None else items.tolist()
         return found
 
 

@@ -613,10 +613,10 @@ class StoreOwner:
                 keys = inp.column()
                 columns = inp.column_array()
                 rows_file = inp.text()
-                # A rows file's values are read only where the owner writes them instead of the file; the
-                # write is done before this connection's next frame reuses the bytes they are read from.
-                lazy = BinaryColumn(columns)
-                values: Sequence[bytes] = lazy if rows_file else lazy.items()
+                # Left in Arrow: the store reads the event-time headers from the column whole, and a rows
+                # file's values only where it writes them instead of the file. The write is done before
+                # this connection's next frame reuses the bytes they are read from.
+                values = BinaryColumn(columns)
                 if has_id and generation >> _GENERATION_BITS != self._epoch >> _GENERATION_BITS:
                     raise Aborted(
                         f"push source {source!r} was validated before the store restarted; nothing was "

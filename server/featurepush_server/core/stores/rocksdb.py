@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import compress
-from operator import and_, is_, is_not, itemgetter, methodcaller, not_
+from operator import is_, is_not, itemgetter, methodcaller, not_
 from pathlib import Path
 from typing import Any, cast
 
@@ -143,8 +143,12 @@ def _put_newer(
 ) -> int:
     """Stage the rows that are newer than what is stored; return how many."""
     # Handed to RocksDB by C loops (map, compress), not one Python step per row.
-    deque(map(wb.put, compress(keys, newer), compress(values, newer)), maxlen=0)
-    return sum(newer)
+    written = newer.count(True)
+    if written == len(newer):
+        deque(map(wb.put, keys, values), maxlen=0)
+    else:
+        deque(map(wb.put, compress(keys, newer), compress(values, newer)), maxlen=0)
+    return written
 
 
 def write_rows_file(folder: Path, keys: Sequence[bytes], values: Sequence[bytes]) -> str:
@@ -280,16 +284,27 @@ _INDEX_ENTRY_OVERHEAD = 120
 _RETIRE_STEP = 65_536
 
 
-def _newer(heads: list[bytes], stored: list[bytes]) -> list[bool]:
-    """Whether each row's header is at least its stored row's: an equal time replaces, so a correction lands.
+def _newer(
+    heads: list[bytes], stored: list[bytes], numbers: np.ndarray | None = None
+) -> tuple[list[bool], list[bool] | None]:
+    """Whether each row's header is at least its stored row's, and whether it is later (None: none is).
 
-    Whole 8-byte headers compare as big-endian numbers, all at once.
+    At least: the row is written (an equal time replaces, so that a correction lands). Later: the index
+    changes; where the times are equal it already holds these very bytes. Whole 8-byte headers compare
+    as big-endian numbers, all at once; `numbers` are the headers as such numbers where the caller has them.
     """
-    new, old = b"".join(heads), b"".join(stored)
-    if len(new) == len(old) == HEADER_BYTES * len(heads):
-        newer: list[bool] = (np.frombuffer(new, dtype=">u8") >= np.frombuffer(old, dtype=">u8")).tolist()
-        return newer
-    return [head >= prior for head, prior in zip(heads, stored, strict=True)]
+    old = b"".join(stored)
+    if len(old) == HEADER_BYTES * len(stored):
+        if numbers is None:
+            new = b"".join(heads)
+            if len(new) == len(old):
+                numbers = np.frombuffer(new, dtype=">u8")
+        if numbers is not None:
+            prior = np.frombuffer(old, dtype=">u8")
+            later = numbers > prior
+            return (numbers >= prior).tolist(), later.tolist() if later.any() else None
+    pairs = list(zip(heads, stored, strict=True))
+    return [head >= prior for head, prior in pairs], [head > prior for head, prior in pairs]
 
 
 def storage_error(error: Exception) -> CoreError | None:
@@ -971,7 +986,14 @@ class RocksDBStore:
         keys, values = batch.keys, batch.values
         accepted = len(keys)
         width = HEADER_BYTES
-        heads = values.prefixes(width) if isinstance(values, BinaryColumn) else list(map(_HEAD, values))
+        # The headers as big-endian numbers too, where they come from an Arrow column whole.
+        items = values.prefix_items(width) if isinstance(values, BinaryColumn) else None
+        numbers: np.ndarray | None = None
+        if items is None:
+            heads = list(map(_HEAD, values))
+        else:
+            heads = items.tolist()
+            numbers = items.view(">u8")
         if len(set(keys)) != len(keys):
             # Several events for one entity in a batch: keep the newest, the later one on a tie.
             best: dict[bytes, int] = {}
@@ -980,12 +1002,14 @@ class RocksDBStore:
                 if j is None or heads[i] >= heads[j]:
                     best[key] = i
             order = sorted(best.values())
+            listed = list(values)
             keys = [keys[i] for i in order]
-            values = [values[i] for i in order]
+            values = [listed[i] for i in order]
             heads = [heads[i] for i in order]
+            numbers = None if numbers is None else numbers[order]
         cache = self._latest
         if not dry_run and self._indexes_every_row(batch.source_id):
-            return self._stage_indexed(keys, values, heads, accepted, wb, taken)
+            return self._stage_indexed(keys, values, heads, numbers, accepted, wb, taken)
         # Event-time headers of stored rows come from memory when this process has seen the key.
         stored = list(map(cache.get, keys))
         if None in stored:
@@ -1007,11 +1031,11 @@ class RocksDBStore:
                 for i, head in zip(at, found, strict=True):
                     stored[i] = head
             self._latest_bytes += sum(map(len, misses)) + len(misses) * _INDEX_ENTRY_OVERHEAD
-        newer = _newer(heads, cast(list[bytes], stored))  # every None was filled in above
+        newer, later = _newer(heads, cast(list[bytes], stored), numbers)  # every None was filled in above
         written = _put_rows(wb, keys, values, newer, taken)
-        if not dry_run:
+        if not dry_run and later is not None:
             # Ahead of the write; _write_latest starts the index over if the write does not land.
-            cache.update(zip(compress(keys, newer), compress(heads, newer), strict=True))
+            cache.update(zip(compress(keys, later), compress(heads, later), strict=True))
         return BatchCounts(accepted, written, accepted - written)
 
     def _stage_indexed(
@@ -1019,6 +1043,7 @@ class RocksDBStore:
         keys: Sequence[bytes],
         values: Sequence[bytes],
         heads: list[bytes],
+        numbers: np.ndarray | None,
         accepted: int,
         wb: rocksdict.WriteBatch,
         taken: list[tuple[Sequence[bytes], Sequence[bytes]]] | None,
@@ -1037,12 +1062,11 @@ class RocksDBStore:
             self._latest_bytes += added * (sum(map(len, keys)) // len(keys) + _INDEX_ENTRY_OVERHEAD)
             if self._evicted.count or self._retired is not None:
                 self._read_evicted(keys, heads, stored)
-        newer = _newer(heads, stored)
+        newer, later = _newer(heads, stored, numbers)
         written = _put_rows(wb, keys, values, newer, taken)
-        # A key entered just now got its own header back; the others that are newer are entered here.
-        entered = map(is_not, stored, heads)
-        later = list(map(and_, newer, entered))
-        cache.update(zip(compress(keys, later), compress(heads, later), strict=True))
+        # A key entered just now got its own header back, equal and so not later; the later ones go in here.
+        if later is not None:
+            cache.update(zip(compress(keys, later), compress(heads, later), strict=True))
         return BatchCounts(accepted, written, accepted - written)
 
     def _read_evicted(self, keys: Sequence[bytes], heads: list[bytes], stored: list[bytes]) -> None:
@@ -1055,7 +1079,6 @@ class RocksDBStore:
         cache = self._latest
         for at, head in self._evicted_heads([keys[i] for i in entered]).items():
             i = entered[at]
-            # Another object than heads[i], even if equal: the caller tells entered keys by identity.
             stored[i] = cache[keys[i]] = head
 
     def _evicted_heads(self, keys: list[bytes]) -> dict[int, bytes]:
