@@ -416,7 +416,9 @@ def create_server(
             metrics=metrics,
         )
         grpc_server.add_generic_rpc_handlers((backfill.handler(),))
-        view_reader = ViewReader(views, store, max_keys=config.max_keys_per_request)
+        view_reader = ViewReader(
+            views, store, max_keys=config.max_keys_per_request, max_reply_bytes=config.max_message_bytes
+        )
         view_servicer = FeatureViewServicer(views, view_reader)
         grpc_server.add_generic_rpc_handlers((view_servicer.handler(),))
         health_servicer = health.HealthServicer()

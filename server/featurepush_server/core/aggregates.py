@@ -19,7 +19,7 @@ from featurepush.v1 import feature_view_service_pb2 as pb
 from featurepush.v1 import online_service_pb2, schema_pb2
 
 from .encoding import key_part, python_key
-from .errors import InvalidInput, Violation
+from .errors import InvalidInput, LimitExceeded, Violation
 from .online import check_key_count
 from .rows import BadValue, scalar_converter
 from .schema import Kind
@@ -422,15 +422,44 @@ def _from_var(view: View, agg: AggSpec, parts: list[dict[str, Any]]) -> Any:
 _PARSED_KEYS = 2
 # Layouts a reader keeps before it forgets them all.
 _MAX_LAYOUTS = 1024
+# The fewest bytes one feature of one entity takes in a reply of either form: in the Struct form its
+# entry's tag and length, status, a null value and an empty effective_time; in the Arrow form a 4-byte
+# value or offset, its status byte and its 8-byte effective_time.
+_MIN_VALUE_BYTES = 10
+_FORMATS = (
+    online_service_pb2.RESPONSE_FORMAT_UNSPECIFIED,
+    online_service_pb2.RESPONSE_FORMAT_STRUCT,
+    online_service_pb2.RESPONSE_FORMAT_ARROW,
+)
+
+
+def check_reply_size(keys: int, features: int, max_reply_bytes: int) -> None:
+    """Refuse (LimitExceeded) a read whose reply could not be sent: at least `max_reply_bytes` for sure.
+
+    A feature service may name a hundred views of a hundred features each: read for 10,000 keys, its reply
+    would be built whole (gigabytes, and minutes of CPU) only for gRPC to refuse to send it.
+    """
+    least = keys * features * _MIN_VALUE_BYTES
+    if least > max_reply_bytes:
+        raise LimitExceeded(
+            f"a read of {keys} keys and {features} features answers at least {least:,} bytes, more than the "
+            f"{max_reply_bytes:,} a reply may hold (max_message_bytes); ask for fewer keys or features "
+            "per request",
+            reason="REPLY_TOO_LARGE",
+            metadata={"limit": str(max_reply_bytes)},
+        )
 
 
 class ViewReader:
     """Serves GetViewFeatures: a view's or a feature service's features for many entities."""
 
-    def __init__(self, views: Views, store: TileStore, *, max_keys: int = 10_000):
+    def __init__(
+        self, views: Views, store: TileStore, *, max_keys: int = 10_000, max_reply_bytes: int = 64 << 20
+    ):
         self._views = views
         self._store = store
         self.max_keys = max_keys
+        self.max_reply_bytes = max_reply_bytes
         # Each view's and aggregation choice's layout, for as long as the view object is current.
         self._layouts: dict[tuple[int, tuple[int, ...]], _Layout] = {}
 
@@ -452,7 +481,14 @@ class ViewReader:
         """The serialized GetViewFeaturesResponse: every requested entity's features, in request order."""
         keys = request.keys
         check_key_count(len(keys), self.max_keys)
+        if request.response_format not in _FORMATS:
+            raise InvalidInput(
+                f"unknown response_format {request.response_format}",
+                [Violation("response_format", "use RESPONSE_FORMAT_STRUCT or RESPONSE_FORMAT_ARROW")],
+                reason="UNKNOWN_RESPONSE_FORMAT",
+            )
         targets, qualified = self.targets(request)
+        check_reply_size(len(keys), sum(len(indexes) for _, indexes in targets), self.max_reply_bytes)
         # A window ends at the start of the tile holding as_of, up to a day before it, within the years kept.
         as_of = request_micros(request, "as_of", earliest=MIN_MICROS + MAX_INTERVAL)
         at = now_micros() if as_of is None else as_of
