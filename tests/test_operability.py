@@ -7,6 +7,8 @@ import logging
 import math
 import re
 import signal
+import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,12 +17,14 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import AD_IMPRESSIONS, Running, keys_request, rows_request, start
-from servers import ServedProcess
+from prometheus_client import CollectorRegistry
+from servers import ServedProcess, wait_until
 
 from featurepush.v1 import ingest_service_pb2, registry_service_pb2
 from featurepush_server.config import ConfigError, ServerConfig
 from featurepush_server.core.line_budget import LineBudget
 from featurepush_server.logs import JsonLines
+from featurepush_server.metrics import METRICS_CONNECTIONS, serve_http
 
 
 @pytest.fixture
@@ -85,6 +89,52 @@ def test_metrics_are_off_unless_configured(tmp_path: Path) -> None:
         assert r.server.metrics_http is None and r.server.metrics_port == 0
     finally:
         r.close()
+
+
+def _idle_connections(port: int, count: int) -> list[socket.socket]:
+    """`count` connections to the metrics port that send nothing."""
+    return [socket.create_connection(("localhost", port), timeout=5) for _ in range(count)]
+
+
+def test_idle_metrics_connections_hold_a_bounded_number_of_threads(server: Running) -> None:
+    before = threading.active_count()
+    idle = _idle_connections(server.server.metrics_port, 2 * METRICS_CONNECTIONS)
+    try:
+        # A thread per connection, each waiting for ever for a request line, until the connections end.
+        time.sleep(0.5)
+        assert threading.active_count() <= before + METRICS_CONNECTIONS
+    finally:
+        for connection in idle:
+            connection.close()
+    assert wait_until(lambda: threading.active_count() <= before, timeout_s=10)
+    assert (
+        "featurepush_calls_total"
+        in urllib.request.urlopen(f"http://localhost:{server.server.metrics_port}/metrics", timeout=10)
+        .read()
+        .decode()
+    )
+
+
+def test_the_metrics_endpoint_closes_a_connection_idle_past_its_timeout(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    http, port = serve_http("localhost:0", CollectorRegistry(), idle_s=0.3, connections=2)
+    idle = _idle_connections(port, 3)
+    try:
+        # The third finds both slots taken and is closed unanswered.
+        assert idle[2].recv(1) == b""
+        started = time.monotonic()
+        assert idle[0].recv(1) == b"" and idle[1].recv(1) == b""
+        assert time.monotonic() - started < 5
+        with urllib.request.urlopen(f"http://localhost:{port}/metrics", timeout=10) as reply:
+            assert reply.status == 200
+        # A caller's timeout is not the server's error: nothing is printed of it.
+        assert "Traceback" not in capfd.readouterr().err
+    finally:
+        for connection in idle:
+            connection.close()
+        http.shutdown()
+        http.server_close()
 
 
 def test_a_failed_call_logs_method_code_source_and_request_id_but_no_value(

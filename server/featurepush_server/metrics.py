@@ -15,8 +15,9 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -238,10 +239,79 @@ class Metrics:
         return server
 
 
-def serve_http(address: str, registry: CollectorRegistry) -> tuple[Any, int]:
+# How long the metrics endpoint waits on a connection that sends nothing (or reads nothing), and how many
+# connections it serves at once: each holds a thread, and one that never sent its request held it for ever.
+METRICS_IDLE_S = 10.0
+METRICS_CONNECTIONS = 32
+
+
+class _MetricsHandler(WSGIRequestHandler):
+    """A /metrics request; the socket's reads and writes give up after the server's idle_s."""
+
+    server: _MetricsServer
+
+    def setup(self) -> None:
+        """Set the socket's timeout before the request is read."""
+        super().setup()
+        self.connection.settimeout(self.server.idle_s)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Nothing: a scrape every few seconds is no news."""
+
+
+class _MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most `connections` at once; one more is closed unanswered."""
+
+    daemon_threads = True
+    # Connections the kernel holds until they are accepted (5 by default): past it a connection's first
+    # packet is dropped and sent again a second later, so a burst of connections would stall a scrape.
+    request_queue_size = 64
+
+    def __init__(
+        self, family: socket.AddressFamily, address: tuple[str, int], idle_s: float, connections: int
+    ):
+        self.address_family = family
+        self.idle_s = idle_s
+        self._slots = threading.BoundedSemaphore(connections)
+        super().__init__(address, _MetricsHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in a thread of its own if a slot is free, else close it."""
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection, then give back its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that timed out or broke off: the caller's doing, worth no traceback."""
+        _LOGGER.debug("metrics connection from %s ended early", client_address, exc_info=True)
+
+
+def serve_http(
+    address: str,
+    registry: CollectorRegistry,
+    *,
+    idle_s: float = METRICS_IDLE_S,
+    connections: int = METRICS_CONNECTIONS,
+) -> tuple[Any, int]:
     """Serve a registry's /metrics on host:port in a daemon thread; the HTTP server and its bound port."""
     host, _, port = address.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
+    bind = host.strip("[]") or "0.0.0.0"
+    family = socket.getaddrinfo(bind, int(port), type=socket.SOCK_STREAM)[0][0]
+    server = _MetricsServer(family, (bind, int(port)), idle_s, connections)
+    server.set_app(make_wsgi_app(registry))
+    threading.Thread(target=server.serve_forever, name="featurepush-metrics-http", daemon=True).start()
     bound = int(server.server_address[1])
     _LOGGER.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", bound)
     return server, bound
