@@ -90,22 +90,25 @@ def test_values_numpy_does_not_write_are_written_as_python_does() -> None:
     reply = pb.GetViewFeaturesResponse.FromString(vectors([floats, ints], 10))
     assert [v.values[0].value.string_value for v in reply.results[:3]] == ["NaN", "Infinity", "-Infinity"]
     assert [v.values[0].value.number_value for v in reply.results[3:5]] == [1.5, 3.0]
+    # Past the Int64 range (a sum of many large integers), the range's end.
     assert [v.values[1].value.string_value for v in reply.results[:5]] == [
-        str(2**64),
+        str(2**63 - 1),
         str(-(2**63)),
         str(2**63 - 1024),
-        str(int(-1e34)),
+        str(-(2**63)),
         "0",
     ]
 
 
-def test_a_value_too_long_for_one_byte_lengths_is_written_one_by_one() -> None:
-    # Enough entities for the array path, which hands this feature to the one-by-one one.
-    every = np.ones(10, dtype=bool)
-    huge = Feature(every, 1_700_000_000_123_456, np.array([1e120] + [5.0] * 9), every, Kind.INT64)
-    reply = pb.GetViewFeaturesResponse.FromString(vectors([huge], 10))
-    assert [v.values[0].value.string_value for v in reply.results] == [str(int(1e120))] + ["5"] * 9
-    assert reply.results[0].values[0].effective_time.ToMicroseconds() == 1_700_000_000_123_456
+def test_an_int64_value_far_past_the_range_is_written_as_its_end_on_either_path() -> None:
+    for rows in (10, 2):
+        every = np.ones(rows, dtype=bool)
+        values = np.array([1e120] + [5.0] * (rows - 1))
+        huge = Feature(every, 1_700_000_000_123_456, values, every, Kind.INT64)
+        reply = pb.GetViewFeaturesResponse.FromString(vectors([huge], rows))
+        written = [v.values[0].value.string_value for v in reply.results]
+        assert written == [str(2**63 - 1)] + ["5"] * (rows - 1)
+        assert reply.results[0].values[0].effective_time.ToMicroseconds() == 1_700_000_000_123_456
 
 
 def test_small_decimals_looked_up_are_those_computed() -> None:

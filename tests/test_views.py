@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pyarrow as pa
 import pytest
 from conftest import (
     AD_IMPRESSIONS,
@@ -22,6 +23,7 @@ from views_helpers import MINUTE, apply, brute, iso, push, read, same, stub, vie
 
 from featurepush.types import Int64
 from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
+from featurepush.v1 import online_service_pb2
 
 M = 60_000_000
 
@@ -318,3 +320,48 @@ def test_a_nan_counts_and_makes_every_numeric_aggregate_of_its_windows_nan(runni
     _, [row] = read(running, ["u"], now_minute() + 1, view_name="scores")
     # As in IEEE arithmetic: NaN spreads to every result it takes part in, min and max included.
     assert row == [("PRESENT", "3"), *[("PRESENT", "NaN")] * 5]
+
+
+@VIEW_STORES
+def test_integers_past_2_53_are_taken_and_int64_features_stay_in_the_int64_range(running: Running) -> None:
+    from featurepush.definitions import Aggregate
+
+    functions = ("sum", "min", "max", "count")
+    apply(running, view(aggregations=[Aggregate("clicked", fn, 10 * MINUTE) for fn in functions]))
+    t = now_minute() - 2 * M
+    top, bottom = 2**63 - 1, -(2**63)
+    values = {"high": [top, top], "low": [bottom, bottom], "past": [2**53 + 1]}
+    # Ten more entities, so that the Struct form of a read of every one is written by the array path.
+    values.update({f"small{i}": [i] for i in range(10)})
+    rows: list[dict[str, object]] = [
+        {"user_id": user, "timestamp": iso(t + i), "clicked": str(c)}
+        for user, cs in values.items()
+        for i, c in enumerate(cs)
+    ]
+    # The tiles' cast to float64 used to refuse every push of such an integer to the source.
+    assert running.ingest.Push(rows_request({"ad_impressions": rows})).counts["ad_impressions"].written
+    at = now_minute() + 1
+    want = {
+        # Two Int64 maxima sum past the range: the sum takes the range's end, as do the extremes (2^63
+        # as float64).
+        "high": [str(top), str(top), str(top), "2"],
+        "low": [str(bottom), str(bottom), str(bottom), "2"],
+        # Past 2^53, the nearest float64.
+        "past": [str(2**53)] * 3 + ["1"],
+    }
+    for users in (list(values), ["high"], ["low"]):
+        _, got = read(running, users, at)
+        for user, row in zip(users, got, strict=True):
+            if user in want:
+                assert row == [("PRESENT", v) for v in want[user]], user
+        request = fvs_pb2.GetViewFeaturesRequest(
+            feature_view="clicks",
+            keys=[{"user_id": u} for u in users],
+            response_format=online_service_pb2.RESPONSE_FORMAT_ARROW,
+        )
+        request.as_of.FromMicroseconds(at)
+        table = pa.ipc.open_stream(stub(running).GetViewFeatures(request).arrow_ipc).read_all()
+        for i, user in enumerate(users):
+            if user in want:
+                arrow = [table.column(f"clicked_{fn}_10m")[i].as_py() for fn in functions]
+                assert arrow == [int(v) for v in want[user]], user

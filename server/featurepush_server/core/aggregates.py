@@ -26,7 +26,7 @@ from .schema import Kind
 from .stores.base import TileStore
 from .tiles import Codec, bounded, damaged_tiles, floor_to, now_micros, sketch_estimate, union_sketches
 from .times import MIN_MICROS, request_micros
-from .view_reply import Feature, arrow_vectors, vectors
+from .view_reply import Feature, arrow_vectors, int64_text, vectors
 from .views import LIST_FUNCTIONS, MAX_INTERVAL, AggSpec, View, Views, ViewSpec
 from .wire import VIEW_REQUEST_KEYS, string_keys_between
 
@@ -74,7 +74,7 @@ def _json_value(value: Any, kind: Kind) -> struct_pb2.Value:
     if isinstance(value, str):
         return struct_pb2.Value(string_value=value)
     if kind is Kind.INT64:
-        return struct_pb2.Value(string_value=str(int(value)))
+        return struct_pb2.Value(string_value=int64_text(value))
     if kind is Kind.INT32:
         return struct_pb2.Value(number_value=int(value))
     if math.isfinite(value):

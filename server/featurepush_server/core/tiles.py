@@ -716,7 +716,9 @@ def build_tiles(
         if kinds[name] not in NUMERIC_KINDS:
             # Only counted (count is the one moment function of other columns), and a String has no number.
             continue
-        values = pc.cast(column, pa.float64()).to_numpy(zero_copy_only=False)
+        # Integers past 2^53 take their nearest float64, as every sum and extreme of a window is one: a
+        # checked cast refused the whole push to the source.
+        values = pc.cast(column, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
         v = np.where(valid, values, 0.0)
         fixed[:, base + 1] = np.bincount(idx, weights=v, minlength=m)
         with np.errstate(all="ignore"):

@@ -50,6 +50,10 @@ _SHORT = 128
 # Below this many entities, writing each value in Python beats the fixed cost of the array operations.
 _SMALL = 8
 _DOUBLE = struct.Struct("<d").pack
+# The Int64 range: a float64 sum of integers can pass it (and its largest float64 is 2^63), and a value
+# of an Int64 feature is never written outside it.
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
 _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
@@ -83,10 +87,15 @@ def number_value(value: float) -> bytes:
     return _string(_NON_FINITE[repr(value)])
 
 
+def int64_text(value: float) -> str:
+    """An Int64 feature's value in decimal, past the Int64 range the range's end."""
+    return str(min(max(int(value), _INT64_MIN), _INT64_MAX))
+
+
 def python_value(value: float, kind: Kind) -> bytes:
     """A serialized Value of a numeric feature's value, written one by one."""
     if kind is Kind.INT64:
-        return _string(str(int(value)))
+        return _string(int64_text(value))
     if kind is Kind.INT32:
         return number_value(float(int(value)))
     return number_value(value)
@@ -380,6 +389,18 @@ def _assemble(parts: Sequence[_Padded], rows: int) -> bytes:
     return result
 
 
+def _int64s(plain: np.ndarray) -> np.ndarray:
+    """Whole float64s as int64s; past the Int64 range (where a cast wraps around) the range's end.
+
+    As the Struct form writes them (python_value): a sum of many large integers may pass the range.
+    """
+    high, low = plain >= 2.0**63, plain < -(2.0**63)
+    numbers = np.where(high | low, 0.0, plain).astype(np.int64)
+    numbers[high] = _INT64_MAX
+    numbers[low] = _INT64_MIN
+    return numbers
+
+
 def arrow_vectors(features: Sequence[Feature], fields: Sequence[pa.Field]) -> bytes:
     """GetViewFeaturesResponse.arrow_ipc: per feature its values, status and window end; a row per entity."""
     columns: list[pa.Array] = []
@@ -392,7 +413,11 @@ def arrow_vectors(features: Sequence[Feature], fields: Sequence[pa.Field]) -> by
             assert feature.numbers is not None and feature.has is not None
             absent = ~(feature.has & feature.present)
             # An absent entity's slot may hold NaN or an infinity, which no integer type takes.
-            numbers = np.where(absent, 0, feature.numbers).astype(field.type.to_pandas_dtype())
+            plain = np.where(absent, 0, feature.numbers)
+            if field.type == pa.int64():
+                numbers = _int64s(plain)
+            else:
+                numbers = plain.astype(field.type.to_pandas_dtype())
             values = pa.array(numbers, mask=absent, type=field.type)
         status = np.where(feature.present, np.int8(_PRESENT), np.int8(_MISSING))
         ends = pa.array(np.full(rows, feature.end, dtype=np.int64), type=pa.timestamp("us", tz="UTC"))
