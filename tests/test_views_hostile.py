@@ -11,7 +11,7 @@ from conftest import AD_IMPRESSIONS, Running, rich_error, start
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from views_helpers import apply, push, view
+from views_helpers import MINUTE, Aggregate, apply, push, view
 
 from featurepush.v1 import feature_view_pb2 as fv_pb2
 from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
@@ -158,11 +158,15 @@ def test_the_seeds_are_answered(server: Running) -> None:
 
 
 def test_a_read_whose_reply_cannot_be_sent_is_refused_before_it_is_built(server: Running) -> None:
-    _fill(server)
     stub = fvs_grpc.FeatureViewServiceStub(server.channel)
-    # A hundred references to one view of 20 features: 2,000 features, read for 10,000 keys. Built whole,
-    # the reply took gigabytes and tens of seconds before gRPC refused to send its 320 MB.
-    wide = fv_pb2.FeatureService(name="wide", features=[fv_pb2.FeatureReference(view="clicks")] * 100)
+    # Seven views of a hundred features: 700 features, read for 10,000 keys, at least 70 MB. Built whole,
+    # such a reply took a gigabyte of memory and seconds of CPU before gRPC refused to send it (a service
+    # may name a hundred such views).
+    counts = [Aggregate("clicked", "count", k * MINUTE) for k in range(1, 101)]
+    names = [f"wide{i}" for i in range(7)]
+    for name in names:
+        apply(server, view(name, aggregations=counts))
+    wide = fv_pb2.FeatureService(name="wide", features=[fv_pb2.FeatureReference(view=n) for n in names])
     stub.ApplyFeatureService(fvs_pb2.ApplyFeatureServiceRequest(service=wide))
     keys = [{"user_id": f"u{i}"} for i in range(10_000)]
     for response_format in (online_service_pb2.RESPONSE_FORMAT_STRUCT, ARROW):
@@ -180,6 +184,8 @@ def test_a_read_whose_reply_cannot_be_sent_is_refused_before_it_is_built(server:
     request = fvs_pb2.GetViewFeaturesRequest(feature_service="wide", keys=keys[:100])
     assert len(stub.GetViewFeatures(request).results) == 100
     stub.DeleteFeatureService(fvs_pb2.DeleteFeatureServiceRequest(name="wide"))
+    for name in names:
+        stub.DeleteFeatureView(fvs_pb2.DeleteFeatureViewRequest(name=name))
 
 
 def test_an_unknown_response_format_is_refused_as_get_features_refuses_it(server: Running) -> None:
@@ -194,3 +200,44 @@ def test_an_unknown_response_format_is_refused_as_get_features_refuses_it(server
         code, violations, reason = rich_error(info.value)
         assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_RESPONSE_FORMAT")
         assert [path for path, _ in violations] == ["response_format"]
+
+
+def _service_refusal(running: Running, *refs: fv_pb2.FeatureReference) -> list[str]:
+    """The paths a refused ApplyFeatureService names; also refused with validate_only."""
+    stub = fvs_grpc.FeatureViewServiceStub(running.channel)
+    paths = []
+    for validate_only in (False, True):
+        request = fvs_pb2.ApplyFeatureServiceRequest(
+            service=fv_pb2.FeatureService(name="twice", features=refs), validate_only=validate_only
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ApplyFeatureService(request)
+        code, violations, reason = rich_error(info.value)
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SERVICE")
+        paths = [path for path, _ in violations]
+    return paths
+
+
+def test_a_service_naming_a_feature_twice_is_refused(server: Running) -> None:
+    _fill(server)
+    whole = fv_pb2.FeatureReference(view="clicks")
+    count = fv_pb2.FeatureReference(view="clicks", features=["clicked_count_10m"])
+    # Each reply would hold two columns named clicks.clicked_count_10m, the Arrow form two fields of it.
+    assert _service_refusal(server, whole, whole) == ["service.features[1].view"]
+    assert _service_refusal(server, whole, count) == ["service.features[1].features[0]"]
+    twice = fv_pb2.FeatureReference(view="clicks", features=["clicked_sum_1h", "clicked_count_10m"] * 2)
+    assert _service_refusal(server, twice) == [
+        "service.features[0].features[2]",
+        "service.features[0].features[3]",
+    ]
+    # Other features of one view in two references are served.
+    stub = fvs_grpc.FeatureViewServiceStub(server.channel)
+    sums = fv_pb2.FeatureReference(view="clicks", features=["clicked_sum_10m"])
+    service = fv_pb2.FeatureService(name="split", features=[count, sums])
+    assert stub.ApplyFeatureService(fvs_pb2.ApplyFeatureServiceRequest(service=service)).created
+    read = fvs_pb2.GetViewFeaturesRequest(feature_service="split", keys=[{"user_id": "u1"}])
+    assert [f.name for f in stub.GetViewFeatures(read).features] == [
+        "clicks.clicked_count_10m",
+        "clicks.clicked_sum_10m",
+    ]
+    stub.DeleteFeatureService(fvs_pb2.DeleteFeatureServiceRequest(name="split"))

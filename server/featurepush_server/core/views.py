@@ -256,6 +256,30 @@ def _page(page_size: int, page_token: str, what: str) -> tuple[int, str]:
     return page_size or DEFAULT_PAGE_SIZE, after
 
 
+def _check_unique(service: fv_pb2.FeatureService, resolved: list[tuple[View, list[int]]]) -> None:
+    """Refuse a service that names one feature twice: its reply would hold two columns of one name.
+
+    Only on apply: a service stored before this check is still read.
+    """
+    out: list[Violation] = []
+    first: dict[str, int] = {}
+    for i, (ref, (view, indexes)) in enumerate(zip(service.features, resolved, strict=True)):
+        for j, index in enumerate(indexes):
+            name = f"{view.spec.name}.{view.spec.aggregations[index].name}"
+            if name in first:
+                # A reference to a whole view repeats every feature: one violation says it.
+                path = f"service.features[{i}]" + (f".features[{j}]" if ref.features else ".view")
+                out.append(Violation(path, f"{name} is already served by service.features[{first[name]}]"))
+                if not ref.features:
+                    break
+            else:
+                first[name] = i
+    if out:
+        raise InvalidInput(
+            f"the feature service has {len(out)} problem(s)", out[:100], reason="INVALID_SERVICE"
+        )
+
+
 Message = TypeVar("Message", fv_pb2.StreamFeatureView, fv_pb2.FeatureService)
 
 
@@ -493,7 +517,7 @@ class Views:
         self, definition: fv_pb2.FeatureService, *, validate_only: bool = False
     ) -> Outcome[fv_pb2.FeatureService]:
         """Create or update a feature service; an unchanged definition is a no-op."""
-        self.resolve(definition)
+        _check_unique(definition, self.resolve(definition))
         wanted = _definition_only(definition)
         with self._lock:
             raw = self._store.get_service(definition.name)
