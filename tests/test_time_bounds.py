@@ -84,25 +84,63 @@ def test_the_longest_ttl_kept_reads_and_lists(running: Running) -> None:
     assert listed[0].online_ttl.seconds == MAX_SECONDS - MIN_SECONDS - 1
 
 
+def _view_with(where: str, duration: duration_pb2.Duration) -> tuple[Any, str]:
+    """The test view with `duration` as its interval or its second window, and that field's path."""
+    proto = view().to_proto()
+    if where == "interval":
+        proto.aggregation_interval.CopyFrom(duration)
+        return proto, "view.aggregation_interval"
+    proto.aggregations[1].time_window.CopyFrom(duration)
+    return proto, "view.aggregations[1].time_window"
+
+
 @pytest.mark.parametrize(("seconds", "nanos"), BAD_DURATIONS)
 @pytest.mark.parametrize("where", ["interval", "window"])
 def test_view_durations_outside_protobufs_range_are_refused(
     running: Running, seconds: int, nanos: int, where: str
 ) -> None:
-    proto = view().to_proto()
-    bad = duration_pb2.Duration(seconds=seconds, nanos=nanos)
-    if where == "interval":
-        proto.aggregation_interval.CopyFrom(bad)
-        path = "view.aggregation_interval"
-    else:
-        proto.aggregations[1].time_window.CopyFrom(bad)
-        path = "view.aggregations[1].time_window"
+    proto, path = _view_with(where, duration_pb2.Duration(seconds=seconds, nanos=nanos))
     request = fvs_pb2.ApplyFeatureViewRequest(view=proto)
     with pytest.raises(grpc.RpcError) as info:
         stub(running).ApplyFeatureView(request)
     code, violations, _ = rich_error(info.value)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert path in [p for p, _ in violations]
+
+
+@pytest.mark.parametrize(
+    ("where", "seconds", "nanos"),
+    [("interval", 60, 1), ("interval", 60, 999), ("window", 600, 999), ("window", 3600, 1)],
+)
+def test_view_durations_with_a_fraction_of_a_microsecond_are_refused(
+    running: Running, where: str, seconds: int, nanos: int
+) -> None:
+    proto, path = _view_with(where, duration_pb2.Duration(seconds=seconds, nanos=nanos))
+    # Kept in microseconds, the fraction was dropped: the stored definition said one thing, the tiles
+    # and windows another.
+    for validate_only in (False, True):
+        request = fvs_pb2.ApplyFeatureViewRequest(view=proto, validate_only=validate_only)
+        with pytest.raises(grpc.RpcError) as info:
+            stub(running).ApplyFeatureView(request)
+        code, violations, _ = rich_error(info.value)
+        assert (code, [p for p, _ in violations]) == (grpc.StatusCode.INVALID_ARGUMENT, [path])
+
+
+def test_a_view_stored_with_a_fraction_of_a_microsecond_is_still_read(running: Running) -> None:
+    proto = view().to_proto()
+    proto.aggregation_interval.nanos = 1
+    proto.aggregations[1].time_window.nanos = 999
+    # As a server that took such durations stored it.
+    running.server.store.put_view(proto.name, proto.SerializeToString(), invalidate=False)
+    got = stub(running).GetFeatureView(fvs_pb2.GetFeatureViewRequest(name=proto.name)).view
+    assert got.aggregation_interval.nanos == 1
+    running.ingest.Push(
+        rows_request(
+            {"ad_impressions": [{"user_id": "u", "timestamp": "2026-01-01T00:00:00Z", "clicked": 1}]}
+        )
+    )
+    read = fvs_pb2.GetViewFeaturesRequest(feature_view=proto.name, keys=[{"user_id": "u"}])
+    assert len(stub(running).GetViewFeatures(read).results) == 1
 
 
 @pytest.mark.parametrize(("seconds", "nanos"), [*BAD_STAMPS, (MIN_SECONDS + 86_399, 0)])

@@ -121,8 +121,14 @@ class View:
     key_kinds: tuple[Kind, ...] = ()
 
 
-def compile_view(view: fv_pb2.StreamFeatureView, source: Source | None, path: str = "view") -> ViewSpec:
-    """Check a view against its source and compile it; raise InvalidInput naming every problem."""
+def compile_view(
+    view: fv_pb2.StreamFeatureView, source: Source | None, path: str = "view", *, stored: bool = False
+) -> ViewSpec:
+    """Check a view against its source and compile it; raise InvalidInput naming every problem.
+
+    A `stored` definition, read back, is compiled as it was accepted: one applied before durations of a
+    fraction of a microsecond were refused reads with that fraction dropped, as it always did.
+    """
     out: list[Violation] = []
     if not NAME_RE.match(view.name):
         out.append(
@@ -154,7 +160,12 @@ def compile_view(view: fv_pb2.StreamFeatureView, source: Source | None, path: st
     if problem is not None:
         out.append(Violation(path + ".aggregation_interval", problem))
         interval = 0
-    elif not MIN_INTERVAL <= interval <= MAX_INTERVAL or interval % MICROS:
+    elif (
+        not MIN_INTERVAL <= interval <= MAX_INTERVAL
+        or interval % MICROS
+        # Microseconds drop any nanoseconds below one: 60 s and 1 ns would be kept as 60 s.
+        or (view.aggregation_interval.nanos and not stored)
+    ):
         out.append(
             Violation(
                 path + ".aggregation_interval", "must be a whole number of seconds from one minute to one day"
@@ -179,7 +190,7 @@ def compile_view(view: fv_pb2.StreamFeatureView, source: Source | None, path: st
             out.append(Violation(ap + ".time_window", problem))
         elif not MIN_WINDOW <= window <= MAX_WINDOW:
             out.append(Violation(ap + ".time_window", "must be from one minute to 90 days"))
-        elif interval and window % interval:
+        elif (interval and window % interval) or (a.time_window.nanos and not stored):
             out.append(Violation(ap + ".time_window", "must be a whole multiple of the aggregation_interval"))
         fn = a.function
         if (
@@ -393,7 +404,7 @@ class Views:
         view_id, raw = found
         proto = fv_pb2.StreamFeatureView.FromString(raw)
         source = self._source(proto.source)
-        spec = compile_view(proto, source)
+        spec = compile_view(proto, source, stored=True)
         kinds = tuple(source.spec.field(k).dtype.kind for k in spec.entity_keys) if source else ()
         return View(view_id, spec, self._store.view_generation(view_id), self._load(spec), kinds)
 
@@ -444,7 +455,7 @@ class Views:
                 return Outcome(stored, changed=False, created=False)
             incompatible = False
             if stored is not None and found is not None:
-                old = compile_view(stored, self._source(stored.source))
+                old = compile_view(stored, self._source(stored.source), stored=True)
                 incompatible = old.tile_layout() != spec.tile_layout()
                 if incompatible and self._store.has_tiles(found[0]):
                     raise FailedPrecondition(
