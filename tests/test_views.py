@@ -16,14 +16,15 @@ from conftest import (
     rich_error,
     rows_request,
     scalar,
+    source_from_json,
     start,
 )
 from redis_servers import RedisCluster
-from views_helpers import MINUTE, apply, brute, iso, push, read, same, stub, view
+from views_helpers import MINUTE, apply, brute, iso, opened_store, push, read, same, stub, view
 
 from featurepush.types import Int64
 from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
-from featurepush.v1 import online_service_pb2
+from featurepush.v1 import online_service_pb2, registry_service_pb2
 
 M = 60_000_000
 
@@ -365,3 +366,59 @@ def test_integers_past_2_53_are_taken_and_int64_features_stay_in_the_int64_range
             if user in want:
                 arrow = [table.column(f"clicked_{fn}_10m")[i].as_py() for fn in functions]
                 assert arrow == [int(v) for v in want[user]], user
+
+
+def _rekeyed() -> dict[str, object]:
+    """ad_impressions keyed by a new field instead of user_id."""
+    fields = [*AD_IMPRESSIONS["schema"]["fields"], {"name": "device", "type": scalar("STRING")}]  # type: ignore[index]
+    return {**AD_IMPRESSIONS, "schema": {"fields": fields}, "entityKeys": ["device"]}
+
+
+@VIEW_STORES
+def test_a_source_change_its_views_could_not_follow_is_refused(running: Running) -> None:
+    apply(running, view())
+    # The source holds no rows, so nothing else refuses the change; applied, every push to the source,
+    # every read of the view and its deletion failed INVALID_ARGUMENT naming view.entity_keys.
+    for validate_only in (False, True):
+        request = registry_service_pb2.ApplySourceRequest(
+            source=source_from_json(_rekeyed()), validate_only=validate_only
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            running.registry.ApplySource(request)
+        code, _, reason = rich_error(info.value)
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "SOURCE_IN_USE")
+        assert "clicks" in str(info.value.details()) and "view.entity_keys" in str(info.value.details())
+    got = running.registry.GetSource(registry_service_pb2.GetSourceRequest(name="ad_impressions")).source
+    assert list(got.entity_keys) == ["user_id"]
+    t = now_minute() - 2 * M
+    push(running, [("u", t, 5)])
+    _, [row] = read(running, ["u"], now_minute() + 1)
+    assert row[0] == ("PRESENT", "1")
+    # A change the view still matches is applied.
+    fields = [
+        *AD_IMPRESSIONS["schema"]["fields"],
+        {"name": "note", "type": scalar("STRING"), "nullable": True},
+    ]  # type: ignore[index]
+    assert running.apply({**AD_IMPRESSIONS, "schema": {"fields": fields}}).changed
+
+
+def test_a_view_its_source_no_longer_matches_can_be_deleted(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    running = start(data)
+    running.apply(AD_IMPRESSIONS)
+    apply(running, view())
+    running.close()
+    # As a server without the check above left a store: the source keyed otherwise under the view.
+    with opened_store(data, {}) as store:
+        found = store.get_source("ad_impressions")
+        assert found is not None
+        store.put_source("ad_impressions", source_from_json(_rekeyed()).SerializeToString(), found[0])
+    running = start(data)
+    try:
+        deleted = stub(running).DeleteFeatureView(fvs_pb2.DeleteFeatureViewRequest(name="clicks"))
+        assert deleted.tiles_deleted == 0
+        with pytest.raises(grpc.RpcError) as info:
+            stub(running).GetFeatureView(fvs_pb2.GetFeatureViewRequest(name="clicks"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        running.close()

@@ -296,6 +296,7 @@ def create_server(
             refresh_s=refresh,
         )
         registry.delete_checks.append(views.check_source_delete)
+        registry.apply_checks.append(views.check_source_apply)
         arrow_limits = IpcLimits(
             max_decoded_bytes=config.max_arrow_decoded_bytes,
             max_batches=config.max_arrow_batches,

@@ -140,6 +140,9 @@ class Registry:
         self._cached_version = catalog_version() if catalog_version is not None else 0
         # Asked before a source is deleted; each may refuse, such as while feature views read the source.
         self.delete_checks: list[Callable[[str], None]] = []
+        # Asked with a source's new definition before it is applied; each may refuse, such as a feature view
+        # reading the source whose entity keys the change would move.
+        self.apply_checks: list[Callable[[SourceSpec], None]] = []
 
     def get(self, name: str) -> Source:
         """The source called `name`; raise NotFound."""
@@ -204,6 +207,8 @@ class Registry:
             self._check_batch_source(spec, stop)
         # The store's write lock makes the row check and the change one step: no push lands between them.
         with self._lock, self._store.exclusive():
+            for check in self.apply_checks:
+                check(spec)
             found = self._store.get_source(wanted.name)
             problems: list[str] = []
             late: list[str] = []

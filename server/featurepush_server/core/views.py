@@ -22,7 +22,7 @@ from featurepush.v1 import feature_view_pb2 as fv_pb2
 from .batch import load_post_processor
 from .errors import FailedPrecondition, InvalidInput, NotFound, Violation, shown
 from .registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry, Source, page_of, settled_version
-from .schema import NAME_RE, FieldSpec, Kind, _compile_fields, check_fields, check_labels
+from .schema import NAME_RE, FieldSpec, Kind, SourceSpec, _compile_fields, check_fields, check_labels
 from .stores.base import Store
 from .times import duration_micros, duration_problem
 
@@ -236,6 +236,15 @@ def compile_view(
     )
 
 
+def _view_not_found(name: str) -> NotFound:
+    """The error of a call naming a view that does not exist."""
+    return NotFound(
+        f"feature view {shown(name)!r} does not exist; apply it first (featurepush apply)",
+        reason="VIEW_NOT_FOUND",
+        metadata={"view": shown(name)},
+    )
+
+
 def _definition_only(message: fv_pb2.StreamFeatureView | fv_pb2.FeatureService) -> bytes:
     copy = type(message).FromString(message.SerializeToString())
     copy.ClearField("create_time")
@@ -396,11 +405,7 @@ class Views:
     def _read(self, name: str) -> View:
         found = self._store.get_view(name)
         if found is None:
-            raise NotFound(
-                f"feature view {shown(name)!r} does not exist; apply it first (featurepush apply)",
-                reason="VIEW_NOT_FOUND",
-                metadata={"view": shown(name)},
-            )
+            raise _view_not_found(name)
         view_id, raw = found
         proto = fv_pb2.StreamFeatureView.FromString(raw)
         source = self._source(proto.source)
@@ -494,9 +499,15 @@ class Views:
         return [fv_pb2.StreamFeatureView.FromString(raw) for _, raw in rows[:count]], token
 
     def delete(self, name: str) -> int:
-        """Delete a view and its tiles; return how many tiles it held. Refused while a service uses it."""
+        """Delete a view and its tiles; return how many tiles it held. Refused while a service uses it.
+
+        The view is found by its stored id, not compiled: one its source no longer matches (a store changed
+        by an older server) can still be deleted.
+        """
         with self._lock, self._store.exclusive():
-            view = self._get_locked(name)
+            found = self._store.get_view(name)
+            if found is None:
+                raise _view_not_found(name)
             users = [
                 s
                 for s, raw in self._store.list_services()
@@ -510,7 +521,7 @@ class Views:
                     metadata={"view": name},
                 )
             self._forget(name)
-            return self._store.delete_view(name, view.id)
+            return self._store.delete_view(name, found[0])
 
     def check_source_delete(self, source: str) -> None:
         """Refuse to delete a source that views aggregate."""
@@ -520,6 +531,32 @@ class Views:
                 f"push source {source!r} feeds feature view(s) {', '.join(names)}; delete them first",
                 reason="SOURCE_IN_USE",
                 metadata={"source": source},
+            )
+
+    def check_source_apply(self, spec: SourceSpec) -> None:
+        """Refuse a source definition that the views reading it would not compile against.
+
+        Reads the stored definitions alone (never the caches, nor this registry's lock): the registry asks
+        under its own lock. Without it, a change of a source's entity keys, or an event time named as a view
+        column, was applied, and every push to the source, every read of the view and its deletion failed.
+        """
+        source = Source(0, spec, 0, ())
+        broken: list[str] = []
+        for name, _, raw in self._store.list_views():
+            proto = fv_pb2.StreamFeatureView.FromString(raw)
+            if proto.source != spec.name:
+                continue
+            try:
+                compile_view(proto, source, stored=True)
+            except InvalidInput as e:
+                broken.append(f"{name} ({'; '.join(f'{v.path}: {v.description}' for v in e.violations[:3])})")
+        if broken:
+            raise FailedPrecondition(
+                f"push source {spec.name!r} feeds feature view(s) that the new definition would break: "
+                + ", ".join(broken[:10])
+                + "; delete them first, or apply the source so that they still match it",
+                reason="SOURCE_IN_USE",
+                metadata={"source": spec.name},
             )
 
     # --- feature services ----------------------------------------------------------------------
