@@ -422,3 +422,29 @@ def test_a_view_its_source_no_longer_matches_can_be_deleted(tmp_path: Path) -> N
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         running.close()
+
+
+def test_a_view_whose_column_its_source_can_never_fill_is_refused(running: Running) -> None:
+    from featurepush.definitions import Aggregate
+    from featurepush.types import Field, String
+
+    counts = [Aggregate("clicked", "count", 10 * MINUTE)]
+    typed = view("typed", schema=[Field("clicked", String)], aggregations=counts)
+    # Without a transformation the view reads the source's Int64 clicked as a String: applied, every push
+    # to the source failed TRANSFORMATION_FAILED.
+    with pytest.raises(grpc.RpcError) as info:
+        apply(running, typed)
+    code, violations, _ = rich_error(info.value)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [path for path, _ in violations] == ["view.schema.fields[0]"]
+    # Nor may the source (holding no rows yet) change its clicked so that a view can no longer read it.
+    apply(running, view("counted", aggregations=counts))
+    fields = [f for f in AD_IMPRESSIONS["schema"]["fields"] if f["name"] != "clicked"]  # type: ignore[index]
+    bools = {**AD_IMPRESSIONS, "schema": {"fields": [*fields, {"name": "clicked", "type": scalar("BOOL")}]}}
+    with pytest.raises(grpc.RpcError) as info:
+        running.apply(bools)
+    code, _, reason = rich_error(info.value)
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "SOURCE_IN_USE")
+    push(running, [("u", now_minute() - M, 1)])
+    _, [row] = read(running, ["u"], now_minute() + 1, view_name="counted")
+    assert row == [("PRESENT", "1")]

@@ -64,6 +64,11 @@ def _family_error(src: pa.DataType, dtype: DType) -> str | None:
     return None if ok else f"is {src}, which cannot hold {dtype} values without loss"
 
 
+def cast_problem(src: pa.DataType, dtype: DType) -> str | None:
+    """Why a column of Arrow type `src` can never be cast to `dtype` without loss, or None."""
+    return _family_error(src, dtype)
+
+
 def _casts(part: pa.Array, target: pa.DataType) -> bool:
     """Whether a safe cast of `part` to `target` succeeds."""
     try:

@@ -20,6 +20,7 @@ import pyarrow as pa
 from featurepush.v1 import feature_view_pb2 as fv_pb2
 
 from .batch import load_post_processor
+from .columns import cast_problem
 from .errors import FailedPrecondition, InvalidInput, NotFound, Violation, shown
 from .registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry, Source, page_of, settled_version
 from .schema import NAME_RE, FieldSpec, Kind, SourceSpec, _compile_fields, check_fields, check_labels
@@ -155,6 +156,8 @@ def compile_view(
         for f in fields:
             if f.name in reserved:
                 out.append(Violation(path + ".schema", f"{f.name!r} is an entity key or the event time"))
+        if not stored:
+            out += column_problems(view, source.spec, path)
     problem = duration_problem(view.aggregation_interval)
     interval = duration_micros(view.aggregation_interval)
     if problem is not None:
@@ -234,6 +237,30 @@ def compile_view(
         tuple(sketches),
         view,
     )
+
+
+def column_problems(
+    view: fv_pb2.StreamFeatureView, source: SourceSpec, path: str = "view"
+) -> list[Violation]:
+    """The view's columns that its source's records can never be cast to, where it has no transformation.
+
+    Such a view failed every push to its source (TRANSFORMATION_FAILED) from the moment it was applied.
+    """
+    if view.transformation:
+        return []
+    types = {f.name: f.dtype.to_arrow() for f in source.fields}
+    out: list[Violation] = []
+    fields = _compile_fields(view.schema.fields, path + ".schema.fields", 0, []) or ()
+    for i, f in enumerate(fields):
+        problem = None if f.name not in types else cast_problem(types[f.name], f.dtype)
+        if problem is not None:
+            out.append(
+                Violation(
+                    f"{path}.schema.fields[{i}]",
+                    f"{f.name!r} is {f.dtype}, but the field of push source {source.name!r} {problem}",
+                )
+            )
+    return out
 
 
 def _view_not_found(name: str) -> NotFound:
@@ -548,8 +575,11 @@ class Views:
                 continue
             try:
                 compile_view(proto, source, stored=True)
+                problems = column_problems(proto, spec)
             except InvalidInput as e:
-                broken.append(f"{name} ({'; '.join(f'{v.path}: {v.description}' for v in e.violations[:3])})")
+                problems = e.violations
+            if problems:
+                broken.append(f"{name} ({'; '.join(f'{v.path}: {v.description}' for v in problems[:3])})")
         if broken:
             raise FailedPrecondition(
                 f"push source {spec.name!r} feeds feature view(s) that the new definition would break: "
