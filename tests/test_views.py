@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -448,3 +449,32 @@ def test_a_view_whose_column_its_source_can_never_fill_is_refused(running: Runni
     push(running, [("u", now_minute() - M, 1)])
     _, [row] = read(running, ["u"], now_minute() + 1, view_name="counted")
     assert row == [("PRESENT", "1")]
+
+
+def test_sources_and_views_applied_at_once_never_deadlock(running: Running) -> None:
+    apply(running, view())
+    done = {"source": 0, "view": 0}
+    stop = time.monotonic() + 3
+
+    def sources() -> None:
+        while time.monotonic() < stop:
+            running.apply({**AD_IMPRESSIONS, "description": f"d{done['source']}"})
+            done["source"] += 1
+
+    def views() -> None:
+        while time.monotonic() < stop:
+            changed = view().to_proto()
+            changed.description = f"v{done['view']}"
+            stub(running).ApplyFeatureView(fvs_pb2.ApplyFeatureViewRequest(view=changed), timeout=10)
+            done["view"] += 1
+
+    # A view apply held the store's lock and waited for the registry's, which a source apply held while
+    # it waited for the store's: both hung, and every push with them.
+    threads = [threading.Thread(target=f, daemon=True) for f in (sources, views, sources, views)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not any(t.is_alive() for t in threads), done
+    assert done["source"] > 10 and done["view"] > 10
+    push(running, [("u", now_minute() - M, 1)])

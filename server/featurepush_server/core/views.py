@@ -480,36 +480,58 @@ class Views:
         spec = compile_view(definition, self._source(definition.source))
         self._load(spec)
         wanted = _definition_only(definition)
-        with self._lock, self._store.exclusive():
-            found = self._store.get_view(definition.name)
-            stored = None if found is None else fv_pb2.StreamFeatureView.FromString(found[1])
-            if stored is not None and _definition_only(stored) == wanted:
-                return Outcome(stored, changed=False, created=False)
-            incompatible = False
-            if stored is not None and found is not None:
-                old = compile_view(stored, self._source(stored.source), stored=True)
-                incompatible = old.tile_layout() != spec.tile_layout()
-                if incompatible and self._store.has_tiles(found[0]):
-                    raise FailedPrecondition(
-                        f"feature view {definition.name!r} holds tiles that the new definition would read "
-                        "wrongly: its source, entity keys, transformation, schema, aggregation_interval or "
-                        "the kinds of aggregates it keeps change. Apply it under a new name, or delete the "
-                        "view (and its tiles) first with `featurepush delete-view`.",
-                        reason="INCOMPATIBLE_VIEW_CHANGE",
-                        metadata={"view": definition.name},
-                    )
-            result = fv_pb2.StreamFeatureView()
-            result.CopyFrom(definition)
-            _stamp(result, None if stored is None else stored.create_time)
-            if validate_only:
-                return Outcome(result, changed=True, created=found is None)
-            self._forget(definition.name)
-            self._store.put_view(
-                definition.name,
-                result.SerializeToString(),
-                None if found is None else found[0],
-                invalidate=incompatible,
-            )
+        while True:
+            # The stored view's source is looked up before the locks are taken: the registry takes its own
+            # lock for it, which ApplySource holds while it waits for the store's, and the two calls
+            # deadlocked (the store's lock held, every push hung behind it).
+            before = self._store.get_view(definition.name)
+            before_source = "" if before is None else fv_pb2.StreamFeatureView.FromString(before[1]).source
+            old_source = self._source(before_source) if before_source else None
+            with self._lock, self._store.exclusive():
+                found = self._store.get_view(definition.name)
+                stored = None if found is None else fv_pb2.StreamFeatureView.FromString(found[1])
+                if stored is not None and _definition_only(stored) == wanted:
+                    return Outcome(stored, changed=False, created=False)
+                if stored is not None and stored.source != before_source:
+                    # Changed by another call since it was looked up: look again.
+                    continue
+                return self._put(definition, spec, found, stored, old_source, validate_only)
+
+    def _put(
+        self,
+        definition: fv_pb2.StreamFeatureView,
+        spec: ViewSpec,
+        found: tuple[int, bytes] | None,
+        stored: fv_pb2.StreamFeatureView | None,
+        old_source: Source | None,
+        validate_only: bool,
+    ) -> Outcome[fv_pb2.StreamFeatureView]:
+        """Store a changed view definition, called under both locks; refused where its tiles would misread."""
+        incompatible = False
+        if stored is not None and found is not None:
+            old = compile_view(stored, old_source, stored=True)
+            incompatible = old.tile_layout() != spec.tile_layout()
+            if incompatible and self._store.has_tiles(found[0]):
+                raise FailedPrecondition(
+                    f"feature view {definition.name!r} holds tiles that the new definition would read "
+                    "wrongly: its source, entity keys, transformation, schema, aggregation_interval or "
+                    "the kinds of aggregates it keeps change. Apply it under a new name, or delete the "
+                    "view (and its tiles) first with `featurepush delete-view`.",
+                    reason="INCOMPATIBLE_VIEW_CHANGE",
+                    metadata={"view": definition.name},
+                )
+        result = fv_pb2.StreamFeatureView()
+        result.CopyFrom(definition)
+        _stamp(result, None if stored is None else stored.create_time)
+        if validate_only:
+            return Outcome(result, changed=True, created=found is None)
+        self._forget(definition.name)
+        self._store.put_view(
+            definition.name,
+            result.SerializeToString(),
+            None if found is None else found[0],
+            invalidate=incompatible,
+        )
         return Outcome(result, changed=True, created=found is None)
 
     def _forget(self, name: str) -> None:
