@@ -179,6 +179,29 @@ def test_list_sources_pages_in_name_order(running: Running) -> None:
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize(
+    "token",
+    [
+        "!!!!",  # nothing the decoder knows: it read as no name at all, and the list began again
+        "bm90IGEgbmFtZQ==",  # "not a name"
+        "c3JjXzE",  # "src_1" without its padding
+        "c3JjXzE=\n",
+        "////",
+    ],
+)
+def test_a_page_token_not_handed_out_is_refused(running: Running, token: str) -> None:
+    running.apply(variant(name="src_1"))
+    with pytest.raises(grpc.RpcError) as info:
+        running.registry.ListSources(pb.ListSourcesRequest(page_size=1, page_token=token))
+    code, violations, _ = rich_error(info.value)
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and [v[0] for v in violations] == ["page_token"]
+    first = running.registry.ListSources(pb.ListSourcesRequest(page_size=1))
+    second = running.registry.ListSources(
+        pb.ListSourcesRequest(page_size=1, page_token=first.next_page_token)
+    )
+    assert [s.name for s in second.sources] == ["src_1"]
+
+
 @BOTH_STORES
 def test_delete_source_removes_its_rows(running: Running) -> None:
     push_one(running)

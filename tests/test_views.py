@@ -108,6 +108,13 @@ def test_an_incompatible_change_is_refused_while_tiles_exist(running: Running) -
     assert [v.name for v in s.ListFeatureViews(fvs_pb2.ListFeatureViewsRequest()).views] == ["clicks"]
     assert s.DeleteFeatureView(fvs_pb2.DeleteFeatureViewRequest(name="clicks")).tiles_deleted == 1
     assert not s.ListFeatureViews(fvs_pb2.ListFeatureViewsRequest()).views
+    # A page token is a name this server handed out; one the decoder would read as none is refused.
+    with pytest.raises(grpc.RpcError) as caught:
+        s.ListFeatureViews(fvs_pb2.ListFeatureViewsRequest(page_token="!!!!"))
+    assert [v[0] for v in rich_error(caught.value)[1]] == ["page_token"]
+    with pytest.raises(grpc.RpcError) as caught:
+        s.ListFeatureServices(fvs_pb2.ListFeatureServicesRequest(page_token="!!!!"))
+    assert [v[0] for v in rich_error(caught.value)[1]] == ["page_token"]
 
 
 @ONE_AND_MANY_PROCESSES
@@ -478,3 +485,28 @@ def test_sources_and_views_applied_at_once_never_deadlock(running: Running) -> N
     assert not any(t.is_alive() for t in threads), done
     assert done["source"] > 10 and done["view"] > 10
     push(running, [("u", now_minute() - M, 1)])
+
+
+def test_a_source_deleted_while_a_view_of_it_is_applied_leaves_no_view_behind(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    views = running.server.views
+    assert views is not None
+    get_view = views._store.get_view
+    deleted: list[object] = []
+
+    def delete_the_source_first(name: str) -> object:
+        # The view is compiled against the source; the source goes before the view takes the locks.
+        if not deleted:
+            request = registry_service_pb2.DeleteSourceRequest(name="ad_impressions")
+            deleted.append(running.registry.DeleteSource(request))
+        return get_view(name)
+
+    monkeypatch.setattr(views._store, "get_view", delete_the_source_first)
+    with pytest.raises(grpc.RpcError) as caught:
+        apply(running, view())
+    monkeypatch.undo()
+    assert deleted
+    code, _, reason = rich_error(caught.value)
+    assert (code, reason) == (grpc.StatusCode.ABORTED, "SOURCE_CHANGED")
+    assert not stub(running).ListFeatureViews(fvs_pb2.ListFeatureViewsRequest()).views

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from featurepush.v1 import source_pb2
 
 from .errors import FailedPrecondition, InvalidInput, NotFound, Unavailable, Violation, shown
-from .schema import SourceSpec, compile_source
+from .schema import NAME_RE, SourceSpec, compile_source
 from .stores.base import Store
 
 MAX_PAGE_SIZE = 1000
@@ -39,6 +39,29 @@ def settled_version(read: Callable[[], int], what: str) -> int:
         time.sleep(0.001)
         version = read()
     return version
+
+
+def page_start(page_size: int, page_token: str, what: str) -> tuple[int, str]:
+    """A List call's page size (the default for 0) and the name its page starts after ("" at the start)."""
+    if page_size < 0 or page_size > MAX_PAGE_SIZE:
+        raise InvalidInput(
+            "page_size is out of range",
+            [Violation("page_size", f"must be 0 to {MAX_PAGE_SIZE}, got {page_size}")],
+        )
+    after = ""
+    if page_token:
+        try:
+            after = base64.urlsafe_b64decode(page_token.encode()).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            after = ""
+        # A token is a name this server handed out: anything else (which the decoder may have read as
+        # nothing, skipping the characters it does not know) would list from somewhere the caller never was.
+        if not NAME_RE.match(after) or page_token != base64.urlsafe_b64encode(after.encode()).decode():
+            raise InvalidInput(
+                "page_token is not valid",
+                [Violation("page_token", f"pass a next_page_token returned by {what}")],
+            )
+    return page_size or DEFAULT_PAGE_SIZE, after
 
 
 def page_of(rows: Sequence[tuple[str, bytes]], size: int) -> tuple[int, str]:
@@ -258,30 +281,18 @@ class Registry:
 
     def list(self, page_size: int = 0, page_token: str = "") -> tuple[list[source_pb2.PushSource], str]:
         """One page of sources in name order and the token of the next page ("" at the end)."""
-        if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise InvalidInput(
-                "page_size is out of range",
-                [Violation("page_size", f"must be 0 to {MAX_PAGE_SIZE}, got {page_size}")],
-            )
-        size = page_size or DEFAULT_PAGE_SIZE
-        after = ""
-        if page_token:
-            try:
-                after = base64.urlsafe_b64decode(page_token.encode()).decode()
-            except (binascii.Error, UnicodeDecodeError, ValueError):
-                raise InvalidInput(
-                    "page_token is not valid",
-                    [Violation("page_token", "pass a next_page_token returned by ListSources")],
-                ) from None
+        size, after = page_start(page_size, page_token, "ListSources")
         rows = [(name, raw) for name, _, raw in self._store.list_sources(after, size + 1)]
         count, token = page_of(rows, size)
         return [source_pb2.PushSource.FromString(raw) for _, raw in rows[:count]], token
 
     def delete(self, name: str) -> int:
         """Delete a source and its rows; return the number of rows deleted."""
-        for check in self.delete_checks:
-            check(name)
+        # Under the store's write lock, as a view's apply writes it: no view of the source lands between the
+        # check and the deletion.
         with self._lock, self._store.exclusive():
+            for check in self.delete_checks:
+                check(name)
             source = self._load(name)
             self._cache.pop(name, None)
             rows = self._store.delete_source(name, source.id)

@@ -7,8 +7,6 @@ against its source on apply; while it holds tiles, only changes that leave the t
 
 from __future__ import annotations
 
-import base64
-import binascii
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -21,8 +19,8 @@ from featurepush.v1 import feature_view_pb2 as fv_pb2
 
 from .batch import load_post_processor
 from .columns import cast_problem
-from .errors import FailedPrecondition, InvalidInput, NotFound, Violation, shown
-from .registry import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Registry, Source, page_of, settled_version
+from .errors import Aborted, FailedPrecondition, InvalidInput, NotFound, Violation, shown
+from .registry import Registry, Source, page_of, page_start, settled_version
 from .schema import NAME_RE, FieldSpec, Kind, SourceSpec, _compile_fields, check_fields, check_labels
 from .stores.base import Store
 from .times import duration_micros, duration_problem
@@ -288,21 +286,6 @@ def _stamp(result: fv_pb2.StreamFeatureView | fv_pb2.FeatureService, created: ob
     result.update_time.FromNanoseconds(now)
 
 
-def _page(page_size: int, page_token: str, what: str) -> tuple[int, str]:
-    if page_size < 0 or page_size > MAX_PAGE_SIZE:
-        raise InvalidInput(
-            "page_size is out of range",
-            [Violation("page_size", f"must be 0 to {MAX_PAGE_SIZE}, got {page_size}")],
-        )
-    try:
-        after = base64.urlsafe_b64decode(page_token.encode()).decode() if page_token else ""
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidInput(
-            "page_token is not valid", [Violation("page_token", f"pass a next_page_token returned by {what}")]
-        ) from None
-    return page_size or DEFAULT_PAGE_SIZE, after
-
-
 def _check_unique(service: fv_pb2.FeatureService, resolved: list[tuple[View, list[int]]]) -> None:
     """Refuse a service that names one feature twice: its reply would hold two columns of one name.
 
@@ -477,7 +460,8 @@ class Views:
         self, definition: fv_pb2.StreamFeatureView, *, validate_only: bool = False
     ) -> Outcome[fv_pb2.StreamFeatureView]:
         """Create or update a view; an unchanged definition is a no-op."""
-        spec = compile_view(definition, self._source(definition.source))
+        source = self._source(definition.source)
+        spec = compile_view(definition, source)
         self._load(spec)
         wanted = _definition_only(definition)
         while True:
@@ -488,6 +472,15 @@ class Views:
             before_source = "" if before is None else fv_pb2.StreamFeatureView.FromString(before[1]).source
             old_source = self._source(before_source) if before_source else None
             with self._lock, self._store.exclusive():
+                if source is not None and self._store.generation(source.id) != source.generation:
+                    # Deleted or changed since the view was compiled against it: a view of a deleted source
+                    # would outlive it, and one compiled against another definition may not match it.
+                    raise Aborted(
+                        f"push source {definition.source!r} was changed or deleted while the view was "
+                        "checked; nothing was applied, apply the view again",
+                        reason="SOURCE_CHANGED",
+                        metadata={"source": definition.source},
+                    )
                 found = self._store.get_view(definition.name)
                 stored = None if found is None else fv_pb2.StreamFeatureView.FromString(found[1])
                 if stored is not None and _definition_only(stored) == wanted:
@@ -542,7 +535,7 @@ class Views:
         self, page_size: int = 0, page_token: str = ""
     ) -> tuple[list[fv_pb2.StreamFeatureView], str]:
         """One page of views in name order and the token of the next page ("" at the end)."""
-        size, after = _page(page_size, page_token, "ListFeatureViews")
+        size, after = page_start(page_size, page_token, "ListFeatureViews")
         rows = [(name, raw) for name, _, raw in self._store.list_views(after, size + 1)]
         count, token = page_of(rows, size)
         return [fv_pb2.StreamFeatureView.FromString(raw) for _, raw in rows[:count]], token
@@ -573,8 +566,15 @@ class Views:
             return self._store.delete_view(name, found[0])
 
     def check_source_delete(self, source: str) -> None:
-        """Refuse to delete a source that views aggregate."""
-        names = [v.spec.name for v in self.of_source(source)]
+        """Refuse to delete a source that views aggregate.
+
+        Reads the stored definitions alone, as check_source_apply does: the registry asks under its lock.
+        """
+        names = [
+            name
+            for name, _, raw in self._store.list_views()
+            if fv_pb2.StreamFeatureView.FromString(raw).source == source
+        ]
         if names:
             raise FailedPrecondition(
                 f"push source {source!r} feeds feature view(s) {', '.join(names)}; delete them first",
@@ -682,7 +682,7 @@ class Views:
         self, page_size: int = 0, page_token: str = ""
     ) -> tuple[list[fv_pb2.FeatureService], str]:
         """One page of feature services in name order and the token of the next page."""
-        size, after = _page(page_size, page_token, "ListFeatureServices")
+        size, after = page_start(page_size, page_token, "ListFeatureServices")
         rows = list(self._store.list_services(after, size + 1))
         count, token = page_of(rows, size)
         return [fv_pb2.FeatureService.FromString(raw) for _, raw in rows[:count]], token
