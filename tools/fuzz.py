@@ -32,9 +32,10 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from featurepush.definitions import load_definitions
+from featurepush.definitions import load_definitions, load_services, load_views
 from featurepush.v1 import (
     backfill_service_pb2,
+    feature_view_service_pb2,
     ingest_service_pb2,
     online_service_pb2,
     registry_service_pb2,
@@ -42,7 +43,11 @@ from featurepush.v1 import (
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "ad_impressions.py"
+# The seed's view and service over the example source, so that view calls reach past NOT_FOUND.
+VIEWS = ROOT / "examples" / "ad_impressions_views.py"
 SOURCE = "ad_impressions"
+VIEW = "user_clicks"
+SERVICE = "ads_ranking"
 # Answers that mean the server failed rather than refused.
 FAILURES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
 
@@ -54,6 +59,7 @@ def _services() -> list[tuple[str, Any]]:
         (ingest_service_pb2, "IngestService"),
         (online_service_pb2, "OnlineService"),
         (backfill_service_pb2, "BackfillService"),
+        (feature_view_service_pb2, "FeatureViewService"),
     ):
         service = module.DESCRIPTOR.services_by_name[name]
         out.extend((f"/{service.full_name}/{m.name}", m) for m in service.methods)
@@ -85,6 +91,11 @@ def _valid_requests() -> dict[str, list[bytes]]:
     get = online_service_pb2.GetFeaturesRequest(source=SOURCE)
     get.keys.add().update({"user_id": "u1"})
     stream = ingest_service_pb2.PushStreamRequest(sequence_id=1, request=push)
+    view_features = feature_view_service_pb2.GetViewFeaturesRequest(feature_view=VIEW)
+    view_features.keys.add().update({"user_id": "u1"})
+    service_features = feature_view_service_pb2.GetViewFeaturesRequest(feature_service=SERVICE)
+    service_features.keys.add().update({"user_id": "u1"})
+    fv = feature_view_service_pb2
     return {
         "Push": [push.SerializeToString(), arrow.SerializeToString()],
         "PushStream": [stream.SerializeToString()],
@@ -93,7 +104,24 @@ def _valid_requests() -> dict[str, list[bytes]]:
         "ListSources": [registry_service_pb2.ListSourcesRequest(page_size=2).SerializeToString()],
         "ReadBatchSource": [backfill_service_pb2.ReadBatchSourceRequest(source=SOURCE).SerializeToString()],
         "Backfill": [backfill_service_pb2.BackfillRequest(source=SOURCE, dry_run=True).SerializeToString()],
+        "ApplyFeatureView": [request.SerializeToString() for request in _view_applies()[:1]],
+        "ApplyFeatureService": [request.SerializeToString() for request in _view_applies()[1:]],
+        "GetViewFeatures": [view_features.SerializeToString(), service_features.SerializeToString()],
+        "GetFeatureView": [fv.GetFeatureViewRequest(name=VIEW).SerializeToString()],
+        "ListFeatureViews": [fv.ListFeatureViewsRequest(page_size=2).SerializeToString()],
+        "GetFeatureService": [fv.GetFeatureServiceRequest(name=SERVICE).SerializeToString()],
+        "ListFeatureServices": [fv.ListFeatureServicesRequest(page_size=2).SerializeToString()],
     }
+
+
+def _view_applies() -> list[Message]:
+    """The example view's and service's apply requests, in the order they apply."""
+    [view] = load_views(VIEWS)
+    [service] = load_services(VIEWS)
+    return [
+        feature_view_service_pb2.ApplyFeatureViewRequest(view=view.to_proto()),
+        feature_view_service_pb2.ApplyFeatureServiceRequest(service=service.to_proto()),
+    ]
 
 
 class Generator:
@@ -124,7 +152,7 @@ class Generator:
         if pick == 0:
             return ""
         if pick == 1:
-            return SOURCE
+            return self.rng.choice([SOURCE, VIEW, SERVICE])
         if pick == 2:
             return "x" * self.rng.choice([1, 100, 5000, 70_000])
         if pick == 3:
@@ -215,6 +243,8 @@ class Server:
             str(data_dir),
             "--definitions",
             str(EXAMPLE),
+            "--definitions",
+            str(VIEWS),
             "--fsync",
             "never",
         ]
@@ -280,7 +310,14 @@ def run(seconds: float, seed: int, out: Callable[[str], None] = print) -> bool:
     seeds = _valid_requests()
     counts: dict[str, Counter[str]] = {path: Counter() for path, _ in methods}
     [source] = load_definitions(EXAMPLE)
-    example = registry_service_pb2.ApplySourceRequest(source=source.to_proto()).SerializeToString()
+    examples = [
+        (
+            "/featurepush.v1.RegistryService/ApplySource",
+            registry_service_pb2.ApplySourceRequest(source=source.to_proto()),
+        ),
+        ("/featurepush.v1.FeatureViewService/ApplyFeatureView", _view_applies()[0]),
+        ("/featurepush.v1.FeatureViewService/ApplyFeatureService", _view_applies()[1]),
+    ]
     failures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(Path(tmp) / "data")
@@ -290,8 +327,15 @@ def run(seconds: float, seed: int, out: Callable[[str], None] = print) -> bool:
             calls = 0
             while time.monotonic() < end and server.proc.poll() is None:
                 if calls % 200 == 0:
-                    # Random deletes may remove the example source; put it back so calls reach deeper code.
-                    channel.unary_unary("/featurepush.v1.RegistryService/ApplySource")(example, timeout=10)
+                    # Random deletes and applies may remove or change the examples; put them back so that
+                    # calls reach deeper code. A random apply may have made them incompatible: that refusal
+                    # is deliberate, a failure status is not.
+                    for path, request in examples:
+                        try:
+                            channel.unary_unary(path)(request.SerializeToString(), timeout=10)
+                        except grpc.RpcError as e:
+                            if e.code() in FAILURES:
+                                failures.append(f"{path} answered {e.code().name} to the example")
                 path, method = rng.choice(methods)
                 body = gen.body(method, seeds.get(method.name, []))
                 code = _call(channel, path, method, body)
