@@ -16,6 +16,7 @@ from typing import IO
 
 import grpc
 import pytest
+from conftest import Running
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import featurepush
@@ -87,21 +88,37 @@ def test_the_sdist_can_run_the_tests(tmp_path: Path) -> None:
     assert wanted <= members, wanted - members
 
 
-def test_a_fresh_install_serves_with_the_server_extra_only(wheel: Path, tmp_path: Path) -> None:
-    """The client installs alone and says what `serve` lacks; with [server] the server starts and answers."""
+# The client alone pushes and reads a server, columns included (more keys than SMALL_READ_KEYS).
+CLIENT_ALONE = """
+import datetime as dt, sys
+from featurepush import Client
+now = dt.datetime.now(dt.timezone.utc)
+with Client(sys.argv[1]) as client:
+    client.push("ad_impressions", [{"user_id": f"u{i}", "timestamp": now, "clicked": i} for i in range(20)])
+    results = client.get_features("ad_impressions", [f"u{i}" for i in range(20)])
+    print(sum(r.features["clicked"] for r in results), results.to_arrow().num_rows)
+"""
+
+
+def test_a_fresh_install_serves_with_the_server_extra_only(
+    wheel: Path, tmp_path: Path, running: Running
+) -> None:
+    """The client alone reads columns and names what `serve` lacks; with [server] the server starts."""
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     bin_dir = env_dir / "bin"
     ok(run(bin_dir / "python", "-m", "pip", "install", "--quiet", wheel, cwd=tmp_path))
     version = ok(run(bin_dir / "featurepush", "--version", cwd=tmp_path))
     assert version.strip() == f"featurepush {featurepush.__version__}"
-    missing = run(bin_dir / "featurepush", "serve", "--data-dir", tmp_path / "data", cwd=tmp_path)
+    read = ok(run(bin_dir / "python", "-c", CLIENT_ALONE, running.target, cwd=tmp_path))
+    assert read.split() == ["190", "20"]
+    missing = run(bin_dir / "featurepush", "serve", "--data-dir", tmp_path / "served", cwd=tmp_path)
     assert missing.returncode == 1
     assert re.search(r"serve needs the Python module '[\w.]+', which is not installed", missing.stderr)
 
     ok(run(bin_dir / "python", "-m", "pip", "install", "--quiet", f"{wheel}[server]", cwd=tmp_path))
     server = subprocess.Popen(
-        [bin_dir / "featurepush", "serve", "--listen", "localhost:0", "--data-dir", tmp_path / "data"],
+        [bin_dir / "featurepush", "serve", "--listen", "localhost:0", "--data-dir", tmp_path / "served"],
         cwd=tmp_path,
         stderr=subprocess.PIPE,
         text=True,
