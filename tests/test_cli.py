@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Running
@@ -276,3 +278,67 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
         main(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.strip() == f"featurepush {featurepush.__version__}"
+
+
+NON_FINITE_VIEW = '''
+"""A view of account_clicks' scores, which may be NaN or infinite."""
+from datetime import timedelta
+from featurepush import Aggregate, Field, Float64, StreamFeatureView
+from {module} import clicks
+
+scores = StreamFeatureView(
+    name="scores",
+    source=clicks,
+    entities=["account_id"],
+    schema=[Field("score", Float64)],
+    aggregations=[
+        Aggregate("score", "max", timedelta(days=1)),
+        Aggregate("score", "last_n", timedelta(days=1), n=3),
+    ],
+    aggregation_interval=timedelta(hours=1),
+)
+'''
+
+
+def strict_json(line: str) -> Any:
+    """A JSON document, refusing the NaN and Infinity tokens that no JSON parser but Python's accepts."""
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"{token} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_get_and_get_view_print_non_finite_floats_as_json_strings(
+    applied: Running, definitions: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NaN and the infinities print as proto3 JSON writes them, so the output stays JSON (jq reads it)."""
+    target = ("--target", applied.target)
+    views = definitions_file(tmp_path, NON_FINITE_VIEW.format(module=definitions.stem))
+    assert run(capsys, "apply", str(views), *target)[0] == 0
+    now = dt.datetime.now(dt.UTC)
+    records = [
+        {"account_id": n, "ts": now.isoformat(), "country": "NZ", "score": score}
+        for n, score in ((1, "NaN"), (2, "Infinity"), (3, "-Infinity"))
+    ]
+    code, _, err = run(
+        capsys, "push", "account_clicks", str(write_jsonl(tmp_path / "r.jsonl", records)), *target
+    )
+    assert (code, err) == (0, "")
+    code, out, err = run(
+        capsys, "get", "account_clicks", "account_id=1", "account_id=2", "account_id=3", *target
+    )
+    assert (code, err) == (0, "")
+    assert [strict_json(line)["features"]["score"] for line in out.splitlines()] == [
+        "NaN",
+        "Infinity",
+        "-Infinity",
+    ]
+    later = (now + dt.timedelta(hours=1)).isoformat()
+    code, out, err = run(capsys, "get-view", "scores", "account_id=2", "--as-of", later, *target)
+    assert (code, err) == (0, "")
+    features = strict_json(out)["features"]
+    assert (features["score_max_1d"]["value"], features["score_last_n_1d"]["value"]) == (
+        "Infinity",
+        ["Infinity"],
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import re
 import signal
@@ -266,7 +267,7 @@ def _cmd_get_view(args: argparse.Namespace) -> int:
             name: {"value": f.value, "status": f.status, "effective_time": f.effective_time.isoformat()}
             for name, f in vector.items()
         }
-        print(json.dumps({"key": key, "features": features}, default=_json_default))
+        _print_json({"key": key, "features": features})
     return 0
 
 
@@ -420,9 +421,20 @@ def _json_default(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
+def _finite(value: Any) -> Any:
+    """`value` with NaN and the infinities as the strings proto3 JSON writes, which JSON parsers read."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _print_json(doc: object) -> None:
-    """One JSON document on one line of stdout; times as ISO 8601, bytes as base64."""
-    print(json.dumps(doc, default=_json_default))
+    """One JSON document on one line of stdout; times as ISO 8601, bytes as base64, NaN as "NaN"."""
+    print(json.dumps(_finite(doc), default=_json_default, allow_nan=False))
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
@@ -431,16 +443,13 @@ def _cmd_get(args: argparse.Namespace) -> int:
         # Key values arrive as text; typed per the schema so Int64 keys work from the shell.
         results = client.get_features(args.source, keys)
     for key, result in zip(keys, results, strict=True):
-        print(
-            json.dumps(
-                {
-                    "key": key,
-                    "status": str(result.status),
-                    "event_time": result.event_time,
-                    "features": result.features,
-                },
-                default=_json_default,
-            )
+        _print_json(
+            {
+                "key": key,
+                "status": str(result.status),
+                "event_time": result.event_time,
+                "features": result.features,
+            }
         )
     return 0
 
