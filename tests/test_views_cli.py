@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import AD_IMPRESSIONS, start
+from conftest import AD_IMPRESSIONS, Running, start
 from servers import ServedProcess
 from test_cli import run
 
@@ -107,12 +107,17 @@ def test_the_start_log_says_what_applying_each_definition_did(
     ]
 
 
-def test_view_reads_take_the_key_forms_get_features_takes(tmp_path: Path) -> None:
-    r = start(
+def start_with_views(tmp_path: Path) -> Running:
+    """A one-process server with the example's source, view and service applied at start."""
+    return start(
         tmp_path / "data",
         definitions=(EXAMPLES / "ad_impressions.py", EXAMPLES / "ad_impressions_views.py"),
         post_processor_modules=("ad_impressions_views",),
     )
+
+
+def test_view_reads_take_the_key_forms_get_features_takes(tmp_path: Path) -> None:
+    r = start_with_views(tmp_path)
     try:
         now = dt.datetime.now(dt.UTC)
         with Client(r.target) as client:
@@ -199,5 +204,28 @@ def test_view_keys_a_client_kept_are_asked_again_once_the_view_names_others(tmp_
                     return await aio.get_view_features(["u1"], view="v", as_of=later)
 
             assert asyncio.run(read()) == reader.get_view_features([{"user_id": "u1"}], view="v", as_of=later)
+    finally:
+        r.close()
+
+
+def test_push_results_count_the_events_a_view_left_out(tmp_path: Path) -> None:
+    """SourceCounts.late_skipped carries the server's count: events older than the longest window."""
+    r = start_with_views(tmp_path)
+    try:
+        now = dt.datetime.now(dt.UTC)
+        # user_clicks' longest window is 7 days; the source's ttl of 30 still takes the rows.
+        old = [{"user_id": "u1", "timestamp": now - dt.timedelta(days=10), "clicked": 1}]
+        recent = [{"user_id": "u2", "timestamp": now, "clicked": 1}]
+        with Client(r.target) as client:
+            client.push("ad_impressions", recent)
+            counts = client.push("ad_impressions", old + recent).counts["ad_impressions"]
+            assert (counts.accepted, counts.late_skipped) == (2, 1)
+
+        async def push_async() -> int:
+            async with AsyncClient(r.target) as client:
+                result = await client.push("ad_impressions", old)
+                return result.counts["ad_impressions"].late_skipped
+
+        assert asyncio.run(push_async()) == 1
     finally:
         r.close()

@@ -87,6 +87,9 @@ class SourceCounts:
     accepted: int
     written: int
     superseded: int
+    # The most records one stream feature view of the source left out of its aggregates (older than its
+    # longest window, or before its backfill watermark); last, with a default, so positional uses hold.
+    late_skipped: int = 0
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ def push_result(response: ingest_service_pb2.PushResponse) -> PushResult:
     """The PushResult of a PushResponse."""
     return PushResult(
         counts={
-            name: SourceCounts(int(c.accepted), int(c.written), int(c.superseded))
+            name: SourceCounts(int(c.accepted), int(c.written), int(c.superseded), int(c.late_skipped))
             for name, c in response.counts.items()
         },
         dry_run=response.dry_run,
