@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import tracemalloc
 from collections.abc import Iterator
 
 import grpc
@@ -186,6 +187,34 @@ def test_a_read_whose_reply_cannot_be_sent_is_refused_before_it_is_built(server:
     stub.DeleteFeatureService(fvs_pb2.DeleteFeatureServiceRequest(name="wide"))
     for name in names:
         stub.DeleteFeatureView(fvs_pb2.DeleteFeatureViewRequest(name=name))
+
+
+def test_a_long_list_window_read_for_many_keys_takes_memory_for_the_tiles_stored_only(
+    server: Running,
+) -> None:
+    stub = fvs_grpc.FeatureViewServiceStub(server.channel)
+    # last_n over 90 days of 1-minute tiles: 129,600 slots per key. A read of 2,000 keys laid every slot
+    # out in one list (2 GB, 30 s), with one event per key stored.
+    apply(
+        server,
+        view("long_lists", aggregations=[Aggregate("clicked", "last_n", 90 * 24 * 60 * MINUTE, n=1000)]),
+    )
+    now = time.time_ns() // 1000
+    push(server, [(f"u{i}", now - (1 + i % 50) * 60_000_000, i % 7) for i in range(2_000)])
+    request = fvs_pb2.GetViewFeaturesRequest(
+        feature_view="long_lists", keys=[{"user_id": f"u{i}"} for i in range(2_000)]
+    )
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        results = stub.GetViewFeatures(request, timeout=60).results
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < 10
+    assert peak < 64 << 20
+    assert [r.values[0].value.list_value.values[0].string_value for r in results[:3]] == ["0", "1", "2"]
+    stub.DeleteFeatureView(fvs_pb2.DeleteFeatureViewRequest(name="long_lists"))
 
 
 def test_an_unknown_response_format_is_refused_as_get_features_refuses_it(server: Running) -> None:
