@@ -26,9 +26,9 @@ from .schema import Kind
 from .stores.base import TileStore
 from .tiles import Codec, bounded, damaged_tiles, floor_to, now_micros, sketch_estimate, union_sketches
 from .times import MIN_MICROS, request_micros
-from .view_reply import Feature, arrow_vectors, int64_text, vectors
+from .view_reply import Feature, arrow_columns, arrow_vectors, int64_text, vectors
 from .views import LIST_FUNCTIONS, MAX_INTERVAL, AggSpec, View, Views, ViewSpec
-from .wire import VIEW_REQUEST_KEYS, string_keys_between
+from .wire import VIEW_FEATURES_ARROW_IPC, VIEW_REQUEST_KEYS, string_keys_between, varint
 
 F = fv_pb2
 _PRESENT = online_service_pb2.FEATURE_STATUS_PRESENT
@@ -452,6 +452,31 @@ def check_reply_size(keys: int, features: int, max_reply_bytes: int) -> None:
         )
 
 
+# The most values (keys x features) one chunk of a read rolls up and writes at once: its byte arrays take
+# about a hundred bytes per value, tens of megabytes a chunk.
+_CHUNK_VALUES = 1 << 18
+# The most bytes one chunk's tiles may take decoded, had every key every tile of its windows: a view of
+# 90-day windows of 1-minute tiles reads up to 129,600 tiles per key.
+_CHUNK_TILE_BYTES = 32 << 20
+
+
+def tile_bytes_per_key(layout: _Layout) -> int:
+    """The most bytes a read's decoded tiles of one key take for `layout`: every tile of its longest window.
+
+    A window's tiles lie in blocks, and the first and last block read may hold a block's span more.
+    """
+    codec = layout.codec
+    tiles = layout.longest // layout.view.spec.interval + 2 * codec.slots
+    return int(tiles * codec.record.itemsize)
+
+
+def chunk_keys(layouts: Sequence[_Layout]) -> int:
+    """How many keys one chunk of a read of `layouts` holds: within both chunk bounds, and at least one."""
+    features = sum(len(layout.aggs) for layout in layouts)
+    tiles = sum(tile_bytes_per_key(layout) for layout in layouts)
+    return max(1, min(_CHUNK_VALUES // max(features, 1), _CHUNK_TILE_BYTES // max(tiles, 1)))
+
+
 class ViewReader:
     """Serves GetViewFeatures: a view's or a feature service's features for many entities."""
 
@@ -495,19 +520,29 @@ class ViewReader:
         as_of = request_micros(request, "as_of", earliest=MIN_MICROS + MAX_INTERVAL)
         at = now_micros() if as_of is None else as_of
         entities = self._string_keys(targets[0][0], request) or self.entity_keys(targets[0][0], keys)
-        headers: list[bytes] = []
-        fields: list[pa.Field] = []
-        # Each feature's ViewFeatureValues for every entity, serialized together (view_reply.py).
-        columns: list[Feature] = []
-        for view, indexes in targets:
-            layout = self._layout(view, indexes)
-            headers.append(layout.header(qualified))
-            fields += layout.fields(qualified)
-            columns.extend(layout.roll_up(self._store, entities, at))
-        if request.response_format == online_service_pb2.RESPONSE_FORMAT_ARROW:
-            arrow = pb.GetViewFeaturesResponse(arrow_ipc=arrow_vectors(columns, fields))
-            return b"".join(headers) + arrow.SerializeToString()
-        return b"".join(headers) + vectors(columns, len(entities))
+        layouts = [self._layout(view, indexes) for view, indexes in targets]
+        headers = [layout.header(qualified) for layout in layouts]
+        fields = [field for layout in layouts for field in layout.fields(qualified)]
+        arrow = request.response_format == online_service_pb2.RESPONSE_FORMAT_ARROW
+        # Keys are read a chunk at a time and each chunk's part of the reply written before the next is
+        # read, so that the tiles, windows and byte arrays behind the reply are held for one chunk only.
+        step = chunk_keys(layouts)
+        # The Struct form's results entries of each chunk, or the Arrow form's columns of each chunk.
+        written: list[bytes] = []
+        columns: list[list[pa.Array]] = []
+        # A read of no keys is one empty chunk, which writes each form's empty reply.
+        for low in range(0, max(len(entities), 1), step):
+            part = entities[low : low + step]
+            features = [f for layout in layouts for f in layout.roll_up(self._store, part, at)]
+            if arrow:
+                columns.append(arrow_columns(features, fields))
+            else:
+                written.append(vectors(features, len(part)))
+            del features
+        if arrow:
+            ipc = arrow_vectors(columns, fields)
+            return b"".join([*headers, VIEW_FEATURES_ARROW_IPC, varint(ipc.size), memoryview(ipc)])
+        return b"".join([*headers, *written])
 
     def _layout(self, view: View, indexes: list[int]) -> _Layout:
         key = (view.id, tuple(indexes))

@@ -401,10 +401,9 @@ def _int64s(plain: np.ndarray) -> np.ndarray:
     return numbers
 
 
-def arrow_vectors(features: Sequence[Feature], fields: Sequence[pa.Field]) -> bytes:
-    """GetViewFeaturesResponse.arrow_ipc: per feature its values, status and window end; a row per entity."""
+def arrow_columns(features: Sequence[Feature], fields: Sequence[pa.Field]) -> list[pa.Array]:
+    """Per feature its values, status and window end, a row per entity: the Arrow form's columns."""
     columns: list[pa.Array] = []
-    names: list[str] = []
     for feature, field in zip(features, fields, strict=True):
         rows = len(feature.present)
         if feature.objects is not None:
@@ -422,9 +421,28 @@ def arrow_vectors(features: Sequence[Feature], fields: Sequence[pa.Field]) -> by
         status = np.where(feature.present, np.int8(_PRESENT), np.int8(_MISSING))
         ends = pa.array(np.full(rows, feature.end, dtype=np.int64), type=pa.timestamp("us", tz="UTC"))
         columns += [values, pa.array(status, type=pa.int8()), ends]
+    return columns
+
+
+def arrow_vectors(parts: list[list[pa.Array]], fields: Sequence[pa.Field]) -> pa.Buffer:
+    """GetViewFeaturesResponse.arrow_ipc: one record batch of the columns of `parts`, rows part by part.
+
+    `parts` is emptied as its columns are joined, so that no part's arrays outlive their joined copy.
+    """
+    names: list[str] = []
+    for field in fields:
         names += [field.name, f"{field.name}:status", f"{field.name}:effective_time"]
+    columns: list[pa.Array] = []
+    for i in range(len(names)):
+        found = [part[i] for part in parts]
+        for part in parts:
+            part[i] = None
+        columns.append(found[0] if len(found) == 1 else pa.concat_arrays(found))
+    parts.clear()
     batch = pa.record_batch(columns, names=names)
+    del columns
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
-    return bytes(sink.getvalue())
+    buffer: pa.Buffer = sink.getvalue()
+    return buffer

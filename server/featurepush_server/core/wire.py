@@ -46,6 +46,8 @@ VIEW_VECTOR_VALUE = b"\x0a"
 VIEW_VALUE_STATUS = b"\x08"
 VIEW_VALUE_VALUE = b"\x12"
 VIEW_VALUE_EFFECTIVE_TIME = b"\x1a"
+# GetViewFeaturesResponse.arrow_ipc (3), bytes.
+VIEW_FEATURES_ARROW_IPC = b"\x1a"
 # ReadBatchSourceResponse.arrow_schema (1) and .arrow_record_batch (2), both bytes.
 READ_BATCH_SCHEMA = b"\x0a"
 READ_BATCH_RECORD_BATCH = b"\x12"
@@ -71,6 +73,7 @@ TAGS: dict[str, tuple[str, str]] = {
     "GET_FEATURES_FORMAT": ("featurepush.v1.GetFeaturesRequest", "response_format"),
     "VIEW_REQUEST_KEYS": ("featurepush.v1.GetViewFeaturesRequest", "keys"),
     "VIEW_FEATURES_RESULT": ("featurepush.v1.GetViewFeaturesResponse", "results"),
+    "VIEW_FEATURES_ARROW_IPC": ("featurepush.v1.GetViewFeaturesResponse", "arrow_ipc"),
     "VIEW_VECTOR_VALUE": ("featurepush.v1.ViewFeatureVector", "values"),
     "VIEW_VALUE_STATUS": ("featurepush.v1.ViewFeatureValue", "status"),
     "VIEW_VALUE_VALUE": ("featurepush.v1.ViewFeatureValue", "value"),
