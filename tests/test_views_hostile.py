@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,6 +19,9 @@ from featurepush.v1 import feature_view_pb2 as fv_pb2
 from featurepush.v1 import feature_view_service_pb2 as fvs_pb2
 from featurepush.v1 import feature_view_service_pb2_grpc as fvs_grpc
 from featurepush.v1 import online_service_pb2
+from featurepush_server.admission import Gate, Limit
+from featurepush_server.app import _view_read_bytes
+from featurepush_server.core.errors import Busy
 from featurepush_server.core.wire import read_varint, varint
 
 M = 60_000_000
@@ -215,6 +219,52 @@ def test_a_long_list_window_read_for_many_keys_takes_memory_for_the_tiles_stored
     assert peak < 64 << 20
     assert [r.values[0].value.list_value.values[0].string_value for r in results[:3]] == ["0", "1", "2"]
     stub.DeleteFeatureView(fvs_pb2.DeleteFeatureViewRequest(name="long_lists"))
+
+
+def test_a_read_past_the_working_memory_bound_is_refused_and_reads_go_on(tmp_path: Path) -> None:
+    r = start(tmp_path / "data", max_view_read_bytes=4 << 20)
+    try:
+        r.apply(AD_IMPRESSIONS)
+        apply(r, view("clicks"))
+        stub = fvs_grpc.FeatureViewServiceStub(r.channel)
+        # 20 features of 10,000 keys hold about 10 MB of reply: past 4 MiB, though far under REPLY_TOO_LARGE.
+        request = fvs_pb2.GetViewFeaturesRequest(
+            feature_view="clicks", keys=[{"user_id": f"u{i}"} for i in range(10_000)]
+        )
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.GetViewFeatures(request, timeout=60)
+        code, _, reason = rich_error(info.value)
+        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "READ_TOO_LARGE")
+        assert "fewer keys or features" in str(info.value.details())
+        assert time.monotonic() - started < 5
+        health = health_pb2_grpc.HealthStub(r.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            len(
+                stub.GetViewFeatures(
+                    fvs_pb2.GetViewFeaturesRequest(feature_view="clicks", keys=request.keys[:100])
+                ).results
+            )
+            == 100
+        )
+    finally:
+        r.close()
+
+
+def test_reads_held_past_the_budget_refuse_the_next_one_until_they_end() -> None:
+    gate = Gate("read", Limit(calls=1, queue=0, bytes=100, wait_s=0.0))
+    with _view_read_bytes(gate, 80):
+        with pytest.raises(Busy) as info, _view_read_bytes(gate, 30):
+            pass
+        assert info.value.reason == "OVERLOADED" and "max_view_read_bytes" in str(info.value)
+        # A read that fits beside it is admitted.
+        with _view_read_bytes(gate, 20):
+            assert gate.held_bytes == 100
+    # Alone, a read is admitted whatever its estimate (each is bounded on its own by READ_TOO_LARGE).
+    with _view_read_bytes(gate, 500):
+        assert gate.held_bytes == 500
+    assert gate.held_bytes == 0
 
 
 def test_an_unknown_response_format_is_refused_as_get_features_refuses_it(server: Running) -> None:

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,7 +34,7 @@ from featurepush.v1 import (
 )
 
 from . import admission, machine
-from .admission import Admission, Gate, Overloaded, configured_limits
+from .admission import Admission, Gate, Limit, Overloaded, configured_limits
 from .auth import auth_interceptor, log_exposure
 from .config import ServerConfig
 from .core.aggregates import ViewReader
@@ -417,8 +417,20 @@ def create_server(
             metrics=metrics,
         )
         grpc_server.add_generic_rpc_handlers((backfill.handler(),))
+        # Reads' working memory, like push bytes, is a front's share where serve --processes runs several.
+        view_bytes = (
+            max(config.max_view_read_bytes // fronts, 1)
+            if config.max_view_read_bytes
+            else max(512 << 20, min(memory // 8, 4 << 30))
+        )
+        view_gate = Gate(admission.READ, Limit(calls=1, queue=0, bytes=view_bytes, wait_s=0.0))
         view_reader = ViewReader(
-            views, store, max_keys=config.max_keys_per_request, max_reply_bytes=config.max_message_bytes
+            views,
+            store,
+            max_keys=config.max_keys_per_request,
+            max_reply_bytes=config.max_message_bytes,
+            max_read_bytes=view_bytes,
+            memory_budget=partial(_view_read_bytes, view_gate),
         )
         view_servicer = FeatureViewServicer(views, view_reader)
         grpc_server.add_generic_rpc_handlers((view_servicer.handler(),))
@@ -494,20 +506,28 @@ def create_server(
 
 
 @contextmanager
-def _decoded_bytes(gate: Gate, nbytes: int) -> Iterator[None]:
-    """Hold `nbytes` of the push gate's bytes while a push's decoded Arrow lives; Busy if it has no room."""
+def _held_bytes(gate: Gate, nbytes: int, refusal: str) -> Iterator[None]:
+    """Hold `nbytes` of the gate's bytes for the with block; Busy, saying `refusal`, where it has no room."""
     try:
         gate.take_bytes(nbytes)
     except Overloaded as e:
-        raise Busy(
-            f"featurepush holds as many push bytes as it may: this push's Arrow decodes to {nbytes} bytes "
-            f"more than it was sent as; retry after {e.retry_after_s:.2f}s",
-            e.retry_after_s,
-        ) from None
+        raise Busy(f"{refusal}; retry after {e.retry_after_s:.2f}s", e.retry_after_s) from None
     try:
         yield
     finally:
         gate.give_bytes(nbytes)
+
+
+def _decoded_bytes(gate: Gate, nbytes: int) -> AbstractContextManager[None]:
+    """Hold `nbytes` of the push gate's bytes while a push's decoded Arrow lives; Busy if it has no room."""
+    refusal = f"featurepush holds as many push bytes as it may: this push's Arrow decodes to {nbytes} bytes "
+    return _held_bytes(gate, nbytes, refusal + "more than it was sent as")
+
+
+def _view_read_bytes(gate: Gate, nbytes: int) -> AbstractContextManager[None]:
+    """Hold a view read's estimated working memory while it runs; Busy if the reads running hold too much."""
+    refusal = "featurepush's feature view reads hold as much memory as they may (max_view_read_bytes): "
+    return _held_bytes(gate, nbytes, refusal + f"this read takes about {nbytes} bytes")
 
 
 def _state(created: bool, changed: bool) -> str:

@@ -87,6 +87,11 @@ class ServerConfig:
     max_concurrent_reads: int = 0
     max_push_streams: int = 0
     max_concurrent_backfills: int = 0
+    # Working memory of GetViewFeatures reads, estimated per read from its keys, features and windows:
+    # a read estimated past it is refused (READ_TOO_LARGE), and a read that would take the reads running
+    # past it waits for none but is refused (OVERLOADED, retry after). 0: an eighth of memory, at least
+    # 512 MiB, at most 4 GiB (shared by serve --processes' fronts).
+    max_view_read_bytes: int = 0
     # A PushStream that sends nothing for this many seconds is closed with UNAVAILABLE, freeing its slot;
     # the client's pusher opens a new one when it has records again.
     stream_idle_timeout_s: float = 60.0
@@ -212,6 +217,7 @@ class ServerConfig:
             "max_concurrent_reads",
             "max_push_streams",
             "max_concurrent_backfills",
+            "max_view_read_bytes",
             "latest_index_entries",
             "latest_index_bytes",
             "backfill_workers",

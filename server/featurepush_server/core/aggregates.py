@@ -7,7 +7,8 @@ the tile holding T: it never includes an event after T, and its values change on
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
 
 import numpy as np
@@ -443,13 +444,18 @@ def check_reply_size(keys: int, features: int, max_reply_bytes: int) -> None:
     """
     least = keys * features * _MIN_VALUE_BYTES
     if least > max_reply_bytes:
-        raise LimitExceeded(
+        raise _too_large(
             f"a read of {keys} keys and {features} features answers at least {least:,} bytes, more than the "
             f"{max_reply_bytes:,} a reply may hold (max_message_bytes); ask for fewer keys or features "
             "per request",
-            reason="REPLY_TOO_LARGE",
-            metadata={"limit": str(max_reply_bytes)},
+            "REPLY_TOO_LARGE",
+            max_reply_bytes,
         )
+
+
+def _too_large(message: str, reason: str, limit: int) -> LimitExceeded:
+    """The refusal of a read past a bound, with the bound in its metadata."""
+    return LimitExceeded(message, reason=reason, metadata={"limit": str(limit)})
 
 
 # The most values (keys x features) one chunk of a read rolls up and writes at once: its byte arrays take
@@ -477,16 +483,56 @@ def chunk_keys(layouts: Sequence[_Layout]) -> int:
     return max(1, min(_CHUNK_VALUES // max(features, 1), _CHUNK_TILE_BYTES // max(tiles, 1)))
 
 
+# What a read holds per value (key and feature) for its whole length: its part of the reply as written
+# (up to about 20 bytes in either form) and the joined reply, plus the Arrow form's joined columns.
+_HELD_PER_VALUE = 48
+# What a chunk holds per value while it is rolled up and written: windows, masks and padded entries.
+_CHUNK_PER_VALUE = 120
+
+
+def read_bytes(keys: int, layouts: Sequence[_Layout]) -> int:
+    """A read's working memory, estimated: what its reply holds, and one chunk's tiles and byte arrays."""
+    features = sum(len(layout.aggs) for layout in layouts)
+    step = min(max(keys, 1), chunk_keys(layouts))
+    tiles = sum(tile_bytes_per_key(layout) for layout in layouts)
+    return keys * features * _HELD_PER_VALUE + step * (features * _CHUNK_PER_VALUE + tiles)
+
+
+def check_read_bytes(estimate: int, max_read_bytes: int) -> None:
+    """Refuse (LimitExceeded) a read whose working memory is estimated past what all reads may hold."""
+    if estimate > max_read_bytes:
+        raise _too_large(
+            f"a read of these keys and features takes about {estimate:,} bytes of working memory, more than "
+            f"the {max_read_bytes:,} that reads may hold (max_view_read_bytes); ask for fewer keys or "
+            "features per request, or for shorter windows",
+            "READ_TOO_LARGE",
+            max_read_bytes,
+        )
+
+
+# Holds a read's estimated bytes against the server's reads for the with block; raises Busy without room.
+MemoryBudget = Callable[[int], AbstractContextManager[None]]
+
+
 class ViewReader:
     """Serves GetViewFeatures: a view's or a feature service's features for many entities."""
 
     def __init__(
-        self, views: Views, store: TileStore, *, max_keys: int = 10_000, max_reply_bytes: int = 64 << 20
+        self,
+        views: Views,
+        store: TileStore,
+        *,
+        max_keys: int = 10_000,
+        max_reply_bytes: int = 64 << 20,
+        max_read_bytes: int = 1 << 30,
+        memory_budget: MemoryBudget | None = None,
     ):
         self._views = views
         self._store = store
         self.max_keys = max_keys
         self.max_reply_bytes = max_reply_bytes
+        self.max_read_bytes = max_read_bytes
+        self._budget = memory_budget
         # Each view's and aggregation choice's layout, for as long as the view object is current.
         self._layouts: dict[tuple[int, tuple[int, ...]], _Layout] = {}
 
@@ -521,6 +567,21 @@ class ViewReader:
         at = now_micros() if as_of is None else as_of
         entities = self._string_keys(targets[0][0], request) or self.entity_keys(targets[0][0], keys)
         layouts = [self._layout(view, indexes) for view, indexes in targets]
+        estimate = read_bytes(len(entities), layouts)
+        check_read_bytes(estimate, self.max_read_bytes)
+        # Reads run several at once: together they hold at most the budget, or the newest is refused.
+        with nullcontext() if self._budget is None else self._budget(estimate):
+            return self._read(request, entities, layouts, qualified, at)
+
+    def _read(
+        self,
+        request: pb.GetViewFeaturesRequest,
+        entities: Sequence[bytes],
+        layouts: Sequence[_Layout],
+        qualified: bool,
+        at: int,
+    ) -> bytes:
+        """The serialized reply of a read whose checks passed."""
         headers = [layout.header(qualified) for layout in layouts]
         fields = [field for layout in layouts for field in layout.fields(qualified)]
         arrow = request.response_format == online_service_pb2.RESPONSE_FORMAT_ARROW
