@@ -53,6 +53,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -303,6 +304,16 @@ def _unreachable(e: Exception) -> Unavailable:
 def bucket_of(entity: bytes) -> int:
     """The bucket of an entity key: the same on every server and every run."""
     return zlib.crc32(entity) % BUCKETS
+
+
+@dataclass(frozen=True)
+class _Write:
+    """A write's request id, records' fingerprint, dry run and record to replace (LatestRows.write_latest)."""
+
+    request_id: str
+    fingerprint: str
+    dry_run: bool
+    replace: str
 
 
 class RedisStore(NoViews):
@@ -765,26 +776,25 @@ class RedisStore(NoViews):
         On one node all of it is one script. On a cluster each bucket is one script, then the offline
         entries and the request record together; see the module's docstring.
         """
+        w = _Write(request_id, fingerprint, dry_run, replace)
         with self._gate.use(), self._calls():
             if self._cluster:
-                return self._write_cluster(batches, request_id, fingerprint, dry_run, replace)
-            result = self._write_node(batches, request_id, fingerprint, dry_run, replace)
+                return self._write_cluster(batches, w)
+            result = self._write_node(batches, w)
             if not dry_run:
                 # A replay too: the first write may have reached the primary alone (its WAIT failed).
                 self._wait([])
         return result
 
-    def _write_node(
-        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool, replace: str
-    ) -> WriteResult:
+    def _write_node(self, batches: Sequence[RowBatch], w: _Write) -> WriteResult:
         if not any(batch.tiles for batch in batches):
-            keys, args = self._write_args(batches, request_id, fingerprint, dry_run, replace)
+            keys, args = self._write_args(batches, w)
             return self._result(self._write_script(keys=keys, args=args), batches)
         # Tiles are merged here from what Redis holds; the write lands only if none of it changed since.
         for _ in range(_TILE_TRIES):
             with self._redis.pipeline(transaction=True) as pipe:
                 try:
-                    return self._write_node_tiles(pipe, batches, request_id, fingerprint, dry_run, replace)
+                    return self._write_node_tiles(pipe, batches, w)
                 except redis.WatchError:
                     continue
         raise Unavailable(
@@ -792,15 +802,7 @@ class RedisStore(NoViews):
             reason="TILES_BUSY",
         )
 
-    def _write_node_tiles(
-        self,
-        pipe: Any,
-        batches: Sequence[RowBatch],
-        request_id: str,
-        fingerprint: str,
-        dry_run: bool,
-        replace: str,
-    ) -> WriteResult:
+    def _write_node_tiles(self, pipe: Any, batches: Sequence[RowBatch], w: _Write) -> WriteResult:
         """One try of a push with tile updates: watch, read and merge the tiles, then write it all at once."""
         updates = [(index, update) for index, batch in enumerate(batches) for update in batch.tiles]
         state_keys = [self._view_key("vstate", update.view_id) for _, update in updates]
@@ -827,7 +829,7 @@ class RedisStore(NoViews):
                 new_states[key] = merged.state
             late[index] = max(late[index], merged.skipped)
         expected = {update.view_id: (update.view, update.generation) for _, update in updates}
-        keys, args = self._write_args(batches, request_id, fingerprint, dry_run, replace)
+        keys, args = self._write_args(batches, w)
         keys += [self._view_key("vgen", view_id) for view_id in expected]
         keys += [name for name, _ in puts]
         keys += list(new_states)
@@ -849,9 +851,7 @@ class RedisStore(NoViews):
             )
         return self._result(reply, batches)
 
-    def _write_args(
-        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool, replace: str
-    ) -> tuple[list[bytes | str], list[Any]]:
+    def _write_args(self, batches: Sequence[RowBatch], w: _Write) -> tuple[list[bytes | str], list[Any]]:
         """The keys and arguments of the write script for a push on one node, without tiles."""
         metas: dict[bytes, int] = {}
         meta_args: list[bytes | str | int] = []
@@ -866,17 +866,17 @@ class RedisStore(NoViews):
                     meta_args += [index, _expected(batch)]
                 row_keys.append(name)
                 row_args += [metas[meta], value]
-        offline = [] if dry_run else _offline_entries(batches)
+        offline = [] if w.dry_run else _offline_entries(batches)
         keys: list[bytes | str] = [*metas, *row_keys]
         if offline:
             keys += [self._key("offline"), self._key("offline_seq")]
         window = ""
-        if request_id:
+        if w.request_id:
             # A dry run reads the record too (the script writes nothing then): it answers as the push would.
-            keys += [self._key(f"req:{request_id}"), self._key(f"reqfp:{request_id}")]
+            keys += [self._key(f"req:{w.request_id}"), self._key(f"reqfp:{w.request_id}")]
             window = str(self._window_ms)
-        args: list[Any] = ["1" if dry_run else "0", len(metas), len(row_keys), len(offline), window]
-        args += [self._grace_ms, "", len(batches), fingerprint, replace]
+        args: list[Any] = ["1" if w.dry_run else "0", len(metas), len(row_keys), len(offline), window]
+        args += [self._grace_ms, "", len(batches), w.fingerprint, w.replace]
         for batch in batches:
             args += [batch.source, len(batch.keys)]
         return keys, [*args, *meta_args, *row_args, *offline]
@@ -891,12 +891,10 @@ class RedisStore(NoViews):
             return WriteResult(counts, replayed=True, fingerprint=_text(reply[2]))
         return WriteResult(counts)
 
-    def _write_cluster(
-        self, batches: Sequence[RowBatch], request_id: str, fingerprint: str, dry_run: bool, replace: str
-    ) -> WriteResult:
+    def _write_cluster(self, batches: Sequence[RowBatch], w: _Write) -> WriteResult:
         assert self._pool is not None
-        record_key = self._key(f"req:{request_id}")
-        fingerprint_key = self._key(f"reqfp:{request_id}")
+        record_key = self._key(f"req:{w.request_id}")
+        fingerprint_key = self._key(f"reqfp:{w.request_id}")
         # One script per source and bucket: its keys share a slot.
         groups: dict[tuple[int, bytes], list[tuple[bytes, bytes]]] = defaultdict(list)
         for index, batch in enumerate(batches):
@@ -905,11 +903,11 @@ class RedisStore(NoViews):
                 groups[(index, name[: name.index(b"}") + 1])].append((name, value))
         # The slots this write touches: its buckets', and the one of the offline entries and request record.
         tags = [self._key("").encode(), *{tag for _, tag in groups}]
-        if request_id:
+        if w.request_id:
             seen = self._redis.get(record_key)
             first = _text(self._redis.get(fingerprint_key) or "") if seen is not None else ""
-            if seen is not None and not (replace and first == replace):
-                if not dry_run:
+            if seen is not None and not (w.replace and first == w.replace):
+                if not w.dry_run:
                     # The first write may have reached the primaries alone (its WAIT failed).
                     self._wait(tags)
                 return WriteResult(_counts(seen), replayed=True, fingerprint=first)
@@ -918,7 +916,7 @@ class RedisStore(NoViews):
             index, tag = group
             batch = batches[index]
             rows = groups[group]
-            args: list[Any] = ["1" if dry_run else "0", 1, len(rows), 0, "", self._grace_ms, "", 1, "", ""]
+            args: list[Any] = ["1" if w.dry_run else "0", 1, len(rows), 0, "", self._grace_ms, "", 1, "", ""]
             args += [batch.source, len(rows), 1, _expected(batch)]
             for _, value in rows:
                 args += [1, value]
@@ -935,16 +933,16 @@ class RedisStore(NoViews):
             b.source: BatchCounts(len(b.keys), written[b.source], len(b.keys) - written[b.source])
             for b in batches
         }
-        if dry_run:
+        if w.dry_run:
             return WriteResult(counts)
         offline = _offline_entries(batches)
         result = WriteResult(counts)
-        if offline or request_id:
+        if offline or w.request_id:
             # The commit marker: the offline entries and the request record in one script, last.
             record = json.dumps({s: [c.accepted, c.written, c.superseded] for s, c in counts.items()})
             keys: list[str] = [self._key("offline"), self._key("offline_seq")] if offline else []
             window = ""
-            if request_id:
+            if w.request_id:
                 keys += [record_key, fingerprint_key]
                 window = str(self._window_ms)
             args = [
@@ -956,8 +954,8 @@ class RedisStore(NoViews):
                 self._grace_ms,
                 record,
                 0,
-                fingerprint,
-                replace,
+                w.fingerprint,
+                w.replace,
                 *offline,
             ]
             reply = self._write_script(keys=keys, args=args)
