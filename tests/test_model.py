@@ -374,10 +374,12 @@ class ServerModel(RuleBasedStateMachine):
             first = self.request_ids.get(request_id)
             if first is not None and data.draw(st.booleans(), label="same records"):
                 if all(
-                    # A field added since is null in them; a retyped one would make them invalid.
+                    # A field added since is null in them; a retyped one, or a required one added (a
+                    # source deleted and applied again takes such a change), would make them invalid.
                     name in self.sources
                     and [f.type for f in self.sources[name].fields][: len(first.types[name])]
                     == first.types[name]
+                    and all(f.nullable for f in self.sources[name].fields[len(first.types[name]) :])
                     for name in first.records
                 ):
                     records = first.records
